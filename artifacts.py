@@ -1,0 +1,175 @@
+"""On-disk artifacts: safetensors files plus one JSON manifest per stage directory.
+
+Every stage writes its files under temporary names, renames them into place, and writes the
+manifest last: a directory without a manifest is an unfinished stage, and a manifest's sha256
+list lets the next stage refuse edited or truncated files before reading them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from dejavu import __version__
+from dejavu.errors import DejavuError
+
+MANIFEST = "manifest.json"
+
+# Bumped whenever the layout of a stage's files changes incompatibly.
+FORMAT_VERSIONS = {
+    "dejavu.collect": 1,
+    "dejavu.predictors": 1,
+    "dejavu.bundle": 1,
+}
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write a safetensors file atomically; returns its sha256 for the manifest."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return digest
+
+
+def load_tensors(path: str | Path, names: Iterable[str] | None = None, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Read some or all tensors of a safetensors file, turning format errors into DejavuError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DejavuError(f"missing file: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device=device) as fh:
+            wanted = list(names) if names is not None else list(fh.keys())
+            missing = [n for n in wanted if n not in fh.keys()]
+            if missing:
+                raise DejavuError(f"{path}: missing tensors {missing[:5]}")
+            return {n: fh.get_tensor(n) for n in wanted}
+    except SafetensorError as exc:
+        raise DejavuError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def file_entry(path: str | Path, root: str | Path, sha256: str | None = None, **extra: Any) -> dict[str, Any]:
+    path = Path(path)
+    return {
+        "path": str(path.relative_to(root)),
+        "bytes": path.stat().st_size,
+        "sha256": sha256 or sha256_file(path),
+        **extra,
+    }
+
+
+def write_manifest(
+    directory: str | Path,
+    kind: str,
+    config: dict[str, Any],
+    files: list[dict[str, Any]],
+    parent: dict[str, Any] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Write `directory/manifest.json` last, so its presence marks the stage complete."""
+    manifest = {
+        "format": kind,
+        "format_version": FORMAT_VERSIONS[kind],
+        "dejavu_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": config,
+        "parent": parent,
+        "files": files,
+        **fields,
+    }
+    atomic_write_json(Path(directory) / MANIFEST, manifest)
+    return manifest
+
+
+def manifest_hash(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def parent_ref(directory: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    return {"path": str(Path(directory).resolve()), "format": manifest["format"], "sha256": manifest_hash(manifest)}
+
+
+def read_manifest(directory: str | Path, kind: str, verify: bool = True) -> dict[str, Any]:
+    """Load and check a stage's manifest: right kind, known version, files present and unmodified."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.exists():
+        raise DejavuError(f"{directory} does not exist")
+    if not path.is_file():
+        raise DejavuError(f"{directory} has no {MANIFEST}: the stage that writes it did not finish (run it again)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DejavuError(f"{path} is not valid JSON ({exc})") from None
+    if manifest.get("format") != kind:
+        raise DejavuError(f"{path} describes {manifest.get('format')!r}, expected {kind!r}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSIONS[kind]:
+        raise DejavuError(
+            f"{path} has format version {version}; this dejavu reads version {FORMAT_VERSIONS[kind]} of {kind}"
+        )
+    if verify:
+        verify_files(directory, manifest)
+    return manifest
+
+
+def verify_files(directory: str | Path, manifest: dict[str, Any]) -> None:
+    directory = Path(directory)
+    for entry in manifest.get("files", []):
+        path = directory / entry["path"]
+        if not path.is_file():
+            raise DejavuError(f"{path} is listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise DejavuError(f"{path} has {size} bytes, the manifest says {entry['bytes']} (truncated or edited)")
+        if sha256_file(path) != entry["sha256"]:
+            raise DejavuError(f"{path} does not match its sha256 in the manifest (edited or corrupt)")
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise DejavuError(f"{name} contains NaN or infinite values")

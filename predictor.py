@@ -1,0 +1,135 @@
+"""The predictor: one small low-rank MLP per layer and kind (MLP neurons, attention heads).
+
+Shared by train (which fits it) and the runtime (which runs it), so the math is defined once:
+
+    z      = (x - input_mean) * input_scale         # x: the paired block input, [..., d]
+    h      = z @ w1.T + b1                          # [..., rank]; relu(h) if activation == "relu"
+    scores = h @ w2.T + b2                          # [..., n_out]
+    chosen = top-k(scores), k = units_for_density(density, n_out)
+
+Tensor names inside a layer's state dict: input_mean, input_scale, w1, b1, w2, b2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+PREDICTOR_TENSORS = ("input_mean", "input_scale", "w1", "b1", "w2", "b2")
+KINDS = ("mlp", "attn")
+
+
+def units_for_density(density: float, total: int) -> int:
+    """How many neurons/heads a density keeps: at least one, at most all."""
+    return max(1, min(total, int(math.ceil(density * total - 1e-9))))
+
+
+class LowRankPredictor(nn.Module):
+    def __init__(self, d_in: int, n_out: int, rank: int, activation: str = "none"):
+        super().__init__()
+        if activation not in ("none", "relu"):
+            raise ValueError(f"unknown predictor activation {activation!r}")
+        self.activation = activation
+        self.register_buffer("input_mean", torch.zeros(d_in))
+        self.register_buffer("input_scale", torch.ones(d_in))
+        self.w1 = nn.Parameter(torch.empty(rank, d_in))
+        self.b1 = nn.Parameter(torch.zeros(rank))
+        self.w2 = nn.Parameter(torch.empty(n_out, rank))
+        self.b2 = nn.Parameter(torch.zeros(n_out))
+        nn.init.normal_(self.w1, std=d_in**-0.5)
+        nn.init.normal_(self.w2, std=rank**-0.5)
+
+    @property
+    def d_in(self) -> int:
+        return self.w1.shape[1]
+
+    @property
+    def n_out(self) -> int:
+        return self.w2.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.w1.shape[0]
+
+    def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.input_mean.copy_(mean)
+        self.input_scale.copy_(1.0 / std.clamp_min(1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.w1.dtype
+        z = (x.to(dtype) - self.input_mean) * self.input_scale
+        h = nn.functional.linear(z, self.w1, self.b1)
+        if self.activation == "relu":
+            h = torch.relu(h)
+        return nn.functional.linear(h, self.w2, self.b2)
+
+    def select(self, x: torch.Tensor, density: float) -> torch.Tensor:
+        """Indices of the top-k units per row: [..., k] int64."""
+        k = units_for_density(density, self.n_out)
+        return self.forward(x).topk(k, dim=-1).indices
+
+    def num_bytes(self, dtype: torch.dtype | None = None) -> int:
+        itemsize = torch.empty((), dtype=dtype or self.w1.dtype).element_size()
+        return sum(p.numel() for p in (self.w1, self.b1, self.w2, self.b2, self.input_mean, self.input_scale)) * itemsize
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], activation: str = "none") -> LowRankPredictor:
+        w1, w2 = tensors["w1"], tensors["w2"]
+        pred = cls(w1.shape[1], w2.shape[0], w1.shape[0], activation)
+        with torch.no_grad():
+            for name in PREDICTOR_TENSORS:
+                getattr(pred, name).copy_(tensors[name])
+        return pred.to(w1.dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).detach() for name in PREDICTOR_TENSORS}
+
+
+@dataclass
+class LayerPredictors:
+    mlp: LowRankPredictor | None
+    attn: LowRankPredictor | None
+    mlp_density: float = 1.0
+    head_density: float = 1.0
+
+
+@dataclass
+class PredictorSet:
+    """What the runtime needs from a bundle: per-layer predictors, densities and pairings.
+
+    pairing "current": layer l reads its own block input; "lookahead": layer l-1's (layer 0 its own).
+    """
+
+    layers: list[LayerPredictors]
+    mlp_pairing: str = "current"
+    head_pairing: str = "lookahead"
+    meta: dict = field(default_factory=dict)
+
+    def to(self, device=None, dtype=None) -> PredictorSet:
+        for lp in self.layers:
+            for p in (lp.mlp, lp.attn):
+                if p is not None:
+                    p.to(device=device, dtype=dtype)
+        return self
+
+    def with_densities(self, mlp: float | None = None, heads: float | None = None) -> PredictorSet:
+        for lp in self.layers:
+            if mlp is not None:
+                lp.mlp_density = mlp
+            if heads is not None:
+                lp.head_density = heads
+        return self
+
+    @classmethod
+    def random(cls, num_layers: int, hidden: int, neurons: int, heads: int, rank: int,
+               mlp_density: float, head_density: float, seed: int = 0) -> PredictorSet:
+        """Random predictors at real shapes: for synthetic speed runs only."""
+        torch.manual_seed(seed)
+        return cls([
+            LayerPredictors(LowRankPredictor(hidden, neurons, rank), LowRankPredictor(hidden, heads, rank),
+                            mlp_density, head_density)
+            for _ in range(num_layers)
+        ], meta={"synthetic": True})

@@ -10,7 +10,7 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -62,7 +62,7 @@ def handle_errors(func):
     return wrapper
 
 
-def build_config(config_file: Optional[str], overrides: dict[str, Any], base: dict | None = None):
+def build_config(config_file: str | None, overrides: dict[str, Any], base: dict | None = None):
     from dejavu.config import RunConfig, load_config, merge_into, validate
 
     if base is not None and config_file is None:
@@ -80,19 +80,19 @@ def build_config(config_file: Optional[str], overrides: dict[str, Any], base: di
 @app.command()
 @handle_errors
 def collect(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local model dir, .gguf file, or alias (smollm2-135m)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Calibration corpus: datasets hub id (name or name:config) or local .txt/.jsonl/.parquet file, dir or glob."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Hub id, local model dir, .gguf file, or alias (smollm2-135m)."),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="Calibration corpus: datasets hub id (name or name:config) or local .txt/.jsonl/.parquet file, dir or glob."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory; collected data goes to RUN/collect/."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", help="Token budget for calibration."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per calibration sequence."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per forward pass."),
-    split: Optional[str] = typer.Option(None, "--split", help="Dataset split for hub datasets."),
-    text_field: Optional[str] = typer.Option(None, "--text-field", help="Field holding the text (jsonl, parquet, hub)."),
-    mlp_label_densities: Optional[str] = typer.Option(None, "--mlp-label-densities", help="Comma-separated top-k fractions to label MLP neurons at, e.g. 0.3,0.5."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", "-n", help="Token budget for calibration."),
+    seq_len: int | None = typer.Option(None, "--seq-len", help="Tokens per calibration sequence."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Sequences per forward pass."),
+    split: str | None = typer.Option(None, "--split", help="Dataset split for hub datasets."),
+    text_field: str | None = typer.Option(None, "--text-field", help="Field holding the text (jsonl, parquet, hub)."),
+    mlp_label_densities: str | None = typer.Option(None, "--mlp-label-densities", help="Comma-separated top-k fractions to label MLP neurons at, e.g. 0.3,0.5."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto."),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing RUN/collect/ instead of resuming it."),
-    config: Optional[str] = ConfigOpt,
+    config: str | None = ConfigOpt,
     debug: bool = DebugOpt,
 ):
     """Run the dense model over a corpus; record block inputs and label active neurons and heads."""
@@ -112,16 +112,16 @@ def collect(
 @handle_errors
 def train_predictors(
     run: Path = typer.Option(..., "--run", "-r", help="Run directory written by `dejavu collect`."),
-    mlp_density: Optional[float] = typer.Option(None, "--mlp-density", help="Top-k fraction of MLP neurons to train for, in (0, 1]."),
-    head_density: Optional[float] = typer.Option(None, "--head-density", help="Top-k fraction of attention heads to train for, in (0, 1]."),
-    rank: Optional[int] = typer.Option(None, "--rank", help="Low-rank width of each predictor."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over each layer's training tokens."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW)."),
-    mlp_pairing: Optional[str] = typer.Option(None, "--mlp-pairing", help="current (layer l's own block input) or lookahead (layer l-1's)."),
-    head_pairing: Optional[str] = typer.Option(None, "--head-pairing", help="current or lookahead (Deja Vu predicts heads one layer ahead)."),
-    loss: Optional[str] = typer.Option(None, "--loss", help="bce or bce+rank."),
+    mlp_density: float | None = typer.Option(None, "--mlp-density", help="Top-k fraction of MLP neurons to train for, in (0, 1]."),
+    head_density: float | None = typer.Option(None, "--head-density", help="Top-k fraction of attention heads to train for, in (0, 1]."),
+    rank: int | None = typer.Option(None, "--rank", help="Low-rank width of each predictor."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Passes over each layer's training tokens."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate (AdamW)."),
+    mlp_pairing: str | None = typer.Option(None, "--mlp-pairing", help="current (layer l's own block input) or lookahead (layer l-1's)."),
+    head_pairing: str | None = typer.Option(None, "--head-pairing", help="current or lookahead (Deja Vu predicts heads one layer ahead)."),
+    loss: str | None = typer.Option(None, "--loss", help="bce or bce+rank."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Retrain every layer instead of resuming finished ones."),
-    config: Optional[str] = ConfigOpt,
+    config: str | None = ConfigOpt,
     debug: bool = DebugOpt,
 ):
     """Train one low-rank predictor per layer for MLP neurons and attention heads (Accelerate)."""
@@ -139,9 +139,9 @@ def train_predictors(
 def export(
     run: Path = typer.Option(..., "--run", "-r", help="Run directory holding predictors/ from `dejavu train-predictors`."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write (safetensors + manifest.json)."),
-    mlp_density: Optional[float] = typer.Option(None, "--mlp-density", help="MLP density the runtime should compute, in (0, 1]."),
-    head_density: Optional[float] = typer.Option(None, "--head-density", help="Head density the runtime should compute, in (0, 1]."),
-    config: Optional[str] = ConfigOpt,
+    mlp_density: float | None = typer.Option(None, "--mlp-density", help="MLP density the runtime should compute, in (0, 1]."),
+    head_density: float | None = typer.Option(None, "--head-density", help="Head density the runtime should compute, in (0, 1]."),
+    config: str | None = ConfigOpt,
     debug: bool = DebugOpt,
 ):
     """Write a self-describing predictor bundle (safetensors + manifest; no pickle)."""
@@ -155,22 +155,22 @@ def export(
 @app.command()
 @handle_errors
 def bench(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local model dir, .gguf file, or alias (default: the bundle's model)."),
-    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Bundle from `dejavu export` (not needed with --synthetic)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Evaluation corpus for perplexity and agreement."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here (a PNG plot goes beside it)."),
-    mlp_density: Optional[float] = typer.Option(None, "--mlp-density", help="Override the bundle's MLP density, in (0, 1]."),
-    head_density: Optional[float] = typer.Option(None, "--head-density", help="Override the bundle's head density, in (0, 1]."),
-    max_eval_tokens: Optional[int] = typer.Option(None, "--max-eval-tokens", help="Bound on evaluated tokens."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto."),
-    selection: Optional[str] = typer.Option(None, "--selection", help="predictor (the bundle), oracle (true top-k) or dense."),
-    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma-separated decode batch sizes for speed, e.g. 1,4,8."),
-    synthetic: Optional[str] = typer.Option(None, "--synthetic", help="Random weights at a real model's shapes (e.g. llama-2-7b): speed only."),
-    layers: Optional[int] = typer.Option(None, "--layers", help="Keep only the first N decoder layers (quick or CPU runs)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Hub id, local model dir, .gguf file, or alias (default: the bundle's model)."),
+    bundle: Path | None = typer.Option(None, "--bundle", "-b", help="Bundle from `dejavu export` (not needed with --synthetic)."),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="Evaluation corpus for perplexity and agreement."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON here (a PNG plot goes beside it)."),
+    mlp_density: float | None = typer.Option(None, "--mlp-density", help="Override the bundle's MLP density, in (0, 1]."),
+    head_density: float | None = typer.Option(None, "--head-density", help="Override the bundle's head density, in (0, 1]."),
+    max_eval_tokens: int | None = typer.Option(None, "--max-eval-tokens", help="Bound on evaluated tokens."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto."),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto."),
+    selection: str | None = typer.Option(None, "--selection", help="predictor (the bundle), oracle (true top-k) or dense."),
+    batch_sizes: str | None = typer.Option(None, "--batch-sizes", help="Comma-separated decode batch sizes for speed, e.g. 1,4,8."),
+    synthetic: str | None = typer.Option(None, "--synthetic", help="Random weights at a real model's shapes (e.g. llama-2-7b): speed only."),
+    layers: int | None = typer.Option(None, "--layers", help="Keep only the first N decoder layers (quick or CPU runs)."),
     quality: bool = typer.Option(True, "--quality/--no-quality", help="Measure perplexity, agreement and KL."),
     speed: bool = typer.Option(True, "--speed/--no-speed", help="Measure decode speed."),
-    config: Optional[str] = ConfigOpt,
+    config: str | None = ConfigOpt,
     debug: bool = DebugOpt,
 ):
     """Load model + bundle into the runtime; report speed and quality against dense."""

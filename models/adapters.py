@@ -12,13 +12,12 @@ Canonical weight accessors (PyTorch Linear layout, [out, in]) serve the gather k
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-from torch import nn
-
 from dejavu.errors import DejavuError
+from torch import nn
 
 
 @dataclass(frozen=True)

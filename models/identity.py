@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from dejavu.errors import DejavuError
 from dejavu.models.adapters import Adapter
 
@@ -47,7 +46,7 @@ def check_identity(expected: dict, adapter: Adapter, what: str = "bundle") -> No
     want = expected.get("fingerprint")
     if want:
         got = fingerprint(adapter)
-        for i, (a, b) in enumerate(zip(want, got)):
+        for i, (a, b) in enumerate(zip(want, got, strict=False)):
             if not math.isclose(a, b, rel_tol=FINGERPRINT_RTOL, abs_tol=1e-6):
                 raise DejavuError(
                     f"{what} was made for other weights than the loaded model's "

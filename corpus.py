@@ -36,9 +36,6 @@ def _local_files(spec: str) -> list[str] | None:
 
 def load_texts(spec: str, split: str = "train", text_field: str = "text") -> list[str]:
     """All documents of a corpus as strings (raw text files come back whole, as one document)."""
-    import datasets
-
-    datasets.disable_progress_bars()
     files = _local_files(spec)
     if files is not None:
         suffixes = {Path(f).suffix for f in files}
@@ -50,11 +47,17 @@ def load_texts(spec: str, split: str = "train", text_field: str = "text") -> lis
             # Read text whole: line-per-row loading loses the newlines that the model saw in training.
             texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
             return [t for t in texts if t.strip()]
+        import datasets  # imported late: plain-text corpora need no `datasets` (e.g. on the GPU image)
+
+        datasets.disable_progress_bars()
         try:
             ds = datasets.load_dataset(builder, data_files=files, split="train")
         except Exception as exc:  # datasets raises many types for unreadable files
             raise DejavuError(f"cannot read {spec}: {exc}") from None
     else:
+        import datasets
+
+        datasets.disable_progress_bars()
         name, _, config = spec.partition(":")
         try:
             ds = datasets.load_dataset(name, config or None, split=split)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from dejavu.errors import DejavuError
 from dejavu.models.adapters import adapter_for
 from dejavu.models.identity import check_identity, model_identity
 from dejavu.models.loading import load_model
+
 from helpers import TINY_CONFIGS
 
 

@@ -1,0 +1,78 @@
+"""Manifests and safetensors files: atomic writes, verification, refusal of edited or truncated files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dejavu.artifacts import file_entry, load_tensors, read_manifest, save_tensors, write_manifest
+from dejavu.bits import pack_bits, unpack_bits
+from dejavu.errors import DejavuError
+
+
+def _stage(tmp_path):
+    path = tmp_path / "stage" / "a.safetensors"
+    digest = save_tensors(path, {"x": torch.arange(12.0).view(3, 4)})
+    write_manifest(path.parent, "dejavu.bundle", {"k": 1}, [file_entry(path, path.parent, digest)])
+    return path
+
+
+def test_round_trip(tmp_path):
+    path = _stage(tmp_path)
+    manifest = read_manifest(path.parent, "dejavu.bundle")
+    assert manifest["files"][0]["path"] == "a.safetensors"
+    assert torch.equal(load_tensors(path)["x"], torch.arange(12.0).view(3, 4))
+    assert not list(path.parent.glob(".*tmp"))  # no temp files left behind
+
+
+def test_edited_truncated_missing_and_wrong_kind(tmp_path):
+    path = _stage(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DejavuError, match="sha256"):
+        read_manifest(path.parent, "dejavu.bundle")
+    path.write_bytes(bytes(data[:-8]))
+    with pytest.raises(DejavuError, match="truncated"):
+        read_manifest(path.parent, "dejavu.bundle")
+    with pytest.raises(DejavuError, match="expected 'dejavu.collect'"):
+        read_manifest(path.parent, "dejavu.collect", verify=False)
+    path.unlink()
+    with pytest.raises(DejavuError, match="missing"):
+        read_manifest(path.parent, "dejavu.bundle")
+    (path.parent / "manifest.json").unlink()
+    with pytest.raises(DejavuError, match="did not finish"):
+        read_manifest(path.parent, "dejavu.bundle")
+
+
+def test_corrupt_manifest_and_tensor_file(tmp_path):
+    path = _stage(tmp_path)
+    (path.parent / "manifest.json").write_text("{not json")
+    with pytest.raises(DejavuError, match="not valid JSON"):
+        read_manifest(path.parent, "dejavu.bundle")
+    path.write_bytes(b"\x00" * 16)
+    with pytest.raises(DejavuError, match="not a readable safetensors"):
+        load_tensors(path)
+
+
+def test_future_format_version_is_refused(tmp_path):
+    path = _stage(tmp_path)
+    m = json.loads((path.parent / "manifest.json").read_text())
+    m["format_version"] = 99
+    (path.parent / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DejavuError, match="format version 99"):
+        read_manifest(path.parent, "dejavu.bundle")
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 13, 1536])
+def test_bit_packing_round_trip(n):
+    mask = torch.rand(5, n) > 0.5
+    packed = pack_bits(mask)
+    assert packed.shape == (5, -(-n // 8)) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_bits(packed, n), mask)
+    # golden bytes: neuron 0 is the least significant bit of byte 0
+    one = torch.zeros(1, 9, dtype=torch.bool)
+    one[0, 0] = one[0, 8] = True
+    assert pack_bits(one).tolist() == [[1, 1]]

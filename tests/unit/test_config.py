@@ -1,0 +1,44 @@
+"""Config precedence (flag > file > default), validation, and unknown-key refusal."""
+
+from __future__ import annotations
+
+import pytest
+
+from dejavu.config import RunConfig, load_config
+from dejavu.errors import DejavuError
+
+
+def test_shipped_default_and_precedence(tmp_path):
+    cfg = load_config()
+    assert cfg.model.name == "smollm2-135m"
+    f = tmp_path / "c.yaml"
+    f.write_text("collect:\n  max_tokens: 1000\n  batch_size: 2\ntrain:\n  rank: 32\n")
+    cfg = load_config(f, {"collect.max_tokens": 500, "train.rank": None})
+    assert cfg.collect.max_tokens == 500  # flag beats file
+    assert cfg.collect.batch_size == 2  # file beats default
+    assert cfg.train.rank == 32  # an unset flag leaves the file's value
+    assert cfg.train.epochs == RunConfig().train.epochs  # default
+
+
+def test_unknown_keys_and_bad_values_are_named(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("collect:\n  max_tokenz: 10\n")
+    with pytest.raises(DejavuError, match="unknown key 'max_tokenz'"):
+        load_config(f)
+    f.write_text("colect: {}\n")
+    with pytest.raises(DejavuError, match="unknown key 'colect'"):
+        load_config(f)
+    with pytest.raises(DejavuError, match="train.mlp_density must be in"):
+        load_config(None, {"train.mlp_density": 1.5})
+    with pytest.raises(DejavuError, match="expected an integer"):
+        load_config(None, {"collect.max_tokens": "many"})
+    with pytest.raises(DejavuError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_round_trip_and_hash():
+    cfg = load_config("tiny")
+    again = RunConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.hash() == cfg.hash()
+    again.train.rank += 1
+    assert again.hash() != cfg.hash()

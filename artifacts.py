@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from dejavu import __version__
-from dejavu.errors import DejavuError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from dejavu import __version__
+from dejavu.errors import DejavuError
 
 MANIFEST = "manifest.json"
 

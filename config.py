@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from dejavu.errors import DejavuError
 
 DEFAULT_CONFIG = "smollm2-135m"

@@ -9,6 +9,7 @@ import glob
 from pathlib import Path
 
 import torch
+
 from dejavu.errors import DejavuError
 
 LOCAL_BUILDERS = {".txt": "text", ".raw": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from dejavu.errors import DejavuError
 from torch import nn
+
+from dejavu.errors import DejavuError
 
 
 @dataclass(frozen=True)

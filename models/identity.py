@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from dejavu.errors import DejavuError
 from dejavu.models.adapters import Adapter
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from dejavu.errors import DejavuError
 
 # Aliases for models shipped inside PyPI packages (so they work without the hub).

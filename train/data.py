@@ -1,0 +1,124 @@
+"""Read one layer's training data out of RUN/collect/ (format: docs/FORMATS.md).
+
+Shards hold every layer; `safe_open` maps a file and reads only the tensors asked for, so memory
+stays bounded by one layer's tokens, whatever the number of layers or shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from dejavu.artifacts import parent_ref, read_manifest
+from dejavu.bits import unpack_bits
+from dejavu.errors import DejavuError
+
+PAIRINGS = ("current", "lookahead")
+
+
+def source_layer(layer: int, pairing: str) -> int:
+    """Which block input feeds layer `layer`'s predictor: its own, or the previous layer's (layer 0: own)."""
+    if pairing not in PAIRINGS:
+        raise DejavuError(f"unknown pairing {pairing!r} (known: {', '.join(PAIRINGS)})")
+    return max(0, layer - 1) if pairing == "lookahead" else layer
+
+
+@dataclass
+class LayerData:
+    """One layer's tokens of one split. Inputs stay in their stored dtype until a batch is taken."""
+
+    x_mlp: torch.Tensor  # [T, hidden]
+    x_attn: torch.Tensor  # [T, hidden]; the same tensor when both pairings agree
+    mlp_labels: torch.Tensor  # [T, neurons] bool
+    head_norms: torch.Tensor  # [T, heads]
+    mlp_act: torch.Tensor | None  # [T, neurons] |act|, eval shards only
+
+    @property
+    def tokens(self) -> int:
+        return self.x_mlp.shape[0]
+
+
+class CollectRun:
+    """A finished `dejavu collect` directory: its manifest (verified) and per-layer readers."""
+
+    def __init__(self, run: str | Path, verify: bool = True):
+        self.dir = Path(run) / "collect"
+        self.manifest = read_manifest(self.dir, "dejavu.collect", verify=verify)
+        self.parent = parent_ref(self.dir, self.manifest)
+        try:
+            self.model = self.manifest["model"]
+            self.num_layers = int(self.model["num_layers"])
+            self.hidden = int(self.model["hidden_size"])
+            self.neurons = int(self.model["intermediate_size"])
+            self.heads = int(self.model["num_heads"])
+            shards = self.manifest["shards"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DejavuError(f"{self.dir}/manifest.json lacks the field {exc} (written by another version?)") from None
+        self.shards = {split: [s for s in shards if s.get("split") == split] for split in ("train", "eval")}
+        if not self.shards["train"]:
+            raise DejavuError(f"{self.dir} has no train shards: collect more tokens")
+        if not self.shards["eval"]:
+            raise DejavuError(f"{self.dir} has no eval shards (collect.eval_tokens = 0?): held-out metrics need them")
+
+    def label_tag(self, density: float) -> str:
+        """The stored MLP label set to train on for `density`."""
+        tags = [str(t) for t in self.manifest.get("mlp_label_tags", [])]
+        tag = format(density, "g")
+        if tag in tags:
+            return tag
+        # ReLU models are labelled by sign, which holds for every top-k density.
+        if "positive" in tags:
+            return "positive"
+        raise DejavuError(
+            f"{self.dir} has MLP labels for densities {', '.join(tags) or 'none'}, not {tag}: "
+            f"train for one of those (--mlp-density) or collect again with --mlp-label-densities {tag}"
+        )
+
+    def load_layer(self, layer: int, split: str, mlp_pairing: str, head_pairing: str, tag: str) -> LayerData:
+        if not 0 <= layer < self.num_layers:
+            raise DejavuError(f"layer {layer} does not exist (the model has {self.num_layers})")
+        src_mlp, src_attn = source_layer(layer, mlp_pairing), source_layer(layer, head_pairing)
+        names = {"x_mlp": f"input.{src_mlp}", "x_attn": f"input.{src_attn}",
+                 "labels": f"mlp_labels.{layer}@{tag}", "heads": f"head_norms.{layer}"}
+        if split == "eval":
+            names["act"] = f"mlp_act.{layer}"
+        parts: dict[str, list[torch.Tensor]] = {key: [] for key in names}
+        for shard in self.shards[split]:
+            for key, tensor in self._read(shard, sorted(set(names.values()))).items():
+                for k, name in names.items():
+                    if name == key:
+                        parts[k].append(tensor)
+        cat = {key: torch.cat(chunks) for key, chunks in parts.items()}
+        for key in ("x_mlp", "x_attn", "heads", "act"):
+            if key in cat and not torch.isfinite(cat[key]).all():
+                raise DejavuError(f"layer {layer}: {names[key]} in the {split} shards contains NaN or infinite values")
+        x_attn = cat["x_mlp"] if src_attn == src_mlp else cat["x_attn"]
+        return LayerData(
+            x_mlp=cat["x_mlp"], x_attn=x_attn,
+            mlp_labels=unpack_bits(cat["labels"], self.neurons),
+            head_norms=cat["heads"], mlp_act=cat.get("act"),
+        )
+
+    def _read(self, shard: dict, names: list[str]) -> dict[str, torch.Tensor]:
+        path = self.dir / shard["path"]
+        widths = {"input": self.hidden, "mlp_labels": (self.neurons + 7) // 8, "head_norms": self.heads,
+                  "mlp_act": self.neurons}
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                keys = set(fh.keys())
+                missing = [n for n in names if n not in keys]
+                if missing:
+                    raise DejavuError(f"{path} lacks tensors {missing[:4]}: the collect data is incomplete")
+                out = {n: fh.get_tensor(n) for n in names}
+        except SafetensorError as exc:
+            raise DejavuError(f"{path} is not a readable safetensors file ({exc}): collect again") from None
+        except FileNotFoundError:
+            raise DejavuError(f"{path} is missing: collect again") from None
+        for name, tensor in out.items():
+            want = (int(shard["tokens"]), widths[name.split(".")[0]])
+            if tuple(tensor.shape) != want:
+                raise DejavuError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected {want}")
+        return out

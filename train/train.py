@@ -1,0 +1,341 @@
+"""`dejavu train-predictors`: one low-rank predictor per layer for MLP neurons and one for heads.
+
+Layers are independent, so processes split them (rank r trains layers l with l % world == r) rather
+than splitting batches: no gradient traffic, and the same command runs on a CPU, one GPU or many
+(`torchrun` / `accelerate launch`). Each layer is seeded with seed + layer, so a layer's predictor does
+not depend on how many processes there were. A finished layer is written atomically and recorded in
+predictors/progress/, so a killed run resumes without retraining it; rank 0 writes metrics.json and the
+manifest last, after every rank has finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from dejavu.artifacts import (
+    MANIFEST,
+    atomic_write_json,
+    file_entry,
+    save_tensors,
+    sha256_file,
+    write_manifest,
+)
+from dejavu.config import RunConfig, merge_into, resolve_config_path, validate
+from dejavu.errors import DejavuError
+from dejavu.predictor import KINDS, LowRankPredictor, units_for_density
+from dejavu.train.data import CollectRun, LayerData
+from dejavu.train.metrics import format_table, mean_metrics, selection_metrics, topk_mask
+
+LOSSES = ("bce", "bce+rank", "bce+topk")
+EVAL_CHUNK = 8192
+
+
+def resolve_config(base: dict, config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
+    """The collect run's config, then the --config file, then flags (None: unset)."""
+    cfg = RunConfig.from_dict(base, source="collect manifest's config")
+    if config_file:
+        path = resolve_config_path(config_file)
+        try:
+            merge_into(cfg, yaml.safe_load(path.read_text()) or {}, str(path))
+        except yaml.YAMLError as exc:
+            raise DejavuError(f"config file {path} is not valid YAML: {exc}") from None
+    for dotted, value in overrides.items():
+        if value is not None:
+            section, _, key = dotted.partition(".")
+            merge_into(cfg, {section: {key: value}}, "flag")
+    validate(cfg)
+    t = cfg.train
+    if t.loss not in LOSSES:
+        raise DejavuError(f"train.loss must be one of {', '.join(LOSSES)}; got {t.loss!r}")
+    if t.hidden_activation not in ("none", "relu"):
+        raise DejavuError(f"train.hidden_activation must be none or relu; got {t.hidden_activation!r}")
+    for name in ("rank", "epochs", "batch_size"):
+        if getattr(t, name) <= 0:
+            raise DejavuError(f"train.{name} must be positive, got {getattr(t, name)}")
+    return cfg
+
+
+def training_key(cfg: RunConfig, parent: dict) -> str:
+    """What a finished layer depends on: the train settings (bar the layer list) and the collect data."""
+    settings = {k: v for k, v in cfg.to_dict()["train"].items() if k != "layers"}
+    blob = json.dumps({"train": settings, "collect": parent["sha256"]}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- fitting one predictor
+
+def _loss(scores: torch.Tensor, target: torch.Tensor, kind: str, pos_weight: torch.Tensor, k: int,
+          gen: torch.Generator) -> torch.Tensor:
+    # One class weight for all units: per-unit weights would shift each unit's logit by a different
+    # constant and so reorder units within a token, which is exactly the decision top-k makes.
+    loss = F.binary_cross_entropy_with_logits(scores, target, pos_weight=pos_weight)
+    if kind == "bce+topk":
+        # BCE around each token's own top-k threshold: top-k ignores a per-token offset, so the loss should too.
+        kth = scores.detach().topk(min(k + 1, scores.shape[-1]), dim=-1).values
+        threshold = kth[:, -2:].mean(-1, keepdim=True) if k < scores.shape[-1] else kth[:, -1:]
+        loss = loss + F.binary_cross_entropy_with_logits(scores - threshold, target, pos_weight=pos_weight)
+    elif kind == "bce+rank":
+        # Pairwise logistic ranking on sampled (active, inactive) pairs of the same token.
+        pairs = 32
+        weights_pos = target + 1e-6
+        weights_neg = (1 - target) + 1e-6
+        pos = torch.multinomial(weights_pos.cpu(), pairs, replacement=True, generator=gen).to(scores.device)
+        neg = torch.multinomial(weights_neg.cpu(), pairs, replacement=True, generator=gen).to(scores.device)
+        margin = scores.gather(1, pos) - scores.gather(1, neg)
+        loss = loss + F.softplus(-margin).mean()
+    return loss
+
+
+def fit_predictor(x: torch.Tensor, target: torch.Tensor, *, cfg: RunConfig, density: float, seed: int,
+                  device: torch.device, desc: str, show: bool) -> LowRankPredictor:
+    """Train one predictor on x [T, d] -> target [T, n] (bool); returns it on the CPU, float32."""
+    t = cfg.train
+    tokens, d_in = x.shape
+    n_out = target.shape[1]
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    pred = LowRankPredictor(d_in, n_out, t.rank, t.hidden_activation)
+    mean, std = _input_stats(x)
+    pred.set_input_stats(mean, std)
+    pred.to(device)
+    positive = target.float().mean().clamp(1e-4, 1 - 1e-4)
+    pos_weight = ((1 - positive) / positive).to(device)
+    k = units_for_density(density, n_out)
+
+    opt = torch.optim.AdamW([p for p in pred.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    steps_per_epoch = math.ceil(tokens / t.batch_size)
+    total = t.epochs * steps_per_epoch
+    warmup = max(1, total // 50)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))))
+    bar = tqdm(total=total, desc=desc, leave=False, disable=not show, unit="step")
+    for _ in range(t.epochs):
+        order = torch.randperm(tokens, generator=gen)
+        for start in range(0, tokens, t.batch_size):
+            idx = order[start:start + t.batch_size]
+            xb = x[idx].to(device, torch.float32, non_blocking=True)
+            yb = target[idx].to(device, torch.float32, non_blocking=True)
+            loss = _loss(pred(xb), yb, t.loss, pos_weight, k, gen)
+            if not torch.isfinite(loss):
+                raise DejavuError(f"{desc}: the loss became {loss.item()} (lower --lr, or check the collect data)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    return pred.cpu().float()
+
+
+def _input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    square = torch.zeros_like(total)
+    for start in range(0, x.shape[0], EVAL_CHUNK):
+        chunk = x[start:start + EVAL_CHUNK].double()
+        total += chunk.sum(0)
+        square += (chunk * chunk).sum(0)
+    mean = total / x.shape[0]
+    var = (square / x.shape[0] - mean * mean).clamp_min(0)
+    return mean.float(), var.sqrt().float()
+
+
+@torch.no_grad()
+def predict(pred: LowRankPredictor, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    pred = pred.to(device)
+    out = [pred(x[s:s + EVAL_CHUNK].to(device, torch.float32)).cpu() for s in range(0, x.shape[0], EVAL_CHUNK)]
+    pred.cpu()
+    return torch.cat(out)
+
+
+def head_targets(head_norms: torch.Tensor, density: float) -> torch.Tensor:
+    return topk_mask(head_norms.float(), units_for_density(density, head_norms.shape[1]))
+
+
+def train_layer(train: LayerData, held_out: LayerData, layer: int, cfg: RunConfig, device: torch.device,
+                show: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """Fit and evaluate both predictors of one layer; returns (tensors to save, metrics)."""
+    t = cfg.train
+    seed = t.seed + layer
+    mlp = fit_predictor(train.x_mlp, train.mlp_labels, cfg=cfg, density=t.mlp_density, seed=seed,
+                        device=device, desc=f"layer {layer} mlp", show=show)
+    attn = fit_predictor(train.x_attn, head_targets(train.head_norms, t.head_density), cfg=cfg,
+                         density=t.head_density, seed=seed, device=device, desc=f"layer {layer} attn", show=show)
+    metrics = {
+        "mlp": selection_metrics(predict(mlp, held_out.x_mlp, device), held_out.mlp_labels,
+                                 held_out.mlp_act, t.mlp_density),
+        "attn": selection_metrics(predict(attn, held_out.x_attn, device),
+                                  head_targets(held_out.head_norms, t.head_density), held_out.head_norms,
+                                  t.head_density),
+    }
+    tensors = {f"{kind}.{name}": value.float().contiguous()
+               for kind, pred in (("mlp", mlp), ("attn", attn)) for name, value in pred.tensors().items()}
+    for name, value in tensors.items():
+        if not torch.isfinite(value).all():
+            raise DejavuError(f"layer {layer}: predictor tensor {name} is not finite after training")
+    return tensors, metrics
+
+
+# ---------------------------------------------------------------- the stage
+
+def layer_file(layer: int) -> str:
+    return f"layers/layer-{layer:03d}.safetensors"
+
+
+def _record_path(out: Path, layer: int) -> Path:
+    return out / "progress" / f"layer-{layer:03d}.json"
+
+
+def finished_record(out: Path, layer: int, key: str) -> dict | None:
+    """The progress record of a layer already trained with these settings, if its file is intact."""
+    path = _record_path(out, layer)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if record.get("key") != key:
+        return None
+    weights = out / record["file"]
+    if not weights.is_file() or weights.stat().st_size != record["bytes"] or sha256_file(weights) != record["sha256"]:
+        return None
+    return record
+
+
+def _stale_layers(out: Path, key: str) -> list[int]:
+    stale = []
+    for path in sorted((out / "progress").glob("layer-*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if record.get("key") != key:
+            stale.append(int(record.get("layer", -1)))
+    return stale
+
+
+def layer_weight_bytes(model: dict, itemsize: int = 2) -> int:
+    """Bytes of one decoder layer's MLP + attention projection weights (16-bit by default)."""
+    h, n = model["hidden_size"], model["intermediate_size"]
+    q = model["num_heads"] * model["head_dim"]
+    kv = model["num_kv_heads"] * model["head_dim"]
+    mlp = (3 if model.get("gated_mlp", True) else 2) * h * n
+    return (mlp + h * q + 2 * h * kv + q * h) * itemsize
+
+
+def predictor_cost(model: dict, rank: int, itemsize: int = 2) -> dict:
+    """Predictor bytes per layer, alone and as a share of the layer's weight bytes (same dtype)."""
+    h = model["hidden_size"]
+
+    def size(n_out: int) -> int:
+        return (rank * h + rank + n_out * rank + n_out + 2 * h) * itemsize
+
+    mlp, attn = size(model["intermediate_size"]), size(model["num_heads"])
+    layer = layer_weight_bytes(model, itemsize)
+    return {"mlp_bytes": mlp, "attn_bytes": attn, "layer_weight_bytes": layer,
+            "mlp_fraction": mlp / layer, "total_fraction": (mlp + attn) / layer}
+
+
+def run_train(run: Path, config_file: str | None = None, overrides: dict | None = None,
+              overwrite: bool = False) -> dict | None:
+    """Train every layer's predictors from RUN/collect/ into RUN/predictors/; returns the manifest (rank 0)."""
+    from accelerate import Accelerator
+
+    run = Path(run)
+    collect = CollectRun(run)
+    cfg = resolve_config(collect.manifest.get("config") or {}, config_file, overrides or {})
+    tag = collect.label_tag(cfg.train.mlp_density)
+    key = training_key(cfg, collect.parent)
+    layers = sorted(set(cfg.train.layers)) if cfg.train.layers else list(range(collect.num_layers))
+    for layer in layers:
+        if not 0 <= layer < collect.num_layers:
+            raise DejavuError(f"train.layers lists layer {layer}; the model has {collect.num_layers}")
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    main = acc.is_main_process
+    out = run / "predictors"
+    if main:
+        if overwrite and out.exists():
+            for name in ("layers", "progress"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            (out / "metrics.json").unlink(missing_ok=True)
+        stale = _stale_layers(out, key)
+        if stale:
+            raise DejavuError(
+                f"{out} holds layers {stale[:8]} trained with other settings or other collect data; "
+                "pass --overwrite to replace them (or use another --run directory)")
+        # The manifest marks a finished stage; drop it until this run has finished again.
+        (out / MANIFEST).unlink(missing_ok=True)
+        (out / "layers").mkdir(parents=True, exist_ok=True)
+        (out / "progress").mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+
+    mine = [layer for layer in layers if layer % acc.num_processes == acc.process_index]
+    overall = tqdm(total=len(mine), desc="layers", disable=not main, unit="layer")
+    for layer in mine:
+        if finished_record(out, layer, key) is not None:
+            overall.set_postfix(skipped=layer)
+            overall.update()
+            continue
+        started = time.perf_counter()
+        train_data = collect.load_layer(layer, "train", cfg.train.mlp_pairing, cfg.train.head_pairing, tag)
+        eval_data = collect.load_layer(layer, "eval", cfg.train.mlp_pairing, cfg.train.head_pairing, tag)
+        tensors, metrics = train_layer(train_data, eval_data, layer, cfg, acc.device, show=main)
+        del train_data, eval_data
+        path = out / layer_file(layer)
+        digest = save_tensors(path, tensors, metadata={"format": "dejavu.predictors", "layer": str(layer)})
+        atomic_write_json(_record_path(out, layer), {
+            "layer": layer, "key": key, "file": layer_file(layer), "bytes": path.stat().st_size, "sha256": digest,
+            "metrics": metrics, "seconds": round(time.perf_counter() - started, 3), "process": acc.process_index,
+        })
+        overall.set_postfix(mlp_mass=f"{metrics['mlp']['mass_kept']:.3f}")
+        overall.update()
+    overall.close()
+    acc.wait_for_everyone()
+    if not main:
+        return None
+    return _finish(out, cfg, collect, layers, key)
+
+
+def _finish(out: Path, cfg: RunConfig, collect: CollectRun, layers: list[int], key: str) -> dict:
+    records = {}
+    for layer in layers:
+        record = finished_record(out, layer, key)
+        if record is None:
+            raise DejavuError(f"layer {layer} has no finished predictor in {out}: run the command again to resume")
+        records[layer] = record
+    per_layer = {str(layer): records[layer]["metrics"] for layer in layers}
+    means = {kind: mean_metrics([per_layer[str(layer)][kind] for layer in layers]) for kind in KINDS}
+    cost = predictor_cost(collect.model, cfg.train.rank)
+    metrics = {
+        "mlp_density": cfg.train.mlp_density, "head_density": cfg.train.head_density,
+        "mlp_pairing": cfg.train.mlp_pairing, "head_pairing": cfg.train.head_pairing,
+        "rank": cfg.train.rank, "loss": cfg.train.loss, "mlp_label_tag": collect.label_tag(cfg.train.mlp_density),
+        "layers": per_layer, "mean": means, "cost": cost,
+        "train_seconds": {str(layer): records[layer]["seconds"] for layer in layers},
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    files = [file_entry(out / records[layer]["file"], out, records[layer]["sha256"]) for layer in layers]
+    files.append(file_entry(out / "metrics.json", out))
+    manifest = write_manifest(
+        out, "dejavu.predictors", cfg.to_dict(), files, parent=collect.parent,
+        model=collect.model, layers=len(layers), layer_indices=layers, rank=cfg.train.rank,
+        hidden_activation=cfg.train.hidden_activation, mlp_pairing=cfg.train.mlp_pairing,
+        head_pairing=cfg.train.head_pairing, mlp_density=cfg.train.mlp_density,
+        head_density=cfg.train.head_density, metrics=means, predictor_cost=cost,
+    )
+    tqdm.write(format_table(per_layer, means))
+    tqdm.write(f"predictors: {out} (rank {cfg.train.rank}, {cost['total_fraction']:.1%} of a layer's weight bytes)")
+    return manifest

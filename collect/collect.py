@@ -1,0 +1,475 @@
+"""`dejavu collect`: corpus -> fixed-length sequences -> dense forward with hooks -> shards + manifest.
+
+Layout and keys follow docs/FORMATS.md (`RUN/collect/`, format `dejavu.collect` version 1).
+
+Robustness comes from a fixed plan: the sequences, their split, rank and shard are all decided
+before the first forward pass, and a shard's content depends only on its own sequences. So a run
+killed at any point and started again skips the shards already on disk (written atomically) and
+ends with byte-identical files, and N processes each write their own shards of one plan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dejavu.artifacts import MANIFEST, atomic_write_json, save_tensors, sha256_file, write_manifest
+from dejavu.collect import labels as L
+from dejavu.collect.hooks import BLOCK_INPUT, HEAD_OUT, MLP_ACT, ActivationRecorder
+from dejavu.config import RunConfig
+from dejavu.errors import DejavuError
+
+FORMAT = "dejavu.collect"
+STAGE_DIR = "collect"
+SHARD_DIR = "shards"
+RUN_STATE = "run.json"  # the config a started collection runs with; resume refuses any other
+# Concentration statistics use every STATS_EVERY-th position of each sequence: a sort per token is
+# as costly as the MLP itself, and a mean over thousands of sampled tokens is just as informative.
+STATS_EVERY = 16
+# Config sections whose values change what is collected; other sections may differ on resume.
+STATE_SECTIONS = ("model", "data", "collect")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+# --- the plan -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardSpec:
+    split: str
+    rank: int
+    index: int
+    sequences: torch.Tensor  # [m, seq_len] token ids
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-r{self.rank:02d}-{self.index:05d}.safetensors"
+
+    @property
+    def path(self) -> str:
+        return f"{SHARD_DIR}/{self.name}"
+
+    @property
+    def tokens(self) -> int:
+        return self.sequences.numel()
+
+
+@dataclass
+class Plan:
+    seq_len: int
+    train: torch.Tensor  # [n_train, seq_len]
+    eval: torch.Tensor  # [n_eval, seq_len]
+    world_size: int
+    seqs_per_shard: int
+    shards: list[ShardSpec] = field(default_factory=list)  # every rank's, manifest order
+
+    def for_rank(self, rank: int) -> list[ShardSpec]:
+        return [s for s in self.shards if s.rank == rank]
+
+
+def split_eval(sequences: torch.Tensor, eval_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The last whole sequences holding `eval_tokens` form the eval split; at most half the run."""
+    n, seq_len = sequences.shape
+    wanted = -(-eval_tokens // seq_len) if eval_tokens > 0 else 0
+    n_eval = min(wanted, n // 2)
+    return sequences[: n - n_eval], sequences[n - n_eval:], wanted
+
+
+def make_plan(sequences: torch.Tensor, eval_tokens: int, shard_tokens: int, world_size: int) -> Plan:
+    seq_len = sequences.shape[1]
+    train, evals, _ = split_eval(sequences, eval_tokens)
+    per_shard = max(1, shard_tokens // seq_len)
+    plan = Plan(seq_len, train, evals, world_size, per_shard)
+    for split, seqs in (("train", train), ("eval", evals)):
+        for rank in range(world_size):
+            mine = seqs[rank::world_size]  # round-robin, so every rank gets a fair share of each split
+            for index, start in enumerate(range(0, mine.shape[0], per_shard)):
+                plan.shards.append(ShardSpec(split, rank, index, mine[start:start + per_shard]))
+    return plan
+
+
+# --- per-batch recording --------------------------------------------------------------------------
+class BatchRecord:
+    """Hook sink for one forward pass: keeps only compact per-layer results, on the CPU."""
+
+    def __init__(self, num_layers: int, num_heads: int, rule: str, densities: list[float],
+                 input_dtype: torch.dtype, keep_act: bool, stats_rows: torch.Tensor):
+        self.num_heads = num_heads
+        self.rule = rule
+        self.densities = densities
+        self.input_dtype = input_dtype
+        self.keep_act = keep_act
+        self.stats_rows = stats_rows
+        self.inputs: list[torch.Tensor | None] = [None] * num_layers
+        self.labels: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
+        self.norms: list[torch.Tensor | None] = [None] * num_layers
+        self.acts: list[torch.Tensor | None] = [None] * num_layers
+        # per layer: sum over sampled tokens of the fraction needed for each mass level
+        self.mlp_mass = torch.zeros(num_layers, len(L.MASS_LEVELS), dtype=torch.float64)
+        self.attn_mass = torch.zeros(num_layers, len(L.MASS_LEVELS), dtype=torch.float64)
+
+    def __call__(self, layer: int, point: str, x: torch.Tensor) -> None:
+        if point == BLOCK_INPUT:
+            self.inputs[layer] = x.to(device="cpu", dtype=self.input_dtype, copy=True)
+        elif point == MLP_ACT:
+            self.labels[layer] = {k: v.cpu() for k, v in L.mlp_labels(x, self.rule, self.densities).items()}
+            magnitude = x.abs()
+            if self.keep_act:
+                self.acts[layer] = magnitude.to(device="cpu", dtype=torch.float16)
+            rows = self.stats_rows.to(x.device)
+            self.mlp_mass[layer] += L.frac_for_mass(magnitude[rows]).sum(0).double().cpu()
+        elif point == HEAD_OUT:
+            norms = L.head_norms(x, self.num_heads)
+            self.norms[layer] = norms.to(device="cpu", dtype=torch.float16)
+            rows = self.stats_rows.to(x.device)
+            self.attn_mass[layer] += L.frac_for_mass(norms[rows]).sum(0).double().cpu()
+
+
+def stats_rows(batch: int, seq_len: int) -> torch.Tensor:
+    """Flattened row indices of the positions sampled for statistics (same for every batch layout)."""
+    positions = torch.arange(0, seq_len, STATS_EVERY)
+    return (torch.arange(batch)[:, None] * seq_len + positions[None, :]).reshape(-1)
+
+
+@torch.inference_mode()
+def record_shard(model, adapter, spec: ShardSpec, batch_size: int, rule: str, densities: list[float],
+                 input_dtype: torch.dtype, on_batch=None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Forward a shard's sequences batch by batch; returns its tensors and its statistics."""
+    num_layers = adapter.num_layers
+    num_heads = adapter.shape().num_heads
+    keep_act = spec.split == "eval"
+    device = next(model.parameters()).device
+    # The decoder stack only: logits are never needed, and the LM head is a fifth of the FLOPs.
+    body = model.base_model
+    records: list[BatchRecord] = []
+    for start in range(0, spec.sequences.shape[0], batch_size):
+        batch = spec.sequences[start:start + batch_size]
+        record = BatchRecord(num_layers, num_heads, rule, densities, input_dtype, keep_act,
+                             stats_rows(batch.shape[0], batch.shape[1]))
+        with ActivationRecorder(adapter, record):
+            body(input_ids=batch.to(device), use_cache=False)
+        records.append(record)
+        if on_batch is not None:
+            on_batch(batch.numel())
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in range(num_layers):
+        tensors[f"input.{layer}"] = torch.cat([r.inputs[layer] for r in records])
+        for tag in records[0].labels[layer]:
+            tensors[f"mlp_labels.{layer}@{tag}"] = torch.cat([r.labels[layer][tag] for r in records])
+        tensors[f"head_norms.{layer}"] = torch.cat([r.norms[layer] for r in records])
+        if keep_act:
+            tensors[f"mlp_act.{layer}"] = torch.cat([r.acts[layer] for r in records])
+    count = sum(int(r.stats_rows.numel()) for r in records)
+    stats = {
+        "count": count,
+        "mlp": sum(r.mlp_mass for r in records).tolist(),
+        "attn": sum(r.attn_mass for r in records).tolist(),
+    }
+    return tensors, stats
+
+
+# --- shards on disk ---------------------------------------------------------------------------
+def shard_info(spec: ShardSpec, stats: dict[str, Any]) -> dict[str, str]:
+    # One metadata key holding sorted JSON: the header bytes then never depend on map ordering.
+    info = {"format": FORMAT, "split": spec.split, "rank": spec.rank, "index": spec.index,
+            "tokens": spec.tokens, "stats": stats}
+    return {"dejavu": json.dumps(info, sort_keys=True)}
+
+
+def read_shard_info(path: Path) -> dict[str, Any] | None:
+    """The metadata of a finished shard, or None when the file is missing or unreadable."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return json.loads((fh.metadata() or {})["dejavu"])
+    except Exception:  # a damaged file is simply redone
+        return None
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    return save_tensors(path, tensors, metadata=metadata)
+
+
+# --- sizes and the disk check ---------------------------------------------------------------------
+def bytes_per_token(shape, num_layers: int, n_tags: int, input_dtype: torch.dtype, eval_split: bool) -> int:
+    per_layer = (shape.hidden_size * input_dtype.itemsize + n_tags * math.ceil(shape.intermediate_size / 8)
+                 + shape.num_heads * 2 + (shape.intermediate_size * 2 if eval_split else 0))
+    return per_layer * num_layers
+
+
+def estimate_bytes(plan: Plan, shape, num_layers: int, n_tags: int, input_dtype: torch.dtype) -> int:
+    header = 4096 + 160 * num_layers * (3 + n_tags)  # safetensors JSON header per shard, generous
+    total = 0
+    for spec in plan.shards:
+        total += spec.tokens * bytes_per_token(shape, num_layers, n_tags, input_dtype, spec.split == "eval") + header
+    return total
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_writable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise DejavuError(f"--out {out} exists and is not a directory")
+    anchor = existing_ancestor(out)
+    if not anchor.is_dir():
+        raise DejavuError(f"cannot create --out {out}: {anchor} is not a directory")
+    import os
+
+    stage = out / STAGE_DIR
+    probe = stage if stage.is_dir() else anchor
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DejavuError(f"cannot write to {probe} (permission denied); choose another --out")
+
+
+def check_disk(stage: Path, needed: int) -> int:
+    free = shutil.disk_usage(existing_ancestor(stage)).free
+    if needed > free:
+        raise DejavuError(
+            f"not enough disk for the collection: about {human_bytes(needed)} needed, {human_bytes(free)} free "
+            f"under {existing_ancestor(stage)}; lower --max-tokens or choose another --out"
+        )
+    return free
+
+
+# --- resume state -------------------------------------------------------------------------------
+def run_state(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    full = cfg.to_dict()
+    return {"format": FORMAT, "config": {k: full[k] for k in STATE_SECTIONS}, "world_size": world_size}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def state_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def inspect_stage(stage: Path, state: dict[str, Any], overwrite: bool) -> str:
+    """'fresh', 'resume' or 'complete'; raises when a different collection is in the way."""
+    if overwrite or not stage.exists():
+        return "fresh"
+    state_path = stage / RUN_STATE
+    if not state_path.is_file():
+        if any(stage.iterdir()):
+            raise DejavuError(f"{stage} exists but holds no dejavu collection; remove it or add --overwrite")
+        return "fresh"
+    try:
+        old = json.loads(state_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DejavuError(f"{state_path} is unreadable; add --overwrite to start the collection again") from None
+    diffs = state_differences({k: old.get(k) for k in ("config", "world_size")},
+                              {k: state[k] for k in ("config", "world_size")})
+    if diffs:
+        shown = "; ".join(d.replace("config.", "", 1) for d in diffs[:6])
+        more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""
+        raise DejavuError(
+            f"{stage} holds a collection made with other settings ({shown}{more}); "
+            "rerun with the same settings to resume it, or add --overwrite to discard it"
+        )
+    return "complete" if (stage / MANIFEST).is_file() else "resume"
+
+
+# --- manifest and report ----------------------------------------------------------------------
+def merge_stats(infos: list[dict[str, Any]], num_layers: int) -> tuple[dict[str, Any], int]:
+    count = sum(i["stats"]["count"] for i in infos)
+    mlp = torch.zeros(num_layers, len(L.MASS_LEVELS), dtype=torch.float64)
+    attn = torch.zeros_like(mlp)
+    for info in infos:
+        mlp += torch.tensor(info["stats"]["mlp"], dtype=torch.float64)
+        attn += torch.tensor(info["stats"]["attn"], dtype=torch.float64)
+    mlp /= max(count, 1)
+    attn /= max(count, 1)
+    levels = [format(q, "g") for q in L.MASS_LEVELS]
+    stats = {
+        str(layer): {
+            "mlp": {"frac_for_mass": {q: round(float(mlp[layer, j]), 6) for j, q in enumerate(levels)}},
+            "attn": {"frac_for_mass": {q: round(float(attn[layer, j]), 6) for j, q in enumerate(levels)}},
+        }
+        for layer in range(num_layers)
+    }
+    return stats, count
+
+
+def concentration_table(stats: dict[str, Any]) -> str:
+    """A short text table: per layer, the fraction of neurons / heads holding 90/95/99 % of |act| mass."""
+    levels = [format(q, "g") for q in L.MASS_LEVELS]
+    head = "layer | MLP neurons for " + "/".join(f"{float(q):.0%}" for q in levels) + " of mass | heads for same"
+    lines = [head, "-" * len(head)]
+    rows = [(k, stats[k]) for k in sorted(stats, key=int)]
+    for layer, row in rows + [("mean", None)]:
+        if row is None:
+            row = {kind: {"frac_for_mass": {q: sum(r[kind]["frac_for_mass"][q] for _, r in rows) / len(rows)
+                                            for q in levels}} for kind in ("mlp", "attn")}
+        mlp = " ".join(f"{row['mlp']['frac_for_mass'][q]:.2f}" for q in levels)
+        attn = " ".join(f"{row['attn']['frac_for_mass'][q]:.2f}" for q in levels)
+        lines.append(f"{layer:>5} | {mlp:<36} | {attn}")
+    return "\n".join(lines)
+
+
+def build_manifest(stage: Path, plan: Plan, cfg: RunConfig, identity: dict, rule: str, tags: list[str]) -> dict:
+    shards, files, infos = [], [], []
+    for spec in plan.shards:
+        path = stage / spec.path
+        info = read_shard_info(path)
+        if info is None or info["tokens"] != spec.tokens:
+            raise DejavuError(f"shard {path} is missing or damaged; run the same command again to redo it")
+        digest = sha256_file(path)
+        size = path.stat().st_size
+        files.append({"path": spec.path, "bytes": size, "sha256": digest})
+        shards.append({"path": spec.path, "split": spec.split, "rank": spec.rank, "index": spec.index,
+                       "tokens": spec.tokens, "bytes": size, "sha256": digest})
+        infos.append(info)
+    stats, count = merge_stats(infos, identity["num_layers"])
+    train_tokens = plan.train.numel()
+    eval_tokens = plan.eval.numel()
+    return write_manifest(
+        stage, FORMAT, cfg.to_dict(), files, parent=None,
+        model=identity,
+        tokens=train_tokens + eval_tokens, train_tokens=train_tokens, eval_tokens=eval_tokens,
+        seq_len=plan.seq_len, world_size=plan.world_size,
+        mlp_label_rule=rule, mlp_label_tags=tags, input_dtype=cfg.collect.input_dtype,
+        shards=shards, stats=stats, stats_tokens=count, stats_every=STATS_EVERY,
+    )
+
+
+# --- the stage ---------------------------------------------------------------------------------
+def _distributed_state():
+    """(rank, world_size, barrier, state) under torchrun/accelerate launch; (0, 1, no-op, None) otherwise."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, (lambda: None), None
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes, state.wait_for_everyone, state
+
+
+def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str, Any]:
+    """Collect block inputs, MLP labels and head norms into `out/collect/`; returns the manifest."""
+    from dejavu.corpus import fixed_length_sequences, load_texts, tokenize_stream
+    from dejavu.models.adapters import adapter_for
+    from dejavu.models.identity import model_identity
+    from dejavu.models.loading import load_model, resolve_model
+
+    out = Path(out)
+    stage = out / STAGE_DIR
+    cc = cfg.collect
+    if cc.input_dtype not in DTYPES:
+        raise DejavuError(f"collect.input_dtype must be one of {', '.join(DTYPES)}; got {cc.input_dtype!r}")
+    if cc.shard_tokens <= 0 or cc.batch_size <= 0:
+        raise DejavuError("collect.shard_tokens and collect.batch_size must be positive")
+    rank, world, barrier, dist = _distributed_state()
+    main = rank == 0
+    say = print if main else (lambda *a, **k: None)
+
+    # Everything that can fail on bad input is checked before anything under `out` changes.
+    check_writable(out)
+    resolve_model(cfg.model.name)
+    texts = load_texts(cfg.data.dataset, cfg.data.split, cfg.data.text_field)
+    if not texts:
+        raise DejavuError(f"the corpus {cfg.data.dataset} is empty")
+    device = cfg.model.device
+    if dist is not None and dist.device.type == "cuda" and device in ("auto", "cuda"):
+        device = str(dist.device)  # one GPU per process
+    model, tokenizer, source = load_model(cfg.model.name, device, cfg.model.dtype, cfg.model.revision,
+                                          cfg.model.trust_remote_code)
+    adapter = adapter_for(model)
+    stream = tokenize_stream(texts, tokenizer)
+    sequences = fixed_length_sequences(stream, cfg.data.seq_len, cc.max_tokens, cfg.data.seed)
+    plan = make_plan(sequences, cc.eval_tokens, cc.shard_tokens, world)
+    rule = L.resolve_label_rule(cc.mlp_label_rule, adapter.gated, adapter.activation_name())
+    tags = L.label_tags(rule, cc.mlp_label_densities)
+    input_dtype = DTYPES[cc.input_dtype]
+    shape = adapter.shape()
+    state = run_state(cfg, world)
+    mode = inspect_stage(stage, state, overwrite)
+    if mode == "complete":
+        from dejavu.artifacts import read_manifest
+
+        manifest = read_manifest(stage, FORMAT)
+        say(f"{stage} is already complete ({manifest['tokens']:,} tokens); add --overwrite to collect again")
+        say(concentration_table(manifest["stats"]))
+        return manifest
+
+    _, _, wanted_eval = split_eval(sequences, cc.eval_tokens)
+    if plan.eval.shape[0] < wanted_eval:
+        say(f"note: eval split cut to {plan.eval.numel():,} tokens (half the run) from collect.eval_tokens={cc.eval_tokens}")
+    estimate = estimate_bytes(plan, shape, adapter.num_layers, len(tags), input_dtype)
+    done_bytes = 0
+    if mode == "resume":
+        done_bytes = sum((stage / s.path).stat().st_size for s in plan.shards if (stage / s.path).is_file())
+    free = check_disk(stage, max(0, estimate - done_bytes))
+    say(f"collect: {source.display} ({adapter.family}, {adapter.num_layers} layers) on {sequences.numel():,} tokens "
+        f"({plan.train.numel():,} train, {plan.eval.numel():,} eval) in {len(plan.shards)} shards; "
+        f"labels {rule} {tags}; {world} process(es)")
+    say(f"disk: about {human_bytes(estimate)} for {stage} ({human_bytes(free)} free)")
+
+    barrier()  # every rank has inspected the stage before rank 0 changes it
+    if main:
+        try:
+            if overwrite and stage.exists():
+                shutil.rmtree(stage)
+            (stage / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+            if mode == "fresh" or not (stage / RUN_STATE).is_file():
+                atomic_write_json(stage / RUN_STATE, state)
+        except OSError as exc:
+            raise DejavuError(f"cannot write to {stage}: {exc}") from None
+    barrier()
+
+    mine = plan.for_rank(rank)
+    for tmp in (stage / SHARD_DIR).glob(f".*-r{rank:02d}-*.tmp"):
+        tmp.unlink(missing_ok=True)  # leftovers of a killed write
+    todo = [s for s in mine if (read_shard_info(stage / s.path) or {}).get("tokens") != s.tokens]
+    from tqdm.auto import tqdm
+
+    total = sum(s.tokens for s in mine)
+    bar = tqdm(total=total, initial=total - sum(s.tokens for s in todo), unit="tok", unit_scale=True,
+               desc="collect" if world == 1 else f"collect (rank 0 of {world})", disable=not main, dynamic_ncols=True)
+    if mode == "resume" and len(todo) < len(mine):
+        say(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already on disk")
+    try:
+        for spec in todo:
+            tensors, stats = record_shard(model, adapter, spec, cc.batch_size, rule, cc.mlp_label_densities,
+                                          input_dtype, on_batch=bar.update)
+            write_shard(stage / spec.path, tensors, shard_info(spec, stats))
+    finally:
+        bar.close()
+
+    barrier()
+    manifest = None
+    if main:
+        manifest = build_manifest(stage, plan, cfg, model_identity(adapter, source.display), rule, tags)
+        size = sum(f["bytes"] for f in manifest["files"])
+        say(f"wrote {stage}: {manifest['tokens']:,} tokens, {len(manifest['shards'])} shards, {human_bytes(size)}")
+        say(concentration_table(manifest["stats"]))
+    barrier()
+    return manifest

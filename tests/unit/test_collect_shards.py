@@ -1,0 +1,132 @@
+"""What `dejavu collect` writes: the keys, shapes and dtypes of docs/FORMATS.md, and values that match
+an independent forward pass of the same model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dejavu.artifacts import load_tensors, read_manifest
+from dejavu.bits import unpack_bits
+from dejavu.collect.collect import make_plan, run_collect
+from dejavu.config import load_config
+from dejavu.corpus import fixed_length_sequences, load_texts, tokenize_stream
+from dejavu.models.loading import load_model
+
+from helpers import CALIB_TXT
+
+MANIFEST_KEYS = {"format", "format_version", "dejavu_version", "created", "config", "parent", "files", "model",
+                 "tokens", "train_tokens", "eval_tokens", "seq_len", "world_size", "mlp_label_rule",
+                 "mlp_label_tags", "input_dtype", "shards", "stats"}
+
+
+def tiny_cfg(model_dir, **overrides):
+    return load_config("tiny", {"model.name": str(model_dir), "model.device": "cpu",
+                                "data.dataset": str(CALIB_TXT), **overrides})
+
+
+@pytest.fixture(scope="module")
+def llama_run(tiny_model_factory, tmp_path_factory):
+    model_dir = tiny_model_factory("llama")
+    out = tmp_path_factory.mktemp("collect-llama")
+    cfg = tiny_cfg(model_dir, **{"collect.mlp_label_densities": [0.5, 0.25]})
+    run_collect(cfg, out)
+    return cfg, out / "collect"
+
+
+def test_manifest_follows_formats(llama_run):
+    cfg, stage = llama_run
+    m = read_manifest(stage, "dejavu.collect")  # also checks sizes and sha256 of every shard
+    assert MANIFEST_KEYS <= set(m)
+    assert m["tokens"] == 1024 and m["train_tokens"] == 768 and m["eval_tokens"] == 256
+    assert m["seq_len"] == 64 and m["world_size"] == 1
+    assert m["mlp_label_rule"] == "topk" and m["mlp_label_tags"] == ["0.5", "0.25"]
+    assert m["input_dtype"] == "float16"
+    assert m["model"]["family"] == "llama" and m["model"]["num_layers"] == 3 and m["model"]["fingerprint"]
+    assert [s["path"] for s in m["shards"]] == [f["path"] for f in m["files"]]
+    assert [(s["split"], s["index"]) for s in m["shards"]] == [("train", 0), ("train", 1), ("train", 2), ("eval", 0)]
+    assert sum(s["tokens"] for s in m["shards"]) == m["tokens"]
+    assert set(m["stats"]) == {"0", "1", "2"}
+    for row in m["stats"].values():
+        for kind in ("mlp", "attn"):
+            fr = row[kind]["frac_for_mass"]
+            assert set(fr) == {"0.9", "0.95", "0.99"}
+            assert 0 < fr["0.9"] <= fr["0.95"] <= fr["0.99"] <= 1
+    assert m["config"] == cfg.to_dict()
+
+
+def test_shard_keys_shapes_and_dtypes(llama_run):
+    _, stage = llama_run
+    m = read_manifest(stage, "dejavu.collect")
+    d, n, h = m["model"]["hidden_size"], m["model"]["intermediate_size"], m["model"]["num_heads"]
+    for shard in m["shards"]:
+        t = load_tensors(stage / shard["path"])
+        expected = set()
+        for layer in range(3):
+            expected |= {f"input.{layer}", f"mlp_labels.{layer}@0.5", f"mlp_labels.{layer}@0.25",
+                         f"head_norms.{layer}"}
+            if shard["split"] == "eval":
+                expected.add(f"mlp_act.{layer}")
+        assert set(t) == expected
+        T = shard["tokens"]
+        assert t["input.0"].shape == (T, d) and t["input.0"].dtype == torch.float16
+        assert t["mlp_labels.1@0.5"].shape == (T, (n + 7) // 8) and t["mlp_labels.1@0.5"].dtype == torch.uint8
+        assert t["head_norms.2"].shape == (T, h) and t["head_norms.2"].dtype == torch.float16
+        if shard["split"] == "eval":
+            assert t["mlp_act.0"].shape == (T, n) and t["mlp_act.0"].dtype == torch.float16
+        labels = unpack_bits(t["mlp_labels.0@0.25"], n)
+        assert labels.sum(dim=1).eq(24).all()  # ceil(0.25 * 96) neurons per token
+
+
+def test_labels_are_topk_of_the_stored_activation(llama_run):
+    _, stage = llama_run
+    m = read_manifest(stage, "dejavu.collect")
+    n = m["model"]["intermediate_size"]
+    shard = next(s for s in m["shards"] if s["split"] == "eval")
+    t = load_tensors(stage / shard["path"])
+    for layer in range(3):
+        act = t[f"mlp_act.{layer}"].float()
+        assert (act >= 0).all()
+        for tag in ("0.5", "0.25"):
+            mask = unpack_bits(t[f"mlp_labels.{layer}@{tag}"], n)
+            kept_min = torch.where(mask, act, torch.inf).amin(dim=1)
+            dropped_max = torch.where(mask, -torch.inf, act).amax(dim=1)
+            assert (kept_min >= dropped_max).all()  # fp16 rounding may tie, never invert
+
+
+def test_block_inputs_equal_the_models_hidden_states(llama_run, tiny_model_factory):
+    cfg, stage = llama_run
+    model, tok, _ = load_model(str(tiny_model_factory("llama")), "cpu", "float32")
+    stream = tokenize_stream(load_texts(str(CALIB_TXT)), tok)
+    seqs = fixed_length_sequences(stream, cfg.data.seq_len, cfg.collect.max_tokens, cfg.data.seed)
+    plan = make_plan(seqs, cfg.collect.eval_tokens, cfg.collect.shard_tokens, 1)
+    spec = plan.shards[1]
+    with torch.no_grad():
+        hidden = model(spec.sequences, output_hidden_states=True).hidden_states
+    t = load_tensors(stage / spec.path)
+    for layer in range(3):
+        want = hidden[layer].reshape(-1, hidden[layer].shape[-1])
+        torch.testing.assert_close(t[f"input.{layer}"].float(), want, atol=2e-3, rtol=2e-3)
+
+
+def test_relu_model_gets_positive_labels(tiny_model_factory, tmp_path):
+    cfg = tiny_cfg(tiny_model_factory("opt"), **{"collect.max_tokens": 512})
+    m = run_collect(cfg, tmp_path)
+    assert m["mlp_label_rule"] == "positive" and m["mlp_label_tags"] == ["positive"]
+    n = m["model"]["intermediate_size"]
+    shard = next(s for s in m["shards"] if s["split"] == "eval")
+    t = load_tensors(tmp_path / "collect" / shard["path"])
+    mask = unpack_bits(t["mlp_labels.0@positive"], n)
+    act = t["mlp_act.0"].float()
+    assert (act[~mask] == 0).all()  # ReLU: everything unlabelled is exactly zero
+    assert mask.float().mean() > 0.05
+
+
+def test_gpt2_conv1d_model_collects(tiny_model_factory, tmp_path):
+    cfg = tiny_cfg(tiny_model_factory("gpt2"), **{"collect.max_tokens": 256, "collect.eval_tokens": 64})
+    m = run_collect(cfg, tmp_path)
+    assert m["mlp_label_rule"] == "topk" and m["tokens"] == 256
+    head = json.loads((tmp_path / "collect" / "run.json").read_text())
+    assert head["config"]["model"]["name"] == cfg.model.name

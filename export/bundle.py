@@ -1,0 +1,190 @@
+"""The bundle: one self-describing directory holding everything the runtime needs from training.
+
+Layout (docs/FORMATS.md, `dejavu.bundle` version 1):
+- `predictors.safetensors`: `layers.{l}.mlp.{name}` / `layers.{l}.attn.{name}` for the predictor
+  tensors; safetensors holds raw tensors only, so loading a bundle never executes code (no pickle).
+- `manifest.json`: the model identity (dimensions + weight fingerprint), densities (global and per
+  layer), pairings, training metrics, predictor size, and the sha256 of the safetensors file.
+
+A layer the predictors stage did not train (train.layers restricted) has no tensors and density 1.0:
+the runtime runs it dense.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dejavu.artifacts import (
+    file_entry,
+    load_tensors,
+    parent_ref,
+    read_manifest,
+    save_tensors,
+    write_manifest,
+)
+from dejavu.errors import DejavuError
+from dejavu.predictor import PREDICTOR_TENSORS, LayerPredictors, LowRankPredictor, PredictorSet
+
+BUNDLE_KIND = "dejavu.bundle"
+PREDICTORS_KIND = "dejavu.predictors"
+BUNDLE_FILE = "predictors.safetensors"
+KINDS = ("mlp", "attn")
+
+
+def layer_file(l: int) -> str:  # noqa: E741 - l is the layer index everywhere in the formats doc
+    return f"layers/layer-{l:03d}.safetensors"
+
+
+def _export_config(run_manifest: dict, config_file, overrides: dict[str, Any]):
+    """Start from the config the predictors were trained with (flag > --config file > that config)."""
+    from dejavu.config import RunConfig, load_config, merge_into, validate
+
+    if config_file is not None:
+        return load_config(config_file, overrides)
+    cfg = RunConfig.from_dict(run_manifest.get("config") or {}, source="predictors manifest")
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            section, _, key = dotted.partition(".")
+            merge_into(cfg, {section: {key: value}}, "flag")
+    validate(cfg)
+    return cfg
+
+
+def _per_layer(default: float, overrides: dict, num_layers: int, present: list[bool], what: str) -> list[float]:
+    values = []
+    for l in range(num_layers):  # noqa: E741
+        value = float(overrides.get(l, overrides.get(str(l), default)))
+        values.append(value if present[l] else 1.0)
+    bad = [int(k) for k in overrides if not 0 <= int(k) < num_layers]
+    if bad:
+        raise DejavuError(f"{what}: layer indices {bad} are outside 0..{num_layers - 1}")
+    return values
+
+
+def run_export(run: Path, out: Path, config_file=None, overrides: dict[str, Any] | None = None) -> dict:
+    """Read RUN/predictors/, write the bundle at `out`; returns the bundle manifest."""
+    run, out = Path(run), Path(out)
+    pred_dir = run / "predictors"
+    if not pred_dir.exists() and (run / "manifest.json").is_file():
+        pred_dir = run  # accept the predictors directory itself
+    pm = read_manifest(pred_dir, PREDICTORS_KIND)
+    cfg = _export_config(pm, config_file, overrides or {})
+    identity = pm.get("model") or {}
+    num_layers = int(pm.get("layers") or identity.get("num_layers") or 0)
+    if num_layers <= 0:
+        raise DejavuError(f"{pred_dir}/manifest.json names no layer count")
+    if out.resolve() in (run.resolve(), pred_dir.resolve()):
+        raise DejavuError(f"--out {out} would overwrite the run itself; choose a separate bundle directory")
+
+    listed = {entry["path"] for entry in pm.get("files", [])}
+    tensors: dict[str, torch.Tensor] = {}
+    present = []
+    predictor_bytes = 0
+    for l in range(num_layers):  # noqa: E741
+        name = layer_file(l)
+        if name not in listed:
+            present.append(False)
+            continue
+        wanted = [f"{kind}.{t}" for kind in KINDS for t in PREDICTOR_TENSORS]
+        layer = load_tensors(pred_dir / name, wanted)
+        for key, value in layer.items():
+            if not torch.isfinite(value).all():
+                raise DejavuError(f"{pred_dir / name}: {key} contains NaN or infinite values (training diverged?)")
+            tensors[f"layers.{l}.{key}"] = value.float().contiguous()
+            predictor_bytes += value.numel() * 4
+        present.append(True)
+    if not any(present):
+        raise DejavuError(f"{pred_dir} lists no trained layer files ({layer_file(0)}, ...)")
+
+    mlp_density = cfg.export.mlp_density or pm.get("mlp_density") or cfg.train.mlp_density
+    head_density = cfg.export.head_density or pm.get("head_density") or cfg.train.head_density
+    mlp_per_layer = _per_layer(mlp_density, cfg.export.mlp_density_per_layer, num_layers, present,
+                               "export.mlp_density_per_layer")
+    head_per_layer = _per_layer(head_density, {}, num_layers, present, "head density")
+
+    out.mkdir(parents=True, exist_ok=True)
+    # An older manifest would describe the old file for a moment: remove it first (commit marker).
+    (out / "manifest.json").unlink(missing_ok=True)
+    sha = save_tensors(out / BUNDLE_FILE, tensors, metadata={"format": BUNDLE_KIND, "format_version": "1"})
+    manifest = write_manifest(
+        out, BUNDLE_KIND, cfg.to_dict(), [file_entry(out / BUNDLE_FILE, out, sha)],
+        parent=parent_ref(pred_dir, pm),
+        model=identity,
+        mlp_density=float(mlp_density),
+        head_density=float(head_density),
+        mlp_density_per_layer=mlp_per_layer,
+        head_density_per_layer=head_per_layer,
+        mlp_pairing=pm.get("mlp_pairing", cfg.train.mlp_pairing),
+        head_pairing=pm.get("head_pairing", cfg.train.head_pairing),
+        rank=pm.get("rank", cfg.train.rank),
+        hidden_activation=pm.get("hidden_activation", cfg.train.hidden_activation),
+        metrics=pm.get("metrics", {}),
+        predictor_bytes=predictor_bytes,
+    )
+    trained = sum(present)
+    print(f"bundle written to {out}: {trained}/{num_layers} layers with predictors, "
+          f"MLP density {mlp_density:g}, head density {head_density:g}, "
+          f"{predictor_bytes / 2**20:.1f} MiB of predictors (fp32)")
+    return manifest
+
+
+def _check_shapes(manifest: dict, l: int, kind: str, t: dict[str, torch.Tensor], path: Path) -> None:  # noqa: E741
+    model = manifest.get("model") or {}
+    n_out = model.get("intermediate_size") if kind == "mlp" else model.get("num_heads")
+    d = model.get("hidden_size")
+    w1, w2 = t["w1"], t["w2"]
+    if d is not None and w1.shape[1] != d:
+        raise DejavuError(f"{path}: layer {l} {kind} predictor reads {w1.shape[1]} inputs, the model has hidden_size={d}")
+    if n_out is not None and w2.shape[0] != n_out:
+        raise DejavuError(f"{path}: layer {l} {kind} predictor scores {w2.shape[0]} units, the model has {n_out}")
+
+
+def load_bundle(path: str | Path) -> tuple[dict, PredictorSet]:
+    """Verify (sha256, version) and read a bundle; returns (manifest, PredictorSet on CPU, fp32)."""
+    path = Path(path)
+    if path.is_file() and path.name in ("manifest.json", BUNDLE_FILE):
+        path = path.parent
+    manifest = read_manifest(path, BUNDLE_KIND)
+    model = manifest.get("model") or {}
+    num_layers = int(model.get("num_layers") or len(manifest.get("mlp_density_per_layer", [])))
+    mlp_d = manifest.get("mlp_density_per_layer") or [manifest["mlp_density"]] * num_layers
+    head_d = manifest.get("head_density_per_layer") or [manifest["head_density"]] * num_layers
+    if len(mlp_d) != num_layers or len(head_d) != num_layers:
+        raise DejavuError(f"{path}/manifest.json: per-layer densities list {len(mlp_d)}/{len(head_d)} layers, "
+                          f"the model has {num_layers}")
+    all_tensors = load_tensors(path / BUNDLE_FILE)
+    activation = manifest.get("hidden_activation", "none")
+    layers = []
+    for l in range(num_layers):  # noqa: E741
+        preds = {}
+        for kind in KINDS:
+            keys = {t: f"layers.{l}.{kind}.{t}" for t in PREDICTOR_TENSORS}
+            if not any(k in all_tensors for k in keys.values()):
+                preds[kind] = None
+                continue
+            missing = [k for k in keys.values() if k not in all_tensors]
+            if missing:
+                raise DejavuError(f"{path / BUNDLE_FILE} lacks {missing[:3]}")
+            t = {name: all_tensors[key] for name, key in keys.items()}
+            _check_shapes(manifest, l, kind, t, path / BUNDLE_FILE)
+            preds[kind] = LowRankPredictor.from_tensors(t, activation)
+        layers.append(LayerPredictors(preds["mlp"], preds["attn"],
+                                      float(mlp_d[l]) if preds["mlp"] is not None else 1.0,
+                                      float(head_d[l]) if preds["attn"] is not None else 1.0))
+    pset = PredictorSet(layers, mlp_pairing=manifest.get("mlp_pairing", "current"),
+                        head_pairing=manifest.get("head_pairing", "lookahead"),
+                        meta={"bundle": str(path), "model": model})
+    return manifest, pset
+
+
+def check_bundle_matches(manifest: dict, adapter) -> None:
+    """Refuse a model the bundle was not made for, naming what differs (dims, then weights)."""
+    from dejavu.models.identity import check_identity
+
+    expected = manifest.get("model")
+    if not expected:
+        raise DejavuError("bundle manifest has no model identity; re-export it with this dejavu")
+    check_identity(expected, adapter, what=f"bundle (for {expected.get('name', '?')})")

@@ -1,0 +1,288 @@
+"""The reference sparse runtime: a PredictorSet applied to a loaded Hugging Face model through its adapter.
+
+Plain PyTorch hooks, so every family the adapters know works on CPU and GPU alike:
+- a forward pre-hook on each decoder layer captures its block input, and (selection "predictor")
+  runs that layer's predictors on it, or on layer l-1's input for "lookahead" pairing (layer 0 its own);
+- MLP: the input of the down projection is the per-neuron activation, so zeroing the unselected
+  neurons there ("mask" mode) is exactly computing only the selected ones; "gather" mode really
+  computes only them: rows of up/gate and columns of down for the union of the batch's selections,
+  then each token keeps only its own (so gather == mask exactly);
+- attention: the input of the output projection is the heads' outputs side by side; zeroing an
+  unselected head's columns is exactly dropping its contribution. k/v of every head are still computed
+  in this path (the head-skipping decode loop lives in runtime/decode.py); `skippable_kv_groups`
+  reports which KV groups a real kernel could skip (all their query heads unselected).
+
+Why a masked parallel forward equals sparse decoding: every token's own MLP/attention output is
+masked with its own selection, and earlier tokens' K/V come from their (sparse) hidden states, which
+is what a token-by-token sparse decode with a KV cache computes. `token_mask` ([batch, seq] bool)
+restricts sparsity to some tokens (dense prefill); `enabled = False` runs the model dense.
+
+Selection "oracle" takes the true top-k of the same forward (|down input| per neuron, L2 norm per
+head output) to separate predictor error from sparsity error; "dense" computes everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dejavu.errors import DejavuError
+from dejavu.models.adapters import Adapter, _linear_weight
+from dejavu.predictor import PredictorSet, units_for_density
+
+SELECTIONS = ("predictor", "oracle", "dense")
+MODES = ("mask", "gather")
+
+
+def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
+    """Bool mask of the top-k entries of the last dimension (k from the density)."""
+    n = scores.shape[-1]
+    k = units_for_density(density, n)
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    idx = scores.float().topk(k, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def skippable_kv_groups(head_mask: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[..., num_kv_heads] bool: True where no query head of the group is selected (GQA grouping:
+    query head h uses KV head h // (num_heads / num_kv_heads), as in HF's repeat_kv)."""
+    heads = head_mask.shape[-1]
+    if heads % num_kv_heads:
+        raise DejavuError(f"{heads} query heads do not split into {num_kv_heads} KV groups")
+    grouped = head_mask.reshape(*head_mask.shape[:-1], num_kv_heads, heads // num_kv_heads)
+    return ~grouped.any(dim=-1)
+
+
+@dataclass
+class SelectionStats:
+    """Running means of what was actually computed (sparse tokens only)."""
+
+    mlp_kept: float = 0.0
+    head_kept: float = 0.0
+    kv_groups_skippable: float = 0.0
+    counts: dict = field(default_factory=lambda: {"mlp": 0, "attn": 0})
+
+    def add(self, kind: str, kept: float, skippable: float = 0.0, n: int = 1) -> None:
+        c = self.counts[kind]
+        if kind == "mlp":
+            self.mlp_kept = (self.mlp_kept * c + kept * n) / (c + n)
+        else:
+            self.head_kept = (self.head_kept * c + kept * n) / (c + n)
+            self.kv_groups_skippable = (self.kv_groups_skippable * c + skippable * n) / (c + n)
+        self.counts[kind] = c + n
+
+
+class SparseRuntime:
+    """Hooks a model for sparse inference; use as a context manager or call `remove()`."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, predictors: PredictorSet | None = None, *,
+                 selection: str = "predictor", mlp_density: float | None = None, head_density: float | None = None,
+                 mode: str = "mask", record: bool = False):
+        if selection not in SELECTIONS:
+            raise DejavuError(f"selection must be one of {', '.join(SELECTIONS)}; got {selection!r}")
+        if mode not in MODES:
+            raise DejavuError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        if selection == "predictor" and predictors is None:
+            raise DejavuError("selection 'predictor' needs a bundle (or use selection oracle/dense)")
+        if mode == "gather" and selection == "oracle":
+            raise DejavuError("the gather path needs the selection before the MLP runs: use mask mode for the oracle")
+        self.model, self.adapter, self.predictors = model, adapter, predictors
+        self.selection, self.mode, self.record = selection, mode, record
+        self.layers = adapter.decoder_layers()
+        self.shape = adapter.shape()
+        n = len(self.layers)
+        if predictors is not None and len(predictors.layers) != n:
+            raise DejavuError(f"the predictors cover {len(predictors.layers)} layers, the model has {n}")
+        self.mlp_density = [self._density(l, "mlp", mlp_density) for l in range(n)]  # noqa: E741
+        self.head_density = [self._density(l, "attn", head_density) for l in range(n)]  # noqa: E741
+        if predictors is not None:
+            device = next(model.parameters()).device
+            predictors.to(device=device)
+        self.enabled = True
+        self.token_mask: torch.Tensor | None = None
+        self.stats = SelectionStats()
+        self.masks: dict[tuple[str, int], torch.Tensor] = {}  # recorded selections (record=True)
+        self._inputs: dict[int, torch.Tensor] = {}
+        self._mlp_sel: dict[int, torch.Tensor] = {}
+        self._head_sel: dict[int, torch.Tensor] = {}
+        self._gather: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles: list = []
+        self._patched: list[nn.Module] = []
+        self._install()
+
+    # --- configuration ------------------------------------------------------------------------
+    def _density(self, l: int, kind: str, override: float | None) -> float:  # noqa: E741
+        if self.selection == "dense":
+            return 1.0
+        if self.selection == "predictor":
+            lp = self.predictors.layers[l]
+            if (lp.mlp if kind == "mlp" else lp.attn) is None:
+                return 1.0  # no predictor for this layer: it runs dense
+            if override is not None:
+                return override
+            return lp.mlp_density if kind == "mlp" else lp.head_density
+        return 1.0 if override is None else override
+
+    def sparse_tokens(self, like: torch.Tensor) -> torch.Tensor | None:
+        """[batch, seq, 1] bool of the tokens to sparsify, or None for all."""
+        if self.token_mask is None:
+            return None
+        tm = self.token_mask.to(like.device)
+        if tm.numel() != like[..., 0].numel():
+            raise DejavuError(f"token_mask has shape {tuple(tm.shape)}, the forward has {tuple(like.shape[:-1])}")
+        # Some families (OPT) flatten [batch, seq] into one dimension around the MLP.
+        return tm.reshape(*like.shape[:-1], 1)
+
+    # --- hooks --------------------------------------------------------------------------------
+    def _install(self) -> None:
+        for l, layer in enumerate(self.layers):  # noqa: E741
+            self._handles.append(layer.register_forward_pre_hook(self._layer_hook(l), with_kwargs=True))
+            if self.mlp_density[l] < 1.0:
+                if self.mode == "mask":
+                    self._handles.append(self.adapter.down_proj(layer).register_forward_pre_hook(self._down_hook(l)))
+                else:
+                    self._patch_gather(l, layer)
+            if self.head_density[l] < 1.0:
+                self._handles.append(self.adapter.o_proj(layer).register_forward_pre_hook(self._o_hook(l)))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for module in self._patched:
+            del module.forward  # back to the class's forward
+        self._handles, self._patched = [], []
+        self._inputs.clear()
+
+    def __enter__(self) -> SparseRuntime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def _layer_hook(self, l: int):  # noqa: E741
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._inputs[l] = hidden
+            self._inputs.pop(l - 2, None)  # lookahead needs only the previous layer's input
+            if not self.enabled or self.selection != "predictor":
+                return None
+            lp = self.predictors.layers[l]
+            if self.mlp_density[l] < 1.0:
+                x = self._paired_input(l, self.predictors.mlp_pairing)
+                self._mlp_sel[l] = topk_mask(lp.mlp(x), self.mlp_density[l])
+                if self.mode == "gather":
+                    self._prepare_gather(l)
+            if self.head_density[l] < 1.0:
+                x = self._paired_input(l, self.predictors.head_pairing)
+                self._head_sel[l] = topk_mask(lp.attn(x), self.head_density[l])
+            return None
+
+        return hook
+
+    def _paired_input(self, l: int, pairing: str) -> torch.Tensor:  # noqa: E741
+        if pairing == "lookahead" and l > 0:
+            return self._inputs[l - 1]
+        return self._inputs[l]
+
+    def _mlp_mask(self, l: int, act: torch.Tensor) -> torch.Tensor:  # noqa: E741
+        if self.selection == "oracle":
+            return topk_mask(act.abs(), self.mlp_density[l])
+        return self._mlp_sel[l]
+
+    def _apply_token_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        tm = self.sparse_tokens(mask)
+        return mask if tm is None else mask | ~tm
+
+    def _note(self, kind: str, l: int, mask: torch.Tensor) -> None:  # noqa: E741
+        tm = self.sparse_tokens(mask)
+        rows = mask.reshape(-1, mask.shape[-1]) if tm is None else mask[tm.squeeze(-1)]
+        if rows.numel() == 0:
+            return
+        if kind == "mlp":
+            self.stats.add("mlp", rows.float().mean().item(), n=rows.shape[0])
+        else:
+            skip = skippable_kv_groups(rows, self.shape.num_kv_heads).float().mean().item()
+            self.stats.add("attn", rows.float().mean().item(), skip, n=rows.shape[0])
+        if self.record:
+            self.masks[(kind, l)] = mask.detach().clone()
+
+    def _down_hook(self, l: int):  # noqa: E741
+        def hook(module, args):
+            if not self.enabled:
+                return None
+            act = args[0]
+            mask = self._mlp_mask(l, act).reshape(act.shape)
+            self._note("mlp", l, mask)
+            mask = self._apply_token_mask(mask)
+            return (act * mask.to(act.dtype),) + tuple(args[1:])
+
+        return hook
+
+    def _o_hook(self, l: int):  # noqa: E741
+        hd = self.shape.head_dim
+        heads = self.shape.num_heads
+
+        def hook(module, args):
+            if not self.enabled:
+                return None
+            x = args[0]
+            per_head = x.reshape(*x.shape[:-1], heads, hd)
+            if self.selection == "oracle":
+                mask = topk_mask(per_head.float().norm(dim=-1), self.head_density[l])
+            else:
+                mask = self._head_sel[l].reshape(per_head.shape[:-1])
+            self._note("attn", l, mask)
+            mask = self._apply_token_mask(mask)
+            x = (per_head * mask.unsqueeze(-1).to(x.dtype)).reshape(x.shape)
+            return (x,) + tuple(args[1:])
+
+        return hook
+
+    # --- gather path (MLP computes only the selected neurons) ---------------------------------
+    def _prepare_gather(self, l: int) -> None:  # noqa: E741
+        """Union of the batch's selected neurons (all of them for dense tokens), once per forward."""
+        mask = self._mlp_sel[l]
+        self._note("mlp", l, mask)
+        rows = self._apply_token_mask(mask)
+        union = rows.reshape(-1, rows.shape[-1]).any(dim=0).nonzero().squeeze(-1)
+        self._gather[l] = (rows, union)
+
+    def _patch_gather(self, l: int, layer: nn.Module) -> None:  # noqa: E741
+        up, gate, down = self.adapter.up_proj(layer), self.adapter.gate_proj(layer), self.adapter.down_proj(layer)
+
+        def rows_of(module: nn.Module):
+            def forward(x: torch.Tensor) -> torch.Tensor:
+                w, b = _linear_weight(module), getattr(module, "bias", None)
+                if not self.enabled:
+                    return nn.functional.linear(x, w, b)
+                union = self._gather[l][1]
+                y = nn.functional.linear(x, w[union], b[union] if b is not None else None)
+                # Full width keeps the model's own activation code working; unselected entries stay
+                # zero and are never read: down takes only the union's columns.
+                out = x.new_zeros(*x.shape[:-1], w.shape[0])
+                out[..., union] = y
+                return out
+
+            return forward
+
+        def down_forward(x: torch.Tensor) -> torch.Tensor:
+            w, b = _linear_weight(down), getattr(down, "bias", None)
+            if not self.enabled:
+                return nn.functional.linear(x, w, b)
+            rows, union = self._gather[l]
+            # Each token keeps only its own selection, so gather == mask exactly.
+            h = (x * rows.reshape(x.shape).to(x.dtype))[..., union]
+            return nn.functional.linear(h, w[:, union], b)
+
+        for module, fn in ((up, rows_of(up)), (gate, rows_of(gate)), (down, down_forward)):
+            if module is not None:
+                module.forward = fn
+                self._patched.append(module)
+
+
+def apply_sparsity(model: nn.Module, adapter: Adapter, predictors: PredictorSet | None = None, **kwargs) -> SparseRuntime:
+    """Hook `model` for sparse inference (see SparseRuntime); returns the runtime (call .remove() to undo)."""
+    return SparseRuntime(model, adapter, predictors, **kwargs)

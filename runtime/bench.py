@@ -1,0 +1,237 @@
+"""`dejavu bench`: quality (perplexity, agreement, KL, generations) and speed of a bundle vs dense.
+
+Speed comes from runtime/speed.py (the decode loop and kernels); when that module is not available
+this falls back to timing Hugging Face eager greedy decode (dense vs the gather path) and says so.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dejavu.errors import DejavuError
+
+CONTRACT_KEYS = ("model", "device", "dtype", "batch_size", "mlp_density", "head_density", "dense.ppl", "sparse.ppl",
+                 "dense.ms_per_token", "sparse.ms_per_token", "speedup", "top1_agreement", "synthetic")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 1.0
+
+
+@torch.no_grad()
+def _fallback_speed(model, adapter, predictors, *, device, dtype, batch_sizes, decode_tokens, warmup) -> dict:
+    """HF eager greedy decode: dense vs the reference gather path (MLP rows only; heads masked)."""
+    from dejavu.runtime.apply import SparseRuntime
+
+    def timed(runtime, batch: int) -> float:
+        ids = torch.randint(0, model.config.vocab_size, (batch, 16), device=device)
+        out = model(input_ids=ids, use_cache=True)
+        past, step = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for i in range(warmup + decode_tokens):
+            if i == warmup:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+            out = model(input_ids=step, past_key_values=past, use_cache=True)
+            past, step = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1000 / max(decode_tokens, 1)
+
+    batches = {}
+    for b in batch_sizes:
+        dense_ms = timed(None, b)
+        sparse_ms = None
+        if predictors is not None:
+            with SparseRuntime(model, adapter, predictors, mode="gather") as runtime:
+                sparse_ms = timed(runtime, b)
+        batches[str(b)] = {"dense_ms_per_token": dense_ms, "sparse_ms_per_token": sparse_ms,
+                           "speedup": dense_ms / sparse_ms if sparse_ms else None}
+    first = batches[str(batch_sizes[0])]
+    return {"batches": batches, "hf_eager_ms_per_token": first["dense_ms_per_token"],
+            "method": "fallback: HF eager decode, dense vs reference gather path (runtime.speed unavailable)"}
+
+
+def measure_speed(model, adapter, predictors, *, device, dtype, batch_sizes, decode_tokens, warmup) -> dict:
+    try:
+        from dejavu.runtime.speed import speed_report
+    except ImportError as exc:
+        warnings.warn(f"dejavu.runtime.speed is not available ({exc}); timing HF eager decode instead",
+                      stacklevel=2)
+        speed_report = _fallback_speed
+    return speed_report(model, adapter, predictors, device=device, dtype=dtype, batch_sizes=batch_sizes,
+                        decode_tokens=decode_tokens, warmup=warmup)
+
+
+def _flatten(nested: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key in ("dense", "sparse"):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def build_report(base: dict, quality: dict | None, speed: dict | None, batch_size: int) -> dict:
+    first = None
+    if speed:
+        batches = speed.get("batches") or {}
+        first = batches.get(str(batch_size)) or (next(iter(batches.values())) if batches else None)
+    q = quality or {}
+    report = {
+        **base,
+        "batch_size": batch_size,
+        "dense": {"ppl": q.get("dense_ppl"), "ms_per_token": first and first.get("dense_ms_per_token")},
+        "sparse": {"ppl": q.get("sparse_ppl"), "ms_per_token": first and first.get("sparse_ms_per_token")},
+        "speedup": first and first.get("speedup"),
+        "top1_agreement": q.get("top1_agreement"),
+        "kl": q.get("kl"),
+        "quality": quality,
+        "speed": speed,
+    }
+    # The contract names keys like `dense.ppl`; readers differ on whether that means a nested path
+    # or a literal key, so both forms are written and both read the same numbers.
+    report.update(_flatten({"dense": report["dense"], "sparse": report["sparse"]}))
+    return report
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_report(report: dict, out=sys.stdout) -> None:
+    p = lambda s="": print(s, file=out)  # noqa: E731
+    p(f"dejavu bench: {report['model']} on {report['device']} ({report['dtype']})"
+      f"{'  [synthetic weights: speed only]' if report['synthetic'] else ''}")
+    p(f"  selection {report.get('selection')}, MLP density {_fmt(report['mlp_density'], 'g')}, "
+      f"head density {_fmt(report['head_density'], 'g')}")
+    q = report.get("quality")
+    if q:
+        p(f"  quality on {q['scored_tokens']} tokens of {q['dataset']} (windows of {q['window']}, stride "
+          f"{q['stride']}; every token sparse):")
+        p(f"    perplexity   dense {q['dense_ppl']:.3f}   sparse {q['sparse_ppl']:.3f}   "
+          f"({(q['sparse_ppl'] / q['dense_ppl'] - 1) * 100:+.2f} %)")
+        p(f"    top-1 agreement {q['top1_agreement']:.4f}   mean KL(dense||sparse) {q['kl']:.4f}")
+        sel = q.get("computed")
+        if sel:
+            p(f"    computed: {sel['mlp_kept']:.3f} of MLP neurons, {sel['head_kept']:.3f} of heads; "
+              f"{sel['kv_groups_skippable']:.3f} of KV groups skippable")
+        for g in q.get("generations", []):
+            p(f"    prompt: {g['prompt']!r}")
+            p(f"      dense : {g['dense']!r}")
+            p(f"      sparse: {g['sparse']!r}")
+    s = report.get("speed")
+    if s:
+        p(f"  speed ({s.get('method', 'runtime.speed')}):")
+        for b, row in (s.get("batches") or {}).items():
+            p(f"    batch {b}: dense {_fmt(row.get('dense_ms_per_token'), '.2f')} ms/token, sparse "
+              f"{_fmt(row.get('sparse_ms_per_token'), '.2f')} ms/token, speedup {_fmt(row.get('speedup'), '.2f')}x")
+
+
+def run_bench(model: str | None = None, bundle: Path | None = None, dataset: str | None = None,
+              json_out: Path | None = None, config_file=None, overrides: dict[str, Any] | None = None,
+              synthetic: str | None = None, layers: int | None = None, quality: bool = True,
+              speed: bool = True) -> dict:
+    from dejavu.config import load_config
+    from dejavu.models.loading import resolve_device, resolve_dtype
+
+    cfg = load_config(config_file, overrides or {})
+    rt = cfg.runtime
+    device = resolve_device(rt.device if rt.device != "auto" else cfg.model.device)
+    dtype = resolve_dtype(rt.dtype if rt.dtype != "auto" else cfg.model.dtype, device)
+    batch_sizes = rt.batch_sizes or [1]
+    if synthetic:
+        report = _synthetic_bench(synthetic, layers, device, dtype, cfg, batch_sizes, speed)
+    else:
+        if layers is not None:
+            raise DejavuError("--layers applies to --synthetic runs only (a bundle is made for the whole model)")
+        report = _model_bench(model, bundle, dataset, cfg, device, dtype, batch_sizes, quality, speed)
+    print_report(report)
+    if json_out is not None:
+        from dejavu.artifacts import atomic_write_json
+
+        atomic_write_json(json_out, report)
+        print(f"  JSON report: {json_out}")
+    return report
+
+
+def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> dict:
+    from dejavu.runtime.synthetic import build_synthetic
+
+    mlp_d = cfg.runtime.mlp_density or cfg.export.mlp_density or cfg.train.mlp_density
+    head_d = cfg.runtime.head_density or cfg.export.head_density or cfg.train.head_density
+    model, adapter, predictors = build_synthetic(name, layers, device, dtype, mlp_d, head_d)
+    speed_data = None
+    if speed:
+        speed_data = measure_speed(model, adapter, predictors, device=device, dtype=dtype, batch_sizes=batch_sizes,
+                                   decode_tokens=cfg.runtime.decode_tokens, warmup=cfg.runtime.warmup)
+    base = {"model": name, "device": str(device), "dtype": _dtype_name(dtype), "mlp_density": mlp_d,
+            "head_density": head_d, "synthetic": True, "selection": "predictor (random weights)",
+            "layers": layers}
+    return build_report(base, None, speed_data, batch_sizes[0])
+
+
+def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, quality, speed) -> dict:
+    from dejavu.export.bundle import check_bundle_matches, load_bundle
+    from dejavu.models.adapters import adapter_for
+    from dejavu.models.loading import load_model
+    from dejavu.runtime.apply import SparseRuntime
+    from dejavu.runtime.quality import compare, default_eval_dataset, eval_tokens, generations, model_context
+
+    rt = cfg.runtime
+    manifest, predictors = (load_bundle(bundle) if bundle is not None else (None, None))
+    if predictors is None and rt.selection == "predictor":
+        raise DejavuError("bench needs --bundle (or --selection oracle|dense, or --synthetic NAME)")
+    name = model_name or (manifest["model"].get("name") if manifest else None) or cfg.model.name
+    model, tokenizer, source = load_model(name, device=str(device), dtype=_dtype_name(dtype))
+    adapter = adapter_for(model)
+    if manifest is not None:
+        check_bundle_matches(manifest, adapter)
+    mlp_d = rt.mlp_density if rt.mlp_density is not None else (manifest["mlp_density"] if manifest else 1.0)
+    head_d = rt.head_density if rt.head_density is not None else (manifest["head_density"] if manifest else 1.0)
+    use = predictors if rt.selection == "predictor" else None
+    base = {"model": source.display, "device": str(device), "dtype": _dtype_name(dtype), "mlp_density": mlp_d,
+            "head_density": head_d, "synthetic": False, "selection": rt.selection,
+            "bundle": str(bundle) if bundle else None, "mlp_pairing": predictors.mlp_pairing if use else None,
+            "head_pairing": predictors.head_pairing if use else None}
+    quality_data = None
+    if quality:
+        dataset = dataset or default_eval_dataset()
+        if dataset is None:
+            raise DejavuError("no evaluation corpus: pass --dataset (e.g. ../shared/data/wikitext-2-raw/wiki.test.raw)")
+        window = min(model_context(model), rt.eval_window)
+        stride = min(rt.eval_stride, window)
+        tokens = eval_tokens(tokenizer, dataset, rt.max_eval_tokens, cfg.data.text_field)
+        # Explicit densities from flags override the bundle's per-layer ones; otherwise keep those.
+        with SparseRuntime(model, adapter, use, selection=rt.selection, mlp_density=rt.mlp_density
+                           if use else mlp_d, head_density=rt.head_density if use else head_d) as runtime:
+            t0 = time.perf_counter()
+            quality_data = compare(model, runtime, tokens, window, stride)
+            quality_data["computed"] = {"mlp_kept": runtime.stats.mlp_kept, "head_kept": runtime.stats.head_kept,
+                                        "kv_groups_skippable": runtime.stats.kv_groups_skippable}
+            quality_data["generations"] = generations(model, tokenizer, runtime, 24, rt.sparse_prefill)
+            quality_data["seconds"] = time.perf_counter() - t0
+        quality_data.update({
+            "dataset": dataset, "window": window, "stride": stride,
+            "sparse_tokens": "every evaluated token (scored and context) in perplexity, agreement and KL; in "
+                             "generations " + ("prompt and generated tokens" if rt.sparse_prefill else
+                                               "the generated tokens (prompt dense)"),
+        })
+    speed_data = None
+    if speed:
+        sp = use.with_densities(rt.mlp_density, rt.head_density) if use is not None else None
+        speed_data = measure_speed(model, adapter, sp, device=device, dtype=dtype, batch_sizes=batch_sizes,
+                                   decode_tokens=rt.decode_tokens, warmup=rt.warmup)
+    return build_report(base, quality_data, speed_data, batch_sizes[0])

@@ -1,0 +1,132 @@
+"""The bundle: round trip, per-layer densities, no pickle, and refusal of a mismatched model or file."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from dejavu.errors import DejavuError
+from dejavu.export.bundle import BUNDLE_FILE, check_bundle_matches, load_bundle, run_export
+from dejavu.models.adapters import adapter_for
+from dejavu.models.loading import load_model
+from dejavu.predictor import PREDICTOR_TENSORS
+
+from helpers import make_predictors_dir, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_llama):
+    run = tmp_path_factory.mktemp("run")
+    make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=0.75)
+    out = run / "bundle"
+    manifest = run_export(run, out)
+    return run, out, manifest
+
+
+def test_round_trip(exported, tiny_llama):
+    from dejavu.artifacts import load_tensors
+
+    run, out, manifest = exported
+    loaded_manifest, pset = load_bundle(out)
+    assert loaded_manifest == manifest
+    assert manifest["format"] == "dejavu.bundle" and manifest["format_version"] == 1
+    for key in ("model", "mlp_density", "head_density", "mlp_density_per_layer", "head_density_per_layer",
+                "mlp_pairing", "head_pairing", "rank", "hidden_activation", "metrics", "predictor_bytes"):
+        assert key in manifest, key
+    assert manifest["model"]["fingerprint"]
+    assert manifest["mlp_density_per_layer"] == [0.5] * 3 and manifest["head_density_per_layer"] == [0.75] * 3
+    assert (pset.mlp_pairing, pset.head_pairing) == ("current", "lookahead")
+    assert manifest["parent"]["format"] == "dejavu.predictors"
+    for layer in range(3):
+        source = load_tensors(run / "predictors" / "layers" / f"layer-{layer:03d}.safetensors")
+        lp = pset.layers[layer]
+        assert (lp.mlp_density, lp.head_density) == (0.5, 0.75)
+        for kind, pred in (("mlp", lp.mlp), ("attn", lp.attn)):
+            for name in PREDICTOR_TENSORS:
+                torch.testing.assert_close(getattr(pred, name), source[f"{kind}.{name}"], rtol=0, atol=0)
+    expected_bytes = sum(v.numel() * 4 for layer in range(3) for v in load_tensors(
+        run / "predictors" / "layers" / f"layer-{layer:03d}.safetensors").values())
+    assert manifest["predictor_bytes"] == expected_bytes
+    model, _, _ = load_model(str(tiny_llama), device="cpu", dtype="float32")
+    check_bundle_matches(manifest, adapter_for(model))  # the right model passes
+
+
+def test_bundle_is_plain_safetensors_without_pickle(exported):
+    _, out, _ = exported
+    raw = (out / BUNDLE_FILE).read_bytes()
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + header_len])
+    assert header["__metadata__"] == {"format": "dejavu.bundle", "format_version": "1"}
+    assert all(v["dtype"] == "F32" for k, v in header.items() if k != "__metadata__")
+    assert "layers.0.mlp.w1" in header and "layers.2.attn.b2" in header
+    assert not list(out.glob("*.pt")) and not list(out.glob("*.bin")) and not list(out.glob("*.pkl"))
+
+
+def test_density_overrides_and_untrained_layers(tmp_path, tiny_llama):
+    make_predictors_dir(tmp_path, tiny_llama, layers=[0, 2])
+    manifest = run_export(tmp_path, tmp_path / "b", overrides={"export.mlp_density": 0.3,
+                                                               "export.head_density": 1.0})
+    assert manifest["mlp_density"] == 0.3
+    assert manifest["mlp_density_per_layer"] == [0.3, 1.0, 0.3]  # layer 1 has no predictor: dense
+    _, pset = load_bundle(tmp_path / "b")
+    assert pset.layers[1].mlp is None and pset.layers[1].mlp_density == 1.0
+
+
+def test_refuses_other_model_and_other_dims(exported, tmp_path, tiny_tokenizer, tiny_model_factory):
+    _, out, manifest = exported
+    other = make_tiny_model(tmp_path / "other", "llama", tiny_tokenizer, seed=1)
+    model, _, _ = load_model(str(other), device="cpu", dtype="float32")
+    with pytest.raises(DejavuError, match="other weights"):
+        check_bundle_matches(manifest, adapter_for(model))
+    wider = tiny_model_factory("llama", intermediate_size=128)
+    model, _, _ = load_model(str(wider), device="cpu", dtype="float32")
+    with pytest.raises(DejavuError, match="intermediate_size=96"):
+        check_bundle_matches(manifest, adapter_for(model))
+    qwen, _, _ = load_model(str(tiny_model_factory("qwen2")), device="cpu", dtype="float32")
+    with pytest.raises(DejavuError, match="num_layers=3"):
+        check_bundle_matches(manifest, adapter_for(qwen))
+
+
+def test_refuses_edited_or_truncated_file(exported, tmp_path):
+    import shutil
+
+    _, out, _ = exported
+    edited = tmp_path / "edited"
+    shutil.copytree(out, edited)
+    data = bytearray((edited / BUNDLE_FILE).read_bytes())
+    data[-5] ^= 0xFF
+    (edited / BUNDLE_FILE).write_bytes(bytes(data))
+    with pytest.raises(DejavuError, match="sha256"):
+        load_bundle(edited)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(out, truncated)
+    data = (truncated / BUNDLE_FILE).read_bytes()
+    (truncated / BUNDLE_FILE).write_bytes(data[:-100])
+    with pytest.raises(DejavuError, match="truncated"):
+        load_bundle(truncated)
+    (truncated / "manifest.json").unlink()
+    with pytest.raises(DejavuError, match="no manifest.json"):
+        load_bundle(truncated)
+
+
+def test_export_refuses_unfinished_predictors(tmp_path):
+    (tmp_path / "predictors" / "layers").mkdir(parents=True)
+    with pytest.raises(DejavuError, match="did not finish"):
+        run_export(tmp_path, tmp_path / "bundle")
+
+
+def test_export_cli(tmp_path, tiny_llama):
+    from typer.testing import CliRunner
+
+    from dejavu.cli.main import app
+
+    make_predictors_dir(tmp_path, tiny_llama)
+    result = CliRunner().invoke(app, ["export", "--run", str(tmp_path), "--out", str(tmp_path / "b"),
+                                      "--mlp-density", "0.25"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["mlp_density"] == 0.25
+    result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "c")])
+    assert result.exit_code == 1 and "error:" in result.output

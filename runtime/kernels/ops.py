@@ -1,0 +1,112 @@
+"""The sparse decode ops as torch.library custom ops: Triton on CUDA, runtime.reference elsewhere.
+
+Registering them (with fake implementations) keeps them opaque and shape-known to torch.compile and
+safe inside CUDA-graph capture; the decode loop calls only these, so one loop serves GPU and CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dejavu.runtime import reference
+
+
+def _triton():
+    from dejavu.runtime.kernels import triton_kernels
+
+    return triton_kernels
+
+
+@torch.library.custom_op("dejavu::gather_matvec", mutates_args=())
+def gather_matvec(x: Tensor, w: Tensor, idx: Tensor, unit: int, gate: Tensor | None, act: int) -> Tensor:
+    return reference.gather_matvec(x, w, idx, unit, gate, act)
+
+
+@gather_matvec.register_kernel("cuda")
+def _(x, w, idx, unit, gate, act):
+    return _triton().gather_matvec(x, w, idx, unit, gate, act)
+
+
+@gather_matvec.register_fake
+def _(x, w, idx, unit, gate, act):
+    return x.new_empty(x.shape[0], idx.shape[0] * unit)
+
+
+@torch.library.custom_op("dejavu::gather_vecmat_acc", mutates_args=("acc",))
+def gather_vecmat_acc(h: Tensor, wt: Tensor, idx: Tensor, unit: int, acc: Tensor) -> None:
+    reference.gather_vecmat_acc(h, wt, idx, unit, acc)
+
+
+@gather_vecmat_acc.register_kernel("cuda")
+def _(h, wt, idx, unit, acc):
+    _triton().gather_vecmat_acc(h, wt, idx, unit, acc)
+
+
+@gather_vecmat_acc.register_fake
+def _(h, wt, idx, unit, acc):
+    return None
+
+
+@torch.library.custom_op("dejavu::residual_rmsnorm", mutates_args=("h", "delta", "out"))
+def residual_rmsnorm(h: Tensor, delta: Tensor | None, weight: Tensor, out: Tensor, eps: float, offset: float,
+                     zero_delta: bool) -> None:
+    reference.residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta)
+
+
+@residual_rmsnorm.register_kernel("cuda")
+def _(h, delta, weight, out, eps, offset, zero_delta):
+    _triton().residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta)
+
+
+@residual_rmsnorm.register_fake
+def _(h, delta, weight, out, eps, offset, zero_delta):
+    return None
+
+
+@torch.library.custom_op("dejavu::rope_cache_write", mutates_args=("q", "kc", "vc"))
+def rope_cache_write(q: Tensor, k: Tensor, v: Tensor, kc: Tensor, vc: Tensor, cos: Tensor, sin: Tensor,
+                     pos: Tensor) -> None:
+    reference.rope_cache_write(q, k, v, kc, vc, cos, sin, pos)
+
+
+@rope_cache_write.register_kernel("cuda")
+def _(q, k, v, kc, vc, cos, sin, pos):
+    _triton().rope_cache_write(q, k, v, kc, vc, cos, sin, pos)
+
+
+@rope_cache_write.register_fake
+def _(q, k, v, kc, vc, cos, sin, pos):
+    return None
+
+
+@torch.library.custom_op("dejavu::decode_attention", mutates_args=())
+def decode_attention(q: Tensor, kc: Tensor, vc: Tensor, heads: Tensor, group: int, pos: Tensor,
+                     scale: float) -> Tensor:
+    return reference.decode_attention(q, kc, vc, heads, group, pos, scale)
+
+
+@decode_attention.register_kernel("cuda")
+def _(q, kc, vc, heads, group, pos, scale):
+    return _triton().decode_attention(q, kc, vc, heads, group, pos, scale)
+
+
+@decode_attention.register_fake
+def _(q, kc, vc, heads, group, pos, scale):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("dejavu::act_mul", mutates_args=())
+def act_mul(gu: Tensor, act: int) -> Tensor:
+    n = gu.shape[1] // 2
+    return (reference.apply_activation(gu[:, :n].float(), act) * gu[:, n:].float()).to(gu.dtype)
+
+
+@act_mul.register_kernel("cuda")
+def _(gu, act):
+    return _triton().act_mul(gu, act)
+
+
+@act_mul.register_fake
+def _(gu, act):
+    return gu.new_empty(gu.shape[0], gu.shape[1] // 2)

@@ -1,0 +1,372 @@
+"""Triton kernels for sparse decode (batch 1-8), one launch each, no host synchronisation.
+
+Weights are laid out once at load time so every kernel reads whole rows (coalesced, 16-byte loads):
+gate and up as [n, d] each, down and o as their transposes [n, d] / [H*hd, d], q as the first H*hd rows
+of the fused [(H+2KV)*hd, d] qkv weight. A "unit" is a group of consecutive rows selected together:
+1 row for an MLP neuron, head_dim rows for an attention head, so the same kernels serve both.
+
+Batch 1 reduces with elementwise products (a GEMV: tensor cores idle, bytes are the cost); batch 2-8
+pads the batch to 16 and uses tl.dot, which reads each weight tile once for the whole batch.
+The down/o kernel splits the selected rows over programs and adds its partial sums into an fp32
+accumulator with atomics; the next fused residual+RMSNorm kernel consumes that accumulator and
+zeroes it for the next layer, so no separate memset or reduction launch is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+DOT_BATCH = 16  # tl.dot needs M >= 16: batches 2..16 are padded to this
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    if not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sms(t: torch.Tensor) -> int:
+    return _num_sms(t.device.index or 0) if t.is_cuda else 132
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << max(0, int(x).bit_length() - 1)
+
+
+@triton.jit
+def _activation(x, ACT: tl.constexpr):
+    y = x
+    if ACT == 1:  # silu
+        y = x * tl.sigmoid(x)
+    if ACT == 2:  # gelu, tanh approximation; tanh(z) = 2 sigmoid(2z) - 1
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        y = 0.5 * x * (2.0 * tl.sigmoid(2.0 * inner))
+    if ACT == 3:  # relu
+        y = tl.maximum(x, 0.0)
+    if ACT == 4:  # gelu, erf
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    return y
+
+
+# ------------------------------------------------------------------------------------------------
+# gather_matvec: y[b, j] = act(x[b] . gate[r_j]) * (x[b] . w[r_j])   (or act(x[b] . w[r_j]) ungated)
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _gather_gemv_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, D, NROWS, stride_w,
+                        UNIT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < NROWS
+    unit = tl.load(idx_ptr + offs_r // UNIT, mask=mask_r, other=0).to(tl.int64)
+    rows = unit * UNIT + (offs_r % UNIT)
+    offs_d = tl.arange(0, BLOCK_D)
+    w_rows = w_ptr + rows[:, None] * stride_w
+    g_rows = g_ptr + rows[:, None] * stride_w
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        if EVEN_D:
+            xv = tl.load(x_ptr + d).to(tl.float32)
+            wv = tl.load(w_rows + d[None, :], mask=mask_r[:, None], other=0.0).to(tl.float32)
+        else:
+            xv = tl.load(x_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+            wv = tl.load(w_rows + d[None, :], mask=mask_r[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(wv * xv[None, :], axis=1)
+        if GATED:
+            if EVEN_D:
+                gv = tl.load(g_rows + d[None, :], mask=mask_r[:, None], other=0.0).to(tl.float32)
+            else:
+                gv = tl.load(g_rows + d[None, :], mask=mask_r[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+            acc_g += tl.sum(gv * xv[None, :], axis=1)
+    if GATED:
+        y = _activation(acc_g, ACT) * acc
+    else:
+        y = _activation(acc, ACT)
+    tl.store(out_ptr + offs_r, y.to(out_ptr.dtype.element_ty), mask=mask_r)
+
+
+@triton.jit
+def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, B, D, NROWS, stride_xb, stride_w, stride_ob,
+                        UNIT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, B_PAD: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < NROWS
+    unit = tl.load(idx_ptr + offs_r // UNIT, mask=mask_r, other=0).to(tl.int64)
+    rows = unit * UNIT + (offs_r % UNIT)
+    offs_b = tl.arange(0, B_PAD)
+    mask_b = offs_b < B
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((B_PAD, BLOCK_R), dtype=tl.float32)
+    acc_g = tl.zeros((B_PAD, BLOCK_R), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        mask_d = d < D
+        xv = tl.load(x_ptr + offs_b[:, None] * stride_xb + d[None, :], mask=mask_b[:, None] & mask_d[None, :],
+                     other=0.0)
+        wv = tl.load(w_ptr + rows[:, None] * stride_w + d[None, :], mask=mask_r[:, None] & mask_d[None, :],
+                     other=0.0)
+        acc = tl.dot(xv, tl.trans(wv), acc)
+        if GATED:
+            gv = tl.load(g_ptr + rows[:, None] * stride_w + d[None, :], mask=mask_r[:, None] & mask_d[None, :],
+                         other=0.0)
+            acc_g = tl.dot(xv, tl.trans(gv), acc_g)
+    if GATED:
+        y = _activation(acc_g, ACT) * acc
+    else:
+        y = _activation(acc, ACT)
+    tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_r[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=mask_b[:, None] & mask_r[None, :])
+
+
+def gemv_config(nrows: int, sms: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_D, num_warps) for batch 1: about four programs per SM, 8K-element tiles."""
+    block_r = max(1, min(16, _pow2_floor(max(1, nrows // (4 * sms)))))
+    block_d = max(256, min(2048, 8192 // block_r))
+    return block_r, block_d, 4
+
+
+def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int = 1,
+                  gate: torch.Tensor | None = None, act: int = 0, config: tuple | None = None) -> torch.Tensor:
+    batch, d = x.shape
+    nrows = idx.numel() * unit
+    assert x.stride(1) == 1 and w.stride(1) == 1 and x.dtype == w.dtype
+    if gate is not None:
+        assert gate.stride() == w.stride() and gate.dtype == w.dtype
+    out = torch.empty(batch, nrows, device=x.device, dtype=x.dtype)
+    g = gate if gate is not None else w
+    if batch == 1:
+        block_r, block_d, warps = config or gemv_config(nrows, _sms(x))
+        block_d = min(block_d, triton.next_power_of_2(d))
+        grid = (triton.cdiv(nrows, block_r),)
+        _gather_gemv_kernel[grid](x, w, g, idx, out, d, nrows, w.stride(0), UNIT=unit, GATED=gate is not None,
+                                  ACT=act, BLOCK_R=block_r, BLOCK_D=block_d, EVEN_D=d % block_d == 0,
+                                  num_warps=warps)
+        return out
+    assert batch <= DOT_BATCH, f"batch {batch} > {DOT_BATCH}"
+    block_r, block_d, warps = config or (16 if nrows < 2048 * 4 else 32, 128, 4)
+    grid = (triton.cdiv(nrows, block_r),)
+    _gather_gemm_kernel[grid](x, w, g, idx, out, batch, d, nrows, x.stride(0), w.stride(0), out.stride(0),
+                              UNIT=unit, GATED=gate is not None, ACT=act, B_PAD=DOT_BATCH, BLOCK_R=block_r,
+                              BLOCK_D=block_d, num_warps=warps, num_stages=3)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# gather_vecmat_acc: acc[b, :] += sum_j h[b, j] * wt[r_j, :]
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _gather_vecmat_kernel(h_ptr, wt_ptr, idx_ptr, acc_ptr, B, D, NROWS, ROWS_PER_SPLIT, stride_hb, stride_w,
+                          stride_ab, UNIT: tl.constexpr, B_PAD: tl.constexpr, USE_DOT: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    offs_b = tl.arange(0, B_PAD)
+    mask_b = offs_b < B
+    start = pid_s * ROWS_PER_SPLIT
+    if USE_DOT:
+        acc = tl.zeros((B_PAD, BLOCK_D), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for r0 in range(start, start + ROWS_PER_SPLIT, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < NROWS
+        unit = tl.load(idx_ptr + offs_r // UNIT, mask=mask_r, other=0).to(tl.int64)
+        rows = unit * UNIT + (offs_r % UNIT)
+        wv = tl.load(wt_ptr + rows[:, None] * stride_w + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :],
+                     other=0.0)
+        if USE_DOT:
+            hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_r[None, :],
+                         mask=mask_b[:, None] & mask_r[None, :], other=0.0)
+            acc = tl.dot(hv, wv, acc)
+        else:
+            hv = tl.load(h_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+            acc += tl.sum(wv.to(tl.float32) * hv[:, None], axis=0)
+    if USE_DOT:
+        tl.atomic_add(acc_ptr + offs_b[:, None] * stride_ab + offs_d[None, :], acc,
+                      mask=mask_b[:, None] & mask_d[None, :], sem="relaxed")
+    else:
+        tl.atomic_add(acc_ptr + offs_d, acc, mask=mask_d, sem="relaxed")
+
+
+def vecmat_config(batch: int, nrows: int, d: int, sms: int) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_D, num_warps, splits): ~4 programs per SM over (column blocks x row splits)."""
+    block_r, block_d, warps = (32, 256, 4) if batch == 1 else (32, 128, 4)
+    col_blocks = triton.cdiv(d, block_d)
+    splits = max(1, min(triton.cdiv(nrows, block_r), triton.cdiv(4 * sms, col_blocks)))
+    return block_r, block_d, warps, splits
+
+
+def gather_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor, unit: int, acc: torch.Tensor,
+                      config: tuple | None = None) -> None:
+    batch, nrows = h.shape
+    d = wt.shape[1]
+    assert nrows == idx.numel() * unit and acc.dtype == torch.float32 and acc.stride(1) == 1
+    assert h.stride(1) == 1 and wt.stride(1) == 1 and h.dtype == wt.dtype and batch <= DOT_BATCH
+    block_r, block_d, warps, splits = config or vecmat_config(batch, nrows, d, _sms(h))
+    use_dot = batch > 1
+    if use_dot:
+        block_r = max(block_r, 16)
+    rows_per_split = triton.cdiv(triton.cdiv(nrows, splits), block_r) * block_r
+    splits = triton.cdiv(nrows, rows_per_split)
+    grid = (triton.cdiv(d, block_d), splits)
+    _gather_vecmat_kernel[grid](h, wt, idx, acc, batch, d, nrows, rows_per_split, h.stride(0), wt.stride(0),
+                                acc.stride(0), UNIT=unit, B_PAD=DOT_BATCH if use_dot else 1, USE_DOT=use_dot,
+                                BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+
+
+# ------------------------------------------------------------------------------------------------
+# residual + RMSNorm: h += delta (then delta = 0); out = norm(h) * (w + offset)
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _residual_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, out_ptr, D, stride_hb, stride_db, stride_ob, eps, offset,
+                             HAS_DELTA: tl.constexpr, ZERO_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    h = tl.load(h_ptr + b * stride_hb + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        delta = tl.load(delta_ptr + b * stride_db + offs, mask=mask, other=0.0).to(tl.float32)
+        h = (h + delta).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + b * stride_hb + offs, h, mask=mask)
+        h = h.to(tl.float32)
+        if ZERO_DELTA:
+            tl.store(delta_ptr + b * stride_db + offs, tl.zeros((BLOCK,), dtype=tl.float32), mask=mask)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * stride_ob + offs, ((h * rstd) * (w + offset)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def residual_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor,
+                     eps: float, offset: float = 0.0, zero_delta: bool = False) -> None:
+    batch, d = h.shape
+    block = triton.next_power_of_2(d)
+    dl = delta if delta is not None else h
+    _residual_rmsnorm_kernel[(batch,)](h, dl, weight, out, d, h.stride(0), dl.stride(0), out.stride(0), eps, offset,
+                                       HAS_DELTA=delta is not None, ZERO_DELTA=zero_delta, BLOCK=block,
+                                       num_warps=8 if block >= 4096 else 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# RoPE on q (selected heads) and k, and the KV-cache write at position pos (read from device memory)
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, NQ, NKV, T,
+                       stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+                       HD: tl.constexpr, HALF_PAD: tl.constexpr):
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    pos = tl.load(pos_ptr)
+    half = HD // 2
+    offs = tl.arange(0, HALF_PAD)
+    mask = offs < half
+    c = tl.load(cos_ptr + pos * HD + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + pos * HD + offs, mask=mask, other=0.0).to(tl.float32)
+    if j < NQ:
+        base = q_ptr + b * stride_qb + j * stride_qh
+        x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + half + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(base + offs, (x1 * c - x2 * s).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(base + half + offs, (x2 * c + x1 * s).to(q_ptr.dtype.element_ty), mask=mask)
+    else:
+        kvh = j - NQ
+        kbase = k_ptr + b * stride_kb + kvh * stride_kh
+        x1 = tl.load(kbase + offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(kbase + half + offs, mask=mask, other=0.0).to(tl.float32)
+        cbase = (b * NKV + kvh).to(tl.int64) * T * HD + pos * HD
+        tl.store(kc_ptr + cbase + offs, (x1 * c - x2 * s).to(kc_ptr.dtype.element_ty), mask=mask)
+        tl.store(kc_ptr + cbase + half + offs, (x2 * c + x1 * s).to(kc_ptr.dtype.element_ty), mask=mask)
+        vbase = v_ptr + b * stride_vb + kvh * stride_vh
+        v1 = tl.load(vbase + offs, mask=mask, other=0.0)
+        v2 = tl.load(vbase + half + offs, mask=mask, other=0.0)
+        tl.store(vc_ptr + cbase + offs, v1.to(vc_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc_ptr + cbase + half + offs, v2.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def rope_cache_write(q, k, v, kc, vc, cos, sin, pos) -> None:
+    batch, nq, hd = q.shape
+    nkv = k.shape[1]
+    assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1 and kc.is_contiguous() and vc.is_contiguous()
+    assert cos.is_contiguous() and sin.is_contiguous() and cos.shape[1] == hd
+    _rope_cache_kernel[(batch, nq + nkv)](q, k, v, kc, vc, cos, sin, pos, nq, nkv, kc.shape[2], q.stride(0),
+                                          q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), HD=hd,
+                                          HALF_PAD=triton.next_power_of_2(hd // 2), num_warps=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# decode attention over the cache, selected q heads only (GQA: q head h reads kv head h // group)
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, out_ptr, NKV, T, GROUP, scale,
+                             stride_qb, stride_qh, stride_ob, stride_oh,
+                             HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    j = tl.program_id(0)
+    b = tl.program_id(1)
+    head = tl.load(heads_ptr + j)
+    kvh = head // GROUP
+    length = tl.load(pos_ptr) + 1
+    offs_d = tl.arange(0, HD_PAD)
+    mask_d = offs_d < HD
+    q = tl.load(q_ptr + b * stride_qb + j * stride_qh + offs_d, mask=mask_d, other=0.0).to(tl.float32) * scale
+    base = (b * NKV + kvh).to(tl.int64) * T * HD
+    m = tl.full((1,), float("-inf"), dtype=tl.float32)
+    denom = tl.zeros((1,), dtype=tl.float32)
+    acc = tl.zeros((HD_PAD,), dtype=tl.float32)
+    for t0 in range(0, length, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = t < length
+        tile = base + t[:, None] * HD + offs_d[None, :]
+        kv_mask = mask_t[:, None] & mask_d[None, :]
+        kt = tl.load(kc_ptr + tile, mask=kv_mask, other=0.0).to(tl.float32)
+        s = tl.sum(kt * q[None, :], axis=1)
+        s = tl.where(mask_t, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new)
+        vt = tl.load(vc_ptr + tile, mask=kv_mask, other=0.0).to(tl.float32)
+        denom = denom * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
+        m = m_new
+    tl.store(out_ptr + b * stride_ob + j * stride_oh + offs_d, (acc / denom).to(out_ptr.dtype.element_ty),
+             mask=mask_d)
+
+
+def decode_attention(q, kc, vc, heads, group: int, pos, scale: float) -> torch.Tensor:
+    batch, nq, hd = q.shape
+    assert q.stride(2) == 1 and kc.is_contiguous() and vc.is_contiguous()
+    out = torch.empty(batch, nq, hd, device=q.device, dtype=q.dtype)
+    _decode_attention_kernel[(nq, batch)](q, kc, vc, heads, pos, out, kc.shape[1], kc.shape[2], group, scale,
+                                          q.stride(0), q.stride(1), out.stride(0), out.stride(1), HD=hd,
+                                          HD_PAD=triton.next_power_of_2(hd), BLOCK_T=64, num_warps=4)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# dense gated activation: a = act(gu[:, :n]) * gu[:, n:]
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _act_mul_kernel(gu_ptr, out_ptr, N, stride_gb, stride_ob, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    g = tl.load(gu_ptr + b * stride_gb + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + b * stride_gb + N + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * stride_ob + offs, (_activation(g, ACT) * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def act_mul(gu: torch.Tensor, act: int) -> torch.Tensor:
+    batch, two_n = gu.shape
+    n = two_n // 2
+    out = torch.empty(batch, n, device=gu.device, dtype=gu.dtype)
+    block = 1024
+    _act_mul_kernel[(triton.cdiv(n, block), batch)](gu, out, n, gu.stride(0), out.stride(0), ACT=act, BLOCK=block)
+    return out

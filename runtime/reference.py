@@ -1,0 +1,147 @@
+"""PyTorch versions of the decode runtime's sparse ops: the reference the Triton kernels are tested
+against, and the CPU fallback (dejavu.runtime.kernels.ops dispatches here off-GPU).
+
+Shapes (B = batch, d = hidden, K = selected units, U = rows per unit: 1 for neurons, head_dim for heads):
+    gather_matvec(x [B,d], w [R,d], idx [K], unit, gate=None, act)  -> [B, K*U]
+        rows r = idx[j // U] * U + j % U; y = x @ w[r].T; gated: act(x @ gate[r].T) * y, plain: act(y)
+    gather_vecmat_acc(h [B,K*U], wt [R,d], idx [K], unit, acc [B,d] fp32)   acc += h @ wt[r]
+    residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta)       h += delta; out = norm(h)
+    rope_cache_write(q, k, v, kc, vc, cos, sin, pos)                         rotate q, k; cache k, v at pos
+    decode_attention(q [B,Hs,hd], kc [B,KV,T,hd], vc, heads [Hs], group, pos, scale) -> [B,Hs,hd]
+CPU notes (measured, see bench/mlp_kernel.py --cpu): index_select materialises the selected rows, so
+gathers run in cache-sized chunks; down^T's job (a weighted sum of selected rows) is exactly
+embedding_bag(mode="sum", per_sample_weights=...), which reads each row once and copies nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {"none": 0, "silu": 1, "gelu_tanh": 2, "relu": 3, "gelu": 4}
+# Names the HF configs use, mapped onto the kernels' activation codes.
+HF_ACTIVATION_NAMES = {
+    "silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh", "relu": "relu", "gelu": "gelu",
+}
+CPU_CHUNK_ROWS = 256  # 256 rows x 4096 x 4 B = 4 MB: the gathered chunk is read again from cache
+
+
+def activation_code(name: str) -> int:
+    if name in ACTIVATIONS:
+        return ACTIVATIONS[name]
+    if name in HF_ACTIVATION_NAMES:
+        return ACTIVATIONS[HF_ACTIVATION_NAMES[name]]
+    raise ValueError(f"unsupported activation {name!r}; known: {sorted(HF_ACTIVATION_NAMES)}")
+
+
+def apply_activation(x: torch.Tensor, act: int) -> torch.Tensor:
+    if act == 0:
+        return x
+    if act == 1:
+        return F.silu(x)
+    if act == 2:
+        return F.gelu(x, approximate="tanh")
+    if act == 3:
+        return F.relu(x)
+    if act == 4:
+        return F.gelu(x)
+    raise ValueError(f"unknown activation code {act}")
+
+
+def expand_rows(idx: torch.Tensor, unit: int) -> torch.Tensor:
+    if unit == 1:
+        return idx
+    return (idx[:, None] * unit + torch.arange(unit, device=idx.device)).reshape(-1)
+
+
+def _rows_dot(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x @ w[rows].T, gathering in chunks small enough that the copy is re-read from cache."""
+    if x.device.type != "cpu" or rows.numel() <= CPU_CHUNK_ROWS:
+        return x @ w.index_select(0, rows).T
+    out = torch.empty(x.shape[0], rows.numel(), dtype=x.dtype)
+    for start in range(0, rows.numel(), CPU_CHUNK_ROWS):
+        part = rows[start:start + CPU_CHUNK_ROWS]
+        torch.mm(x, w.index_select(0, part).T, out=out[:, start:start + part.numel()])
+    return out
+
+
+def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int = 1,
+                  gate: torch.Tensor | None = None, act: int = 0) -> torch.Tensor:
+    rows = expand_rows(idx, unit)
+    y = _rows_dot(x, w, rows)
+    if gate is not None:
+        g = _rows_dot(x, gate, rows)
+        return (apply_activation(g.float(), act) * y.float()).to(x.dtype)
+    return apply_activation(y.float(), act).to(x.dtype)
+
+
+def gather_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor, unit: int,
+                      acc: torch.Tensor) -> None:
+    rows = expand_rows(idx, unit)
+    if h.device.type == "cpu" and wt.dtype == h.dtype and wt.dtype in (torch.float32, torch.float64):
+        # A weighted sum of selected rows without copying them (one bag per batch row).
+        bags = rows.expand(h.shape[0], -1)
+        acc += F.embedding_bag(bags, wt, mode="sum", per_sample_weights=h).to(acc.dtype)
+        return
+    acc += (h @ wt.index_select(0, rows)).to(acc.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """HF Llama/Gemma RMSNorm: normalise in fp32; Gemma scales by (1 + w)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (xf * (offset + weight.float())).to(x.dtype)
+    return weight * xf.to(x.dtype)
+
+
+def residual_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor,
+                     eps: float, offset: float = 0.0, zero_delta: bool = False) -> None:
+    if delta is not None:
+        h.copy_((h.float() + delta.float()).to(h.dtype))
+        if zero_delta:
+            delta.zero_()
+    out.copy_(rms_norm(h, weight, eps, offset))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return (x.float() * cos + torch.cat((-x2, x1), dim=-1).float() * sin).to(x.dtype)
+
+
+def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> None:
+    """q [B,Hs,hd] rotated in place; k, v [B,KV,hd] written (k rotated) at cache position pos [1]."""
+    c = cos.index_select(0, pos)  # [1, hd]
+    s = sin.index_select(0, pos)
+    q.copy_(_rotate(q, c, s))
+    kc.index_copy_(2, pos, _rotate(k, c, s).unsqueeze(2))
+    vc.index_copy_(2, pos, v.unsqueeze(2).to(vc.dtype))
+
+
+def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, heads: torch.Tensor, group: int,
+                     pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one new token per sequence over cache positions [0, pos] for the given q heads."""
+    length = int(pos.item()) + 1
+    kv = heads // group
+    k = kc.index_select(1, kv)[:, :, :length].float()  # [B, Hs, L, hd]
+    v = vc.index_select(1, kv)[:, :, :length].float()
+    scores = torch.einsum("bhd,bhld->bhl", q.float(), k) * scale
+    return torch.einsum("bhl,bhld->bhd", scores.softmax(-1), v).to(q.dtype)
+
+
+def sparse_mlp(x: torch.Tensor, gate: torch.Tensor | None, up: torch.Tensor, down_t: torch.Tensor,
+               idx: torch.Tensor, act: int) -> torch.Tensor:
+    """The whole sparse MLP in fp32 (a test oracle): down(act(gate x) * up x) over the selected neurons."""
+    acc = torch.zeros(x.shape[0], down_t.shape[1], dtype=torch.float32, device=x.device)
+    h = gather_matvec(x, up, idx, 1, gate, act)
+    gather_vecmat_acc(h, down_t, idx, 1, acc)
+    return acc
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -111,7 +111,8 @@ def _fmt(value, spec: str = ".3f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def print_report(report: dict, out=sys.stdout) -> None:
+def print_report(report: dict, out=None) -> None:
+    out = out or sys.stdout  # looked up per call, so redirected/captured stdout gets the report
     p = lambda s="": print(s, file=out)  # noqa: E731
     p(f"dejavu bench: {report['model']} on {report['device']} ({report['dtype']})"
       f"{'  [synthetic weights: speed only]' if report['synthetic'] else ''}")

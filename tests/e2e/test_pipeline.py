@@ -1,0 +1,45 @@
+"""The whole pipeline through the CLI on a tiny llama: collect -> train-predictors -> export -> bench."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dejavu.runtime.bench import CONTRACT_KEYS
+
+from helpers import CALIB_TXT, EVAL_RAW, make_tiny_model
+
+
+@pytest.mark.slow
+def test_pipeline_through_the_cli(tmp_path, tiny_llama, tiny_tokenizer):
+    from typer.testing import CliRunner
+
+    from dejavu.cli.main import app
+
+    runner = CliRunner()
+    run, bundle, report = tmp_path / "run", tmp_path / "bundle", tmp_path / "bench.json"
+
+    def ok(*args):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, f"dejavu {' '.join(map(str, args))}:\n{result.output}"
+        return result.output
+
+    ok("collect", "--config", "tiny", "--model", tiny_llama, "--dataset", CALIB_TXT, "--out", run,
+       "--max-tokens", 1024, "--device", "cpu")
+    ok("train-predictors", "--run", run)
+    ok("export", "--run", run, "--out", bundle)
+    out = ok("bench", "--config", "tiny", "--bundle", bundle, "--dataset", EVAL_RAW, "--json", report,
+             "--max-eval-tokens", 256, "--device", "cpu")
+    assert "perplexity" in out
+    data = json.loads(report.read_text())
+    for key in CONTRACT_KEYS:
+        assert key in data, key
+    assert data["model"] == str(tiny_llama)  # the bundle's model, since --model was not given
+    assert data["synthetic"] is False and data["mlp_density"] == 0.5
+    assert data["dense.ppl"] > 1 and data["sparse.ppl"] > 1 and 0 <= data["top1_agreement"] <= 1
+    assert data["dense"]["ms_per_token"] > 0 and data["sparse"]["ms_per_token"] > 0 and data["speedup"] > 0
+    # The bundle refuses another model of the same shape, with a one-line error.
+    other = make_tiny_model(tmp_path / "other", "llama", tiny_tokenizer, seed=1)
+    refused = runner.invoke(app, ["bench", "--config", "tiny", "--bundle", str(bundle), "--model", str(other)])
+    assert refused.exit_code == 1 and "error: bundle" in refused.output and "other weights" in refused.output

@@ -1,0 +1,92 @@
+"""Quality measurement: strided windows score every token once, metrics of identical models, and the
+bench report (stdout + JSON with the contract keys, nested and flat)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dejavu.errors import DejavuError
+from dejavu.runtime.bench import CONTRACT_KEYS, run_bench
+from dejavu.runtime.quality import Totals, strided_windows
+
+from helpers import EVAL_RAW, make_predictors_dir
+
+
+@pytest.mark.parametrize("n,window,stride", [(100, 32, 16), (100, 32, 32), (31, 32, 8), (2, 2, 1), (257, 64, 48)])
+def test_strided_windows_score_each_token_once(n, window, stride):
+    scored, windows = [], strided_windows(n, window, stride)
+    for w in windows:
+        assert w.end - w.begin <= window
+        # logit at window position p predicts token begin + p + 1
+        scored.extend(range(w.begin + w.first_scored + 1, w.end))
+    assert scored == sorted(set(scored))  # never twice
+    # Only a window's first token goes unscored, and only when windows do not overlap (no context).
+    missing = set(range(1, n)) - set(scored)
+    assert missing <= {w.begin for w in windows} and (not missing or stride == window)
+
+
+def test_strided_windows_reject_bad_arguments():
+    with pytest.raises(DejavuError):
+        strided_windows(100, 32, 64)
+    with pytest.raises(DejavuError):
+        strided_windows(1, 32, 16)
+
+
+def test_totals_of_identical_and_different_models():
+    torch.manual_seed(0)
+    logits = torch.randn(50, 11)
+    targets = torch.randint(0, 11, (50,))
+    same = Totals()
+    same.add(torch.log_softmax(logits, -1), logits, targets)
+    r = same.report()
+    assert r["top1_agreement"] == 1.0 and abs(r["kl"]) < 1e-6 and r["dense_ppl"] == pytest.approx(r["sparse_ppl"])
+    nll = torch.nn.functional.cross_entropy(logits, targets).item()
+    assert r["dense_ppl"] == pytest.approx(torch.tensor(nll).exp().item(), rel=1e-5)
+    other = Totals()
+    other.add(torch.log_softmax(logits, -1), torch.randn(50, 11), targets)
+    assert other.report()["kl"] > 0 and other.report()["top1_agreement"] < 1
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory, tiny_llama):
+    from dejavu.export.bundle import run_export
+
+    run = tmp_path_factory.mktemp("bench-run")
+    make_predictors_dir(run, tiny_llama)
+    run_export(run, run / "bundle")
+    return run / "bundle"
+
+
+def _bench(tmp_path, tiny_llama, bundle, **overrides):
+    out = tmp_path / "bench.json"
+    report = run_bench(model=str(tiny_llama), bundle=bundle, dataset=str(EVAL_RAW), json_out=out, config_file="tiny",
+                       overrides={"runtime.max_eval_tokens": 300, "runtime.device": "cpu", **overrides},
+                       speed=False)
+    return report, json.loads(out.read_text())
+
+
+def test_bench_report_has_contract_keys_nested_and_flat(tmp_path, tiny_llama, tiny_bundle, capsys):
+    report, data = _bench(tmp_path, tiny_llama, tiny_bundle)
+    for key in CONTRACT_KEYS:
+        assert key in data, key
+        head, _, tail = key.partition(".")
+        if tail:
+            assert data[head][tail] == data[key]
+    assert data["synthetic"] is False and data["mlp_density"] == 0.5 and data["head_density"] == 0.5
+    q = data["quality"]
+    assert q["window"] == 128 and q["stride"] == 64 and q["scored_tokens"] == 299
+    assert data["sparse.ppl"] > 0 and 0 <= data["top1_agreement"] <= 1 and data["kl"] >= 0
+    assert len(q["generations"]) == 3 and q["computed"]["mlp_kept"] == pytest.approx(0.5, abs=0.02)
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_bench_density_one_and_oracle(tmp_path, tiny_llama, tiny_bundle):
+    _, dense = _bench(tmp_path, tiny_llama, tiny_bundle, **{"runtime.mlp_density": 1.0, "runtime.head_density": 1.0})
+    assert dense["top1_agreement"] == 1.0 and dense["sparse.ppl"] == pytest.approx(dense["dense.ppl"], rel=1e-5)
+    _, oracle = _bench(tmp_path, tiny_llama, None, **{"runtime.selection": "oracle", "runtime.mlp_density": 0.5})
+    assert oracle["mlp_density"] == 0.5 and oracle["sparse.ppl"] != oracle["dense.ppl"]
+    with pytest.raises(DejavuError, match="bundle"):
+        _bench(tmp_path, tiny_llama, None)

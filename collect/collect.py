@@ -361,7 +361,7 @@ def build_manifest(stage: Path, plan: Plan, cfg: RunConfig, identity: dict, rule
 
 
 # --- the stage ---------------------------------------------------------------------------------
-def _distributed_state():
+def _distributed_state(cpu: bool):
     """(rank, world_size, barrier, state) under torchrun/accelerate launch; (0, 1, no-op, None) otherwise."""
     import os
 
@@ -369,7 +369,8 @@ def _distributed_state():
         return 0, 1, (lambda: None), None
     from accelerate import PartialState
 
-    state = PartialState()
+    # cpu=True makes accelerate use gloo; without it, it only goes multi-process on accelerators.
+    state = PartialState(cpu=cpu)
     return state.process_index, state.num_processes, state.wait_for_everyone, state
 
 
@@ -378,7 +379,7 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
     from dejavu.corpus import fixed_length_sequences, load_texts, tokenize_stream
     from dejavu.models.adapters import adapter_for
     from dejavu.models.identity import model_identity
-    from dejavu.models.loading import load_model, resolve_model
+    from dejavu.models.loading import load_model, resolve_device, resolve_model
 
     out = Path(out)
     stage = out / STAGE_DIR
@@ -387,7 +388,7 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
         raise DejavuError(f"collect.input_dtype must be one of {', '.join(DTYPES)}; got {cc.input_dtype!r}")
     if cc.shard_tokens <= 0 or cc.batch_size <= 0:
         raise DejavuError("collect.shard_tokens and collect.batch_size must be positive")
-    rank, world, barrier, dist = _distributed_state()
+    rank, world, barrier, dist = _distributed_state(resolve_device(cfg.model.device).type == "cpu")
     main = rank == 0
     say = print if main else (lambda *a, **k: None)
 

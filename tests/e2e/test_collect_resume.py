@@ -1,0 +1,189 @@
+"""`dejavu collect` end to end on a tiny model and real text: resume after an interruption, refusals,
+bad input through the CLI, and a 2-process run whose shards add up to the 1-process data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dejavu.artifacts import load_tensors, read_manifest
+from dejavu.bits import unpack_bits
+from dejavu.cli.main import app
+from dejavu.collect import collect as C
+from dejavu.config import load_config
+from dejavu.errors import DejavuError
+
+from helpers import CALIB_TXT
+
+
+def tiny_cfg(model_dir, **overrides):
+    return load_config("tiny", {"model.name": str(model_dir), "model.device": "cpu",
+                                "data.dataset": str(CALIB_TXT), **overrides})
+
+
+def shard_bytes(stage: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((stage / "shards").glob("*.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_factory, tmp_path_factory):
+    """One uninterrupted 1-process run: the data every other run must reproduce."""
+    model_dir = tiny_model_factory("llama")
+    out = tmp_path_factory.mktemp("reference")
+    C.run_collect(tiny_cfg(model_dir), out)
+    return model_dir, out / "collect"
+
+
+def test_resume_after_interruption_is_byte_identical(reference, tmp_path, monkeypatch):
+    model_dir, ref = reference
+    real_write = C.write_shard
+    written = []
+
+    def write_then_die(path, tensors, metadata):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C / a kill looks like mid-run
+        written.append(path)
+        return real_write(path, tensors, metadata)
+
+    monkeypatch.setattr(C, "write_shard", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        C.run_collect(tiny_cfg(model_dir), tmp_path)
+    stage = tmp_path / "collect"
+    assert not (stage / "manifest.json").exists()
+    assert len(shard_bytes(stage)) == 2
+    # a write killed half-way leaves a temp file behind; resume must ignore and remove it
+    (stage / "shards" / ".train-r00-00002.safetensors.x1y2.tmp").write_bytes(b"partial")
+    with pytest.raises(DejavuError, match=r"collect\.max_tokens: 1024 -> 2048"):
+        C.run_collect(tiny_cfg(model_dir, **{"collect.max_tokens": 2048}), tmp_path)
+
+    monkeypatch.setattr(C, "write_shard", real_write)
+    redone = []
+    monkeypatch.setattr(C, "record_shard", lambda *a, **k: redone.append(a[2].name) or C_record(*a, **k))
+    manifest = C.run_collect(tiny_cfg(model_dir), tmp_path)
+    assert redone == ["train-r00-00002.safetensors", "eval-r00-00000.safetensors"]  # only the missing ones
+    assert not list((stage / "shards").glob(".*.tmp"))
+    assert shard_bytes(stage) == shard_bytes(ref)
+    ref_manifest = read_manifest(ref, "dejavu.collect")
+    assert manifest["shards"] == ref_manifest["shards"]
+    assert manifest["stats"] == ref_manifest["stats"]
+
+
+C_record = C.record_shard
+
+
+def test_complete_run_is_kept_and_overwrite_discards(reference, tmp_path, monkeypatch, capsys):
+    model_dir, _ = reference
+    cfg = tiny_cfg(model_dir, **{"collect.max_tokens": 512})
+    C.run_collect(cfg, tmp_path)
+    stage = tmp_path / "collect"
+    before = (stage / "manifest.json").read_bytes()
+    monkeypatch.setattr(C, "record_shard", lambda *a, **k: pytest.fail("a complete run must not recompute"))
+    C.run_collect(cfg, tmp_path)
+    assert "already complete" in capsys.readouterr().out
+    assert (stage / "manifest.json").read_bytes() == before
+    monkeypatch.setattr(C, "record_shard", C_record)
+    (stage / "shards" / "stray.bin").write_bytes(b"x")
+    C.run_collect(cfg, tmp_path, overwrite=True)
+    assert not (stage / "shards" / "stray.bin").exists()
+    read_manifest(stage, "dejavu.collect")
+
+
+def test_refuses_when_the_disk_is_too_small(reference, tmp_path, monkeypatch):
+    model_dir, _ = reference
+    monkeypatch.setattr(C.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    with pytest.raises(DejavuError, match="not enough disk"):
+        C.run_collect(tiny_cfg(model_dir), tmp_path)
+    assert not (tmp_path / "collect").exists()
+
+
+def _cli(*args, env=None):
+    return CliRunner().invoke(app, ["collect", "--config", "tiny", "--device", "cpu", *args], env=env)
+
+
+def test_cli_bad_inputs_fail_in_one_line_and_keep_earlier_artifacts(reference, tmp_path):
+    model_dir, ref = reference
+    before = shard_bytes(ref) | {"manifest": (ref / "manifest.json").read_bytes()}
+    run = str(ref.parent)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cases = [
+        (["--model", str(tmp_path / "no-model"), "--dataset", str(CALIB_TXT), "--out", run, "--overwrite"],
+         "model path not found"),
+        (["--model", str(model_dir), "--dataset", "no_such_user/no_such_dataset_xyz", "--out", run, "--overwrite"],
+         "cannot load dataset"),
+        (["--model", str(model_dir), "--dataset", str(empty), "--out", run, "--overwrite"], "empty"),
+        (["--model", str(model_dir), "--dataset", str(CALIB_TXT), "--out", run, "--max-tokens", "100000000",
+          "--overwrite"], "more than the corpus holds"),
+        (["--model", str(model_dir), "--dataset", str(CALIB_TXT), "--out", str(blocker / "run")], "not a directory"),
+    ]
+    for args, message in cases:
+        result = _cli(*args, env=offline)
+        assert result.exit_code == 1, (args, result.output)
+        lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0], result.output
+        assert "Traceback" not in result.output
+    assert shard_bytes(ref) | {"manifest": (ref / "manifest.json").read_bytes()} == before
+
+
+def test_cli_collects(reference, tmp_path):
+    model_dir, _ = reference
+    result = _cli("--model", str(model_dir), "--dataset", str(CALIB_TXT), "--out", str(tmp_path),
+                  "--max-tokens", "512", "--mlp-label-densities", "0.3,0.5")
+    assert result.exit_code == 0, result.output
+    assert "disk: about" in result.output and "MLP neurons for 90%/95%/99%" in result.output
+    m = read_manifest(tmp_path / "collect", "dejavu.collect")
+    assert m["mlp_label_tags"] == ["0.3", "0.5"] and m["tokens"] == 512
+
+
+def test_two_processes_add_up_to_one(reference, tmp_path):
+    model_dir, ref = reference
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dejavu.cli.main", "collect", "--config", "tiny", "--model", str(model_dir),
+           "--dataset", str(CALIB_TXT), "--out", str(tmp_path), "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    two = read_manifest(tmp_path / "collect", "dejavu.collect")
+    one = read_manifest(ref, "dejavu.collect")
+    assert two["world_size"] == 2 and two["tokens"] == one["tokens"]
+    assert {s["rank"] for s in two["shards"]} == {0, 1}
+    n, seq_len = one["model"]["intermediate_size"], one["seq_len"]
+
+    def per_sequence(manifest, stage, split):
+        """{(rank, position in the rank's stream): tensors of one sequence}, per rank."""
+        out: dict[int, list[dict[str, torch.Tensor]]] = {}
+        for shard in (s for s in manifest["shards"] if s["split"] == split):
+            t = load_tensors(stage / shard["path"])
+            for i in range(shard["tokens"] // seq_len):
+                out.setdefault(shard["rank"], []).append({k: v[i * seq_len:(i + 1) * seq_len] for k, v in t.items()})
+        return out
+
+    for split in ("train", "eval"):
+        single = per_sequence(one, ref, split)[0]
+        ranks = per_sequence(two, tmp_path / "collect", split)
+        # round-robin: sequence j of the 1-process stream is sequence j // 2 of rank j % 2
+        assert sum(len(v) for v in ranks.values()) == len(single)
+        for j, seq in enumerate(single):
+            other = ranks[j % 2][j // 2]
+            assert set(other) == set(seq)
+            for key, value in seq.items():
+                if key.startswith("mlp_labels"):
+                    diff = unpack_bits(value, n) ^ unpack_bits(other[key], n)
+                    assert diff.float().mean() < 1e-3, key  # only near-ties may flip
+                else:
+                    torch.testing.assert_close(other[key].float(), value.float(), atol=2e-3, rtol=2e-3)
+    for layer, row in one["stats"].items():
+        for kind in ("mlp", "attn"):
+            for q, v in row[kind]["frac_for_mass"].items():
+                assert abs(two["stats"][layer][kind]["frac_for_mass"][q] - v) < 1e-3
+    assert json.loads((tmp_path / "collect" / "run.json").read_text())["world_size"] == 2

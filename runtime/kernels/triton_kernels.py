@@ -38,6 +38,11 @@ def _pow2_floor(x: int) -> int:
     return 1 << max(0, int(x).bit_length() - 1)
 
 
+def _precision(t: torch.Tensor) -> str:
+    # fp32 inputs (tests, CPU-sized models) get exact products, not tf32
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
 @triton.jit
 def _activation(x, ACT: tl.constexpr):
     y = x
@@ -95,7 +100,7 @@ def _gather_gemv_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, D, NROWS, stride_
 @triton.jit
 def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, B, D, NROWS, stride_xb, stride_w, stride_ob,
                         UNIT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, B_PAD: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < NROWS
@@ -113,11 +118,11 @@ def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, B, D, NROWS, stri
                      other=0.0)
         wv = tl.load(w_ptr + rows[:, None] * stride_w + d[None, :], mask=mask_r[:, None] & mask_d[None, :],
                      other=0.0)
-        acc = tl.dot(xv, tl.trans(wv), acc)
+        acc = tl.dot(xv, tl.trans(wv), acc, input_precision=PRECISION)
         if GATED:
             gv = tl.load(g_ptr + rows[:, None] * stride_w + d[None, :], mask=mask_r[:, None] & mask_d[None, :],
                          other=0.0)
-            acc_g = tl.dot(xv, tl.trans(gv), acc_g)
+            acc_g = tl.dot(xv, tl.trans(gv), acc_g, input_precision=PRECISION)
     if GATED:
         y = _activation(acc_g, ACT) * acc
     else:
@@ -155,7 +160,7 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int
     grid = (triton.cdiv(nrows, block_r),)
     _gather_gemm_kernel[grid](x, w, g, idx, out, batch, d, nrows, x.stride(0), w.stride(0), out.stride(0),
                               UNIT=unit, GATED=gate is not None, ACT=act, B_PAD=DOT_BATCH, BLOCK_R=block_r,
-                              BLOCK_D=block_d, num_warps=warps, num_stages=3)
+                              BLOCK_D=block_d, PRECISION=_precision(x), num_warps=warps, num_stages=3)
     return out
 
 
@@ -165,7 +170,7 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int
 @triton.jit
 def _gather_vecmat_kernel(h_ptr, wt_ptr, idx_ptr, acc_ptr, B, D, NROWS, ROWS_PER_SPLIT, stride_hb, stride_w,
                           stride_ab, UNIT: tl.constexpr, B_PAD: tl.constexpr, USE_DOT: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -187,7 +192,7 @@ def _gather_vecmat_kernel(h_ptr, wt_ptr, idx_ptr, acc_ptr, B, D, NROWS, ROWS_PER
         if USE_DOT:
             hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_r[None, :],
                          mask=mask_b[:, None] & mask_r[None, :], other=0.0)
-            acc = tl.dot(hv, wv, acc)
+            acc = tl.dot(hv, wv, acc, input_precision=PRECISION)
         else:
             hv = tl.load(h_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
             acc += tl.sum(wv.to(tl.float32) * hv[:, None], axis=0)
@@ -221,7 +226,7 @@ def gather_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor, unit
     grid = (triton.cdiv(d, block_d), splits)
     _gather_vecmat_kernel[grid](h, wt, idx, acc, batch, d, nrows, rows_per_split, h.stride(0), wt.stride(0),
                                 acc.stride(0), UNIT=unit, B_PAD=DOT_BATCH if use_dot else 1, USE_DOT=use_dot,
-                                BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+                                BLOCK_R=block_r, BLOCK_D=block_d, PRECISION=_precision(h), num_warps=warps)
 
 
 # ------------------------------------------------------------------------------------------------

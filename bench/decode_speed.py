@@ -1,0 +1,112 @@
+"""Decode speed sweep: dense vs sparse ms/token over MLP densities x head densities x batch sizes,
+in the graph-captured loop (CPU: eager), plus HF eager and copy bandwidth; JSON + PNG + table.
+
+Usage: python bench/decode_speed.py --synthetic llama-2-7b [--layers N] [--device cuda] [--dtype bfloat16]
+         [--batches 1,4,8] [--mlp 1.0,0.8,0.5,0.3,0.1] [--heads 1.0,0.5] [--tokens 64] [--out DIR]
+Synthetic (random) weights: speed only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dejavu.runtime import speed
+from dejavu.runtime.decode import DecodeModel
+from dejavu.runtime.synthetic import build_synthetic
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for b, by_b in result["sweep"].items():
+        line = None
+        for heads, pts in by_b["sparse"].items():
+            xs = [p["mlp_density"] for p in pts]
+            ys = [p["sparse_ms_per_token"] for p in pts]
+            (line,) = ax.plot(xs, ys, marker="o", label=f"sparse, batch {b}, heads {heads}",
+                              color=line.get_color() if line else None, linestyle="-" if heads == "1.0" else "--")
+        ax.axhline(by_b["dense_ms_per_token"], color=line.get_color(), linestyle=":", label=f"dense, batch {b}")
+    ax.set_xlabel("MLP density")
+    ax.set_ylabel("ms / token")
+    ax.set_title(f"{result['model']} (synthetic weights), {result['dtype']}, {result['device_name']}")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--synthetic", default="llama-2-7b")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batches", default="1,4,8")
+    ap.add_argument("--mlp", default="1.0,0.8,0.5,0.3,0.1")
+    ap.add_argument("--heads", default="1.0,0.5")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rank", type=int, default=None)
+    ap.add_argument("--hf-tokens", type=int, default=16)
+    ap.add_argument("--out", default="runs/decode-speed")
+    args = ap.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    model, adapter, preds = build_synthetic(args.synthetic, args.layers, device, dtype, 0.5, 0.5, rank=args.rank)
+    print(f"built {args.synthetic} ({adapter.num_layers} layers) in {time.time() - t0:.0f}s", flush=True)
+    max_len = speed.PROMPT_LEN + args.warmup + args.tokens + 8
+    dm = DecodeModel(model, adapter, None, device, dtype, max_len)
+    copy = speed.copy_bandwidth_gbps(device)
+    hf = speed.hf_eager_ms_per_token(model, 1, args.hf_tokens, device)
+    print(f"copy {copy:.0f} GB/s; HF eager {hf:.2f} ms/token", flush=True)
+    result = {"model": args.synthetic, "synthetic": True, "layers": adapter.num_layers, "device": str(device),
+              "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "dtype": args.dtype, "copy_bandwidth_gbps": copy, "hf_eager_ms_per_token": hf,
+              "predictor_rank": preds.meta.get("rank"), "decode_tokens": args.tokens, "warmup": args.warmup,
+              "kv_for_all_heads": True, "sweep": {}}
+    table = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        dm.attach_predictors(None)
+        dense = speed.batch_figures(dm, b, args.tokens, args.warmup, copy, with_sparse=False)
+        entry = {"dense_ms_per_token": dense["dense_ms_per_token"], "dense": dense, "sparse": {}}
+        print(f"batch {b}: dense {dense['dense_ms_per_token']:.3f} ms/token ({dense['dense_over_floor']:.2f}x floor)",
+              flush=True)
+        for heads in args.heads.split(","):
+            pts = []
+            for mlp in args.mlp.split(","):
+                if float(mlp) == 1.0 and float(heads) == 1.0:
+                    continue
+                dm.attach_predictors(preds.with_densities(float(mlp), float(heads)))
+                row = speed.batch_figures(dm, b, args.tokens, args.warmup, copy,
+                                          dense_ms=dense["dense_ms_per_token"])
+                row["mlp_density"], row["head_density"] = float(mlp), float(heads)
+                pts.append(row)
+                table.append((b, float(mlp), float(heads), dense["dense_ms_per_token"], row))
+                print(f"  mlp {mlp} heads {heads}: sparse {row['sparse_ms_per_token']:.3f} ms x{row['speedup']:.2f} "
+                      f"(bound x{row['bound_speedup']:.2f}, {row['fraction_of_bound']:.0%} of it; "
+                      f"predictors {row['predictor_share']:.0%})", flush=True)
+            entry["sparse"][heads] = pts
+        result["sweep"][str(b)] = entry
+        (out / "decode_speed.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / "decode_speed.png")
+    print("\nbatch mlp heads | dense ms sparse ms speedup bound frac | dense GB/s sparse GB/s pred%")
+    for b, mlp, heads, dms, r in table:
+        print(f"{b:5d} {mlp:3.1f} {heads:5.1f} | {dms:8.3f} {r['sparse_ms_per_token']:9.3f} {r['speedup']:7.2f} "
+              f"{r['bound_speedup']:5.2f} {r['fraction_of_bound']:4.0%} | {r['dense_gbps']:10.0f} "
+              f"{r['sparse_gbps']:11.0f} {r['predictor_share']:4.0%}")
+    print(f"HF eager {hf:.2f} ms/token; copy {copy:.0f} GB/s; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

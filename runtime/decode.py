@@ -1,0 +1,333 @@
+"""A gpt-fast-style decode loop for the Llama family (Llama, Mistral, Qwen2, SmolLM, Gemma 1).
+
+Weights are copied once from a loaded HF model into the layout the kernels read row by row:
+qkv fused as [(H+2KV)*hd, d] (q = its first H*hd rows), o and down transposed ([H*hd, d], [n, d]),
+gate and up stacked as [2, n, d]. Dense and sparse steps share everything else: the static KV cache,
+the fused residual+RMSNorm, RoPE+cache write and attention kernels, and CUDA-graph capture, so their
+timings compare like with like. Prefill is dense and eager (PyTorch SDPA).
+
+Sparse step, per layer: the predictors whose input is this layer's block input run first (the MLP's
+own, "current" pairing; the next layer's head predictor, "lookahead" pairing), each scoring [B, n]
+then taking a fixed top-k of the batch's per-unit maximum score (a unit any sequence wants is kept),
+so k is fixed per layer and the step has no host synchronisation. Attention computes q and o for the
+selected heads only and k/v for every KV head (the cache stays exact for later tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dejavu.errors import DejavuError
+from dejavu.predictor import LowRankPredictor, PredictorSet, units_for_density
+from dejavu.runtime import reference
+from dejavu.runtime.kernels import ops
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
+
+
+@dataclass
+class FoldedPredictor:
+    """A LowRankPredictor with its input normalisation folded into the first layer:
+    (x - m) * s @ w1.T + b1 == x @ (w1 * s).T + (b1 - (w1 * s) @ m)."""
+
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    relu: bool
+    k: int
+    source_layer: int  # whose block input it reads
+
+    @classmethod
+    def fold(cls, pred: LowRankPredictor, k: int, source_layer: int, device, dtype) -> FoldedPredictor:
+        w1 = pred.w1.detach().double() * pred.input_scale.detach().double()[None, :]
+        b1 = pred.b1.detach().double() - w1 @ pred.input_mean.detach().double()
+        cast = dict(device=device, dtype=dtype)
+        return cls(w1.to(**cast).contiguous(), b1.to(**cast), pred.w2.detach().to(**cast).contiguous(),
+                   pred.b2.detach().to(**cast), pred.activation == "relu", k, source_layer)
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.addmm(self.b1, x, self.w1.T)
+        if self.relu:
+            h = torch.relu(h)
+        scores = torch.addmm(self.b2, h, self.w2.T)
+        scores = scores.amax(0) if scores.shape[0] > 1 else scores[0]
+        idx = torch.topk(scores, self.k, sorted=False).indices
+        # On CPU, ascending rows let the gathers stream memory in order (measured faster).
+        return idx.sort().values if idx.device.type == "cpu" else idx
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w1, self.b1, self.w2, self.b2))
+
+
+@dataclass
+class LayerWeights:
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    wqkv: torch.Tensor  # [(H + 2KV) * hd, d]
+    bqkv: torch.Tensor | None
+    wo_t: torch.Tensor  # [H * hd, d]
+    gate_up: torch.Tensor  # [2, n, d]
+    down_t: torch.Tensor  # [n, d]
+    mlp_pred: FoldedPredictor | None = None
+    head_pred: FoldedPredictor | None = None
+
+
+@dataclass
+class DecodeState:
+    """Static buffers of one batch: everything a captured step reads or writes."""
+
+    tokens: torch.Tensor  # [B] int64, next input token (the step writes its argmax here)
+    pos: torch.Tensor  # [1] int64, cache position of that token (the step increments it)
+    h: torch.Tensor  # [B, d] residual stream
+    xn: torch.Tensor  # [B, d] normalised input of the next block
+    acc: torch.Tensor  # [B, d] fp32 accumulator of sparse down/o outputs, kept zeroed between uses
+    cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [B, KV, T, hd] k and v
+
+    @property
+    def batch(self) -> int:
+        return self.tokens.shape[0]
+
+
+class DecodeModel:
+    def __init__(self, model, adapter, predictors: PredictorSet | None, device, dtype, max_len: int):
+        cfg = model.config
+        model_type = getattr(cfg, "model_type", "")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise DejavuError(f"the decode runtime supports {', '.join(SUPPORTED_MODEL_TYPES)} models, not "
+                              f"{model_type!r}; use the reference runtime for other families")
+        s = adapter.shape()
+        self.d, self.n, self.H, self.KV, self.hd = (s.hidden_size, s.intermediate_size, s.num_heads,
+                                                    s.num_kv_heads, s.head_dim)
+        self.group = self.H // self.KV
+        self.device, self.dtype, self.max_len = torch.device(device), dtype, max_len
+        self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
+        gemma = model_type == "gemma"
+        self.norm_offset = 1.0 if gemma else 0.0
+        self.embed_scale = math.sqrt(self.d) if gemma else 1.0
+        self.act = reference.activation_code(adapter.activation_name())
+        self.scale = 1.0 / math.sqrt(self.hd)
+        cast = dict(device=self.device, dtype=dtype)
+        self.embed = model.get_input_embeddings().weight.detach().to(**cast)
+        self.lm_head = model.get_output_embeddings().weight.detach().to(**cast)
+        self.final_norm = model.model.norm.weight.detach().to(**cast)
+        self.cos, self.sin = self._rope_tables(model, max_len)
+        self.all_heads = torch.arange(self.H, device=self.device)
+        self.layers = [self._layer(adapter, layer, cast) for layer in adapter.decoder_layers()]
+        self.predictors = None
+        if predictors is not None:
+            self.attach_predictors(predictors)
+
+    # --- construction ---------------------------------------------------------------------------
+    def _layer(self, adapter, layer, cast) -> LayerWeights:
+        a, m = adapter.attention_weights(layer), adapter.mlp_weights(layer)
+        if m.gate is None or m.down_bias is not None or a.o_bias is not None:
+            raise DejavuError("the decode runtime expects a gated MLP without biases and an o projection "
+                              "without bias (Llama family)")
+        bqkv = None
+        if a.q_bias is not None:
+            bqkv = torch.cat([a.q_bias, a.k_bias, a.v_bias]).detach().to(**cast)
+        return LayerWeights(
+            ln1=layer.input_layernorm.weight.detach().to(**cast),
+            ln2=layer.post_attention_layernorm.weight.detach().to(**cast),
+            wqkv=torch.cat([a.q, a.k, a.v], 0).detach().to(**cast).contiguous(),
+            bqkv=bqkv,
+            wo_t=a.o.detach().t().to(**cast).contiguous(),
+            gate_up=torch.stack([m.gate.detach().to(**cast), m.up.detach().to(**cast)]).contiguous(),
+            down_t=m.down.detach().t().to(**cast).contiguous(),
+        )
+
+    def _rope_tables(self, model, max_len: int):
+        rotary = getattr(model.model, "rotary_emb", None)
+        if rotary is None:
+            raise DejavuError("model has no rotary embedding module (model.model.rotary_emb)")
+        positions = torch.arange(max_len, device=next(model.parameters()).device)[None]
+        probe = torch.zeros(1, device=positions.device, dtype=torch.float32)
+        with torch.no_grad():
+            cos, sin = rotary(probe, positions)
+        return (cos[0].to(self.device, torch.float32).contiguous(), sin[0].to(self.device, torch.float32).contiguous())
+
+    def attach_predictors(self, predictors: PredictorSet | None) -> None:
+        """(Re)fold predictors at their current densities; None leaves the model dense."""
+        self.predictors = predictors
+        for lw in self.layers:
+            lw.mlp_pred = lw.head_pred = None
+        if predictors is None:
+            return
+        if len(predictors.layers) != len(self.layers):
+            raise DejavuError(f"predictors cover {len(predictors.layers)} layers, the model has {len(self.layers)}")
+        for i, (lw, lp) in enumerate(zip(self.layers, predictors.layers, strict=True)):
+            k_mlp = units_for_density(lp.mlp_density, self.n)
+            k_heads = units_for_density(lp.head_density, self.H)
+            if lp.mlp is not None and k_mlp < self.n:
+                src = i if predictors.mlp_pairing == "current" else max(i - 1, 0)
+                lw.mlp_pred = FoldedPredictor.fold(lp.mlp, k_mlp, src, self.device, self.dtype)
+            if lp.attn is not None and k_heads < self.H:
+                src = i if predictors.head_pairing == "current" else max(i - 1, 0)
+                lw.head_pred = FoldedPredictor.fold(lp.attn, k_heads, src, self.device, self.dtype)
+
+    # --- buffers ----------------------------------------------------------------------------------
+    def new_state(self, batch: int) -> DecodeState:
+        dev, dt = self.device, self.dtype
+        shape = (batch, self.KV, self.max_len, self.hd)
+        return DecodeState(
+            tokens=torch.zeros(batch, dtype=torch.long, device=dev),
+            pos=torch.zeros(1, dtype=torch.long, device=dev),
+            h=torch.zeros(batch, self.d, dtype=dt, device=dev),
+            xn=torch.zeros(batch, self.d, dtype=dt, device=dev),
+            acc=torch.zeros(batch, self.d, dtype=torch.float32, device=dev),
+            cache=[(torch.zeros(shape, dtype=dt, device=dev), torch.zeros(shape, dtype=dt, device=dev))
+                   for _ in self.layers],
+        )
+
+    # --- dense prefill (eager) -----------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, st: DecodeState, prompt: torch.Tensor) -> torch.Tensor:
+        """Run the prompt [B, P] densely, fill the cache, set st.tokens to the greedy next token and
+        st.pos to P; returns the last position's logits [B, V]."""
+        batch, plen = prompt.shape
+        if plen >= self.max_len:
+            raise DejavuError(f"prompt of {plen} tokens does not fit the cache of {self.max_len}")
+        x = F.embedding(prompt.to(self.device), self.embed)
+        if self.embed_scale != 1.0:
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        cos, sin = self.cos[:plen][None, :, None], self.sin[:plen][None, :, None]
+        H, KV, hd = self.H, self.KV, self.hd
+        for lw, (kc, vc) in zip(self.layers, st.cache, strict=True):
+            xn = reference.rms_norm(x, lw.ln1, self.eps, self.norm_offset)
+            qkv = F.linear(xn, lw.wqkv, lw.bqkv)
+            q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
+            q = reference._rotate(q.view(batch, plen, H, hd), cos, sin)
+            k = reference._rotate(k.view(batch, plen, KV, hd), cos, sin)
+            v = v.view(batch, plen, KV, hd)
+            kc[:, :, :plen] = k.transpose(1, 2)
+            vc[:, :, :plen] = v.transpose(1, 2)
+            att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, scale=self.scale, enable_gqa=self.group > 1)
+            x = x + att.transpose(1, 2).reshape(batch, plen, H * hd) @ lw.wo_t
+            xn = reference.rms_norm(x, lw.ln2, self.eps, self.norm_offset)
+            gu = xn @ lw.gate_up.view(2 * self.n, self.d).T
+            a = reference.apply_activation(gu[..., :self.n].float(), self.act) * gu[..., self.n:].float()
+            x = x + a.to(x.dtype) @ lw.down_t
+        logits = F.linear(reference.rms_norm(x[:, -1], self.final_norm, self.eps, self.norm_offset), self.lm_head)
+        st.tokens.copy_(logits.argmax(-1))
+        st.pos.fill_(plen)
+        return logits
+
+    # --- one decode step (eager on CPU; captured in a CUDA graph on GPU) -------------------------------
+    def select(self, x: torch.Tensor, layer: int, heads: dict, mlp: dict) -> None:
+        """Run the predictors whose input is layer `layer`'s block input x."""
+        for j in (layer, layer + 1):
+            if j >= len(self.layers):
+                continue
+            lw = self.layers[j]
+            if lw.mlp_pred is not None and lw.mlp_pred.source_layer == layer and j not in mlp:
+                mlp[j] = lw.mlp_pred.select(x)
+            if lw.head_pred is not None and lw.head_pred.source_layer == layer and j not in heads:
+                heads[j] = lw.head_pred.select(x)
+
+    @torch.no_grad()
+    def step(self, st: DecodeState, sparse: bool) -> torch.Tensor:
+        batch, H, KV, hd, eps, off = st.batch, self.H, self.KV, self.hd, self.eps, self.norm_offset
+        h, xn, acc = st.h, st.xn, st.acc
+        torch.index_select(self.embed, 0, st.tokens, out=h)
+        if self.embed_scale != 1.0:
+            h.mul_(torch.tensor(self.embed_scale, dtype=h.dtype))
+        ops.residual_rmsnorm(h, None, self.layers[0].ln1, xn, eps, off, False)
+        heads_sel: dict[int, torch.Tensor] = {}
+        mlp_sel: dict[int, torch.Tensor] = {}
+        for i, (lw, (kc, vc)) in enumerate(zip(self.layers, st.cache, strict=True)):
+            if sparse:
+                self.select(h, i, heads_sel, mlp_sel)
+            hidx = heads_sel.get(i)
+            # attention
+            if hidx is not None:
+                q = ops.gather_matvec(xn, lw.wqkv, hidx, hd, None, 0)
+                if lw.bqkv is not None:
+                    q = q + lw.bqkv[:H * hd].view(H, hd).index_select(0, hidx).reshape(1, -1)
+                kv = F.linear(xn, lw.wqkv[H * hd:], None if lw.bqkv is None else lw.bqkv[H * hd:])
+                heads = hidx
+            else:
+                qkv = F.linear(xn, lw.wqkv, lw.bqkv)
+                q, kv = qkv[:, :H * hd], qkv[:, H * hd:]
+                heads = self.all_heads
+            q3 = q.view(batch, -1, hd)
+            ops.rope_cache_write(q3, kv[:, :KV * hd].view(batch, KV, hd), kv[:, KV * hd:].view(batch, KV, hd),
+                                 kc, vc, self.cos, self.sin, st.pos)
+            att = ops.decode_attention(q3, kc, vc, heads, self.group, st.pos, self.scale).view(batch, -1)
+            if hidx is not None:
+                ops.gather_vecmat_acc(att, lw.wo_t, hidx, hd, acc)
+                ops.residual_rmsnorm(h, acc, lw.ln2, xn, eps, off, True)
+            else:
+                ops.residual_rmsnorm(h, att @ lw.wo_t, lw.ln2, xn, eps, off, False)
+            # MLP
+            next_norm = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.final_norm
+            midx = mlp_sel.get(i)
+            if midx is not None:
+                a = ops.gather_matvec(xn, lw.gate_up[1], midx, 1, lw.gate_up[0], self.act)
+                ops.gather_vecmat_acc(a, lw.down_t, midx, 1, acc)
+                ops.residual_rmsnorm(h, acc, next_norm, xn, eps, off, True)
+            else:
+                a = ops.act_mul(xn @ lw.gate_up.view(2 * self.n, self.d).T, self.act)
+                ops.residual_rmsnorm(h, a @ lw.down_t, next_norm, xn, eps, off, False)
+        logits = F.linear(xn, self.lm_head)
+        st.tokens.copy_(logits.argmax(-1))
+        st.pos.add_(1)
+        return logits
+
+    @torch.no_grad()
+    def select_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every predictor of the sparse step on one input: times the predictors' share of a step."""
+        out = []
+        for lw in self.layers:
+            for pred in (lw.mlp_pred, lw.head_pred):
+                if pred is not None:
+                    out.append(pred.select(x))
+        return out
+
+    # --- byte accounting -------------------------------------------------------------------------------
+    def step_bytes(self, batch: int, context: int, sparse: bool) -> dict:
+        """Bytes one decode step reads from memory: weights (selected rows only when sparse), predictors,
+        the KV cache over `context` positions, the lm_head and one embedding row per sequence."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        d, hd = self.d, self.hd
+        weights = preds = cache = 0
+        for lw in self.layers:
+            mlp_rows = lw.mlp_pred.k if (sparse and lw.mlp_pred is not None) else self.n
+            heads = lw.head_pred.k if (sparse and lw.head_pred is not None) else self.H
+            kv_heads = min(self.KV, heads) if heads < self.H else self.KV
+            weights += (3 * mlp_rows + 2 * heads * hd + 2 * self.KV * hd) * d * item
+            cache += 2 * batch * kv_heads * context * hd * item
+            if sparse:
+                preds += sum(p.nbytes for p in (lw.mlp_pred, lw.head_pred) if p is not None)
+        head = (self.lm_head.numel() + batch * d) * item
+        return {"weights": weights, "predictors": preds, "kv_cache": cache, "lm_head_embed": head,
+                "total": weights + preds + cache + head}
+
+
+class GraphedStep:
+    """One decode step captured in a CUDA graph over a DecodeState's static buffers."""
+
+    def __init__(self, dm: DecodeModel, st: DecodeState, sparse: bool, warmup_steps: int = 2):
+        self.dm, self.st, self.sparse = dm, st, sparse
+        start_pos, start_tokens = st.pos.clone(), st.tokens.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compiles the Triton kernels and warms cuBLAS outside capture
+            for _ in range(warmup_steps):
+                dm.step(st, sparse)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = dm.step(st, sparse)
+        st.pos.copy_(start_pos)
+        st.tokens.copy_(start_tokens)
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.logits

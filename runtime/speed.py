@@ -1,0 +1,174 @@
+"""Decode speed, dense vs sparse, in the same loop: ms/token, tokens/s, bytes per step, achieved GB/s
+against a copy bandwidth measured in the same run, the predictors' share, and HF eager as baseline.
+
+On CUDA every step is one CUDA-graph replay (the step feeds its own argmax back, so replays run
+back to back with no host work) timed with CUDA events; on CPU the same step runs eagerly.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from dejavu.predictor import PredictorSet
+from dejavu.runtime.decode import DecodeModel, GraphedStep
+
+PROMPT_LEN = 16
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> float:
+    """Device-to-device (or RAM-to-RAM) copy, counting bytes read plus written; median of repeats."""
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 28)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 2):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times[2:]) / 1e9
+
+
+def _timed_loop(fn, device: torch.device, warmup: int, steps: int) -> float:
+    """Milliseconds per call of fn over `steps` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(steps):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / steps
+
+
+def decode_ms_per_token(dm: DecodeModel, batch: int, sparse: bool, steps: int, warmup: int, seed: int = 0) -> float:
+    st = dm.new_state(batch)
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(1, dm.embed.shape[0], (batch, PROMPT_LEN), generator=gen)
+    dm.prefill(st, prompt)
+    if dm.device.type == "cuda":
+        step = GraphedStep(dm, st, sparse)
+    else:
+        def step():
+            return dm.step(st, sparse)
+    return _timed_loop(step, dm.device, warmup, steps)
+
+
+def predictor_ms(dm: DecodeModel, batch: int, steps: int = 20) -> float:
+    """Time of all predictors + top-k of one step (on the residual-stream shape of the batch)."""
+    x = torch.randn(batch, dm.d, device=dm.device, dtype=dm.dtype)
+    if dm.device.type == "cuda":
+        dm.select_all(x)
+        torch.cuda.synchronize(dm.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            dm.select_all(x)
+        return _timed_loop(graph.replay, dm.device, 3, steps)
+    return _timed_loop(lambda: dm.select_all(x), dm.device, 1, max(2, steps // 5))
+
+
+@torch.no_grad()
+def hf_eager_ms_per_token(model, batch: int, steps: int, device: torch.device, warmup: int = 2) -> float:
+    """Hugging Face's own decode (model(..., past_key_values), eager): the baseline users know."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(1, vocab, (batch, PROMPT_LEN), device=device)
+    out = model(ids, use_cache=True)
+    state = {"past": out.past_key_values, "next": out.logits[:, -1].argmax(-1, keepdim=True)}
+
+    def one():
+        o = model(state["next"], past_key_values=state["past"], use_cache=True)
+        state["past"], state["next"] = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+
+    return _timed_loop(one, device, warmup, steps)
+
+
+def batch_figures(dm: DecodeModel, batch: int, decode_tokens: int, warmup: int, copy_gbps: float,
+                  dense_ms: float | None = None, with_sparse: bool = True) -> dict:
+    """One batch size: dense (unless given) and sparse timings, bytes and ratios."""
+    context = PROMPT_LEN + warmup + decode_tokens // 2
+    if dense_ms is None:
+        dense_ms = decode_ms_per_token(dm, batch, False, decode_tokens, warmup)
+    dense_bytes = dm.step_bytes(batch, context, sparse=False)["total"]
+    row = {
+        "dense_ms_per_token": dense_ms,
+        "dense_tokens_per_s": 1e3 * batch / dense_ms,
+        "dense_bytes_per_step": dense_bytes,
+        "dense_gbps": dense_bytes / dense_ms / 1e6,
+        "dense_floor_ms": dense_bytes / copy_gbps / 1e6,
+    }
+    row["dense_over_floor"] = dense_ms / row["dense_floor_ms"]
+    if with_sparse and dm.predictors is not None:
+        sparse_ms = decode_ms_per_token(dm, batch, True, decode_tokens, warmup)
+        sb = dm.step_bytes(batch, context, sparse=True)
+        pred = predictor_ms(dm, batch)
+        row.update({
+            "sparse_ms_per_token": sparse_ms,
+            "speedup": dense_ms / sparse_ms,
+            "sparse_tokens_per_s": 1e3 * batch / sparse_ms,
+            "sparse_bytes_per_step": sb["total"],
+            "sparse_predictor_bytes": sb["predictors"],
+            "sparse_gbps": sb["total"] / sparse_ms / 1e6,
+            "predictor_ms": pred,
+            "predictor_share": pred / sparse_ms,
+            "bound_speedup": dense_bytes / sb["total"],
+        })
+        row["fraction_of_bound"] = row["speedup"] / row["bound_speedup"]
+    else:
+        row.update({k: None for k in ("sparse_ms_per_token", "speedup", "sparse_tokens_per_s",
+                                      "sparse_bytes_per_step", "sparse_gbps", "predictor_share", "bound_speedup")})
+    return row
+
+
+def _mean_density(predictors: PredictorSet | None, attr: str) -> float:
+    if predictors is None:
+        return 1.0
+    return sum(getattr(lp, attr) for lp in predictors.layers) / len(predictors.layers)
+
+
+def speed_report(model, adapter, predictors: PredictorSet | None, *, device: torch.device, dtype: torch.dtype,
+                 batch_sizes: list[int], decode_tokens: int, warmup: int, hf_eager_tokens: int | None = None) -> dict:
+    """Dense vs sparse decode speed of `model` in the graph-captured loop (see module docstring)."""
+    device = torch.device(device)
+    max_len = PROMPT_LEN + warmup + decode_tokens + 8
+    dm = DecodeModel(model, adapter, predictors, device, dtype, max_len)
+    copy_gbps = copy_bandwidth_gbps(device)
+    hf_steps = hf_eager_tokens or min(decode_tokens, 16 if device.type == "cuda" else 4)
+    hf_ms = hf_eager_ms_per_token(model, 1, hf_steps, device)
+    batches = {str(b): batch_figures(dm, b, decode_tokens, warmup, copy_gbps) for b in batch_sizes}
+    first = batches[str(batch_sizes[0])]
+    return {
+        "batches": batches,
+        "copy_bandwidth_gbps": copy_gbps,
+        "hf_eager_ms_per_token": hf_ms,
+        "hf_eager_batch": 1,
+        "speedup_vs_hf_eager_dense": hf_ms / first["dense_ms_per_token"] if batch_sizes[0] == 1 else None,
+        "speedup_vs_hf_eager_sparse": (hf_ms / first["sparse_ms_per_token"]
+                                       if batch_sizes[0] == 1 and first["sparse_ms_per_token"] else None),
+        "mlp_density": _mean_density(predictors, "mlp_density"),
+        "head_density": _mean_density(predictors, "head_density"),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).replace("torch.", ""),
+        "runtime": "cuda-graph" if device.type == "cuda" else "eager",
+        "prompt_len": PROMPT_LEN,
+        "decode_tokens": decode_tokens,
+        "warmup": warmup,
+        "batch_selection": "top-k of the per-unit max score over the batch (fixed k per layer)",
+        "kv_for_all_heads": True,
+    }

@@ -82,15 +82,21 @@ def test_norm_rope_attention_match_reference(dtype):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma"])
-def test_graphed_decode_matches_cpu_reference(tiny_model_factory, model_type):
-    from transformers import AutoModelForCausalLM
+def test_graphed_decode_matches_cpu_reference(model_type):
+    from helpers import TINY_CONFIGS, TINY_VOCAB
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from dejavu.models.adapters import adapter_for
     from dejavu.predictor import PredictorSet
     from dejavu.runtime.decode import DecodeModel, GraphedStep
 
-    path = tiny_model_factory(model_type)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, vocab_size=TINY_VOCAB, **TINY_CONFIGS[model_type])
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
     adapter = adapter_for(model)
     s = adapter.shape()
     preds = PredictorSet.random(adapter.num_layers, s.hidden_size, s.intermediate_size, s.num_heads, 8, 0.5, 0.5)

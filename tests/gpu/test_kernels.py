@@ -83,12 +83,13 @@ def test_norm_rope_attention_match_reference(dtype):
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma"])
 def test_graphed_decode_matches_cpu_reference(model_type):
-    from helpers import TINY_CONFIGS, TINY_VOCAB
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from dejavu.models.adapters import adapter_for
     from dejavu.predictor import PredictorSet
     from dejavu.runtime.decode import DecodeModel, GraphedStep
+
+    from helpers import TINY_CONFIGS, TINY_VOCAB
 
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(model_type, vocab_size=TINY_VOCAB, **TINY_CONFIGS[model_type])

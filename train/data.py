@@ -46,6 +46,8 @@ class CollectRun:
 
     def __init__(self, run: str | Path, verify: bool = True):
         self.dir = Path(run) / "collect"
+        if not self.dir.is_dir():
+            raise DejavuError(f"{self.dir} does not exist: run `dejavu collect --out {run}` first")
         self.manifest = read_manifest(self.dir, "dejavu.collect", verify=verify)
         self.parent = parent_ref(self.dir, self.manifest)
         try:

@@ -1,0 +1,68 @@
+"""The same train-predictors command under torchrun with 2 CPU processes (gloo) matches 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dejavu.artifacts import read_manifest
+from dejavu.config import RunConfig
+from dejavu.train.synthetic import write_synthetic_collect
+from dejavu.train.train import run_train
+
+
+def _config() -> RunConfig:
+    cfg = RunConfig()
+    cfg.train.rank, cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = 8, 3, 256, 0.03
+    return cfg
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_two_processes_match_one(tmp_path):
+    single, double = tmp_path / "single", tmp_path / "double"
+    for run in (single, double):
+        write_synthetic_collect(run, num_layers=3, train_tokens=1024, eval_tokens=256, config=_config())
+
+    run_train(single, None, {})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # `-r`, not `--run`: torchrun's own parser rejects `--run` as an ambiguous prefix of `--run-path`.
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "dejavu.cli.main",
+           "train-predictors", "-r", str(double)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    one = json.loads((single / "predictors" / "metrics.json").read_text())
+    two = json.loads((double / "predictors" / "metrics.json").read_text())
+    assert set(one["layers"]) == set(two["layers"]) == {"0", "1", "2"}
+    for layer in one["layers"]:
+        for kind in ("mlp", "attn"):
+            for key, value in one["layers"][layer][kind].items():
+                assert two["layers"][layer][kind][key] == pytest.approx(value, abs=0.02), (layer, kind, key)
+    # Each process trained its own layers (l % 2), and they are the same predictors.
+    processes = {json.loads((double / "predictors" / "progress" / f"layer-{i:03d}.json").read_text())["process"]
+                 for i in range(3)}
+    assert processes == {0, 1}
+    for i in range(3):
+        a = load_file(str(single / "predictors" / "layers" / f"layer-{i:03d}.safetensors"))
+        b = load_file(str(double / "predictors" / "layers" / f"layer-{i:03d}.safetensors"))
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=2e-3, rtol=2e-2)
+    assert read_manifest(double / "predictors", "dejavu.predictors")["layers"] == 3
+
+
+def test_cli_runs_in_a_subprocess(tmp_path):
+    write_synthetic_collect(tmp_path, num_layers=1, train_tokens=512, eval_tokens=256, config=_config())
+    result = subprocess.run([sys.executable, "-m", "dejavu.cli.main", "train-predictors", "--run", str(tmp_path),
+                             "--mlp-density", "0.5", "--head-density", "0.25", "--rank", "4"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mass kept" in result.stdout + result.stderr
+    manifest = read_manifest(tmp_path / "predictors", "dejavu.predictors")
+    assert manifest["head_density"] == 0.25 and manifest["rank"] == 4

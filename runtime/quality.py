@@ -141,6 +141,16 @@ def dense_reference(model, tokens: torch.Tensor, window: int, stride: int, desc:
     return ref
 
 
+def reference_ppl(ref: DenseReference) -> dict:
+    """Dense perplexity straight from the stored log-probs (no forward pass)."""
+    nll, n = 0.0, 0
+    for w, lp in zip(ref.windows, ref.log_probs, strict=True):
+        targets = _targets(ref.tokens, w, lp.device)
+        nll -= lp.float().gather(-1, targets[:, None]).sum().item()
+        n += targets.numel()
+    return {"dense_ppl": math.exp(nll / max(n, 1)), "scored_tokens": n}
+
+
 @torch.no_grad()
 def score_against(model, runtime, ref: DenseReference, desc: str = "sparse") -> dict:
     """Metrics of `model` as hooked by `runtime` (every token sparse) against a stored dense reference."""

@@ -90,3 +90,35 @@ def test_bench_density_one_and_oracle(tmp_path, tiny_llama, tiny_bundle):
     assert oracle["mlp_density"] == 0.5 and oracle["sparse.ppl"] != oracle["dense.ppl"]
     with pytest.raises(DejavuError, match="bundle"):
         _bench(tmp_path, tiny_llama, None)
+
+
+def test_synthetic_bench_is_speed_only(tmp_path, tiny_llama, monkeypatch, capsys):
+    """--synthetic: random weights at real shapes; speed keys filled, quality keys null."""
+    import sys
+    import types
+
+    from dejavu.models.adapters import adapter_for
+    from dejavu.models.loading import load_model
+    from dejavu.predictor import PredictorSet
+
+    def build_synthetic(name, layers, device, dtype, mlp_density, head_density):
+        model, _, _ = load_model(str(tiny_llama), device="cpu", dtype="float32")
+        adapter = adapter_for(model)
+        s = adapter.shape()
+        preds = PredictorSet.random(adapter.num_layers, s.hidden_size, s.intermediate_size, s.num_heads, 8,
+                                    mlp_density, head_density)
+        return model, adapter, preds
+
+    fake = types.ModuleType("dejavu.runtime.synthetic")
+    fake.build_synthetic = build_synthetic
+    monkeypatch.setitem(sys.modules, "dejavu.runtime.synthetic", fake)
+    out = tmp_path / "synthetic.json"
+    run_bench(synthetic="tiny-shapes", json_out=out, config_file="tiny",
+              overrides={"runtime.device": "cpu", "runtime.batch_sizes": [1, 2]})
+    data = json.loads(out.read_text())
+    for key in CONTRACT_KEYS:
+        assert key in data, key
+    assert data["synthetic"] is True and data["dense.ppl"] is None and data["top1_agreement"] is None
+    assert data["batch_size"] == 1 and data["dense.ms_per_token"] > 0 and data["speedup"] > 0
+    assert set(data["speed"]["batches"]) == {"1", "2"}
+    assert "synthetic weights" in capsys.readouterr().out

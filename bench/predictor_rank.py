@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                       held_out.mlp_act, cfg.train.mlp_density)
                 row = {"layer": layer, "rank": rank, "loss": loss, "pairing": args.pairing,
                        "train_tokens": train.tokens, "seconds": round(seconds, 2),
-                       **{f"mlp_{k}": v for k, v in m.items()}, **predictor_cost(collect.model, rank)}
+                       **{f"mlp_{k}": v for k, v in m.items()}, **predictor_cost(collect.model, rank, cfg.train.hidden_activation)}
                 if args.heads:
                     attn = fit_predictor(train.x_attn, head_targets(train.head_norms, cfg.train.head_density),
                                          cfg=cfg, density=cfg.train.head_density, seed=cfg.train.seed + layer,

@@ -97,6 +97,12 @@ def _loss(scores: torch.Tensor, target: torch.Tensor, kind: str, pos_weight: tor
     return loss
 
 
+def predictor_rank(rank: int, n_out: int, activation: str) -> int:
+    """A linear low-rank map wider than its output is no more expressive than rank n_out: the head
+    predictor (a handful of outputs) would otherwise cost as much as the MLP's."""
+    return min(rank, n_out) if activation == "none" else rank
+
+
 def fit_predictor(x: torch.Tensor, target: torch.Tensor, *, cfg: RunConfig, density: float, seed: int,
                   device: torch.device, desc: str, show: bool) -> LowRankPredictor:
     """Train one predictor on x [T, d] -> target [T, n] (bool); returns it on the CPU, float32."""
@@ -105,7 +111,7 @@ def fit_predictor(x: torch.Tensor, target: torch.Tensor, *, cfg: RunConfig, dens
     n_out = target.shape[1]
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    pred = LowRankPredictor(d_in, n_out, t.rank, t.hidden_activation)
+    pred = LowRankPredictor(d_in, n_out, predictor_rank(t.rank, n_out, t.hidden_activation), t.hidden_activation)
     mean, std = _input_stats(x)
     pred.set_input_stats(mean, std)
     pred.to(device)
@@ -235,12 +241,13 @@ def layer_weight_bytes(model: dict, itemsize: int = 2) -> int:
     return (mlp + h * q + 2 * h * kv + q * h) * itemsize
 
 
-def predictor_cost(model: dict, rank: int, itemsize: int = 2) -> dict:
+def predictor_cost(model: dict, rank: int, activation: str = "none", itemsize: int = 2) -> dict:
     """Predictor bytes per layer, alone and as a share of the layer's weight bytes (same dtype)."""
     h = model["hidden_size"]
 
     def size(n_out: int) -> int:
-        return (rank * h + rank + n_out * rank + n_out + 2 * h) * itemsize
+        r = predictor_rank(rank, n_out, activation)
+        return (r * h + r + n_out * r + n_out + 2 * h) * itemsize
 
     mlp, attn = size(model["intermediate_size"]), size(model["num_heads"])
     layer = layer_weight_bytes(model, itemsize)
@@ -318,7 +325,7 @@ def _finish(out: Path, cfg: RunConfig, collect: CollectRun, layers: list[int], k
         records[layer] = record
     per_layer = {str(layer): records[layer]["metrics"] for layer in layers}
     means = {kind: mean_metrics([per_layer[str(layer)][kind] for layer in layers]) for kind in KINDS}
-    cost = predictor_cost(collect.model, cfg.train.rank)
+    cost = predictor_cost(collect.model, cfg.train.rank, cfg.train.hidden_activation)
     metrics = {
         "mlp_density": cfg.train.mlp_density, "head_density": cfg.train.head_density,
         "mlp_pairing": cfg.train.mlp_pairing, "head_pairing": cfg.train.head_pairing,
@@ -332,6 +339,7 @@ def _finish(out: Path, cfg: RunConfig, collect: CollectRun, layers: list[int], k
     manifest = write_manifest(
         out, "dejavu.predictors", cfg.to_dict(), files, parent=collect.parent,
         model=collect.model, layers=len(layers), layer_indices=layers, rank=cfg.train.rank,
+        attn_rank=predictor_rank(cfg.train.rank, collect.heads, cfg.train.hidden_activation),
         hidden_activation=cfg.train.hidden_activation, mlp_pairing=cfg.train.mlp_pairing,
         head_pairing=cfg.train.head_pairing, mlp_density=cfg.train.mlp_density,
         head_density=cfg.train.head_density, metrics=means, predictor_cost=cost,

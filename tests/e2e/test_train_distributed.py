@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -35,8 +36,16 @@ def test_two_processes_match_one(tmp_path):
     # `-r`, not `--run`: torchrun's own parser rejects `--run` as an ambiguous prefix of `--run-path`.
     cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "dejavu.cli.main",
            "train-predictors", "-r", str(double)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # Its own session, so a timeout ends torchrun's workers too, not just torchrun.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
 
     one = json.loads((single / "predictors" / "metrics.json").read_text())
     two = json.loads((double / "predictors" / "metrics.json").read_text())

@@ -72,12 +72,7 @@ def main() -> None:
             k = int(n * density)
             idx = torch.randperm(n, device=dev)[:k]
             sel_bytes = 3 * k * d * 2
-            configs = [None]
-            if batch == 1:
-                configs += [(1, 2048, 4), (2, 1024, 4), (4, 1024, 4), (4, 512, 4), (8, 512, 4), (8, 1024, 8),
-                            (16, 256, 4)]
-            else:
-                configs += [(16, 128, 4), (32, 128, 4), (32, 64, 4), (64, 64, 4)]
+            configs = [None, (16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 64, 4), (64, 64, 4), (16, 128, 8)]
             best = default_ms = None
             for cfg in configs:
                 def sparse(i=0, cfg=cfg, x=x, idx=idx, acc=acc):

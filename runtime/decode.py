@@ -41,6 +41,7 @@ class FoldedPredictor:
     relu: bool
     k: int
     source_layer: int  # whose block input it reads
+    out: torch.Tensor  # [k] int64: static buffer the selection is written to (graph-safe across streams)
 
     @classmethod
     def fold(cls, pred: LowRankPredictor, k: int, source_layer: int, device, dtype) -> FoldedPredictor:
@@ -48,17 +49,15 @@ class FoldedPredictor:
         b1 = pred.b1.detach().double() - w1 @ pred.input_mean.detach().double()
         cast = dict(device=device, dtype=dtype)
         return cls(w1.to(**cast).contiguous(), b1.to(**cast), pred.w2.detach().to(**cast).contiguous(),
-                   pred.b2.detach().to(**cast), pred.activation == "relu", k, source_layer)
+                   pred.b2.detach().to(**cast), pred.activation == "relu", k, source_layer,
+                   torch.empty(k, dtype=torch.long, device=device))
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.addmm(self.b1, x, self.w1.T)
         if self.relu:
             h = torch.relu(h)
-        scores = torch.addmm(self.b2, h, self.w2.T)
-        scores = scores.amax(0) if scores.shape[0] > 1 else scores[0]
-        idx = torch.topk(scores, self.k, sorted=False).indices
-        # On CPU, ascending rows let the gathers stream memory in order (measured faster).
-        return idx.sort().values if idx.device.type == "cpu" else idx
+        ops.select_topk(torch.addmm(self.b2, h, self.w2.T), self.out)
+        return self.out
 
     @property
     def nbytes(self) -> int:
@@ -84,7 +83,9 @@ class DecodeState:
 
     tokens: torch.Tensor  # [B] int64, next input token (the step writes its argmax here)
     pos: torch.Tensor  # [1] int64, cache position of that token (the step increments it)
-    h: torch.Tensor  # [B, d] residual stream
+    hs: list[torch.Tensor]  # L+1 x [B, d]: block inputs of each layer (never overwritten within a step, so
+    # predictors may read them on a side stream while the layer runs), the last one the final residual
+    hmid: torch.Tensor  # [B, d] residual stream between attention and MLP
     xn: torch.Tensor  # [B, d] normalised input of the next block
     acc: torch.Tensor  # [B, d] fp32 accumulator of sparse down/o outputs, kept zeroed between uses
     cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [B, KV, T, hd] k and v
@@ -95,7 +96,8 @@ class DecodeState:
 
 
 class DecodeModel:
-    def __init__(self, model, adapter, predictors: PredictorSet | None, device, dtype, max_len: int):
+    def __init__(self, model, adapter, predictors: PredictorSet | None, device, dtype, max_len: int,
+                 dense_impl: str = "cublas", overlap_predictors: bool = True):
         cfg = model.config
         model_type = getattr(cfg, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -118,6 +120,14 @@ class DecodeModel:
         self.final_norm = model.model.norm.weight.detach().to(**cast)
         self.cos, self.sin = self._rope_tables(model, max_len)
         self.all_heads = torch.arange(self.H, device=self.device)
+        self.all_neurons = torch.arange(self.n, device=self.device)
+        self.all_qkv_rows = torch.arange((self.H + 2 * self.KV) * self.hd, device=self.device)
+        if dense_impl not in ("cublas", "triton"):
+            raise ValueError(f"dense_impl must be cublas or triton, not {dense_impl!r}")
+        # "triton": the dense step runs the same gather kernels over every row (no predictor)
+        self.dense_impl = dense_impl
+        # Predictors run on a side stream, overlapping the layer they do not feed (CUDA only)
+        self.pred_stream = torch.cuda.Stream(self.device) if overlap_predictors and self.device.type == "cuda" else None
         self.layers = [self._layer(adapter, layer, cast) for layer in adapter.decoder_layers()]
         self.predictors = None
         if predictors is not None:
@@ -178,7 +188,8 @@ class DecodeModel:
         return DecodeState(
             tokens=torch.zeros(batch, dtype=torch.long, device=dev),
             pos=torch.zeros(1, dtype=torch.long, device=dev),
-            h=torch.zeros(batch, self.d, dtype=dt, device=dev),
+            hs=[torch.zeros(batch, self.d, dtype=dt, device=dev) for _ in range(len(self.layers) + 1)],
+            hmid=torch.zeros(batch, self.d, dtype=dt, device=dev),
             xn=torch.zeros(batch, self.d, dtype=dt, device=dev),
             acc=torch.zeros(batch, self.d, dtype=torch.float32, device=dev),
             cache=[(torch.zeros(shape, dtype=dt, device=dev), torch.zeros(shape, dtype=dt, device=dev))
@@ -221,31 +232,58 @@ class DecodeModel:
 
     # --- one decode step (eager on CPU; captured in a CUDA graph on GPU) -------------------------------
     def select(self, x: torch.Tensor, layer: int, heads: dict, mlp: dict) -> None:
-        """Run the predictors whose input is layer `layer`'s block input x."""
+        """Run the predictors whose input is layer `layer`'s block input x; on CUDA on the side stream,
+        storing (indices, event) so the consumer waits only when it needs them."""
+        todo = []
         for j in (layer, layer + 1):
             if j >= len(self.layers):
                 continue
             lw = self.layers[j]
             if lw.mlp_pred is not None and lw.mlp_pred.source_layer == layer and j not in mlp:
-                mlp[j] = lw.mlp_pred.select(x)
+                todo.append((mlp, j, lw.mlp_pred))
             if lw.head_pred is not None and lw.head_pred.source_layer == layer and j not in heads:
-                heads[j] = lw.head_pred.select(x)
+                todo.append((heads, j, lw.head_pred))
+        if not todo:
+            return
+        if self.pred_stream is None or not x.is_cuda:
+            for table, j, pred in todo:
+                table[j] = (pred.select(x), None)
+            return
+        self.pred_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.pred_stream):
+            for _, _, pred in todo:
+                pred.select(x)
+            done = torch.cuda.Event()
+            done.record(self.pred_stream)
+        for table, j, pred in todo:
+            table[j] = (pred.out, done)
+
+    @staticmethod
+    def _take(table: dict, layer: int) -> torch.Tensor | None:
+        entry = table.get(layer)
+        if entry is None:
+            return None
+        idx, event = entry
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+        return idx
 
     @torch.no_grad()
     def step(self, st: DecodeState, sparse: bool) -> torch.Tensor:
         batch, H, KV, hd, eps, off = st.batch, self.H, self.KV, self.hd, self.eps, self.norm_offset
-        h, xn, acc = st.h, st.xn, st.acc
-        torch.index_select(self.embed, 0, st.tokens, out=h)
+        hs, hmid, xn, acc = st.hs, st.hmid, st.xn, st.acc
+        triton_dense = self.dense_impl == "triton"
+        torch.index_select(self.embed, 0, st.tokens, out=hs[0])
         if self.embed_scale != 1.0:
-            h.mul_(torch.tensor(self.embed_scale, dtype=h.dtype))
-        ops.residual_rmsnorm(h, None, self.layers[0].ln1, xn, eps, off, False)
-        heads_sel: dict[int, torch.Tensor] = {}
-        mlp_sel: dict[int, torch.Tensor] = {}
+            hs[0].mul_(torch.tensor(self.embed_scale, dtype=hs[0].dtype))
+        ops.residual_rmsnorm(hs[0], None, self.layers[0].ln1, xn, eps, off, False, hmid)
+        heads_sel: dict[int, tuple] = {}
+        mlp_sel: dict[int, tuple] = {}
         for i, (lw, (kc, vc)) in enumerate(zip(self.layers, st.cache, strict=True)):
             if sparse:
-                self.select(h, i, heads_sel, mlp_sel)
-            hidx = heads_sel.get(i)
-            # attention
+                self.select(hs[i], i, heads_sel, mlp_sel)
+            # attention: q for the selected heads, k/v for all KV heads
+            hidx = self._take(heads_sel, i)
             if hidx is not None:
                 q = ops.gather_matvec(xn, lw.wqkv, hidx, hd, None, 0)
                 if lw.bqkv is not None:
@@ -253,28 +291,35 @@ class DecodeModel:
                 kv = F.linear(xn, lw.wqkv[H * hd:], None if lw.bqkv is None else lw.bqkv[H * hd:])
                 heads = hidx
             else:
-                qkv = F.linear(xn, lw.wqkv, lw.bqkv)
+                if triton_dense:
+                    qkv = ops.gather_matvec(xn, lw.wqkv, self.all_qkv_rows, 1, None, 0)
+                    if lw.bqkv is not None:
+                        qkv = qkv + lw.bqkv
+                else:
+                    qkv = F.linear(xn, lw.wqkv, lw.bqkv)
                 q, kv = qkv[:, :H * hd], qkv[:, H * hd:]
                 heads = self.all_heads
             q3 = q.view(batch, -1, hd)
             ops.rope_cache_write(q3, kv[:, :KV * hd].view(batch, KV, hd), kv[:, KV * hd:].view(batch, KV, hd),
                                  kc, vc, self.cos, self.sin, st.pos)
             att = ops.decode_attention(q3, kc, vc, heads, self.group, st.pos, self.scale).view(batch, -1)
-            if hidx is not None:
-                ops.gather_vecmat_acc(att, lw.wo_t, hidx, hd, acc)
-                ops.residual_rmsnorm(h, acc, lw.ln2, xn, eps, off, True)
+            if hidx is not None or triton_dense:
+                ops.gather_vecmat_acc(att, lw.wo_t, heads, hd, acc)
+                ops.residual_rmsnorm(hs[i], acc, lw.ln2, xn, eps, off, True, hmid)
             else:
-                ops.residual_rmsnorm(h, att @ lw.wo_t, lw.ln2, xn, eps, off, False)
-            # MLP
+                ops.residual_rmsnorm(hs[i], att @ lw.wo_t, lw.ln2, xn, eps, off, False, hmid)
+            # MLP: the selected neurons' rows of gate, up and down^T only
             next_norm = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.final_norm
-            midx = mlp_sel.get(i)
+            midx = self._take(mlp_sel, i)
+            if midx is None and triton_dense:
+                midx = self.all_neurons
             if midx is not None:
                 a = ops.gather_matvec(xn, lw.gate_up[1], midx, 1, lw.gate_up[0], self.act)
                 ops.gather_vecmat_acc(a, lw.down_t, midx, 1, acc)
-                ops.residual_rmsnorm(h, acc, next_norm, xn, eps, off, True)
+                ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, hs[i + 1])
             else:
                 a = ops.act_mul(xn @ lw.gate_up.view(2 * self.n, self.d).T, self.act)
-                ops.residual_rmsnorm(h, a @ lw.down_t, next_norm, xn, eps, off, False)
+                ops.residual_rmsnorm(hmid, a @ lw.down_t, next_norm, xn, eps, off, False, hs[i + 1])
         logits = F.linear(xn, self.lm_head)
         st.tokens.copy_(logits.argmax(-1))
         st.pos.add_(1)

@@ -5,7 +5,8 @@ Shapes (B = batch, d = hidden, K = selected units, U = rows per unit: 1 for neur
     gather_matvec(x [B,d], w [R,d], idx [K], unit, gate=None, act)  -> [B, K*U]
         rows r = idx[j // U] * U + j % U; y = x @ w[r].T; gated: act(x @ gate[r].T) * y, plain: act(y)
     gather_vecmat_acc(h [B,K*U], wt [R,d], idx [K], unit, acc [B,d] fp32)   acc += h @ wt[r]
-    residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta)       h += delta; out = norm(h)
+    residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta, h_out)  h_out = h + delta; out = norm(h_out)
+    select_topk(scores [B,n], k) -> [k]   indices (ascending) of the top-k of the batch's per-unit max
     rope_cache_write(q, k, v, kc, vc, cos, sin, pos)                         rotate q, k; cache k, v at pos
     decode_attention(q [B,Hs,hd], kc [B,KV,T,hd], vc, heads [Hs], group, pos, scale) -> [B,Hs,hd]
 CPU notes (measured, see bench/mlp_kernel.py --cpu): index_select materialises the selected rows, so
@@ -99,12 +100,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
 
 
 def residual_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor,
-                     eps: float, offset: float = 0.0, zero_delta: bool = False) -> None:
+                     eps: float, offset: float = 0.0, zero_delta: bool = False,
+                     h_out: torch.Tensor | None = None) -> None:
+    """h_out = h + delta (h itself when h_out is None); out = RMSNorm(h_out); delta zeroed if asked.
+    No delta: out = RMSNorm(h)."""
     if delta is not None:
-        h.copy_((h.float() + delta.float()).to(h.dtype))
+        target = h if h_out is None else h_out
+        target.copy_((h.float() + delta.float()).to(h.dtype))
+        h = target
         if zero_delta:
             delta.zero_()
     out.copy_(rms_norm(h, weight, eps, offset))
+
+
+def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest per-unit maxima over the batch, ascending (rows then stream in order)."""
+    s = scores.amax(0) if scores.shape[0] > 1 else scores[0]
+    return torch.topk(s.float(), k, sorted=False).indices.sort().values
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

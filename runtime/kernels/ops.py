@@ -48,19 +48,35 @@ def _(h, wt, idx, unit, acc):
     return None
 
 
-@torch.library.custom_op("dejavu::residual_rmsnorm", mutates_args=("h", "delta", "out"))
+@torch.library.custom_op("dejavu::residual_rmsnorm", mutates_args=("delta", "out", "h_out"))
 def residual_rmsnorm(h: Tensor, delta: Tensor | None, weight: Tensor, out: Tensor, eps: float, offset: float,
-                     zero_delta: bool) -> None:
-    reference.residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta)
+                     zero_delta: bool, h_out: Tensor) -> None:
+    reference.residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta, h_out)
 
 
 @residual_rmsnorm.register_kernel("cuda")
-def _(h, delta, weight, out, eps, offset, zero_delta):
-    _triton().residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta)
+def _(h, delta, weight, out, eps, offset, zero_delta, h_out):
+    _triton().residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta, h_out)
 
 
 @residual_rmsnorm.register_fake
-def _(h, delta, weight, out, eps, offset, zero_delta):
+def _(h, delta, weight, out, eps, offset, zero_delta, h_out):
+    return None
+
+
+@torch.library.custom_op("dejavu::select_topk", mutates_args=("out",))
+def select_topk(scores: Tensor, out: Tensor) -> None:
+    """out [k] = ascending indices of the top-k of the batch's per-unit max score (k = out.numel())."""
+    out.copy_(reference.select_topk(scores, out.numel()))
+
+
+@select_topk.register_kernel("cuda")
+def _(scores, out):
+    _triton().select_topk(scores, out.numel(), out)
+
+
+@select_topk.register_fake
+def _(scores, out):
     return None
 
 

@@ -125,9 +125,11 @@ def fit_predictor(x: torch.Tensor, target: torch.Tensor, *, cfg: RunConfig, dens
     warmup = max(1, total // 50)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))))
+    # One layer's data fits on any accelerator; moving it once beats a host copy per batch.
+    x, target = x.to(device), target.to(device)
     bar = tqdm(total=total, desc=desc, leave=False, disable=not show, unit="step")
     for _ in range(t.epochs):
-        order = torch.randperm(tokens, generator=gen)
+        order = torch.randperm(tokens, generator=gen).to(device)
         for start in range(0, tokens, t.batch_size):
             idx = order[start:start + t.batch_size]
             xb = x[idx].to(device, torch.float32, non_blocking=True)

@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -260,7 +261,7 @@ def predictor_cost(model: dict, rank: int, activation: str = "none", itemsize: i
 def run_train(run: Path, config_file: str | None = None, overrides: dict | None = None,
               overwrite: bool = False) -> dict | None:
     """Train every layer's predictors from RUN/collect/ into RUN/predictors/; returns the manifest (rank 0)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, InitProcessGroupKwargs
 
     run = Path(run)
     collect = CollectRun(run)
@@ -272,7 +273,10 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
         if not 0 <= layer < collect.num_layers:
             raise DejavuError(f"train.layers lists layer {layer}; the model has {collect.num_layers}")
 
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    # cpu=True is what makes accelerate join a torchrun group over gloo when there is no GPU; the long
+    # timeout lets rank 0 wait at the final barrier for the slowest rank's layers.
+    acc = Accelerator(cpu=not torch.cuda.is_available(),
+                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
     main = acc.is_main_process
     out = run / "predictors"
     if main:

@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rank", type=int, default=None)
     ap.add_argument("--hf-tokens", type=int, default=16)
+    ap.add_argument("--mlp-pairing", default="current", choices=["current", "lookahead"],
+                    help="which block input the MLP predictor reads (lookahead lets it overlap a whole layer)")
     ap.add_argument("--out", default="runs/decode-speed")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -64,6 +66,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     model, adapter, preds = build_synthetic(args.synthetic, args.layers, device, dtype, 0.5, 0.5, rank=args.rank)
+    preds.mlp_pairing = args.mlp_pairing
     print(f"built {args.synthetic} ({adapter.num_layers} layers) in {time.time() - t0:.0f}s", flush=True)
     max_len = speed.PROMPT_LEN + args.warmup + args.tokens + 8
     dm = DecodeModel(model, adapter, None, device, dtype, max_len)
@@ -74,7 +77,8 @@ def main() -> None:
               "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "dtype": args.dtype, "copy_bandwidth_gbps": copy, "hf_eager_ms_per_token": hf,
               "predictor_rank": preds.meta.get("rank"), "decode_tokens": args.tokens, "warmup": args.warmup,
-              "kv_for_all_heads": True, "sweep": {}}
+              "kv_for_all_heads": True, "mlp_pairing": preds.mlp_pairing, "head_pairing": preds.head_pairing,
+              "sweep": {}}
     table = []
     for b in [int(x) for x in args.batches.split(",")]:
         dm.attach_predictors(None)

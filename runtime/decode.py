@@ -285,10 +285,12 @@ class DecodeModel:
             # attention: q for the selected heads, k/v for all KV heads
             hidx = self._take(heads_sel, i)
             if hidx is not None:
-                q = ops.gather_matvec(xn, lw.wqkv, hidx, hd, None, 0)
+                # one launch: the selected heads' q rows, then every k and v row
+                qkv = ops.gather_matvec(xn, lw.wqkv, hidx, hd, None, 0, 2 * KV * hd)
                 if lw.bqkv is not None:
-                    q = q + lw.bqkv[:H * hd].view(H, hd).index_select(0, hidx).reshape(1, -1)
-                kv = F.linear(xn, lw.wqkv[H * hd:], None if lw.bqkv is None else lw.bqkv[H * hd:])
+                    qkv = qkv + torch.cat([lw.bqkv[:H * hd].view(H, hd).index_select(0, hidx).reshape(-1),
+                                           lw.bqkv[H * hd:]])
+                q, kv = qkv[:, :hidx.numel() * hd], qkv[:, hidx.numel() * hd:]
                 heads = hidx
             else:
                 if triton_dense:

@@ -2,8 +2,8 @@
 against, and the CPU fallback (dejavu.runtime.kernels.ops dispatches here off-GPU).
 
 Shapes (B = batch, d = hidden, K = selected units, U = rows per unit: 1 for neurons, head_dim for heads):
-    gather_matvec(x [B,d], w [R,d], idx [K], unit, gate=None, act)  -> [B, K*U]
-        rows r = idx[j // U] * U + j % U; y = x @ w[r].T; gated: act(x @ gate[r].T) * y, plain: act(y)
+    gather_matvec(x [B,d], w [R,d], idx [K], unit, gate=None, act, tail=0)  -> [B, K*U + tail]
+        rows r = idx[j // U] * U + j % U, then w's last `tail` rows; y = x @ w[r].T; gated: act(x @ gate[r].T) * y
     gather_vecmat_acc(h [B,K*U], wt [R,d], idx [K], unit, acc [B,d] fp32)   acc += h @ wt[r]
     residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta, h_out)  h_out = h + delta; out = norm(h_out)
     select_topk(scores [B,n], k) -> [k]   indices (ascending) of the top-k of the batch's per-unit max
@@ -70,8 +70,10 @@ def _rows_dot(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> torch.Ten
 
 
 def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int = 1,
-                  gate: torch.Tensor | None = None, act: int = 0) -> torch.Tensor:
+                  gate: torch.Tensor | None = None, act: int = 0, tail: int = 0) -> torch.Tensor:
     rows = expand_rows(idx, unit)
+    if tail:
+        rows = torch.cat([rows, torch.arange(w.shape[0] - tail, w.shape[0], device=rows.device)])
     y = _rows_dot(x, w, rows)
     if gate is not None:
         g = _rows_dot(x, gate, rows)

@@ -19,18 +19,19 @@ def _triton():
 
 
 @torch.library.custom_op("dejavu::gather_matvec", mutates_args=())
-def gather_matvec(x: Tensor, w: Tensor, idx: Tensor, unit: int, gate: Tensor | None, act: int) -> Tensor:
-    return reference.gather_matvec(x, w, idx, unit, gate, act)
+def gather_matvec(x: Tensor, w: Tensor, idx: Tensor, unit: int, gate: Tensor | None, act: int,
+                  tail: int = 0) -> Tensor:
+    return reference.gather_matvec(x, w, idx, unit, gate, act, tail)
 
 
 @gather_matvec.register_kernel("cuda")
-def _(x, w, idx, unit, gate, act):
-    return _triton().gather_matvec(x, w, idx, unit, gate, act)
+def _(x, w, idx, unit, gate, act, tail=0):
+    return _triton().gather_matvec(x, w, idx, unit, gate, act, tail)
 
 
 @gather_matvec.register_fake
-def _(x, w, idx, unit, gate, act):
-    return x.new_empty(x.shape[0], idx.shape[0] * unit)
+def _(x, w, idx, unit, gate, act, tail=0):
+    return x.new_empty(x.shape[0], idx.shape[0] * unit + tail)
 
 
 @torch.library.custom_op("dejavu::gather_vecmat_acc", mutates_args=("acc",))

@@ -62,14 +62,15 @@ def _activation(x, ACT: tl.constexpr):
 # gather_matvec: y[b, j] = act(x[b] . gate[r_j]) * (x[b] . w[r_j])   (or act(x[b] . w[r_j]) ungated)
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _gather_gemv_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, D, NROWS, stride_w,
+def _gather_gemv_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, D, NROWS, NSEL, TAIL_START, stride_w,
                         UNIT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
     pid = tl.program_id(0)
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < NROWS
-    unit = tl.load(idx_ptr + offs_r // UNIT, mask=mask_r, other=0).to(tl.int64)
-    rows = unit * UNIT + (offs_r % UNIT)
+    sel = offs_r < NSEL
+    unit = tl.load(idx_ptr + offs_r // UNIT, mask=mask_r & sel, other=0).to(tl.int64)
+    rows = tl.where(sel, unit * UNIT + (offs_r % UNIT), TAIL_START + offs_r - NSEL)
     offs_d = tl.arange(0, BLOCK_D)
     w_rows = w_ptr + rows[:, None] * stride_w
     g_rows = g_ptr + rows[:, None] * stride_w
@@ -98,14 +99,16 @@ def _gather_gemv_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, D, NROWS, stride_
 
 
 @triton.jit
-def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, B, D, NROWS, stride_xb, stride_w, stride_ob,
-                        UNIT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, B_PAD: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, B, D, NROWS, NSEL, TAIL_START, stride_xb,
+                        stride_w, stride_ob, UNIT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+                        B_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < NROWS
-    unit = tl.load(idx_ptr + offs_r // UNIT, mask=mask_r, other=0).to(tl.int64)
-    rows = unit * UNIT + (offs_r % UNIT)
+    sel = offs_r < NSEL
+    unit = tl.load(idx_ptr + offs_r // UNIT, mask=mask_r & sel, other=0).to(tl.int64)
+    rows = tl.where(sel, unit * UNIT + (offs_r % UNIT), TAIL_START + offs_r - NSEL)
     offs_b = tl.arange(0, B_PAD)
     mask_b = offs_b < B
     offs_d = tl.arange(0, BLOCK_D)
@@ -139,9 +142,13 @@ def gemv_config(nrows: int, sms: int) -> tuple[int, int, int]:
 
 
 def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int = 1,
-                  gate: torch.Tensor | None = None, act: int = 0, config: tuple | None = None) -> torch.Tensor:
+                  gate: torch.Tensor | None = None, act: int = 0, tail: int = 0,
+                  config: tuple | None = None) -> torch.Tensor:
+    """Rows idx (x unit) of w, then its last `tail` rows (q of the selected heads + all of k, v)."""
     batch, d = x.shape
-    nrows = idx.numel() * unit
+    nsel = idx.numel() * unit
+    nrows = nsel + tail
+    tail_start = w.shape[0] - tail
     assert x.stride(1) == 1 and w.stride(1) == 1 and x.dtype == w.dtype
     if gate is not None:
         assert gate.stride() == w.stride() and gate.dtype == w.dtype
@@ -151,14 +158,16 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int
         block_r, block_d, warps = gemv_config(nrows, _sms(x))
         block_d = min(block_d, triton.next_power_of_2(d))
         grid = (triton.cdiv(nrows, block_r),)
-        _gather_gemv_kernel[grid](x, w, g, idx, out, d, nrows, w.stride(0), UNIT=unit, GATED=gate is not None,
+        _gather_gemv_kernel[grid](x, w, g, idx, out, d, nrows, nsel, tail_start, w.stride(0), UNIT=unit, GATED=gate is not None,
                                   ACT=act, BLOCK_R=block_r, BLOCK_D=block_d, EVEN_D=d % block_d == 0,
                                   num_warps=warps)
         return out
     assert batch <= DOT_BATCH, f"batch {batch} > {DOT_BATCH}"
-    block_r, block_d, warps = config or (16 if nrows < 2048 * 4 else 32, 128, 4)
+    # measured (bench/mlp_kernel.py, H100): 32x128 tiles when rows fill the SMs, 16x256 below
+    block_r, block_d, warps = config or ((32, 128, 4) if nrows >= 48 * _sms(x) else (16, 256, 4))
     grid = (triton.cdiv(nrows, block_r),)
-    _gather_gemm_kernel[grid](x, w, g, idx, out, batch, d, nrows, x.stride(0), w.stride(0), out.stride(0),
+    _gather_gemm_kernel[grid](x, w, g, idx, out, batch, d, nrows, nsel, tail_start, x.stride(0), w.stride(0),
+                              out.stride(0),
                               UNIT=unit, GATED=gate is not None, ACT=act, B_PAD=DOT_BATCH, BLOCK_R=block_r,
                               BLOCK_D=block_d, PRECISION=_precision(x), num_warps=warps, num_stages=3)
     return out

@@ -35,6 +35,11 @@ def test_gather_kernels_match_reference(dtype, batch, d, n, unit, act, gated):
         out = T.gather_matvec(x, w, idx, unit, g, act)
         ref = R.gather_matvec(x.double(), w.double(), idx, unit, None if g is None else g.double(), act)
         assert torch.isfinite(out).all() and _rel(out, ref) < 1e-2
+        if not gated:
+            tail = min(64, n * unit // 2)
+            out = T.gather_matvec(x, w, idx, unit, None, act, tail)
+            ref = R.gather_matvec(x.double(), w.double(), idx, unit, None, act, tail)
+            assert out.shape == (batch, k * unit + tail) and _rel(out, ref) < 1e-2
         h = torch.randn(batch, k * unit, device=dev, dtype=dtype)
         acc = torch.full((batch, d), 0.5, device=dev)
         T.gather_vecmat_acc(h, wt, idx, unit, acc)

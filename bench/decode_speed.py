@@ -59,9 +59,12 @@ def main() -> None:
     ap.add_argument("--hf-tokens", type=int, default=16)
     ap.add_argument("--mlp-pairing", default="current", choices=["current", "lookahead"],
                     help="which block input the MLP predictor reads (lookahead lets it overlap a whole layer)")
+    ap.add_argument("--cpu-threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     ap.add_argument("--out", default="runs/decode-speed")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cpu" and args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -77,6 +80,7 @@ def main() -> None:
               "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "dtype": args.dtype, "copy_bandwidth_gbps": copy, "hf_eager_ms_per_token": hf,
               "predictor_rank": preds.meta.get("rank"), "decode_tokens": args.tokens, "warmup": args.warmup,
+              "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
               "kv_for_all_heads": True, "mlp_pairing": preds.mlp_pairing, "head_pairing": preds.head_pairing,
               "sweep": {}}
     table = []

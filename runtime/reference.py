@@ -17,6 +17,7 @@ embedding_bag(mode="sum", per_sample_weights=...), which reads each row once and
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -58,22 +59,67 @@ def expand_rows(idx: torch.Tensor, unit: int) -> torch.Tensor:
     return (idx[:, None] * unit + torch.arange(unit, device=idx.device)).reshape(-1)
 
 
+_CHUNK_BUFFERS: dict[tuple, torch.Tensor] = {}
+
+
+def _chunk_buffer(rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reused gather buffer: a fresh multi-MB tensor per chunk costs page faults (measured: 13 ms
+    for a 4 MB index_select into new memory, 2-core VM)."""
+    key = (rows, d, dtype)
+    if key not in _CHUNK_BUFFERS:
+        _CHUNK_BUFFERS[key] = torch.empty(rows, d, dtype=dtype)
+    return _CHUNK_BUFFERS[key]
+
+
+# CPU gather-dot fused by torch.compile (inductor writes one C++ loop reading each selected row once):
+# measured 14.0 ms for gate+up at density 0.3 of Llama-2-7B (fp32, 1 thread) vs 41.3 ms dense, where
+# index_select + mm moved ~3x the selected bytes. Used only for large reads (compiling takes ~40 s once;
+# inductor caches it on disk); DEJAVU_CPU_FUSED=0 turns it off; any compile failure falls back.
+FUSED_MIN_ELEMENTS = 1 << 22
+_FUSED: dict[str, object] = {}
+
+
+def _fused_rows_dot(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+    if os.environ.get("DEJAVU_CPU_FUSED", "1") == "0" or _FUSED.get("broken"):
+        return None
+    if "dot" not in _FUSED:
+        def dot(x, w, rows):
+            return (w[rows][None] * x[:, None, :]).sum(-1)
+
+        _FUSED["dot"] = torch.compile(dot, dynamic=True)
+    try:
+        return _FUSED["dot"](x, w, rows)
+    except Exception:  # no C++ compiler, unsupported platform...: the chunked gather still works
+        _FUSED["broken"] = True
+        return None
+
+
 def _rows_dot(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """x @ w[rows].T, gathering in chunks small enough that the copy is re-read from cache."""
+    """x @ w[rows].T: fused on CPU for large reads, else gathering in cache-sized chunks."""
     if x.device.type != "cpu" or rows.numel() <= CPU_CHUNK_ROWS:
         return x @ w.index_select(0, rows).T
+    if rows.numel() * w.shape[1] >= FUSED_MIN_ELEMENTS and x.dtype == w.dtype:
+        out = _fused_rows_dot(x, w, rows)
+        if out is not None:
+            return out
     out = torch.empty(x.shape[0], rows.numel(), dtype=x.dtype)
+    buf = _chunk_buffer(CPU_CHUNK_ROWS, w.shape[1], w.dtype)
     for start in range(0, rows.numel(), CPU_CHUNK_ROWS):
         part = rows[start:start + CPU_CHUNK_ROWS]
-        torch.mm(x, w.index_select(0, part).T, out=out[:, start:start + part.numel()])
+        chunk = buf[:part.numel()]
+        torch.index_select(w, 0, part, out=chunk)
+        torch.mm(x, chunk.T, out=out[:, start:start + part.numel()])
     return out
 
 
 def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int = 1,
                   gate: torch.Tensor | None = None, act: int = 0, tail: int = 0) -> torch.Tensor:
-    rows = expand_rows(idx, unit)
     if tail:
-        rows = torch.cat([rows, torch.arange(w.shape[0] - tail, w.shape[0], device=rows.device)])
+        # the tail rows are contiguous: a plain matmul on their view, no gather
+        head = gather_matvec(x, w[:w.shape[0] - tail], idx, unit, gate, act)
+        rest = apply_activation((x @ w[w.shape[0] - tail:].T).float(), act).to(x.dtype)
+        return torch.cat([head, rest], dim=1)
+    rows = expand_rows(idx, unit)
     y = _rows_dot(x, w, rows)
     if gate is not None:
         g = _rows_dot(x, gate, rows)
@@ -84,7 +130,7 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int
 def gather_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor, unit: int,
                       acc: torch.Tensor) -> None:
     rows = expand_rows(idx, unit)
-    if h.device.type == "cpu" and wt.dtype == h.dtype and wt.dtype in (torch.float32, torch.float64):
+    if h.device.type == "cpu" and wt.dtype == h.dtype:
         # A weighted sum of selected rows without copying them (one bag per batch row).
         bags = rows.expand(h.shape[0], -1)
         acc += F.embedding_bag(bags, wt, mode="sum", per_sample_weights=h).to(acc.dtype)

@@ -154,9 +154,27 @@ def _mean_density(predictors: PredictorSet | None, attr: str) -> float:
 
 
 def speed_report(model, adapter, predictors: PredictorSet | None, *, device: torch.device, dtype: torch.dtype,
-                 batch_sizes: list[int], decode_tokens: int, warmup: int, hf_eager_tokens: int | None = None) -> dict:
-    """Dense vs sparse decode speed of `model` in the graph-captured loop (see module docstring)."""
+                 batch_sizes: list[int], decode_tokens: int, warmup: int, hf_eager_tokens: int | None = None,
+                 cpu_threads: int | None = None) -> dict:
+    """Dense vs sparse decode speed of `model` in the graph-captured loop (see module docstring).
+
+    cpu_threads: torch threads while timing on CPU (restored after). On the shared 2-core VM here one
+    thread was faster for dense and sparse alike (OpenMP barriers wait on a busy second core)."""
     device = torch.device(device)
+    previous_threads = torch.get_num_threads()
+    if device.type == "cpu" and cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    try:
+        report = _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode_tokens, warmup,
+                               hf_eager_tokens)
+    finally:
+        torch.set_num_threads(previous_threads)
+    report["cpu_threads"] = torch.get_num_threads() if device.type != "cpu" or not cpu_threads else cpu_threads
+    return report
+
+
+def _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode_tokens, warmup,
+                  hf_eager_tokens) -> dict:
     max_len = PROMPT_LEN + warmup + decode_tokens + 8
     dm = DecodeModel(model, adapter, predictors, device, dtype, max_len)
     copy_gbps = copy_bandwidth_gbps(device)

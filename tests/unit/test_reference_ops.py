@@ -1,0 +1,154 @@
+"""runtime.reference (the CPU fallback and test oracle) against plain dense formulas, and the Triton
+kernels run through Triton's CPU interpreter when Triton is installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dejavu.runtime import reference as R
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh", "relu"])
+def test_sparse_mlp_equals_masked_dense(batch, act):
+    torch.manual_seed(batch)
+    d, n = 48, 600
+    gate, up, down = torch.randn(n, d), torch.randn(n, d), torch.randn(d, n)
+    x = torch.randn(batch, d)
+    idx = torch.randperm(n)[:170]
+    code = R.activation_code(act)
+    hidden = R.apply_activation(x @ gate.T, code) * (x @ up.T)
+    mask = torch.zeros(n)
+    mask[idx] = 1
+    expected = (hidden * mask) @ down.T
+    torch.testing.assert_close(R.sparse_mlp(x, gate, up, down.T.contiguous(), idx, code), expected,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_gather_ops_heads_units_tail_and_chunks():
+    torch.manual_seed(0)
+    d, heads, hd = 40, 6, 8
+    w = torch.randn(heads * hd + 2 * hd, d)  # q rows of 6 heads, then a 2-row-group "kv" tail
+    x = torch.randn(2, d)
+    idx = torch.tensor([4, 1])
+    out = R.gather_matvec(x, w, idx, hd, None, 0, 2 * hd)
+    rows = torch.cat([torch.arange(4 * hd, 5 * hd), torch.arange(hd, 2 * hd), torch.arange(heads * hd, w.shape[0])])
+    torch.testing.assert_close(out, x @ w[rows].T)
+    # more rows than one CPU chunk: the chunked gather path
+    big = torch.randn(3 * R.CPU_CHUNK_ROWS, d)
+    sel = torch.randperm(big.shape[0])[:2 * R.CPU_CHUNK_ROWS + 5]
+    torch.testing.assert_close(R.gather_matvec(x, big, sel), x @ big[sel].T, atol=1e-5, rtol=1e-5)
+    acc = torch.ones(2, d)
+    h = torch.randn(2, sel.numel())
+    R.gather_vecmat_acc(h, big, sel, 1, acc)
+    torch.testing.assert_close(acc, 1 + h @ big[sel], atol=1e-4, rtol=1e-4)
+
+
+def test_select_topk_is_batch_max_topk_sorted():
+    scores = torch.tensor([[0.1, 5.0, -1.0, 2.0], [3.0, 0.0, -2.0, 1.0]])
+    assert R.select_topk(scores, 2).tolist() == [0, 1]
+    assert R.select_topk(scores[:1], 3).tolist() == [0, 1, 3]
+
+
+def test_residual_norm_rope_attention():
+    torch.manual_seed(0)
+    h, delta, w = torch.randn(2, 16), torch.randn(2, 16), torch.randn(16)
+    h_before, delta_before = h.clone(), delta.clone()
+    out, h_out = torch.empty(2, 16), torch.empty(2, 16)
+    R.residual_rmsnorm(h, delta, w, out, 1e-6, 0.0, True, h_out)
+    torch.testing.assert_close(h, h_before)  # the block input stays for the predictors
+    torch.testing.assert_close(h_out, h_before + delta_before)
+    assert delta.abs().max() == 0
+    xf = h_out / torch.sqrt(h_out.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(out, w * xf)
+    # attention over positions 0..pos for a subset of q heads, GQA groups of 2
+    B, KV, T, hd = 1, 2, 10, 4
+    kc, vc = torch.randn(B, KV, T, hd), torch.randn(B, KV, T, hd)
+    q = torch.randn(B, 2, hd)
+    heads = torch.tensor([3, 0])
+    pos = torch.tensor([6])
+    att = R.decode_attention(q, kc, vc, heads, 2, pos, 0.5)
+    for j, head in enumerate(heads.tolist()):
+        k, v = kc[0, head // 2, :7], vc[0, head // 2, :7]
+        expected = F.softmax(q[0, j] @ k.T * 0.5, -1) @ v
+        torch.testing.assert_close(att[0, j], expected)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (interpreter mode)")
+def test_triton_kernels_in_interpreter_match_reference():
+    script = textwrap.dedent('''
+        import os
+        os.environ["TRITON_INTERPRET"] = "1"
+        import torch
+        from dejavu.runtime.kernels.interpret import patch_interpreter
+        patch_interpreter()
+        from dejavu.runtime import reference as R
+        from dejavu.runtime.kernels import triton_kernels as T
+        torch.manual_seed(0)
+        def rel(a, b):
+            return ((a.float() - b.float()).norm() / b.float().norm()).item()
+        for B in (1, 3):
+            for unit, act, gated, d in ((1, 1, True, 96), (1, 2, True, 128), (8, 0, False, 96)):
+                rows = 64 * unit if unit > 1 else 200
+                x, w, g = torch.randn(B, d), torch.randn(rows, d), torch.randn(rows, d)
+                idx = torch.randperm(rows // unit)[: rows // unit // 3]
+                gg = g if gated else None
+                assert rel(T.gather_matvec(x, w, idx, unit, gg, act), R.gather_matvec(x, w, idx, unit, gg, act)) < 1e-5
+                if not gated:  # selected units must lie before the tail rows
+                    head = idx[idx < (rows - 16) // unit]
+                    assert rel(T.gather_matvec(x, w, head, unit, None, 0, 16), R.gather_matvec(x, w, head, unit, None, 0, 16)) < 1e-5
+                h = torch.randn(B, idx.numel() * unit)
+                a1, a2 = torch.randn(B, d), None
+                a2 = a1.clone()
+                R.gather_vecmat_acc(h, w, idx, unit, a1)
+                T.gather_vecmat_acc(h, w, idx, unit, a2)
+                assert rel(a2, a1) < 1e-5
+        for dt in (torch.float32, torch.bfloat16):
+            for B, n, k in ((1, 3000, 1500), (3, 100, 10), (1, 50, 1)):
+                s = torch.randn(B, n).to(dt)
+                out, ref = T.select_topk(s, k), R.select_topk(s, k)
+                m = s.float().amax(0)
+                assert torch.equal(m[out].sort().values, m[ref].sort().values) and torch.equal(out, out.sort().values)
+        h, dl, w = torch.randn(2, 100), torch.randn(2, 100), torch.randn(100)
+        o1, o2, h1, h2 = (torch.empty(2, 100) for _ in range(4))
+        R.residual_rmsnorm(h, dl.clone(), w, o1, 1e-6, 1.0, True, h1)
+        T.residual_rmsnorm(h, dl.clone(), w, o2, 1e-6, 1.0, True, h2)
+        assert rel(o2, o1) < 1e-5 and rel(h2, h1) < 1e-5
+        B, H, KV, hd, Tm = 2, 4, 2, 16, 40
+        ang = torch.randn(Tm, hd // 2)
+        cos, sin = torch.cat([ang.cos()] * 2, 1).contiguous(), torch.cat([ang.sin()] * 2, 1).contiguous()
+        qkv = torch.randn(B, (H + 2 * KV) * hd)
+        kc, vc = torch.randn(B, KV, Tm, hd), torch.randn(B, KV, Tm, hd)
+        kc2, vc2 = kc.clone(), vc.clone()
+        pos, heads = torch.tensor([30]), torch.tensor([3, 0])
+        q1 = qkv[:, :H * hd].view(B, H, hd)[:, heads].contiguous()
+        q2 = q1.clone()
+        k, v = qkv[:, H * hd:(H + KV) * hd].view(B, KV, hd), qkv[:, (H + KV) * hd:].view(B, KV, hd)
+        R.rope_cache_write(q1, k, v, kc, vc, cos, sin, pos)
+        T.rope_cache_write(q2, k, v, kc2, vc2, cos, sin, pos)
+        assert rel(q2, q1) < 1e-5 and rel(kc2, kc) < 1e-5 and rel(vc2, vc) < 1e-5
+        assert rel(T.decode_attention(q1, kc, vc, heads, 2, pos, 0.25), R.decode_attention(q1, kc, vc, heads, 2, pos, 0.25)) < 1e-5
+        print("ok")
+    ''')
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_fused_cpu_gather_matches_chunked(monkeypatch):
+    torch.manual_seed(0)
+    w = torch.randn(700, 64)
+    x = torch.randn(2, 64)
+    rows = torch.randperm(700)[:400].sort().values
+    fused = R._fused_rows_dot(x, w, rows)
+    if fused is None:
+        pytest.skip("torch.compile unavailable here; the chunked path is used")
+    torch.testing.assert_close(fused, x @ w[rows].T, atol=1e-4, rtol=1e-4)

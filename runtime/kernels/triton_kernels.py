@@ -290,16 +290,27 @@ def _select_topk_kernel(s_ptr, out_ptr, B, N, K, stride_sb, NPAD: tl.constexpr, 
     mag = bits & 0x7FFFFFFF
     key = tl.where(bits >= 0, 2147483648 + mag, 2147483647 - mag)
     key = tl.where(mask, key, 0)
+    # 2 bits per step: three candidate thresholds counted in one reduction (counts packed 20 bits apart)
     thr = tl.zeros((), dtype=tl.int64)
-    for i in tl.static_range(0, 32 - LOW_BIT):
-        cand = thr + (1 << (31 - i))
-        count = tl.sum((key >= cand).to(tl.int32), axis=0)
-        thr = tl.where(count >= K, cand, thr)
+    for i in tl.static_range(0, (32 - LOW_BIT) // 2):
+        c1 = thr + (1 << (30 - 2 * i))
+        c2 = thr + (2 << (30 - 2 * i))
+        c3 = thr + (3 << (30 - 2 * i))
+        packed = (key >= c1).to(tl.int64) + ((key >= c2).to(tl.int64) << 20) + ((key >= c3).to(tl.int64) << 40)
+        total = tl.sum(packed, axis=0)
+        n1 = total & 0xFFFFF
+        n2 = (total >> 20) & 0xFFFFF
+        n3 = total >> 40
+        thr = tl.where(n3 >= K, c3, tl.where(n2 >= K, c2, tl.where(n1 >= K, c1, thr)))
     greater = key > thr
-    need = K - tl.sum(greater.to(tl.int32), axis=0)
     equal = (key == thr) & mask
-    take = greater | (equal & (tl.cumsum(equal.to(tl.int32), axis=0) <= need))
-    slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    need = K - tl.sum(greater.to(tl.int32), axis=0)
+    # one scan for both running counts (greater in the low 32 bits, equal in the high)
+    running = tl.cumsum(greater.to(tl.int64) + (equal.to(tl.int64) << 32), axis=0)
+    cum_greater = running & 0xFFFFFFFF
+    cum_equal = running >> 32
+    take = greater | (equal & (cum_equal <= need))
+    slot = cum_greater + tl.minimum(cum_equal, need.to(tl.int64)) - 1
     tl.store(out_ptr + slot, offs.to(tl.int64), mask=take)
 
 
@@ -309,7 +320,8 @@ def select_topk(scores: torch.Tensor, k: int, out: torch.Tensor | None = None) -
     out = torch.empty(k, device=scores.device, dtype=torch.long) if out is None else out
     assert out.dtype == torch.long and out.numel() == k and out.is_contiguous()
     # bf16/fp16 scores widen to fp32 with their low mantissa bits zero: no need to search those bits
-    low = {torch.bfloat16: 16, torch.float16: 13}.get(scores.dtype, 0)
+    low = {torch.bfloat16: 16, torch.float16: 12}.get(scores.dtype, 0)
+    assert n < (1 << 20), "select_topk packs counts in 20 bits"
     npad = triton.next_power_of_2(n)
     _select_topk_kernel[(1,)](scores, out, batch, n, k, scores.stride(0), NPAD=npad, LOW_BIT=low,
                               num_warps=16 if npad >= 8192 else (8 if npad >= 2048 else 4))

@@ -101,3 +101,14 @@ def test_state_differences_name_keys():
     diffs = state_differences({"config": {"collect": {"max_tokens": 1, "seed": 0}}, "world_size": 1},
                               {"config": {"collect": {"max_tokens": 2, "seed": 0}}, "world_size": 1})
     assert diffs == ["config.collect.max_tokens: 1 -> 2"]
+
+
+@pytest.mark.parametrize("shape", [(5, 16), (64, 1536), (3, 8), (7, 12), (2, 3)])
+def test_fast_pack_equals_reference_pack_bits(shape):
+    from dejavu.bits import pack_bits
+
+    gen = torch.Generator().manual_seed(1)
+    for mask in (torch.rand(*shape, generator=gen) > 0.5, torch.ones(shape, dtype=torch.bool),
+                 torch.zeros(shape, dtype=torch.bool)):
+        assert torch.equal(L.pack_mask(mask), pack_bits(mask))
+        assert torch.equal(unpack_bits(L.pack_mask(mask), shape[1]), mask)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Scaling of `dejavu train-predictors` from one GPU to two, over the same collected data.
+# Usage: bench/train_scaling.sh TOKENIZER_DIR CORPUS OUTDIR [LAYERS] [TOKENS]
+# The model has Llama-2-7B layer shapes with random weights (its vocabulary sized to the given
+# tokenizer): the activations are not a trained model's, so this measures training speed only.
+set -euo pipefail
+TOK=$1; CORPUS=$2; OUTDIR=$3; LAYERS=${4:-8}; TOKENS=${5:-32768}
+WORK=${WORK:-/tmp/dejavu-scaling}
+mkdir -p "$WORK" "$OUTDIR"
+python - "$TOK" "$WORK/model" "$LAYERS" <<'PY'
+import shutil, sys
+from pathlib import Path
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+tok_dir, out, layers = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+tok = AutoTokenizer.from_pretrained(tok_dir)
+cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                  num_hidden_layers=layers, vocab_size=len(tok), max_position_embeddings=4096)
+torch.manual_seed(0)
+with torch.device("cuda"):
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+model.save_pretrained(out)
+tok.save_pretrained(out)
+PY
+RUN=$WORK/run
+python -m dejavu.cli.main collect --model "$WORK/model" --dataset "$CORPUS" --out "$RUN" \
+    --max-tokens "$TOKENS" --device cuda --dtype bfloat16 2>&1 | tail -3
+echo "== 1 GPU"
+S1=$(date +%s.%N); CUDA_VISIBLE_DEVICES=0 python -m dejavu.cli.main train-predictors --run "$RUN" --overwrite \
+    > "$OUTDIR/train_1gpu.log" 2>&1; E1=$(date +%s.%N)
+cp "$RUN/predictors/metrics.json" "$OUTDIR/metrics_1gpu.json"
+echo "== 2 GPUs"
+S2=$(date +%s.%N); accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+    --dynamo_backend no -m dejavu.cli.main train-predictors --run "$RUN" --overwrite \
+    > "$OUTDIR/train_2gpu.log" 2>&1; E2=$(date +%s.%N)
+cp "$RUN/predictors/metrics.json" "$OUTDIR/metrics_2gpu.json"
+python - "$S1" "$E1" "$S2" "$E2" "$OUTDIR" <<'PY'
+import json, sys
+s1, e1, s2, e2 = map(float, sys.argv[1:5]); out = sys.argv[5]
+m1 = json.load(open(f"{out}/metrics_1gpu.json")); m2 = json.load(open(f"{out}/metrics_2gpu.json"))
+t1, t2 = e1 - s1, e2 - s2
+layer_s1 = sum(m1["train_seconds"].values()); layer_s2 = max(
+    sum(v for k, v in m2["train_seconds"].items() if int(k) % 2 == r) for r in (0, 1))
+res = {"wall_1gpu_s": round(t1, 1), "wall_2gpu_s": round(t2, 1), "wall_speedup": round(t1 / t2, 2),
+       "layer_seconds_1gpu": round(layer_s1, 1), "layer_seconds_2gpu_slowest_rank": round(layer_s2, 1),
+       "layer_speedup": round(layer_s1 / layer_s2, 2),
+       "mean_1gpu": m1["mean"], "mean_2gpu": m2["mean"]}
+json.dump(res, open(f"{out}/scaling.json", "w"), indent=2)
+print(json.dumps(res, indent=2))
+PY

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
                 with SparseRuntime(model, adapter, predictors if selection == "predictor" else None,
                                    selection=selection, mlp_density=mlp, head_density=heads) as rt:
                     scores = score_against(model, rt, ref, desc=f"{selection} mlp={mlp:g} heads={heads:g}")
-                    computed = {"mlp_kept": rt.stats.mlp_kept, "head_kept": rt.stats.head_kept}
+                    computed = rt.stats.summary()
                 row = {"selection": selection, "mlp_density": mlp, "head_density": heads, "ppl": scores["sparse_ppl"],
                        "top1_agreement": scores["top1_agreement"], "kl": scores["kl"], "computed": computed,
                        "seconds": time.perf_counter() - t1}

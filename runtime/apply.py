@@ -74,6 +74,12 @@ class SelectionStats:
             self.kv_groups_skippable = (self.kv_groups_skippable * c + skippable * n) / (c + n)
         self.counts[kind] = c + n
 
+    def summary(self) -> dict:
+        """Shares computed; a kind whose hook never ran (density 1.0) was computed in full."""
+        return {"mlp_kept": self.mlp_kept if self.counts["mlp"] else 1.0,
+                "head_kept": self.head_kept if self.counts["attn"] else 1.0,
+                "kv_groups_skippable": self.kv_groups_skippable}
+
 
 class SparseRuntime:
     """Hooks a model for sparse inference; use as a context manager or call `remove()`."""

@@ -220,8 +220,7 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
                            if use else mlp_d, head_density=rt.head_density if use else head_d) as runtime:
             t0 = time.perf_counter()
             quality_data = compare(model, runtime, tokens, window, stride)
-            quality_data["computed"] = {"mlp_kept": runtime.stats.mlp_kept, "head_kept": runtime.stats.head_kept,
-                                        "kv_groups_skippable": runtime.stats.kv_groups_skippable}
+            quality_data["computed"] = runtime.stats.summary()
             quality_data["generations"] = generations(model, tokenizer, runtime, 24, rt.sparse_prefill)
             quality_data["seconds"] = time.perf_counter() - t0
         quality_data.update({

@@ -2,7 +2,7 @@
 (and loss), with the predictor's bytes as a share of the layer's weight bytes. Picks the default rank.
 
     python bench/predictor_rank.py --run runs/smol65k --layers 1,15,29 --ranks 16,32,64,128 \
-        --losses bce,bce+topk --json rank.json
+        --losses bce,bce+rank --json rank.json
 
 Reads RUN/collect/ like `dejavu train-predictors` and trains only the MLP predictor (the one that
 matters at the default head density 1.0); `--heads` adds the head predictor.

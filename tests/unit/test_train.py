@@ -161,11 +161,22 @@ def test_pairings():
     assert [source_layer(layer, "current") for layer in range(3)] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("loss", ["bce+rank", "bce+topk"])
-def test_ranking_losses_learn_too(tmp_path, loss):
+def test_ranking_loss_learns_too(tmp_path):
     write_synthetic_collect(tmp_path, num_layers=1, train_tokens=2048, eval_tokens=512, config=small_config())
-    manifest = run_train(tmp_path, None, {**FAST, "train.loss": loss})
+    manifest = run_train(tmp_path, None, {**FAST, "train.loss": "bce+rank"})
     assert manifest["metrics"]["mlp"]["recall"] > 0.9
+    with pytest.raises(DejavuError, match="train.loss"):
+        run_train(tmp_path, None, {"train.loss": "mse"})
+
+
+def test_predictor_cost_at_smollm2_shapes():
+    smol = {"hidden_size": 576, "intermediate_size": 1536, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64,
+            "gated_mlp": True}
+    cost = train_mod.predictor_cost(smol, 40)
+    assert cost["layer_weight_bytes"] == 2 * (3 * 576 * 1536 + 2 * 576 * 576 + 2 * 576 * 192)
+    # The head predictor's rank is capped at its 9 outputs; rank 40 stays under 3 % of a layer.
+    assert cost["attn_bytes"] == 2 * (9 * 576 + 9 + 9 * 9 + 9 + 2 * 576)
+    assert cost["total_fraction"] < 0.03
 
 
 def test_cli_reports_one_line_error(tmp_path):

@@ -59,6 +59,12 @@ def main() -> None:
     ap.add_argument("--hf-tokens", type=int, default=16)
     ap.add_argument("--mlp-pairing", default="current", choices=["current", "lookahead"],
                     help="which block input the MLP predictor reads (lookahead lets it overlap a whole layer)")
+    ap.add_argument("--select-impl", default="fused", choices=["fused", "classic"],
+                    help="fused: shared first-layer GEMV + wide second-layer/top-k kernels; classic: the unfused path")
+    ap.add_argument("--priority", type=int, default=-1, help="predictor stream priority (-1 high, 0 normal)")
+    ap.add_argument("--ablation", default="",
+                    help="'MLP/HEADS,...' densities (e.g. 0.5/0.5,0.1/0.5): after the sweep, time sparse decode at the "
+                         "first batch for select-impl x priority x MLP pairing")
     ap.add_argument("--cpu-threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     ap.add_argument("--out", default="runs/decode-speed")
     args = ap.parse_args()
@@ -72,7 +78,8 @@ def main() -> None:
     preds.mlp_pairing = args.mlp_pairing
     print(f"built {args.synthetic} ({adapter.num_layers} layers) in {time.time() - t0:.0f}s", flush=True)
     max_len = speed.PROMPT_LEN + args.warmup + args.tokens + 8
-    dm = DecodeModel(model, adapter, None, device, dtype, max_len)
+    dm = DecodeModel(model, adapter, None, device, dtype, max_len, select_impl=args.select_impl,
+                     predictor_priority=args.priority)
     copy = speed.copy_bandwidth_gbps(device)
     hf = speed.hf_eager_ms_per_token(model, 1, args.hf_tokens, device)
     print(f"copy {copy:.0f} GB/s; HF eager {hf:.2f} ms/token", flush=True)
@@ -82,7 +89,7 @@ def main() -> None:
               "predictor_rank": preds.meta.get("rank"), "decode_tokens": args.tokens, "warmup": args.warmup,
               "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
               "kv_for_all_heads": True, "mlp_pairing": preds.mlp_pairing, "head_pairing": preds.head_pairing,
-              "sweep": {}}
+              "select_impl": args.select_impl, "predictor_priority": args.priority, "sweep": {}}
     table = []
     for b in [int(x) for x in args.batches.split(",")]:
         dm.attach_predictors(None)
@@ -109,13 +116,42 @@ def main() -> None:
             entry["sparse"][heads] = pts
         result["sweep"][str(b)] = entry
         (out / "decode_speed.json").write_text(json.dumps(result, indent=1))
+    ablation_rows = ablation(args, dm, preds, copy, result, out) if args.ablation else []
     plot(result, out / "decode_speed.png")
     print("\nbatch mlp heads | dense ms sparse ms speedup bound frac | dense GB/s sparse GB/s pred%")
     for b, mlp, heads, dms, r in table:
         print(f"{b:5d} {mlp:3.1f} {heads:5.1f} | {dms:8.3f} {r['sparse_ms_per_token']:9.3f} {r['speedup']:7.2f} "
               f"{r['bound_speedup']:5.2f} {r['fraction_of_bound']:4.0%} | {r['dense_gbps']:10.0f} "
               f"{r['sparse_gbps']:11.0f} {r['predictor_share']:4.0%}")
+    for line in ablation_rows:
+        print(line)
     print(f"HF eager {hf:.2f} ms/token; copy {copy:.0f} GB/s; wrote {out}")
+
+
+def ablation(args, dm: DecodeModel, preds, copy: float, result: dict, out: Path) -> list[str]:
+    """Sparse ms/token at the first batch size for each selection path, stream priority and MLP pairing."""
+    b = int(args.batches.split(",")[0])
+    dense = result["sweep"][str(b)]["dense_ms_per_token"]
+    dm.dense_impl = result["sweep"][str(b)]["dense_impl"]
+    rows, lines = [], [f"ablation, batch {b} (dense {dense:.3f} ms): mlp heads | impl prio pairing | ms speedup frac pred%"]
+    for spec in args.ablation.split(","):
+        mlp, heads = (float(v) for v in spec.split("/"))
+        for impl, prio, pairing in (("classic", 0, "current"), ("classic", -1, "current"), ("fused", 0, "current"),
+                                    ("fused", -1, "current"), ("fused", -1, "lookahead")):
+            dm.select_impl = impl
+            dm.pred_stream = torch.cuda.Stream(dm.device, priority=prio) if dm.device.type == "cuda" else None
+            preds.mlp_pairing = pairing
+            dm.attach_predictors(preds.with_densities(mlp, heads))
+            r = speed.batch_figures(dm, b, args.tokens, args.warmup, copy, dense_ms=dense)
+            rows.append({"mlp_density": mlp, "head_density": heads, "select_impl": impl, "priority": prio,
+                         "mlp_pairing": pairing, **r})
+            lines.append(f"  {mlp:3.1f} {heads:4.1f} | {impl:7s} {prio:3d} {pairing:9s} | {r['sparse_ms_per_token']:.3f} "
+                         f"x{r['speedup']:.2f} {r['fraction_of_bound']:4.0%} {r['predictor_share']:4.0%}")
+            print(lines[-1], flush=True)
+    preds.mlp_pairing = args.mlp_pairing
+    result["ablation"] = {"batch": b, "rows": rows}
+    (out / "decode_speed.json").write_text(json.dumps(result, indent=1))
+    return lines
 
 
 if __name__ == "__main__":

@@ -29,6 +29,14 @@ from dejavu.runtime.kernels import ops
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
 
 
+def _topk_workspace(n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Buffers of the wide top-k kernels (triton_kernels.TopkWorkspace): keys [n], histograms of the
+    key's 8-bit digits (2 levels for 16-bit floats, 4 for fp32; zeroed), resolved prefixes."""
+    levels = 2 if dtype in (torch.bfloat16, torch.float16) else 4
+    return (torch.empty(n, dtype=torch.int32, device=device), torch.zeros(levels * 256, dtype=torch.int32, device=device),
+            torch.zeros(2 * levels, dtype=torch.int64, device=device))
+
+
 @dataclass
 class FoldedPredictor:
     """A LowRankPredictor with its input normalisation folded into the first layer:
@@ -42,6 +50,7 @@ class FoldedPredictor:
     k: int
     source_layer: int  # whose block input it reads
     out: torch.Tensor  # [k] int64: static buffer the selection is written to (graph-safe across streams)
+    workspace: tuple = ()  # the fused selection's buffers (_topk_workspace)
 
     @classmethod
     def fold(cls, pred: LowRankPredictor, k: int, source_layer: int, device, dtype) -> FoldedPredictor:
@@ -50,18 +59,56 @@ class FoldedPredictor:
         cast = dict(device=device, dtype=dtype)
         return cls(w1.to(**cast).contiguous(), b1.to(**cast), pred.w2.detach().to(**cast).contiguous(),
                    pred.b2.detach().to(**cast), pred.activation == "relu", k, source_layer,
-                   torch.empty(k, dtype=torch.long, device=device))
+                   torch.empty(k, dtype=torch.long, device=device),
+                   _topk_workspace(pred.w2.shape[0], dtype, device))
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
+        """The unfused path: two matmuls (scores in memory), then the single-program top-k."""
         h = torch.addmm(self.b1, x, self.w1.T)
         if self.relu:
             h = torch.relu(h)
         ops.select_topk(torch.addmm(self.b2, h, self.w2.T), self.out)
         return self.out
 
+    def select_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """Second layer + top-k in the wide kernels (scores never written); h = x @ w1.T + b1, pre-relu."""
+        ops.predict_select(h, self.w2, self.b2, self.relu, self.out, *self.workspace)
+        return self.out
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.w1, self.b1, self.w2, self.b2))
+
+
+@dataclass
+class PredictorGroup:
+    """The predictors reading one block input (this layer's MLP, "current"; the next layer's heads,
+    "lookahead"): their first layers concatenated, so one GEMV reads the input for all of them."""
+
+    w1: torch.Tensor  # [sum of ranks, d]; each member's w1/b1 are row views of these
+    b1: torch.Tensor
+    members: list  # (kind "mlp" | "heads", layer it selects for, FoldedPredictor, first row, end row)
+
+    @classmethod
+    def build(cls, members: list) -> PredictorGroup:
+        w1 = torch.cat([p.w1 for _, _, p in members]).contiguous()
+        b1 = torch.cat([p.b1 for _, _, p in members]).contiguous()
+        rows, start = [], 0
+        for kind, j, p in members:
+            end = start + p.w1.shape[0]
+            p.w1, p.b1 = w1[start:end], b1[start:end]
+            rows.append((kind, j, p, start, end))
+            start = end
+        return cls(w1, b1, rows)
+
+    def run(self, x: torch.Tensor, impl: str) -> None:
+        if impl == "classic":
+            for _, _, p, _, _ in self.members:
+                p.select(x)
+            return
+        h = torch.addmm(self.b1, x, self.w1.T)
+        for _, _, p, start, end in self.members:
+            p.select_from_hidden(h[:, start:end])
 
 
 @dataclass
@@ -97,7 +144,8 @@ class DecodeState:
 
 class DecodeModel:
     def __init__(self, model, adapter, predictors: PredictorSet | None, device, dtype, max_len: int,
-                 dense_impl: str = "cublas", overlap_predictors: bool = True):
+                 dense_impl: str = "cublas", overlap_predictors: bool = True, select_impl: str = "fused",
+                 predictor_priority: int = -1):
         cfg = model.config
         model_type = getattr(cfg, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -126,8 +174,18 @@ class DecodeModel:
             raise ValueError(f"dense_impl must be cublas or triton, not {dense_impl!r}")
         # "triton": the dense step runs the same gather kernels over every row (no predictor)
         self.dense_impl = dense_impl
-        # Predictors run on a side stream, overlapping the layer they do not feed (CUDA only)
-        self.pred_stream = torch.cuda.Stream(self.device) if overlap_predictors and self.device.type == "cuda" else None
+        if select_impl not in ("fused", "classic"):
+            raise ValueError(f"select_impl must be fused or classic, not {select_impl!r}")
+        # "fused": one GEMV for the first layers of the predictors sharing an input, then per predictor
+        # the wide kernels (second layer + top-k, scores never written); "classic": matmul, matmul, and
+        # the single-program top-k per predictor (kept for comparison)
+        self.select_impl = select_impl
+        # Predictors run on a side stream, overlapping the layer they do not feed (CUDA only). High
+        # priority (-1): their few small programs are scheduled ahead of the layer's waiting ones, so the
+        # selection is ready sooner; graphs keep node priorities (PyTorch instantiates with UseNodePriority).
+        self.pred_stream = (torch.cuda.Stream(self.device, priority=predictor_priority)
+                            if overlap_predictors and self.device.type == "cuda" else None)
+        self.pred_groups: dict[int, PredictorGroup] = {}
         self.layers = [self._layer(adapter, layer, cast) for layer in adapter.decoder_layers()]
         self.predictors = None
         if predictors is not None:
@@ -165,6 +223,7 @@ class DecodeModel:
     def attach_predictors(self, predictors: PredictorSet | None) -> None:
         """(Re)fold predictors at their current densities; None leaves the model dense."""
         self.predictors = predictors
+        self.pred_groups = {}
         for lw in self.layers:
             lw.mlp_pred = lw.head_pred = None
         if predictors is None:
@@ -180,6 +239,12 @@ class DecodeModel:
             if lp.attn is not None and k_heads < self.H:
                 src = i if predictors.head_pairing == "current" else max(i - 1, 0)
                 lw.head_pred = FoldedPredictor.fold(lp.attn, k_heads, src, self.device, self.dtype)
+        by_source: dict[int, list] = {}
+        for j, lw in enumerate(self.layers):
+            for kind, pred in (("mlp", lw.mlp_pred), ("heads", lw.head_pred)):
+                if pred is not None:
+                    by_source.setdefault(pred.source_layer, []).append((kind, j, pred))
+        self.pred_groups = {src: PredictorGroup.build(members) for src, members in by_source.items()}
 
     # --- buffers ----------------------------------------------------------------------------------
     def new_state(self, batch: int) -> DecodeState:
@@ -234,29 +299,20 @@ class DecodeModel:
     def select(self, x: torch.Tensor, layer: int, heads: dict, mlp: dict) -> None:
         """Run the predictors whose input is layer `layer`'s block input x; on CUDA on the side stream,
         storing (indices, event) so the consumer waits only when it needs them."""
-        todo = []
-        for j in (layer, layer + 1):
-            if j >= len(self.layers):
-                continue
-            lw = self.layers[j]
-            if lw.mlp_pred is not None and lw.mlp_pred.source_layer == layer and j not in mlp:
-                todo.append((mlp, j, lw.mlp_pred))
-            if lw.head_pred is not None and lw.head_pred.source_layer == layer and j not in heads:
-                todo.append((heads, j, lw.head_pred))
-        if not todo:
+        group = self.pred_groups.get(layer)
+        if group is None:
             return
+        done = None
         if self.pred_stream is None or not x.is_cuda:
-            for table, j, pred in todo:
-                table[j] = (pred.select(x), None)
-            return
-        self.pred_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.pred_stream):
-            for _, _, pred in todo:
-                pred.select(x)
-            done = torch.cuda.Event()
-            done.record(self.pred_stream)
-        for table, j, pred in todo:
-            table[j] = (pred.out, done)
+            group.run(x, self.select_impl)
+        else:
+            self.pred_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.pred_stream):
+                group.run(x, self.select_impl)
+                done = torch.cuda.Event()
+                done.record(self.pred_stream)
+        for kind, j, pred, _, _ in group.members:
+            (mlp if kind == "mlp" else heads)[j] = (pred.out, done)
 
     @staticmethod
     def _take(table: dict, layer: int) -> torch.Tensor | None:
@@ -331,10 +387,9 @@ class DecodeModel:
     def select_all(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every predictor of the sparse step on one input: times the predictors' share of a step."""
         out = []
-        for lw in self.layers:
-            for pred in (lw.mlp_pred, lw.head_pred):
-                if pred is not None:
-                    out.append(pred.select(x))
+        for group in self.pred_groups.values():
+            group.run(x, self.select_impl)
+            out.extend(pred.out for _, _, pred, _, _ in group.members)
         return out
 
     # --- byte accounting -------------------------------------------------------------------------------

@@ -81,6 +81,26 @@ def _(scores, out):
     return None
 
 
+@torch.library.custom_op("dejavu::predict_select", mutates_args=("out", "keys", "hist", "meta"))
+def predict_select(h: Tensor, w2: Tensor, b2: Tensor, relu: bool, out: Tensor, keys: Tensor, hist: Tensor,
+                   meta: Tensor) -> None:
+    """A predictor's second layer and its selection: out [k] = select_topk(relu?(h) @ w2.T + b2) with the
+    scores in h's dtype; keys/hist/meta are the CUDA kernels' workspace (see TopkWorkspace), unused here."""
+    scores = torch.nn.functional.linear(torch.relu(h) if relu else h, w2, b2)
+    out.copy_(reference.select_topk(scores, out.numel()))
+
+
+@predict_select.register_kernel("cuda")
+def _(h, w2, b2, relu, out, keys, hist, meta):
+    t = _triton()
+    t.predict_select(h, w2, b2, relu, out.numel(), out, t.TopkWorkspace.wrap(keys, hist, meta))
+
+
+@predict_select.register_fake
+def _(h, w2, b2, relu, out, keys, hist, meta):
+    return None
+
+
 @torch.library.custom_op("dejavu::rope_cache_write", mutates_args=("q", "kc", "vc"))
 def rope_cache_write(q: Tensor, k: Tensor, v: Tensor, kc: Tensor, vc: Tensor, cos: Tensor, sin: Tensor,
                      pos: Tensor) -> None:

@@ -15,6 +15,7 @@ zeroes it for the next layer, so no separate memset or reduction launch is neede
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -442,3 +443,272 @@ def act_mul(gu: torch.Tensor, act: int) -> torch.Tensor:
     block = 1024
     _act_mul_kernel[(triton.cdiv(n, block), batch)](gu, out, n, gu.stride(0), out.stride(0), ACT=act, BLOCK=block)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# wide top-k: the same selection (exactly k ascending indices, the batch's top-k of the per-unit max,
+# ties to the lowest index) spread over many programs. The single-program kernel above is ALU-bound on
+# one SM (~24 us at n = 11008, H100); here each program handles a slice:
+#   keys  (P1): per-unit max over the batch -> an order-preserving integer key (16 bits for bf16/fp16,
+#               32 for fp32) per unit, and an atomic histogram of its top 8 bits. With `FUSED` the scores
+#               are computed in place as relu?(h) @ w2[slice].T + b2 (the predictor's second layer),
+#               rounded to h's dtype as the unfused path stores them, so they never go to memory.
+#   refine (P2, once per further 8-bit digit): every program resolves the digit of the previous level
+#               from its histogram (a 256-bin suffix count, redundant and cheap), then histograms the
+#               next digit of its keys still matching the prefix.
+#   emit  (P3): resolves the last digit -> threshold key and how many keys equal to it to take; each
+#               program counts greater/equal keys before its slice (a re-read of <= n keys from L2) and
+#               compacts its slice.
+# Workspace (per caller, reused across calls and graph replays): keys int32 [n], hist int32 [levels,
+# 256] (level 0 is zero between calls: P3 clears it; P1 clears the deeper levels, whose last readers were
+# the previous call's P2/P3), meta int64 [2 * levels] (resolved prefix and count above, per level).
+# Small n (one slice) runs everything in the P1 program: one launch.
+# ------------------------------------------------------------------------------------------------
+TOPK_BINS = 256
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+WIDE_SINGLE_MAX = 256  # n up to this: one program does scores, digits and compaction
+WIDE_SLICE = 1024  # units per program in P2/P3 (and P1 when reading given scores)
+
+
+@triton.jit
+def _ordered_key(v, KEY_BITS: tl.constexpr):
+    """Signed int32 whose order is v's (v in its own 16- or 32-bit float type; -0 and +0 are one key)."""
+    if KEY_BITS == 16:
+        bits = v.to(tl.int16, bitcast=True).to(tl.int32)
+        mag = bits & 0x7FFF
+    else:
+        bits = v.to(tl.int32, bitcast=True)
+        mag = bits & 0x7FFFFFFF
+    return tl.where(bits >= 0, bits, -1 - mag + (mag == 0).to(tl.int32))
+
+
+@triton.jit
+def _key_digit(key, LEVEL: tl.constexpr, KEY_BITS: tl.constexpr):
+    """(prefix above this digit, the 8-bit digit) of the unsigned form of key, digit 0 the top one."""
+    ukey = key.to(tl.int64) + (1 << (KEY_BITS - 1))
+    shift: tl.constexpr = KEY_BITS - 8 * (LEVEL + 1)
+    return ukey >> (shift + 8), ((ukey >> shift) & 255).to(tl.int32)
+
+
+@triton.jit
+def _pick_digit(hist, above, K):
+    """The largest digit d with (count above the prefix) + (count of digits >= d) >= K, and the new count above."""
+    bins = tl.arange(0, 256)
+    at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+    d = tl.max(tl.where(above + at_or_above >= K, bins, 0), axis=0)
+    above = above + tl.sum(tl.where(bins > d, hist, 0), axis=0)
+    return d, above
+
+
+@triton.jit
+def _emit_slice(key, offs, mask, thr, above, K, g0, e0, out_ptr):
+    """Write the slice's selected indices at their global slots (greater than thr: all; equal: the first
+    K - above of them over the whole array, g0/e0 counting those before the slice)."""
+    need = K - above
+    greater = (key > thr) & mask
+    equal = (key == thr) & mask
+    running = tl.cumsum(greater.to(tl.int32) + (equal.to(tl.int32) << 16), axis=0)
+    cum_equal = e0 + (running >> 16)
+    take = greater | (equal & (cum_equal <= need))
+    slot = g0 + (running & 0xFFFF) + tl.minimum(cum_equal, need) - 1
+    tl.store(out_ptr + slot, offs.to(tl.int64), mask=take)
+
+
+@triton.jit
+def _topk_keys_kernel(src_ptr, w2_ptr, b2_ptr, keys_ptr, hist_ptr, out_ptr, B, N, R, K, stride_sb, stride_w,
+                      FUSED: tl.constexpr, RELU: tl.constexpr, USE_DOT: tl.constexpr, B_PAD: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, KEY_BITS: tl.constexpr,
+                      LEVELS: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
+                      UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    dtype = src_ptr.dtype.element_ty
+    if FUSED:
+        bias = tl.load(b2_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if USE_DOT:
+            offs_b = tl.arange(0, B_PAD)
+            mask_b = offs_b < B
+            acc = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
+            for r0 in range(0, R, BLOCK_R):
+                r = r0 + tl.arange(0, BLOCK_R)
+                mask_r = r < R
+                hv = tl.load(src_ptr + offs_b[:, None] * stride_sb + r[None, :],
+                             mask=mask_b[:, None] & mask_r[None, :], other=0.0)
+                if RELU:
+                    hv = tl.where(hv > 0, hv, 0.0).to(dtype)
+                wv = tl.load(w2_ptr + offs_n[:, None] * stride_w + r[None, :],
+                             mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+                if UPCAST:  # the CPU interpreter's bf16 dot is wrong; tf32 holds bf16/fp16 products exactly
+                    hv, wv = hv.to(tl.float32), wv.to(tl.float32)
+                acc = tl.dot(hv, tl.trans(wv), acc, input_precision=PRECISION)
+            s = (acc + bias[None, :]).to(dtype).to(tl.float32)  # rounded as the unfused path stores scores
+            v = tl.max(tl.where(mask_b[:, None], s, float("-inf")), axis=0).to(dtype)
+        else:  # fp32: exact products, one batch row at a time
+            v = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+            for b in range(0, B):
+                acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for r0 in range(0, R, BLOCK_R):
+                    r = r0 + tl.arange(0, BLOCK_R)
+                    mask_r = r < R
+                    hv = tl.load(src_ptr + b * stride_sb + r, mask=mask_r, other=0.0).to(tl.float32)
+                    if RELU:
+                        hv = tl.maximum(hv, 0.0)
+                    wv = tl.load(w2_ptr + offs_n[:, None] * stride_w + r[None, :],
+                                 mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+                    acc += tl.sum(wv * hv[None, :], axis=1)
+                v = tl.maximum(v, (acc + bias).to(dtype).to(tl.float32))
+            v = v.to(dtype)
+    else:
+        v = tl.load(src_ptr + offs_n, mask=mask_n, other=float("-inf"))
+        for b in range(1, B):
+            v = tl.maximum(v, tl.load(src_ptr + b * stride_sb + offs_n, mask=mask_n, other=float("-inf")))
+    key = _ordered_key(v.to(dtype), KEY_BITS)
+    bins = tl.arange(0, 256)
+    if SINGLE:
+        prefix = tl.zeros((), dtype=tl.int64)
+        above = tl.zeros((), dtype=tl.int32)
+        for level in tl.static_range(LEVELS):
+            high, digit = _key_digit(key, level, KEY_BITS)
+            hist = tl.histogram(digit, 256, mask=mask_n & (high == prefix))
+            d, above = _pick_digit(hist, above, K)
+            prefix = prefix * 256 + d
+        thr = (prefix - (1 << (KEY_BITS - 1))).to(tl.int32)
+        _emit_slice(key, offs_n, mask_n, thr, above, K, 0, 0, out_ptr)
+    else:
+        tl.store(keys_ptr + offs_n, key, mask=mask_n)
+        _, digit = _key_digit(key, 0, KEY_BITS)
+        hist = tl.histogram(digit, 256, mask=mask_n)
+        tl.atomic_add(hist_ptr + bins, hist, mask=hist > 0, sem="relaxed")
+        if pid == 0:
+            for level in tl.static_range(1, LEVELS):
+                tl.store(hist_ptr + level * 256 + bins, tl.zeros((256,), dtype=tl.int32))
+
+
+@triton.jit
+def _resolve_level(hist_ptr, meta_ptr, K, LEVEL: tl.constexpr):
+    """(prefix, count above) once digit LEVEL is fixed, from its histogram and the level before."""
+    bins = tl.arange(0, 256)
+    if LEVEL == 0:
+        prefix = tl.zeros((), dtype=tl.int64)
+        above = tl.zeros((), dtype=tl.int32)
+    else:
+        prefix = tl.load(meta_ptr + 2 * (LEVEL - 1))
+        above = tl.load(meta_ptr + 2 * (LEVEL - 1) + 1).to(tl.int32)
+    d, above = _pick_digit(tl.load(hist_ptr + LEVEL * 256 + bins), above, K)
+    return prefix * 256 + d, above
+
+
+@triton.jit
+def _topk_refine_kernel(keys_ptr, hist_ptr, meta_ptr, N, K, LEVEL: tl.constexpr, KEY_BITS: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    prefix, above = _resolve_level(hist_ptr, meta_ptr, K, LEVEL - 1)
+    if pid == 0:
+        tl.store(meta_ptr + 2 * (LEVEL - 1), prefix)
+        tl.store(meta_ptr + 2 * (LEVEL - 1) + 1, above.to(tl.int64))
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    key = tl.load(keys_ptr + offs, mask=mask, other=0)
+    high, digit = _key_digit(key, LEVEL, KEY_BITS)
+    hist = tl.histogram(digit, 256, mask=mask & (high == prefix))
+    tl.atomic_add(hist_ptr + LEVEL * 256 + tl.arange(0, 256), hist, mask=hist > 0, sem="relaxed")
+
+
+@triton.jit
+def _topk_emit_kernel(keys_ptr, hist_ptr, meta_ptr, out_ptr, N, K, LEVELS: tl.constexpr, KEY_BITS: tl.constexpr,
+                      BLOCK: tl.constexpr, SCAN: tl.constexpr):
+    pid = tl.program_id(0)
+    prefix, above = _resolve_level(hist_ptr, meta_ptr, K, LEVELS - 1)
+    thr = (prefix - (1 << (KEY_BITS - 1))).to(tl.int32)
+    start = pid * BLOCK
+    g_acc = tl.zeros((SCAN,), dtype=tl.int32)
+    e_acc = tl.zeros((SCAN,), dtype=tl.int32)
+    for c0 in range(0, start, SCAN):  # keys before this slice, SCAN at a time (few dependent L2 trips)
+        o = c0 + tl.arange(0, SCAN)
+        before = o < start
+        kk = tl.load(keys_ptr + o, mask=before, other=0)
+        g_acc += ((kk > thr) & before).to(tl.int32)
+        e_acc += ((kk == thr) & before).to(tl.int32)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < N
+    key = tl.load(keys_ptr + offs, mask=mask, other=0)
+    _emit_slice(key, offs, mask, thr, above, K, tl.sum(g_acc, axis=0), tl.sum(e_acc, axis=0), out_ptr)
+    if pid == 0:  # level 0's histogram is read by no program of this launch: clear it for the next call
+        tl.store(hist_ptr + tl.arange(0, 256), tl.zeros((256,), dtype=tl.int32))
+
+
+def _key_bits(dtype: torch.dtype) -> int:
+    if dtype in (torch.bfloat16, torch.float16):
+        return 16
+    if dtype == torch.float32:
+        return 32
+    raise ValueError(f"top-k keys for {dtype} are not supported")
+
+
+class TopkWorkspace:
+    """Scratch of the wide top-k over n units; one per caller, reused (hist starts zeroed)."""
+
+    def __init__(self, n: int, dtype: torch.dtype, device):
+        levels = _key_bits(dtype) // 8
+        self.wrap(torch.empty(n, dtype=torch.int32, device=device),
+                  torch.zeros(levels * TOPK_BINS, dtype=torch.int32, device=device),
+                  torch.zeros(2 * levels, dtype=torch.int64, device=device), self)
+
+    @classmethod
+    def wrap(cls, keys: torch.Tensor, hist: torch.Tensor, meta: torch.Tensor, ws=None) -> TopkWorkspace:
+        """A workspace over existing buffers (the custom op passes them as tensors)."""
+        ws = ws or cls.__new__(cls)
+        ws.keys, ws.hist, ws.meta = keys, hist, meta
+        ws.n, ws.levels = keys.numel(), hist.numel() // TOPK_BINS
+        ws.key_bits = 8 * ws.levels
+        assert keys.dtype == torch.int32 and hist.dtype == torch.int32 and meta.dtype == torch.int64
+        return ws
+
+
+def _wide_topk(src: torch.Tensor, w2: torch.Tensor | None, b2: torch.Tensor | None, relu: bool, n: int, k: int,
+               out: torch.Tensor | None, ws: TopkWorkspace | None) -> torch.Tensor:
+    batch = src.shape[0]
+    assert src.stride(1) == 1 and 0 < k <= n and batch <= DOT_BATCH
+    out = torch.empty(k, device=src.device, dtype=torch.long) if out is None else out
+    assert out.dtype == torch.long and out.numel() == k and out.is_contiguous()
+    ws = ws or TopkWorkspace(n, src.dtype, src.device)
+    assert ws.n == n and ws.key_bits == _key_bits(src.dtype)
+    fused = w2 is not None
+    use_dot = fused and src.dtype != torch.float32
+    single = n <= WIDE_SINGLE_MAX
+    if single:
+        block_n = max(16, triton.next_power_of_2(n))
+    else:
+        block_n = 64 if fused else WIDE_SLICE
+    rank = w2.shape[1] if fused else 0
+    block_r = min(64, max(16, triton.next_power_of_2(rank))) if fused else 16
+    if fused:
+        assert w2.stride(1) == 1 and w2.shape[0] == n and b2.is_contiguous() and w2.dtype == src.dtype
+    warps = 8 if single and block_n >= 256 else 4
+    _topk_keys_kernel[(triton.cdiv(n, block_n),)](
+        src, w2 if fused else src, b2 if fused else src, ws.keys, ws.hist, out, batch, n, rank, k, src.stride(0),
+        w2.stride(0) if fused else 0, FUSED=fused, RELU=relu, USE_DOT=use_dot, B_PAD=DOT_BATCH if use_dot else 1,
+        BLOCK_N=block_n, BLOCK_R=block_r, KEY_BITS=ws.key_bits, LEVELS=ws.levels, SINGLE=single,
+        PRECISION="tf32" if _INTERPRETED else _precision(src), UPCAST=_INTERPRETED, num_warps=warps)
+    if single:
+        return out
+    grid = (triton.cdiv(n, WIDE_SLICE),)
+    for level in range(1, ws.levels):
+        _topk_refine_kernel[grid](ws.keys, ws.hist, ws.meta, n, k, LEVEL=level, KEY_BITS=ws.key_bits,
+                                  BLOCK=WIDE_SLICE, num_warps=4)
+    _topk_emit_kernel[grid](ws.keys, ws.hist, ws.meta, out, n, k, LEVELS=ws.levels, KEY_BITS=ws.key_bits,
+                            BLOCK=WIDE_SLICE, SCAN=4 * WIDE_SLICE, num_warps=4)
+    return out
+
+
+def select_topk_wide(scores: torch.Tensor, k: int, out: torch.Tensor | None = None,
+                     ws: TopkWorkspace | None = None) -> torch.Tensor:
+    """select_topk's result (same indices, ties to the lowest index) from many programs."""
+    return _wide_topk(scores, None, None, False, scores.shape[1], k, out, ws)
+
+
+def predict_select(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, relu: bool, k: int,
+                   out: torch.Tensor | None = None, ws: TopkWorkspace | None = None) -> torch.Tensor:
+    """Top-k of relu?(h) @ w2.T + b2 (rounded to h's dtype; batch max per unit) without writing scores."""
+    return _wide_topk(h, w2, b2, relu, w2.shape[0], k, out, ws)

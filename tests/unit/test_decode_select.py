@@ -1,0 +1,89 @@
+"""The fused predictor path: grouped first layers + the wide top-k kernels (CPU reference and Triton's
+CPU interpreter), against the unfused path and the exact selection contract."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dejavu.models.adapters import adapter_for
+from dejavu.predictor import PredictorSet
+from dejavu.runtime.decode import DecodeModel
+
+
+@pytest.mark.parametrize("pairing", ["current", "lookahead"])
+def test_fused_and_classic_selection_agree_on_cpu(tiny_model_factory, pairing):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama"), dtype=torch.float32).eval()
+    adapter = adapter_for(model)
+    s = adapter.shape()
+    preds = PredictorSet.random(adapter.num_layers, s.hidden_size, s.intermediate_size, s.num_heads, 8, 0.3, 0.5, seed=2)
+    preds.mlp_pairing = pairing
+    for lp in preds.layers:
+        lp.mlp.activation = "relu"  # one relu predictor in each group
+    logits = {}
+    for impl in ("fused", "classic"):
+        dm = DecodeModel(model, adapter, preds, "cpu", torch.float32, max_len=12, select_impl=impl)
+        # one group per source layer: the MLP predictor and a head predictor share each input
+        assert all(len(g.members) >= 1 for g in dm.pred_groups.values())
+        assert sum(len(g.members) for g in dm.pred_groups.values()) == 2 * adapter.num_layers
+        st = dm.new_state(2)
+        dm.prefill(st, torch.randint(1, 500, (2, 6), generator=torch.Generator().manual_seed(0)))
+        logits[impl] = torch.stack([dm.step(st, sparse=True) for _ in range(2)])
+        x = torch.randn(2, s.hidden_size, generator=torch.Generator().manual_seed(1))
+        sel = dm.select_all(x)
+        assert len(sel) == 2 * adapter.num_layers
+        logits[impl, "sel"] = [t.clone() for t in sel]
+    torch.testing.assert_close(logits["fused"], logits["classic"], atol=1e-5, rtol=1e-5)
+    for a, b in zip(logits["fused", "sel"], logits["classic", "sel"], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (interpreter mode)")
+def test_wide_topk_kernels_in_interpreter():
+    script = textwrap.dedent('''
+        import os
+        os.environ["TRITON_INTERPRET"] = "1"
+        import torch
+        from dejavu.runtime.kernels.interpret import patch_interpreter
+        patch_interpreter()
+        from dejavu.runtime.kernels import triton_kernels as T
+        torch.manual_seed(0)
+        def exact(scores, k):
+            best = scores.float().amax(0) + 0.0
+            return torch.sort(-best, stable=True).indices[:k].sort().values
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            for B, n, k in ((1, 2100, 1000), (3, 1500, 7), (2, 100, 10), (1, 50, 50), (1, 1030, 1)):
+                ws = T.TopkWorkspace(n, dt, "cpu")
+                for trial in range(3):
+                    s = torch.randn(B, n)
+                    if trial == 1:
+                        s = (s * 2).round() / 2  # ties, with -0 and +0
+                    if trial == 2:
+                        s = s.abs() * 1e-3 - 5e-4
+                    s = s.to(dt)
+                    out = T.select_topk_wide(s, k, ws=ws)
+                    assert torch.equal(out, exact(s, k)), (dt, B, n, k, trial)
+                    assert ws.hist[:256].abs().sum() == 0
+        for dt in (torch.bfloat16, torch.float32):
+            for B, n, r, k, relu in ((1, 700, 40, 300, False), (3, 300, 32, 50, True), (2, 33, 16, 5, True)):
+                h = torch.randn(B, r + 5).to(dt)[:, 5:]
+                w2, b2 = (torch.randn(n, r) * r ** -0.5).to(dt), (torch.randn(n) * 0.1).to(dt)
+                out = T.predict_select(h, w2, b2, relu, k)
+                hh = torch.relu(h) if relu else h
+                best = (hh.double() @ w2.double().T + b2.double()).amax(0)
+                ref = exact(best[None], k)
+                tol = 1e-6 if dt == torch.float32 else 2e-2
+                assert (best[out].sort().values - best[ref].sort().values).abs().max() <= tol * best.abs().max()
+                assert out.unique().numel() == k and torch.equal(out, out.sort().values)
+        print("ok")
+    ''')
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -560,9 +560,10 @@ def _topk_keys_kernel(src_ptr, w2_ptr, b2_ptr, keys_ptr, hist_ptr, out_ptr, B, N
                 v = tl.maximum(v, (acc + bias).to(dtype).to(tl.float32))
             v = v.to(dtype)
     else:
-        v = tl.load(src_ptr + offs_n, mask=mask_n, other=float("-inf"))
-        for b in range(1, B):
-            v = tl.maximum(v, tl.load(src_ptr + b * stride_sb + offs_n, mask=mask_n, other=float("-inf")))
+        v = tl.load(src_ptr + offs_n, mask=mask_n, other=float("-inf")).to(tl.float32)
+        for b in range(1, B):  # fp32 max of values of dtype: exact
+            v = tl.maximum(v, tl.load(src_ptr + b * stride_sb + offs_n, mask=mask_n,
+                                      other=float("-inf")).to(tl.float32))
     key = _ordered_key(v.to(dtype), KEY_BITS)
     bins = tl.arange(0, 256)
     if SINGLE:

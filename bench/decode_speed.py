@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--hf-tokens", type=int, default=16)
     ap.add_argument("--mlp-pairing", default="current", choices=["current", "lookahead"],
                     help="which block input the MLP predictor reads (lookahead lets it overlap a whole layer)")
-    ap.add_argument("--select-impl", default="fused", choices=["fused", "classic"],
+    ap.add_argument("--select-impl", default="fused", choices=["fused", "classic", "static"],
                     help="fused: shared first-layer GEMV + wide second-layer/top-k kernels; classic: the unfused path")
     ap.add_argument("--priority", type=int, default=-1, help="predictor stream priority (-1 high, 0 normal)")
     ap.add_argument("--ablation", default="",
@@ -128,6 +128,11 @@ def main() -> None:
     print(f"HF eager {hf:.2f} ms/token; copy {copy:.0f} GB/s; wrote {out}")
 
 
+# (select impl, predictor stream priority, MLP pairing); "static" runs no predictor (the ceiling)
+ABLATION_CONFIGS = (("classic", 0, "current"), ("fused", 0, "current"), ("fused", -1, "current"),
+                    ("fused", -1, "lookahead"), ("static", -1, "current"))
+
+
 def ablation(args, dm: DecodeModel, preds, copy: float, result: dict, out: Path) -> list[str]:
     """Sparse ms/token at the first batch size for each selection path, stream priority and MLP pairing."""
     b = int(args.batches.split(",")[0])
@@ -136,8 +141,7 @@ def ablation(args, dm: DecodeModel, preds, copy: float, result: dict, out: Path)
     rows, lines = [], [f"ablation, batch {b} (dense {dense:.3f} ms): mlp heads | impl prio pairing | ms speedup frac pred%"]
     for spec in args.ablation.split(","):
         mlp, heads = (float(v) for v in spec.split("/"))
-        for impl, prio, pairing in (("classic", 0, "current"), ("classic", -1, "current"), ("fused", 0, "current"),
-                                    ("fused", -1, "current"), ("fused", -1, "lookahead")):
+        for impl, prio, pairing in ABLATION_CONFIGS:
             dm.select_impl = impl
             dm.pred_stream = torch.cuda.Stream(dm.device, priority=prio) if dm.device.type == "cuda" else None
             preds.mlp_pairing = pairing

@@ -59,7 +59,9 @@ class FoldedPredictor:
         cast = dict(device=device, dtype=dtype)
         return cls(w1.to(**cast).contiguous(), b1.to(**cast), pred.w2.detach().to(**cast).contiguous(),
                    pred.b2.detach().to(**cast), pred.activation == "relu", k, source_layer,
-                   torch.empty(k, dtype=torch.long, device=device),
+                   # a valid selection from the start (random units, ascending): the "static" mode reads it
+                   torch.randperm(pred.w2.shape[0], generator=torch.Generator().manual_seed(k))[:k].sort().values
+                   .to(device),
                    _topk_workspace(pred.w2.shape[0], dtype, device))
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,6 +104,8 @@ class PredictorGroup:
         return cls(w1, b1, rows)
 
     def run(self, x: torch.Tensor, impl: str) -> None:
+        if impl == "static":  # no predictor work: the selections stay as they are (speed ceiling only)
+            return
         if impl == "classic":
             for _, _, p, _, _ in self.members:
                 p.select(x)
@@ -174,11 +178,12 @@ class DecodeModel:
             raise ValueError(f"dense_impl must be cublas or triton, not {dense_impl!r}")
         # "triton": the dense step runs the same gather kernels over every row (no predictor)
         self.dense_impl = dense_impl
-        if select_impl not in ("fused", "classic"):
-            raise ValueError(f"select_impl must be fused or classic, not {select_impl!r}")
+        if select_impl not in ("fused", "classic", "static"):
+            raise ValueError(f"select_impl must be fused, classic or static, not {select_impl!r}")
         # "fused": one GEMV for the first layers of the predictors sharing an input, then per predictor
         # the wide kernels (second layer + top-k, scores never written); "classic": matmul, matmul, and
-        # the single-program top-k per predictor (kept for comparison)
+        # the single-program top-k per predictor (kept for comparison); "static": no predictor runs and
+        # each layer keeps a fixed random selection (a speed ceiling for measurements, not a model)
         self.select_impl = select_impl
         # Predictors run on a side stream, overlapping the layer they do not feed (CUDA only). High
         # priority (-1): their few small programs are scheduled ahead of the layer's waiting ones, so the
@@ -303,7 +308,7 @@ class DecodeModel:
         if group is None:
             return
         done = None
-        if self.pred_stream is None or not x.is_cuda:
+        if self.pred_stream is None or not x.is_cuda or self.select_impl == "static":
             group.run(x, self.select_impl)
         else:
             self.pred_stream.wait_stream(torch.cuda.current_stream())

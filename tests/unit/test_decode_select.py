@@ -87,3 +87,20 @@ def test_wide_topk_kernels_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_static_selection_runs_without_predictors(tiny_model_factory):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama"), dtype=torch.float32).eval()
+    adapter = adapter_for(model)
+    s = adapter.shape()
+    preds = PredictorSet.random(adapter.num_layers, s.hidden_size, s.intermediate_size, s.num_heads, 8, 0.5, 0.5)
+    dm = DecodeModel(model, adapter, preds, "cpu", torch.float32, max_len=10, select_impl="static")
+    before = [t.clone() for t in dm.select_all(torch.randn(1, s.hidden_size))]
+    st = dm.new_state(1)
+    dm.prefill(st, torch.randint(1, 500, (1, 4)))
+    assert torch.isfinite(dm.step(st, sparse=True)).all()
+    members = [m[2] for g in dm.pred_groups.values() for m in g.members]
+    for sel, pred in zip(before, members, strict=True):
+        assert sel.numel() == pred.k and torch.equal(sel, sel.sort().values) and sel.unique().numel() == pred.k
+    with pytest.raises(ValueError):
+        DecodeModel(model, adapter, preds, "cpu", torch.float32, max_len=10, select_impl="nope")

@@ -9,7 +9,9 @@ timings compare like with like. Prefill is dense and eager (PyTorch SDPA).
 Sparse step, per layer: the predictors whose input is this layer's block input run first (the MLP's
 own, "current" pairing; the next layer's head predictor, "lookahead" pairing), each scoring [B, n]
 then taking a fixed top-k of the batch's per-unit maximum score (a unit any sequence wants is kept),
-so k is fixed per layer and the step has no host synchronisation. Attention computes q and o for the
+so k is fixed per layer and the step has no host synchronisation. Predictors reading the same block
+input form a group: one GEMV for their concatenated first layers, then per predictor one pass of the
+wide top-k kernels that computes the second layer's scores and selects without writing them. Attention computes q and o for the
 selected heads only and k/v for every KV head (the cache stays exact for later tokens).
 """
 

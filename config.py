@@ -88,6 +88,8 @@ class ExportConfig:
     head_density: float | None = None
     # per-layer overrides, {layer_index: density}
     mlp_density_per_layer: dict[int, float] = field(default_factory=dict)
+    # two-stage MLP selection (runtime/apply.py): predictor candidates at this density; None: off
+    mlp_candidate_density: float | None = None
 
 
 @dataclass
@@ -96,6 +98,7 @@ class RuntimeConfig:
     dtype: str = "auto"
     mlp_density: float | None = None  # None: the bundle's
     head_density: float | None = None
+    mlp_candidate_density: float | None = None  # None: the bundle's (None there too: one-stage)
     # "predictor" (the bundle), "oracle" (true top-k from dense activations), "dense"
     selection: str = "predictor"
     # dense prefill by default: only decoded tokens are sparse
@@ -227,6 +230,8 @@ def validate(cfg: RunConfig) -> None:
     _check_density(cfg.export.head_density, "export.head_density")
     _check_density(cfg.runtime.mlp_density, "runtime.mlp_density")
     _check_density(cfg.runtime.head_density, "runtime.head_density")
+    _check_density(cfg.export.mlp_candidate_density, "export.mlp_candidate_density")
+    _check_density(cfg.runtime.mlp_candidate_density, "runtime.mlp_candidate_density")
     for layer, d in cfg.export.mlp_density_per_layer.items():
         _check_density(d, f"export.mlp_density_per_layer[{layer}]")
     if cfg.collect.max_tokens <= 0:

@@ -141,6 +141,9 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write (safetensors + manifest.json)."),
     mlp_density: float | None = typer.Option(None, "--mlp-density", help="MLP density the runtime should compute, in (0, 1]."),
     head_density: float | None = typer.Option(None, "--head-density", help="Head density the runtime should compute, in (0, 1]."),
+    mlp_candidate_density: float | None = typer.Option(
+        None, "--mlp-candidate-density",
+        help="Two-stage MLP selection default: predictor candidates at this density, final top-k by exact activation."),
     config: str | None = ConfigOpt,
     debug: bool = DebugOpt,
 ):
@@ -149,6 +152,7 @@ def export(
 
     run_export(Path(run), Path(out), config_file=config, overrides={
         "export.mlp_density": mlp_density, "export.head_density": head_density,
+        "export.mlp_candidate_density": mlp_candidate_density,
     })
 
 
@@ -161,6 +165,10 @@ def bench(
     json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON here (a PNG plot goes beside it)."),
     mlp_density: float | None = typer.Option(None, "--mlp-density", help="Override the bundle's MLP density, in (0, 1]."),
     head_density: float | None = typer.Option(None, "--head-density", help="Override the bundle's head density, in (0, 1]."),
+    mlp_candidate_density: float | None = typer.Option(
+        None, "--mlp-candidate-density",
+        help="Two-stage MLP selection: predictor candidates at this density, then the top --mlp-density by exact "
+             "activation (default: the bundle's; unset: one-stage)."),
     max_eval_tokens: int | None = typer.Option(None, "--max-eval-tokens", help="Bound on evaluated tokens."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto."),
@@ -183,6 +191,7 @@ def bench(
             "runtime.mlp_density": mlp_density, "runtime.head_density": head_density,
             "runtime.max_eval_tokens": max_eval_tokens, "runtime.device": device, "runtime.dtype": dtype,
             "runtime.selection": selection, "runtime.batch_sizes": sizes,
+            "runtime.mlp_candidate_density": mlp_candidate_density,
         },
         synthetic=synthetic, layers=layers, quality=quality, speed=speed,
     )

@@ -123,6 +123,8 @@ def run_export(run: Path, out: Path, config_file=None, overrides: dict[str, Any]
         hidden_activation=pm.get("hidden_activation", cfg.train.hidden_activation),
         metrics=pm.get("metrics", {}),
         predictor_bytes=predictor_bytes,
+        # optional: two-stage MLP selection default for the runtime (null: one-stage)
+        mlp_candidate_density=cfg.export.mlp_candidate_density,
     )
     trained = sum(present)
     print(f"bundle written to {out}: {trained}/{num_layers} layers with predictors, "

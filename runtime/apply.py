@@ -17,6 +17,13 @@ masked with its own selection, and earlier tokens' K/V come from their (sparse) 
 is what a token-by-token sparse decode with a KV cache computes. `token_mask` ([batch, seq] bool)
 restricts sparsity to some tokens (dense prefill); `enabled = False` runs the model dense.
 
+Two-stage MLP selection (opt-in, `mlp_candidate_density`): the predictor picks candidates at the
+candidate density; gate/up run for the candidates only (their activations are needed anyway), and
+the final set is the top-`mlp_density` share of all n neurons among the candidates by the exact
+|down input|; only the final set's down columns are read. It trades extra gate/up reads for fewer
+predictor misses. MLP weight bytes read: up_share * candidates + (1 - up_share) * final, where
+up_share is 2/3 for gated MLPs (gate + up + down) and 1/2 for plain ones (up + down).
+
 Selection "oracle" takes the true top-k of the same forward (|down input| per neuron, L2 norm per
 head output) to separate predictor error from sparsity error; "dense" computes everything.
 """
@@ -46,6 +53,16 @@ def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
 
 
+def topk_among(scores: torch.Tensor, candidates: torch.Tensor, density: float) -> torch.Tensor:
+    """Top-k of `scores` restricted to `candidates` (k from the density over the whole last dimension);
+    never picks a non-candidate, so when fewer than k are candidates it keeps just them."""
+    n = scores.shape[-1]
+    k = units_for_density(density, n)
+    masked = scores.float().masked_fill(~candidates, float("-inf"))
+    idx = masked.topk(min(k, n), dim=-1).indices
+    return torch.zeros_like(candidates).scatter_(-1, idx, True) & candidates
+
+
 def skippable_kv_groups(head_mask: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """[..., num_kv_heads] bool: True where no query head of the group is selected (GQA grouping:
     query head h uses KV head h // (num_heads / num_kv_heads), as in HF's repeat_kv)."""
@@ -63,12 +80,17 @@ class SelectionStats:
     mlp_kept: float = 0.0
     head_kept: float = 0.0
     kv_groups_skippable: float = 0.0
-    counts: dict = field(default_factory=lambda: {"mlp": 0, "attn": 0})
+    mlp_candidates_kept: float = 0.0  # two-stage only: share whose gate/up rows were read
+    # Share of the MLP weight bytes in gate + up (2/3 gated, 1/2 plain); set by the runtime.
+    up_share: float = 2 / 3
+    counts: dict = field(default_factory=lambda: {"mlp": 0, "attn": 0, "mlp_candidates": 0})
 
     def add(self, kind: str, kept: float, skippable: float = 0.0, n: int = 1) -> None:
         c = self.counts[kind]
         if kind == "mlp":
             self.mlp_kept = (self.mlp_kept * c + kept * n) / (c + n)
+        elif kind == "mlp_candidates":
+            self.mlp_candidates_kept = (self.mlp_candidates_kept * c + kept * n) / (c + n)
         else:
             self.head_kept = (self.head_kept * c + kept * n) / (c + n)
             self.kv_groups_skippable = (self.kv_groups_skippable * c + skippable * n) / (c + n)
@@ -76,7 +98,13 @@ class SelectionStats:
 
     def summary(self) -> dict:
         """Shares computed; a kind whose hook never ran (density 1.0) was computed in full."""
-        return {"mlp_kept": self.mlp_kept if self.counts["mlp"] else 1.0,
+        mlp = self.mlp_kept if self.counts["mlp"] else 1.0
+        candidates = self.mlp_candidates_kept if self.counts["mlp_candidates"] else mlp
+        return {"mlp_kept": mlp,
+                "mlp_candidates_kept": candidates,
+                # gate/up rows for the candidates, down columns for the final set (== mlp_kept
+                # without two-stage); the oracle still needs the dense activation to choose.
+                "mlp_weight_share": self.up_share * candidates + (1 - self.up_share) * mlp,
                 "head_kept": self.head_kept if self.counts["attn"] else 1.0,
                 "kv_groups_skippable": self.kv_groups_skippable}
 
@@ -86,7 +114,7 @@ class SparseRuntime:
 
     def __init__(self, model: nn.Module, adapter: Adapter, predictors: PredictorSet | None = None, *,
                  selection: str = "predictor", mlp_density: float | None = None, head_density: float | None = None,
-                 mode: str = "mask", record: bool = False):
+                 mode: str = "mask", record: bool = False, mlp_candidate_density: float | None = None):
         if selection not in SELECTIONS:
             raise DejavuError(f"selection must be one of {', '.join(SELECTIONS)}; got {selection!r}")
         if mode not in MODES:
@@ -104,12 +132,16 @@ class SparseRuntime:
             raise DejavuError(f"the predictors cover {len(predictors.layers)} layers, the model has {n}")
         self.mlp_density = [self._density(l, "mlp", mlp_density) for l in range(n)]  # noqa: E741
         self.head_density = [self._density(l, "attn", head_density) for l in range(n)]  # noqa: E741
+        self.mlp_candidate_density = self._check_candidates(mlp_candidate_density)
         if predictors is not None:
             device = next(model.parameters()).device
             predictors.to(device=device)
         self.enabled = True
         self.token_mask: torch.Tensor | None = None
         self.stats = SelectionStats()
+        first = self.layers[0] if self.layers else None
+        if first is not None and adapter.gate_proj(first) is None:
+            self.stats.up_share = 1 / 2
         self.masks: dict[tuple[str, int], torch.Tensor] = {}  # recorded selections (record=True)
         self._inputs: dict[int, torch.Tensor] = {}
         self._mlp_sel: dict[int, torch.Tensor] = {}
@@ -131,6 +163,23 @@ class SparseRuntime:
                 return override
             return lp.mlp_density if kind == "mlp" else lp.head_density
         return 1.0 if override is None else override
+
+    def _check_candidates(self, density: float | None) -> float | None:
+        if density is None:
+            return None
+        if self.selection != "predictor":
+            raise DejavuError("mlp_candidate_density (two-stage MLP selection) needs selection 'predictor'")
+        if not 0.0 < density <= 1.0:
+            raise DejavuError(f"mlp_candidate_density must be in (0, 1], got {density}")
+        low = [l for l, d in enumerate(self.mlp_density) if d < 1.0 and density < d]  # noqa: E741
+        if low:
+            raise DejavuError(f"mlp_candidate_density {density} is below the final MLP density "
+                              f"{self.mlp_density[low[0]]} (layers {low[:5]}); candidates must cover the final set")
+        return density
+
+    @property
+    def two_stage(self) -> bool:
+        return self.mlp_candidate_density is not None
 
     def sparse_tokens(self, like: torch.Tensor) -> torch.Tensor | None:
         """[batch, seq, 1] bool of the tokens to sparsify, or None for all."""
@@ -178,7 +227,8 @@ class SparseRuntime:
             lp = self.predictors.layers[l]
             if self.mlp_density[l] < 1.0:
                 x = self._paired_input(l, self.predictors.mlp_pairing)
-                self._mlp_sel[l] = topk_mask(lp.mlp(x), self.mlp_density[l])
+                first = self.mlp_candidate_density if self.two_stage else self.mlp_density[l]
+                self._mlp_sel[l] = topk_mask(lp.mlp(x), first)
                 if self.mode == "gather":
                     self._prepare_gather(l)
             if self.head_density[l] < 1.0:
@@ -196,6 +246,10 @@ class SparseRuntime:
     def _mlp_mask(self, l: int, act: torch.Tensor) -> torch.Tensor:  # noqa: E741
         if self.selection == "oracle":
             return topk_mask(act.abs(), self.mlp_density[l])
+        if self.two_stage:
+            candidates = self._mlp_sel[l].reshape(act.shape)
+            self._note("mlp_candidates", l, candidates)
+            return topk_among(act.abs(), candidates, self.mlp_density[l])
         return self._mlp_sel[l]
 
     def _apply_token_mask(self, mask: torch.Tensor) -> torch.Tensor:
@@ -207,8 +261,8 @@ class SparseRuntime:
         rows = mask.reshape(-1, mask.shape[-1]) if tm is None else mask[tm.squeeze(-1)]
         if rows.numel() == 0:
             return
-        if kind == "mlp":
-            self.stats.add("mlp", rows.float().mean().item(), n=rows.shape[0])
+        if kind in ("mlp", "mlp_candidates"):
+            self.stats.add(kind, rows.float().mean().item(), n=rows.shape[0])
         else:
             skip = skippable_kv_groups(rows, self.shape.num_kv_heads).float().mean().item()
             self.stats.add("attn", rows.float().mean().item(), skip, n=rows.shape[0])
@@ -249,9 +303,10 @@ class SparseRuntime:
 
     # --- gather path (MLP computes only the selected neurons) ---------------------------------
     def _prepare_gather(self, l: int) -> None:  # noqa: E741
-        """Union of the batch's selected neurons (all of them for dense tokens), once per forward."""
+        """Union of the batch's selected neurons (all of them for dense tokens), once per forward;
+        with two-stage these are the candidates (the final set is known only after gate/up)."""
         mask = self._mlp_sel[l]
-        self._note("mlp", l, mask)
+        self._note("mlp_candidates" if self.two_stage else "mlp", l, mask)
         rows = self._apply_token_mask(mask)
         union = rows.reshape(-1, rows.shape[-1]).any(dim=0).nonzero().squeeze(-1)
         self._gather[l] = (rows, union)
@@ -279,8 +334,16 @@ class SparseRuntime:
             if not self.enabled:
                 return nn.functional.linear(x, w, b)
             rows, union = self._gather[l]
+            rows = rows.reshape(x.shape)
+            if self.two_stage:
+                # x is zero outside the candidates' union; the final set is each token's top-k among
+                # its own candidates, and down reads only the union of the final sets.
+                final = topk_among(x.abs(), self._mlp_sel[l].reshape(x.shape), self.mlp_density[l])
+                self._note("mlp", l, final)
+                rows = self._apply_token_mask(final)
+                union = rows.reshape(-1, rows.shape[-1]).any(dim=0).nonzero().squeeze(-1)
             # Each token keeps only its own selection, so gather == mask exactly.
-            h = (x * rows.reshape(x.shape).to(x.dtype))[..., union]
+            h = (x * rows.to(x.dtype))[..., union]
             return nn.functional.linear(h, w[:, union], b)
 
         for module, fn in ((up, rows_of(up)), (gate, rows_of(gate)), (down, down_forward)):

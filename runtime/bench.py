@@ -116,8 +116,10 @@ def print_report(report: dict, out=None) -> None:
     p = lambda s="": print(s, file=out)  # noqa: E731
     p(f"dejavu bench: {report['model']} on {report['device']} ({report['dtype']})"
       f"{'  [synthetic weights: speed only]' if report['synthetic'] else ''}")
+    two = report.get("mlp_candidate_density")
     p(f"  selection {report.get('selection')}, MLP density {_fmt(report['mlp_density'], 'g')}, "
-      f"head density {_fmt(report['head_density'], 'g')}")
+      f"head density {_fmt(report['head_density'], 'g')}"
+      + (f", two-stage MLP (predictor candidates {two:g}, final top-k by exact activation)" if two else ""))
     q = report.get("quality")
     if q:
         p(f"  quality on {q['scored_tokens']} tokens of {q['dataset']} (windows of {q['window']}, stride "
@@ -129,6 +131,9 @@ def print_report(report: dict, out=None) -> None:
         if sel:
             p(f"    computed: {sel['mlp_kept']:.3f} of MLP neurons, {sel['head_kept']:.3f} of heads; "
               f"{sel['kv_groups_skippable']:.3f} of KV groups skippable")
+            if "mlp_weight_share" in sel:
+                p(f"    MLP weight bytes read: {sel['mlp_weight_share']:.3f} of dense (gate/up for "
+                  f"{sel['mlp_candidates_kept']:.3f} of neurons, down for {sel['mlp_kept']:.3f})")
         for g in q.get("generations", []):
             p(f"    prompt: {g['prompt']!r}")
             p(f"      dense : {g['dense']!r}")
@@ -203,8 +208,14 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
     mlp_d = rt.mlp_density if rt.mlp_density is not None else (manifest["mlp_density"] if manifest else 1.0)
     head_d = rt.head_density if rt.head_density is not None else (manifest["head_density"] if manifest else 1.0)
     use = predictors if rt.selection == "predictor" else None
+    # flag/config > bundle; two-stage applies to predictor selection only
+    cand_d = rt.mlp_candidate_density
+    if cand_d is None and manifest is not None:
+        cand_d = manifest.get("mlp_candidate_density")
+    cand_d = cand_d if use is not None else None
     base = {"model": source.display, "device": str(device), "dtype": _dtype_name(dtype), "mlp_density": mlp_d,
             "head_density": head_d, "synthetic": False, "selection": rt.selection,
+            "mlp_candidate_density": cand_d,
             "bundle": str(bundle) if bundle else None, "mlp_pairing": predictors.mlp_pairing if use else None,
             "head_pairing": predictors.head_pairing if use else None}
     quality_data = None
@@ -217,7 +228,8 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
         tokens = eval_tokens(tokenizer, dataset, rt.max_eval_tokens, cfg.data.text_field)
         # Explicit densities from flags override the bundle's per-layer ones; otherwise keep those.
         with SparseRuntime(model, adapter, use, selection=rt.selection, mlp_density=rt.mlp_density
-                           if use else mlp_d, head_density=rt.head_density if use else head_d) as runtime:
+                           if use else mlp_d, head_density=rt.head_density if use else head_d,
+                           mlp_candidate_density=cand_d) as runtime:
             t0 = time.perf_counter()
             quality_data = compare(model, runtime, tokens, window, stride)
             quality_data["computed"] = runtime.stats.summary()

@@ -1,0 +1,198 @@
+"""MLP selection rules compared at equal final density: what does each cost in quality and weight bytes?
+
+    python bench/selection_rules.py --bundle /work/runs/smol65k/bundle --max-eval-tokens 2048 \\
+        --window 1024 --stride 512 --rule oracle:0.5 predictor:0.5 gate:0.5 up:0.5 two-stage:0.75:0.5
+
+Rules (MLP only; attention stays dense unless --head-density):
+- oracle:D      true top-D of |down input| from the same forward (needs the dense activation: a bound);
+- predictor:D   the bundle's predictors pick D (the runtime's default);
+- gate:D        exact top-D of |act(gate(x))| (gated MLPs; every gate row is read to choose);
+- up:D          exact top-D of |up(x)| (every up row is read to choose);
+- two-stage:C:D predictor candidates at C, then exact top-D (share of all neurons) of |down input|
+                among them (runtime/apply.py `mlp_candidate_density`).
+
+Every evaluated token is sparse, windows/stride as in runtime/quality.py; dense log-probs are computed
+once and reused. "MLP bytes" is the share of the dense MLP's weight bytes a real kernel must read per
+token (predictor weights not included): D for predictor; up_share*C + (1-up_share)*D for two-stage
+(up_share = 2/3 gated, 1/2 plain); up_share/2 + (1 - up_share/2)*D for gate/up on a gated MLP (one of
+gate/up in full), 1/2 + D/2 for up on a plain MLP; the oracle's D is an ideal no kernel can reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dejavu.artifacts import atomic_write_json
+from dejavu.errors import DejavuError
+from dejavu.runtime.apply import SparseRuntime, topk_mask
+from dejavu.runtime.quality import (
+    default_eval_dataset,
+    dense_reference,
+    eval_tokens,
+    model_context,
+    reference_ppl,
+    score_against,
+)
+
+KINDS = {"oracle": 1, "predictor": 1, "gate": 1, "up": 1, "two-stage": 2}
+
+
+def parse_rule(text: str) -> tuple[str, tuple[float, ...]]:
+    kind, *values = text.split(":")
+    if kind not in KINDS or len(values) != KINDS[kind]:
+        raise DejavuError(f"rule {text!r}: expected oracle:D, predictor:D, gate:D, up:D or two-stage:C:D")
+    try:
+        numbers = tuple(float(v) for v in values)
+    except ValueError:
+        raise DejavuError(f"rule {text!r}: densities must be numbers") from None
+    if not all(0.0 < v <= 1.0 for v in numbers):
+        raise DejavuError(f"rule {text!r}: densities must be in (0, 1]")
+    return kind, numbers
+
+
+class ExactRule:
+    """Keeps the exact top-k of |act(gate)| or |up| per token: a forward hook on that projection scores
+    the neurons, a pre-hook on down zeroes the rest (same effect as computing only the kept ones)."""
+
+    def __init__(self, adapter, source: str, density: float):
+        self.enabled, self.token_mask = True, None  # what score_against sets on a runtime
+        self._masks: dict[int, torch.Tensor] = {}
+        self._handles = []
+        for l, layer in enumerate(adapter.decoder_layers()):  # noqa: E741
+            if source == "gate":
+                proj, act = adapter.gate_proj(layer), adapter.activation(layer)
+                if proj is None:
+                    raise DejavuError("rule gate:D needs a gated MLP (this model has none)")
+            else:
+                proj, act = adapter.up_proj(layer), None
+            self._handles.append(proj.register_forward_hook(self._score(l, act, density)))
+            self._handles.append(adapter.down_proj(layer).register_forward_pre_hook(self._apply(l)))
+
+    def _score(self, l: int, act, density: float):  # noqa: E741
+        def hook(module: nn.Module, args, out: torch.Tensor):
+            self._masks[l] = topk_mask((act(out) if act is not None else out).abs(), density)
+
+        return hook
+
+    def _apply(self, l: int):  # noqa: E741
+        def hook(module: nn.Module, args):
+            x = args[0]
+            return (x * self._masks.pop(l).reshape(x.shape).to(x.dtype),) + tuple(args[1:])
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def weight_share(kind: str, numbers: tuple[float, ...], gated: bool, stats: dict | None) -> float:
+    up_share = 2 / 3 if gated else 1 / 2
+    if kind in ("gate", "up"):
+        full = up_share / 2 if gated else up_share  # the projection read in full to choose
+        return full + (1 - full) * numbers[0]
+    if stats is not None:  # predictor / two-stage: what the runtime measured
+        return stats["mlp_weight_share"]
+    return numbers[-1]
+
+
+def run_rule(model, adapter, predictors, ref, kind, numbers, head_density) -> tuple[dict, dict | None]:
+    if kind in ("gate", "up"):
+        rule = ExactRule(adapter, kind, numbers[0])
+        try:
+            return score_against(model, rule, ref, desc=kind), None
+        finally:
+            rule.remove()
+    if kind != "oracle" and predictors is None:
+        raise DejavuError(f"rule {kind} needs --bundle")
+    kw = {"mlp_density": numbers[-1], "head_density": head_density}
+    if kind == "two-stage":
+        kw["mlp_candidate_density"] = numbers[0]
+    with SparseRuntime(model, adapter, None if kind == "oracle" else predictors,
+                       selection="oracle" if kind == "oracle" else "predictor", **kw) as runtime:
+        metrics = score_against(model, runtime, ref, desc=kind)
+        return metrics, runtime.stats.summary()
+
+
+def markdown(rows: list[dict], dense_ppl: float) -> str:
+    lines = [f"| rule | candidates | final MLP density | ppl (dense {dense_ppl:.3f}) | Δppl | top-1 agree | "
+             "KL(dense‖sparse) | MLP weight bytes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cand = f"{r['candidates']:g}" if r["candidates"] is not None else "–"
+        note = " (ideal)" if r["kind"] == "oracle" else ""
+        lines.append(f"| {r['rule']} | {cand} | {r['density']:g} | {r['sparse_ppl']:.3f} | "
+                     f"{(r['sparse_ppl'] / dense_ppl - 1) * 100:+.1f} % | {r['top1_agreement']:.4f} | "
+                     f"{r['kl']:.4f} | {r['mlp_bytes']:.3f}{note} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from dejavu.config import RuntimeConfig
+    from dejavu.export.bundle import check_bundle_matches, load_bundle
+    from dejavu.models.adapters import adapter_for
+    from dejavu.models.loading import load_model
+
+    defaults = RuntimeConfig()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="default: the bundle's model")
+    ap.add_argument("--bundle", type=Path, default=None)
+    ap.add_argument("--dataset", default=None, help="default: ../shared/data/wikitext-2-raw/wiki.test.raw")
+    ap.add_argument("--max-eval-tokens", type=int, default=2048)
+    ap.add_argument("--window", type=int, default=defaults.eval_window)
+    ap.add_argument("--stride", type=int, default=defaults.eval_stride)
+    ap.add_argument("--head-density", type=float, default=1.0)
+    ap.add_argument("--rule", nargs="+", required=True, help="oracle:D predictor:D gate:D up:D two-stage:C:D")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (the shared machine has 2 cores)")
+    ap.add_argument("--json", type=Path, default=None, help="results, rewritten after every rule")
+    args = ap.parse_args()
+    rules = [parse_rule(r) for r in args.rule]
+    torch.set_num_threads(args.threads)
+
+    manifest, predictors = load_bundle(args.bundle) if args.bundle else (None, None)
+    name = args.model or (manifest["model"].get("name") if manifest else None) or "smollm2-135m"
+    model, tokenizer, source = load_model(name, device=args.device, dtype=args.dtype)
+    adapter = adapter_for(model)
+    if manifest is not None:
+        check_bundle_matches(manifest, adapter)
+    gated = adapter.gate_proj(adapter.decoder_layers()[0]) is not None
+    dataset = args.dataset or default_eval_dataset()
+    if dataset is None:
+        raise DejavuError("no evaluation corpus: pass --dataset")
+    window = min(model_context(model), args.window)
+    stride = min(args.stride, window)
+    tokens = eval_tokens(tokenizer, dataset, args.max_eval_tokens)
+    with torch.no_grad():
+        ref = dense_reference(model, tokens, window, stride)
+    dense = reference_ppl(ref)
+    print(f"{source.display}: {tokens.numel()} tokens of {dataset}, windows of {window}, stride {stride} "
+          f"({len(ref.windows)} windows, {dense['scored_tokens']} scored); dense ppl {dense['dense_ppl']:.3f}",
+          flush=True)
+    result = {"model": source.display, "dataset": dataset, "tokens": tokens.numel(), "window": window,
+              "stride": stride, "head_density": args.head_density, "dtype": args.dtype, "device": args.device,
+              "dense_ppl": dense["dense_ppl"], "rules": []}
+    for kind, numbers in rules:
+        text = f"{kind}:" + ":".join(f"{v:g}" for v in numbers)
+        t0 = time.perf_counter()
+        metrics, stats = run_rule(model, adapter, predictors, ref, kind, numbers, args.head_density)
+        row = {"rule": text, "kind": kind, "candidates": numbers[0] if kind == "two-stage" else None,
+               "density": numbers[-1], **metrics, "computed": stats,
+               "mlp_bytes": weight_share(kind, numbers, gated, stats), "seconds": time.perf_counter() - t0}
+        result["rules"].append(row)
+        print(f"  {text}: ppl {row['sparse_ppl']:.3f}, top-1 {row['top1_agreement']:.4f}, KL {row['kl']:.4f}, "
+              f"MLP bytes {row['mlp_bytes']:.3f} ({row['seconds']:.0f} s)", flush=True)
+        if args.json is not None:
+            atomic_write_json(args.json, result)
+    print()
+    print(markdown(result["rules"], dense["dense_ppl"]))
+
+
+if __name__ == "__main__":
+    main()

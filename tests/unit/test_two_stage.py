@@ -107,3 +107,31 @@ def test_candidates_below_final_density_is_refused(tiny_llama):
         SparseRuntime(model, adapter, _predictors(adapter), mlp_density=0.5, mlp_candidate_density=0.3)
     with pytest.raises(DejavuError, match="needs selection 'predictor'"):
         SparseRuntime(model, adapter, None, selection="oracle", mlp_candidate_density=0.8)
+
+
+def test_export_records_candidates_and_bench_uses_them(tmp_path, tiny_llama):
+    import json
+
+    from dejavu.export.bundle import run_export
+    from dejavu.runtime.bench import run_bench
+
+    from helpers import EVAL_RAW, make_predictors_dir
+
+    make_predictors_dir(tmp_path, tiny_llama)
+    manifest = run_export(tmp_path, tmp_path / "bundle", overrides={"export.mlp_candidate_density": 0.8})
+    assert manifest["mlp_candidate_density"] == 0.8
+
+    def bench(**overrides):
+        out = tmp_path / "bench.json"
+        run_bench(model=str(tiny_llama), bundle=tmp_path / "bundle", dataset=str(EVAL_RAW), json_out=out,
+                  config_file="tiny", overrides={"runtime.max_eval_tokens": 200, "runtime.device": "cpu",
+                                                 **overrides}, speed=False)
+        return json.loads(out.read_text())
+
+    from_bundle = bench()
+    assert from_bundle["mlp_candidate_density"] == 0.8
+    computed = from_bundle["quality"]["computed"]
+    assert computed["mlp_candidates_kept"] > computed["mlp_kept"]
+    assert computed["mlp_weight_share"] == pytest.approx(2 / 3 * computed["mlp_candidates_kept"]
+                                                         + 1 / 3 * computed["mlp_kept"])
+    assert bench(**{"runtime.mlp_candidate_density": 0.6})["mlp_candidate_density"] == 0.6  # flag > bundle

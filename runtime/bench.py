@@ -1,7 +1,8 @@
 """`dejavu bench`: quality (perplexity, agreement, KL, generations) and speed of a bundle vs dense.
 
-Speed comes from runtime/speed.py (the decode loop and kernels); when that module is not available
-this falls back to timing Hugging Face eager greedy decode (dense vs the gather path) and says so.
+Speed comes from runtime/speed.py (the decode loop and kernels). Families the decode loop does not
+cover (OPT, GPT-2, GPT-NeoX, Gemma 2/3) are timed with Hugging Face eager greedy decode instead (dense
+vs the reference gather path), and the report says so.
 """
 
 from __future__ import annotations
@@ -59,18 +60,21 @@ def _fallback_speed(model, adapter, predictors, *, device, dtype, batch_sizes, d
                            "speedup": dense_ms / sparse_ms if sparse_ms else None}
     first = batches[str(batch_sizes[0])]
     return {"batches": batches, "hf_eager_ms_per_token": first["dense_ms_per_token"],
-            "method": "fallback: HF eager decode, dense vs reference gather path (runtime.speed unavailable)"}
+            "method": "HF eager decode, dense vs the reference gather path (no fast decode loop for this family)"}
 
 
 def measure_speed(model, adapter, predictors, *, device, dtype, batch_sizes, decode_tokens, warmup) -> dict:
-    try:
-        from dejavu.runtime.speed import speed_report
-    except ImportError as exc:
-        warnings.warn(f"dejavu.runtime.speed is not available ({exc}); timing HF eager decode instead",
+    from dejavu.runtime.decode import SUPPORTED_MODEL_TYPES
+    from dejavu.runtime.speed import speed_report
+
+    model_type = getattr(model.config, "model_type", "")
+    timer = speed_report
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        warnings.warn(f"no fast decode loop for {model_type!r} models yet; timing HF eager decode instead",
                       stacklevel=2)
-        speed_report = _fallback_speed
-    return speed_report(model, adapter, predictors, device=device, dtype=dtype, batch_sizes=batch_sizes,
-                        decode_tokens=decode_tokens, warmup=warmup)
+        timer = _fallback_speed
+    return timer(model, adapter, predictors, device=device, dtype=dtype, batch_sizes=batch_sizes,
+                 decode_tokens=decode_tokens, warmup=warmup)
 
 
 def _flatten(nested: dict, prefix: str = "") -> dict:

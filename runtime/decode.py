@@ -13,6 +13,11 @@ so k is fixed per layer and the step has no host synchronisation. Predictors rea
 input form a group: one GEMV for their concatenated first layers, then per predictor one pass of the
 wide top-k kernels that computes the second layer's scores and selects without writing them. Attention computes q and o for the
 selected heads only and k/v for every KV head (the cache stays exact for later tokens).
+
+Two-stage MLP (opt-in, mlp_candidate_density, as runtime/apply.py): the predictor selects
+k_c = units_for_density(candidate density, n) candidates; gate/up (and act*up) run over them, then
+the top k_f = units_for_density(mlp density, n) candidates by the batch's per-unit max |act*up| are
+kept and down^T reads only their rows. Both sizes are fixed, so the step stays graph-capturable.
 """
 
 from __future__ import annotations
@@ -85,6 +90,28 @@ class FoldedPredictor:
 
 
 @dataclass
+class TwoStageMLP:
+    """The second MLP stage: of the candidates whose gate/up ran, keep the k with the largest batch
+    max |act*up| (a neuron any sequence needs is kept, as for the predictors' batch selection)."""
+
+    k: int
+    pos: torch.Tensor  # [k] int64: ascending positions into the candidate list (static buffer)
+    idx: torch.Tensor  # [k] int64: the neurons at those positions (ascending, candidates are)
+    workspace: tuple  # the wide top-k's buffers over the k_c candidates
+
+    @classmethod
+    def build(cls, k: int, candidates: int, device, dtype) -> TwoStageMLP:
+        return cls(k, torch.arange(k, device=device), torch.arange(k, device=device),
+                   _topk_workspace(candidates, dtype, device))
+
+    def select(self, act: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """act [B, k_c] over `candidates` [k_c] -> (act of the kept neurons [B, k], their ids [k])."""
+        ops.select_topk_wide(act.abs(), self.pos, *self.workspace)
+        torch.index_select(candidates, 0, self.pos, out=self.idx)
+        return act.index_select(1, self.pos), self.idx
+
+
+@dataclass
 class PredictorGroup:
     """The predictors reading one block input (this layer's MLP, "current"; the next layer's heads,
     "lookahead"): their first layers concatenated, so one GEMV reads the input for all of them."""
@@ -126,8 +153,9 @@ class LayerWeights:
     wo_t: torch.Tensor  # [H * hd, d]
     gate_up: torch.Tensor  # [2, n, d]
     down_t: torch.Tensor  # [n, d]
-    mlp_pred: FoldedPredictor | None = None
+    mlp_pred: FoldedPredictor | None = None  # two-stage: it selects the candidates
     head_pred: FoldedPredictor | None = None
+    mlp_final: TwoStageMLP | None = None  # set only with two-stage MLP selection
 
 
 @dataclass
@@ -151,7 +179,7 @@ class DecodeState:
 class DecodeModel:
     def __init__(self, model, adapter, predictors: PredictorSet | None, device, dtype, max_len: int,
                  dense_impl: str = "cublas", overlap_predictors: bool = True, select_impl: str = "fused",
-                 predictor_priority: int = -1):
+                 predictor_priority: int = -1, mlp_candidate_density: float | None = None):
         cfg = model.config
         model_type = getattr(cfg, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -195,6 +223,8 @@ class DecodeModel:
         self.pred_groups: dict[int, PredictorGroup] = {}
         self.layers = [self._layer(adapter, layer, cast) for layer in adapter.decoder_layers()]
         self.predictors = None
+        # None: one-stage; else the predictors' candidate density (attach_predictors reads it)
+        self.mlp_candidate_density = mlp_candidate_density
         if predictors is not None:
             self.attach_predictors(predictors)
 
@@ -228,21 +258,33 @@ class DecodeModel:
         return (cos[0].to(self.device, torch.float32).contiguous(), sin[0].to(self.device, torch.float32).contiguous())
 
     def attach_predictors(self, predictors: PredictorSet | None) -> None:
-        """(Re)fold predictors at their current densities; None leaves the model dense."""
+        """(Re)fold predictors at their current densities (and self.mlp_candidate_density); None leaves
+        the model dense."""
         self.predictors = predictors
         self.pred_groups = {}
         for lw in self.layers:
-            lw.mlp_pred = lw.head_pred = None
+            lw.mlp_pred = lw.head_pred = lw.mlp_final = None
         if predictors is None:
             return
         if len(predictors.layers) != len(self.layers):
             raise DejavuError(f"predictors cover {len(predictors.layers)} layers, the model has {len(self.layers)}")
+        cand = self.mlp_candidate_density
+        if cand is not None and not 0.0 < cand <= 1.0:
+            raise DejavuError(f"mlp_candidate_density must be in (0, 1], got {cand}")
         for i, (lw, lp) in enumerate(zip(self.layers, predictors.layers, strict=True)):
             k_mlp = units_for_density(lp.mlp_density, self.n)
             k_heads = units_for_density(lp.head_density, self.H)
             if lp.mlp is not None and k_mlp < self.n:
-                src = i if predictors.mlp_pairing == "current" else max(i - 1, 0)
-                lw.mlp_pred = FoldedPredictor.fold(lp.mlp, k_mlp, src, self.device, self.dtype)
+                k_first = k_mlp
+                if cand is not None:
+                    if cand < lp.mlp_density:
+                        raise DejavuError(f"mlp_candidate_density {cand} is below layer {i}'s MLP density "
+                                          f"{lp.mlp_density}; candidates must cover the final set")
+                    k_first = units_for_density(cand, self.n)
+                    lw.mlp_final = TwoStageMLP.build(k_mlp, k_first, self.device, self.dtype)
+                if k_first < self.n:  # all candidates (density 1): no predictor, exact top-k of all
+                    src = i if predictors.mlp_pairing == "current" else max(i - 1, 0)
+                    lw.mlp_pred = FoldedPredictor.fold(lp.mlp, k_first, src, self.device, self.dtype)
             if lp.attn is not None and k_heads < self.H:
                 src = i if predictors.head_pairing == "current" else max(i - 1, 0)
                 lw.head_pred = FoldedPredictor.fold(lp.attn, k_heads, src, self.device, self.dtype)
@@ -376,6 +418,15 @@ class DecodeModel:
             # MLP: the selected neurons' rows of gate, up and down^T only
             next_norm = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.final_norm
             midx = self._take(mlp_sel, i)
+            two_stage = lw.mlp_final if sparse else None
+            if two_stage is not None:
+                # gate/up for the candidates, down^T for the top k_f of them by |act*up|
+                cand = midx if midx is not None else self.all_neurons
+                h, final = two_stage.select(ops.gather_matvec(xn, lw.gate_up[1], cand, 1, lw.gate_up[0], self.act),
+                                            cand)
+                ops.gather_vecmat_acc(h, lw.down_t, final, 1, acc)
+                ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, hs[i + 1])
+                continue
             if midx is None and triton_dense:
                 midx = self.all_neurons
             if midx is not None:
@@ -401,16 +452,18 @@ class DecodeModel:
 
     # --- byte accounting -------------------------------------------------------------------------------
     def step_bytes(self, batch: int, context: int, sparse: bool) -> dict:
-        """Bytes one decode step reads from memory: weights (selected rows only when sparse), predictors,
-        the KV cache over `context` positions, the lm_head and one embedding row per sequence."""
+        """Bytes one decode step reads from memory: weights (selected rows only when sparse; two-stage:
+        gate/up rows of the candidates, down^T rows of the final set), predictors, the KV cache over
+        `context` positions, the lm_head and one embedding row per sequence."""
         item = torch.empty((), dtype=self.dtype).element_size()
         d, hd = self.d, self.hd
         weights = preds = cache = 0
         for lw in self.layers:
-            mlp_rows = lw.mlp_pred.k if (sparse and lw.mlp_pred is not None) else self.n
+            up_rows = lw.mlp_pred.k if (sparse and lw.mlp_pred is not None) else self.n
+            down_rows = lw.mlp_final.k if (sparse and lw.mlp_final is not None) else up_rows
             heads = lw.head_pred.k if (sparse and lw.head_pred is not None) else self.H
             kv_heads = min(self.KV, heads) if heads < self.H else self.KV
-            weights += (3 * mlp_rows + 2 * heads * hd + 2 * self.KV * hd) * d * item
+            weights += (2 * up_rows + down_rows + 2 * heads * hd + 2 * self.KV * hd) * d * item
             cache += 2 * batch * kv_heads * context * hd * item
             if sparse:
                 preds += sum(p.nbytes for p in (lw.mlp_pred, lw.head_pred) if p is not None)

@@ -81,6 +81,24 @@ def _(scores, out):
     return None
 
 
+@torch.library.custom_op("dejavu::select_topk_wide", mutates_args=("out", "keys", "hist", "meta"))
+def select_topk_wide(scores: Tensor, out: Tensor, keys: Tensor, hist: Tensor, meta: Tensor) -> None:
+    """select_topk's contract (out [k] ascending) from the many-program wide kernels on CUDA, for
+    thousands of units where one program would be slow; keys/hist/meta as in predict_select."""
+    out.copy_(reference.select_topk(scores, out.numel()))
+
+
+@select_topk_wide.register_kernel("cuda")
+def _(scores, out, keys, hist, meta):
+    t = _triton()
+    t.select_topk_wide(scores, out.numel(), out, t.TopkWorkspace.wrap(keys, hist, meta))
+
+
+@select_topk_wide.register_fake
+def _(scores, out, keys, hist, meta):
+    return None
+
+
 @torch.library.custom_op("dejavu::predict_select", mutates_args=("out", "keys", "hist", "meta"))
 def predict_select(h: Tensor, w2: Tensor, b2: Tensor, relu: bool, out: Tensor, keys: Tensor, hist: Tensor,
                    meta: Tensor) -> None:

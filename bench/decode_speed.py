@@ -3,6 +3,7 @@ in the graph-captured loop (CPU: eager), plus HF eager and copy bandwidth; JSON 
 
 Usage: python bench/decode_speed.py --synthetic llama-2-7b [--layers N] [--device cuda] [--dtype bfloat16]
          [--batches 1,4,8] [--mlp 1.0,0.8,0.5,0.3,0.1] [--heads 1.0,0.5] [--tokens 64] [--out DIR]
+         [--two-stage 0.75/0.5,0.9/0.6]   (CANDIDATES/FINAL MLP densities, two-stage MLP selection)
 Synthetic (random) weights: speed only.
 """
 
@@ -34,6 +35,11 @@ def plot(result: dict, path: Path) -> None:
             ys = [p["sparse_ms_per_token"] for p in pts]
             (line,) = ax.plot(xs, ys, marker="o", label=f"sparse, batch {b}, heads {heads}",
                               color=line.get_color() if line else None, linestyle="-" if heads == "1.0" else "--")
+        for heads, pts in by_b.get("two_stage", {}).items():
+            if pts:
+                ax.scatter([p["mlp_density"] for p in pts], [p["sparse_ms_per_token"] for p in pts], marker="x",
+                           color=line.get_color() if line else None,
+                           label=f"two-stage (x: final density), batch {b}, heads {heads}")
         ax.axhline(by_b["dense_ms_per_token"], color=line.get_color(), linestyle=":", label=f"dense, batch {b}")
     ax.set_xlabel("MLP density")
     ax.set_ylabel("ms / token")
@@ -53,6 +59,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--mlp", default="1.0,0.8,0.5,0.3,0.1")
     ap.add_argument("--heads", default="1.0,0.5")
+    ap.add_argument("--two-stage", default="",
+                    help="'CAND/FINAL,...' MLP densities (e.g. 0.75/0.5,0.9/0.6): also time two-stage MLP selection "
+                         "(predictor picks CAND, the exact top FINAL of them by |act*up| runs down) at each heads density")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rank", type=int, default=None)
@@ -96,32 +105,40 @@ def main() -> None:
         dense_ms, by_impl = speed.best_dense_ms(dm, b, args.tokens, args.warmup)
         dense = speed.batch_figures(dm, b, args.tokens, args.warmup, copy, dense_ms=dense_ms, with_sparse=False)
         entry = {"dense_ms_per_token": dense_ms, "dense": dense, "dense_by_impl": by_impl,
-                 "dense_impl": dm.dense_impl, "sparse": {}}
+                 "dense_impl": dm.dense_impl, "sparse": {}, "two_stage": {}}
         print(f"batch {b}: dense {dense_ms:.3f} ms/token ({dense['dense_over_floor']:.2f}x floor) "
               f"by impl {by_impl}", flush=True)
+        configs = [(None, float(m)) for m in args.mlp.split(",")]
+        configs += [tuple(float(v) for v in spec.split("/")) for spec in args.two_stage.split(",") if spec]
         for heads in args.heads.split(","):
-            pts = []
-            for mlp in args.mlp.split(","):
-                if float(mlp) == 1.0 and float(heads) == 1.0:
+            pts, two_pts = [], []
+            for cand, mlp in configs:
+                if mlp == 1.0 and float(heads) == 1.0:
                     continue
-                dm.attach_predictors(preds.with_densities(float(mlp), float(heads)))
+                dm.mlp_candidate_density = cand
+                dm.attach_predictors(preds.with_densities(mlp, float(heads)))
                 row = speed.batch_figures(dm, b, args.tokens, args.warmup, copy,
                                           dense_ms=dense["dense_ms_per_token"])
-                row["mlp_density"], row["head_density"] = float(mlp), float(heads)
-                pts.append(row)
-                table.append((b, float(mlp), float(heads), dense["dense_ms_per_token"], row))
-                print(f"  mlp {mlp} heads {heads}: sparse {row['sparse_ms_per_token']:.3f} ms x{row['speedup']:.2f} "
-                      f"(bound x{row['bound_speedup']:.2f}, {row['fraction_of_bound']:.0%} of it; "
-                      f"predictors {row['predictor_share']:.0%})", flush=True)
+                row["mlp_density"], row["head_density"], row["mlp_candidate_density"] = mlp, float(heads), cand
+                row["bytes_share"] = row["sparse_bytes_per_step"] / dense["dense_bytes_per_step"]
+                (pts if cand is None else two_pts).append(row)
+                table.append((b, cand, mlp, float(heads), dense["dense_ms_per_token"], row))
+                name = f"mlp {mlp}" if cand is None else f"two-stage {cand}->{mlp}"
+                print(f"  {name} heads {heads}: sparse {row['sparse_ms_per_token']:.3f} ms x{row['speedup']:.2f} "
+                      f"(bytes {row['bytes_share']:.0%} of dense, bound x{row['bound_speedup']:.2f}, "
+                      f"{row['fraction_of_bound']:.0%} of it; predictors {row['predictor_share']:.0%})", flush=True)
+            dm.mlp_candidate_density = None
             entry["sparse"][heads] = pts
+            entry["two_stage"][heads] = two_pts
         result["sweep"][str(b)] = entry
         (out / "decode_speed.json").write_text(json.dumps(result, indent=1))
     ablation_rows = ablation(args, dm, preds, copy, result, out) if args.ablation else []
     plot(result, out / "decode_speed.png")
-    print("\nbatch mlp heads | dense ms sparse ms speedup bound frac | dense GB/s sparse GB/s pred%")
-    for b, mlp, heads, dms, r in table:
-        print(f"{b:5d} {mlp:3.1f} {heads:5.1f} | {dms:8.3f} {r['sparse_ms_per_token']:9.3f} {r['speedup']:7.2f} "
-              f"{r['bound_speedup']:5.2f} {r['fraction_of_bound']:4.0%} | {r['dense_gbps']:10.0f} "
+    print("\nbatch cand  mlp heads | dense ms sparse ms speedup bytes bound frac | dense GB/s sparse GB/s pred%")
+    for b, cand, mlp, heads, dms, r in table:
+        c = "-" if cand is None else f"{cand:.2f}"
+        print(f"{b:5d} {c:>4s} {mlp:4.2f} {heads:5.1f} | {dms:8.3f} {r['sparse_ms_per_token']:9.3f} {r['speedup']:7.2f} "
+              f"{r['bytes_share']:5.0%} {r['bound_speedup']:5.2f} {r['fraction_of_bound']:4.0%} | {r['dense_gbps']:10.0f} "
               f"{r['sparse_gbps']:11.0f} {r['predictor_share']:4.0%}")
     for line in ablation_rows:
         print(line)

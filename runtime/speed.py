@@ -135,6 +135,7 @@ def batch_figures(dm: DecodeModel, batch: int, decode_tokens: int, warmup: int, 
             "sparse_tokens_per_s": 1e3 * batch / sparse_ms,
             "sparse_bytes_per_step": sb["total"],
             "sparse_predictor_bytes": sb["predictors"],
+            "sparse_weight_bytes": sb["weights"],
             "sparse_gbps": sb["total"] / sparse_ms / 1e6,
             "predictor_ms": pred,
             "predictor_share": pred / sparse_ms,
@@ -155,18 +156,19 @@ def _mean_density(predictors: PredictorSet | None, attr: str) -> float:
 
 def speed_report(model, adapter, predictors: PredictorSet | None, *, device: torch.device, dtype: torch.dtype,
                  batch_sizes: list[int], decode_tokens: int, warmup: int, hf_eager_tokens: int | None = None,
-                 cpu_threads: int | None = None) -> dict:
+                 cpu_threads: int | None = None, mlp_candidate_density: float | None = None) -> dict:
     """Dense vs sparse decode speed of `model` in the graph-captured loop (see module docstring).
 
     cpu_threads: torch threads while timing on CPU (restored after). On the shared 2-core VM here one
-    thread was faster for dense and sparse alike (OpenMP barriers wait on a busy second core)."""
+    thread was faster for dense and sparse alike (OpenMP barriers wait on a busy second core).
+    mlp_candidate_density: two-stage MLP selection (see runtime.decode); None: one-stage."""
     device = torch.device(device)
     previous_threads = torch.get_num_threads()
     if device.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
     try:
         report = _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode_tokens, warmup,
-                               hf_eager_tokens)
+                               hf_eager_tokens, mlp_candidate_density)
     finally:
         torch.set_num_threads(previous_threads)
     report["cpu_threads"] = torch.get_num_threads() if device.type != "cpu" or not cpu_threads else cpu_threads
@@ -174,9 +176,10 @@ def speed_report(model, adapter, predictors: PredictorSet | None, *, device: tor
 
 
 def _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode_tokens, warmup,
-                  hf_eager_tokens) -> dict:
+                  hf_eager_tokens, mlp_candidate_density=None) -> dict:
     max_len = PROMPT_LEN + warmup + decode_tokens + 8
-    dm = DecodeModel(model, adapter, predictors, device, dtype, max_len)
+    dm = DecodeModel(model, adapter, predictors, device, dtype, max_len,
+                     mlp_candidate_density=mlp_candidate_density if predictors is not None else None)
     copy_gbps = copy_bandwidth_gbps(device)
     hf_steps = hf_eager_tokens or min(decode_tokens, 16 if device.type == "cuda" else 4)
     hf_ms = hf_eager_ms_per_token(model, 1, hf_steps, device)
@@ -192,6 +195,7 @@ def _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode
                                        if batch_sizes[0] == 1 and first["sparse_ms_per_token"] else None),
         "mlp_density": _mean_density(predictors, "mlp_density"),
         "head_density": _mean_density(predictors, "head_density"),
+        "mlp_candidate_density": dm.mlp_candidate_density,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).replace("torch.", ""),

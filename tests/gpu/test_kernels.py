@@ -211,3 +211,48 @@ def test_graphed_decode_matches_cpu_reference(model_type, dense_impl, select_imp
     for sparse in (False, True):
         # tf32 tl.dot for batch 2: loose tolerance; the same greedy tokens are the real check
         torch.testing.assert_close(results["cuda", sparse], results["cpu", sparse], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graphed_two_stage_decode_matches_cpu_reference(batch):
+    """Two-stage MLP selection (candidates 0.75 -> final 0.5) captured in a graph vs the CPU loop;
+    c == d reproduces the one-stage step."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dejavu.models.adapters import adapter_for
+    from dejavu.predictor import PredictorSet
+    from dejavu.runtime.decode import DecodeModel, GraphedStep
+
+    from helpers import TINY_CONFIGS, TINY_VOCAB
+
+    torch.manual_seed(0)
+    # 1200 neurons: 900 candidates, more than one program of the wide top-k
+    cfg = AutoConfig.for_model("llama", vocab_size=TINY_VOCAB, **{**TINY_CONFIGS["llama"], "intermediate_size": 1200})
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    adapter = adapter_for(model)
+    s = adapter.shape()
+    preds = PredictorSet.random(adapter.num_layers, s.hidden_size, s.intermediate_size, s.num_heads, 8, 0.5, 0.5)
+    prompt = torch.randint(1, 500, (batch, 5))
+    results = {}
+    for dev in ("cpu", "cuda"):
+        model.to(dev)
+        for cand in (0.75, 0.5, None):
+            if dev == "cpu" and cand != 0.75:
+                continue
+            dm = DecodeModel(model, adapter, preds, dev, torch.float32, max_len=16, mlp_candidate_density=cand)
+            st = dm.new_state(batch)
+            dm.prefill(st, prompt)
+            if dev == "cuda":
+                step = GraphedStep(dm, st, True)
+                logits = [step().clone() for _ in range(3)]
+            else:
+                logits = [dm.step(st, True).clone() for _ in range(3)]
+            results[dev, cand] = torch.stack(logits).cpu()
+    torch.testing.assert_close(results["cuda", 0.75], results["cpu", 0.75], atol=2e-2, rtol=2e-2)
+    assert torch.equal(results["cuda", 0.75].argmax(-1), results["cpu", 0.75].argmax(-1))
+    torch.testing.assert_close(results["cuda", 0.5], results["cuda", None], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(results["cuda", 0.75], results["cuda", None], atol=1e-3)

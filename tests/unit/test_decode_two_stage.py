@@ -87,3 +87,18 @@ def test_two_stage_bytes_and_checks(tiny_model_factory):
         DecodeModel(model, adapter, preds, "cpu", torch.float32, max_len=8, mlp_candidate_density=0.3)
     with pytest.raises(DejavuError, match="must be in"):
         DecodeModel(model, adapter, preds, "cpu", torch.float32, max_len=8, mlp_candidate_density=1.5)
+
+
+def test_speed_report_two_stage(tiny_model_factory):
+    from dejavu.runtime.speed import speed_report
+
+    model, adapter, preds = _setup(tiny_model_factory, heads=1.0)
+    kw = dict(device="cpu", dtype=torch.float32, batch_sizes=[1], decode_tokens=2, warmup=1, hf_eager_tokens=1)
+    one = speed_report(model, adapter, preds, **kw)["batches"]["1"]
+    report = speed_report(model, adapter, preds, mlp_candidate_density=0.75, **kw)
+    two = report["batches"]["1"]
+    assert report["mlp_candidate_density"] == 0.75
+    s = adapter.shape()
+    k_c, k_f = units_for_density(0.75, s.intermediate_size), units_for_density(0.5, s.intermediate_size)
+    assert two["sparse_weight_bytes"] - one["sparse_weight_bytes"] == adapter.num_layers * 2 * (k_c - k_f) * s.hidden_size * 4
+    assert two["sparse_ms_per_token"] > 0 and two["bound_speedup"] < one["bound_speedup"]

@@ -63,18 +63,21 @@ def _fallback_speed(model, adapter, predictors, *, device, dtype, batch_sizes, d
             "method": "HF eager decode, dense vs the reference gather path (no fast decode loop for this family)"}
 
 
-def measure_speed(model, adapter, predictors, *, device, dtype, batch_sizes, decode_tokens, warmup) -> dict:
+def measure_speed(model, adapter, predictors, *, device, dtype, batch_sizes, decode_tokens, warmup,
+                  mlp_candidate_density: float | None = None) -> dict:
     from dejavu.runtime.decode import SUPPORTED_MODEL_TYPES
     from dejavu.runtime.speed import speed_report
 
     model_type = getattr(model.config, "model_type", "")
-    timer = speed_report
+    common = dict(device=device, dtype=dtype, batch_sizes=batch_sizes, decode_tokens=decode_tokens, warmup=warmup)
     if model_type not in SUPPORTED_MODEL_TYPES:
         warnings.warn(f"no fast decode loop for {model_type!r} models yet; timing HF eager decode instead",
                       stacklevel=2)
-        timer = _fallback_speed
-    return timer(model, adapter, predictors, device=device, dtype=dtype, batch_sizes=batch_sizes,
-                 decode_tokens=decode_tokens, warmup=warmup)
+        if mlp_candidate_density is not None:
+            warnings.warn("the HF eager timing runs one-stage selection; two-stage is timed only in the fast loop",
+                          stacklevel=2)
+        return _fallback_speed(model, adapter, predictors, **common)
+    return speed_report(model, adapter, predictors, mlp_candidate_density=mlp_candidate_density, **common)
 
 
 def _flatten(nested: dict, prefix: str = "") -> dict:
@@ -249,5 +252,5 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
     if speed:
         sp = use.with_densities(rt.mlp_density, rt.head_density) if use is not None else None
         speed_data = measure_speed(model, adapter, sp, device=device, dtype=dtype, batch_sizes=batch_sizes,
-                                   decode_tokens=rt.decode_tokens, warmup=rt.warmup)
+                                   decode_tokens=rt.decode_tokens, warmup=rt.warmup, mlp_candidate_density=cand_d)
     return build_report(base, quality_data, speed_data, batch_sizes[0])

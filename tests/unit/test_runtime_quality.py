@@ -173,3 +173,18 @@ def test_family_without_decode_loop_is_timed_with_hf_eager(tmp_path, tiny_model_
     assert "HF eager" in data["speed"]["method"]
     assert data["dense.ms_per_token"] > 0 and data["sparse.ms_per_token"] > 0 and data["speedup"] > 0
     assert set(data["speed"]["batches"]) == {"1", "2"}
+
+
+def test_two_stage_bundle_is_timed_two_stage(tmp_path, tiny_llama):
+    """A bundle's candidate density reaches the fast decode loop, so speed and quality time the same rule."""
+    from dejavu.export.bundle import run_export
+
+    run = tmp_path / "two-stage-run"
+    make_predictors_dir(run, tiny_llama)
+    run_export(run, run / "bundle", overrides={"export.mlp_candidate_density": 0.8})
+    out = tmp_path / "two.json"
+    run_bench(model=str(tiny_llama), bundle=run / "bundle", dataset=str(EVAL_RAW), json_out=out, config_file="tiny",
+              overrides={"runtime.device": "cpu"}, quality=False, speed=True)
+    data = json.loads(out.read_text())
+    assert data["mlp_candidate_density"] == 0.8
+    assert data["speed"]["mlp_candidate_density"] == 0.8 and data["sparse.ms_per_token"] > 0

@@ -29,6 +29,10 @@ echo "== 1 GPU"
 S1=$(date +%s.%N); CUDA_VISIBLE_DEVICES=0 python -m dejavu.cli.main train-predictors --run "$RUN" --overwrite \
     > "$OUTDIR/train_1gpu.log" 2>&1; E1=$(date +%s.%N)
 cp "$RUN/predictors/metrics.json" "$OUTDIR/metrics_1gpu.json"
+python -c "import json; m = json.load(open('$OUTDIR/metrics_1gpu.json')); print('1 GPU:', round($E1 - $S1, 1), 's wall,', 'layer seconds', round(sum(m['train_seconds'].values()), 1), 'mean', json.dumps(m['mean']))"
+if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -lt 2 ]; then
+    echo "one GPU only: skipping the 2-GPU run"; exit 0
+fi
 echo "== 2 GPUs"
 S2=$(date +%s.%N); accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
     --dynamo_backend no -m dejavu.cli.main train-predictors --run "$RUN" --overwrite \

@@ -51,19 +51,25 @@ def build_tokenizer():
                                    pad_token="<|endoftext|>")
 
 
-def make_tiny_model(directory: Path, model_type: str = "llama", tokenizer=None, seed: int = 0, **overrides) -> Path:
-    """Save a tiny random model of `model_type` (and a tokenizer) to `directory`; returns it."""
+def build_tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
+    """A tiny random fp32 model of `model_type` in eval mode (TINY_CONFIGS, overridden by `overrides`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     kwargs = {**TINY_CONFIGS[model_type], **overrides}
     cfg = AutoConfig.for_model(model_type, vocab_size=TINY_VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kwargs)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
     # Random init leaves activations tiny and uniform; larger weights give a spread like a trained model's.
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+    return model
+
+
+def make_tiny_model(directory: Path, model_type: str = "llama", tokenizer=None, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random model of `model_type` (and a tokenizer) to `directory`; returns it."""
+    model = build_tiny_model(model_type, seed, **overrides)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     (tokenizer or build_tokenizer()).save_pretrained(directory)

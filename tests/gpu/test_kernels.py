@@ -171,25 +171,17 @@ def test_predict_select_matches_reference(dtype, batch, n, rank, k, relu):
 @pytest.mark.parametrize("dense_impl", ["cublas", "triton"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma"])
 def test_graphed_decode_matches_cpu_reference(model_type, dense_impl, select_impl):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from dejavu.models.adapters import adapter_for
     from dejavu.predictor import PredictorSet
     from dejavu.runtime.decode import DecodeModel, GraphedStep
 
-    from helpers import TINY_CONFIGS, TINY_VOCAB
+    from helpers import build_tiny_model
 
-    torch.manual_seed(0)
     if select_impl == "classic" and dense_impl == "triton":
         pytest.skip("covered by the other three combinations")
     # llama: a wide MLP (1200 neurons > one program of the wide top-k) so the multi-program path runs
     extra = {"intermediate_size": 1200} if model_type == "llama" else {}
-    cfg = AutoConfig.for_model(model_type, vocab_size=TINY_VOCAB, **{**TINY_CONFIGS[model_type], **extra})
-    model = AutoModelForCausalLM.from_config(cfg).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
+    model = build_tiny_model(model_type, seed=0, **extra)
     adapter = adapter_for(model)
     s = adapter.shape()
     preds = PredictorSet.random(adapter.num_layers, s.hidden_size, s.intermediate_size, s.num_heads, 8, 0.5, 0.5)
@@ -217,22 +209,14 @@ def test_graphed_decode_matches_cpu_reference(model_type, dense_impl, select_imp
 def test_graphed_two_stage_decode_matches_cpu_reference(batch):
     """Two-stage MLP selection (candidates 0.75 -> final 0.5) captured in a graph vs the CPU loop;
     c == d reproduces the one-stage step."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from dejavu.models.adapters import adapter_for
     from dejavu.predictor import PredictorSet
     from dejavu.runtime.decode import DecodeModel, GraphedStep
 
-    from helpers import TINY_CONFIGS, TINY_VOCAB
+    from helpers import build_tiny_model
 
-    torch.manual_seed(0)
     # 1200 neurons: 900 candidates, more than one program of the wide top-k
-    cfg = AutoConfig.for_model("llama", vocab_size=TINY_VOCAB, **{**TINY_CONFIGS["llama"], "intermediate_size": 1200})
-    model = AutoModelForCausalLM.from_config(cfg).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
+    model = build_tiny_model("llama", seed=0, intermediate_size=1200)
     adapter = adapter_for(model)
     s = adapter.shape()
     preds = PredictorSet.random(adapter.num_layers, s.hidden_size, s.intermediate_size, s.num_heads, 8, 0.5, 0.5)

@@ -192,21 +192,32 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise DejavuError(f"config file not found: {name_or_path}")
 
 
-def load_config(
-    config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
-) -> RunConfig:
-    """Defaults, then the YAML file (the shipped default when none is given), then flag overrides.
-
-    `overrides` maps dotted keys (`collect.max_tokens`) to values; None values are skipped so
-    unset CLI flags leave the file's value alone.
-    """
-    cfg = RunConfig()
-    path = resolve_config_path(config_file or DEFAULT_CONFIG)
+def _merge_file(cfg: RunConfig, config_file: str | Path) -> None:
+    path = resolve_config_path(config_file)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise DejavuError(f"config file {path} is not valid YAML: {exc}") from None
     merge_into(cfg, data, str(path))
+
+
+def load_config(
+    config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None, base_source: str = "earlier stage's manifest",
+) -> RunConfig:
+    """Defaults, then `base` (the config an earlier stage ran with) or else the shipped default
+    file, then the YAML file given, then flag overrides: flag > file > earlier stage > default.
+
+    `overrides` maps dotted keys (`collect.max_tokens`) to values; None values are skipped so
+    unset CLI flags leave the file's value alone.
+    """
+    if base is not None:
+        cfg = RunConfig.from_dict(base, source=base_source)
+        if config_file is not None:
+            _merge_file(cfg, config_file)
+    else:
+        cfg = RunConfig()
+        _merge_file(cfg, config_file or DEFAULT_CONFIG)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue

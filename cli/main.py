@@ -62,18 +62,9 @@ def handle_errors(func):
     return wrapper
 
 
-def build_config(config_file: str | None, overrides: dict[str, Any], base: dict | None = None):
-    from dejavu.config import RunConfig, load_config, merge_into, validate
+def build_config(config_file: str | None, overrides: dict[str, Any]):
+    from dejavu.config import load_config
 
-    if base is not None and config_file is None:
-        # Later stages start from the config the earlier stage ran with.
-        cfg = RunConfig.from_dict(base, source="earlier stage's manifest")
-        for dotted, value in overrides.items():
-            if value is not None:
-                section, _, key = dotted.partition(".")
-                merge_into(cfg, {section: {key: value}}, "flag")
-        validate(cfg)
-        return cfg
     return load_config(config_file, overrides)
 
 

@@ -40,17 +40,10 @@ def layer_file(l: int) -> str:  # noqa: E741 - l is the layer index everywhere i
 
 def _export_config(run_manifest: dict, config_file, overrides: dict[str, Any]):
     """Start from the config the predictors were trained with (flag > --config file > that config)."""
-    from dejavu.config import RunConfig, load_config, merge_into, validate
+    from dejavu.config import load_config
 
-    if config_file is not None:
-        return load_config(config_file, overrides)
-    cfg = RunConfig.from_dict(run_manifest.get("config") or {}, source="predictors manifest")
-    for dotted, value in (overrides or {}).items():
-        if value is not None:
-            section, _, key = dotted.partition(".")
-            merge_into(cfg, {section: {key: value}}, "flag")
-    validate(cfg)
-    return cfg
+    return load_config(config_file, overrides, base=run_manifest.get("config") or {},
+                       base_source="predictors manifest")
 
 
 def _per_layer(default: float, overrides: dict, num_layers: int, present: list[bool], what: str) -> list[float]:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
@@ -32,7 +31,7 @@ from dejavu.artifacts import (
     sha256_file,
     write_manifest,
 )
-from dejavu.config import RunConfig, merge_into, resolve_config_path, validate
+from dejavu.config import RunConfig, load_config
 from dejavu.errors import DejavuError
 from dejavu.predictor import KINDS, LowRankPredictor, units_for_density
 from dejavu.train.data import CollectRun, LayerData
@@ -44,18 +43,7 @@ EVAL_CHUNK = 8192
 
 def resolve_config(base: dict, config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
     """The collect run's config, then the --config file, then flags (None: unset)."""
-    cfg = RunConfig.from_dict(base, source="collect manifest's config")
-    if config_file:
-        path = resolve_config_path(config_file)
-        try:
-            merge_into(cfg, yaml.safe_load(path.read_text()) or {}, str(path))
-        except yaml.YAMLError as exc:
-            raise DejavuError(f"config file {path} is not valid YAML: {exc}") from None
-    for dotted, value in overrides.items():
-        if value is not None:
-            section, _, key = dotted.partition(".")
-            merge_into(cfg, {section: {key: value}}, "flag")
-    validate(cfg)
+    cfg = load_config(config_file, overrides, base=base, base_source="collect manifest's config")
     t = cfg.train
     if t.loss not in LOSSES:
         raise DejavuError(f"train.loss must be one of {', '.join(LOSSES)}; got {t.loss!r}")

@@ -42,3 +42,16 @@ def test_round_trip_and_hash():
     assert again == cfg and again.hash() == cfg.hash()
     again.train.rank += 1
     assert again.hash() != cfg.hash()
+
+
+def test_later_stages_start_from_the_earlier_config(tmp_path):
+    """flag > --config file > the earlier stage's config > defaults."""
+    earlier = load_config(None, {"train.rank": 64, "train.epochs": 7, "model.name": "some/model"}).to_dict()
+    cfg = load_config(None, {"train.epochs": 2}, base=earlier)
+    assert (cfg.model.name, cfg.train.rank, cfg.train.epochs) == ("some/model", 64, 2)
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  rank: 16\n")
+    cfg = load_config(f, {"train.epochs": None}, base=earlier)
+    assert (cfg.model.name, cfg.train.rank, cfg.train.epochs) == ("some/model", 16, 7)
+    with pytest.raises(DejavuError, match="unknown key"):
+        load_config(None, None, base={"train": {"rnak": 3}})

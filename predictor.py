@@ -27,6 +27,16 @@ def units_for_density(density: float, total: int) -> int:
     return max(1, min(total, int(math.ceil(density * total - 1e-9))))
 
 
+def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
+    """Bool mask of the top-k entries of the last dimension, k = units_for_density(density, n)."""
+    n = scores.shape[-1]
+    k = units_for_density(density, n)
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    idx = scores.float().topk(k, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+
+
 class LowRankPredictor(nn.Module):
     def __init__(self, d_in: int, n_out: int, rank: int, activation: str = "none"):
         super().__init__()

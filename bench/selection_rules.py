@@ -29,7 +29,8 @@ from torch import nn
 
 from dejavu.artifacts import atomic_write_json
 from dejavu.errors import DejavuError
-from dejavu.runtime.apply import SparseRuntime, topk_mask
+from dejavu.predictor import topk_mask
+from dejavu.runtime.apply import SparseRuntime
 from dejavu.runtime.quality import (
     default_eval_dataset,
     dense_reference,

@@ -37,20 +37,10 @@ from torch import nn
 
 from dejavu.errors import DejavuError
 from dejavu.models.adapters import Adapter, _linear_weight
-from dejavu.predictor import PredictorSet, units_for_density
+from dejavu.predictor import PredictorSet, topk_mask, units_for_density
 
 SELECTIONS = ("predictor", "oracle", "dense")
 MODES = ("mask", "gather")
-
-
-def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
-    """Bool mask of the top-k entries of the last dimension (k from the density)."""
-    n = scores.shape[-1]
-    k = units_for_density(density, n)
-    if k >= n:
-        return torch.ones_like(scores, dtype=torch.bool)
-    idx = scores.float().topk(k, dim=-1).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
 
 
 def topk_among(scores: torch.Tensor, candidates: torch.Tensor, density: float) -> torch.Tensor:

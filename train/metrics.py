@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from dejavu.predictor import units_for_density
+from dejavu.predictor import topk_mask, units_for_density
 
 METRIC_KEYS = ("recall", "precision", "predicted_density", "true_density", "density", "mass_kept")
-
-
-def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    return mask.scatter_(-1, scores.topk(k, dim=-1).indices, True)
 
 
 def selection_metrics(scores: torch.Tensor, truth: torch.Tensor, magnitude: torch.Tensor, density: float) -> dict:
     """scores, magnitude: [T, n] float; truth: [T, n] bool (the labels the predictor was trained on)."""
     k = units_for_density(density, scores.shape[-1])
-    chosen = topk_mask(scores, k)
+    chosen = topk_mask(scores, density)
     hits = (chosen & truth).sum().item()
     magnitude = magnitude.float().abs()
     kept = (magnitude * chosen).sum(-1)

@@ -14,7 +14,7 @@ import torch
 from dejavu.artifacts import file_entry, save_tensors, write_manifest
 from dejavu.bits import pack_bits
 from dejavu.config import RunConfig
-from dejavu.predictor import units_for_density
+from dejavu.predictor import topk_mask
 
 
 def synthetic_identity(num_layers: int, hidden: int, neurons: int, heads: int) -> dict:
@@ -23,12 +23,6 @@ def synthetic_identity(num_layers: int, hidden: int, neurons: int, heads: int) -
         "hidden_size": hidden, "intermediate_size": neurons, "num_heads": heads, "num_kv_heads": heads,
         "head_dim": max(1, hidden // heads), "gated_mlp": True, "activation": "silu", "fingerprint": [],
     }
-
-
-def _topk_mask(values: torch.Tensor, density: float) -> torch.Tensor:
-    k = units_for_density(density, values.shape[-1])
-    mask = torch.zeros_like(values, dtype=torch.bool)
-    return mask.scatter_(-1, values.topk(k, dim=-1).indices, True)
 
 
 def write_synthetic_collect(
@@ -74,7 +68,7 @@ def write_synthetic_collect(
                 act = torch.exp((z @ mlp_rules[layer].T).clamp(max=10))
                 tensors[f"input.{layer}"] = x.to(torch.float16)
                 for d in densities:
-                    tensors[f"mlp_labels.{layer}@{format(d, 'g')}"] = pack_bits(_topk_mask(act, d))
+                    tensors[f"mlp_labels.{layer}@{format(d, 'g')}"] = pack_bits(topk_mask(act, d))
                 tensors[f"head_norms.{layer}"] = torch.exp(z @ head_rules[layer].T).to(torch.float16)
                 if split == "eval":
                     tensors[f"mlp_act.{layer}"] = act.to(torch.float16)

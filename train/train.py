@@ -33,9 +33,9 @@ from dejavu.artifacts import (
 )
 from dejavu.config import RunConfig, load_config
 from dejavu.errors import DejavuError
-from dejavu.predictor import KINDS, LowRankPredictor, units_for_density
+from dejavu.predictor import KINDS, LowRankPredictor, topk_mask, units_for_density
 from dejavu.train.data import CollectRun, LayerData
-from dejavu.train.metrics import format_table, mean_metrics, selection_metrics, topk_mask
+from dejavu.train.metrics import format_table, mean_metrics, selection_metrics
 
 LOSSES = ("bce", "bce+rank")
 EVAL_CHUNK = 8192
@@ -154,7 +154,7 @@ def predict(pred: LowRankPredictor, x: torch.Tensor, device: torch.device) -> to
 
 
 def head_targets(head_norms: torch.Tensor, density: float) -> torch.Tensor:
-    return topk_mask(head_norms.float(), units_for_density(density, head_norms.shape[1]))
+    return topk_mask(head_norms, density)
 
 
 def train_layer(train: LayerData, held_out: LayerData, layer: int, cfg: RunConfig, device: torch.device,

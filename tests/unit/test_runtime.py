@@ -9,8 +9,8 @@ import torch
 from dejavu.errors import DejavuError
 from dejavu.models.adapters import adapter_for
 from dejavu.models.loading import load_model
-from dejavu.predictor import PredictorSet
-from dejavu.runtime.apply import SparseRuntime, skippable_kv_groups, topk_mask
+from dejavu.predictor import PredictorSet, topk_mask
+from dejavu.runtime.apply import SparseRuntime, skippable_kv_groups
 
 
 def _load(path):

@@ -80,6 +80,10 @@ class TrainConfig:
     seed: int = 0
     # restrict training to these layers (empty: all)
     layers: list[int] = field(default_factory=list)
+    # CPU threads per process for loading and unpacking shards (and CPU training); 0: this machine's
+    # cores shared evenly by its processes. Launchers set OMP_NUM_THREADS=1 per process, which starves
+    # the shard loading that feeds each GPU. Does not change results, so it is not in the training key.
+    cpu_threads: int = 0
 
 
 @dataclass

@@ -112,6 +112,9 @@ def train_predictors(
     head_pairing: str | None = typer.Option(None, "--head-pairing", help="current or lookahead (Deja Vu predicts heads one layer ahead)."),
     loss: str | None = typer.Option(None, "--loss", help="bce or bce+rank."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Retrain every layer instead of resuming finished ones."),
+    cpu_threads: int | None = typer.Option(
+        None, "--cpu-threads", help="CPU threads per process for shard loading (and CPU training); 0 (default): "
+        "this machine's cores shared by its processes, overriding the OMP_NUM_THREADS=1 that launchers set."),
     config: str | None = ConfigOpt,
     debug: bool = DebugOpt,
 ):
@@ -121,7 +124,7 @@ def train_predictors(
     run_train(Path(run), config_file=config, overrides={
         "train.mlp_density": mlp_density, "train.head_density": head_density, "train.rank": rank,
         "train.epochs": epochs, "train.lr": lr, "train.mlp_pairing": mlp_pairing,
-        "train.head_pairing": head_pairing, "train.loss": loss,
+        "train.head_pairing": head_pairing, "train.loss": loss, "train.cpu_threads": cpu_threads,
     }, overwrite=overwrite)
 
 

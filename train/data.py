@@ -79,7 +79,10 @@ class CollectRun:
             f"train for one of those (--mlp-density) or collect again with --mlp-label-densities {tag}"
         )
 
-    def load_layer(self, layer: int, split: str, mlp_pairing: str, head_pairing: str, tag: str) -> LayerData:
+    def load_layer(self, layer: int, split: str, mlp_pairing: str, head_pairing: str, tag: str,
+                   device: torch.device | str = "cpu") -> LayerData:
+        """One layer's tensors of one split, on `device`. The checks and the label unpacking run there:
+        on a GPU host they are what otherwise keeps each process's CPU busy between layers."""
         if not 0 <= layer < self.num_layers:
             raise DejavuError(f"layer {layer} does not exist (the model has {self.num_layers})")
         src_mlp, src_attn = source_layer(layer, mlp_pairing), source_layer(layer, head_pairing)
@@ -93,7 +96,7 @@ class CollectRun:
                 for k, name in names.items():
                     if name == key:
                         parts[k].append(tensor)
-        cat = {key: torch.cat(chunks) for key, chunks in parts.items()}
+        cat = {key: torch.cat(chunks).to(device) for key, chunks in parts.items()}
         for key in ("x_mlp", "x_attn", "heads", "act"):
             if key in cat and not torch.isfinite(cat[key]).all():
                 raise DejavuError(f"layer {layer}: {names[key]} in the {split} shards contains NaN or infinite values")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from datetime import timedelta
@@ -55,9 +56,20 @@ def resolve_config(base: dict, config_file: str | None, overrides: dict[str, Any
     return cfg
 
 
+# train settings that change how fast a layer trains, never what it learns
+EXECUTION_ONLY = ("layers", "cpu_threads")
+
+
+def share_cpu_threads(requested: int, local_processes: int) -> int:
+    """Threads for this process: `requested`, or (0) this machine's cores over its processes."""
+    threads = requested if requested > 0 else max(1, (os.cpu_count() or 1) // max(1, local_processes))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def training_key(cfg: RunConfig, parent: dict) -> str:
     """What a finished layer depends on: the train settings (bar the layer list) and the collect data."""
-    settings = {k: v for k, v in cfg.to_dict()["train"].items() if k != "layers"}
+    settings = {k: v for k, v in cfg.to_dict()["train"].items() if k not in EXECUTION_ONLY}
     blob = json.dumps({"train": settings, "collect": parent["sha256"]}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -101,7 +113,7 @@ def fit_predictor(x: torch.Tensor, target: torch.Tensor, *, cfg: RunConfig, dens
     mean, std = _input_stats(x)
     pred.set_input_stats(mean, std)
     pred.to(device)
-    positive = target.float().mean().clamp(1e-4, 1 - 1e-4)
+    positive = (torch.count_nonzero(target) / target.numel()).float().clamp(1e-4, 1 - 1e-4)
     pos_weight = ((1 - positive) / positive).to(device)
     k = units_for_density(density, n_out)
 
@@ -134,7 +146,7 @@ def fit_predictor(x: torch.Tensor, target: torch.Tensor, *, cfg: RunConfig, dens
 
 
 def _input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     square = torch.zeros_like(total)
     for start in range(0, x.shape[0], EVAL_CHUNK):
         chunk = x[start:start + EVAL_CHUNK].double()
@@ -142,7 +154,7 @@ def _input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         square += (chunk * chunk).sum(0)
     mean = total / x.shape[0]
     var = (square / x.shape[0] - mean * mean).clamp_min(0)
-    return mean.float(), var.sqrt().float()
+    return mean.float().cpu(), var.sqrt().float().cpu()
 
 
 @torch.no_grad()
@@ -263,6 +275,8 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
     main = acc.is_main_process
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+    share_cpu_threads(cfg.train.cpu_threads, local)
     out = run / "predictors"
     if main:
         if overwrite and out.exists():
@@ -288,7 +302,9 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
             overall.update()
             continue
         started = time.perf_counter()
-        train_data = collect.load_layer(layer, "train", cfg.train.mlp_pairing, cfg.train.head_pairing, tag)
+        # held-out data stays on the CPU, where the metrics are computed
+        train_data = collect.load_layer(layer, "train", cfg.train.mlp_pairing, cfg.train.head_pairing, tag,
+                                        device=acc.device)
         eval_data = collect.load_layer(layer, "eval", cfg.train.mlp_pairing, cfg.train.head_pairing, tag)
         tensors, metrics = train_layer(train_data, eval_data, layer, cfg, acc.device, show=main)
         del train_data, eval_data
@@ -302,9 +318,10 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
         overall.update()
     overall.close()
     acc.wait_for_everyone()
-    if not main:
-        return None
-    return _finish(out, cfg, collect, layers, key)
+    try:
+        return _finish(out, cfg, collect, layers, key) if main else None
+    finally:
+        acc.end_training()  # releases the process group (NCCL warns at exit otherwise)
 
 
 def _finish(out: Path, cfg: RunConfig, collect: CollectRun, layers: list[int], key: str) -> dict:

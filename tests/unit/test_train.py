@@ -188,3 +188,21 @@ def test_cli_reports_one_line_error(tmp_path):
     assert result.exit_code == 1
     assert "error:" in result.output and "dejavu collect" in result.output
     assert "Traceback" not in result.output
+
+
+def test_cpu_threads_share_the_machine_and_stay_out_of_the_training_key(monkeypatch):
+    from dejavu.config import RunConfig
+    from dejavu.train.train import share_cpu_threads, training_key
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr("os.cpu_count", lambda: 32)
+        assert share_cpu_threads(0, 2) == 16 == torch.get_num_threads()
+        assert share_cpu_threads(3, 2) == 3
+        assert share_cpu_threads(0, 64) == 1
+    finally:
+        torch.set_num_threads(before)
+    cfg, other = RunConfig(), RunConfig()
+    other.train.cpu_threads = 7
+    parent = {"sha256": "x"}
+    assert training_key(cfg, parent) == training_key(other, parent)

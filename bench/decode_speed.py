@@ -75,9 +75,17 @@ def main() -> None:
                     help="'MLP/HEADS,...' densities (e.g. 0.5/0.5,0.1/0.5): after the sweep, time sparse decode at the "
                          "first batch for select-impl x priority x MLP pairing")
     ap.add_argument("--cpu-threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
+    ap.add_argument("--gemm-tiles", default=None,
+                    help="BLOCK_R,BLOCK_D,WARPS of the gate/up/qkv gather kernel, or by-rows (the earlier rule); "
+                         "default: the kernel module's")
     ap.add_argument("--out", default="runs/decode-speed")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.gemm_tiles:
+        from dejavu.runtime.kernels import triton_kernels
+
+        triton_kernels.GEMM_TILES = (args.gemm_tiles if args.gemm_tiles == "by-rows"
+                                     else tuple(int(v) for v in args.gemm_tiles.split(",")))
     if device.type == "cpu" and args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     out = Path(args.out)
@@ -98,7 +106,8 @@ def main() -> None:
               "predictor_rank": preds.meta.get("rank"), "decode_tokens": args.tokens, "warmup": args.warmup,
               "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
               "kv_for_all_heads": True, "mlp_pairing": preds.mlp_pairing, "head_pairing": preds.head_pairing,
-              "select_impl": args.select_impl, "predictor_priority": args.priority, "sweep": {}}
+              "select_impl": args.select_impl, "predictor_priority": args.priority, "gemm_tiles": args.gemm_tiles,
+              "sweep": {}}
     table = []
     for b in [int(x) for x in args.batches.split(",")]:
         dm.attach_predictors(None)

@@ -22,6 +22,10 @@ import triton
 import triton.language as tl
 
 DOT_BATCH = 16  # tl.dot needs M >= 16: batches 2..16 are padded to this
+# (BLOCK_R, BLOCK_D, num_warps) of the gather kernel's tl.dot path; a module setting so benches can
+# compare tile shapes inside the whole decode loop (bench/decode_speed.py --gemm-tiles); "by-rows" is
+# the earlier rule (32x128 when the rows fill the SMs, else 16x256), kept for that comparison
+GEMM_TILES: tuple | str = (32, 128, 4)
 
 
 @functools.lru_cache(maxsize=8)
@@ -100,11 +104,13 @@ def _gather_gemv_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, D, NROWS, NSEL, T
 
 
 @triton.jit
-def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, B, D, NROWS, NSEL, TAIL_START, stride_xb,
-                        stride_w, stride_ob, UNIT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, part_ptr, B, D, D_PER_SPLIT, NROWS, NSEL,
+                        TAIL_START, stride_xb, stride_w, stride_ob, stride_pb, stride_pp,
+                        UNIT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                         B_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, SPLIT: tl.constexpr):
     pid = tl.program_id(0)
+    d_start = tl.program_id(1) * D_PER_SPLIT
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < NROWS
     sel = offs_r < NSEL
@@ -115,7 +121,7 @@ def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, B, D, NROWS, NSEL
     offs_d = tl.arange(0, BLOCK_D)
     acc = tl.zeros((B_PAD, BLOCK_R), dtype=tl.float32)
     acc_g = tl.zeros((B_PAD, BLOCK_R), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(d_start, tl.minimum(D, d_start + D_PER_SPLIT), BLOCK_D):
         d = d0 + offs_d
         mask_d = d < D
         xv = tl.load(x_ptr + offs_b[:, None] * stride_xb + d[None, :], mask=mask_b[:, None] & mask_d[None, :],
@@ -127,12 +133,59 @@ def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, B, D, NROWS, NSEL
             gv = tl.load(g_ptr + rows[:, None] * stride_w + d[None, :], mask=mask_r[:, None] & mask_d[None, :],
                          other=0.0)
             acc_g = tl.dot(xv, tl.trans(gv), acc_g, input_precision=PRECISION)
-    if GATED:
-        y = _activation(acc_g, ACT) * acc
+    mask_br = mask_b[:, None] & mask_r[None, :]
+    if SPLIT:  # partial dot products; _split_finish_kernel applies the activation
+        part = part_ptr + offs_b[:, None] * stride_pb + offs_r[None, :]
+        tl.atomic_add(part, acc, mask=mask_br, sem="relaxed")
+        if GATED:
+            tl.atomic_add(part + stride_pp, acc_g, mask=mask_br, sem="relaxed")
     else:
-        y = _activation(acc, ACT)
-    tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_r[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=mask_b[:, None] & mask_r[None, :])
+        if GATED:
+            y = _activation(acc_g, ACT) * acc
+        else:
+            y = _activation(acc, ACT)
+        tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_r[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=mask_br)
+
+
+@triton.jit
+def _split_finish_kernel(part_ptr, out_ptr, NROWS, stride_pb, stride_pp, stride_ob, GATED: tl.constexpr,
+                         ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """out = act(gate sums) * up sums, and the partial sums zeroed again for the next call."""
+    b = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < NROWS
+    up = part_ptr + b * stride_pb + offs
+    u = tl.load(up, mask=mask, other=0.0)
+    if GATED:
+        g = tl.load(up + stride_pp, mask=mask, other=0.0)
+        y = _activation(g, ACT) * u
+        tl.store(up + stride_pp, tl.zeros_like(g), mask=mask)
+    else:
+        y = _activation(u, ACT)
+    tl.store(up, tl.zeros_like(u), mask=mask)
+    tl.store(out_ptr + b * stride_ob + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Zeroed fp32 partial sums of the split path, per device: [2 (up, gate), DOT_BATCH, rows]. Each call
+# leaves them zeroed, so a CUDA graph replays without a memset; the decode loop's warm-up steps
+# allocate them before capture.
+_split_partials: dict = {}
+
+
+def _partials(device: torch.device, rows: int) -> torch.Tensor:
+    buf = _split_partials.get(device)
+    if buf is None or buf.shape[2] < rows:
+        buf = torch.zeros(2, DOT_BATCH, max(rows, 1024), device=device, dtype=torch.float32)
+        _split_partials[device] = buf
+    return buf
+
+
+def gemm_splits(nrows: int, d: int, block_r: int, block_d: int, sms: int) -> int:
+    """Splits of d so that about four programs per SM run: few selected rows (low density) would
+    otherwise leave most SMs idle and the kernel far below copy bandwidth."""
+    programs = triton.cdiv(nrows, block_r)
+    return max(1, min(8, d // block_d, _pow2_floor(max(1, 4 * sms // programs))))
 
 
 def gemv_config(nrows: int, sms: int) -> tuple[int, int, int]:
@@ -164,13 +217,26 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int
                                   num_warps=warps)
         return out
     assert batch <= DOT_BATCH, f"batch {batch} > {DOT_BATCH}"
-    # measured (bench/mlp_kernel.py, H100): 32x128 tiles when rows fill the SMs, 16x256 below
-    block_r, block_d, warps = config or ((32, 128, 4) if nrows >= 48 * _sms(x) else (16, 256, 4))
-    grid = (triton.cdiv(nrows, block_r),)
-    _gather_gemm_kernel[grid](x, w, g, idx, out, batch, d, nrows, nsel, tail_start, x.stride(0), w.stride(0),
-                              out.stride(0),
+    # measured (bench/mlp_kernel.py, H100): 32x128 tiles, with d split over programs when few rows are
+    # selected, at or within 2 % of the best of seven tile shapes at every density and batch
+    tiles = GEMM_TILES if GEMM_TILES != "by-rows" else ((32, 128, 4) if nrows >= 48 * _sms(x) else (16, 256, 4))
+    block_r, block_d, warps = (config or tiles)[:3]
+    splits = config[3] if config is not None and len(config) > 3 else gemm_splits(nrows, d, block_r, block_d,
+                                                                                    _sms(x))
+    d_per_split = triton.cdiv(triton.cdiv(d, splits), block_d) * block_d
+    splits = triton.cdiv(d, d_per_split)
+    part = _partials(x.device, nrows) if splits > 1 else out
+    grid = (triton.cdiv(nrows, block_r), splits)
+    _gather_gemm_kernel[grid](x, w, g, idx, out, part, batch, d, d_per_split, nrows, nsel, tail_start, x.stride(0),
+                              w.stride(0), out.stride(0), part.stride(-2), part.stride(0) if splits > 1 else 0,
                               UNIT=unit, GATED=gate is not None, ACT=act, B_PAD=DOT_BATCH, BLOCK_R=block_r,
-                              BLOCK_D=block_d, PRECISION=_precision(x), num_warps=warps, num_stages=3)
+                              BLOCK_D=block_d, PRECISION=_precision(x), SPLIT=splits > 1, num_warps=warps,
+                              num_stages=3)
+    if splits > 1:
+        block = 512
+        _split_finish_kernel[(triton.cdiv(nrows, block), batch)](part, out, nrows, part.stride(1), part.stride(0),
+                                                                 out.stride(0), GATED=gate is not None, ACT=act,
+                                                                 BLOCK=block)
     return out
 
 

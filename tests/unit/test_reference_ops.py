@@ -102,6 +102,11 @@ def test_triton_kernels_in_interpreter_match_reference():
                 idx = torch.randperm(rows // unit)[: rows // unit // 3]
                 gg = g if gated else None
                 assert rel(T.gather_matvec(x, w, idx, unit, gg, act), R.gather_matvec(x, w, idx, unit, gg, act)) < 1e-5
+                # d split over programs (partial sums, then a finishing kernel); twice, as the partial
+                # sums must be left zeroed for the next call
+                for cfg in ((16, 32, 4, 2), (16, 32, 4, 3), (16, 32, 4, 2)):
+                    out = T.gather_matvec(x, w, idx, unit, gg, act, config=cfg)
+                    assert rel(out, R.gather_matvec(x, w, idx, unit, gg, act)) < 1e-5
                 if not gated:  # selected units must lie before the tail rows
                     head = idx[idx < (rows - 16) // unit]
                     assert rel(T.gather_matvec(x, w, head, unit, None, 0, 16), R.gather_matvec(x, w, head, unit, None, 0, 16)) < 1e-5

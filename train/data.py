@@ -44,11 +44,11 @@ class LayerData:
 class CollectRun:
     """A finished `dejavu collect` directory: its manifest (verified) and per-layer readers."""
 
-    def __init__(self, run: str | Path, verify: bool = True):
+    def __init__(self, run: str | Path, verify: bool = True, hash_share: tuple[int, int] = (0, 1)):
         self.dir = Path(run) / "collect"
         if not self.dir.is_dir():
             raise DejavuError(f"{self.dir} does not exist: run `dejavu collect --out {run}` first")
-        self.manifest = read_manifest(self.dir, "dejavu.collect", verify=verify)
+        self.manifest = read_manifest(self.dir, "dejavu.collect", verify=verify, hash_share=hash_share)
         self.parent = parent_ref(self.dir, self.manifest)
         try:
             self.model = self.manifest["model"]

@@ -255,13 +255,34 @@ def predictor_cost(model: dict, rank: int, activation: str = "none", itemsize: i
             "mlp_fraction": mlp / layer, "total_fraction": (mlp + attn) / layer}
 
 
+def _open_collect(run: Path, acc) -> CollectRun:
+    """The collect run, its shards' hashes checked a share per process (hashing tens of GB once per
+    process was most of a multi-GPU run's start-up); every process fails if any share fails."""
+    problem = None
+    try:
+        collect = CollectRun(run, hash_share=(acc.process_index, acc.num_processes))
+    except DejavuError as exc:
+        problem = exc
+    if acc.num_processes > 1:
+        failed = acc.reduce(torch.tensor([float(problem is not None)], device=acc.device), reduction="sum")
+        if failed.item() and problem is None:
+            raise DejavuError(f"{run}/collect: another process found a damaged or missing file (its error names it)")
+    if problem is not None:
+        raise problem
+    return collect
+
+
 def run_train(run: Path, config_file: str | None = None, overrides: dict | None = None,
               overwrite: bool = False) -> dict | None:
     """Train every layer's predictors from RUN/collect/ into RUN/predictors/; returns the manifest (rank 0)."""
     from accelerate import Accelerator, InitProcessGroupKwargs
 
     run = Path(run)
-    collect = CollectRun(run)
+    # cpu=True is what makes accelerate join a torchrun group over gloo when there is no GPU; the long
+    # timeout lets rank 0 wait at the final barrier for the slowest rank's layers.
+    acc = Accelerator(cpu=not torch.cuda.is_available(),
+                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
+    collect = _open_collect(run, acc)
     cfg = resolve_config(collect.manifest.get("config") or {}, config_file, overrides or {})
     tag = collect.label_tag(cfg.train.mlp_density)
     key = training_key(cfg, collect.parent)
@@ -270,10 +291,6 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
         if not 0 <= layer < collect.num_layers:
             raise DejavuError(f"train.layers lists layer {layer}; the model has {collect.num_layers}")
 
-    # cpu=True is what makes accelerate join a torchrun group over gloo when there is no GPU; the long
-    # timeout lets rank 0 wait at the final barrier for the slowest rank's layers.
-    acc = Accelerator(cpu=not torch.cuda.is_available(),
-                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
     main = acc.is_main_process
     local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
     share_cpu_threads(cfg.train.cpu_threads, local)

@@ -75,3 +75,28 @@ def test_cli_runs_in_a_subprocess(tmp_path):
     assert "mass kept" in result.stdout + result.stderr
     manifest = read_manifest(tmp_path / "predictors", "dejavu.predictors")
     assert manifest["head_density"] == 0.25 and manifest["rank"] == 4
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_two_processes_share_the_hash_check_and_fail_together(tmp_path):
+    write_synthetic_collect(tmp_path, num_layers=2, train_tokens=1024, eval_tokens=256, config=_config())
+    files = read_manifest(tmp_path / "collect", "dejavu.collect")["files"]
+    assert len(files) >= 2
+    # The second listed file is hashed by process 1 only: process 0 learns of it through the reduce.
+    damaged = tmp_path / "collect" / files[1]["path"]
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "dejavu.cli.main",
+           "train-predictors", "-r", str(tmp_path)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:  # a process left waiting for the other would end here
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode != 0
+    assert "does not match its sha256" in out + err and "another process" in out + err
+    assert not (tmp_path / "predictors" / "manifest.json").exists()

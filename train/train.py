@@ -1,9 +1,10 @@
 """`dejavu train-predictors`: one low-rank predictor per layer for MLP neurons and one for heads.
 
-Layers are independent, so processes split them (rank r trains layers l with l % world == r) rather
-than splitting batches: no gradient traffic, and the same command runs on a CPU, one GPU or many
-(`torchrun` / `accelerate launch`). Each layer is seeded with seed + layer, so a layer's predictor does
-not depend on how many processes there were. A finished layer is written atomically and recorded in
+Layers are independent, so processes split them (the layers are dealt round-robin) rather than
+splitting batches: no gradient traffic, and the same command runs on a CPU, one GPU or many
+(`torchrun` / `accelerate launch`). Only with more processes than layers do several processes share a
+layer, each taking a slice of every batch with gradients averaged per step (Replicas). Each layer is
+seeded with seed + layer, so a layer's predictor does not depend on how many processes there were. A finished layer is written atomically and recorded in
 predictors/progress/, so a killed run resumes without retraining it; rank 0 writes metrics.json and the
 manifest last, after every rank has finished.
 """
@@ -16,6 +17,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -101,8 +103,51 @@ def predictor_rank(rank: int, n_out: int, activation: str) -> int:
     return min(rank, n_out) if activation == "none" else rank
 
 
+@dataclass
+class Replicas:
+    """Processes training one layer together (more processes than layers): each takes its slice of
+    every batch and the gradients are averaged each step, so they follow the one-process run's updates.
+    The loss travels in the same all-reduce, so a NaN stops every member at the same step."""
+
+    group: Any
+    size: int
+    member: int
+
+    def batch_slice(self, idx: torch.Tensor) -> torch.Tensor:
+        # a batch smaller than the group is taken whole by every member (the average is unchanged)
+        return idx[self.member::self.size] if idx.numel() >= self.size else idx
+
+    def average(self, params: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1)])
+        dist.all_reduce(flat, group=self.group)
+        flat /= self.size
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return flat[-1]
+
+
+def plan_layers(layers: list[int], rank: int, world: int) -> tuple[list[int], Replicas | None]:
+    """This process's layers: layers are dealt round-robin; with more processes than layers, each layer
+    gets world // len(layers) processes training it data-parallel (any remainder idles)."""
+    if world <= len(layers):
+        return layers[rank::world], None
+    import torch.distributed as dist
+
+    size = world // len(layers)
+    groups = [list(range(i * size, (i + 1) * size)) for i in range(len(layers))]
+    handles = [dist.new_group(ranks) for ranks in groups]  # every process must create every group
+    for layer, ranks, handle in zip(layers, groups, handles, strict=True):
+        if rank in ranks:
+            return [layer], Replicas(handle, size, ranks.index(rank))
+    return [], None
+
+
 def fit_predictor(x: torch.Tensor, target: torch.Tensor, *, cfg: RunConfig, density: float, seed: int,
-                  device: torch.device, desc: str, show: bool) -> LowRankPredictor:
+                  device: torch.device, desc: str, show: bool, replicas: Replicas | None = None) -> LowRankPredictor:
     """Train one predictor on x [T, d] -> target [T, n] (bool); returns it on the CPU, float32."""
     t = cfg.train
     tokens, d_in = x.shape
@@ -117,7 +162,8 @@ def fit_predictor(x: torch.Tensor, target: torch.Tensor, *, cfg: RunConfig, dens
     pos_weight = ((1 - positive) / positive).to(device)
     k = units_for_density(density, n_out)
 
-    opt = torch.optim.AdamW([p for p in pred.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    params = [p for p in pred.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     steps_per_epoch = math.ceil(tokens / t.batch_size)
     total = t.epochs * steps_per_epoch
     warmup = max(1, total // 50)
@@ -130,13 +176,17 @@ def fit_predictor(x: torch.Tensor, target: torch.Tensor, *, cfg: RunConfig, dens
         order = torch.randperm(tokens, generator=gen).to(device)
         for start in range(0, tokens, t.batch_size):
             idx = order[start:start + t.batch_size]
+            if replicas is not None:
+                idx = replicas.batch_slice(idx)
             xb = x[idx].to(device, torch.float32, non_blocking=True)
             yb = target[idx].to(device, torch.float32, non_blocking=True)
             loss = _loss(pred(xb), yb, t.loss, pos_weight, k, gen)
-            if not torch.isfinite(loss):
-                raise DejavuError(f"{desc}: the loss became {loss.item()} (lower --lr, or check the collect data)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if replicas is not None:
+                loss = replicas.average(params, loss)
+            if not torch.isfinite(loss):
+                raise DejavuError(f"{desc}: the loss became {loss.item()} (lower --lr, or check the collect data)")
             opt.step()
             sched.step()
             bar.update()
@@ -170,14 +220,15 @@ def head_targets(head_norms: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def train_layer(train: LayerData, held_out: LayerData, layer: int, cfg: RunConfig, device: torch.device,
-                show: bool) -> tuple[dict[str, torch.Tensor], dict]:
+                show: bool, replicas: Replicas | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Fit and evaluate both predictors of one layer; returns (tensors to save, metrics)."""
     t = cfg.train
     seed = t.seed + layer
     mlp = fit_predictor(train.x_mlp, train.mlp_labels, cfg=cfg, density=t.mlp_density, seed=seed,
-                        device=device, desc=f"layer {layer} mlp", show=show)
+                        device=device, desc=f"layer {layer} mlp", show=show, replicas=replicas)
     attn = fit_predictor(train.x_attn, head_targets(train.head_norms, t.head_density), cfg=cfg,
-                         density=t.head_density, seed=seed, device=device, desc=f"layer {layer} attn", show=show)
+                         density=t.head_density, seed=seed, device=device, desc=f"layer {layer} attn", show=show,
+                         replicas=replicas)
     metrics = {
         "mlp": selection_metrics(predict(mlp, held_out.x_mlp, device), held_out.mlp_labels,
                                  held_out.mlp_act, t.mlp_density),
@@ -311,7 +362,8 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
         (out / "progress").mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
 
-    mine = [layer for layer in layers if layer % acc.num_processes == acc.process_index]
+    mine, replicas = plan_layers(layers, acc.process_index, acc.num_processes)
+    writer = replicas is None or replicas.member == 0
     overall = tqdm(total=len(mine), desc="layers", disable=not main, unit="layer")
     for layer in mine:
         if finished_record(out, layer, key) is not None:
@@ -323,14 +375,16 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
         train_data = collect.load_layer(layer, "train", cfg.train.mlp_pairing, cfg.train.head_pairing, tag,
                                         device=acc.device)
         eval_data = collect.load_layer(layer, "eval", cfg.train.mlp_pairing, cfg.train.head_pairing, tag)
-        tensors, metrics = train_layer(train_data, eval_data, layer, cfg, acc.device, show=main)
+        tensors, metrics = train_layer(train_data, eval_data, layer, cfg, acc.device, show=main, replicas=replicas)
         del train_data, eval_data
-        path = out / layer_file(layer)
-        digest = save_tensors(path, tensors, metadata={"format": "dejavu.predictors", "layer": str(layer)})
-        atomic_write_json(_record_path(out, layer), {
-            "layer": layer, "key": key, "file": layer_file(layer), "bytes": path.stat().st_size, "sha256": digest,
-            "metrics": metrics, "seconds": round(time.perf_counter() - started, 3), "process": acc.process_index,
-        })
+        if writer:
+            path = out / layer_file(layer)
+            digest = save_tensors(path, tensors, metadata={"format": "dejavu.predictors", "layer": str(layer)})
+            atomic_write_json(_record_path(out, layer), {
+                "layer": layer, "key": key, "file": layer_file(layer), "bytes": path.stat().st_size,
+                "sha256": digest, "metrics": metrics, "seconds": round(time.perf_counter() - started, 3),
+                "process": acc.process_index, "replicas": 1 if replicas is None else replicas.size,
+            })
         overall.set_postfix(mlp_mass=f"{metrics['mlp']['mass_kept']:.3f}")
         overall.update()
     overall.close()

@@ -100,3 +100,36 @@ def test_two_processes_share_the_hash_check_and_fail_together(tmp_path):
     assert proc.returncode != 0
     assert "does not match its sha256" in out + err and "another process" in out + err
     assert not (tmp_path / "predictors" / "manifest.json").exists()
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_more_processes_than_layers_share_a_layer(tmp_path):
+    cfg = _config()
+    cfg.train.layers = [1]
+    single, double = tmp_path / "single", tmp_path / "double"
+    for run in (single, double):
+        write_synthetic_collect(run, num_layers=2, train_tokens=1024, eval_tokens=256, config=cfg)
+    run_train(single, None, {})
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "dejavu.cli.main",
+           "train-predictors", "-r", str(double)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    record = json.loads((double / "predictors" / "progress" / "layer-001.json").read_text())
+    assert record["replicas"] == 2 and record["process"] == 0
+    # Same global batches, gradients averaged over two halves: the one-process predictor again.
+    a = load_file(str(single / "predictors" / "layers" / "layer-001.safetensors"))
+    b = load_file(str(double / "predictors" / "layers" / "layer-001.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=2e-3, rtol=2e-2)
+    one = json.loads((single / "predictors" / "metrics.json").read_text())["layers"]["1"]
+    two = json.loads((double / "predictors" / "metrics.json").read_text())["layers"]["1"]
+    for kind in ("mlp", "attn"):
+        for key, value in one[kind].items():
+            assert two[kind][key] == pytest.approx(value, abs=0.02), (kind, key)

@@ -10,6 +10,9 @@ Rules (MLP only; attention stays dense unless --head-density):
 - up:D          exact top-D of |up(x)| (every up row is read to choose);
 - two-stage:C:D predictor candidates at C, then exact top-D (share of all neurons) of |down input|
                 among them (runtime/apply.py `mlp_candidate_density`).
+- up-pred:D:A   exact |up(x)| for every neuron (the up projection read in full) combined with the
+                predictor: top-D of log|up| + A * predictor logit. |act| = |act(gate)| * |up|, and a
+                linear predictor can follow the gate but not |up| (symmetric in up's sign).
 
 Every evaluated token is sparse, windows/stride as in runtime/quality.py; dense log-probs are computed
 once and reused. "MLP bytes" is the share of the dense MLP's weight bytes a real kernel must read per
@@ -40,18 +43,18 @@ from dejavu.runtime.quality import (
     score_against,
 )
 
-KINDS = {"oracle": 1, "predictor": 1, "gate": 1, "up": 1, "two-stage": 2}
+KINDS = {"oracle": 1, "predictor": 1, "gate": 1, "up": 1, "two-stage": 2, "up-pred": 2}
 
 
 def parse_rule(text: str) -> tuple[str, tuple[float, ...]]:
     kind, *values = text.split(":")
     if kind not in KINDS or len(values) != KINDS[kind]:
-        raise DejavuError(f"rule {text!r}: expected oracle:D, predictor:D, gate:D, up:D or two-stage:C:D")
+        raise DejavuError(f"rule {text!r}: expected oracle:D, predictor:D, gate:D, up:D, two-stage:C:D or up-pred:D:A")
     try:
         numbers = tuple(float(v) for v in values)
     except ValueError:
         raise DejavuError(f"rule {text!r}: densities must be numbers") from None
-    if not all(0.0 < v <= 1.0 for v in numbers):
+    if not all(0.0 < v <= 1.0 for v in (numbers[:1] if kind == "up-pred" else numbers)):
         raise DejavuError(f"rule {text!r}: densities must be in (0, 1]")
     return kind, numbers
 
@@ -92,8 +95,39 @@ class ExactRule:
             h.remove()
 
 
+class UpPredictorRule(ExactRule):
+    """up-pred:D:A: the predictor's logits from each layer's block input, plus exact log|up|."""
+
+    def __init__(self, adapter, predictors, density: float, alpha: float):
+        self.enabled, self.token_mask = True, None
+        self._masks, self._logits, self._handles = {}, {}, []
+        if predictors.mlp_pairing != "current":
+            raise DejavuError("rule up-pred needs a bundle with the current MLP pairing")
+        for l, layer in enumerate(adapter.decoder_layers()):  # noqa: E741
+            pred = predictors.layers[l].mlp
+            self._handles.append(layer.register_forward_pre_hook(self._predict(l, pred), with_kwargs=True))
+            self._handles.append(adapter.up_proj(layer).register_forward_hook(self._combine(l, density, alpha)))
+            self._handles.append(adapter.down_proj(layer).register_forward_pre_hook(self._apply(l)))
+
+    def _predict(self, l: int, pred):  # noqa: E741
+        def hook(module: nn.Module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            self._logits[l] = pred(x.float())
+
+        return hook
+
+    def _combine(self, l: int, density: float, alpha: float):  # noqa: E741
+        def hook(module: nn.Module, args, out: torch.Tensor):
+            score = out.float().abs().clamp_min(1e-12).log() + alpha * self._logits.pop(l)
+            self._masks[l] = topk_mask(score, density)
+
+        return hook
+
+
 def weight_share(kind: str, numbers: tuple[float, ...], gated: bool, stats: dict | None) -> float:
     up_share = 2 / 3 if gated else 1 / 2
+    if kind == "up-pred":
+        kind, numbers = "up", numbers[:1]
     if kind in ("gate", "up"):
         full = up_share / 2 if gated else up_share  # the projection read in full to choose
         return full + (1 - full) * numbers[0]
@@ -111,6 +145,12 @@ def run_rule(model, adapter, predictors, ref, kind, numbers, head_density) -> tu
             rule.remove()
     if kind != "oracle" and predictors is None:
         raise DejavuError(f"rule {kind} needs --bundle")
+    if kind == "up-pred":
+        rule = UpPredictorRule(adapter, predictors, numbers[0], numbers[1])
+        try:
+            return score_against(model, rule, ref, desc=kind), None
+        finally:
+            rule.remove()
     kw = {"mlp_density": numbers[-1], "head_density": head_density}
     if kind == "two-stage":
         kw["mlp_candidate_density"] = numbers[0]
@@ -184,7 +224,7 @@ def main() -> None:
         t0 = time.perf_counter()
         metrics, stats = run_rule(model, adapter, predictors, ref, kind, numbers, args.head_density)
         row = {"rule": text, "kind": kind, "candidates": numbers[0] if kind == "two-stage" else None,
-               "density": numbers[-1], **metrics, "computed": stats,
+               "density": numbers[0] if kind == "up-pred" else numbers[-1], **metrics, "computed": stats,
                "mlp_bytes": weight_share(kind, numbers, gated, stats), "seconds": time.perf_counter() - t0}
         result["rules"].append(row)
         print(f"  {text}: ppl {row['sparse_ppl']:.3f}, top-1 {row['top1_agreement']:.4f}, KL {row['kl']:.4f}, "

@@ -103,6 +103,8 @@ class RuntimeConfig:
     mlp_density: float | None = None  # None: the bundle's
     head_density: float | None = None
     mlp_candidate_density: float | None = None  # None: the bundle's (None there too: one-stage)
+    # exact-up MLP selection (runtime/apply.py): weight of the predictor logit next to log|up|; None: off
+    mlp_up_weight: float | None = None
     # "predictor" (the bundle), "oracle" (true top-k from dense activations), "dense"
     selection: str = "predictor"
     # dense prefill by default: only decoded tokens are sparse

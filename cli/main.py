@@ -163,6 +163,10 @@ def bench(
         None, "--mlp-candidate-density",
         help="Two-stage MLP selection: predictor candidates at this density, then the top --mlp-density by exact "
              "activation (default: the bundle's; unset: one-stage)."),
+    mlp_up_weight: float | None = typer.Option(
+        None, "--mlp-up-weight",
+        help="Exact-up MLP selection (quality only, reference runtime): compute up for every neuron and keep the "
+             "top --mlp-density by log|up| + this weight x predictor logit (0.4 measured best on SmolLM2)."),
     max_eval_tokens: int | None = typer.Option(None, "--max-eval-tokens", help="Bound on evaluated tokens."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto."),
@@ -185,7 +189,7 @@ def bench(
             "runtime.mlp_density": mlp_density, "runtime.head_density": head_density,
             "runtime.max_eval_tokens": max_eval_tokens, "runtime.device": device, "runtime.dtype": dtype,
             "runtime.selection": selection, "runtime.batch_sizes": sizes,
-            "runtime.mlp_candidate_density": mlp_candidate_density,
+            "runtime.mlp_candidate_density": mlp_candidate_density, "runtime.mlp_up_weight": mlp_up_weight,
         },
         synthetic=synthetic, layers=layers, quality=quality, speed=speed,
     )

@@ -24,6 +24,12 @@ the final set is the top-`mlp_density` share of all n neurons among the candidat
 predictor misses. MLP weight bytes read: up_share * candidates + (1 - up_share) * final, where
 up_share is 2/3 for gated MLPs (gate + up + down) and 1/2 for plain ones (up + down).
 
+Exact-up MLP selection (opt-in, `mlp_up_weight` A, mask mode): |act| = |act(gate)| * |up|, and a
+linear predictor can follow the gate but not |up| (symmetric in up's sign). The up projection is
+computed for every neuron, each neuron scored log|up| + A * predictor logit, and gate and down run
+for the top `mlp_density`. MLP weight bytes read: up_share / 2 + (1 - up_share / 2) * density.
+Measured best per byte on SmolLM2 (BENCHMARKS.md, "up-pred"); the decode loop does not have it yet.
+
 Selection "oracle" takes the true top-k of the same forward (|down input| per neuron, L2 norm per
 head output) to separate predictor error from sparsity error; "dense" computes everything.
 """
@@ -71,6 +77,7 @@ class SelectionStats:
     head_kept: float = 0.0
     kv_groups_skippable: float = 0.0
     mlp_candidates_kept: float = 0.0  # two-stage only: share whose gate/up rows were read
+    up_in_full: bool = False  # exact-up selection reads every up row
     # Share of the MLP weight bytes in gate + up (2/3 gated, 1/2 plain); set by the runtime.
     up_share: float = 2 / 3
     counts: dict = field(default_factory=lambda: {"mlp": 0, "attn": 0, "mlp_candidates": 0})
@@ -90,11 +97,14 @@ class SelectionStats:
         """Shares computed; a kind whose hook never ran (density 1.0) was computed in full."""
         mlp = self.mlp_kept if self.counts["mlp"] else 1.0
         candidates = self.mlp_candidates_kept if self.counts["mlp_candidates"] else mlp
+        if self.up_in_full:  # all of up, gate and down for the chosen neurons
+            share = self.up_share / 2 + (1 - self.up_share / 2) * mlp
+        else:  # gate/up rows for the candidates, down columns for the final set (== mlp_kept without
+            # two-stage); the oracle still needs the dense activation to choose.
+            share = self.up_share * candidates + (1 - self.up_share) * mlp
         return {"mlp_kept": mlp,
                 "mlp_candidates_kept": candidates,
-                # gate/up rows for the candidates, down columns for the final set (== mlp_kept
-                # without two-stage); the oracle still needs the dense activation to choose.
-                "mlp_weight_share": self.up_share * candidates + (1 - self.up_share) * mlp,
+                "mlp_weight_share": share,
                 "head_kept": self.head_kept if self.counts["attn"] else 1.0,
                 "kv_groups_skippable": self.kv_groups_skippable}
 
@@ -104,7 +114,8 @@ class SparseRuntime:
 
     def __init__(self, model: nn.Module, adapter: Adapter, predictors: PredictorSet | None = None, *,
                  selection: str = "predictor", mlp_density: float | None = None, head_density: float | None = None,
-                 mode: str = "mask", record: bool = False, mlp_candidate_density: float | None = None):
+                 mode: str = "mask", record: bool = False, mlp_candidate_density: float | None = None,
+                 mlp_up_weight: float | None = None):
         if selection not in SELECTIONS:
             raise DejavuError(f"selection must be one of {', '.join(SELECTIONS)}; got {selection!r}")
         if mode not in MODES:
@@ -123,6 +134,7 @@ class SparseRuntime:
         self.mlp_density = [self._density(l, "mlp", mlp_density) for l in range(n)]  # noqa: E741
         self.head_density = [self._density(l, "attn", head_density) for l in range(n)]  # noqa: E741
         self.mlp_candidate_density = self._check_candidates(mlp_candidate_density)
+        self.mlp_up_weight = self._check_up_weight(mlp_up_weight)
         if predictors is not None:
             device = next(model.parameters()).device
             predictors.to(device=device)
@@ -132,9 +144,11 @@ class SparseRuntime:
         first = self.layers[0] if self.layers else None
         if first is not None and adapter.gate_proj(first) is None:
             self.stats.up_share = 1 / 2
+        self.stats.up_in_full = self.exact_up
         self.masks: dict[tuple[str, int], torch.Tensor] = {}  # recorded selections (record=True)
         self._inputs: dict[int, torch.Tensor] = {}
         self._mlp_sel: dict[int, torch.Tensor] = {}
+        self._mlp_logits: dict[int, torch.Tensor] = {}  # exact-up selection: predictor scores per layer
         self._head_sel: dict[int, torch.Tensor] = {}
         self._gather: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list = []
@@ -167,6 +181,25 @@ class SparseRuntime:
                               f"{self.mlp_density[low[0]]} (layers {low[:5]}); candidates must cover the final set")
         return density
 
+    def _check_up_weight(self, weight: float | None) -> float | None:
+        if weight is None:
+            return None
+        if self.selection != "predictor":
+            raise DejavuError("mlp_up_weight (exact-up MLP selection) needs selection 'predictor'")
+        if self.mlp_candidate_density is not None:
+            raise DejavuError("choose one MLP rule: mlp_up_weight (exact up) or mlp_candidate_density (two-stage)")
+        if self.mode != "mask":
+            raise DejavuError("mlp_up_weight (exact-up MLP selection) runs in mask mode only")
+        if not (weight >= 0.0 and weight < float("inf")):
+            raise DejavuError(f"mlp_up_weight must be a finite number >= 0, got {weight}")
+        if self.layers and self.adapter.gate_proj(self.layers[0]) is None:
+            raise DejavuError("mlp_up_weight needs a gated MLP (gate and up projections); this model has none")
+        return weight
+
+    @property
+    def exact_up(self) -> bool:
+        return self.mlp_up_weight is not None
+
     @property
     def two_stage(self) -> bool:
         return self.mlp_candidate_density is not None
@@ -186,6 +219,8 @@ class SparseRuntime:
         for l, layer in enumerate(self.layers):  # noqa: E741
             self._handles.append(layer.register_forward_pre_hook(self._layer_hook(l), with_kwargs=True))
             if self.mlp_density[l] < 1.0:
+                if self.exact_up:
+                    self._handles.append(self.adapter.up_proj(layer).register_forward_hook(self._up_hook(l)))
                 if self.mode == "mask":
                     self._handles.append(self.adapter.down_proj(layer).register_forward_pre_hook(self._down_hook(l)))
                 else:
@@ -218,7 +253,10 @@ class SparseRuntime:
             if self.mlp_density[l] < 1.0:
                 x = self._paired_input(l, self.predictors.mlp_pairing)
                 first = self.mlp_candidate_density if self.two_stage else self.mlp_density[l]
-                self._mlp_sel[l] = topk_mask(lp.mlp(x), first)
+                if self.exact_up:  # chosen once up's output is known (_up_hook)
+                    self._mlp_logits[l] = lp.mlp(x)
+                else:
+                    self._mlp_sel[l] = topk_mask(lp.mlp(x), first)
                 if self.mode == "gather":
                     self._prepare_gather(l)
             if self.head_density[l] < 1.0:
@@ -268,6 +306,17 @@ class SparseRuntime:
             self._note("mlp", l, mask)
             mask = self._apply_token_mask(mask)
             return (act * mask.to(act.dtype),) + tuple(args[1:])
+
+        return hook
+
+    def _up_hook(self, l: int):  # noqa: E741
+        def hook(module, args, out):
+            if not self.enabled:
+                return None
+            logits = self._mlp_logits.pop(l).reshape(out.shape).float()
+            score = out.float().abs().clamp_min(1e-30).log() + self.mlp_up_weight * logits
+            self._mlp_sel[l] = topk_mask(score, self.mlp_density[l])
+            return None
 
         return hook
 

@@ -126,7 +126,9 @@ def print_report(report: dict, out=None) -> None:
     two = report.get("mlp_candidate_density")
     p(f"  selection {report.get('selection')}, MLP density {_fmt(report['mlp_density'], 'g')}, "
       f"head density {_fmt(report['head_density'], 'g')}"
-      + (f", two-stage MLP (predictor candidates {two:g}, final top-k by exact activation)" if two else ""))
+      + (f", two-stage MLP (predictor candidates {two:g}, final top-k by exact activation)" if two else "")
+      + (f", exact-up MLP (log|up| + {report['mlp_up_weight']:g} x predictor logit)"
+         if report.get("mlp_up_weight") is not None else ""))
     q = report.get("quality")
     if q:
         p(f"  quality on {q['scored_tokens']} tokens of {q['dataset']} (windows of {q['window']}, stride "
@@ -138,7 +140,10 @@ def print_report(report: dict, out=None) -> None:
         if sel:
             p(f"    computed: {sel['mlp_kept']:.3f} of MLP neurons, {sel['head_kept']:.3f} of heads; "
               f"{sel['kv_groups_skippable']:.3f} of KV groups skippable")
-            if "mlp_weight_share" in sel:
+            if "mlp_weight_share" in sel and report.get("mlp_up_weight") is not None:
+                p(f"    MLP weight bytes read: {sel['mlp_weight_share']:.3f} of dense (up for every neuron, "
+                  f"gate and down for {sel['mlp_kept']:.3f})")
+            elif "mlp_weight_share" in sel:
                 p(f"    MLP weight bytes read: {sel['mlp_weight_share']:.3f} of dense (gate/up for "
                   f"{sel['mlp_candidates_kept']:.3f} of neurons, down for {sel['mlp_kept']:.3f})")
         for g in q.get("generations", []):
@@ -222,7 +227,7 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
     cand_d = cand_d if use is not None else None
     base = {"model": source.display, "device": str(device), "dtype": _dtype_name(dtype), "mlp_density": mlp_d,
             "head_density": head_d, "synthetic": False, "selection": rt.selection,
-            "mlp_candidate_density": cand_d,
+            "mlp_candidate_density": cand_d, "mlp_up_weight": rt.mlp_up_weight if use is not None else None,
             "bundle": str(bundle) if bundle else None, "mlp_pairing": predictors.mlp_pairing if use else None,
             "head_pairing": predictors.head_pairing if use else None}
     quality_data = None
@@ -236,7 +241,8 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
         # Explicit densities from flags override the bundle's per-layer ones; otherwise keep those.
         with SparseRuntime(model, adapter, use, selection=rt.selection, mlp_density=rt.mlp_density
                            if use else mlp_d, head_density=rt.head_density if use else head_d,
-                           mlp_candidate_density=cand_d) as runtime:
+                           mlp_candidate_density=cand_d,
+                           mlp_up_weight=rt.mlp_up_weight if use is not None else None) as runtime:
             t0 = time.perf_counter()
             quality_data = compare(model, runtime, tokens, window, stride)
             quality_data["computed"] = runtime.stats.summary()
@@ -249,7 +255,10 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
                                                "the generated tokens (prompt dense)"),
         })
     speed_data = None
-    if speed:
+    if speed and use is not None and rt.mlp_up_weight is not None:
+        print("note: speed is not measured with --mlp-up-weight: the decode loop has no exact-up selection "
+              "yet (quality only)", file=sys.stderr)
+    elif speed:
         sp = use.with_densities(rt.mlp_density, rt.head_density) if use is not None else None
         speed_data = measure_speed(model, adapter, sp, device=device, dtype=dtype, batch_sizes=batch_sizes,
                                    decode_tokens=rt.decode_tokens, warmup=rt.warmup, mlp_candidate_density=cand_d)

@@ -11,8 +11,7 @@ Rules (MLP only; attention stays dense unless --head-density):
 - two-stage:C:D predictor candidates at C, then exact top-D (share of all neurons) of |down input|
                 among them (runtime/apply.py `mlp_candidate_density`).
 - up-pred:D:A   exact |up(x)| for every neuron (the up projection read in full) combined with the
-                predictor: top-D of log|up| + A * predictor logit. |act| = |act(gate)| * |up|, and a
-                linear predictor can follow the gate but not |up| (symmetric in up's sign).
+                predictor: top-D of log|up| + A * predictor logit (runtime/apply.py `mlp_up_weight`).
 
 Every evaluated token is sparse, windows/stride as in runtime/quality.py; dense log-probs are computed
 once and reused. "MLP bytes" is the share of the dense MLP's weight bytes a real kernel must read per
@@ -95,39 +94,8 @@ class ExactRule:
             h.remove()
 
 
-class UpPredictorRule(ExactRule):
-    """up-pred:D:A: the predictor's logits from each layer's block input, plus exact log|up|."""
-
-    def __init__(self, adapter, predictors, density: float, alpha: float):
-        self.enabled, self.token_mask = True, None
-        self._masks, self._logits, self._handles = {}, {}, []
-        if predictors.mlp_pairing != "current":
-            raise DejavuError("rule up-pred needs a bundle with the current MLP pairing")
-        for l, layer in enumerate(adapter.decoder_layers()):  # noqa: E741
-            pred = predictors.layers[l].mlp
-            self._handles.append(layer.register_forward_pre_hook(self._predict(l, pred), with_kwargs=True))
-            self._handles.append(adapter.up_proj(layer).register_forward_hook(self._combine(l, density, alpha)))
-            self._handles.append(adapter.down_proj(layer).register_forward_pre_hook(self._apply(l)))
-
-    def _predict(self, l: int, pred):  # noqa: E741
-        def hook(module: nn.Module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            self._logits[l] = pred(x.float())
-
-        return hook
-
-    def _combine(self, l: int, density: float, alpha: float):  # noqa: E741
-        def hook(module: nn.Module, args, out: torch.Tensor):
-            score = out.float().abs().clamp_min(1e-12).log() + alpha * self._logits.pop(l)
-            self._masks[l] = topk_mask(score, density)
-
-        return hook
-
-
 def weight_share(kind: str, numbers: tuple[float, ...], gated: bool, stats: dict | None) -> float:
     up_share = 2 / 3 if gated else 1 / 2
-    if kind == "up-pred":
-        kind, numbers = "up", numbers[:1]
     if kind in ("gate", "up"):
         full = up_share / 2 if gated else up_share  # the projection read in full to choose
         return full + (1 - full) * numbers[0]
@@ -145,15 +113,11 @@ def run_rule(model, adapter, predictors, ref, kind, numbers, head_density) -> tu
             rule.remove()
     if kind != "oracle" and predictors is None:
         raise DejavuError(f"rule {kind} needs --bundle")
-    if kind == "up-pred":
-        rule = UpPredictorRule(adapter, predictors, numbers[0], numbers[1])
-        try:
-            return score_against(model, rule, ref, desc=kind), None
-        finally:
-            rule.remove()
     kw = {"mlp_density": numbers[-1], "head_density": head_density}
     if kind == "two-stage":
         kw["mlp_candidate_density"] = numbers[0]
+    if kind == "up-pred":
+        kw.update(mlp_density=numbers[0], mlp_up_weight=numbers[1])
     with SparseRuntime(model, adapter, None if kind == "oracle" else predictors,
                        selection="oracle" if kind == "oracle" else "predictor", **kw) as runtime:
         metrics = score_against(model, runtime, ref, desc=kind)

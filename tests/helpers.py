@@ -123,3 +123,25 @@ def make_predictors_dir(run: Path, model_dir: Path, rank: int = 8, mlp_density: 
                    mlp_density=mlp_density, head_density=head_density,
                    metrics={"mlp": {"recall": 0.5}, "attn": {"recall": 0.5}})
     return out
+
+
+def load_tiny(path):
+    """A saved tiny model on the CPU in fp32, with its adapter."""
+    from dejavu.models.adapters import adapter_for
+    from dejavu.models.loading import load_model
+
+    model, _, _ = load_model(str(path), device="cpu", dtype="float32")
+    return model, adapter_for(model)
+
+
+def random_predictors(adapter, mlp_density: float = 0.5, head_density: float = 1.0, rank: int = 8, seed: int = 0):
+    from dejavu.predictor import PredictorSet
+
+    s = adapter.shape()
+    return PredictorSet.random(adapter.num_layers, s.hidden_size, s.intermediate_size, s.num_heads, rank,
+                               mlp_density, head_density, seed=seed)
+
+
+def random_ids(model, seq: int = 20, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, model.config.vocab_size, (batch, seq), generator=g)

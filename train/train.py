@@ -4,9 +4,9 @@ Layers are independent, so processes split them (the layers are dealt round-robi
 splitting batches: no gradient traffic, and the same command runs on a CPU, one GPU or many
 (`torchrun` / `accelerate launch`). Only with more processes than layers do several processes share a
 layer, each taking a slice of every batch with gradients averaged per step (Replicas). Each layer is
-seeded with seed + layer, so a layer's predictor does not depend on how many processes there were. A finished layer is written atomically and recorded in
-predictors/progress/, so a killed run resumes without retraining it; rank 0 writes metrics.json and the
-manifest last, after every rank has finished.
+seeded with seed + layer, so a layer's predictor does not depend on how many processes there were.
+A finished layer is written atomically and recorded in predictors/progress/, so a killed run resumes
+without retraining it; rank 0 writes metrics.json and the manifest last, after every rank has finished.
 """
 
 from __future__ import annotations

@@ -25,6 +25,24 @@ def _config() -> RunConfig:
     return cfg
 
 
+def _torchrun_train(run) -> subprocess.CompletedProcess:
+    """`train-predictors -r RUN` under torchrun with 2 CPU processes (gloo)."""
+    # `-r`, not `--run`: torchrun's own parser rejects `--run` as an ambiguous prefix of `--run-path`.
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "dejavu.cli.main",
+           "train-predictors", "-r", str(run)]
+    # Its own session, so a timeout ends torchrun's workers too (a process left waiting for the other
+    # would end here), not just torchrun.
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
 def test_two_processes_match_one(tmp_path):
     single, double = tmp_path / "single", tmp_path / "double"
@@ -32,20 +50,8 @@ def test_two_processes_match_one(tmp_path):
         write_synthetic_collect(run, num_layers=3, train_tokens=1024, eval_tokens=256, config=_config())
 
     run_train(single, None, {})
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # `-r`, not `--run`: torchrun's own parser rejects `--run` as an ambiguous prefix of `--run-path`.
-    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "dejavu.cli.main",
-           "train-predictors", "-r", str(double)]
-    # Its own session, so a timeout ends torchrun's workers too, not just torchrun.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    result = _torchrun_train(double)
+    assert result.returncode == 0, result.stderr[-3000:]
 
     one = json.loads((single / "predictors" / "metrics.json").read_text())
     two = json.loads((double / "predictors" / "metrics.json").read_text())
@@ -87,18 +93,10 @@ def test_two_processes_share_the_hash_check_and_fail_together(tmp_path):
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "dejavu.cli.main",
-           "train-predictors", "-r", str(tmp_path)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:  # a process left waiting for the other would end here
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode != 0
-    assert "does not match its sha256" in out + err and "another process" in out + err
+    result = _torchrun_train(tmp_path)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "does not match its sha256" in output and "another process" in output
     assert not (tmp_path / "predictors" / "manifest.json").exists()
 
 
@@ -110,17 +108,8 @@ def test_more_processes_than_layers_share_a_layer(tmp_path):
     for run in (single, double):
         write_synthetic_collect(run, num_layers=2, train_tokens=1024, eval_tokens=256, config=cfg)
     run_train(single, None, {})
-    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "dejavu.cli.main",
-           "train-predictors", "-r", str(double)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    result = _torchrun_train(double)
+    assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((double / "predictors" / "progress" / "layer-001.json").read_text())
     assert record["replicas"] == 2 and record["process"] == 0
     # Same global batches, gradients averaged over two halves: the one-process predictor again.

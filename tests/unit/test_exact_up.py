@@ -8,26 +8,10 @@ import pytest
 import torch
 
 from dejavu.errors import DejavuError
-from dejavu.models.adapters import adapter_for
-from dejavu.models.loading import load_model
-from dejavu.predictor import PredictorSet, topk_mask
+from dejavu.predictor import topk_mask
 from dejavu.runtime.apply import SparseRuntime
 
-
-def _load(path):
-    model, _, _ = load_model(str(path), device="cpu", dtype="float32")
-    return model, adapter_for(model)
-
-
-def _predictors(adapter, seed=0):
-    s = adapter.shape()
-    return PredictorSet.random(adapter.num_layers, s.hidden_size, s.intermediate_size, s.num_heads, 8,
-                               0.5, 1.0, seed=seed)
-
-
-def _ids(model, seq=20, batch=2):
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(1, model.config.vocab_size, (batch, seq), generator=g)
+from helpers import load_tiny, random_ids, random_predictors
 
 
 def _reference_masks(model, adapter, ids, rank_by):
@@ -58,9 +42,9 @@ def _reference_masks(model, adapter, ids, rank_by):
 @torch.no_grad()
 @pytest.mark.parametrize("weight", [0.0, 0.4, 1e6])
 def test_exact_up_matches_a_hand_written_ranking(tiny_llama, weight):
-    model, adapter = _load(tiny_llama)
-    preds = _predictors(adapter)
-    ids = _ids(model)
+    model, adapter = load_tiny(tiny_llama)
+    preds = random_predictors(adapter)
+    ids = random_ids(model)
 
     def rank_by(l, up, x):  # noqa: E741
         logits = preds.layers[l].mlp(x).float()
@@ -81,9 +65,9 @@ def test_exact_up_matches_a_hand_written_ranking(tiny_llama, weight):
 
 @torch.no_grad()
 def test_huge_weight_is_the_predictor_and_zero_weight_is_exact_up(tiny_llama):
-    model, adapter = _load(tiny_llama)
-    preds = _predictors(adapter)
-    ids = _ids(model)
+    model, adapter = load_tiny(tiny_llama)
+    preds = random_predictors(adapter)
+    ids = random_ids(model)
     with SparseRuntime(model, adapter, preds, mlp_density=0.5, head_density=1.0):
         plain = model(ids).logits
     with SparseRuntime(model, adapter, preds, mlp_density=0.5, head_density=1.0, mlp_up_weight=1e9):
@@ -96,8 +80,8 @@ def test_huge_weight_is_the_predictor_and_zero_weight_is_exact_up(tiny_llama):
 
 
 def test_refusals(tiny_llama, tiny_model_factory):
-    model, adapter = _load(tiny_llama)
-    preds = _predictors(adapter)
+    model, adapter = load_tiny(tiny_llama)
+    preds = random_predictors(adapter)
     with pytest.raises(DejavuError, match="mask mode"):
         SparseRuntime(model, adapter, preds, mode="gather", mlp_up_weight=0.4)
     with pytest.raises(DejavuError, match="choose one MLP rule"):
@@ -106,6 +90,6 @@ def test_refusals(tiny_llama, tiny_model_factory):
         SparseRuntime(model, adapter, None, selection="oracle", mlp_up_weight=0.4)
     with pytest.raises(DejavuError, match=">= 0"):
         SparseRuntime(model, adapter, preds, mlp_up_weight=-1.0)
-    plain_model, plain_adapter = _load(tiny_model_factory("opt"))
+    plain_model, plain_adapter = load_tiny(tiny_model_factory("opt"))
     with pytest.raises(DejavuError, match="gated MLP"):
-        SparseRuntime(plain_model, plain_adapter, _predictors(plain_adapter), mlp_up_weight=0.4)
+        SparseRuntime(plain_model, plain_adapter, random_predictors(plain_adapter), mlp_up_weight=0.4)

@@ -8,26 +8,9 @@ import pytest
 import torch
 
 from dejavu.errors import DejavuError
-from dejavu.models.adapters import adapter_for
-from dejavu.models.loading import load_model
-from dejavu.predictor import PredictorSet
 from dejavu.runtime.apply import SparseRuntime, topk_among
 
-
-def _load(path):
-    model, _, _ = load_model(str(path), device="cpu", dtype="float32")
-    return model, adapter_for(model)
-
-
-def _predictors(adapter, seed=0):
-    s = adapter.shape()
-    return PredictorSet.random(adapter.num_layers, s.hidden_size, s.intermediate_size, s.num_heads, 8,
-                               0.5, 1.0, seed=seed)
-
-
-def _ids(model, seq=20, batch=2):
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(1, model.config.vocab_size, (batch, seq), generator=g)
+from helpers import load_tiny, random_ids, random_predictors
 
 
 def test_topk_among_stays_inside_candidates():
@@ -41,11 +24,11 @@ def test_topk_among_stays_inside_candidates():
 @torch.no_grad()
 @pytest.mark.parametrize("model_type", ["llama", "opt"])
 def test_all_candidates_equals_oracle(tiny_model_factory, model_type):
-    model, adapter = _load(tiny_model_factory(model_type))
-    ids = _ids(model)
+    model, adapter = load_tiny(tiny_model_factory(model_type))
+    ids = random_ids(model)
     with SparseRuntime(model, adapter, None, selection="oracle", mlp_density=0.4, head_density=1.0):
         oracle = model(ids).logits
-    with SparseRuntime(model, adapter, _predictors(adapter), mlp_density=0.4, head_density=1.0,
+    with SparseRuntime(model, adapter, random_predictors(adapter), mlp_density=0.4, head_density=1.0,
                        mlp_candidate_density=1.0) as rt:
         two = model(ids).logits
         s = rt.stats.summary()
@@ -57,8 +40,8 @@ def test_all_candidates_equals_oracle(tiny_model_factory, model_type):
 
 @torch.no_grad()
 def test_candidates_equal_final_is_one_stage(tiny_llama):
-    model, adapter = _load(tiny_llama)
-    ids, preds = _ids(model), _predictors(adapter)
+    model, adapter = load_tiny(tiny_llama)
+    ids, preds = random_ids(model), random_predictors(adapter)
     with SparseRuntime(model, adapter, preds, mlp_density=0.5, head_density=1.0):
         plain = model(ids).logits
     with SparseRuntime(model, adapter, preds, mlp_density=0.5, head_density=1.0, mlp_candidate_density=0.5):
@@ -69,8 +52,8 @@ def test_candidates_equal_final_is_one_stage(tiny_llama):
 @torch.no_grad()
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_gather_equals_mask(tiny_model_factory, model_type):
-    model, adapter = _load(tiny_model_factory(model_type))
-    ids, preds = _ids(model), _predictors(adapter)
+    model, adapter = load_tiny(tiny_model_factory(model_type))
+    ids, preds = random_ids(model), random_predictors(adapter)
     kw = dict(mlp_density=0.3, head_density=1.0, mlp_candidate_density=0.7)
     with SparseRuntime(model, adapter, preds, mode="mask", **kw) as rt:
         masked = model(ids).logits
@@ -86,8 +69,8 @@ def test_gather_equals_mask(tiny_model_factory, model_type):
 @torch.no_grad()
 @pytest.mark.parametrize("mode", ["mask", "gather"])
 def test_final_set_is_subset_of_candidates(tiny_llama, mode):
-    model, adapter = _load(tiny_llama)
-    ids, preds = _ids(model), _predictors(adapter)
+    model, adapter = load_tiny(tiny_llama)
+    ids, preds = random_ids(model), random_predictors(adapter)
     n = adapter.shape().intermediate_size
     with SparseRuntime(model, adapter, preds, mode=mode, mlp_density=0.25, head_density=1.0,
                        mlp_candidate_density=0.6, record=True) as rt:
@@ -102,9 +85,9 @@ def test_final_set_is_subset_of_candidates(tiny_llama, mode):
 
 
 def test_candidates_below_final_density_is_refused(tiny_llama):
-    model, adapter = _load(tiny_llama)
+    model, adapter = load_tiny(tiny_llama)
     with pytest.raises(DejavuError, match="below the final MLP density"):
-        SparseRuntime(model, adapter, _predictors(adapter), mlp_density=0.5, mlp_candidate_density=0.3)
+        SparseRuntime(model, adapter, random_predictors(adapter), mlp_density=0.5, mlp_candidate_density=0.3)
     with pytest.raises(DejavuError, match="needs selection 'predictor'"):
         SparseRuntime(model, adapter, None, selection="oracle", mlp_candidate_density=0.8)
 

@@ -25,9 +25,9 @@ demo:
 	dejavu export --run $(DEMO_RUN) --out $(DEMO_RUN)/bundle
 	dejavu bench --model smollm2-135m --bundle $(DEMO_RUN)/bundle --dataset $(EVAL) \
 		--max-eval-tokens $(EVAL_TOKENS) --json $(DEMO_RUN)/bench.json
-	# The same bundle with exact-up selection (up for every neuron + the predictor): quality only.
+	# The same bundle with exact-up selection (up for every neuron + the predictor's score).
 	dejavu bench --model smollm2-135m --bundle $(DEMO_RUN)/bundle --dataset $(EVAL) \
-		--max-eval-tokens $(EVAL_TOKENS) --mlp-up-weight 0.4 --no-speed --json $(DEMO_RUN)/bench-exact-up.json
+		--max-eval-tokens $(EVAL_TOKENS) --mlp-up-weight 0.4 --json $(DEMO_RUN)/bench-exact-up.json
 
 test:
 	$(PYTHON) -m pytest -q tests

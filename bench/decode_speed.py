@@ -4,6 +4,7 @@ in the graph-captured loop (CPU: eager), plus HF eager and copy bandwidth; JSON 
 Usage: python bench/decode_speed.py --synthetic llama-2-7b [--layers N] [--device cuda] [--dtype bfloat16]
          [--batches 1,4,8] [--mlp 1.0,0.8,0.5,0.3,0.1] [--heads 1.0,0.5] [--tokens 64] [--out DIR]
          [--two-stage 0.75/0.5,0.9/0.6]   (CANDIDATES/FINAL MLP densities, two-stage MLP selection)
+         [--exact-up 0.5:0.4,0.7:0.5]     (DENSITY:WEIGHT, exact-up MLP selection)
 Synthetic (random) weights: speed only.
 """
 
@@ -35,6 +36,11 @@ def plot(result: dict, path: Path) -> None:
             ys = [p["sparse_ms_per_token"] for p in pts]
             (line,) = ax.plot(xs, ys, marker="o", label=f"sparse, batch {b}, heads {heads}",
                               color=line.get_color() if line else None, linestyle="-" if heads == "1.0" else "--")
+        for heads, pts in by_b.get("exact_up", {}).items():
+            if pts:
+                ax.scatter([p["mlp_density"] for p in pts], [p["sparse_ms_per_token"] for p in pts], marker="^",
+                           color=line.get_color() if line else None,
+                           label=f"exact-up (x: gate/down density), batch {b}, heads {heads}")
         for heads, pts in by_b.get("two_stage", {}).items():
             if pts:
                 ax.scatter([p["mlp_density"] for p in pts], [p["sparse_ms_per_token"] for p in pts], marker="x",
@@ -62,6 +68,9 @@ def main() -> None:
     ap.add_argument("--two-stage", default="",
                     help="'CAND/FINAL,...' MLP densities (e.g. 0.75/0.5,0.9/0.6): also time two-stage MLP selection "
                          "(predictor picks CAND, the exact top FINAL of them by |act*up| runs down) at each heads density")
+    ap.add_argument("--exact-up", default="",
+                    help="'DENSITY:WEIGHT,...' (e.g. 0.5:0.4,0.7:0.5): also time exact-up MLP selection (up for every "
+                         "neuron, gate and down for the top DENSITY by log|up| + WEIGHT x logit) at each heads density")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rank", type=int, default=None)
@@ -114,38 +123,44 @@ def main() -> None:
         dense_ms, by_impl = speed.best_dense_ms(dm, b, args.tokens, args.warmup)
         dense = speed.batch_figures(dm, b, args.tokens, args.warmup, copy, dense_ms=dense_ms, with_sparse=False)
         entry = {"dense_ms_per_token": dense_ms, "dense": dense, "dense_by_impl": by_impl,
-                 "dense_impl": dm.dense_impl, "sparse": {}, "two_stage": {}}
+                 "dense_impl": dm.dense_impl, "sparse": {}, "two_stage": {}, "exact_up": {}}
         print(f"batch {b}: dense {dense_ms:.3f} ms/token ({dense['dense_over_floor']:.2f}x floor) "
               f"by impl {by_impl}", flush=True)
-        configs = [(None, float(m)) for m in args.mlp.split(",")]
-        configs += [tuple(float(v) for v in spec.split("/")) for spec in args.two_stage.split(",") if spec]
+        # (two-stage candidate density, MLP density, exact-up weight)
+        configs = [(None, float(m), None) for m in args.mlp.split(",")]
+        configs += [(*(float(v) for v in spec.split("/")), None) for spec in args.two_stage.split(",") if spec]
+        configs += [(None, *(float(v) for v in spec.split(":"))) for spec in args.exact_up.split(",") if spec]
         for heads in args.heads.split(","):
-            pts, two_pts = [], []
-            for cand, mlp in configs:
+            pts, two_pts, up_pts = [], [], []
+            for cand, mlp, up_weight in configs:
                 if mlp == 1.0 and float(heads) == 1.0:
                     continue
-                dm.mlp_candidate_density = cand
+                dm.mlp_candidate_density, dm.mlp_up_weight = cand, up_weight
                 dm.attach_predictors(preds.with_densities(mlp, float(heads)))
                 row = speed.batch_figures(dm, b, args.tokens, args.warmup, copy,
                                           dense_ms=dense["dense_ms_per_token"])
                 row["mlp_density"], row["head_density"], row["mlp_candidate_density"] = mlp, float(heads), cand
+                row["mlp_up_weight"] = up_weight
                 row["bytes_share"] = row["sparse_bytes_per_step"] / dense["dense_bytes_per_step"]
-                (pts if cand is None else two_pts).append(row)
-                table.append((b, cand, mlp, float(heads), dense["dense_ms_per_token"], row))
-                name = f"mlp {mlp}" if cand is None else f"two-stage {cand}->{mlp}"
+                (two_pts if cand is not None else up_pts if up_weight is not None else pts).append(row)
+                table.append((b, cand if up_weight is None else f"up{up_weight:g}", mlp, float(heads),
+                              dense["dense_ms_per_token"], row))
+                name = (f"two-stage {cand}->{mlp}" if cand is not None else
+                        f"exact-up {mlp} (weight {up_weight:g})" if up_weight is not None else f"mlp {mlp}")
                 print(f"  {name} heads {heads}: sparse {row['sparse_ms_per_token']:.3f} ms x{row['speedup']:.2f} "
                       f"(bytes {row['bytes_share']:.0%} of dense, bound x{row['bound_speedup']:.2f}, "
                       f"{row['fraction_of_bound']:.0%} of it; predictors {row['predictor_share']:.0%})", flush=True)
-            dm.mlp_candidate_density = None
+            dm.mlp_candidate_density = dm.mlp_up_weight = None
             entry["sparse"][heads] = pts
             entry["two_stage"][heads] = two_pts
+            entry["exact_up"][heads] = up_pts
         result["sweep"][str(b)] = entry
         (out / "decode_speed.json").write_text(json.dumps(result, indent=1))
     ablation_rows = ablation(args, dm, preds, copy, result, out) if args.ablation else []
     plot(result, out / "decode_speed.png")
     print("\nbatch cand  mlp heads | dense ms sparse ms speedup bytes bound frac | dense GB/s sparse GB/s pred%")
     for b, cand, mlp, heads, dms, r in table:
-        c = "-" if cand is None else f"{cand:.2f}"
+        c = "-" if cand is None else cand if isinstance(cand, str) else f"{cand:.2f}"
         print(f"{b:5d} {c:>4s} {mlp:4.2f} {heads:5.1f} | {dms:8.3f} {r['sparse_ms_per_token']:9.3f} {r['speedup']:7.2f} "
               f"{r['bytes_share']:5.0%} {r['bound_speedup']:5.2f} {r['fraction_of_bound']:4.0%} | {r['dense_gbps']:10.0f} "
               f"{r['sparse_gbps']:11.0f} {r['predictor_share']:4.0%}")

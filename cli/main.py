@@ -165,8 +165,8 @@ def bench(
              "activation (default: the bundle's; unset: one-stage)."),
     mlp_up_weight: float | None = typer.Option(
         None, "--mlp-up-weight",
-        help="Exact-up MLP selection (quality only, reference runtime): compute up for every neuron and keep the "
-             "top --mlp-density by log|up| + this weight x predictor logit (0.4 measured best on SmolLM2)."),
+        help="Exact-up MLP selection: compute up for every neuron and keep the top --mlp-density by "
+             "log|up| + this weight x predictor logit for gate and down (0.4 measured best on SmolLM2)."),
     max_eval_tokens: int | None = typer.Option(None, "--max-eval-tokens", help="Bound on evaluated tokens."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto."),

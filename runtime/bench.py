@@ -64,7 +64,7 @@ def _fallback_speed(model, adapter, predictors, *, device, dtype, batch_sizes, d
 
 
 def measure_speed(model, adapter, predictors, *, device, dtype, batch_sizes, decode_tokens, warmup,
-                  mlp_candidate_density: float | None = None) -> dict:
+                  mlp_candidate_density: float | None = None, mlp_up_weight: float | None = None) -> dict:
     from dejavu.runtime.decode import SUPPORTED_MODEL_TYPES
     from dejavu.runtime.speed import speed_report
 
@@ -73,11 +73,12 @@ def measure_speed(model, adapter, predictors, *, device, dtype, batch_sizes, dec
     if model_type not in SUPPORTED_MODEL_TYPES:
         warnings.warn(f"no fast decode loop for {model_type!r} models yet; timing HF eager decode instead",
                       stacklevel=2)
-        if mlp_candidate_density is not None:
-            warnings.warn("the HF eager timing runs one-stage selection; two-stage is timed only in the fast loop",
-                          stacklevel=2)
+        if mlp_candidate_density is not None or mlp_up_weight is not None:
+            warnings.warn("the HF eager timing runs the predictor's own selection; two-stage and exact-up are "
+                          "timed only in the fast loop", stacklevel=2)
         return _fallback_speed(model, adapter, predictors, **common)
-    return speed_report(model, adapter, predictors, mlp_candidate_density=mlp_candidate_density, **common)
+    return speed_report(model, adapter, predictors, mlp_candidate_density=mlp_candidate_density,
+                        mlp_up_weight=mlp_up_weight, **common)
 
 
 def _flatten(nested: dict, prefix: str = "") -> dict:
@@ -194,9 +195,12 @@ def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> di
     speed_data = None
     if speed:
         speed_data = measure_speed(model, adapter, predictors, device=device, dtype=dtype, batch_sizes=batch_sizes,
-                                   decode_tokens=cfg.runtime.decode_tokens, warmup=cfg.runtime.warmup)
+                                   decode_tokens=cfg.runtime.decode_tokens, warmup=cfg.runtime.warmup,
+                                   mlp_candidate_density=cfg.runtime.mlp_candidate_density,
+                                   mlp_up_weight=cfg.runtime.mlp_up_weight)
     base = {"model": name, "device": str(device), "dtype": _dtype_name(dtype), "mlp_density": mlp_d,
             "head_density": head_d, "synthetic": True, "selection": "predictor (random weights)",
+            "mlp_candidate_density": cfg.runtime.mlp_candidate_density, "mlp_up_weight": cfg.runtime.mlp_up_weight,
             "layers": layers}
     return build_report(base, None, speed_data, batch_sizes[0])
 
@@ -255,11 +259,9 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
                                                "the generated tokens (prompt dense)"),
         })
     speed_data = None
-    if speed and use is not None and rt.mlp_up_weight is not None:
-        print("note: speed is not measured with --mlp-up-weight: the decode loop has no exact-up selection "
-              "yet (quality only)", file=sys.stderr)
-    elif speed:
+    if speed:
         sp = use.with_densities(rt.mlp_density, rt.head_density) if use is not None else None
         speed_data = measure_speed(model, adapter, sp, device=device, dtype=dtype, batch_sizes=batch_sizes,
-                                   decode_tokens=rt.decode_tokens, warmup=rt.warmup, mlp_candidate_density=cand_d)
+                                   decode_tokens=rt.decode_tokens, warmup=rt.warmup, mlp_candidate_density=cand_d,
+                                   mlp_up_weight=rt.mlp_up_weight if use is not None else None)
     return build_report(base, quality_data, speed_data, batch_sizes[0])

@@ -18,6 +18,13 @@ Two-stage MLP (opt-in, mlp_candidate_density, as runtime/apply.py): the predicto
 k_c = units_for_density(candidate density, n) candidates; gate/up (and act*up) run over them, then
 the top k_f = units_for_density(mlp density, n) candidates by the batch's per-unit max |act*up| are
 kept and down^T reads only their rows. Both sizes are fixed, so the step stays graph-capturable.
+
+Exact-up MLP (opt-in, mlp_up_weight A, as runtime/apply.py): the MLP predictor writes its logits
+instead of a selection; the layer computes up for every neuron (one dense GEMV, issued before it waits
+for the predictor), one pass forms log|up| + A * logit in fp32 with the batch max and the top-k digits
+of its fp16 rounding (scores never written), then the gate rows of the top k with the activation, and
+down^T over the same rows with each activation multiplied by its up on the way in. Bytes: all of up,
+k rows of gate and down^T.
 """
 
 from __future__ import annotations
@@ -58,6 +65,9 @@ class FoldedPredictor:
     source_layer: int  # whose block input it reads
     out: torch.Tensor  # [k] int64: static buffer the selection is written to (graph-safe across streams)
     workspace: tuple = ()  # the fused selection's buffers (_topk_workspace)
+    # exact-up MLP: the predictor only scores; the layer selects once up is known (logits [B, n])
+    scores_only: bool = False
+    logits: torch.Tensor | None = None
 
     @classmethod
     def fold(cls, pred: LowRankPredictor, k: int, source_layer: int, device, dtype) -> FoldedPredictor:
@@ -74,13 +84,19 @@ class FoldedPredictor:
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """The unfused path: two matmuls (scores in memory), then the single-program top-k."""
         h = torch.addmm(self.b1, x, self.w1.T)
+        if self.scores_only:
+            return self.select_from_hidden(h)
         if self.relu:
             h = torch.relu(h)
         ops.select_topk(torch.addmm(self.b2, h, self.w2.T), self.out)
         return self.out
 
     def select_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        """Second layer + top-k in the wide kernels (scores never written); h = x @ w1.T + b1, pre-relu."""
+        """Second layer + top-k in the wide kernels (scores never written); h = x @ w1.T + b1, pre-relu.
+        Scores-only predictors write their logits instead."""
+        if self.scores_only:
+            self.logits = torch.addmm(self.b2, torch.relu(h) if self.relu else h, self.w2.T)
+            return self.out
         ops.predict_select(h, self.w2, self.b2, self.relu, self.out, *self.workspace)
         return self.out
 
@@ -156,6 +172,7 @@ class LayerWeights:
     mlp_pred: FoldedPredictor | None = None  # two-stage: it selects the candidates
     head_pred: FoldedPredictor | None = None
     mlp_final: TwoStageMLP | None = None  # set only with two-stage MLP selection
+    up_workspace: tuple | None = None  # set only with exact-up MLP selection: fp32 top-k buffers
 
 
 @dataclass
@@ -179,7 +196,8 @@ class DecodeState:
 class DecodeModel:
     def __init__(self, model, adapter, predictors: PredictorSet | None, device, dtype, max_len: int,
                  dense_impl: str = "cublas", overlap_predictors: bool = True, select_impl: str = "fused",
-                 predictor_priority: int = -1, mlp_candidate_density: float | None = None):
+                 predictor_priority: int = -1, mlp_candidate_density: float | None = None,
+                 mlp_up_weight: float | None = None):
         cfg = model.config
         model_type = getattr(cfg, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -225,6 +243,8 @@ class DecodeModel:
         self.predictors = None
         # None: one-stage; else the predictors' candidate density (attach_predictors reads it)
         self.mlp_candidate_density = mlp_candidate_density
+        # None: the predictor selects; else exact-up selection with this weight (attach_predictors reads it)
+        self.mlp_up_weight = mlp_up_weight
         if predictors is not None:
             self.attach_predictors(predictors)
 
@@ -263,14 +283,19 @@ class DecodeModel:
         self.predictors = predictors
         self.pred_groups = {}
         for lw in self.layers:
-            lw.mlp_pred = lw.head_pred = lw.mlp_final = None
+            lw.mlp_pred = lw.head_pred = lw.mlp_final = lw.up_workspace = None
         if predictors is None:
             return
         if len(predictors.layers) != len(self.layers):
             raise DejavuError(f"predictors cover {len(predictors.layers)} layers, the model has {len(self.layers)}")
-        cand = self.mlp_candidate_density
+        cand, up_weight = self.mlp_candidate_density, self.mlp_up_weight
         if cand is not None and not 0.0 < cand <= 1.0:
             raise DejavuError(f"mlp_candidate_density must be in (0, 1], got {cand}")
+        if up_weight is not None:
+            if cand is not None:
+                raise DejavuError("choose one MLP rule: mlp_up_weight (exact up) or mlp_candidate_density (two-stage)")
+            if not (math.isfinite(up_weight) and up_weight >= 0):
+                raise DejavuError(f"mlp_up_weight must be a finite number >= 0, got {up_weight}")
         for i, (lw, lp) in enumerate(zip(self.layers, predictors.layers, strict=True)):
             k_mlp = units_for_density(lp.mlp_density, self.n)
             k_heads = units_for_density(lp.head_density, self.H)
@@ -285,6 +310,10 @@ class DecodeModel:
                 if k_first < self.n:  # all candidates (density 1): no predictor, exact top-k of all
                     src = i if predictors.mlp_pairing == "current" else max(i - 1, 0)
                     lw.mlp_pred = FoldedPredictor.fold(lp.mlp, k_first, src, self.device, self.dtype)
+                    if up_weight is not None:
+                        lw.mlp_pred.scores_only = True
+                        # fp16 keys: two fewer top-k passes between up and gate (the critical path)
+                        lw.up_workspace = _topk_workspace(self.n, torch.float16, self.device)
             if lp.attn is not None and k_heads < self.H:
                 src = i if predictors.head_pairing == "current" else max(i - 1, 0)
                 lw.head_pred = FoldedPredictor.fold(lp.attn, k_heads, src, self.device, self.dtype)
@@ -417,6 +446,15 @@ class DecodeModel:
                 ops.residual_rmsnorm(hs[i], att @ lw.wo_t, lw.ln2, xn, eps, off, False, hmid)
             # MLP: the selected neurons' rows of gate, up and down^T only
             next_norm = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.final_norm
+            if sparse and lw.up_workspace is not None:
+                up = F.linear(xn, lw.gate_up[1])  # every neuron's up, while the predictor may still run
+                self._take(mlp_sel, i)
+                pred = lw.mlp_pred
+                ops.select_exact_up(up, pred.logits, self.mlp_up_weight, pred.out, *lw.up_workspace)
+                a = ops.gather_matvec(xn, lw.gate_up[0], pred.out, 1, None, self.act)
+                ops.gather_vecmat_acc(a, lw.down_t, pred.out, 1, acc, up)  # act(gate) x up, as down reads it
+                ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, hs[i + 1])
+                continue
             midx = self._take(mlp_sel, i)
             two_stage = lw.mlp_final if sparse else None
             if two_stage is not None:
@@ -453,17 +491,19 @@ class DecodeModel:
     # --- byte accounting -------------------------------------------------------------------------------
     def step_bytes(self, batch: int, context: int, sparse: bool) -> dict:
         """Bytes one decode step reads from memory: weights (selected rows only when sparse; two-stage:
-        gate/up rows of the candidates, down^T rows of the final set), predictors, the KV cache over
+        gate/up rows of the candidates, down^T rows of the final set; exact-up: every up row, gate and
+        down^T rows of the selection), predictors, the KV cache over
         `context` positions, the lm_head and one embedding row per sequence."""
         item = torch.empty((), dtype=self.dtype).element_size()
         d, hd = self.d, self.hd
         weights = preds = cache = 0
         for lw in self.layers:
-            up_rows = lw.mlp_pred.k if (sparse and lw.mlp_pred is not None) else self.n
-            down_rows = lw.mlp_final.k if (sparse and lw.mlp_final is not None) else up_rows
+            gate_rows = lw.mlp_pred.k if (sparse and lw.mlp_pred is not None) else self.n
+            up_rows = self.n if (sparse and lw.up_workspace is not None) else gate_rows
+            down_rows = lw.mlp_final.k if (sparse and lw.mlp_final is not None) else gate_rows
             heads = lw.head_pred.k if (sparse and lw.head_pred is not None) else self.H
             kv_heads = min(self.KV, heads) if heads < self.H else self.KV
-            weights += (2 * up_rows + down_rows + 2 * heads * hd + 2 * self.KV * hd) * d * item
+            weights += (gate_rows + up_rows + down_rows + 2 * heads * hd + 2 * self.KV * hd) * d * item
             cache += 2 * batch * kv_heads * context * hd * item
             if sparse:
                 preds += sum(p.nbytes for p in (lw.mlp_pred, lw.head_pred) if p is not None)

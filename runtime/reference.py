@@ -167,6 +167,12 @@ def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(s.float(), k, sorted=False).indices.sort().values
 
 
+def exact_up_scores(up: torch.Tensor, logits: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """Exact-up MLP ranking (runtime/apply.py): fp32 log|up| + weight * predictor logit, [B, n]."""
+    score = up.float().abs().clamp_min(1e-30).log()
+    return score if logits is None else score + weight * logits.float()
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]

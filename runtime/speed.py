@@ -156,19 +156,21 @@ def _mean_density(predictors: PredictorSet | None, attr: str) -> float:
 
 def speed_report(model, adapter, predictors: PredictorSet | None, *, device: torch.device, dtype: torch.dtype,
                  batch_sizes: list[int], decode_tokens: int, warmup: int, hf_eager_tokens: int | None = None,
-                 cpu_threads: int | None = None, mlp_candidate_density: float | None = None) -> dict:
+                 cpu_threads: int | None = None, mlp_candidate_density: float | None = None,
+                 mlp_up_weight: float | None = None) -> dict:
     """Dense vs sparse decode speed of `model` in the graph-captured loop (see module docstring).
 
     cpu_threads: torch threads while timing on CPU (restored after). On the shared 2-core VM here one
     thread was faster for dense and sparse alike (OpenMP barriers wait on a busy second core).
-    mlp_candidate_density: two-stage MLP selection (see runtime.decode); None: one-stage."""
+    mlp_candidate_density: two-stage MLP selection (see runtime.decode); None: one-stage.
+    mlp_up_weight: exact-up MLP selection (see runtime.decode); None: the predictor selects."""
     device = torch.device(device)
     previous_threads = torch.get_num_threads()
     if device.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
     try:
         report = _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode_tokens, warmup,
-                               hf_eager_tokens, mlp_candidate_density)
+                               hf_eager_tokens, mlp_candidate_density, mlp_up_weight)
     finally:
         torch.set_num_threads(previous_threads)
     report["cpu_threads"] = torch.get_num_threads() if device.type != "cpu" or not cpu_threads else cpu_threads
@@ -176,10 +178,11 @@ def speed_report(model, adapter, predictors: PredictorSet | None, *, device: tor
 
 
 def _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode_tokens, warmup,
-                  hf_eager_tokens, mlp_candidate_density=None) -> dict:
+                  hf_eager_tokens, mlp_candidate_density=None, mlp_up_weight=None) -> dict:
     max_len = PROMPT_LEN + warmup + decode_tokens + 8
     dm = DecodeModel(model, adapter, predictors, device, dtype, max_len,
-                     mlp_candidate_density=mlp_candidate_density if predictors is not None else None)
+                     mlp_candidate_density=mlp_candidate_density if predictors is not None else None,
+                     mlp_up_weight=mlp_up_weight if predictors is not None else None)
     copy_gbps = copy_bandwidth_gbps(device)
     hf_steps = hf_eager_tokens or min(decode_tokens, 16 if device.type == "cuda" else 4)
     hf_ms = hf_eager_ms_per_token(model, 1, hf_steps, device)
@@ -196,6 +199,7 @@ def _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode
         "mlp_density": _mean_density(predictors, "mlp_density"),
         "head_density": _mean_density(predictors, "head_density"),
         "mlp_candidate_density": dm.mlp_candidate_density,
+        "mlp_up_weight": dm.mlp_up_weight,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).replace("torch.", ""),

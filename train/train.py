@@ -254,6 +254,13 @@ def _record_path(out: Path, layer: int) -> Path:
     return out / "progress" / f"layer-{layer:03d}.json"
 
 
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def finished_record(out: Path, layer: int, key: str) -> dict | None:
     """The progress record of a layer already trained with these settings, if its file is intact."""
     path = _record_path(out, layer)
@@ -306,6 +313,31 @@ def predictor_cost(model: dict, rank: int, activation: str = "none", itemsize: i
             "mlp_fraction": mlp / layer, "total_fraction": (mlp + attn) / layer}
 
 
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere): interpreter and import time."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return time.time() - (boot + int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+class PhaseClock:
+    """Wall seconds per phase of one process's run: where a multi-process start-up goes."""
+
+    def __init__(self):
+        age = _process_age()
+        self.phases: dict[str, float] = {} if age is None else {"start_and_imports": round(age, 2)}
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = round(now - self._last, 2)
+        self._last = now
+
+
 def _open_collect(run: Path, acc) -> CollectRun:
     """The collect run, its shards' hashes checked a share per process (hashing tens of GB once per
     process was most of a multi-GPU run's start-up); every process fails if any share fails."""
@@ -329,11 +361,14 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
     from accelerate import Accelerator, InitProcessGroupKwargs
 
     run = Path(run)
+    clock = PhaseClock()
     # cpu=True is what makes accelerate join a torchrun group over gloo when there is no GPU; the long
     # timeout lets rank 0 wait at the final barrier for the slowest rank's layers.
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
+    clock.mark("accelerator")
     collect = _open_collect(run, acc)
+    clock.mark("check_collect")
     cfg = resolve_config(collect.manifest.get("config") or {}, config_file, overrides or {})
     tag = collect.label_tag(cfg.train.mlp_density)
     key = training_key(cfg, collect.parent)
@@ -361,6 +396,7 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
         (out / "layers").mkdir(parents=True, exist_ok=True)
         (out / "progress").mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
+    clock.mark("prepare")
 
     mine, replicas = plan_layers(layers, acc.process_index, acc.num_processes)
     writer = replicas is None or replicas.member == 0
@@ -388,14 +424,19 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
         overall.set_postfix(mlp_mass=f"{metrics['mlp']['mass_kept']:.3f}")
         overall.update()
     overall.close()
+    clock.mark("layers")
+    acc.wait_for_everyone()
+    clock.mark("wait_for_others")
+    atomic_write_json(out / "progress" / f"phases-{acc.process_index}.json", clock.phases)
     acc.wait_for_everyone()
     try:
-        return _finish(out, cfg, collect, layers, key) if main else None
+        return _finish(out, cfg, collect, layers, key, acc.num_processes) if main else None
     finally:
         acc.end_training()  # releases the process group (NCCL warns at exit otherwise)
 
 
-def _finish(out: Path, cfg: RunConfig, collect: CollectRun, layers: list[int], key: str) -> dict:
+def _finish(out: Path, cfg: RunConfig, collect: CollectRun, layers: list[int], key: str,
+            processes: int = 1) -> dict:
     records = {}
     for layer in layers:
         record = finished_record(out, layer, key)
@@ -411,6 +452,9 @@ def _finish(out: Path, cfg: RunConfig, collect: CollectRun, layers: list[int], k
         "rank": cfg.train.rank, "loss": cfg.train.loss, "mlp_label_tag": collect.label_tag(cfg.train.mlp_density),
         "layers": per_layer, "mean": means, "cost": cost,
         "train_seconds": {str(layer): records[layer]["seconds"] for layer in layers},
+        # per process: seconds from its start to the end of its layers, by phase (execution detail:
+        # it differs between runs and is not part of what the predictors are)
+        "process_phases": {str(r): _read_json(out / "progress" / f"phases-{r}.json") for r in range(processes)},
     }
     atomic_write_json(out / "metrics.json", metrics)
     files = [file_entry(out / records[layer]["file"], out, records[layer]["sha256"]) for layer in layers]

@@ -35,17 +35,20 @@ def _(x, w, idx, unit, gate, act, tail=0):
 
 
 @torch.library.custom_op("dejavu::gather_vecmat_acc", mutates_args=("acc",))
-def gather_vecmat_acc(h: Tensor, wt: Tensor, idx: Tensor, unit: int, acc: Tensor) -> None:
+def gather_vecmat_acc(h: Tensor, wt: Tensor, idx: Tensor, unit: int, acc: Tensor, scale: Tensor | None = None) -> None:
+    """acc += h @ wt[rows of idx]; scale [B, n] (unit 1): h[:, j] is first multiplied by scale[:, idx[j]]."""
+    if scale is not None:
+        h = (h.float() * scale.index_select(1, idx).float()).to(h.dtype)
     reference.gather_vecmat_acc(h, wt, idx, unit, acc)
 
 
 @gather_vecmat_acc.register_kernel("cuda")
-def _(h, wt, idx, unit, acc):
-    _triton().gather_vecmat_acc(h, wt, idx, unit, acc)
+def _(h, wt, idx, unit, acc, scale=None):
+    _triton().gather_vecmat_acc(h, wt, idx, unit, acc, scale=scale)
 
 
 @gather_vecmat_acc.register_fake
-def _(h, wt, idx, unit, acc):
+def _(h, wt, idx, unit, acc, scale=None):
     return None
 
 
@@ -116,6 +119,27 @@ def _(h, w2, b2, relu, out, keys, hist, meta):
 
 @predict_select.register_fake
 def _(h, w2, b2, relu, out, keys, hist, meta):
+    return None
+
+
+@torch.library.custom_op("dejavu::select_exact_up", mutates_args=("out", "keys", "hist", "meta"))
+def select_exact_up(up: Tensor, logits: Tensor | None, weight: float, out: Tensor, keys: Tensor, hist: Tensor,
+                    meta: Tensor) -> None:
+    """Exact-up selection: out [k] = select_topk(log|up| + weight * logits) with fp32 scores that are
+    never written on CUDA (one pass computes them, the batch max and the key digits); logits None ranks
+    by |up| alone. keys/hist/meta: a TopkWorkspace's buffers; on CUDA a 16-bit one ranks the scores'
+    fp16 rounding (ties among equal keys go to the lowest index)."""
+    out.copy_(reference.select_topk(reference.exact_up_scores(up, logits, weight), out.numel()))
+
+
+@select_exact_up.register_kernel("cuda")
+def _(up, logits, weight, out, keys, hist, meta):
+    t = _triton()
+    t.select_exact_up(up, logits, weight, out.numel(), out, t.TopkWorkspace.wrap(keys, hist, meta))
+
+
+@select_exact_up.register_fake
+def _(up, logits, weight, out, keys, hist, meta):
     return None
 
 

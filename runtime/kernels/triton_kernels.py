@@ -244,9 +244,12 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int
 # gather_vecmat_acc: acc[b, :] += sum_j h[b, j] * wt[r_j, :]
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _gather_vecmat_kernel(h_ptr, wt_ptr, idx_ptr, acc_ptr, B, D, NROWS, ROWS_PER_SPLIT, stride_hb, stride_w,
-                          stride_ab, UNIT: tl.constexpr, B_PAD: tl.constexpr, USE_DOT: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _gather_vecmat_kernel(h_ptr, wt_ptr, idx_ptr, acc_ptr, scale_ptr, B, D, NROWS, ROWS_PER_SPLIT, stride_hb,
+                          stride_w, stride_ab, stride_sb, UNIT: tl.constexpr, B_PAD: tl.constexpr,
+                          USE_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                          PRECISION: tl.constexpr, SCALE: tl.constexpr = False):
+    # SCALE (UNIT 1): h[b, j] is first multiplied by scale[b, idx[j]] (rounded to h's dtype, as a
+    # separate multiply would); exact-up passes up's full output so its gathered copy is never written
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -268,9 +271,16 @@ def _gather_vecmat_kernel(h_ptr, wt_ptr, idx_ptr, acc_ptr, B, D, NROWS, ROWS_PER
         if USE_DOT:
             hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_r[None, :],
                          mask=mask_b[:, None] & mask_r[None, :], other=0.0)
+            if SCALE:
+                sv = tl.load(scale_ptr + offs_b[:, None] * stride_sb + unit[None, :],
+                             mask=mask_b[:, None] & mask_r[None, :], other=0.0)
+                hv = (hv.to(tl.float32) * sv.to(tl.float32)).to(hv.dtype)
             acc = tl.dot(hv, wv, acc, input_precision=PRECISION)
         else:
             hv = tl.load(h_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+            if SCALE:
+                hv = (hv * tl.load(scale_ptr + unit, mask=mask_r, other=0.0).to(tl.float32)).to(
+                    h_ptr.dtype.element_ty).to(tl.float32)
             acc += tl.sum(wv.to(tl.float32) * hv[:, None], axis=0)
     if USE_DOT:
         tl.atomic_add(acc_ptr + offs_b[:, None] * stride_ab + offs_d[None, :], acc,
@@ -288,10 +298,12 @@ def vecmat_config(batch: int, nrows: int, d: int, sms: int) -> tuple[int, int, i
 
 
 def gather_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor, unit: int, acc: torch.Tensor,
-                      config: tuple | None = None) -> None:
+                      config: tuple | None = None, scale: torch.Tensor | None = None) -> None:
     batch, nrows = h.shape
     d = wt.shape[1]
     assert nrows == idx.numel() * unit and acc.dtype == torch.float32 and acc.stride(1) == 1
+    if scale is not None:
+        assert unit == 1 and scale.shape[0] == batch and scale.stride(1) == 1 and scale.dtype == h.dtype
     assert h.stride(1) == 1 and wt.stride(1) == 1 and h.dtype == wt.dtype and batch <= DOT_BATCH
     block_r, block_d, warps, splits = config or vecmat_config(batch if h.dtype == torch.float32 else 2, nrows, d,
                                                                _sms(h))
@@ -301,9 +313,10 @@ def gather_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor, unit
     rows_per_split = triton.cdiv(triton.cdiv(nrows, splits), block_r) * block_r
     splits = triton.cdiv(nrows, rows_per_split)
     grid = (triton.cdiv(d, block_d), splits)
-    _gather_vecmat_kernel[grid](h, wt, idx, acc, batch, d, nrows, rows_per_split, h.stride(0), wt.stride(0),
-                                acc.stride(0), UNIT=unit, B_PAD=DOT_BATCH if use_dot else 1, USE_DOT=use_dot,
-                                BLOCK_R=block_r, BLOCK_D=block_d, PRECISION=_precision(h), num_warps=warps)
+    _gather_vecmat_kernel[grid](h, wt, idx, acc, h if scale is None else scale, batch, d, nrows, rows_per_split,
+                                h.stride(0), wt.stride(0), acc.stride(0), 0 if scale is None else scale.stride(0),
+                                UNIT=unit, B_PAD=DOT_BATCH if use_dot else 1, USE_DOT=use_dot, BLOCK_R=block_r,
+                                BLOCK_D=block_d, PRECISION=_precision(h), SCALE=scale is not None, num_warps=warps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -582,10 +595,12 @@ def _emit_slice(key, offs, mask, thr, above, K, g0, e0, out_ptr):
 
 @triton.jit
 def _topk_keys_kernel(src_ptr, w2_ptr, b2_ptr, keys_ptr, hist_ptr, out_ptr, B, N, R, K, stride_sb, stride_w,
-                      FUSED: tl.constexpr, RELU: tl.constexpr, USE_DOT: tl.constexpr, B_PAD: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, KEY_BITS: tl.constexpr,
+                      up_weight, FUSED: tl.constexpr, RELU: tl.constexpr, USE_DOT: tl.constexpr,
+                      B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, KEY_BITS: tl.constexpr,
                       LEVELS: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
-                      UPCAST: tl.constexpr):
+                      UPCAST: tl.constexpr, EXACT_UP: tl.constexpr = False, HAS_LOGITS: tl.constexpr = False):
+    # EXACT_UP: src is up's output [B, N] and w2_ptr the predictor's logits (row stride stride_w); the
+    # score log|up| + up_weight * logit is formed in fp32 and keyed in fp32 or, KEY_BITS 16, in fp16
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -625,12 +640,25 @@ def _topk_keys_kernel(src_ptr, w2_ptr, b2_ptr, keys_ptr, hist_ptr, out_ptr, B, N
                     acc += tl.sum(wv * hv[None, :], axis=1)
                 v = tl.maximum(v, (acc + bias).to(dtype).to(tl.float32))
             v = v.to(dtype)
+    elif EXACT_UP:
+        v = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        for b in range(0, B):
+            u = tl.load(src_ptr + b * stride_sb + offs_n, mask=mask_n, other=1.0).to(tl.float32)
+            s = tl.log(tl.maximum(tl.abs(u), 1e-30))
+            if HAS_LOGITS:
+                s += up_weight * tl.load(w2_ptr + b * stride_w + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            v = tl.maximum(v, s)
     else:
         v = tl.load(src_ptr + offs_n, mask=mask_n, other=float("-inf")).to(tl.float32)
         for b in range(1, B):  # fp32 max of values of dtype: exact
             v = tl.maximum(v, tl.load(src_ptr + b * stride_sb + offs_n, mask=mask_n,
                                       other=float("-inf")).to(tl.float32))
-    key = _ordered_key(v.to(dtype), KEY_BITS)
+    if EXACT_UP and KEY_BITS == 32:
+        key = _ordered_key(v, 32)
+    elif EXACT_UP:  # fp16 keys: two digit levels instead of four, so two fewer launches on the critical path
+        key = _ordered_key(v.to(tl.float16), 16)
+    else:
+        key = _ordered_key(v.to(dtype), KEY_BITS)
     bins = tl.arange(0, 256)
     if SINGLE:
         prefix = tl.zeros((), dtype=tl.int64)
@@ -734,13 +762,18 @@ class TopkWorkspace:
 
 
 def _wide_topk(src: torch.Tensor, w2: torch.Tensor | None, b2: torch.Tensor | None, relu: bool, n: int, k: int,
-               out: torch.Tensor | None, ws: TopkWorkspace | None) -> torch.Tensor:
+               out: torch.Tensor | None, ws: TopkWorkspace | None, exact_up: tuple | None = None) -> torch.Tensor:
+    """exact_up: (logits or None, weight): src is up's output and the scores are select_exact_up's."""
     batch = src.shape[0]
     assert src.stride(1) == 1 and 0 < k <= n and batch <= DOT_BATCH
     out = torch.empty(k, device=src.device, dtype=torch.long) if out is None else out
     assert out.dtype == torch.long and out.numel() == k and out.is_contiguous()
-    ws = ws or TopkWorkspace(n, src.dtype, src.device)
-    assert ws.n == n and ws.key_bits == _key_bits(src.dtype)
+    ws = ws or TopkWorkspace(n, torch.float32 if exact_up is not None else src.dtype, src.device)
+    # exact-up keys its fp32 scores at the workspace's width (16: fp16-rounded scores)
+    assert ws.n == n and (exact_up is not None or ws.key_bits == _key_bits(src.dtype))
+    logits, up_weight = exact_up if exact_up is not None else (None, 0.0)
+    if logits is not None:
+        assert logits.shape == src.shape and logits.stride(1) == 1
     fused = w2 is not None
     use_dot = fused and src.dtype != torch.float32
     single = n <= WIDE_SINGLE_MAX
@@ -754,8 +787,9 @@ def _wide_topk(src: torch.Tensor, w2: torch.Tensor | None, b2: torch.Tensor | No
         assert w2.stride(1) == 1 and w2.shape[0] == n and b2.is_contiguous() and w2.dtype == src.dtype
     warps = 8 if single and block_n >= 256 else 4
     _topk_keys_kernel[(triton.cdiv(n, block_n),)](
-        src, w2 if fused else src, b2 if fused else src, ws.keys, ws.hist, out, batch, n, rank, k, src.stride(0),
-        w2.stride(0) if fused else 0, FUSED=fused, RELU=relu, USE_DOT=use_dot, B_PAD=DOT_BATCH if use_dot else 1,
+        src, w2 if fused else (logits if logits is not None else src), b2 if fused else src, ws.keys, ws.hist, out,
+        batch, n, rank, k, src.stride(0), w2.stride(0) if fused else (logits.stride(0) if logits is not None else 0),
+        float(up_weight), EXACT_UP=exact_up is not None, HAS_LOGITS=logits is not None, FUSED=fused, RELU=relu, USE_DOT=use_dot, B_PAD=DOT_BATCH if use_dot else 1,
         BLOCK_N=block_n, BLOCK_R=block_r, KEY_BITS=ws.key_bits, LEVELS=ws.levels, SINGLE=single,
         PRECISION="tf32" if _INTERPRETED else _precision(src), UPCAST=_INTERPRETED, num_warps=warps)
     if single:
@@ -773,6 +807,13 @@ def select_topk_wide(scores: torch.Tensor, k: int, out: torch.Tensor | None = No
                      ws: TopkWorkspace | None = None) -> torch.Tensor:
     """select_topk's result (same indices, ties to the lowest index) from many programs."""
     return _wide_topk(scores, None, None, False, scores.shape[1], k, out, ws)
+
+
+def select_exact_up(up: torch.Tensor, logits: torch.Tensor | None, weight: float, k: int,
+                    out: torch.Tensor | None = None, ws: TopkWorkspace | None = None) -> torch.Tensor:
+    """Top-k of the batch max of log|up| + weight * logits (fp32, never written), keyed at ws's width:
+    an fp32 workspace ranks the fp32 scores exactly, an fp16 one their fp16 rounding (fewer passes)."""
+    return _wide_topk(up, None, None, False, up.shape[1], k, out, ws, exact_up=(logits, weight))
 
 
 def predict_select(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, relu: bool, k: int,

@@ -39,12 +39,16 @@ def test_pipeline_through_the_cli(tmp_path, tiny_llama, tiny_tokenizer):
     assert data["synthetic"] is False and data["mlp_density"] == 0.5
     assert data["dense.ppl"] > 1 and data["sparse.ppl"] > 1 and 0 <= data["top1_agreement"] <= 1
     assert data["dense"]["ms_per_token"] > 0 and data["sparse"]["ms_per_token"] > 0 and data["speedup"] > 0
-    # Exact-up selection through the CLI: quality only, its bytes reported.
+    # Exact-up selection through the CLI: quality and decode-loop speed, its bytes reported.
     up_report = tmp_path / "bench-up.json"
     out = ok("bench", "--config", "tiny", "--bundle", bundle, "--dataset", EVAL_RAW, "--json", up_report,
              "--max-eval-tokens", 256, "--device", "cpu", "--mlp-up-weight", 0.4)
     up = json.loads(up_report.read_text())
     assert "exact-up MLP" in out and up["mlp_up_weight"] == 0.4 and up["sparse.ppl"] > 1
+    assert up["sparse"]["ms_per_token"] > 0 and up["speed"]["mlp_up_weight"] == 0.4
+    # all of up is read: more bytes per step than the plain predictor's selection at the same density
+    first = lambda report: report["speed"]["batches"]["1"]  # noqa: E731
+    assert first(up)["sparse_bytes_per_step"] > first(data)["sparse_bytes_per_step"]
     assert up["quality"]["computed"]["mlp_weight_share"] == pytest.approx(
         1 / 3 + 2 / 3 * up["quality"]["computed"]["mlp_kept"])
     # The bundle refuses another model of the same shape, with a one-line error.

@@ -240,3 +240,87 @@ def test_graphed_two_stage_decode_matches_cpu_reference(batch):
     assert torch.equal(results["cuda", 0.75].argmax(-1), results["cpu", 0.75].argmax(-1))
     torch.testing.assert_close(results["cuda", 0.5], results["cuda", None], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(results["cuda", 0.75], results["cuda", None], atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch,n,k,weight", [(1, 11008, 5504, 0.4), (8, 14336, 7168, 0.4), (3, 1500, 7, 1.0),
+                                              (2, 200, 100, 0.0), (1, 11008, 1101, None)])
+def test_select_exact_up_matches_reference(dtype, batch, n, k, weight):
+    from dejavu.runtime.kernels import triton_kernels as T
+
+    torch.manual_seed(n + k + batch)
+    up = torch.randn(batch, n, device="cuda").to(dtype)
+    up[0, :5] = 0  # log|0| is clamped, not -inf
+    logits = None if weight is None else torch.randn(batch, n, device="cuda").to(dtype)
+    best = R.exact_up_scores(up, logits, weight or 0.0).amax(0)
+    ref = R.select_topk(best[None], k)
+    # fp32 keys rank the scores themselves, fp16 keys (the decode loop's) their rounding
+    for key_dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        ws = T.TopkWorkspace(n, key_dtype, "cuda")
+        for _ in range(2):  # the workspace is reused
+            out = T.select_exact_up(up, logits, weight or 0.0, k, ws=ws)
+            assert out.unique().numel() == k and torch.equal(out, out.sort().values)
+            # Triton's log and torch's may differ in the last bit: compare the chosen scores, not the ids
+            assert (best[out].sort().values - best[ref].sort().values).abs().max() <= tol * best.abs().max()
+            assert int(ws.hist[:T.TOPK_BINS].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_vecmat_with_up_scale_matches_reference(dtype, batch):
+    from dejavu.runtime.kernels import triton_kernels as T
+
+    torch.manual_seed(batch)
+    n, d = 11008, 4096
+    idx = torch.randperm(n, device="cuda")[:n // 2].sort().values
+    h = torch.randn(batch, idx.numel(), device="cuda").to(dtype)
+    up = torch.randn(batch, n, device="cuda").to(dtype)
+    wt = (torch.randn(n, d, device="cuda") * 0.02).to(dtype)
+    ref, got = torch.zeros(batch, d, device="cuda"), torch.zeros(batch, d, device="cuda")
+    R.gather_vecmat_acc((h.float() * up[:, idx].float()).to(dtype), wt, idx, 1, ref)
+    T.gather_vecmat_acc(h, wt, idx, 1, got, scale=up)
+    assert _rel(got, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("select_impl", ["fused", "classic"])
+def test_graphed_exact_up_decode_matches_cpu_reference(batch, select_impl):
+    """Exact-up MLP selection captured in a graph (predictor logits on the side stream, up on the main
+    one, fp16 keys) against the CPU loop (fp32 scores), with and without the predictor's share."""
+    from dejavu.models.adapters import adapter_for
+    from dejavu.predictor import PredictorSet
+    from dejavu.runtime.decode import DecodeModel, GraphedStep, _topk_workspace
+
+    from helpers import build_tiny_model
+
+    model = build_tiny_model("llama", seed=0, intermediate_size=1200)
+    adapter = adapter_for(model)
+    s = adapter.shape()
+    preds = PredictorSet.random(adapter.num_layers, s.hidden_size, s.intermediate_size, s.num_heads, 8, 0.5, 0.5)
+    prompt = torch.randint(1, 500, (batch, 5))
+    results = {}
+    for dev in ("cpu", "cuda"):
+        model.to(dev)
+        for weight, keys in ((0.4, "fp32"), (0.0, "fp32"), (0.4, "fp16"), (None, "fp16")):
+            if dev == "cpu" and keys == "fp16":
+                continue
+            dm = DecodeModel(model, adapter, preds, dev, torch.float32, max_len=16, select_impl=select_impl,
+                             mlp_up_weight=weight)
+            if keys == "fp32":  # the CPU ranks fp32 scores; fp16 keys (the default) may break near-ties otherwise
+                for lw in dm.layers:
+                    lw.up_workspace = _topk_workspace(s.intermediate_size, torch.float32, dev)
+            st = dm.new_state(batch)
+            dm.prefill(st, prompt)
+            if dev == "cuda":
+                step = GraphedStep(dm, st, True)
+                logits = [step().clone() for _ in range(3)]
+            else:
+                logits = [dm.step(st, True).clone() for _ in range(3)]
+            results[dev, weight, keys] = torch.stack(logits).cpu()
+    for weight in (0.4, 0.0):
+        cuda, cpu = results["cuda", weight, "fp32"], results["cpu", weight, "fp32"]
+        torch.testing.assert_close(cuda, cpu, atol=2e-2, rtol=2e-2)
+        assert torch.equal(cuda.argmax(-1), cpu.argmax(-1))
+    assert not torch.allclose(results["cuda", 0.4, "fp32"], results["cuda", 0.0, "fp32"], atol=1e-3)
+    assert not torch.allclose(results["cuda", 0.4, "fp16"], results["cuda", None, "fp16"], atol=1e-3)
+    assert torch.isfinite(results["cuda", 0.4, "fp16"]).all()

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dejavu.artifacts import file_entry, load_tensors, read_manifest, save_tensors, write_manifest
+from dejavu.artifacts import file_entry, load_tensors, read_manifest, save_tensors, verify_files, write_manifest
 from dejavu.bits import pack_bits, unpack_bits
 from dejavu.errors import DejavuError
 
@@ -45,6 +45,25 @@ def test_edited_truncated_missing_and_wrong_kind(tmp_path):
     (path.parent / "manifest.json").unlink()
     with pytest.raises(DejavuError, match="did not finish"):
         read_manifest(path.parent, "dejavu.bundle")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_hashing_on_threads_names_the_first_bad_file(tmp_path, threads):
+    stage = tmp_path / "stage"
+    entries = []
+    for i in range(5):
+        path = stage / f"f{i}.safetensors"
+        entries.append(file_entry(path, stage, save_tensors(path, {"x": torch.full((64,), float(i))})))
+    write_manifest(stage, "dejavu.collect", {}, entries)
+    manifest = read_manifest(stage, "dejavu.collect", verify=False)
+    verify_files(stage, manifest, threads=threads)
+    for i in (3, 1):  # 1 and 3 damaged: the message names 1, the first listed
+        data = bytearray((stage / f"f{i}.safetensors").read_bytes())
+        data[-1] ^= 0xFF
+        (stage / f"f{i}.safetensors").write_bytes(bytes(data))
+    with pytest.raises(DejavuError, match="f1.safetensors does not match its sha256"):
+        verify_files(stage, manifest, threads=threads)
+    verify_files(stage, manifest, hash_share=(0, 2), threads=threads)  # files 0, 2, 4: this share is intact
 
 
 def test_corrupt_manifest_and_tensor_file(tmp_path):

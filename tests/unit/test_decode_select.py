@@ -82,6 +82,20 @@ def test_wide_topk_kernels_in_interpreter():
                 tol = 1e-6 if dt == torch.float32 else 2e-2
                 assert (best[out].sort().values - best[ref].sort().values).abs().max() <= tol * best.abs().max()
                 assert out.unique().numel() == k and torch.equal(out, out.sort().values)
+        from dejavu.runtime import reference as R
+        for dt in (torch.bfloat16, torch.float32):  # exact-up: fp32 log|up| + w * logit, keyed in fp32
+            for B, n, k, w in ((1, 2100, 1000, 0.4), (3, 1500, 7, 1.0), (2, 100, 10, 0.0), (2, 300, 150, None)):
+                up = torch.randn(B, n).to(dt)
+                up[0, 3] = 0
+                logits = None if w is None else torch.randn(B, n).to(dt)
+                best = R.exact_up_scores(up, logits, w or 0.0).amax(0)
+                ref = R.select_topk(best[None], k)
+                for key_dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):  # fp16 keys: rounded scores
+                    ws = T.TopkWorkspace(n, key_dt, "cpu")
+                    for _ in range(2):
+                        out = T.select_exact_up(up, logits, w or 0.0, k, ws=ws)
+                        assert (best[out].sort().values - best[ref].sort().values).abs().max() <= tol * best.abs().max()
+                        assert out.unique().numel() == k and torch.equal(out, out.sort().values)
         print("ok")
     ''')
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dejavu.errors import DejavuError
-from dejavu.predictor import topk_mask
+from dejavu.predictor import topk_mask, units_for_density
 from dejavu.runtime.apply import SparseRuntime
 
 from helpers import load_tiny, random_ids, random_predictors
@@ -93,3 +93,61 @@ def test_refusals(tiny_llama, tiny_model_factory):
     plain_model, plain_adapter = load_tiny(tiny_model_factory("opt"))
     with pytest.raises(DejavuError, match="gated MLP"):
         SparseRuntime(plain_model, plain_adapter, random_predictors(plain_adapter), mlp_up_weight=0.4)
+
+
+# --- the decode loop (runtime/decode.py, CPU reference ops) -------------------------------------------
+PROMPT, STEPS = 6, 4
+
+
+def _loop(model, adapter, preds, weight, batch=1, steps=STEPS, **kw):
+    from dejavu.runtime.decode import DecodeModel
+
+    dm = DecodeModel(model, adapter, preds, "cpu", torch.float32, max_len=PROMPT + steps + 2, mlp_up_weight=weight,
+                     **kw)
+    st = dm.new_state(batch)
+    dm.prefill(st, random_ids(model, PROMPT, batch))
+    ids, logits = [st.tokens[:, None].clone()], []
+    for _ in range(steps):
+        logits.append(dm.step(st, sparse=True).clone())
+        ids.append(st.tokens[:, None].clone())
+    return torch.cat(ids, 1), torch.stack(logits, 1), dm
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("weight", [0.0, 0.4])
+@pytest.mark.parametrize("heads", [1.0, 0.5])
+def test_decode_loop_matches_reference_runtime(tiny_llama, weight, heads):
+    model, adapter = load_tiny(tiny_llama)
+    preds = random_predictors(adapter, head_density=heads)
+    gen, logits, _ = _loop(model, adapter, preds, weight)
+    # Dense prompt, every generated token sparse: at batch 1 the loop's batch max is the reference's
+    # per-token selection, so the two compute the same neurons and heads.
+    ids = torch.cat([random_ids(model, PROMPT, 1), gen], 1)
+    with SparseRuntime(model, adapter, preds, mlp_up_weight=weight) as rt:
+        rt.token_mask = torch.arange(ids.shape[1] - 1)[None] >= PROMPT
+        ref = model(ids[:, :-1]).logits[:, PROMPT:]
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+    assert (ref - model(ids[:, :-1]).logits[:, PROMPT:]).abs().max() > 1e-3  # sparsity changed the output
+
+
+@torch.no_grad()
+def test_decode_loop_batch_selection_and_bytes(tiny_llama):
+    model, adapter = load_tiny(tiny_llama)
+    preds = random_predictors(adapter)
+    # a huge weight ranks by the predictor alone: the plain loop's selection, up computed in full
+    _, huge, dm = _loop(model, adapter, preds, 1e6, batch=3, steps=3)
+    _, plain, dm_plain = _loop(model, adapter, preds, None, batch=3, steps=3)
+    torch.testing.assert_close(huge, plain, atol=1e-5, rtol=1e-5)
+    s = adapter.shape()
+    k = units_for_density(0.5, s.intermediate_size)
+    extra = adapter.num_layers * (s.intermediate_size - k) * s.hidden_size * 4  # the up rows not selected
+    got, base = dm.step_bytes(3, 8, True), dm_plain.step_bytes(3, 8, True)
+    assert got["weights"] - base["weights"] == extra and got["predictors"] == base["predictors"]
+    assert dm.step_bytes(3, 8, False) == dm_plain.step_bytes(3, 8, False)
+    # static selection (no predictor runs): ranked by |up| alone, still a valid step
+    _, static, _ = _loop(model, adapter, preds, 0.4, batch=2, steps=2, select_impl="static")
+    assert torch.isfinite(static).all()
+    with pytest.raises(DejavuError, match="choose one MLP rule"):
+        _loop(model, adapter, preds, 0.4, mlp_candidate_density=0.8)
+    with pytest.raises(DejavuError, match=">= 0"):
+        _loop(model, adapter, preds, float("nan"))

@@ -116,6 +116,12 @@ def test_triton_kernels_in_interpreter_match_reference():
                 R.gather_vecmat_acc(h, w, idx, unit, a1)
                 T.gather_vecmat_acc(h, w, idx, unit, a2)
                 assert rel(a2, a1) < 1e-5
+                if unit == 1:  # exact-up: each activation times its neuron's up on the way in
+                    up = torch.randn(B, rows)
+                    a1, a2 = torch.zeros(B, d), torch.zeros(B, d)
+                    R.gather_vecmat_acc(h * up[:, idx], w, idx, 1, a1)
+                    T.gather_vecmat_acc(h, w, idx, 1, a2, scale=up)
+                    assert rel(a2, a1) < 1e-5
         for dt in (torch.float32, torch.bfloat16):
             for B, n, k in ((1, 3000, 1500), (3, 100, 10), (1, 50, 1)):
                 s = torch.randn(B, n).to(dt)

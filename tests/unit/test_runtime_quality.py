@@ -122,6 +122,13 @@ def test_synthetic_bench_is_speed_only(tmp_path, tiny_llama, monkeypatch, capsys
     assert data["batch_size"] == 1 and data["dense.ms_per_token"] > 0 and data["speedup"] > 0
     assert set(data["speed"]["batches"]) == {"1", "2"}
     assert "synthetic weights" in capsys.readouterr().out
+    # exact-up selection: the decode loop times it too, reading every up row
+    run_bench(synthetic="tiny-shapes", json_out=out, config_file="tiny",
+              overrides={"runtime.device": "cpu", "runtime.mlp_up_weight": 0.4})
+    up = json.loads(out.read_text())
+    assert up["mlp_up_weight"] == 0.4 and up["speed"]["mlp_up_weight"] == 0.4 and up["speedup"] > 0
+    assert (up["speed"]["batches"]["1"]["sparse_bytes_per_step"]
+            > data["speed"]["batches"]["1"]["sparse_bytes_per_step"])
 
 
 @torch.no_grad()

@@ -7,7 +7,14 @@ import json
 import pytest
 import torch
 
-from dejavu.artifacts import file_entry, load_tensors, read_manifest, save_tensors, verify_files, write_manifest
+from dejavu.artifacts import (
+    file_entry,
+    load_tensors,
+    read_manifest,
+    save_tensors,
+    verify_files,
+    write_manifest,
+)
 from dejavu.bits import pack_bits, unpack_bits
 from dejavu.errors import DejavuError
 

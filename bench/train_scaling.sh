@@ -39,9 +39,19 @@ if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -lt 2 ]; th
     echo "one GPU only: skipping the 2-GPU run"; exit 0
 fi
 echo "== 2 GPUs"
-S2=$(date +%s.%N); accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
-    --dynamo_backend no -m dejavu.cli.main train-predictors --run "$RUN" --overwrite \
-    > "$OUTDIR/train_2gpu.log" 2>&1; E2=$(date +%s.%N)
+# LAUNCHER=torchrun: the same command under torchrun (accelerate launch itself took ~15 s longer to
+# start and stop two processes on the 2x H200 machine; bench/launcher_overhead.sh)
+S2=$(date +%s.%N)
+if [ "${LAUNCHER:-accelerate}" = torchrun ]; then
+    # -r, not --run: torchrun's parser takes --run for an abbreviation of its own --run-path
+    torchrun --standalone --nproc_per_node 2 -m dejavu.cli.main train-predictors -r "$RUN" --overwrite \
+        > "$OUTDIR/train_2gpu.log" 2>&1
+else
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+        --dynamo_backend no -m dejavu.cli.main train-predictors --run "$RUN" --overwrite \
+        > "$OUTDIR/train_2gpu.log" 2>&1
+fi
+E2=$(date +%s.%N)
 cp "$RUN/predictors/metrics.json" "$OUTDIR/metrics_2gpu.json"
 python - "$S1" "$E1" "$S2" "$E2" "$OUTDIR" <<'PY'
 import json, sys

@@ -65,6 +65,10 @@ def test_outputs_follow_the_format(synthetic_run):
             assert entry["density"] == 0.5 and entry["predicted_density"] == pytest.approx(0.5)
         assert metrics["mean"][kind]["recall"] == pytest.approx(
             sum(metrics["layers"][str(l_)][kind]["recall"] for l_ in range(3)) / 3)
+    # where this process's time went (one process here); the layers' phase covers their seconds
+    phases = metrics["process_phases"]["0"]
+    assert {"accelerator", "check_collect", "layers", "wait_for_others"} <= set(phases)
+    assert phases["layers"] >= sum(metrics["train_seconds"].values()) - 0.05
 
     # The saved tensors are the predictor: rebuilding it reproduces the held-out metrics.
     tensors = load_file(str(out / "layers" / "layer-001.safetensors"))

@@ -28,7 +28,7 @@ Exact-up MLP selection (opt-in, `mlp_up_weight` A, mask mode): |act| = |act(gate
 linear predictor can follow the gate but not |up| (symmetric in up's sign). The up projection is
 computed for every neuron, each neuron scored log|up| + A * predictor logit, and gate and down run
 for the top `mlp_density`. MLP weight bytes read: up_share / 2 + (1 - up_share / 2) * density.
-Measured best per byte on SmolLM2 (BENCHMARKS.md, "up-pred"); the decode loop does not have it yet.
+Measured best per byte on SmolLM2 (BENCHMARKS.md, "up-pred"); runtime/decode.py runs the same rule.
 
 Selection "oracle" takes the true top-k of the same forward (|down input| per neuron, L2 norm per
 head output) to separate predictor error from sparsity error; "dense" computes everything.

@@ -172,7 +172,7 @@ class LayerWeights:
     mlp_pred: FoldedPredictor | None = None  # two-stage: it selects the candidates
     head_pred: FoldedPredictor | None = None
     mlp_final: TwoStageMLP | None = None  # set only with two-stage MLP selection
-    up_workspace: tuple | None = None  # set only with exact-up MLP selection: fp32 top-k buffers
+    up_workspace: tuple | None = None  # set only with exact-up MLP selection: its top-k buffers (fp16 keys)
 
 
 @dataclass
@@ -278,8 +278,8 @@ class DecodeModel:
         return (cos[0].to(self.device, torch.float32).contiguous(), sin[0].to(self.device, torch.float32).contiguous())
 
     def attach_predictors(self, predictors: PredictorSet | None) -> None:
-        """(Re)fold predictors at their current densities (and self.mlp_candidate_density); None leaves
-        the model dense."""
+        """(Re)fold predictors at their current densities and MLP rule (self.mlp_candidate_density or
+        self.mlp_up_weight); None leaves the model dense."""
         self.predictors = predictors
         self.pred_groups = {}
         for lw in self.layers:
@@ -448,7 +448,7 @@ class DecodeModel:
             next_norm = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.final_norm
             if sparse and lw.up_workspace is not None:
                 up = F.linear(xn, lw.gate_up[1])  # every neuron's up, while the predictor may still run
-                self._take(mlp_sel, i)
+                self._take(mlp_sel, i)  # waits for the predictor's logits, not a selection
                 pred = lw.mlp_pred
                 ops.select_exact_up(up, pred.logits, self.mlp_up_weight, pred.out, *lw.up_workspace)
                 a = ops.gather_matvec(xn, lw.gate_up[0], pred.out, 1, None, self.act)
@@ -492,8 +492,8 @@ class DecodeModel:
     def step_bytes(self, batch: int, context: int, sparse: bool) -> dict:
         """Bytes one decode step reads from memory: weights (selected rows only when sparse; two-stage:
         gate/up rows of the candidates, down^T rows of the final set; exact-up: every up row, gate and
-        down^T rows of the selection), predictors, the KV cache over
-        `context` positions, the lm_head and one embedding row per sequence."""
+        down^T rows of the selection), predictors, the KV cache over `context` positions, the lm_head
+        and one embedding row per sequence."""
         item = torch.empty((), dtype=self.dtype).element_size()
         d, hd = self.d, self.hd
         weights = preds = cache = 0

@@ -167,24 +167,45 @@ def test_predict_select_matches_reference(dtype, batch, n, rank, k, relu):
             assert torch.equal(out, _exact_topk(keys[None], k))
 
 
+def _tiny_with_predictors(model_type: str = "llama", **overrides):
+    """A tiny random model of the family, its adapter and random predictors at MLP 0.5 / heads 0.5."""
+    from dejavu.models.adapters import adapter_for
+    from dejavu.predictor import PredictorSet
+
+    from helpers import build_tiny_model
+
+    model = build_tiny_model(model_type, seed=0, **overrides)
+    adapter = adapter_for(model)
+    s = adapter.shape()
+    preds = PredictorSet.random(adapter.num_layers, s.hidden_size, s.intermediate_size, s.num_heads, 8, 0.5, 0.5)
+    return model, adapter, preds
+
+
+def _three_steps(dm, prompt: torch.Tensor, sparse: bool) -> torch.Tensor:
+    """Logits of three decode steps after a dense prefill: a captured graph on CUDA, eager on the CPU."""
+    from dejavu.runtime.decode import GraphedStep
+
+    st = dm.new_state(prompt.shape[0])
+    dm.prefill(st, prompt)
+    if dm.device.type == "cuda":
+        step = GraphedStep(dm, st, sparse)
+        logits = [step().clone() for _ in range(3)]
+    else:
+        logits = [dm.step(st, sparse).clone() for _ in range(3)]
+    return torch.stack(logits).cpu()
+
+
 @pytest.mark.parametrize("select_impl", ["fused", "classic"])
 @pytest.mark.parametrize("dense_impl", ["cublas", "triton"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma"])
 def test_graphed_decode_matches_cpu_reference(model_type, dense_impl, select_impl):
-    from dejavu.models.adapters import adapter_for
-    from dejavu.predictor import PredictorSet
-    from dejavu.runtime.decode import DecodeModel, GraphedStep
-
-    from helpers import build_tiny_model
+    from dejavu.runtime.decode import DecodeModel
 
     if select_impl == "classic" and dense_impl == "triton":
         pytest.skip("covered by the other three combinations")
     # llama: a wide MLP (1200 neurons > one program of the wide top-k) so the multi-program path runs
     extra = {"intermediate_size": 1200} if model_type == "llama" else {}
-    model = build_tiny_model(model_type, seed=0, **extra)
-    adapter = adapter_for(model)
-    s = adapter.shape()
-    preds = PredictorSet.random(adapter.num_layers, s.hidden_size, s.intermediate_size, s.num_heads, 8, 0.5, 0.5)
+    model, adapter, preds = _tiny_with_predictors(model_type, **extra)
     prompt = torch.randint(1, 500, (2, 5))
     results = {}
     for dev in ("cpu", "cuda"):
@@ -192,14 +213,7 @@ def test_graphed_decode_matches_cpu_reference(model_type, dense_impl, select_imp
         dm = DecodeModel(model, adapter, preds, dev, torch.float32, max_len=16, dense_impl=dense_impl,
                          select_impl=select_impl)
         for sparse in (False, True):
-            st = dm.new_state(2)
-            dm.prefill(st, prompt)
-            if dev == "cuda":
-                step = GraphedStep(dm, st, sparse)
-                logits = [step().clone() for _ in range(3)]
-            else:
-                logits = [dm.step(st, sparse).clone() for _ in range(3)]
-            results[dev, sparse] = torch.stack(logits).cpu()
+            results[dev, sparse] = _three_steps(dm, prompt, sparse)
     for sparse in (False, True):
         # tf32 tl.dot for batch 2: loose tolerance; the same greedy tokens are the real check
         torch.testing.assert_close(results["cuda", sparse], results["cpu", sparse], atol=2e-2, rtol=2e-2)
@@ -209,17 +223,10 @@ def test_graphed_decode_matches_cpu_reference(model_type, dense_impl, select_imp
 def test_graphed_two_stage_decode_matches_cpu_reference(batch):
     """Two-stage MLP selection (candidates 0.75 -> final 0.5) captured in a graph vs the CPU loop;
     c == d reproduces the one-stage step."""
-    from dejavu.models.adapters import adapter_for
-    from dejavu.predictor import PredictorSet
-    from dejavu.runtime.decode import DecodeModel, GraphedStep
-
-    from helpers import build_tiny_model
+    from dejavu.runtime.decode import DecodeModel
 
     # 1200 neurons: 900 candidates, more than one program of the wide top-k
-    model = build_tiny_model("llama", seed=0, intermediate_size=1200)
-    adapter = adapter_for(model)
-    s = adapter.shape()
-    preds = PredictorSet.random(adapter.num_layers, s.hidden_size, s.intermediate_size, s.num_heads, 8, 0.5, 0.5)
+    model, adapter, preds = _tiny_with_predictors(intermediate_size=1200)
     prompt = torch.randint(1, 500, (batch, 5))
     results = {}
     for dev in ("cpu", "cuda"):
@@ -228,14 +235,7 @@ def test_graphed_two_stage_decode_matches_cpu_reference(batch):
             if dev == "cpu" and cand != 0.75:
                 continue
             dm = DecodeModel(model, adapter, preds, dev, torch.float32, max_len=16, mlp_candidate_density=cand)
-            st = dm.new_state(batch)
-            dm.prefill(st, prompt)
-            if dev == "cuda":
-                step = GraphedStep(dm, st, True)
-                logits = [step().clone() for _ in range(3)]
-            else:
-                logits = [dm.step(st, True).clone() for _ in range(3)]
-            results[dev, cand] = torch.stack(logits).cpu()
+            results[dev, cand] = _three_steps(dm, prompt, True)
     torch.testing.assert_close(results["cuda", 0.75], results["cpu", 0.75], atol=2e-2, rtol=2e-2)
     assert torch.equal(results["cuda", 0.75].argmax(-1), results["cpu", 0.75].argmax(-1))
     torch.testing.assert_close(results["cuda", 0.5], results["cuda", None], atol=1e-5, rtol=1e-5)
@@ -287,16 +287,10 @@ def test_vecmat_with_up_scale_matches_reference(dtype, batch):
 def test_graphed_exact_up_decode_matches_cpu_reference(batch, select_impl):
     """Exact-up MLP selection captured in a graph (predictor logits on the side stream, up on the main
     one, fp16 keys) against the CPU loop (fp32 scores), with and without the predictor's share."""
-    from dejavu.models.adapters import adapter_for
-    from dejavu.predictor import PredictorSet
-    from dejavu.runtime.decode import DecodeModel, GraphedStep, _topk_workspace
+    from dejavu.runtime.decode import DecodeModel, _topk_workspace
 
-    from helpers import build_tiny_model
-
-    model = build_tiny_model("llama", seed=0, intermediate_size=1200)
-    adapter = adapter_for(model)
-    s = adapter.shape()
-    preds = PredictorSet.random(adapter.num_layers, s.hidden_size, s.intermediate_size, s.num_heads, 8, 0.5, 0.5)
+    model, adapter, preds = _tiny_with_predictors(intermediate_size=1200)
+    n = adapter.shape().intermediate_size
     prompt = torch.randint(1, 500, (batch, 5))
     results = {}
     for dev in ("cpu", "cuda"):
@@ -308,15 +302,8 @@ def test_graphed_exact_up_decode_matches_cpu_reference(batch, select_impl):
                              mlp_up_weight=weight)
             if keys == "fp32":  # the CPU ranks fp32 scores; fp16 keys (the default) may break near-ties otherwise
                 for lw in dm.layers:
-                    lw.up_workspace = _topk_workspace(s.intermediate_size, torch.float32, dev)
-            st = dm.new_state(batch)
-            dm.prefill(st, prompt)
-            if dev == "cuda":
-                step = GraphedStep(dm, st, True)
-                logits = [step().clone() for _ in range(3)]
-            else:
-                logits = [dm.step(st, True).clone() for _ in range(3)]
-            results[dev, weight, keys] = torch.stack(logits).cpu()
+                    lw.up_workspace = _topk_workspace(n, torch.float32, dev)
+            results[dev, weight, keys] = _three_steps(dm, prompt, True)
     for weight in (0.4, 0.0):
         cuda, cpu = results["cuda", weight, "fp32"], results["cpu", weight, "fp32"]
         torch.testing.assert_close(cuda, cpu, atol=2e-2, rtol=2e-2)

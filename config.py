@@ -105,6 +105,9 @@ class RuntimeConfig:
     mlp_candidate_density: float | None = None  # None: the bundle's (None there too: one-stage)
     # exact-up MLP selection (runtime/apply.py): weight of the predictor logit next to log|up|; None: off
     mlp_up_weight: float | None = None
+    # decode loop: k/v only for the KV groups the selected heads read, skipped positions filled when next
+    # read (speed only: the output is unchanged)
+    skip_kv: bool = False
     # "predictor" (the bundle), "oracle" (true top-k from dense activations), "dense"
     selection: str = "predictor"
     # dense prefill by default: only decoded tokens are sparse

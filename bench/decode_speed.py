@@ -5,6 +5,7 @@ Usage: python bench/decode_speed.py --synthetic llama-2-7b [--layers N] [--devic
          [--batches 1,4,8] [--mlp 1.0,0.8,0.5,0.3,0.1] [--heads 1.0,0.5] [--tokens 64] [--out DIR]
          [--two-stage 0.75/0.5,0.9/0.6]   (CANDIDATES/FINAL MLP densities, two-stage MLP selection)
          [--exact-up 0.5:0.4,0.7:0.5]     (DENSITY:WEIGHT, exact-up MLP selection)
+         [--kv all|skip|both]             (k/v of every KV group, or only of those the heads read)
 Synthetic (random) weights: speed only.
 """
 
@@ -31,11 +32,17 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for b, by_b in result["sweep"].items():
         line = None
-        for heads, pts in by_b["sparse"].items():
-            xs = [p["mlp_density"] for p in pts]
-            ys = [p["sparse_ms_per_token"] for p in pts]
-            (line,) = ax.plot(xs, ys, marker="o", label=f"sparse, batch {b}, heads {heads}",
-                              color=line.get_color() if line else None, linestyle="-" if heads == "1.0" else "--")
+        for heads, all_pts in by_b["sparse"].items():
+            for skip_kv in (False, True):
+                pts = [p for p in all_pts if p.get("skip_kv", False) == skip_kv]
+                if not pts:
+                    continue
+                xs = [p["mlp_density"] for p in pts]
+                ys = [p["sparse_ms_per_token"] for p in pts]
+                (line,) = ax.plot(xs, ys, marker="s" if skip_kv else "o",
+                                  label=f"sparse, batch {b}, heads {heads}" + (", k/v skipped" if skip_kv else ""),
+                                  color=line.get_color() if line else None,
+                                  linestyle="-" if heads == "1.0" else ":" if skip_kv else "--")
         for heads, pts in by_b.get("exact_up", {}).items():
             if pts:
                 ax.scatter([p["mlp_density"] for p in pts], [p["sparse_ms_per_token"] for p in pts], marker="^",
@@ -71,6 +78,9 @@ def main() -> None:
     ap.add_argument("--exact-up", default="",
                     help="'DENSITY:WEIGHT,...' (e.g. 0.5:0.4,0.7:0.5): also time exact-up MLP selection (up for every "
                          "neuron, gate and down for the top DENSITY by log|up| + WEIGHT x logit) at each heads density")
+    ap.add_argument("--kv", default="all", choices=["all", "skip", "both"],
+                    help="sparse steps compute k/v for every KV group (all), only for the groups the selected "
+                         "heads read, skipped positions filled lazily (skip), or each config both ways")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rank", type=int, default=None)
@@ -114,7 +124,7 @@ def main() -> None:
               "dtype": args.dtype, "copy_bandwidth_gbps": copy, "hf_eager_ms_per_token": hf,
               "predictor_rank": preds.meta.get("rank"), "decode_tokens": args.tokens, "warmup": args.warmup,
               "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
-              "kv_for_all_heads": True, "mlp_pairing": preds.mlp_pairing, "head_pairing": preds.head_pairing,
+              "kv": args.kv, "mlp_pairing": preds.mlp_pairing, "head_pairing": preds.head_pairing,
               "select_impl": args.select_impl, "predictor_priority": args.priority, "gemm_tiles": args.gemm_tiles,
               "sweep": {}}
     table = []
@@ -132,25 +142,30 @@ def main() -> None:
         configs += [(None, *(float(v) for v in spec.split(":"))) for spec in args.exact_up.split(",") if spec]
         for heads in args.heads.split(","):
             pts, two_pts, up_pts = [], [], []
-            for cand, mlp, up_weight in configs:
+            kv_modes = {"all": (False,), "skip": (True,), "both": (False, True)}[args.kv]
+            for (cand, mlp, up_weight), skip_kv in [(c, k) for c in configs for k in kv_modes]:
                 if mlp == 1.0 and float(heads) == 1.0:
                     continue
-                dm.mlp_candidate_density, dm.mlp_up_weight = cand, up_weight
+                if skip_kv and float(heads) == 1.0:
+                    continue  # every group is read: nothing to skip
+                dm.mlp_candidate_density, dm.mlp_up_weight, dm.skip_kv = cand, up_weight, skip_kv
                 dm.attach_predictors(preds.with_densities(mlp, float(heads)))
                 row = speed.batch_figures(dm, b, args.tokens, args.warmup, copy,
                                           dense_ms=dense["dense_ms_per_token"])
                 row["mlp_density"], row["head_density"], row["mlp_candidate_density"] = mlp, float(heads), cand
-                row["mlp_up_weight"] = up_weight
+                row["mlp_up_weight"], row["skip_kv"] = up_weight, skip_kv
                 row["bytes_share"] = row["sparse_bytes_per_step"] / dense["dense_bytes_per_step"]
                 (two_pts if cand is not None else up_pts if up_weight is not None else pts).append(row)
                 table.append((b, cand if up_weight is None else f"up{up_weight:g}", mlp, float(heads),
                               dense["dense_ms_per_token"], row))
                 name = (f"two-stage {cand}->{mlp}" if cand is not None else
                         f"exact-up {mlp} (weight {up_weight:g})" if up_weight is not None else f"mlp {mlp}")
+                name += ", k/v skipped" if skip_kv else ""
                 print(f"  {name} heads {heads}: sparse {row['sparse_ms_per_token']:.3f} ms x{row['speedup']:.2f} "
                       f"(bytes {row['bytes_share']:.0%} of dense, bound x{row['bound_speedup']:.2f}, "
                       f"{row['fraction_of_bound']:.0%} of it; predictors {row['predictor_share']:.0%})", flush=True)
             dm.mlp_candidate_density = dm.mlp_up_weight = None
+            dm.skip_kv = False
             entry["sparse"][heads] = pts
             entry["two_stage"][heads] = two_pts
             entry["exact_up"][heads] = up_pts
@@ -158,10 +173,11 @@ def main() -> None:
         (out / "decode_speed.json").write_text(json.dumps(result, indent=1))
     ablation_rows = ablation(args, dm, preds, copy, result, out) if args.ablation else []
     plot(result, out / "decode_speed.png")
-    print("\nbatch cand  mlp heads | dense ms sparse ms speedup bytes bound frac | dense GB/s sparse GB/s pred%")
+    print("\nbatch cand  mlp heads kv   | dense ms sparse ms speedup bytes bound frac | dense GB/s sparse GB/s pred%")
     for b, cand, mlp, heads, dms, r in table:
         c = "-" if cand is None else cand if isinstance(cand, str) else f"{cand:.2f}"
-        print(f"{b:5d} {c:>4s} {mlp:4.2f} {heads:5.1f} | {dms:8.3f} {r['sparse_ms_per_token']:9.3f} {r['speedup']:7.2f} "
+        kv = "skip" if r["skip_kv"] else "all"
+        print(f"{b:5d} {c:>4s} {mlp:4.2f} {heads:5.1f} {kv:4s} | {dms:8.3f} {r['sparse_ms_per_token']:9.3f} {r['speedup']:7.2f} "
               f"{r['bytes_share']:5.0%} {r['bound_speedup']:5.2f} {r['fraction_of_bound']:4.0%} | {r['dense_gbps']:10.0f} "
               f"{r['sparse_gbps']:11.0f} {r['predictor_share']:4.0%}")
     for line in ablation_rows:

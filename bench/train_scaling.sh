@@ -3,6 +3,7 @@
 # Usage: bench/train_scaling.sh TOKENIZER_DIR CORPUS OUTDIR [LAYERS] [TOKENS]
 # The model has Llama-2-7B layer shapes with random weights (its vocabulary sized to the given
 # tokenizer): the activations are not a trained model's, so this measures training speed only.
+# DEJAVU_TRAIN_PREFETCH=0 turns off reading the next layer while one trains (to compare; default on GPUs).
 set -euo pipefail
 TOK=$1; CORPUS=$2; OUTDIR=$3; LAYERS=${4:-8}; TOKENS=${5:-32768}
 WORK=${WORK:-/tmp/dejavu-scaling}
@@ -38,33 +39,49 @@ python -c "import json; m = json.load(open('$OUTDIR/metrics_1gpu.json')); print(
 if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -lt 2 ]; then
     echo "one GPU only: skipping the 2-GPU run"; exit 0
 fi
-echo "== 2 GPUs"
-# LAUNCHER=torchrun: the same command under torchrun (accelerate launch itself took ~15 s longer to
-# start and stop two processes on the 2x H200 machine; bench/launcher_overhead.sh)
-S2=$(date +%s.%N)
-if [ "${LAUNCHER:-accelerate}" = torchrun ]; then
-    # -r, not --run: torchrun's parser takes --run for an abbreviation of its own --run-path
-    torchrun --standalone --nproc_per_node 2 -m dejavu.cli.main train-predictors -r "$RUN" --overwrite \
-        > "$OUTDIR/train_2gpu.log" 2>&1
-else
-    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
-        --dynamo_backend no -m dejavu.cli.main train-predictors --run "$RUN" --overwrite \
-        > "$OUTDIR/train_2gpu.log" 2>&1
-fi
-E2=$(date +%s.%N)
-cp "$RUN/predictors/metrics.json" "$OUTDIR/metrics_2gpu.json"
-python - "$S1" "$E1" "$S2" "$E2" "$OUTDIR" <<'PY'
+# LAUNCHER: accelerate (default), torchrun, or both (one after the other, over the same data).
+# accelerate launch itself took ~15 s longer than torchrun to start and stop two processes on the
+# 2x H200 machine (bench/launcher_overhead.sh).
+LAUNCHERS=${LAUNCHER:-accelerate}
+[ "$LAUNCHERS" = both ] && LAUNCHERS="torchrun accelerate"
+TIMES=()
+for L in $LAUNCHERS; do
+    echo "== 2 GPUs, $L"
+    S2=$(date +%s.%N)
+    if [ "$L" = torchrun ]; then
+        # -r, not --run: torchrun's parser takes --run for an abbreviation of its own --run-path
+        torchrun --standalone --nproc_per_node 2 -m dejavu.cli.main train-predictors -r "$RUN" --overwrite \
+            > "$OUTDIR/train_2gpu_$L.log" 2>&1
+    else
+        accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+            --dynamo_backend no -m dejavu.cli.main train-predictors --run "$RUN" --overwrite \
+            > "$OUTDIR/train_2gpu_$L.log" 2>&1
+    fi
+    E2=$(date +%s.%N)
+    cp "$RUN/predictors/metrics.json" "$OUTDIR/metrics_2gpu_$L.json"
+    TIMES+=("$L:$(python -c "print($E2 - $S2)")")
+done
+python - "$E1" "$S1" "$OUTDIR" "${TIMES[@]}" <<'PY'
 import json, sys
-s1, e1, s2, e2 = map(float, sys.argv[1:5]); out = sys.argv[5]
-m1 = json.load(open(f"{out}/metrics_1gpu.json")); m2 = json.load(open(f"{out}/metrics_2gpu.json"))
-t1, t2 = e1 - s1, e2 - s2
-layer_s1 = sum(m1["train_seconds"].values()); layer_s2 = max(
-    sum(v for k, v in m2["train_seconds"].items() if int(k) % 2 == r) for r in (0, 1))
-res = {"wall_1gpu_s": round(t1, 1), "wall_2gpu_s": round(t2, 1), "wall_speedup": round(t1 / t2, 2),
-       "layer_seconds_1gpu": round(layer_s1, 1), "layer_seconds_2gpu_slowest_rank": round(layer_s2, 1),
-       "layer_speedup": round(layer_s1 / layer_s2, 2),
-       "phases_1gpu": m1.get("process_phases"), "phases_2gpu": m2.get("process_phases"),
-       "mean_1gpu": m1["mean"], "mean_2gpu": m2["mean"]}
+e1, s1, out = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+m1 = json.load(open(f"{out}/metrics_1gpu.json"))
+t1 = e1 - s1
+def split(m):
+    return {name: round(sum(v or 0 for v in m.get(f"{name}_seconds", {}).values()), 1)
+            for name in ("load_wait", "warm_up_wait", "fit")}
+layer_s1 = sum(m1["train_seconds"].values())
+res = {"wall_1gpu_s": round(t1, 1), "layer_seconds_1gpu": round(layer_s1, 1), "phases_1gpu": m1.get("process_phases"),
+       # where the layers' seconds went, summed over layers (all processes)
+       "layer_split_1gpu": split(m1), "mean_1gpu": m1["mean"], "two_gpus": {}}
+for item in sys.argv[4:]:
+    launcher, t2 = item.split(":")[0], float(item.split(":")[1])
+    m2 = json.load(open(f"{out}/metrics_2gpu_{launcher}.json"))
+    layer_s2 = max(sum(v for k, v in m2["train_seconds"].items() if int(k) % 2 == r) for r in (0, 1))
+    res["two_gpus"][launcher] = {
+        "wall_2gpu_s": round(t2, 1), "wall_speedup": round(t1 / t2, 2),
+        "layer_seconds_2gpu_slowest_rank": round(layer_s2, 1), "layer_speedup": round(layer_s1 / layer_s2, 2),
+        "phases_2gpu": m2.get("process_phases"), "layer_split_2gpu": split(m2),
+        "same_means_as_1gpu": m2["mean"] == m1["mean"]}
 json.dump(res, open(f"{out}/scaling.json", "w"), indent=2)
 print(json.dumps(res, indent=2))
 PY

@@ -167,6 +167,11 @@ def bench(
         None, "--mlp-up-weight",
         help="Exact-up MLP selection: compute up for every neuron and keep the top --mlp-density by "
              "log|up| + this weight x predictor logit for gate and down (0.4 measured best on SmolLM2)."),
+    skip_kv: bool | None = typer.Option(
+        None, "--skip-kv/--all-kv",
+        help="Decode speed: compute k/v only for the KV groups the selected heads read; a skipped group's "
+             "positions are computed when one of its heads is next selected, so the output is unchanged "
+             "(default: the config's, else --all-kv)."),
     max_eval_tokens: int | None = typer.Option(None, "--max-eval-tokens", help="Bound on evaluated tokens."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto."),
@@ -190,6 +195,7 @@ def bench(
             "runtime.max_eval_tokens": max_eval_tokens, "runtime.device": device, "runtime.dtype": dtype,
             "runtime.selection": selection, "runtime.batch_sizes": sizes,
             "runtime.mlp_candidate_density": mlp_candidate_density, "runtime.mlp_up_weight": mlp_up_weight,
+            "runtime.skip_kv": skip_kv,
         },
         synthetic=synthetic, layers=layers, quality=quality, speed=speed,
     )

@@ -64,7 +64,8 @@ def _fallback_speed(model, adapter, predictors, *, device, dtype, batch_sizes, d
 
 
 def measure_speed(model, adapter, predictors, *, device, dtype, batch_sizes, decode_tokens, warmup,
-                  mlp_candidate_density: float | None = None, mlp_up_weight: float | None = None) -> dict:
+                  mlp_candidate_density: float | None = None, mlp_up_weight: float | None = None,
+                  skip_kv: bool = False) -> dict:
     from dejavu.runtime.decode import SUPPORTED_MODEL_TYPES
     from dejavu.runtime.speed import speed_report
 
@@ -78,7 +79,7 @@ def measure_speed(model, adapter, predictors, *, device, dtype, batch_sizes, dec
                           "timed only in the fast loop", stacklevel=2)
         return _fallback_speed(model, adapter, predictors, **common)
     return speed_report(model, adapter, predictors, mlp_candidate_density=mlp_candidate_density,
-                        mlp_up_weight=mlp_up_weight, **common)
+                        mlp_up_weight=mlp_up_weight, skip_kv=skip_kv, **common)
 
 
 def _flatten(nested: dict, prefix: str = "") -> dict:
@@ -197,7 +198,7 @@ def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> di
         speed_data = measure_speed(model, adapter, predictors, device=device, dtype=dtype, batch_sizes=batch_sizes,
                                    decode_tokens=cfg.runtime.decode_tokens, warmup=cfg.runtime.warmup,
                                    mlp_candidate_density=cfg.runtime.mlp_candidate_density,
-                                   mlp_up_weight=cfg.runtime.mlp_up_weight)
+                                   mlp_up_weight=cfg.runtime.mlp_up_weight, skip_kv=cfg.runtime.skip_kv)
     base = {"model": name, "device": str(device), "dtype": _dtype_name(dtype), "mlp_density": mlp_d,
             "head_density": head_d, "synthetic": True, "selection": "predictor (random weights)",
             "mlp_candidate_density": cfg.runtime.mlp_candidate_density, "mlp_up_weight": cfg.runtime.mlp_up_weight,
@@ -263,5 +264,6 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
         sp = use.with_densities(rt.mlp_density, rt.head_density) if use is not None else None
         speed_data = measure_speed(model, adapter, sp, device=device, dtype=dtype, batch_sizes=batch_sizes,
                                    decode_tokens=rt.decode_tokens, warmup=rt.warmup, mlp_candidate_density=cand_d,
-                                   mlp_up_weight=rt.mlp_up_weight if use is not None else None)
+                                   mlp_up_weight=rt.mlp_up_weight if use is not None else None,
+                                   skip_kv=rt.skip_kv)
     return build_report(base, quality_data, speed_data, batch_sizes[0])

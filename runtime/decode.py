@@ -187,6 +187,11 @@ class DecodeState:
     xn: torch.Tensor  # [B, d] normalised input of the next block
     acc: torch.Tensor  # [B, d] fp32 accumulator of sparse down/o outputs, kept zeroed between uses
     cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [B, KV, T, hd] k and v
+    # skip_kv only (else None): per layer [B, T, d] attention inputs, from which a KV group skipped at
+    # some positions is computed when one of its heads is next selected; and [L, 2, KV] int32, per layer
+    # and group the last position whose k/v are in the cache (two rows: see reference.lazy_kv_fill)
+    xcache: list[torch.Tensor] | None = None
+    kv_last: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -197,7 +202,7 @@ class DecodeModel:
     def __init__(self, model, adapter, predictors: PredictorSet | None, device, dtype, max_len: int,
                  dense_impl: str = "cublas", overlap_predictors: bool = True, select_impl: str = "fused",
                  predictor_priority: int = -1, mlp_candidate_density: float | None = None,
-                 mlp_up_weight: float | None = None):
+                 mlp_up_weight: float | None = None, skip_kv: bool = False):
         cfg = model.config
         model_type = getattr(cfg, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -245,6 +250,9 @@ class DecodeModel:
         self.mlp_candidate_density = mlp_candidate_density
         # None: the predictor selects; else exact-up selection with this weight (attach_predictors reads it)
         self.mlp_up_weight = mlp_up_weight
+        # k/v only for the KV groups the selected heads read; a group's skipped positions are computed
+        # when it is next read (Deja Vu's lazy KV cache), so every head still attends to exact k/v
+        self.skip_kv = skip_kv
         if predictors is not None:
             self.attach_predictors(predictors)
 
@@ -325,9 +333,12 @@ class DecodeModel:
         self.pred_groups = {src: PredictorGroup.build(members) for src, members in by_source.items()}
 
     # --- buffers ----------------------------------------------------------------------------------
-    def new_state(self, batch: int) -> DecodeState:
+    def new_state(self, batch: int, dense_only: bool = False) -> DecodeState:
+        """Buffers for `batch` sequences; dense_only: the state is never stepped sparse, so with skip_kv it
+        need not keep the attention inputs."""
         dev, dt = self.device, self.dtype
         shape = (batch, self.KV, self.max_len, self.hd)
+        lazy = self.skip_kv and not dense_only
         return DecodeState(
             tokens=torch.zeros(batch, dtype=torch.long, device=dev),
             pos=torch.zeros(1, dtype=torch.long, device=dev),
@@ -337,6 +348,9 @@ class DecodeModel:
             acc=torch.zeros(batch, self.d, dtype=torch.float32, device=dev),
             cache=[(torch.zeros(shape, dtype=dt, device=dev), torch.zeros(shape, dtype=dt, device=dev))
                    for _ in self.layers],
+            xcache=[torch.zeros(batch, self.max_len, self.d, dtype=dt, device=dev) for _ in self.layers]
+            if lazy else None,
+            kv_last=torch.full((len(self.layers), 2, self.KV), -1, dtype=torch.int32, device=dev) if lazy else None,
         )
 
     # --- dense prefill (eager) -----------------------------------------------------------------------
@@ -371,6 +385,8 @@ class DecodeModel:
         logits = F.linear(reference.rms_norm(x[:, -1], self.final_norm, self.eps, self.norm_offset), self.lm_head)
         st.tokens.copy_(logits.argmax(-1))
         st.pos.fill_(plen)
+        if st.kv_last is not None:
+            st.kv_last.fill_(plen - 1)
         return logits
 
     # --- one decode step (eager on CPU; captured in a CUDA graph on GPU) -------------------------------
@@ -404,80 +420,114 @@ class DecodeModel:
 
     @torch.no_grad()
     def step(self, st: DecodeState, sparse: bool) -> torch.Tensor:
-        batch, H, KV, hd, eps, off = st.batch, self.H, self.KV, self.hd, self.eps, self.norm_offset
-        hs, hmid, xn, acc = st.hs, st.hmid, st.xn, st.acc
-        triton_dense = self.dense_impl == "triton"
+        hs, xn, eps, off = st.hs, st.xn, self.eps, self.norm_offset
+        lazy = st.xcache is not None
+        if sparse and self.skip_kv and not lazy:
+            raise DejavuError("this decode state was made dense_only: a sparse step with skip_kv needs one "
+                              "made by new_state(batch)")
         torch.index_select(self.embed, 0, st.tokens, out=hs[0])
         if self.embed_scale != 1.0:
             hs[0].mul_(torch.tensor(self.embed_scale, dtype=hs[0].dtype))
-        ops.residual_rmsnorm(hs[0], None, self.layers[0].ln1, xn, eps, off, False, hmid)
+        ops.residual_rmsnorm(hs[0], None, self.layers[0].ln1, xn, eps, off, False, st.hmid)
         heads_sel: dict[int, tuple] = {}
         mlp_sel: dict[int, tuple] = {}
-        for i, (lw, (kc, vc)) in enumerate(zip(self.layers, st.cache, strict=True)):
+        for i, lw in enumerate(self.layers):
             if sparse:
                 self.select(hs[i], i, heads_sel, mlp_sel)
-            # attention: q for the selected heads, k/v for all KV heads
             hidx = self._take(heads_sel, i)
-            if hidx is not None:
-                # one launch: the selected heads' q rows, then every k and v row
-                qkv = ops.gather_matvec(xn, lw.wqkv, hidx, hd, None, 0, 2 * KV * hd)
-                if lw.bqkv is not None:
-                    qkv = qkv + torch.cat([lw.bqkv[:H * hd].view(H, hd).index_select(0, hidx).reshape(-1),
-                                           lw.bqkv[H * hd:]])
-                q, kv = qkv[:, :hidx.numel() * hd], qkv[:, hidx.numel() * hd:]
-                heads = hidx
+            if lazy:  # without a selection every head reads: every group's gaps are filled first
+                self._attention_lazy_kv(st, i, lw, hidx if hidx is not None else self.all_heads)
             else:
-                if triton_dense:
-                    qkv = ops.gather_matvec(xn, lw.wqkv, self.all_qkv_rows, 1, None, 0)
-                    if lw.bqkv is not None:
-                        qkv = qkv + lw.bqkv
-                else:
-                    qkv = F.linear(xn, lw.wqkv, lw.bqkv)
-                q, kv = qkv[:, :H * hd], qkv[:, H * hd:]
-                heads = self.all_heads
-            q3 = q.view(batch, -1, hd)
-            ops.rope_cache_write(q3, kv[:, :KV * hd].view(batch, KV, hd), kv[:, KV * hd:].view(batch, KV, hd),
-                                 kc, vc, self.cos, self.sin, st.pos)
-            att = ops.decode_attention(q3, kc, vc, heads, self.group, st.pos, self.scale).view(batch, -1)
-            if hidx is not None or triton_dense:
-                ops.gather_vecmat_acc(att, lw.wo_t, heads, hd, acc)
-                ops.residual_rmsnorm(hs[i], acc, lw.ln2, xn, eps, off, True, hmid)
-            else:
-                ops.residual_rmsnorm(hs[i], att @ lw.wo_t, lw.ln2, xn, eps, off, False, hmid)
-            # MLP: the selected neurons' rows of gate, up and down^T only
-            next_norm = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.final_norm
-            if sparse and lw.up_workspace is not None:
-                up = F.linear(xn, lw.gate_up[1])  # every neuron's up, while the predictor may still run
-                self._take(mlp_sel, i)  # waits for the predictor's logits, not a selection
-                pred = lw.mlp_pred
-                ops.select_exact_up(up, pred.logits, self.mlp_up_weight, pred.out, *lw.up_workspace)
-                a = ops.gather_matvec(xn, lw.gate_up[0], pred.out, 1, None, self.act)
-                ops.gather_vecmat_acc(a, lw.down_t, pred.out, 1, acc, up)  # act(gate) x up, as down reads it
-                ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, hs[i + 1])
-                continue
-            midx = self._take(mlp_sel, i)
-            two_stage = lw.mlp_final if sparse else None
-            if two_stage is not None:
-                # gate/up for the candidates, down^T for the top k_f of them by |act*up|
-                cand = midx if midx is not None else self.all_neurons
-                h, final = two_stage.select(ops.gather_matvec(xn, lw.gate_up[1], cand, 1, lw.gate_up[0], self.act),
-                                            cand)
-                ops.gather_vecmat_acc(h, lw.down_t, final, 1, acc)
-                ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, hs[i + 1])
-                continue
-            if midx is None and triton_dense:
-                midx = self.all_neurons
-            if midx is not None:
-                a = ops.gather_matvec(xn, lw.gate_up[1], midx, 1, lw.gate_up[0], self.act)
-                ops.gather_vecmat_acc(a, lw.down_t, midx, 1, acc)
-                ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, hs[i + 1])
-            else:
-                a = ops.act_mul(xn @ lw.gate_up.view(2 * self.n, self.d).T, self.act)
-                ops.residual_rmsnorm(hmid, a @ lw.down_t, next_norm, xn, eps, off, False, hs[i + 1])
+                self._attention(st, i, lw, hidx)
+            self._mlp(st, i, lw, mlp_sel, sparse)
         logits = F.linear(xn, self.lm_head)
         st.tokens.copy_(logits.argmax(-1))
         st.pos.add_(1)
         return logits
+
+    def _attention(self, st: DecodeState, i: int, lw: LayerWeights, hidx: torch.Tensor | None) -> None:
+        """q for the selected heads (all without a selection), k/v for every KV group."""
+        batch, H, KV, hd = st.batch, self.H, self.KV, self.hd
+        xn, acc = st.xn, st.acc
+        kc, vc = st.cache[i]
+        triton_dense = self.dense_impl == "triton"
+        if hidx is not None:
+            # one launch: the selected heads' q rows, then every k and v row
+            qkv = ops.gather_matvec(xn, lw.wqkv, hidx, hd, None, 0, 2 * KV * hd)
+            if lw.bqkv is not None:
+                qkv = qkv + torch.cat([lw.bqkv[:H * hd].view(H, hd).index_select(0, hidx).reshape(-1),
+                                       lw.bqkv[H * hd:]])
+            q, kv = qkv[:, :hidx.numel() * hd], qkv[:, hidx.numel() * hd:]
+            heads = hidx
+        else:
+            if triton_dense:
+                qkv = ops.gather_matvec(xn, lw.wqkv, self.all_qkv_rows, 1, None, 0)
+                if lw.bqkv is not None:
+                    qkv = qkv + lw.bqkv
+            else:
+                qkv = F.linear(xn, lw.wqkv, lw.bqkv)
+            q, kv = qkv[:, :H * hd], qkv[:, H * hd:]
+            heads = self.all_heads
+        q3 = q.view(batch, -1, hd)
+        ops.rope_cache_write(q3, kv[:, :KV * hd].view(batch, KV, hd), kv[:, KV * hd:].view(batch, KV, hd),
+                             kc, vc, self.cos, self.sin, st.pos)
+        att = ops.decode_attention(q3, kc, vc, heads, self.group, st.pos, self.scale).view(batch, -1)
+        if hidx is not None or triton_dense:
+            ops.gather_vecmat_acc(att, lw.wo_t, heads, hd, acc)
+            ops.residual_rmsnorm(st.hs[i], acc, lw.ln2, xn, self.eps, self.norm_offset, True, st.hmid)
+        else:
+            ops.residual_rmsnorm(st.hs[i], att @ lw.wo_t, lw.ln2, xn, self.eps, self.norm_offset, False, st.hmid)
+
+    def _attention_lazy_kv(self, st: DecodeState, i: int, lw: LayerWeights, hidx: torch.Tensor) -> None:
+        """skip_kv: q for the selected heads; k/v for their KV groups only, at this position and at every
+        earlier one the group skipped (from the stored inputs), so the attention reads exact k/v."""
+        batch, H, hd, xn = st.batch, self.H, self.hd, st.xn
+        kc, vc = st.cache[i]
+        q = ops.gather_matvec(xn, lw.wqkv, hidx, hd, None, 0)
+        if lw.bqkv is not None:
+            q = q + lw.bqkv[:H * hd].view(H, hd).index_select(0, hidx).reshape(-1)
+        ops.lazy_kv_fill(xn, st.xcache[i], lw.wqkv, lw.bqkv, hidx, self.group, kc, vc, st.kv_last[i],
+                         self.cos, self.sin, st.pos)
+        q3 = q.view(batch, -1, hd)
+        no_kv = q3[:, :0]  # the cache holds this position's k/v already: rope rotates q only
+        ops.rope_cache_write(q3, no_kv, no_kv, kc, vc, self.cos, self.sin, st.pos)
+        att = ops.decode_attention(q3, kc, vc, hidx, self.group, st.pos, self.scale).view(batch, -1)
+        ops.gather_vecmat_acc(att, lw.wo_t, hidx, hd, st.acc)
+        ops.residual_rmsnorm(st.hs[i], st.acc, lw.ln2, xn, self.eps, self.norm_offset, True, st.hmid)
+
+    def _mlp(self, st: DecodeState, i: int, lw: LayerWeights, mlp_sel: dict, sparse: bool) -> None:
+        """The selected neurons' rows of gate, up and down^T only (all rows without a selection)."""
+        xn, acc, eps, off = st.xn, st.acc, self.eps, self.norm_offset
+        hmid, h_next = st.hmid, st.hs[i + 1]
+        next_norm = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.final_norm
+        if sparse and lw.up_workspace is not None:
+            up = F.linear(xn, lw.gate_up[1])  # every neuron's up, while the predictor may still run
+            self._take(mlp_sel, i)  # waits for the predictor's logits, not a selection
+            pred = lw.mlp_pred
+            ops.select_exact_up(up, pred.logits, self.mlp_up_weight, pred.out, *lw.up_workspace)
+            a = ops.gather_matvec(xn, lw.gate_up[0], pred.out, 1, None, self.act)
+            ops.gather_vecmat_acc(a, lw.down_t, pred.out, 1, acc, up)  # act(gate) x up, as down reads it
+            ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next)
+            return
+        midx = self._take(mlp_sel, i)
+        two_stage = lw.mlp_final if sparse else None
+        if two_stage is not None:
+            # gate/up for the candidates, down^T for the top k_f of them by |act*up|
+            cand = midx if midx is not None else self.all_neurons
+            h, final = two_stage.select(ops.gather_matvec(xn, lw.gate_up[1], cand, 1, lw.gate_up[0], self.act),
+                                        cand)
+            ops.gather_vecmat_acc(h, lw.down_t, final, 1, acc)
+            ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next)
+            return
+        if midx is None and self.dense_impl == "triton":
+            midx = self.all_neurons
+        if midx is not None:
+            a = ops.gather_matvec(xn, lw.gate_up[1], midx, 1, lw.gate_up[0], self.act)
+            ops.gather_vecmat_acc(a, lw.down_t, midx, 1, acc)
+            ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next)
+        else:
+            a = ops.act_mul(xn @ lw.gate_up.view(2 * self.n, self.d).T, self.act)
+            ops.residual_rmsnorm(hmid, a @ lw.down_t, next_norm, xn, eps, off, False, h_next)
 
     @torch.no_grad()
     def select_all(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -492,8 +542,9 @@ class DecodeModel:
     def step_bytes(self, batch: int, context: int, sparse: bool) -> dict:
         """Bytes one decode step reads from memory: weights (selected rows only when sparse; two-stage:
         gate/up rows of the candidates, down^T rows of the final set; exact-up: every up row, gate and
-        down^T rows of the selection), predictors, the KV cache over `context` positions, the lm_head
-        and one embedding row per sequence."""
+        down^T rows of the selection; skip_kv: k/v rows of the read KV groups only, plus the stored
+        attention input, while the rare lazy fills of skipped positions are not counted), predictors,
+        the KV cache over `context` positions, the lm_head and one embedding row per sequence."""
         item = torch.empty((), dtype=self.dtype).element_size()
         d, hd = self.d, self.hd
         weights = preds = cache = 0
@@ -502,9 +553,13 @@ class DecodeModel:
             up_rows = self.n if (sparse and lw.up_workspace is not None) else gate_rows
             down_rows = lw.mlp_final.k if (sparse and lw.mlp_final is not None) else gate_rows
             heads = lw.head_pred.k if (sparse and lw.head_pred is not None) else self.H
+            # KV groups the selected heads read: exact for one head per group, at most this with GQA
             kv_heads = min(self.KV, heads) if heads < self.H else self.KV
-            weights += (gate_rows + up_rows + down_rows + 2 * heads * hd + 2 * self.KV * hd) * d * item
+            kv_rows = kv_heads if (self.skip_kv and heads < self.H) else self.KV
+            weights += (gate_rows + up_rows + down_rows + 2 * heads * hd + 2 * kv_rows * hd) * d * item
             cache += 2 * batch * kv_heads * context * hd * item
+            if self.skip_kv and heads < self.H:
+                cache += batch * d * item  # the stored attention input (lazy fills are not counted)
             if sparse:
                 preds += sum(p.nbytes for p in (lw.mlp_pred, lw.head_pred) if p is not None)
         head = (self.lm_head.numel() + batch * d) * item
@@ -518,6 +573,8 @@ class GraphedStep:
     def __init__(self, dm: DecodeModel, st: DecodeState, sparse: bool, warmup_steps: int = 2):
         self.dm, self.st, self.sparse = dm, st, sparse
         start_pos, start_tokens = st.pos.clone(), st.tokens.clone()
+        # the warm-up steps advance the lazy k/v bookkeeping too; it must restart from the same point
+        start_kv_last = st.kv_last.clone() if st.kv_last is not None else None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # compiles the Triton kernels and warms cuBLAS outside capture
@@ -529,6 +586,8 @@ class GraphedStep:
             self.logits = dm.step(st, sparse)
         st.pos.copy_(start_pos)
         st.tokens.copy_(start_tokens)
+        if start_kv_last is not None:
+            st.kv_last.copy_(start_kv_last)
 
     def __call__(self) -> torch.Tensor:
         self.graph.replay()

@@ -185,8 +185,58 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torc
     c = cos.index_select(0, pos)  # [1, hd]
     s = sin.index_select(0, pos)
     q.copy_(_rotate(q, c, s))
-    kc.index_copy_(2, pos, _rotate(k, c, s).unsqueeze(2))
-    vc.index_copy_(2, pos, v.unsqueeze(2).to(vc.dtype))
+    if k.shape[1]:  # none: the caller writes k/v itself (lazy_kv_fill)
+        kc.index_copy_(2, pos, _rotate(k, c, s).unsqueeze(2))
+        vc.index_copy_(2, pos, v.unsqueeze(2).to(vc.dtype))
+
+
+def kv_groups_needed(heads: torch.Tensor, group: int, num_kv: int) -> torch.Tensor:
+    """[KV] bool: the KV groups at least one selected q head reads."""
+    need = torch.zeros(num_kv, dtype=torch.bool, device=heads.device)
+    need[heads // group] = True
+    return need
+
+
+def lazy_kv_fill(x: torch.Tensor, xcache: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                 heads: torch.Tensor, group: int, kc: torch.Tensor, vc: torch.Tensor, last: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> None:
+    """k/v of the KV groups the selected heads read, for every position they lack, up to pos.
+
+    x [B, d] is the attention input of position pos; it is stored in xcache [B, T, d] so that a group
+    skipped now can be computed later from it. last [2, KV] (int32) holds, per group, the last position
+    whose k/v are in the cache: row pos % 2 is read, row (pos + 1) % 2 written (two rows so that the Triton
+    kernel's programs never read a value another program of the same launch is writing). A group's
+    missing positions are always the run last+1 .. pos, since computing a group fills all of its gap.
+    w is the fused [(H + 2KV) * hd, d] qkv weight, bias its bias or None."""
+    p = int(pos.item())
+    num_kv, hd = kc.shape[1], kc.shape[3]
+    num_q = w.shape[0] // hd - 2 * num_kv
+    xcache[:, p] = x
+    last_in, last_out = last[p % 2], last[(p + 1) % 2]
+    need = kv_groups_needed(heads, group, num_kv)
+    last_out.copy_(torch.where(need, torch.full_like(last_in, p), last_in))
+    groups = need.nonzero().flatten()
+    # this position, every read group at once (the common case: no gap)
+    kv = gather_matvec(x, w, torch.cat([num_q + groups, num_q + num_kv + groups]), hd)
+    if bias is not None:
+        kv = kv + bias.view(-1, hd)[torch.cat([num_q + groups, num_q + num_kv + groups])].reshape(-1)
+    k, v = kv.view(x.shape[0], 2, groups.numel(), hd).unbind(1)
+    kc[:, groups, p] = _rotate(k, cos[p], sin[p]).to(kc.dtype)
+    vc[:, groups, p] = v.to(vc.dtype)
+    for g in groups.tolist():  # earlier positions the group skipped
+        start = int(last_in[g]) + 1
+        if start >= p:
+            continue
+        xs = xcache[:, start:p]  # [B, m, d]
+        for kind, cache in ((0, kc), (1, vc)):
+            row = (num_q + kind * num_kv + g) * hd
+            # rounded to the model dtype before rope, as the dense path's projection output is
+            y = (xs.float() @ w[row:row + hd].float().T).to(x.dtype)
+            if bias is not None:
+                y = y + bias[row:row + hd]
+            if kind == 0:
+                y = _rotate(y, cos[start:p], sin[start:p])
+            cache[:, g, start:p] = y.to(cache.dtype)
 
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, heads: torch.Tensor, group: int,

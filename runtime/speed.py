@@ -58,7 +58,7 @@ def _timed_loop(fn, device: torch.device, warmup: int, steps: int) -> float:
 
 
 def decode_ms_per_token(dm: DecodeModel, batch: int, sparse: bool, steps: int, warmup: int, seed: int = 0) -> float:
-    st = dm.new_state(batch)
+    st = dm.new_state(batch, dense_only=not sparse)
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(1, dm.embed.shape[0], (batch, PROMPT_LEN), generator=gen)
     dm.prefill(st, prompt)
@@ -157,20 +157,21 @@ def _mean_density(predictors: PredictorSet | None, attr: str) -> float:
 def speed_report(model, adapter, predictors: PredictorSet | None, *, device: torch.device, dtype: torch.dtype,
                  batch_sizes: list[int], decode_tokens: int, warmup: int, hf_eager_tokens: int | None = None,
                  cpu_threads: int | None = None, mlp_candidate_density: float | None = None,
-                 mlp_up_weight: float | None = None) -> dict:
+                 mlp_up_weight: float | None = None, skip_kv: bool = False) -> dict:
     """Dense vs sparse decode speed of `model` in the graph-captured loop (see module docstring).
 
     cpu_threads: torch threads while timing on CPU (restored after). On the shared 2-core VM here one
     thread was faster for dense and sparse alike (OpenMP barriers wait on a busy second core).
     mlp_candidate_density: two-stage MLP selection (see runtime.decode); None: one-stage.
-    mlp_up_weight: exact-up MLP selection (see runtime.decode); None: the predictor selects."""
+    mlp_up_weight: exact-up MLP selection (see runtime.decode); None: the predictor selects.
+    skip_kv: the sparse step computes k/v only for the KV groups its heads read (see runtime.decode)."""
     device = torch.device(device)
     previous_threads = torch.get_num_threads()
     if device.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
     try:
         report = _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode_tokens, warmup,
-                               hf_eager_tokens, mlp_candidate_density, mlp_up_weight)
+                               hf_eager_tokens, mlp_candidate_density, mlp_up_weight, skip_kv)
     finally:
         torch.set_num_threads(previous_threads)
     report["cpu_threads"] = torch.get_num_threads() if device.type != "cpu" or not cpu_threads else cpu_threads
@@ -178,11 +179,11 @@ def speed_report(model, adapter, predictors: PredictorSet | None, *, device: tor
 
 
 def _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode_tokens, warmup,
-                  hf_eager_tokens, mlp_candidate_density=None, mlp_up_weight=None) -> dict:
+                  hf_eager_tokens, mlp_candidate_density=None, mlp_up_weight=None, skip_kv=False) -> dict:
     max_len = PROMPT_LEN + warmup + decode_tokens + 8
     dm = DecodeModel(model, adapter, predictors, device, dtype, max_len,
                      mlp_candidate_density=mlp_candidate_density if predictors is not None else None,
-                     mlp_up_weight=mlp_up_weight if predictors is not None else None)
+                     mlp_up_weight=mlp_up_weight if predictors is not None else None, skip_kv=skip_kv)
     copy_gbps = copy_bandwidth_gbps(device)
     hf_steps = hf_eager_tokens or min(decode_tokens, 16 if device.type == "cuda" else 4)
     hf_ms = hf_eager_ms_per_token(model, 1, hf_steps, device)
@@ -208,5 +209,5 @@ def _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode
         "decode_tokens": decode_tokens,
         "warmup": warmup,
         "batch_selection": "top-k of the per-unit max score over the batch (fixed k per layer)",
-        "kv_for_all_heads": True,
+        "kv_for_all_heads": not skip_kv,
     }

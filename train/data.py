@@ -41,6 +41,38 @@ class LayerData:
         return self.x_mlp.shape[0]
 
 
+@dataclass
+class StoredLayer:
+    """One layer's tokens of one split, checked but with the MLP labels still bit-packed: the form to
+    read ahead on the CPU and to move to a GPU (8x fewer label bytes to copy), unpacking them there."""
+
+    x_mlp: torch.Tensor
+    x_attn: torch.Tensor  # the same tensor as x_mlp when both pairings agree
+    packed_labels: torch.Tensor  # [T, ceil(neurons / 8)] uint8
+    neurons: int
+    head_norms: torch.Tensor
+    mlp_act: torch.Tensor | None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> StoredLayer:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pinned(self) -> StoredLayer:
+        """A page-locked copy: its move to a GPU runs at full PCIe speed (pageable memory measured
+        ~0.9 s per layer of 196K tokens at Llama-2-7B width on the H200s, most of each layer's wait)."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn) -> StoredLayer:
+        x_mlp = fn(self.x_mlp)
+        return StoredLayer(
+            x_mlp=x_mlp, x_attn=x_mlp if self.x_attn is self.x_mlp else fn(self.x_attn),
+            packed_labels=fn(self.packed_labels), neurons=self.neurons,
+            head_norms=fn(self.head_norms), mlp_act=None if self.mlp_act is None else fn(self.mlp_act))
+
+    def unpacked(self) -> LayerData:
+        return LayerData(x_mlp=self.x_mlp, x_attn=self.x_attn, mlp_labels=unpack_bits(self.packed_labels, self.neurons),
+                         head_norms=self.head_norms, mlp_act=self.mlp_act)
+
+
 class CollectRun:
     """A finished `dejavu collect` directory: its manifest (verified) and per-layer readers."""
 
@@ -83,29 +115,30 @@ class CollectRun:
                    device: torch.device | str = "cpu") -> LayerData:
         """One layer's tensors of one split, on `device`. The checks and the label unpacking run there:
         on a GPU host they are what otherwise keeps each process's CPU busy between layers."""
+        return self.read_layer(layer, split, mlp_pairing, head_pairing, tag, device).unpacked()
+
+    def read_layer(self, layer: int, split: str, mlp_pairing: str, head_pairing: str, tag: str,
+                   device: torch.device | str = "cpu") -> StoredLayer:
+        """One layer's tensors of one split as stored (labels still bit-packed), on `device` and checked."""
         if not 0 <= layer < self.num_layers:
             raise DejavuError(f"layer {layer} does not exist (the model has {self.num_layers})")
         src_mlp, src_attn = source_layer(layer, mlp_pairing), source_layer(layer, head_pairing)
-        names = {"x_mlp": f"input.{src_mlp}", "x_attn": f"input.{src_attn}",
-                 "labels": f"mlp_labels.{layer}@{tag}", "heads": f"head_norms.{layer}"}
+        names = {"x_mlp": f"input.{src_mlp}", "labels": f"mlp_labels.{layer}@{tag}", "heads": f"head_norms.{layer}"}
+        if src_attn != src_mlp:
+            names["x_attn"] = f"input.{src_attn}"
         if split == "eval":
             names["act"] = f"mlp_act.{layer}"
         parts: dict[str, list[torch.Tensor]] = {key: [] for key in names}
+        key_of = {name: key for key, name in names.items()}
         for shard in self.shards[split]:
-            for key, tensor in self._read(shard, sorted(set(names.values()))).items():
-                for k, name in names.items():
-                    if name == key:
-                        parts[k].append(tensor)
+            for name, tensor in self._read(shard, sorted(names.values())).items():
+                parts[key_of[name]].append(tensor)
         cat = {key: torch.cat(chunks).to(device) for key, chunks in parts.items()}
         for key in ("x_mlp", "x_attn", "heads", "act"):
             if key in cat and not torch.isfinite(cat[key]).all():
                 raise DejavuError(f"layer {layer}: {names[key]} in the {split} shards contains NaN or infinite values")
-        x_attn = cat["x_mlp"] if src_attn == src_mlp else cat["x_attn"]
-        return LayerData(
-            x_mlp=cat["x_mlp"], x_attn=x_attn,
-            mlp_labels=unpack_bits(cat["labels"], self.neurons),
-            head_norms=cat["heads"], mlp_act=cat.get("act"),
-        )
+        return StoredLayer(x_mlp=cat["x_mlp"], x_attn=cat.get("x_attn", cat["x_mlp"]), packed_labels=cat["labels"],
+                           neurons=self.neurons, head_norms=cat["heads"], mlp_act=cat.get("act"))
 
     def _read(self, shard: dict, names: list[str]) -> dict[str, torch.Tensor]:
         path = self.dir / shard["path"]

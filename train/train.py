@@ -17,6 +17,8 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -34,14 +36,21 @@ from dejavu.artifacts import (
     sha256_file,
     write_manifest,
 )
+from dejavu.bits import unpack_bits
 from dejavu.config import RunConfig, load_config
 from dejavu.errors import DejavuError
 from dejavu.predictor import KINDS, LowRankPredictor, topk_mask, units_for_density
-from dejavu.train.data import CollectRun, LayerData
+from dejavu.train.data import CollectRun, LayerData, StoredLayer
 from dejavu.train.metrics import format_table, mean_metrics, selection_metrics
 
 LOSSES = ("bce", "bce+rank")
 EVAL_CHUNK = 8192
+# Steps between checks that the loss is still finite. A check waits for the device to catch up; a
+# layer's ~1400 tiny steps are bound by launching them, so a check per step left the GPU idle each step.
+FINITE_CHECK_STEPS = 64
+# "1" / "0": read each layer while the previous one trains, or when it is reached. Unset: read ahead
+# when training on an accelerator; on the CPU the reading would compete with training for the cores.
+PREFETCH_ENV = "DEJAVU_TRAIN_PREFETCH"
 
 
 def resolve_config(base: dict, config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
@@ -172,6 +181,10 @@ def fit_predictor(x: torch.Tensor, target: torch.Tensor, *, cfg: RunConfig, dens
     # One layer's data fits on any accelerator; moving it once beats a host copy per batch.
     x, target = x.to(device), target.to(device)
     bar = tqdm(total=total, desc=desc, leave=False, disable=not show, unit="step")
+    # A NaN or infinite loss makes this sum non-finite too, so one look at it covers every step since
+    # the last look (a Replicas loss is the averaged one, so every member stops at the same check).
+    loss_sum = torch.zeros((), device=device)
+    step = checked = 0
     for _ in range(t.epochs):
         order = torch.randperm(tokens, generator=gen).to(device)
         for start in range(0, tokens, t.batch_size):
@@ -185,14 +198,28 @@ def fit_predictor(x: torch.Tensor, target: torch.Tensor, *, cfg: RunConfig, dens
             loss.backward()
             if replicas is not None:
                 loss = replicas.average(params, loss)
-            if not torch.isfinite(loss):
-                raise DejavuError(f"{desc}: the loss became {loss.item()} (lower --lr, or check the collect data)")
+            loss_sum += loss.detach()
             opt.step()
             sched.step()
             bar.update()
+            step += 1
+            if step % FINITE_CHECK_STEPS == 0:
+                checked = _check_finite(loss_sum, desc, checked, step, total)
+        checked = _check_finite(loss_sum, desc, checked, step, total)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
     return pred.cpu().float()
+
+
+def _check_finite(loss_sum: torch.Tensor, desc: str, checked: int, step: int, total: int) -> int:
+    """Raise if a loss since step `checked` was NaN or infinite; returns the step now checked."""
+    if step == checked:
+        return step
+    if not torch.isfinite(loss_sum):
+        raise DejavuError(f"{desc}: the loss became NaN or infinite within steps {checked + 1}-{step} of {total} "
+                          "(lower --lr, or check the collect data)")
+    loss_sum.zero_()
+    return step
 
 
 def _input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,6 +365,99 @@ class PhaseClock:
         self._last = now
 
 
+class LayerPrefetch:
+    """Hands out the layers' data in order, reading the next layer on one background thread while the
+    current one trains, so the device does not idle through shard reads between layers. Host memory
+    holds at most two layers: the one handed out and the one being read. A layer whose read failed
+    raises its error when it is reached, so the layers before it still finish and stay saved."""
+
+    def __init__(self, read: Callable[[int], tuple[StoredLayer, LayerData]], layers: list[int], ahead: bool):
+        self._read = read
+        self._following = dict(zip(layers, layers[1:], strict=False))
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dejavu-prefetch") if ahead else None
+        self._pending: tuple[int, Future] | None = None
+        if layers:
+            self._start(layers[0])
+
+    def _start(self, layer: int) -> None:
+        if self._pool is not None:
+            self._pending = (layer, self._pool.submit(self._read, layer))
+
+    def take(self, layer: int) -> tuple[StoredLayer, LayerData]:
+        """The layer's data, or the error its read raised; starts reading the layer after it."""
+        pending, self._pending = self._pending, None
+        data = pending[1].result() if pending is not None and pending[0] == layer else self._read(layer)
+        if layer in self._following:
+            self._start(self._following[layer])
+        return data
+
+    def close(self) -> None:
+        # waits for a read in flight (at most one layer's) so no thread is left reading as the run unwinds
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def prefetch_enabled(device: torch.device) -> bool:
+    setting = os.environ.get(PREFETCH_ENV, "").strip().lower()
+    if setting in ("", "auto"):
+        return device.type != "cpu"
+    return setting not in ("0", "false", "no", "off")
+
+
+def _warm_up_cuda(device: torch.device) -> None:
+    """Run once, small, every kind of kernel a layer's training runs (a superset: relu, the ranking loss,
+    weight decay, each stored input dtype), so the CUDA context, cuBLAS and the kernels are loaded
+    before the first layer. Every fit reseeds, so the random numbers drawn here change nothing."""
+    cfg = RunConfig()
+    t = cfg.train
+    t.rank, t.epochs, t.batch_size = 8, 1, 128
+    t.hidden_activation, t.loss, t.weight_decay = "relu", "bce+rank", 0.01
+    gen = torch.Generator().manual_seed(0)
+    with torch.cuda.device(device):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            x = torch.randn(2 * t.batch_size, 64, generator=gen).to(device, dtype)
+            packed = torch.randint(0, 256, (x.shape[0], 8), dtype=torch.uint8, generator=gen).to(device)
+            targets = (unpack_bits(packed, 64), head_targets(x[:, :8].float().abs(), 0.5))
+            for target in targets:
+                pred = fit_predictor(x, target, cfg=cfg, density=0.5, seed=0, device=device, desc="warm-up",
+                                     show=False)
+                predict(pred, x, device)
+        _sync(device)
+
+
+class DeviceWarmUp:
+    """The one-off CUDA start-up cost (context, cuBLAS, first kernels) paid on a background thread while
+    the main thread checks the collect data and reads the first layer: on 2x H200 each process's first
+    layer took ~4 s longer than its others. A no-op on the CPU. A failure here only costs the overlap:
+    training meets any real problem itself."""
+
+    def __init__(self, device: torch.device):
+        self._future: Future | None = None
+        if device.type == "cuda":
+            pool = ThreadPoolExecutor(1, thread_name_prefix="dejavu-warm-up")
+            self._future = pool.submit(_warm_up_cuda, device)
+            pool.shutdown(wait=False)
+
+    def wait(self) -> float:
+        """Seconds spent waiting for the warm-up to finish (0 once it has been waited for)."""
+        if self._future is None:
+            return 0.0
+        started = time.perf_counter()
+        future, self._future = self._future, None
+        try:
+            future.result()
+        except Exception as exc:  # see the class docstring
+            tqdm.write(f"warning: CUDA warm-up failed ({exc!r}); training goes on without it")
+        return time.perf_counter() - started
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for this thread's stream only: a whole-device sync would also wait on a collective of the
+    process group that is waiting for a slower process."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 def _open_collect(run: Path, acc) -> CollectRun:
     """The collect run, its shards' hashes checked a share per process (hashing tens of GB once per
     process was most of a multi-GPU run's start-up); every process fails if any share fails."""
@@ -366,6 +486,7 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
     # timeout lets rank 0 wait at the final barrier for the slowest rank's layers.
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
+    warm_up = DeviceWarmUp(acc.device)
     clock.mark("accelerator")
     collect = _open_collect(run, acc)
     clock.mark("check_collect")
@@ -400,30 +521,44 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
 
     mine, replicas = plan_layers(layers, acc.process_index, acc.num_processes)
     writer = replicas is None or replicas.member == 0
+    todo = [layer for layer in mine if finished_record(out, layer, key) is None]
+    ahead = prefetch_enabled(acc.device)
+    # Layers read ahead are read on the CPU and moved to the device by this thread; read when reached,
+    # a layer goes straight to the device, which then runs its checks and label unpacking.
+    read_device = torch.device("cpu") if ahead else acc.device
+    pin = ahead and acc.device.type == "cuda"
+    data = LayerPrefetch(lambda layer: _read_layer(collect, layer, cfg, tag, read_device, pin), todo, ahead)
     overall = tqdm(total=len(mine), desc="layers", disable=not main, unit="layer")
-    for layer in mine:
-        if finished_record(out, layer, key) is not None:
-            overall.set_postfix(skipped=layer)
+    try:
+        for layer in mine:
+            if layer not in todo:
+                overall.set_postfix(skipped=layer)
+                overall.update()
+                continue
+            started = time.perf_counter()
+            stored, eval_data = data.take(layer)
+            train_data = stored.to(acc.device, non_blocking=pin).unpacked()
+            _sync(acc.device)
+            del stored  # after the sync: an asynchronous copy may still be reading the pinned pages
+            loaded = time.perf_counter()
+            warm_up_wait = warm_up.wait()
+            fit_started = time.perf_counter()
+            tensors, metrics = train_layer(train_data, eval_data, layer, cfg, acc.device, show=main,
+                                           replicas=replicas)
+            fitted = time.perf_counter()
+            del train_data, eval_data
+            if writer:
+                _save_layer(out, layer, key, tensors, {
+                    "metrics": metrics, "load_seconds": round(loaded - started, 3),
+                    "warm_up_wait_seconds": round(warm_up_wait, 3), "fit_seconds": round(fitted - fit_started, 3),
+                    "process": acc.process_index, "replicas": 1 if replicas is None else replicas.size,
+                }, started)
+            overall.set_postfix(mlp_mass=f"{metrics['mlp']['mass_kept']:.3f}")
             overall.update()
-            continue
-        started = time.perf_counter()
-        # held-out data stays on the CPU, where the metrics are computed
-        train_data = collect.load_layer(layer, "train", cfg.train.mlp_pairing, cfg.train.head_pairing, tag,
-                                        device=acc.device)
-        eval_data = collect.load_layer(layer, "eval", cfg.train.mlp_pairing, cfg.train.head_pairing, tag)
-        tensors, metrics = train_layer(train_data, eval_data, layer, cfg, acc.device, show=main, replicas=replicas)
-        del train_data, eval_data
-        if writer:
-            path = out / layer_file(layer)
-            digest = save_tensors(path, tensors, metadata={"format": "dejavu.predictors", "layer": str(layer)})
-            atomic_write_json(_record_path(out, layer), {
-                "layer": layer, "key": key, "file": layer_file(layer), "bytes": path.stat().st_size,
-                "sha256": digest, "metrics": metrics, "seconds": round(time.perf_counter() - started, 3),
-                "process": acc.process_index, "replicas": 1 if replicas is None else replicas.size,
-            })
-        overall.set_postfix(mlp_mass=f"{metrics['mlp']['mass_kept']:.3f}")
-        overall.update()
+    finally:
+        data.close()
     overall.close()
+    warm_up.wait()  # joins it where no layer was left to train
     clock.mark("layers")
     acc.wait_for_everyone()
     clock.mark("wait_for_others")
@@ -433,6 +568,26 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
         return _finish(out, cfg, collect, layers, key, acc.num_processes) if main else None
     finally:
         acc.end_training()  # releases the process group (NCCL warns at exit otherwise)
+
+
+def _save_layer(out: Path, layer: int, key: str, tensors: dict[str, torch.Tensor], details: dict,
+                started: float) -> None:
+    """Write the layer's predictors, then its progress record: the record is what marks it finished."""
+    path = out / layer_file(layer)
+    digest = save_tensors(path, tensors, metadata={"format": "dejavu.predictors", "layer": str(layer)})
+    atomic_write_json(_record_path(out, layer), {
+        "layer": layer, "key": key, "file": layer_file(layer), "bytes": path.stat().st_size, "sha256": digest,
+        "seconds": round(time.perf_counter() - started, 3), **details,
+    })
+
+
+def _read_layer(collect: CollectRun, layer: int, cfg: RunConfig, tag: str, device: torch.device,
+                pin: bool = False) -> tuple[StoredLayer, LayerData]:
+    """One layer's train split (labels still packed, on `device`; pinned if asked, for a GPU to copy)
+    and held-out split (on the CPU, where the metrics are computed)."""
+    pairing = (cfg.train.mlp_pairing, cfg.train.head_pairing)
+    train = collect.read_layer(layer, "train", *pairing, tag, device=device)
+    return (train.pinned() if pin else train, collect.load_layer(layer, "eval", *pairing, tag))
 
 
 def _finish(out: Path, cfg: RunConfig, collect: CollectRun, layers: list[int], key: str,
@@ -452,6 +607,11 @@ def _finish(out: Path, cfg: RunConfig, collect: CollectRun, layers: list[int], k
         "rank": cfg.train.rank, "loss": cfg.train.loss, "mlp_label_tag": collect.label_tag(cfg.train.mlp_density),
         "layers": per_layer, "mean": means, "cost": cost,
         "train_seconds": {str(layer): records[layer]["seconds"] for layer in layers},
+        # train_seconds split: waiting for the layer's data (read ahead, then moved to the device), for
+        # the device's one-off warm-up (first layer of a process), and fitting plus held-out metrics
+        "load_wait_seconds": {str(layer): records[layer].get("load_seconds") for layer in layers},
+        "warm_up_wait_seconds": {str(layer): records[layer].get("warm_up_wait_seconds") for layer in layers},
+        "fit_seconds": {str(layer): records[layer].get("fit_seconds") for layer in layers},
         # per process: seconds from its start to the end of its layers, by phase (execution detail:
         # it differs between runs and is not part of what the predictors are)
         "process_phases": {str(r): _read_json(out / "progress" / f"phases-{r}.json") for r in range(processes)},

@@ -159,6 +159,22 @@ def _(q, k, v, kc, vc, cos, sin, pos):
     return None
 
 
+@torch.library.custom_op("dejavu::lazy_kv_fill", mutates_args=("xcache", "kc", "vc", "last"))
+def lazy_kv_fill(x: Tensor, xcache: Tensor, w: Tensor, bias: Tensor | None, heads: Tensor, group: int, kc: Tensor,
+                 vc: Tensor, last: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> None:
+    reference.lazy_kv_fill(x, xcache, w, bias, heads, group, kc, vc, last, cos, sin, pos)
+
+
+@lazy_kv_fill.register_kernel("cuda")
+def _(x, xcache, w, bias, heads, group, kc, vc, last, cos, sin, pos):
+    _triton().lazy_kv_fill(x, xcache, w, bias, heads, group, kc, vc, last, cos, sin, pos)
+
+
+@lazy_kv_fill.register_fake
+def _(x, xcache, w, bias, heads, group, kc, vc, last, cos, sin, pos):
+    return None
+
+
 @torch.library.custom_op("dejavu::decode_attention", mutates_args=())
 def decode_attention(q: Tensor, kc: Tensor, vc: Tensor, heads: Tensor, group: int, pos: Tensor,
                      scale: float) -> Tensor:

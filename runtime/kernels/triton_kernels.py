@@ -455,6 +455,105 @@ def rope_cache_write(q, k, v, kc, vc, cos, sin, pos) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# k/v of the selected heads' KV groups only, computed lazily: a skipped group's gap is filled from the
+# stored attention inputs the next time one of its heads is selected (see reference.lazy_kv_fill)
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _lazy_kv_kernel(x_ptr, xc_ptr, w_ptr, bias_ptr, heads_ptr, last_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
+                    B, D, T, NQ, NKV, NSEL, GROUP, stride_xb, stride_w,
+                    HD: tl.constexpr, SLICE: tl.constexpr, SEL_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    # program (g, kind, s): KV group g, k (kind 0) or v (1), output dims s*SLICE.. and the same dims of
+    # the second half, so that rope's pairs (i, i + HD/2) meet in one program
+    g = tl.program_id(0)
+    kind = tl.program_id(1)
+    s = tl.program_id(2)
+    pos = tl.load(pos_ptr).to(tl.int32)
+    parity = pos % 2
+    last_in = tl.load(last_ptr + parity * NKV + g)
+    offs_sel = tl.arange(0, SEL_PAD)
+    heads = tl.load(heads_ptr + offs_sel, mask=offs_sel < NSEL, other=0)
+    needed = tl.sum(tl.where((offs_sel < NSEL) & (heads // GROUP == g), 1, 0), axis=0) > 0
+    offs_d = tl.arange(0, BLOCK_D)
+    first = (kind == 0) & (s == 0)
+    if first:
+        tl.store(last_ptr + (1 - parity) * NKV + g, tl.where(needed, pos, last_in))
+        if g == 0:  # this position's input, for groups that will need it later
+            for d0 in range(0, D, BLOCK_D):
+                for b in range(0, B):
+                    d = d0 + offs_d
+                    xv = tl.load(x_ptr + b * stride_xb + d, mask=d < D, other=0.0)
+                    tl.store(xc_ptr + (b * T + pos).to(tl.int64) * D + d, xv, mask=d < D)
+    if needed:
+        start = last_in + 1
+        rows = (pos + 1 - start) * B  # (position, sequence) pairs, sequence fastest
+        dims = s * SLICE + tl.arange(0, SLICE)
+        mask_dims = dims < HD // 2  # a head_dim below 32 leaves part of the slice empty (tl.dot needs 16)
+        w_row = (NQ + kind * NKV + g) * HD
+        w1 = w_ptr + (w_row + dims)[None, :].to(tl.int64) * stride_w
+        w2 = w1 + (HD // 2) * stride_w
+        for r0 in range(0, rows, BLOCK_M):
+            r = r0 + tl.arange(0, BLOCK_M)
+            mask_r = r < rows
+            p = start + r // B
+            b = r % B
+            from_x = mask_r & (p == pos)
+            from_cache = mask_r & (p < pos)
+            x_row = x_ptr + b.to(tl.int64) * stride_xb
+            c_row = xc_ptr + (b * T + p).to(tl.int64) * D
+            acc1 = tl.zeros((BLOCK_M, SLICE), dtype=tl.float32)
+            acc2 = tl.zeros((BLOCK_M, SLICE), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + offs_d
+                mask_d = d < D
+                xa = tl.load(x_row[:, None] + d[None, :], mask=from_x[:, None] & mask_d[None, :], other=0.0)
+                xb = tl.load(c_row[:, None] + d[None, :], mask=from_cache[:, None] & mask_d[None, :], other=0.0)
+                xv = xa + xb
+                mask_w = mask_d[:, None] & mask_dims[None, :]
+                wa = tl.load(w1 + d[:, None], mask=mask_w, other=0.0)
+                wb = tl.load(w2 + d[:, None], mask=mask_w, other=0.0)
+                acc1 = tl.dot(xv, wa, acc1, input_precision=PRECISION)
+                acc2 = tl.dot(xv, wb, acc2, input_precision=PRECISION)
+            # rounded to the model dtype before rope, as the dense path's projection output is
+            y1 = acc1.to(x_ptr.dtype.element_ty)
+            y2 = acc2.to(x_ptr.dtype.element_ty)
+            if HAS_BIAS:
+                y1 = y1 + tl.load(bias_ptr + w_row + dims, mask=mask_dims, other=0.0)[None, :]
+                y2 = y2 + tl.load(bias_ptr + w_row + HD // 2 + dims, mask=mask_dims, other=0.0)[None, :]
+            y1 = y1.to(tl.float32)
+            y2 = y2.to(tl.float32)
+            cache = (b * NKV + g).to(tl.int64) * T * HD + p.to(tl.int64) * HD
+            out = cache[:, None] + dims[None, :]
+            mask_out = mask_r[:, None] & mask_dims[None, :]
+            if kind == 0:
+                c = tl.load(cos_ptr + p[:, None] * HD + dims[None, :], mask=mask_out, other=0.0)
+                sn = tl.load(sin_ptr + p[:, None] * HD + dims[None, :], mask=mask_out, other=0.0)
+                tl.store(kc_ptr + out, (y1 * c - y2 * sn).to(kc_ptr.dtype.element_ty), mask=mask_out)
+                tl.store(kc_ptr + out + HD // 2, (y2 * c + y1 * sn).to(kc_ptr.dtype.element_ty), mask=mask_out)
+            else:
+                tl.store(vc_ptr + out, y1.to(vc_ptr.dtype.element_ty), mask=mask_out)
+                tl.store(vc_ptr + out + HD // 2, y2.to(vc_ptr.dtype.element_ty), mask=mask_out)
+
+
+def lazy_kv_fill(x, xcache, w, bias, heads, group: int, kc, vc, last, cos, sin, pos) -> None:
+    batch, d = x.shape
+    nkv, t, hd = kc.shape[1], kc.shape[2], kc.shape[3]
+    nq = w.shape[0] // hd - 2 * nkv
+    assert x.stride(1) == 1 and w.stride(1) == 1 and xcache.is_contiguous() and kc.is_contiguous()
+    assert vc.is_contiguous() and last.is_contiguous() and last.dtype == torch.int32 and hd % 2 == 0
+    assert cos.is_contiguous() and sin.is_contiguous() and cos.shape[1] == hd
+    slice_ = 16
+    grid = (nkv, 2, triton.cdiv(hd // 2, slice_))
+    # rows = (gap + 1) x batch: one block covers a gap of up to 15 positions at batch 1 and of 7 at
+    # batch 8, so the weights are streamed once per step unless a group was skipped for long
+    block_m = 16 if batch == 1 else 64
+    _lazy_kv_kernel[grid](x, xcache, w, bias if bias is not None else w, heads, last, kc, vc, cos, sin, pos,
+                          batch, d, t, nq, nkv, heads.numel(), group, x.stride(0), w.stride(0), HD=hd,
+                          SLICE=slice_, SEL_PAD=max(16, triton.next_power_of_2(heads.numel())), BLOCK_M=block_m,
+                          BLOCK_D=128, HAS_BIAS=bias is not None, PRECISION=_precision(x), num_warps=4)
+
+
+# ------------------------------------------------------------------------------------------------
 # decode attention over the cache, selected q heads only (GQA: q head h reads kv head h // group)
 # ------------------------------------------------------------------------------------------------
 @triton.jit

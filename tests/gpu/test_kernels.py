@@ -181,17 +181,18 @@ def _tiny_with_predictors(model_type: str = "llama", **overrides):
     return model, adapter, preds
 
 
-def _three_steps(dm, prompt: torch.Tensor, sparse: bool) -> torch.Tensor:
-    """Logits of three decode steps after a dense prefill: a captured graph on CUDA, eager on the CPU."""
+def _three_steps(dm, prompt: torch.Tensor, sparse: bool, steps: int = 3) -> torch.Tensor:
+    """Logits of three (or `steps`) decode steps after a dense prefill: a captured graph on CUDA, eager
+    on the CPU."""
     from dejavu.runtime.decode import GraphedStep
 
     st = dm.new_state(prompt.shape[0])
     dm.prefill(st, prompt)
     if dm.device.type == "cuda":
         step = GraphedStep(dm, st, sparse)
-        logits = [step().clone() for _ in range(3)]
+        logits = [step().clone() for _ in range(steps)]
     else:
-        logits = [dm.step(st, sparse).clone() for _ in range(3)]
+        logits = [dm.step(st, sparse).clone() for _ in range(steps)]
     return torch.stack(logits).cpu()
 
 
@@ -311,3 +312,62 @@ def test_graphed_exact_up_decode_matches_cpu_reference(batch, select_impl):
     assert not torch.allclose(results["cuda", 0.4, "fp32"], results["cuda", 0.0, "fp32"], atol=1e-3)
     assert not torch.allclose(results["cuda", 0.4, "fp16"], results["cuda", None, "fp16"], atol=1e-3)
     assert torch.isfinite(results["cuda", 0.4, "fp16"]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch,d,hd,num_kv,group,with_bias", [(1, 4096, 128, 32, 1, False), (4, 2048, 64, 8, 4, True),
+                                                               (2, 576, 64, 3, 3, False)])
+def test_lazy_kv_fill_matches_reference(dtype, batch, d, hd, num_kv, group, with_bias):
+    """Steps whose selections leave gaps of every length (some longer than a 16-row block) are filled
+    like the reference does, in the cache, the stored inputs and the per-group last positions."""
+    from dejavu.runtime.kernels import triton_kernels as T
+
+    torch.manual_seed(batch + d)
+    length, plen = 96, 4
+    num_q = num_kv * group
+    w = (torch.randn((num_q + 2 * num_kv) * hd, d, device="cuda") * d ** -0.5).to(dtype)
+    bias = (torch.randn(w.shape[0], device="cuda") * 0.1).to(dtype) if with_bias else None
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, device="cuda").float() / hd))
+    ang = torch.arange(length, device="cuda").float()[:, None] * inv[None]
+    cos, sin = torch.cat([ang, ang], -1).cos().contiguous(), torch.cat([ang, ang], -1).sin().contiguous()
+    xs = torch.randn(batch, length, d, device="cuda").to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    selections = [torch.randperm(num_q, generator=gen)[:max(1, num_q // (8 if p < 60 else 2))].sort().values.cuda()
+                  for p in range(length)]
+    state = {}
+    for impl, fill in (("ref", R.lazy_kv_fill), ("triton", T.lazy_kv_fill)):
+        kc = torch.zeros(batch, num_kv, length, hd, device="cuda", dtype=dtype)
+        vc, xcache = torch.zeros_like(kc), torch.zeros(batch, length, d, device="cuda", dtype=dtype)
+        last = torch.full((2, num_kv), plen - 1, dtype=torch.int32, device="cuda")
+        for p in range(plen, length):
+            fill(xs[:, p], xcache, w, bias, selections[p], group, kc, vc, last, cos, sin,
+                 torch.tensor([p], device="cuda"))
+        state[impl] = (kc, vc, xcache, last)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for ref, got in zip(state["ref"], state["triton"], strict=True):
+        if ref.dtype == torch.int32:
+            assert torch.equal(ref, got)
+        else:
+            assert _rel(got, ref) < tol
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_graphed_skip_kv_decode_matches_computing_every_group(model_type, batch):
+    """k/v of the selected heads' groups only, captured in a graph: the same logits as the loop that
+    computes every group (graphed) and as the CPU loop with skip_kv, over enough steps for gaps to form."""
+    from dejavu.runtime.decode import DecodeModel
+
+    model, adapter, preds = _tiny_with_predictors(model_type, num_key_value_heads=4)  # one head per group
+    prompt = torch.randint(1, 500, (batch, 5))
+    results = {}
+    for dev in ("cpu", "cuda"):
+        model.to(dev)
+        for skip_kv in (True, False):
+            if dev == "cpu" and not skip_kv:
+                continue
+            dm = DecodeModel(model, adapter, preds, dev, torch.float32, max_len=24, skip_kv=skip_kv)
+            results[dev, skip_kv] = _three_steps(dm, prompt, True, steps=12)
+    torch.testing.assert_close(results["cuda", True], results["cuda", False], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(results["cuda", True], results["cpu", True], atol=2e-2, rtol=2e-2)
+    assert torch.equal(results["cuda", True].argmax(-1), results["cpu", True].argmax(-1))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 
 import pytest
 import torch
@@ -32,6 +34,30 @@ def synthetic_run(tmp_path):
     write_synthetic_collect(tmp_path, num_layers=3, train_tokens=1024, eval_tokens=256, shard_tokens=512,
                             config=small_config())
     return tmp_path
+
+
+def rewrite_shard(run, edit, index: int = 0) -> None:
+    """Change a collect shard's tensors and re-record its hash, so only reading the layer finds the damage."""
+    collect = run / "collect"
+    manifest = json.loads((collect / "manifest.json").read_text())
+    entry = manifest["shards"][index]
+    tensors = load_file(str(collect / entry["path"]))
+    edit(tensors)
+    digest = save_tensors(collect / entry["path"], tensors)
+    size = (collect / entry["path"]).stat().st_size
+    for item in (entry, next(f for f in manifest["files"] if f["path"] == entry["path"])):
+        item.update(sha256=digest, bytes=size)
+    (collect / "manifest.json").write_text(json.dumps(manifest))
+
+
+def finished_layers(run) -> list[int]:
+    return sorted(json.loads(p.read_text())["layer"] for p in (run / "predictors" / "progress").glob("layer-*.json"))
+
+
+@pytest.fixture(params=["0", "1"], ids=["read-when-reached", "read-ahead"])
+def prefetch(request, monkeypatch):
+    monkeypatch.setenv(train_mod.PREFETCH_ENV, request.param)
+    return request.param == "1"
 
 
 def test_planted_rule_is_learned(tmp_path):
@@ -91,7 +117,7 @@ def test_flags_override_and_seeded(synthetic_run, tmp_path):
         torch.testing.assert_close(first[name], second[name])
 
 
-def test_resume_skips_finished_layers(synthetic_run, monkeypatch):
+def test_resume_skips_finished_layers(synthetic_run, monkeypatch, prefetch):
     real = train_mod.train_layer
     calls: list[int] = []
 
@@ -115,8 +141,16 @@ def test_resume_skips_finished_layers(synthetic_run, monkeypatch):
 
     calls.clear()
     monkeypatch.setattr(train_mod, "train_layer", counting)
+    real_read, reads = CollectRun.read_layer, []
+
+    def recording(self, layer, split, *args, **kwargs):
+        reads.append((layer, split))
+        return real_read(self, layer, split, *args, **kwargs)
+
+    monkeypatch.setattr(CollectRun, "read_layer", recording)
     manifest = run_train(synthetic_run, None, {})
     assert calls == [1, 2]
+    assert [layer for layer, split in reads if split == "train"] == [1, 2]  # the finished layer is not read
     assert manifest["layers"] == 3
     assert sha256_file(out / "layers" / "layer-000.safetensors") == done
 
@@ -145,19 +179,116 @@ def test_unknown_density_lists_the_stored_ones(synthetic_run):
         run_train(synthetic_run, None, {"train.mlp_density": 0.3})
 
 
-def test_nan_input_names_the_layer(synthetic_run):
-    collect = synthetic_run / "collect"
-    manifest = json.loads((collect / "manifest.json").read_text())
-    entry = manifest["shards"][0]
-    tensors = load_file(str(collect / entry["path"]))
-    tensors["input.1"][3, 5] = float("nan")
-    digest = save_tensors(collect / entry["path"], tensors)
-    size = (collect / entry["path"]).stat().st_size
-    for item in (entry, next(f for f in manifest["files"] if f["path"] == entry["path"])):
-        item.update(sha256=digest, bytes=size)
-    (collect / "manifest.json").write_text(json.dumps(manifest))
+def test_nan_input_names_the_layer(synthetic_run, prefetch):
+    rewrite_shard(synthetic_run, lambda tensors: tensors["input.1"].__setitem__((3, 5), float("nan")))
     with pytest.raises(DejavuError, match=r"layer 1: input\.1 .*NaN"):
         run_train(synthetic_run, None, {"train.mlp_pairing": "current", "train.head_pairing": "current"})
+    assert finished_layers(synthetic_run) == [0]
+
+
+def test_a_damaged_later_layer_fails_when_reached_and_earlier_layers_stay(synthetic_run, prefetch):
+    rewrite_shard(synthetic_run, lambda tensors: tensors.pop("mlp_labels.2@0.5"), index=1)
+    with pytest.raises(DejavuError, match=r"train-r00-00001\.safetensors lacks tensors \['mlp_labels\.2@0\.5'\]"):
+        run_train(synthetic_run, None, {})
+    assert finished_layers(synthetic_run) == [0, 1]
+    assert not (synthetic_run / "predictors" / "manifest.json").exists()
+
+
+def test_read_ahead_changes_no_result(synthetic_run, monkeypatch):
+    results = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv(train_mod.PREFETCH_ENV, setting)
+        run_train(synthetic_run, None, {}, overwrite=True)
+        out = synthetic_run / "predictors"
+        metrics = json.loads((out / "metrics.json").read_text())
+        tensors = {layer: load_file(str(out / "layers" / f"layer-{layer:03d}.safetensors")) for layer in range(3)}
+        results[setting] = (metrics, tensors)
+        # train_seconds split into waiting for the data, for the device warm-up (none on the CPU) and fitting
+        for layer in ("0", "1", "2"):
+            parts = [metrics[f"{name}_seconds"][layer] for name in ("load_wait", "warm_up_wait", "fit")]
+            assert all(part >= 0 for part in parts) and metrics["warm_up_wait_seconds"][layer] == 0
+            assert sum(parts) <= metrics["train_seconds"][layer] + 0.01
+    (before, before_tensors), (after, after_tensors) = results["0"], results["1"]
+    assert after["layers"] == before["layers"]
+    for layer, tensors in before_tensors.items():
+        assert all(torch.equal(tensors[name], after_tensors[layer][name]) for name in tensors)
+
+
+def test_the_next_layer_is_read_while_the_current_one_trains(synthetic_run, monkeypatch):
+    monkeypatch.setenv(train_mod.PREFETCH_ENV, "1")
+    started = {layer: threading.Event() for layer in range(3)}
+    readers: set[str] = set()
+    real_read, real_train = CollectRun.read_layer, train_mod.train_layer
+
+    def recording(self, layer, split, *args, **kwargs):
+        readers.add(threading.current_thread().name)
+        started[layer].set()
+        return real_read(self, layer, split, *args, **kwargs)
+
+    def checking(train, held_out, layer, *args, **kwargs):
+        if layer + 1 in started:
+            assert started[layer + 1].wait(30), f"layer {layer + 1} was not read while layer {layer} trained"
+        # never more than the next layer ahead: host memory holds two layers at most
+        assert layer + 2 not in started or not started[layer + 2].is_set()
+        return real_train(train, held_out, layer, *args, **kwargs)
+
+    monkeypatch.setattr(CollectRun, "read_layer", recording)
+    monkeypatch.setattr(train_mod, "train_layer", checking)
+    run_train(synthetic_run, None, {})
+    assert readers and all(name.startswith("dejavu-prefetch") for name in readers)
+
+
+def test_read_ahead_is_on_for_accelerators_only_unless_set(monkeypatch):
+    monkeypatch.delenv(train_mod.PREFETCH_ENV, raising=False)
+    assert train_mod.prefetch_enabled(torch.device("cuda", 0))
+    assert not train_mod.prefetch_enabled(torch.device("cpu"))
+    monkeypatch.setenv(train_mod.PREFETCH_ENV, "1")
+    assert train_mod.prefetch_enabled(torch.device("cpu"))
+    monkeypatch.setenv(train_mod.PREFETCH_ENV, "0")
+    assert not train_mod.prefetch_enabled(torch.device("cuda", 0))
+
+
+def _tiny_fit(monkeypatch, bad_step: int | None):
+    """fit_predictor on 640 tokens, batch 8, 3 epochs: 80 steps an epoch; the loss at `bad_step` is NaN."""
+    real_loss, checks, step = train_mod._loss, [], [0]
+
+    def loss(*args, **kwargs):
+        step[0] += 1
+        value = real_loss(*args, **kwargs)
+        return value * float("nan") if step[0] == bad_step else value
+
+    real_check = train_mod._check_finite
+
+    def counting(*args, **kwargs):
+        checks.append(args[3])
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_loss", loss)
+    monkeypatch.setattr(train_mod, "_check_finite", counting)
+    cfg = small_config()
+    cfg.train.epochs, cfg.train.batch_size = 3, 8
+    gen = torch.Generator().manual_seed(0)
+    x, target = torch.randn(640, 16, generator=gen), torch.rand(640, 12, generator=gen) > 0.5
+    train_mod.fit_predictor(x, target, cfg=cfg, density=0.5, seed=0, device=torch.device("cpu"),
+                            desc="layer 4 mlp", show=False)
+    return checks
+
+
+@pytest.mark.parametrize("bad_step, steps", [(70, "65-80"), (100, "81-128"), (1, "1-64")])
+def test_a_nan_loss_is_caught_within_its_check_window(monkeypatch, bad_step, steps):
+    with pytest.raises(DejavuError, match=rf"layer 4 mlp: the loss became NaN or infinite within steps {steps} of 240"):
+        _tiny_fit(monkeypatch, bad_step)
+
+
+def test_the_loss_is_checked_every_64_steps_and_at_epoch_ends_not_every_step(monkeypatch):
+    assert _tiny_fit(monkeypatch, None) == [64, 80, 128, 160, 192, 240]
+
+
+def test_a_nan_loss_stops_the_run_naming_the_predictor(synthetic_run, monkeypatch):
+    monkeypatch.setattr(train_mod, "_loss", lambda scores, *args: scores.sum() * float("nan"))
+    with pytest.raises(DejavuError, match=r"layer 0 mlp: the loss became NaN or infinite within steps 1-4 of 8"):
+        run_train(synthetic_run, None, {})
+    assert finished_layers(synthetic_run) == []
 
 
 def test_pairings():
@@ -210,3 +341,17 @@ def test_cpu_threads_share_the_machine_and_stay_out_of_the_training_key(monkeypa
     other.train.cpu_threads = 7
     parent = {"sha256": "x"}
     assert training_key(cfg, parent) == training_key(other, parent)
+
+
+def test_the_device_warm_up_runs_the_training_ops_and_never_stops_a_run(monkeypatch):
+    # no GPU here: run the warm-up's body on the CPU to show every op it uses takes these arguments
+    monkeypatch.setattr(train_mod.torch.cuda, "device", lambda device: contextlib.nullcontext())
+    train_mod._warm_up_cuda(torch.device("cpu"))
+    assert train_mod.DeviceWarmUp(torch.device("cpu")).wait() == 0.0  # nothing to warm on the CPU
+
+    def broken(device):
+        raise RuntimeError("no kernel image")
+
+    monkeypatch.setattr(train_mod, "_warm_up_cuda", broken)
+    warm_up = train_mod.DeviceWarmUp(torch.device("cuda", 0))
+    assert warm_up.wait() >= 0 and warm_up.wait() == 0.0

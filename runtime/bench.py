@@ -154,7 +154,8 @@ def print_report(report: dict, out=None) -> None:
             p(f"      sparse: {g['sparse']!r}")
     s = report.get("speed")
     if s:
-        p(f"  speed ({s.get('method', 'runtime.speed')}):")
+        kv = "" if s.get("kv_for_all_heads", True) else "; k/v of the read KV groups only, filled lazily"
+        p(f"  speed ({s.get('method', 'runtime.speed')}{kv}):")
         for b, row in (s.get("batches") or {}).items():
             p(f"    batch {b}: dense {_fmt(row.get('dense_ms_per_token'), '.2f')} ms/token, sparse "
               f"{_fmt(row.get('sparse_ms_per_token'), '.2f')} ms/token, speedup {_fmt(row.get('speedup'), '.2f')}x")

@@ -129,6 +129,16 @@ def test_synthetic_bench_is_speed_only(tmp_path, tiny_llama, monkeypatch, capsys
     assert up["mlp_up_weight"] == 0.4 and up["speed"]["mlp_up_weight"] == 0.4 and up["speedup"] > 0
     assert (up["speed"]["batches"]["1"]["sparse_bytes_per_step"]
             > data["speed"]["batches"]["1"]["sparse_bytes_per_step"])
+    # --skip-kv: k/v of the read KV groups only (exact output): fewer bytes once fewer heads than KV
+    # groups are read (one of four heads here; the tiny model has two groups)
+    reads = {}
+    for skip_kv in (False, True):
+        run_bench(synthetic="tiny-shapes", json_out=out, config_file="tiny",
+                  overrides={"runtime.device": "cpu", "runtime.head_density": 0.25, "runtime.skip_kv": skip_kv})
+        got = json.loads(out.read_text())
+        assert got["speed"]["kv_for_all_heads"] is not skip_kv and got["speedup"] > 0
+        reads[skip_kv] = got["speed"]["batches"]["1"]["sparse_bytes_per_step"]
+    assert reads[True] < reads[False]
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ k rows of gate and down^T.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -138,6 +139,9 @@ class PredictorGroup:
 
     @classmethod
     def build(cls, members: list) -> PredictorGroup:
+        # in the order the decode step consumes them (a layer's heads before its MLP, layer by layer), so
+        # the side stream finishes each selection as early as it can be needed
+        members = sorted(members, key=lambda m: (m[1], m[0] != "heads"))
         w1 = torch.cat([p.w1 for _, _, p in members]).contiguous()
         b1 = torch.cat([p.b1 for _, _, p in members]).contiguous()
         rows, start = [], 0
@@ -149,15 +153,25 @@ class PredictorGroup:
         return cls(w1, b1, rows)
 
     def run(self, x: torch.Tensor, impl: str) -> None:
+        for _ in self.run_each(x, impl):
+            pass
+
+    def run_each(self, x: torch.Tensor, impl: str):
+        """Enqueue the members' selections one by one, yielding each member once its work is enqueued
+        (so a caller can mark when each selection, not only the last, is ready)."""
         if impl == "static":  # no predictor work: the selections stay as they are (speed ceiling only)
+            yield from self.members
             return
         if impl == "classic":
-            for _, _, p, _, _ in self.members:
-                p.select(x)
+            for member in self.members:
+                member[2].select(x)
+                yield member
             return
         h = torch.addmm(self.b1, x, self.w1.T)
-        for _, _, p, start, end in self.members:
+        for member in self.members:
+            _, _, p, start, end = member
             p.select_from_hidden(h[:, start:end])
+            yield member
 
 
 @dataclass
@@ -396,17 +410,18 @@ class DecodeModel:
         group = self.pred_groups.get(layer)
         if group is None:
             return
-        done = None
-        if self.pred_stream is None or not x.is_cuda or self.select_impl == "static":
-            group.run(x, self.select_impl)
-        else:
+        side = not (self.pred_stream is None or not x.is_cuda or self.select_impl == "static")
+        if side:
             self.pred_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.pred_stream):
-                group.run(x, self.select_impl)
-                done = torch.cuda.Event()
-                done.record(self.pred_stream)
-        for kind, j, pred, _, _ in group.members:
-            (mlp if kind == "mlp" else heads)[j] = (pred.out, done)
+        with torch.cuda.stream(self.pred_stream) if side else contextlib.nullcontext():
+            for kind, j, pred, _, _ in group.run_each(x, self.select_impl):
+                # one event per selection: this layer's MLP must not wait for the next layer's heads,
+                # which the side stream computes after it (measured: ~0.5 ms a step at heads 0.5)
+                done = None
+                if side:
+                    done = torch.cuda.Event()
+                    done.record(self.pred_stream)
+                (mlp if kind == "mlp" else heads)[j] = (pred.out, done)
 
     @staticmethod
     def _take(table: dict, layer: int) -> torch.Tensor | None:

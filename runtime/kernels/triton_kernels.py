@@ -20,6 +20,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 DOT_BATCH = 16  # tl.dot needs M >= 16: batches 2..16 are padded to this
 # (BLOCK_R, BLOCK_D, num_warps) of the gather kernel's tl.dot path; a module setting so benches can
@@ -48,6 +49,32 @@ def _precision(t: torch.Tensor) -> str:
     return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
+# Programmatic dependent launch (Hopper and later): each kernel may be launched while the previous one in
+# its stream is still running, and waits at its start for that one to finish and its writes to be
+# visible. A decode step is ~300 dependent launches, each otherwise paying its launch latency after the
+# previous kernel's tail. DEJAVU_PDL=0 (or setting USE_PDL) turns it off, e.g. to measure it.
+USE_PDL = os.environ.get("DEJAVU_PDL", "1") != "0"
+
+
+@functools.lru_cache(maxsize=8)
+def _supports_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _pdl(t: torch.Tensor) -> dict:
+    """Launch options of a kernel over tensors on t's device: PDL where the GPU has it."""
+    on = USE_PDL and t.is_cuda and _supports_pdl(t.device.index or 0)
+    return {"PDL": on, "launch_pdl": on}
+
+
+@triton.jit
+def _grid_dependency(PDL: tl.constexpr):
+    if PDL:
+        # wait for the previous kernel (a no-op without PDL), then let the next one launch early
+        gdc_wait()
+        gdc_launch_dependents()
+
+
 @triton.jit
 def _activation(x, ACT: tl.constexpr):
     y = x
@@ -69,7 +96,8 @@ def _activation(x, ACT: tl.constexpr):
 @triton.jit
 def _gather_gemv_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, D, NROWS, NSEL, TAIL_START, stride_w,
                         UNIT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PDL: tl.constexpr = False):
+    _grid_dependency(PDL)
     pid = tl.program_id(0)
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < NROWS
@@ -108,7 +136,8 @@ def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, part_ptr, B, D, D
                         TAIL_START, stride_xb, stride_w, stride_ob, stride_pb, stride_pp,
                         UNIT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                         B_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PRECISION: tl.constexpr, SPLIT: tl.constexpr):
+                        PRECISION: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+    _grid_dependency(PDL)
     pid = tl.program_id(0)
     d_start = tl.program_id(1) * D_PER_SPLIT
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -150,7 +179,8 @@ def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, part_ptr, B, D, D
 
 @triton.jit
 def _split_finish_kernel(part_ptr, out_ptr, NROWS, stride_pb, stride_pp, stride_ob, GATED: tl.constexpr,
-                         ACT: tl.constexpr, BLOCK: tl.constexpr):
+                         ACT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    _grid_dependency(PDL)
     """out = act(gate sums) * up sums, and the partial sums zeroed again for the next call."""
     b = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -214,7 +244,7 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int
         grid = (triton.cdiv(nrows, block_r),)
         _gather_gemv_kernel[grid](x, w, g, idx, out, d, nrows, nsel, tail_start, w.stride(0), UNIT=unit, GATED=gate is not None,
                                   ACT=act, BLOCK_R=block_r, BLOCK_D=block_d, EVEN_D=d % block_d == 0,
-                                  num_warps=warps)
+                                  num_warps=warps, **_pdl(x))
         return out
     assert batch <= DOT_BATCH, f"batch {batch} > {DOT_BATCH}"
     # measured (bench/mlp_kernel.py, H100): 32x128 tiles, with d split over programs when few rows are
@@ -231,12 +261,12 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int
                               w.stride(0), out.stride(0), part.stride(-2), part.stride(0) if splits > 1 else 0,
                               UNIT=unit, GATED=gate is not None, ACT=act, B_PAD=DOT_BATCH, BLOCK_R=block_r,
                               BLOCK_D=block_d, PRECISION=_precision(x), SPLIT=splits > 1, num_warps=warps,
-                              num_stages=3)
+                              num_stages=3, **_pdl(x))
     if splits > 1:
         block = 512
         _split_finish_kernel[(triton.cdiv(nrows, block), batch)](part, out, nrows, part.stride(1), part.stride(0),
                                                                  out.stride(0), GATED=gate is not None, ACT=act,
-                                                                 BLOCK=block)
+                                                                 BLOCK=block, **_pdl(part))
     return out
 
 
@@ -247,7 +277,8 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int
 def _gather_vecmat_kernel(h_ptr, wt_ptr, idx_ptr, acc_ptr, scale_ptr, B, D, NROWS, ROWS_PER_SPLIT, stride_hb,
                           stride_w, stride_ab, stride_sb, UNIT: tl.constexpr, B_PAD: tl.constexpr,
                           USE_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PRECISION: tl.constexpr, SCALE: tl.constexpr = False):
+                          PRECISION: tl.constexpr, SCALE: tl.constexpr = False, PDL: tl.constexpr = False):
+    _grid_dependency(PDL)
     # SCALE (UNIT 1): h[b, j] is first multiplied by scale[b, idx[j]] (rounded to h's dtype, as a
     # separate multiply would); exact-up passes up's full output so its gathered copy is never written
     pid_d = tl.program_id(0)
@@ -316,7 +347,7 @@ def gather_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor, unit
     _gather_vecmat_kernel[grid](h, wt, idx, acc, h if scale is None else scale, batch, d, nrows, rows_per_split,
                                 h.stride(0), wt.stride(0), acc.stride(0), 0 if scale is None else scale.stride(0),
                                 UNIT=unit, B_PAD=DOT_BATCH if use_dot else 1, USE_DOT=use_dot, BLOCK_R=block_r,
-                                BLOCK_D=block_d, PRECISION=_precision(h), SCALE=scale is not None, num_warps=warps)
+                                BLOCK_D=block_d, PRECISION=_precision(h), SCALE=scale is not None, num_warps=warps, **_pdl(h))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -325,7 +356,8 @@ def gather_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor, unit
 @triton.jit
 def _residual_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, out_ptr, hout_ptr, D, stride_hb, stride_db, stride_ob,
                              stride_hob, eps, offset, HAS_DELTA: tl.constexpr, ZERO_DELTA: tl.constexpr,
-                             BLOCK: tl.constexpr):
+                             BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    _grid_dependency(PDL)
     b = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
@@ -351,7 +383,7 @@ def residual_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.
     ho = h_out if h_out is not None else h
     _residual_rmsnorm_kernel[(batch,)](h, dl, weight, out, ho, d, h.stride(0), dl.stride(0), out.stride(0),
                                        ho.stride(0), eps, offset, HAS_DELTA=delta is not None,
-                                       ZERO_DELTA=zero_delta, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+                                       ZERO_DELTA=zero_delta, BLOCK=block, num_warps=8 if block >= 4096 else 4, **_pdl(h))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -359,7 +391,8 @@ def residual_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.
 # (torch.topk at k = n/2 of 11008 took ~40 us on the H100; this is one launch with no host sync)
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _select_topk_kernel(s_ptr, out_ptr, B, N, K, stride_sb, NPAD: tl.constexpr, LOW_BIT: tl.constexpr):
+def _select_topk_kernel(s_ptr, out_ptr, B, N, K, stride_sb, NPAD: tl.constexpr, LOW_BIT: tl.constexpr, PDL: tl.constexpr = False):
+    _grid_dependency(PDL)
     offs = tl.arange(0, NPAD)
     mask = offs < N
     v = tl.load(s_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
@@ -404,7 +437,7 @@ def select_topk(scores: torch.Tensor, k: int, out: torch.Tensor | None = None) -
     assert n < (1 << 20), "select_topk packs counts in 20 bits"
     npad = triton.next_power_of_2(n)
     _select_topk_kernel[(1,)](scores, out, batch, n, k, scores.stride(0), NPAD=npad, LOW_BIT=low,
-                              num_warps=16 if npad >= 8192 else (8 if npad >= 2048 else 4))
+                              num_warps=16 if npad >= 8192 else (8 if npad >= 2048 else 4), **_pdl(scores))
     return out
 
 
@@ -414,7 +447,8 @@ def select_topk(scores: torch.Tensor, k: int, out: torch.Tensor | None = None) -
 @triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, NQ, NKV, T,
                        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
-                       HD: tl.constexpr, HALF_PAD: tl.constexpr):
+                       HD: tl.constexpr, HALF_PAD: tl.constexpr, PDL: tl.constexpr = False):
+    _grid_dependency(PDL)
     b = tl.program_id(0)
     j = tl.program_id(1)
     pos = tl.load(pos_ptr)
@@ -451,7 +485,7 @@ def rope_cache_write(q, k, v, kc, vc, cos, sin, pos) -> None:
     assert cos.is_contiguous() and sin.is_contiguous() and cos.shape[1] == hd
     _rope_cache_kernel[(batch, nq + nkv)](q, k, v, kc, vc, cos, sin, pos, nq, nkv, kc.shape[2], q.stride(0),
                                           q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), HD=hd,
-                                          HALF_PAD=triton.next_power_of_2(hd // 2), num_warps=1)
+                                          HALF_PAD=triton.next_power_of_2(hd // 2), num_warps=1, **_pdl(q))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -462,7 +496,8 @@ def rope_cache_write(q, k, v, kc, vc, cos, sin, pos) -> None:
 def _lazy_kv_kernel(x_ptr, xc_ptr, w_ptr, bias_ptr, heads_ptr, last_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
                     B, D, T, NQ, NKV, NSEL, GROUP, stride_xb, stride_w,
                     HD: tl.constexpr, SLICE: tl.constexpr, SEL_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+    _grid_dependency(PDL)
     # program (g, kind, s): KV group g, k (kind 0) or v (1), output dims s*SLICE.. and the same dims of
     # the second half, so that rope's pairs (i, i + HD/2) meet in one program
     g = tl.program_id(0)
@@ -550,7 +585,7 @@ def lazy_kv_fill(x, xcache, w, bias, heads, group: int, kc, vc, last, cos, sin, 
     _lazy_kv_kernel[grid](x, xcache, w, bias if bias is not None else w, heads, last, kc, vc, cos, sin, pos,
                           batch, d, t, nq, nkv, heads.numel(), group, x.stride(0), w.stride(0), HD=hd,
                           SLICE=slice_, SEL_PAD=max(16, triton.next_power_of_2(heads.numel())), BLOCK_M=block_m,
-                          BLOCK_D=128, HAS_BIAS=bias is not None, PRECISION=_precision(x), num_warps=4)
+                          BLOCK_D=128, HAS_BIAS=bias is not None, PRECISION=_precision(x), num_warps=4, **_pdl(x))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -559,7 +594,8 @@ def lazy_kv_fill(x, xcache, w, bias, heads, group: int, kc, vc, last, cos, sin, 
 @triton.jit
 def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, out_ptr, NKV, T, GROUP, scale,
                              stride_qb, stride_qh, stride_ob, stride_oh,
-                             HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+                             HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr = False):
+    _grid_dependency(PDL)
     j = tl.program_id(0)
     b = tl.program_id(1)
     head = tl.load(heads_ptr + j)
@@ -597,7 +633,7 @@ def decode_attention(q, kc, vc, heads, group: int, pos, scale: float) -> torch.T
     out = torch.empty(batch, nq, hd, device=q.device, dtype=q.dtype)
     _decode_attention_kernel[(nq, batch)](q, kc, vc, heads, pos, out, kc.shape[1], kc.shape[2], group, scale,
                                           q.stride(0), q.stride(1), out.stride(0), out.stride(1), HD=hd,
-                                          HD_PAD=triton.next_power_of_2(hd), BLOCK_T=64, num_warps=4)
+                                          HD_PAD=triton.next_power_of_2(hd), BLOCK_T=64, num_warps=4, **_pdl(q))
     return out
 
 
@@ -605,7 +641,8 @@ def decode_attention(q, kc, vc, heads, group: int, pos, scale: float) -> torch.T
 # dense gated activation: a = act(gu[:, :n]) * gu[:, n:]
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _act_mul_kernel(gu_ptr, out_ptr, N, stride_gb, stride_ob, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _act_mul_kernel(gu_ptr, out_ptr, N, stride_gb, stride_ob, ACT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    _grid_dependency(PDL)
     b = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -619,7 +656,7 @@ def act_mul(gu: torch.Tensor, act: int) -> torch.Tensor:
     n = two_n // 2
     out = torch.empty(batch, n, device=gu.device, dtype=gu.dtype)
     block = 1024
-    _act_mul_kernel[(triton.cdiv(n, block), batch)](gu, out, n, gu.stride(0), out.stride(0), ACT=act, BLOCK=block)
+    _act_mul_kernel[(triton.cdiv(n, block), batch)](gu, out, n, gu.stride(0), out.stride(0), ACT=act, BLOCK=block, **_pdl(gu))
     return out
 
 
@@ -697,7 +734,8 @@ def _topk_keys_kernel(src_ptr, w2_ptr, b2_ptr, keys_ptr, hist_ptr, out_ptr, B, N
                       up_weight, FUSED: tl.constexpr, RELU: tl.constexpr, USE_DOT: tl.constexpr,
                       B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, KEY_BITS: tl.constexpr,
                       LEVELS: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
-                      UPCAST: tl.constexpr, EXACT_UP: tl.constexpr = False, HAS_LOGITS: tl.constexpr = False):
+                      UPCAST: tl.constexpr, EXACT_UP: tl.constexpr = False, HAS_LOGITS: tl.constexpr = False, PDL: tl.constexpr = False):
+    _grid_dependency(PDL)
     # EXACT_UP: src is up's output [B, N] and w2_ptr the predictor's logits (row stride stride_w); the
     # score log|up| + up_weight * logit is formed in fp32 and keyed in fp32 or, KEY_BITS 16, in fp16
     pid = tl.program_id(0)
@@ -795,7 +833,8 @@ def _resolve_level(hist_ptr, meta_ptr, K, LEVEL: tl.constexpr):
 
 @triton.jit
 def _topk_refine_kernel(keys_ptr, hist_ptr, meta_ptr, N, K, LEVEL: tl.constexpr, KEY_BITS: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    _grid_dependency(PDL)
     pid = tl.program_id(0)
     prefix, above = _resolve_level(hist_ptr, meta_ptr, K, LEVEL - 1)
     if pid == 0:
@@ -811,7 +850,8 @@ def _topk_refine_kernel(keys_ptr, hist_ptr, meta_ptr, N, K, LEVEL: tl.constexpr,
 
 @triton.jit
 def _topk_emit_kernel(keys_ptr, hist_ptr, meta_ptr, out_ptr, N, K, LEVELS: tl.constexpr, KEY_BITS: tl.constexpr,
-                      BLOCK: tl.constexpr, SCAN: tl.constexpr):
+                      BLOCK: tl.constexpr, SCAN: tl.constexpr, PDL: tl.constexpr = False):
+    _grid_dependency(PDL)
     pid = tl.program_id(0)
     prefix, above = _resolve_level(hist_ptr, meta_ptr, K, LEVELS - 1)
     thr = (prefix - (1 << (KEY_BITS - 1))).to(tl.int32)
@@ -890,15 +930,15 @@ def _wide_topk(src: torch.Tensor, w2: torch.Tensor | None, b2: torch.Tensor | No
         batch, n, rank, k, src.stride(0), w2.stride(0) if fused else (logits.stride(0) if logits is not None else 0),
         float(up_weight), EXACT_UP=exact_up is not None, HAS_LOGITS=logits is not None, FUSED=fused, RELU=relu, USE_DOT=use_dot, B_PAD=DOT_BATCH if use_dot else 1,
         BLOCK_N=block_n, BLOCK_R=block_r, KEY_BITS=ws.key_bits, LEVELS=ws.levels, SINGLE=single,
-        PRECISION="tf32" if _INTERPRETED else _precision(src), UPCAST=_INTERPRETED, num_warps=warps)
+        PRECISION="tf32" if _INTERPRETED else _precision(src), UPCAST=_INTERPRETED, num_warps=warps, **_pdl(src))
     if single:
         return out
     grid = (triton.cdiv(n, WIDE_SLICE),)
     for level in range(1, ws.levels):
         _topk_refine_kernel[grid](ws.keys, ws.hist, ws.meta, n, k, LEVEL=level, KEY_BITS=ws.key_bits,
-                                  BLOCK=WIDE_SLICE, num_warps=4)
+                                  BLOCK=WIDE_SLICE, num_warps=4, **_pdl(ws.keys))
     _topk_emit_kernel[grid](ws.keys, ws.hist, ws.meta, out, n, k, LEVELS=ws.levels, KEY_BITS=ws.key_bits,
-                            BLOCK=WIDE_SLICE, SCAN=4 * WIDE_SLICE, num_warps=4)
+                            BLOCK=WIDE_SLICE, SCAN=4 * WIDE_SLICE, num_warps=4, **_pdl(ws.keys))
     return out
 
 

@@ -163,3 +163,18 @@ def test_fused_cpu_gather_matches_chunked(monkeypatch):
     if fused is None:
         pytest.skip("torch.compile unavailable here; the chunked path is used")
     torch.testing.assert_close(fused, x @ w[rows].T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_programmatic_dependent_launch_only_on_cuda_tensors(monkeypatch):
+    """PDL is a launch option of CUDA kernels (Hopper+): CPU tensors (the interpreter) never get it, and
+    DEJAVU_PDL=0 / USE_PDL turns it off everywhere."""
+    from dejavu.runtime.kernels import triton_kernels as T
+
+    assert T._pdl(torch.zeros(1)) == {"PDL": False, "launch_pdl": False}
+    monkeypatch.setattr(T, "USE_PDL", False)
+    assert T._pdl(torch.zeros(1)) == {"PDL": False, "launch_pdl": False}
+    code = "import os; os.environ['DEJAVU_PDL'] = '0'; from dejavu.runtime.kernels import triton_kernels as T; " \
+           "print(T.USE_PDL)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "False", proc.stderr[-2000:]

@@ -63,14 +63,6 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _pdl_enabled() -> bool:
-    """Whether the Triton kernels launch with programmatic dependent launch (DEJAVU_PDL, Hopper+)."""
-    from dejavu.runtime.kernels import triton_kernels
-
-    return bool(torch.cuda.is_available() and triton_kernels.USE_PDL
-                and torch.cuda.get_device_capability()[0] >= 9)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--synthetic", default="llama-2-7b")
@@ -126,13 +118,18 @@ def main() -> None:
                      predictor_priority=args.priority)
     copy = speed.copy_bandwidth_gbps(device)
     hf = speed.hf_eager_ms_per_token(model, 1, args.hf_tokens, device)
-    print(f"copy {copy:.0f} GB/s; HF eager {hf:.2f} ms/token; PDL {_pdl_enabled()}", flush=True)
+    pdl = False  # programmatic dependent launch of the Triton kernels (DEJAVU_PDL, Hopper+)
+    if device.type == "cuda":
+        from dejavu.runtime.kernels import triton_kernels
+
+        pdl = triton_kernels.pdl_enabled(torch.empty(0, device=device))
+    print(f"copy {copy:.0f} GB/s; HF eager {hf:.2f} ms/token; PDL {pdl}", flush=True)
     result = {"model": args.synthetic, "synthetic": True, "layers": adapter.num_layers, "device": str(device),
               "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "dtype": args.dtype, "copy_bandwidth_gbps": copy, "hf_eager_ms_per_token": hf,
               "predictor_rank": preds.meta.get("rank"), "decode_tokens": args.tokens, "warmup": args.warmup,
               "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
-              "kv": args.kv, "pdl": _pdl_enabled(), "mlp_pairing": preds.mlp_pairing, "head_pairing": preds.head_pairing,
+              "kv": args.kv, "pdl": pdl, "mlp_pairing": preds.mlp_pairing, "head_pairing": preds.head_pairing,
               "select_impl": args.select_impl, "predictor_priority": args.priority, "gemm_tiles": args.gemm_tiles,
               "sweep": {}}
     table = []

@@ -44,6 +44,7 @@ from torch import nn
 from dejavu.errors import DejavuError
 from dejavu.models.adapters import Adapter, _linear_weight
 from dejavu.predictor import PredictorSet, topk_mask, units_for_density
+from dejavu.runtime.reference import exact_up_scores
 
 SELECTIONS = ("predictor", "oracle", "dense")
 MODES = ("mask", "gather")
@@ -313,9 +314,8 @@ class SparseRuntime:
         def hook(module, args, out):
             if not self.enabled:
                 return None
-            logits = self._mlp_logits.pop(l).reshape(out.shape).float()
-            score = out.float().abs().clamp_min(1e-30).log() + self.mlp_up_weight * logits
-            self._mlp_sel[l] = topk_mask(score, self.mlp_density[l])
+            logits = self._mlp_logits.pop(l).reshape(out.shape)
+            self._mlp_sel[l] = topk_mask(exact_up_scores(out, logits, self.mlp_up_weight), self.mlp_density[l])
             return None
 
         return hook

@@ -74,9 +74,9 @@ def measure_speed(model, adapter, predictors, *, device, dtype, batch_sizes, dec
     if model_type not in SUPPORTED_MODEL_TYPES:
         warnings.warn(f"no fast decode loop for {model_type!r} models yet; timing HF eager decode instead",
                       stacklevel=2)
-        if mlp_candidate_density is not None or mlp_up_weight is not None:
-            warnings.warn("the HF eager timing runs the predictor's own selection; two-stage and exact-up are "
-                          "timed only in the fast loop", stacklevel=2)
+        if mlp_candidate_density is not None or mlp_up_weight is not None or skip_kv:
+            warnings.warn("the HF eager timing runs the predictor's own selection with every k/v; two-stage, "
+                          "exact-up and skip_kv are timed only in the fast loop", stacklevel=2)
         return _fallback_speed(model, adapter, predictors, **common)
     return speed_report(model, adapter, predictors, mlp_candidate_density=mlp_candidate_density,
                         mlp_up_weight=mlp_up_weight, skip_kv=skip_kv, **common)
@@ -231,9 +231,10 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
     if cand_d is None and manifest is not None:
         cand_d = manifest.get("mlp_candidate_density")
     cand_d = cand_d if use is not None else None
+    up_w = rt.mlp_up_weight if use is not None else None  # exact-up, likewise predictor selection only
     base = {"model": source.display, "device": str(device), "dtype": _dtype_name(dtype), "mlp_density": mlp_d,
             "head_density": head_d, "synthetic": False, "selection": rt.selection,
-            "mlp_candidate_density": cand_d, "mlp_up_weight": rt.mlp_up_weight if use is not None else None,
+            "mlp_candidate_density": cand_d, "mlp_up_weight": up_w,
             "bundle": str(bundle) if bundle else None, "mlp_pairing": predictors.mlp_pairing if use else None,
             "head_pairing": predictors.head_pairing if use else None}
     quality_data = None
@@ -247,8 +248,7 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
         # Explicit densities from flags override the bundle's per-layer ones; otherwise keep those.
         with SparseRuntime(model, adapter, use, selection=rt.selection, mlp_density=rt.mlp_density
                            if use else mlp_d, head_density=rt.head_density if use else head_d,
-                           mlp_candidate_density=cand_d,
-                           mlp_up_weight=rt.mlp_up_weight if use is not None else None) as runtime:
+                           mlp_candidate_density=cand_d, mlp_up_weight=up_w) as runtime:
             t0 = time.perf_counter()
             quality_data = compare(model, runtime, tokens, window, stride)
             quality_data["computed"] = runtime.stats.summary()
@@ -265,6 +265,5 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
         sp = use.with_densities(rt.mlp_density, rt.head_density) if use is not None else None
         speed_data = measure_speed(model, adapter, sp, device=device, dtype=dtype, batch_sizes=batch_sizes,
                                    decode_tokens=rt.decode_tokens, warmup=rt.warmup, mlp_candidate_density=cand_d,
-                                   mlp_up_weight=rt.mlp_up_weight if use is not None else None,
-                                   skip_kv=rt.skip_kv)
+                                   mlp_up_weight=up_w, skip_kv=rt.skip_kv)
     return build_report(base, quality_data, speed_data, batch_sizes[0])

@@ -410,7 +410,7 @@ class DecodeModel:
         group = self.pred_groups.get(layer)
         if group is None:
             return
-        side = not (self.pred_stream is None or not x.is_cuda or self.select_impl == "static")
+        side = self.pred_stream is not None and x.is_cuda and self.select_impl != "static"
         if side:
             self.pred_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.pred_stream) if side else contextlib.nullcontext():
@@ -436,8 +436,7 @@ class DecodeModel:
     @torch.no_grad()
     def step(self, st: DecodeState, sparse: bool) -> torch.Tensor:
         hs, xn, eps, off = st.hs, st.xn, self.eps, self.norm_offset
-        lazy = st.xcache is not None
-        if sparse and self.skip_kv and not lazy:
+        if sparse and self.skip_kv and st.xcache is None:
             raise DejavuError("this decode state was made dense_only: a sparse step with skip_kv needs one "
                               "made by new_state(batch)")
         torch.index_select(self.embed, 0, st.tokens, out=hs[0])
@@ -449,11 +448,7 @@ class DecodeModel:
         for i, lw in enumerate(self.layers):
             if sparse:
                 self.select(hs[i], i, heads_sel, mlp_sel)
-            hidx = self._take(heads_sel, i)
-            if lazy:  # without a selection every head reads: every group's gaps are filled first
-                self._attention_lazy_kv(st, i, lw, hidx if hidx is not None else self.all_heads)
-            else:
-                self._attention(st, i, lw, hidx)
+            self._attention(st, i, lw, self._take(heads_sel, i))
             self._mlp(st, i, lw, mlp_sel, sparse)
         logits = F.linear(xn, self.lm_head)
         st.tokens.copy_(logits.argmax(-1))
@@ -461,54 +456,45 @@ class DecodeModel:
         return logits
 
     def _attention(self, st: DecodeState, i: int, lw: LayerWeights, hidx: torch.Tensor | None) -> None:
-        """q for the selected heads (all without a selection), k/v for every KV group."""
+        """q for the selected heads (all without a selection); k/v for every KV group, or with skip_kv
+        only for the groups those heads read, at this position and at every earlier one a group skipped
+        (from the stored inputs), so the attention reads exact k/v either way."""
         batch, H, KV, hd = st.batch, self.H, self.KV, self.hd
         xn, acc = st.xn, st.acc
         kc, vc = st.cache[i]
         triton_dense = self.dense_impl == "triton"
-        if hidx is not None:
-            # one launch: the selected heads' q rows, then every k and v row
-            qkv = ops.gather_matvec(xn, lw.wqkv, hidx, hd, None, 0, 2 * KV * hd)
+        heads = hidx if hidx is not None else self.all_heads
+        if st.xcache is not None:
+            q = ops.gather_matvec(xn, lw.wqkv, heads, hd, None, 0)
             if lw.bqkv is not None:
-                qkv = qkv + torch.cat([lw.bqkv[:H * hd].view(H, hd).index_select(0, hidx).reshape(-1),
-                                       lw.bqkv[H * hd:]])
-            q, kv = qkv[:, :hidx.numel() * hd], qkv[:, hidx.numel() * hd:]
-            heads = hidx
+                q = q + lw.bqkv[:H * hd].view(H, hd).index_select(0, heads).reshape(-1)
+            ops.lazy_kv_fill(xn, st.xcache[i], lw.wqkv, lw.bqkv, heads, self.group, kc, vc, st.kv_last[i],
+                             self.cos, self.sin, st.pos)
+            q3 = q.view(batch, -1, hd)
+            k = v = q3[:, :0]  # the cache holds this position's k/v already: rope rotates q only
         else:
-            if triton_dense:
+            if hidx is not None:
+                # one launch: the selected heads' q rows, then every k and v row
+                qkv = ops.gather_matvec(xn, lw.wqkv, hidx, hd, None, 0, 2 * KV * hd)
+                if lw.bqkv is not None:
+                    qkv = qkv + torch.cat([lw.bqkv[:H * hd].view(H, hd).index_select(0, hidx).reshape(-1),
+                                           lw.bqkv[H * hd:]])
+            elif triton_dense:
                 qkv = ops.gather_matvec(xn, lw.wqkv, self.all_qkv_rows, 1, None, 0)
                 if lw.bqkv is not None:
                     qkv = qkv + lw.bqkv
             else:
                 qkv = F.linear(xn, lw.wqkv, lw.bqkv)
-            q, kv = qkv[:, :H * hd], qkv[:, H * hd:]
-            heads = self.all_heads
-        q3 = q.view(batch, -1, hd)
-        ops.rope_cache_write(q3, kv[:, :KV * hd].view(batch, KV, hd), kv[:, KV * hd:].view(batch, KV, hd),
-                             kc, vc, self.cos, self.sin, st.pos)
+            q3 = qkv[:, :heads.numel() * hd].view(batch, -1, hd)
+            kv = qkv[:, heads.numel() * hd:]
+            k, v = kv[:, :KV * hd].view(batch, KV, hd), kv[:, KV * hd:].view(batch, KV, hd)
+        ops.rope_cache_write(q3, k, v, kc, vc, self.cos, self.sin, st.pos)
         att = ops.decode_attention(q3, kc, vc, heads, self.group, st.pos, self.scale).view(batch, -1)
-        if hidx is not None or triton_dense:
+        if hidx is not None or triton_dense or st.xcache is not None:
             ops.gather_vecmat_acc(att, lw.wo_t, heads, hd, acc)
             ops.residual_rmsnorm(st.hs[i], acc, lw.ln2, xn, self.eps, self.norm_offset, True, st.hmid)
         else:
             ops.residual_rmsnorm(st.hs[i], att @ lw.wo_t, lw.ln2, xn, self.eps, self.norm_offset, False, st.hmid)
-
-    def _attention_lazy_kv(self, st: DecodeState, i: int, lw: LayerWeights, hidx: torch.Tensor) -> None:
-        """skip_kv: q for the selected heads; k/v for their KV groups only, at this position and at every
-        earlier one the group skipped (from the stored inputs), so the attention reads exact k/v."""
-        batch, H, hd, xn = st.batch, self.H, self.hd, st.xn
-        kc, vc = st.cache[i]
-        q = ops.gather_matvec(xn, lw.wqkv, hidx, hd, None, 0)
-        if lw.bqkv is not None:
-            q = q + lw.bqkv[:H * hd].view(H, hd).index_select(0, hidx).reshape(-1)
-        ops.lazy_kv_fill(xn, st.xcache[i], lw.wqkv, lw.bqkv, hidx, self.group, kc, vc, st.kv_last[i],
-                         self.cos, self.sin, st.pos)
-        q3 = q.view(batch, -1, hd)
-        no_kv = q3[:, :0]  # the cache holds this position's k/v already: rope rotates q only
-        ops.rope_cache_write(q3, no_kv, no_kv, kc, vc, self.cos, self.sin, st.pos)
-        att = ops.decode_attention(q3, kc, vc, hidx, self.group, st.pos, self.scale).view(batch, -1)
-        ops.gather_vecmat_acc(att, lw.wo_t, hidx, hd, st.acc)
-        ops.residual_rmsnorm(st.hs[i], st.acc, lw.ln2, xn, self.eps, self.norm_offset, True, st.hmid)
 
     def _mlp(self, st: DecodeState, i: int, lw: LayerWeights, mlp_sel: dict, sparse: bool) -> None:
         """The selected neurons' rows of gate, up and down^T only (all rows without a selection)."""

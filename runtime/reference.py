@@ -190,13 +190,6 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torc
         vc.index_copy_(2, pos, v.unsqueeze(2).to(vc.dtype))
 
 
-def kv_groups_needed(heads: torch.Tensor, group: int, num_kv: int) -> torch.Tensor:
-    """[KV] bool: the KV groups at least one selected q head reads."""
-    need = torch.zeros(num_kv, dtype=torch.bool, device=heads.device)
-    need[heads // group] = True
-    return need
-
-
 def lazy_kv_fill(x: torch.Tensor, xcache: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
                  heads: torch.Tensor, group: int, kc: torch.Tensor, vc: torch.Tensor, last: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> None:
@@ -213,30 +206,27 @@ def lazy_kv_fill(x: torch.Tensor, xcache: torch.Tensor, w: torch.Tensor, bias: t
     num_q = w.shape[0] // hd - 2 * num_kv
     xcache[:, p] = x
     last_in, last_out = last[p % 2], last[(p + 1) % 2]
-    need = kv_groups_needed(heads, group, num_kv)
+    need = torch.zeros(num_kv, dtype=torch.bool, device=heads.device)
+    need[heads // group] = True
     last_out.copy_(torch.where(need, torch.full_like(last_in, p), last_in))
+
+    def project(inputs: torch.Tensor, groups: torch.Tensor, start: int) -> None:
+        """k (rotated) and v of `groups` for inputs [B, m, d] at positions start.., into the cache."""
+        units = torch.cat([num_q + groups, num_q + num_kv + groups])  # k rows, then v rows
+        kv = gather_matvec(inputs.reshape(-1, inputs.shape[-1]), w, units, hd)
+        if bias is not None:
+            kv = kv + bias.view(-1, hd)[units].reshape(-1)
+        k, v = kv.view(*inputs.shape[:2], 2, groups.numel(), hd).transpose(1, 3).unbind(2)  # [B, G, m, hd]
+        end = start + inputs.shape[1]
+        kc[:, groups, start:end] = _rotate(k, cos[start:end], sin[start:end]).to(kc.dtype)
+        vc[:, groups, start:end] = v.to(vc.dtype)
+
     groups = need.nonzero().flatten()
-    # this position, every read group at once (the common case: no gap)
-    kv = gather_matvec(x, w, torch.cat([num_q + groups, num_q + num_kv + groups]), hd)
-    if bias is not None:
-        kv = kv + bias.view(-1, hd)[torch.cat([num_q + groups, num_q + num_kv + groups])].reshape(-1)
-    k, v = kv.view(x.shape[0], 2, groups.numel(), hd).unbind(1)
-    kc[:, groups, p] = _rotate(k, cos[p], sin[p]).to(kc.dtype)
-    vc[:, groups, p] = v.to(vc.dtype)
+    project(x[:, None], groups, p)  # this position, every read group at once (the common case: no gap)
     for g in groups.tolist():  # earlier positions the group skipped
         start = int(last_in[g]) + 1
-        if start >= p:
-            continue
-        xs = xcache[:, start:p]  # [B, m, d]
-        for kind, cache in ((0, kc), (1, vc)):
-            row = (num_q + kind * num_kv + g) * hd
-            # rounded to the model dtype before rope, as the dense path's projection output is
-            y = (xs.float() @ w[row:row + hd].float().T).to(x.dtype)
-            if bias is not None:
-                y = y + bias[row:row + hd]
-            if kind == 0:
-                y = _rotate(y, cos[start:p], sin[start:p])
-            cache[:, g, start:p] = y.to(cache.dtype)
+        if start < p:
+            project(xcache[:, start:p], groups.new_tensor([g]), start)
 
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, heads: torch.Tensor, group: int,

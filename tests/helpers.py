@@ -3,6 +3,10 @@ a small byte-level BPE tokenizer trained on the calibration text, and the shared
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -145,3 +149,31 @@ def random_predictors(adapter, mlp_density: float = 0.5, head_density: float = 1
 def random_ids(model, seq: int = 20, batch: int = 2, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, model.config.vocab_size, (batch, seq), generator=g)
+
+
+def rope_tables(length: int, head_dim: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length, head_dim] of rotary embeddings (base 10000, halves repeated, as HF's Llama)."""
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    angles = torch.arange(length, device=device).float()[:, None] * inv[None]
+    angles = torch.cat([angles, angles], -1)
+    return angles.cos().contiguous(), angles.sin().contiguous()
+
+
+_INTERPRETER_PROLOGUE = """\
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from dejavu.runtime.kernels.interpret import patch_interpreter
+patch_interpreter()
+"""
+
+
+def run_interpreted(body: str, timeout: int = 240) -> None:
+    """Run `body` (Python, indented as written in a test) in a fresh process under Triton's CPU
+    interpreter; it must print "ok" last. A fresh process, since TRITON_INTERPRET is read as Triton loads.
+    The body may import this module (`from helpers import ...`)."""
+    script = _INTERPRETER_PROLOGUE + textwrap.dedent(body)
+    path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -290,14 +290,8 @@ def _read_json(path: Path) -> dict | None:
 
 def finished_record(out: Path, layer: int, key: str) -> dict | None:
     """The progress record of a layer already trained with these settings, if its file is intact."""
-    path = _record_path(out, layer)
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if record.get("key") != key:
+    record = _read_json(_record_path(out, layer))
+    if record is None or record.get("key") != key:
         return None
     weights = out / record["file"]
     if not weights.is_file() or weights.stat().st_size != record["bytes"] or sha256_file(weights) != record["sha256"]:
@@ -549,7 +543,7 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
             del train_data, eval_data
             if writer:
                 _save_layer(out, layer, key, tensors, {
-                    "metrics": metrics, "load_seconds": round(loaded - started, 3),
+                    "metrics": metrics, "load_wait_seconds": round(loaded - started, 3),
                     "warm_up_wait_seconds": round(warm_up_wait, 3), "fit_seconds": round(fitted - fit_started, 3),
                     "process": acc.process_index, "replicas": 1 if replicas is None else replicas.size,
                 }, started)
@@ -609,9 +603,8 @@ def _finish(out: Path, cfg: RunConfig, collect: CollectRun, layers: list[int], k
         "train_seconds": {str(layer): records[layer]["seconds"] for layer in layers},
         # train_seconds split: waiting for the layer's data (read ahead, then moved to the device), for
         # the device's one-off warm-up (first layer of a process), and fitting plus held-out metrics
-        "load_wait_seconds": {str(layer): records[layer].get("load_seconds") for layer in layers},
-        "warm_up_wait_seconds": {str(layer): records[layer].get("warm_up_wait_seconds") for layer in layers},
-        "fit_seconds": {str(layer): records[layer].get("fit_seconds") for layer in layers},
+        **{name: {str(layer): records[layer].get(name) for layer in layers}
+           for name in ("load_wait_seconds", "warm_up_wait_seconds", "fit_seconds")},
         # per process: seconds from its start to the end of its layers, by phase (execution detail:
         # it differs between runs and is not part of what the predictors are)
         "process_phases": {str(r): _read_json(out / "progress" / f"phases-{r}.json") for r in range(processes)},

@@ -61,9 +61,14 @@ def _supports_pdl(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+def pdl_enabled(t: torch.Tensor) -> bool:
+    """Whether kernels over tensors on t's device launch with PDL (on, and the GPU has it)."""
+    return USE_PDL and t.is_cuda and _supports_pdl(t.device.index or 0)
+
+
 def _pdl(t: torch.Tensor) -> dict:
-    """Launch options of a kernel over tensors on t's device: PDL where the GPU has it."""
-    on = USE_PDL and t.is_cuda and _supports_pdl(t.device.index or 0)
+    """Launch options of a kernel over tensors on t's device."""
+    on = pdl_enabled(t)
     return {"PDL": on, "launch_pdl": on}
 
 
@@ -96,7 +101,8 @@ def _activation(x, ACT: tl.constexpr):
 @triton.jit
 def _gather_gemv_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, D, NROWS, NSEL, TAIL_START, stride_w,
                         UNIT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PDL: tl.constexpr = False):
+                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                        PDL: tl.constexpr = False):
     _grid_dependency(PDL)
     pid = tl.program_id(0)
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -180,8 +186,8 @@ def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, part_ptr, B, D, D
 @triton.jit
 def _split_finish_kernel(part_ptr, out_ptr, NROWS, stride_pb, stride_pp, stride_ob, GATED: tl.constexpr,
                          ACT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    _grid_dependency(PDL)
     """out = act(gate sums) * up sums, and the partial sums zeroed again for the next call."""
+    _grid_dependency(PDL)
     b = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < NROWS
@@ -347,7 +353,8 @@ def gather_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor, unit
     _gather_vecmat_kernel[grid](h, wt, idx, acc, h if scale is None else scale, batch, d, nrows, rows_per_split,
                                 h.stride(0), wt.stride(0), acc.stride(0), 0 if scale is None else scale.stride(0),
                                 UNIT=unit, B_PAD=DOT_BATCH if use_dot else 1, USE_DOT=use_dot, BLOCK_R=block_r,
-                                BLOCK_D=block_d, PRECISION=_precision(h), SCALE=scale is not None, num_warps=warps, **_pdl(h))
+                                BLOCK_D=block_d, PRECISION=_precision(h), SCALE=scale is not None, num_warps=warps,
+                                **_pdl(h))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -383,7 +390,8 @@ def residual_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.
     ho = h_out if h_out is not None else h
     _residual_rmsnorm_kernel[(batch,)](h, dl, weight, out, ho, d, h.stride(0), dl.stride(0), out.stride(0),
                                        ho.stride(0), eps, offset, HAS_DELTA=delta is not None,
-                                       ZERO_DELTA=zero_delta, BLOCK=block, num_warps=8 if block >= 4096 else 4, **_pdl(h))
+                                       ZERO_DELTA=zero_delta, BLOCK=block, num_warps=8 if block >= 4096 else 4,
+                                       **_pdl(h))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,7 +399,8 @@ def residual_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.
 # (torch.topk at k = n/2 of 11008 took ~40 us on the H100; this is one launch with no host sync)
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _select_topk_kernel(s_ptr, out_ptr, B, N, K, stride_sb, NPAD: tl.constexpr, LOW_BIT: tl.constexpr, PDL: tl.constexpr = False):
+def _select_topk_kernel(s_ptr, out_ptr, B, N, K, stride_sb, NPAD: tl.constexpr, LOW_BIT: tl.constexpr,
+                        PDL: tl.constexpr = False):
     _grid_dependency(PDL)
     offs = tl.arange(0, NPAD)
     mask = offs < N
@@ -496,7 +505,8 @@ def rope_cache_write(q, k, v, kc, vc, cos, sin, pos) -> None:
 def _lazy_kv_kernel(x_ptr, xc_ptr, w_ptr, bias_ptr, heads_ptr, last_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
                     B, D, T, NQ, NKV, NSEL, GROUP, stride_xb, stride_w,
                     HD: tl.constexpr, SLICE: tl.constexpr, SEL_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+                    BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                    PDL: tl.constexpr = False):
     _grid_dependency(PDL)
     # program (g, kind, s): KV group g, k (kind 0) or v (1), output dims s*SLICE.. and the same dims of
     # the second half, so that rope's pairs (i, i + HD/2) meet in one program
@@ -594,7 +604,8 @@ def lazy_kv_fill(x, xcache, w, bias, heads, group: int, kc, vc, last, cos, sin, 
 @triton.jit
 def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, out_ptr, NKV, T, GROUP, scale,
                              stride_qb, stride_qh, stride_ob, stride_oh,
-                             HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr = False):
+                             HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                             PDL: tl.constexpr = False):
     _grid_dependency(PDL)
     j = tl.program_id(0)
     b = tl.program_id(1)
@@ -641,7 +652,8 @@ def decode_attention(q, kc, vc, heads, group: int, pos, scale: float) -> torch.T
 # dense gated activation: a = act(gu[:, :n]) * gu[:, n:]
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _act_mul_kernel(gu_ptr, out_ptr, N, stride_gb, stride_ob, ACT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+def _act_mul_kernel(gu_ptr, out_ptr, N, stride_gb, stride_ob, ACT: tl.constexpr, BLOCK: tl.constexpr,
+                    PDL: tl.constexpr = False):
     _grid_dependency(PDL)
     b = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -656,7 +668,8 @@ def act_mul(gu: torch.Tensor, act: int) -> torch.Tensor:
     n = two_n // 2
     out = torch.empty(batch, n, device=gu.device, dtype=gu.dtype)
     block = 1024
-    _act_mul_kernel[(triton.cdiv(n, block), batch)](gu, out, n, gu.stride(0), out.stride(0), ACT=act, BLOCK=block, **_pdl(gu))
+    _act_mul_kernel[(triton.cdiv(n, block), batch)](gu, out, n, gu.stride(0), out.stride(0), ACT=act, BLOCK=block,
+                                                    **_pdl(gu))
     return out
 
 
@@ -734,7 +747,8 @@ def _topk_keys_kernel(src_ptr, w2_ptr, b2_ptr, keys_ptr, hist_ptr, out_ptr, B, N
                       up_weight, FUSED: tl.constexpr, RELU: tl.constexpr, USE_DOT: tl.constexpr,
                       B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, KEY_BITS: tl.constexpr,
                       LEVELS: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
-                      UPCAST: tl.constexpr, EXACT_UP: tl.constexpr = False, HAS_LOGITS: tl.constexpr = False, PDL: tl.constexpr = False):
+                      UPCAST: tl.constexpr, EXACT_UP: tl.constexpr = False, HAS_LOGITS: tl.constexpr = False,
+                      PDL: tl.constexpr = False):
     _grid_dependency(PDL)
     # EXACT_UP: src is up's output [B, N] and w2_ptr the predictor's logits (row stride stride_w); the
     # score log|up| + up_weight * logit is formed in fp32 and keyed in fp32 or, KEY_BITS 16, in fp16
@@ -928,7 +942,8 @@ def _wide_topk(src: torch.Tensor, w2: torch.Tensor | None, b2: torch.Tensor | No
     _topk_keys_kernel[(triton.cdiv(n, block_n),)](
         src, w2 if fused else (logits if logits is not None else src), b2 if fused else src, ws.keys, ws.hist, out,
         batch, n, rank, k, src.stride(0), w2.stride(0) if fused else (logits.stride(0) if logits is not None else 0),
-        float(up_weight), EXACT_UP=exact_up is not None, HAS_LOGITS=logits is not None, FUSED=fused, RELU=relu, USE_DOT=use_dot, B_PAD=DOT_BATCH if use_dot else 1,
+        float(up_weight), EXACT_UP=exact_up is not None, HAS_LOGITS=logits is not None, FUSED=fused, RELU=relu,
+        USE_DOT=use_dot, B_PAD=DOT_BATCH if use_dot else 1,
         BLOCK_N=block_n, BLOCK_R=block_r, KEY_BITS=ws.key_bits, LEVELS=ws.levels, SINGLE=single,
         PRECISION="tf32" if _INTERPRETED else _precision(src), UPCAST=_INTERPRETED, num_warps=warps, **_pdl(src))
     if single:

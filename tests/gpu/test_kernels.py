@@ -322,14 +322,14 @@ def test_lazy_kv_fill_matches_reference(dtype, batch, d, hd, num_kv, group, with
     like the reference does, in the cache, the stored inputs and the per-group last positions."""
     from dejavu.runtime.kernels import triton_kernels as T
 
+    from helpers import rope_tables
+
     torch.manual_seed(batch + d)
     length, plen = 96, 4
     num_q = num_kv * group
     w = (torch.randn((num_q + 2 * num_kv) * hd, d, device="cuda") * d ** -0.5).to(dtype)
     bias = (torch.randn(w.shape[0], device="cuda") * 0.1).to(dtype) if with_bias else None
-    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, device="cuda").float() / hd))
-    ang = torch.arange(length, device="cuda").float()[:, None] * inv[None]
-    cos, sin = torch.cat([ang, ang], -1).cos().contiguous(), torch.cat([ang, ang], -1).sin().contiguous()
+    cos, sin = rope_tables(length, hd, device="cuda")
     xs = torch.randn(batch, length, d, device="cuda").to(dtype)
     gen = torch.Generator().manual_seed(0)
     selections = [torch.randperm(num_q, generator=gen)[:max(1, num_q // (8 if p < 60 else 2))].sort().values.cuda()

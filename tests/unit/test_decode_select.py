@@ -4,10 +4,6 @@ CPU interpreter), against the unfused path and the exact selection contract."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -16,6 +12,8 @@ from transformers import AutoModelForCausalLM
 from dejavu.models.adapters import adapter_for
 from dejavu.predictor import PredictorSet
 from dejavu.runtime.decode import DecodeModel
+
+from helpers import run_interpreted
 
 
 @pytest.mark.parametrize("pairing", ["current", "lookahead"])
@@ -47,12 +45,7 @@ def test_fused_and_classic_selection_agree_on_cpu(tiny_model_factory, pairing):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (interpreter mode)")
 def test_wide_topk_kernels_in_interpreter():
-    script = textwrap.dedent('''
-        import os
-        os.environ["TRITON_INTERPRET"] = "1"
-        import torch
-        from dejavu.runtime.kernels.interpret import patch_interpreter
-        patch_interpreter()
+    run_interpreted('''
         from dejavu.runtime.kernels import triton_kernels as T
         torch.manual_seed(0)
         def exact(scores, k):
@@ -98,9 +91,6 @@ def test_wide_topk_kernels_in_interpreter():
                         assert out.unique().numel() == k and torch.equal(out, out.sort().values)
         print("ok")
     ''')
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 def test_static_selection_runs_without_predictors(tiny_model_factory):

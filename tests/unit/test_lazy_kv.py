@@ -5,15 +5,15 @@ Triton's CPU interpreter) and the decode loop."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
+from dejavu.errors import DejavuError
 from dejavu.runtime import reference as R
+from dejavu.runtime.decode import DecodeModel
+
+from helpers import load_tiny, random_ids, random_predictors, rope_tables, run_interpreted
 
 
 def _dense_kv(xs, w, bias, num_q, num_kv, hd, cos, sin):
@@ -25,13 +25,6 @@ def _dense_kv(xs, w, bias, num_q, num_kv, hd, cos, sin):
     return k.transpose(1, 2), v.transpose(1, 2)
 
 
-def _rope(T, hd):
-    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
-    ang = torch.arange(T).float()[:, None] * inv[None]
-    ang = torch.cat([ang, ang], -1)
-    return ang.cos().contiguous(), ang.sin().contiguous()
-
-
 @pytest.mark.parametrize("group,with_bias", [(1, False), (3, True)])
 def test_reference_fill_matches_dense_kv_for_every_read_group(group, with_bias):
     torch.manual_seed(group)
@@ -40,7 +33,7 @@ def test_reference_fill_matches_dense_kv_for_every_read_group(group, with_bias):
     w = torch.randn((num_q + 2 * num_kv) * hd, d)
     bias = torch.randn(w.shape[0]) if with_bias else None
     xs = torch.randn(B, T, d)
-    cos, sin = _rope(T, hd)
+    cos, sin = rope_tables(T, hd)
     k_ref, v_ref = _dense_kv(xs, w, bias, num_q, num_kv, hd, cos, sin)
     kc, vc = torch.zeros(B, num_kv, T, hd), torch.zeros(B, num_kv, T, hd)
     kc[:, :, :plen], vc[:, :, :plen] = k_ref[:, :, :plen], v_ref[:, :, :plen]  # the dense prefill
@@ -60,23 +53,17 @@ def test_reference_fill_matches_dense_kv_for_every_read_group(group, with_bias):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (interpreter mode)")
 def test_lazy_kv_kernel_in_interpreter_matches_reference():
-    script = textwrap.dedent('''
-        import os
-        os.environ["TRITON_INTERPRET"] = "1"
-        import torch
-        from dejavu.runtime.kernels.interpret import patch_interpreter
-        patch_interpreter()
+    run_interpreted('''
         from dejavu.runtime import reference as R
         from dejavu.runtime.kernels import triton_kernels as T
+        from helpers import rope_tables
         torch.manual_seed(0)
         for B, group, with_bias, T_len, hd in ((1, 1, False, 40, 32), (3, 2, True, 24, 64), (2, 2, False, 12, 16)):
             d, num_kv, plen = 40, 3, 2
             num_q = num_kv * group
             w = torch.randn((num_q + 2 * num_kv) * hd, d)
             bias = torch.randn(w.shape[0]) if with_bias else None
-            inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
-            ang = torch.arange(T_len).float()[:, None] * inv[None]
-            cos, sin = torch.cat([ang, ang], -1).cos().contiguous(), torch.cat([ang, ang], -1).sin().contiguous()
+            cos, sin = rope_tables(T_len, hd)
             state = {}
             for impl in ("ref", "triton"):
                 kc, vc = torch.zeros(B, num_kv, T_len, hd), torch.zeros(B, num_kv, T_len, hd)
@@ -96,17 +83,10 @@ def test_lazy_kv_kernel_in_interpreter_matches_reference():
                 assert torch.allclose(a.float(), b.float(), atol=1e-4, rtol=1e-4), (B, group, (a - b).abs().max())
         print("ok")
     ''')
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 # --- the decode loop (runtime/decode.py, CPU reference ops) -------------------------------------------
 def _decode(model, adapter, preds, skip_kv, batch, steps, prompt=5, dense_at=()):
-    from dejavu.runtime.decode import DecodeModel
-
-    from helpers import random_ids
-
     dm = DecodeModel(model, adapter, preds, "cpu", torch.float32, max_len=prompt + steps + 1, skip_kv=skip_kv)
     st = dm.new_state(batch)
     dm.prefill(st, random_ids(model, prompt, batch))
@@ -117,8 +97,6 @@ def _decode(model, adapter, preds, skip_kv, batch, steps, prompt=5, dense_at=())
 @torch.no_grad()
 @pytest.mark.parametrize("model_type,kv_heads", [("llama", 4), ("llama", 2), ("qwen2", 2)])
 def test_decode_loop_with_skipped_kv_equals_computing_every_group(tiny_model_factory, model_type, kv_heads):
-    from helpers import load_tiny, random_predictors
-
     model, adapter = load_tiny(tiny_model_factory(model_type, num_key_value_heads=kv_heads))
     preds = random_predictors(adapter, head_density=0.25, seed=3)  # one head of four: groups skip often
     # a dense step in between: it computes every group, and later fills must still find its inputs
@@ -127,17 +105,12 @@ def test_decode_loop_with_skipped_kv_equals_computing_every_group(tiny_model_fac
     torch.testing.assert_close(lazy, plain, atol=1e-5, rtol=1e-5)
     # groups were skipped (the saving), and some gap was filled later, else the test proves little
     assert (st.kv_last[:, st.pos.item() % 2] < st.pos.item() - 1).any()
-    plain_dm = type(dm)(model, adapter, preds, "cpu", torch.float32, max_len=8)
+    plain_dm = DecodeModel(model, adapter, preds, "cpu", torch.float32, max_len=8)
     assert dm.step_bytes(2, 16, sparse=True)["weights"] < plain_dm.step_bytes(2, 16, sparse=True)["weights"]
 
 
 @torch.no_grad()
 def test_dense_only_state_refuses_a_sparse_step(tiny_llama):
-    from dejavu.errors import DejavuError
-    from dejavu.runtime.decode import DecodeModel
-
-    from helpers import load_tiny, random_ids, random_predictors
-
     model, adapter = load_tiny(tiny_llama)
     dm = DecodeModel(model, adapter, random_predictors(adapter, head_density=0.5), "cpu", torch.float32, max_len=8,
                      skip_kv=True)

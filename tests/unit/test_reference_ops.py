@@ -4,16 +4,16 @@ kernels run through Triton's CPU interpreter when Triton is installed."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dejavu.runtime import reference as R
+
+from helpers import run_interpreted
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -84,12 +84,7 @@ def test_residual_norm_rope_attention():
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (interpreter mode)")
 def test_triton_kernels_in_interpreter_match_reference():
-    script = textwrap.dedent('''
-        import os
-        os.environ["TRITON_INTERPRET"] = "1"
-        import torch
-        from dejavu.runtime.kernels.interpret import patch_interpreter
-        patch_interpreter()
+    run_interpreted('''
         from dejavu.runtime import reference as R
         from dejavu.runtime.kernels import triton_kernels as T
         torch.manual_seed(0)
@@ -149,9 +144,6 @@ def test_triton_kernels_in_interpreter_match_reference():
         assert rel(T.decode_attention(q1, kc, vc, heads, 2, pos, 0.25), R.decode_attention(q1, kc, vc, heads, 2, pos, 0.25)) < 1e-5
         print("ok")
     ''')
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 def test_fused_cpu_gather_matches_chunked(monkeypatch):

@@ -106,6 +106,12 @@ class LayerPredictors:
     head_density: float = 1.0
 
 
+def predictor_rank(rank: int, n_out: int, activation: str = "none") -> int:
+    """A linear low-rank map wider than its output is no more expressive than rank n_out: the head
+    predictor (a handful of outputs) would otherwise cost as much as the MLP's."""
+    return min(rank, n_out) if activation == "none" else rank
+
+
 @dataclass
 class PredictorSet:
     """What the runtime needs from a bundle: per-layer predictors, densities and pairings.
@@ -136,10 +142,11 @@ class PredictorSet:
     @classmethod
     def random(cls, num_layers: int, hidden: int, neurons: int, heads: int, rank: int,
                mlp_density: float, head_density: float, seed: int = 0) -> PredictorSet:
-        """Random predictors at real shapes: for synthetic speed runs only."""
+        """Random predictors at real shapes, ranks as training gives them: for synthetic speed runs only."""
         torch.manual_seed(seed)
         return cls([
-            LayerPredictors(LowRankPredictor(hidden, neurons, rank), LowRankPredictor(hidden, heads, rank),
+            LayerPredictors(LowRankPredictor(hidden, neurons, predictor_rank(rank, neurons)),
+                            LowRankPredictor(hidden, heads, predictor_rank(rank, heads)),
                             mlp_density, head_density)
             for _ in range(num_layers)
         ], meta={"synthetic": True})

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dejavu.runtime import speed
-from dejavu.runtime.decode import DecodeModel
+from dejavu.runtime.decode import JOIN_ORDERS, SELECT_IMPLS, DecodeModel
 from dejavu.runtime.synthetic import build_synthetic
 
 
@@ -87,8 +87,12 @@ def main() -> None:
     ap.add_argument("--hf-tokens", type=int, default=16)
     ap.add_argument("--mlp-pairing", default="current", choices=["current", "lookahead"],
                     help="which block input the MLP predictor reads (lookahead lets it overlap a whole layer)")
-    ap.add_argument("--select-impl", default="fused", choices=["fused", "classic", "static"],
-                    help="fused: shared first-layer GEMV + wide second-layer/top-k kernels; classic: the unfused path")
+    ap.add_argument("--select-impl", default="fused", choices=list(SELECT_IMPLS),
+                    help="fused: shared first-layer GEMV + wide second-layer/top-k kernels; fused-cublas: the same with "
+                         "the GEMV in cuBLAS; classic: the unfused path; static / static-sync: no predictor (ceilings)")
+    ap.add_argument("--join-order", default="heads-first", choices=list(JOIN_ORDERS),
+                    help="side-stream order of one input's predictors: consumption (each selection as early as "
+                         "it is needed) or heads-first (the next layer's heads first, so one join a layer)")
     ap.add_argument("--priority", type=int, default=-1, help="predictor stream priority (-1 high, 0 normal)")
     ap.add_argument("--ablation", default="",
                     help="'MLP/HEADS,...' densities (e.g. 0.5/0.5,0.1/0.5): after the sweep, time sparse decode at the "
@@ -115,7 +119,7 @@ def main() -> None:
     print(f"built {args.synthetic} ({adapter.num_layers} layers) in {time.time() - t0:.0f}s", flush=True)
     max_len = speed.PROMPT_LEN + args.warmup + args.tokens + 8
     dm = DecodeModel(model, adapter, None, device, dtype, max_len, select_impl=args.select_impl,
-                     predictor_priority=args.priority)
+                     predictor_priority=args.priority, join_order=args.join_order)
     copy = speed.copy_bandwidth_gbps(device)
     hf = speed.hf_eager_ms_per_token(model, 1, args.hf_tokens, device)
     pdl = False  # programmatic dependent launch of the Triton kernels (DEJAVU_PDL, Hopper+)
@@ -130,7 +134,7 @@ def main() -> None:
               "predictor_rank": preds.meta.get("rank"), "decode_tokens": args.tokens, "warmup": args.warmup,
               "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
               "kv": args.kv, "pdl": pdl, "mlp_pairing": preds.mlp_pairing, "head_pairing": preds.head_pairing,
-              "select_impl": args.select_impl, "predictor_priority": args.priority, "gemm_tiles": args.gemm_tiles,
+              "select_impl": args.select_impl, "join_order": args.join_order, "predictor_priority": args.priority, "gemm_tiles": args.gemm_tiles,
               "sweep": {}}
     table = []
     for b in [int(x) for x in args.batches.split(",")]:
@@ -190,10 +194,14 @@ def main() -> None:
     print(f"HF eager {hf:.2f} ms/token; copy {copy:.0f} GB/s; wrote {out}")
 
 
-# (select impl, predictor stream priority, MLP pairing); "static" runs no predictor (the ceiling)
-# and priority None runs the predictors inline on the main stream (no overlap at all)
-ABLATION_CONFIGS = (("classic", 0, "current"), ("fused", 0, "current"), ("fused", -1, "current"),
-                    ("fused", -1, "lookahead"), ("fused", None, "current"), ("static", -1, "current"))
+# (select impl, predictor stream priority, MLP pairing, join order); "static" runs no predictor (the
+# ceiling), "static-sync" no predictor but the same joins; priority None runs the predictors inline on
+# the main stream (no overlap at all)
+ABLATION_CONFIGS = (("classic", 0, "current", "consumption"), ("fused-cublas", -1, "current", "consumption"),
+                    ("fused", -1, "current", "consumption"), ("fused", -1, "current", "heads-first"),
+                    ("fused", 0, "current", "heads-first"), ("fused", -1, "lookahead", "heads-first"),
+                    ("fused", None, "current", "heads-first"), ("static", -1, "current", "heads-first"),
+                    ("static-sync", -1, "current", "consumption"), ("static-sync", -1, "current", "heads-first"))
 
 
 def ablation(args, dm: DecodeModel, preds, copy: float, result: dict, out: Path) -> list[str]:
@@ -201,22 +209,22 @@ def ablation(args, dm: DecodeModel, preds, copy: float, result: dict, out: Path)
     b = int(args.batches.split(",")[0])
     dense = result["sweep"][str(b)]["dense_ms_per_token"]
     dm.dense_impl = result["sweep"][str(b)]["dense_impl"]
-    rows, lines = [], [f"ablation, batch {b} (dense {dense:.3f} ms): mlp heads | impl prio pairing | ms speedup frac pred%"]
+    rows, lines = [], [f"ablation, batch {b} (dense {dense:.3f} ms): mlp heads | impl prio pairing join | ms speedup frac pred%"]
     for spec in args.ablation.split(","):
         mlp, heads = (float(v) for v in spec.split("/"))
-        for impl, prio, pairing in ABLATION_CONFIGS:
-            dm.select_impl = impl
+        for impl, prio, pairing, join_order in ABLATION_CONFIGS:
+            dm.select_impl, dm.join_order = impl, join_order
             dm.pred_stream = (torch.cuda.Stream(dm.device, priority=prio)
                               if dm.device.type == "cuda" and prio is not None else None)
             preds.mlp_pairing = pairing
             dm.attach_predictors(preds.with_densities(mlp, heads))
             r = speed.batch_figures(dm, b, args.tokens, args.warmup, copy, dense_ms=dense)
             rows.append({"mlp_density": mlp, "head_density": heads, "select_impl": impl, "priority": prio,
-                         "mlp_pairing": pairing, **r})
-            lines.append(f"  {mlp:3.1f} {heads:4.1f} | {impl:7s} {'inline' if prio is None else prio:>6} {pairing:9s} | {r['sparse_ms_per_token']:.3f} "
+                         "mlp_pairing": pairing, "join_order": join_order, **r})
+            lines.append(f"  {mlp:3.1f} {heads:4.1f} | {impl:7s} {'inline' if prio is None else prio:>6} {pairing:9s} {join_order:11s} | {r['sparse_ms_per_token']:.3f} "
                          f"x{r['speedup']:.2f} {r['fraction_of_bound']:4.0%} {r['predictor_share']:4.0%}")
             print(lines[-1], flush=True)
-    preds.mlp_pairing = args.mlp_pairing
+    preds.mlp_pairing, dm.join_order = args.mlp_pairing, args.join_order
     result["ablation"] = {"batch": b, "rows": rows}
     (out / "decode_speed.json").write_text(json.dumps(result, indent=1))
     return lines

@@ -113,7 +113,13 @@ def _rows_dot(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> torch.Ten
 
 
 def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int = 1,
-                  gate: torch.Tensor | None = None, act: int = 0, tail: int = 0) -> torch.Tensor:
+                  gate: torch.Tensor | None = None, act: int = 0, tail: int = 0,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """bias (no gate): one value per output column, added in fp32 before the activation and rounding."""
+    if bias is not None:
+        assert gate is None and bias.numel() == idx.numel() * unit + tail
+        return apply_activation(gather_matvec(x.float(), w.float(), idx, unit, None, 0, tail) + bias.float(),
+                                act).to(x.dtype)
     if tail:
         # the tail rows are contiguous: a plain matmul on their view, no gather
         head = gather_matvec(x, w[:w.shape[0] - tail], idx, unit, gate, act)

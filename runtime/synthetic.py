@@ -2,8 +2,9 @@
 
 The model is built from its config directly on the target device in the target dtype (no fp32 CPU
 init of 7B parameters). Predictors default to rank hidden/16 (256 at 7B; Deja Vu used ~1/12 of the
-hidden size at 175B): at Llama-2-7B bf16 that is 10.2 MB per layer (MLP 8.1 MB, heads 2.1 MB),
-2.5 % of a dense layer's 405 MB.
+hidden size at 175B), the head predictor capped at the head count as training caps it
+(predictor_rank): at Llama-2-7B bf16 that is 8.4 MB per layer (MLP 8.1 MB, heads 0.27 MB), 2.1 % of
+a dense layer's 405 MB.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from dejavu.artifacts import (
 from dejavu.bits import unpack_bits
 from dejavu.config import RunConfig, load_config
 from dejavu.errors import DejavuError
-from dejavu.predictor import KINDS, LowRankPredictor, topk_mask, units_for_density
+from dejavu.predictor import KINDS, LowRankPredictor, predictor_rank, topk_mask, units_for_density
 from dejavu.train.data import CollectRun, LayerData, StoredLayer
 from dejavu.train.metrics import format_table, mean_metrics, selection_metrics
 
@@ -104,12 +104,6 @@ def _loss(scores: torch.Tensor, target: torch.Tensor, kind: str, pos_weight: tor
         margin = scores.gather(1, pos) - scores.gather(1, neg)
         loss = loss + F.softplus(-margin).mean()
     return loss
-
-
-def predictor_rank(rank: int, n_out: int, activation: str) -> int:
-    """A linear low-rank map wider than its output is no more expressive than rank n_out: the head
-    predictor (a handful of outputs) would otherwise cost as much as the MLP's."""
-    return min(rank, n_out) if activation == "none" else rank
 
 
 @dataclass

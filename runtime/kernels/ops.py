@@ -20,18 +20,26 @@ def _triton():
 
 @torch.library.custom_op("dejavu::gather_matvec", mutates_args=())
 def gather_matvec(x: Tensor, w: Tensor, idx: Tensor, unit: int, gate: Tensor | None, act: int,
-                  tail: int = 0) -> Tensor:
-    return reference.gather_matvec(x, w, idx, unit, gate, act, tail)
+                  tail: int = 0, bias: Tensor | None = None, workspace: Tensor | None = None) -> Tensor:
+    return reference.gather_matvec(x, w, idx, unit, gate, act, tail, bias)
 
 
 @gather_matvec.register_kernel("cuda")
-def _(x, w, idx, unit, gate, act, tail=0):
-    return _triton().gather_matvec(x, w, idx, unit, gate, act, tail)
+def _(x, w, idx, unit, gate, act, tail=0, bias=None, workspace=None):
+    return _triton().gather_matvec(x, w, idx, unit, gate, act, tail, bias=bias, workspace=workspace)
 
 
 @gather_matvec.register_fake
-def _(x, w, idx, unit, gate, act, tail=0):
+def _(x, w, idx, unit, gate, act, tail=0, bias=None, workspace=None):
     return x.new_empty(x.shape[0], idx.shape[0] * unit + tail)
+
+
+def split_workspace(device, rows: int) -> Tensor | None:
+    """Scratch for gather_matvec calls of up to `rows` outputs that may run alongside the main
+    stream's (the predictors' side stream); None off CUDA, where none is needed."""
+    if torch.device(device).type != "cuda":
+        return None
+    return _triton().split_workspace(device, rows)
 
 
 @torch.library.custom_op("dejavu::gather_vecmat_acc", mutates_args=("acc",))

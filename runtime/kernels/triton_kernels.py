@@ -99,10 +99,10 @@ def _activation(x, ACT: tl.constexpr):
 # gather_matvec: y[b, j] = act(x[b] . gate[r_j]) * (x[b] . w[r_j])   (or act(x[b] . w[r_j]) ungated)
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _gather_gemv_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, D, NROWS, NSEL, TAIL_START, stride_w,
+def _gather_gemv_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, bias_ptr, D, NROWS, NSEL, TAIL_START, stride_w,
                         UNIT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                        PDL: tl.constexpr = False):
+                        HAS_BIAS: tl.constexpr = False, PDL: tl.constexpr = False):
     _grid_dependency(PDL)
     pid = tl.program_id(0)
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -130,6 +130,8 @@ def _gather_gemv_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, D, NROWS, NSEL, T
             else:
                 gv = tl.load(g_rows + d[None, :], mask=mask_r[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
             acc_g += tl.sum(gv * xv[None, :], axis=1)
+    if HAS_BIAS:  # (not with GATED) per output column
+        acc += tl.load(bias_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
     if GATED:
         y = _activation(acc_g, ACT) * acc
     else:
@@ -138,11 +140,12 @@ def _gather_gemv_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, D, NROWS, NSEL, T
 
 
 @triton.jit
-def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, part_ptr, B, D, D_PER_SPLIT, NROWS, NSEL,
-                        TAIL_START, stride_xb, stride_w, stride_ob, stride_pb, stride_pp,
+def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, part_ptr, count_ptr, bias_ptr, B, D, D_PER_SPLIT,
+                        NROWS, NSEL, TAIL_START, stride_xb, stride_w, stride_ob, stride_pb, stride_pp,
                         UNIT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                         B_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PRECISION: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+                        PRECISION: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr = False,
+                        FINISH_LAST: tl.constexpr = False, PDL: tl.constexpr = False):
     _grid_dependency(PDL)
     pid = tl.program_id(0)
     d_start = tl.program_id(1) * D_PER_SPLIT
@@ -169,12 +172,37 @@ def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, part_ptr, B, D, D
                          other=0.0)
             acc_g = tl.dot(xv, tl.trans(gv), acc_g, input_precision=PRECISION)
     mask_br = mask_b[:, None] & mask_r[None, :]
-    if SPLIT:  # partial dot products; _split_finish_kernel applies the activation
+    if SPLIT:  # partial dot products, finished by the row block's last program or _split_finish_kernel
         part = part_ptr + offs_b[:, None] * stride_pb + offs_r[None, :]
         tl.atomic_add(part, acc, mask=mask_br, sem="relaxed")
         if GATED:
             tl.atomic_add(part + stride_pp, acc_g, mask=mask_br, sem="relaxed")
+        if FINISH_LAST:
+            # The last program to add its share (counted with release/acquire, after every thread's adds)
+            # takes the sums, leaving them and the count zeroed for the next call: one launch fewer than
+            # a finishing kernel.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+            if arrived == tl.num_programs(1) - 1:
+                tl.debug_barrier()
+                # sums read where the atomics made them (adding 0), then zeroed: no other program adds now
+                zero = tl.zeros((B_PAD, BLOCK_R), dtype=tl.float32)
+                u = tl.atomic_add(part, zero, mask=mask_br, sem="relaxed")
+                tl.store(part, zero, mask=mask_br)
+                if HAS_BIAS:  # (not with GATED) per output column
+                    u += tl.load(bias_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+                if GATED:
+                    g = tl.atomic_add(part + stride_pp, zero, mask=mask_br, sem="relaxed")
+                    tl.store(part + stride_pp, zero, mask=mask_br)
+                    y = _activation(g, ACT) * u
+                else:
+                    y = _activation(u, ACT)
+                tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_r[None, :], y.to(out_ptr.dtype.element_ty),
+                         mask=mask_br)
+                tl.store(count_ptr + pid, 0)
     else:
+        if HAS_BIAS:  # (not with GATED) per output column
+            acc += tl.load(bias_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
         if GATED:
             y = _activation(acc_g, ACT) * acc
         else:
@@ -184,37 +212,60 @@ def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, part_ptr, B, D, D
 
 
 @triton.jit
-def _split_finish_kernel(part_ptr, out_ptr, NROWS, stride_pb, stride_pp, stride_ob, GATED: tl.constexpr,
-                         ACT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    """out = act(gate sums) * up sums, and the partial sums zeroed again for the next call."""
+def _split_finish_kernel(part_ptr, out_ptr, bias_ptr, NROWS, stride_pb, stride_pp, stride_ob, GATED: tl.constexpr,
+                         ACT: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr = False,
+                         PDL: tl.constexpr = False):
+    """out = act(gate sums) * up sums (or act(sums + bias)), and the partial sums zeroed again for the next call."""
     _grid_dependency(PDL)
     b = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < NROWS
     up = part_ptr + b * stride_pb + offs
     u = tl.load(up, mask=mask, other=0.0)
+    if HAS_BIAS:
+        u_out = u + tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        u_out = u
     if GATED:
         g = tl.load(up + stride_pp, mask=mask, other=0.0)
         y = _activation(g, ACT) * u
         tl.store(up + stride_pp, tl.zeros_like(g), mask=mask)
     else:
-        y = _activation(u, ACT)
+        y = _activation(u_out, ACT)
     tl.store(up, tl.zeros_like(u), mask=mask)
     tl.store(out_ptr + b * stride_ob + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# Zeroed fp32 partial sums of the split path, per device: [2 (up, gate), DOT_BATCH, rows]. Each call
-# leaves them zeroed, so a CUDA graph replays without a memset; the decode loop's warm-up steps
-# allocate them before capture.
-_split_partials: dict = {}
+# How a split gather finishes: "last-program" (the row block's last program to add its partial sums
+# applies the activation) or "kernel" (a finishing kernel, the earlier way); a module setting so a
+# bench can compare the two (DEJAVU_SPLIT_FINISH).
+SPLIT_FINISH = os.environ.get("DEJAVU_SPLIT_FINISH", "last-program")
+assert SPLIT_FINISH in ("last-program", "kernel"), f"DEJAVU_SPLIT_FINISH={SPLIT_FINISH!r}"
 
 
-def _partials(device: torch.device, rows: int) -> torch.Tensor:
-    buf = _split_partials.get(device)
-    if buf is None or buf.shape[2] < rows:
-        buf = torch.zeros(2, DOT_BATCH, max(rows, 1024), device=device, dtype=torch.float32)
-        _split_partials[device] = buf
-    return buf
+def split_workspace(device, rows: int) -> torch.Tensor:
+    """Zeroed scratch of the split gather: fp32 partial sums [2 (up, gate), DOT_BATCH, rows], then one
+    int32 arrival count per row block. Each call leaves it zeroed, so a CUDA graph replays without a
+    memset. Calls that may run at once (the predictors' side stream and the main stream) need one each."""
+    rows = max(rows, 1024)
+    return torch.zeros(2 * DOT_BATCH * rows + rows, device=device, dtype=torch.float32)
+
+
+def _split_views(ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = ws.numel() // (2 * DOT_BATCH + 1)
+    return ws[:2 * DOT_BATCH * rows].view(2, DOT_BATCH, rows), ws[2 * DOT_BATCH * rows:].view(torch.int32)
+
+
+# The main stream's split workspace, per device; the decode loop's warm-up steps allocate it before capture.
+_split_workspaces: dict = {}
+
+
+def _shared_workspace(device: torch.device, rows: int) -> torch.Tensor:
+    ws = _split_workspaces.get(device)
+    if ws is None or _split_views(ws)[0].shape[2] < rows:
+        ws = split_workspace(device, rows)
+        _split_workspaces[device] = ws
+    return ws
 
 
 def gemm_splits(nrows: int, d: int, block_r: int, block_d: int, sms: int) -> int:
@@ -233,24 +284,29 @@ def gemv_config(nrows: int, sms: int) -> tuple[int, int, int]:
 
 def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int = 1,
                   gate: torch.Tensor | None = None, act: int = 0, tail: int = 0,
-                  config: tuple | None = None) -> torch.Tensor:
-    """Rows idx (x unit) of w, then its last `tail` rows (q of the selected heads + all of k, v)."""
+                  config: tuple | None = None, bias: torch.Tensor | None = None,
+                  workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows idx (x unit) of w, then its last `tail` rows (q of the selected heads + all of k, v); bias
+    (not with gate): one value per output column, added in fp32 before the activation; workspace: the
+    caller's split_workspace (default: one shared per device, for the main stream)."""
     batch, d = x.shape
     nsel = idx.numel() * unit
     nrows = nsel + tail
     tail_start = w.shape[0] - tail
     assert x.stride(1) == 1 and w.stride(1) == 1 and x.dtype == w.dtype
     if gate is not None:
-        assert gate.stride() == w.stride() and gate.dtype == w.dtype
+        assert gate.stride() == w.stride() and gate.dtype == w.dtype and bias is None
+    if bias is not None:
+        assert bias.is_contiguous() and bias.numel() == nrows
     out = torch.empty(batch, nrows, device=x.device, dtype=x.dtype)
     g = gate if gate is not None else w
     if batch == 1 and x.dtype == torch.float32 and config is None:  # exact fp32 products for tiny models
         block_r, block_d, warps = gemv_config(nrows, _sms(x))
         block_d = min(block_d, triton.next_power_of_2(d))
         grid = (triton.cdiv(nrows, block_r),)
-        _gather_gemv_kernel[grid](x, w, g, idx, out, d, nrows, nsel, tail_start, w.stride(0), UNIT=unit, GATED=gate is not None,
+        _gather_gemv_kernel[grid](x, w, g, idx, out, out if bias is None else bias, d, nrows, nsel, tail_start, w.stride(0), UNIT=unit, GATED=gate is not None,
                                   ACT=act, BLOCK_R=block_r, BLOCK_D=block_d, EVEN_D=d % block_d == 0,
-                                  num_warps=warps, **_pdl(x))
+                                  HAS_BIAS=bias is not None, num_warps=warps, **_pdl(x))
         return out
     assert batch <= DOT_BATCH, f"batch {batch} > {DOT_BATCH}"
     # measured (bench/mlp_kernel.py, H100): 32x128 tiles, with d split over programs when few rows are
@@ -261,18 +317,25 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int
                                                                                     _sms(x))
     d_per_split = triton.cdiv(triton.cdiv(d, splits), block_d) * block_d
     splits = triton.cdiv(d, d_per_split)
-    part = _partials(x.device, nrows) if splits > 1 else out
+    if splits > 1:
+        part, counts = _split_views(workspace if workspace is not None else _shared_workspace(x.device, nrows))
+        assert part.shape[2] >= nrows and counts.numel() >= triton.cdiv(nrows, block_r)
+    else:
+        part, counts = out, idx
+    finish_last = splits > 1 and SPLIT_FINISH == "last-program"
     grid = (triton.cdiv(nrows, block_r), splits)
-    _gather_gemm_kernel[grid](x, w, g, idx, out, part, batch, d, d_per_split, nrows, nsel, tail_start, x.stride(0),
+    _gather_gemm_kernel[grid](x, w, g, idx, out, part, counts, out if bias is None else bias, batch, d, d_per_split, nrows, nsel, tail_start, x.stride(0),
                               w.stride(0), out.stride(0), part.stride(-2), part.stride(0) if splits > 1 else 0,
                               UNIT=unit, GATED=gate is not None, ACT=act, B_PAD=DOT_BATCH, BLOCK_R=block_r,
-                              BLOCK_D=block_d, PRECISION=_precision(x), SPLIT=splits > 1, num_warps=warps,
+                              BLOCK_D=block_d, PRECISION=_precision(x), SPLIT=splits > 1, HAS_BIAS=bias is not None,
+                              FINISH_LAST=finish_last, num_warps=warps,
                               num_stages=3, **_pdl(x))
-    if splits > 1:
+    if splits > 1 and not finish_last:
         block = 512
-        _split_finish_kernel[(triton.cdiv(nrows, block), batch)](part, out, nrows, part.stride(1), part.stride(0),
-                                                                 out.stride(0), GATED=gate is not None, ACT=act,
-                                                                 BLOCK=block, **_pdl(part))
+        _split_finish_kernel[(triton.cdiv(nrows, block), batch)](part, out, out if bias is None else bias, nrows,
+                                                                 part.stride(1), part.stride(0), out.stride(0),
+                                                                 GATED=gate is not None, ACT=act, BLOCK=block,
+                                                                 HAS_BIAS=bias is not None, **_pdl(part))
     return out
 
 

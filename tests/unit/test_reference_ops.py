@@ -105,6 +105,12 @@ def test_triton_kernels_in_interpreter_match_reference():
                 if not gated:  # selected units must lie before the tail rows
                     head = idx[idx < (rows - 16) // unit]
                     assert rel(T.gather_matvec(x, w, head, unit, None, 0, 16), R.gather_matvec(x, w, head, unit, None, 0, 16)) < 1e-5
+                    # a bias per output column (the predictors' first layer): one program, split d, no split
+                    bias = torch.randn(head.numel() * unit + 16)
+                    ref = R.gather_matvec(x, w, head, unit, None, act, 16, bias)
+                    assert rel(ref, R.gather_matvec(x, w, head, unit, None, 0, 16) + bias) < 1e-6
+                    for cfg in (None, (16, 32, 4, 2), (16, 32, 4, 1)):
+                        assert rel(T.gather_matvec(x, w, head, unit, None, act, 16, config=cfg, bias=bias), ref) < 1e-5
                 h = torch.randn(B, idx.numel() * unit)
                 a1, a2 = torch.randn(B, d), None
                 a2 = a1.clone()

@@ -4,6 +4,8 @@
 # The model has Llama-2-7B layer shapes with random weights (its vocabulary sized to the given
 # tokenizer): the activations are not a trained model's, so this measures training speed only.
 # DEJAVU_TRAIN_PREFETCH=0 turns off reading the next layer while one trains (to compare; default on GPUs).
+# TRAIN_ARGS: extra train-predictors flags for every run (e.g. "--cpu-threads 4"); REUSE_RUN=1 keeps the
+# model and collect data of an earlier call in the same WORK directory (to compare settings on them).
 set -euo pipefail
 TOK=$1; CORPUS=$2; OUTDIR=$3; LAYERS=${4:-8}; TOKENS=${5:-32768}
 WORK=${WORK:-/tmp/dejavu-scaling}
@@ -13,6 +15,11 @@ mkdir -p "$WORK" "$OUTDIR"
 # cost an installed environment does not pay. Cache bytecode in a writable place and warm it once.
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-$WORK/pycache}
 python -c "import accelerate, torch, transformers, safetensors, tqdm, typer; import dejavu.cli.main, dejavu.train.train"
+RUN=$WORK/run
+read -r -a EXTRA <<< "${TRAIN_ARGS:-}"
+if [ "${REUSE_RUN:-0}" = 1 ] && [ -f "$RUN/collect/manifest.json" ]; then
+    echo "reusing $RUN/collect"
+else
 python - "$TOK" "$WORK/model" "$LAYERS" <<'PY'
 import shutil, sys
 from pathlib import Path
@@ -28,12 +35,12 @@ with torch.device("cuda"):
 model.save_pretrained(out)
 tok.save_pretrained(out)
 PY
-RUN=$WORK/run
 python -m dejavu.cli.main collect --model "$WORK/model" --dataset "$CORPUS" --out "$RUN" \
     --max-tokens "$TOKENS" --device cuda --dtype bfloat16 2>&1 | tail -3
+fi
 echo "== 1 GPU"
 S1=$(date +%s.%N); CUDA_VISIBLE_DEVICES=0 python -m dejavu.cli.main train-predictors --run "$RUN" --overwrite \
-    > "$OUTDIR/train_1gpu.log" 2>&1; E1=$(date +%s.%N)
+    "${EXTRA[@]}" > "$OUTDIR/train_1gpu.log" 2>&1; E1=$(date +%s.%N)
 cp "$RUN/predictors/metrics.json" "$OUTDIR/metrics_1gpu.json"
 python -c "import json; m = json.load(open('$OUTDIR/metrics_1gpu.json')); print('1 GPU:', round($E1 - $S1, 1), 's wall,', 'layer seconds', round(sum(m['train_seconds'].values()), 1), 'mean', json.dumps(m['mean']))"
 if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -lt 2 ]; then
@@ -51,11 +58,11 @@ for L in $LAUNCHERS; do
     if [ "$L" = torchrun ]; then
         # -r, not --run: torchrun's parser takes --run for an abbreviation of its own --run-path
         torchrun --standalone --nproc_per_node 2 -m dejavu.cli.main train-predictors -r "$RUN" --overwrite \
-            > "$OUTDIR/train_2gpu_$L.log" 2>&1
+            "${EXTRA[@]}" > "$OUTDIR/train_2gpu_$L.log" 2>&1
     else
         accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
             --dynamo_backend no -m dejavu.cli.main train-predictors --run "$RUN" --overwrite \
-            > "$OUTDIR/train_2gpu_$L.log" 2>&1
+            "${EXTRA[@]}" > "$OUTDIR/train_2gpu_$L.log" 2>&1
     fi
     E2=$(date +%s.%N)
     cp "$RUN/predictors/metrics.json" "$OUTDIR/metrics_2gpu_$L.json"

@@ -230,8 +230,9 @@ def _input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def predict(pred: LowRankPredictor, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The predictor's scores for x, on `device`."""
     pred = pred.to(device)
-    out = [pred(x[s:s + EVAL_CHUNK].to(device, torch.float32)).cpu() for s in range(0, x.shape[0], EVAL_CHUNK)]
+    out = [pred(x[s:s + EVAL_CHUNK].to(device, torch.float32)) for s in range(0, x.shape[0], EVAL_CHUNK)]
     pred.cpu()
     return torch.cat(out)
 
@@ -250,12 +251,16 @@ def train_layer(train: LayerData, held_out: LayerData, layer: int, cfg: RunConfi
     attn = fit_predictor(train.x_attn, head_targets(train.head_norms, t.head_density), cfg=cfg,
                          density=t.head_density, seed=seed, device=device, desc=f"layer {layer} attn", show=show,
                          replicas=replicas)
+    # The held-out metrics run where the predictors trained: their top-k over every held-out token was
+    # the CPU's largest share of a GPU fit (measured on 2x H200: ~1 s a layer, and slower still with two
+    # processes sharing the host's cores).
+    held = {name: value.to(device) for name, value in (("x_mlp", held_out.x_mlp), ("x_attn", held_out.x_attn),
+                                                        ("labels", held_out.mlp_labels), ("act", held_out.mlp_act),
+                                                        ("heads", held_out.head_norms))}
     metrics = {
-        "mlp": selection_metrics(predict(mlp, held_out.x_mlp, device), held_out.mlp_labels,
-                                 held_out.mlp_act, t.mlp_density),
-        "attn": selection_metrics(predict(attn, held_out.x_attn, device),
-                                  head_targets(held_out.head_norms, t.head_density), held_out.head_norms,
-                                  t.head_density),
+        "mlp": selection_metrics(predict(mlp, held["x_mlp"], device), held["labels"], held["act"], t.mlp_density),
+        "attn": selection_metrics(predict(attn, held["x_attn"], device), head_targets(held["heads"], t.head_density),
+                                  held["heads"], t.head_density),
     }
     tensors = {f"{kind}.{name}": value.float().contiguous()
                for kind, pred in (("mlp", mlp), ("attn", attn)) for name, value in pred.tensors().items()}
@@ -572,7 +577,7 @@ def _save_layer(out: Path, layer: int, key: str, tensors: dict[str, torch.Tensor
 def _read_layer(collect: CollectRun, layer: int, cfg: RunConfig, tag: str, device: torch.device,
                 pin: bool = False) -> tuple[StoredLayer, LayerData]:
     """One layer's train split (labels still packed, on `device`; pinned if asked, for a GPU to copy)
-    and held-out split (on the CPU, where the metrics are computed)."""
+    and held-out split (on the CPU; train_layer moves it where the predictors are)."""
     pairing = (cfg.train.mlp_pairing, cfg.train.head_pairing)
     train = collect.read_layer(layer, "train", *pairing, tag, device=device)
     return (train.pinned() if pin else train, collect.load_layer(layer, "eval", *pairing, tag))

@@ -108,3 +108,39 @@ def test_static_selection_runs_without_predictors(tiny_model_factory):
         assert sel.numel() == pred.k and torch.equal(sel, sel.sort().values) and sel.unique().numel() == pred.k
     with pytest.raises(ValueError):
         DecodeModel(model, adapter, preds, "cpu", torch.float32, max_len=10, select_impl="nope")
+
+
+@pytest.mark.parametrize("order,joins_per_layer", [("heads-first", 1), ("consumption", 2)])
+def test_heads_first_order_joins_the_side_stream_once_a_layer(tiny_model_factory, monkeypatch, order,
+                                                              joins_per_layer):
+    """With the next layer's heads queued before this layer's MLP, the MLP's join covers both: the
+    step waits on one side-stream event a layer (the first layer's heads aside), not two."""
+    from dejavu.runtime import decode
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama"), dtype=torch.float32).eval()
+    adapter = adapter_for(model)
+    s = adapter.shape()
+    preds = PredictorSet.random(adapter.num_layers, s.hidden_size, s.intermediate_size, s.num_heads, 8, 0.5, 0.5)
+    dm = DecodeModel(model, adapter, preds, "cpu", torch.float32, max_len=10, join_order=order)
+    waited = []
+
+    class Stream:
+        def wait_event(self, event):
+            waited.append(event)
+
+    monkeypatch.setattr(decode.torch.cuda, "current_stream", lambda *a: Stream())
+    heads, mlp = {}, {}
+    x = torch.randn(1, s.hidden_size)
+    for layer in range(adapter.num_layers):
+        dm.select(x, layer, heads, mlp)
+        for entry in (heads.get(layer), mlp.get(layer)):
+            if entry is not None:
+                entry.event = entry.event or object()  # as if recorded on a side stream
+        decode.DecodeModel._take(heads, layer)
+        decode.DecodeModel._take(mlp, layer)
+    layers = adapter.num_layers
+    # heads lookahead: layer 0 reads its own input, so group 0 holds heads 0 and 1; its MLP join covers
+    # heads 0 and 1 only in heads-first order, where heads 0 is then joined first on its own
+    expected = layers + 1 if joins_per_layer == 1 else 2 * layers
+    assert len(waited) == expected
+    assert len(set(map(id, waited))) == len(waited)

@@ -42,6 +42,12 @@ def test_gather_ops_heads_units_tail_and_chunks():
     out = R.gather_matvec(x, w, idx, hd, None, 0, 2 * hd)
     rows = torch.cat([torch.arange(4 * hd, 5 * hd), torch.arange(hd, 2 * hd), torch.arange(heads * hd, w.shape[0])])
     torch.testing.assert_close(out, x @ w[rows].T)
+    # the predictors' first layer: every row as the tail, a bias per output (the op the decode loop calls)
+    from dejavu.runtime.kernels import ops
+
+    b = torch.randn(w.shape[0])
+    everything = ops.gather_matvec(x, w, idx[:0], 1, None, 0, w.shape[0], b, ops.split_workspace("cpu", w.shape[0]))
+    torch.testing.assert_close(everything, torch.addmm(b, x, w.T))
     # more rows than one CPU chunk: the chunked gather path
     big = torch.randn(3 * R.CPU_CHUNK_ROWS, d)
     sel = torch.randperm(big.shape[0])[:2 * R.CPU_CHUNK_ROWS + 5]

@@ -7,6 +7,7 @@ from the MLP's own input, scores each neuron by |silu(g^) u^| and reports the he
 density 0.5, next to the exact gate and exact up alone (what CATS-style and up-only rules see).
 
 Usage: python bench/lowrank_regression.py [--layers 1,15,29] [--train-tokens 65536] [--ranks 32,64,128,256]
+       [--input block|mlp]
 The last 8,192 of the collected tokens are held out.
 """
 
@@ -31,6 +32,9 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=8192)
     ap.add_argument("--ranks", default="32,64,128,256")
     ap.add_argument("--density", type=float, default=0.5)
+    ap.add_argument("--input", default="block", choices=["block", "mlp"],
+                    help="what the map reads: the layer's block input (what the predictors read) or the MLP's "
+                         "own input (after attention: exact at full rank, but only known once attention ran)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -75,7 +79,8 @@ def main() -> None:
             chosen = score.topk(k, dim=1).indices
             return (act_ev.gather(1, chosen).sum(1) / oracle).mean().item()
 
-        z = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # the block input and a bias column
+        src = x if args.input == "block" else h
+        z = torch.cat([src, torch.ones(len(src), 1, dtype=src.dtype)], 1)  # the input and a bias column
         y = torch.cat([gate, up], 1)
         gram = z[tr].T @ z[tr]
         ridge = 1e-3 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)

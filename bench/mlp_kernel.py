@@ -41,6 +41,13 @@ def graph_ms(fn, reps: int = 20) -> float:
     return times[len(times) // 2]
 
 
+def rotated_mlp_weights(d: int, n: int, dtype: torch.dtype, device: str) -> tuple[list, list]:
+    """ROT independent sets of stacked [gate; up] and down^T, together far larger than L2."""
+    gu = [torch.randn(2, n, d, device=device, dtype=dtype) * 0.02 for _ in range(ROT)]
+    down_t = [torch.randn(n, d, device=device, dtype=dtype) * 0.02 for _ in range(ROT)]
+    return gu, down_t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -51,8 +58,7 @@ def main() -> None:
     torch.manual_seed(0)
     d, n, dt, dev = args.d, args.n, torch.bfloat16, "cuda"
     bw = copy_bandwidth_gbps(torch.device(dev))
-    gu = [torch.randn(2, n, d, device=dev, dtype=dt) * 0.02 for _ in range(ROT)]
-    down_t = [torch.randn(n, d, device=dev, dtype=dt) * 0.02 for _ in range(ROT)]
+    gu, down_t = rotated_mlp_weights(d, n, dt, dev)
     rows = []
     print(f"copy bandwidth {bw:.0f} GB/s; Llama MLP d={d} n={n} bf16")
     for batch in [int(b) for b in args.batches.split(",")]:

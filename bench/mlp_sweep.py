@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 import triton
-from mlp_kernel import ROT, graph_ms  # a sibling script: bench/ is on sys.path when this one runs
+
+# a sibling script: bench/ is on sys.path when this one runs
+from mlp_kernel import graph_ms, rotated_mlp_weights
 
 from dejavu.runtime.kernels import triton_kernels as T
 from dejavu.runtime.speed import copy_bandwidth_gbps
@@ -36,8 +38,7 @@ def main() -> None:
     d, n, dt, dev = args.d, args.n, torch.bfloat16, "cuda"
     bw = copy_bandwidth_gbps(torch.device(dev))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    gu = [torch.randn(2, n, d, device=dev, dtype=dt) * 0.02 for _ in range(ROT)]
-    down_t = [torch.randn(n, d, device=dev, dtype=dt) * 0.02 for _ in range(ROT)]
+    gu, down_t = rotated_mlp_weights(d, n, dt, dev)
     rows = []
     print(f"copy bandwidth {bw:.0f} GB/s; {sms} SMs; d={d} n={n} bf16", flush=True)
     for batch in [int(b) for b in args.batches.split(",")]:

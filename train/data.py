@@ -40,6 +40,12 @@ class LayerData:
     def tokens(self) -> int:
         return self.x_mlp.shape[0]
 
+    def to(self, device: torch.device | str) -> LayerData:
+        x_mlp = self.x_mlp.to(device)
+        return LayerData(x_mlp=x_mlp, x_attn=x_mlp if self.x_attn is self.x_mlp else self.x_attn.to(device),
+                         mlp_labels=self.mlp_labels.to(device), head_norms=self.head_norms.to(device),
+                         mlp_act=None if self.mlp_act is None else self.mlp_act.to(device))
+
 
 @dataclass
 class StoredLayer:

@@ -254,13 +254,11 @@ def train_layer(train: LayerData, held_out: LayerData, layer: int, cfg: RunConfi
     # The held-out metrics run where the predictors trained: their top-k over every held-out token was
     # the CPU's largest share of a GPU fit (measured on 2x H200: ~1 s a layer, and slower still with two
     # processes sharing the host's cores).
-    held = {name: value.to(device) for name, value in (("x_mlp", held_out.x_mlp), ("x_attn", held_out.x_attn),
-                                                        ("labels", held_out.mlp_labels), ("act", held_out.mlp_act),
-                                                        ("heads", held_out.head_norms))}
+    held = held_out.to(device)
     metrics = {
-        "mlp": selection_metrics(predict(mlp, held["x_mlp"], device), held["labels"], held["act"], t.mlp_density),
-        "attn": selection_metrics(predict(attn, held["x_attn"], device), head_targets(held["heads"], t.head_density),
-                                  held["heads"], t.head_density),
+        "mlp": selection_metrics(predict(mlp, held.x_mlp, device), held.mlp_labels, held.mlp_act, t.mlp_density),
+        "attn": selection_metrics(predict(attn, held.x_attn, device), head_targets(held.head_norms, t.head_density),
+                                  held.head_norms, t.head_density),
     }
     tensors = {f"{kind}.{name}": value.float().contiguous()
                for kind, pred in (("mlp", mlp), ("attn", attn)) for name, value in pred.tensors().items()}

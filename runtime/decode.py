@@ -565,8 +565,7 @@ class DecodeModel:
         if midx is None and self.dense_impl == "triton":
             midx = self.all_neurons
         if midx is not None:
-            a = ops.gather_matvec(xn, lw.gate_up[1], midx, 1, lw.gate_up[0], self.act)
-            ops.gather_vecmat_acc(a, lw.down_t, midx, 1, acc)
+            ops.sparse_mlp_acc(xn, lw.gate_up[0], lw.gate_up[1], lw.down_t, midx, self.act, acc)
             ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next)
         else:
             a = ops.act_mul(xn @ lw.gate_up.view(2 * self.n, self.d).T, self.act)

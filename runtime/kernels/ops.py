@@ -60,6 +60,27 @@ def _(h, wt, idx, unit, acc, scale=None):
     return None
 
 
+@torch.library.custom_op("dejavu::sparse_mlp_acc", mutates_args=("acc",))
+def sparse_mlp_acc(x: Tensor, gate: Tensor, up: Tensor, down_t: Tensor, idx: Tensor, act: int, acc: Tensor) -> None:
+    """acc += (act(x @ gate[idx].T) * (x @ up[idx].T)) @ down_t[idx]: the MLP of the selected neurons.
+    On CUDA one launch at batch 1 (sparse_mlp_gemv), the two gather kernels at larger batches."""
+    reference.gather_vecmat_acc(reference.gather_matvec(x, up, idx, 1, gate, act), down_t, idx, 1, acc)
+
+
+@sparse_mlp_acc.register_kernel("cuda")
+def _(x, gate, up, down_t, idx, act, acc):
+    t = _triton()
+    if x.shape[0] == 1 and t.FUSED_MLP and t.fused_mlp_fits(x.shape[1]):
+        t.sparse_mlp_gemv(x, gate, up, down_t, idx, act, acc)
+    else:
+        t.gather_vecmat_acc(t.gather_matvec(x, up, idx, 1, gate, act), down_t, idx, 1, acc)
+
+
+@sparse_mlp_acc.register_fake
+def _(x, gate, up, down_t, idx, act, acc):
+    return None
+
+
 @torch.library.custom_op("dejavu::residual_rmsnorm", mutates_args=("delta", "out", "h_out"))
 def residual_rmsnorm(h: Tensor, delta: Tensor | None, weight: Tensor, out: Tensor, eps: float, offset: float,
                      zero_delta: bool, h_out: Tensor) -> None:

@@ -53,6 +53,34 @@ def test_gather_kernels_match_reference(dtype, batch, d, n, unit, act, gated):
         assert _rel(acc, ref_acc) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("d,n,act", [(4096, 11008, 1), (576, 1536, 2), (1000, 700, 3), (8192, 2000, 4)])
+def test_one_launch_mlp_matches_reference(dtype, d, n, act):
+    from dejavu.runtime.kernels import ops
+    from dejavu.runtime.kernels import triton_kernels as T
+
+    torch.manual_seed(d)
+    dev = "cuda"
+    gate, up = (torch.randn(n, d, device=dev, dtype=dtype) * d ** -0.5 for _ in range(2))
+    down_t = torch.randn(n, d, device=dev, dtype=dtype) * n ** -0.5
+    x = torch.randn(1, d, device=dev, dtype=dtype)
+    for k in (1, max(1, n // 10), n // 2, n):
+        idx = torch.randperm(n, device=dev)[:k]
+        ref = torch.full((1, d), 0.5, device=dev, dtype=torch.float64)
+        R.gather_vecmat_acc(R.gather_matvec(x.double(), up.double(), idx, 1, gate.double(), act), down_t.double(),
+                            idx, 1, ref)
+        acc = torch.full((1, d), 0.5, device=dev)
+        T.sparse_mlp_gemv(x, gate, up, down_t, idx, act, acc)
+        assert torch.isfinite(acc).all() and _rel(acc, ref) < 1e-2
+        # the op the decode loop calls: this kernel at batch 1, the two gather kernels at batch 3
+        for batch in (1, 3):
+            xb = torch.randn(batch, d, device=dev, dtype=dtype)
+            acc = torch.full((batch, d), 0.5, device=dev)  # not 0: relu may leave a single neuron's output 0
+            ops.sparse_mlp_acc(xb, gate, up, down_t, idx, act, acc)
+            want = 0.5 + R.sparse_mlp(xb.double(), gate.double(), up.double(), down_t.double(), idx, act)
+            assert _rel(acc, want) < 1e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_norm_rope_attention_match_reference(dtype):
     from dejavu.runtime.kernels import triton_kernels as T

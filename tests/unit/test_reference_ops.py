@@ -103,8 +103,8 @@ def test_triton_kernels_in_interpreter_match_reference():
                 idx = torch.randperm(rows // unit)[: rows // unit // 3]
                 gg = g if gated else None
                 assert rel(T.gather_matvec(x, w, idx, unit, gg, act), R.gather_matvec(x, w, idx, unit, gg, act)) < 1e-5
-                # d split over programs (partial sums, then a finishing kernel); twice, as the partial
-                # sums must be left zeroed for the next call
+                # d split over programs (partial sums, finished by the last program); twice, as the
+                # partial sums must be left zeroed for the next call
                 for cfg in ((16, 32, 4, 2), (16, 32, 4, 3), (16, 32, 4, 2)):
                     out = T.gather_matvec(x, w, idx, unit, gg, act, config=cfg)
                     assert rel(out, R.gather_matvec(x, w, idx, unit, gg, act)) < 1e-5
@@ -129,6 +129,16 @@ def test_triton_kernels_in_interpreter_match_reference():
                     R.gather_vecmat_acc(h * up[:, idx], w, idx, 1, a1)
                     T.gather_vecmat_acc(h, w, idx, 1, a2, scale=up)
                     assert rel(a2, a1) < 1e-5
+        # batch 1's one-launch MLP: whole rows a program, rows split evenly (or not) over programs
+        for d, n, k, act in ((96, 200, 70, 1), (128, 64, 64, 2), (40, 90, 1, 3)):
+            x, gate, up, down_t = torch.randn(1, d), torch.randn(n, d), torch.randn(n, d), torch.randn(n, d)
+            idx = torch.randperm(n)[:k]
+            ref = torch.full((1, d), 0.5)
+            R.gather_vecmat_acc(R.gather_matvec(x, up, idx, 1, gate, act), down_t, idx, 1, ref)
+            for cfg in (None, (1, 4, 7), (4, 4, 3), (2, 4, 1)):
+                acc = torch.full((1, d), 0.5)
+                T.sparse_mlp_gemv(x, gate, up, down_t, idx, act, acc, config=cfg)
+                assert rel(acc, ref) < 1e-5
         for dt in (torch.float32, torch.bfloat16):
             for B, n, k in ((1, 3000, 1500), (3, 100, 10), (1, 50, 1)):
                 s = torch.randn(B, n).to(dt)

@@ -12,6 +12,9 @@ Rules (MLP only; attention stays dense unless --head-density):
                 among them (runtime/apply.py `mlp_candidate_density`).
 - up-pred:D:A   exact |up(x)| for every neuron (the up projection read in full) combined with the
                 predictor: top-D of log|up| + A * predictor logit (runtime/apply.py `mlp_up_weight`).
+- input:X:D     no predictor (TEAL-style input sparsity): each token keeps the top-X of its MLP input's
+                |x| entries, so gate and up read only those columns; then the top-D of |down input|
+                computed from that x go through down. input:1:D is the oracle.
 
 Every evaluated token is sparse, windows/stride as in runtime/quality.py; dense log-probs are computed
 once and reused. "MLP bytes" is the share of the dense MLP's weight bytes a real kernel must read per
@@ -42,13 +45,14 @@ from dejavu.runtime.quality import (
     score_against,
 )
 
-KINDS = {"oracle": 1, "predictor": 1, "gate": 1, "up": 1, "two-stage": 2, "up-pred": 2}
+KINDS = {"oracle": 1, "predictor": 1, "gate": 1, "up": 1, "two-stage": 2, "up-pred": 2, "input": 2}
 
 
 def parse_rule(text: str) -> tuple[str, tuple[float, ...]]:
     kind, *values = text.split(":")
     if kind not in KINDS or len(values) != KINDS[kind]:
-        raise DejavuError(f"rule {text!r}: expected oracle:D, predictor:D, gate:D, up:D, two-stage:C:D or up-pred:D:A")
+        raise DejavuError(f"rule {text!r}: expected oracle:D, predictor:D, gate:D, up:D, two-stage:C:D, up-pred:D:A "
+                          "or input:X:D")
     try:
         numbers = tuple(float(v) for v in values)
     except ValueError:
@@ -94,8 +98,38 @@ class ExactRule:
             h.remove()
 
 
+class InputRule:
+    """TEAL-style: pre-hooks on gate/up zero all but the top-X of |x| per token (the columns a kernel
+    would read), and a pre-hook on down keeps the top-D of the resulting |down input|."""
+
+    def __init__(self, adapter, input_density: float, density: float):
+        self.enabled, self.token_mask = True, None  # what score_against sets on a runtime
+        self._handles = []
+        for layer in adapter.decoder_layers():
+            for proj in (adapter.gate_proj(layer), adapter.up_proj(layer)):
+                if proj is not None:
+                    self._handles.append(proj.register_forward_pre_hook(self._keep_top(input_density)))
+            self._handles.append(adapter.down_proj(layer).register_forward_pre_hook(self._keep_top(density)))
+
+    @staticmethod
+    def _keep_top(density: float):
+        def hook(module: nn.Module, args):
+            x = args[0]
+            if density >= 1.0:
+                return None
+            return (x * topk_mask(x.abs(), density).reshape(x.shape).to(x.dtype),) + tuple(args[1:])
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
 def weight_share(kind: str, numbers: tuple[float, ...], gated: bool, stats: dict | None) -> float:
     up_share = 2 / 3 if gated else 1 / 2
+    if kind == "input":
+        return up_share * numbers[0] + (1 - up_share) * numbers[1]
     if kind in ("gate", "up"):
         full = up_share / 2 if gated else up_share  # the projection read in full to choose
         return full + (1 - full) * numbers[0]
@@ -105,8 +139,8 @@ def weight_share(kind: str, numbers: tuple[float, ...], gated: bool, stats: dict
 
 
 def run_rule(model, adapter, predictors, ref, kind, numbers, head_density) -> tuple[dict, dict | None]:
-    if kind in ("gate", "up"):
-        rule = ExactRule(adapter, kind, numbers[0])
+    if kind in ("gate", "up", "input"):
+        rule = InputRule(adapter, *numbers) if kind == "input" else ExactRule(adapter, kind, numbers[0])
         try:
             return score_against(model, rule, ref, desc=kind), None
         finally:
@@ -152,7 +186,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=defaults.eval_window)
     ap.add_argument("--stride", type=int, default=defaults.eval_stride)
     ap.add_argument("--head-density", type=float, default=1.0)
-    ap.add_argument("--rule", nargs="+", required=True, help="oracle:D predictor:D gate:D up:D two-stage:C:D")
+    ap.add_argument("--rule", nargs="+", required=True,
+                    help="oracle:D predictor:D gate:D up:D two-stage:C:D up-pred:D:A input:X:D")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (the shared machine has 2 cores)")

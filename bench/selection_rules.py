@@ -15,6 +15,10 @@ Rules (MLP only; attention stays dense unless --head-density):
 - input:X:D     no predictor (TEAL-style input sparsity): each token keeps the top-X of its MLP input's
                 |x| entries, so gate and up read only those columns; then the top-D of |down input|
                 computed from that x go through down. input:1:D is the oracle.
+- threshold:X:D the same with one magnitude threshold per layer instead of a per-token top-k (what a
+                kernel can apply while it reads, as TEAL does): thresholds are quantiles of |x| and of the
+                dense |down input| over --calibration-tokens of the calibration corpus, set to keep X and
+                D on average there; the report gives the shares actually kept on the evaluation text.
 
 Every evaluated token is sparse, windows/stride as in runtime/quality.py; dense log-probs are computed
 once and reused. "MLP bytes" is the share of the dense MLP's weight bytes a real kernel must read per
@@ -45,14 +49,14 @@ from dejavu.runtime.quality import (
     score_against,
 )
 
-KINDS = {"oracle": 1, "predictor": 1, "gate": 1, "up": 1, "two-stage": 2, "up-pred": 2, "input": 2}
+KINDS = {"oracle": 1, "predictor": 1, "gate": 1, "up": 1, "two-stage": 2, "up-pred": 2, "input": 2, "threshold": 2}
 
 
 def parse_rule(text: str) -> tuple[str, tuple[float, ...]]:
     kind, *values = text.split(":")
     if kind not in KINDS or len(values) != KINDS[kind]:
         raise DejavuError(f"rule {text!r}: expected oracle:D, predictor:D, gate:D, up:D, two-stage:C:D, up-pred:D:A "
-                          "or input:X:D")
+                          "input:X:D or threshold:X:D")
     try:
         numbers = tuple(float(v) for v in values)
     except ValueError:
@@ -126,8 +130,71 @@ class InputRule:
             h.remove()
 
 
+class ThresholdRule:
+    """input:X:D with fixed per-layer magnitude thresholds; counts the shares it keeps."""
+
+    def __init__(self, adapter, x_thresholds: list[float], h_thresholds: list[float]):
+        self.enabled, self.token_mask = True, None  # what score_against sets on a runtime
+        self._handles = []
+        self.kept = {"x": [0, 0], "h": [0, 0]}  # kept entries, all entries
+        for l, layer in enumerate(adapter.decoder_layers()):  # noqa: E741
+            gate, up = adapter.gate_proj(layer), adapter.up_proj(layer)
+            self._handles.append((gate or up).register_forward_pre_hook(self._keep_above(x_thresholds[l], "x")))
+            if gate is not None:  # the same x: counted once
+                self._handles.append(up.register_forward_pre_hook(self._keep_above(x_thresholds[l], None)))
+            self._handles.append(adapter.down_proj(layer).register_forward_pre_hook(
+                self._keep_above(h_thresholds[l], "h")))
+
+    def _keep_above(self, threshold: float, counter: str | None):
+        def hook(module: nn.Module, args):
+            x = args[0]
+            keep = x.abs() > threshold
+            if counter is not None:
+                self.kept[counter][0] += int(keep.sum())
+                self.kept[counter][1] += keep.numel()
+            return (x * keep.to(x.dtype),) + tuple(args[1:])
+
+        return hook
+
+    def shares(self) -> dict[str, float]:
+        return {name: kept / max(total, 1) for name, (kept, total) in self.kept.items()}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+@torch.no_grad()
+def calibrate_thresholds(model, adapter, tokens: torch.Tensor, window: int, x_density: float,
+                         h_density: float) -> tuple[list[float], list[float]]:
+    """Per layer, the |x| and dense |down input| magnitudes above which X and D of the entries lie."""
+    layers = adapter.decoder_layers()
+    seen: dict[tuple[str, int], list[torch.Tensor]] = {}
+    handles = []
+    for l, layer in enumerate(layers):  # noqa: E741
+        for name, module in (("x", adapter.gate_proj(layer) or adapter.up_proj(layer)), ("h", adapter.down_proj(layer))):
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, key=(name, l): seen.setdefault(key, []).append(args[0].detach().abs().float().flatten())))
+    try:
+        for start in range(0, tokens.numel(), window):
+            model(tokens[start:start + window][None].to(next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+
+    def quantile(values: list[torch.Tensor], keep: float) -> float:
+        flat = torch.cat(values)
+        k = min(flat.numel(), max(1, round((1 - keep) * flat.numel())))
+        return float(flat.kthvalue(k).values) if keep < 1 else -1.0
+
+    return ([quantile(seen[("x", i)], x_density) for i in range(len(layers))],
+            [quantile(seen[("h", i)], h_density) for i in range(len(layers))])
+
+
 def weight_share(kind: str, numbers: tuple[float, ...], gated: bool, stats: dict | None) -> float:
     up_share = 2 / 3 if gated else 1 / 2
+    if kind == "threshold" and stats is not None:  # the shares kept on the evaluation text
+        return up_share * stats["x"] + (1 - up_share) * stats["h"]
     if kind == "input":
         return up_share * numbers[0] + (1 - up_share) * numbers[1]
     if kind in ("gate", "up"):
@@ -138,7 +205,14 @@ def weight_share(kind: str, numbers: tuple[float, ...], gated: bool, stats: dict
     return numbers[-1]
 
 
-def run_rule(model, adapter, predictors, ref, kind, numbers, head_density) -> tuple[dict, dict | None]:
+def run_rule(model, adapter, predictors, ref, kind, numbers, head_density,
+             calibration=None) -> tuple[dict, dict | None]:
+    if kind == "threshold":
+        rule = ThresholdRule(adapter, *calibrate_thresholds(model, adapter, *calibration, *numbers))
+        try:
+            return score_against(model, rule, ref, desc=kind), rule.shares()
+        finally:
+            rule.remove()
     if kind in ("gate", "up", "input"):
         rule = InputRule(adapter, *numbers) if kind == "input" else ExactRule(adapter, kind, numbers[0])
         try:
@@ -192,6 +266,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (the shared machine has 2 cores)")
     ap.add_argument("--json", type=Path, default=None, help="results, rewritten after every rule")
+    ap.add_argument("--calibration", default=None,
+                    help="threshold rules: corpus the thresholds are set on (default: ../shared/data/wikitext-2/valid.txt)")
+    ap.add_argument("--calibration-tokens", type=int, default=8192, help="threshold rules: tokens calibrated on")
     args = ap.parse_args()
     rules = [parse_rule(r) for r in args.rule]
     torch.set_num_threads(args.threads)
@@ -218,10 +295,18 @@ def main() -> None:
     result = {"model": source.display, "dataset": dataset, "tokens": tokens.numel(), "window": window,
               "stride": stride, "head_density": args.head_density, "dtype": args.dtype, "device": args.device,
               "dense_ppl": dense["dense_ppl"], "rules": []}
+    calibration = None
+    if any(kind == "threshold" for kind, _ in rules):
+        corpus = args.calibration or str(Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt")
+        from dejavu.corpus import load_texts, tokenize_stream
+
+        calib = tokenize_stream(load_texts(corpus, split="train"), tokenizer)[:args.calibration_tokens]
+        calibration = (calib, window)
+        result["calibration"] = {"corpus": corpus, "tokens": calib.numel()}
     for kind, numbers in rules:
         text = f"{kind}:" + ":".join(f"{v:g}" for v in numbers)
         t0 = time.perf_counter()
-        metrics, stats = run_rule(model, adapter, predictors, ref, kind, numbers, args.head_density)
+        metrics, stats = run_rule(model, adapter, predictors, ref, kind, numbers, args.head_density, calibration)
         row = {"rule": text, "kind": kind, "candidates": numbers[0] if kind == "two-stage" else None,
                "density": numbers[0] if kind == "up-pred" else numbers[-1], **metrics, "computed": stats,
                "mlp_bytes": weight_share(kind, numbers, gated, stats), "seconds": time.perf_counter() - t0}

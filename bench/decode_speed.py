@@ -6,6 +6,8 @@ Usage: python bench/decode_speed.py --synthetic llama-2-7b [--layers N] [--devic
          [--two-stage 0.75/0.5,0.9/0.6]   (CANDIDATES/FINAL MLP densities, two-stage MLP selection)
          [--exact-up 0.5:0.4,0.7:0.5]     (DENSITY:WEIGHT, exact-up MLP selection)
          [--kv all|skip|both]             (k/v of every KV group, or only of those the heads read)
+         [--thresholds 0.8:0.5,0.7:0.5]   (KEEP_X:KEEP_H, TEAL-style MLP thresholds instead of MLP
+                                           predictors, calibrated on the synthetic model's own activations)
 Synthetic (random) weights: speed only.
 """
 
@@ -21,6 +23,7 @@ import torch
 from dejavu.runtime import speed
 from dejavu.runtime.decode import JOIN_ORDERS, SELECT_IMPLS, DecodeModel
 from dejavu.runtime.synthetic import build_synthetic
+from dejavu.runtime.thresholds import calibrate_mlp_thresholds
 
 
 def plot(result: dict, path: Path) -> None:
@@ -78,6 +81,9 @@ def main() -> None:
     ap.add_argument("--exact-up", default="",
                     help="'DENSITY:WEIGHT,...' (e.g. 0.5:0.4,0.7:0.5): also time exact-up MLP selection (up for every "
                          "neuron, gate and down for the top DENSITY by log|up| + WEIGHT x logit) at each heads density")
+    ap.add_argument("--thresholds", default="",
+                    help="KEEP_X:KEEP_H pairs: MLP by per-layer magnitude thresholds (no MLP predictor), set to "
+                         "keep these shares of the MLP input and of down's input on the model's own activations")
     ap.add_argument("--kv", default="all", choices=["all", "skip", "both"],
                     help="sparse steps compute k/v for every KV group (all), only for the groups the selected "
                          "heads read, skipped positions filled lazily (skip), or each config both ways")
@@ -180,6 +186,8 @@ def main() -> None:
             entry["exact_up"][heads] = up_pts
         result["sweep"][str(b)] = entry
         (out / "decode_speed.json").write_text(json.dumps(result, indent=1))
+    if args.thresholds:
+        table += threshold_runs(args, model, adapter, preds, copy, result, out, dm.dense_impl)
     ablation_rows = ablation(args, dm, preds, copy, result, out) if args.ablation else []
     plot(result, out / "decode_speed.png")
     print("\nbatch cand  mlp heads kv   | dense ms sparse ms speedup bytes bound frac | dense GB/s sparse GB/s pred%")
@@ -192,6 +200,69 @@ def main() -> None:
     for line in ablation_rows:
         print(line)
     print(f"HF eager {hf:.2f} ms/token; copy {copy:.0f} GB/s; wrote {out}")
+
+
+def measured_row_shares(dm: DecodeModel, batch: int, steps: int) -> dict:
+    """The shares of gate/up and down rows the threshold kernels read (kept by any sequence) over eager
+    sparse steps after a prefill like the timed one's: the bytes bound above counts the calibrated
+    per-sequence shares, which random-weight activations need not keep in decode, nor a batch's union."""
+    from dejavu.runtime.kernels import ops
+
+    counts = {"x": [0, 0], "h": [0, 0]}
+    original = ops.threshold_vecmat_acc
+
+    def counting(h, wt, threshold, acc):
+        side = "x" if wt.shape[1] == 2 * dm.n else "h"
+        counts[side][0] += int((h.abs() > threshold).any(0).sum())
+        counts[side][1] += h.shape[1]
+        original(h, wt, threshold, acc)
+
+    st = dm.new_state(batch)
+    gen = torch.Generator().manual_seed(0)
+    dm.prefill(st, torch.randint(1, dm.embed.shape[0], (batch, speed.PROMPT_LEN), generator=gen))
+    ops.threshold_vecmat_acc = counting
+    try:
+        for _ in range(min(steps, 8)):
+            dm.step(st, sparse=True)
+    finally:
+        ops.threshold_vecmat_acc = original
+    return {f"read_share_{side}": kept / max(total, 1) for side, (kept, total) in counts.items()}
+
+
+def threshold_runs(args, model, adapter, preds, copy: float, result: dict, out: Path, dense_impl: str) -> list:
+    """Sparse decode with MLP thresholds (heads still predicted) at each batch, against the sweep's dense."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    calib = torch.randint(1, model.config.vocab_size, (256,), generator=torch.Generator().manual_seed(0))
+    pairs = [tuple(float(v) for v in spec.split(":")) for spec in args.thresholds.split(",")]
+    thresholds = {pair: calibrate_mlp_thresholds(model, adapter, calib, *pair, window=256) for pair in pairs}
+    dm = DecodeModel(model, adapter, None, device, dtype, speed.PROMPT_LEN + args.warmup + args.tokens + 8,
+                     select_impl=args.select_impl, predictor_priority=args.priority, join_order=args.join_order,
+                     mlp_thresholds=thresholds[pairs[0]])
+    table = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        entry = result["sweep"][str(b)]
+        dense_ms = entry["dense_ms_per_token"]
+        rows = entry.setdefault("thresholds", {})
+        for heads in args.heads.split(","):
+            for pair in pairs:
+                dm.mlp_thresholds = thresholds[pair]
+                dm.attach_predictors(preds.with_densities(1.0, float(heads)))
+                row = speed.batch_figures(dm, b, args.tokens, args.warmup, copy, dense_ms=dense_ms)
+                row.update(measured_row_shares(dm, b, args.tokens))
+                row.update(keep_x=pair[0], keep_h=pair[1], head_density=float(heads), skip_kv=False,
+                           mlp_density=pair[1], bytes_share=row["sparse_bytes_per_step"]
+                           / entry["dense"]["dense_bytes_per_step"])
+                rows.setdefault(heads, []).append(row)
+                table.append((b, f"t{pair[0]:g}", pair[1], float(heads), dense_ms, row))
+                print(f"  thresholds keep x {pair[0]:g} / h {pair[1]:g}, heads {heads}: sparse "
+                      f"{row['sparse_ms_per_token']:.3f} ms x{row['speedup']:.2f} (bytes {row['bytes_share']:.0%} of "
+                      f"dense, {row['fraction_of_bound']:.0%} of bound; rows read in decode: gate/up "
+                      f"{row['read_share_x']:.2f}, down {row['read_share_h']:.2f})", flush=True)
+        (out / "decode_speed.json").write_text(json.dumps(result, indent=1))
+    result["threshold_calibration"] = {f"{k[0]:g}:{k[1]:g}": {"x": t.x, "h": t.h} for k, t in thresholds.items()}
+    (out / "decode_speed.json").write_text(json.dumps(result, indent=1))
+    del dm
+    return table
 
 
 # (select impl, predictor stream priority, MLP pairing, join order); "static" runs no predictor (the

@@ -40,6 +40,7 @@ from dejavu.errors import DejavuError
 from dejavu.predictor import LowRankPredictor, PredictorSet, units_for_density
 from dejavu.runtime import reference
 from dejavu.runtime.kernels import ops
+from dejavu.runtime.thresholds import MlpThresholds
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
 SELECT_IMPLS = ("fused", "fused-cublas", "classic", "static", "static-sync")
@@ -214,12 +215,13 @@ class LayerWeights:
     wqkv: torch.Tensor  # [(H + 2KV) * hd, d]
     bqkv: torch.Tensor | None
     wo_t: torch.Tensor  # [H * hd, d]
-    gate_up: torch.Tensor  # [2, n, d]
+    gate_up: torch.Tensor | None  # [2, n, d]; None with MLP thresholds, which read gate_up_t
     down_t: torch.Tensor  # [n, d]
     mlp_pred: FoldedPredictor | None = None  # two-stage: it selects the candidates
     head_pred: FoldedPredictor | None = None
     mlp_final: TwoStageMLP | None = None  # set only with two-stage MLP selection
     up_workspace: tuple | None = None  # set only with exact-up MLP selection: its top-k buffers (fp16 keys)
+    gate_up_t: torch.Tensor | None = None  # [d, 2n] = [gate^T | up^T], set only with MLP thresholds
 
 
 @dataclass
@@ -239,6 +241,10 @@ class DecodeState:
     # and group the last position whose k/v are in the cache (two rows: see reference.lazy_kv_fill)
     xcache: list[torch.Tensor] | None = None
     kv_last: torch.Tensor | None = None
+    # MLP thresholds only: the fp32 [gate | up] accumulator [B, 2n] (kept zeroed between uses) and down's
+    # input [B, n]
+    acc_gate_up: torch.Tensor | None = None
+    h_mlp: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -249,7 +255,8 @@ class DecodeModel:
     def __init__(self, model, adapter, predictors: PredictorSet | None, device, dtype, max_len: int,
                  dense_impl: str = "cublas", overlap_predictors: bool = True, select_impl: str = "fused",
                  predictor_priority: int = -1, mlp_candidate_density: float | None = None,
-                 mlp_up_weight: float | None = None, skip_kv: bool = False, join_order: str = "heads-first"):
+                 mlp_up_weight: float | None = None, skip_kv: bool = False, join_order: str = "heads-first",
+                 mlp_thresholds: MlpThresholds | None = None):
         cfg = model.config
         model_type = getattr(cfg, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -298,6 +305,17 @@ class DecodeModel:
             raise ValueError(f"join_order must be one of {', '.join(JOIN_ORDERS)}, not {join_order!r}")
         # the side stream's order within one input's predictors (PredictorGroup.build; attach reads it)
         self.join_order = join_order
+        # TEAL-style MLP sparsity: sparse steps drop each sequence's small MLP inputs and down inputs by
+        # per-layer magnitude thresholds; MLP predictors are then not used (heads' still are)
+        self.mlp_thresholds = mlp_thresholds
+        if mlp_thresholds is not None:
+            if dense_impl != "cublas":
+                raise DejavuError("MLP thresholds read gate/up transposed: use dense_impl='cublas'")
+            if mlp_candidate_density is not None or mlp_up_weight is not None:
+                raise DejavuError("choose one MLP rule: thresholds, exact up or two-stage")
+            if len(mlp_thresholds.x) != len(adapter.decoder_layers()):
+                raise DejavuError(f"MLP thresholds cover {len(mlp_thresholds.x)} layers, the model has "
+                                  f"{len(adapter.decoder_layers())}")
         self.layers = [self._layer(adapter, layer, cast) for layer in adapter.decoder_layers()]
         self.predictors = None
         # None: one-stage; else the predictors' candidate density (attach_predictors reads it)
@@ -319,13 +337,16 @@ class DecodeModel:
         bqkv = None
         if a.q_bias is not None:
             bqkv = torch.cat([a.q_bias, a.k_bias, a.v_bias]).detach().to(**cast)
+        gate, up = m.gate.detach().to(**cast), m.up.detach().to(**cast)
+        transposed = self.mlp_thresholds is not None  # one layout only: rows of gate^T/up^T are x's columns
         return LayerWeights(
             ln1=layer.input_layernorm.weight.detach().to(**cast),
             ln2=layer.post_attention_layernorm.weight.detach().to(**cast),
             wqkv=torch.cat([a.q, a.k, a.v], 0).detach().to(**cast).contiguous(),
             bqkv=bqkv,
             wo_t=a.o.detach().t().to(**cast).contiguous(),
-            gate_up=torch.stack([m.gate.detach().to(**cast), m.up.detach().to(**cast)]).contiguous(),
+            gate_up=None if transposed else torch.stack([gate, up]).contiguous(),
+            gate_up_t=torch.cat([gate.t(), up.t()], 1).contiguous() if transposed else None,
             down_t=m.down.detach().t().to(**cast).contiguous(),
         )
 
@@ -361,7 +382,7 @@ class DecodeModel:
         for i, (lw, lp) in enumerate(zip(self.layers, predictors.layers, strict=True)):
             k_mlp = units_for_density(lp.mlp_density, self.n)
             k_heads = units_for_density(lp.head_density, self.H)
-            if lp.mlp is not None and k_mlp < self.n:
+            if lp.mlp is not None and k_mlp < self.n and self.mlp_thresholds is None:
                 k_first = k_mlp
                 if cand is not None:
                     if cand < lp.mlp_density:
@@ -406,6 +427,9 @@ class DecodeModel:
             xcache=[torch.zeros(batch, self.max_len, self.d, dtype=dt, device=dev) for _ in self.layers]
             if lazy else None,
             kv_last=torch.full((len(self.layers), 2, self.KV), -1, dtype=torch.int32, device=dev) if lazy else None,
+            acc_gate_up=torch.zeros(batch, 2 * self.n, dtype=torch.float32, device=dev)
+            if self.mlp_thresholds is not None else None,
+            h_mlp=torch.zeros(batch, self.n, dtype=dt, device=dev) if self.mlp_thresholds is not None else None,
         )
 
     # --- dense prefill (eager) -----------------------------------------------------------------------
@@ -434,7 +458,7 @@ class DecodeModel:
                                                  is_causal=True, scale=self.scale, enable_gqa=self.group > 1)
             x = x + att.transpose(1, 2).reshape(batch, plen, H * hd) @ lw.wo_t
             xn = reference.rms_norm(x, lw.ln2, self.eps, self.norm_offset)
-            gu = xn @ lw.gate_up.view(2 * self.n, self.d).T
+            gu = xn @ (lw.gate_up_t if lw.gate_up is None else lw.gate_up.view(2 * self.n, self.d).T)
             a = reference.apply_activation(gu[..., :self.n].float(), self.act) * gu[..., self.n:].float()
             x = x + a.to(x.dtype) @ lw.down_t
         logits = F.linear(reference.rms_norm(x[:, -1], self.final_norm, self.eps, self.norm_offset), self.lm_head)
@@ -543,6 +567,14 @@ class DecodeModel:
         xn, acc, eps, off = st.xn, st.acc, self.eps, self.norm_offset
         hmid, h_next = st.hmid, st.hs[i + 1]
         next_norm = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.final_norm
+        if sparse and self.mlp_thresholds is not None:
+            # no selection: the kernels skip the rows whose input is at or below the layer's threshold
+            t = self.mlp_thresholds
+            ops.threshold_vecmat_acc(xn, lw.gate_up_t, t.x[i], st.acc_gate_up)
+            ops.act_mul_acc(st.acc_gate_up, self.act, st.h_mlp)
+            ops.threshold_vecmat_acc(st.h_mlp, lw.down_t, t.h[i], acc)
+            ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next)
+            return
         if sparse and lw.up_workspace is not None:
             up = F.linear(xn, lw.gate_up[1])  # every neuron's up, while the predictor may still run
             self._take(mlp_sel, i)  # waits for the predictor's logits, not a selection
@@ -568,7 +600,8 @@ class DecodeModel:
             ops.sparse_mlp_acc(xn, lw.gate_up[0], lw.gate_up[1], lw.down_t, midx, self.act, acc)
             ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next)
         else:
-            a = ops.act_mul(xn @ lw.gate_up.view(2 * self.n, self.d).T, self.act)
+            gu = xn @ (lw.gate_up_t if lw.gate_up is None else lw.gate_up.view(2 * self.n, self.d).T)
+            a = ops.act_mul(gu, self.act)
             ops.residual_rmsnorm(hmid, a @ lw.down_t, next_norm, xn, eps, off, False, h_next)
 
     @torch.no_grad()
@@ -585,8 +618,10 @@ class DecodeModel:
         """Bytes one decode step reads from memory: weights (selected rows only when sparse; two-stage:
         gate/up rows of the candidates, down^T rows of the final set; exact-up: every up row, gate and
         down^T rows of the selection; skip_kv: k/v rows of the read KV groups only, plus the stored
-        attention input, while the rare lazy fills of skipped positions are not counted), predictors,
-        the KV cache over `context` positions, the lm_head and one embedding row per sequence."""
+        attention input, while the rare lazy fills of skipped positions are not counted; MLP thresholds:
+        the shares they were calibrated to keep, per sequence, while at batch > 1 the union of the
+        sequences' rows is read), predictors, the KV cache over `context` positions, the lm_head and one
+        embedding row per sequence."""
         item = torch.empty((), dtype=self.dtype).element_size()
         d, hd = self.d, self.hd
         weights = preds = cache = 0
@@ -594,6 +629,9 @@ class DecodeModel:
             gate_rows = lw.mlp_pred.k if (sparse and lw.mlp_pred is not None) else self.n
             up_rows = self.n if (sparse and lw.up_workspace is not None) else gate_rows
             down_rows = lw.mlp_final.k if (sparse and lw.mlp_final is not None) else gate_rows
+            if sparse and self.mlp_thresholds is not None:  # the shares the thresholds were set to keep
+                gate_rows = up_rows = round(self.mlp_thresholds.keep_x * self.n)
+                down_rows = round(self.mlp_thresholds.keep_h * self.n)
             heads = lw.head_pred.k if (sparse and lw.head_pred is not None) else self.H
             # KV groups the selected heads read: exact for one head per group, at most this with GQA
             kv_heads = min(self.KV, heads) if heads < self.H else self.KV

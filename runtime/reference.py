@@ -5,6 +5,7 @@ Shapes (B = batch, d = hidden, K = selected units, U = rows per unit: 1 for neur
     gather_matvec(x [B,d], w [R,d], idx [K], unit, gate=None, act, tail=0)  -> [B, K*U + tail]
         rows r = idx[j // U] * U + j % U, then w's last `tail` rows; y = x @ w[r].T; gated: act(x @ gate[r].T) * y
     gather_vecmat_acc(h [B,K*U], wt [R,d], idx [K], unit, acc [B,d] fp32)   acc += h @ wt[r]
+    threshold_vecmat_acc(h [B,R], wt [R,N], t, acc [B,N] fp32)             acc += where(|h| > t, h, 0) @ wt
     residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta, h_out)  h_out = h + delta; out = norm(h_out)
     select_topk(scores [B,n], k) -> [k]   indices (ascending) of the top-k of the batch's per-unit max
     rope_cache_write(q, k, v, kc, vc, cos, sin, pos)                         rotate q, k; cache k, v at pos
@@ -244,6 +245,11 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, heads:
     v = vc.index_select(1, kv)[:, :, :length].float()
     scores = torch.einsum("bhd,bhld->bhl", q.float(), k) * scale
     return torch.einsum("bhl,bhld->bhd", scores.softmax(-1), v).to(q.dtype)
+
+
+def threshold_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, threshold: float, acc: torch.Tensor) -> None:
+    """acc += where(|h| > threshold, h, 0) @ wt, per sequence (TEAL-style magnitude sparsity)."""
+    acc += (torch.where(h.abs() > threshold, h, torch.zeros((), dtype=h.dtype)) @ wt).to(acc.dtype)
 
 
 def sparse_mlp(x: torch.Tensor, gate: torch.Tensor | None, up: torch.Tensor, down_t: torch.Tensor,

@@ -81,6 +81,41 @@ def _(x, gate, up, down_t, idx, act, acc):
     return None
 
 
+@torch.library.custom_op("dejavu::threshold_vecmat_acc", mutates_args=("acc",))
+def threshold_vecmat_acc(h: Tensor, wt: Tensor, threshold: float, acc: Tensor) -> None:
+    """acc += where(|h| > threshold, h, 0) @ wt: each sequence drops its small entries (TEAL-style); a
+    row of wt is read only when some sequence keeps it."""
+    reference.threshold_vecmat_acc(h, wt, threshold, acc)
+
+
+@threshold_vecmat_acc.register_kernel("cuda")
+def _(h, wt, threshold, acc):
+    _triton().threshold_vecmat_acc(h, wt, threshold, acc)
+
+
+@threshold_vecmat_acc.register_fake
+def _(h, wt, threshold, acc):
+    return None
+
+
+@torch.library.custom_op("dejavu::act_mul_acc", mutates_args=("acc", "out"))
+def act_mul_acc(acc: Tensor, act: int, out: Tensor) -> None:
+    """out = act(acc[:, :n]) * acc[:, n:] from an fp32 [gate | up] accumulator, which is left zeroed."""
+    n = out.shape[1]
+    out.copy_((reference.apply_activation(acc[:, :n], act) * acc[:, n:]).to(out.dtype))
+    acc.zero_()
+
+
+@act_mul_acc.register_kernel("cuda")
+def _(acc, act, out):
+    _triton().act_mul_acc(acc, act, out)
+
+
+@act_mul_acc.register_fake
+def _(acc, act, out):
+    return None
+
+
 @torch.library.custom_op("dejavu::residual_rmsnorm", mutates_args=("delta", "out", "h_out"))
 def residual_rmsnorm(h: Tensor, delta: Tensor | None, weight: Tensor, out: Tensor, eps: float, offset: float,
                      zero_delta: bool, h_out: Tensor) -> None:

@@ -453,6 +453,78 @@ def sparse_mlp_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down_
 
 
 # ------------------------------------------------------------------------------------------------
+# threshold_vecmat_acc: acc[b, :] += sum over rows j of [|h[b, j]| > t] h[b, j] * wt[j, :]
+# (TEAL-style magnitude sparsity: no selection step; a row is read when any sequence needs it)
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _threshold_vecmat_kernel(h_ptr, wt_ptr, acc_ptr, threshold, B, R, N, ROWS_PER_SPLIT, stride_hb, stride_w,
+                             stride_ab, B_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                             PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+    _grid_dependency(PDL)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_b = tl.arange(0, B_PAD)
+    mask_b = offs_b < B
+    start = tl.program_id(1) * ROWS_PER_SPLIT
+    acc = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
+    for r0 in range(start, tl.minimum(start + ROWS_PER_SPLIT, R), BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_br = mask_b[:, None] & (offs_r < R)[None, :]
+        hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_r[None, :], mask=mask_br, other=0.0)
+        above = mask_br & (tl.abs(hv.to(tl.float32)) > threshold)
+        # a row's loads are predicated off (its bytes never read) unless some sequence keeps it
+        keep = tl.max(above.to(tl.int32), axis=0) > 0
+        w = tl.load(wt_ptr + offs_r[:, None].to(tl.int64) * stride_w + offs_n[None, :],
+                    mask=keep[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(tl.where(above, hv, 0.0).to(w.dtype), w, acc, input_precision=PRECISION)
+    tl.atomic_add(acc_ptr + offs_b[:, None] * stride_ab + offs_n[None, :], acc,
+                  mask=mask_b[:, None] & mask_n[None, :], sem="relaxed")
+
+
+def threshold_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, threshold: float, acc: torch.Tensor) -> None:
+    """acc [B, N] (fp32) += where(|h| > threshold, h, 0) @ wt; h [B, R], wt [R, N]."""
+    batch, rows = h.shape
+    n = wt.shape[1]
+    assert wt.shape[0] == rows and h.stride(1) == 1 and wt.stride(1) == 1 and h.dtype == wt.dtype
+    assert acc.dtype == torch.float32 and acc.shape == (batch, n) and acc.stride(1) == 1 and batch <= DOT_BATCH
+    # tl.dot over a 16-row padded h: tensor cores read each weight tile once (an elementwise reduction
+    # over rows ran at 0.22-0.38 of copy bandwidth in bench/mlp_threshold.py, this at 0.82-0.95)
+    block_r, block_n = 32, 256 if batch == 1 else 128
+    col_blocks = triton.cdiv(n, block_n)
+    splits = max(1, min(triton.cdiv(rows, block_r), triton.cdiv(4 * _sms(h), col_blocks)))
+    per_split = triton.cdiv(triton.cdiv(rows, splits), block_r) * block_r
+    grid = (col_blocks, triton.cdiv(rows, per_split))
+    _threshold_vecmat_kernel[grid](h, wt, acc, float(threshold), batch, rows, n, per_split, h.stride(0), wt.stride(0),
+                                   acc.stride(0), B_PAD=DOT_BATCH, BLOCK_R=block_r, BLOCK_N=block_n,
+                                   PRECISION=_precision(h), num_warps=4, **_pdl(h))
+
+
+@triton.jit
+def _act_mul_acc_kernel(acc_ptr, out_ptr, N, stride_ab, stride_ob, ACT: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    _grid_dependency(PDL)
+    b = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    row = acc_ptr + b * stride_ab
+    g = tl.load(row + offs, mask=mask, other=0.0)
+    u = tl.load(row + N + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + b * stride_ob + offs, (_activation(g, ACT) * u).to(out_ptr.dtype.element_ty), mask=mask)
+    zero = tl.zeros((BLOCK,), dtype=tl.float32)
+    tl.store(row + offs, zero, mask=mask)
+    tl.store(row + N + offs, zero, mask=mask)
+
+
+def act_mul_acc(acc: torch.Tensor, act: int, out: torch.Tensor) -> None:
+    """out [B, n] = act(acc[:, :n]) * acc[:, n:] (acc fp32 [B, 2n], then left zeroed for the next call)."""
+    batch, n = out.shape
+    assert acc.dtype == torch.float32 and acc.shape == (batch, 2 * n) and acc.stride(1) == 1 and out.stride(1) == 1
+    block = 1024
+    _act_mul_acc_kernel[(triton.cdiv(n, block), batch)](acc, out, n, acc.stride(0), out.stride(0), ACT=act,
+                                                        BLOCK=block, **_pdl(out))
+
+
+# ------------------------------------------------------------------------------------------------
 # residual + RMSNorm: h += delta (then delta = 0); out = norm(h) * (w + offset)
 # ------------------------------------------------------------------------------------------------
 @triton.jit

@@ -450,3 +450,45 @@ def test_graphed_skip_kv_decode_matches_computing_every_group(model_type, batch)
     torch.testing.assert_close(results["cuda", True], results["cuda", False], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(results["cuda", True], results["cpu", True], atol=2e-2, rtol=2e-2)
     assert torch.equal(results["cuda", True].argmax(-1), results["cpu", True].argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("rows,n", [(4096, 22016), (11008, 4096), (576, 3072), (1000, 700)])
+def test_threshold_kernels_match_reference(dtype, batch, rows, n):
+    from dejavu.runtime.kernels import triton_kernels as T
+
+    torch.manual_seed(rows + batch)
+    dev = "cuda"
+    h = torch.randn(batch, rows, device=dev, dtype=dtype)
+    wt = torch.randn(rows, n, device=dev, dtype=dtype) * rows ** -0.5
+    for threshold in (-1.0, 0.5, 1.5):
+        acc = torch.full((batch, n), 0.5, device=dev)
+        T.threshold_vecmat_acc(h, wt, threshold, acc)
+        ref = torch.full((batch, n), 0.5, device=dev, dtype=torch.float64)
+        R.threshold_vecmat_acc(h.double(), wt.double(), threshold, ref)
+        assert torch.isfinite(acc).all() and _rel(acc, ref) < 1e-2
+    acc2 = torch.randn(batch, 2 * n, device=dev)
+    want = (torch.nn.functional.silu(acc2[:, :n].double()) * acc2[:, n:].double())
+    out = torch.empty(batch, n, device=dev, dtype=dtype)
+    T.act_mul_acc(acc2, 1, out)
+    assert _rel(out, want) < 1e-2 and acc2.abs().max() == 0
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graphed_threshold_decode_matches_cpu_reference(batch):
+    from dejavu.runtime.decode import DecodeModel
+    from dejavu.runtime.thresholds import calibrate_mlp_thresholds
+
+    model, adapter, preds = _tiny_with_predictors("llama", intermediate_size=1200)
+    thresholds = calibrate_mlp_thresholds(model, adapter, torch.randint(1, 500, (128,)), 0.7, 0.5, window=64)
+    prompt = torch.randint(1, 500, (batch, 5))
+    results = {}
+    for dev in ("cpu", "cuda"):
+        model.to(dev)
+        dm = DecodeModel(model, adapter, preds, dev, torch.float32, max_len=16, mlp_thresholds=thresholds)
+        for sparse in (False, True):
+            results[dev, sparse] = _three_steps(dm, prompt, sparse)
+    for sparse in (False, True):
+        torch.testing.assert_close(results["cuda", sparse], results["cpu", sparse], atol=2e-2, rtol=2e-2)
+    assert (results["cpu", True] - results["cpu", False]).abs().max() > 1e-3

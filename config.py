@@ -108,6 +108,11 @@ class RuntimeConfig:
     # decode loop: k/v only for the KV groups the selected heads read, skipped positions filled when next
     # read (speed only: the output is unchanged)
     skip_kv: bool = False
+    # TEAL-style MLP sparsity without a predictor: per-layer magnitude thresholds, calibrated on
+    # `calibration_tokens` tokens of data.dataset, keep this share of the MLP's input (gate/up columns
+    # read) and `mlp_density` (default 0.5) of down's input; None: off
+    mlp_keep_input: float | None = None
+    calibration_tokens: int = 8192
     # "predictor" (the bundle), "oracle" (true top-k from dense activations), "dense"
     selection: str = "predictor"
     # dense prefill by default: only decoded tokens are sparse

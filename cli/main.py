@@ -172,6 +172,11 @@ def bench(
         help="Decode speed: compute k/v only for the KV groups the selected heads read; a skipped group's "
              "positions are computed when one of its heads is next selected, so the output is unchanged "
              "(default: the config's, else --all-kv)."),
+    mlp_keep_input: float | None = typer.Option(
+        None, "--mlp-keep-input",
+        help="MLP sparsity without a predictor (TEAL-style): per-layer magnitude thresholds keep this share of "
+             "each token's MLP input (gate/up read only those columns) and --mlp-density (default 0.5) of "
+             "down's input. Calibrated on the config's data.dataset; heads still use the bundle, if given."),
     max_eval_tokens: int | None = typer.Option(None, "--max-eval-tokens", help="Bound on evaluated tokens."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto."),
@@ -195,7 +200,7 @@ def bench(
             "runtime.max_eval_tokens": max_eval_tokens, "runtime.device": device, "runtime.dtype": dtype,
             "runtime.selection": selection, "runtime.batch_sizes": sizes,
             "runtime.mlp_candidate_density": mlp_candidate_density, "runtime.mlp_up_weight": mlp_up_weight,
-            "runtime.skip_kv": skip_kv,
+            "runtime.skip_kv": skip_kv, "runtime.mlp_keep_input": mlp_keep_input,
         },
         synthetic=synthetic, layers=layers, quality=quality, speed=speed,
     )

@@ -30,6 +30,12 @@ computed for every neuron, each neuron scored log|up| + A * predictor logit, and
 for the top `mlp_density`. MLP weight bytes read: up_share / 2 + (1 - up_share / 2) * density.
 Measured best per byte on SmolLM2 (BENCHMARKS.md, "up-pred"); runtime/decode.py runs the same rule.
 
+MLP thresholds (opt-in, `mlp_thresholds`, mask mode; runtime/thresholds.py): no predictor for the MLP.
+Each token drops its MLP-input entries at or below the layer's threshold (gate/up read only the kept
+columns) and its down-input entries at or below a second threshold (down reads only the kept rows).
+MLP weight bytes read: up_share * input kept + (1 - up_share) * down input kept. Heads follow the
+selection as usual.
+
 Selection "oracle" takes the true top-k of the same forward (|down input| per neuron, L2 norm per
 head output) to separate predictor error from sparsity error; "dense" computes everything.
 """
@@ -45,6 +51,7 @@ from dejavu.errors import DejavuError
 from dejavu.models.adapters import Adapter, _linear_weight
 from dejavu.predictor import PredictorSet, topk_mask, units_for_density
 from dejavu.runtime.reference import exact_up_scores
+from dejavu.runtime.thresholds import MlpThresholds
 
 SELECTIONS = ("predictor", "oracle", "dense")
 MODES = ("mask", "gather")
@@ -78,10 +85,11 @@ class SelectionStats:
     head_kept: float = 0.0
     kv_groups_skippable: float = 0.0
     mlp_candidates_kept: float = 0.0  # two-stage only: share whose gate/up rows were read
+    mlp_input_kept: float = 0.0  # MLP thresholds only: share of the MLP input kept (gate/up columns read)
     up_in_full: bool = False  # exact-up selection reads every up row
     # Share of the MLP weight bytes in gate + up (2/3 gated, 1/2 plain); set by the runtime.
     up_share: float = 2 / 3
-    counts: dict = field(default_factory=lambda: {"mlp": 0, "attn": 0, "mlp_candidates": 0})
+    counts: dict = field(default_factory=lambda: {"mlp": 0, "attn": 0, "mlp_candidates": 0, "mlp_input": 0})
 
     def add(self, kind: str, kept: float, skippable: float = 0.0, n: int = 1) -> None:
         c = self.counts[kind]
@@ -89,6 +97,8 @@ class SelectionStats:
             self.mlp_kept = (self.mlp_kept * c + kept * n) / (c + n)
         elif kind == "mlp_candidates":
             self.mlp_candidates_kept = (self.mlp_candidates_kept * c + kept * n) / (c + n)
+        elif kind == "mlp_input":
+            self.mlp_input_kept = (self.mlp_input_kept * c + kept * n) / (c + n)
         else:
             self.head_kept = (self.head_kept * c + kept * n) / (c + n)
             self.kv_groups_skippable = (self.kv_groups_skippable * c + skippable * n) / (c + n)
@@ -98,7 +108,10 @@ class SelectionStats:
         """Shares computed; a kind whose hook never ran (density 1.0) was computed in full."""
         mlp = self.mlp_kept if self.counts["mlp"] else 1.0
         candidates = self.mlp_candidates_kept if self.counts["mlp_candidates"] else mlp
-        if self.up_in_full:  # all of up, gate and down for the chosen neurons
+        if self.counts["mlp_input"]:  # thresholds: gate/up columns of the kept inputs
+            candidates = self.mlp_input_kept
+            share = self.up_share * candidates + (1 - self.up_share) * mlp
+        elif self.up_in_full:  # all of up, gate and down for the chosen neurons
             share = self.up_share / 2 + (1 - self.up_share / 2) * mlp
         else:  # gate/up rows for the candidates, down columns for the final set (== mlp_kept without
             # two-stage); the oracle still needs the dense activation to choose.
@@ -116,7 +129,7 @@ class SparseRuntime:
     def __init__(self, model: nn.Module, adapter: Adapter, predictors: PredictorSet | None = None, *,
                  selection: str = "predictor", mlp_density: float | None = None, head_density: float | None = None,
                  mode: str = "mask", record: bool = False, mlp_candidate_density: float | None = None,
-                 mlp_up_weight: float | None = None):
+                 mlp_up_weight: float | None = None, mlp_thresholds: MlpThresholds | None = None):
         if selection not in SELECTIONS:
             raise DejavuError(f"selection must be one of {', '.join(SELECTIONS)}; got {selection!r}")
         if mode not in MODES:
@@ -132,7 +145,15 @@ class SparseRuntime:
         n = len(self.layers)
         if predictors is not None and len(predictors.layers) != n:
             raise DejavuError(f"the predictors cover {len(predictors.layers)} layers, the model has {n}")
-        self.mlp_density = [self._density(l, "mlp", mlp_density) for l in range(n)]  # noqa: E741
+        self.mlp_thresholds = mlp_thresholds
+        if mlp_thresholds is not None:
+            if mode != "mask" or mlp_candidate_density is not None or mlp_up_weight is not None:
+                raise DejavuError("MLP thresholds run in mask mode, as the only MLP rule")
+            if len(mlp_thresholds.x) != n:
+                raise DejavuError(f"MLP thresholds cover {len(mlp_thresholds.x)} layers, the model has {n}")
+        # with thresholds no top-k selects neurons: the MLP's own hooks do the work
+        self.mlp_density = [1.0 if mlp_thresholds is not None else self._density(l, "mlp", mlp_density)
+                            for l in range(n)]  # noqa: E741
         self.head_density = [self._density(l, "attn", head_density) for l in range(n)]  # noqa: E741
         self.mlp_candidate_density = self._check_candidates(mlp_candidate_density)
         self.mlp_up_weight = self._check_up_weight(mlp_up_weight)
@@ -228,6 +249,14 @@ class SparseRuntime:
                     self._patch_gather(l, layer)
             if self.head_density[l] < 1.0:
                 self._handles.append(self.adapter.o_proj(layer).register_forward_pre_hook(self._o_hook(l)))
+            if self.mlp_thresholds is not None:
+                gate, up = self.adapter.gate_proj(layer), self.adapter.up_proj(layer)
+                t = self.mlp_thresholds
+                self._handles.append((gate or up).register_forward_pre_hook(self._threshold_hook(t.x[l], "mlp_input")))
+                if gate is not None:  # the same input as gate's: counted once
+                    self._handles.append(up.register_forward_pre_hook(self._threshold_hook(t.x[l], None)))
+                self._handles.append(self.adapter.down_proj(layer).register_forward_pre_hook(
+                    self._threshold_hook(t.h[l], "mlp")))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -307,6 +336,21 @@ class SparseRuntime:
             self._note("mlp", l, mask)
             mask = self._apply_token_mask(mask)
             return (act * mask.to(act.dtype),) + tuple(args[1:])
+
+        return hook
+
+    def _threshold_hook(self, threshold: float, kind: str | None):
+        def hook(module, args):
+            if not self.enabled:
+                return None
+            x = args[0]
+            keep = x.abs() > threshold
+            if kind is not None:
+                tm = self.sparse_tokens(keep)
+                rows = keep.reshape(-1, keep.shape[-1]) if tm is None else keep[tm.squeeze(-1)]
+                if rows.numel():
+                    self.stats.add(kind, rows.float().mean().item(), n=rows.shape[0])
+            return (x * self._apply_token_mask(keep).to(x.dtype),) + tuple(args[1:])
 
         return hook
 

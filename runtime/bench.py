@@ -65,7 +65,7 @@ def _fallback_speed(model, adapter, predictors, *, device, dtype, batch_sizes, d
 
 def measure_speed(model, adapter, predictors, *, device, dtype, batch_sizes, decode_tokens, warmup,
                   mlp_candidate_density: float | None = None, mlp_up_weight: float | None = None,
-                  skip_kv: bool = False) -> dict:
+                  skip_kv: bool = False, mlp_thresholds=None) -> dict:
     from dejavu.runtime.decode import SUPPORTED_MODEL_TYPES
     from dejavu.runtime.speed import speed_report
 
@@ -74,12 +74,15 @@ def measure_speed(model, adapter, predictors, *, device, dtype, batch_sizes, dec
     if model_type not in SUPPORTED_MODEL_TYPES:
         warnings.warn(f"no fast decode loop for {model_type!r} models yet; timing HF eager decode instead",
                       stacklevel=2)
+        if mlp_thresholds is not None:
+            raise DejavuError(f"MLP thresholds are timed only in the fast decode loop, which does not run "
+                              f"{model_type!r} models; use --no-speed")
         if mlp_candidate_density is not None or mlp_up_weight is not None or skip_kv:
             warnings.warn("the HF eager timing runs the predictor's own selection with every k/v; two-stage, "
                           "exact-up and skip_kv are timed only in the fast loop", stacklevel=2)
         return _fallback_speed(model, adapter, predictors, **common)
     return speed_report(model, adapter, predictors, mlp_candidate_density=mlp_candidate_density,
-                        mlp_up_weight=mlp_up_weight, skip_kv=skip_kv, **common)
+                        mlp_up_weight=mlp_up_weight, skip_kv=skip_kv, mlp_thresholds=mlp_thresholds, **common)
 
 
 def _flatten(nested: dict, prefix: str = "") -> dict:
@@ -131,6 +134,11 @@ def print_report(report: dict, out=None) -> None:
       + (f", two-stage MLP (predictor candidates {two:g}, final top-k by exact activation)" if two else "")
       + (f", exact-up MLP (log|up| + {report['mlp_up_weight']:g} x predictor logit)"
          if report.get("mlp_up_weight") is not None else ""))
+    t = report.get("mlp_thresholds")
+    if t:
+        p(f"  MLP by magnitude thresholds (no predictor): calibrated on {t['calibration_tokens']} tokens of "
+          f"{t['calibration']} to keep {t['keep_input']:g} of the MLP input and {t['keep_down_input']:g} of "
+          f"down's input")
     q = report.get("quality")
     if q:
         p(f"  quality on {q['scored_tokens']} tokens of {q['dataset']} (windows of {q['window']}, stride "
@@ -142,7 +150,10 @@ def print_report(report: dict, out=None) -> None:
         if sel:
             p(f"    computed: {sel['mlp_kept']:.3f} of MLP neurons, {sel['head_kept']:.3f} of heads; "
               f"{sel['kv_groups_skippable']:.3f} of KV groups skippable")
-            if "mlp_weight_share" in sel and report.get("mlp_up_weight") is not None:
+            if "mlp_weight_share" in sel and t:
+                p(f"    MLP weight bytes read: {sel['mlp_weight_share']:.3f} of dense (gate/up columns for "
+                  f"{sel['mlp_candidates_kept']:.3f} of the input, down rows for {sel['mlp_kept']:.3f})")
+            elif "mlp_weight_share" in sel and report.get("mlp_up_weight") is not None:
                 p(f"    MLP weight bytes read: {sel['mlp_weight_share']:.3f} of dense (up for every neuron, "
                   f"gate and down for {sel['mlp_kept']:.3f})")
             elif "mlp_weight_share" in sel:
@@ -188,6 +199,24 @@ def run_bench(model: str | None = None, bundle: Path | None = None, dataset: str
     return report
 
 
+def _calibrate_thresholds(model, adapter, tokenizer, cfg, keep_input: float, keep_down: float):
+    """Per-layer MLP thresholds from a dense forward over the calibration corpus (data.dataset)."""
+    from dejavu.corpus import load_texts, tokenize_stream
+    from dejavu.runtime.quality import model_context
+    from dejavu.runtime.thresholds import calibrate_mlp_thresholds
+
+    for name, value in (("--mlp-keep-input", keep_input), ("--mlp-density", keep_down)):
+        if not 0.0 < value <= 1.0:
+            raise DejavuError(f"{name} must be in (0, 1], got {value}")
+    texts = load_texts(cfg.data.dataset, split=cfg.data.split, text_field=cfg.data.text_field)
+    tokens = tokenize_stream(texts, tokenizer)[:cfg.runtime.calibration_tokens]
+    if tokens.numel() == 0:
+        raise DejavuError(f"the calibration corpus {cfg.data.dataset} gave no tokens")
+    print(f"  calibrating MLP thresholds on {tokens.numel()} tokens of {cfg.data.dataset}", flush=True)
+    return calibrate_mlp_thresholds(model, adapter, tokens, keep_input, keep_down,
+                                    window=min(model_context(model), cfg.runtime.eval_window))
+
+
 def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> dict:
     from dejavu.runtime.synthetic import build_synthetic
 
@@ -216,8 +245,9 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
 
     rt = cfg.runtime
     manifest, predictors = (load_bundle(bundle) if bundle is not None else (None, None))
-    if predictors is None and rt.selection == "predictor":
-        raise DejavuError("bench needs --bundle (or --selection oracle|dense, or --synthetic NAME)")
+    thresholds_on = rt.mlp_keep_input is not None
+    if predictors is None and rt.selection == "predictor" and not thresholds_on:
+        raise DejavuError("bench needs --bundle (or --selection oracle|dense, --mlp-keep-input, or --synthetic NAME)")
     name = model_name or (manifest["model"].get("name") if manifest else None) or cfg.model.name
     model, tokenizer, source = load_model(name, device=str(device), dtype=_dtype_name(dtype))
     adapter = adapter_for(model)
@@ -226,17 +256,28 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
     mlp_d = rt.mlp_density if rt.mlp_density is not None else (manifest["mlp_density"] if manifest else 1.0)
     head_d = rt.head_density if rt.head_density is not None else (manifest["head_density"] if manifest else 1.0)
     use = predictors if rt.selection == "predictor" else None
+    selection = rt.selection if use is not None or rt.selection != "predictor" else "dense"  # heads, with thresholds
+    thresholds = None
+    if thresholds_on:
+        if rt.mlp_candidate_density is not None or rt.mlp_up_weight is not None:
+            raise DejavuError("--mlp-keep-input is its own MLP rule: drop --mlp-candidate-density / --mlp-up-weight")
+        thresholds = _calibrate_thresholds(model, adapter, tokenizer, cfg, rt.mlp_keep_input,
+                                           rt.mlp_density if rt.mlp_density is not None else 0.5)
+        mlp_d = thresholds.keep_h
     # flag/config > bundle; two-stage applies to predictor selection only
     cand_d = rt.mlp_candidate_density
     if cand_d is None and manifest is not None:
         cand_d = manifest.get("mlp_candidate_density")
-    cand_d = cand_d if use is not None else None
-    up_w = rt.mlp_up_weight if use is not None else None  # exact-up, likewise predictor selection only
+    cand_d = cand_d if use is not None and thresholds is None else None
+    up_w = rt.mlp_up_weight if use is not None and thresholds is None else None  # exact-up: predictor only
     base = {"model": source.display, "device": str(device), "dtype": _dtype_name(dtype), "mlp_density": mlp_d,
-            "head_density": head_d, "synthetic": False, "selection": rt.selection,
+            "head_density": head_d, "synthetic": False, "selection": selection,
             "mlp_candidate_density": cand_d, "mlp_up_weight": up_w,
             "bundle": str(bundle) if bundle else None, "mlp_pairing": predictors.mlp_pairing if use else None,
-            "head_pairing": predictors.head_pairing if use else None}
+            "head_pairing": predictors.head_pairing if use else None,
+            "mlp_thresholds": None if thresholds is None else {
+                "keep_input": thresholds.keep_x, "keep_down_input": thresholds.keep_h,
+                "calibration": cfg.data.dataset, "calibration_tokens": cfg.runtime.calibration_tokens}}
     quality_data = None
     if quality:
         dataset = dataset or default_eval_dataset()
@@ -246,9 +287,9 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
         stride = min(rt.eval_stride, window)
         tokens = eval_tokens(tokenizer, dataset, rt.max_eval_tokens, cfg.data.text_field)
         # Explicit densities from flags override the bundle's per-layer ones; otherwise keep those.
-        with SparseRuntime(model, adapter, use, selection=rt.selection, mlp_density=rt.mlp_density
+        with SparseRuntime(model, adapter, use, selection=selection, mlp_density=rt.mlp_density
                            if use else mlp_d, head_density=rt.head_density if use else head_d,
-                           mlp_candidate_density=cand_d, mlp_up_weight=up_w) as runtime:
+                           mlp_candidate_density=cand_d, mlp_up_weight=up_w, mlp_thresholds=thresholds) as runtime:
             t0 = time.perf_counter()
             quality_data = compare(model, runtime, tokens, window, stride)
             quality_data["computed"] = runtime.stats.summary()
@@ -265,5 +306,5 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
         sp = use.with_densities(rt.mlp_density, rt.head_density) if use is not None else None
         speed_data = measure_speed(model, adapter, sp, device=device, dtype=dtype, batch_sizes=batch_sizes,
                                    decode_tokens=rt.decode_tokens, warmup=rt.warmup, mlp_candidate_density=cand_d,
-                                   mlp_up_weight=up_w, skip_kv=rt.skip_kv)
+                                   mlp_up_weight=up_w, skip_kv=rt.skip_kv, mlp_thresholds=thresholds)
     return build_report(base, quality_data, speed_data, batch_sizes[0])

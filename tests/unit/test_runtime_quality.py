@@ -205,3 +205,26 @@ def test_two_stage_bundle_is_timed_two_stage(tmp_path, tiny_llama):
     data = json.loads(out.read_text())
     assert data["mlp_candidate_density"] == 0.8
     assert data["speed"]["mlp_candidate_density"] == 0.8 and data["sparse.ms_per_token"] > 0
+
+
+def test_bench_mlp_thresholds_without_a_bundle(tmp_path, tiny_llama, capsys):
+    settings = {"runtime.mlp_keep_input": 0.7, "runtime.mlp_density": 0.5, "runtime.calibration_tokens": 512}
+    _, data = _bench(tmp_path, tiny_llama, None, **settings)
+    assert data["mlp_thresholds"]["keep_input"] == 0.7 and data["mlp_thresholds"]["keep_down_input"] == 0.5
+    computed = data["quality"]["computed"]
+    # calibrated on the calibration corpus, measured on the evaluation text: close, not equal
+    assert computed["mlp_candidates_kept"] == pytest.approx(0.7, abs=0.1)
+    assert computed["mlp_kept"] == pytest.approx(0.5, abs=0.1) and computed["head_kept"] == 1.0
+    assert computed["mlp_weight_share"] == pytest.approx(
+        2 / 3 * computed["mlp_candidates_kept"] + 1 / 3 * computed["mlp_kept"])
+    assert data["sparse.ppl"] != data["dense.ppl"] and "magnitude thresholds" in capsys.readouterr().out
+    _, everything = _bench(tmp_path, tiny_llama, None, **{**settings, "runtime.mlp_keep_input": 1.0,
+                                                          "runtime.mlp_density": 1.0})
+    assert everything["sparse.ppl"] == pytest.approx(everything["dense.ppl"], rel=1e-5)
+    # the same thresholds through the decode loop (CPU reference ops)
+    out = tmp_path / "speed.json"
+    run_bench(model=str(tiny_llama), json_out=out, config_file="tiny", quality=False,
+              overrides={"runtime.device": "cpu", **settings})
+    assert json.loads(out.read_text())["speed"]["batches"]["1"]["sparse_ms_per_token"] > 0
+    with pytest.raises(DejavuError, match="own MLP rule"):
+        _bench(tmp_path, tiny_llama, None, **settings, **{"runtime.mlp_up_weight": 0.4})

@@ -28,6 +28,10 @@ demo:
 	# The same bundle with exact-up selection (up for every neuron + the predictor's score).
 	dejavu bench --model smollm2-135m --bundle $(DEMO_RUN)/bundle --dataset $(EVAL) \
 		--max-eval-tokens $(EVAL_TOKENS) --mlp-up-weight 0.4 --json $(DEMO_RUN)/bench-exact-up.json
+	# No predictor for the MLP: per-layer magnitude thresholds on its input and on down's input (TEAL-style),
+	# calibrated on the calibration corpus; the best quality per MLP byte measured on SmolLM2.
+	dejavu bench --model smollm2-135m --dataset $(EVAL) --calibration $(CALIB) \
+		--max-eval-tokens $(EVAL_TOKENS) --mlp-keep-input 0.8 --mlp-density 0.5 --json $(DEMO_RUN)/bench-thresholds.json
 
 test:
 	$(PYTHON) -m pytest -q tests

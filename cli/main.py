@@ -177,6 +177,8 @@ def bench(
         help="MLP sparsity without a predictor (TEAL-style): per-layer magnitude thresholds keep this share of "
              "each token's MLP input (gate/up read only those columns) and --mlp-density (default 0.5) of "
              "down's input. Calibrated on the config's data.dataset; heads still use the bundle, if given."),
+    calibration: str | None = typer.Option(
+        None, "--calibration", help="Corpus the --mlp-keep-input thresholds are calibrated on (default: the config's data.dataset)."),
     max_eval_tokens: int | None = typer.Option(None, "--max-eval-tokens", help="Bound on evaluated tokens."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto."),
@@ -200,7 +202,7 @@ def bench(
             "runtime.max_eval_tokens": max_eval_tokens, "runtime.device": device, "runtime.dtype": dtype,
             "runtime.selection": selection, "runtime.batch_sizes": sizes,
             "runtime.mlp_candidate_density": mlp_candidate_density, "runtime.mlp_up_weight": mlp_up_weight,
-            "runtime.skip_kv": skip_kv, "runtime.mlp_keep_input": mlp_keep_input,
+            "runtime.skip_kv": skip_kv, "runtime.mlp_keep_input": mlp_keep_input, "data.dataset": calibration,
         },
         synthetic=synthetic, layers=layers, quality=quality, speed=speed,
     )

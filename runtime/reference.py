@@ -249,7 +249,15 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, heads:
 
 def threshold_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, threshold: float, acc: torch.Tensor) -> None:
     """acc += where(|h| > threshold, h, 0) @ wt, per sequence (TEAL-style magnitude sparsity)."""
-    acc += (torch.where(h.abs() > threshold, h, torch.zeros((), dtype=h.dtype)) @ wt).to(acc.dtype)
+    keep = h.abs() > threshold
+    masked = torch.where(keep, h, torch.zeros((), dtype=h.dtype))
+    if h.device.type == "cpu":
+        # only the rows some sequence keeps, read once (embedding_bag in gather_vecmat_acc)
+        rows = keep.any(0).nonzero().flatten()
+        if rows.numel():
+            gather_vecmat_acc(masked.index_select(1, rows), wt, rows, 1, acc)
+        return
+    acc += (masked @ wt).to(acc.dtype)
 
 
 def sparse_mlp(x: torch.Tensor, gate: torch.Tensor | None, up: torch.Tensor, down_t: torch.Tensor,

@@ -223,16 +223,29 @@ def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> di
     mlp_d = cfg.runtime.mlp_density or cfg.export.mlp_density or cfg.train.mlp_density
     head_d = cfg.runtime.head_density or cfg.export.head_density or cfg.train.head_density
     model, adapter, predictors = build_synthetic(name, layers, device, dtype, mlp_d, head_d)
+    thresholds = None
+    if cfg.runtime.mlp_keep_input is not None:
+        from dejavu.runtime.thresholds import calibrate_mlp_thresholds
+
+        # random weights have no corpus: calibrated on the model's own activations over random tokens
+        tokens = torch.randint(1, model.config.vocab_size, (256,), generator=torch.Generator().manual_seed(0))
+        thresholds = calibrate_mlp_thresholds(model, adapter, tokens, cfg.runtime.mlp_keep_input,
+                                              cfg.runtime.mlp_density or 0.5, window=256)
+        mlp_d = thresholds.keep_h
     speed_data = None
     if speed:
         speed_data = measure_speed(model, adapter, predictors, device=device, dtype=dtype, batch_sizes=batch_sizes,
                                    decode_tokens=cfg.runtime.decode_tokens, warmup=cfg.runtime.warmup,
                                    mlp_candidate_density=cfg.runtime.mlp_candidate_density,
-                                   mlp_up_weight=cfg.runtime.mlp_up_weight, skip_kv=cfg.runtime.skip_kv)
+                                   mlp_up_weight=cfg.runtime.mlp_up_weight, skip_kv=cfg.runtime.skip_kv,
+                                   mlp_thresholds=thresholds)
     base = {"model": name, "device": str(device), "dtype": _dtype_name(dtype), "mlp_density": mlp_d,
             "head_density": head_d, "synthetic": True, "selection": "predictor (random weights)",
             "mlp_candidate_density": cfg.runtime.mlp_candidate_density, "mlp_up_weight": cfg.runtime.mlp_up_weight,
-            "layers": layers}
+            "layers": layers,
+            "mlp_thresholds": None if thresholds is None else {
+                "keep_input": thresholds.keep_x, "keep_down_input": thresholds.keep_h,
+                "calibration": "random text through the synthetic model", "calibration_tokens": 256}}
     return build_report(base, None, speed_data, batch_sizes[0])
 
 

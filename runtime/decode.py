@@ -309,8 +309,6 @@ class DecodeModel:
         # per-layer magnitude thresholds; MLP predictors are then not used (heads' still are)
         self.mlp_thresholds = mlp_thresholds
         if mlp_thresholds is not None:
-            if dense_impl != "cublas":
-                raise DejavuError("MLP thresholds read gate/up transposed: use dense_impl='cublas'")
             if mlp_candidate_density is not None or mlp_up_weight is not None:
                 raise DejavuError("choose one MLP rule: thresholds, exact up or two-stage")
             if len(mlp_thresholds.x) != len(adapter.decoder_layers()):
@@ -594,7 +592,7 @@ class DecodeModel:
             ops.gather_vecmat_acc(h, lw.down_t, final, 1, acc)
             ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next)
             return
-        if midx is None and self.dense_impl == "triton":
+        if midx is None and self.dense_impl == "triton" and lw.gate_up is not None:  # (thresholds: transposed)
             midx = self.all_neurons
         if midx is not None:
             ops.sparse_mlp_acc(xn, lw.gate_up[0], lw.gate_up[1], lw.down_t, midx, self.act, acc)

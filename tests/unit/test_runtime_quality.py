@@ -127,6 +127,13 @@ def test_synthetic_bench_is_speed_only(tmp_path, tiny_llama, monkeypatch, capsys
               overrides={"runtime.device": "cpu", "runtime.mlp_up_weight": 0.4})
     up = json.loads(out.read_text())
     assert up["mlp_up_weight"] == 0.4 and up["speed"]["mlp_up_weight"] == 0.4 and up["speedup"] > 0
+    # MLP thresholds (no MLP predictor), calibrated on the random model's own activations
+    run_bench(synthetic="tiny-shapes", json_out=out, config_file="tiny",
+              overrides={"runtime.device": "cpu", "runtime.mlp_keep_input": 0.7, "runtime.mlp_density": 0.5})
+    thr = json.loads(out.read_text())
+    assert thr["mlp_thresholds"]["keep_input"] == 0.7 and thr["speed"]["mlp_thresholds"]["keep_down_input"] == 0.5
+    row = thr["speed"]["batches"]["1"]
+    assert thr["speedup"] > 0 and row["sparse_bytes_per_step"] < row["dense_bytes_per_step"]
     assert (up["speed"]["batches"]["1"]["sparse_bytes_per_step"]
             > data["speed"]["batches"]["1"]["sparse_bytes_per_step"])
     # --skip-kv: k/v of the read KV groups only (exact output): fewer bytes once fewer heads than KV

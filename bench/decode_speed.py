@@ -23,7 +23,7 @@ import torch
 from dejavu.runtime import speed
 from dejavu.runtime.decode import JOIN_ORDERS, SELECT_IMPLS, DecodeModel
 from dejavu.runtime.synthetic import build_synthetic
-from dejavu.runtime.thresholds import calibrate_mlp_thresholds
+from dejavu.runtime.thresholds import calibrate_on_random_tokens
 
 
 def plot(result: dict, path: Path) -> None:
@@ -232,9 +232,8 @@ def measured_row_shares(dm: DecodeModel, batch: int, steps: int) -> dict:
 def threshold_runs(args, model, adapter, preds, copy: float, result: dict, out: Path, dense_impl: str) -> list:
     """Sparse decode with MLP thresholds (heads still predicted) at each batch, against the sweep's dense."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    calib = torch.randint(1, model.config.vocab_size, (256,), generator=torch.Generator().manual_seed(0))
     pairs = [tuple(float(v) for v in spec.split(":")) for spec in args.thresholds.split(",")]
-    thresholds = {pair: calibrate_mlp_thresholds(model, adapter, calib, *pair, window=256) for pair in pairs}
+    thresholds = {pair: calibrate_on_random_tokens(model, adapter, *pair) for pair in pairs}
     dm = DecodeModel(model, adapter, None, device, dtype, speed.PROMPT_LEN + args.warmup + args.tokens + 8,
                      select_impl=args.select_impl, predictor_priority=args.priority, join_order=args.join_order,
                      mlp_thresholds=thresholds[pairs[0]])

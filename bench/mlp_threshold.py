@@ -1,10 +1,10 @@
-"""Prototype: TEAL-style threshold sparsity for the MLP at batch 1, timed on the GPU.
+"""TEAL-style threshold sparsity for the MLP at batch 1, timed on the GPU (the decode loop's kernels).
 
-No predictor and no selection step. Gate and up are stored transposed ([d, 2n]), and one kernel skips
-every row whose |x_j| is at or below the layer's threshold (its loads are predicated off, so those
-bytes are never read). A small kernel forms act(gate) * up. Down^T's rows are skipped the same way by
-|down input|. Three launches in all. The kernels live here, not in the runtime, until the rule is
-wired into the decode loop (see BENCHMARKS.md, "Input sparsity without a predictor").
+No predictor and no selection step. Gate and up are stored transposed ([d, 2n]), and
+threshold_vecmat_acc skips every row whose |x_j| is at or below the layer's threshold (its loads are
+predicated off, so those bytes are never read). act_mul_acc forms act(gate) * up. Down^T's rows are
+skipped the same way by |down input|. Three launches in all (see BENCHMARKS.md, "Input sparsity
+without a predictor").
 
 Thresholds are set from this input's own magnitudes so that X of x and D of the down input are kept.
 Timing is as in bench/mlp_kernel.py: CUDA graphs over 4 weight sets larger than L2. The one-launch
@@ -19,65 +19,18 @@ import json
 from pathlib import Path
 
 import torch
-import triton
-import triton.language as tl
 
 # a sibling script: bench/ is on sys.path when this one runs
-from mlp_kernel import ROT, graph_ms
+from mlp_kernel import graph_ms, rotated_mlp_weights
 
 from dejavu.runtime.kernels import triton_kernels as T
 from dejavu.runtime.speed import copy_bandwidth_gbps
 
 
-@triton.jit
-def _threshold_vecmat_kernel(h_ptr, wt_ptr, acc_ptr, threshold, R, N, ROWS_PER_SPLIT, stride_w,
-                             BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    # acc[:] += sum over rows j with |h_j| > threshold of h_j * wt[j, :]; h padded to 16 rows for tl.dot
-    # (tensor cores read each weight tile once; an elementwise reduction over rows was 2.5x slower)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_b = tl.arange(0, 16)
-    start = tl.program_id(1) * ROWS_PER_SPLIT
-    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-    for r0 in range(start, tl.minimum(start + ROWS_PER_SPLIT, R), BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        hv = tl.load(h_ptr + offs_r, mask=offs_r < R, other=0.0)
-        keep = (offs_r < R) & (tl.abs(hv.to(tl.float32)) > threshold)
-        w = tl.load(wt_ptr + offs_r[:, None].to(tl.int64) * stride_w + offs_n[None, :],
-                    mask=keep[:, None] & mask_n[None, :], other=0.0)
-        h16 = tl.where((offs_b[:, None] == 0) & keep[None, :], hv[None, :], 0.0).to(w.dtype)
-        acc = tl.dot(h16, w, acc)
-    tl.atomic_add(acc_ptr + offs_b[:, None] * 0 + offs_n[None, :], acc, mask=(offs_b[:, None] == 0) & mask_n[None, :],
-                  sem="relaxed")
-
-
-@triton.jit
-def _act_mul_zero_kernel(acc_ptr, out_ptr, N, BLOCK: tl.constexpr):
-    # out = silu(acc[:N]) * acc[N:], rounded to out's dtype; acc left zeroed for the next call
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    g = tl.load(acc_ptr + offs, mask=mask, other=0.0)
-    u = tl.load(acc_ptr + N + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(acc_ptr + offs, tl.zeros((BLOCK,), dtype=tl.float32), mask=mask)
-    tl.store(acc_ptr + N + offs, tl.zeros((BLOCK,), dtype=tl.float32), mask=mask)
-
-
-def threshold_vecmat(h, wt, threshold: float, acc, block_r: int = 32, block_n: int = 256, sms: int = 132) -> None:
-    rows, n = wt.shape
-    col_blocks = triton.cdiv(n, block_n)
-    splits = max(1, min(triton.cdiv(rows, block_r), triton.cdiv(4 * sms, col_blocks)))
-    per_split = triton.cdiv(triton.cdiv(rows, splits), block_r) * block_r
-    grid = (col_blocks, triton.cdiv(rows, per_split))
-    _threshold_vecmat_kernel[grid](h, wt, acc, threshold, rows, n, per_split, wt.stride(0), BLOCK_R=block_r,
-                                   BLOCK_N=block_n, num_warps=4)
-
-
 def threshold_mlp(x, gate_up_t, down_t, tx: float, th: float, acc2, h, out) -> None:
-    n = down_t.shape[0]
-    threshold_vecmat(x[0], gate_up_t, tx, acc2)
-    _act_mul_zero_kernel[(triton.cdiv(n, 1024),)](acc2, h, n, BLOCK=1024)
-    threshold_vecmat(h, down_t, th, out[0])
+    T.threshold_vecmat_acc(x, gate_up_t, tx, acc2)
+    T.act_mul_acc(acc2, 1, h)
+    T.threshold_vecmat_acc(h, down_t, th, out)
 
 
 def main() -> None:
@@ -92,12 +45,11 @@ def main() -> None:
     d, n, dt, dev = args.d, args.n, torch.bfloat16, "cuda"
     bw = copy_bandwidth_gbps(torch.device(dev))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    gate_up_t = [torch.randn(d, 2 * n, device=dev, dtype=dt) * 0.02 for _ in range(ROT)]
-    gate_up = [w.T.reshape(2, n, d).contiguous() for w in gate_up_t]  # the same weights, row layout
-    down_t = [torch.randn(n, d, device=dev, dtype=dt) * 0.02 for _ in range(ROT)]
+    gate_up, down_t = rotated_mlp_weights(d, n, dt, dev)
+    gate_up_t = [w.view(2 * n, d).T.contiguous() for w in gate_up]  # the same weights, [d, 2n]
     x = torch.randn(1, d, device=dev, dtype=dt)
-    acc2 = torch.zeros(2 * n, device=dev, dtype=torch.float32)
-    h = torch.empty(n, device=dev, dtype=dt)
+    acc2 = torch.zeros(1, 2 * n, device=dev, dtype=torch.float32)
+    h = torch.empty(1, n, device=dev, dtype=dt)
     out = torch.zeros(1, d, device=dev, dtype=torch.float32)
 
     def dense(i=0):

@@ -48,6 +48,7 @@ from dejavu.runtime.quality import (
     reference_ppl,
     score_against,
 )
+from dejavu.runtime.thresholds import calibrate_mlp_thresholds
 
 KINDS = {"oracle": 1, "predictor": 1, "gate": 1, "up": 1, "two-stage": 2, "up-pred": 2, "input": 2, "threshold": 2}
 
@@ -130,89 +131,25 @@ class InputRule:
             h.remove()
 
 
-class ThresholdRule:
-    """input:X:D with fixed per-layer magnitude thresholds; counts the shares it keeps."""
-
-    def __init__(self, adapter, x_thresholds: list[float], h_thresholds: list[float]):
-        self.enabled, self.token_mask = True, None  # what score_against sets on a runtime
-        self._handles = []
-        self.kept = {"x": [0, 0], "h": [0, 0]}  # kept entries, all entries
-        for l, layer in enumerate(adapter.decoder_layers()):  # noqa: E741
-            gate, up = adapter.gate_proj(layer), adapter.up_proj(layer)
-            self._handles.append((gate or up).register_forward_pre_hook(self._keep_above(x_thresholds[l], "x")))
-            if gate is not None:  # the same x: counted once
-                self._handles.append(up.register_forward_pre_hook(self._keep_above(x_thresholds[l], None)))
-            self._handles.append(adapter.down_proj(layer).register_forward_pre_hook(
-                self._keep_above(h_thresholds[l], "h")))
-
-    def _keep_above(self, threshold: float, counter: str | None):
-        def hook(module: nn.Module, args):
-            x = args[0]
-            keep = x.abs() > threshold
-            if counter is not None:
-                self.kept[counter][0] += int(keep.sum())
-                self.kept[counter][1] += keep.numel()
-            return (x * keep.to(x.dtype),) + tuple(args[1:])
-
-        return hook
-
-    def shares(self) -> dict[str, float]:
-        return {name: kept / max(total, 1) for name, (kept, total) in self.kept.items()}
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-
-@torch.no_grad()
-def calibrate_thresholds(model, adapter, tokens: torch.Tensor, window: int, x_density: float,
-                         h_density: float) -> tuple[list[float], list[float]]:
-    """Per layer, the |x| and dense |down input| magnitudes above which X and D of the entries lie."""
-    layers = adapter.decoder_layers()
-    seen: dict[tuple[str, int], list[torch.Tensor]] = {}
-    handles = []
-    for l, layer in enumerate(layers):  # noqa: E741
-        for name, module in (("x", adapter.gate_proj(layer) or adapter.up_proj(layer)), ("h", adapter.down_proj(layer))):
-            handles.append(module.register_forward_pre_hook(
-                lambda m, args, key=(name, l): seen.setdefault(key, []).append(args[0].detach().abs().float().flatten())))
-    try:
-        for start in range(0, tokens.numel(), window):
-            model(tokens[start:start + window][None].to(next(model.parameters()).device))
-    finally:
-        for h in handles:
-            h.remove()
-
-    def quantile(values: list[torch.Tensor], keep: float) -> float:
-        flat = torch.cat(values)
-        k = min(flat.numel(), max(1, round((1 - keep) * flat.numel())))
-        return float(flat.kthvalue(k).values) if keep < 1 else -1.0
-
-    return ([quantile(seen[("x", i)], x_density) for i in range(len(layers))],
-            [quantile(seen[("h", i)], h_density) for i in range(len(layers))])
-
-
 def weight_share(kind: str, numbers: tuple[float, ...], gated: bool, stats: dict | None) -> float:
     up_share = 2 / 3 if gated else 1 / 2
-    if kind == "threshold" and stats is not None:  # the shares kept on the evaluation text
-        return up_share * stats["x"] + (1 - up_share) * stats["h"]
     if kind == "input":
         return up_share * numbers[0] + (1 - up_share) * numbers[1]
     if kind in ("gate", "up"):
         full = up_share / 2 if gated else up_share  # the projection read in full to choose
         return full + (1 - full) * numbers[0]
-    if stats is not None:  # predictor / two-stage: what the runtime measured
+    if stats is not None:  # predictor / two-stage / threshold: what the runtime measured
         return stats["mlp_weight_share"]
     return numbers[-1]
 
 
 def run_rule(model, adapter, predictors, ref, kind, numbers, head_density,
              calibration=None) -> tuple[dict, dict | None]:
-    if kind == "threshold":
-        rule = ThresholdRule(adapter, *calibrate_thresholds(model, adapter, *calibration, *numbers))
-        try:
-            return score_against(model, rule, ref, desc=kind), rule.shares()
-        finally:
-            rule.remove()
+    if kind == "threshold":  # the runtime's own rule: shares kept on the evaluation text in its stats
+        tokens, window = calibration
+        thresholds = calibrate_mlp_thresholds(model, adapter, tokens, *numbers, window=window)
+        with SparseRuntime(model, adapter, None, selection="dense", mlp_thresholds=thresholds) as runtime:
+            return score_against(model, runtime, ref, desc=kind), runtime.stats.summary()
     if kind in ("gate", "up", "input"):
         rule = InputRule(adapter, *numbers) if kind == "input" else ExactRule(adapter, kind, numbers[0])
         try:

@@ -252,11 +252,12 @@ class SparseRuntime:
             if self.mlp_thresholds is not None:
                 gate, up = self.adapter.gate_proj(layer), self.adapter.up_proj(layer)
                 t = self.mlp_thresholds
-                self._handles.append((gate or up).register_forward_pre_hook(self._threshold_hook(t.x[l], "mlp_input")))
+                self._handles.append((gate or up).register_forward_pre_hook(
+                    self._threshold_hook(l, t.x[l], "mlp_input")))
                 if gate is not None:  # the same input as gate's: counted once
-                    self._handles.append(up.register_forward_pre_hook(self._threshold_hook(t.x[l], None)))
+                    self._handles.append(up.register_forward_pre_hook(self._threshold_hook(l, t.x[l], None)))
                 self._handles.append(self.adapter.down_proj(layer).register_forward_pre_hook(
-                    self._threshold_hook(t.h[l], "mlp")))
+                    self._threshold_hook(l, t.h[l], "mlp")))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -319,7 +320,7 @@ class SparseRuntime:
         rows = mask.reshape(-1, mask.shape[-1]) if tm is None else mask[tm.squeeze(-1)]
         if rows.numel() == 0:
             return
-        if kind in ("mlp", "mlp_candidates"):
+        if kind in ("mlp", "mlp_candidates", "mlp_input"):
             self.stats.add(kind, rows.float().mean().item(), n=rows.shape[0])
         else:
             skip = skippable_kv_groups(rows, self.shape.num_kv_heads).float().mean().item()
@@ -339,17 +340,14 @@ class SparseRuntime:
 
         return hook
 
-    def _threshold_hook(self, threshold: float, kind: str | None):
+    def _threshold_hook(self, l: int, threshold: float, kind: str | None):  # noqa: E741
         def hook(module, args):
             if not self.enabled:
                 return None
             x = args[0]
             keep = x.abs() > threshold
             if kind is not None:
-                tm = self.sparse_tokens(keep)
-                rows = keep.reshape(-1, keep.shape[-1]) if tm is None else keep[tm.squeeze(-1)]
-                if rows.numel():
-                    self.stats.add(kind, rows.float().mean().item(), n=rows.shape[0])
+                self._note(kind, l, keep)
             return (x * self._apply_token_mask(keep).to(x.dtype),) + tuple(args[1:])
 
         return hook

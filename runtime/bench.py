@@ -225,12 +225,10 @@ def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> di
     model, adapter, predictors = build_synthetic(name, layers, device, dtype, mlp_d, head_d)
     thresholds = None
     if cfg.runtime.mlp_keep_input is not None:
-        from dejavu.runtime.thresholds import calibrate_mlp_thresholds
+        from dejavu.runtime.thresholds import calibrate_on_random_tokens
 
-        # random weights have no corpus: calibrated on the model's own activations over random tokens
-        tokens = torch.randint(1, model.config.vocab_size, (256,), generator=torch.Generator().manual_seed(0))
-        thresholds = calibrate_mlp_thresholds(model, adapter, tokens, cfg.runtime.mlp_keep_input,
-                                              cfg.runtime.mlp_density or 0.5, window=256)
+        thresholds = calibrate_on_random_tokens(model, adapter, cfg.runtime.mlp_keep_input,
+                                                cfg.runtime.mlp_density or 0.5)
         mlp_d = thresholds.keep_h
     speed_data = None
     if speed:

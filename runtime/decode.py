@@ -348,6 +348,10 @@ class DecodeModel:
             down_t=m.down.detach().t().to(**cast).contiguous(),
         )
 
+    def _dense_gate_up(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        """[..., 2n] = x @ [gate | up]^T, from whichever layout the layer keeps."""
+        return x @ (lw.gate_up_t if lw.gate_up is None else lw.gate_up.view(2 * self.n, self.d).T)
+
     def _rope_tables(self, model, max_len: int):
         rotary = getattr(model.model, "rotary_emb", None)
         if rotary is None:
@@ -456,7 +460,7 @@ class DecodeModel:
                                                  is_causal=True, scale=self.scale, enable_gqa=self.group > 1)
             x = x + att.transpose(1, 2).reshape(batch, plen, H * hd) @ lw.wo_t
             xn = reference.rms_norm(x, lw.ln2, self.eps, self.norm_offset)
-            gu = xn @ (lw.gate_up_t if lw.gate_up is None else lw.gate_up.view(2 * self.n, self.d).T)
+            gu = self._dense_gate_up(lw, xn)
             a = reference.apply_activation(gu[..., :self.n].float(), self.act) * gu[..., self.n:].float()
             x = x + a.to(x.dtype) @ lw.down_t
         logits = F.linear(reference.rms_norm(x[:, -1], self.final_norm, self.eps, self.norm_offset), self.lm_head)
@@ -598,8 +602,7 @@ class DecodeModel:
             ops.sparse_mlp_acc(xn, lw.gate_up[0], lw.gate_up[1], lw.down_t, midx, self.act, acc)
             ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next)
         else:
-            gu = xn @ (lw.gate_up_t if lw.gate_up is None else lw.gate_up.view(2 * self.n, self.d).T)
-            a = ops.act_mul(gu, self.act)
+            a = ops.act_mul(self._dense_gate_up(lw, xn), self.act)
             ops.residual_rmsnorm(hmid, a @ lw.down_t, next_norm, xn, eps, off, False, h_next)
 
     @torch.no_grad()

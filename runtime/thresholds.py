@@ -50,3 +50,9 @@ def calibrate_mlp_thresholds(model, adapter, tokens: torch.Tensor, keep_x: float
     return MlpThresholds(x=[quantile(seen[("x", i)], keep_x) for i in range(len(layers))],
                          h=[quantile(seen[("h", i)], keep_h) for i in range(len(layers))],
                          keep_x=keep_x, keep_h=keep_h)
+
+
+def calibrate_on_random_tokens(model, adapter, keep_x: float, keep_h: float, tokens: int = 256) -> MlpThresholds:
+    """For random-weight (synthetic) models, which have no corpus: their own activations over random tokens."""
+    ids = torch.randint(1, model.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
+    return calibrate_mlp_thresholds(model, adapter, ids, keep_x, keep_h, window=tokens)

@@ -488,40 +488,13 @@ def threshold_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, threshold: float, ac
     assert wt.shape[0] == rows and h.stride(1) == 1 and wt.stride(1) == 1 and h.dtype == wt.dtype
     assert acc.dtype == torch.float32 and acc.shape == (batch, n) and acc.stride(1) == 1 and batch <= DOT_BATCH
     # tl.dot over a 16-row padded h: tensor cores read each weight tile once (an elementwise reduction
-    # over rows ran at 0.22-0.38 of copy bandwidth in bench/mlp_threshold.py, this at 0.82-0.95)
-    block_r, block_n = 32, 256 if batch == 1 else 128
-    col_blocks = triton.cdiv(n, block_n)
-    splits = max(1, min(triton.cdiv(rows, block_r), triton.cdiv(4 * _sms(h), col_blocks)))
+    # over rows ran at 0.22-0.38 of copy bandwidth, this at 0.82-0.95; BENCHMARKS.md)
+    block_r, block_n, warps, splits = vecmat_config(batch, rows, n, _sms(h))
     per_split = triton.cdiv(triton.cdiv(rows, splits), block_r) * block_r
-    grid = (col_blocks, triton.cdiv(rows, per_split))
+    grid = (triton.cdiv(n, block_n), triton.cdiv(rows, per_split))
     _threshold_vecmat_kernel[grid](h, wt, acc, float(threshold), batch, rows, n, per_split, h.stride(0), wt.stride(0),
                                    acc.stride(0), B_PAD=DOT_BATCH, BLOCK_R=block_r, BLOCK_N=block_n,
-                                   PRECISION=_precision(h), num_warps=4, **_pdl(h))
-
-
-@triton.jit
-def _act_mul_acc_kernel(acc_ptr, out_ptr, N, stride_ab, stride_ob, ACT: tl.constexpr, BLOCK: tl.constexpr,
-                        PDL: tl.constexpr = False):
-    _grid_dependency(PDL)
-    b = tl.program_id(1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    row = acc_ptr + b * stride_ab
-    g = tl.load(row + offs, mask=mask, other=0.0)
-    u = tl.load(row + N + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + b * stride_ob + offs, (_activation(g, ACT) * u).to(out_ptr.dtype.element_ty), mask=mask)
-    zero = tl.zeros((BLOCK,), dtype=tl.float32)
-    tl.store(row + offs, zero, mask=mask)
-    tl.store(row + N + offs, zero, mask=mask)
-
-
-def act_mul_acc(acc: torch.Tensor, act: int, out: torch.Tensor) -> None:
-    """out [B, n] = act(acc[:, :n]) * acc[:, n:] (acc fp32 [B, 2n], then left zeroed for the next call)."""
-    batch, n = out.shape
-    assert acc.dtype == torch.float32 and acc.shape == (batch, 2 * n) and acc.stride(1) == 1 and out.stride(1) == 1
-    block = 1024
-    _act_mul_acc_kernel[(triton.cdiv(n, block), batch)](acc, out, n, acc.stride(0), out.stride(0), ACT=act,
-                                                        BLOCK=block, **_pdl(out))
+                                   PRECISION=_precision(h), num_warps=warps, **_pdl(h))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -820,14 +793,20 @@ def decode_attention(q, kc, vc, heads, group: int, pos, scale: float) -> torch.T
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def _act_mul_kernel(gu_ptr, out_ptr, N, stride_gb, stride_ob, ACT: tl.constexpr, BLOCK: tl.constexpr,
-                    PDL: tl.constexpr = False):
+                    ZERO_INPUT: tl.constexpr = False, PDL: tl.constexpr = False):
     _grid_dependency(PDL)
+    # ZERO_INPUT: gu is an accumulator (act_mul_acc), left zeroed for its next use
     b = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    g = tl.load(gu_ptr + b * stride_gb + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + b * stride_gb + N + offs, mask=mask, other=0.0).to(tl.float32)
+    row = gu_ptr + b * stride_gb
+    g = tl.load(row + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(row + N + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + b * stride_ob + offs, (_activation(g, ACT) * u).to(out_ptr.dtype.element_ty), mask=mask)
+    if ZERO_INPUT:
+        zero = tl.zeros((BLOCK,), dtype=gu_ptr.dtype.element_ty)
+        tl.store(row + offs, zero, mask=mask)
+        tl.store(row + N + offs, zero, mask=mask)
 
 
 def act_mul(gu: torch.Tensor, act: int) -> torch.Tensor:
@@ -838,6 +817,15 @@ def act_mul(gu: torch.Tensor, act: int) -> torch.Tensor:
     _act_mul_kernel[(triton.cdiv(n, block), batch)](gu, out, n, gu.stride(0), out.stride(0), ACT=act, BLOCK=block,
                                                     **_pdl(gu))
     return out
+
+
+def act_mul_acc(acc: torch.Tensor, act: int, out: torch.Tensor) -> None:
+    """out [B, n] = act(acc[:, :n]) * acc[:, n:] (acc fp32 [B, 2n], then left zeroed for the next call)."""
+    batch, n = out.shape
+    assert acc.dtype == torch.float32 and acc.shape == (batch, 2 * n) and acc.stride(1) == 1 and out.stride(1) == 1
+    block = 1024
+    _act_mul_kernel[(triton.cdiv(n, block), batch)](acc, out, n, acc.stride(0), out.stride(0), ACT=act, BLOCK=block,
+                                                    ZERO_INPUT=True, **_pdl(out))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -459,7 +459,7 @@ def sparse_mlp_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down_
 @triton.jit
 def _threshold_vecmat_kernel(h_ptr, wt_ptr, acc_ptr, threshold, B, R, N, ROWS_PER_SPLIT, stride_hb, stride_w,
                              stride_ab, B_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                             PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+                             PRECISION: tl.constexpr, SINGLE: tl.constexpr = False, PDL: tl.constexpr = False):
     _grid_dependency(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -469,11 +469,17 @@ def _threshold_vecmat_kernel(h_ptr, wt_ptr, acc_ptr, threshold, B, R, N, ROWS_PE
     acc = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
     for r0 in range(start, tl.minimum(start + ROWS_PER_SPLIT, R), BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_br = mask_b[:, None] & (offs_r < R)[None, :]
-        hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_r[None, :], mask=mask_br, other=0.0)
-        above = mask_br & (tl.abs(hv.to(tl.float32)) > threshold)
+        if SINGLE:  # batch 1: the keep mask straight from one row, no reduction over the batch
+            h1 = tl.load(h_ptr + offs_r, mask=offs_r < R, other=0.0)
+            keep = (offs_r < R) & (tl.abs(h1.to(tl.float32)) > threshold)
+            above = (offs_b[:, None] == 0) & keep[None, :]
+            hv = tl.broadcast_to(h1[None, :], (B_PAD, BLOCK_R))
+        else:
+            mask_br = mask_b[:, None] & (offs_r < R)[None, :]
+            hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_r[None, :], mask=mask_br, other=0.0)
+            above = mask_br & (tl.abs(hv.to(tl.float32)) > threshold)
+            keep = tl.max(above.to(tl.int32), axis=0) > 0
         # a row's loads are predicated off (its bytes never read) unless some sequence keeps it
-        keep = tl.max(above.to(tl.int32), axis=0) > 0
         w = tl.load(wt_ptr + offs_r[:, None].to(tl.int64) * stride_w + offs_n[None, :],
                     mask=keep[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(tl.where(above, hv, 0.0).to(w.dtype), w, acc, input_precision=PRECISION)
@@ -494,7 +500,7 @@ def threshold_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, threshold: float, ac
     grid = (triton.cdiv(n, block_n), triton.cdiv(rows, per_split))
     _threshold_vecmat_kernel[grid](h, wt, acc, float(threshold), batch, rows, n, per_split, h.stride(0), wt.stride(0),
                                    acc.stride(0), B_PAD=DOT_BATCH, BLOCK_R=block_r, BLOCK_N=block_n,
-                                   PRECISION=_precision(h), num_warps=warps, **_pdl(h))
+                                   PRECISION=_precision(h), SINGLE=batch == 1, num_warps=warps, **_pdl(h))
 
 
 # ------------------------------------------------------------------------------------------------

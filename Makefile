@@ -28,10 +28,13 @@ demo:
 	# The same bundle with exact-up selection (up for every neuron + the predictor's score).
 	dejavu bench --model smollm2-135m --bundle $(DEMO_RUN)/bundle --dataset $(EVAL) \
 		--max-eval-tokens $(EVAL_TOKENS) --mlp-up-weight 0.4 --json $(DEMO_RUN)/bench-exact-up.json
-	# No predictor for the MLP: per-layer magnitude thresholds on its input and on down's input (TEAL-style),
-	# calibrated on the calibration corpus; the best quality per MLP byte measured on SmolLM2.
-	dejavu bench --model smollm2-135m --dataset $(EVAL) --calibration $(CALIB) \
-		--max-eval-tokens $(EVAL_TOKENS) --mlp-keep-input 0.8 --mlp-density 0.5 --json $(DEMO_RUN)/bench-thresholds.json
+	# No predictors (TEAL-style): a bundle of per-layer magnitude thresholds on the MLP's input and down's
+	# input, and on attention's q/k/v and o inputs, calibrated on the calibration corpus; the best quality
+	# per byte measured on SmolLM2. It needs no collect or training run.
+	dejavu export --model smollm2-135m --out $(DEMO_RUN)/bundle-thresholds --calibration $(CALIB) \
+		--mlp-keep-input 0.8 --mlp-density 0.5 --attn-keep-input 0.8
+	dejavu bench --model smollm2-135m --bundle $(DEMO_RUN)/bundle-thresholds --dataset $(EVAL) \
+		--max-eval-tokens $(EVAL_TOKENS) --json $(DEMO_RUN)/bench-thresholds.json
 
 test:
 	$(PYTHON) -m pytest -q tests

@@ -94,6 +94,12 @@ class ExportConfig:
     mlp_density_per_layer: dict[int, float] = field(default_factory=dict)
     # two-stage MLP selection (runtime/apply.py): predictor candidates at this density; None: off
     mlp_candidate_density: float | None = None
+    # TEAL-style thresholds stored in the bundle (runtime/thresholds.py), calibrated at export on
+    # `calibration_tokens` tokens of data.dataset: keep this share of the MLP input and the bundle's
+    # mlp_density of down's input; attn_keep_input: attention's inputs too. None: no thresholds
+    mlp_keep_input: float | None = None
+    attn_keep_input: float | None = None
+    calibration_tokens: int = 8192
 
 
 @dataclass
@@ -112,6 +118,9 @@ class RuntimeConfig:
     # `calibration_tokens` tokens of data.dataset, keep this share of the MLP's input (gate/up columns
     # read) and `mlp_density` (default 0.5) of down's input; None: off
     mlp_keep_input: float | None = None
+    # with mlp_keep_input: the same for attention (TEAL's whole-model rule): thresholds keep this share
+    # of q/k/v's input (columns read; every head computed) and of o's input (rows read); None: off
+    attn_keep_input: float | None = None
     calibration_tokens: int = 8192
     # "predictor" (the bundle), "oracle" (true top-k from dense activations), "dense"
     selection: str = "predictor"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -123,6 +124,12 @@ class PredictorSet:
     mlp_pairing: str = "current"
     head_pairing: str = "lookahead"
     meta: dict = field(default_factory=dict)
+    # TEAL-style thresholds the bundle carries (runtime.thresholds.Thresholds), or None
+    thresholds: Any = None
+
+    @property
+    def has_predictors(self) -> bool:
+        return any(lp.mlp is not None or lp.attn is not None for lp in self.layers)
 
     def to(self, device=None, dtype=None) -> PredictorSet:
         for lp in self.layers:

@@ -6,7 +6,7 @@ Usage: python bench/decode_speed.py --synthetic llama-2-7b [--layers N] [--devic
          [--two-stage 0.75/0.5,0.9/0.6]   (CANDIDATES/FINAL MLP densities, two-stage MLP selection)
          [--exact-up 0.5:0.4,0.7:0.5]     (DENSITY:WEIGHT, exact-up MLP selection)
          [--kv all|skip|both]             (k/v of every KV group, or only of those the heads read)
-         [--thresholds 0.8:0.5,0.7:0.5]   (KEEP_X:KEEP_H, TEAL-style MLP thresholds instead of MLP
+         [--thresholds 0.8:0.5,0.7:0.5:0.5]   (KEEP_X:KEEP_H[:KEEP_ATTN], TEAL-style MLP thresholds instead of MLP
                                            predictors, calibrated on the synthetic model's own activations)
 Synthetic (random) weights: speed only.
 """
@@ -82,8 +82,10 @@ def main() -> None:
                     help="'DENSITY:WEIGHT,...' (e.g. 0.5:0.4,0.7:0.5): also time exact-up MLP selection (up for every "
                          "neuron, gate and down for the top DENSITY by log|up| + WEIGHT x logit) at each heads density")
     ap.add_argument("--thresholds", default="",
-                    help="KEEP_X:KEEP_H pairs: MLP by per-layer magnitude thresholds (no MLP predictor), set to "
-                         "keep these shares of the MLP input and of down's input on the model's own activations")
+                    help="KEEP_X:KEEP_H[:KEEP_ATTN] specs: MLP by per-layer magnitude thresholds (no MLP predictor), "
+                         "set to keep these shares of the MLP input and of down's input on the model's own "
+                         "activations; KEEP_ATTN: attention too (q/k/v's and o's inputs; every head, run once "
+                         "at heads 1.0)")
     ap.add_argument("--kv", default="all", choices=["all", "skip", "both"],
                     help="sparse steps compute k/v for every KV group (all), only for the groups the selected "
                          "heads read, skipped positions filled lazily (skip), or each config both ways")
@@ -208,11 +210,12 @@ def measured_row_shares(dm: DecodeModel, batch: int, steps: int) -> dict:
     per-sequence shares, which random-weight activations need not keep in decode, nor a batch's union."""
     from dejavu.runtime.kernels import ops
 
-    counts = {"x": [0, 0], "h": [0, 0]}
+    counts = {"x": [0, 0], "h": [0, 0], "attn_x": [0, 0], "attn_o": [0, 0]}
     original = ops.threshold_vecmat_acc
 
     def counting(h, wt, threshold, acc):
-        side = "x" if wt.shape[1] == 2 * dm.n else "h"
+        side = ("x" if wt.shape[1] == 2 * dm.n else "h" if wt.shape[0] == dm.n
+                else "attn_x" if wt.shape[1] == (dm.H + 2 * dm.KV) * dm.hd else "attn_o")
         counts[side][0] += int((h.abs() > threshold).any(0).sum())
         counts[side][1] += h.shape[1]
         original(h, wt, threshold, acc)
@@ -226,17 +229,21 @@ def measured_row_shares(dm: DecodeModel, batch: int, steps: int) -> dict:
             dm.step(st, sparse=True)
     finally:
         ops.threshold_vecmat_acc = original
-    return {f"read_share_{side}": kept / max(total, 1) for side, (kept, total) in counts.items()}
+    return {f"read_share_{side}": kept / total for side, (kept, total) in counts.items() if total}
 
 
 def threshold_runs(args, model, adapter, preds, copy: float, result: dict, out: Path, dense_impl: str) -> list:
-    """Sparse decode with MLP thresholds (heads still predicted) at each batch, against the sweep's dense."""
+    """Sparse decode with MLP thresholds (heads still predicted, or attention by thresholds too) at each
+    batch, against the sweep's dense."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     pairs = [tuple(float(v) for v in spec.split(":")) for spec in args.thresholds.split(",")]
-    thresholds = {pair: calibrate_on_random_tokens(model, adapter, *pair) for pair in pairs}
+    thresholds = {pair: calibrate_on_random_tokens(model, adapter, pair[0], pair[1],
+                                                   keep_attn=pair[2] if len(pair) > 2 else None) for pair in pairs}
+    # built with attention thresholds when any spec has them, so the layers keep W_qkv^T too
+    first = next((p for p in pairs if len(p) > 2), pairs[0])
     dm = DecodeModel(model, adapter, None, device, dtype, speed.PROMPT_LEN + args.warmup + args.tokens + 8,
                      select_impl=args.select_impl, predictor_priority=args.priority, join_order=args.join_order,
-                     mlp_thresholds=thresholds[pairs[0]])
+                     thresholds=thresholds[first])
     table = []
     for b in [int(x) for x in args.batches.split(",")]:
         entry = result["sweep"][str(b)]
@@ -244,21 +251,31 @@ def threshold_runs(args, model, adapter, preds, copy: float, result: dict, out: 
         rows = entry.setdefault("thresholds", {})
         for heads in args.heads.split(","):
             for pair in pairs:
-                dm.mlp_thresholds = thresholds[pair]
-                dm.attach_predictors(preds.with_densities(1.0, float(heads)))
+                attention = len(pair) > 2
+                if attention and heads != args.heads.split(",")[0]:
+                    continue  # every head computed: one run per batch
+                dm.thresholds = thresholds[pair]
+                dm.attach_predictors(None if attention else preds.with_densities(1.0, float(heads)))
                 row = speed.batch_figures(dm, b, args.tokens, args.warmup, copy, dense_ms=dense_ms)
                 row.update(measured_row_shares(dm, b, args.tokens))
-                row.update(keep_x=pair[0], keep_h=pair[1], head_density=float(heads), skip_kv=False,
+                row.update(keep_x=pair[0], keep_h=pair[1], keep_attn=pair[2] if attention else None,
+                           head_density=1.0 if attention else float(heads), skip_kv=False,
                            mlp_density=pair[1], bytes_share=row["sparse_bytes_per_step"]
                            / entry["dense"]["dense_bytes_per_step"])
                 rows.setdefault(heads, []).append(row)
-                table.append((b, f"t{pair[0]:g}", pair[1], float(heads), dense_ms, row))
-                print(f"  thresholds keep x {pair[0]:g} / h {pair[1]:g}, heads {heads}: sparse "
+                label = f"t{pair[0]:g}" + (f"/a{pair[2]:g}" if attention else "")
+                table.append((b, label, pair[1], row["head_density"], dense_ms, row))
+                what = f"attention keep {pair[2]:g}" if attention else f"heads {heads}"
+                attn_read = (f", q/k/v {row['read_share_attn_x']:.2f}, o {row['read_share_attn_o']:.2f}"
+                             if attention else "")
+                print(f"  thresholds keep x {pair[0]:g} / h {pair[1]:g}, {what}: sparse "
                       f"{row['sparse_ms_per_token']:.3f} ms x{row['speedup']:.2f} (bytes {row['bytes_share']:.0%} of "
                       f"dense, {row['fraction_of_bound']:.0%} of bound; rows read in decode: gate/up "
-                      f"{row['read_share_x']:.2f}, down {row['read_share_h']:.2f})", flush=True)
+                      f"{row['read_share_x']:.2f}, down {row['read_share_h']:.2f}{attn_read})", flush=True)
         (out / "decode_speed.json").write_text(json.dumps(result, indent=1))
-    result["threshold_calibration"] = {f"{k[0]:g}:{k[1]:g}": {"x": t.x, "h": t.h} for k, t in thresholds.items()}
+    result["threshold_calibration"] = {":".join(f"{v:g}" for v in k): {"x": t.x, "h": t.h, "attn_x": t.attn_x,
+                                                                        "attn_o": t.attn_o}
+                                       for k, t in thresholds.items()}
     (out / "decode_speed.json").write_text(json.dumps(result, indent=1))
     del dm
     return table

@@ -9,7 +9,9 @@ without a predictor").
 Thresholds are set from this input's own magnitudes so that X of x and D of the down input are kept.
 Timing is as in bench/mlp_kernel.py: CUDA graphs over 4 weight sets larger than L2. The one-launch
 top-k kernel (sparse_mlp_gemv) at the same bytes is timed alongside.
-Usage: python bench/mlp_threshold.py [--out DIR] [--pairs 0.8:0.5,0.7:0.5,0.9:0.5,0.5:0.5]
+--attention also times the attention projections the same way (TEAL's whole-model rule): q/k/v from
+W_qkv^T [d, 3d] and o from W_o^T [d, d], each one threshold_vecmat_acc launch, against cuBLAS.
+Usage: python bench/mlp_threshold.py [--out DIR] [--pairs 0.8:0.5,0.7:0.5,0.9:0.5,0.5:0.5] [--attention]
 """
 
 from __future__ import annotations
@@ -33,6 +35,37 @@ def threshold_mlp(x, gate_up_t, down_t, tx: float, th: float, acc2, h, out) -> N
     T.threshold_vecmat_acc(h, down_t, th, out)
 
 
+def attention_rows(d: int, dt, dev: str, bw: float, keeps: list[float]) -> list[dict]:
+    """q/k/v ([d, 3d]) and o ([d, d]) as threshold_vecmat_acc launches at each keep share, vs cuBLAS."""
+    rows = []
+    for name, width in (("qkv", 3 * d), ("o", d)):
+        rows += projection_rows(name, d, width, dt, dev, bw, keeps)
+    return rows
+
+
+def projection_rows(name: str, d: int, width: int, dt, dev: str, bw: float, keeps: list[float]) -> list[dict]:
+    from mlp_kernel import ROT
+
+    wt = [torch.randn(d, width, device=dev, dtype=dt) * 0.02 for _ in range(ROT)]
+    x = torch.randn(1, d, device=dev, dtype=dt)
+    acc = torch.zeros(1, width, device=dev, dtype=torch.float32)
+    dense_ms = graph_ms(lambda i=0: x @ wt[i])
+    print(f"{name} [{d}, {width}]: dense (cuBLAS) {dense_ms * 1e3:.1f} us "
+          f"({d * width * 2 / dense_ms / 1e6 / bw:.2f} of copy)", flush=True)
+    rows = []
+    for keep in keeps:
+        ax = x.float().abs().flatten()
+        t = -1.0 if keep >= 1 else float(ax.kthvalue(max(1, round((1 - keep) * d))).values)
+        kept = int((ax > t).sum())
+        ms = graph_ms(lambda i=0, t=t: T.threshold_vecmat_acc(x, wt[i], t, acc))
+        nbytes = kept * width * 2
+        rows.append(dict(projection=name, keep=kept / d, ms=ms, dense_ms=dense_ms, bytes=nbytes,
+                         frac_copy_bw=nbytes / ms / 1e6 / bw, vs_dense=dense_ms / ms))
+        print(f"  keep {kept / d:.2f}: {ms * 1e3:6.1f} us ({rows[-1]['frac_copy_bw']:.2f} of copy, "
+              f"x{rows[-1]['vs_dense']:.2f} vs dense)", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -40,6 +73,7 @@ def main() -> None:
                     help="X:D pairs: shares of x and of the down input kept")
     ap.add_argument("--d", type=int, default=4096)
     ap.add_argument("--n", type=int, default=11008)
+    ap.add_argument("--attention", action="store_true", help="also time q/k/v and o by thresholds")
     args = ap.parse_args()
     torch.manual_seed(0)
     d, n, dt, dev = args.d, args.n, torch.bfloat16, "cuda"
@@ -97,10 +131,13 @@ def main() -> None:
         print(f"keep x {kx / d:.2f} / h {kh / n:.2f}: {nbytes / dense_bytes:.3f} of dense bytes, {ms * 1e3:6.1f} us "
               f"({rec['frac_copy_bw']:.2f} of copy, x{rec['vs_dense']:.2f} vs dense, err {err:.1e}) | top-k kernel, "
               f"same bytes: {topk_ms * 1e3:6.1f} us", flush=True)
+    attention = attention_rows(d, dt, dev, bw, [float(p.split(":")[0]) for p in args.pairs.split(",")]) \
+        if args.attention else []
     path = Path(args.out)
     path.mkdir(parents=True, exist_ok=True)
     (path / "mlp_threshold.json").write_text(json.dumps({"copy_bandwidth_gbps": bw, "sms": sms, "d": d, "n": n,
-                                                         "device": torch.cuda.get_device_name(), "rows": rows},
+                                                         "device": torch.cuda.get_device_name(), "rows": rows,
+                                                         "attention": attention},
                                                         indent=1))
 
 

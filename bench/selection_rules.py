@@ -19,6 +19,13 @@ Rules (MLP only; attention stays dense unless --head-density):
                 kernel can apply while it reads, as TEAL does): thresholds are quantiles of |x| and of the
                 dense |down input| over --calibration-tokens of the calibration corpus, set to keep X and
                 D on average there; the report gives the shares actually kept on the evaluation text.
+- threshold:X:D:A the same, and attention too (TEAL's whole-model rule): thresholds keep A of q/k/v's
+                input and of o's input; every head is computed. The report adds the attention shares
+                kept and the whole layer's weight bytes.
+- quant:B:D     selection from a B-bit copy of gate and up (round-to-nearest, one scale per 64 inputs):
+                top-D of |act(x Q(Wg)^T) * (x Q(Wu)^T)|, then the exact MLP for those neurons. MLP bytes
+                count the copy (2/3 * B/16) plus D. SmolLM2's GGUF weights are themselves 4-bit (Q4_1,
+                32 per group), so bits >= 4 are near exact here and say little about other models.
 
 Every evaluated token is sparse, windows/stride as in runtime/quality.py; dense log-probs are computed
 once and reused. "MLP bytes" is the share of the dense MLP's weight bytes a real kernel must read per
@@ -48,21 +55,23 @@ from dejavu.runtime.quality import (
     reference_ppl,
     score_against,
 )
-from dejavu.runtime.thresholds import calibrate_mlp_thresholds
+from dejavu.runtime.thresholds import calibrate_thresholds
 
-KINDS = {"oracle": 1, "predictor": 1, "gate": 1, "up": 1, "two-stage": 2, "up-pred": 2, "input": 2, "threshold": 2}
+KINDS = {"oracle": 1, "predictor": 1, "gate": 1, "up": 1, "two-stage": 2, "up-pred": 2, "input": 2, "threshold": (2, 3),
+         "quant": 2}
 
 
 def parse_rule(text: str) -> tuple[str, tuple[float, ...]]:
     kind, *values = text.split(":")
-    if kind not in KINDS or len(values) != KINDS[kind]:
-        raise DejavuError(f"rule {text!r}: expected oracle:D, predictor:D, gate:D, up:D, two-stage:C:D, up-pred:D:A "
-                          "input:X:D or threshold:X:D")
+    if kind not in KINDS or len(values) not in ((KINDS[kind],) if isinstance(KINDS[kind], int) else KINDS[kind]):
+        raise DejavuError(f"rule {text!r}: expected oracle:D, predictor:D, gate:D, up:D, two-stage:C:D, up-pred:D:A, "
+                          "input:X:D, threshold:X:D[:A] or quant:B:D")
     try:
         numbers = tuple(float(v) for v in values)
     except ValueError:
         raise DejavuError(f"rule {text!r}: densities must be numbers") from None
-    if not all(0.0 < v <= 1.0 for v in (numbers[:1] if kind == "up-pred" else numbers)):
+    if not all(0.0 < v <= 1.0 for v in (numbers[:1] if kind == "up-pred" else numbers[1:] if kind == "quant"
+                                        else numbers)):
         raise DejavuError(f"rule {text!r}: densities must be in (0, 1]")
     return kind, numbers
 
@@ -88,6 +97,55 @@ class ExactRule:
     def _score(self, l: int, act, density: float):  # noqa: E741
         def hook(module: nn.Module, args, out: torch.Tensor):
             self._masks[l] = topk_mask((act(out) if act is not None else out).abs(), density)
+
+        return hook
+
+    def _apply(self, l: int):  # noqa: E741
+        def hook(module: nn.Module, args):
+            x = args[0]
+            return (x * self._masks.pop(l).reshape(x.shape).to(x.dtype),) + tuple(args[1:])
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def fake_quantize(weight: torch.Tensor, bits: int, group: int = 64) -> torch.Tensor:
+    """Symmetric round-to-nearest with one scale per `group` input columns of each row (the usual
+    weight-only scheme); returns the dequantised weight."""
+    rows, cols = weight.shape
+    w = weight.float().reshape(rows, cols // group, group)
+    levels = 2 ** (bits - 1) - 1 if bits > 1 else 1
+    scale = w.abs().amax(-1, keepdim=True).clamp_min(1e-12) / levels
+    q = torch.sign(w) if bits == 1 else (w / scale).round().clamp(-levels, levels)
+    if bits == 1:  # sign times the group's mean magnitude
+        scale = w.abs().mean(-1, keepdim=True)
+    return (q * scale).reshape(rows, cols).to(weight.dtype)
+
+
+class QuantRule:
+    """Selection from a low-bit copy of gate and up: score = |act(x Q(Wg)^T) * (x Q(Wu)^T)|, top-D go
+    through the exact MLP. The low-bit copy is what a kernel would read before the sparse MLP."""
+
+    def __init__(self, adapter, bits: float, density: float):
+        self.enabled, self.token_mask = True, None
+        self._masks: dict[int, torch.Tensor] = {}
+        self._handles = []
+        for l, layer in enumerate(adapter.decoder_layers()):  # noqa: E741
+            gate, up, act = adapter.gate_proj(layer), adapter.up_proj(layer), adapter.activation(layer)
+            qg = fake_quantize(gate.weight.data, int(bits)) if gate is not None else None
+            qu = fake_quantize(up.weight.data, int(bits))
+            self._handles.append(up.register_forward_pre_hook(self._score(l, qg, qu, act, density)))
+            self._handles.append(adapter.down_proj(layer).register_forward_pre_hook(self._apply(l)))
+
+    def _score(self, l, qg, qu, act, density):  # noqa: E741
+        def hook(module, args):
+            x = args[0]
+            u = x @ qu.T
+            s = act(x @ qg.T) * u if qg is not None else act(u)
+            self._masks[l] = topk_mask(s.abs(), density)
 
         return hook
 
@@ -135,6 +193,8 @@ def weight_share(kind: str, numbers: tuple[float, ...], gated: bool, stats: dict
     up_share = 2 / 3 if gated else 1 / 2
     if kind == "input":
         return up_share * numbers[0] + (1 - up_share) * numbers[1]
+    if kind == "quant":  # the low-bit copy of gate/up (bf16 = 16 bits), then D of the MLP
+        return up_share * numbers[0] / 16 + numbers[1]
     if kind in ("gate", "up"):
         full = up_share / 2 if gated else up_share  # the projection read in full to choose
         return full + (1 - full) * numbers[0]
@@ -147,11 +207,13 @@ def run_rule(model, adapter, predictors, ref, kind, numbers, head_density,
              calibration=None) -> tuple[dict, dict | None]:
     if kind == "threshold":  # the runtime's own rule: shares kept on the evaluation text in its stats
         tokens, window = calibration
-        thresholds = calibrate_mlp_thresholds(model, adapter, tokens, *numbers, window=window)
-        with SparseRuntime(model, adapter, None, selection="dense", mlp_thresholds=thresholds) as runtime:
+        thresholds = calibrate_thresholds(model, adapter, tokens, numbers[0], numbers[1], window=window,
+                                          keep_attn=numbers[2] if len(numbers) > 2 else None)
+        with SparseRuntime(model, adapter, None, selection="dense", thresholds=thresholds) as runtime:
             return score_against(model, runtime, ref, desc=kind), runtime.stats.summary()
-    if kind in ("gate", "up", "input"):
-        rule = InputRule(adapter, *numbers) if kind == "input" else ExactRule(adapter, kind, numbers[0])
+    if kind in ("gate", "up", "input", "quant"):
+        rule = (InputRule(adapter, *numbers) if kind == "input" else QuantRule(adapter, *numbers)
+                if kind == "quant" else ExactRule(adapter, kind, numbers[0]))
         try:
             return score_against(model, rule, ref, desc=kind), None
         finally:
@@ -169,16 +231,29 @@ def run_rule(model, adapter, predictors, ref, kind, numbers, head_density,
         return metrics, runtime.stats.summary()
 
 
+def layer_share(shape, mlp_bytes: float, stats: dict | None, head_density: float) -> float:
+    """The share of a decoder layer's weight bytes read: the MLP's share, plus attention's (thresholds:
+    q/k/v rows for the kept inputs, o rows for the kept o inputs; else the heads computed, k/v in full)."""
+    d, n, hd = shape.hidden_size, shape.intermediate_size, shape.head_dim
+    q, kv = shape.num_heads * hd * d, 2 * shape.num_kv_heads * hd * d
+    mlp = 3 * n * d
+    if stats and "attn_input_kept" in stats:
+        attention = (q + kv) * stats["attn_input_kept"] + q * stats["attn_o_kept"]
+    else:
+        attention = 2 * q * head_density + kv
+    return (mlp * mlp_bytes + attention) / (mlp + 2 * q + kv)
+
+
 def markdown(rows: list[dict], dense_ppl: float) -> str:
     lines = [f"| rule | candidates | final MLP density | ppl (dense {dense_ppl:.3f}) | Δppl | top-1 agree | "
-             "KL(dense‖sparse) | MLP weight bytes |",
-             "|---|---|---|---|---|---|---|---|"]
+             "KL(dense‖sparse) | MLP weight bytes | layer weight bytes |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cand = f"{r['candidates']:g}" if r["candidates"] is not None else "–"
         note = " (ideal)" if r["kind"] == "oracle" else ""
         lines.append(f"| {r['rule']} | {cand} | {r['density']:g} | {r['sparse_ppl']:.3f} | "
                      f"{(r['sparse_ppl'] / dense_ppl - 1) * 100:+.1f} % | {r['top1_agreement']:.4f} | "
-                     f"{r['kl']:.4f} | {r['mlp_bytes']:.3f}{note} |")
+                     f"{r['kl']:.4f} | {r['mlp_bytes']:.3f}{note} | {r['layer_bytes']:.3f} |")
     return "\n".join(lines)
 
 
@@ -245,11 +320,14 @@ def main() -> None:
         t0 = time.perf_counter()
         metrics, stats = run_rule(model, adapter, predictors, ref, kind, numbers, args.head_density, calibration)
         row = {"rule": text, "kind": kind, "candidates": numbers[0] if kind == "two-stage" else None,
-               "density": numbers[0] if kind == "up-pred" else numbers[-1], **metrics, "computed": stats,
+               "density": numbers[0] if kind == "up-pred" else numbers[1] if kind in ("threshold", "quant")
+               else numbers[-1], **metrics, "computed": stats,
                "mlp_bytes": weight_share(kind, numbers, gated, stats), "seconds": time.perf_counter() - t0}
+        row["layer_bytes"] = layer_share(adapter.shape(), row["mlp_bytes"], stats, args.head_density)
         result["rules"].append(row)
         print(f"  {text}: ppl {row['sparse_ppl']:.3f}, top-1 {row['top1_agreement']:.4f}, KL {row['kl']:.4f}, "
-              f"MLP bytes {row['mlp_bytes']:.3f} ({row['seconds']:.0f} s)", flush=True)
+              f"MLP bytes {row['mlp_bytes']:.3f}, layer bytes {row['layer_bytes']:.3f} ({row['seconds']:.0f} s)",
+              flush=True)
         if args.json is not None:
             atomic_write_json(args.json, result)
     print()

@@ -131,22 +131,40 @@ def train_predictors(
 @app.command()
 @handle_errors
 def export(
-    run: Path = typer.Option(..., "--run", "-r", help="Run directory holding predictors/ from `dejavu train-predictors`."),
+    run: Path | None = typer.Option(
+        None, "--run", "-r",
+        help="Run directory holding predictors/ from `dejavu train-predictors` (may be left out with "
+             "--mlp-keep-input: a bundle of thresholds alone)."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write (safetensors + manifest.json)."),
     mlp_density: float | None = typer.Option(None, "--mlp-density", help="MLP density the runtime should compute, in (0, 1]."),
     head_density: float | None = typer.Option(None, "--head-density", help="Head density the runtime should compute, in (0, 1]."),
     mlp_candidate_density: float | None = typer.Option(
         None, "--mlp-candidate-density",
         help="Two-stage MLP selection default: predictor candidates at this density, final top-k by exact activation."),
+    mlp_keep_input: float | None = typer.Option(
+        None, "--mlp-keep-input",
+        help="Also store TEAL-style MLP thresholds, calibrated now on the config's data.dataset: keep this share "
+             "of each token's MLP input and --mlp-density (default: the bundle's) of down's input. `bench` "
+             "then runs the MLP by them instead of predictors."),
+    attn_keep_input: float | None = typer.Option(
+        None, "--attn-keep-input",
+        help="With --mlp-keep-input: attention thresholds too, keeping this share of q/k/v's and of o's input "
+             "(replaces head selection)."),
+    calibration: str | None = typer.Option(
+        None, "--calibration", help="Corpus the thresholds are calibrated on (default: the config's data.dataset)."),
+    model: str | None = typer.Option(
+        None, "--model", "-m",
+        help="Model to calibrate thresholds on (default: the training run's model; without --run, the config's)."),
     config: str | None = ConfigOpt,
     debug: bool = DebugOpt,
 ):
     """Write a self-describing predictor bundle (safetensors + manifest; no pickle)."""
     from dejavu.export.bundle import run_export
 
-    run_export(Path(run), Path(out), config_file=config, overrides={
+    run_export(Path(run) if run is not None else None, Path(out), config_file=config, model_name=model, overrides={
         "export.mlp_density": mlp_density, "export.head_density": head_density,
-        "export.mlp_candidate_density": mlp_candidate_density,
+        "export.mlp_candidate_density": mlp_candidate_density, "export.mlp_keep_input": mlp_keep_input,
+        "export.attn_keep_input": attn_keep_input, "data.dataset": calibration,
     })
 
 
@@ -177,6 +195,11 @@ def bench(
         help="MLP sparsity without a predictor (TEAL-style): per-layer magnitude thresholds keep this share of "
              "each token's MLP input (gate/up read only those columns) and --mlp-density (default 0.5) of "
              "down's input. Calibrated on the config's data.dataset; heads still use the bundle, if given."),
+    attn_keep_input: float | None = typer.Option(
+        None, "--attn-keep-input",
+        help="With --mlp-keep-input: attention sparsity the same way (TEAL's whole-model rule). Thresholds keep "
+             "this share of each token's q/k/v input (columns read; every head still computed) and of o's "
+             "input (rows read). Replaces head selection (head density 1.0)."),
     calibration: str | None = typer.Option(
         None, "--calibration", help="Corpus the --mlp-keep-input thresholds are calibrated on (default: the config's data.dataset)."),
     max_eval_tokens: int | None = typer.Option(None, "--max-eval-tokens", help="Bound on evaluated tokens."),
@@ -202,7 +225,8 @@ def bench(
             "runtime.max_eval_tokens": max_eval_tokens, "runtime.device": device, "runtime.dtype": dtype,
             "runtime.selection": selection, "runtime.batch_sizes": sizes,
             "runtime.mlp_candidate_density": mlp_candidate_density, "runtime.mlp_up_weight": mlp_up_weight,
-            "runtime.skip_kv": skip_kv, "runtime.mlp_keep_input": mlp_keep_input, "data.dataset": calibration,
+            "runtime.skip_kv": skip_kv, "runtime.mlp_keep_input": mlp_keep_input,
+            "runtime.attn_keep_input": attn_keep_input, "data.dataset": calibration,
         },
         synthetic=synthetic, layers=layers, quality=quality, speed=speed,
     )

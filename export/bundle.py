@@ -5,6 +5,10 @@ Layout (docs/FORMATS.md, `dejavu.bundle` version 1):
   tensors; safetensors holds raw tensors only, so loading a bundle never executes code (no pickle).
 - `manifest.json`: the model identity (dimensions + weight fingerprint), densities (global and per
   layer), pairings, training metrics, predictor size, and the sha256 of the safetensors file.
+- Optional TEAL-style thresholds (`export.mlp_keep_input`): `thresholds.*` tensors, one fp32 value per
+  layer (runtime/thresholds.py), described by the manifest's `thresholds`; the runtime then runs the MLP
+  (and with `attn_keep_input` attention) by them instead of predictors. A bundle may hold thresholds
+  alone (`dejavu export --model M --mlp-keep-input X`, no training run).
 
 A layer the predictors stage did not train (train.layers restricted) has no tensors and density 1.0:
 the runtime runs it dense.
@@ -57,14 +61,76 @@ def _per_layer(default: float, overrides: dict, num_layers: int, present: list[b
     return values
 
 
-def run_export(run: Path, out: Path, config_file=None, overrides: dict[str, Any] | None = None) -> dict:
-    """Read RUN/predictors/, write the bundle at `out`; returns the bundle manifest."""
+def _calibrated_thresholds(cfg, model_name: str, identity: dict | None, keep_down: float):
+    """Load the model, check it is the one the predictors were trained on, calibrate (runtime/thresholds.py)."""
+    from dejavu.models.adapters import adapter_for
+    from dejavu.models.identity import check_identity, model_identity
+    from dejavu.models.loading import load_model
+    from dejavu.runtime.quality import model_context
+    from dejavu.runtime.thresholds import calibrate_on_corpus
+
+    e = cfg.export
+    for name, value in (("--mlp-keep-input", e.mlp_keep_input), ("--attn-keep-input", e.attn_keep_input),
+                        ("the bundle's MLP density", keep_down)):
+        if value is not None and not 0.0 < value <= 1.0:
+            raise DejavuError(f"{name} must be in (0, 1], got {value}")
+    model, tokenizer, source = load_model(model_name, device="cpu", dtype="float32")
+    adapter = adapter_for(model)
+    if identity:
+        check_identity(identity, adapter, what=f"predictors (for {identity.get('name', '?')})")
+    with torch.no_grad():
+        thresholds = calibrate_on_corpus(model, adapter, tokenizer, cfg.data, e.calibration_tokens, e.mlp_keep_input,
+                                         keep_down, e.attn_keep_input,
+                                         window=min(model_context(model), cfg.runtime.eval_window))
+    description = {**thresholds.describe(), "calibration": cfg.data.dataset,
+                   "calibration_tokens": e.calibration_tokens}
+    return thresholds, description, identity or model_identity(adapter, source.display)
+
+
+def _export_thresholds_only(out: Path, cfg, model_name: str) -> dict:
+    """A bundle with thresholds and no predictors: TEAL-style sparsity needs no collect or training."""
+    from dejavu.runtime.thresholds import thresholds_to_tensors
+
+    keep_down = cfg.export.mlp_density or 0.5
+    thresholds, description, identity = _calibrated_thresholds(cfg, model_name, None, keep_down)
+    num_layers = len(thresholds.x)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
+    sha = save_tensors(out / BUNDLE_FILE, thresholds_to_tensors(thresholds),
+                       metadata={"format": BUNDLE_KIND, "format_version": "1"})
+    manifest = write_manifest(
+        out, BUNDLE_KIND, cfg.to_dict(), [file_entry(out / BUNDLE_FILE, out, sha)], parent=None, model=identity,
+        mlp_density=float(keep_down), head_density=1.0, mlp_density_per_layer=[1.0] * num_layers,
+        head_density_per_layer=[1.0] * num_layers, metrics={}, predictor_bytes=0, mlp_candidate_density=None,
+        thresholds=description)
+    print(f"bundle written to {out}: thresholds only ({num_layers} layers; keep {thresholds.keep_x:g} of the MLP "
+          f"input, {thresholds.keep_h:g} of down's input"
+          + (f", {thresholds.keep_attn:g} of attention's inputs" if thresholds.attention else "") + ")")
+    return manifest
+
+
+def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[str, Any] | None = None,
+               model_name: str | None = None) -> dict:
+    """Read RUN/predictors/, write the bundle at `out`; returns the bundle manifest. With
+    export.mlp_keep_input the bundle also holds calibrated thresholds; with no run, only them."""
+    if run is None:
+        from dejavu.config import load_config
+
+        cfg = load_config(config_file, overrides or {})
+        if cfg.export.attn_keep_input is not None and cfg.export.mlp_keep_input is None:
+            raise DejavuError("--attn-keep-input comes with --mlp-keep-input")
+        if cfg.export.mlp_keep_input is None:
+            raise DejavuError("export needs --run (a training run), or --mlp-keep-input for a bundle of "
+                              "thresholds alone")
+        return _export_thresholds_only(Path(out), cfg, model_name or cfg.model.name)
     run, out = Path(run), Path(out)
     pred_dir = run / "predictors"
     if not pred_dir.exists() and (run / "manifest.json").is_file():
         pred_dir = run  # accept the predictors directory itself
     pm = read_manifest(pred_dir, PREDICTORS_KIND)
     cfg = _export_config(pm, config_file, overrides or {})
+    if cfg.export.attn_keep_input is not None and cfg.export.mlp_keep_input is None:
+        raise DejavuError("--attn-keep-input comes with --mlp-keep-input")
     identity = pm.get("model") or {}
     num_layers = int(pm.get("layers") or identity.get("num_layers") or 0)
     if num_layers <= 0:
@@ -97,6 +163,15 @@ def run_export(run: Path, out: Path, config_file=None, overrides: dict[str, Any]
     mlp_per_layer = _per_layer(mlp_density, cfg.export.mlp_density_per_layer, num_layers, present,
                                "export.mlp_density_per_layer")
     head_per_layer = _per_layer(head_density, {}, num_layers, present, "head density")
+    threshold_description = None
+    if cfg.export.mlp_keep_input is not None:  # before anything is written: a bad model loses nothing
+        from dejavu.runtime.thresholds import thresholds_to_tensors
+
+        thresholds, threshold_description, _ = _calibrated_thresholds(
+            cfg, model_name or identity.get("name") or cfg.model.name, identity, float(mlp_density))
+        if len(thresholds.x) != num_layers:
+            raise DejavuError(f"the model has {len(thresholds.x)} layers, the predictors {num_layers}")
+        tensors.update(thresholds_to_tensors(thresholds))
 
     out.mkdir(parents=True, exist_ok=True)
     # An older manifest would describe the old file for a moment: remove it first (commit marker).
@@ -118,6 +193,8 @@ def run_export(run: Path, out: Path, config_file=None, overrides: dict[str, Any]
         predictor_bytes=predictor_bytes,
         # optional: two-stage MLP selection default for the runtime (null: one-stage)
         mlp_candidate_density=cfg.export.mlp_candidate_density,
+        # optional: TEAL-style thresholds (tensors thresholds.*), which the runtime then applies
+        thresholds=threshold_description,
     )
     trained = sum(present)
     print(f"bundle written to {out}: {trained}/{num_layers} layers with predictors, "
@@ -151,6 +228,11 @@ def load_bundle(path: str | Path) -> tuple[dict, PredictorSet]:
         raise DejavuError(f"{path}/manifest.json: per-layer densities list {len(mlp_d)}/{len(head_d)} layers, "
                           f"the model has {num_layers}")
     all_tensors = load_tensors(path / BUNDLE_FILE)
+    thresholds = None
+    if manifest.get("thresholds"):
+        from dejavu.runtime.thresholds import thresholds_from_tensors
+
+        thresholds = thresholds_from_tensors(all_tensors, manifest["thresholds"], num_layers, str(path / BUNDLE_FILE))
     activation = manifest.get("hidden_activation", "none")
     layers = []
     for l in range(num_layers):  # noqa: E741
@@ -171,7 +253,7 @@ def load_bundle(path: str | Path) -> tuple[dict, PredictorSet]:
                                       float(head_d[l]) if preds["attn"] is not None else 1.0))
     pset = PredictorSet(layers, mlp_pairing=manifest.get("mlp_pairing", "current"),
                         head_pairing=manifest.get("head_pairing", "lookahead"),
-                        meta={"bundle": str(path), "model": model})
+                        meta={"bundle": str(path), "model": model}, thresholds=thresholds)
     return manifest, pset
 
 

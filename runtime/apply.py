@@ -30,7 +30,7 @@ computed for every neuron, each neuron scored log|up| + A * predictor logit, and
 for the top `mlp_density`. MLP weight bytes read: up_share / 2 + (1 - up_share / 2) * density.
 Measured best per byte on SmolLM2 (BENCHMARKS.md, "up-pred"); runtime/decode.py runs the same rule.
 
-MLP thresholds (opt-in, `mlp_thresholds`, mask mode; runtime/thresholds.py): no predictor for the MLP.
+MLP thresholds (opt-in, `thresholds`, mask mode; runtime/thresholds.py): no predictor for the MLP.
 Each token drops its MLP-input entries at or below the layer's threshold (gate/up read only the kept
 columns) and its down-input entries at or below a second threshold (down reads only the kept rows).
 MLP weight bytes read: up_share * input kept + (1 - up_share) * down input kept. Heads follow the
@@ -51,7 +51,7 @@ from dejavu.errors import DejavuError
 from dejavu.models.adapters import Adapter, _linear_weight
 from dejavu.predictor import PredictorSet, topk_mask, units_for_density
 from dejavu.runtime.reference import exact_up_scores
-from dejavu.runtime.thresholds import MlpThresholds
+from dejavu.runtime.thresholds import Thresholds
 
 SELECTIONS = ("predictor", "oracle", "dense")
 MODES = ("mask", "gather")
@@ -86,10 +86,13 @@ class SelectionStats:
     kv_groups_skippable: float = 0.0
     mlp_candidates_kept: float = 0.0  # two-stage only: share whose gate/up rows were read
     mlp_input_kept: float = 0.0  # MLP thresholds only: share of the MLP input kept (gate/up columns read)
+    attn_input_kept: float = 0.0  # attention thresholds only: share of q/k/v's input kept (columns read)
+    attn_o_kept: float = 0.0  # attention thresholds only: share of o's input kept (rows read)
     up_in_full: bool = False  # exact-up selection reads every up row
     # Share of the MLP weight bytes in gate + up (2/3 gated, 1/2 plain); set by the runtime.
     up_share: float = 2 / 3
-    counts: dict = field(default_factory=lambda: {"mlp": 0, "attn": 0, "mlp_candidates": 0, "mlp_input": 0})
+    counts: dict = field(default_factory=lambda: {"mlp": 0, "attn": 0, "mlp_candidates": 0, "mlp_input": 0,
+                                                          "attn_input": 0, "attn_o": 0})
 
     def add(self, kind: str, kept: float, skippable: float = 0.0, n: int = 1) -> None:
         c = self.counts[kind]
@@ -99,6 +102,10 @@ class SelectionStats:
             self.mlp_candidates_kept = (self.mlp_candidates_kept * c + kept * n) / (c + n)
         elif kind == "mlp_input":
             self.mlp_input_kept = (self.mlp_input_kept * c + kept * n) / (c + n)
+        elif kind == "attn_input":
+            self.attn_input_kept = (self.attn_input_kept * c + kept * n) / (c + n)
+        elif kind == "attn_o":
+            self.attn_o_kept = (self.attn_o_kept * c + kept * n) / (c + n)
         else:
             self.head_kept = (self.head_kept * c + kept * n) / (c + n)
             self.kv_groups_skippable = (self.kv_groups_skippable * c + skippable * n) / (c + n)
@@ -116,11 +123,14 @@ class SelectionStats:
         else:  # gate/up rows for the candidates, down columns for the final set (== mlp_kept without
             # two-stage); the oracle still needs the dense activation to choose.
             share = self.up_share * candidates + (1 - self.up_share) * mlp
-        return {"mlp_kept": mlp,
-                "mlp_candidates_kept": candidates,
-                "mlp_weight_share": share,
-                "head_kept": self.head_kept if self.counts["attn"] else 1.0,
-                "kv_groups_skippable": self.kv_groups_skippable}
+        out = {"mlp_kept": mlp,
+               "mlp_candidates_kept": candidates,
+               "mlp_weight_share": share,
+               "head_kept": self.head_kept if self.counts["attn"] else 1.0,
+               "kv_groups_skippable": self.kv_groups_skippable}
+        if self.counts["attn_input"]:
+            out.update(attn_input_kept=self.attn_input_kept, attn_o_kept=self.attn_o_kept)
+        return out
 
 
 class SparseRuntime:
@@ -129,7 +139,7 @@ class SparseRuntime:
     def __init__(self, model: nn.Module, adapter: Adapter, predictors: PredictorSet | None = None, *,
                  selection: str = "predictor", mlp_density: float | None = None, head_density: float | None = None,
                  mode: str = "mask", record: bool = False, mlp_candidate_density: float | None = None,
-                 mlp_up_weight: float | None = None, mlp_thresholds: MlpThresholds | None = None):
+                 mlp_up_weight: float | None = None, thresholds: Thresholds | None = None):
         if selection not in SELECTIONS:
             raise DejavuError(f"selection must be one of {', '.join(SELECTIONS)}; got {selection!r}")
         if mode not in MODES:
@@ -145,14 +155,17 @@ class SparseRuntime:
         n = len(self.layers)
         if predictors is not None and len(predictors.layers) != n:
             raise DejavuError(f"the predictors cover {len(predictors.layers)} layers, the model has {n}")
-        self.mlp_thresholds = mlp_thresholds
-        if mlp_thresholds is not None:
+        self.thresholds = thresholds
+        if thresholds is not None:
             if mode != "mask" or mlp_candidate_density is not None or mlp_up_weight is not None:
                 raise DejavuError("MLP thresholds run in mask mode, as the only MLP rule")
-            if len(mlp_thresholds.x) != n:
-                raise DejavuError(f"MLP thresholds cover {len(mlp_thresholds.x)} layers, the model has {n}")
+            if len(thresholds.x) != n:
+                raise DejavuError(f"MLP thresholds cover {len(thresholds.x)} layers, the model has {n}")
+            if thresholds.attention and head_density is not None and head_density < 1.0:
+                raise DejavuError("attention thresholds and head selection are two rules for the same "
+                                  "projections: use one (head density 1.0 with attention thresholds)")
         # with thresholds no top-k selects neurons: the MLP's own hooks do the work
-        self.mlp_density = [1.0 if mlp_thresholds is not None else self._density(l, "mlp", mlp_density)
+        self.mlp_density = [1.0 if thresholds is not None else self._density(l, "mlp", mlp_density)
                             for l in range(n)]  # noqa: E741
         self.head_density = [self._density(l, "attn", head_density) for l in range(n)]  # noqa: E741
         self.mlp_candidate_density = self._check_candidates(mlp_candidate_density)
@@ -249,15 +262,20 @@ class SparseRuntime:
                     self._patch_gather(l, layer)
             if self.head_density[l] < 1.0:
                 self._handles.append(self.adapter.o_proj(layer).register_forward_pre_hook(self._o_hook(l)))
-            if self.mlp_thresholds is not None:
+            if self.thresholds is not None:
                 gate, up = self.adapter.gate_proj(layer), self.adapter.up_proj(layer)
-                t = self.mlp_thresholds
+                t = self.thresholds
                 self._handles.append((gate or up).register_forward_pre_hook(
                     self._threshold_hook(l, t.x[l], "mlp_input")))
                 if gate is not None:  # the same input as gate's: counted once
                     self._handles.append(up.register_forward_pre_hook(self._threshold_hook(l, t.x[l], None)))
                 self._handles.append(self.adapter.down_proj(layer).register_forward_pre_hook(
                     self._threshold_hook(l, t.h[l], "mlp")))
+                if t.attention:
+                    self._handles.append(self.adapter.attention_module(layer).register_forward_pre_hook(
+                        self._threshold_hook(l, t.attn_x[l], "attn_input"), with_kwargs=True))
+                    self._handles.append(self.adapter.o_proj(layer).register_forward_pre_hook(
+                        self._threshold_hook(l, t.attn_o[l], "attn_o")))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -320,7 +338,7 @@ class SparseRuntime:
         rows = mask.reshape(-1, mask.shape[-1]) if tm is None else mask[tm.squeeze(-1)]
         if rows.numel() == 0:
             return
-        if kind in ("mlp", "mlp_candidates", "mlp_input"):
+        if kind in ("mlp", "mlp_candidates", "mlp_input", "attn_input", "attn_o"):
             self.stats.add(kind, rows.float().mean().item(), n=rows.shape[0])
         else:
             skip = skippable_kv_groups(rows, self.shape.num_kv_heads).float().mean().item()
@@ -341,14 +359,20 @@ class SparseRuntime:
         return hook
 
     def _threshold_hook(self, l: int, threshold: float, kind: str | None):  # noqa: E741
-        def hook(module, args):
-            if not self.enabled:
-                return None
-            x = args[0]
+        def sparse(x: torch.Tensor) -> torch.Tensor:
             keep = x.abs() > threshold
             if kind is not None:
                 self._note(kind, l, keep)
-            return (x * self._apply_token_mask(keep).to(x.dtype),) + tuple(args[1:])
+            return x * self._apply_token_mask(keep).to(x.dtype)
+
+        def hook(module, args, kwargs=None):
+            if not self.enabled:
+                return None
+            if kwargs is None:  # a projection: its input is positional
+                return (sparse(args[0]),) + tuple(args[1:])
+            if args:  # an attention module (with_kwargs=True): hidden_states either way
+                return (sparse(args[0]),) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": sparse(kwargs["hidden_states"])}
 
         return hook
 

@@ -65,7 +65,7 @@ def _fallback_speed(model, adapter, predictors, *, device, dtype, batch_sizes, d
 
 def measure_speed(model, adapter, predictors, *, device, dtype, batch_sizes, decode_tokens, warmup,
                   mlp_candidate_density: float | None = None, mlp_up_weight: float | None = None,
-                  skip_kv: bool = False, mlp_thresholds=None) -> dict:
+                  skip_kv: bool = False, thresholds=None) -> dict:
     from dejavu.runtime.decode import SUPPORTED_MODEL_TYPES
     from dejavu.runtime.speed import speed_report
 
@@ -74,7 +74,7 @@ def measure_speed(model, adapter, predictors, *, device, dtype, batch_sizes, dec
     if model_type not in SUPPORTED_MODEL_TYPES:
         warnings.warn(f"no fast decode loop for {model_type!r} models yet; timing HF eager decode instead",
                       stacklevel=2)
-        if mlp_thresholds is not None:
+        if thresholds is not None:
             raise DejavuError(f"MLP thresholds are timed only in the fast decode loop, which does not run "
                               f"{model_type!r} models; use --no-speed")
         if mlp_candidate_density is not None or mlp_up_weight is not None or skip_kv:
@@ -82,7 +82,7 @@ def measure_speed(model, adapter, predictors, *, device, dtype, batch_sizes, dec
                           "exact-up and skip_kv are timed only in the fast loop", stacklevel=2)
         return _fallback_speed(model, adapter, predictors, **common)
     return speed_report(model, adapter, predictors, mlp_candidate_density=mlp_candidate_density,
-                        mlp_up_weight=mlp_up_weight, skip_kv=skip_kv, mlp_thresholds=mlp_thresholds, **common)
+                        mlp_up_weight=mlp_up_weight, skip_kv=skip_kv, thresholds=thresholds, **common)
 
 
 def _flatten(nested: dict, prefix: str = "") -> dict:
@@ -134,11 +134,14 @@ def print_report(report: dict, out=None) -> None:
       + (f", two-stage MLP (predictor candidates {two:g}, final top-k by exact activation)" if two else "")
       + (f", exact-up MLP (log|up| + {report['mlp_up_weight']:g} x predictor logit)"
          if report.get("mlp_up_weight") is not None else ""))
-    t = report.get("mlp_thresholds")
+    t = report.get("thresholds")
     if t:
         p(f"  MLP by magnitude thresholds (no predictor): calibrated on {t['calibration_tokens']} tokens of "
           f"{t['calibration']} to keep {t['keep_input']:g} of the MLP input and {t['keep_down_input']:g} of "
           f"down's input")
+        if t.get("keep_attn_input") is not None:
+            p(f"  attention by magnitude thresholds: keep {t['keep_attn_input']:g} of q/k/v's input and of o's "
+              f"input (every head computed)")
     q = report.get("quality")
     if q:
         p(f"  quality on {q['scored_tokens']} tokens of {q['dataset']} (windows of {q['window']}, stride "
@@ -159,6 +162,9 @@ def print_report(report: dict, out=None) -> None:
             elif "mlp_weight_share" in sel:
                 p(f"    MLP weight bytes read: {sel['mlp_weight_share']:.3f} of dense (gate/up for "
                   f"{sel['mlp_candidates_kept']:.3f} of neurons, down for {sel['mlp_kept']:.3f})")
+            if "attn_input_kept" in sel:
+                p(f"    attention: {sel['attn_input_kept']:.3f} of q/k/v's input kept (columns read), "
+                  f"{sel['attn_o_kept']:.3f} of o's input (rows read)")
         for g in q.get("generations", []):
             p(f"    prompt: {g['prompt']!r}")
             p(f"      dense : {g['dense']!r}")
@@ -199,22 +205,28 @@ def run_bench(model: str | None = None, bundle: Path | None = None, dataset: str
     return report
 
 
-def _calibrate_thresholds(model, adapter, tokenizer, cfg, keep_input: float, keep_down: float):
-    """Per-layer MLP thresholds from a dense forward over the calibration corpus (data.dataset)."""
-    from dejavu.corpus import load_texts, tokenize_stream
-    from dejavu.runtime.quality import model_context
-    from dejavu.runtime.thresholds import calibrate_mlp_thresholds
-
-    for name, value in (("--mlp-keep-input", keep_input), ("--mlp-density", keep_down)):
-        if not 0.0 < value <= 1.0:
+def _check_keep_shares(rt, keep_down: float) -> None:
+    for name, value in (("--mlp-keep-input", rt.mlp_keep_input), ("--mlp-density", keep_down),
+                        ("--attn-keep-input", rt.attn_keep_input)):
+        if value is not None and not 0.0 < value <= 1.0:
             raise DejavuError(f"{name} must be in (0, 1], got {value}")
-    texts = load_texts(cfg.data.dataset, split=cfg.data.split, text_field=cfg.data.text_field)
-    tokens = tokenize_stream(texts, tokenizer)[:cfg.runtime.calibration_tokens]
-    if tokens.numel() == 0:
-        raise DejavuError(f"the calibration corpus {cfg.data.dataset} gave no tokens")
-    print(f"  calibrating MLP thresholds on {tokens.numel()} tokens of {cfg.data.dataset}", flush=True)
-    return calibrate_mlp_thresholds(model, adapter, tokens, keep_input, keep_down,
-                                    window=min(model_context(model), cfg.runtime.eval_window))
+    if rt.attn_keep_input is not None:
+        if rt.mlp_keep_input is None:
+            raise DejavuError("--attn-keep-input comes with --mlp-keep-input (use --mlp-keep-input 1 "
+                              "--mlp-density 1 for attention thresholds alone)")
+        if rt.head_density is not None and rt.head_density < 1.0:
+            raise DejavuError("--attn-keep-input replaces head selection: drop --head-density")
+
+
+def _calibrate_thresholds(model, adapter, tokenizer, cfg, keep_input: float, keep_down: float):
+    """Per-layer thresholds from a dense forward over the calibration corpus (data.dataset)."""
+    from dejavu.runtime.quality import model_context
+    from dejavu.runtime.thresholds import calibrate_on_corpus
+
+    _check_keep_shares(cfg.runtime, keep_down)
+    return calibrate_on_corpus(model, adapter, tokenizer, cfg.data, cfg.runtime.calibration_tokens, keep_input,
+                               keep_down, cfg.runtime.attn_keep_input,
+                               window=min(model_context(model), cfg.runtime.eval_window))
 
 
 def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> dict:
@@ -227,22 +239,29 @@ def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> di
     if cfg.runtime.mlp_keep_input is not None:
         from dejavu.runtime.thresholds import calibrate_on_random_tokens
 
+        _check_keep_shares(cfg.runtime, cfg.runtime.mlp_density or 0.5)
         thresholds = calibrate_on_random_tokens(model, adapter, cfg.runtime.mlp_keep_input,
-                                                cfg.runtime.mlp_density or 0.5)
+                                                cfg.runtime.mlp_density or 0.5,
+                                                keep_attn=cfg.runtime.attn_keep_input)
         mlp_d = thresholds.keep_h
+        if thresholds.attention:
+            head_d = 1.0
+            predictors = predictors.with_densities(None, 1.0)
     speed_data = None
     if speed:
         speed_data = measure_speed(model, adapter, predictors, device=device, dtype=dtype, batch_sizes=batch_sizes,
                                    decode_tokens=cfg.runtime.decode_tokens, warmup=cfg.runtime.warmup,
                                    mlp_candidate_density=cfg.runtime.mlp_candidate_density,
                                    mlp_up_weight=cfg.runtime.mlp_up_weight, skip_kv=cfg.runtime.skip_kv,
-                                   mlp_thresholds=thresholds)
+                                   thresholds=thresholds)
     base = {"model": name, "device": str(device), "dtype": _dtype_name(dtype), "mlp_density": mlp_d,
-            "head_density": head_d, "synthetic": True, "selection": "predictor (random weights)",
+            "head_density": head_d, "synthetic": True,
+            "selection": "predictor (random weights)" if thresholds is None else
+            "thresholds, no predictor" if thresholds.attention else "MLP thresholds, heads by predictor (random weights)",
             "mlp_candidate_density": cfg.runtime.mlp_candidate_density, "mlp_up_weight": cfg.runtime.mlp_up_weight,
             "layers": layers,
-            "mlp_thresholds": None if thresholds is None else {
-                "keep_input": thresholds.keep_x, "keep_down_input": thresholds.keep_h,
+            "thresholds": None if thresholds is None else {
+                **thresholds.describe(),
                 "calibration": "random text through the synthetic model", "calibration_tokens": 256}}
     return build_report(base, None, speed_data, batch_sizes[0])
 
@@ -255,9 +274,18 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
     from dejavu.runtime.quality import compare, default_eval_dataset, eval_tokens, generations, model_context
 
     rt = cfg.runtime
+    _check_keep_shares(rt, rt.mlp_density if rt.mlp_density is not None else 0.5)
     manifest, predictors = (load_bundle(bundle) if bundle is not None else (None, None))
     thresholds_on = rt.mlp_keep_input is not None
-    if predictors is None and rt.selection == "predictor" and not thresholds_on:
+    # a bundle's own thresholds apply unless a flag recalibrates them or asks for another selection
+    bundled = (predictors.thresholds if predictors is not None and rt.selection == "predictor"
+               and not thresholds_on else None)
+    if predictors is not None and not predictors.has_predictors:
+        if bundled is None:
+            raise DejavuError(f"{bundle} holds thresholds only: bench it without --selection/--mlp-keep-input, "
+                              "or with a bundle that has predictors")
+        predictors = None
+    if predictors is None and rt.selection == "predictor" and not thresholds_on and bundled is None:
         raise DejavuError("bench needs --bundle (or --selection oracle|dense, --mlp-keep-input, or --synthetic NAME)")
     name = model_name or (manifest["model"].get("name") if manifest else None) or cfg.model.name
     model, tokenizer, source = load_model(name, device=str(device), dtype=_dtype_name(dtype))
@@ -267,14 +295,28 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
     mlp_d = rt.mlp_density if rt.mlp_density is not None else (manifest["mlp_density"] if manifest else 1.0)
     head_d = rt.head_density if rt.head_density is not None else (manifest["head_density"] if manifest else 1.0)
     use = predictors if rt.selection == "predictor" else None
-    selection = rt.selection if use is not None or rt.selection != "predictor" else "dense"  # heads, with thresholds
-    thresholds = None
+    thresholds = bundled
+    if bundled is not None:
+        if rt.mlp_candidate_density is not None or rt.mlp_up_weight is not None:
+            raise DejavuError("the bundle's thresholds are its own MLP rule: drop --mlp-candidate-density / "
+                              "--mlp-up-weight")
+        if bundled.attention and rt.head_density is not None and rt.head_density < 1.0:
+            raise DejavuError("the bundle's attention thresholds replace head selection: drop --head-density")
+        print(f"  thresholds from the bundle (calibrated on {manifest['thresholds'].get('calibration')})", flush=True)
+        mlp_d = bundled.keep_h
+        if bundled.attention:
+            head_d = 1.0
+            use = None
     if thresholds_on:
         if rt.mlp_candidate_density is not None or rt.mlp_up_weight is not None:
             raise DejavuError("--mlp-keep-input is its own MLP rule: drop --mlp-candidate-density / --mlp-up-weight")
         thresholds = _calibrate_thresholds(model, adapter, tokenizer, cfg, rt.mlp_keep_input,
                                            rt.mlp_density if rt.mlp_density is not None else 0.5)
         mlp_d = thresholds.keep_h
+        if thresholds.attention:
+            head_d = 1.0
+            use = None  # the bundle's head predictors are replaced by the attention thresholds
+    selection = rt.selection if use is not None or rt.selection != "predictor" else "dense"  # heads, with thresholds
     # flag/config > bundle; two-stage applies to predictor selection only
     cand_d = rt.mlp_candidate_density
     if cand_d is None and manifest is not None:
@@ -286,9 +328,10 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
             "mlp_candidate_density": cand_d, "mlp_up_weight": up_w,
             "bundle": str(bundle) if bundle else None, "mlp_pairing": predictors.mlp_pairing if use else None,
             "head_pairing": predictors.head_pairing if use else None,
-            "mlp_thresholds": None if thresholds is None else {
-                "keep_input": thresholds.keep_x, "keep_down_input": thresholds.keep_h,
-                "calibration": cfg.data.dataset, "calibration_tokens": cfg.runtime.calibration_tokens}}
+            "thresholds": None if thresholds is None else {
+                **thresholds.describe(),
+                "calibration": cfg.data.dataset, "calibration_tokens": cfg.runtime.calibration_tokens}
+            if bundled is None else {**manifest["thresholds"], "from_bundle": True}}
     quality_data = None
     if quality:
         dataset = dataset or default_eval_dataset()
@@ -300,7 +343,7 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
         # Explicit densities from flags override the bundle's per-layer ones; otherwise keep those.
         with SparseRuntime(model, adapter, use, selection=selection, mlp_density=rt.mlp_density
                            if use else mlp_d, head_density=rt.head_density if use else head_d,
-                           mlp_candidate_density=cand_d, mlp_up_weight=up_w, mlp_thresholds=thresholds) as runtime:
+                           mlp_candidate_density=cand_d, mlp_up_weight=up_w, thresholds=thresholds) as runtime:
             t0 = time.perf_counter()
             quality_data = compare(model, runtime, tokens, window, stride)
             quality_data["computed"] = runtime.stats.summary()
@@ -317,5 +360,5 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
         sp = use.with_densities(rt.mlp_density, rt.head_density) if use is not None else None
         speed_data = measure_speed(model, adapter, sp, device=device, dtype=dtype, batch_sizes=batch_sizes,
                                    decode_tokens=rt.decode_tokens, warmup=rt.warmup, mlp_candidate_density=cand_d,
-                                   mlp_up_weight=up_w, skip_kv=rt.skip_kv, mlp_thresholds=thresholds)
+                                   mlp_up_weight=up_w, skip_kv=rt.skip_kv, thresholds=thresholds)
     return build_report(base, quality_data, speed_data, batch_sizes[0])

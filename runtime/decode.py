@@ -40,7 +40,7 @@ from dejavu.errors import DejavuError
 from dejavu.predictor import LowRankPredictor, PredictorSet, units_for_density
 from dejavu.runtime import reference
 from dejavu.runtime.kernels import ops
-from dejavu.runtime.thresholds import MlpThresholds
+from dejavu.runtime.thresholds import Thresholds
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
 SELECT_IMPLS = ("fused", "fused-cublas", "classic", "static", "static-sync")
@@ -222,6 +222,7 @@ class LayerWeights:
     mlp_final: TwoStageMLP | None = None  # set only with two-stage MLP selection
     up_workspace: tuple | None = None  # set only with exact-up MLP selection: its top-k buffers (fp16 keys)
     gate_up_t: torch.Tensor | None = None  # [d, 2n] = [gate^T | up^T], set only with MLP thresholds
+    wqkv_t: torch.Tensor | None = None  # [d, (H + 2KV) * hd], set only with attention thresholds
 
 
 @dataclass
@@ -245,6 +246,10 @@ class DecodeState:
     # input [B, n]
     acc_gate_up: torch.Tensor | None = None
     h_mlp: torch.Tensor | None = None
+    # attention thresholds only: the fp32 q/k/v accumulator [B, (H + 2KV) * hd] (kept zeroed between
+    # uses) and q/k/v in the model's dtype
+    acc_qkv: torch.Tensor | None = None
+    qkv: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -256,7 +261,7 @@ class DecodeModel:
                  dense_impl: str = "cublas", overlap_predictors: bool = True, select_impl: str = "fused",
                  predictor_priority: int = -1, mlp_candidate_density: float | None = None,
                  mlp_up_weight: float | None = None, skip_kv: bool = False, join_order: str = "heads-first",
-                 mlp_thresholds: MlpThresholds | None = None):
+                 thresholds: Thresholds | None = None):
         cfg = model.config
         model_type = getattr(cfg, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -305,14 +310,15 @@ class DecodeModel:
             raise ValueError(f"join_order must be one of {', '.join(JOIN_ORDERS)}, not {join_order!r}")
         # the side stream's order within one input's predictors (PredictorGroup.build; attach reads it)
         self.join_order = join_order
-        # TEAL-style MLP sparsity: sparse steps drop each sequence's small MLP inputs and down inputs by
-        # per-layer magnitude thresholds; MLP predictors are then not used (heads' still are)
-        self.mlp_thresholds = mlp_thresholds
-        if mlp_thresholds is not None:
+        # TEAL-style sparsity: sparse steps drop each sequence's small MLP inputs and down inputs by
+        # per-layer magnitude thresholds; MLP predictors are then not used (heads' still are, unless the
+        # thresholds cover attention too: q/k/v's and o's inputs, every head computed)
+        self.thresholds = thresholds
+        if thresholds is not None:
             if mlp_candidate_density is not None or mlp_up_weight is not None:
                 raise DejavuError("choose one MLP rule: thresholds, exact up or two-stage")
-            if len(mlp_thresholds.x) != len(adapter.decoder_layers()):
-                raise DejavuError(f"MLP thresholds cover {len(mlp_thresholds.x)} layers, the model has "
+            if len(thresholds.x) != len(adapter.decoder_layers()):
+                raise DejavuError(f"MLP thresholds cover {len(thresholds.x)} layers, the model has "
                                   f"{len(adapter.decoder_layers())}")
         self.layers = [self._layer(adapter, layer, cast) for layer in adapter.decoder_layers()]
         self.predictors = None
@@ -336,11 +342,13 @@ class DecodeModel:
         if a.q_bias is not None:
             bqkv = torch.cat([a.q_bias, a.k_bias, a.v_bias]).detach().to(**cast)
         gate, up = m.gate.detach().to(**cast), m.up.detach().to(**cast)
-        transposed = self.mlp_thresholds is not None  # one layout only: rows of gate^T/up^T are x's columns
+        transposed = self.thresholds is not None  # one layout only: rows of gate^T/up^T are x's columns
+        wqkv = torch.cat([a.q, a.k, a.v], 0).detach().to(**cast)
         return LayerWeights(
             ln1=layer.input_layernorm.weight.detach().to(**cast),
             ln2=layer.post_attention_layernorm.weight.detach().to(**cast),
-            wqkv=torch.cat([a.q, a.k, a.v], 0).detach().to(**cast).contiguous(),
+            wqkv=wqkv.contiguous(),  # the dense step's layout (both kept with attention thresholds)
+            wqkv_t=wqkv.t().contiguous() if transposed and self.thresholds.attention else None,
             bqkv=bqkv,
             wo_t=a.o.detach().t().to(**cast).contiguous(),
             gate_up=None if transposed else torch.stack([gate, up]).contiguous(),
@@ -384,7 +392,7 @@ class DecodeModel:
         for i, (lw, lp) in enumerate(zip(self.layers, predictors.layers, strict=True)):
             k_mlp = units_for_density(lp.mlp_density, self.n)
             k_heads = units_for_density(lp.head_density, self.H)
-            if lp.mlp is not None and k_mlp < self.n and self.mlp_thresholds is None:
+            if lp.mlp is not None and k_mlp < self.n and self.thresholds is None:
                 k_first = k_mlp
                 if cand is not None:
                     if cand < lp.mlp_density:
@@ -399,7 +407,7 @@ class DecodeModel:
                         lw.mlp_pred.scores_only = True
                         # fp16 keys: two fewer top-k passes between up and gate (the critical path)
                         lw.up_workspace = _topk_workspace(self.n, torch.float16, self.device)
-            if lp.attn is not None and k_heads < self.H:
+            if lp.attn is not None and k_heads < self.H and not (self.thresholds and self.thresholds.attention):
                 src = i if predictors.head_pairing == "current" else max(i - 1, 0)
                 lw.head_pred = FoldedPredictor.fold(lp.attn, k_heads, src, self.device, self.dtype)
         by_source: dict[int, list] = {}
@@ -417,6 +425,8 @@ class DecodeModel:
         dev, dt = self.device, self.dtype
         shape = (batch, self.KV, self.max_len, self.hd)
         lazy = self.skip_kv and not dense_only
+        attn_thresholds = self.thresholds is not None and self.thresholds.attention
+        qkv_width = (self.H + 2 * self.KV) * self.hd
         return DecodeState(
             tokens=torch.zeros(batch, dtype=torch.long, device=dev),
             pos=torch.zeros(1, dtype=torch.long, device=dev),
@@ -430,8 +440,10 @@ class DecodeModel:
             if lazy else None,
             kv_last=torch.full((len(self.layers), 2, self.KV), -1, dtype=torch.int32, device=dev) if lazy else None,
             acc_gate_up=torch.zeros(batch, 2 * self.n, dtype=torch.float32, device=dev)
-            if self.mlp_thresholds is not None else None,
-            h_mlp=torch.zeros(batch, self.n, dtype=dt, device=dev) if self.mlp_thresholds is not None else None,
+            if self.thresholds is not None else None,
+            h_mlp=torch.zeros(batch, self.n, dtype=dt, device=dev) if self.thresholds is not None else None,
+            acc_qkv=torch.zeros(batch, qkv_width, dtype=torch.float32, device=dev) if attn_thresholds else None,
+            qkv=torch.zeros(batch, qkv_width, dtype=dt, device=dev) if attn_thresholds else None,
         )
 
     # --- dense prefill (eager) -----------------------------------------------------------------------
@@ -516,7 +528,10 @@ class DecodeModel:
         for i, lw in enumerate(self.layers):
             if sparse:
                 self.select(hs[i], i, heads_sel, mlp_sel)
-            self._attention(st, i, lw, self._take(heads_sel, i))
+            if sparse and lw.wqkv_t is not None and self.thresholds.attention:
+                self._threshold_attention(st, i, lw)
+            else:
+                self._attention(st, i, lw, self._take(heads_sel, i))
             self._mlp(st, i, lw, mlp_sel, sparse)
         logits = F.linear(xn, self.lm_head)
         st.tokens.copy_(logits.argmax(-1))
@@ -564,14 +579,34 @@ class DecodeModel:
         else:
             ops.residual_rmsnorm(st.hs[i], att @ lw.wo_t, lw.ln2, xn, self.eps, self.norm_offset, False, st.hmid)
 
+    def _threshold_attention(self, st: DecodeState, i: int, lw: LayerWeights) -> None:
+        """Every head, from the q/k/v input entries above the layer's threshold (the kernel reads only
+        their rows of W_qkv^T) and o from its input entries above a second one (rows of W_o^T)."""
+        batch, KV, hd, t = st.batch, self.KV, self.hd, self.thresholds
+        kc, vc = st.cache[i]
+        ops.threshold_vecmat_acc(st.xn, lw.wqkv_t, t.attn_x[i], st.acc_qkv)
+        q3 = st.qkv[:, :self.H * hd].view(batch, self.H, hd)
+        if lw.bqkv is None:  # one launch: q/k/v out of the accumulator, rotated, cached, acc zeroed
+            ops.rope_cache_write_acc(st.acc_qkv, q3, kc, vc, self.cos, self.sin, st.pos)
+        else:
+            ops.drain_acc(st.acc_qkv, st.qkv)
+            qkv = st.qkv + lw.bqkv
+            q3 = qkv[:, :self.H * hd].view(batch, self.H, hd)
+            k = qkv[:, self.H * hd:(self.H + KV) * hd].view(batch, KV, hd)
+            v = qkv[:, (self.H + KV) * hd:].view(batch, KV, hd)
+            ops.rope_cache_write(q3, k, v, kc, vc, self.cos, self.sin, st.pos)
+        att = ops.decode_attention(q3, kc, vc, self.all_heads, self.group, st.pos, self.scale).view(batch, -1)
+        ops.threshold_vecmat_acc(att, lw.wo_t, t.attn_o[i], st.acc)
+        ops.residual_rmsnorm(st.hs[i], st.acc, lw.ln2, st.xn, self.eps, self.norm_offset, True, st.hmid)
+
     def _mlp(self, st: DecodeState, i: int, lw: LayerWeights, mlp_sel: dict, sparse: bool) -> None:
         """The selected neurons' rows of gate, up and down^T only (all rows without a selection)."""
         xn, acc, eps, off = st.xn, st.acc, self.eps, self.norm_offset
         hmid, h_next = st.hmid, st.hs[i + 1]
         next_norm = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.final_norm
-        if sparse and self.mlp_thresholds is not None:
+        if sparse and self.thresholds is not None:
             # no selection: the kernels skip the rows whose input is at or below the layer's threshold
-            t = self.mlp_thresholds
+            t = self.thresholds
             ops.threshold_vecmat_acc(xn, lw.gate_up_t, t.x[i], st.acc_gate_up)
             ops.act_mul_acc(st.acc_gate_up, self.act, st.h_mlp)
             ops.threshold_vecmat_acc(st.h_mlp, lw.down_t, t.h[i], acc)
@@ -630,14 +665,18 @@ class DecodeModel:
             gate_rows = lw.mlp_pred.k if (sparse and lw.mlp_pred is not None) else self.n
             up_rows = self.n if (sparse and lw.up_workspace is not None) else gate_rows
             down_rows = lw.mlp_final.k if (sparse and lw.mlp_final is not None) else gate_rows
-            if sparse and self.mlp_thresholds is not None:  # the shares the thresholds were set to keep
-                gate_rows = up_rows = round(self.mlp_thresholds.keep_x * self.n)
-                down_rows = round(self.mlp_thresholds.keep_h * self.n)
+            if sparse and self.thresholds is not None:  # the shares the thresholds were set to keep
+                gate_rows = up_rows = round(self.thresholds.keep_x * self.n)
+                down_rows = round(self.thresholds.keep_h * self.n)
             heads = lw.head_pred.k if (sparse and lw.head_pred is not None) else self.H
             # KV groups the selected heads read: exact for one head per group, at most this with GQA
             kv_heads = min(self.KV, heads) if heads < self.H else self.KV
             kv_rows = kv_heads if (self.skip_kv and heads < self.H) else self.KV
-            weights += (gate_rows + up_rows + down_rows + 2 * heads * hd + 2 * kv_rows * hd) * d * item
+            attention = (2 * heads * hd + 2 * kv_rows * hd) * d
+            if sparse and lw.wqkv_t is not None and self.thresholds.attention:  # shares of q/k/v's and o's input kept
+                keep = self.thresholds.keep_attn
+                attention = round(keep * d) * (self.H + 2 * self.KV) * hd + round(keep * self.H * hd) * d
+            weights += (gate_rows + up_rows + down_rows) * d * item + attention * item
             cache += 2 * batch * kv_heads * context * hd * item
             if self.skip_kv and heads < self.H:
                 cache += batch * d * item  # the stored attention input (lazy fills are not counted)

@@ -125,7 +125,7 @@ def batch_figures(dm: DecodeModel, batch: int, decode_tokens: int, warmup: int, 
         "dense_floor_ms": dense_bytes / copy_gbps / 1e6,
     }
     row["dense_over_floor"] = dense_ms / row["dense_floor_ms"]
-    if with_sparse and (dm.predictors is not None or dm.mlp_thresholds is not None):
+    if with_sparse and (dm.predictors is not None or dm.thresholds is not None):
         sparse_ms = decode_ms_per_token(dm, batch, True, decode_tokens, warmup)
         sb = dm.step_bytes(batch, context, sparse=True)
         pred = predictor_ms(dm, batch)
@@ -157,7 +157,7 @@ def _mean_density(predictors: PredictorSet | None, attr: str) -> float:
 def speed_report(model, adapter, predictors: PredictorSet | None, *, device: torch.device, dtype: torch.dtype,
                  batch_sizes: list[int], decode_tokens: int, warmup: int, hf_eager_tokens: int | None = None,
                  cpu_threads: int | None = None, mlp_candidate_density: float | None = None,
-                 mlp_up_weight: float | None = None, skip_kv: bool = False, mlp_thresholds=None) -> dict:
+                 mlp_up_weight: float | None = None, skip_kv: bool = False, thresholds=None) -> dict:
     """Dense vs sparse decode speed of `model` in the graph-captured loop (see module docstring).
 
     cpu_threads: torch threads while timing on CPU (restored after). On the shared 2-core VM here one
@@ -165,14 +165,14 @@ def speed_report(model, adapter, predictors: PredictorSet | None, *, device: tor
     mlp_candidate_density: two-stage MLP selection (see runtime.decode); None: one-stage.
     mlp_up_weight: exact-up MLP selection (see runtime.decode); None: the predictor selects.
     skip_kv: the sparse step computes k/v only for the KV groups its heads read (see runtime.decode).
-    mlp_thresholds: the MLP by per-layer magnitude thresholds (runtime.thresholds) instead of predictors."""
+    thresholds: the MLP by per-layer magnitude thresholds (runtime.thresholds) instead of predictors."""
     device = torch.device(device)
     previous_threads = torch.get_num_threads()
     if device.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
     try:
         report = _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode_tokens, warmup,
-                               hf_eager_tokens, mlp_candidate_density, mlp_up_weight, skip_kv, mlp_thresholds)
+                               hf_eager_tokens, mlp_candidate_density, mlp_up_weight, skip_kv, thresholds)
     finally:
         torch.set_num_threads(previous_threads)
     report["cpu_threads"] = torch.get_num_threads() if device.type != "cpu" or not cpu_threads else cpu_threads
@@ -181,12 +181,12 @@ def speed_report(model, adapter, predictors: PredictorSet | None, *, device: tor
 
 def _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode_tokens, warmup,
                   hf_eager_tokens, mlp_candidate_density=None, mlp_up_weight=None, skip_kv=False,
-                  mlp_thresholds=None) -> dict:
+                  thresholds=None) -> dict:
     max_len = PROMPT_LEN + warmup + decode_tokens + 8
     dm = DecodeModel(model, adapter, predictors, device, dtype, max_len,
                      mlp_candidate_density=mlp_candidate_density if predictors is not None else None,
                      mlp_up_weight=mlp_up_weight if predictors is not None else None, skip_kv=skip_kv,
-                     mlp_thresholds=mlp_thresholds)
+                     thresholds=thresholds)
     copy_gbps = copy_bandwidth_gbps(device)
     hf_steps = hf_eager_tokens or min(decode_tokens, 16 if device.type == "cuda" else 4)
     hf_ms = hf_eager_ms_per_token(model, 1, hf_steps, device)
@@ -200,9 +200,8 @@ def _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode
         "speedup_vs_hf_eager_dense": hf_ms / first["dense_ms_per_token"] if batch_sizes[0] == 1 else None,
         "speedup_vs_hf_eager_sparse": (hf_ms / first["sparse_ms_per_token"]
                                        if batch_sizes[0] == 1 and first["sparse_ms_per_token"] else None),
-        "mlp_density": mlp_thresholds.keep_h if mlp_thresholds is not None else _mean_density(predictors, "mlp_density"),
-        "mlp_thresholds": None if mlp_thresholds is None else {"keep_input": mlp_thresholds.keep_x,
-                                                               "keep_down_input": mlp_thresholds.keep_h},
+        "mlp_density": thresholds.keep_h if thresholds is not None else _mean_density(predictors, "mlp_density"),
+        "thresholds": None if thresholds is None else thresholds.describe(),
         "head_density": _mean_density(predictors, "head_density"),
         "mlp_candidate_density": dm.mlp_candidate_density,
         "mlp_up_weight": dm.mlp_up_weight,

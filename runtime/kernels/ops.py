@@ -98,6 +98,47 @@ def _(h, wt, threshold, acc):
     return None
 
 
+@torch.library.custom_op("dejavu::rope_cache_write_acc", mutates_args=("acc", "q_out", "kc", "vc"))
+def rope_cache_write_acc(acc: Tensor, q_out: Tensor, kc: Tensor, vc: Tensor, cos: Tensor, sin: Tensor,
+                         pos: Tensor) -> None:
+    """drain_acc then rope_cache_write, in one launch on CUDA: q/k/v from an fp32 accumulator [B, (NQ +
+    2 NKV) * hd] (left zeroed), rotated q into q_out [B, NQ, hd], k/v into the cache at pos."""
+    batch, nq, hd = q_out.shape
+    nkv = kc.shape[1]
+    qkv = acc.to(q_out.dtype, copy=True)  # a copy even in fp32: acc is zeroed next
+    acc.zero_()
+    q_out.copy_(qkv[:, :nq * hd].view(batch, nq, hd))
+    reference.rope_cache_write(q_out, qkv[:, nq * hd:(nq + nkv) * hd].view(batch, nkv, hd),
+                               qkv[:, (nq + nkv) * hd:].view(batch, nkv, hd), kc, vc, cos, sin, pos)
+
+
+@rope_cache_write_acc.register_kernel("cuda")
+def _(acc, q_out, kc, vc, cos, sin, pos):
+    _triton().rope_cache_write_acc(acc, q_out, kc, vc, cos, sin, pos)
+
+
+@rope_cache_write_acc.register_fake
+def _(acc, q_out, kc, vc, cos, sin, pos):
+    return None
+
+
+@torch.library.custom_op("dejavu::drain_acc", mutates_args=("acc", "out"))
+def drain_acc(acc: Tensor, out: Tensor) -> None:
+    """out = acc in out's dtype, from an fp32 accumulator, which is left zeroed."""
+    out.copy_(acc.to(out.dtype))
+    acc.zero_()
+
+
+@drain_acc.register_kernel("cuda")
+def _(acc, out):
+    _triton().drain_acc(acc, out)
+
+
+@drain_acc.register_fake
+def _(acc, out):
+    return None
+
+
 @torch.library.custom_op("dejavu::act_mul_acc", mutates_args=("acc", "out"))
 def act_mul_acc(acc: Tensor, act: int, out: Tensor) -> None:
     """out = act(acc[:, :n]) * acc[:, n:] from an fp32 [gate | up] accumulator, which is left zeroed."""

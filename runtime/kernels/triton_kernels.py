@@ -487,7 +487,8 @@ def _threshold_vecmat_kernel(h_ptr, wt_ptr, acc_ptr, threshold, B, R, N, ROWS_PE
                   mask=mask_b[:, None] & mask_n[None, :], sem="relaxed")
 
 
-def threshold_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, threshold: float, acc: torch.Tensor) -> None:
+def threshold_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, threshold: float, acc: torch.Tensor,
+                         config: tuple | None = None) -> None:
     """acc [B, N] (fp32) += where(|h| > threshold, h, 0) @ wt; h [B, R], wt [R, N]."""
     batch, rows = h.shape
     n = wt.shape[1]
@@ -495,7 +496,9 @@ def threshold_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, threshold: float, ac
     assert acc.dtype == torch.float32 and acc.shape == (batch, n) and acc.stride(1) == 1 and batch <= DOT_BATCH
     # tl.dot over a 16-row padded h: tensor cores read each weight tile once (an elementwise reduction
     # over rows ran at 0.22-0.38 of copy bandwidth, this at 0.82-0.95; BENCHMARKS.md)
-    block_r, block_n, warps, splits = vecmat_config(batch, rows, n, _sms(h))
+    # vecmat_config's tiles: no single other tile was faster at all four Llama-2-7B shapes by more than
+    # run-to-run noise (bench/threshold_config.py, BENCHMARKS.md)
+    block_r, block_n, warps, splits = config or vecmat_config(batch, rows, n, _sms(h))
     per_split = triton.cdiv(triton.cdiv(rows, splits), block_r) * block_r
     grid = (triton.cdiv(n, block_n), triton.cdiv(rows, per_split))
     _threshold_vecmat_kernel[grid](h, wt, acc, float(threshold), batch, rows, n, per_split, h.stride(0), wt.stride(0),
@@ -601,8 +604,12 @@ def select_topk(scores: torch.Tensor, k: int, out: torch.Tensor | None = None) -
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, NQ, NKV, T,
-                       stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
-                       HD: tl.constexpr, HALF_PAD: tl.constexpr, PDL: tl.constexpr = False):
+                       stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, qout_ptr, stride_ob,
+                       stride_oh, HD: tl.constexpr, HALF_PAD: tl.constexpr, FROM_ACC: tl.constexpr = False,
+                       PDL: tl.constexpr = False):
+    # FROM_ACC: q/k/v are read from an fp32 accumulator (rounded to the model's dtype first, as a separate
+    # drain would store them), rotated q goes to qout, and each program zeroes the entries it read (no
+    # other program reads them), so the accumulator is ready for the next layer without another launch
     _grid_dependency(PDL)
     b = tl.program_id(0)
     j = tl.program_id(1)
@@ -612,23 +619,42 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, po
     mask = offs < half
     c = tl.load(cos_ptr + pos * HD + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(sin_ptr + pos * HD + offs, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.zeros((HALF_PAD,), dtype=tl.float32)
     if j < NQ:
         base = q_ptr + b * stride_qb + j * stride_qh
-        x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(base + half + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(base + offs, (x1 * c - x2 * s).to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(base + half + offs, (x2 * c + x1 * s).to(q_ptr.dtype.element_ty), mask=mask)
+        x1 = tl.load(base + offs, mask=mask, other=0.0)
+        x2 = tl.load(base + half + offs, mask=mask, other=0.0)
+        if FROM_ACC:
+            x1 = x1.to(qout_ptr.dtype.element_ty)
+            x2 = x2.to(qout_ptr.dtype.element_ty)
+            tl.store(base + offs, zero, mask=mask)
+            tl.store(base + half + offs, zero, mask=mask)
+            base = qout_ptr + b * stride_ob + j * stride_oh
+        x1 = x1.to(tl.float32)
+        x2 = x2.to(tl.float32)
+        tl.store(base + offs, (x1 * c - x2 * s).to(qout_ptr.dtype.element_ty), mask=mask)
+        tl.store(base + half + offs, (x2 * c + x1 * s).to(qout_ptr.dtype.element_ty), mask=mask)
     else:
         kvh = j - NQ
         kbase = k_ptr + b * stride_kb + kvh * stride_kh
-        x1 = tl.load(kbase + offs, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(kbase + half + offs, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(kbase + offs, mask=mask, other=0.0)
+        x2 = tl.load(kbase + half + offs, mask=mask, other=0.0)
+        if FROM_ACC:
+            x1 = x1.to(qout_ptr.dtype.element_ty)
+            x2 = x2.to(qout_ptr.dtype.element_ty)
+            tl.store(kbase + offs, zero, mask=mask)
+            tl.store(kbase + half + offs, zero, mask=mask)
+        x1 = x1.to(tl.float32)
+        x2 = x2.to(tl.float32)
         cbase = (b * NKV + kvh).to(tl.int64) * T * HD + pos * HD
         tl.store(kc_ptr + cbase + offs, (x1 * c - x2 * s).to(kc_ptr.dtype.element_ty), mask=mask)
         tl.store(kc_ptr + cbase + half + offs, (x2 * c + x1 * s).to(kc_ptr.dtype.element_ty), mask=mask)
         vbase = v_ptr + b * stride_vb + kvh * stride_vh
         v1 = tl.load(vbase + offs, mask=mask, other=0.0)
         v2 = tl.load(vbase + half + offs, mask=mask, other=0.0)
+        if FROM_ACC:
+            tl.store(vbase + offs, zero, mask=mask)
+            tl.store(vbase + half + offs, zero, mask=mask)
         tl.store(vc_ptr + cbase + offs, v1.to(vc_ptr.dtype.element_ty), mask=mask)
         tl.store(vc_ptr + cbase + half + offs, v2.to(vc_ptr.dtype.element_ty), mask=mask)
 
@@ -639,8 +665,26 @@ def rope_cache_write(q, k, v, kc, vc, cos, sin, pos) -> None:
     assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1 and kc.is_contiguous() and vc.is_contiguous()
     assert cos.is_contiguous() and sin.is_contiguous() and cos.shape[1] == hd
     _rope_cache_kernel[(batch, nq + nkv)](q, k, v, kc, vc, cos, sin, pos, nq, nkv, kc.shape[2], q.stride(0),
-                                          q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), HD=hd,
+                                          q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q,
+                                          q.stride(0), q.stride(1), HD=hd,
                                           HALF_PAD=triton.next_power_of_2(hd // 2), num_warps=1, **_pdl(q))
+
+
+def rope_cache_write_acc(acc: torch.Tensor, q_out: torch.Tensor, kc, vc, cos, sin, pos) -> None:
+    """rope_cache_write from an fp32 [B, (NQ + 2 NKV) * hd] q/k/v accumulator: rotated q into q_out
+    [B, NQ, hd] (model dtype), k/v into the cache; acc is left zeroed. One launch for drain_acc + rope."""
+    batch, nq, hd = q_out.shape
+    nkv = kc.shape[1]
+    assert acc.dtype == torch.float32 and acc.shape == (batch, (nq + 2 * nkv) * hd) and acc.stride(1) == 1
+    assert q_out.stride(2) == 1 and kc.is_contiguous() and vc.is_contiguous() and cos.shape[1] == hd
+    q = acc[:, :nq * hd].view(batch, nq, hd)
+    k = acc[:, nq * hd:(nq + nkv) * hd].view(batch, nkv, hd)
+    v = acc[:, (nq + nkv) * hd:].view(batch, nkv, hd)
+    _rope_cache_kernel[(batch, nq + nkv)](q, k, v, kc, vc, cos, sin, pos, nq, nkv, kc.shape[2], q.stride(0),
+                                          q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q_out,
+                                          q_out.stride(0), q_out.stride(1), HD=hd,
+                                          HALF_PAD=triton.next_power_of_2(hd // 2), FROM_ACC=True, num_warps=1,
+                                          **_pdl(q_out))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -832,6 +876,26 @@ def act_mul_acc(acc: torch.Tensor, act: int, out: torch.Tensor) -> None:
     block = 1024
     _act_mul_kernel[(triton.cdiv(n, block), batch)](acc, out, n, acc.stride(0), out.stride(0), ACT=act, BLOCK=block,
                                                     ZERO_INPUT=True, **_pdl(out))
+
+
+@triton.jit
+def _drain_acc_kernel(acc_ptr, out_ptr, N, stride_ab, stride_ob, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    _grid_dependency(PDL)
+    b = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    a = tl.load(acc_ptr + b * stride_ab + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + b * stride_ob + offs, a.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(acc_ptr + b * stride_ab + offs, tl.zeros((BLOCK,), dtype=tl.float32), mask=mask)
+
+
+def drain_acc(acc: torch.Tensor, out: torch.Tensor) -> None:
+    """out [B, N] = acc (fp32 [B, N]) in out's dtype; acc is left zeroed for its next use."""
+    batch, n = out.shape
+    assert acc.dtype == torch.float32 and acc.shape == (batch, n) and acc.stride(1) == 1 and out.stride(1) == 1
+    block = 1024
+    _drain_acc_kernel[(triton.cdiv(n, block), batch)](acc, out, n, acc.stride(0), out.stride(0), BLOCK=block,
+                                                      **_pdl(out))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -473,20 +473,40 @@ def test_threshold_kernels_match_reference(dtype, batch, rows, n):
     out = torch.empty(batch, n, device=dev, dtype=dtype)
     T.act_mul_acc(acc2, 1, out)
     assert _rel(out, want) < 1e-2 and acc2.abs().max() == 0
+    acc3 = torch.randn(batch, n, device=dev)
+    want3 = acc3.clone()
+    T.drain_acc(acc3, out)
+    assert _rel(out, want3) < 1e-2 and acc3.abs().max() == 0
+    from dejavu.runtime.kernels import ops
+    nq, nkv, hd = 8, 2, 128
+    acc4 = torch.randn(batch, (nq + 2 * nkv) * hd, device=dev)
+    cos, sin = (torch.randn(16, hd // 2, device=dev).repeat(1, 2) for _ in range(2))  # halves repeat, as in HF
+    pos = torch.tensor([5], device=dev)
+    outs = []
+    for fn, where in ((T.rope_cache_write_acc, dev), (ops.rope_cache_write_acc, "cpu")):
+        a = acc4.clone().to(where)
+        q = torch.empty(batch, nq, hd, dtype=dtype, device=where)
+        kc, vc = (torch.zeros(batch, nkv, 16, hd, dtype=dtype, device=where) for _ in range(2))
+        fn(a, q, kc, vc, cos.to(where), sin.to(where), pos.to(where))
+        assert a.abs().max() == 0
+        outs.append([t.cpu() for t in (q, kc, vc)])
+    for got, want in zip(*outs):
+        assert _rel(got, want) < 1e-2
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_graphed_threshold_decode_matches_cpu_reference(batch):
+@pytest.mark.parametrize("batch,keep_attn", [(1, None), (3, None), (1, 0.6), (3, 0.5)])
+def test_graphed_threshold_decode_matches_cpu_reference(batch, keep_attn):
     from dejavu.runtime.decode import DecodeModel
-    from dejavu.runtime.thresholds import calibrate_mlp_thresholds
+    from dejavu.runtime.thresholds import calibrate_thresholds
 
     model, adapter, preds = _tiny_with_predictors("llama", intermediate_size=1200)
-    thresholds = calibrate_mlp_thresholds(model, adapter, torch.randint(1, 500, (128,)), 0.7, 0.5, window=64)
+    thresholds = calibrate_thresholds(model, adapter, torch.randint(1, 500, (128,)), 0.7, 0.5, window=64,
+                                      keep_attn=keep_attn)
     prompt = torch.randint(1, 500, (batch, 5))
     results = {}
     for dev in ("cpu", "cuda"):
         model.to(dev)
-        dm = DecodeModel(model, adapter, preds, dev, torch.float32, max_len=16, mlp_thresholds=thresholds)
+        dm = DecodeModel(model, adapter, preds, dev, torch.float32, max_len=16, thresholds=thresholds)
         for sparse in (False, True):
             results[dev, sparse] = _three_steps(dm, prompt, sparse)
     for sparse in (False, True):

@@ -130,3 +130,79 @@ def test_export_cli(tmp_path, tiny_llama):
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["mlp_density"] == 0.25
     result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "c")])
     assert result.exit_code == 1 and "error:" in result.output
+
+
+def _threshold_overrides(**extra):
+    from helpers import CALIB_TXT
+
+    return {"export.mlp_keep_input": 0.7, "data.dataset": str(CALIB_TXT), "export.calibration_tokens": 512, **extra}
+
+
+def test_bundle_carries_thresholds_and_bench_applies_them(tmp_path, tiny_llama):
+    from dejavu.runtime.bench import run_bench
+
+    from helpers import EVAL_RAW
+
+    run = tmp_path / "run"
+    make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=0.75)
+    manifest = run_export(run, tmp_path / "bundle", config_file="tiny", overrides=_threshold_overrides())
+    described = manifest["thresholds"]
+    assert (described["keep_input"], described["keep_down_input"], described["keep_attn_input"]) == (0.7, 0.5, None)
+    _, pset = load_bundle(tmp_path / "bundle")
+    t = pset.thresholds
+    assert len(t.x) == len(t.h) == pset.layers.__len__() and not t.attention and pset.has_predictors
+    # the bundle's thresholds give what calibrating at bench time on the same tokens gives
+    common = dict(model=str(tiny_llama), dataset=str(EVAL_RAW), config_file="tiny", speed=False)
+    settings = {"runtime.max_eval_tokens": 300, "runtime.device": "cpu"}
+    from_bundle = run_bench(bundle=tmp_path / "bundle", json_out=tmp_path / "a.json", overrides=settings, **common)
+    flagged = run_bench(bundle=tmp_path / "bundle", json_out=tmp_path / "b.json", **common, overrides={
+        **settings, "runtime.mlp_keep_input": 0.7, "runtime.mlp_density": 0.5, "runtime.calibration_tokens": 512,
+        "data.dataset": described["calibration"]})
+    assert from_bundle["thresholds"]["from_bundle"] and from_bundle["head_density"] == 0.75
+    assert from_bundle["sparse"]["ppl"] == pytest.approx(flagged["sparse"]["ppl"], rel=1e-6)
+    # another selection asked for explicitly: the thresholds step aside
+    oracle = run_bench(bundle=tmp_path / "bundle", json_out=tmp_path / "c.json", **common,
+                       overrides={**settings, "runtime.selection": "oracle"})
+    assert oracle["thresholds"] is None
+
+
+def test_thresholds_only_bundle(tmp_path, tiny_llama):
+    from dejavu.runtime.bench import run_bench
+
+    from helpers import EVAL_RAW
+
+    with pytest.raises(DejavuError, match="needs --run"):
+        run_export(None, tmp_path / "none", config_file="tiny", model_name=str(tiny_llama))
+    manifest = run_export(None, tmp_path / "bundle", config_file="tiny", model_name=str(tiny_llama),
+                          overrides=_threshold_overrides(**{"export.attn_keep_input": 0.6}))
+    assert manifest["predictor_bytes"] == 0 and manifest["thresholds"]["keep_attn_input"] == 0.6
+    _, pset = load_bundle(tmp_path / "bundle")
+    assert not pset.has_predictors and pset.thresholds.attention
+    report = run_bench(model=str(tiny_llama), bundle=tmp_path / "bundle", dataset=str(EVAL_RAW), config_file="tiny",
+                       json_out=tmp_path / "r.json", speed=False,
+                       overrides={"runtime.max_eval_tokens": 300, "runtime.device": "cpu"})
+    computed = report["quality"]["computed"]
+    assert computed["attn_input_kept"] == pytest.approx(0.6, abs=0.1) and report["head_density"] == 1.0
+    assert report["sparse"]["ppl"] != report["dense"]["ppl"]
+
+
+def test_thresholds_refuse_another_model_or_a_bad_file(tmp_path, tiny_llama, tiny_model_factory):
+    from dejavu.runtime.thresholds import thresholds_from_tensors
+
+    run = tmp_path / "run"
+    make_predictors_dir(run, tiny_llama)
+    with pytest.raises(DejavuError, match="made for a model with"):
+        run_export(run, tmp_path / "bundle", config_file="tiny", model_name=str(tiny_model_factory("mistral")),
+                   overrides=_threshold_overrides())
+    assert not (tmp_path / "bundle" / "manifest.json").exists()  # refused before anything was written
+    with pytest.raises(DejavuError, match="comes with --mlp-keep-input"):
+        run_export(run, tmp_path / "bundle", config_file="tiny", overrides={"export.attn_keep_input": 0.5})
+    described = {"keep_input": 0.7, "keep_down_input": 0.5, "keep_attn_input": None}
+    good = {"thresholds.mlp_input": torch.ones(2), "thresholds.down_input": torch.ones(2)}
+    assert thresholds_from_tensors(good, described, 2, "b").x == [1.0, 1.0]
+    with pytest.raises(DejavuError, match="lacks thresholds.down_input"):
+        thresholds_from_tensors({"thresholds.mlp_input": torch.ones(2)}, described, 2, "b")
+    with pytest.raises(DejavuError, match="one finite value per layer"):
+        thresholds_from_tensors({**good, "thresholds.mlp_input": torch.tensor([1.0, float("nan")])}, described, 2, "b")
+    with pytest.raises(DejavuError, match="one finite value per layer"):
+        thresholds_from_tensors(good, described, 3, "b")

@@ -131,7 +131,7 @@ def test_synthetic_bench_is_speed_only(tmp_path, tiny_llama, monkeypatch, capsys
     run_bench(synthetic="tiny-shapes", json_out=out, config_file="tiny",
               overrides={"runtime.device": "cpu", "runtime.mlp_keep_input": 0.7, "runtime.mlp_density": 0.5})
     thr = json.loads(out.read_text())
-    assert thr["mlp_thresholds"]["keep_input"] == 0.7 and thr["speed"]["mlp_thresholds"]["keep_down_input"] == 0.5
+    assert thr["thresholds"]["keep_input"] == 0.7 and thr["speed"]["thresholds"]["keep_down_input"] == 0.5
     row = thr["speed"]["batches"]["1"]
     assert thr["speedup"] > 0 and row["sparse_bytes_per_step"] < row["dense_bytes_per_step"]
     assert (up["speed"]["batches"]["1"]["sparse_bytes_per_step"]
@@ -214,10 +214,10 @@ def test_two_stage_bundle_is_timed_two_stage(tmp_path, tiny_llama):
     assert data["speed"]["mlp_candidate_density"] == 0.8 and data["sparse.ms_per_token"] > 0
 
 
-def test_bench_mlp_thresholds_without_a_bundle(tmp_path, tiny_llama, capsys):
+def test_bench_thresholds_without_a_bundle(tmp_path, tiny_llama, capsys):
     settings = {"runtime.mlp_keep_input": 0.7, "runtime.mlp_density": 0.5, "runtime.calibration_tokens": 512}
     _, data = _bench(tmp_path, tiny_llama, None, **settings)
-    assert data["mlp_thresholds"]["keep_input"] == 0.7 and data["mlp_thresholds"]["keep_down_input"] == 0.5
+    assert data["thresholds"]["keep_input"] == 0.7 and data["thresholds"]["keep_down_input"] == 0.5
     computed = data["quality"]["computed"]
     # calibrated on the calibration corpus, measured on the evaluation text: close, not equal
     assert computed["mlp_candidates_kept"] == pytest.approx(0.7, abs=0.1)
@@ -235,3 +235,25 @@ def test_bench_mlp_thresholds_without_a_bundle(tmp_path, tiny_llama, capsys):
     assert json.loads(out.read_text())["speed"]["batches"]["1"]["sparse_ms_per_token"] > 0
     with pytest.raises(DejavuError, match="own MLP rule"):
         _bench(tmp_path, tiny_llama, None, **settings, **{"runtime.mlp_up_weight": 0.4})
+
+
+def test_bench_attention_thresholds(tmp_path, tiny_llama, tiny_bundle, capsys):
+    settings = {"runtime.mlp_keep_input": 0.7, "runtime.mlp_density": 0.5, "runtime.attn_keep_input": 0.6,
+                "runtime.calibration_tokens": 512}
+    # the bundle's head predictors give way to the attention thresholds
+    _, data = _bench(tmp_path, tiny_llama, tiny_bundle, **settings)
+    assert data["thresholds"]["keep_attn_input"] == 0.6 and data["head_density"] == 1.0
+    computed = data["quality"]["computed"]
+    assert computed["attn_input_kept"] == pytest.approx(0.6, abs=0.1)
+    assert computed["attn_o_kept"] == pytest.approx(0.6, abs=0.1) and computed["head_kept"] == 1.0
+    assert "q/k/v's input kept" in capsys.readouterr().out
+    _, mlp_only = _bench(tmp_path, tiny_llama, None, **{**settings, "runtime.attn_keep_input": None})
+    assert data["sparse.ppl"] != mlp_only["sparse.ppl"]
+    out = tmp_path / "speed.json"
+    run_bench(model=str(tiny_llama), json_out=out, config_file="tiny", quality=False,
+              overrides={"runtime.device": "cpu", **settings})
+    assert json.loads(out.read_text())["speed"]["thresholds"]["keep_attn_input"] == 0.6
+    with pytest.raises(DejavuError, match="comes with --mlp-keep-input"):
+        _bench(tmp_path, tiny_llama, None, **{**settings, "runtime.mlp_keep_input": None})
+    with pytest.raises(DejavuError, match="replaces head selection"):
+        _bench(tmp_path, tiny_llama, None, **settings, **{"runtime.head_density": 0.5})

@@ -1,4 +1,4 @@
-"""TEAL-style MLP thresholds: calibration, the decode loop against hand-masked Hugging Face, and the
+"""TEAL-style thresholds (MLP, and attention's inputs): calibration, the decode loop against hand-masked Hugging Face, and the
 Triton kernels in the interpreter."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from dejavu.errors import DejavuError
 from dejavu.models.adapters import adapter_for
 from dejavu.runtime.decode import DecodeModel
-from dejavu.runtime.thresholds import calibrate_mlp_thresholds
+from dejavu.runtime.thresholds import calibrate_thresholds
 
 from helpers import run_interpreted
 
@@ -23,14 +23,23 @@ def _load(path):
 
 
 def _masked_last_position(model, adapter, ids, thresholds):
-    """HF logits of the last position with that position's MLP inputs and down inputs thresholded
-    (earlier positions dense, as the decode loop's dense prefill leaves them)."""
+    """HF logits of the last position with that position's MLP inputs and down inputs thresholded, and
+    with attention thresholds its attention input and o input (earlier positions dense, as the decode
+    loop's dense prefill leaves them)."""
+    def last_above(x, threshold):
+        x = x.clone()
+        last = x[:, -1]
+        x[:, -1] = torch.where(last.abs() > threshold, last, torch.zeros_like(last))
+        return x
+
     def keep_above(threshold):
         def hook(module, args):
-            x = args[0].clone()
-            last = x[:, -1]
-            x[:, -1] = torch.where(last.abs() > threshold, last, torch.zeros_like(last))
-            return (x,) + tuple(args[1:])
+            return (last_above(args[0], threshold),) + tuple(args[1:])
+        return hook
+
+    def attention_input_above(threshold):
+        def hook(module, args, kwargs):
+            return args, {**kwargs, "hidden_states": last_above(kwargs["hidden_states"], threshold)}
         return hook
 
     handles = []
@@ -38,6 +47,10 @@ def _masked_last_position(model, adapter, ids, thresholds):
         for proj in (adapter.gate_proj(layer), adapter.up_proj(layer)):
             handles.append(proj.register_forward_pre_hook(keep_above(thresholds.x[i])))
         handles.append(adapter.down_proj(layer).register_forward_pre_hook(keep_above(thresholds.h[i])))
+        if thresholds.attention:
+            handles.append(adapter.attention_module(layer).register_forward_pre_hook(
+                attention_input_above(thresholds.attn_x[i]), with_kwargs=True))
+            handles.append(adapter.o_proj(layer).register_forward_pre_hook(keep_above(thresholds.attn_o[i])))
     try:
         with torch.no_grad():
             return model(ids).logits[:, -1]
@@ -49,7 +62,7 @@ def _masked_last_position(model, adapter, ids, thresholds):
 def test_calibrated_thresholds_keep_the_asked_shares(tiny_model_factory):
     model, adapter = _load(tiny_model_factory("llama"))
     tokens = torch.randint(1, 500, (256,), generator=torch.Generator().manual_seed(0))
-    t = calibrate_mlp_thresholds(model, adapter, tokens, 0.7, 0.4, window=64)
+    t = calibrate_thresholds(model, adapter, tokens, 0.7, 0.4, window=64)
     assert len(t.x) == len(t.h) == adapter.num_layers and (t.keep_x, t.keep_h) == (0.7, 0.4)
     seen = {"x": [], "h": []}
     handles = []
@@ -65,17 +78,39 @@ def test_calibrated_thresholds_keep_the_asked_shares(tiny_model_factory):
         h.remove()
     assert abs(sum(seen["x"]) / len(seen["x"]) - 0.7) < 0.01
     assert abs(sum(seen["h"]) / len(seen["h"]) - 0.4) < 0.01
-    everything = calibrate_mlp_thresholds(model, adapter, tokens, 1.0, 1.0, window=64)
-    assert set(everything.x) == set(everything.h) == {-1.0}
+    everything = calibrate_thresholds(model, adapter, tokens, 1.0, 1.0, window=64)
+    assert set(everything.x) == set(everything.h) == {-1.0} and not everything.attention
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_threshold_decode_step_matches_masked_hf(tiny_model_factory, batch):
+def test_calibrated_attention_thresholds_keep_the_asked_share(tiny_model_factory):
+    model, adapter = _load(tiny_model_factory("llama"))
+    tokens = torch.randint(1, 500, (256,), generator=torch.Generator().manual_seed(0))
+    t = calibrate_thresholds(model, adapter, tokens, 1.0, 1.0, window=64, keep_attn=0.6)
+    assert t.attention and len(t.attn_x) == len(t.attn_o) == adapter.num_layers and t.keep_attn == 0.6
+    seen = {"attn_x": [], "attn_o": []}
+    handles = []
+    for i, layer in enumerate(adapter.decoder_layers()):
+        handles.append(adapter.attention_module(layer).register_forward_pre_hook(
+            lambda m, a, kw, i=i: seen["attn_x"].append((kw["hidden_states"].abs() > t.attn_x[i]).float().mean().item()),
+            with_kwargs=True))
+        handles.append(adapter.o_proj(layer).register_forward_pre_hook(
+            lambda m, a, i=i: seen["attn_o"].append((a[0].abs() > t.attn_o[i]).float().mean().item())))
+    with torch.no_grad():
+        for start in range(0, 256, 64):
+            model(tokens[start:start + 64][None])
+    for h in handles:
+        h.remove()
+    for key in seen:
+        assert abs(sum(seen[key]) / len(seen[key]) - 0.6) < 0.01, key
+
+
+@pytest.mark.parametrize("batch,keep_attn", [(1, None), (2, None), (1, 0.6), (2, 0.5)])
+def test_threshold_decode_step_matches_masked_hf(tiny_model_factory, batch, keep_attn):
     model, adapter = _load(tiny_model_factory("llama"))
     calib = torch.randint(1, 500, (256,), generator=torch.Generator().manual_seed(1))
-    t = calibrate_mlp_thresholds(model, adapter, calib, 0.6, 0.5, window=64)
+    t = calibrate_thresholds(model, adapter, calib, 0.6, 0.5, window=64, keep_attn=keep_attn)
     prompt = torch.randint(1, 500, (batch, 6), generator=torch.Generator().manual_seed(2))
-    dm = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=12, mlp_thresholds=t)
+    dm = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=12, thresholds=t)
     st = dm.new_state(batch)
     dm.prefill(st, prompt)
     ids = torch.cat([prompt, st.tokens[:, None]], 1)
@@ -91,15 +126,22 @@ def test_threshold_decode_step_matches_masked_hf(tiny_model_factory, batch):
     st2 = dm.new_state(batch)
     dm.prefill(st2, prompt)
     torch.testing.assert_close(dm.step(st2, sparse=False), dense, atol=1e-4, rtol=1e-4)
-    by = dm.step_bytes(batch, 8, True)["weights"] / dm.step_bytes(batch, 8, False)["weights"]
-    assert by < 1
+    sparse_bytes, dense_bytes = dm.step_bytes(batch, 8, True)["weights"], dm.step_bytes(batch, 8, False)["weights"]
+    assert sparse_bytes < dense_bytes
+    if keep_attn is not None:  # attention's share of the bytes is counted at its keep share too
+        s = adapter.shape()
+        qkv_o = ((s.num_heads + 2 * s.num_kv_heads) * s.head_dim * s.hidden_size + s.num_heads * s.head_dim * s.hidden_size)
+        mlp_only = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=12,
+                               thresholds=calibrate_thresholds(model, adapter, calib, 0.6, 0.5, window=64))
+        saved = (mlp_only.step_bytes(batch, 8, True)["weights"] - sparse_bytes) / 4  # fp32
+        assert abs(saved - (1 - keep_attn) * qkv_o * adapter.num_layers) < 0.02 * qkv_o * adapter.num_layers
 
 
 def test_thresholds_that_keep_everything_equal_dense(tiny_model_factory):
     model, adapter = _load(tiny_model_factory("llama"))
-    t = calibrate_mlp_thresholds(model, adapter, torch.arange(1, 65), 1.0, 1.0, window=64)
+    t = calibrate_thresholds(model, adapter, torch.arange(1, 65), 1.0, 1.0, window=64)
     prompt = torch.randint(1, 500, (1, 5), generator=torch.Generator().manual_seed(3))
-    dm = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=10, mlp_thresholds=t)
+    dm = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=10, thresholds=t)
     st = dm.new_state(1)
     dm.prefill(st, prompt)
     ids = torch.cat([prompt, st.tokens[:, None]], 1)
@@ -110,12 +152,12 @@ def test_thresholds_that_keep_everything_equal_dense(tiny_model_factory):
 
 def test_thresholds_refuse_a_second_mlp_rule_or_other_layer_count(tiny_model_factory):
     model, adapter = _load(tiny_model_factory("llama"))
-    t = calibrate_mlp_thresholds(model, adapter, torch.arange(1, 65), 0.5, 0.5, window=64)
+    t = calibrate_thresholds(model, adapter, torch.arange(1, 65), 0.5, 0.5, window=64)
     with pytest.raises(DejavuError, match="one MLP rule"):
-        DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=8, mlp_thresholds=t, mlp_up_weight=0.4)
+        DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=8, thresholds=t, mlp_up_weight=0.4)
     t.x, t.h = t.x[:1], t.h[:1]
     with pytest.raises(DejavuError, match="cover 1 layers"):
-        DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=8, mlp_thresholds=t)
+        DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=8, thresholds=t)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (interpreter mode)")
@@ -135,5 +177,25 @@ def test_threshold_kernels_in_interpreter_match_reference():
             out, want = torch.empty(B, n), (torch.nn.functional.silu(acc[:, :n]) * acc[:, n:])
             T.act_mul_acc(acc, 1, out)
             assert torch.allclose(out, want, atol=1e-6) and acc.abs().max() == 0
+            acc, out = torch.randn(B, n), torch.empty(B, n)
+            want = acc.clone()
+            T.drain_acc(acc, out)
+            assert torch.equal(out, want) and acc.abs().max() == 0
+        # drain + rope + cache write in one launch, against the CPU op (drain, then rope_cache_write)
+        from dejavu.runtime.kernels import ops
+        for B, nq, nkv, hd, dt in ((1, 4, 2, 16, torch.float32), (2, 4, 4, 8, torch.bfloat16)):
+            acc = torch.randn(B, (nq + 2 * nkv) * hd)
+            # rope tables repeat their first half, as Hugging Face builds them (the kernel reads one half)
+            cos, sin = torch.randn(10, hd // 2).repeat(1, 2), torch.randn(10, hd // 2).repeat(1, 2)
+            pos = torch.tensor([3])
+            outs = []
+            for fn in (T.rope_cache_write_acc, ops.rope_cache_write_acc):
+                a, q = acc.clone(), torch.empty(B, nq, hd, dtype=dt)
+                kc, vc = torch.zeros(B, nkv, 10, hd, dtype=dt), torch.zeros(B, nkv, 10, hd, dtype=dt)
+                fn(a, q, kc, vc, cos, sin, pos)
+                assert a.abs().max() == 0
+                outs.append((q, kc, vc))
+            for got, want in zip(*outs):
+                assert torch.allclose(got.float(), want.float(), atol=1e-2, rtol=1e-2), (B, dt)  # bf16: 1 ulp
         print("ok")
     ''')

@@ -144,7 +144,7 @@ def export(
     mlp_keep_input: float | None = typer.Option(
         None, "--mlp-keep-input",
         help="Also store TEAL-style MLP thresholds, calibrated now on the config's data.dataset: keep this share "
-             "of each token's MLP input and --mlp-density (default: the bundle's) of down's input. `bench` "
+             "of each token's MLP input and --mlp-density (default: the bundle's; 0.5 without --run) of down's input. `bench` "
              "then runs the MLP by them instead of predictors."),
     attn_keep_input: float | None = typer.Option(
         None, "--attn-keep-input",

@@ -281,10 +281,7 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
     bundled = (predictors.thresholds if predictors is not None and rt.selection == "predictor"
                and not thresholds_on else None)
     if predictors is not None and not predictors.has_predictors:
-        if bundled is None:
-            raise DejavuError(f"{bundle} holds thresholds only: bench it without --selection/--mlp-keep-input, "
-                              "or with a bundle that has predictors")
-        predictors = None
+        predictors = None  # a bundle of thresholds alone: nothing else to select with
     if predictors is None and rt.selection == "predictor" and not thresholds_on and bundled is None:
         raise DejavuError("bench needs --bundle (or --selection oracle|dense, --mlp-keep-input, or --synthetic NAME)")
     name = model_name or (manifest["model"].get("name") if manifest else None) or cfg.model.name

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 
 @dataclass
@@ -61,7 +62,8 @@ def calibrate_thresholds(model, adapter, tokens: torch.Tensor, keep_x: float, ke
             handles.append(module.register_forward_pre_hook(record((name, i)), with_kwargs=True))
     device = next(model.parameters()).device
     try:
-        for start in range(0, tokens.numel(), window):
+        for start in tqdm(range(0, tokens.numel(), window), desc="calibrating thresholds", unit="window",
+                          leave=False):
             model(tokens[start:start + window][None].to(device))
     finally:
         for h in handles:

@@ -57,7 +57,7 @@ from dejavu.runtime.quality import (
 )
 from dejavu.runtime.thresholds import calibrate_thresholds
 
-KINDS = {"oracle": 1, "predictor": 1, "gate": 1, "up": 1, "two-stage": 2, "up-pred": 2, "input": 2, "threshold": (2, 3), "greedy": (2, 3),
+KINDS = {"oracle": 1, "predictor": 1, "gate": 1, "up": 1, "two-stage": 2, "up-pred": 2, "input": 2, "threshold": (2, 3),
          "quant": 2}
 
 
@@ -203,89 +203,12 @@ def weight_share(kind: str, numbers: tuple[float, ...], gated: bool, stats: dict
     return numbers[-1]
 
 
-@torch.no_grad()
-def greedy_thresholds(model, adapter, tokens: torch.Tensor, window: int, keep_x: float, keep_h: float,
-                      keep_attn: float | None, error_tokens: int = 1024, step: float = 0.05):
-    """Per-layer keep shares by a greedy on local output errors (TEAL's allocation, simplified): per
-    group (MLP input, down input, attention inputs) start every layer at keep 1 and lower, by `step`, the
-    layer whose relative output error ||(x masked - x) W^T||^2 / ||x W^T||^2 (measured on the first
-    `error_tokens` tokens) grows least, until the group's mean keep share reaches its target. Then
-    thresholds are each layer's quantile at its own share."""
-    from dejavu.runtime.thresholds import Thresholds
-
-    layers = adapter.decoder_layers()
-    groups = {"x": keep_x, "h": keep_h}
-    if keep_attn is not None:
-        groups.update(attn_x=keep_attn, attn_o=keep_attn)
-    seen: dict[tuple[str, int], list[torch.Tensor]] = {}
-
-    def record(key):
-        def hook(module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            seen.setdefault(key, []).append(x.detach().float().reshape(-1, x.shape[-1]).cpu())
-        return hook
-
-    def weights(name, layer):
-        a, m = adapter.attention_weights(layer), adapter.mlp_weights(layer)
-        if name == "x":
-            return torch.cat([w for w in (m.gate, m.up) if w is not None]).float()
-        if name == "h":
-            return m.down.float()
-        if name == "attn_x":
-            return torch.cat([a.q, a.k, a.v]).float()
-        return a.o.float()
-
-    modules = {"x": lambda ly: adapter.gate_proj(ly) or adapter.up_proj(ly), "h": adapter.down_proj,
-               "attn_x": adapter.attention_module, "attn_o": adapter.o_proj}
-    handles = [modules[name](layer).register_forward_pre_hook(record((name, i)), with_kwargs=True)
-               for i, layer in enumerate(layers) for name in groups]
-    try:
-        for start in range(0, tokens.numel(), window):
-            model(tokens[start:start + window][None])
-    finally:
-        for h in handles:
-            h.remove()
-    levels = [round(1.0 - step * j, 4) for j in range(int(round(1 / step)))]  # 1.0 ... step
-    result = {}
-    for name, target in groups.items():
-        curves, quantiles = [], []
-        for i, layer in enumerate(layers):
-            values = torch.cat(seen[(name, i)])
-            mags = values.abs().flatten()
-            qs = [-1.0 if k >= 1 else float(mags.kthvalue(max(1, round((1 - k) * mags.numel()))).values)
-                  for k in levels]
-            x = values[:error_tokens]
-            w = weights(name, layer)
-            y = x @ w.T
-            norm = float((y * y).sum())
-            curves.append([float(((torch.where(x.abs() > q, x, 0.0) @ w.T - y) ** 2).sum()) / norm for q in qs])
-            quantiles.append(qs)
-        at = [0] * len(layers)  # level index per layer
-        while sum(levels[j] for j in at) / len(at) > target + 1e-9:
-            options = [(curves[i][at[i] + 1] - curves[i][at[i]], i) for i in range(len(at)) if at[i] + 1 < len(levels)]
-            if not options:
-                break
-            _, best = min(options)
-            at[best] += 1
-        result[name] = ([quantiles[i][at[i]] for i in range(len(at))], [levels[j] for j in at])
-    print("  greedy keep shares: " + "; ".join(f"{n}: " + " ".join(f"{k:.2f}" for k in ks)
-                                               for n, (_, ks) in result.items()), flush=True)
-    attn = keep_attn is not None
-    return Thresholds(x=result["x"][0], h=result["h"][0], keep_x=keep_x, keep_h=keep_h,
-                      attn_x=result["attn_x"][0] if attn else None, attn_o=result["attn_o"][0] if attn else None,
-                      keep_attn=keep_attn if attn else 1.0)
-
-
 def run_rule(model, adapter, predictors, ref, kind, numbers, head_density,
              calibration=None) -> tuple[dict, dict | None]:
-    if kind in ("threshold", "greedy"):  # the runtime's own rule: shares kept on the evaluation text in its stats
+    if kind == "threshold":  # the runtime's own rule: shares kept on the evaluation text in its stats
         tokens, window = calibration
-        keep_attn = numbers[2] if len(numbers) > 2 else None
-        if kind == "greedy":
-            thresholds = greedy_thresholds(model, adapter, tokens, window, numbers[0], numbers[1], keep_attn)
-        else:
-            thresholds = calibrate_thresholds(model, adapter, tokens, numbers[0], numbers[1], window=window,
-                                              keep_attn=keep_attn)
+        thresholds = calibrate_thresholds(model, adapter, tokens, numbers[0], numbers[1], window=window,
+                                          keep_attn=numbers[2] if len(numbers) > 2 else None)
         with SparseRuntime(model, adapter, None, selection="dense", thresholds=thresholds) as runtime:
             return score_against(model, runtime, ref, desc=kind), runtime.stats.summary()
     if kind in ("gate", "up", "input", "quant"):
@@ -385,7 +308,7 @@ def main() -> None:
               "stride": stride, "head_density": args.head_density, "dtype": args.dtype, "device": args.device,
               "dense_ppl": dense["dense_ppl"], "rules": []}
     calibration = None
-    if any(kind in ("threshold", "greedy") for kind, _ in rules):
+    if any(kind == "threshold" for kind, _ in rules):
         corpus = args.calibration or str(Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt")
         from dejavu.corpus import load_texts, tokenize_stream
 
@@ -397,7 +320,7 @@ def main() -> None:
         t0 = time.perf_counter()
         metrics, stats = run_rule(model, adapter, predictors, ref, kind, numbers, args.head_density, calibration)
         row = {"rule": text, "kind": kind, "candidates": numbers[0] if kind == "two-stage" else None,
-               "density": numbers[0] if kind == "up-pred" else numbers[1] if kind in ("threshold", "greedy", "quant")
+               "density": numbers[0] if kind == "up-pred" else numbers[1] if kind in ("threshold", "quant")
                else numbers[-1], **metrics, "computed": stats,
                "mlp_bytes": weight_share(kind, numbers, gated, stats), "seconds": time.perf_counter() - t0}
         row["layer_bytes"] = layer_share(adapter.shape(), row["mlp_bytes"], stats, args.head_density)

@@ -490,16 +490,18 @@ def test_threshold_kernels_match_reference(dtype, batch, rows, n):
         fn(a, q, kc, vc, cos.to(where), sin.to(where), pos.to(where))
         assert a.abs().max() == 0
         outs.append([t.cpu() for t in (q, kc, vc)])
-    for got, want in zip(*outs):
+    for got, want in zip(*outs, strict=True):
         assert _rel(got, want) < 1e-2
 
 
-@pytest.mark.parametrize("batch,keep_attn", [(1, None), (3, None), (1, 0.6), (3, 0.5)])
-def test_graphed_threshold_decode_matches_cpu_reference(batch, keep_attn):
+@pytest.mark.parametrize("model_type,batch,keep_attn", [("llama", 1, None), ("llama", 3, None), ("llama", 1, 0.6),
+                                                      ("llama", 3, 0.5), ("qwen2", 1, 0.6)])
+def test_graphed_threshold_decode_matches_cpu_reference(model_type, batch, keep_attn):
     from dejavu.runtime.decode import DecodeModel
     from dejavu.runtime.thresholds import calibrate_thresholds
 
-    model, adapter, preds = _tiny_with_predictors("llama", intermediate_size=1200)
+    # qwen2: q/k/v biases take the drain + bias + rope path instead of the one-launch one
+    model, adapter, preds = _tiny_with_predictors(model_type, intermediate_size=1200)
     thresholds = calibrate_thresholds(model, adapter, torch.randint(1, 500, (128,)), 0.7, 0.5, window=64,
                                       keep_attn=keep_attn)
     prompt = torch.randint(1, 500, (batch, 5))

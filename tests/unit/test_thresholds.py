@@ -104,9 +104,11 @@ def test_calibrated_attention_thresholds_keep_the_asked_share(tiny_model_factory
         assert abs(sum(seen[key]) / len(seen[key]) - 0.6) < 0.01, key
 
 
-@pytest.mark.parametrize("batch,keep_attn", [(1, None), (2, None), (1, 0.6), (2, 0.5)])
-def test_threshold_decode_step_matches_masked_hf(tiny_model_factory, batch, keep_attn):
-    model, adapter = _load(tiny_model_factory("llama"))
+@pytest.mark.parametrize("model_type,batch,keep_attn", [("llama", 1, None), ("llama", 2, None), ("llama", 1, 0.6),
+                                                      ("llama", 2, 0.5), ("qwen2", 2, 0.6)])
+def test_threshold_decode_step_matches_masked_hf(tiny_model_factory, model_type, batch, keep_attn):
+    # qwen2: q/k/v biases, added after the thresholded projection (its own path in the decode loop)
+    model, adapter = _load(tiny_model_factory(model_type))
     calib = torch.randint(1, 500, (256,), generator=torch.Generator().manual_seed(1))
     t = calibrate_thresholds(model, adapter, calib, 0.6, 0.5, window=64, keep_attn=keep_attn)
     prompt = torch.randint(1, 500, (batch, 6), generator=torch.Generator().manual_seed(2))

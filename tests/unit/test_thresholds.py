@@ -198,6 +198,7 @@ def test_threshold_kernels_in_interpreter_match_reference():
                 assert a.abs().max() == 0
                 outs.append((q, kc, vc))
             for got, want in zip(*outs):
-                assert torch.allclose(got.float(), want.float(), atol=1e-2, rtol=1e-2), (B, dt)  # bf16: 1 ulp
+                # bf16: the interpreter truncates where the GPU rounds to nearest, so up to 2 ulp apart
+                assert torch.allclose(got.float(), want.float(), atol=1e-2, rtol=3e-2), (B, dt)
         print("ok")
     ''')

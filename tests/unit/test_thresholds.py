@@ -202,3 +202,21 @@ def test_threshold_kernels_in_interpreter_match_reference():
                 assert torch.allclose(got.float(), want.float(), atol=1e-2, rtol=3e-2), (B, dt)
         print("ok")
     ''')
+
+
+@pytest.mark.parametrize("model_type", ["opt", "gpt2", "gpt_neox", "gemma", "mistral"])
+def test_attention_thresholds_in_every_family(tiny_model_factory, model_type):
+    """Mask mode reaches each family's attention input and o input through the adapter (GPT-2 and OPT
+    pass hidden_states positionally, Llama-style families by keyword)."""
+    from dejavu.runtime.apply import SparseRuntime
+
+    model, adapter = _load(tiny_model_factory(model_type))
+    tokens = torch.randint(1, 200, (128,), generator=torch.Generator().manual_seed(4))
+    t = calibrate_thresholds(model, adapter, tokens, 1.0, 1.0, window=64, keep_attn=0.6)
+    with torch.no_grad():
+        dense = model(tokens[None, :32]).logits
+        with SparseRuntime(model, adapter, None, selection="dense", thresholds=t) as runtime:
+            sparse = model(tokens[None, :32]).logits
+            kept = runtime.stats.summary()
+    assert abs(kept["attn_input_kept"] - 0.6) < 0.1 and 0.4 < kept["attn_o_kept"] < 0.85
+    assert (sparse - dense).abs().max() > 1e-4  # attention alone changed the output

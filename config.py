@@ -266,6 +266,15 @@ def validate(cfg: RunConfig) -> None:
     _check_density(cfg.runtime.head_density, "runtime.head_density")
     _check_density(cfg.export.mlp_candidate_density, "export.mlp_candidate_density")
     _check_density(cfg.runtime.mlp_candidate_density, "runtime.mlp_candidate_density")
+    for section in ("export", "runtime"):  # TEAL-style thresholds (runtime/thresholds.py)
+        keep_input, keep_attn = getattr(cfg, section).mlp_keep_input, getattr(cfg, section).attn_keep_input
+        _check_density(keep_input, f"{section}.mlp_keep_input")
+        _check_density(keep_attn, f"{section}.attn_keep_input")
+        if keep_attn is not None and keep_input is None:
+            raise DejavuError(f"{section}.attn_keep_input (--attn-keep-input) comes with --mlp-keep-input (use "
+                              "--mlp-keep-input 1 --mlp-density 1 for attention thresholds alone)")
+    if cfg.runtime.attn_keep_input is not None and (cfg.runtime.head_density or 1.0) < 1.0:
+        raise DejavuError("--attn-keep-input replaces head selection: drop --head-density")
     for layer, d in cfg.export.mlp_density_per_layer.items():
         _check_density(d, f"export.mlp_density_per_layer[{layer}]")
     if cfg.collect.max_tokens <= 0:

@@ -76,14 +76,33 @@ def parse_rule(text: str) -> tuple[str, tuple[float, ...]]:
     return kind, numbers
 
 
-class ExactRule:
-    """Keeps the exact top-k of |act(gate)| or |up| per token: a forward hook on that projection scores
-    the neurons, a pre-hook on down zeroes the rest (same effect as computing only the kept ones)."""
+class NeuronMaskRule:
+    """A rule that picks each token's neurons before down: a subclass's hooks fill `_masks[l]`, a
+    pre-hook on down zeroes the rest (same effect as computing only the kept ones)."""
 
-    def __init__(self, adapter, source: str, density: float):
+    def __init__(self):
         self.enabled, self.token_mask = True, None  # what score_against sets on a runtime
         self._masks: dict[int, torch.Tensor] = {}
         self._handles = []
+
+    def _apply(self, l: int):  # noqa: E741
+        def hook(module: nn.Module, args):
+            x = args[0]
+            return (x * self._masks.pop(l).reshape(x.shape).to(x.dtype),) + tuple(args[1:])
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+class ExactRule(NeuronMaskRule):
+    """Keeps the exact top-k of |act(gate)| or |up| per token: a forward hook on that projection scores
+    the neurons."""
+
+    def __init__(self, adapter, source: str, density: float):
+        super().__init__()
         for l, layer in enumerate(adapter.decoder_layers()):  # noqa: E741
             if source == "gate":
                 proj, act = adapter.gate_proj(layer), adapter.activation(layer)
@@ -100,17 +119,6 @@ class ExactRule:
 
         return hook
 
-    def _apply(self, l: int):  # noqa: E741
-        def hook(module: nn.Module, args):
-            x = args[0]
-            return (x * self._masks.pop(l).reshape(x.shape).to(x.dtype),) + tuple(args[1:])
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-
 
 def fake_quantize(weight: torch.Tensor, bits: int, group: int = 64) -> torch.Tensor:
     """Symmetric round-to-nearest with one scale per `group` input columns of each row (the usual
@@ -125,19 +133,18 @@ def fake_quantize(weight: torch.Tensor, bits: int, group: int = 64) -> torch.Ten
     return (q * scale).reshape(rows, cols).to(weight.dtype)
 
 
-class QuantRule:
+class QuantRule(NeuronMaskRule):
     """Selection from a low-bit copy of gate and up: score = |act(x Q(Wg)^T) * (x Q(Wu)^T)|, top-D go
     through the exact MLP. The low-bit copy is what a kernel would read before the sparse MLP."""
 
     def __init__(self, adapter, bits: float, density: float):
-        self.enabled, self.token_mask = True, None
-        self._masks: dict[int, torch.Tensor] = {}
-        self._handles = []
+        super().__init__()
         for l, layer in enumerate(adapter.decoder_layers()):  # noqa: E741
-            gate, up, act = adapter.gate_proj(layer), adapter.up_proj(layer), adapter.activation(layer)
-            qg = fake_quantize(gate.weight.data, int(bits)) if gate is not None else None
-            qu = fake_quantize(up.weight.data, int(bits))
-            self._handles.append(up.register_forward_pre_hook(self._score(l, qg, qu, act, density)))
+            w = adapter.mlp_weights(layer)  # [out, in] whatever the module type (Conv1D included)
+            qg = fake_quantize(w.gate.detach(), int(bits)) if w.gate is not None else None
+            qu = fake_quantize(w.up.detach(), int(bits))
+            self._handles.append(adapter.up_proj(layer).register_forward_pre_hook(
+                self._score(l, qg, qu, adapter.activation(layer), density)))
             self._handles.append(adapter.down_proj(layer).register_forward_pre_hook(self._apply(l)))
 
     def _score(self, l, qg, qu, act, density):  # noqa: E741
@@ -148,17 +155,6 @@ class QuantRule:
             self._masks[l] = topk_mask(s.abs(), density)
 
         return hook
-
-    def _apply(self, l: int):  # noqa: E741
-        def hook(module: nn.Module, args):
-            x = args[0]
-            return (x * self._masks.pop(l).reshape(x.shape).to(x.dtype),) + tuple(args[1:])
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
 
 
 class InputRule:

@@ -70,10 +70,6 @@ def _calibrated_thresholds(cfg, model_name: str, identity: dict | None, keep_dow
     from dejavu.runtime.thresholds import calibrate_on_corpus
 
     e = cfg.export
-    for name, value in (("--mlp-keep-input", e.mlp_keep_input), ("--attn-keep-input", e.attn_keep_input),
-                        ("the bundle's MLP density", keep_down)):
-        if value is not None and not 0.0 < value <= 1.0:
-            raise DejavuError(f"{name} must be in (0, 1], got {value}")
     model, tokenizer, source = load_model(model_name, device="cpu", dtype="float32")
     adapter = adapter_for(model)
     if identity:
@@ -117,8 +113,6 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         from dejavu.config import load_config
 
         cfg = load_config(config_file, overrides or {})
-        if cfg.export.attn_keep_input is not None and cfg.export.mlp_keep_input is None:
-            raise DejavuError("--attn-keep-input comes with --mlp-keep-input")
         if cfg.export.mlp_keep_input is None:
             raise DejavuError("export needs --run (a training run), or --mlp-keep-input for a bundle of "
                               "thresholds alone")
@@ -129,8 +123,6 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         pred_dir = run  # accept the predictors directory itself
     pm = read_manifest(pred_dir, PREDICTORS_KIND)
     cfg = _export_config(pm, config_file, overrides or {})
-    if cfg.export.attn_keep_input is not None and cfg.export.mlp_keep_input is None:
-        raise DejavuError("--attn-keep-input comes with --mlp-keep-input")
     identity = pm.get("model") or {}
     num_layers = int(pm.get("layers") or identity.get("num_layers") or 0)
     if num_layers <= 0:

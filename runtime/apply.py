@@ -79,44 +79,49 @@ def skippable_kv_groups(head_mask: torch.Tensor, num_kv_heads: int) -> torch.Ten
 
 @dataclass
 class SelectionStats:
-    """Running means of what was actually computed (sparse tokens only)."""
+    """Running means of what was actually computed (sparse tokens only), per kind of hook: "mlp" (the
+    neurons through down), "attn" (heads), "mlp_candidates" (two-stage: gate/up rows read),
+    "mlp_input" (MLP thresholds: gate/up columns read), "attn_input" / "attn_o" (attention thresholds:
+    q/k/v columns and o rows read), and "kv_groups_skippable" (added with "attn")."""
 
-    mlp_kept: float = 0.0
-    head_kept: float = 0.0
-    kv_groups_skippable: float = 0.0
-    mlp_candidates_kept: float = 0.0  # two-stage only: share whose gate/up rows were read
-    mlp_input_kept: float = 0.0  # MLP thresholds only: share of the MLP input kept (gate/up columns read)
-    attn_input_kept: float = 0.0  # attention thresholds only: share of q/k/v's input kept (columns read)
-    attn_o_kept: float = 0.0  # attention thresholds only: share of o's input kept (rows read)
     up_in_full: bool = False  # exact-up selection reads every up row
     # Share of the MLP weight bytes in gate + up (2/3 gated, 1/2 plain); set by the runtime.
     up_share: float = 2 / 3
-    counts: dict = field(default_factory=lambda: {"mlp": 0, "attn": 0, "mlp_candidates": 0, "mlp_input": 0,
-                                                          "attn_input": 0, "attn_o": 0})
+    means: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
 
     def add(self, kind: str, kept: float, skippable: float = 0.0, n: int = 1) -> None:
-        c = self.counts[kind]
-        if kind == "mlp":
-            self.mlp_kept = (self.mlp_kept * c + kept * n) / (c + n)
-        elif kind == "mlp_candidates":
-            self.mlp_candidates_kept = (self.mlp_candidates_kept * c + kept * n) / (c + n)
-        elif kind == "mlp_input":
-            self.mlp_input_kept = (self.mlp_input_kept * c + kept * n) / (c + n)
-        elif kind == "attn_input":
-            self.attn_input_kept = (self.attn_input_kept * c + kept * n) / (c + n)
-        elif kind == "attn_o":
-            self.attn_o_kept = (self.attn_o_kept * c + kept * n) / (c + n)
-        else:
-            self.head_kept = (self.head_kept * c + kept * n) / (c + n)
-            self.kv_groups_skippable = (self.kv_groups_skippable * c + skippable * n) / (c + n)
+        self._add(kind, kept, n)
+        if kind == "attn":
+            self._add("kv_groups_skippable", skippable, n)
+
+    def _add(self, kind: str, value: float, n: int) -> None:
+        c = self.counts.get(kind, 0)
+        self.means[kind] = (self.means.get(kind, 0.0) * c + value * n) / (c + n)
         self.counts[kind] = c + n
+
+    def kept(self, kind: str, unseen: float = 1.0) -> float:
+        """The running mean of `kind`; `unseen` when its hook never ran (computed in full)."""
+        return self.means[kind] if self.counts.get(kind) else unseen
+
+    @property
+    def mlp_kept(self) -> float:
+        return self.kept("mlp", 0.0)
+
+    @property
+    def head_kept(self) -> float:
+        return self.kept("attn", 0.0)
+
+    @property
+    def kv_groups_skippable(self) -> float:
+        return self.kept("kv_groups_skippable", 0.0)
 
     def summary(self) -> dict:
         """Shares computed; a kind whose hook never ran (density 1.0) was computed in full."""
-        mlp = self.mlp_kept if self.counts["mlp"] else 1.0
-        candidates = self.mlp_candidates_kept if self.counts["mlp_candidates"] else mlp
-        if self.counts["mlp_input"]:  # thresholds: gate/up columns of the kept inputs
-            candidates = self.mlp_input_kept
+        mlp = self.kept("mlp")
+        candidates = self.kept("mlp_candidates", mlp)
+        if self.counts.get("mlp_input"):  # thresholds: gate/up columns of the kept inputs
+            candidates = self.kept("mlp_input")
             share = self.up_share * candidates + (1 - self.up_share) * mlp
         elif self.up_in_full:  # all of up, gate and down for the chosen neurons
             share = self.up_share / 2 + (1 - self.up_share / 2) * mlp
@@ -126,10 +131,10 @@ class SelectionStats:
         out = {"mlp_kept": mlp,
                "mlp_candidates_kept": candidates,
                "mlp_weight_share": share,
-               "head_kept": self.head_kept if self.counts["attn"] else 1.0,
+               "head_kept": self.kept("attn"),
                "kv_groups_skippable": self.kv_groups_skippable}
-        if self.counts["attn_input"]:
-            out.update(attn_input_kept=self.attn_input_kept, attn_o_kept=self.attn_o_kept)
+        if self.counts.get("attn_input"):
+            out.update(attn_input_kept=self.kept("attn_input"), attn_o_kept=self.kept("attn_o"))
         return out
 
 

@@ -205,25 +205,11 @@ def run_bench(model: str | None = None, bundle: Path | None = None, dataset: str
     return report
 
 
-def _check_keep_shares(rt, keep_down: float) -> None:
-    for name, value in (("--mlp-keep-input", rt.mlp_keep_input), ("--mlp-density", keep_down),
-                        ("--attn-keep-input", rt.attn_keep_input)):
-        if value is not None and not 0.0 < value <= 1.0:
-            raise DejavuError(f"{name} must be in (0, 1], got {value}")
-    if rt.attn_keep_input is not None:
-        if rt.mlp_keep_input is None:
-            raise DejavuError("--attn-keep-input comes with --mlp-keep-input (use --mlp-keep-input 1 "
-                              "--mlp-density 1 for attention thresholds alone)")
-        if rt.head_density is not None and rt.head_density < 1.0:
-            raise DejavuError("--attn-keep-input replaces head selection: drop --head-density")
-
-
 def _calibrate_thresholds(model, adapter, tokenizer, cfg, keep_input: float, keep_down: float):
     """Per-layer thresholds from a dense forward over the calibration corpus (data.dataset)."""
     from dejavu.runtime.quality import model_context
     from dejavu.runtime.thresholds import calibrate_on_corpus
 
-    _check_keep_shares(cfg.runtime, keep_down)
     return calibrate_on_corpus(model, adapter, tokenizer, cfg.data, cfg.runtime.calibration_tokens, keep_input,
                                keep_down, cfg.runtime.attn_keep_input,
                                window=min(model_context(model), cfg.runtime.eval_window))
@@ -239,7 +225,6 @@ def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> di
     if cfg.runtime.mlp_keep_input is not None:
         from dejavu.runtime.thresholds import calibrate_on_random_tokens
 
-        _check_keep_shares(cfg.runtime, cfg.runtime.mlp_density or 0.5)
         thresholds = calibrate_on_random_tokens(model, adapter, cfg.runtime.mlp_keep_input,
                                                 cfg.runtime.mlp_density or 0.5,
                                                 keep_attn=cfg.runtime.attn_keep_input)
@@ -274,7 +259,6 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
     from dejavu.runtime.quality import compare, default_eval_dataset, eval_tokens, generations, model_context
 
     rt = cfg.runtime
-    _check_keep_shares(rt, rt.mlp_density if rt.mlp_density is not None else 0.5)
     manifest, predictors = (load_bundle(bundle) if bundle is not None else (None, None))
     thresholds_on = rt.mlp_keep_input is not None
     # a bundle's own thresholds apply unless a flag recalibrates them or asks for another selection
@@ -292,27 +276,20 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
     mlp_d = rt.mlp_density if rt.mlp_density is not None else (manifest["mlp_density"] if manifest else 1.0)
     head_d = rt.head_density if rt.head_density is not None else (manifest["head_density"] if manifest else 1.0)
     use = predictors if rt.selection == "predictor" else None
+    if (bundled is not None or thresholds_on) and (rt.mlp_candidate_density is not None or rt.mlp_up_weight is not None):
+        raise DejavuError("thresholds are their own MLP rule: drop --mlp-candidate-density / --mlp-up-weight")
     thresholds = bundled
     if bundled is not None:
-        if rt.mlp_candidate_density is not None or rt.mlp_up_weight is not None:
-            raise DejavuError("the bundle's thresholds are its own MLP rule: drop --mlp-candidate-density / "
-                              "--mlp-up-weight")
         if bundled.attention and rt.head_density is not None and rt.head_density < 1.0:
             raise DejavuError("the bundle's attention thresholds replace head selection: drop --head-density")
         print(f"  thresholds from the bundle (calibrated on {manifest['thresholds'].get('calibration')})", flush=True)
-        mlp_d = bundled.keep_h
-        if bundled.attention:
-            head_d = 1.0
-            use = None
     if thresholds_on:
-        if rt.mlp_candidate_density is not None or rt.mlp_up_weight is not None:
-            raise DejavuError("--mlp-keep-input is its own MLP rule: drop --mlp-candidate-density / --mlp-up-weight")
         thresholds = _calibrate_thresholds(model, adapter, tokenizer, cfg, rt.mlp_keep_input,
                                            rt.mlp_density if rt.mlp_density is not None else 0.5)
+    if thresholds is not None:
         mlp_d = thresholds.keep_h
         if thresholds.attention:
-            head_d = 1.0
-            use = None  # the bundle's head predictors are replaced by the attention thresholds
+            head_d, use = 1.0, None  # the attention thresholds replace the bundle's head predictors
     selection = rt.selection if use is not None or rt.selection != "predictor" else "dense"  # heads, with thresholds
     # flag/config > bundle; two-stage applies to predictor selection only
     cand_d = rt.mlp_candidate_density

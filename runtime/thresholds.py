@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from dejavu.errors import DejavuError
+
 
 @dataclass
 class Thresholds:
@@ -98,7 +100,6 @@ def calibrate_on_corpus(model, adapter, tokenizer, data, tokens: int, keep_x: fl
     """Thresholds from a dense forward over the first `tokens` tokens of `data.dataset` (a DataConfig:
     dataset, split, text_field), as `dejavu export` and `dejavu bench` calibrate them."""
     from dejavu.corpus import load_texts, tokenize_stream
-    from dejavu.errors import DejavuError
 
     ids = tokenize_stream(load_texts(data.dataset, split=data.split, text_field=data.text_field), tokenizer)[:tokens]
     if ids.numel() == 0:
@@ -124,8 +125,6 @@ def thresholds_to_tensors(t: Thresholds) -> dict[str, torch.Tensor]:
 def thresholds_from_tensors(tensors: dict[str, torch.Tensor], description: dict, num_layers: int,
                             where: str) -> Thresholds:
     """The inverse of thresholds_to_tensors, checked: every list is there, one finite value a layer."""
-    from dejavu.errors import DejavuError
-
     attention = description.get("keep_attn_input") is not None
     values = {}
     for field_name, key in TENSOR_NAMES.items():

@@ -603,6 +603,21 @@ def select_topk(scores: torch.Tensor, k: int, out: torch.Tensor | None = None) -
 # RoPE on q (selected heads) and k, and the KV-cache write at position pos (read from device memory)
 # ------------------------------------------------------------------------------------------------
 @triton.jit
+def _halves(base, offs, half, mask, FROM_ACC: tl.constexpr, dtype: tl.constexpr):
+    """A head's two halves in fp32; FROM_ACC: rounded to `dtype` first (as a separate drain would store
+    them) and zeroed in the accumulator they came from."""
+    x1 = tl.load(base + offs, mask=mask, other=0.0)
+    x2 = tl.load(base + half + offs, mask=mask, other=0.0)
+    if FROM_ACC:
+        x1 = x1.to(dtype)
+        x2 = x2.to(dtype)
+        zero = tl.zeros(offs.shape, dtype=tl.float32)
+        tl.store(base + offs, zero, mask=mask)
+        tl.store(base + half + offs, zero, mask=mask)
+    return x1.to(tl.float32), x2.to(tl.float32)
+
+
+@triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, NQ, NKV, T,
                        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, qout_ptr, stride_ob,
                        stride_oh, HD: tl.constexpr, HALF_PAD: tl.constexpr, FROM_ACC: tl.constexpr = False,
@@ -619,42 +634,19 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, po
     mask = offs < half
     c = tl.load(cos_ptr + pos * HD + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(sin_ptr + pos * HD + offs, mask=mask, other=0.0).to(tl.float32)
-    zero = tl.zeros((HALF_PAD,), dtype=tl.float32)
+    dtype = qout_ptr.dtype.element_ty
     if j < NQ:
-        base = q_ptr + b * stride_qb + j * stride_qh
-        x1 = tl.load(base + offs, mask=mask, other=0.0)
-        x2 = tl.load(base + half + offs, mask=mask, other=0.0)
-        if FROM_ACC:
-            x1 = x1.to(qout_ptr.dtype.element_ty)
-            x2 = x2.to(qout_ptr.dtype.element_ty)
-            tl.store(base + offs, zero, mask=mask)
-            tl.store(base + half + offs, zero, mask=mask)
-            base = qout_ptr + b * stride_ob + j * stride_oh
-        x1 = x1.to(tl.float32)
-        x2 = x2.to(tl.float32)
-        tl.store(base + offs, (x1 * c - x2 * s).to(qout_ptr.dtype.element_ty), mask=mask)
-        tl.store(base + half + offs, (x2 * c + x1 * s).to(qout_ptr.dtype.element_ty), mask=mask)
+        x1, x2 = _halves(q_ptr + b * stride_qb + j * stride_qh, offs, half, mask, FROM_ACC, dtype)
+        base = qout_ptr + b * stride_ob + j * stride_oh  # q itself unless FROM_ACC
+        tl.store(base + offs, (x1 * c - x2 * s).to(dtype), mask=mask)
+        tl.store(base + half + offs, (x2 * c + x1 * s).to(dtype), mask=mask)
     else:
         kvh = j - NQ
-        kbase = k_ptr + b * stride_kb + kvh * stride_kh
-        x1 = tl.load(kbase + offs, mask=mask, other=0.0)
-        x2 = tl.load(kbase + half + offs, mask=mask, other=0.0)
-        if FROM_ACC:
-            x1 = x1.to(qout_ptr.dtype.element_ty)
-            x2 = x2.to(qout_ptr.dtype.element_ty)
-            tl.store(kbase + offs, zero, mask=mask)
-            tl.store(kbase + half + offs, zero, mask=mask)
-        x1 = x1.to(tl.float32)
-        x2 = x2.to(tl.float32)
+        x1, x2 = _halves(k_ptr + b * stride_kb + kvh * stride_kh, offs, half, mask, FROM_ACC, dtype)
         cbase = (b * NKV + kvh).to(tl.int64) * T * HD + pos * HD
         tl.store(kc_ptr + cbase + offs, (x1 * c - x2 * s).to(kc_ptr.dtype.element_ty), mask=mask)
         tl.store(kc_ptr + cbase + half + offs, (x2 * c + x1 * s).to(kc_ptr.dtype.element_ty), mask=mask)
-        vbase = v_ptr + b * stride_vb + kvh * stride_vh
-        v1 = tl.load(vbase + offs, mask=mask, other=0.0)
-        v2 = tl.load(vbase + half + offs, mask=mask, other=0.0)
-        if FROM_ACC:
-            tl.store(vbase + offs, zero, mask=mask)
-            tl.store(vbase + half + offs, zero, mask=mask)
+        v1, v2 = _halves(v_ptr + b * stride_vb + kvh * stride_vh, offs, half, mask, FROM_ACC, dtype)
         tl.store(vc_ptr + cbase + offs, v1.to(vc_ptr.dtype.element_ty), mask=mask)
         tl.store(vc_ptr + cbase + half + offs, v2.to(vc_ptr.dtype.element_ty), mask=mask)
 

@@ -134,9 +134,10 @@ def parent_ref(directory: str | Path, manifest: dict[str, Any]) -> dict[str, Any
 
 
 def read_manifest(directory: str | Path, kind: str, verify: bool = True,
-                  hash_share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+                  hash_share: tuple[int, int] | None = (0, 1)) -> dict[str, Any]:
     """Load and check a stage's manifest: right kind, known version, files present and unmodified.
-    hash_share (i, n): hash only every n-th file from the i-th (processes sharing the check)."""
+    hash_share (i, n): hash only every n-th file from the i-th (processes sharing the check); None:
+    check that the files are present with their sizes and leave hashing to the caller."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not directory.exists():
@@ -165,14 +166,15 @@ def hash_threads() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
-def verify_files(directory: str | Path, manifest: dict[str, Any], hash_share: tuple[int, int] = (0, 1),
+def verify_files(directory: str | Path, manifest: dict[str, Any], hash_share: tuple[int, int] | None = (0, 1),
                  threads: int | None = None) -> None:
-    """Every listed file present with its size; the sha256 of this process's share of them, hashed
-    on `threads` threads (default hash_threads()); the first mismatch in listing order is reported."""
+    """Every listed file present with its size; the sha256 of this process's share of them (none when
+    hash_share is None), hashed on `threads` threads (default hash_threads()); the first mismatch in
+    listing order is reported."""
     from concurrent.futures import ThreadPoolExecutor
 
     directory = Path(directory)
-    index, count = hash_share
+    index, count = hash_share or (0, 0)
     to_hash = []
     for position, entry in enumerate(manifest.get("files", [])):
         path = directory / entry["path"]
@@ -181,7 +183,7 @@ def verify_files(directory: str | Path, manifest: dict[str, Any], hash_share: tu
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise DejavuError(f"{path} has {size} bytes, the manifest says {entry['bytes']} (truncated or edited)")
-        if position % count == index:
+        if count and position % count == index:
             to_hash.append((path, entry["sha256"]))
     workers = min(len(to_hash), threads or hash_threads())
     if workers <= 1:

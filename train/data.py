@@ -82,7 +82,7 @@ class StoredLayer:
 class CollectRun:
     """A finished `dejavu collect` directory: its manifest (verified) and per-layer readers."""
 
-    def __init__(self, run: str | Path, verify: bool = True, hash_share: tuple[int, int] = (0, 1)):
+    def __init__(self, run: str | Path, verify: bool = True, hash_share: tuple[int, int] | None = (0, 1)):
         self.dir = Path(run) / "collect"
         if not self.dir.is_dir():
             raise DejavuError(f"{self.dir} does not exist: run `dejavu collect --out {run}` first")

@@ -24,6 +24,7 @@ from dejavu.collect import labels as L
 from dejavu.collect.hooks import BLOCK_INPUT, HEAD_OUT, MLP_ACT, ActivationRecorder
 from dejavu.config import RunConfig
 from dejavu.errors import DejavuError
+from dejavu.models.identity import identity_difference
 
 FORMAT = "dejavu.collect"
 STAGE_DIR = "collect"
@@ -252,9 +253,12 @@ def check_disk(stage: Path, needed: int) -> int:
 
 
 # --- resume state -------------------------------------------------------------------------------
-def run_state(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+def run_state(cfg: RunConfig, world_size: int, identity: dict[str, Any]) -> dict[str, Any]:
+    # The model's identity, not only its name: a directory or hub id can hold other weights by the
+    # time a collection is resumed, and its shards would then mix two models.
     full = cfg.to_dict()
-    return {"format": FORMAT, "config": {k: full[k] for k in STATE_SECTIONS}, "world_size": world_size}
+    return {"format": FORMAT, "config": {k: full[k] for k in STATE_SECTIONS}, "world_size": world_size,
+            "model": identity}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -287,6 +291,10 @@ def inspect_stage(stage: Path, state: dict[str, Any], overwrite: bool) -> str:
         raise DejavuError(f"{state_path} is unreadable; add --overwrite to start the collection again") from None
     diffs = state_differences({k: old.get(k) for k in ("config", "world_size")},
                               {k: state[k] for k in ("config", "world_size")})
+    other_model = identity_difference(old["model"], state["model"]) if old.get("model") else None
+    if other_model:
+        raise DejavuError(f"{stage} holds a collection made for {other_model}; "
+                          "add --overwrite to discard it, or use another --out")
     if diffs:
         shown = "; ".join(d.replace("config.", "", 1) for d in diffs[:6])
         more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""
@@ -411,7 +419,8 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
     tags = L.label_tags(rule, cc.mlp_label_densities)
     input_dtype = DTYPES[cc.input_dtype]
     shape = adapter.shape()
-    state = run_state(cfg, world)
+    identity = model_identity(adapter, source.display)
+    state = run_state(cfg, world, identity)
     mode = inspect_stage(stage, state, overwrite)
     if mode == "complete":
         from dejavu.artifacts import read_manifest
@@ -468,7 +477,7 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
     barrier()
     manifest = None
     if main:
-        manifest = build_manifest(stage, plan, cfg, model_identity(adapter, source.display), rule, tags)
+        manifest = build_manifest(stage, plan, cfg, identity, rule, tags)
         size = sum(f["bytes"] for f in manifest["files"])
         say(f"wrote {stage}: {manifest['tokens']:,} tokens, {len(manifest['shards'])} shards, {human_bytes(size)}")
         say(concentration_table(manifest["stats"]))

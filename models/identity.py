@@ -35,21 +35,29 @@ def model_identity(adapter: Adapter, display_name: str) -> dict:
     return {"name": display_name, **adapter.describe(), "fingerprint": fingerprint(adapter)}
 
 
+IDENTITY_KEYS = ("family", "num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim")
+
+
+def identity_difference(expected: dict, actual: dict) -> str | None:
+    """The first way `actual` (a model_identity) is not the model `expected` describes, or None."""
+    for key in IDENTITY_KEYS:
+        if key in expected and key in actual and expected[key] != actual[key]:
+            return (f"a model with {key}={expected[key]} ({expected.get('name', '?')}), "
+                    f"but the loaded model has {key}={actual[key]}")
+    want, got = expected.get("fingerprint"), actual.get("fingerprint")
+    if want and got:
+        for i, (a, b) in enumerate(zip(want, got, strict=False)):
+            if not math.isclose(a, b, rel_tol=FINGERPRINT_RTOL, abs_tol=1e-6):
+                return (f"other weights than the loaded model's (fingerprint value {i}: {a:.4g} vs {b:.4g}); "
+                        f"was it made for {expected.get('name', '?')}?")
+    return None
+
+
 def check_identity(expected: dict, adapter: Adapter, what: str = "bundle") -> None:
     """Raise a DejavuError naming the first difference between `expected` and the loaded model."""
     actual = adapter.describe()
-    for key in ("family", "num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim"):
-        if key in expected and expected[key] != actual[key]:
-            raise DejavuError(
-                f"{what} was made for a model with {key}={expected[key]} ({expected.get('name', '?')}), "
-                f"but the loaded model has {key}={actual[key]}"
-            )
-    want = expected.get("fingerprint")
-    if want:
-        got = fingerprint(adapter)
-        for i, (a, b) in enumerate(zip(want, got, strict=False)):
-            if not math.isclose(a, b, rel_tol=FINGERPRINT_RTOL, abs_tol=1e-6):
-                raise DejavuError(
-                    f"{what} was made for other weights than the loaded model's "
-                    f"(fingerprint value {i}: {a:.4g} vs {b:.4g}); was it made for {expected.get('name', '?')}?"
-                )
+    if expected.get("fingerprint"):
+        actual["fingerprint"] = fingerprint(adapter)
+    difference = identity_difference(expected, actual)
+    if difference:
+        raise DejavuError(f"{what} was made for {difference}")

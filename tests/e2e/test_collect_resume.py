@@ -20,7 +20,7 @@ from dejavu.collect import collect as C
 from dejavu.config import load_config
 from dejavu.errors import DejavuError
 
-from helpers import CALIB_TXT
+from helpers import CALIB_TXT, make_tiny_model
 
 
 def tiny_cfg(model_dir, **overrides):
@@ -93,6 +93,19 @@ def test_complete_run_is_kept_and_overwrite_discards(reference, tmp_path, monkey
     C.run_collect(cfg, tmp_path, overwrite=True)
     assert not (stage / "shards" / "stray.bin").exists()
     read_manifest(stage, "dejavu.collect")
+
+
+def test_other_weights_at_the_same_path_are_refused(reference, tmp_path, tiny_tokenizer):
+    # The config names the model by path only: on resume the directory may hold other weights.
+    model_dir = make_tiny_model(tmp_path / "model", tokenizer=tiny_tokenizer, seed=0)
+    cfg = tiny_cfg(model_dir, **{"collect.max_tokens": 512})
+    C.run_collect(cfg, tmp_path / "run")
+    before = (tmp_path / "run" / "collect" / "manifest.json").read_bytes()
+    make_tiny_model(model_dir, tokenizer=tiny_tokenizer, seed=1)
+    with pytest.raises(DejavuError, match=r"holds a collection made for other weights.*--overwrite"):
+        C.run_collect(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "collect" / "manifest.json").read_bytes() == before
+    C.run_collect(cfg, tmp_path / "run", overwrite=True)
 
 
 def test_refuses_when_the_disk_is_too_small(reference, tmp_path, monkeypatch):

@@ -75,7 +75,7 @@ m1 = json.load(open(f"{out}/metrics_1gpu.json"))
 t1 = e1 - s1
 def split(m):
     return {name: round(sum(v or 0 for v in m.get(f"{name}_seconds", {}).values()), 1)
-            for name in ("load_wait", "warm_up_wait", "fit")}
+            for name in ("load_wait", "fit")}
 layer_s1 = sum(m1["train_seconds"].values())
 res = {"wall_1gpu_s": round(t1, 1), "layer_seconds_1gpu": round(layer_s1, 1), "phases_1gpu": m1.get("process_phases"),
        # where the layers' seconds went, summed over layers (all processes)

@@ -37,7 +37,6 @@ from dejavu.artifacts import (
     verify_files,
     write_manifest,
 )
-from dejavu.bits import unpack_bits
 from dejavu.config import RunConfig, load_config
 from dejavu.errors import DejavuError
 from dejavu.predictor import KINDS, LowRankPredictor, predictor_rank, topk_mask, units_for_density
@@ -396,53 +395,6 @@ def prefetch_enabled(device: torch.device) -> bool:
     return setting not in ("0", "false", "no", "off")
 
 
-def _warm_up_cuda(device: torch.device) -> None:
-    """Run once, small, every kind of kernel a layer's training runs (a superset: relu, the ranking loss,
-    weight decay, each stored input dtype), so the CUDA context, cuBLAS and the kernels are loaded
-    before the first layer. Every fit reseeds, so the random numbers drawn here change nothing."""
-    cfg = RunConfig()
-    t = cfg.train
-    t.rank, t.epochs, t.batch_size = 8, 1, 128
-    t.hidden_activation, t.loss, t.weight_decay = "relu", "bce+rank", 0.01
-    gen = torch.Generator().manual_seed(0)
-    with torch.cuda.device(device):
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            x = torch.randn(2 * t.batch_size, 64, generator=gen).to(device, dtype)
-            packed = torch.randint(0, 256, (x.shape[0], 8), dtype=torch.uint8, generator=gen).to(device)
-            targets = (unpack_bits(packed, 64), head_targets(x[:, :8].float().abs(), 0.5))
-            for target in targets:
-                pred = fit_predictor(x, target, cfg=cfg, density=0.5, seed=0, device=device, desc="warm-up",
-                                     show=False)
-                predict(pred, x, device)
-        _sync(device)
-
-
-class DeviceWarmUp:
-    """The one-off CUDA start-up cost (context, cuBLAS, first kernels) paid on a background thread while
-    the main thread checks the collect data and reads the first layer: on 2x H200 each process's first
-    layer took ~4 s longer than its others. A no-op on the CPU. A failure here only costs the overlap:
-    training meets any real problem itself."""
-
-    def __init__(self, device: torch.device):
-        self._future: Future | None = None
-        if device.type == "cuda":
-            pool = ThreadPoolExecutor(1, thread_name_prefix="dejavu-warm-up")
-            self._future = pool.submit(_warm_up_cuda, device)
-            pool.shutdown(wait=False)
-
-    def wait(self) -> float:
-        """Seconds spent waiting for the warm-up to finish (0 once it has been waited for)."""
-        if self._future is None:
-            return 0.0
-        started = time.perf_counter()
-        future, self._future = self._future, None
-        try:
-            future.result()
-        except Exception as exc:  # see the class docstring
-            tqdm.write(f"warning: CUDA warm-up failed ({exc!r}); training goes on without it")
-        return time.perf_counter() - started
-
-
 def _sync(device: torch.device) -> None:
     """Wait for this thread's stream only: a whole-device sync would also wait on a collective of the
     process group that is waiting for a slower process."""
@@ -491,7 +443,6 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
     # timeout lets rank 0 wait at the final barrier for the slowest rank's layers.
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
-    warm_up = DeviceWarmUp(acc.device)
     clock.mark("accelerator")
     collect = CollectRun(run, hash_share=None)  # files present with their sizes; hashed once layers start
     clock.mark("check_collect")
@@ -551,9 +502,10 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
             train_data = stored.to(acc.device, non_blocking=pin).unpacked()
             _sync(acc.device)
             del stored  # after the sync: an asynchronous copy may still be reading the pinned pages
+            # a process's first fit also pays the device's one-off start-up (CUDA context, cuBLAS,
+            # first kernels): warming up on a thread beside the first read measured slower (3.3 s on
+            # an H100) once the collect hashes no longer ran up front to hide it
             loaded = time.perf_counter()
-            warm_up_wait = warm_up.wait()
-            fit_started = time.perf_counter()
             tensors, metrics = train_layer(train_data, eval_data, layer, cfg, acc.device, show=main,
                                            replicas=replicas)
             fitted = time.perf_counter()
@@ -561,7 +513,7 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
             if writer:
                 _save_layer(out, layer, key, tensors, {
                     "metrics": metrics, "load_wait_seconds": round(loaded - started, 3),
-                    "warm_up_wait_seconds": round(warm_up_wait, 3), "fit_seconds": round(fitted - fit_started, 3),
+                    "fit_seconds": round(fitted - loaded, 3),
                     "process": acc.process_index, "replicas": 1 if replicas is None else replicas.size,
                 }, started)
                 written.append(layer)
@@ -570,7 +522,6 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
     finally:
         data.close()
     overall.close()
-    warm_up.wait()  # joins it where no layer was left to train
     clock.mark("layers")
     problem = check.wait()
     clock.mark("check_wait")
@@ -627,10 +578,10 @@ def _finish(out: Path, cfg: RunConfig, collect: CollectRun, layers: list[int], k
         "rank": cfg.train.rank, "loss": cfg.train.loss, "mlp_label_tag": collect.label_tag(cfg.train.mlp_density),
         "layers": per_layer, "mean": means, "cost": cost,
         "train_seconds": {str(layer): records[layer]["seconds"] for layer in layers},
-        # train_seconds split: waiting for the layer's data (read ahead, then moved to the device), for
-        # the device's one-off warm-up (first layer of a process), and fitting plus held-out metrics
+        # train_seconds split: waiting for the layer's data (read ahead, then moved to the device), and
+        # fitting plus held-out metrics (a process's first fit includes the device's start-up)
         **{name: {str(layer): records[layer].get(name) for layer in layers}
-           for name in ("load_wait_seconds", "warm_up_wait_seconds", "fit_seconds")},
+           for name in ("load_wait_seconds", "fit_seconds")},
         # per process: seconds from its start to the end of its layers, by phase (execution detail:
         # it differs between runs and is not part of what the predictors are)
         "process_phases": {str(r): _read_json(out / "progress" / f"phases-{r}.json") for r in range(processes)},

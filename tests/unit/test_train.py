@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 
@@ -203,10 +202,10 @@ def test_read_ahead_changes_no_result(synthetic_run, monkeypatch):
         metrics = json.loads((out / "metrics.json").read_text())
         tensors = {layer: load_file(str(out / "layers" / f"layer-{layer:03d}.safetensors")) for layer in range(3)}
         results[setting] = (metrics, tensors)
-        # train_seconds split into waiting for the data, for the device warm-up (none on the CPU) and fitting
+        # train_seconds split into waiting for the data and fitting
         for layer in ("0", "1", "2"):
-            parts = [metrics[f"{name}_seconds"][layer] for name in ("load_wait", "warm_up_wait", "fit")]
-            assert all(part >= 0 for part in parts) and metrics["warm_up_wait_seconds"][layer] == 0
+            parts = [metrics[f"{name}_seconds"][layer] for name in ("load_wait", "fit")]
+            assert all(part >= 0 for part in parts)
             assert sum(parts) <= metrics["train_seconds"][layer] + 0.01
     (before, before_tensors), (after, after_tensors) = results["0"], results["1"]
     assert after["layers"] == before["layers"]
@@ -341,17 +340,3 @@ def test_cpu_threads_share_the_machine_and_stay_out_of_the_training_key(monkeypa
     other.train.cpu_threads = 7
     parent = {"sha256": "x"}
     assert training_key(cfg, parent) == training_key(other, parent)
-
-
-def test_the_device_warm_up_runs_the_training_ops_and_never_stops_a_run(monkeypatch):
-    # no GPU here: run the warm-up's body on the CPU to show every op it uses takes these arguments
-    monkeypatch.setattr(train_mod.torch.cuda, "device", lambda device: contextlib.nullcontext())
-    train_mod._warm_up_cuda(torch.device("cpu"))
-    assert train_mod.DeviceWarmUp(torch.device("cpu")).wait() == 0.0  # nothing to warm on the CPU
-
-    def broken(device):
-        raise RuntimeError("no kernel image")
-
-    monkeypatch.setattr(train_mod, "_warm_up_cuda", broken)
-    warm_up = train_mod.DeviceWarmUp(torch.device("cuda", 0))
-    assert warm_up.wait() >= 0 and warm_up.wait() == 0.0

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,10 +34,16 @@ FORMAT_VERSIONS = {
 }
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+class HashCancelled(Exception):
+    """A hash stopped early because its `stop` event was set (the run it checked for is ending)."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22, stop: threading.Event | None = None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
+            if stop is not None and stop.is_set():
+                raise HashCancelled(str(path))
             digest.update(block)
     return digest.hexdigest()
 
@@ -167,11 +174,12 @@ def hash_threads() -> int:
 
 
 def verify_files(directory: str | Path, manifest: dict[str, Any], hash_share: tuple[int, int] | None = (0, 1),
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, stop: threading.Event | None = None) -> None:
     """Every listed file present with its size; the sha256 of this process's share of them (none when
     hash_share is None), hashed on `threads` threads (default hash_threads()); the first mismatch in
-    listing order is reported."""
+    listing order is reported. Setting `stop` ends the hashing early with HashCancelled."""
     from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
 
     directory = Path(directory)
     index, count = hash_share or (0, 0)
@@ -186,11 +194,12 @@ def verify_files(directory: str | Path, manifest: dict[str, Any], hash_share: tu
         if count and position % count == index:
             to_hash.append((path, entry["sha256"]))
     workers = min(len(to_hash), threads or hash_threads())
+    hash_one = partial(sha256_file, stop=stop)
     if workers <= 1:
-        digests = [sha256_file(path) for path, _ in to_hash]
+        digests = [hash_one(path) for path, _ in to_hash]
     else:
         with ThreadPoolExecutor(workers) as pool:
-            digests = list(pool.map(sha256_file, [path for path, _ in to_hash]))
+            digests = list(pool.map(hash_one, [path for path, _ in to_hash]))
     for (path, expected), digest in zip(to_hash, digests, strict=True):
         if digest != expected:
             raise DejavuError(f"{path} does not match its sha256 in the manifest (edited or corrupt)")

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -408,9 +409,15 @@ class CollectCheck:
     2x H200), paid before any layer began; presence and sizes are still checked before training."""
 
     def __init__(self, collect: CollectRun, share: tuple[int, int]):
+        self._stop = threading.Event()
         pool = ThreadPoolExecutor(1, thread_name_prefix="dejavu-verify")
-        self._future = pool.submit(verify_files, collect.dir, collect.manifest, share)
+        self._future = pool.submit(verify_files, collect.dir, collect.manifest, share, stop=self._stop)
         pool.shutdown(wait=False)
+
+    def cancel(self) -> None:
+        """Stop hashing: the run is ending on an error or Ctrl-C, and Python would otherwise wait for
+        the hash threads (tens of seconds at tens of GB) before it exits."""
+        self._stop.set()
 
     def failed(self) -> bool:
         """Whether the check has already found a problem (never waits)."""
@@ -519,6 +526,9 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
                 written.append(layer)
             overall.set_postfix(mlp_mass=f"{metrics['mlp']['mass_kept']:.3f}")
             overall.update()
+    except BaseException:
+        check.cancel()
+        raise
     finally:
         data.close()
     overall.close()

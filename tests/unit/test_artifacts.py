@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
 
 from dejavu.artifacts import (
+    HashCancelled,
     file_entry,
     load_tensors,
     read_manifest,
@@ -71,6 +73,11 @@ def test_hashing_on_threads_names_the_first_bad_file(tmp_path, threads):
     with pytest.raises(DejavuError, match="f1.safetensors does not match its sha256"):
         verify_files(stage, manifest, threads=threads)
     verify_files(stage, manifest, hash_share=(0, 2), threads=threads)  # files 0, 2, 4: this share is intact
+    verify_files(stage, manifest, hash_share=None, threads=threads)  # presence and sizes only
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(HashCancelled):  # a run ending early stops its background check
+        verify_files(stage, manifest, threads=threads, stop=stop)
 
 
 def test_corrupt_manifest_and_tensor_file(tmp_path):

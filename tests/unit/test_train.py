@@ -178,11 +178,14 @@ def test_unknown_density_lists_the_stored_ones(synthetic_run):
         run_train(synthetic_run, None, {"train.mlp_density": 0.3})
 
 
-def test_nan_input_names_the_layer(synthetic_run, prefetch):
+def test_nan_input_names_the_layer(synthetic_run, prefetch, monkeypatch):
     rewrite_shard(synthetic_run, lambda tensors: tensors["input.1"].__setitem__((3, 5), float("nan")))
+    cancelled = []
+    monkeypatch.setattr(train_mod.CollectCheck, "cancel", lambda self: cancelled.append(True))
     with pytest.raises(DejavuError, match=r"layer 1: input\.1 .*NaN"):
         run_train(synthetic_run, None, {"train.mlp_pairing": "current", "train.head_pairing": "current"})
     assert finished_layers(synthetic_run) == [0]
+    assert cancelled  # the background hash check is told to stop, so the process exits at once
 
 
 def test_a_damaged_later_layer_fails_when_reached_and_earlier_layers_stay(synthetic_run, prefetch):

@@ -58,6 +58,26 @@ def test_gather_ops_heads_units_tail_and_chunks():
     torch.testing.assert_close(acc, 1 + h @ big[sel], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_row_sums_split_into_bags_per_thread_add_up(batch, monkeypatch):
+    # a sequence's rows are split into bags to occupy every CPU thread (uneven last bag here); the
+    # partial sums must add up to the one-bag result
+    monkeypatch.setattr(R, "MIN_BAG_ROWS", 8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(6)
+    try:
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            w = torch.randn(200, 24).to(dtype)
+            idx = torch.randperm(200)[:61]
+            h = torch.randn(batch, idx.numel()).to(dtype)
+            acc = torch.ones(batch, 24)
+            R.gather_vecmat_acc(h, w, idx, 1, acc)
+            torch.testing.assert_close(acc, 1 + h.double() @ w[idx].double(), atol=tol * 10, rtol=tol,
+                                       check_dtype=False)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_select_topk_is_batch_max_topk_sorted():
     scores = torch.tensor([[0.1, 5.0, -1.0, 2.0], [3.0, 0.0, -2.0, 1.0]])
     assert R.select_topk(scores, 2).tolist() == [0, 1]

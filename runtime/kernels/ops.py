@@ -6,10 +6,40 @@ safe inside CUDA-graph capture; the decode loop calls only these, so one loop se
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from dejavu.runtime import reference
+
+
+class _Op:
+    """A registered custom op that eager CPU code calls straight through to its Python body. The
+    custom-op dispatcher cost ~75 us a call on the 2-core VM (residual_rmsnorm: 103 us through it,
+    29 us direct), which came to about a quarter of a SmolLM2 decode step. CUDA tensors and code being
+    compiled still go through the registered op."""
+
+    def __init__(self, fn: Callable, mutates_args: tuple[str, ...]):
+        functools.update_wrapper(self, fn)
+        self.eager = fn
+        self.op = torch.library.custom_op(f"dejavu::{fn.__name__}", mutates_args=mutates_args)(fn)
+        self.register_kernel = self.op.register_kernel
+        self.register_fake = self.op.register_fake
+
+    def __call__(self, first: Tensor, *args, **kwargs):
+        if first.device.type == "cpu" and not torch.compiler.is_compiling():
+            return self.eager(first, *args, **kwargs)
+        return self.op(first, *args, **kwargs)
+
+
+def _custom_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], _Op]:
+    def register(fn: Callable) -> _Op:
+        assert fn.__name__ == name.removeprefix("dejavu::"), "the op's name is its function's"
+        return _Op(fn, mutates_args)
+
+    return register
 
 
 def _triton():
@@ -18,7 +48,7 @@ def _triton():
     return triton_kernels
 
 
-@torch.library.custom_op("dejavu::gather_matvec", mutates_args=())
+@_custom_op("dejavu::gather_matvec", mutates_args=())
 def gather_matvec(x: Tensor, w: Tensor, idx: Tensor, unit: int, gate: Tensor | None, act: int,
                   tail: int = 0, bias: Tensor | None = None, workspace: Tensor | None = None) -> Tensor:
     return reference.gather_matvec(x, w, idx, unit, gate, act, tail, bias)
@@ -42,7 +72,7 @@ def split_workspace(device, rows: int) -> Tensor | None:
     return _triton().split_workspace(device, rows)
 
 
-@torch.library.custom_op("dejavu::gather_vecmat_acc", mutates_args=("acc",))
+@_custom_op("dejavu::gather_vecmat_acc", mutates_args=("acc",))
 def gather_vecmat_acc(h: Tensor, wt: Tensor, idx: Tensor, unit: int, acc: Tensor, scale: Tensor | None = None) -> None:
     """acc += h @ wt[rows of idx]; scale [B, n] (unit 1): h[:, j] is first multiplied by scale[:, idx[j]]."""
     if scale is not None:
@@ -60,7 +90,7 @@ def _(h, wt, idx, unit, acc, scale=None):
     return None
 
 
-@torch.library.custom_op("dejavu::sparse_mlp_acc", mutates_args=("acc",))
+@_custom_op("dejavu::sparse_mlp_acc", mutates_args=("acc",))
 def sparse_mlp_acc(x: Tensor, gate: Tensor, up: Tensor, down_t: Tensor, idx: Tensor, act: int, acc: Tensor) -> None:
     """acc += (act(x @ gate[idx].T) * (x @ up[idx].T)) @ down_t[idx]: the MLP of the selected neurons.
     On CUDA one launch at batch 1 (sparse_mlp_gemv), the two gather kernels at larger batches."""
@@ -81,7 +111,7 @@ def _(x, gate, up, down_t, idx, act, acc):
     return None
 
 
-@torch.library.custom_op("dejavu::threshold_vecmat_acc", mutates_args=("acc",))
+@_custom_op("dejavu::threshold_vecmat_acc", mutates_args=("acc",))
 def threshold_vecmat_acc(h: Tensor, wt: Tensor, threshold: float, acc: Tensor) -> None:
     """acc += where(|h| > threshold, h, 0) @ wt: each sequence drops its small entries (TEAL-style); a
     row of wt is read only when some sequence keeps it."""
@@ -98,7 +128,7 @@ def _(h, wt, threshold, acc):
     return None
 
 
-@torch.library.custom_op("dejavu::rope_cache_write_acc", mutates_args=("acc", "q_out", "kc", "vc"))
+@_custom_op("dejavu::rope_cache_write_acc", mutates_args=("acc", "q_out", "kc", "vc"))
 def rope_cache_write_acc(acc: Tensor, q_out: Tensor, kc: Tensor, vc: Tensor, cos: Tensor, sin: Tensor,
                          pos: Tensor) -> None:
     """drain_acc then rope_cache_write, in one launch on CUDA: q/k/v from an fp32 accumulator [B, (NQ +
@@ -122,7 +152,7 @@ def _(acc, q_out, kc, vc, cos, sin, pos):
     return None
 
 
-@torch.library.custom_op("dejavu::drain_acc", mutates_args=("acc", "out"))
+@_custom_op("dejavu::drain_acc", mutates_args=("acc", "out"))
 def drain_acc(acc: Tensor, out: Tensor) -> None:
     """out = acc in out's dtype, from an fp32 accumulator, which is left zeroed."""
     out.copy_(acc.to(out.dtype))
@@ -139,7 +169,7 @@ def _(acc, out):
     return None
 
 
-@torch.library.custom_op("dejavu::act_mul_acc", mutates_args=("acc", "out"))
+@_custom_op("dejavu::act_mul_acc", mutates_args=("acc", "out"))
 def act_mul_acc(acc: Tensor, act: int, out: Tensor) -> None:
     """out = act(acc[:, :n]) * acc[:, n:] from an fp32 [gate | up] accumulator, which is left zeroed."""
     n = out.shape[1]
@@ -157,7 +187,7 @@ def _(acc, act, out):
     return None
 
 
-@torch.library.custom_op("dejavu::residual_rmsnorm", mutates_args=("delta", "out", "h_out"))
+@_custom_op("dejavu::residual_rmsnorm", mutates_args=("delta", "out", "h_out"))
 def residual_rmsnorm(h: Tensor, delta: Tensor | None, weight: Tensor, out: Tensor, eps: float, offset: float,
                      zero_delta: bool, h_out: Tensor) -> None:
     reference.residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta, h_out)
@@ -173,7 +203,7 @@ def _(h, delta, weight, out, eps, offset, zero_delta, h_out):
     return None
 
 
-@torch.library.custom_op("dejavu::select_topk", mutates_args=("out",))
+@_custom_op("dejavu::select_topk", mutates_args=("out",))
 def select_topk(scores: Tensor, out: Tensor) -> None:
     """out [k] = ascending indices of the top-k of the batch's per-unit max score (k = out.numel())."""
     out.copy_(reference.select_topk(scores, out.numel()))
@@ -189,7 +219,7 @@ def _(scores, out):
     return None
 
 
-@torch.library.custom_op("dejavu::select_topk_wide", mutates_args=("out", "keys", "hist", "meta"))
+@_custom_op("dejavu::select_topk_wide", mutates_args=("out", "keys", "hist", "meta"))
 def select_topk_wide(scores: Tensor, out: Tensor, keys: Tensor, hist: Tensor, meta: Tensor) -> None:
     """select_topk's contract (out [k] ascending) from the many-program wide kernels on CUDA, for
     thousands of units where one program would be slow; keys/hist/meta as in predict_select."""
@@ -207,7 +237,7 @@ def _(scores, out, keys, hist, meta):
     return None
 
 
-@torch.library.custom_op("dejavu::predict_select", mutates_args=("out", "keys", "hist", "meta"))
+@_custom_op("dejavu::predict_select", mutates_args=("out", "keys", "hist", "meta"))
 def predict_select(h: Tensor, w2: Tensor, b2: Tensor, relu: bool, out: Tensor, keys: Tensor, hist: Tensor,
                    meta: Tensor) -> None:
     """A predictor's second layer and its selection: out [k] = select_topk(relu?(h) @ w2.T + b2) with the
@@ -227,7 +257,7 @@ def _(h, w2, b2, relu, out, keys, hist, meta):
     return None
 
 
-@torch.library.custom_op("dejavu::select_exact_up", mutates_args=("out", "keys", "hist", "meta"))
+@_custom_op("dejavu::select_exact_up", mutates_args=("out", "keys", "hist", "meta"))
 def select_exact_up(up: Tensor, logits: Tensor | None, weight: float, out: Tensor, keys: Tensor, hist: Tensor,
                     meta: Tensor) -> None:
     """Exact-up selection: out [k] = select_topk(log|up| + weight * logits) with fp32 scores that are
@@ -248,7 +278,7 @@ def _(up, logits, weight, out, keys, hist, meta):
     return None
 
 
-@torch.library.custom_op("dejavu::rope_cache_write", mutates_args=("q", "kc", "vc"))
+@_custom_op("dejavu::rope_cache_write", mutates_args=("q", "kc", "vc"))
 def rope_cache_write(q: Tensor, k: Tensor, v: Tensor, kc: Tensor, vc: Tensor, cos: Tensor, sin: Tensor,
                      pos: Tensor) -> None:
     reference.rope_cache_write(q, k, v, kc, vc, cos, sin, pos)
@@ -264,7 +294,7 @@ def _(q, k, v, kc, vc, cos, sin, pos):
     return None
 
 
-@torch.library.custom_op("dejavu::lazy_kv_fill", mutates_args=("xcache", "kc", "vc", "last"))
+@_custom_op("dejavu::lazy_kv_fill", mutates_args=("xcache", "kc", "vc", "last"))
 def lazy_kv_fill(x: Tensor, xcache: Tensor, w: Tensor, bias: Tensor | None, heads: Tensor, group: int, kc: Tensor,
                  vc: Tensor, last: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> None:
     reference.lazy_kv_fill(x, xcache, w, bias, heads, group, kc, vc, last, cos, sin, pos)
@@ -280,7 +310,7 @@ def _(x, xcache, w, bias, heads, group, kc, vc, last, cos, sin, pos):
     return None
 
 
-@torch.library.custom_op("dejavu::decode_attention", mutates_args=())
+@_custom_op("dejavu::decode_attention", mutates_args=())
 def decode_attention(q: Tensor, kc: Tensor, vc: Tensor, heads: Tensor, group: int, pos: Tensor,
                      scale: float) -> Tensor:
     return reference.decode_attention(q, kc, vc, heads, group, pos, scale)
@@ -296,7 +326,7 @@ def _(q, kc, vc, heads, group, pos, scale):
     return q.new_empty(q.shape)
 
 
-@torch.library.custom_op("dejavu::act_mul", mutates_args=())
+@_custom_op("dejavu::act_mul", mutates_args=())
 def act_mul(gu: Tensor, act: int) -> Tensor:
     n = gu.shape[1] // 2
     return (reference.apply_activation(gu[:, :n].float(), act) * gu[:, n:].float()).to(gu.dtype)

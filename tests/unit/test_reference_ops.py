@@ -62,7 +62,7 @@ def test_gather_ops_heads_units_tail_and_chunks():
 def test_row_sums_split_into_bags_per_thread_add_up(batch, monkeypatch):
     # a sequence's rows are split into bags to occupy every CPU thread (uneven last bag here); the
     # partial sums must add up to the one-bag result
-    monkeypatch.setattr(R, "MIN_BAG_ROWS", 8)
+    monkeypatch.setattr(R, "MIN_BAG_BYTES", 8 * 24 * 4)  # 8 rows of fp32
     before = torch.get_num_threads()
     torch.set_num_threads(6)
     try:

@@ -212,3 +212,20 @@ def test_programmatic_dependent_launch_only_on_cuda_tensors(monkeypatch):
            "print(T.USE_PDL)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "False", proc.stderr[-2000:]
+
+
+def test_cpu_calls_skip_the_dispatcher_but_the_registered_ops_remain():
+    # eager CPU code runs an op's body directly; the registered op (what CUDA, CUDA graphs and
+    # torch.compile use) gives the same result
+    from dejavu.runtime.kernels import ops
+
+    torch.manual_seed(0)
+    h, delta, w = torch.randn(2, 16), torch.randn(2, 16), torch.randn(16)
+    outs = []
+    for fn in (ops.residual_rmsnorm, torch.ops.dejavu.residual_rmsnorm):
+        out, h_out, d = torch.empty(2, 16), torch.empty(2, 16), delta.clone()
+        fn(h, d, w, out, 1e-6, 0.0, True, h_out)
+        outs.append((out, h_out, d))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b)
+    assert ops.residual_rmsnorm.op is not None and ops.residual_rmsnorm.__name__ == "residual_rmsnorm"

@@ -98,6 +98,9 @@ def test_two_processes_share_the_hash_check_and_fail_together(tmp_path):
     output = result.stdout + result.stderr
     assert "does not match its sha256" in output and "another process" in output
     assert not (tmp_path / "predictors" / "manifest.json").exists()
+    # the hashes are checked beside training: every process removes the layers it trained from that data
+    assert not list((tmp_path / "predictors" / "progress").glob("layer-*.json"))
+    assert not list((tmp_path / "predictors" / "layers").glob("*.safetensors"))
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")

@@ -202,6 +202,12 @@ def run_bench(model: str | None = None, bundle: Path | None = None, dataset: str
 
         atomic_write_json(json_out, report)
         print(f"  JSON report: {json_out}")
+        from dejavu.runtime.plot import plot_path, write_speed_plot
+
+        if write_speed_plot(report, plot_path(json_out)) is not None:
+            print(f"  plot: {plot_path(json_out)}")
+        elif report.get("speed"):
+            print("  no plot: matplotlib is not installed (pip install 'dejavu[plot]')")
     return report
 
 

@@ -3,6 +3,7 @@ bench report (stdout + JSON with the contract keys, nested and flat)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -122,6 +123,9 @@ def test_synthetic_bench_is_speed_only(tmp_path, tiny_llama, monkeypatch, capsys
     assert data["batch_size"] == 1 and data["dense.ms_per_token"] > 0 and data["speedup"] > 0
     assert set(data["speed"]["batches"]) == {"1", "2"}
     assert "synthetic weights" in capsys.readouterr().out
+    # the speed plot beside the JSON (matplotlib is the `plot` extra, installed by `make setup`)
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # exact-up selection: the decode loop times it too, reading every up row
     run_bench(synthetic="tiny-shapes", json_out=out, config_file="tiny",
               overrides={"runtime.device": "cpu", "runtime.mlp_up_weight": 0.4})

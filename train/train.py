@@ -52,6 +52,7 @@ FINITE_CHECK_STEPS = 64
 # "1" / "0": read each layer while the previous one trains, or when it is reached. Unset: read ahead
 # when training on an accelerator; on the CPU the reading would compete with training for the cores.
 PREFETCH_ENV = "DEJAVU_TRAIN_PREFETCH"
+CHECK_FAILED = "collect-check-failed"  # progress/ marker: a process's share of the collect hashes failed
 
 
 def resolve_config(base: dict, config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
@@ -479,6 +480,8 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
         (out / MANIFEST).unlink(missing_ok=True)
         (out / "layers").mkdir(parents=True, exist_ok=True)
         (out / "progress").mkdir(parents=True, exist_ok=True)
+        for marker in (out / "progress").glob(f"{CHECK_FAILED}-*"):
+            marker.unlink()  # left by an earlier run whose collect data has since been checked again
     acc.wait_for_everyone()
     clock.mark("prepare")
     check = CollectCheck(collect, (acc.process_index, acc.num_processes))
@@ -496,10 +499,15 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
     written: list[int] = []
     try:
         for layer in mine:
-            # Alone, a process stops at the first layer after its check failed. With others it trains on
-            # to the joint check below: a replica leaving early would stall its layer's collectives.
-            if acc.num_processes == 1 and check.failed():
-                break
+            # A process stops at the first layer after its own check failed, leaving a marker in the
+            # shared run directory, and at the first layer after another's marker appears. Replicas of
+            # a layer train on to the joint check below: one leaving early would stall their collectives.
+            if replicas is None:
+                if check.failed():
+                    (out / "progress" / f"{CHECK_FAILED}-{acc.process_index}").touch()
+                    break
+                if acc.num_processes > 1 and any((out / "progress").glob(f"{CHECK_FAILED}-*")):
+                    break
             if layer not in todo:
                 overall.set_postfix(skipped=layer)
                 overall.update()

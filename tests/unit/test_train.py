@@ -173,6 +173,17 @@ def test_missing_or_corrupt_collect_data(synthetic_run, tmp_path):
         run_train(synthetic_run, None, {})
 
 
+def test_a_stale_check_failure_marker_is_cleared(synthetic_run):
+    # a marker another process left when its share of the hashes failed (that run then stopped); the
+    # next run checks the data again and must not stop on the old marker
+    progress = synthetic_run / "predictors" / "progress"
+    progress.mkdir(parents=True)
+    (progress / f"{train_mod.CHECK_FAILED}-1").touch()
+    run_train(synthetic_run, None, {})
+    assert not list(progress.glob(f"{train_mod.CHECK_FAILED}-*"))
+    assert finished_layers(synthetic_run) == [0, 1, 2]
+
+
 def test_unknown_density_lists_the_stored_ones(synthetic_run):
     with pytest.raises(DejavuError, match=r"densities 0\.5, not 0\.3.*--mlp-label-densities 0\.3"):
         run_train(synthetic_run, None, {"train.mlp_density": 0.3})

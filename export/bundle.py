@@ -66,7 +66,6 @@ def _calibrated_thresholds(cfg, model_name: str, identity: dict | None, keep_dow
     from dejavu.models.adapters import adapter_for
     from dejavu.models.identity import check_identity, model_identity
     from dejavu.models.loading import load_model
-    from dejavu.runtime.quality import model_context
     from dejavu.runtime.thresholds import calibrate_on_corpus
 
     e = cfg.export
@@ -77,7 +76,7 @@ def _calibrated_thresholds(cfg, model_name: str, identity: dict | None, keep_dow
     with torch.no_grad():
         thresholds = calibrate_on_corpus(model, adapter, tokenizer, cfg.data, e.calibration_tokens, e.mlp_keep_input,
                                          keep_down, e.attn_keep_input,
-                                         window=min(model_context(model), cfg.runtime.eval_window))
+                                         max_window=cfg.runtime.eval_window)
     description = {**thresholds.describe(), "calibration": cfg.data.dataset,
                    "calibration_tokens": e.calibration_tokens}
     return thresholds, description, identity or model_identity(adapter, source.display)

@@ -213,12 +213,11 @@ def run_bench(model: str | None = None, bundle: Path | None = None, dataset: str
 
 def _calibrate_thresholds(model, adapter, tokenizer, cfg, keep_input: float, keep_down: float):
     """Per-layer thresholds from a dense forward over the calibration corpus (data.dataset)."""
-    from dejavu.runtime.quality import model_context
     from dejavu.runtime.thresholds import calibrate_on_corpus
 
     return calibrate_on_corpus(model, adapter, tokenizer, cfg.data, cfg.runtime.calibration_tokens, keep_input,
                                keep_down, cfg.runtime.attn_keep_input,
-                               window=min(model_context(model), cfg.runtime.eval_window))
+                               max_window=cfg.runtime.eval_window)
 
 
 def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> dict:

@@ -528,7 +528,7 @@ class DecodeModel:
         for i, lw in enumerate(self.layers):
             if sparse:
                 self.select(hs[i], i, heads_sel, mlp_sel)
-            if sparse and lw.wqkv_t is not None and self.thresholds.attention:
+            if sparse and lw.wqkv_t is not None:  # set only with attention thresholds
                 self._threshold_attention(st, i, lw)
             else:
                 self._attention(st, i, lw, self._take(heads_sel, i))
@@ -673,7 +673,7 @@ class DecodeModel:
             kv_heads = min(self.KV, heads) if heads < self.H else self.KV
             kv_rows = kv_heads if (self.skip_kv and heads < self.H) else self.KV
             attention = (2 * heads * hd + 2 * kv_rows * hd) * d
-            if sparse and lw.wqkv_t is not None and self.thresholds.attention:  # shares of q/k/v's and o's input kept
+            if sparse and lw.wqkv_t is not None:  # attention thresholds: shares of q/k/v's and o's input kept
                 keep = self.thresholds.keep_attn
                 attention = round(keep * d) * (self.H + 2 * self.KV) * hd + round(keep * self.H * hd) * d
             weights += (gate_rows + up_rows + down_rows) * d * item + attention * item

@@ -165,7 +165,8 @@ def speed_report(model, adapter, predictors: PredictorSet | None, *, device: tor
     mlp_candidate_density: two-stage MLP selection (see runtime.decode); None: one-stage.
     mlp_up_weight: exact-up MLP selection (see runtime.decode); None: the predictor selects.
     skip_kv: the sparse step computes k/v only for the KV groups its heads read (see runtime.decode).
-    thresholds: the MLP by per-layer magnitude thresholds (runtime.thresholds) instead of predictors."""
+    thresholds: per-layer magnitude thresholds (runtime.thresholds) instead of predictors, for the MLP
+    and, when they cover it, attention."""
     device = torch.device(device)
     previous_threads = torch.get_num_threads()
     if device.type == "cpu" and cpu_threads:

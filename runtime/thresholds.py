@@ -96,16 +96,19 @@ def calibrate_on_random_tokens(model, adapter, keep_x: float, keep_h: float, tok
 
 
 def calibrate_on_corpus(model, adapter, tokenizer, data, tokens: int, keep_x: float, keep_h: float,
-                        keep_attn: float | None, window: int) -> Thresholds:
+                        keep_attn: float | None, max_window: int) -> Thresholds:
     """Thresholds from a dense forward over the first `tokens` tokens of `data.dataset` (a DataConfig:
-    dataset, split, text_field), as `dejavu export` and `dejavu bench` calibrate them."""
+    dataset, split, text_field) in windows of the model's context or `max_window`, whichever is
+    shorter, as `dejavu export` and `dejavu bench` calibrate them."""
     from dejavu.corpus import load_texts, tokenize_stream
+    from dejavu.runtime.quality import model_context
 
     ids = tokenize_stream(load_texts(data.dataset, split=data.split, text_field=data.text_field), tokenizer)[:tokens]
     if ids.numel() == 0:
         raise DejavuError(f"the calibration corpus {data.dataset} gave no tokens")
     print(f"  calibrating thresholds on {ids.numel()} tokens of {data.dataset}", flush=True)
-    return calibrate_thresholds(model, adapter, ids, keep_x, keep_h, window=window, keep_attn=keep_attn)
+    return calibrate_thresholds(model, adapter, ids, keep_x, keep_h, window=min(model_context(model), max_window),
+                                keep_attn=keep_attn)
 
 
 # In a bundle (export/bundle.py): one fp32 tensor [num_layers] per kind, under these names

@@ -59,6 +59,17 @@ def _masked_last_position(model, adapter, ids, thresholds):
             h.remove()
 
 
+def _forward_in_windows(model, tokens, handles, window: int = 64) -> None:
+    """The dense forward the calibration ran (same windows), with hooks that measure it; removes them."""
+    try:
+        with torch.no_grad():
+            for start in range(0, tokens.numel(), window):
+                model(tokens[start:start + window][None])
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def test_calibrated_thresholds_keep_the_asked_shares(tiny_model_factory):
     model, adapter = _load(tiny_model_factory("llama"))
     tokens = torch.randint(1, 500, (256,), generator=torch.Generator().manual_seed(0))
@@ -71,11 +82,7 @@ def test_calibrated_thresholds_keep_the_asked_shares(tiny_model_factory):
             lambda m, a, i=i: seen["x"].append((a[0].abs() > t.x[i]).float().mean().item())))
         handles.append(adapter.down_proj(layer).register_forward_pre_hook(
             lambda m, a, i=i: seen["h"].append((a[0].abs() > t.h[i]).float().mean().item())))
-    with torch.no_grad():
-        for start in range(0, 256, 64):
-            model(tokens[start:start + 64][None])
-    for h in handles:
-        h.remove()
+    _forward_in_windows(model, tokens, handles)
     assert abs(sum(seen["x"]) / len(seen["x"]) - 0.7) < 0.01
     assert abs(sum(seen["h"]) / len(seen["h"]) - 0.4) < 0.01
     everything = calibrate_thresholds(model, adapter, tokens, 1.0, 1.0, window=64)
@@ -95,11 +102,7 @@ def test_calibrated_attention_thresholds_keep_the_asked_share(tiny_model_factory
             with_kwargs=True))
         handles.append(adapter.o_proj(layer).register_forward_pre_hook(
             lambda m, a, i=i: seen["attn_o"].append((a[0].abs() > t.attn_o[i]).float().mean().item())))
-    with torch.no_grad():
-        for start in range(0, 256, 64):
-            model(tokens[start:start + 64][None])
-    for h in handles:
-        h.remove()
+    _forward_in_windows(model, tokens, handles)
     for key in seen:
         assert abs(sum(seen[key]) / len(seen[key]) - 0.6) < 0.01, key
 

@@ -132,6 +132,9 @@ class RuntimeConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     decode_tokens: int = 64
     warmup: int = 5
+    # speed: tokens of context prefilled before the timed decode (attention reads a cache this long and
+    # growing; weights dominate a 7B step below ~1K tokens, the cache above)
+    prompt_len: int = 16
 
 
 @dataclass
@@ -279,6 +282,8 @@ def validate(cfg: RunConfig) -> None:
         _check_density(d, f"export.mlp_density_per_layer[{layer}]")
     if cfg.collect.max_tokens <= 0:
         raise DejavuError(f"collect.max_tokens must be positive, got {cfg.collect.max_tokens}")
+    if cfg.runtime.prompt_len < 1:
+        raise DejavuError(f"runtime.prompt_len (--prompt-len) must be at least 1, got {cfg.runtime.prompt_len}")
     if cfg.data.seq_len < 2:
         raise DejavuError(f"data.seq_len must be at least 2, got {cfg.data.seq_len}")
     for name, value, allowed in (

@@ -90,6 +90,8 @@ def main() -> None:
                     help="sparse steps compute k/v for every KV group (all), only for the groups the selected "
                          "heads read, skipped positions filled lazily (skip), or each config both ways")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=speed.PROMPT_LEN,
+                    help="prompt tokens before the timed decode (the context attention reads grows from here)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rank", type=int, default=None)
     ap.add_argument("--hf-tokens", type=int, default=16)
@@ -125,11 +127,11 @@ def main() -> None:
     model, adapter, preds = build_synthetic(args.synthetic, args.layers, device, dtype, 0.5, 0.5, rank=args.rank)
     preds.mlp_pairing = args.mlp_pairing
     print(f"built {args.synthetic} ({adapter.num_layers} layers) in {time.time() - t0:.0f}s", flush=True)
-    max_len = speed.PROMPT_LEN + args.warmup + args.tokens + 8
+    max_len = args.prompt_len + args.warmup + args.tokens + 8
     dm = DecodeModel(model, adapter, None, device, dtype, max_len, select_impl=args.select_impl,
                      predictor_priority=args.priority, join_order=args.join_order)
     copy = speed.copy_bandwidth_gbps(device)
-    hf = speed.hf_eager_ms_per_token(model, 1, args.hf_tokens, device)
+    hf = speed.hf_eager_ms_per_token(model, 1, args.hf_tokens, device, prompt_len=args.prompt_len)
     pdl = False  # programmatic dependent launch of the Triton kernels (DEJAVU_PDL, Hopper+)
     if device.type == "cuda":
         from dejavu.runtime.kernels import triton_kernels
@@ -140,6 +142,7 @@ def main() -> None:
               "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "dtype": args.dtype, "copy_bandwidth_gbps": copy, "hf_eager_ms_per_token": hf,
               "predictor_rank": preds.meta.get("rank"), "decode_tokens": args.tokens, "warmup": args.warmup,
+              "prompt_len": args.prompt_len,
               "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
               "kv": args.kv, "pdl": pdl, "mlp_pairing": preds.mlp_pairing, "head_pairing": preds.head_pairing,
               "select_impl": args.select_impl, "join_order": args.join_order, "predictor_priority": args.priority, "gemm_tiles": args.gemm_tiles,
@@ -147,8 +150,9 @@ def main() -> None:
     table = []
     for b in [int(x) for x in args.batches.split(",")]:
         dm.attach_predictors(None)
-        dense_ms, by_impl = speed.best_dense_ms(dm, b, args.tokens, args.warmup)
-        dense = speed.batch_figures(dm, b, args.tokens, args.warmup, copy, dense_ms=dense_ms, with_sparse=False)
+        dense_ms, by_impl = speed.best_dense_ms(dm, b, args.tokens, args.warmup, args.prompt_len)
+        dense = speed.batch_figures(dm, b, args.tokens, args.warmup, copy, dense_ms=dense_ms, with_sparse=False,
+                                    prompt_len=args.prompt_len)
         entry = {"dense_ms_per_token": dense_ms, "dense": dense, "dense_by_impl": by_impl,
                  "dense_impl": dm.dense_impl, "sparse": {}, "two_stage": {}, "exact_up": {}}
         print(f"batch {b}: dense {dense_ms:.3f} ms/token ({dense['dense_over_floor']:.2f}x floor) "
@@ -168,7 +172,7 @@ def main() -> None:
                 dm.mlp_candidate_density, dm.mlp_up_weight, dm.skip_kv = cand, up_weight, skip_kv
                 dm.attach_predictors(preds.with_densities(mlp, float(heads)))
                 row = speed.batch_figures(dm, b, args.tokens, args.warmup, copy,
-                                          dense_ms=dense["dense_ms_per_token"])
+                                          dense_ms=dense["dense_ms_per_token"], prompt_len=args.prompt_len)
                 row["mlp_density"], row["head_density"], row["mlp_candidate_density"] = mlp, float(heads), cand
                 row["mlp_up_weight"], row["skip_kv"] = up_weight, skip_kv
                 row["bytes_share"] = row["sparse_bytes_per_step"] / dense["dense_bytes_per_step"]
@@ -204,7 +208,7 @@ def main() -> None:
     print(f"HF eager {hf:.2f} ms/token; copy {copy:.0f} GB/s; wrote {out}")
 
 
-def measured_row_shares(dm: DecodeModel, batch: int, steps: int) -> dict:
+def measured_row_shares(dm: DecodeModel, batch: int, steps: int, prompt_len: int) -> dict:
     """The shares of gate/up and down rows the threshold kernels read (kept by any sequence) over eager
     sparse steps after a prefill like the timed one's: the bytes bound above counts the calibrated
     per-sequence shares, which random-weight activations need not keep in decode, nor a batch's union."""
@@ -222,7 +226,7 @@ def measured_row_shares(dm: DecodeModel, batch: int, steps: int) -> dict:
 
     st = dm.new_state(batch)
     gen = torch.Generator().manual_seed(0)
-    dm.prefill(st, torch.randint(1, dm.embed.shape[0], (batch, speed.PROMPT_LEN), generator=gen))
+    dm.prefill(st, torch.randint(1, dm.embed.shape[0], (batch, prompt_len), generator=gen))
     ops.threshold_vecmat_acc = counting
     try:
         for _ in range(min(steps, 8)):
@@ -241,7 +245,7 @@ def threshold_runs(args, model, adapter, preds, copy: float, result: dict, out: 
                                                    keep_attn=pair[2] if len(pair) > 2 else None) for pair in pairs}
     # built with attention thresholds when any spec has them, so the layers keep W_qkv^T too
     first = next((p for p in pairs if len(p) > 2), pairs[0])
-    dm = DecodeModel(model, adapter, None, device, dtype, speed.PROMPT_LEN + args.warmup + args.tokens + 8,
+    dm = DecodeModel(model, adapter, None, device, dtype, args.prompt_len + args.warmup + args.tokens + 8,
                      select_impl=args.select_impl, predictor_priority=args.priority, join_order=args.join_order,
                      thresholds=thresholds[first])
     table = []
@@ -256,8 +260,9 @@ def threshold_runs(args, model, adapter, preds, copy: float, result: dict, out: 
                     continue  # every head computed: one run per batch
                 dm.thresholds = thresholds[pair]
                 dm.attach_predictors(None if attention else preds.with_densities(1.0, float(heads)))
-                row = speed.batch_figures(dm, b, args.tokens, args.warmup, copy, dense_ms=dense_ms)
-                row.update(measured_row_shares(dm, b, args.tokens))
+                row = speed.batch_figures(dm, b, args.tokens, args.warmup, copy, dense_ms=dense_ms,
+                                          prompt_len=args.prompt_len)
+                row.update(measured_row_shares(dm, b, args.tokens, args.prompt_len))
                 row.update(keep_x=pair[0], keep_h=pair[1], keep_attn=pair[2] if attention else None,
                            head_density=1.0 if attention else float(heads), skip_kv=False,
                            mlp_density=pair[1], bytes_share=row["sparse_bytes_per_step"]
@@ -305,7 +310,7 @@ def ablation(args, dm: DecodeModel, preds, copy: float, result: dict, out: Path)
                               if dm.device.type == "cuda" and prio is not None else None)
             preds.mlp_pairing = pairing
             dm.attach_predictors(preds.with_densities(mlp, heads))
-            r = speed.batch_figures(dm, b, args.tokens, args.warmup, copy, dense_ms=dense)
+            r = speed.batch_figures(dm, b, args.tokens, args.warmup, copy, dense_ms=dense, prompt_len=args.prompt_len)
             rows.append({"mlp_density": mlp, "head_density": heads, "select_impl": impl, "priority": prio,
                          "mlp_pairing": pairing, "join_order": join_order, **r})
             lines.append(f"  {mlp:3.1f} {heads:4.1f} | {impl:7s} {'inline' if prio is None else prio:>6} {pairing:9s} {join_order:11s} | {r['sparse_ms_per_token']:.3f} "

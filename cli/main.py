@@ -207,6 +207,9 @@ def bench(
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto."),
     selection: str | None = typer.Option(None, "--selection", help="predictor (the bundle), oracle (true top-k) or dense."),
     batch_sizes: str | None = typer.Option(None, "--batch-sizes", help="Comma-separated decode batch sizes for speed, e.g. 1,4,8."),
+    prompt_len: int | None = typer.Option(
+        None, "--prompt-len",
+        help="Speed: tokens of context before the timed decode; attention reads a cache this long (default 16)."),
     synthetic: str | None = typer.Option(None, "--synthetic", help="Random weights at a real model's shapes (e.g. llama-2-7b): speed only."),
     layers: int | None = typer.Option(None, "--layers", help="Keep only the first N decoder layers (quick or CPU runs)."),
     quality: bool = typer.Option(True, "--quality/--no-quality", help="Measure perplexity, agreement and KL."),
@@ -223,7 +226,7 @@ def bench(
         overrides={
             "runtime.mlp_density": mlp_density, "runtime.head_density": head_density,
             "runtime.max_eval_tokens": max_eval_tokens, "runtime.device": device, "runtime.dtype": dtype,
-            "runtime.selection": selection, "runtime.batch_sizes": sizes,
+            "runtime.selection": selection, "runtime.batch_sizes": sizes, "runtime.prompt_len": prompt_len,
             "runtime.mlp_candidate_density": mlp_candidate_density, "runtime.mlp_up_weight": mlp_up_weight,
             "runtime.skip_kv": skip_kv, "runtime.mlp_keep_input": mlp_keep_input,
             "runtime.attn_keep_input": attn_keep_input, "data.dataset": calibration,

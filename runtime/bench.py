@@ -30,12 +30,13 @@ def _mean(values: list[float]) -> float:
 
 
 @torch.no_grad()
-def _fallback_speed(model, adapter, predictors, *, device, dtype, batch_sizes, decode_tokens, warmup) -> dict:
+def _fallback_speed(model, adapter, predictors, *, device, dtype, batch_sizes, decode_tokens, warmup,
+                    prompt_len) -> dict:
     """HF eager greedy decode: dense vs the reference gather path (MLP rows only; heads masked)."""
     from dejavu.runtime.apply import SparseRuntime
 
     def timed(runtime, batch: int) -> float:
-        ids = torch.randint(0, model.config.vocab_size, (batch, 16), device=device)
+        ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
         out = model(input_ids=ids, use_cache=True)
         past, step = out.past_key_values, out.logits[:, -1:].argmax(-1)
         for i in range(warmup + decode_tokens):
@@ -63,14 +64,15 @@ def _fallback_speed(model, adapter, predictors, *, device, dtype, batch_sizes, d
             "method": "HF eager decode, dense vs the reference gather path (no fast decode loop for this family)"}
 
 
-def measure_speed(model, adapter, predictors, *, device, dtype, batch_sizes, decode_tokens, warmup,
+def measure_speed(model, adapter, predictors, *, device, dtype, batch_sizes, decode_tokens, warmup, prompt_len,
                   mlp_candidate_density: float | None = None, mlp_up_weight: float | None = None,
                   skip_kv: bool = False, thresholds=None) -> dict:
     from dejavu.runtime.decode import SUPPORTED_MODEL_TYPES
     from dejavu.runtime.speed import speed_report
 
     model_type = getattr(model.config, "model_type", "")
-    common = dict(device=device, dtype=dtype, batch_sizes=batch_sizes, decode_tokens=decode_tokens, warmup=warmup)
+    common = dict(device=device, dtype=dtype, batch_sizes=batch_sizes, decode_tokens=decode_tokens, warmup=warmup,
+                  prompt_len=prompt_len)
     if model_type not in SUPPORTED_MODEL_TYPES:
         warnings.warn(f"no fast decode loop for {model_type!r} models yet; timing HF eager decode instead",
                       stacklevel=2)
@@ -241,6 +243,7 @@ def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> di
     if speed:
         speed_data = measure_speed(model, adapter, predictors, device=device, dtype=dtype, batch_sizes=batch_sizes,
                                    decode_tokens=cfg.runtime.decode_tokens, warmup=cfg.runtime.warmup,
+                                   prompt_len=cfg.runtime.prompt_len,
                                    mlp_candidate_density=cfg.runtime.mlp_candidate_density,
                                    mlp_up_weight=cfg.runtime.mlp_up_weight, skip_kv=cfg.runtime.skip_kv,
                                    thresholds=thresholds)
@@ -338,6 +341,7 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
     if speed:
         sp = use.with_densities(rt.mlp_density, rt.head_density) if use is not None else None
         speed_data = measure_speed(model, adapter, sp, device=device, dtype=dtype, batch_sizes=batch_sizes,
-                                   decode_tokens=rt.decode_tokens, warmup=rt.warmup, mlp_candidate_density=cand_d,
+                                   decode_tokens=rt.decode_tokens, warmup=rt.warmup, prompt_len=rt.prompt_len,
+                                   mlp_candidate_density=cand_d,
                                    mlp_up_weight=up_w, skip_kv=rt.skip_kv, thresholds=thresholds)
     return build_report(base, quality_data, speed_data, batch_sizes[0])

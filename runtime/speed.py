@@ -15,7 +15,7 @@ import torch
 from dejavu.predictor import PredictorSet
 from dejavu.runtime.decode import DecodeModel, GraphedStep
 
-PROMPT_LEN = 16
+PROMPT_LEN = 16  # default tokens of context before the timed decode (cli: --prompt-len)
 
 
 def _sync(device: torch.device) -> None:
@@ -57,10 +57,11 @@ def _timed_loop(fn, device: torch.device, warmup: int, steps: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / steps
 
 
-def decode_ms_per_token(dm: DecodeModel, batch: int, sparse: bool, steps: int, warmup: int, seed: int = 0) -> float:
+def decode_ms_per_token(dm: DecodeModel, batch: int, sparse: bool, steps: int, warmup: int, seed: int = 0,
+                        prompt_len: int = PROMPT_LEN) -> float:
     st = dm.new_state(batch, dense_only=not sparse)
     gen = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(1, dm.embed.shape[0], (batch, PROMPT_LEN), generator=gen)
+    prompt = torch.randint(1, dm.embed.shape[0], (batch, prompt_len), generator=gen)
     dm.prefill(st, prompt)
     if dm.device.type == "cuda":
         step = GraphedStep(dm, st, sparse)
@@ -84,10 +85,11 @@ def predictor_ms(dm: DecodeModel, batch: int, steps: int = 20) -> float:
 
 
 @torch.no_grad()
-def hf_eager_ms_per_token(model, batch: int, steps: int, device: torch.device, warmup: int = 2) -> float:
+def hf_eager_ms_per_token(model, batch: int, steps: int, device: torch.device, warmup: int = 2,
+                          prompt_len: int = PROMPT_LEN) -> float:
     """Hugging Face's own decode (model(..., past_key_values), eager): the baseline users know."""
     vocab = model.get_input_embeddings().weight.shape[0]
-    ids = torch.randint(1, vocab, (batch, PROMPT_LEN), device=device)
+    ids = torch.randint(1, vocab, (batch, prompt_len), device=device)
     out = model(ids, use_cache=True)
     state = {"past": out.past_key_values, "next": out.logits[:, -1].argmax(-1, keepdim=True)}
 
@@ -98,24 +100,25 @@ def hf_eager_ms_per_token(model, batch: int, steps: int, device: torch.device, w
     return _timed_loop(one, device, warmup, steps)
 
 
-def best_dense_ms(dm: DecodeModel, batch: int, decode_tokens: int, warmup: int) -> tuple[float, dict]:
+def best_dense_ms(dm: DecodeModel, batch: int, decode_tokens: int, warmup: int,
+                  prompt_len: int = PROMPT_LEN) -> tuple[float, dict]:
     """Dense ms/token with cuBLAS projections and with the Triton row kernels over all rows (CUDA);
     leaves dm.dense_impl at the faster one, which the sparse step then also uses for its dense parts."""
     impls = ("cublas", "triton") if dm.device.type == "cuda" else ("cublas",)
     times = {}
     for impl in impls:
         dm.dense_impl = impl
-        times[impl] = decode_ms_per_token(dm, batch, False, decode_tokens, warmup)
+        times[impl] = decode_ms_per_token(dm, batch, False, decode_tokens, warmup, prompt_len=prompt_len)
     dm.dense_impl = min(times, key=times.get)
     return times[dm.dense_impl], times
 
 
 def batch_figures(dm: DecodeModel, batch: int, decode_tokens: int, warmup: int, copy_gbps: float,
-                  dense_ms: float | None = None, with_sparse: bool = True) -> dict:
+                  dense_ms: float | None = None, with_sparse: bool = True, prompt_len: int = PROMPT_LEN) -> dict:
     """One batch size: dense (unless given) and sparse timings, bytes and ratios."""
-    context = PROMPT_LEN + warmup + decode_tokens // 2
+    context = prompt_len + warmup + decode_tokens // 2
     if dense_ms is None:
-        dense_ms = best_dense_ms(dm, batch, decode_tokens, warmup)[0]
+        dense_ms = best_dense_ms(dm, batch, decode_tokens, warmup, prompt_len)[0]
     dense_bytes = dm.step_bytes(batch, context, sparse=False)["total"]
     row = {
         "dense_ms_per_token": dense_ms,
@@ -126,7 +129,7 @@ def batch_figures(dm: DecodeModel, batch: int, decode_tokens: int, warmup: int, 
     }
     row["dense_over_floor"] = dense_ms / row["dense_floor_ms"]
     if with_sparse and (dm.predictors is not None or dm.thresholds is not None):
-        sparse_ms = decode_ms_per_token(dm, batch, True, decode_tokens, warmup)
+        sparse_ms = decode_ms_per_token(dm, batch, True, decode_tokens, warmup, prompt_len=prompt_len)
         sb = dm.step_bytes(batch, context, sparse=True)
         pred = predictor_ms(dm, batch)
         row.update({
@@ -157,8 +160,10 @@ def _mean_density(predictors: PredictorSet | None, attr: str) -> float:
 def speed_report(model, adapter, predictors: PredictorSet | None, *, device: torch.device, dtype: torch.dtype,
                  batch_sizes: list[int], decode_tokens: int, warmup: int, hf_eager_tokens: int | None = None,
                  cpu_threads: int | None = None, mlp_candidate_density: float | None = None,
-                 mlp_up_weight: float | None = None, skip_kv: bool = False, thresholds=None) -> dict:
-    """Dense vs sparse decode speed of `model` in the graph-captured loop (see module docstring).
+                 mlp_up_weight: float | None = None, skip_kv: bool = False, thresholds=None,
+                 prompt_len: int = PROMPT_LEN) -> dict:
+    """Dense vs sparse decode speed of `model` in the graph-captured loop (see module docstring), each
+    timed step reading a KV cache of prompt_len + warmup + (up to) decode_tokens positions.
 
     cpu_threads: torch threads while timing on CPU (restored after). On the shared 2-core VM here one
     thread was faster for dense and sparse alike (OpenMP barriers wait on a busy second core).
@@ -173,7 +178,8 @@ def speed_report(model, adapter, predictors: PredictorSet | None, *, device: tor
         torch.set_num_threads(cpu_threads)
     try:
         report = _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode_tokens, warmup,
-                               hf_eager_tokens, mlp_candidate_density, mlp_up_weight, skip_kv, thresholds)
+                               hf_eager_tokens, mlp_candidate_density, mlp_up_weight, skip_kv, thresholds,
+                               prompt_len)
     finally:
         torch.set_num_threads(previous_threads)
     report["cpu_threads"] = torch.get_num_threads() if device.type != "cpu" or not cpu_threads else cpu_threads
@@ -182,16 +188,17 @@ def speed_report(model, adapter, predictors: PredictorSet | None, *, device: tor
 
 def _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode_tokens, warmup,
                   hf_eager_tokens, mlp_candidate_density=None, mlp_up_weight=None, skip_kv=False,
-                  thresholds=None) -> dict:
-    max_len = PROMPT_LEN + warmup + decode_tokens + 8
+                  thresholds=None, prompt_len: int = PROMPT_LEN) -> dict:
+    max_len = prompt_len + warmup + decode_tokens + 8
     dm = DecodeModel(model, adapter, predictors, device, dtype, max_len,
                      mlp_candidate_density=mlp_candidate_density if predictors is not None else None,
                      mlp_up_weight=mlp_up_weight if predictors is not None else None, skip_kv=skip_kv,
                      thresholds=thresholds)
     copy_gbps = copy_bandwidth_gbps(device)
     hf_steps = hf_eager_tokens or min(decode_tokens, 16 if device.type == "cuda" else 4)
-    hf_ms = hf_eager_ms_per_token(model, 1, hf_steps, device)
-    batches = {str(b): batch_figures(dm, b, decode_tokens, warmup, copy_gbps) for b in batch_sizes}
+    hf_ms = hf_eager_ms_per_token(model, 1, hf_steps, device, prompt_len=prompt_len)
+    batches = {str(b): batch_figures(dm, b, decode_tokens, warmup, copy_gbps, prompt_len=prompt_len)
+               for b in batch_sizes}
     first = batches[str(batch_sizes[0])]
     return {
         "batches": batches,
@@ -210,7 +217,7 @@ def _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).replace("torch.", ""),
         "runtime": "cuda-graph" if device.type == "cuda" else "eager",
-        "prompt_len": PROMPT_LEN,
+        "prompt_len": prompt_len,
         "decode_tokens": decode_tokens,
         "warmup": warmup,
         "batch_selection": "top-k of the per-unit max score over the batch (fixed k per layer)",

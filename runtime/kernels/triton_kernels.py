@@ -784,16 +784,25 @@ def lazy_kv_fill(x, xcache, w, bias, heads, group: int, kc, vc, last, cos, sin, 
 # decode attention over the cache, selected q heads only (GQA: q head h reads kv head h // group)
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, out_ptr, NKV, T, GROUP, scale,
+def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, out_ptr, part_ptr, NKV, T, GROUP, scale,
                              stride_qb, stride_qh, stride_ob, stride_oh,
-                             HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                             HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr,
                              PDL: tl.constexpr = False):
+    # SPLITS > 1 (flash-decoding): program s of a head takes the s-th of SPLITS equal runs of the
+    # cached positions (whole blocks; programs past the end have none) and leaves its softmax
+    # state in part [B, NQ, SPLITS, HD_PAD + 2] for _attention_combine_kernel. The runs follow the
+    # device-side length, so a captured graph splits every step's context evenly.
     _grid_dependency(PDL)
     j = tl.program_id(0)
     b = tl.program_id(1)
+    split = tl.program_id(2)
+    nq = tl.num_programs(0)
     head = tl.load(heads_ptr + j)
     kvh = head // GROUP
     length = tl.load(pos_ptr) + 1
+    run = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_T) * BLOCK_T
+    first = split * run
+    last = tl.minimum(first + run, length)
     offs_d = tl.arange(0, HD_PAD)
     mask_d = offs_d < HD
     q = tl.load(q_ptr + b * stride_qb + j * stride_qh + offs_d, mask=mask_d, other=0.0).to(tl.float32) * scale
@@ -801,32 +810,85 @@ def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, out_ptr,
     m = tl.full((1,), float("-inf"), dtype=tl.float32)
     denom = tl.zeros((1,), dtype=tl.float32)
     acc = tl.zeros((HD_PAD,), dtype=tl.float32)
-    for t0 in range(0, length, BLOCK_T):
+    for t0 in range(first, last, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        mask_t = t < length
+        mask_t = t < last
         tile = base + t[:, None] * HD + offs_d[None, :]
         kv_mask = mask_t[:, None] & mask_d[None, :]
         kt = tl.load(kc_ptr + tile, mask=kv_mask, other=0.0).to(tl.float32)
+        vt = tl.load(vc_ptr + tile, mask=kv_mask, other=0.0).to(tl.float32)
         s = tl.sum(kt * q[None, :], axis=1)
         s = tl.where(mask_t, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))
-        alpha = tl.exp(m - m_new)
+        alpha = tl.exp(m - m_new)  # every block holds position `first`, so m_new is finite
         p = tl.exp(s - m_new)
-        vt = tl.load(vc_ptr + tile, mask=kv_mask, other=0.0).to(tl.float32)
         denom = denom * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
         m = m_new
-    tl.store(out_ptr + b * stride_ob + j * stride_oh + offs_d, (acc / denom).to(out_ptr.dtype.element_ty),
-             mask=mask_d)
+    if SPLITS == 1:
+        tl.store(out_ptr + b * stride_ob + j * stride_oh + offs_d, (acc / denom).to(out_ptr.dtype.element_ty),
+                 mask=mask_d)
+    else:
+        row = part_ptr + ((b * nq + j) * SPLITS + split) * (HD_PAD + 2)
+        tl.store(row + offs_d, acc)
+        one = tl.arange(0, 1)
+        tl.store(row + HD_PAD + one, m)
+        tl.store(row + HD_PAD + 1 + one, denom)
 
 
-def decode_attention(q, kc, vc, heads, group: int, pos, scale: float) -> torch.Tensor:
+@triton.jit
+def _attention_combine_kernel(part_ptr, out_ptr, stride_ob, stride_oh, HD: tl.constexpr, HD_PAD: tl.constexpr,
+                              SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr = False):
+    _grid_dependency(PDL)
+    j = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    mask_s = offs_s < SPLITS
+    offs_d = tl.arange(0, HD_PAD)
+    rows = part_ptr + ((b * tl.num_programs(0) + j) * SPLITS + offs_s) * (HD_PAD + 2)
+    m = tl.load(rows + HD_PAD, mask=mask_s, other=float("-inf"))
+    denom = tl.load(rows + HD_PAD + 1, mask=mask_s, other=0.0)
+    # run 0 always holds position 0, so the largest m is finite; empty runs weigh exp(-inf) = 0
+    weight = tl.exp(m - tl.max(m, axis=0))
+    acc = tl.load(rows[:, None] + offs_d[None, :], mask=mask_s[:, None], other=0.0)
+    out = tl.sum(weight[:, None] * acc, axis=0) / tl.sum(weight * denom, axis=0)
+    tl.store(out_ptr + b * stride_ob + j * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < HD)
+
+
+def attention_splits(nq: int, batch: int, capacity: int, block_t: int, sms: int,
+                     per_sm: int | None = None) -> int:
+    """How many runs each head's positions are split into: about ATTENTION_PER_SM programs an SM, no
+    more runs than blocks of cache. One program per head and sequence read the whole context in turn,
+    so a batch-1 step of 32 heads kept 32 of 132 SMs busy: 6.8 us a layer at 96 positions on the
+    H100, 219 us at 4,096 (bench/attention_kernel.py, BENCHMARKS.md)."""
+    per_sm = per_sm or ATTENTION_PER_SM
+    return max(1, min(ATTENTION_MAX_SPLITS, triton.cdiv(capacity, block_t), (per_sm * sms) // (nq * batch)))
+
+
+# the best of 2/4/8 programs an SM x 32/64-position blocks over contexts of 96-4,096 at batch 1 and 8
+# (bench/attention_kernel.py); at 96 positions every shape was within run-to-run noise of one program a head
+ATTENTION_BLOCK_T = 64
+ATTENTION_PER_SM = 4
+ATTENTION_MAX_SPLITS = 32
+
+
+def decode_attention(q, kc, vc, heads, group: int, pos, scale: float, splits: int | None = None,
+                     block_t: int | None = None, per_sm: int | None = None) -> torch.Tensor:
     batch, nq, hd = q.shape
     assert q.stride(2) == 1 and kc.is_contiguous() and vc.is_contiguous()
     out = torch.empty(batch, nq, hd, device=q.device, dtype=q.dtype)
-    _decode_attention_kernel[(nq, batch)](q, kc, vc, heads, pos, out, kc.shape[1], kc.shape[2], group, scale,
-                                          q.stride(0), q.stride(1), out.stride(0), out.stride(1), HD=hd,
-                                          HD_PAD=triton.next_power_of_2(hd), BLOCK_T=64, num_warps=4, **_pdl(q))
+    block_t = block_t or ATTENTION_BLOCK_T
+    splits = splits or attention_splits(nq, batch, kc.shape[2], block_t, _sms(q), per_sm)
+    hd_pad = triton.next_power_of_2(hd)
+    part = torch.empty(batch, nq, splits, hd_pad + 2, device=q.device, dtype=torch.float32) if splits > 1 else out
+    _decode_attention_kernel[(nq, batch, splits)](q, kc, vc, heads, pos, out, part, kc.shape[1], kc.shape[2], group,
+                                                  scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), HD=hd,
+                                                  HD_PAD=hd_pad, BLOCK_T=block_t, SPLITS=splits, num_warps=4,
+                                                  **_pdl(q))
+    if splits > 1:
+        _attention_combine_kernel[(nq, batch)](part, out, out.stride(0), out.stride(1), HD=hd, HD_PAD=hd_pad,
+                                               SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+                                               num_warps=4, **_pdl(q))
     return out
 
 

@@ -114,6 +114,13 @@ def test_norm_rope_attention_match_reference(dtype):
     a1 = R.decode_attention(q1, kc, vc, heads, H // KV, pos, hd ** -0.5)
     a2 = T.decode_attention(q1, kc, vc, heads, H // KV, pos, hd ** -0.5)
     assert _rel(a2, a1) < 1e-2
+    # positions split over programs (flash-decoding), including runs past the end and one position
+    for at in (0, 1, 63, 250, Tm - 1):
+        where = torch.tensor([at], device=dev)
+        ref = R.decode_attention(q1, kc, vc, heads, H // KV, where, hd ** -0.5)
+        for splits, block in ((None, None), (1, 64), (2, 32), (5, 16), (32, 64)):
+            got = T.decode_attention(q1, kc, vc, heads, H // KV, where, hd ** -0.5, splits=splits, block_t=block)
+            assert _rel(got, ref) < 1e-2, (at, splits, block)
     gu = torch.randn(B, 2 * 700, device=dev, dtype=dtype)
     ref = (torch.nn.functional.silu(gu[:, :700].float()) * gu[:, 700:].float())
     assert _rel(T.act_mul(gu, 1), ref) < 1e-2

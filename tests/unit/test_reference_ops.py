@@ -184,6 +184,13 @@ def test_triton_kernels_in_interpreter_match_reference():
         T.rope_cache_write(q2, k, v, kc2, vc2, cos, sin, pos)
         assert rel(q2, q1) < 1e-5 and rel(kc2, kc) < 1e-5 and rel(vc2, vc) < 1e-5
         assert rel(T.decode_attention(q1, kc, vc, heads, 2, pos, 0.25), R.decode_attention(q1, kc, vc, heads, 2, pos, 0.25)) < 1e-5
+        # split over the positions (flash-decoding): runs past the end, one position, one run a block
+        for at in (0, 7, 39):
+            where = torch.tensor([at])
+            ref = R.decode_attention(q1, kc, vc, heads, 2, where, 0.25)
+            for splits, block in ((2, 16), (3, 8), (7, 16), (5, 8)):
+                got = T.decode_attention(q1, kc, vc, heads, 2, where, 0.25, splits=splits, block_t=block)
+                assert rel(got, ref) < 1e-5, (at, splits, block)
         print("ok")
     ''')
 

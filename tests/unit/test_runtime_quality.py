@@ -126,11 +126,14 @@ def test_synthetic_bench_is_speed_only(tmp_path, tiny_llama, monkeypatch, capsys
     # the speed plot beside the JSON (matplotlib is the `plot` extra, installed by `make setup`)
     if importlib.util.find_spec("matplotlib") is not None:
         assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # exact-up selection: the decode loop times it too, reading every up row
+    # exact-up selection: the decode loop times it too, reading every up row; here after a longer prompt
     run_bench(synthetic="tiny-shapes", json_out=out, config_file="tiny",
-              overrides={"runtime.device": "cpu", "runtime.mlp_up_weight": 0.4})
+              overrides={"runtime.device": "cpu", "runtime.mlp_up_weight": 0.4, "runtime.prompt_len": 40})
     up = json.loads(out.read_text())
     assert up["mlp_up_weight"] == 0.4 and up["speed"]["mlp_up_weight"] == 0.4 and up["speedup"] > 0
+    assert data["speed"]["prompt_len"] == 16 and up["speed"]["prompt_len"] == 40
+    # the longer context: more of the KV cache read every step
+    assert up["speed"]["batches"]["1"]["dense_bytes_per_step"] > data["speed"]["batches"]["1"]["dense_bytes_per_step"]
     # MLP thresholds (no MLP predictor), calibrated on the random model's own activations
     run_bench(synthetic="tiny-shapes", json_out=out, config_file="tiny",
               overrides={"runtime.device": "cpu", "runtime.mlp_keep_input": 0.7, "runtime.mlp_density": 0.5})

@@ -1,5 +1,6 @@
 """Decode attention over the KV cache: one program per head (the kernel before session 9) against the
-positions split over several programs (flash-decoding) at several context lengths and batch sizes.
+positions split over several programs (flash-decoding), and with GQA one program for each KV head's
+group of q heads, at several context lengths and batch sizes.
 
 Each variant runs in a CUDA graph over ROT caches, together larger than L2, and is reported as
 us per call and the GB/s its k/v reads reach. Speed only, random values.
@@ -58,15 +59,21 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--capacity", type=int, default=4096, help="cache length (the decode loop's max_len)")
+    ap.add_argument("--sweep", action="store_true", help="also sweep programs an SM x block lengths")
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
     H, KV, hd, cap = args.heads, args.kv_heads, args.head_dim, args.capacity
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     copy = copy_bandwidth_gbps(torch.device(dev))
-    variants = {"one program per head (before)": dict(splits=1, block_t=64)}
-    for block in (32, 64):
-        for per_sm in (2, 4, 8):
-            variants[f"{per_sm} programs an SM, blocks of {block}"] = dict(block_t=block, per_sm=per_sm)
+    variants = {"one program per head (before)": dict(splits=1, block_t=64, grouped=False)}
+    if args.sweep:
+        for block in (32, 64):
+            for per_sm in (2, 4, 8):
+                variants[f"{per_sm} programs an SM, blocks of {block}"] = dict(block_t=block, per_sm=per_sm,
+                                                                            grouped=False)
+    variants["split, one program a q head"] = dict(every_head=True, grouped=False)
+    if H > KV:
+        variants["split, one program a KV group"] = dict(every_head=True, grouped=True)
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         kc = [torch.randn(batch, KV, cap, hd, device=dev, dtype=dt) for _ in range(ROT)]
@@ -78,7 +85,9 @@ def main() -> None:
             nbytes = 2 * batch * KV * context * hd * kc[0].element_size()
             for name, kw in variants.items():
                 us = graph_us(_attention_call(q, kc, vc, heads, H // KV, pos, kw))
-                splits = kw.get("splits") or T.attention_splits(H, batch, cap, kw["block_t"], sms, kw["per_sm"])
+                splits = kw.get("splits") or T.attention_splits(KV if kw["grouped"] else H, batch, cap,
+                                                                kw.get("block_t") or T.ATTENTION_BLOCK_T, sms,
+                                                                kw.get("per_sm"))
                 rows.append(dict(batch=batch, context=context, variant=name, splits=splits, us=us,
                                  gbps=nbytes / us / 1e3, share_of_copy=nbytes / us / 1e3 / copy))
                 print(f"batch {batch} context {context:5d} {name:34s} splits {splits:2d}: {us:7.2f} us "

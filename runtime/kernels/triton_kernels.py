@@ -837,6 +837,59 @@ def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, out_ptr,
 
 
 @triton.jit
+def _decode_attention_grouped_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, part_ptr, NKV, T, scale,
+                                     stride_qb, stride_qh, stride_ob, stride_oh, GROUP: tl.constexpr,
+                                     G_PAD: tl.constexpr, HD: tl.constexpr, HD_PAD: tl.constexpr,
+                                     BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+                                     PDL: tl.constexpr = False):
+    # GQA with every q head: one program takes all GROUP q heads of its KV head (q rows kvh * GROUP + g),
+    # so each k/v block is read once for the group, not once per q head; the scores and the weighted sum
+    # are tensor-core dots, the probabilities rounded to the cache's dtype as in FlashAttention
+    _grid_dependency(PDL)
+    kvh = tl.program_id(0)
+    b = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.load(pos_ptr) + 1
+    run = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_T) * BLOCK_T
+    first = split * run
+    last = tl.minimum(first + run, length)
+    offs_g = tl.arange(0, G_PAD)
+    mask_g = offs_g < GROUP
+    offs_d = tl.arange(0, HD_PAD)
+    mask_d = offs_d < HD
+    rows = kvh * GROUP + offs_g
+    q = tl.load(q_ptr + b * stride_qb + rows[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    base = (b * NKV + kvh).to(tl.int64) * T * HD
+    m = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
+    denom = tl.zeros((G_PAD,), dtype=tl.float32)
+    acc = tl.zeros((G_PAD, HD_PAD), dtype=tl.float32)
+    for t0 in range(first, last, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = t < last
+        tile = base + t[:, None] * HD + offs_d[None, :]
+        kv_mask = mask_t[:, None] & mask_d[None, :]
+        kt = tl.load(kc_ptr + tile, mask=kv_mask, other=0.0)
+        vt = tl.load(vc_ptr + tile, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * scale
+        s = tl.where(mask_t[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        denom = denom * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+        m = m_new
+    if SPLITS == 1:
+        tl.store(out_ptr + b * stride_ob + rows[:, None] * stride_oh + offs_d[None, :],
+                 (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+    else:
+        part = part_ptr + ((b * NKV * GROUP + rows) * SPLITS + split) * (HD_PAD + 2)
+        tl.store(part[:, None] + offs_d[None, :], acc, mask=mask_g[:, None])
+        tl.store(part + HD_PAD, m, mask=mask_g)
+        tl.store(part + HD_PAD + 1, denom, mask=mask_g)
+
+
+@triton.jit
 def _attention_combine_kernel(part_ptr, out_ptr, stride_ob, stride_oh, HD: tl.constexpr, HD_PAD: tl.constexpr,
                               SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr = False):
     _grid_dependency(PDL)
@@ -872,19 +925,31 @@ ATTENTION_PER_SM = 4
 ATTENTION_MAX_SPLITS = 32
 
 
-def decode_attention(q, kc, vc, heads, group: int, pos, scale: float, splits: int | None = None,
-                     block_t: int | None = None, per_sm: int | None = None) -> torch.Tensor:
+def decode_attention(q, kc, vc, heads, group: int, pos, scale: float, every_head: bool = False,
+                     splits: int | None = None, block_t: int | None = None, per_sm: int | None = None,
+                     grouped: bool | None = None) -> torch.Tensor:
+    """every_head: heads is 0..H-1 in order, so with GQA (group > 1) one program serves a KV head's
+    whole group (grouped; False forces one program a q head)."""
     batch, nq, hd = q.shape
+    nkv = kc.shape[1]
     assert q.stride(2) == 1 and kc.is_contiguous() and vc.is_contiguous()
+    grouped = every_head and group > 1 if grouped is None else grouped
+    assert not grouped or (every_head and nq == nkv * group)
     out = torch.empty(batch, nq, hd, device=q.device, dtype=q.dtype)
     block_t = block_t or ATTENTION_BLOCK_T
-    splits = splits or attention_splits(nq, batch, kc.shape[2], block_t, _sms(q), per_sm)
-    hd_pad = triton.next_power_of_2(hd)
+    splits = splits or attention_splits(nkv if grouped else nq, batch, kc.shape[2], block_t, _sms(q), per_sm)
+    hd_pad = max(16, triton.next_power_of_2(hd))  # tl.dot's smallest tile
     part = torch.empty(batch, nq, splits, hd_pad + 2, device=q.device, dtype=torch.float32) if splits > 1 else out
-    _decode_attention_kernel[(nq, batch, splits)](q, kc, vc, heads, pos, out, part, kc.shape[1], kc.shape[2], group,
-                                                  scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), HD=hd,
-                                                  HD_PAD=hd_pad, BLOCK_T=block_t, SPLITS=splits, num_warps=4,
-                                                  **_pdl(q))
+    if grouped:
+        _decode_attention_grouped_kernel[(nkv, batch, splits)](
+            q, kc, vc, pos, out, part, nkv, kc.shape[2], scale, q.stride(0), q.stride(1), out.stride(0),
+            out.stride(1), GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HD=hd, HD_PAD=hd_pad,
+            BLOCK_T=block_t, SPLITS=splits, PRECISION=_precision(q), num_warps=4, **_pdl(q))
+    else:
+        _decode_attention_kernel[(nq, batch, splits)](q, kc, vc, heads, pos, out, part, nkv, kc.shape[2], group,
+                                                      scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+                                                      HD=hd, HD_PAD=hd_pad, BLOCK_T=block_t, SPLITS=splits,
+                                                      num_warps=4, **_pdl(q))
     if splits > 1:
         _attention_combine_kernel[(nq, batch)](part, out, out.stride(0), out.stride(1), HD=hd, HD_PAD=hd_pad,
                                                SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),

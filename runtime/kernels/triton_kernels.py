@@ -496,14 +496,15 @@ def threshold_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, threshold: float, ac
     assert acc.dtype == torch.float32 and acc.shape == (batch, n) and acc.stride(1) == 1 and batch <= DOT_BATCH
     # tl.dot over a 16-row padded h: tensor cores read each weight tile once (an elementwise reduction
     # over rows ran at 0.22-0.38 of copy bandwidth, this at 0.82-0.95; BENCHMARKS.md)
-    # vecmat_config's tiles: no single other tile was faster at all four Llama-2-7B shapes by more than
-    # run-to-run noise (bench/threshold_config.py, BENCHMARKS.md)
-    block_r, block_n, warps, splits = config or vecmat_config(batch, rows, n, _sms(h))
+    # vecmat_config's tiles: tiles that were faster alone (bench/threshold_config.py, also over pipeline
+    # depths) were slower in the decode step (BENCHMARKS.md, sessions 7 and 9)
+    block_r, block_n, warps, splits, *stages = config or vecmat_config(batch, rows, n, _sms(h))
     per_split = triton.cdiv(triton.cdiv(rows, splits), block_r) * block_r
     grid = (triton.cdiv(n, block_n), triton.cdiv(rows, per_split))
     _threshold_vecmat_kernel[grid](h, wt, acc, float(threshold), batch, rows, n, per_split, h.stride(0), wt.stride(0),
                                    acc.stride(0), B_PAD=DOT_BATCH, BLOCK_R=block_r, BLOCK_N=block_n,
-                                   PRECISION=_precision(h), SINGLE=batch == 1, num_warps=warps, **_pdl(h))
+                                   PRECISION=_precision(h), SINGLE=batch == 1, num_warps=warps,
+                                   **({"num_stages": stages[0]} if stages else {}), **_pdl(h))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -256,9 +256,16 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, heads:
                      pos: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of one new token per sequence over cache positions [0, pos] for the given q heads."""
     length = int(pos.item()) + 1
+    # the positions first: gathering heads over the whole cache copied all of it every step
+    k, v = kc[:, :, :length], vc[:, :, :length]
+    batch, hs, hd = q.shape
+    if hs == kc.shape[1] * group and torch.equal(heads, torch.arange(hs, device=heads.device)):
+        # every head: each KV head's group of q heads reads it once, with no copy per q head
+        qg = q.reshape(batch, kc.shape[1], group, hd).float()
+        scores = torch.einsum("bkgd,bkld->bkgl", qg, k.float()) * scale
+        return torch.einsum("bkgl,bkld->bkgd", scores.softmax(-1), v.float()).reshape(batch, hs, hd).to(q.dtype)
     kv = heads // group
-    k = kc.index_select(1, kv)[:, :, :length].float()  # [B, Hs, L, hd]
-    v = vc.index_select(1, kv)[:, :, :length].float()
+    k, v = k.index_select(1, kv).float(), v.index_select(1, kv).float()  # [B, Hs, L, hd]
     scores = torch.einsum("bhd,bhld->bhl", q.float(), k) * scale
     return torch.einsum("bhl,bhld->bhd", scores.softmax(-1), v).to(q.dtype)
 

@@ -106,6 +106,13 @@ def test_residual_norm_rope_attention():
         k, v = kc[0, head // 2, :7], vc[0, head // 2, :7]
         expected = F.softmax(q[0, j] @ k.T * 0.5, -1) @ v
         torch.testing.assert_close(att[0, j], expected)
+    # every head (each KV head read once for its group); cache positions past pos are never read
+    kc[:, :, 7:], vc[:, :, 7:] = float("nan"), float("nan")
+    q4 = torch.randn(B, 4, hd)
+    every = R.decode_attention(q4, kc, vc, torch.arange(4), 2, pos, 0.5)
+    for head in range(4):
+        k, v = kc[0, head // 2, :7], vc[0, head // 2, :7]
+        torch.testing.assert_close(every[0, head], F.softmax(q4[0, head] @ k.T * 0.5, -1) @ v)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (interpreter mode)")

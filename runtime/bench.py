@@ -64,6 +64,16 @@ def _fallback_speed(model, adapter, predictors, *, device, dtype, batch_sizes, d
             "method": "HF eager decode, dense vs the reference gather path (no fast decode loop for this family)"}
 
 
+def check_speed_context(model, rt) -> None:
+    """Refuse, before any measuring, a timed decode that would run past the model's context."""
+    from dejavu.runtime.quality import model_context
+
+    longest = rt.prompt_len + rt.warmup + rt.decode_tokens + 8  # +8: the decode loop's spare cache slots
+    if longest > model_context(model):
+        raise DejavuError(f"--prompt-len {rt.prompt_len} with {rt.warmup} warm-up and {rt.decode_tokens} timed "
+                          f"tokens reaches position {longest}, past the model's context of {model_context(model)}")
+
+
 def measure_speed(model, adapter, predictors, *, device, dtype, batch_sizes, decode_tokens, warmup, prompt_len,
                   mlp_candidate_density: float | None = None, mlp_up_weight: float | None = None,
                   skip_kv: bool = False, thresholds=None) -> dict:
@@ -228,6 +238,8 @@ def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> di
     mlp_d = cfg.runtime.mlp_density or cfg.export.mlp_density or cfg.train.mlp_density
     head_d = cfg.runtime.head_density or cfg.export.head_density or cfg.train.head_density
     model, adapter, predictors = build_synthetic(name, layers, device, dtype, mlp_d, head_d)
+    if speed:
+        check_speed_context(model, cfg.runtime)
     thresholds = None
     if cfg.runtime.mlp_keep_input is not None:
         from dejavu.runtime.thresholds import calibrate_on_random_tokens
@@ -278,6 +290,8 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
         raise DejavuError("bench needs --bundle (or --selection oracle|dense, --mlp-keep-input, or --synthetic NAME)")
     name = model_name or (manifest["model"].get("name") if manifest else None) or cfg.model.name
     model, tokenizer, source = load_model(name, device=str(device), dtype=_dtype_name(dtype))
+    if speed:
+        check_speed_context(model, cfg.runtime)
     adapter = adapter_for(model)
     if manifest is not None:
         check_bundle_matches(manifest, adapter)

@@ -132,6 +132,9 @@ def test_synthetic_bench_is_speed_only(tmp_path, tiny_llama, monkeypatch, capsys
     up = json.loads(out.read_text())
     assert up["mlp_up_weight"] == 0.4 and up["speed"]["mlp_up_weight"] == 0.4 and up["speedup"] > 0
     assert data["speed"]["prompt_len"] == 16 and up["speed"]["prompt_len"] == 40
+    with pytest.raises(DejavuError, match="past the model's context"):
+        run_bench(synthetic="tiny-shapes", json_out=out, config_file="tiny",
+                  overrides={"runtime.device": "cpu", "runtime.prompt_len": 1 << 20})
     # the longer context: more of the KV cache read every step
     assert up["speed"]["batches"]["1"]["dense_bytes_per_step"] > data["speed"]["batches"]["1"]["dense_bytes_per_step"]
     # MLP thresholds (no MLP predictor), calibrated on the random model's own activations

@@ -71,9 +71,9 @@ def main() -> None:
             for per_sm in (2, 4, 8):
                 variants[f"{per_sm} programs an SM, blocks of {block}"] = dict(block_t=block, per_sm=per_sm,
                                                                             grouped=False)
-    variants["split, one program a q head"] = dict(every_head=True, grouped=False)
+    variants["split, one program a q head"] = dict(grouped=False)
     if H > KV:
-        variants["split, one program a KV group"] = dict(every_head=True, grouped=True)
+        variants["split, one program a KV group"] = dict(grouped=True)
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         kc = [torch.randn(batch, KV, cap, hd, device=dev, dtype=dt) for _ in range(ROT)]

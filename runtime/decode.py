@@ -572,8 +572,7 @@ class DecodeModel:
             kv = qkv[:, heads.numel() * hd:]
             k, v = kv[:, :KV * hd].view(batch, KV, hd), kv[:, KV * hd:].view(batch, KV, hd)
         ops.rope_cache_write(q3, k, v, kc, vc, self.cos, self.sin, st.pos)
-        att = ops.decode_attention(q3, kc, vc, heads, self.group, st.pos, self.scale,
-                                   heads is self.all_heads).view(batch, -1)
+        att = ops.decode_attention(q3, kc, vc, heads, self.group, st.pos, self.scale).view(batch, -1)
         if hidx is not None or triton_dense or st.xcache is not None:
             ops.gather_vecmat_acc(att, lw.wo_t, heads, hd, acc)
             ops.residual_rmsnorm(st.hs[i], acc, lw.ln2, xn, self.eps, self.norm_offset, True, st.hmid)
@@ -596,7 +595,7 @@ class DecodeModel:
             k = qkv[:, self.H * hd:(self.H + KV) * hd].view(batch, KV, hd)
             v = qkv[:, (self.H + KV) * hd:].view(batch, KV, hd)
             ops.rope_cache_write(q3, k, v, kc, vc, self.cos, self.sin, st.pos)
-        att = ops.decode_attention(q3, kc, vc, self.all_heads, self.group, st.pos, self.scale, True).view(batch, -1)
+        att = ops.decode_attention(q3, kc, vc, self.all_heads, self.group, st.pos, self.scale).view(batch, -1)
         ops.threshold_vecmat_acc(att, lw.wo_t, t.attn_o[i], st.acc)
         ops.residual_rmsnorm(st.hs[i], st.acc, lw.ln2, st.xn, self.eps, self.norm_offset, True, st.hmid)
 

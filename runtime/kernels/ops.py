@@ -312,18 +312,17 @@ def _(x, xcache, w, bias, heads, group, kc, vc, last, cos, sin, pos):
 
 @_custom_op("dejavu::decode_attention", mutates_args=())
 def decode_attention(q: Tensor, kc: Tensor, vc: Tensor, heads: Tensor, group: int, pos: Tensor,
-                     scale: float, every_head: bool = False) -> Tensor:
-    """every_head: heads is 0..H-1 in order (the GPU then reads each KV head's cache once for its group)."""
+                     scale: float) -> Tensor:
     return reference.decode_attention(q, kc, vc, heads, group, pos, scale)
 
 
 @decode_attention.register_kernel("cuda")
-def _(q, kc, vc, heads, group, pos, scale, every_head=False):
-    return _triton().decode_attention(q, kc, vc, heads, group, pos, scale, every_head)
+def _(q, kc, vc, heads, group, pos, scale):
+    return _triton().decode_attention(q, kc, vc, heads, group, pos, scale)
 
 
 @decode_attention.register_fake
-def _(q, kc, vc, heads, group, pos, scale, every_head=False):
+def _(q, kc, vc, heads, group, pos, scale):
     return q.new_empty(q.shape)
 
 

@@ -838,33 +838,37 @@ def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, out_ptr,
 
 
 @triton.jit
-def _decode_attention_grouped_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, part_ptr, NKV, T, scale,
-                                     stride_qb, stride_qh, stride_ob, stride_oh, GROUP: tl.constexpr,
-                                     G_PAD: tl.constexpr, HD: tl.constexpr, HD_PAD: tl.constexpr,
+def _decode_attention_grouped_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, out_ptr, part_ptr, NKV, T, NSEL,
+                                     scale, stride_qb, stride_qh, stride_ob, stride_oh, GROUP: tl.constexpr,
+                                     ROWS_PAD: tl.constexpr, HD: tl.constexpr, HD_PAD: tl.constexpr,
                                      BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
                                      PDL: tl.constexpr = False):
-    # GQA with every q head: one program takes all GROUP q heads of its KV head (q rows kvh * GROUP + g),
-    # so each k/v block is read once for the group, not once per q head; the scores and the weighted sum
-    # are tensor-core dots, the probabilities rounded to the cache's dtype as in FlashAttention
+    # GQA: one program a KV head takes every selected q head that reads it (q rows j with
+    # heads[j] // GROUP == kvh, in any order), so each k/v block is read once for them all, not once
+    # per q head. The scores and the weighted sum are tensor-core dots over ROWS_PAD rows (those of
+    # other groups masked to zero), the probabilities rounded to the cache's dtype as in FlashAttention.
     _grid_dependency(PDL)
     kvh = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
+    offs_j = tl.arange(0, ROWS_PAD)
+    selected = offs_j < NSEL
+    head = tl.load(heads_ptr + offs_j, mask=selected, other=0)
+    mine = selected & (head // GROUP == kvh)
     length = tl.load(pos_ptr) + 1
     run = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_T) * BLOCK_T
     first = split * run
+    # blocks are read even for a KV head that no selected q head reads (their results are not stored):
+    # a loop bound waiting on the heads would hold every k/v load back by one more round trip
     last = tl.minimum(first + run, length)
-    offs_g = tl.arange(0, G_PAD)
-    mask_g = offs_g < GROUP
     offs_d = tl.arange(0, HD_PAD)
     mask_d = offs_d < HD
-    rows = kvh * GROUP + offs_g
-    q = tl.load(q_ptr + b * stride_qb + rows[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    q = tl.load(q_ptr + b * stride_qb + offs_j[:, None] * stride_qh + offs_d[None, :],
+                mask=mine[:, None] & mask_d[None, :], other=0.0)
     base = (b * NKV + kvh).to(tl.int64) * T * HD
-    m = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
-    denom = tl.zeros((G_PAD,), dtype=tl.float32)
-    acc = tl.zeros((G_PAD, HD_PAD), dtype=tl.float32)
+    m = tl.full((ROWS_PAD,), float("-inf"), dtype=tl.float32)
+    denom = tl.zeros((ROWS_PAD,), dtype=tl.float32)
+    acc = tl.zeros((ROWS_PAD, HD_PAD), dtype=tl.float32)
     for t0 in range(first, last, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         mask_t = t < last
@@ -881,13 +885,13 @@ def _decode_attention_grouped_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, pa
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
         m = m_new
     if SPLITS == 1:
-        tl.store(out_ptr + b * stride_ob + rows[:, None] * stride_oh + offs_d[None, :],
-                 (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+        tl.store(out_ptr + b * stride_ob + offs_j[:, None] * stride_oh + offs_d[None, :],
+                 (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=mine[:, None] & mask_d[None, :])
     else:
-        part = part_ptr + ((b * NKV * GROUP + rows) * SPLITS + split) * (HD_PAD + 2)
-        tl.store(part[:, None] + offs_d[None, :], acc, mask=mask_g[:, None])
-        tl.store(part + HD_PAD, m, mask=mask_g)
-        tl.store(part + HD_PAD + 1, denom, mask=mask_g)
+        part = part_ptr + ((b * NSEL + offs_j) * SPLITS + split) * (HD_PAD + 2)
+        tl.store(part[:, None] + offs_d[None, :], acc, mask=mine[:, None])
+        tl.store(part + HD_PAD, m, mask=mine)
+        tl.store(part + HD_PAD + 1, denom, mask=mine)
 
 
 @triton.jit
@@ -926,16 +930,15 @@ ATTENTION_PER_SM = 4
 ATTENTION_MAX_SPLITS = 32
 
 
-def decode_attention(q, kc, vc, heads, group: int, pos, scale: float, every_head: bool = False,
-                     splits: int | None = None, block_t: int | None = None, per_sm: int | None = None,
+def decode_attention(q, kc, vc, heads, group: int, pos, scale: float, splits: int | None = None,
+                     block_t: int | None = None, per_sm: int | None = None,
                      grouped: bool | None = None) -> torch.Tensor:
-    """every_head: heads is 0..H-1 in order, so with GQA (group > 1) one program serves a KV head's
-    whole group (grouped; False forces one program a q head)."""
+    """Attention of q [B, NSEL, hd] (q heads `heads`) over cache positions [0, pos]. With GQA (group > 1)
+    one program a KV head serves all its selected q heads (grouped; False forces one program a q head)."""
     batch, nq, hd = q.shape
     nkv = kc.shape[1]
-    assert q.stride(2) == 1 and kc.is_contiguous() and vc.is_contiguous()
-    grouped = every_head and group > 1 if grouped is None else grouped
-    assert not grouped or (every_head and nq == nkv * group)
+    assert q.stride(2) == 1 and kc.is_contiguous() and vc.is_contiguous() and heads.numel() == nq
+    grouped = group > 1 if grouped is None else grouped
     out = torch.empty(batch, nq, hd, device=q.device, dtype=q.dtype)
     block_t = block_t or ATTENTION_BLOCK_T
     splits = splits or attention_splits(nkv if grouped else nq, batch, kc.shape[2], block_t, _sms(q), per_sm)
@@ -943,8 +946,8 @@ def decode_attention(q, kc, vc, heads, group: int, pos, scale: float, every_head
     part = torch.empty(batch, nq, splits, hd_pad + 2, device=q.device, dtype=torch.float32) if splits > 1 else out
     if grouped:
         _decode_attention_grouped_kernel[(nkv, batch, splits)](
-            q, kc, vc, pos, out, part, nkv, kc.shape[2], scale, q.stride(0), q.stride(1), out.stride(0),
-            out.stride(1), GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HD=hd, HD_PAD=hd_pad,
+            q, kc, vc, heads, pos, out, part, nkv, kc.shape[2], nq, scale, q.stride(0), q.stride(1), out.stride(0),
+            out.stride(1), GROUP=group, ROWS_PAD=max(16, triton.next_power_of_2(nq)), HD=hd, HD_PAD=hd_pad,
             BLOCK_T=block_t, SPLITS=splits, PRECISION=_precision(q), num_warps=4, **_pdl(q))
     else:
         _decode_attention_kernel[(nq, batch, splits)](q, kc, vc, heads, pos, out, part, nkv, kc.shape[2], group,

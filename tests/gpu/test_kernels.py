@@ -121,13 +121,15 @@ def test_norm_rope_attention_match_reference(dtype):
         for splits, block in ((None, None), (1, 64), (2, 32), (5, 16), (32, 64)):
             got = T.decode_attention(q1, kc, vc, heads, H // KV, where, hd ** -0.5, splits=splits, block_t=block)
             assert _rel(got, ref) < 1e-2, (at, splits, block)
-        # every head: one program a KV group (GQA), against one program a q head
-        qa, every = qkv[:, :H * hd].view(B, H, hd).contiguous(), torch.arange(H, device=dev)
-        ref = R.decode_attention(qa, kc, vc, every, H // KV, where, hd ** -0.5)
-        for splits, grouped in ((None, None), (1, True), (7, True), (None, False)):
-            got = T.decode_attention(qa, kc, vc, every, H // KV, where, hd ** -0.5, True, splits=splits,
-                                     grouped=grouped)
-            assert _rel(got, ref) < 1e-2, (at, splits, grouped)
+        # one program a KV head for its selected q heads (GQA) against one program a q head: every head,
+        # the subset above, one that leaves KV heads unread
+        qa = qkv[:, :H * hd].view(B, H, hd).contiguous()
+        for sel in (torch.arange(H, device=dev), heads, torch.tensor([5, 4], device=dev)):
+            qs = qa[:, sel].contiguous()
+            ref = R.decode_attention(qs, kc, vc, sel, H // KV, where, hd ** -0.5)
+            for splits, grouped in ((None, None), (1, True), (7, True), (None, False)):
+                got = T.decode_attention(qs, kc, vc, sel, H // KV, where, hd ** -0.5, splits=splits, grouped=grouped)
+                assert _rel(got, ref) < 1e-2, (at, sel.tolist(), splits, grouped)
     gu = torch.randn(B, 2 * 700, device=dev, dtype=dtype)
     ref = (torch.nn.functional.silu(gu[:, :700].float()) * gu[:, 700:].float())
     assert _rel(T.act_mul(gu, 1), ref) < 1e-2

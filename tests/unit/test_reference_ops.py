@@ -198,12 +198,15 @@ def test_triton_kernels_in_interpreter_match_reference():
             for splits, block in ((2, 16), (3, 8), (7, 16), (5, 8)):
                 got = T.decode_attention(q1, kc, vc, heads, 2, where, 0.25, splits=splits, block_t=block)
                 assert rel(got, ref) < 1e-5, (at, splits, block)
-            # every head: one program a KV group (GQA), whole or split
-            qa, every = qkv[:, :H * hd].view(B, H, hd).contiguous(), torch.arange(H)
-            ref = R.decode_attention(qa, kc, vc, every, 2, where, 0.25)
-            for splits in (1, 3):
-                got = T.decode_attention(qa, kc, vc, every, 2, where, 0.25, True, splits=splits, block_t=16)
-                assert rel(got, ref) < 1e-5, (at, splits)
+            # one program a KV head for its selected q heads (GQA), whole or split: every head, the subset
+            # above, and an unsorted subset that leaves KV head 0 unread
+            qa = qkv[:, :H * hd].view(B, H, hd).contiguous()
+            for sel in (torch.arange(H), heads, torch.tensor([3, 2])):
+                qs = qa[:, sel].contiguous()
+                ref = R.decode_attention(qs, kc, vc, sel, 2, where, 0.25)
+                for splits in (1, 3):
+                    got = T.decode_attention(qs, kc, vc, sel, 2, where, 0.25, splits=splits, block_t=16, grouped=True)
+                    assert rel(got, ref) < 1e-5, (at, sel, splits)
         print("ok")
     ''')
 

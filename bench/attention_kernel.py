@@ -72,8 +72,8 @@ def main() -> None:
                 variants[f"{per_sm} programs an SM, blocks of {block}"] = dict(block_t=block, per_sm=per_sm,
                                                                             grouped=False)
     variants["split, one program a q head"] = dict(grouped=False)
-    if H > KV:
-        variants["split, one program a KV group"] = dict(grouped=True)
+    # without GQA the grouped kernel is one program a head too, with tensor-core dots
+    variants["split, one program a KV group" if H > KV else "split, tensor-core dots"] = dict(grouped=True)
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         kc = [torch.randn(batch, KV, cap, hd, device=dev, dtype=dt) for _ in range(ROT)]

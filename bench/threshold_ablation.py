@@ -88,7 +88,7 @@ def main() -> None:
                 setattr(ops, patch, stand_in)
             try:
                 step = GraphedStep(dm, st, sparse)
-                best = min(best, speed._timed_loop(step, dm.device, args.warmup, args.tokens))
+                best = min(best, speed.timed_loop(step, dm.device, args.warmup, args.tokens))
             finally:
                 if patch is not None:
                     setattr(ops, patch, saved)

@@ -38,7 +38,7 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None, repeats
     return 2 * nbytes / statistics.median(times[2:]) / 1e9
 
 
-def _timed_loop(fn, device: torch.device, warmup: int, steps: int) -> float:
+def timed_loop(fn, device: torch.device, warmup: int, steps: int) -> float:
     """Milliseconds per call of fn over `steps` calls after `warmup` calls."""
     for _ in range(warmup):
         fn()
@@ -68,7 +68,7 @@ def decode_ms_per_token(dm: DecodeModel, batch: int, sparse: bool, steps: int, w
     else:
         def step():
             return dm.step(st, sparse)
-    return _timed_loop(step, dm.device, warmup, steps)
+    return timed_loop(step, dm.device, warmup, steps)
 
 
 def predictor_ms(dm: DecodeModel, batch: int, steps: int = 20) -> float:
@@ -82,8 +82,8 @@ def predictor_ms(dm: DecodeModel, batch: int, steps: int = 20) -> float:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             dm.select_all(x)
-        return _timed_loop(graph.replay, dm.device, 3, steps)
-    return _timed_loop(lambda: dm.select_all(x), dm.device, 1, max(2, steps // 5))
+        return timed_loop(graph.replay, dm.device, 3, steps)
+    return timed_loop(lambda: dm.select_all(x), dm.device, 1, max(2, steps // 5))
 
 
 @torch.no_grad()
@@ -99,7 +99,7 @@ def hf_eager_ms_per_token(model, batch: int, steps: int, device: torch.device, w
         o = model(state["next"], past_key_values=state["past"], use_cache=True)
         state["past"], state["next"] = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
 
-    return _timed_loop(one, device, warmup, steps)
+    return timed_loop(one, device, warmup, steps)
 
 
 def best_dense_ms(dm: DecodeModel, batch: int, decode_tokens: int, warmup: int,

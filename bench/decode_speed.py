@@ -2,7 +2,7 @@
 in the graph-captured loop (CPU: eager), plus HF eager and copy bandwidth; JSON + PNG + table.
 
 Usage: python bench/decode_speed.py --synthetic llama-2-7b [--layers N] [--device cuda] [--dtype bfloat16]
-         [--batches 1,4,8] [--mlp 1.0,0.8,0.5,0.3,0.1] [--heads 1.0,0.5] [--tokens 64] [--out DIR]
+         [--batches 1,4,8] [--mlp 1.0,0.8,0.5,0.3,0.1] [--heads 1.0,0.5] [--tokens 64] [--prompt-len 16] [--out DIR]
          [--two-stage 0.75/0.5,0.9/0.6]   (CANDIDATES/FINAL MLP densities, two-stage MLP selection)
          [--exact-up 0.5:0.4,0.7:0.5]     (DENSITY:WEIGHT, exact-up MLP selection)
          [--kv all|skip|both]             (k/v of every KV group, or only of those the heads read)

@@ -15,37 +15,15 @@ from pathlib import Path
 
 import torch
 
+# a sibling script: bench/ is on sys.path when this one runs
+from mlp_kernel import ROT, graph_ms
+
 from dejavu.runtime.kernels import triton_kernels as T
 from dejavu.runtime.speed import copy_bandwidth_gbps
 
-ROT = 4
-
-
-def graph_us(fn, reps: int = 20) -> float:
-    """Median us per call of fn(i) for i in range(ROT), replayed from one captured graph."""
-    for i in range(ROT):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(ROT):
-            fn(i)
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / ROT)
-    times.sort()
-    return times[len(times) // 2]
-
 
 def _attention_call(q, kc: list, vc: list, heads, group: int, pos, options: dict):
-    def run(i: int):
+    def run(i: int = 0):
         return T.decode_attention(q, kc[i], vc[i], heads, group, pos, q.shape[-1] ** -0.5, **options)
     return run
 
@@ -84,7 +62,7 @@ def main() -> None:
             pos = torch.tensor([context - 1], device=dev)
             nbytes = 2 * batch * KV * context * hd * kc[0].element_size()
             for name, kw in variants.items():
-                us = graph_us(_attention_call(q, kc, vc, heads, H // KV, pos, kw))
+                us = graph_ms(_attention_call(q, kc, vc, heads, H // KV, pos, kw)) * 1e3
                 splits = kw.get("splits") or T.attention_splits(KV if kw["grouped"] else H, batch, cap,
                                                                 kw.get("block_t") or T.ATTENTION_BLOCK_T, sms,
                                                                 kw.get("per_sm"))

@@ -127,7 +127,7 @@ def main() -> None:
     model, adapter, preds = build_synthetic(args.synthetic, args.layers, device, dtype, 0.5, 0.5, rank=args.rank)
     preds.mlp_pairing = args.mlp_pairing
     print(f"built {args.synthetic} ({adapter.num_layers} layers) in {time.time() - t0:.0f}s", flush=True)
-    max_len = args.prompt_len + args.warmup + args.tokens + 8
+    max_len = speed.cache_length(args.prompt_len, args.warmup, args.tokens)
     dm = DecodeModel(model, adapter, None, device, dtype, max_len, select_impl=args.select_impl,
                      predictor_priority=args.priority, join_order=args.join_order)
     copy = speed.copy_bandwidth_gbps(device)
@@ -245,7 +245,7 @@ def threshold_runs(args, model, adapter, preds, copy: float, result: dict, out: 
                                                    keep_attn=pair[2] if len(pair) > 2 else None) for pair in pairs}
     # built with attention thresholds when any spec has them, so the layers keep W_qkv^T too
     first = next((p for p in pairs if len(p) > 2), pairs[0])
-    dm = DecodeModel(model, adapter, None, device, dtype, args.prompt_len + args.warmup + args.tokens + 8,
+    dm = DecodeModel(model, adapter, None, device, dtype, speed.cache_length(args.prompt_len, args.warmup, args.tokens),
                      select_impl=args.select_impl, predictor_priority=args.priority, join_order=args.join_order,
                      thresholds=thresholds[first])
     table = []

@@ -61,7 +61,7 @@ def main() -> None:
     keep_x, keep_h, keep_attn = (float(v) for v in args.keep.split(":"))
     model, adapter, _ = build_synthetic(args.synthetic, args.layers, device, dtype, 1.0, 1.0)
     thresholds = calibrate_on_random_tokens(model, adapter, keep_x, keep_h, keep_attn=keep_attn)
-    dm = DecodeModel(model, adapter, None, device, dtype, speed.PROMPT_LEN + args.warmup + args.tokens + 8,
+    dm = DecodeModel(model, adapter, None, device, dtype, speed.cache_length(speed.PROMPT_LEN, args.warmup, args.tokens),
                      thresholds=thresholds)
 
     def timed(sparse: bool, patch: str | None = None) -> float:

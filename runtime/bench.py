@@ -67,8 +67,9 @@ def _fallback_speed(model, adapter, predictors, *, device, dtype, batch_sizes, d
 def check_speed_context(model, rt) -> None:
     """Refuse, before any measuring, a timed decode that would run past the model's context."""
     from dejavu.runtime.quality import model_context
+    from dejavu.runtime.speed import cache_length
 
-    longest = rt.prompt_len + rt.warmup + rt.decode_tokens + 8  # +8: the decode loop's spare cache slots
+    longest = cache_length(rt.prompt_len, rt.warmup, rt.decode_tokens)
     if longest > model_context(model):
         raise DejavuError(f"--prompt-len {rt.prompt_len} with {rt.warmup} warm-up and {rt.decode_tokens} timed "
                           f"tokens reaches position {longest}, past the model's context of {model_context(model)}")

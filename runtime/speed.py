@@ -18,6 +18,12 @@ from dejavu.runtime.decode import DecodeModel, GraphedStep
 PROMPT_LEN = 16  # default tokens of context before the timed decode (cli: --prompt-len)
 
 
+def cache_length(prompt_len: int, warmup: int, decode_tokens: int) -> int:
+    """Positions the decode loop's cache holds for a timing: the prompt, the warm-up and timed steps,
+    and a few spare slots."""
+    return prompt_len + warmup + decode_tokens + 8
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -191,7 +197,7 @@ def speed_report(model, adapter, predictors: PredictorSet | None, *, device: tor
 def _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode_tokens, warmup,
                   hf_eager_tokens, mlp_candidate_density=None, mlp_up_weight=None, skip_kv=False,
                   thresholds=None, prompt_len: int = PROMPT_LEN) -> dict:
-    max_len = prompt_len + warmup + decode_tokens + 8
+    max_len = cache_length(prompt_len, warmup, decode_tokens)
     dm = DecodeModel(model, adapter, predictors, device, dtype, max_len,
                      mlp_candidate_density=mlp_candidate_density if predictors is not None else None,
                      mlp_up_weight=mlp_up_weight if predictors is not None else None, skip_kv=skip_kv,

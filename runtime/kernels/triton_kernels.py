@@ -785,6 +785,16 @@ def lazy_kv_fill(x, xcache, w, bias, heads, group: int, kc, vc, last, cos, sin, 
 # decode attention over the cache, selected q heads only (GQA: q head h reads kv head h // group)
 # ------------------------------------------------------------------------------------------------
 @triton.jit
+def _attention_run(pos_ptr, SPLITS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """[first, last): the positions this program's run covers, the program_id(2)-th of SPLITS equal runs
+    of whole blocks over the cache up to the device-side position (runs past the end are empty)."""
+    length = tl.load(pos_ptr) + 1
+    run = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_T) * BLOCK_T
+    first = tl.program_id(2) * run
+    return first, tl.minimum(first + run, length)
+
+
+@triton.jit
 def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, out_ptr, part_ptr, NKV, T, GROUP, scale,
                              stride_qb, stride_qh, stride_ob, stride_oh,
                              HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr,
@@ -800,10 +810,7 @@ def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, out_ptr,
     nq = tl.num_programs(0)
     head = tl.load(heads_ptr + j)
     kvh = head // GROUP
-    length = tl.load(pos_ptr) + 1
-    run = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_T) * BLOCK_T
-    first = split * run
-    last = tl.minimum(first + run, length)
+    first, last = _attention_run(pos_ptr, SPLITS, BLOCK_T)
     offs_d = tl.arange(0, HD_PAD)
     mask_d = offs_d < HD
     q = tl.load(q_ptr + b * stride_qb + j * stride_qh + offs_d, mask=mask_d, other=0.0).to(tl.float32) * scale
@@ -855,12 +862,9 @@ def _decode_attention_grouped_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, 
     selected = offs_j < NSEL
     head = tl.load(heads_ptr + offs_j, mask=selected, other=0)
     mine = selected & (head // GROUP == kvh)
-    length = tl.load(pos_ptr) + 1
-    run = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_T) * BLOCK_T
-    first = split * run
     # blocks are read even for a KV head that no selected q head reads (their results are not stored):
     # a loop bound waiting on the heads would hold every k/v load back by one more round trip
-    last = tl.minimum(first + run, length)
+    first, last = _attention_run(pos_ptr, SPLITS, BLOCK_T)
     offs_d = tl.arange(0, HD_PAD)
     mask_d = offs_d < HD
     q = tl.load(q_ptr + b * stride_qb + offs_j[:, None] * stride_qh + offs_d[None, :],

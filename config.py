@@ -99,6 +99,10 @@ class ExportConfig:
     # mlp_density of down's input; attn_keep_input: attention's inputs too. None: no thresholds
     mlp_keep_input: float | None = None
     attn_keep_input: float | None = None
+    # TEAL's whole-model rule with a searched split (runtime/allocation.py): thresholds on q/k/v's, o's,
+    # gate/up's and down's inputs that keep this share of every layer's weight bytes, split between them
+    # per layer by a greedy search on data.dataset. None: off. Replaces mlp_keep_input/attn_keep_input.
+    keep_layer_bytes: float | None = None
     calibration_tokens: int = 8192
 
 
@@ -121,6 +125,9 @@ class RuntimeConfig:
     # with mlp_keep_input: the same for attention (TEAL's whole-model rule): thresholds keep this share
     # of q/k/v's input (columns read; every head computed) and of o's input (rows read); None: off
     attn_keep_input: float | None = None
+    # as export.keep_layer_bytes: thresholds on every input of every layer, keeping this share of each
+    # layer's weight bytes, the split searched per layer (greedy); None: off
+    keep_layer_bytes: float | None = None
     calibration_tokens: int = 8192
     # "predictor" (the bundle), "oracle" (true top-k from dense activations), "dense"
     selection: str = "predictor"
@@ -276,8 +283,15 @@ def validate(cfg: RunConfig) -> None:
         if keep_attn is not None and keep_input is None:
             raise DejavuError(f"{section}.attn_keep_input (--attn-keep-input) comes with --mlp-keep-input (use "
                               "--mlp-keep-input 1 --mlp-density 1 for attention thresholds alone)")
-    if cfg.runtime.attn_keep_input is not None and (cfg.runtime.head_density or 1.0) < 1.0:
-        raise DejavuError("--attn-keep-input replaces head selection: drop --head-density")
+        layer_bytes = getattr(cfg, section).keep_layer_bytes
+        _check_density(layer_bytes, f"{section}.keep_layer_bytes")
+        if layer_bytes is not None and (keep_input is not None or keep_attn is not None):
+            raise DejavuError(f"{section}.keep_layer_bytes (--keep-layer-bytes) sets every threshold itself: drop "
+                              "--mlp-keep-input / --attn-keep-input")
+    if (cfg.runtime.attn_keep_input is not None or cfg.runtime.keep_layer_bytes is not None) \
+            and (cfg.runtime.head_density or 1.0) < 1.0:
+        raise DejavuError("attention thresholds (--attn-keep-input, --keep-layer-bytes) replace head selection: "
+                          "drop --head-density")
     for layer, d in cfg.export.mlp_density_per_layer.items():
         _check_density(d, f"export.mlp_density_per_layer[{layer}]")
     if cfg.collect.max_tokens <= 0:

@@ -22,6 +22,9 @@ Rules (MLP only; attention stays dense unless --head-density):
 - threshold:X:D:A the same, and attention too (TEAL's whole-model rule): thresholds keep A of q/k/v's
                 input and of o's input; every head is computed. The report adds the attention shares
                 kept and the whole layer's weight bytes.
+- greedy:T      thresholds on all four inputs (as threshold:X:D:A) keeping T of every layer's weight bytes,
+                split over q/k/v's, o's, gate/up's and down's inputs per layer by TEAL's greedy search
+                (runtime/allocation.py) on the same calibration tokens.
 - quant:B:D     selection from a B-bit copy of gate and up (round-to-nearest, one scale per 64 inputs):
                 top-D of |act(x Q(Wg)^T) * (x Q(Wu)^T)|, then the exact MLP for those neurons. MLP bytes
                 count the copy (2/3 * B/16) plus D. SmolLM2's GGUF weights are themselves 4-bit (Q4_1,
@@ -46,6 +49,7 @@ from torch import nn
 from dejavu.artifacts import atomic_write_json
 from dejavu.errors import DejavuError
 from dejavu.predictor import topk_mask
+from dejavu.runtime.allocation import greedy_allocation
 from dejavu.runtime.apply import SparseRuntime
 from dejavu.runtime.quality import (
     default_eval_dataset,
@@ -58,6 +62,7 @@ from dejavu.runtime.quality import (
 from dejavu.runtime.thresholds import calibrate_thresholds
 
 KINDS = {"oracle": 1, "predictor": 1, "gate": 1, "up": 1, "two-stage": 2, "up-pred": 2, "input": 2, "threshold": (2, 3),
+         "greedy": 1,
          "quant": 2}
 
 
@@ -199,12 +204,21 @@ def weight_share(kind: str, numbers: tuple[float, ...], gated: bool, stats: dict
     return numbers[-1]
 
 
+_allocations: dict = {}
+
+
 def run_rule(model, adapter, predictors, ref, kind, numbers, head_density,
              calibration=None) -> tuple[dict, dict | None]:
-    if kind == "threshold":  # the runtime's own rule: shares kept on the evaluation text in its stats
+    if kind in ("threshold", "greedy"):  # the runtime's own rule: shares kept on the evaluation text in its stats
         tokens, window = calibration
-        thresholds = calibrate_thresholds(model, adapter, tokens, numbers[0], numbers[1], window=window,
-                                          keep_attn=numbers[2] if len(numbers) > 2 else None)
+        if kind == "greedy":  # one search serves every greedy rule of the run: its path covers each target
+            if _allocations.get("lowest", 2.0) > numbers[0]:
+                _allocations.update(lowest=numbers[0], allocation=greedy_allocation(model, adapter, tokens, numbers[0],
+                                                                                    window=window))
+            thresholds = _allocations["allocation"].thresholds(numbers[0])
+        else:
+            thresholds = calibrate_thresholds(model, adapter, tokens, numbers[0], numbers[1], window=window,
+                                              keep_attn=numbers[2] if len(numbers) > 2 else None)
         with SparseRuntime(model, adapter, None, selection="dense", thresholds=thresholds) as runtime:
             return score_against(model, runtime, ref, desc=kind), runtime.stats.summary()
     if kind in ("gate", "up", "input", "quant"):
@@ -304,7 +318,7 @@ def main() -> None:
               "stride": stride, "head_density": args.head_density, "dtype": args.dtype, "device": args.device,
               "dense_ppl": dense["dense_ppl"], "rules": []}
     calibration = None
-    if any(kind == "threshold" for kind, _ in rules):
+    if any(kind in ("threshold", "greedy") for kind, _ in rules):
         corpus = args.calibration or str(Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt")
         from dejavu.corpus import load_texts, tokenize_stream
 

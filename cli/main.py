@@ -150,6 +150,12 @@ def export(
         None, "--attn-keep-input",
         help="With --mlp-keep-input: attention thresholds too, keeping this share of q/k/v's and of o's input "
              "(replaces head selection)."),
+    keep_layer_bytes: float | None = typer.Option(
+        None, "--keep-layer-bytes",
+        help="Store thresholds on every input of every layer (q/k/v, o, gate/up, down: TEAL's whole-model rule) "
+             "that keep this share of each layer's weight bytes; how the share splits over the four inputs is "
+             "searched per layer (greedy, least output error per byte) on the calibration corpus. Replaces "
+             "--mlp-keep-input / --attn-keep-input and head selection."),
     calibration: str | None = typer.Option(
         None, "--calibration", help="Corpus the thresholds are calibrated on (default: the config's data.dataset)."),
     model: str | None = typer.Option(
@@ -164,7 +170,8 @@ def export(
     run_export(Path(run) if run is not None else None, Path(out), config_file=config, model_name=model, overrides={
         "export.mlp_density": mlp_density, "export.head_density": head_density,
         "export.mlp_candidate_density": mlp_candidate_density, "export.mlp_keep_input": mlp_keep_input,
-        "export.attn_keep_input": attn_keep_input, "data.dataset": calibration,
+        "export.attn_keep_input": attn_keep_input, "export.keep_layer_bytes": keep_layer_bytes,
+        "data.dataset": calibration,
     })
 
 
@@ -200,8 +207,16 @@ def bench(
         help="With --mlp-keep-input: attention sparsity the same way (TEAL's whole-model rule). Thresholds keep "
              "this share of each token's q/k/v input (columns read; every head still computed) and of o's "
              "input (rows read). Replaces head selection (head density 1.0)."),
+    keep_layer_bytes: float | None = typer.Option(
+        None, "--keep-layer-bytes",
+        help="Sparsity without a predictor on every input of every layer (q/k/v, o, gate/up, down: TEAL's "
+             "whole-model rule): thresholds keep this share of each layer's weight bytes, split over the four "
+             "inputs per layer by a greedy search (least output error per byte) on the calibration corpus. "
+             "Replaces --mlp-keep-input / --attn-keep-input and head selection."),
     calibration: str | None = typer.Option(
-        None, "--calibration", help="Corpus the --mlp-keep-input thresholds are calibrated on (default: the config's data.dataset)."),
+        None, "--calibration",
+        help="Corpus the --mlp-keep-input / --keep-layer-bytes thresholds are calibrated on (default: the config's "
+             "data.dataset)."),
     max_eval_tokens: int | None = typer.Option(None, "--max-eval-tokens", help="Bound on evaluated tokens."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto."),
@@ -229,7 +244,8 @@ def bench(
             "runtime.selection": selection, "runtime.batch_sizes": sizes, "runtime.prompt_len": prompt_len,
             "runtime.mlp_candidate_density": mlp_candidate_density, "runtime.mlp_up_weight": mlp_up_weight,
             "runtime.skip_kv": skip_kv, "runtime.mlp_keep_input": mlp_keep_input,
-            "runtime.attn_keep_input": attn_keep_input, "data.dataset": calibration,
+            "runtime.attn_keep_input": attn_keep_input, "runtime.keep_layer_bytes": keep_layer_bytes,
+            "data.dataset": calibration,
         },
         synthetic=synthetic, layers=layers, quality=quality, speed=speed,
     )

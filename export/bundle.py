@@ -76,7 +76,7 @@ def _calibrated_thresholds(cfg, model_name: str, identity: dict | None, keep_dow
     with torch.no_grad():
         thresholds = calibrate_on_corpus(model, adapter, tokenizer, cfg.data, e.calibration_tokens, e.mlp_keep_input,
                                          keep_down, e.attn_keep_input,
-                                         max_window=cfg.runtime.eval_window)
+                                         max_window=cfg.runtime.eval_window, layer_bytes=e.keep_layer_bytes)
     description = {**thresholds.describe(), "calibration": cfg.data.dataset,
                    "calibration_tokens": e.calibration_tokens}
     return thresholds, description, identity or model_identity(adapter, source.display)
@@ -98,9 +98,12 @@ def _export_thresholds_only(out: Path, cfg, model_name: str) -> dict:
         mlp_density=float(keep_down), head_density=1.0, mlp_density_per_layer=[1.0] * num_layers,
         head_density_per_layer=[1.0] * num_layers, metrics={}, predictor_bytes=0, mlp_candidate_density=None,
         thresholds=description)
-    print(f"bundle written to {out}: thresholds only ({num_layers} layers; keep {thresholds.keep_x:g} of the MLP "
-          f"input, {thresholds.keep_h:g} of down's input"
-          + (f", {thresholds.keep_attn:g} of attention's inputs" if thresholds.attention else "") + ")")
+    if thresholds.layer_shares is not None:
+        kept = f"keep {thresholds.layer_bytes:g} of each layer's weight bytes, split per layer by greedy search"
+    else:
+        kept = (f"keep {thresholds.keep_x:g} of the MLP input, {thresholds.keep_h:g} of down's input"
+                + (f", {thresholds.keep_attn:g} of attention's inputs" if thresholds.attention else ""))
+    print(f"bundle written to {out}: thresholds only ({num_layers} layers; {kept})")
     return manifest
 
 
@@ -112,9 +115,9 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         from dejavu.config import load_config
 
         cfg = load_config(config_file, overrides or {})
-        if cfg.export.mlp_keep_input is None:
-            raise DejavuError("export needs --run (a training run), or --mlp-keep-input for a bundle of "
-                              "thresholds alone")
+        if cfg.export.mlp_keep_input is None and cfg.export.keep_layer_bytes is None:
+            raise DejavuError("export needs --run (a training run), or --mlp-keep-input / --keep-layer-bytes for a "
+                              "bundle of thresholds alone")
         return _export_thresholds_only(Path(out), cfg, model_name or cfg.model.name)
     run, out = Path(run), Path(out)
     pred_dir = run / "predictors"
@@ -155,7 +158,8 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
                                "export.mlp_density_per_layer")
     head_per_layer = _per_layer(head_density, {}, num_layers, present, "head density")
     threshold_description = None
-    if cfg.export.mlp_keep_input is not None:  # before anything is written: a bad model loses nothing
+    if cfg.export.mlp_keep_input is not None or cfg.export.keep_layer_bytes is not None:
+        # before anything is written: a bad model loses nothing
         from dejavu.runtime.thresholds import thresholds_to_tensors
 
         thresholds, threshold_description, _ = _calibrated_thresholds(

@@ -148,7 +148,14 @@ def print_report(report: dict, out=None) -> None:
       + (f", exact-up MLP (log|up| + {report['mlp_up_weight']:g} x predictor logit)"
          if report.get("mlp_up_weight") is not None else ""))
     t = report.get("thresholds")
-    if t:
+    allocation = (t or {}).get("allocation")
+    if allocation:
+        means = {k: sum(v) / len(v) for k, v in allocation["layer_shares"].items()}
+        p(f"  magnitude thresholds (no predictor) on every layer input, calibrated on {t['calibration_tokens']} "
+          f"tokens of {t['calibration']} to keep {allocation['layer_bytes']:g} of each layer's weight bytes; "
+          f"split per layer by greedy search, mean shares kept: q/k/v input {means['attn_x']:.2f}, o input "
+          f"{means['attn_o']:.2f}, MLP input {means['x']:.2f}, down input {means['h']:.2f}")
+    elif t:
         p(f"  MLP by magnitude thresholds (no predictor): calibrated on {t['calibration_tokens']} tokens of "
           f"{t['calibration']} to keep {t['keep_input']:g} of the MLP input and {t['keep_down_input']:g} of "
           f"down's input")
@@ -230,7 +237,7 @@ def _calibrate_thresholds(model, adapter, tokenizer, cfg, keep_input: float, kee
 
     return calibrate_on_corpus(model, adapter, tokenizer, cfg.data, cfg.runtime.calibration_tokens, keep_input,
                                keep_down, cfg.runtime.attn_keep_input,
-                               max_window=cfg.runtime.eval_window)
+                               max_window=cfg.runtime.eval_window, layer_bytes=cfg.runtime.keep_layer_bytes)
 
 
 def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> dict:
@@ -242,12 +249,13 @@ def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> di
     if speed:
         check_speed_context(model, cfg.runtime)
     thresholds = None
-    if cfg.runtime.mlp_keep_input is not None:
+    if cfg.runtime.mlp_keep_input is not None or cfg.runtime.keep_layer_bytes is not None:
         from dejavu.runtime.thresholds import calibrate_on_random_tokens
 
         thresholds = calibrate_on_random_tokens(model, adapter, cfg.runtime.mlp_keep_input,
                                                 cfg.runtime.mlp_density or 0.5,
-                                                keep_attn=cfg.runtime.attn_keep_input)
+                                                keep_attn=cfg.runtime.attn_keep_input,
+                                                layer_bytes=cfg.runtime.keep_layer_bytes)
         mlp_d = thresholds.keep_h
         if thresholds.attention:
             head_d = 1.0
@@ -281,14 +289,15 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
 
     rt = cfg.runtime
     manifest, predictors = (load_bundle(bundle) if bundle is not None else (None, None))
-    thresholds_on = rt.mlp_keep_input is not None
+    thresholds_on = rt.mlp_keep_input is not None or rt.keep_layer_bytes is not None
     # a bundle's own thresholds apply unless a flag recalibrates them or asks for another selection
     bundled = (predictors.thresholds if predictors is not None and rt.selection == "predictor"
                and not thresholds_on else None)
     if predictors is not None and not predictors.has_predictors:
         predictors = None  # a bundle of thresholds alone: nothing else to select with
     if predictors is None and rt.selection == "predictor" and not thresholds_on and bundled is None:
-        raise DejavuError("bench needs --bundle (or --selection oracle|dense, --mlp-keep-input, or --synthetic NAME)")
+        raise DejavuError("bench needs --bundle (or --selection oracle|dense, --mlp-keep-input, --keep-layer-bytes, "
+                          "or --synthetic NAME)")
     name = model_name or (manifest["model"].get("name") if manifest else None) or cfg.model.name
     model, tokenizer, source = load_model(name, device=str(device), dtype=_dtype_name(dtype))
     if speed:

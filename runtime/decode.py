@@ -661,21 +661,21 @@ class DecodeModel:
         item = torch.empty((), dtype=self.dtype).element_size()
         d, hd = self.d, self.hd
         weights = preds = cache = 0
-        for lw in self.layers:
+        for i, lw in enumerate(self.layers):
             gate_rows = lw.mlp_pred.k if (sparse and lw.mlp_pred is not None) else self.n
             up_rows = self.n if (sparse and lw.up_workspace is not None) else gate_rows
             down_rows = lw.mlp_final.k if (sparse and lw.mlp_final is not None) else gate_rows
             if sparse and self.thresholds is not None:  # the shares the thresholds were set to keep
-                gate_rows = up_rows = round(self.thresholds.keep_x * self.n)
-                down_rows = round(self.thresholds.keep_h * self.n)
+                gate_rows = up_rows = round(self.thresholds.share("x", i) * self.n)
+                down_rows = round(self.thresholds.share("h", i) * self.n)
             heads = lw.head_pred.k if (sparse and lw.head_pred is not None) else self.H
             # KV groups the selected heads read: exact for one head per group, at most this with GQA
             kv_heads = min(self.KV, heads) if heads < self.H else self.KV
             kv_rows = kv_heads if (self.skip_kv and heads < self.H) else self.KV
             attention = (2 * heads * hd + 2 * kv_rows * hd) * d
             if sparse and lw.wqkv_t is not None:  # attention thresholds: shares of q/k/v's and o's input kept
-                keep = self.thresholds.keep_attn
-                attention = round(keep * d) * (self.H + 2 * self.KV) * hd + round(keep * self.H * hd) * d
+                keep, keep_o = self.thresholds.share("attn_x", i), self.thresholds.share("attn_o", i)
+                attention = round(keep * d) * (self.H + 2 * self.KV) * hd + round(keep_o * self.H * hd) * d
             weights += (gate_rows + up_rows + down_rows) * d * item + attention * item
             cache += 2 * batch * kv_heads * context * hd * item
             if self.skip_kv and heads < self.H:

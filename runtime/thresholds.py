@@ -31,21 +31,38 @@ class Thresholds:
     attn_x: list[float] | None = None  # per layer: |q/k/v input| above this is kept; None: attention dense
     attn_o: list[float] | None = None  # per layer: |o input| above this is kept
     keep_attn: float = 1.0
+    # Set by a greedy allocation (runtime/allocation.py): per input ("x", "h", "attn_x", "attn_o"), the
+    # share each layer keeps, and the share of each layer's weight bytes they were chosen to read. Then
+    # keep_x / keep_h / keep_attn are means over the layers (keep_attn: of q/k/v's input).
+    layer_shares: dict[str, list[float]] | None = None
+    layer_bytes: float | None = None
 
     @property
     def attention(self) -> bool:
         return self.attn_x is not None
 
+    def share(self, name: str, layer: int) -> float:
+        """The share of input `name` that layer `layer` was calibrated to keep."""
+        if self.layer_shares is not None:
+            return self.layer_shares[name][layer]
+        return {"x": self.keep_x, "h": self.keep_h, "attn_x": self.keep_attn, "attn_o": self.keep_attn}[name]
+
     def describe(self) -> dict:
-        return {"keep_input": self.keep_x, "keep_down_input": self.keep_h,
-                "keep_attn_input": self.keep_attn if self.attention else None}
+        out = {"keep_input": self.keep_x, "keep_down_input": self.keep_h,
+               "keep_attn_input": self.keep_attn if self.attention else None}
+        if self.layer_shares is not None:
+            out["allocation"] = {"rule": "greedy", "layer_bytes": self.layer_bytes,
+                                 "layer_shares": self.layer_shares}
+        return out
 
 
 @torch.no_grad()
-def calibrate_thresholds(model, adapter, tokens: torch.Tensor, keep_x: float, keep_h: float,
-                         window: int = 1024, keep_attn: float | None = None) -> Thresholds:
-    """Quantiles per layer of |x| (the MLP input) and of the dense |down input| over `tokens` (1-D);
-    with keep_attn also of |attention input| and of |o input|."""
+def magnitude_quantiles(model, adapter, tokens: torch.Tensor, shares: dict[str, list[float]],
+                        window: int = 1024) -> dict[str, list[list[float]]]:
+    """From a dense forward over `tokens` (1-D) in windows of `window`: per input named in `shares` ("x": the
+    MLP's input, "h": down's input, "attn_x": attention's input, "attn_o": o's input) and per layer, the
+    threshold that keeps each share of that input's entries (|value| above it). Share 1.0 gives -1: zeros
+    are kept too."""
     layers = adapter.decoder_layers()
     seen: dict[tuple[str, int], list[torch.Tensor]] = {}
 
@@ -55,13 +72,10 @@ def calibrate_thresholds(model, adapter, tokens: torch.Tensor, keep_x: float, ke
             seen.setdefault(key, []).append(x.detach().abs().float().flatten().cpu())
         return hook
 
-    handles = []
-    for i, layer in enumerate(layers):
-        watched = [("x", adapter.gate_proj(layer) or adapter.up_proj(layer)), ("h", adapter.down_proj(layer))]
-        if keep_attn is not None:
-            watched += [("attn_x", adapter.attention_module(layer)), ("attn_o", adapter.o_proj(layer))]
-        for name, module in watched:
-            handles.append(module.register_forward_pre_hook(record((name, i)), with_kwargs=True))
+    modules = {"x": lambda layer: adapter.gate_proj(layer) or adapter.up_proj(layer),
+               "h": adapter.down_proj, "attn_x": adapter.attention_module, "attn_o": adapter.o_proj}
+    handles = [modules[name](layer).register_forward_pre_hook(record((name, i)), with_kwargs=True)
+               for i, layer in enumerate(layers) for name in shares]
     device = next(model.parameters()).device
     try:
         for start in tqdm(range(0, tokens.numel(), window), desc="calibrating thresholds", unit="window",
@@ -71,32 +85,53 @@ def calibrate_thresholds(model, adapter, tokens: torch.Tensor, keep_x: float, ke
         for h in handles:
             h.remove()
 
-    def quantiles(name: str, keep: float) -> list[float]:
-        out = []
-        for i in range(len(layers)):
-            if keep >= 1.0:
-                out.append(-1.0)  # keeps everything, zeros included
-                continue
-            flat = torch.cat(seen[(name, i)])
-            out.append(float(flat.kthvalue(min(flat.numel(), max(1, round((1 - keep) * flat.numel())))).values))
-        return out
+    out: dict[str, list[list[float]]] = {name: [] for name in shares}
+    for i in range(len(layers)):
+        for name, keeps in shares.items():
+            ordered = torch.cat(seen.pop((name, i))).sort().values
+            n = ordered.numel()
+            out[name].append([-1.0 if keep >= 1.0 else float(ordered[min(n, max(1, round((1 - keep) * n))) - 1])
+                              for keep in keeps])
+    return out
 
+
+def calibrate_thresholds(model, adapter, tokens: torch.Tensor, keep_x: float, keep_h: float,
+                         window: int = 1024, keep_attn: float | None = None) -> Thresholds:
+    """Quantiles per layer of |x| (the MLP input) and of the dense |down input| over `tokens` (1-D);
+    with keep_attn also of |attention input| and of |o input|."""
     attn = keep_attn is not None
-    return Thresholds(x=quantiles("x", keep_x), h=quantiles("h", keep_h), keep_x=keep_x, keep_h=keep_h,
-                      attn_x=quantiles("attn_x", keep_attn) if attn else None,
-                      attn_o=quantiles("attn_o", keep_attn) if attn else None,
+    shares = {"x": [keep_x], "h": [keep_h], **({"attn_x": [keep_attn], "attn_o": [keep_attn]} if attn else {})}
+    table = magnitude_quantiles(model, adapter, tokens, shares, window)
+
+    def quantiles(name: str) -> list[float]:
+        return [per_layer[0] for per_layer in table[name]]
+
+    return Thresholds(x=quantiles("x"), h=quantiles("h"), keep_x=keep_x, keep_h=keep_h,
+                      attn_x=quantiles("attn_x") if attn else None,
+                      attn_o=quantiles("attn_o") if attn else None,
                       keep_attn=keep_attn if attn else 1.0)
 
 
-def calibrate_on_random_tokens(model, adapter, keep_x: float, keep_h: float, tokens: int = 256,
-                               keep_attn: float | None = None) -> Thresholds:
+def calibrate(model, adapter, ids: torch.Tensor, keep_x: float | None, keep_h: float, keep_attn: float | None,
+              layer_bytes: float | None, window: int) -> Thresholds:
+    """Uniform shares (keep_x, keep_h, keep_attn), or with `layer_bytes` the greedy split of that share of
+    every layer's weight bytes (runtime/allocation.py)."""
+    if layer_bytes is not None:
+        from dejavu.runtime.allocation import greedy_allocation
+
+        return greedy_allocation(model, adapter, ids, layer_bytes, window=window).thresholds(layer_bytes)
+    return calibrate_thresholds(model, adapter, ids, keep_x, keep_h, window=window, keep_attn=keep_attn)
+
+
+def calibrate_on_random_tokens(model, adapter, keep_x: float | None, keep_h: float, tokens: int = 256,
+                               keep_attn: float | None = None, layer_bytes: float | None = None) -> Thresholds:
     """For random-weight (synthetic) models, which have no corpus: their own activations over random tokens."""
     ids = torch.randint(1, model.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
-    return calibrate_thresholds(model, adapter, ids, keep_x, keep_h, window=tokens, keep_attn=keep_attn)
+    return calibrate(model, adapter, ids, keep_x, keep_h, keep_attn, layer_bytes, window=tokens)
 
 
-def calibrate_on_corpus(model, adapter, tokenizer, data, tokens: int, keep_x: float, keep_h: float,
-                        keep_attn: float | None, max_window: int) -> Thresholds:
+def calibrate_on_corpus(model, adapter, tokenizer, data, tokens: int, keep_x: float | None, keep_h: float,
+                        keep_attn: float | None, max_window: int, layer_bytes: float | None = None) -> Thresholds:
     """Thresholds from a dense forward over the first `tokens` tokens of `data.dataset` (a DataConfig:
     dataset, split, text_field) in windows of the model's context or `max_window`, whichever is
     shorter, as `dejavu export` and `dejavu bench` calibrate them."""
@@ -107,8 +142,8 @@ def calibrate_on_corpus(model, adapter, tokenizer, data, tokens: int, keep_x: fl
     if ids.numel() == 0:
         raise DejavuError(f"the calibration corpus {data.dataset} gave no tokens")
     print(f"  calibrating thresholds on {ids.numel()} tokens of {data.dataset}", flush=True)
-    return calibrate_thresholds(model, adapter, ids, keep_x, keep_h, window=min(model_context(model), max_window),
-                                keep_attn=keep_attn)
+    return calibrate(model, adapter, ids, keep_x, keep_h, keep_attn, layer_bytes,
+                     window=min(model_context(model), max_window))
 
 
 # In a bundle (export/bundle.py): one fp32 tensor [num_layers] per kind, under these names
@@ -141,5 +176,18 @@ def thresholds_from_tensors(tensors: dict[str, torch.Tensor], description: dict,
             raise DejavuError(f"{where}: {key} must hold one finite value per layer ({num_layers}), "
                               f"got shape {tuple(v.shape)}")
         values[field_name] = [float(a) for a in v]
+    allocation = description.get("allocation")
+    layer_shares = layer_bytes = None
+    if allocation is not None:  # a greedy allocation: the shares each layer keeps
+        layer_shares = allocation.get("layer_shares") or {}
+        for name in TENSOR_NAMES:
+            shares = layer_shares.get(name)
+            if (not isinstance(shares, list) or len(shares) != num_layers
+                    or not all(isinstance(v, (int, float)) and 0.0 < v <= 1.0 for v in shares)):
+                raise DejavuError(f"{where}: thresholds.allocation.layer_shares[{name!r}] must hold one share in "
+                                  f"(0, 1] per layer ({num_layers})")
+        layer_shares = {name: [float(v) for v in layer_shares[name]] for name in TENSOR_NAMES}
+        layer_bytes = float(allocation["layer_bytes"])
     return Thresholds(keep_x=float(description["keep_input"]), keep_h=float(description["keep_down_input"]),
-                      keep_attn=float(description["keep_attn_input"]) if attention else 1.0, **values)
+                      keep_attn=float(description["keep_attn_input"]) if attention else 1.0,
+                      layer_shares=layer_shares, layer_bytes=layer_bytes, **values)

@@ -206,3 +206,35 @@ def test_thresholds_refuse_another_model_or_a_bad_file(tmp_path, tiny_llama, tin
         thresholds_from_tensors({**good, "thresholds.mlp_input": torch.tensor([1.0, float("nan")])}, described, 2, "b")
     with pytest.raises(DejavuError, match="one finite value per layer"):
         thresholds_from_tensors(good, described, 3, "b")
+
+
+def test_greedy_thresholds_bundle_round_trips_and_bench_applies_it(tmp_path, tiny_llama):
+    """--keep-layer-bytes: thresholds on every input, split per layer by the greedy search, stored with their
+    per-layer shares; bench from the bundle equals bench calibrating the same way."""
+    from dejavu.runtime.bench import run_bench
+
+    from helpers import CALIB_TXT, EVAL_RAW
+
+    calib = {"data.dataset": str(CALIB_TXT), "export.calibration_tokens": 512}
+    with pytest.raises(DejavuError, match="sets every threshold itself"):
+        run_export(None, tmp_path / "x", config_file="tiny", model_name=str(tiny_llama),
+                   overrides={**calib, "export.keep_layer_bytes": 0.6, "export.mlp_keep_input": 0.7})
+    manifest = run_export(None, tmp_path / "bundle", config_file="tiny", model_name=str(tiny_llama),
+                          overrides={**calib, "export.keep_layer_bytes": 0.6})
+    allocation = manifest["thresholds"]["allocation"]
+    assert allocation["rule"] == "greedy" and allocation["layer_bytes"] == 0.6
+    _, pset = load_bundle(tmp_path / "bundle")
+    t = pset.thresholds
+    assert t.attention and t.layer_shares == allocation["layer_shares"] and not pset.has_predictors
+    common = dict(model=str(tiny_llama), dataset=str(EVAL_RAW), config_file="tiny", speed=False)
+    settings = {"runtime.max_eval_tokens": 300, "runtime.device": "cpu"}
+    from_bundle = run_bench(bundle=tmp_path / "bundle", json_out=tmp_path / "a.json", overrides=settings, **common)
+    flagged = run_bench(json_out=tmp_path / "b.json", **common, overrides={
+        **settings, "runtime.keep_layer_bytes": 0.6, "runtime.calibration_tokens": 512,
+        "data.dataset": str(CALIB_TXT)})
+    assert from_bundle["sparse"]["ppl"] == pytest.approx(flagged["sparse"]["ppl"], rel=1e-6)
+    assert flagged["thresholds"]["allocation"]["layer_shares"] == allocation["layer_shares"]
+    assert from_bundle["head_density"] == 1.0 and from_bundle["sparse"]["ppl"] != from_bundle["dense"]["ppl"]
+    with pytest.raises(DejavuError, match="replace head selection"):
+        run_bench(json_out=tmp_path / "c.json", **common, overrides={
+            **settings, "runtime.keep_layer_bytes": 0.6, "runtime.head_density": 0.5})

@@ -265,5 +265,5 @@ def test_bench_attention_thresholds(tmp_path, tiny_llama, tiny_bundle, capsys):
     assert json.loads(out.read_text())["speed"]["thresholds"]["keep_attn_input"] == 0.6
     with pytest.raises(DejavuError, match="comes with --mlp-keep-input"):
         _bench(tmp_path, tiny_llama, None, **{**settings, "runtime.mlp_keep_input": None})
-    with pytest.raises(DejavuError, match="replaces head selection"):
+    with pytest.raises(DejavuError, match="replace head selection"):
         _bench(tmp_path, tiny_llama, None, **settings, **{"runtime.head_density": 0.5})

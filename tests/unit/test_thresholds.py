@@ -223,3 +223,27 @@ def test_attention_thresholds_in_every_family(tiny_model_factory, model_type):
             kept = runtime.stats.summary()
     assert abs(kept["attn_input_kept"] - 0.6) < 0.1 and 0.4 < kept["attn_o_kept"] < 0.85
     assert (sparse - dense).abs().max() > 1e-4  # attention alone changed the output
+
+
+def test_greedy_thresholds_in_the_decode_step(tiny_model_factory):
+    """Per-layer shares from the greedy search (runtime/allocation.py): the step equals hand-masked HF, and its
+    bytes follow each layer's own shares."""
+    from dejavu.runtime.allocation import greedy_allocation, input_weights
+
+    model, adapter = _load(tiny_model_factory("llama"))
+    calib = torch.randint(1, 500, (256,), generator=torch.Generator().manual_seed(1))
+    t = greedy_allocation(model, adapter, calib, 0.5, window=64, step=0.1, search_tokens=128,
+                          search_window=64).thresholds(0.5)
+    prompt = torch.randint(1, 500, (2, 6), generator=torch.Generator().manual_seed(2))
+    dm = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=12, thresholds=t)
+    st = dm.new_state(2)
+    dm.prefill(st, prompt)
+    ids = torch.cat([prompt, st.tokens[:, None]], 1)
+    logits = dm.step(st, sparse=True)
+    for b in range(2):
+        torch.testing.assert_close(logits[b:b + 1], _masked_last_position(model, adapter, ids[b:b + 1], t),
+                                   atol=1e-4, rtol=1e-4)
+    weights = input_weights(adapter)
+    planned = sum(weights[k] * t.share(k, i) for k in weights for i in range(adapter.num_layers))
+    # rows are whole: each layer's count rounds its share of rows
+    assert dm.step_bytes(1, 8, True)["weights"] / 4 == pytest.approx(planned, rel=0.02)

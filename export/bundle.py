@@ -95,7 +95,7 @@ def _export_thresholds_only(out: Path, cfg, model_name: str) -> dict:
                        metadata={"format": BUNDLE_KIND, "format_version": "1"})
     manifest = write_manifest(
         out, BUNDLE_KIND, cfg.to_dict(), [file_entry(out / BUNDLE_FILE, out, sha)], parent=None, model=identity,
-        mlp_density=float(keep_down), head_density=1.0, mlp_density_per_layer=[1.0] * num_layers,
+        mlp_density=float(thresholds.keep_h), head_density=1.0, mlp_density_per_layer=[1.0] * num_layers,
         head_density_per_layer=[1.0] * num_layers, metrics={}, predictor_bytes=0, mlp_candidate_density=None,
         thresholds=description)
     if thresholds.layer_shares is not None:

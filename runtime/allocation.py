@@ -47,7 +47,6 @@ class LayerPath:
 
     shares: list[dict[str, float]]
     bytes_share: list[float]
-    error: list[float]  # squared error of the layer's output over the calibration tokens
 
     def at(self, target: float) -> dict[str, float]:
         """The first point of the path that reads at most `target` of the layer's weight bytes."""
@@ -204,7 +203,7 @@ def _greedy_path(error, weights: dict[str, int], total: int, grid: list[float], 
     of one per input."""
     position = {name: 0 for name in INPUTS}
     current, share = 0.0, 1.0
-    path = LayerPath(shares=[{name: 1.0 for name in INPUTS}], bytes_share=[1.0], error=[0.0])
+    path = LayerPath(shares=[{name: 1.0 for name in INPUTS}], bytes_share=[1.0])
     known: dict[str, float] = {}  # last measured cost per input (a lower bound on its cost now)
     while share > lowest_target + 1e-9:
         open_inputs = [name for name in INPUTS if position[name] + 1 < len(grid)]
@@ -222,5 +221,4 @@ def _greedy_path(error, weights: dict[str, int], total: int, grid: list[float], 
         share -= weights[name] * step / total
         path.shares.append({n: grid[position[n]] for n in INPUTS})
         path.bytes_share.append(share)
-        path.error.append(current)
     return path

@@ -226,6 +226,7 @@ def test_greedy_thresholds_bundle_round_trips_and_bench_applies_it(tmp_path, tin
     _, pset = load_bundle(tmp_path / "bundle")
     t = pset.thresholds
     assert t.attention and t.layer_shares == allocation["layer_shares"] and not pset.has_predictors
+    assert manifest["mlp_density"] == pytest.approx(t.keep_h)  # down's share kept, a mean over the layers
     common = dict(model=str(tiny_llama), dataset=str(EVAL_RAW), config_file="tiny", speed=False)
     settings = {"runtime.max_eval_tokens": 300, "runtime.device": "cpu"}
     from_bundle = run_bench(bundle=tmp_path / "bundle", json_out=tmp_path / "a.json", overrides=settings, **common)

@@ -6,8 +6,12 @@ then the top-r directions of its fitted values) from a layer's block input to [g
 from the MLP's own input, scores each neuron by |silu(g^) u^| and reports the held-out mass kept at
 density 0.5, next to the exact gate and exact up alone (what CATS-style and up-only rules see).
 
+A low-bit copy of gate and up is a closed-form predictor too (full rank, few bits): `--quant-bits 2,3,4`
+adds |silu(h Q(Wg)^T) * (h Q(Wu)^T)| from the MLP's own input h (so the copy is read after attention, on
+the critical path), quantised as `bench/selection_rules.py`'s quant-clip rule.
+
 Usage: python bench/lowrank_regression.py [--layers 1,15,29] [--train-tokens 65536] [--ranks 32,64,128,256]
-       [--input block|mlp]
+       [--input block|mlp] [--quant-bits 2,3,4]
 The last 8,192 of the collected tokens are held out.
 """
 
@@ -19,6 +23,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from selection_rules import fake_quantize_clipped  # bench/ is on the path when run as a script
 
 from dejavu.models.loading import load_model, load_tokenizer
 
@@ -35,6 +40,8 @@ def main() -> None:
     ap.add_argument("--input", default="block", choices=["block", "mlp"],
                     help="what the map reads: the layer's block input (what the predictors read) or the MLP's "
                          "own input (after attention: exact at full rank, but only known once attention ran)")
+    ap.add_argument("--quant-bits", default="",
+                    help="comma-separated bit widths of a low-bit copy of gate/up scored on the MLP's input")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -92,6 +99,9 @@ def main() -> None:
             c = coef if r is None else coef @ (vh[:r].T @ vh[:r])
             pred = z[ev] @ c
             row[f"rank_{r or 'full'}"] = mass((F.silu(pred[:, :n]) * pred[:, n:]).abs())
+        for bits in [int(b) for b in args.quant_bits.split(",") if b]:
+            qg, qu = (fake_quantize_clipped(w.weight.double(), bits) for w in (mlp.gate_proj, mlp.up_proj))
+            row[f"quant_{bits}bit"] = mass((F.silu(h[ev] @ qg.T) * (h[ev] @ qu.T)).abs())
         results[str(layer)] = row
         print(f"layer {layer}: " + " ".join(f"{key} {value:.3f}" for key, value in row.items()), flush=True)
     if args.json:

@@ -29,6 +29,8 @@ Rules (MLP only; attention stays dense unless --head-density):
                 top-D of |act(x Q(Wg)^T) * (x Q(Wu)^T)|, then the exact MLP for those neurons. MLP bytes
                 count the copy (2/3 * B/16) plus D. SmolLM2's GGUF weights are themselves 4-bit (Q4_1,
                 32 per group), so bits >= 4 are near exact here and say little about other models.
+- quant-clip:B:D the same with 2^B levels and no zero, each group's scale clipped for least squared error
+                (absmax round-to-nearest leaves 2 bits only 3 levels).
 
 Every evaluated token is sparse, windows/stride as in runtime/quality.py; dense log-probs are computed
 once and reused. "MLP bytes" is the share of the dense MLP's weight bytes a real kernel must read per
@@ -63,19 +65,19 @@ from dejavu.runtime.thresholds import calibrate_thresholds
 
 KINDS = {"oracle": 1, "predictor": 1, "gate": 1, "up": 1, "two-stage": 2, "up-pred": 2, "input": 2, "threshold": (2, 3),
          "greedy": 1,
-         "quant": 2}
+         "quant": 2, "quant-clip": 2}
 
 
 def parse_rule(text: str) -> tuple[str, tuple[float, ...]]:
     kind, *values = text.split(":")
     if kind not in KINDS or len(values) not in ((KINDS[kind],) if isinstance(KINDS[kind], int) else KINDS[kind]):
         raise DejavuError(f"rule {text!r}: expected oracle:D, predictor:D, gate:D, up:D, two-stage:C:D, up-pred:D:A, "
-                          "input:X:D, threshold:X:D[:A] or quant:B:D")
+                          "input:X:D, threshold:X:D[:A], quant:B:D or quant-clip:B:D")
     try:
         numbers = tuple(float(v) for v in values)
     except ValueError:
         raise DejavuError(f"rule {text!r}: densities must be numbers") from None
-    if not all(0.0 < v <= 1.0 for v in (numbers[:1] if kind == "up-pred" else numbers[1:] if kind == "quant"
+    if not all(0.0 < v <= 1.0 for v in (numbers[:1] if kind == "up-pred" else numbers[1:] if kind.startswith("quant")
                                         else numbers)):
         raise DejavuError(f"rule {text!r}: densities must be in (0, 1]")
     return kind, numbers
@@ -138,16 +140,37 @@ def fake_quantize(weight: torch.Tensor, bits: int, group: int = 64) -> torch.Ten
     return (q * scale).reshape(rows, cols).to(weight.dtype)
 
 
+def fake_quantize_clipped(weight: torch.Tensor, bits: int, group: int = 64) -> torch.Tensor:
+    """2^bits levels without a zero (midrise: 2 bits give 4 levels, not absmax's 3) and each group's scale
+    chosen among clip ratios of its absmax by least squared error; returns the dequantised weight."""
+    rows, cols = weight.shape
+    w = weight.float().reshape(rows, cols // group, group)
+    half = 2 ** (bits - 1)
+    amax = w.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+    best, best_err = None, None
+    for ratio in [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]:
+        scale = amax * ratio / (half - 0.5)  # ratio 1: the top level sits on the group's absmax
+        q = (torch.floor(w / scale).clamp(-half, half - 1) + 0.5) * scale
+        err = ((q - w) ** 2).sum(-1, keepdim=True)
+        if best is None:
+            best, best_err = q, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, q, best), torch.where(better, err, best_err)
+    return best.reshape(rows, cols).to(weight.dtype)
+
+
 class QuantRule(NeuronMaskRule):
     """Selection from a low-bit copy of gate and up: score = |act(x Q(Wg)^T) * (x Q(Wu)^T)|, top-D go
     through the exact MLP. The low-bit copy is what a kernel would read before the sparse MLP."""
 
-    def __init__(self, adapter, bits: float, density: float):
+    def __init__(self, adapter, bits: float, density: float, clipped: bool = False):
         super().__init__()
         for l, layer in enumerate(adapter.decoder_layers()):  # noqa: E741
             w = adapter.mlp_weights(layer)  # [out, in] whatever the module type (Conv1D included)
-            qg = fake_quantize(w.gate.detach(), int(bits)) if w.gate is not None else None
-            qu = fake_quantize(w.up.detach(), int(bits))
+            fq = fake_quantize_clipped if clipped else fake_quantize
+            qg = fq(w.gate.detach(), int(bits)) if w.gate is not None else None
+            qu = fq(w.up.detach(), int(bits))
             self._handles.append(adapter.up_proj(layer).register_forward_pre_hook(
                 self._score(l, qg, qu, adapter.activation(layer), density)))
             self._handles.append(adapter.down_proj(layer).register_forward_pre_hook(self._apply(l)))
@@ -194,7 +217,7 @@ def weight_share(kind: str, numbers: tuple[float, ...], gated: bool, stats: dict
     up_share = 2 / 3 if gated else 1 / 2
     if kind == "input":
         return up_share * numbers[0] + (1 - up_share) * numbers[1]
-    if kind == "quant":  # the low-bit copy of gate/up (bf16 = 16 bits), then D of the MLP
+    if kind.startswith("quant"):  # the low-bit copy of gate/up (bf16 = 16 bits), then D of the MLP
         return up_share * numbers[0] / 16 + numbers[1]
     if kind in ("gate", "up"):
         full = up_share / 2 if gated else up_share  # the projection read in full to choose
@@ -221,9 +244,10 @@ def run_rule(model, adapter, predictors, ref, kind, numbers, head_density,
                                               keep_attn=numbers[2] if len(numbers) > 2 else None)
         with SparseRuntime(model, adapter, None, selection="dense", thresholds=thresholds) as runtime:
             return score_against(model, runtime, ref, desc=kind), runtime.stats.summary()
-    if kind in ("gate", "up", "input", "quant"):
-        rule = (InputRule(adapter, *numbers) if kind == "input" else QuantRule(adapter, *numbers)
-                if kind == "quant" else ExactRule(adapter, kind, numbers[0]))
+    if kind in ("gate", "up", "input", "quant", "quant-clip"):
+        rule = (InputRule(adapter, *numbers) if kind == "input"
+                else QuantRule(adapter, *numbers, clipped=kind == "quant-clip") if kind.startswith("quant")
+                else ExactRule(adapter, kind, numbers[0]))
         try:
             return score_against(model, rule, ref, desc=kind), None
         finally:
@@ -330,7 +354,7 @@ def main() -> None:
         t0 = time.perf_counter()
         metrics, stats = run_rule(model, adapter, predictors, ref, kind, numbers, args.head_density, calibration)
         row = {"rule": text, "kind": kind, "candidates": numbers[0] if kind == "two-stage" else None,
-               "density": numbers[0] if kind == "up-pred" else numbers[1] if kind in ("threshold", "quant")
+               "density": numbers[0] if kind == "up-pred" else numbers[1] if kind in ("threshold", "quant", "quant-clip")
                else numbers[-1], **metrics, "computed": stats,
                "mlp_bytes": weight_share(kind, numbers, gated, stats), "seconds": time.perf_counter() - t0}
         row["layer_bytes"] = layer_share(adapter.shape(), row["mlp_bytes"], stats, args.head_density)

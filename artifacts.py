@@ -48,11 +48,38 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22, stop: threading.Event | 
     return digest.hexdigest()
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _umask_mode()
+
+
+def check_can_write(path: str | Path, what: str) -> None:
+    """Fail before any work when `path` (a directory, existing or not) cannot be written: a probe file is
+    created and removed in its nearest existing ancestor, which also catches read-only mounts and /proc,
+    where permission bits (and root) say yes."""
+    path = Path(path).absolute()
+    anchor = path
+    while not anchor.exists():
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise DejavuError(f"cannot write {what} {path}: {anchor} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=anchor, prefix=".dejavu-write-probe-"):
+            pass
+    except OSError as exc:
+        raise DejavuError(f"cannot write {what} {path}: {exc.strerror or exc} under {anchor}") from None
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 would hide shared runs and bundles from other users
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -75,6 +102,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, FILE_MODE)  # save_file creates the file anew, owner-only
         digest = sha256_file(tmp)
         os.replace(tmp, path)
     except BaseException:

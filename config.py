@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -167,10 +169,20 @@ class RunConfig:
         return cfg
 
 
-def _coerce(value: Any, current: Any, where: str) -> Any:
-    """Accept YAML/CLI values loosely but reject wrong kinds with a message naming the key."""
-    if value is None or current is None:
+def _coerce(value: Any, current: Any, where: str, hint: str = "") -> Any:
+    """Accept YAML/CLI values loosely but reject wrong kinds with a message naming the key. `hint` is the
+    field's annotation, which says the kind of an optional key whose default is None."""
+    if value is None:
         return value
+    if current is None:  # optional: coerce as the annotation's kind ("float | None", "str | None")
+        kinds = {"float": 0.0, "int": 0, "str": ""}
+        current = next((kinds[k] for k in kinds if k in hint), None)
+        if current is None:
+            return value
+    if isinstance(current, str):
+        if isinstance(value, (list, dict, bool)):
+            raise DejavuError(f"{where}: expected a string, got {value!r}")
+        return str(value)
     if isinstance(current, bool):
         if isinstance(value, bool):
             return value
@@ -189,6 +201,8 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
                 pass
         raise DejavuError(f"{where}: expected an integer, got {value!r}")
     if isinstance(current, float):
+        if isinstance(value, bool):
+            raise DejavuError(f"{where}: expected a number, got {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):
@@ -211,7 +225,7 @@ def merge_into(obj: Any, data: dict[str, Any], where: str) -> None:
         if dataclasses.is_dataclass(current):
             merge_into(current, value or {}, f"{where}.{key}")
         else:
-            setattr(obj, key, _coerce(value, current, f"{where}.{key}"))
+            setattr(obj, key, _coerce(value, current, f"{where}.{key}", str(known[key].type)))
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -256,8 +270,18 @@ def load_config(
             continue
         section, _, key = dotted.partition(".")
         merge_into(cfg, {section: {key: value}}, "flag")
+    cfg.data.dataset = _beside_repository(cfg.data.dataset)
     validate(cfg)
     return cfg
+
+
+def _beside_repository(dataset: str) -> str:
+    """The shipped default corpus (`../shared/data/...`) is relative to the repository; from another
+    working directory, find it there rather than fail. Any other value is left as given."""
+    if dataset != DataConfig.dataset or Path(dataset).exists():
+        return dataset
+    candidate = (CONFIG_DIR.parent / dataset).resolve()
+    return str(candidate) if candidate.exists() else dataset
 
 
 def _check_density(value: float | None, name: str) -> None:
@@ -298,6 +322,13 @@ def validate(cfg: RunConfig) -> None:
         raise DejavuError(f"collect.max_tokens must be positive, got {cfg.collect.max_tokens}")
     if cfg.runtime.prompt_len < 1:
         raise DejavuError(f"runtime.prompt_len (--prompt-len) must be at least 1, got {cfg.runtime.prompt_len}")
+    for name, device in (("model.device", cfg.model.device), ("runtime.device", cfg.runtime.device)):
+        if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", device):
+            raise DejavuError(f"{name} (--device) must be auto, cpu, cuda or cuda:N; got {device!r}")
+    if not math.isfinite(cfg.train.lr) or cfg.train.lr <= 0:
+        raise DejavuError(f"train.lr (--lr) must be a positive number, got {cfg.train.lr}")
+    if not math.isfinite(cfg.train.weight_decay) or cfg.train.weight_decay < 0:
+        raise DejavuError(f"train.weight_decay must be a number >= 0, got {cfg.train.weight_decay}")
     if cfg.data.seq_len < 2:
         raise DejavuError(f"data.seq_len must be at least 2, got {cfg.data.seq_len}")
     for name, value, allowed in (

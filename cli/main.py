@@ -62,6 +62,21 @@ def handle_errors(func):
     return wrapper
 
 
+def _numbers(text: str | None, kind: type, flag: str) -> list | None:
+    """A comma-separated flag as a list (duplicates dropped, order kept); a one-line error otherwise."""
+    if not text:
+        return None
+    try:
+        values = [kind(x) for x in text.split(",")]
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        from dejavu.errors import DejavuError
+
+        raise DejavuError(f"{flag}: expected comma-separated {what} such as "
+                          f"{'1,4,8' if kind is int else '0.3,0.5'}, got {text!r}") from None
+    return list(dict.fromkeys(values))
+
+
 def build_config(config_file: str | None, overrides: dict[str, Any]):
     from dejavu.config import load_config
 
@@ -87,7 +102,7 @@ def collect(
     debug: bool = DebugOpt,
 ):
     """Run the dense model over a corpus; record block inputs and label active neurons and heads."""
-    densities = [float(x) for x in mlp_label_densities.split(",")] if mlp_label_densities else None
+    densities = _numbers(mlp_label_densities, float, "--mlp-label-densities")
     cfg = build_config(config, {
         "model.name": model, "model.device": device, "model.dtype": dtype,
         "data.dataset": dataset, "data.seq_len": seq_len, "data.split": split, "data.text_field": text_field,
@@ -134,8 +149,11 @@ def export(
     run: Path | None = typer.Option(
         None, "--run", "-r",
         help="Run directory holding predictors/ from `dejavu train-predictors` (may be left out with "
-             "--mlp-keep-input: a bundle of thresholds alone)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write (safetensors + manifest.json)."),
+             "--mlp-keep-input or --keep-layer-bytes: a bundle of thresholds alone)."),
+    out: Path = typer.Option(
+        ..., "--out", "-o",
+        help="Bundle directory to write (safetensors + manifest.json): a new or empty directory, or an earlier "
+             "bundle, which is replaced."),
     mlp_density: float | None = typer.Option(None, "--mlp-density", help="MLP density the runtime should compute, in (0, 1]."),
     head_density: float | None = typer.Option(None, "--head-density", help="Head density the runtime should compute, in (0, 1]."),
     mlp_candidate_density: float | None = typer.Option(
@@ -180,7 +198,11 @@ def export(
 def bench(
     model: str | None = typer.Option(None, "--model", "-m", help="Hub id, local model dir, .gguf file, or alias (default: the bundle's model)."),
     bundle: Path | None = typer.Option(None, "--bundle", "-b", help="Bundle from `dejavu export` (not needed with --synthetic)."),
-    dataset: str | None = typer.Option(None, "--dataset", "-d", help="Evaluation corpus for perplexity and agreement."),
+    dataset: str | None = typer.Option(
+        None, "--dataset", "-d",
+        help="Evaluation corpus for perplexity and agreement: a datasets hub id (its test split) or local "
+             ".txt/.jsonl/.parquet file, dir or glob (default: ../shared/data/wikitext-2-raw/wiki.test.raw beside "
+             "the repository)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON here (a PNG plot goes beside it)."),
     mlp_density: float | None = typer.Option(None, "--mlp-density", help="Override the bundle's MLP density, in (0, 1]."),
     head_density: float | None = typer.Option(None, "--head-density", help="Override the bundle's head density, in (0, 1]."),
@@ -235,7 +257,7 @@ def bench(
     """Load model + bundle into the runtime; report speed and quality against dense."""
     from dejavu.runtime.bench import run_bench
 
-    sizes = [int(x) for x in batch_sizes.split(",")] if batch_sizes else None
+    sizes = _numbers(batch_sizes, int, "--batch-sizes")
     run_bench(
         model=model, bundle=bundle, dataset=dataset, json_out=json_out, config_file=config,
         overrides={

@@ -234,12 +234,10 @@ def check_writable(out: Path) -> None:
     anchor = existing_ancestor(out)
     if not anchor.is_dir():
         raise DejavuError(f"cannot create --out {out}: {anchor} is not a directory")
-    import os
+    from dejavu.artifacts import check_can_write
 
     stage = out / STAGE_DIR
-    probe = stage if stage.is_dir() else anchor
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise DejavuError(f"cannot write to {probe} (permission denied); choose another --out")
+    check_can_write(stage if stage.is_dir() else out, "--out")
 
 
 def check_disk(stage: Path, needed: int) -> int:
@@ -276,6 +274,13 @@ def state_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def _same_local_path(a: Any, b: Any) -> bool:
+    if not isinstance(a, str) or not isinstance(b, str):
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
 def inspect_stage(stage: Path, state: dict[str, Any], overwrite: bool) -> str:
     """'fresh', 'resume' or 'complete'; raises when a different collection is in the way."""
     if overwrite or not stage.exists():
@@ -291,6 +296,10 @@ def inspect_stage(stage: Path, state: dict[str, Any], overwrite: bool) -> str:
         raise DejavuError(f"{state_path} is unreadable; add --overwrite to start the collection again") from None
     diffs = state_differences({k: old.get(k) for k in ("config", "world_size")},
                               {k: state[k] for k in ("config", "world_size")})
+    # the same local corpus named from another directory (../x.txt vs /abs/x.txt) is the same corpus
+    diffs = [d for d in diffs if not (d.startswith("config.data.dataset:")
+                                      and _same_local_path((old.get("config") or {}).get("data", {}).get("dataset"),
+                                                           state["config"]["data"]["dataset"]))]
     other_model = identity_difference(old["model"], state["model"]) if old.get("model") else None
     if other_model:
         raise DejavuError(f"{stage} holds a collection made for {other_model}; "
@@ -298,9 +307,11 @@ def inspect_stage(stage: Path, state: dict[str, Any], overwrite: bool) -> str:
     if diffs:
         shown = "; ".join(d.replace("config.", "", 1) for d in diffs[:6])
         more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""
+        finished = (stage / MANIFEST).is_file()
         raise DejavuError(
-            f"{stage} holds a collection made with other settings ({shown}{more}); "
-            "rerun with the same settings to resume it, or add --overwrite to discard it"
+            f"{stage} holds a {'finished' if finished else 'partial'} collection made with other settings "
+            f"({shown}{more}); " + ("add --overwrite to discard it, or use another --out" if finished else
+                                    "rerun with the same settings to resume it, or add --overwrite to discard it")
         )
     return "complete" if (stage / MANIFEST).is_file() else "resume"
 
@@ -461,11 +472,11 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
     todo = [s for s in mine if (read_shard_info(stage / s.path) or {}).get("tokens") != s.tokens]
     from tqdm.auto import tqdm
 
+    if mode == "resume" and len(todo) < len(mine):  # before the bar, so it gets its own line
+        say(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already on disk", flush=True)
     total = sum(s.tokens for s in mine)
     bar = tqdm(total=total, initial=total - sum(s.tokens for s in todo), unit="tok", unit_scale=True,
                desc="collect" if world == 1 else f"collect (rank 0 of {world})", disable=not main, dynamic_ncols=True)
-    if mode == "resume" and len(todo) < len(mine):
-        say(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already on disk")
     try:
         for spec in todo:
             tensors, stats = record_shard(model, adapter, spec, cc.batch_size, rule, cc.mlp_label_densities,

@@ -82,14 +82,50 @@ def _calibrated_thresholds(cfg, model_name: str, identity: dict | None, keep_dow
     return thresholds, description, identity or model_identity(adapter, source.display)
 
 
+def check_bundle_out(out: Path) -> bool:
+    """Refuse an --out that holds anything but a bundle, before any work; True when a bundle is there
+    (it is then replaced, and the caller says so)."""
+    if out.exists() and not out.is_dir():
+        raise DejavuError(f"--out {out} is a file; the bundle is a directory")
+    from dejavu.artifacts import check_can_write
+
+    check_can_write(out, "--out")
+    if not out.is_dir():
+        return False
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        import json
+
+        try:
+            kind = json.loads(manifest.read_text()).get("format")
+        except (ValueError, AttributeError, OSError):
+            kind = None
+        if kind != BUNDLE_KIND:
+            raise DejavuError(f"--out {out} holds a {kind or 'unreadable'} manifest, not a bundle; writing there would "
+                              "replace it. Choose a new directory")
+    others = sorted(p.name for p in out.iterdir()
+                    if p.name not in ("manifest.json", BUNDLE_FILE) and not p.name.startswith("."))
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise DejavuError(f"--out {out} already holds other files ({shown}); choose a new or empty directory")
+    return manifest.is_file()
+
+
+def _writing_to(out: Path, replacing: bool) -> None:
+    if replacing:
+        print(f"replacing the bundle at {out}")
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def _export_thresholds_only(out: Path, cfg, model_name: str) -> dict:
     """A bundle with thresholds and no predictors: TEAL-style sparsity needs no collect or training."""
     from dejavu.runtime.thresholds import thresholds_to_tensors
 
     keep_down = cfg.export.mlp_density or 0.5
+    replacing = check_bundle_out(out)  # before the calibration's minutes
     thresholds, description, identity = _calibrated_thresholds(cfg, model_name, None, keep_down)
     num_layers = len(thresholds.x)
-    out.mkdir(parents=True, exist_ok=True)
+    _writing_to(out, replacing)
     (out / "manifest.json").unlink(missing_ok=True)
     sha = save_tensors(out / BUNDLE_FILE, thresholds_to_tensors(thresholds),
                        metadata={"format": BUNDLE_KIND, "format_version": "1"})
@@ -131,6 +167,7 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         raise DejavuError(f"{pred_dir}/manifest.json names no layer count")
     if out.resolve() in (run.resolve(), pred_dir.resolve()):
         raise DejavuError(f"--out {out} would overwrite the run itself; choose a separate bundle directory")
+    replacing = check_bundle_out(out)
 
     listed = {entry["path"] for entry in pm.get("files", [])}
     tensors: dict[str, torch.Tensor] = {}
@@ -154,6 +191,10 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
 
     mlp_density = cfg.export.mlp_density or pm.get("mlp_density") or cfg.train.mlp_density
     head_density = cfg.export.head_density or pm.get("head_density") or cfg.train.head_density
+    candidates = cfg.export.mlp_candidate_density
+    if candidates is not None and candidates < float(mlp_density):
+        raise DejavuError(f"--mlp-candidate-density {candidates:g} is below the MLP density {float(mlp_density):g}: "
+                          "two-stage selection picks the final neurons among the candidates")
     mlp_per_layer = _per_layer(mlp_density, cfg.export.mlp_density_per_layer, num_layers, present,
                                "export.mlp_density_per_layer")
     head_per_layer = _per_layer(head_density, {}, num_layers, present, "head density")
@@ -168,7 +209,7 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
             raise DejavuError(f"the model has {len(thresholds.x)} layers, the predictors {num_layers}")
         tensors.update(thresholds_to_tensors(thresholds))
 
-    out.mkdir(parents=True, exist_ok=True)
+    _writing_to(out, replacing)
     # An older manifest would describe the old file for a moment: remove it first (commit marker).
     (out / "manifest.json").unlink(missing_ok=True)
     sha = save_tensors(out / BUNDLE_FILE, tensors, metadata={"format": BUNDLE_KIND, "format_version": "1"})
@@ -209,12 +250,37 @@ def _check_shapes(manifest: dict, l: int, kind: str, t: dict[str, torch.Tensor],
         raise DejavuError(f"{path}: layer {l} {kind} predictor scores {w2.shape[0]} units, the model has {n_out}")
 
 
+def _check_manifest_densities(manifest: dict, where: Path) -> None:
+    """The manifest's sha256 covers the tensors, not its own values: an edited density is caught here."""
+    def density(value, key: str, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+            raise DejavuError(f"{where}: {key} must be a number in (0, 1], got {value!r} (edited manifest?)")
+
+    density(manifest.get("mlp_density"), "mlp_density")
+    density(manifest.get("head_density"), "head_density")
+    density(manifest.get("mlp_candidate_density"), "mlp_candidate_density", optional=True)
+    for key in ("mlp_density_per_layer", "head_density_per_layer"):
+        values = manifest.get(key)
+        if values is None:
+            continue
+        if not isinstance(values, list):
+            raise DejavuError(f"{where}: {key} must be a list, got {type(values).__name__} (edited manifest?)")
+        for l, value in enumerate(values):  # noqa: E741
+            density(value, f"{key}[{l}]")
+
+
 def load_bundle(path: str | Path) -> tuple[dict, PredictorSet]:
     """Verify (sha256, version) and read a bundle; returns (manifest, PredictorSet on CPU, fp32)."""
     path = Path(path)
     if path.is_file() and path.name in ("manifest.json", BUNDLE_FILE):
         path = path.parent
+    if not (path / "manifest.json").exists() and ((path / "predictors").is_dir() or (path / "collect").is_dir()):
+        raise DejavuError(f"{path} is a training run, not a bundle: write one with "
+                          f"`dejavu export --run {path} --out BUNDLE` and pass --bundle BUNDLE")
     manifest = read_manifest(path, BUNDLE_KIND)
+    _check_manifest_densities(manifest, path / "manifest.json")
     model = manifest.get("model") or {}
     num_layers = int(model.get("num_layers") or len(manifest.get("mlp_density_per_layer", [])))
     mlp_d = manifest.get("mlp_density_per_layer") or [manifest["mlp_density"]] * num_layers

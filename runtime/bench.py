@@ -206,7 +206,21 @@ def run_bench(model: str | None = None, bundle: Path | None = None, dataset: str
     from dejavu.models.loading import resolve_device, resolve_dtype
 
     cfg = load_config(config_file, overrides or {})
+    if json_out is not None:  # before minutes of measuring, not after
+        from dejavu.artifacts import check_can_write
+
+        if Path(json_out).is_dir():
+            raise DejavuError(f"--json {json_out} is a directory; give a file name")
+        check_can_write(Path(json_out).parent, "--json")
     rt = cfg.runtime
+    if not quality and not speed:
+        raise DejavuError("--no-quality and --no-speed leave nothing to measure")
+    if synthetic and (bundle is not None or dataset is not None):
+        raise DejavuError("--synthetic builds random weights and random predictors and measures speed only: "
+                          "drop --bundle / --dataset")
+    if rt.selection != "predictor" and (rt.mlp_up_weight is not None or rt.mlp_candidate_density is not None):
+        raise DejavuError(f"--mlp-up-weight and --mlp-candidate-density refine the predictors' choice; "
+                          f"--selection {rt.selection} does not use them")
     device = resolve_device(rt.device if rt.device != "auto" else cfg.model.device)
     dtype = resolve_dtype(rt.dtype if rt.dtype != "auto" else cfg.model.dtype, device)
     batch_sizes = rt.batch_sizes or [1]
@@ -314,6 +328,10 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
     if bundled is not None:
         if bundled.attention and rt.head_density is not None and rt.head_density < 1.0:
             raise DejavuError("the bundle's attention thresholds replace head selection: drop --head-density")
+        if rt.mlp_density is not None:
+            raise DejavuError(f"the bundle's MLP thresholds were calibrated to keep {bundled.keep_h:g} of down's input "
+                              "(its MLP density), which --mlp-density cannot move: export again with --mlp-density, "
+                              "or calibrate here with --mlp-keep-input X --mlp-density D")
         print(f"  thresholds from the bundle (calibrated on {manifest['thresholds'].get('calibration')})", flush=True)
     if thresholds_on:
         thresholds = _calibrate_thresholds(model, adapter, tokenizer, cfg, rt.mlp_keep_input,

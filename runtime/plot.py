@@ -54,6 +54,9 @@ def write_speed_plot(report: dict[str, Any], path: Path) -> Path | None:
     fig.tight_layout()
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    from dejavu.artifacts import FILE_MODE
+
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120)

@@ -80,11 +80,27 @@ def share_cpu_threads(requested: int, local_processes: int) -> int:
     return threads
 
 
-def training_key(cfg: RunConfig, parent: dict) -> str:
+def training_inputs(cfg: RunConfig, parent: dict) -> dict:
     """What a finished layer depends on: the train settings (bar the layer list) and the collect data."""
     settings = {k: v for k, v in cfg.to_dict()["train"].items() if k not in EXECUTION_ONLY}
-    blob = json.dumps({"train": settings, "collect": parent["sha256"]}, sort_keys=True).encode()
+    return {"train": settings, "collect": parent["sha256"]}
+
+
+def training_key(cfg: RunConfig, parent: dict) -> str:
+    blob = json.dumps(training_inputs(cfg, parent), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _inputs_difference(old: dict | None, new: dict) -> str:
+    """Which train settings (or the collect data) a stale layer differs in, for the refusal message;
+    records written before the inputs were stored name nothing."""
+    if not old:
+        return "other settings or other collect data"
+    parts = [f"train.{k}: {old['train'].get(k)!r} -> {v!r}" for k, v in new["train"].items()
+             if old.get("train", {}).get(k) != v]
+    if old.get("collect") != new["collect"]:
+        parts.append("other collect data")
+    return "; ".join(parts) or "other settings"
 
 
 # ---------------------------------------------------------------- fitting one predictor
@@ -298,7 +314,8 @@ def finished_record(out: Path, layer: int, key: str) -> dict | None:
     return record
 
 
-def _stale_layers(out: Path, key: str) -> list[int]:
+def _stale_layers(out: Path, key: str) -> list[dict]:
+    """Progress records of layers trained with other inputs than `key`'s."""
     stale = []
     for path in sorted((out / "progress").glob("layer-*.json")):
         try:
@@ -306,7 +323,7 @@ def _stale_layers(out: Path, key: str) -> list[int]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
         if record.get("key") != key:
-            stale.append(int(record.get("layer", -1)))
+            stale.append(record)
     return stale
 
 
@@ -456,7 +473,7 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
     clock.mark("check_collect")
     cfg = resolve_config(collect.manifest.get("config") or {}, config_file, overrides or {})
     tag = collect.label_tag(cfg.train.mlp_density)
-    key = training_key(cfg, collect.parent)
+    key, inputs = training_key(cfg, collect.parent), training_inputs(cfg, collect.parent)
     layers = sorted(set(cfg.train.layers)) if cfg.train.layers else list(range(collect.num_layers))
     for layer in layers:
         if not 0 <= layer < collect.num_layers:
@@ -473,8 +490,11 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
             (out / "metrics.json").unlink(missing_ok=True)
         stale = _stale_layers(out, key)
         if stale:
+            layers_stale = sorted(int(r.get("layer", -1)) for r in stale)
+            shown = ", ".join(map(str, layers_stale[:12])) + (f" and {len(stale) - 12} more" if len(stale) > 12 else "")
             raise DejavuError(
-                f"{out} holds layers {stale[:8]} trained with other settings or other collect data; "
+                f"{out} holds {len(stale)} layer(s) ({shown}) trained with "
+                f"{_inputs_difference(stale[0].get('inputs'), inputs)}; "
                 "pass --overwrite to replace them (or use another --run directory)")
         # The manifest marks a finished stage; drop it until this run has finished again.
         (out / MANIFEST).unlink(missing_ok=True)
@@ -489,6 +509,9 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
     mine, replicas = plan_layers(layers, acc.process_index, acc.num_processes)
     writer = replicas is None or replicas.member == 0
     todo = [layer for layer in mine if finished_record(out, layer, key) is None]
+    if main and len(todo) < len(mine):
+        print(f"{len(mine) - len(todo)} of {len(mine)} layers{' of this process' if acc.num_processes > 1 else ''} "
+              "already trained with these settings: kept" + ("" if todo else "; rewriting the manifest"), flush=True)
     ahead = prefetch_enabled(acc.device)
     # Layers read ahead are read on the CPU and moved to the device by this thread; read when reached,
     # a layer goes straight to the device, which then runs its checks and label unpacking.
@@ -530,6 +553,7 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
                     "metrics": metrics, "load_wait_seconds": round(loaded - started, 3),
                     "fit_seconds": round(fitted - loaded, 3),
                     "process": acc.process_index, "replicas": 1 if replicas is None else replicas.size,
+                    "inputs": inputs,
                 }, started)
                 written.append(layer)
             overall.set_postfix(mlp_mass=f"{metrics['mlp']['mass_kept']:.3f}")

@@ -154,9 +154,13 @@ def test_resume_skips_finished_layers(synthetic_run, monkeypatch, prefetch):
     assert sha256_file(out / "layers" / "layer-000.safetensors") == done
 
     # Different settings never silently overwrite finished layers.
-    with pytest.raises(DejavuError, match="--overwrite"):
+    with pytest.raises(DejavuError, match=r"3 layer\(s\) \(0, 1, 2\) trained with train.rank: 8 -> 4.*--overwrite"):
         run_train(synthetic_run, None, {"train.rank": 4})
     assert (out / "manifest.json").exists()
+    # a bad value with --overwrite is refused before the finished layers are removed
+    with pytest.raises(DejavuError, match="train.lr"):
+        run_train(synthetic_run, None, {"train.lr": -1}, overwrite=True)
+    assert (out / "manifest.json").exists() and sha256_file(out / "layers" / "layer-000.safetensors") == done
 
 
 def test_missing_or_corrupt_collect_data(synthetic_run, tmp_path):

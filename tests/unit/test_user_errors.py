@@ -1,0 +1,151 @@
+"""Mistakes a new user makes (found by an audit of the CLI): each is refused before anything is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from dejavu.config import load_config
+from dejavu.errors import DejavuError
+from dejavu.export.bundle import load_bundle, run_export
+
+from helpers import make_predictors_dir
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"runtime.mlp_density": "abc"}, "expected a number"),
+    ({"model.name": [1, 2]}, "expected a string"),
+    ({"model.device": 5}, "must be auto, cpu, cuda"),
+    ({"runtime.device": "gpu"}, "must be auto, cpu, cuda"),
+    ({"train.lr": -1}, "train.lr"),
+    ({"train.lr": float("nan")}, "train.lr"),
+    ({"train.weight_decay": -0.1}, "weight_decay"),
+])
+def test_bad_config_values_are_one_line_errors(override, message):
+    with pytest.raises(DejavuError, match=message):
+        load_config(None, override)
+
+
+def test_the_default_corpus_is_found_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dataset = load_config(None, {}).data.dataset
+    assert os.path.isabs(dataset) and os.path.isfile(dataset)
+    assert load_config(None, {"data.dataset": "corpus.txt"}).data.dataset == "corpus.txt"  # others stay as given
+
+
+def test_export_never_writes_over_another_stage_or_foreign_files(tmp_path, tiny_llama, capsys):
+    make_predictors_dir(tmp_path, tiny_llama)
+    collect = tmp_path / "collect"
+    collect.mkdir()
+    (collect / "manifest.json").write_text(json.dumps({"format": "dejavu.collect"}))
+    with pytest.raises(DejavuError, match="dejavu.collect manifest, not a bundle"):
+        run_export(tmp_path, collect)
+    assert json.loads((collect / "manifest.json").read_text())["format"] == "dejavu.collect"
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(DejavuError, match=r"already holds other files \(todo.txt\)"):
+        run_export(tmp_path, notes)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(DejavuError, match="is a file"):
+        run_export(tmp_path, tmp_path / "a-file")
+    run_export(tmp_path, tmp_path / "bundle")
+    assert "replacing" not in capsys.readouterr().out
+    run_export(tmp_path, tmp_path / "bundle")
+    assert "replacing the bundle at" in capsys.readouterr().out
+
+
+def test_export_refuses_candidates_below_the_final_density(tmp_path, tiny_llama):
+    make_predictors_dir(tmp_path, tiny_llama, mlp_density=0.5)
+    with pytest.raises(DejavuError, match="candidate-density 0.3 is below the MLP density 0.5"):
+        run_export(tmp_path, tmp_path / "bundle", overrides={"export.mlp_candidate_density": 0.3})
+    assert not (tmp_path / "bundle").exists()
+
+
+@pytest.mark.parametrize("key, value", [("mlp_density", 7), ("head_density", "abc"),
+                                        ("mlp_density_per_layer", [0.5, 2.0, 0.5])])
+def test_an_edited_manifest_density_is_refused(tmp_path, tiny_llama, key, value):
+    make_predictors_dir(tmp_path, tiny_llama)
+    run_export(tmp_path, tmp_path / "bundle")
+    path = tmp_path / "bundle" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest[key] = value
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(DejavuError, match=f"{key}.*edited manifest"):
+        load_bundle(tmp_path / "bundle")
+
+
+def test_a_run_directory_given_as_bundle_points_to_export(tmp_path, tiny_llama):
+    make_predictors_dir(tmp_path, tiny_llama)
+    with pytest.raises(DejavuError, match="is a training run, not a bundle: write one with `dejavu export"):
+        load_bundle(tmp_path)
+
+
+def test_bench_checks_its_json_path_before_measuring(tmp_path, tiny_llama, monkeypatch):
+    from dejavu.runtime import bench
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured before checking --json")
+
+    monkeypatch.setattr(bench, "_model_bench", never)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(DejavuError, match="cannot write --json"):
+        bench.run_bench(model=str(tiny_llama), json_out=blocker / "report.json", config_file="tiny")
+    with pytest.raises(DejavuError, match="is a directory"):
+        bench.run_bench(model=str(tiny_llama), json_out=tmp_path, config_file="tiny")
+
+
+def test_bench_refuses_to_move_a_bundled_threshold_by_density(tmp_path, tiny_llama):
+    from dejavu.runtime.bench import run_bench
+
+    from helpers import CALIB_TXT, EVAL_RAW
+
+    run_export(None, tmp_path / "bundle", config_file="tiny", model_name=str(tiny_llama),
+               overrides={"export.mlp_keep_input": 0.7, "data.dataset": str(CALIB_TXT),
+                          "export.calibration_tokens": 256})
+    with pytest.raises(DejavuError, match="--mlp-density cannot move"):
+        run_bench(model=str(tiny_llama), bundle=tmp_path / "bundle", dataset=str(EVAL_RAW), config_file="tiny",
+                  speed=False, overrides={"runtime.mlp_density": 0.3, "runtime.device": "cpu",
+                                          "runtime.max_eval_tokens": 64})
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import torch
+
+    from dejavu.artifacts import FILE_MODE, atomic_write_json, save_tensors
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert FILE_MODE == 0o666 & ~mask  # not mkstemp's owner-only 0600
+    atomic_write_json(tmp_path / "a.json", {"x": 1})
+    save_tensors(tmp_path / "t.safetensors", {"x": torch.zeros(2)})
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == FILE_MODE
+    assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == FILE_MODE
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--no-quality", "--no-speed"], "nothing to measure"),
+    (["bench", "--synthetic", "llama-2-7b", "--bundle", "b", "--no-speed"], "drop --bundle"),
+    (["bench", "--selection", "oracle", "--mlp-up-weight", "0.4"], "does not use them"),
+    (["bench", "--batch-sizes", "abc"], "--batch-sizes: expected comma-separated integers"),
+    (["collect", "-o", "x", "--mlp-label-densities", "0.5,abc"], "--mlp-label-densities: expected comma-separated"),
+])
+def test_conflicting_or_malformed_flags_are_one_line_errors(args, message, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dejavu.cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "error:" in result.output and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_repeated_label_densities_are_labelled_once():
+    from dejavu.cli.main import _numbers
+
+    assert _numbers("0.5,0.3,0.5", float, "--mlp-label-densities") == [0.5, 0.3]

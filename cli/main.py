@@ -22,6 +22,31 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+def _shipped_defaults() -> dict[str, Any]:
+    """The values a run gets with no flags and no --config (the shipped default config over the built-in
+    defaults), for the help texts; flags default to None so a --config file can set them."""
+    try:
+        from dejavu.config import load_config
+
+        return load_config(None, {}).to_dict()
+    except Exception:  # noqa: BLE001 - help must render even if the shipped config is broken
+        return {}
+
+
+_DEFAULTS = _shipped_defaults()
+
+
+def default(dotted: str) -> str:
+    """' (default: V)' for a config key, as the help texts show it."""
+    section, _, key = dotted.partition(".")
+    value = _DEFAULTS.get(section, {}).get(key)
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        value = ",".join(str(v) for v in value)
+    return f" (default: {value})"
+
+
 ConfigOpt = typer.Option(
     None, "--config", "-c",
     help="YAML config (a path, or a name from configs/ such as smollm2-135m or tiny). Flags override it; "
@@ -86,17 +111,18 @@ def build_config(config_file: str | None, overrides: dict[str, Any]):
 @app.command()
 @handle_errors
 def collect(
-    model: str | None = typer.Option(None, "--model", "-m", help="Hub id, local model dir, .gguf file, or alias (smollm2-135m)."),
-    dataset: str | None = typer.Option(None, "--dataset", "-d", help="Calibration corpus: datasets hub id (name or name:config) or local .txt/.jsonl/.parquet file, dir or glob."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Hub id, local model dir, .gguf file, or alias (smollm2-135m)." + default("model.name")),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="Calibration corpus: datasets hub id (name or name:config) or local .txt/.jsonl/.parquet file, dir or glob." + default("data.dataset")),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory; collected data goes to RUN/collect/."),
-    max_tokens: int | None = typer.Option(None, "--max-tokens", "-n", help="Token budget for calibration."),
-    seq_len: int | None = typer.Option(None, "--seq-len", help="Tokens per calibration sequence."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Sequences per forward pass."),
-    split: str | None = typer.Option(None, "--split", help="Dataset split for hub datasets."),
-    text_field: str | None = typer.Option(None, "--text-field", help="Field holding the text (jsonl, parquet, hub)."),
-    mlp_label_densities: str | None = typer.Option(None, "--mlp-label-densities", help="Comma-separated top-k fractions to label MLP neurons at, e.g. 0.3,0.5."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto."),
-    dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", "-n", help="Token budget for calibration." + default("collect.max_tokens")),
+    seq_len: int | None = typer.Option(None, "--seq-len", help="Tokens per calibration sequence." + default("data.seq_len")),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Sequences per forward pass." + default("collect.batch_size")),
+    split: str | None = typer.Option(None, "--split", help="Dataset split for hub datasets." + default("data.split")),
+    text_field: str | None = typer.Option(None, "--text-field", help="Field holding the text (jsonl, parquet, hub)." + default("data.text_field")),
+    mlp_label_densities: str | None = typer.Option(None, "--mlp-label-densities", help="Comma-separated top-k fractions to label MLP neurons at, e.g. 0.3,0.5."
+                                                  + default("collect.mlp_label_densities")),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto (default: auto: cuda when there is a GPU)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto (default: auto)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing RUN/collect/ instead of resuming it."),
     config: str | None = ConfigOpt,
     debug: bool = DebugOpt,
@@ -118,14 +144,14 @@ def collect(
 @handle_errors
 def train_predictors(
     run: Path = typer.Option(..., "--run", "-r", help="Run directory written by `dejavu collect`."),
-    mlp_density: float | None = typer.Option(None, "--mlp-density", help="Top-k fraction of MLP neurons to train for, in (0, 1]."),
-    head_density: float | None = typer.Option(None, "--head-density", help="Top-k fraction of attention heads to train for, in (0, 1]."),
-    rank: int | None = typer.Option(None, "--rank", help="Low-rank width of each predictor."),
-    epochs: int | None = typer.Option(None, "--epochs", help="Passes over each layer's training tokens."),
-    lr: float | None = typer.Option(None, "--lr", help="Learning rate (AdamW)."),
-    mlp_pairing: str | None = typer.Option(None, "--mlp-pairing", help="current (layer l's own block input) or lookahead (layer l-1's)."),
-    head_pairing: str | None = typer.Option(None, "--head-pairing", help="current or lookahead (Deja Vu predicts heads one layer ahead)."),
-    loss: str | None = typer.Option(None, "--loss", help="bce or bce+rank."),
+    mlp_density: float | None = typer.Option(None, "--mlp-density", help="Top-k fraction of MLP neurons to train for, in (0, 1]." + default("train.mlp_density")),
+    head_density: float | None = typer.Option(None, "--head-density", help="Top-k fraction of attention heads to train for, in (0, 1]." + default("train.head_density")),
+    rank: int | None = typer.Option(None, "--rank", help="Low-rank width of each predictor." + default("train.rank")),
+    epochs: int | None = typer.Option(None, "--epochs", help="Passes over each layer's training tokens." + default("train.epochs")),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate (AdamW)." + default("train.lr")),
+    mlp_pairing: str | None = typer.Option(None, "--mlp-pairing", help="current (layer l's own block input) or lookahead (layer l-1's)." + default("train.mlp_pairing")),
+    head_pairing: str | None = typer.Option(None, "--head-pairing", help="current or lookahead (Deja Vu predicts heads one layer ahead)." + default("train.head_pairing")),
+    loss: str | None = typer.Option(None, "--loss", help="bce or bce+rank." + default("train.loss")),
     overwrite: bool = typer.Option(False, "--overwrite", help="Retrain every layer instead of resuming finished ones."),
     cpu_threads: int | None = typer.Option(
         None, "--cpu-threads", help="CPU threads per process for shard loading (and CPU training); 0 (default): "
@@ -133,7 +159,10 @@ def train_predictors(
     config: str | None = ConfigOpt,
     debug: bool = DebugOpt,
 ):
-    """Train one low-rank predictor per layer for MLP neurons and attention heads (Accelerate)."""
+    """Train one low-rank predictor per layer for MLP neurons and attention heads (Accelerate).
+
+    Unset flags take the run's config (what `collect` ran with); the defaults shown are the shipped config's.
+    """
     from dejavu.train.train import run_train
 
     run_train(Path(run), config_file=config, overrides={
@@ -239,11 +268,11 @@ def bench(
         None, "--calibration",
         help="Corpus the --mlp-keep-input / --keep-layer-bytes thresholds are calibrated on (default: the config's "
              "data.dataset)."),
-    max_eval_tokens: int | None = typer.Option(None, "--max-eval-tokens", help="Bound on evaluated tokens."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto."),
-    dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto."),
-    selection: str | None = typer.Option(None, "--selection", help="predictor (the bundle), oracle (true top-k) or dense."),
-    batch_sizes: str | None = typer.Option(None, "--batch-sizes", help="Comma-separated decode batch sizes for speed, e.g. 1,4,8."),
+    max_eval_tokens: int | None = typer.Option(None, "--max-eval-tokens", help="Bound on evaluated tokens." + default("runtime.max_eval_tokens")),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto (default: auto: cuda when there is a GPU)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto (default: auto)."),
+    selection: str | None = typer.Option(None, "--selection", help="predictor (the bundle), oracle (true top-k) or dense." + default("runtime.selection")),
+    batch_sizes: str | None = typer.Option(None, "--batch-sizes", help="Comma-separated decode batch sizes for speed, e.g. 1,4,8." + default("runtime.batch_sizes")),
     prompt_len: int | None = typer.Option(
         None, "--prompt-len",
         help="Speed: tokens of context before the timed decode; attention reads a cache this long (default 16)."),

@@ -149,3 +149,16 @@ def test_repeated_label_densities_are_labelled_once():
     from dejavu.cli.main import _numbers
 
     assert _numbers("0.5,0.3,0.5", float, "--mlp-label-densities") == [0.5, 0.3]
+
+
+def test_help_shows_the_shipped_defaults():
+    from typer.testing import CliRunner
+
+    from dejavu.cli.main import app
+    from dejavu.config import load_config
+
+    shipped = load_config(None, {})
+    out = CliRunner().invoke(app, ["collect", "--help"], env={"COLUMNS": "200"}).output
+    assert f"(default: {shipped.collect.max_tokens})" in out
+    out = CliRunner().invoke(app, ["train-predictors", "--help"], env={"COLUMNS": "200"}).output
+    assert f"(default: {shipped.train.rank})" in out and "run's config" in out

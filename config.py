@@ -244,7 +244,10 @@ def _merge_file(cfg: RunConfig, config_file: str | Path) -> None:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise DejavuError(f"config file {path} is not valid YAML: {exc}") from None
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise DejavuError(f"config file {path} is not valid YAML{at}: {problem}") from None
     merge_into(cfg, data, str(path))
 
 

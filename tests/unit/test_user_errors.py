@@ -162,3 +162,11 @@ def test_help_shows_the_shipped_defaults():
     assert f"(default: {shipped.collect.max_tokens})" in out
     out = CliRunner().invoke(app, ["train-predictors", "--help"], env={"COLUMNS": "200"}).output
     assert f"(default: {shipped.train.rank})" in out and "run's config" in out
+
+
+def test_bad_yaml_is_one_line_with_its_position(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  rank: [1\n  lr: 2\n")
+    with pytest.raises(DejavuError, match=r"not valid YAML \(line \d+, column \d+\)") as caught:
+        load_config(bad, {})
+    assert "\n" not in str(caught.value)

@@ -7,10 +7,12 @@ later loads take about a second.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,11 +97,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("DEJAVU_CACHE", Path.home() / ".cache" / "dejavu"))
 
 
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 prefix of a file's contents (memoised per size and mtime: a model is hashed once a process)."""
+    from dejavu.artifacts import sha256_file
+
+    return sha256_file(path)[:16]
+
+
 def _converted_gguf_dir(source: ModelSource) -> Path:
-    """Dequantise a GGUF once and keep it as a safetensors model directory."""
+    """Dequantise a GGUF once and keep it as a safetensors model directory, keyed by the file's contents:
+    every fresh install of the same package gives the file a new mtime, and an mtime key left a new
+    517 MB copy of SmolLM2 per virtual environment."""
     gguf_path = Path(source.location) / source.gguf_file
     stat = gguf_path.stat()
-    target = cache_root() / "gguf" / f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    digest = _file_digest(str(gguf_path), stat.st_size, stat.st_mtime_ns)
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{stat.st_size}-{digest}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -123,6 +136,11 @@ def _converted_gguf_dir(source: ModelSource) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # Copies keyed by mtime (the key before this one) of a file this size are stale duplicates; those
+    # untouched for a day go, so a process of an older version still reading one keeps it.
+    for stale in target.parent.glob(f"{gguf_path.stem}-{stat.st_size}-*"):
+        if stale.name.rsplit("-", 1)[1].isdigit() and time.time() - stale.stat().st_mtime > 86400:
+            shutil.rmtree(stale, ignore_errors=True)
     return target
 
 

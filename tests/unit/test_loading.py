@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dejavu.errors import DejavuError
@@ -43,3 +45,57 @@ def test_default_alias_loads_smollm2():
     shape = adapter_for(model).shape()
     assert (shape.hidden_size, shape.intermediate_size, shape.num_heads, shape.num_kv_heads) == (576, 1536, 9, 3)
     assert len(tok("Hello world")["input_ids"]) >= 2
+
+
+def test_gguf_cache_is_keyed_by_contents_not_mtime(tmp_path, monkeypatch):
+    """A fresh install gives the same GGUF a new mtime; it must reuse the converted copy, and copies
+    keyed by mtime (the old key) that sat unused for a day are removed after a conversion."""
+    import os
+    import time
+
+    from dejavu.models import loading
+
+    monkeypatch.setenv("DEJAVU_CACHE", str(tmp_path / "cache"))
+    first, second = tmp_path / "a", tmp_path / "b"
+    for directory, mtime in ((first, 1_000_000_000), (second, 1_700_000_000)):
+        directory.mkdir()
+        (directory / "m.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)
+        os.utime(directory / "m.gguf", (mtime, mtime))
+    source = loading.ModelSource(kind="gguf", location=str(first), gguf_file="m.gguf")
+    key = loading.cache_root() / "gguf"
+    size = (first / "m.gguf").stat().st_size
+    target = key / f"m-{size}-{loading._file_digest(str(first / 'm.gguf'), size, 0)}"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    (target / "model.safetensors").write_bytes(b"")
+    assert loading._converted_gguf_dir(source) == target
+    assert loading._converted_gguf_dir(loading.ModelSource("gguf", str(second), "m.gguf")) == target
+    # an edited file is another model
+    (second / "m.gguf").write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 4)
+    other = loading.ModelSource("gguf", str(second), "m.gguf")
+    converted = []
+
+    class FakeModel:
+        config = type("C", (), {})()
+
+        def save_pretrained(self, path):
+            converted.append(path)
+            (Path(path) / "config.json").write_text("{}")
+            (Path(path) / "model.safetensors").write_bytes(b"")
+
+    class FakeTokenizer:
+        def save_pretrained(self, path):
+            pass
+
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: FakeModel())
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: FakeTokenizer())
+    old_key, fresh_old_key = key / f"m-{size}-1700000000", key / f"m-{size}-1795000000"
+    for directory in (old_key, fresh_old_key):
+        directory.mkdir()
+    day_ago = time.time() - 2 * 86400
+    os.utime(old_key, (day_ago, day_ago))
+    new_target = loading._converted_gguf_dir(other)
+    assert new_target != target and converted and (new_target / "config.json").is_file()
+    assert not old_key.exists() and fresh_old_key.exists() and target.exists()

@@ -176,7 +176,7 @@ def _coerce(value: Any, current: Any, where: str, hint: str = "") -> Any:
         return value
     if current is None:  # optional: coerce as the annotation's kind ("float | None", "str | None")
         kinds = {"float": 0.0, "int": 0, "str": ""}
-        current = next((kinds[k] for k in kinds if k in hint), None)
+        current = kinds.get(hint.replace(" ", "").removesuffix("|None"))  # list/dict kinds: left as given
         if current is None:
             return value
     if isinstance(current, str):

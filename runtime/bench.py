@@ -364,6 +364,9 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
         window = min(model_context(model), rt.eval_window)
         stride = min(rt.eval_stride, window)
         tokens = eval_tokens(tokenizer, dataset, rt.max_eval_tokens, cfg.data.text_field)
+        if len(tokens) < rt.max_eval_tokens:
+            print(f"  note: {dataset} holds only {len(tokens)} tokens (--max-eval-tokens {rt.max_eval_tokens}); "
+                  "quality figures on so few are noisy", flush=True)
         # Explicit densities from flags override the bundle's per-layer ones; otherwise keep those.
         with SparseRuntime(model, adapter, use, selection=selection, mlp_density=rt.mlp_density
                            if use else mlp_d, head_density=rt.head_density if use else head_d,

@@ -170,3 +170,13 @@ def test_bad_yaml_is_one_line_with_its_position(tmp_path):
     with pytest.raises(DejavuError, match=r"not valid YAML \(line \d+, column \d+\)") as caught:
         load_config(bad, {})
     assert "\n" not in str(caught.value)
+
+
+def test_bench_says_when_the_corpus_is_shorter_than_asked(tmp_path, tiny_llama, capsys):
+    from dejavu.runtime.bench import run_bench
+
+    short = tmp_path / "short.txt"
+    short.write_text("A short evaluation text of a few words only.\n")
+    run_bench(model=str(tiny_llama), dataset=str(short), config_file="tiny", speed=False,
+              overrides={"runtime.selection": "dense", "runtime.max_eval_tokens": 256, "runtime.device": "cpu"})
+    assert "holds only" in capsys.readouterr().out

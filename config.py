@@ -136,6 +136,9 @@ class RuntimeConfig:
     # dense prefill by default: only decoded tokens are sparse
     sparse_prefill: bool = False
     max_eval_tokens: int = 8192
+    # split and text field of a hub (or jsonl/parquet) evaluation corpus; text field None: data.text_field
+    eval_split: str = "test"
+    eval_text_field: str | None = None
     eval_window: int = 2048
     eval_stride: int = 1024
     batch_sizes: list[int] = field(default_factory=lambda: [1])

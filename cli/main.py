@@ -232,6 +232,12 @@ def bench(
         help="Evaluation corpus for perplexity and agreement: a datasets hub id (its test split) or local "
              ".txt/.jsonl/.parquet file, dir or glob (default: ../shared/data/wikitext-2-raw/wiki.test.raw beside "
              "the repository)."),
+    eval_split: str | None = typer.Option(
+        None, "--eval-split", help="Split of a hub evaluation corpus." + default("runtime.eval_split")),
+    eval_text_field: str | None = typer.Option(
+        None, "--eval-text-field",
+        help="Field holding the text of a hub, jsonl or parquet evaluation corpus (default: the config's "
+             "data.text_field, 'text')."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON here (a PNG plot goes beside it)."),
     mlp_density: float | None = typer.Option(None, "--mlp-density", help="Override the bundle's MLP density, in (0, 1]."),
     head_density: float | None = typer.Option(None, "--head-density", help="Override the bundle's head density, in (0, 1]."),
@@ -292,6 +298,7 @@ def bench(
         overrides={
             "runtime.mlp_density": mlp_density, "runtime.head_density": head_density,
             "runtime.max_eval_tokens": max_eval_tokens, "runtime.device": device, "runtime.dtype": dtype,
+            "runtime.eval_split": eval_split, "runtime.eval_text_field": eval_text_field,
             "runtime.selection": selection, "runtime.batch_sizes": sizes, "runtime.prompt_len": prompt_len,
             "runtime.mlp_candidate_density": mlp_candidate_density, "runtime.mlp_up_weight": mlp_up_weight,
             "runtime.skip_kv": skip_kv, "runtime.mlp_keep_input": mlp_keep_input,

@@ -363,7 +363,8 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
             raise DejavuError("no evaluation corpus: pass --dataset (e.g. ../shared/data/wikitext-2-raw/wiki.test.raw)")
         window = min(model_context(model), rt.eval_window)
         stride = min(rt.eval_stride, window)
-        tokens = eval_tokens(tokenizer, dataset, rt.max_eval_tokens, cfg.data.text_field)
+        tokens = eval_tokens(tokenizer, dataset, rt.max_eval_tokens, rt.eval_text_field or cfg.data.text_field,
+                             rt.eval_split)
         if len(tokens) < rt.max_eval_tokens:
             print(f"  note: {dataset} holds only {len(tokens)} tokens (--max-eval-tokens {rt.max_eval_tokens}); "
                   "quality figures on so few are noisy", flush=True)

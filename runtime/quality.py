@@ -59,13 +59,14 @@ def strided_windows(num_tokens: int, window: int, stride: int) -> list[Window]:
     return windows
 
 
-def eval_tokens(tokenizer, dataset: str, max_tokens: int, text_field: str = "text") -> torch.Tensor:
+def eval_tokens(tokenizer, dataset: str, max_tokens: int, text_field: str = "text",
+                split: str = "test") -> torch.Tensor:
     """The first `max_tokens` tokens of the evaluation corpus (one stream)."""
     from dejavu.corpus import load_texts, tokenize_stream
 
     if max_tokens < 2:
         raise DejavuError(f"--max-eval-tokens must be at least 2, got {max_tokens}")
-    texts = load_texts(dataset, split="test", text_field=text_field)
+    texts = load_texts(dataset, split=split, text_field=text_field)
     # Tokenising a whole corpus to keep a few thousand tokens wastes time: cut generously first.
     budget, cut = max_tokens * 16, []
     for text in texts:

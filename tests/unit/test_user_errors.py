@@ -180,3 +180,18 @@ def test_bench_says_when_the_corpus_is_shorter_than_asked(tmp_path, tiny_llama, 
     run_bench(model=str(tiny_llama), dataset=str(short), config_file="tiny", speed=False,
               overrides={"runtime.selection": "dense", "runtime.max_eval_tokens": 256, "runtime.device": "cpu"})
     assert "holds only" in capsys.readouterr().out
+
+
+def test_bench_reads_an_evaluation_field_and_split(tmp_path, tiny_llama):
+    from dejavu.runtime.bench import run_bench
+
+    from helpers import EVAL_RAW
+
+    lines = EVAL_RAW.read_text().splitlines()[:400]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"body": line}) + "\n" for line in lines if line.strip()))
+    common = dict(model=str(tiny_llama), dataset=str(tmp_path / "eval.jsonl"), config_file="tiny", speed=False)
+    settings = {"runtime.selection": "dense", "runtime.max_eval_tokens": 128, "runtime.device": "cpu"}
+    with pytest.raises(DejavuError, match="body|text"):
+        run_bench(**common, overrides=settings)  # no "text" field
+    report = run_bench(**common, overrides={**settings, "runtime.eval_text_field": "body"})
+    assert report["quality"]["scored_tokens"] > 0

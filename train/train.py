@@ -96,7 +96,7 @@ def _inputs_difference(old: dict | None, new: dict) -> str:
     records written before the inputs were stored name nothing."""
     if not old:
         return "other settings or other collect data"
-    parts = [f"train.{k}: {old['train'].get(k)!r} -> {v!r}" for k, v in new["train"].items()
+    parts = [f"train.{k}: {old.get('train', {}).get(k)!r} -> {v!r}" for k, v in new["train"].items()
              if old.get("train", {}).get(k) != v]
     if old.get("collect") != new["collect"]:
         parts.append("other collect data")

@@ -31,6 +31,8 @@ Rules (MLP only; attention stays dense unless --head-density):
                 32 per group), so bits >= 4 are near exact here and say little about other models.
 - quant-clip:B:D the same with 2^B levels and no zero, each group's scale clipped for least squared error
                 (absmax round-to-nearest leaves 2 bits only 3 levels).
+- upq-pred:B:D:A up-pred with |up| from a B-bit copy of up (quant-clip's quantiser) instead of the exact up:
+                MLP bytes (1/3 * B/16) + D on a gated MLP, predictor weights not counted as for up-pred.
 
 Every evaluated token is sparse, windows/stride as in runtime/quality.py; dense log-probs are computed
 once and reused. "MLP bytes" is the share of the dense MLP's weight bytes a real kernel must read per
@@ -65,20 +67,20 @@ from dejavu.runtime.thresholds import calibrate_thresholds
 
 KINDS = {"oracle": 1, "predictor": 1, "gate": 1, "up": 1, "two-stage": 2, "up-pred": 2, "input": 2, "threshold": (2, 3),
          "greedy": 1,
-         "quant": 2, "quant-clip": 2}
+         "quant": 2, "quant-clip": 2, "upq-pred": 3}
 
 
 def parse_rule(text: str) -> tuple[str, tuple[float, ...]]:
     kind, *values = text.split(":")
     if kind not in KINDS or len(values) not in ((KINDS[kind],) if isinstance(KINDS[kind], int) else KINDS[kind]):
         raise DejavuError(f"rule {text!r}: expected oracle:D, predictor:D, gate:D, up:D, two-stage:C:D, up-pred:D:A, "
-                          "input:X:D, threshold:X:D[:A], quant:B:D or quant-clip:B:D")
+                          "input:X:D, threshold:X:D[:A], quant:B:D, quant-clip:B:D or upq-pred:B:D:A")
     try:
         numbers = tuple(float(v) for v in values)
     except ValueError:
         raise DejavuError(f"rule {text!r}: densities must be numbers") from None
-    if not all(0.0 < v <= 1.0 for v in (numbers[:1] if kind == "up-pred" else numbers[1:] if kind.startswith("quant")
-                                        else numbers)):
+    if not all(0.0 < v <= 1.0 for v in (numbers[:1] if kind == "up-pred" else numbers[1:2] if kind == "upq-pred"
+                                        else numbers[1:] if kind.startswith("quant") else numbers)):
         raise DejavuError(f"rule {text!r}: densities must be in (0, 1]")
     return kind, numbers
 
@@ -219,6 +221,8 @@ def weight_share(kind: str, numbers: tuple[float, ...], gated: bool, stats: dict
         return up_share * numbers[0] + (1 - up_share) * numbers[1]
     if kind.startswith("quant"):  # the low-bit copy of gate/up (bf16 = 16 bits), then D of the MLP
         return up_share * numbers[0] / 16 + numbers[1]
+    if kind == "upq-pred":  # the low-bit copy of up alone (half of gate + up), then D of the MLP
+        return up_share / 2 * numbers[0] / 16 + numbers[1]
     if kind in ("gate", "up"):
         full = up_share / 2 if gated else up_share  # the projection read in full to choose
         return full + (1 - full) * numbers[0]
@@ -259,10 +263,35 @@ def run_rule(model, adapter, predictors, ref, kind, numbers, head_density,
         kw["mlp_candidate_density"] = numbers[0]
     if kind == "up-pred":
         kw.update(mlp_density=numbers[0], mlp_up_weight=numbers[1])
+    if kind == "upq-pred":
+        kw.update(mlp_density=numbers[1], mlp_up_weight=numbers[2])
+        return _with_quantized_up(model, adapter, predictors, ref, int(numbers[0]), kw)
     with SparseRuntime(model, adapter, None if kind == "oracle" else predictors,
                        selection="oracle" if kind == "oracle" else "predictor", **kw) as runtime:
         metrics = score_against(model, runtime, ref, desc=kind)
         return metrics, runtime.stats.summary()
+
+
+def _with_quantized_up(model, adapter, predictors, ref, bits: int, kw: dict) -> tuple[dict, dict]:
+    """up-pred with log|up| taken from a low-bit copy of up: the runtime's exact-up rule, its up scores
+    swapped for those of the copy (read in full, like exact-up's up, but at `bits` per weight)."""
+    import dejavu.runtime.apply as apply_module
+
+    copies = [fake_quantize_clipped(adapter.mlp_weights(layer).up.detach(), bits)
+              for layer in adapter.decoder_layers()]
+    latest: dict[str, torch.Tensor] = {}
+    handles = [adapter.up_proj(layer).register_forward_pre_hook(
+        lambda module, args, q=q: latest.__setitem__("up", args[0] @ q.T))
+        for layer, q in zip(adapter.decoder_layers(), copies, strict=True)]
+    exact = apply_module.exact_up_scores
+    apply_module.exact_up_scores = lambda up, logits, weight: exact(latest["up"].reshape(up.shape), logits, weight)
+    try:
+        with SparseRuntime(model, adapter, predictors, selection="predictor", **kw) as runtime:
+            return score_against(model, runtime, ref, desc="upq-pred"), runtime.stats.summary()
+    finally:
+        apply_module.exact_up_scores = exact
+        for handle in handles:
+            handle.remove()
 
 
 def layer_share(shape, mlp_bytes: float, stats: dict | None, head_density: float) -> float:
@@ -354,7 +383,8 @@ def main() -> None:
         t0 = time.perf_counter()
         metrics, stats = run_rule(model, adapter, predictors, ref, kind, numbers, args.head_density, calibration)
         row = {"rule": text, "kind": kind, "candidates": numbers[0] if kind == "two-stage" else None,
-               "density": numbers[0] if kind == "up-pred" else numbers[1] if kind in ("threshold", "quant", "quant-clip")
+               "density": numbers[0] if kind == "up-pred" else numbers[1] if kind in ("threshold", "quant", "quant-clip",
+                                                                                        "upq-pred")
                else numbers[-1], **metrics, "computed": stats,
                "mlp_bytes": weight_share(kind, numbers, gated, stats), "seconds": time.perf_counter() - t0}
         row["layer_bytes"] = layer_share(adapter.shape(), row["mlp_bytes"], stats, args.head_density)

@@ -57,14 +57,20 @@ def _umask_mode() -> int:
 FILE_MODE = _umask_mode()
 
 
+def existing_ancestor(path: str | Path) -> Path:
+    """`path` itself if it exists, else its nearest existing parent (where it would be created)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def check_can_write(path: str | Path, what: str) -> None:
     """Fail before any work when `path` (a directory, existing or not) cannot be written: a probe file is
     created and removed in its nearest existing ancestor, which also catches read-only mounts and /proc,
     where permission bits (and root) say yes."""
     path = Path(path).absolute()
-    anchor = path
-    while not anchor.exists():
-        anchor = anchor.parent
+    anchor = existing_ancestor(path)
     if not anchor.is_dir():
         raise DejavuError(f"cannot write {what} {path}: {anchor} is not a directory")
     try:

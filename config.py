@@ -281,12 +281,17 @@ def load_config(
     return cfg
 
 
+def beside_repository(relative: str) -> Path:
+    """A path given relative to the repository root (the shipped `../shared/data/...` corpora)."""
+    return (CONFIG_DIR.parent / relative).resolve()
+
+
 def _beside_repository(dataset: str) -> str:
-    """The shipped default corpus (`../shared/data/...`) is relative to the repository; from another
-    working directory, find it there rather than fail. Any other value is left as given."""
+    """The shipped default corpus is relative to the repository; from another working directory, find
+    it there rather than fail. Any other value is left as given."""
     if dataset != DataConfig.dataset or Path(dataset).exists():
         return dataset
-    candidate = (CONFIG_DIR.parent / dataset).resolve()
+    candidate = beside_repository(dataset)
     return str(candidate) if candidate.exists() else dataset
 
 

@@ -19,7 +19,15 @@ from typing import Any
 
 import torch
 
-from dejavu.artifacts import MANIFEST, atomic_write_json, save_tensors, sha256_file, write_manifest
+from dejavu.artifacts import (
+    MANIFEST,
+    atomic_write_json,
+    check_can_write,
+    existing_ancestor,
+    save_tensors,
+    sha256_file,
+    write_manifest,
+)
 from dejavu.collect import labels as L
 from dejavu.collect.hooks import BLOCK_INPUT, HEAD_OUT, MLP_ACT, ActivationRecorder
 from dejavu.config import RunConfig
@@ -221,21 +229,9 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def existing_ancestor(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
 def check_writable(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise DejavuError(f"--out {out} exists and is not a directory")
-    anchor = existing_ancestor(out)
-    if not anchor.is_dir():
-        raise DejavuError(f"cannot create --out {out}: {anchor} is not a directory")
-    from dejavu.artifacts import check_can_write
-
     stage = out / STAGE_DIR
     check_can_write(stage if stage.is_dir() else out, "--out")
 

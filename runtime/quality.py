@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -222,5 +221,7 @@ def generations(model, tokenizer, runtime, new_tokens: int = 24, sparse_prefill:
 
 def default_eval_dataset() -> str | None:
     """../shared/data/wikitext-2-raw/wiki.test.raw next to the repository, when it is there."""
-    candidate = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
-    return str(candidate.resolve()) if candidate.is_file() else None
+    from dejavu.config import beside_repository
+
+    candidate = beside_repository("../shared/data/wikitext-2-raw/wiki.test.raw")
+    return str(candidate) if candidate.is_file() else None

@@ -25,6 +25,9 @@ demo:
 	dejavu export --run $(DEMO_RUN) --out $(DEMO_RUN)/bundle
 	dejavu bench --model smollm2-135m --bundle $(DEMO_RUN)/bundle --dataset $(EVAL) \
 		--max-eval-tokens $(EVAL_TOKENS) --json $(DEMO_RUN)/bench.json
+	# The bundle in use: text generated sparse, beside dense.
+	dejavu generate --bundle $(DEMO_RUN)/bundle --prompt "The capital of France is" --max-new-tokens 24 \
+		--compare-dense --json $(DEMO_RUN)/generate.json
 	# The same bundle with exact-up selection (up for every neuron + the predictor's score).
 	dejavu bench --model smollm2-135m --bundle $(DEMO_RUN)/bundle --dataset $(EVAL) \
 		--max-eval-tokens $(EVAL_TOKENS) --mlp-up-weight 0.4 --json $(DEMO_RUN)/bench-exact-up.json

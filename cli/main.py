@@ -16,7 +16,8 @@ import typer
 
 app = typer.Typer(
     name="dejavu",
-    help="Contextual sparsity for fast LLM decoding: collect -> train-predictors -> export -> bench.",
+    help="Contextual sparsity for fast LLM decoding: collect -> train-predictors -> export -> bench; "
+    "generate runs a bundle.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -53,6 +54,48 @@ ConfigOpt = typer.Option(
     "it overrides built-in defaults.",
 )
 DebugOpt = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors.")
+
+# Options `bench` and `generate` share: both apply a bundle to a model the same way (runtime/plan.py).
+ModelOpt = typer.Option(None, "--model", "-m", help="Hub id, local model dir, .gguf file, or alias (default: the bundle's model).")
+BundleOpt = typer.Option(None, "--bundle", "-b", help="Bundle from `dejavu export` (bench --synthetic needs none).")
+MlpDensityOpt = typer.Option(None, "--mlp-density", help="Override the bundle's MLP density, in (0, 1].")
+HeadDensityOpt = typer.Option(None, "--head-density", help="Override the bundle's head density, in (0, 1].")
+MlpCandidateDensityOpt = typer.Option(
+    None, "--mlp-candidate-density",
+    help="Two-stage MLP selection: predictor candidates at this density, then the top --mlp-density by exact "
+         "activation (default: the bundle's; unset: one-stage).")
+MlpUpWeightOpt = typer.Option(
+    None, "--mlp-up-weight",
+    help="Exact-up MLP selection: compute up for every neuron and keep the top --mlp-density by "
+         "log|up| + this weight x predictor logit for gate and down (0.4 measured best on SmolLM2).")
+SkipKvOpt = typer.Option(
+    None, "--skip-kv/--all-kv",
+    help="Decode loop: compute k/v only for the KV groups the selected heads read; a skipped group's "
+         "positions are computed when one of its heads is next selected, so the output is unchanged "
+         "(default: the config's, else --all-kv).")
+MlpKeepInputOpt = typer.Option(
+    None, "--mlp-keep-input",
+    help="MLP sparsity without a predictor (TEAL-style): per-layer magnitude thresholds keep this share of "
+         "each token's MLP input (gate/up read only those columns) and --mlp-density (default 0.5) of "
+         "down's input. Calibrated on the config's data.dataset; heads still use the bundle, if given.")
+AttnKeepInputOpt = typer.Option(
+    None, "--attn-keep-input",
+    help="With --mlp-keep-input: attention sparsity the same way (TEAL's whole-model rule). Thresholds keep "
+         "this share of each token's q/k/v input (columns read; every head still computed) and of o's "
+         "input (rows read). Replaces head selection (head density 1.0).")
+KeepLayerBytesOpt = typer.Option(
+    None, "--keep-layer-bytes",
+    help="Sparsity without a predictor on every input of every layer (q/k/v, o, gate/up, down: TEAL's "
+         "whole-model rule): thresholds keep this share of each layer's weight bytes, split over the four "
+         "inputs per layer by a greedy search (least output error per byte) on the calibration corpus. "
+         "Replaces --mlp-keep-input / --attn-keep-input and head selection.")
+CalibrationOpt = typer.Option(
+    None, "--calibration",
+    help="Corpus the --mlp-keep-input / --keep-layer-bytes thresholds are calibrated on (default: the config's "
+         "data.dataset).")
+DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or auto (default: auto: cuda when there is a GPU).")
+DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto (default: auto).")
+SelectionOpt = typer.Option(None, "--selection", help="predictor (the bundle), oracle (true top-k) or dense." + default("runtime.selection"))
 
 
 def _fail(message: str) -> None:
@@ -225,8 +268,8 @@ def export(
 @app.command()
 @handle_errors
 def bench(
-    model: str | None = typer.Option(None, "--model", "-m", help="Hub id, local model dir, .gguf file, or alias (default: the bundle's model)."),
-    bundle: Path | None = typer.Option(None, "--bundle", "-b", help="Bundle from `dejavu export` (not needed with --synthetic)."),
+    model: str | None = ModelOpt,
+    bundle: Path | None = BundleOpt,
     dataset: str | None = typer.Option(
         None, "--dataset", "-d",
         help="Evaluation corpus for perplexity and agreement: a datasets hub id (its test split) or local "
@@ -239,45 +282,19 @@ def bench(
         help="Field holding the text of a hub, jsonl or parquet evaluation corpus (default: the config's "
              "data.text_field, 'text')."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON here (a PNG plot goes beside it)."),
-    mlp_density: float | None = typer.Option(None, "--mlp-density", help="Override the bundle's MLP density, in (0, 1]."),
-    head_density: float | None = typer.Option(None, "--head-density", help="Override the bundle's head density, in (0, 1]."),
-    mlp_candidate_density: float | None = typer.Option(
-        None, "--mlp-candidate-density",
-        help="Two-stage MLP selection: predictor candidates at this density, then the top --mlp-density by exact "
-             "activation (default: the bundle's; unset: one-stage)."),
-    mlp_up_weight: float | None = typer.Option(
-        None, "--mlp-up-weight",
-        help="Exact-up MLP selection: compute up for every neuron and keep the top --mlp-density by "
-             "log|up| + this weight x predictor logit for gate and down (0.4 measured best on SmolLM2)."),
-    skip_kv: bool | None = typer.Option(
-        None, "--skip-kv/--all-kv",
-        help="Decode speed: compute k/v only for the KV groups the selected heads read; a skipped group's "
-             "positions are computed when one of its heads is next selected, so the output is unchanged "
-             "(default: the config's, else --all-kv)."),
-    mlp_keep_input: float | None = typer.Option(
-        None, "--mlp-keep-input",
-        help="MLP sparsity without a predictor (TEAL-style): per-layer magnitude thresholds keep this share of "
-             "each token's MLP input (gate/up read only those columns) and --mlp-density (default 0.5) of "
-             "down's input. Calibrated on the config's data.dataset; heads still use the bundle, if given."),
-    attn_keep_input: float | None = typer.Option(
-        None, "--attn-keep-input",
-        help="With --mlp-keep-input: attention sparsity the same way (TEAL's whole-model rule). Thresholds keep "
-             "this share of each token's q/k/v input (columns read; every head still computed) and of o's "
-             "input (rows read). Replaces head selection (head density 1.0)."),
-    keep_layer_bytes: float | None = typer.Option(
-        None, "--keep-layer-bytes",
-        help="Sparsity without a predictor on every input of every layer (q/k/v, o, gate/up, down: TEAL's "
-             "whole-model rule): thresholds keep this share of each layer's weight bytes, split over the four "
-             "inputs per layer by a greedy search (least output error per byte) on the calibration corpus. "
-             "Replaces --mlp-keep-input / --attn-keep-input and head selection."),
-    calibration: str | None = typer.Option(
-        None, "--calibration",
-        help="Corpus the --mlp-keep-input / --keep-layer-bytes thresholds are calibrated on (default: the config's "
-             "data.dataset)."),
+    mlp_density: float | None = MlpDensityOpt,
+    head_density: float | None = HeadDensityOpt,
+    mlp_candidate_density: float | None = MlpCandidateDensityOpt,
+    mlp_up_weight: float | None = MlpUpWeightOpt,
+    skip_kv: bool | None = SkipKvOpt,
+    mlp_keep_input: float | None = MlpKeepInputOpt,
+    attn_keep_input: float | None = AttnKeepInputOpt,
+    keep_layer_bytes: float | None = KeepLayerBytesOpt,
+    calibration: str | None = CalibrationOpt,
     max_eval_tokens: int | None = typer.Option(None, "--max-eval-tokens", help="Bound on evaluated tokens." + default("runtime.max_eval_tokens")),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto (default: auto: cuda when there is a GPU)."),
-    dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto (default: auto)."),
-    selection: str | None = typer.Option(None, "--selection", help="predictor (the bundle), oracle (true top-k) or dense." + default("runtime.selection")),
+    device: str | None = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+    selection: str | None = SelectionOpt,
     batch_sizes: str | None = typer.Option(None, "--batch-sizes", help="Comma-separated decode batch sizes for speed, e.g. 1,4,8." + default("runtime.batch_sizes")),
     prompt_len: int | None = typer.Option(
         None, "--prompt-len",
@@ -306,6 +323,60 @@ def bench(
             "data.dataset": calibration,
         },
         synthetic=synthetic, layers=layers, quality=quality, speed=speed,
+    )
+
+
+@app.command()
+@handle_errors
+def generate(
+    prompts: list[str] = typer.Option(
+        ..., "--prompt", "-p", help="Text to continue; repeat the flag for several prompts (run one after another)."),
+    model: str | None = ModelOpt,
+    bundle: Path | None = BundleOpt,
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate per prompt."),
+    temperature: float = typer.Option(
+        0.0, "--temperature", help="0: greedy (the same tokens every run); above 0: sample at this temperature."),
+    top_p: float = typer.Option(1.0, "--top-p", help="When sampling: draw only from the smallest set of tokens whose "
+                                "probability reaches this, in (0, 1]."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampling generator (sampled runs repeat with it)."),
+    chat: bool = typer.Option(False, "--chat/--no-chat", help="Wrap each prompt as a user turn in the tokenizer's "
+                              "chat template (instruct models)."),
+    compare_dense: bool = typer.Option(
+        False, "--compare-dense", help="Also generate dense with the same engine and print both, with their speed."),
+    engine: str = typer.Option(
+        "auto", "--engine", help="decode-loop (Llama family: static KV cache, CUDA graph on GPU, sparse kernels), "
+        "hooks (any family: Hugging Face's forward with the reference runtime), or auto (the decode loop where "
+        "it runs)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the generations and settings as JSON here."),
+    mlp_density: float | None = MlpDensityOpt,
+    head_density: float | None = HeadDensityOpt,
+    mlp_candidate_density: float | None = MlpCandidateDensityOpt,
+    mlp_up_weight: float | None = MlpUpWeightOpt,
+    skip_kv: bool | None = SkipKvOpt,
+    mlp_keep_input: float | None = MlpKeepInputOpt,
+    attn_keep_input: float | None = AttnKeepInputOpt,
+    keep_layer_bytes: float | None = KeepLayerBytesOpt,
+    calibration: str | None = CalibrationOpt,
+    device: str | None = DeviceOpt,
+    dtype: str | None = DtypeOpt,
+    selection: str | None = SelectionOpt,
+    config: str | None = ConfigOpt,
+    debug: bool = DebugOpt,
+):
+    """Generate text with a bundle applied: the prompt runs dense, every new token sparse."""
+    from dejavu.runtime.generate import run_generate
+
+    run_generate(
+        prompts, model=model, bundle=bundle, config_file=config, json_out=json_out, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, seed=seed, chat=chat, compare_dense=compare_dense, engine=engine,
+        overrides={
+            "runtime.mlp_density": mlp_density, "runtime.head_density": head_density,
+            "runtime.device": device, "runtime.dtype": dtype, "runtime.selection": selection,
+            "runtime.mlp_candidate_density": mlp_candidate_density, "runtime.mlp_up_weight": mlp_up_weight,
+            "runtime.skip_kv": skip_kv, "runtime.mlp_keep_input": mlp_keep_input,
+            "runtime.attn_keep_input": attn_keep_input, "runtime.keep_layer_bytes": keep_layer_bytes,
+            "data.dataset": calibration,
+        },
     )
 
 

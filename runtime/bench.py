@@ -136,32 +136,40 @@ def _fmt(value, spec: str = ".3f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def rule_lines(report: dict) -> list[str]:
+    """The sparse rule a report (or a generation's settings) describes, as indented lines."""
+    two = report.get("mlp_candidate_density")
+    lines = [f"  selection {report.get('selection')}, MLP density {_fmt(report['mlp_density'], 'g')}, "
+             f"head density {_fmt(report['head_density'], 'g')}"
+             + (f", two-stage MLP (predictor candidates {two:g}, final top-k by exact activation)" if two else "")
+             + (f", exact-up MLP (log|up| + {report['mlp_up_weight']:g} x predictor logit)"
+                if report.get("mlp_up_weight") is not None else "")]
+    t = report.get("thresholds")
+    allocation = (t or {}).get("allocation")
+    if allocation:
+        means = {k: sum(v) / len(v) for k, v in allocation["layer_shares"].items()}
+        lines.append(f"  magnitude thresholds (no predictor) on every layer input, calibrated on "
+                     f"{t['calibration_tokens']} tokens of {t['calibration']} to keep {allocation['layer_bytes']:g} "
+                     f"of each layer's weight bytes; split per layer by greedy search, mean shares kept: q/k/v input "
+                     f"{means['attn_x']:.2f}, o input {means['attn_o']:.2f}, MLP input {means['x']:.2f}, down input "
+                     f"{means['h']:.2f}")
+    elif t:
+        lines.append(f"  MLP by magnitude thresholds (no predictor): calibrated on {t['calibration_tokens']} tokens "
+                     f"of {t['calibration']} to keep {t['keep_input']:g} of the MLP input and "
+                     f"{t['keep_down_input']:g} of down's input")
+        if t.get("keep_attn_input") is not None:
+            lines.append(f"  attention by magnitude thresholds: keep {t['keep_attn_input']:g} of q/k/v's input and "
+                         f"of o's input (every head computed)")
+    return lines
+
+
 def print_report(report: dict, out=None) -> None:
     out = out or sys.stdout  # looked up per call, so redirected/captured stdout gets the report
     p = lambda s="": print(s, file=out)  # noqa: E731
     p(f"dejavu bench: {report['model']} on {report['device']} ({report['dtype']})"
       f"{'  [synthetic weights: speed only]' if report['synthetic'] else ''}")
-    two = report.get("mlp_candidate_density")
-    p(f"  selection {report.get('selection')}, MLP density {_fmt(report['mlp_density'], 'g')}, "
-      f"head density {_fmt(report['head_density'], 'g')}"
-      + (f", two-stage MLP (predictor candidates {two:g}, final top-k by exact activation)" if two else "")
-      + (f", exact-up MLP (log|up| + {report['mlp_up_weight']:g} x predictor logit)"
-         if report.get("mlp_up_weight") is not None else ""))
-    t = report.get("thresholds")
-    allocation = (t or {}).get("allocation")
-    if allocation:
-        means = {k: sum(v) / len(v) for k, v in allocation["layer_shares"].items()}
-        p(f"  magnitude thresholds (no predictor) on every layer input, calibrated on {t['calibration_tokens']} "
-          f"tokens of {t['calibration']} to keep {allocation['layer_bytes']:g} of each layer's weight bytes; "
-          f"split per layer by greedy search, mean shares kept: q/k/v input {means['attn_x']:.2f}, o input "
-          f"{means['attn_o']:.2f}, MLP input {means['x']:.2f}, down input {means['h']:.2f}")
-    elif t:
-        p(f"  MLP by magnitude thresholds (no predictor): calibrated on {t['calibration_tokens']} tokens of "
-          f"{t['calibration']} to keep {t['keep_input']:g} of the MLP input and {t['keep_down_input']:g} of "
-          f"down's input")
-        if t.get("keep_attn_input") is not None:
-            p(f"  attention by magnitude thresholds: keep {t['keep_attn_input']:g} of q/k/v's input and of o's "
-              f"input (every head computed)")
+    for line in rule_lines(report):
+        p(line)
     q = report.get("quality")
     if q:
         p(f"  quality on {q['scored_tokens']} tokens of {q['dataset']} (windows of {q['window']}, stride "
@@ -173,7 +181,7 @@ def print_report(report: dict, out=None) -> None:
         if sel:
             p(f"    computed: {sel['mlp_kept']:.3f} of MLP neurons, {sel['head_kept']:.3f} of heads; "
               f"{sel['kv_groups_skippable']:.3f} of KV groups skippable")
-            if "mlp_weight_share" in sel and t:
+            if "mlp_weight_share" in sel and report.get("thresholds"):
                 p(f"    MLP weight bytes read: {sel['mlp_weight_share']:.3f} of dense (gate/up columns for "
                   f"{sel['mlp_candidates_kept']:.3f} of the input, down rows for {sel['mlp_kept']:.3f})")
             elif "mlp_weight_share" in sel and report.get("mlp_up_weight") is not None:
@@ -218,9 +226,9 @@ def run_bench(model: str | None = None, bundle: Path | None = None, dataset: str
     if synthetic and (bundle is not None or dataset is not None):
         raise DejavuError("--synthetic builds random weights and random predictors and measures speed only: "
                           "drop --bundle / --dataset")
-    if rt.selection != "predictor" and (rt.mlp_up_weight is not None or rt.mlp_candidate_density is not None):
-        raise DejavuError(f"--mlp-up-weight and --mlp-candidate-density refine the predictors' choice; "
-                          f"--selection {rt.selection} does not use them")
+    from dejavu.runtime.plan import check_selection_flags
+
+    check_selection_flags(cfg)
     device = resolve_device(rt.device if rt.device != "auto" else cfg.model.device)
     dtype = resolve_dtype(rt.dtype if rt.dtype != "auto" else cfg.model.dtype, device)
     batch_sizes = rt.batch_sizes or [1]
@@ -243,15 +251,6 @@ def run_bench(model: str | None = None, bundle: Path | None = None, dataset: str
         elif report.get("speed"):
             print("  no plot: matplotlib is not installed (pip install 'dejavu[plot]')")
     return report
-
-
-def _calibrate_thresholds(model, adapter, tokenizer, cfg, keep_input: float, keep_down: float):
-    """Per-layer thresholds from a dense forward over the calibration corpus (data.dataset)."""
-    from dejavu.runtime.thresholds import calibrate_on_corpus
-
-    return calibrate_on_corpus(model, adapter, tokenizer, cfg.data, cfg.runtime.calibration_tokens, keep_input,
-                               keep_down, cfg.runtime.attn_keep_input,
-                               max_window=cfg.runtime.eval_window, layer_bytes=cfg.runtime.keep_layer_bytes)
 
 
 def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> dict:
@@ -295,67 +294,22 @@ def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> di
 
 
 def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, quality, speed) -> dict:
-    from dejavu.export.bundle import check_bundle_matches, load_bundle
     from dejavu.models.adapters import adapter_for
     from dejavu.models.loading import load_model
-    from dejavu.runtime.apply import SparseRuntime
+    from dejavu.runtime.plan import check_flags, model_to_load, read_bundle, resolve_plan
     from dejavu.runtime.quality import compare, default_eval_dataset, eval_tokens, generations, model_context
 
     rt = cfg.runtime
-    manifest, predictors = (load_bundle(bundle) if bundle is not None else (None, None))
-    thresholds_on = rt.mlp_keep_input is not None or rt.keep_layer_bytes is not None
-    # a bundle's own thresholds apply unless a flag recalibrates them or asks for another selection
-    bundled = (predictors.thresholds if predictors is not None and rt.selection == "predictor"
-               and not thresholds_on else None)
-    if predictors is not None and not predictors.has_predictors:
-        predictors = None  # a bundle of thresholds alone: nothing else to select with
-    if predictors is None and rt.selection == "predictor" and not thresholds_on and bundled is None:
-        raise DejavuError("bench needs --bundle (or --selection oracle|dense, --mlp-keep-input, --keep-layer-bytes, "
-                          "or --synthetic NAME)")
-    name = model_name or (manifest["model"].get("name") if manifest else None) or cfg.model.name
-    model, tokenizer, source = load_model(name, device=str(device), dtype=_dtype_name(dtype))
+    manifest, predictors = read_bundle(bundle)
+    check_flags(cfg, predictors, "bench")
+    model, tokenizer, source = load_model(model_to_load(model_name, manifest, cfg), device=str(device),
+                                          dtype=_dtype_name(dtype))
     if speed:
         check_speed_context(model, cfg.runtime)
     adapter = adapter_for(model)
-    if manifest is not None:
-        check_bundle_matches(manifest, adapter)
-    mlp_d = rt.mlp_density if rt.mlp_density is not None else (manifest["mlp_density"] if manifest else 1.0)
-    head_d = rt.head_density if rt.head_density is not None else (manifest["head_density"] if manifest else 1.0)
-    use = predictors if rt.selection == "predictor" else None
-    if (bundled is not None or thresholds_on) and (rt.mlp_candidate_density is not None or rt.mlp_up_weight is not None):
-        raise DejavuError("thresholds are their own MLP rule: drop --mlp-candidate-density / --mlp-up-weight")
-    thresholds = bundled
-    if bundled is not None:
-        if bundled.attention and rt.head_density is not None and rt.head_density < 1.0:
-            raise DejavuError("the bundle's attention thresholds replace head selection: drop --head-density")
-        if rt.mlp_density is not None:
-            raise DejavuError(f"the bundle's MLP thresholds were calibrated to keep {bundled.keep_h:g} of down's input "
-                              "(its MLP density), which --mlp-density cannot move: export again with --mlp-density, "
-                              "or calibrate here with --mlp-keep-input X --mlp-density D")
-        print(f"  thresholds from the bundle (calibrated on {manifest['thresholds'].get('calibration')})", flush=True)
-    if thresholds_on:
-        thresholds = _calibrate_thresholds(model, adapter, tokenizer, cfg, rt.mlp_keep_input,
-                                           rt.mlp_density if rt.mlp_density is not None else 0.5)
-    if thresholds is not None:
-        mlp_d = thresholds.keep_h
-        if thresholds.attention:
-            head_d, use = 1.0, None  # the attention thresholds replace the bundle's head predictors
-    selection = rt.selection if use is not None or rt.selection != "predictor" else "dense"  # heads, with thresholds
-    # flag/config > bundle; two-stage applies to predictor selection only
-    cand_d = rt.mlp_candidate_density
-    if cand_d is None and manifest is not None:
-        cand_d = manifest.get("mlp_candidate_density")
-    cand_d = cand_d if use is not None and thresholds is None else None
-    up_w = rt.mlp_up_weight if use is not None and thresholds is None else None  # exact-up: predictor only
-    base = {"model": source.display, "device": str(device), "dtype": _dtype_name(dtype), "mlp_density": mlp_d,
-            "head_density": head_d, "synthetic": False, "selection": selection,
-            "mlp_candidate_density": cand_d, "mlp_up_weight": up_w,
-            "bundle": str(bundle) if bundle else None, "mlp_pairing": predictors.mlp_pairing if use else None,
-            "head_pairing": predictors.head_pairing if use else None,
-            "thresholds": None if thresholds is None else {
-                **thresholds.describe(),
-                "calibration": cfg.data.dataset, "calibration_tokens": cfg.runtime.calibration_tokens}
-            if bundled is None else {**manifest["thresholds"], "from_bundle": True}}
+    plan = resolve_plan(cfg, manifest, predictors, model, adapter, tokenizer, bundle)
+    base = {"model": source.display, "device": str(device), "dtype": _dtype_name(dtype), "synthetic": False,
+            **plan.description}
     quality_data = None
     if quality:
         dataset = dataset or default_eval_dataset()
@@ -369,9 +323,7 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
             print(f"  note: {dataset} holds only {len(tokens)} tokens (--max-eval-tokens {rt.max_eval_tokens}); "
                   "quality figures on so few are noisy", flush=True)
         # Explicit densities from flags override the bundle's per-layer ones; otherwise keep those.
-        with SparseRuntime(model, adapter, use, selection=selection, mlp_density=rt.mlp_density
-                           if use else mlp_d, head_density=rt.head_density if use else head_d,
-                           mlp_candidate_density=cand_d, mlp_up_weight=up_w, thresholds=thresholds) as runtime:
+        with plan.hooks(model, adapter) as runtime:
             t0 = time.perf_counter()
             quality_data = compare(model, runtime, tokens, window, stride)
             quality_data["computed"] = runtime.stats.summary()
@@ -385,9 +337,9 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
         })
     speed_data = None
     if speed:
-        sp = use.with_densities(rt.mlp_density, rt.head_density) if use is not None else None
-        speed_data = measure_speed(model, adapter, sp, device=device, dtype=dtype, batch_sizes=batch_sizes,
-                                   decode_tokens=rt.decode_tokens, warmup=rt.warmup, prompt_len=rt.prompt_len,
-                                   mlp_candidate_density=cand_d,
-                                   mlp_up_weight=up_w, skip_kv=rt.skip_kv, thresholds=thresholds)
+        speed_data = measure_speed(model, adapter, plan.decode_predictors(), device=device, dtype=dtype,
+                                   batch_sizes=batch_sizes, decode_tokens=rt.decode_tokens, warmup=rt.warmup,
+                                   prompt_len=rt.prompt_len, mlp_candidate_density=plan.mlp_candidate_density,
+                                   mlp_up_weight=plan.mlp_up_weight, skip_kv=plan.skip_kv,
+                                   thresholds=plan.thresholds)
     return build_report(base, quality_data, speed_data, batch_sizes[0])

@@ -40,7 +40,9 @@ TINY_CONFIGS = {
 }
 
 
-def build_tokenizer():
+def build_tokenizer(text: str | None = None):
+    """A byte-level BPE tokenizer of TINY_VOCAB ids, trained on the calibration text (or on `text`: the
+    device machine has no shared data)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -49,7 +51,7 @@ def build_tokenizer():
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    text = CALIB_TXT.read_text()[:200_000]
+    text = CALIB_TXT.read_text()[:200_000] if text is None else text
     tok.train_from_iterator([text[i:i + 2000] for i in range(0, len(text), 2000)], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>")

@@ -51,6 +51,17 @@ def test_pipeline_through_the_cli(tmp_path, tiny_llama, tiny_tokenizer):
     assert first(up)["sparse_bytes_per_step"] > first(data)["sparse_bytes_per_step"]
     assert up["quality"]["computed"]["mlp_weight_share"] == pytest.approx(
         1 / 3 + 2 / 3 * up["quality"]["computed"]["mlp_kept"])
+    # The bundle drives generation: decode loop, sparse and dense side by side, JSON beside.
+    gen = tmp_path / "generate.json"
+    out = ok("generate", "--config", "tiny", "--bundle", bundle, "--prompt", "The city of", "-p", "In 1999",
+             "-n", 8, "--compare-dense", "--device", "cpu", "--json", gen)
+    g = json.loads(gen.read_text())
+    assert g["engine"] == "decode-loop (eager)" and g["mlp_density"] == 0.5 and len(g["generations"]) == 2
+    assert all(1 <= len(r["sparse"]["token_ids"]) <= 8 and r["sparse"]["sparse"] and not r["dense"]["sparse"]
+               for r in g["generations"])
+    assert out.count("sparse (") == 2 and out.count("dense (") == 2
+    refused = runner.invoke(app, ["generate", "--config", "tiny", "--model", str(tiny_llama), "-p", "x"])
+    assert refused.exit_code == 1 and "error: generate needs --bundle" in refused.output
     # The bundle refuses another model of the same shape, with a one-line error.
     other = make_tiny_model(tmp_path / "other", "llama", tiny_tokenizer, seed=1)
     refused = runner.invoke(app, ["bench", "--config", "tiny", "--bundle", str(bundle), "--model", str(other)])

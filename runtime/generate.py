@@ -1,0 +1,356 @@
+"""Text generation with a bundle applied: what `dejavu generate` and the Python API (`load_sparse`) run.
+
+Two engines, one interface:
+- "decode-loop" (Llama family: runtime/decode.py): the static-KV-cache loop `dejavu bench` times, a
+  CUDA graph per step on the GPU and the PyTorch fallback on the CPU; the kernels read only the
+  selected rows.
+- "hooks" (every family the adapters know: runtime/apply.py): Hugging Face's forward with the reference
+  runtime's hooks, computing only the selected rows ("gather") where the rule allows it, else masking.
+
+As in `dejavu bench`, the prompt is prefilled dense and every generated token is computed sparse (with
+`runtime.sparse_prefill` the hooks engine runs the prompt sparse too). Greedy by default; a temperature
+samples, within a top-p nucleus, from a seeded generator, so a run can be repeated.
+
+    from dejavu.runtime import load_sparse
+    sm = load_sparse("smollm2-135m", bundle="runs/smol/bundle")
+    print(sm.generate("The capital of France is", max_new_tokens=32).text)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dejavu.errors import DejavuError
+
+ENGINES = ("auto", "decode-loop", "hooks")
+# the decode loop checks for an end-of-sequence token every this many steps: each check waits for the
+# GPU, which would otherwise run graph replays back to back (the extra steps' tokens are dropped)
+EOS_CHECK_EVERY = 16
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str  # the generated continuation, special tokens removed
+    token_ids: list[int]  # generated ids, the end-of-sequence token included when it stopped there
+    sparse: bool
+    engine: str  # decode-loop or hooks, and how it ran (CUDA graph / eager, gather / mask)
+    prompt_tokens: int
+    prefill_ms: float
+    ms_per_token: float | None  # decode steps after the first generated token; None below 2 tokens
+    stopped_at_eos: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Sampler:
+    """Greedy at temperature 0; otherwise sampling from softmax(logits / temperature) restricted to the
+    smallest set of tokens whose probability reaches top_p, drawn from a generator seeded once."""
+
+    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
+        if not temperature >= 0.0 or temperature == float("inf"):
+            raise DejavuError(f"temperature must be a finite number >= 0, got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise DejavuError(f"top_p must be in (0, 1], got {top_p}")
+        self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        self._generator: torch.Generator | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, V] logits -> [B] token ids, without a host synchronisation."""
+        if self.greedy:
+            return logits.argmax(-1)
+        if self._generator is None or self._generator.device != logits.device:
+            self._generator = torch.Generator(device=logits.device).manual_seed(self.seed)
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # keep a token while the mass before it is below top_p (the first token always stays)
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            pick = torch.multinomial(sorted_probs, 1, generator=self._generator)
+            return order.gather(-1, pick).squeeze(-1)
+        return torch.multinomial(probs, 1, generator=self._generator).squeeze(-1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class SparseModel:
+    """A loaded model with a resolved sparse plan (runtime/plan.py); `generate` runs it."""
+
+    def __init__(self, model, tokenizer, adapter, plan, *, device, dtype, name: str, engine: str = "auto",
+                 sparse_prefill: bool = False):
+        from dejavu.runtime.decode import SUPPORTED_MODEL_TYPES
+
+        if engine not in ENGINES:
+            raise DejavuError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+        self.model, self.tokenizer, self.adapter, self.plan = model, tokenizer, adapter, plan
+        self.device, self.dtype, self.name = torch.device(device), dtype, name
+        self.sparse_prefill = sparse_prefill
+        model_type = getattr(model.config, "model_type", "")
+        loop_ok = model_type in SUPPORTED_MODEL_TYPES and plan.selection != "oracle" and not sparse_prefill
+        if engine == "decode-loop" and not loop_ok:
+            why = (f"{model_type!r} models" if model_type not in SUPPORTED_MODEL_TYPES else
+                   "oracle selection" if plan.selection == "oracle" else "sparse prefill")
+            raise DejavuError(f"the decode loop does not run {why}; use engine 'hooks' (or 'auto')")
+        self.engine = engine if engine != "auto" else ("decode-loop" if loop_ok else "hooks")
+        self._loop = None  # DecodeModel, built on first use, rebuilt when a longer cache is needed
+        self._loop_len = 0
+        self._loop_states: dict[bool, tuple] = {}  # sparse flag -> (DecodeState, step callable)
+        self._hooks = None  # SparseRuntime, installed on first use
+        self.eos_ids = self._eos_ids()
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        gen = getattr(self.model, "generation_config", None)
+        extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+        if extra is not None:
+            ids.update(int(i) for i in (extra if isinstance(extra, (list, tuple)) else [extra]))
+        return ids
+
+    @property
+    def engine_detail(self) -> str:
+        if self.engine == "decode-loop":
+            return "decode-loop (CUDA graph)" if self.device.type == "cuda" else "decode-loop (eager)"
+        return f"hooks ({self.hooks_mode})"
+
+    @property
+    def hooks_mode(self) -> str:
+        # gather computes only the selected rows; the oracle, exact-up and thresholds need mask mode
+        p = self.plan
+        gather = p.selection == "predictor" and p.mlp_up_weight is None and p.thresholds is None
+        return "gather" if gather else "mask"
+
+    # --- prompts --------------------------------------------------------------------------------
+    def encode(self, prompt: str, chat: bool = False) -> torch.Tensor:
+        """[1, P] token ids of the prompt, through the tokenizer's chat template when chat."""
+        tok = self.tokenizer
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                raise DejavuError(f"the tokenizer of {self.name} has no chat template: drop --chat")
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                           tokenize=False)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tok(prompt)["input_ids"]
+        if not ids:
+            if tok.bos_token_id is None:
+                raise DejavuError("the prompt is empty and the tokenizer has no start token to begin from")
+            ids = [tok.bos_token_id]
+        return torch.tensor([ids], dtype=torch.long)
+
+    # --- generation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int = 64, *, sparse: bool = True, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, chat: bool = False, stop_at_eos: bool = True) -> Generation:
+        """Continue `prompt` by up to max_new_tokens tokens; sparse=False runs the same engine dense."""
+        from dejavu.runtime.quality import model_context
+
+        if max_new_tokens < 1:
+            raise DejavuError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        sampler = Sampler(temperature, top_p, seed)
+        ids = self.encode(prompt, chat)
+        context = model_context(self.model)
+        if ids.shape[1] + max_new_tokens > context:
+            raise DejavuError(f"the prompt ({ids.shape[1]} tokens) and {max_new_tokens} new tokens exceed "
+                              f"{self.name}'s context of {context} tokens")
+        eos = self.eos_ids if stop_at_eos else set()
+        run = self._loop_generate if self.engine == "decode-loop" else self._hooks_generate
+        tokens, prefill_ms, decode_ms = run(ids, max_new_tokens, sparse and self.plan.sparse, sampler, eos)
+        stopped = False
+        for i, t in enumerate(tokens):
+            if t in eos:
+                tokens, stopped = tokens[:i + 1], True
+                break
+        return Generation(
+            prompt=prompt, text=self.tokenizer.decode(tokens, skip_special_tokens=True), token_ids=tokens,
+            sparse=sparse and self.plan.sparse, engine=self.engine_detail, prompt_tokens=int(ids.shape[1]),
+            prefill_ms=prefill_ms, ms_per_token=decode_ms, stopped_at_eos=stopped)
+
+    def _loop_state(self, needed_len: int, sparse: bool):
+        if self._loop is None or needed_len > self._loop_len:
+            # a longer cache than any before: rebuild (rope tables and caches are sized by max_len)
+            self._loop = self.plan.decode_model(self.model, self.adapter, self.device, self.dtype, needed_len)
+            self._loop_len, self._loop_states = needed_len, {}
+        if sparse not in self._loop_states:
+            self._loop_states[sparse] = (self._loop.new_state(1, dense_only=not sparse), None)
+        return self._loop_states[sparse]
+
+    def _loop_generate(self, ids, max_new, sparse, sampler, eos):
+        from dejavu.runtime.decode import GraphedStep
+
+        # room for the prompt, the new tokens and the two warm-up steps a CUDA graph's capture runs
+        dm_len = max(ids.shape[1] + max_new + 4, self._loop_len)
+        st, step = self._loop_state(dm_len, sparse)
+        dm = self._loop
+        _sync(self.device)
+        t0 = time.perf_counter()
+        logits = dm.prefill(st, ids)
+        st.tokens.copy_(sampler(logits))
+        _sync(self.device)
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        if step is None:
+            if self.device.type == "cuda":
+                step = GraphedStep(dm, st, sparse)  # restores the position and token it warmed up from
+            else:
+                def step(st=st, sparse=sparse):
+                    return dm.step(st, sparse)
+            self._loop_states[sparse] = (st, step)
+        out = torch.empty(max_new, dtype=torch.long, device=self.device)
+        out[0] = st.tokens[0]
+        n = 1
+        if eos and int(out[0]) in eos:
+            return [int(out[0])], prefill_ms, None
+        _sync(self.device)
+        t0 = time.perf_counter()
+        while n < max_new:
+            logits = step()  # writes its argmax into st.tokens
+            if not sampler.greedy:
+                st.tokens.copy_(sampler(logits))
+            out[n] = st.tokens[0]
+            n += 1
+            if eos and (n % EOS_CHECK_EVERY == 0 or n == max_new) and any(t in eos for t in out[:n].tolist()):
+                break
+        _sync(self.device)
+        decode_ms = (time.perf_counter() - t0) * 1e3 / (n - 1) if n > 1 else None
+        return out[:n].tolist(), prefill_ms, decode_ms
+
+    def _hooks_generate(self, ids, max_new, sparse, sampler, eos):
+        if self._hooks is None:
+            self._hooks = self.plan.hooks(self.model, self.adapter, mode=self.hooks_mode)
+        rt = self._hooks  # installed on the model until close(), and enabled only inside this call
+        ids = ids.to(self.device)
+        rt.token_mask = None
+        try:
+            rt.enabled = sparse and self.sparse_prefill
+            _sync(self.device)
+            t0 = time.perf_counter()
+            result = self.model(input_ids=ids, use_cache=True)
+            nxt = sampler(result.logits[:, -1])
+            _sync(self.device)
+            prefill_ms = (time.perf_counter() - t0) * 1e3
+            tokens, past = [int(nxt)], result.past_key_values
+            rt.enabled = sparse
+            t0 = time.perf_counter()
+            while len(tokens) < max_new and tokens[-1] not in eos:
+                result = self.model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
+                past, nxt = result.past_key_values, sampler(result.logits[:, -1])
+                tokens.append(int(nxt))  # the host reads each token (HF's loop does too)
+            decode_ms = (time.perf_counter() - t0) * 1e3 / (len(tokens) - 1) if len(tokens) > 1 else None
+        finally:
+            rt.enabled = False  # between calls the model is the user's, and dense
+        return tokens, prefill_ms, decode_ms
+
+    def close(self) -> None:
+        """Remove the hooks from the model (the decode loop holds its own copies of the weights)."""
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+        self._loop, self._loop_states = None, {}
+
+    def __enter__(self) -> SparseModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def describe(self) -> dict:
+        return {"model": self.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "engine": self.engine_detail, **self.plan.description}
+
+
+def load_sparse(model: str | None = None, bundle: str | Path | None = None, *, config: str | None = None,
+                engine: str = "auto", **runtime) -> SparseModel:
+    """Load `model` (default: the bundle's) with `bundle` applied, ready to generate.
+
+    runtime: any key of the config's `runtime` section (device, dtype, selection, mlp_density,
+    head_density, mlp_keep_input, ...), over `config` (a YAML path or a name in configs/) and the
+    bundle's own settings, as the CLI's flags are."""
+    from dejavu.config import load_config
+
+    cfg = load_config(config, {f"runtime.{k}": v for k, v in runtime.items()})
+    return load_with_config(model, Path(bundle) if bundle is not None else None, cfg, engine)
+
+
+def load_with_config(model: str | None, bundle: Path | None, cfg, engine: str = "auto") -> SparseModel:
+    from dejavu.models.adapters import adapter_for
+    from dejavu.models.loading import load_model, resolve_device, resolve_dtype
+    from dejavu.runtime.plan import check_flags, model_to_load, read_bundle, resolve_plan
+
+    rt = cfg.runtime
+    if engine not in ENGINES:  # before the model loads
+        raise DejavuError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    manifest, predictors = read_bundle(bundle)
+    check_flags(cfg, predictors, "generate")
+    device = resolve_device(rt.device if rt.device != "auto" else cfg.model.device)
+    dtype = resolve_dtype(rt.dtype if rt.dtype != "auto" else cfg.model.dtype, device)
+    hf_model, tokenizer, source = load_model(model_to_load(model, manifest, cfg), device=str(device),
+                                             dtype=str(dtype).removeprefix("torch."))
+    adapter = adapter_for(hf_model)
+    plan = resolve_plan(cfg, manifest, predictors, hf_model, adapter, tokenizer, bundle)
+    return SparseModel(hf_model, tokenizer, adapter, plan, device=device, dtype=dtype, name=source.display,
+                       engine=engine, sparse_prefill=rt.sparse_prefill)
+
+
+def _speed(g: Generation) -> str:
+    n = len(g.token_ids)
+    per = f", {g.ms_per_token:.2f} ms/token" if g.ms_per_token is not None else ""
+    return f"{n} token{'s' if n != 1 else ''}{per}{', stopped at end of sequence' if g.stopped_at_eos else ''}"
+
+
+def run_generate(prompts: list[str], *, model: str | None = None, bundle: Path | None = None, config_file=None,
+                 json_out: Path | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, chat: bool = False, compare_dense: bool = False,
+                 engine: str = "auto", overrides: dict | None = None) -> dict:
+    """`dejavu generate`: each prompt continued sparse (and dense with compare_dense), printed and returned."""
+    from dejavu.config import load_config
+    from dejavu.runtime.bench import rule_lines
+
+    cfg = load_config(config_file, overrides or {})
+    if json_out is not None:  # checked before the model loads
+        from dejavu.artifacts import check_can_write
+
+        if Path(json_out).is_dir():
+            raise DejavuError(f"--json {json_out} is a directory; give a file name")
+        check_can_write(Path(json_out).parent, "--json")
+    if max_new_tokens < 1:
+        raise DejavuError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    Sampler(temperature, top_p, seed)  # its checks, before the model loads
+    sm = load_with_config(model, bundle, cfg, engine)
+    report = {**sm.describe(), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+              "seed": seed, "chat": chat, "sparse_tokens": "the generated tokens (prompt dense)"
+              if not cfg.runtime.sparse_prefill else "prompt and generated tokens", "generations": []}
+    print(f"dejavu generate: {report['model']} on {report['device']} ({report['dtype']}), engine {report['engine']}")
+    for line in rule_lines(report):
+        print(line)
+    with sm:
+        for prompt in prompts:
+            kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat)
+            sparse = sm.generate(prompt, sparse=True, **kwargs)
+            dense = sm.generate(prompt, sparse=False, **kwargs) if compare_dense else None
+            print(f"\nprompt: {prompt}")
+            label = "sparse" if sparse.sparse else "dense (the rule computes everything)"
+            print(f"{label} ({_speed(sparse)}): {sparse.text}")
+            if dense is not None:
+                print(f"dense ({_speed(dense)}): {dense.text}")
+            report["generations"].append({"sparse": sparse.to_dict(),
+                                          "dense": dense.to_dict() if dense is not None else None})
+    if json_out is not None:
+        from dejavu.artifacts import atomic_write_json
+
+        atomic_write_json(json_out, report)
+        print(f"\n  JSON: {json_out}")
+    return report

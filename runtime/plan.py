@@ -1,0 +1,175 @@
+"""Which sparse rule a run applies: a bundle's predictors or thresholds, the config's flags over them.
+
+`dejavu bench` and `dejavu generate` (and `load_sparse` in Python) resolve it here, once, so both
+apply a bundle the same way: flags > config file > the bundle's own settings. The plan then builds
+the reference runtime's hooks (`SparsePlan.hooks`) or the decode loop (`SparsePlan.decode_model`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dejavu.errors import DejavuError
+from dejavu.predictor import PredictorSet
+from dejavu.runtime.thresholds import Thresholds
+
+
+@dataclass
+class SparsePlan:
+    selection: str  # "predictor" (the bundle's), "oracle" (true top-k), or "dense"
+    predictors: PredictorSet | None  # the predictors that select; None with oracle/dense or thresholds alone
+    thresholds: Thresholds | None  # per-layer magnitude thresholds (TEAL), from the bundle or calibrated here
+    mlp_density: float  # as reported: the bundle's or the flag's (mean over layers when per layer)
+    head_density: float
+    # flags over the bundle's per-layer densities; None keeps the bundle's
+    mlp_density_flag: float | None
+    head_density_flag: float | None
+    mlp_candidate_density: float | None  # two-stage MLP selection (predictor only)
+    mlp_up_weight: float | None  # exact-up MLP selection (predictor only)
+    skip_kv: bool
+    description: dict  # what the reports record about the rule
+
+    @property
+    def sparse(self) -> bool:
+        return self.selection != "dense" or self.thresholds is not None
+
+    def hooks(self, model, adapter, mode: str = "mask"):
+        """The reference runtime (hooks on the HF model) for this plan; a context manager."""
+        from dejavu.runtime.apply import SparseRuntime
+
+        use = self.predictors
+        return SparseRuntime(model, adapter, use, selection=self.selection,
+                             mlp_density=self.mlp_density_flag if use else self.mlp_density,
+                             head_density=self.head_density_flag if use else self.head_density,
+                             mlp_candidate_density=self.mlp_candidate_density, mlp_up_weight=self.mlp_up_weight,
+                             thresholds=self.thresholds, mode=mode)
+
+    def decode_predictors(self) -> PredictorSet | None:
+        """The predictors at the densities the decode loop should run (flags applied to every layer)."""
+        if self.predictors is None:
+            return None
+        return self.predictors.with_densities(self.mlp_density_flag, self.head_density_flag)
+
+    def decode_model(self, model, adapter, device, dtype, max_len: int):
+        """The graph-capturable decode loop (runtime/decode.py) for this plan."""
+        from dejavu.runtime.decode import DecodeModel
+
+        if self.selection == "oracle":
+            raise DejavuError("the decode loop has no oracle selection (it needs the dense activations first); "
+                              "the reference runtime computes it")
+        return DecodeModel(model, adapter, self.decode_predictors(), device, dtype, max_len,
+                           mlp_candidate_density=self.mlp_candidate_density, mlp_up_weight=self.mlp_up_weight,
+                           skip_kv=self.skip_kv, thresholds=self.thresholds)
+
+
+def read_bundle(bundle: Path | None) -> tuple[dict | None, PredictorSet | None]:
+    """(manifest, predictors) of a bundle, checked (hashes, shapes, densities), or (None, None)."""
+    if bundle is None:
+        return None, None
+    from dejavu.export.bundle import load_bundle
+
+    return load_bundle(bundle)
+
+
+def model_to_load(given: str | None, manifest: dict | None, cfg) -> str:
+    """The model to load: the flag's, else the one the bundle was made for, else the config's."""
+    return given or (manifest["model"].get("name") if manifest else None) or cfg.model.name
+
+
+def _calibrate(model, adapter, tokenizer, cfg, keep_down: float) -> Thresholds:
+    """Per-layer thresholds from a dense forward over the calibration corpus (data.dataset)."""
+    from dejavu.runtime.thresholds import calibrate_on_corpus
+
+    rt = cfg.runtime
+    return calibrate_on_corpus(model, adapter, tokenizer, cfg.data, rt.calibration_tokens, rt.mlp_keep_input,
+                               keep_down, rt.attn_keep_input, max_window=rt.eval_window,
+                               layer_bytes=rt.keep_layer_bytes)
+
+
+def _bundled_thresholds(cfg, predictors: PredictorSet | None) -> Thresholds | None:
+    """A bundle's own thresholds, which apply unless a flag recalibrates them or asks for another selection."""
+    rt = cfg.runtime
+    flagged = rt.mlp_keep_input is not None or rt.keep_layer_bytes is not None
+    if predictors is None or rt.selection != "predictor" or flagged:
+        return None
+    return predictors.thresholds
+
+
+def check_selection_flags(cfg) -> None:
+    rt = cfg.runtime
+    if rt.selection != "predictor" and (rt.mlp_up_weight is not None or rt.mlp_candidate_density is not None):
+        raise DejavuError(f"--mlp-up-weight and --mlp-candidate-density refine the predictors' choice; "
+                          f"--selection {rt.selection} does not use them")
+
+
+def check_flags(cfg, predictors: PredictorSet | None, command: str) -> None:
+    """Flags that cannot work with this bundle (or without one); checked before the model loads."""
+    rt = cfg.runtime
+    check_selection_flags(cfg)
+    flagged = rt.mlp_keep_input is not None or rt.keep_layer_bytes is not None
+    bundled = _bundled_thresholds(cfg, predictors)
+    selecting = predictors is not None and predictors.has_predictors
+    if rt.selection == "predictor" and not (selecting or flagged or bundled is not None):
+        raise DejavuError(f"{command} needs --bundle (or --selection oracle|dense, --mlp-keep-input, "
+                          "--keep-layer-bytes" + (", or --synthetic NAME)" if command == "bench" else ")"))
+    if (bundled is not None or flagged) and (rt.mlp_candidate_density is not None or rt.mlp_up_weight is not None):
+        raise DejavuError("thresholds are their own MLP rule: drop --mlp-candidate-density / --mlp-up-weight")
+    if bundled is not None:
+        if bundled.attention and rt.head_density is not None and rt.head_density < 1.0:
+            raise DejavuError("the bundle's attention thresholds replace head selection: drop --head-density")
+        if rt.mlp_density is not None:
+            raise DejavuError(f"the bundle's MLP thresholds were calibrated to keep {bundled.keep_h:g} of down's input "
+                              "(its MLP density), which --mlp-density cannot move: export again with --mlp-density, "
+                              "or calibrate here with --mlp-keep-input X --mlp-density D")
+
+
+def resolve_plan(cfg, manifest: dict | None, predictors: PredictorSet | None, model, adapter, tokenizer,
+                 bundle: Path | None = None) -> SparsePlan:
+    """The rule to apply to `model`, from the bundle (manifest, predictors) and cfg.runtime's flags.
+
+    Calibrates thresholds when a flag asks for them (a dense pass over data.dataset)."""
+    from dejavu.export.bundle import check_bundle_matches
+
+    rt = cfg.runtime
+    check_flags(cfg, predictors, "this run")
+    if manifest is not None:
+        check_bundle_matches(manifest, adapter)
+    thresholds_on = rt.mlp_keep_input is not None or rt.keep_layer_bytes is not None
+    bundled = _bundled_thresholds(cfg, predictors)
+    if predictors is not None and not predictors.has_predictors:
+        predictors = None  # a bundle of thresholds alone: nothing else to select with
+    mlp_d = rt.mlp_density if rt.mlp_density is not None else (manifest["mlp_density"] if manifest else 1.0)
+    head_d = rt.head_density if rt.head_density is not None else (manifest["head_density"] if manifest else 1.0)
+    use = predictors if rt.selection == "predictor" else None
+    thresholds = bundled
+    if bundled is not None:
+        print(f"  thresholds from the bundle (calibrated on {manifest['thresholds'].get('calibration')})", flush=True)
+    if thresholds_on:
+        thresholds = _calibrate(model, adapter, tokenizer, cfg, rt.mlp_density if rt.mlp_density is not None else 0.5)
+    if thresholds is not None:
+        mlp_d = thresholds.keep_h
+        if thresholds.attention:
+            head_d, use = 1.0, None  # the attention thresholds replace the bundle's head predictors
+    selection = rt.selection if use is not None or rt.selection != "predictor" else "dense"  # heads, with thresholds
+    if rt.selection == "dense":  # everything computed, whatever the bundle asks (thresholds aside)
+        head_d = 1.0
+        mlp_d = mlp_d if thresholds is not None else 1.0
+    # flag/config > bundle; two-stage applies to predictor selection only
+    cand_d = rt.mlp_candidate_density
+    if cand_d is None and manifest is not None:
+        cand_d = manifest.get("mlp_candidate_density")
+    cand_d = cand_d if use is not None and thresholds is None else None
+    up_w = rt.mlp_up_weight if use is not None and thresholds is None else None  # exact-up: predictor only
+    description = {
+        "mlp_density": mlp_d, "head_density": head_d, "selection": selection,
+        "mlp_candidate_density": cand_d, "mlp_up_weight": up_w,
+        "bundle": str(bundle) if bundle else None, "mlp_pairing": use.mlp_pairing if use else None,
+        "head_pairing": use.head_pairing if use else None,
+        "thresholds": None if thresholds is None else {
+            **thresholds.describe(), "calibration": cfg.data.dataset, "calibration_tokens": rt.calibration_tokens}
+        if bundled is None else {**manifest["thresholds"], "from_bundle": True},
+    }
+    return SparsePlan(selection=selection, predictors=use, thresholds=thresholds, mlp_density=mlp_d,
+                      head_density=head_d, mlp_density_flag=rt.mlp_density, head_density_flag=rt.head_density,
+                      mlp_candidate_density=cand_d, mlp_up_weight=up_w, skip_kv=rt.skip_kv, description=description)

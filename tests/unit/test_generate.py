@@ -1,0 +1,113 @@
+"""Generation with a bundle applied (runtime/generate.py): both engines, sampling, stops, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dejavu.config import load_config
+from dejavu.errors import DejavuError
+from dejavu.models.adapters import adapter_for
+from dejavu.predictor import PredictorSet
+from dejavu.runtime.generate import Sampler, SparseModel
+from dejavu.runtime.plan import resolve_plan
+
+PROMPT = "The history of the city"
+
+
+def _sparse_model(path, selection="predictor", mlp_density=0.5, head_density=0.5, engine="auto", **runtime):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    adapter = adapter_for(model)
+    s = adapter.shape()
+    preds = PredictorSet.random(adapter.num_layers, s.hidden_size, s.intermediate_size, s.num_heads, 8,
+                                mlp_density, head_density, seed=0)
+    cfg = load_config("tiny", {"runtime.selection": selection, **{f"runtime.{k}": v for k, v in runtime.items()}})
+    plan = resolve_plan(cfg, None, preds, model, adapter, tokenizer)
+    return SparseModel(model, tokenizer, adapter, plan, device="cpu", dtype=torch.float32, name=str(path),
+                       engine=engine, sparse_prefill=cfg.runtime.sparse_prefill)
+
+
+def _hf_greedy(sm: SparseModel, prompt: str, new_tokens: int) -> list[int]:
+    ids = sm.encode(prompt)
+    with torch.no_grad():
+        out = sm.model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("engine", ["decode-loop", "hooks"])
+def test_dense_generation_equals_hugging_face_greedy(tiny_llama, engine):
+    sm = _sparse_model(tiny_llama, engine=engine)
+    g = sm.generate(PROMPT, max_new_tokens=12, sparse=False, stop_at_eos=False)
+    assert g.token_ids == _hf_greedy(sm, PROMPT, 12)
+    assert not g.sparse and g.engine.startswith(engine) and len(g.token_ids) == 12
+
+
+def test_both_engines_generate_the_same_sparse_tokens(tiny_llama):
+    loop = _sparse_model(tiny_llama, engine="decode-loop").generate(PROMPT, max_new_tokens=12, stop_at_eos=False)
+    hooks = _sparse_model(tiny_llama, engine="hooks")
+    assert hooks.hooks_mode == "gather"  # the hooks compute only the selected rows
+    g = hooks.generate(PROMPT, max_new_tokens=12, stop_at_eos=False)
+    assert loop.sparse and g.sparse and loop.token_ids == g.token_ids
+    # random predictors at half density change the continuation: the tokens really ran sparse
+    assert g.token_ids != hooks.generate(PROMPT, max_new_tokens=12, sparse=False, stop_at_eos=False).token_ids
+
+
+def test_density_one_generates_dense_tokens(tiny_model_factory):
+    path = tiny_model_factory("gpt2")  # no decode loop for GPT-2: auto picks the hooks
+    sm = _sparse_model(path, mlp_density=1.0, head_density=1.0)
+    assert sm.engine == "hooks"
+    assert sm.generate(PROMPT, 10, stop_at_eos=False).token_ids == _hf_greedy(sm, PROMPT, 10)
+
+
+def test_sampling_repeats_with_its_seed_and_top_p_near_zero_is_greedy(tiny_llama):
+    sm = _sparse_model(tiny_llama)
+    a = sm.generate(PROMPT, 16, temperature=1.5, seed=3, stop_at_eos=False)
+    b = sm.generate(PROMPT, 16, temperature=1.5, seed=3, stop_at_eos=False)
+    c = sm.generate(PROMPT, 16, temperature=1.5, seed=4, stop_at_eos=False)
+    greedy = sm.generate(PROMPT, 16, stop_at_eos=False)
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids and a.token_ids != greedy.token_ids
+    assert sm.generate(PROMPT, 16, temperature=1.5, top_p=1e-6, stop_at_eos=False).token_ids == greedy.token_ids
+
+
+@pytest.mark.parametrize("engine", ["decode-loop", "hooks"])
+def test_generation_stops_at_the_end_of_sequence_token(tiny_llama, engine):
+    sm = _sparse_model(tiny_llama, engine=engine)
+    full = sm.generate(PROMPT, 20, stop_at_eos=False).token_ids
+    stop = full[5]
+    sm.eos_ids = {stop}
+    g = sm.generate(PROMPT, 20)
+    assert g.stopped_at_eos and g.token_ids == full[:full.index(stop) + 1]
+
+
+def test_a_longer_request_after_a_shorter_one_rebuilds_the_cache(tiny_llama):
+    sm = _sparse_model(tiny_llama, engine="decode-loop")
+    short = sm.generate(PROMPT, 4, stop_at_eos=False).token_ids
+    longer = sm.generate(PROMPT, 30, stop_at_eos=False).token_ids
+    assert longer[:4] == short and len(longer) == 30
+
+
+def test_refusals(tiny_llama, tiny_model_factory):
+    with pytest.raises(DejavuError, match="decode loop does not run 'gpt2'"):
+        _sparse_model(tiny_model_factory("gpt2"), engine="decode-loop")
+    with pytest.raises(DejavuError, match="oracle selection"):
+        _sparse_model(tiny_llama, selection="oracle", engine="decode-loop")
+    assert _sparse_model(tiny_llama, selection="oracle").engine == "hooks"
+    sm = _sparse_model(tiny_llama)
+    with pytest.raises(DejavuError, match="context of 256 tokens"):
+        sm.generate(PROMPT, 300)
+    with pytest.raises(DejavuError, match="no chat template"):
+        sm.generate(PROMPT, 4, chat=True)
+    for bad in (dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(DejavuError):
+            Sampler(**bad)
+
+
+def test_chat_template_wraps_the_prompt(tiny_llama):
+    sm = _sparse_model(tiny_llama)
+    sm.tokenizer.chat_template = "{% for m in messages %}<|endoftext|>{{ m['content'] }}{% endfor %} Answer:"
+    ids = sm.encode("hello", chat=True)[0].tolist()
+    assert ids[0] == sm.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert sm.tokenizer.decode(ids[1:]) == "hello Answer:"

@@ -21,6 +21,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain help: rich's boxes squeeze the long option texts into a narrow column and show <bool> beside
+    # flags that take no value
+    rich_markup_mode=None,
 )
 
 def _shipped_defaults() -> dict[str, Any]:
@@ -380,9 +383,32 @@ def generate(
     )
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def _usage_errors():
+    try:  # typer vendors click from 0.2x on; older releases use the click package
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    except ImportError:  # pragma: no cover - depends on the installed typer
+        from click.exceptions import NoArgsIsHelpError, UsageError
+    return NoArgsIsHelpError, UsageError
 
 
-if __name__ == "__main__":  # pragma: no cover
+def main(argv: list[str] | None = None) -> int:
+    """The `dejavu` console entry point: click's usage errors (an unknown flag, a missing or malformed
+    value) become one `error: ...` line too, with exit status 2 as click gives them."""
+    no_args, usage_error = _usage_errors()
+    try:
+        code = app(args=argv, prog_name="dejavu", standalone_mode=False)
+    except no_args as exc:  # bare `dejavu`: the help, as no_args_is_help promises
+        typer.echo(exc.format_message())
+        return 0
+    except usage_error as exc:
+        where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        typer.echo(f"error: {exc.format_message().rstrip('.')}{where}", err=True)
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        return 130
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
     sys.exit(main())

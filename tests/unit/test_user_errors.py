@@ -195,3 +195,25 @@ def test_bench_reads_an_evaluation_field_and_split(tmp_path, tiny_llama):
         run_bench(**common, overrides=settings)  # no "text" field
     report = run_bench(**common, overrides={**settings, "runtime.eval_text_field": "body"})
     assert report["quality"]["scored_tokens"] > 0
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["generate"], "error: Missing option '--prompt'"),
+    (["bench", "--max-eval-tokens", "abc"], "error: Invalid value for '--max-eval-tokens'"),
+    (["bench", "--frobnicate"], "error: No such option: --frobnicate (see `dejavu bench --help`)"),
+    (["nope"], "error: No such command 'nope'"),
+])
+def test_usage_errors_are_one_line_too(capsys, argv, says):
+    from dejavu.cli.main import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(says) and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_help_shows_flags_without_a_value_placeholder(capsys):
+    from dejavu.cli.main import main
+
+    assert main(["generate", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--compare-dense " in out and "<bool>" not in out and "--max-new-tokens <int>" in out

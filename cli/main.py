@@ -101,6 +101,18 @@ DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or aut
 SelectionOpt = typer.Option(None, "--selection", help="predictor (the bundle), oracle (true top-k) or dense." + default("runtime.selection"))
 
 
+def _rule_overrides(mlp_density, head_density, mlp_candidate_density, mlp_up_weight, skip_kv, mlp_keep_input,
+                    attn_keep_input, keep_layer_bytes, calibration, device, dtype, selection) -> dict[str, Any]:
+    """The config keys of the options bench and generate share (None: not given)."""
+    return {
+        "runtime.mlp_density": mlp_density, "runtime.head_density": head_density,
+        "runtime.mlp_candidate_density": mlp_candidate_density, "runtime.mlp_up_weight": mlp_up_weight,
+        "runtime.skip_kv": skip_kv, "runtime.mlp_keep_input": mlp_keep_input,
+        "runtime.attn_keep_input": attn_keep_input, "runtime.keep_layer_bytes": keep_layer_bytes,
+        "data.dataset": calibration, "runtime.device": device, "runtime.dtype": dtype, "runtime.selection": selection,
+    }
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=1)
@@ -316,14 +328,11 @@ def bench(
     run_bench(
         model=model, bundle=bundle, dataset=dataset, json_out=json_out, config_file=config,
         overrides={
-            "runtime.mlp_density": mlp_density, "runtime.head_density": head_density,
-            "runtime.max_eval_tokens": max_eval_tokens, "runtime.device": device, "runtime.dtype": dtype,
-            "runtime.eval_split": eval_split, "runtime.eval_text_field": eval_text_field,
-            "runtime.selection": selection, "runtime.batch_sizes": sizes, "runtime.prompt_len": prompt_len,
-            "runtime.mlp_candidate_density": mlp_candidate_density, "runtime.mlp_up_weight": mlp_up_weight,
-            "runtime.skip_kv": skip_kv, "runtime.mlp_keep_input": mlp_keep_input,
-            "runtime.attn_keep_input": attn_keep_input, "runtime.keep_layer_bytes": keep_layer_bytes,
-            "data.dataset": calibration,
+            **_rule_overrides(mlp_density, head_density, mlp_candidate_density, mlp_up_weight, skip_kv,
+                              mlp_keep_input, attn_keep_input, keep_layer_bytes, calibration, device, dtype,
+                              selection),
+            "runtime.max_eval_tokens": max_eval_tokens, "runtime.eval_split": eval_split,
+            "runtime.eval_text_field": eval_text_field, "runtime.batch_sizes": sizes, "runtime.prompt_len": prompt_len,
         },
         synthetic=synthetic, layers=layers, quality=quality, speed=speed,
     )
@@ -351,6 +360,9 @@ def generate(
         "hooks (any family: Hugging Face's forward with the reference runtime), or auto (the decode loop where "
         "it runs)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the generations and settings as JSON here."),
+    stream: bool | None = typer.Option(
+        None, "--stream/--no-stream", help="Print the text as it is generated (default: when the output is a "
+        "terminal). The decode loop hands over tokens 16 at a time."),
     mlp_density: float | None = MlpDensityOpt,
     head_density: float | None = HeadDensityOpt,
     mlp_candidate_density: float | None = MlpCandidateDensityOpt,
@@ -371,15 +383,10 @@ def generate(
 
     run_generate(
         prompts, model=model, bundle=bundle, config_file=config, json_out=json_out, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, seed=seed, chat=chat, compare_dense=compare_dense, engine=engine,
-        overrides={
-            "runtime.mlp_density": mlp_density, "runtime.head_density": head_density,
-            "runtime.device": device, "runtime.dtype": dtype, "runtime.selection": selection,
-            "runtime.mlp_candidate_density": mlp_candidate_density, "runtime.mlp_up_weight": mlp_up_weight,
-            "runtime.skip_kv": skip_kv, "runtime.mlp_keep_input": mlp_keep_input,
-            "runtime.attn_keep_input": attn_keep_input, "runtime.keep_layer_bytes": keep_layer_bytes,
-            "data.dataset": calibration,
-        },
+        temperature=temperature, top_p=top_p, seed=seed, chat=chat, compare_dense=compare_dense, engine=engine, stream=stream,
+        overrides=_rule_overrides(mlp_density, head_density, mlp_candidate_density, mlp_up_weight, skip_kv,
+                                  mlp_keep_input, attn_keep_input, keep_layer_bytes, calibration, device, dtype,
+                                  selection),
     )
 
 

@@ -18,7 +18,9 @@ samples, within a top-p nucleus, from a seeded generator, so a run can be repeat
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,8 +29,9 @@ import torch
 from dejavu.errors import DejavuError
 
 ENGINES = ("auto", "decode-loop", "hooks")
-# the decode loop checks for an end-of-sequence token every this many steps: each check waits for the
-# GPU, which would otherwise run graph replays back to back (the extra steps' tokens are dropped)
+# the decode loop reads its tokens on the host (to stop at an end-of-sequence token, or to stream them) every
+# this many steps: each read waits for the GPU, which would otherwise run graph replays back to back (steps
+# past an end-of-sequence token are dropped)
 EOS_CHECK_EVERY = 16
 
 
@@ -81,6 +84,32 @@ class Sampler:
         return torch.multinomial(probs, 1, generator=self._generator).squeeze(-1)
 
 
+class _Reporter:
+    """Hands the ids generated so far to a caller's callback, cut after the first end-of-sequence token;
+    returns whether that token was reached."""
+
+    def __init__(self, callback: Callable[[list[int]], None] | None, eos: set[int]):
+        self.callback, self.eos, self.sent = callback, eos, 0
+
+    @property
+    def wanted(self) -> bool:
+        return self.callback is not None
+
+    def __call__(self, ids: list[int]) -> bool:
+        stop = next((i for i, t in enumerate(ids) if t in self.eos), None)
+        if stop is not None:
+            ids = ids[:stop + 1]
+        if self.callback is not None and len(ids) > self.sent:
+            self.sent = len(ids)
+            self.callback(ids)
+        return stop is not None
+
+
+def check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise DejavuError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -93,8 +122,7 @@ class SparseModel:
                  sparse_prefill: bool = False):
         from dejavu.runtime.decode import SUPPORTED_MODEL_TYPES
 
-        if engine not in ENGINES:
-            raise DejavuError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+        check_engine(engine)
         self.model, self.tokenizer, self.adapter, self.plan = model, tokenizer, adapter, plan
         self.device, self.dtype, self.name = torch.device(device), dtype, name
         self.sparse_prefill = sparse_prefill
@@ -155,8 +183,12 @@ class SparseModel:
     # --- generation -----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 64, *, sparse: bool = True, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, chat: bool = False, stop_at_eos: bool = True) -> Generation:
-        """Continue `prompt` by up to max_new_tokens tokens; sparse=False runs the same engine dense."""
+                 top_p: float = 1.0, seed: int = 0, chat: bool = False, stop_at_eos: bool = True,
+                 on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
+        """Continue `prompt` by up to max_new_tokens tokens; sparse=False runs the same engine dense.
+
+        on_tokens: called with the ids generated so far (end-of-sequence token included) whenever more
+        reach the host, every token with the hooks and every EOS_CHECK_EVERY tokens in the decode loop."""
         from dejavu.runtime.quality import model_context
 
         if max_new_tokens < 1:
@@ -169,7 +201,8 @@ class SparseModel:
                               f"{self.name}'s context of {context} tokens")
         eos = self.eos_ids if stop_at_eos else set()
         run = self._loop_generate if self.engine == "decode-loop" else self._hooks_generate
-        tokens, prefill_ms, decode_ms = run(ids, max_new_tokens, sparse and self.plan.sparse, sampler, eos)
+        tokens, prefill_ms, decode_ms = run(ids, max_new_tokens, sparse and self.plan.sparse, sampler, eos,
+                                            _Reporter(on_tokens, eos))
         stopped = False
         for i, t in enumerate(tokens):
             if t in eos:
@@ -189,7 +222,7 @@ class SparseModel:
             self._loop_states[sparse] = (self._loop.new_state(1, dense_only=not sparse), None)
         return self._loop_states[sparse]
 
-    def _loop_generate(self, ids, max_new, sparse, sampler, eos):
+    def _loop_generate(self, ids, max_new, sparse, sampler, eos, report: _Reporter):
         from dejavu.runtime.decode import GraphedStep
 
         # room for the prompt, the new tokens and the two warm-up steps a CUDA graph's capture runs
@@ -213,6 +246,7 @@ class SparseModel:
         out[0] = st.tokens[0]
         n = 1
         if eos and int(out[0]) in eos:
+            report([int(out[0])])
             return [int(out[0])], prefill_ms, None
         _sync(self.device)
         t0 = time.perf_counter()
@@ -222,13 +256,13 @@ class SparseModel:
                 st.tokens.copy_(sampler(logits))
             out[n] = st.tokens[0]
             n += 1
-            if eos and (n % EOS_CHECK_EVERY == 0 or n == max_new) and any(t in eos for t in out[:n].tolist()):
+            if (eos or report.wanted) and (n % EOS_CHECK_EVERY == 0 or n == max_new) and report(out[:n].tolist()):
                 break
         _sync(self.device)
         decode_ms = (time.perf_counter() - t0) * 1e3 / (n - 1) if n > 1 else None
         return out[:n].tolist(), prefill_ms, decode_ms
 
-    def _hooks_generate(self, ids, max_new, sparse, sampler, eos):
+    def _hooks_generate(self, ids, max_new, sparse, sampler, eos, report: _Reporter):
         if self._hooks is None:
             self._hooks = self.plan.hooks(self.model, self.adapter, mode=self.hooks_mode)
         rt = self._hooks  # installed on the model until close(), and enabled only inside this call
@@ -243,12 +277,14 @@ class SparseModel:
             _sync(self.device)
             prefill_ms = (time.perf_counter() - t0) * 1e3
             tokens, past = [int(nxt)], result.past_key_values
+            report(tokens)
             rt.enabled = sparse
             t0 = time.perf_counter()
             while len(tokens) < max_new and tokens[-1] not in eos:
                 result = self.model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
                 past, nxt = result.past_key_values, sampler(result.logits[:, -1])
                 tokens.append(int(nxt))  # the host reads each token (HF's loop does too)
+                report(tokens)
             decode_ms = (time.perf_counter() - t0) * 1e3 / (len(tokens) - 1) if len(tokens) > 1 else None
         finally:
             rt.enabled = False  # between calls the model is the user's, and dense
@@ -291,8 +327,7 @@ def load_with_config(model: str | None, bundle: Path | None, cfg, engine: str = 
     from dejavu.runtime.plan import check_flags, model_to_load, read_bundle, resolve_plan
 
     rt = cfg.runtime
-    if engine not in ENGINES:  # before the model loads
-        raise DejavuError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    check_engine(engine)  # before the model loads
     manifest, predictors = read_bundle(bundle)
     check_flags(cfg, predictors, "generate")
     device = resolve_device(rt.device if rt.device != "auto" else cfg.model.device)
@@ -305,6 +340,22 @@ def load_with_config(model: str | None, bundle: Path | None, cfg, engine: str = 
                        engine=engine, sparse_prefill=rt.sparse_prefill)
 
 
+class _TextStream:
+    """Prints a generation's text as its ids arrive (an on_tokens callback)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.printed = tokenizer, ""
+
+    def __call__(self, ids: list[int]) -> None:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return  # the ids end inside a character: print it once the rest arrives
+        # decoding more ids can change the last characters (merged pieces); printed text stays, so the rare
+        # change shows as a repeated piece, never as lost text
+        print(text[len(os.path.commonprefix([self.printed, text])):], end="", flush=True)
+        self.printed = text
+
+
 def _speed(g: Generation) -> str:
     n = len(g.token_ids)
     per = f", {g.ms_per_token:.2f} ms/token" if g.ms_per_token is not None else ""
@@ -314,8 +365,12 @@ def _speed(g: Generation) -> str:
 def run_generate(prompts: list[str], *, model: str | None = None, bundle: Path | None = None, config_file=None,
                  json_out: Path | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, chat: bool = False, compare_dense: bool = False,
-                 engine: str = "auto", overrides: dict | None = None) -> dict:
-    """`dejavu generate`: each prompt continued sparse (and dense with compare_dense), printed and returned."""
+                 engine: str = "auto", overrides: dict | None = None, stream: bool | None = None) -> dict:
+    """`dejavu generate`: each prompt continued sparse (and dense with compare_dense), printed and returned.
+
+    stream: print the text as it is generated (default: when stdout is a terminal)."""
+    import sys
+
     from dejavu.config import load_config
     from dejavu.runtime.bench import rule_lines
 
@@ -336,16 +391,23 @@ def run_generate(prompts: list[str], *, model: str | None = None, bundle: Path |
     print(f"dejavu generate: {report['model']} on {report['device']} ({report['dtype']}), engine {report['engine']}")
     for line in rule_lines(report):
         print(line)
+    stream = sys.stdout.isatty() if stream is None else stream
+    label = "sparse" if sm.plan.sparse else "dense (the rule computes everything)"
     with sm:
         for prompt in prompts:
             kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat)
-            sparse = sm.generate(prompt, sparse=True, **kwargs)
-            dense = sm.generate(prompt, sparse=False, **kwargs) if compare_dense else None
             print(f"\nprompt: {prompt}")
-            label = "sparse" if sparse.sparse else "dense (the rule computes everything)"
-            print(f"{label} ({_speed(sparse)}): {sparse.text}")
-            if dense is not None:
-                print(f"dense ({_speed(dense)}): {dense.text}")
+            runs = {}
+            for name, sparse_run in ((label, True), ("dense", False))[:2 if compare_dense else 1]:
+                if stream:
+                    print(f"{name}: ", end="", flush=True)
+                    runs[sparse_run] = g = sm.generate(prompt, sparse=sparse_run, on_tokens=_TextStream(sm.tokenizer),
+                                                       **kwargs)
+                    print(f"\n  ({_speed(g)})")
+                else:
+                    runs[sparse_run] = g = sm.generate(prompt, sparse=sparse_run, **kwargs)
+                    print(f"{name} ({_speed(g)}): {g.text}")
+            sparse, dense = runs[True], runs.get(False)
             report["generations"].append({"sparse": sparse.to_dict(),
                                           "dense": dense.to_dict() if dense is not None else None})
     if json_out is not None:

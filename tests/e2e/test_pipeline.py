@@ -60,6 +60,9 @@ def test_pipeline_through_the_cli(tmp_path, tiny_llama, tiny_tokenizer):
     assert all(1 <= len(r["sparse"]["token_ids"]) <= 8 and r["sparse"]["sparse"] and not r["dense"]["sparse"]
                for r in g["generations"])
     assert out.count("sparse (") == 2 and out.count("dense (") == 2
+    streamed = ok("generate", "--config", "tiny", "--bundle", bundle, "-p", "The city of", "-n", 8, "--stream",
+                  "--device", "cpu")
+    assert "\nsparse: " in streamed and "tokens, " in streamed
     refused = runner.invoke(app, ["generate", "--config", "tiny", "--model", str(tiny_llama), "-p", "x"])
     assert refused.exit_code == 1 and "error: generate needs --bundle" in refused.output
     # The bundle refuses another model of the same shape, with a one-line error.

@@ -111,3 +111,27 @@ def test_chat_template_wraps_the_prompt(tiny_llama):
     ids = sm.encode("hello", chat=True)[0].tolist()
     assert ids[0] == sm.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert sm.tokenizer.decode(ids[1:]) == "hello Answer:"
+
+
+@pytest.mark.parametrize("engine", ["decode-loop", "hooks"])
+def test_on_tokens_hands_over_every_token_up_to_the_stop(tiny_llama, engine):
+    sm = _sparse_model(tiny_llama, engine=engine)
+    seen: list[list[int]] = []
+    full = sm.generate(PROMPT, 40, stop_at_eos=False, on_tokens=lambda ids: seen.append(list(ids)))
+    assert seen[-1] == full.token_ids and all(len(a) < len(b) for a, b in zip(seen, seen[1:], strict=False))
+    if engine == "hooks":
+        assert len(seen) == 40  # one call per token
+    else:
+        assert [len(ids) for ids in seen] == [16, 32, 40]  # one call per host read
+    sm.eos_ids = {full.token_ids[20]}
+    seen.clear()
+    g = sm.generate(PROMPT, 40, on_tokens=lambda ids: seen.append(list(ids)))
+    assert seen[-1] == g.token_ids and g.stopped_at_eos  # nothing past the end-of-sequence token
+
+
+def test_streamed_text_is_the_generated_text(tiny_llama, capsys):
+    from dejavu.runtime.generate import _TextStream
+
+    sm = _sparse_model(tiny_llama, engine="hooks")
+    g = sm.generate(PROMPT, 24, stop_at_eos=False, on_tokens=_TextStream(sm.tokenizer))
+    assert capsys.readouterr().out == g.text

@@ -133,6 +133,7 @@ class SparseModel:
                    "oracle selection" if plan.selection == "oracle" else "sparse prefill")
             raise DejavuError(f"the decode loop does not run {why}; use engine 'hooks' (or 'auto')")
         self.engine = engine if engine != "auto" else ("decode-loop" if loop_ok else "hooks")
+        self._auto = engine == "auto"
         self._loop = None  # DecodeModel, built on first use, rebuilt when a longer cache is needed
         self._loop_len = 0
         self._loop_states: dict[bool, tuple] = {}  # sparse flag -> (DecodeState, step callable)
@@ -200,6 +201,12 @@ class SparseModel:
             raise DejavuError(f"the prompt ({ids.shape[1]} tokens) and {max_new_tokens} new tokens exceed "
                               f"{self.name}'s context of {context} tokens")
         eos = self.eos_ids if stop_at_eos else set()
+        if self.engine == "decode-loop" and self._auto and self._loop is None:
+            try:
+                self._loop_state(ids.shape[1] + max_new_tokens + 4, sparse)
+            except DejavuError as exc:  # a layout the loop does not take (biases, an ungated MLP)
+                print(f"  note: {exc}; generating with the hooks instead", flush=True)
+                self.engine = "hooks"
         run = self._loop_generate if self.engine == "decode-loop" else self._hooks_generate
         tokens, prefill_ms, decode_ms = run(ids, max_new_tokens, sparse and self.plan.sparse, sampler, eos,
                                             _Reporter(on_tokens, eos))

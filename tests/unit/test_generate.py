@@ -135,3 +135,10 @@ def test_streamed_text_is_the_generated_text(tiny_llama, capsys):
     sm = _sparse_model(tiny_llama, engine="hooks")
     g = sm.generate(PROMPT, 24, stop_at_eos=False, on_tokens=_TextStream(sm.tokenizer))
     assert capsys.readouterr().out == g.text
+
+
+def test_auto_falls_back_to_the_hooks_for_a_layout_the_loop_does_not_take(tiny_model_factory, capsys):
+    sm = _sparse_model(tiny_model_factory("llama", mlp_bias=True), mlp_density=1.0, head_density=1.0)
+    g = sm.generate(PROMPT, 6, stop_at_eos=False)
+    assert sm.engine == "hooks" and g.engine == "hooks (gather)" and "hooks instead" in capsys.readouterr().out
+    assert g.token_ids == _hf_greedy(sm, PROMPT, 6)

@@ -1,9 +1,14 @@
-import json, sys, torch
+import json
+import sys
+
+import torch
 from transformers import AutoTokenizer
+
 from dejavu.config import load_config
 from dejavu.runtime.generate import SparseModel
 from dejavu.runtime.plan import resolve_plan
 from dejavu.runtime.synthetic import build_synthetic
+
 tok = AutoTokenizer.from_pretrained(".device-carry")
 model, adapter, preds = build_synthetic("llama-3-8b", None, "cuda", torch.bfloat16, 0.5, 0.5)
 plan = resolve_plan(load_config(None, {}), None, preds, model, adapter, tok)

@@ -417,6 +417,7 @@ def run_generate(prompts: list[str], *, model: str | None = None, bundle: Path |
             sparse, dense = runs[True], runs.get(False)
             report["generations"].append({"sparse": sparse.to_dict(),
                                           "dense": dense.to_dict() if dense is not None else None})
+    report["engine"] = sm.engine_detail  # auto may have fallen back to the hooks on the first call
     if json_out is not None:
         from dejavu.artifacts import atomic_write_json
 

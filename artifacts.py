@@ -65,6 +65,13 @@ def existing_ancestor(path: str | Path) -> Path:
     return path
 
 
+def check_report_path(path: str | Path, flag: str = "--json") -> None:
+    """A report file about to be written after minutes of work: refused now if it cannot be."""
+    if Path(path).is_dir():
+        raise DejavuError(f"{flag} {path} is a directory; give a file name")
+    check_can_write(Path(path).parent, flag)
+
+
 def check_can_write(path: str | Path, what: str) -> None:
     """Fail before any work when `path` (a directory, existing or not) cannot be written: a probe file is
     created and removed in its nearest existing ancestor, which also catches read-only mounts and /proc,

@@ -24,11 +24,6 @@ from pathlib import Path
 import torch
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True, help="Directory of a Hugging Face tokenizer.")
@@ -48,7 +43,7 @@ def main() -> None:
     from dejavu.config import load_config
     from dejavu.runtime.generate import SparseModel
     from dejavu.runtime.plan import resolve_plan
-    from dejavu.runtime.speed import cache_length, decode_ms_per_token
+    from dejavu.runtime.speed import cache_length, decode_ms_per_token, sync_device
     from dejavu.runtime.synthetic import build_synthetic
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -82,11 +77,11 @@ def main() -> None:
     times = []
     with torch.no_grad():
         for _ in range(2):
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             model.generate(ids, max_new_tokens=args.hf_tokens, min_new_tokens=args.hf_tokens, do_sample=False,
                            pad_token_id=0)
-            _sync(device)
+            sync_device(device)
             times.append((time.perf_counter() - t0) * 1e3 / args.hf_tokens)
     results["hf_generate_ms_per_token"] = times[-1]  # the first call pays warm-up
     for key in ("dense", "sparse"):

@@ -93,6 +93,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: how reports and load_model name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("DEJAVU_CACHE", Path.home() / ".cache" / "dejavu"))
 

@@ -16,13 +16,10 @@ from typing import Any
 import torch
 
 from dejavu.errors import DejavuError
+from dejavu.models.loading import dtype_name
 
 CONTRACT_KEYS = ("model", "device", "dtype", "batch_size", "mlp_density", "head_density", "dense.ppl", "sparse.ppl",
                  "dense.ms_per_token", "sparse.ms_per_token", "speedup", "top1_agreement", "synthetic")
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _mean(values: list[float]) -> float:
@@ -215,11 +212,9 @@ def run_bench(model: str | None = None, bundle: Path | None = None, dataset: str
 
     cfg = load_config(config_file, overrides or {})
     if json_out is not None:  # before minutes of measuring, not after
-        from dejavu.artifacts import check_can_write
+        from dejavu.artifacts import check_report_path
 
-        if Path(json_out).is_dir():
-            raise DejavuError(f"--json {json_out} is a directory; give a file name")
-        check_can_write(Path(json_out).parent, "--json")
+        check_report_path(json_out)
     rt = cfg.runtime
     if not quality and not speed:
         raise DejavuError("--no-quality and --no-speed leave nothing to measure")
@@ -281,7 +276,7 @@ def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> di
                                    mlp_candidate_density=cfg.runtime.mlp_candidate_density,
                                    mlp_up_weight=cfg.runtime.mlp_up_weight, skip_kv=cfg.runtime.skip_kv,
                                    thresholds=thresholds)
-    base = {"model": name, "device": str(device), "dtype": _dtype_name(dtype), "mlp_density": mlp_d,
+    base = {"model": name, "device": str(device), "dtype": dtype_name(dtype), "mlp_density": mlp_d,
             "head_density": head_d, "synthetic": True,
             "selection": "predictor (random weights)" if thresholds is None else
             "thresholds, no predictor" if thresholds.attention else "MLP thresholds, heads by predictor (random weights)",
@@ -303,12 +298,12 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
     manifest, predictors = read_bundle(bundle)
     check_flags(cfg, predictors, "bench")
     model, tokenizer, source = load_model(model_to_load(model_name, manifest, cfg), device=str(device),
-                                          dtype=_dtype_name(dtype))
+                                          dtype=dtype_name(dtype))
     if speed:
         check_speed_context(model, cfg.runtime)
     adapter = adapter_for(model)
     plan = resolve_plan(cfg, manifest, predictors, model, adapter, tokenizer, bundle)
-    base = {"model": source.display, "device": str(device), "dtype": _dtype_name(dtype), "synthetic": False,
+    base = {"model": source.display, "device": str(device), "dtype": dtype_name(dtype), "synthetic": False,
             **plan.description}
     quality_data = None
     if quality:

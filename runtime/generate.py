@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 from dejavu.errors import DejavuError
+from dejavu.models.loading import dtype_name
+from dejavu.runtime.speed import sync_device
 
 ENGINES = ("auto", "decode-loop", "hooks")
 # the decode loop reads its tokens on the host (to stop at an end-of-sequence token, or to stream them) every
@@ -105,14 +107,55 @@ class _Reporter:
         return stop is not None
 
 
+@torch.no_grad()
+def hooks_decode(model, ids: torch.Tensor, max_new: int, *, runtime=None, sparse: bool = True,
+                 sparse_prefill: bool = False, sampler: Sampler | None = None, eos: set[int] = frozenset(),
+                 report: _Reporter | None = None) -> tuple[list[int], float, float | None]:
+    """Hugging Face's forward with its KV cache, one token a step, up to max_new tokens or an
+    end-of-sequence token. With a runtime (the reference hooks) and `sparse`, the prompt runs sparse only
+    with sparse_prefill and every new token sparse; the runtime's enabled flag is restored after.
+    Returns (ids, prefill ms, ms per later token or None)."""
+    sampler = sampler or Sampler()
+    report = report or _Reporter(None, eos)
+    device = ids.device
+    was_enabled = runtime.enabled if runtime is not None else None
+    if runtime is not None:
+        runtime.token_mask = None
+    try:
+        if runtime is not None:
+            runtime.enabled = sparse and sparse_prefill
+        sync_device(device)
+        t0 = time.perf_counter()
+        result = model(input_ids=ids, use_cache=True)
+        nxt = sampler(result.logits[:, -1])
+        sync_device(device)
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        tokens, past = [int(nxt)], result.past_key_values
+        report(tokens)
+        if runtime is not None:
+            runtime.enabled = sparse
+        t0 = time.perf_counter()
+        while len(tokens) < max_new and tokens[-1] not in eos:
+            result = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
+            past, nxt = result.past_key_values, sampler(result.logits[:, -1])
+            tokens.append(int(nxt))  # the host reads each token (HF's loop does too)
+            report(tokens)
+        decode_ms = (time.perf_counter() - t0) * 1e3 / (len(tokens) - 1) if len(tokens) > 1 else None
+    finally:
+        if runtime is not None:
+            runtime.enabled = was_enabled
+    return tokens, prefill_ms, decode_ms
+
+
+def loop_length(prompt_len: int, max_new: int) -> int:
+    """Cache positions the decode loop needs: the prompt, the new tokens, and room for the two warm-up
+    steps a CUDA graph's capture runs past the prompt."""
+    return prompt_len + max_new + 4
+
+
 def check_engine(engine: str) -> None:
     if engine not in ENGINES:
         raise DejavuError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class SparseModel:
@@ -203,7 +246,7 @@ class SparseModel:
         eos = self.eos_ids if stop_at_eos else set()
         if self.engine == "decode-loop" and self._auto and self._loop is None:
             try:
-                self._loop_state(ids.shape[1] + max_new_tokens + 4, sparse)
+                self._loop_state(loop_length(ids.shape[1], max_new_tokens), sparse)
             except DejavuError as exc:  # a layout the loop does not take (biases, an ungated MLP)
                 print(f"  note: {exc}; generating with the hooks instead", flush=True)
                 self.engine = "hooks"
@@ -232,15 +275,13 @@ class SparseModel:
     def _loop_generate(self, ids, max_new, sparse, sampler, eos, report: _Reporter):
         from dejavu.runtime.decode import GraphedStep
 
-        # room for the prompt, the new tokens and the two warm-up steps a CUDA graph's capture runs
-        dm_len = max(ids.shape[1] + max_new + 4, self._loop_len)
-        st, step = self._loop_state(dm_len, sparse)
+        st, step = self._loop_state(loop_length(ids.shape[1], max_new), sparse)
         dm = self._loop
-        _sync(self.device)
+        sync_device(self.device)
         t0 = time.perf_counter()
         logits = dm.prefill(st, ids)
         st.tokens.copy_(sampler(logits))
-        _sync(self.device)
+        sync_device(self.device)
         prefill_ms = (time.perf_counter() - t0) * 1e3
         if step is None:
             if self.device.type == "cuda":
@@ -255,7 +296,7 @@ class SparseModel:
         if eos and int(out[0]) in eos:
             report([int(out[0])])
             return [int(out[0])], prefill_ms, None
-        _sync(self.device)
+        sync_device(self.device)
         t0 = time.perf_counter()
         while n < max_new:
             logits = step()  # writes its argmax into st.tokens
@@ -265,37 +306,16 @@ class SparseModel:
             n += 1
             if (eos or report.wanted) and (n % EOS_CHECK_EVERY == 0 or n == max_new) and report(out[:n].tolist()):
                 break
-        _sync(self.device)
+        sync_device(self.device)
         decode_ms = (time.perf_counter() - t0) * 1e3 / (n - 1) if n > 1 else None
         return out[:n].tolist(), prefill_ms, decode_ms
 
     def _hooks_generate(self, ids, max_new, sparse, sampler, eos, report: _Reporter):
         if self._hooks is None:
             self._hooks = self.plan.hooks(self.model, self.adapter, mode=self.hooks_mode)
-        rt = self._hooks  # installed on the model until close(), and enabled only inside this call
-        ids = ids.to(self.device)
-        rt.token_mask = None
-        try:
-            rt.enabled = sparse and self.sparse_prefill
-            _sync(self.device)
-            t0 = time.perf_counter()
-            result = self.model(input_ids=ids, use_cache=True)
-            nxt = sampler(result.logits[:, -1])
-            _sync(self.device)
-            prefill_ms = (time.perf_counter() - t0) * 1e3
-            tokens, past = [int(nxt)], result.past_key_values
-            report(tokens)
-            rt.enabled = sparse
-            t0 = time.perf_counter()
-            while len(tokens) < max_new and tokens[-1] not in eos:
-                result = self.model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
-                past, nxt = result.past_key_values, sampler(result.logits[:, -1])
-                tokens.append(int(nxt))  # the host reads each token (HF's loop does too)
-                report(tokens)
-            decode_ms = (time.perf_counter() - t0) * 1e3 / (len(tokens) - 1) if len(tokens) > 1 else None
-        finally:
-            rt.enabled = False  # between calls the model is the user's, and dense
-        return tokens, prefill_ms, decode_ms
+            self._hooks.enabled = False  # between calls the model is the user's, and dense
+        return hooks_decode(self.model, ids.to(self.device), max_new, runtime=self._hooks, sparse=sparse,
+                            sparse_prefill=self.sparse_prefill, sampler=sampler, eos=eos, report=report)
 
     def close(self) -> None:
         """Remove the hooks from the model (the decode loop holds its own copies of the weights)."""
@@ -311,7 +331,7 @@ class SparseModel:
         self.close()
 
     def describe(self) -> dict:
-        return {"model": self.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+        return {"model": self.name, "device": str(self.device), "dtype": dtype_name(self.dtype),
                 "engine": self.engine_detail, **self.plan.description}
 
 
@@ -340,7 +360,7 @@ def load_with_config(model: str | None, bundle: Path | None, cfg, engine: str = 
     device = resolve_device(rt.device if rt.device != "auto" else cfg.model.device)
     dtype = resolve_dtype(rt.dtype if rt.dtype != "auto" else cfg.model.dtype, device)
     hf_model, tokenizer, source = load_model(model_to_load(model, manifest, cfg), device=str(device),
-                                             dtype=str(dtype).removeprefix("torch."))
+                                             dtype=dtype_name(dtype))
     adapter = adapter_for(hf_model)
     plan = resolve_plan(cfg, manifest, predictors, hf_model, adapter, tokenizer, bundle)
     return SparseModel(hf_model, tokenizer, adapter, plan, device=device, dtype=dtype, name=source.display,
@@ -383,11 +403,9 @@ def run_generate(prompts: list[str], *, model: str | None = None, bundle: Path |
 
     cfg = load_config(config_file, overrides or {})
     if json_out is not None:  # checked before the model loads
-        from dejavu.artifacts import check_can_write
+        from dejavu.artifacts import check_report_path
 
-        if Path(json_out).is_dir():
-            raise DejavuError(f"--json {json_out} is a directory; give a file name")
-        check_can_write(Path(json_out).parent, "--json")
+        check_report_path(json_out)
     if max_new_tokens < 1:
         raise DejavuError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     Sampler(temperature, top_p, seed)  # its checks, before the model loads

@@ -180,31 +180,16 @@ def compare(model, runtime, tokens: torch.Tensor, window: int, stride: int) -> d
     return {**totals.report(), "windows": len(windows)}
 
 
-@torch.no_grad()
 def greedy_generate(model, tokenizer, prompt: str, new_tokens: int, runtime=None, sparse_prefill: bool = False) -> str:
     """Greedy decode with a KV cache. With a runtime: the prompt runs dense unless sparse_prefill,
     every generated token runs sparse; without one, everything is dense."""
+    from dejavu.runtime.generate import hooks_decode
+
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-    if runtime is not None:
-        runtime.token_mask = None
-        runtime.enabled = sparse_prefill
-    out, past, step_input = [], None, ids
-    try:
-        for _ in range(new_tokens):
-            result = model(input_ids=step_input, past_key_values=past, use_cache=True)
-            past = result.past_key_values
-            nxt = result.logits[:, -1].argmax(-1, keepdim=True)
-            out.append(int(nxt))
-            if tokenizer.eos_token_id is not None and out[-1] == tokenizer.eos_token_id:
-                break
-            step_input = nxt
-            if runtime is not None:
-                runtime.enabled = True
-    finally:
-        if runtime is not None:
-            runtime.enabled = True
-    return tokenizer.decode(out, skip_special_tokens=True)
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    tokens, _, _ = hooks_decode(model, ids, new_tokens, runtime=runtime, sparse_prefill=sparse_prefill, eos=eos)
+    return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 def generations(model, tokenizer, runtime, new_tokens: int = 24, sparse_prefill: bool = False,

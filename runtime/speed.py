@@ -24,7 +24,8 @@ def cache_length(prompt_len: int, warmup: int, decode_tokens: int) -> int:
     return prompt_len + warmup + decode_tokens + 8
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (timings start and stop on it); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -36,10 +37,10 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None, repeats
     dst = torch.empty_like(src)
     times = []
     for _ in range(repeats + 2):
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        sync_device(device)
         times.append(time.perf_counter() - t0)
     return 2 * nbytes / statistics.median(times[2:]) / 1e9
 

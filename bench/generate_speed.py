@@ -7,6 +7,9 @@ ways on one device:
 - the bench's own timing of the same decode loop (`runtime.speed.decode_ms_per_token`);
 - Hugging Face `model.generate` (greedy, eager), what users have without this tool.
 
+With `--batch N` (N > 1) the generation path is `SparseModel.generate_batch` over N prompts of unequal
+lengths (left-padded), against the bench's timing at batch N; ms are per step of the whole batch.
+
 The text is meaningless (random weights): only ms/token counts. Any tokenizer with fewer ids than the
 preset's vocabulary works, e.g. SmolLM2's with the llama-3-8b preset.
 
@@ -34,6 +37,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf-tokens", type=int, default=16, help="Tokens for Hugging Face's generate (slow).")
+    ap.add_argument("--batch", type=int, default=1, help="Prompts generated together (unequal lengths).")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -57,29 +61,43 @@ def main() -> None:
     sm = SparseModel(model, tokenizer, adapter, plan, device=device, dtype=dtype, name=args.synthetic,
                      engine="decode-loop")
     prompt = "The history of the city begins in the early middle ages, when a small settlement grew"
+    # unequal lengths in a batch: the prompt cut after 4, 8, ... words
+    words = prompt.split()
+    prompts = [" ".join(words[:max(2, len(words) - 3 * i)]) for i in range(args.batch)]
     results: dict = {"synthetic": args.synthetic, "layers": args.layers, "device": str(device),
                      "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "dtype": args.dtype, "mlp_density": args.mlp_density, "head_density": args.head_density,
-                     "new_tokens": args.new_tokens, "prompt_tokens": int(sm.encode(prompt).shape[1])}
+                     "new_tokens": args.new_tokens, "batch": args.batch,
+                     "prompt_tokens": [int(sm.encode(p).shape[1]) for p in prompts]}
+    longest = max(results["prompt_tokens"])
+
+    def generate(sparse: bool, stop: bool):
+        if args.batch == 1:
+            return sm.generate(prompt, args.new_tokens, sparse=sparse, stop_at_eos=stop)
+        return sm.generate_batch(prompts, args.new_tokens, sparse=sparse, stop_at_eos=stop)[0]
+
     # one loop long enough for the bench's timing too (its warm-up steps), so both time the same weights
-    sm._loop_state(cache_length(results["prompt_tokens"], 5, args.new_tokens), False)
+    sm._loop_state(cache_length(longest, 5, args.new_tokens), False)
     for sparse in (False, True):
-        sm.generate(prompt, args.new_tokens, sparse=sparse)  # builds the loop and captures the graph
-        runs = [sm.generate(prompt, args.new_tokens, sparse=sparse, stop_at_eos=True)
-                for _ in range(args.repeats)]
+        generate(sparse, True)  # builds the loop and captures the graph
+        runs = [generate(sparse, True) for _ in range(args.repeats)]
         key = "sparse" if sparse else "dense"
         results[f"generate_{key}_ms_per_token"] = [g.ms_per_token for g in runs]
         results[f"generate_{key}_prefill_ms"] = [g.prefill_ms for g in runs]
+        results[f"generate_{key}_tokens"] = [len(g.token_ids) for g in runs]
         # the bench's timing of the same loop and state length (its own state, prompt of random ids)
         results[f"bench_{key}_ms_per_token"] = decode_ms_per_token(
-            sm._loop, 1, sparse, args.new_tokens, 5, prompt_len=results["prompt_tokens"])
-    ids = sm.encode(prompt).to(device)
+            sm._loop, args.batch, sparse, args.new_tokens, 5, prompt_len=longest)
+    ids, lengths = sm.encode_batch(prompts) if args.batch > 1 else (sm.encode(prompt), None)
+    mask = None if lengths is None else (torch.arange(ids.shape[1])[None] >= (ids.shape[1] - lengths)[:, None])
+    ids = ids.to(device)
     times = []
     with torch.no_grad():
         for _ in range(2):
             sync_device(device)
             t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=args.hf_tokens, min_new_tokens=args.hf_tokens, do_sample=False,
+            model.generate(ids, attention_mask=mask.long().to(device) if mask is not None else None,
+                           max_new_tokens=args.hf_tokens, min_new_tokens=args.hf_tokens, do_sample=False,
                            pad_token_id=0)
             sync_device(device)
             times.append((time.perf_counter() - t0) * 1e3 / args.hf_tokens)

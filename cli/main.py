@@ -342,7 +342,8 @@ def bench(
 @handle_errors
 def generate(
     prompts: list[str] = typer.Option(
-        ..., "--prompt", "-p", help="Text to continue; repeat the flag for several prompts (run one after another)."),
+        ..., "--prompt", "-p", help="Text to continue; repeat the flag for several prompts (run one after another, "
+        "or --batch-size at a time)."),
     model: str | None = ModelOpt,
     bundle: Path | None = BundleOpt,
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate per prompt."),
@@ -362,7 +363,11 @@ def generate(
     json_out: Path | None = typer.Option(None, "--json", help="Also write the generations and settings as JSON here."),
     stream: bool | None = typer.Option(
         None, "--stream/--no-stream", help="Print the text as it is generated (default: when the output is a "
-        "terminal). The decode loop hands over tokens 16 at a time."),
+        "terminal and --batch-size is 1). The decode loop hands over tokens 16 at a time."),
+    batch_size: int = typer.Option(
+        1, "--batch-size", help="Generate this many prompts together: shorter ones are left-padded and each step "
+        "computes one token of every prompt. The decode loop's predictors then pick one set of neurons and heads "
+        "for the whole batch (the top-k of its scores); the hooks keep each prompt's own."),
     mlp_density: float | None = MlpDensityOpt,
     head_density: float | None = HeadDensityOpt,
     mlp_candidate_density: float | None = MlpCandidateDensityOpt,
@@ -384,6 +389,7 @@ def generate(
     run_generate(
         prompts, model=model, bundle=bundle, config_file=config, json_out=json_out, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, chat=chat, compare_dense=compare_dense, engine=engine, stream=stream,
+        batch_size=batch_size,
         overrides=_rule_overrides(mlp_density, head_density, mlp_candidate_density, mlp_up_weight, skip_kv,
                                   mlp_keep_input, attn_keep_input, keep_layer_bytes, calibration, device, dtype,
                                   selection),

@@ -250,6 +250,9 @@ class DecodeState:
     # uses) and q/k/v in the model's dtype
     acc_qkv: torch.Tensor | None = None
     qkv: torch.Tensor | None = None
+    # new_state(padded=True) only: [B] int64, each sequence's first cache position when a batch of prompts
+    # of unequal lengths is prefilled left-padded (the attention ignores the positions before it)
+    start: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -419,9 +422,9 @@ class DecodeModel:
                             for src, members in by_source.items()}
 
     # --- buffers ----------------------------------------------------------------------------------
-    def new_state(self, batch: int, dense_only: bool = False) -> DecodeState:
+    def new_state(self, batch: int, dense_only: bool = False, padded: bool = False) -> DecodeState:
         """Buffers for `batch` sequences; dense_only: the state is never stepped sparse, so with skip_kv it
-        need not keep the attention inputs."""
+        need not keep the attention inputs; padded: its prompts may differ in length (prefill's lengths)."""
         dev, dt = self.device, self.dtype
         shape = (batch, self.KV, self.max_len, self.hd)
         lazy = self.skip_kv and not dense_only
@@ -444,16 +447,35 @@ class DecodeModel:
             h_mlp=torch.zeros(batch, self.n, dtype=dt, device=dev) if self.thresholds is not None else None,
             acc_qkv=torch.zeros(batch, qkv_width, dtype=torch.float32, device=dev) if attn_thresholds else None,
             qkv=torch.zeros(batch, qkv_width, dtype=dt, device=dev) if attn_thresholds else None,
+            start=torch.zeros(batch, dtype=torch.long, device=dev) if padded else None,
         )
 
     # --- dense prefill (eager) -----------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, st: DecodeState, prompt: torch.Tensor) -> torch.Tensor:
+    def prefill(self, st: DecodeState, prompt: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Run the prompt [B, P] densely, fill the cache, set st.tokens to the greedy next token and
-        st.pos to P; returns the last position's logits [B, V]."""
+        st.pos to P; returns the last position's logits [B, V].
+
+        lengths [B]: prompts of unequal lengths, each left-padded to P (a state made with padded=True).
+        Sequence b then starts at cache position P - lengths[b]: its positions are shifted, which rotary
+        embeddings do not see (they depend on distances only), and nothing reads its padding."""
         batch, plen = prompt.shape
         if plen >= self.max_len:
             raise DejavuError(f"prompt of {plen} tokens does not fit the cache of {self.max_len}")
+        mask = None
+        if st.start is not None:
+            lengths = torch.full((batch,), plen) if lengths is None else lengths.to("cpu", torch.long)
+            if lengths.shape != (batch,) or int(lengths.min()) < 1 or int(lengths.max()) > plen:
+                raise DejavuError(f"prompt lengths {lengths.tolist()} do not fit a padded prompt of {plen} tokens")
+            start = (plen - lengths).to(self.device)
+            st.start.copy_(start)
+            at = torch.arange(plen, device=self.device)
+            # causal, and never a key before the sequence's start; a padding query sees itself (no empty row)
+            mask = ((at[None, :, None] >= at[None, None, :]) & (at[None, None, :] >= start[:, None, None])) | (
+                at[:, None] == at[None, :])
+            mask = mask[:, None]
+        elif lengths is not None:
+            raise DejavuError("prompts of unequal lengths need a state made with new_state(batch, padded=True)")
         x = F.embedding(prompt.to(self.device), self.embed)
         if self.embed_scale != 1.0:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
@@ -469,7 +491,8 @@ class DecodeModel:
             kc[:, :, :plen] = k.transpose(1, 2)
             vc[:, :, :plen] = v.transpose(1, 2)
             att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True, scale=self.scale, enable_gqa=self.group > 1)
+                                                 attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                                 enable_gqa=self.group > 1)
             x = x + att.transpose(1, 2).reshape(batch, plen, H * hd) @ lw.wo_t
             xn = reference.rms_norm(x, lw.ln2, self.eps, self.norm_offset)
             gu = self._dense_gate_up(lw, xn)
@@ -572,7 +595,7 @@ class DecodeModel:
             kv = qkv[:, heads.numel() * hd:]
             k, v = kv[:, :KV * hd].view(batch, KV, hd), kv[:, KV * hd:].view(batch, KV, hd)
         ops.rope_cache_write(q3, k, v, kc, vc, self.cos, self.sin, st.pos)
-        att = ops.decode_attention(q3, kc, vc, heads, self.group, st.pos, self.scale).view(batch, -1)
+        att = ops.decode_attention(q3, kc, vc, heads, self.group, st.pos, self.scale, st.start).view(batch, -1)
         if hidx is not None or triton_dense or st.xcache is not None:
             ops.gather_vecmat_acc(att, lw.wo_t, heads, hd, acc)
             ops.residual_rmsnorm(st.hs[i], acc, lw.ln2, xn, self.eps, self.norm_offset, True, st.hmid)
@@ -595,7 +618,8 @@ class DecodeModel:
             k = qkv[:, self.H * hd:(self.H + KV) * hd].view(batch, KV, hd)
             v = qkv[:, (self.H + KV) * hd:].view(batch, KV, hd)
             ops.rope_cache_write(q3, k, v, kc, vc, self.cos, self.sin, st.pos)
-        att = ops.decode_attention(q3, kc, vc, self.all_heads, self.group, st.pos, self.scale).view(batch, -1)
+        att = ops.decode_attention(q3, kc, vc, self.all_heads, self.group, st.pos, self.scale,
+                                   st.start).view(batch, -1)
         ops.threshold_vecmat_acc(att, lw.wo_t, t.attn_o[i], st.acc)
         ops.residual_rmsnorm(st.hs[i], st.acc, lw.ln2, st.xn, self.eps, self.norm_offset, True, st.hmid)
 

@@ -18,6 +18,7 @@ samples, within a top-p nucleus, from a seeded generator, so a run can be repeat
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Callable
@@ -48,6 +49,7 @@ class Generation:
     prefill_ms: float
     ms_per_token: float | None  # decode steps after the first generated token; None below 2 tokens
     stopped_at_eos: bool
+    batch_size: int = 1  # prompts generated together; prefill_ms and ms_per_token are the whole batch's steps
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,9 +88,16 @@ class Sampler:
         return torch.multinomial(probs, 1, generator=self._generator).squeeze(-1)
 
 
+def cut_at_eos(ids: list[int], eos) -> tuple[list[int], bool]:
+    """ids up to and including the first end-of-sequence token, and whether there was one."""
+    stop = next((i for i, t in enumerate(ids) if t in eos), None)
+    return (ids, False) if stop is None else (ids[:stop + 1], True)
+
+
 class _Reporter:
-    """Hands the ids generated so far to a caller's callback, cut after the first end-of-sequence token;
-    returns whether that token was reached."""
+    """Told each sequence's ids so far: hands the first sequence's, cut after its end-of-sequence token, to a
+    caller's callback (streaming: one prompt at a time), and returns whether every sequence has reached an
+    end-of-sequence token."""
 
     def __init__(self, callback: Callable[[list[int]], None] | None, eos: set[int]):
         self.callback, self.eos, self.sent = callback, eos, 0
@@ -97,27 +106,42 @@ class _Reporter:
     def wanted(self) -> bool:
         return self.callback is not None
 
-    def __call__(self, ids: list[int]) -> bool:
-        stop = next((i for i, t in enumerate(ids) if t in self.eos), None)
-        if stop is not None:
-            ids = ids[:stop + 1]
-        if self.callback is not None and len(ids) > self.sent:
-            self.sent = len(ids)
-            self.callback(ids)
-        return stop is not None
+    def __call__(self, rows: list[list[int]]) -> bool:
+        cut = [cut_at_eos(ids, self.eos) for ids in rows]
+        first = cut[0][0]
+        if self.callback is not None and len(first) > self.sent:
+            self.sent = len(first)
+            self.callback(first)
+        return all(stopped for _, stopped in cut)
+
+
+def _takes_position_ids(model) -> bool:
+    return "position_ids" in inspect.signature(model.forward).parameters
 
 
 @torch.no_grad()
-def hooks_decode(model, ids: torch.Tensor, max_new: int, *, runtime=None, sparse: bool = True,
-                 sparse_prefill: bool = False, sampler: Sampler | None = None, eos: set[int] = frozenset(),
-                 report: _Reporter | None = None) -> tuple[list[int], float, float | None]:
-    """Hugging Face's forward with its KV cache, one token a step, up to max_new tokens or an
-    end-of-sequence token. With a runtime (the reference hooks) and `sparse`, the prompt runs sparse only
-    with sparse_prefill and every new token sparse; the runtime's enabled flag is restored after.
-    Returns (ids, prefill ms, ms per later token or None)."""
+def hooks_decode(model, ids: torch.Tensor, max_new: int, *, attention_mask: torch.Tensor | None = None,
+                 runtime=None, sparse: bool = True, sparse_prefill: bool = False, sampler: Sampler | None = None,
+                 eos: set[int] = frozenset(), report: _Reporter | None = None
+                 ) -> tuple[list[list[int]], float, float | None]:
+    """Hugging Face's forward with its KV cache, one token per sequence a step, up to max_new tokens or
+    until every sequence has produced an end-of-sequence token. ids [B, P]; attention_mask [B, P] (1 for
+    tokens, 0 for the left padding of shorter prompts; None: no padding). With a runtime (the reference
+    hooks) and `sparse`, the prompt runs sparse only with sparse_prefill and every new token sparse; the
+    runtime's enabled flag is restored after. Returns (each sequence's ids, prefill ms, ms per later
+    step or None)."""
     sampler = sampler or Sampler()
     report = report or _Reporter(None, eos)
     device = ids.device
+    extra: dict = {}
+    positions = None
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+        extra["attention_mask"] = attention_mask
+        if _takes_position_ids(model):
+            # each sequence's own positions, from 0 at its first token, as Hugging Face's generate sets them
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            extra["position_ids"] = positions
     was_enabled = runtime.enabled if runtime is not None else None
     if runtime is not None:
         runtime.token_mask = None
@@ -126,25 +150,33 @@ def hooks_decode(model, ids: torch.Tensor, max_new: int, *, runtime=None, sparse
             runtime.enabled = sparse and sparse_prefill
         sync_device(device)
         t0 = time.perf_counter()
-        result = model(input_ids=ids, use_cache=True)
+        result = model(input_ids=ids, use_cache=True, **extra)
         nxt = sampler(result.logits[:, -1])
         sync_device(device)
         prefill_ms = (time.perf_counter() - t0) * 1e3
-        tokens, past = [int(nxt)], result.past_key_values
-        report(tokens)
+        rows, past = [[t] for t in nxt.tolist()], result.past_key_values
+        done = report(rows)
         if runtime is not None:
             runtime.enabled = sparse
         t0 = time.perf_counter()
-        while len(tokens) < max_new and tokens[-1] not in eos:
-            result = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
+        while len(rows[0]) < max_new and not (eos and done):
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
+                extra["attention_mask"] = attention_mask
+                if positions is not None:
+                    positions = positions[:, -1:] + 1
+                    extra["position_ids"] = positions
+            result = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True, **extra)
             past, nxt = result.past_key_values, sampler(result.logits[:, -1])
-            tokens.append(int(nxt))  # the host reads each token (HF's loop does too)
-            report(tokens)
-        decode_ms = (time.perf_counter() - t0) * 1e3 / (len(tokens) - 1) if len(tokens) > 1 else None
+            for row, t in zip(rows, nxt.tolist(), strict=True):  # the host reads each token (HF's loop does too)
+                row.append(t)
+            done = report(rows)
+        steps = len(rows[0]) - 1
+        decode_ms = (time.perf_counter() - t0) * 1e3 / steps if steps else None
     finally:
         if runtime is not None:
             runtime.enabled = was_enabled
-    return tokens, prefill_ms, decode_ms
+    return rows, prefill_ms, decode_ms
 
 
 def loop_length(prompt_len: int, max_new: int) -> int:
@@ -224,6 +256,22 @@ class SparseModel:
             ids = [tok.bos_token_id]
         return torch.tensor([ids], dtype=torch.long)
 
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0  # nothing attends to padding: any id in the vocabulary will do
+
+    def encode_batch(self, prompts: list[str], chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, P] ids of the prompts, left-padded to the longest, and [B] their lengths."""
+        rows = [self.encode(p, chat)[0] for p in prompts]
+        lengths = torch.tensor([r.numel() for r in rows])
+        ids = torch.full((len(rows), int(lengths.max())), self._pad_id(), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, ids.shape[1] - r.numel():] = r
+        return ids, lengths
+
     # --- generation -----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 64, *, sparse: bool = True, temperature: float = 0.0,
@@ -233,89 +281,121 @@ class SparseModel:
 
         on_tokens: called with the ids generated so far (end-of-sequence token included) whenever more
         reach the host, every token with the hooks and every EOS_CHECK_EVERY tokens in the decode loop."""
+        return self._generate([prompt], max_new_tokens, sparse, temperature, top_p, seed, chat, stop_at_eos,
+                              on_tokens)[0]
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: list[str], max_new_tokens: int = 64, *, sparse: bool = True,
+                       temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat: bool = False,
+                       stop_at_eos: bool = True) -> list[Generation]:
+        """Continue several prompts together, one batch: the prompts are left-padded to the longest and
+        each step computes one token of every sequence. Runs until every sequence has reached an
+        end-of-sequence token or max_new_tokens; each Generation is cut at its own.
+
+        Dense, the greedy tokens equal generate()'s one prompt at a time (to rounding). Sparse, the hooks
+        keep each token's own selection (so the same tokens again), while the decode loop's predictors pick
+        one set of neurons and heads for the whole batch, the top-k of its scores, as `dejavu bench`
+        times it at batch > 1. Sampled tokens come from one generator for the whole batch."""
+        if not prompts:
+            raise DejavuError("no prompts to generate from")
+        return self._generate(list(prompts), max_new_tokens, sparse, temperature, top_p, seed, chat, stop_at_eos,
+                              None)
+
+    def _generate(self, prompts, max_new_tokens, sparse, temperature, top_p, seed, chat, stop_at_eos,
+                  on_tokens) -> list[Generation]:
         from dejavu.runtime.quality import model_context
 
         if max_new_tokens < 1:
             raise DejavuError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         sampler = Sampler(temperature, top_p, seed)
-        ids = self.encode(prompt, chat)
+        if len(prompts) == 1:
+            ids, lengths = self.encode(prompts[0], chat), None
+        else:
+            ids, lengths = self.encode_batch(prompts, chat)
         context = model_context(self.model)
         if ids.shape[1] + max_new_tokens > context:
             raise DejavuError(f"the prompt ({ids.shape[1]} tokens) and {max_new_tokens} new tokens exceed "
                               f"{self.name}'s context of {context} tokens")
         eos = self.eos_ids if stop_at_eos else set()
+        sparse = sparse and self.plan.sparse
         if self.engine == "decode-loop" and self._auto and self._loop is None:
             try:
-                self._loop_state(loop_length(ids.shape[1], max_new_tokens), sparse)
+                self._loop_state(loop_length(ids.shape[1], max_new_tokens), sparse, ids.shape[0])
             except DejavuError as exc:  # a layout the loop does not take (biases, an ungated MLP)
                 print(f"  note: {exc}; generating with the hooks instead", flush=True)
                 self.engine = "hooks"
         run = self._loop_generate if self.engine == "decode-loop" else self._hooks_generate
-        tokens, prefill_ms, decode_ms = run(ids, max_new_tokens, sparse and self.plan.sparse, sampler, eos,
-                                            _Reporter(on_tokens, eos))
-        stopped = False
-        for i, t in enumerate(tokens):
-            if t in eos:
-                tokens, stopped = tokens[:i + 1], True
-                break
-        return Generation(
-            prompt=prompt, text=self.tokenizer.decode(tokens, skip_special_tokens=True), token_ids=tokens,
-            sparse=sparse and self.plan.sparse, engine=self.engine_detail, prompt_tokens=int(ids.shape[1]),
-            prefill_ms=prefill_ms, ms_per_token=decode_ms, stopped_at_eos=stopped)
+        rows, prefill_ms, decode_ms = run(ids, lengths, max_new_tokens, sparse, sampler, eos,
+                                          _Reporter(on_tokens, eos))
+        out = []
+        for i, (prompt, tokens) in enumerate(zip(prompts, rows, strict=True)):
+            tokens, stopped = cut_at_eos(tokens, eos)
+            out.append(Generation(
+                prompt=prompt, text=self.tokenizer.decode(tokens, skip_special_tokens=True), token_ids=tokens,
+                sparse=sparse, engine=self.engine_detail,
+                prompt_tokens=int(lengths[i]) if lengths is not None else int(ids.shape[1]),
+                prefill_ms=prefill_ms, ms_per_token=decode_ms, stopped_at_eos=stopped, batch_size=len(prompts)))
+        return out
 
-    def _loop_state(self, needed_len: int, sparse: bool):
+    def _loop_state(self, needed_len: int, sparse: bool, batch: int = 1):
         if self._loop is None or needed_len > self._loop_len:
             # a longer cache than any before: rebuild (rope tables and caches are sized by max_len)
             self._loop = self.plan.decode_model(self.model, self.adapter, self.device, self.dtype, needed_len)
             self._loop_len, self._loop_states = needed_len, {}
-        if sparse not in self._loop_states:
-            self._loop_states[sparse] = (self._loop.new_state(1, dense_only=not sparse), None)
-        return self._loop_states[sparse]
+        key = (sparse, batch)
+        if key not in self._loop_states:
+            # several prompts may differ in length: their state holds each sequence's first position
+            self._loop_states[key] = (self._loop.new_state(batch, dense_only=not sparse, padded=batch > 1), None)
+        return self._loop_states[key]
 
-    def _loop_generate(self, ids, max_new, sparse, sampler, eos, report: _Reporter):
+    def _loop_generate(self, ids, lengths, max_new, sparse, sampler, eos, report: _Reporter):
         from dejavu.runtime.decode import GraphedStep
 
-        st, step = self._loop_state(loop_length(ids.shape[1], max_new), sparse)
+        batch = ids.shape[0]
+        st, step = self._loop_state(loop_length(ids.shape[1], max_new), sparse, batch)
         dm = self._loop
         sync_device(self.device)
         t0 = time.perf_counter()
-        logits = dm.prefill(st, ids)
+        logits = dm.prefill(st, ids, lengths)
         st.tokens.copy_(sampler(logits))
         sync_device(self.device)
         prefill_ms = (time.perf_counter() - t0) * 1e3
         if step is None:
             if self.device.type == "cuda":
-                step = GraphedStep(dm, st, sparse)  # restores the position and token it warmed up from
+                step = GraphedStep(dm, st, sparse)  # restores the position and tokens it warmed up from
             else:
                 def step(st=st, sparse=sparse):
                     return dm.step(st, sparse)
-            self._loop_states[sparse] = (st, step)
-        out = torch.empty(max_new, dtype=torch.long, device=self.device)
-        out[0] = st.tokens[0]
+            self._loop_states[(sparse, batch)] = (st, step)
+        out = torch.empty(max_new, batch, dtype=torch.long, device=self.device)
+        out[0] = st.tokens
         n = 1
-        if eos and int(out[0]) in eos:
-            report([int(out[0])])
-            return [int(out[0])], prefill_ms, None
+        if eos and report(out[:1].T.tolist()):
+            return out[:1].T.tolist(), prefill_ms, None
         sync_device(self.device)
         t0 = time.perf_counter()
         while n < max_new:
             logits = step()  # writes its argmax into st.tokens
             if not sampler.greedy:
                 st.tokens.copy_(sampler(logits))
-            out[n] = st.tokens[0]
+            out[n] = st.tokens
             n += 1
-            if (eos or report.wanted) and (n % EOS_CHECK_EVERY == 0 or n == max_new) and report(out[:n].tolist()):
+            if (eos or report.wanted) and (n % EOS_CHECK_EVERY == 0 or n == max_new) and report(out[:n].T.tolist()):
                 break
         sync_device(self.device)
         decode_ms = (time.perf_counter() - t0) * 1e3 / (n - 1) if n > 1 else None
-        return out[:n].tolist(), prefill_ms, decode_ms
+        return out[:n].T.tolist(), prefill_ms, decode_ms
 
-    def _hooks_generate(self, ids, max_new, sparse, sampler, eos, report: _Reporter):
+    def _hooks_generate(self, ids, lengths, max_new, sparse, sampler, eos, report: _Reporter):
         if self._hooks is None:
             self._hooks = self.plan.hooks(self.model, self.adapter, mode=self.hooks_mode)
             self._hooks.enabled = False  # between calls the model is the user's, and dense
-        return hooks_decode(self.model, ids.to(self.device), max_new, runtime=self._hooks, sparse=sparse,
-                            sparse_prefill=self.sparse_prefill, sampler=sampler, eos=eos, report=report)
+        mask = None
+        if lengths is not None:
+            at = torch.arange(ids.shape[1])
+            mask = (at[None] >= (ids.shape[1] - lengths)[:, None]).long()
+        return hooks_decode(self.model, ids.to(self.device), max_new, attention_mask=mask, runtime=self._hooks,
+                            sparse=sparse, sparse_prefill=self.sparse_prefill, sampler=sampler, eos=eos, report=report)
 
     def close(self) -> None:
         """Remove the hooks from the model (the decode loop holds its own copies of the weights)."""
@@ -385,17 +465,20 @@ class _TextStream:
 
 def _speed(g: Generation) -> str:
     n = len(g.token_ids)
-    per = f", {g.ms_per_token:.2f} ms/token" if g.ms_per_token is not None else ""
+    step = "ms/token" if g.batch_size == 1 else f"ms/step of {g.batch_size}"
+    per = f", {g.ms_per_token:.2f} {step}" if g.ms_per_token is not None else ""
     return f"{n} token{'s' if n != 1 else ''}{per}{', stopped at end of sequence' if g.stopped_at_eos else ''}"
 
 
 def run_generate(prompts: list[str], *, model: str | None = None, bundle: Path | None = None, config_file=None,
                  json_out: Path | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, chat: bool = False, compare_dense: bool = False,
-                 engine: str = "auto", overrides: dict | None = None, stream: bool | None = None) -> dict:
-    """`dejavu generate`: each prompt continued sparse (and dense with compare_dense), printed and returned.
+                 engine: str = "auto", overrides: dict | None = None, stream: bool | None = None,
+                 batch_size: int = 1) -> dict:
+    """`dejavu generate`: the prompts continued sparse (and dense with compare_dense), batch_size prompts
+    at a time, printed and returned.
 
-    stream: print the text as it is generated (default: when stdout is a terminal)."""
+    stream: print the text as it is generated (default: when stdout is a terminal; one prompt at a time)."""
     import sys
 
     from dejavu.config import load_config
@@ -408,33 +491,49 @@ def run_generate(prompts: list[str], *, model: str | None = None, bundle: Path |
         check_report_path(json_out)
     if max_new_tokens < 1:
         raise DejavuError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise DejavuError(f"--batch-size must be at least 1, got {batch_size}")
+    if stream and batch_size > 1:
+        raise DejavuError("--stream prints one generation as it runs: use --batch-size 1, or --no-stream")
     Sampler(temperature, top_p, seed)  # its checks, before the model loads
     sm = load_with_config(model, bundle, cfg, engine)
     report = {**sm.describe(), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-              "seed": seed, "chat": chat, "sparse_tokens": "the generated tokens (prompt dense)"
+              "seed": seed, "chat": chat, "batch_size": batch_size, "sparse_tokens": "the generated tokens (prompt dense)"
               if not cfg.runtime.sparse_prefill else "prompt and generated tokens", "generations": []}
     print(f"dejavu generate: {report['model']} on {report['device']} ({report['dtype']}), engine {report['engine']}")
     for line in rule_lines(report):
         print(line)
-    stream = sys.stdout.isatty() if stream is None else stream
+    if batch_size > 1:
+        shared = ("predicted neurons and heads: one set for the whole batch; thresholds: each prompt's own"
+                  if sm.engine == "decode-loop" else "each prompt keeps its own selection")
+        print(f"  batches of up to {batch_size} prompts ({shared})")
+    stream = sys.stdout.isatty() and batch_size == 1 if stream is None else stream
     label = "sparse" if sm.plan.sparse else "dense (the rule computes everything)"
+    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat)
     with sm:
-        for prompt in prompts:
-            kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat)
-            print(f"\nprompt: {prompt}")
-            runs = {}
+        for first in range(0, len(prompts), batch_size):
+            group = prompts[first:first + batch_size]
+            runs: dict[bool, list[Generation]] = {}
             for name, sparse_run in ((label, True), ("dense", False))[:2 if compare_dense else 1]:
                 if stream:
-                    print(f"{name}: ", end="", flush=True)
-                    runs[sparse_run] = g = sm.generate(prompt, sparse=sparse_run, on_tokens=_TextStream(sm.tokenizer),
-                                                       **kwargs)
+                    print(f"\nprompt: {group[0]}\n{name}: ", end="", flush=True)
+                    g = sm.generate(group[0], sparse=sparse_run, on_tokens=_TextStream(sm.tokenizer), **kwargs)
                     print(f"\n  ({_speed(g)})")
+                    runs[sparse_run] = [g]
+                elif len(group) == 1:
+                    runs[sparse_run] = [sm.generate(group[0], sparse=sparse_run, **kwargs)]
                 else:
-                    runs[sparse_run] = g = sm.generate(prompt, sparse=sparse_run, **kwargs)
-                    print(f"{name} ({_speed(g)}): {g.text}")
-            sparse, dense = runs[True], runs.get(False)
-            report["generations"].append({"sparse": sparse.to_dict(),
-                                          "dense": dense.to_dict() if dense is not None else None})
+                    runs[sparse_run] = sm.generate_batch(group, sparse=sparse_run, **kwargs)
+            if not stream:
+                for i, prompt in enumerate(group):
+                    print(f"\nprompt: {prompt}")
+                    for name, sparse_run in ((label, True), ("dense", False))[:2 if compare_dense else 1]:
+                        g = runs[sparse_run][i]
+                        print(f"{name} ({_speed(g)}): {g.text}")
+            for i in range(len(group)):
+                dense = runs[False][i] if False in runs else None
+                report["generations"].append({"sparse": runs[True][i].to_dict(),
+                                              "dense": dense.to_dict() if dense is not None else None})
     report["engine"] = sm.engine_detail  # auto may have fallen back to the hooks on the first call
     if json_out is not None:
         from dejavu.artifacts import atomic_write_json

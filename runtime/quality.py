@@ -188,7 +188,7 @@ def greedy_generate(model, tokenizer, prompt: str, new_tokens: int, runtime=None
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    tokens, _, _ = hooks_decode(model, ids, new_tokens, runtime=runtime, sparse_prefill=sparse_prefill, eos=eos)
+    (tokens,), _, _ = hooks_decode(model, ids, new_tokens, runtime=runtime, sparse_prefill=sparse_prefill, eos=eos)
     return tokenizer.decode(tokens, skip_special_tokens=True)
 
 

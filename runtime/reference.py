@@ -9,7 +9,8 @@ Shapes (B = batch, d = hidden, K = selected units, U = rows per unit: 1 for neur
     residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta, h_out)  h_out = h + delta; out = norm(h_out)
     select_topk(scores [B,n], k) -> [k]   indices (ascending) of the top-k of the batch's per-unit max
     rope_cache_write(q, k, v, kc, vc, cos, sin, pos)                         rotate q, k; cache k, v at pos
-    decode_attention(q [B,Hs,hd], kc [B,KV,T,hd], vc, heads [Hs], group, pos, scale) -> [B,Hs,hd]
+    decode_attention(q [B,Hs,hd], kc [B,KV,T,hd], vc, heads [Hs], group, pos, scale, start=None) -> [B,Hs,hd]
+        start [B]: each sequence's first cache position (left padding of a batch of unequal prompts)
 CPU notes (measured, see bench/mlp_kernel.py --cpu): index_select materialises the selected rows, so
 gathers run in cache-sized chunks; down^T's job (a weighted sum of selected rows) is exactly
 embedding_bag(mode="sum", per_sample_weights=...), which reads each row once and copies nothing.
@@ -253,20 +254,27 @@ def lazy_kv_fill(x: torch.Tensor, xcache: torch.Tensor, w: torch.Tensor, bias: t
 
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, heads: torch.Tensor, group: int,
-                     pos: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of one new token per sequence over cache positions [0, pos] for the given q heads."""
+                     pos: torch.Tensor, scale: float, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one new token per sequence over cache positions [start[b], pos] for the given q heads
+    (start: None = 0 for every sequence)."""
     length = int(pos.item()) + 1
     # the positions first: gathering heads over the whole cache copied all of it every step
     k, v = kc[:, :, :length], vc[:, :, :length]
     batch, hs, hd = q.shape
+    # left padding: positions before a sequence's start weigh nothing (a mask over [B, length])
+    pad = None if start is None else torch.arange(length, device=q.device)[None] < start.to(q.device)[:, None]
     if hs == kc.shape[1] * group and torch.equal(heads, torch.arange(hs, device=heads.device)):
         # every head: each KV head's group of q heads reads it once, with no copy per q head
         qg = q.reshape(batch, kc.shape[1], group, hd).float()
         scores = torch.einsum("bkgd,bkld->bkgl", qg, k.float()) * scale
+        if pad is not None:
+            scores = scores.masked_fill(pad[:, None, None], float("-inf"))
         return torch.einsum("bkgl,bkld->bkgd", scores.softmax(-1), v.float()).reshape(batch, hs, hd).to(q.dtype)
     kv = heads // group
     k, v = k.index_select(1, kv).float(), v.index_select(1, kv).float()  # [B, Hs, L, hd]
     scores = torch.einsum("bhd,bhld->bhl", q.float(), k) * scale
+    if pad is not None:
+        scores = scores.masked_fill(pad[:, None], float("-inf"))
     return torch.einsum("bhl,bhld->bhd", scores.softmax(-1), v).to(q.dtype)
 
 

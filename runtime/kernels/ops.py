@@ -312,17 +312,17 @@ def _(x, xcache, w, bias, heads, group, kc, vc, last, cos, sin, pos):
 
 @_custom_op("dejavu::decode_attention", mutates_args=())
 def decode_attention(q: Tensor, kc: Tensor, vc: Tensor, heads: Tensor, group: int, pos: Tensor,
-                     scale: float) -> Tensor:
-    return reference.decode_attention(q, kc, vc, heads, group, pos, scale)
+                     scale: float, start: Tensor | None = None) -> Tensor:
+    return reference.decode_attention(q, kc, vc, heads, group, pos, scale, start)
 
 
 @decode_attention.register_kernel("cuda")
-def _(q, kc, vc, heads, group, pos, scale):
-    return _triton().decode_attention(q, kc, vc, heads, group, pos, scale)
+def _(q, kc, vc, heads, group, pos, scale, start=None):
+    return _triton().decode_attention(q, kc, vc, heads, group, pos, scale, start=start)
 
 
 @decode_attention.register_fake
-def _(q, kc, vc, heads, group, pos, scale):
+def _(q, kc, vc, heads, group, pos, scale, start=None):
     return q.new_empty(q.shape)
 
 

@@ -785,20 +785,24 @@ def lazy_kv_fill(x, xcache, w, bias, heads, group: int, kc, vc, last, cos, sin, 
 # decode attention over the cache, selected q heads only (GQA: q head h reads kv head h // group)
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _attention_run(pos_ptr, SPLITS: tl.constexpr, BLOCK_T: tl.constexpr):
+def _attention_run(pos_ptr, start_ptr, b, HAS_START: tl.constexpr, SPLITS: tl.constexpr, BLOCK_T: tl.constexpr):
     """[first, last): the positions this program's run covers, the program_id(2)-th of SPLITS equal runs
-    of whole blocks over the cache up to the device-side position (runs past the end are empty)."""
+    of whole blocks over sequence b's cache, from its start (left padding; 0 without) up to the
+    device-side position (runs past the end are empty)."""
     length = tl.load(pos_ptr) + 1
-    run = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_T) * BLOCK_T
-    first = tl.program_id(2) * run
+    begin = 0
+    if HAS_START:
+        begin = tl.load(start_ptr + b)
+    run = tl.cdiv(tl.cdiv(length - begin, SPLITS), BLOCK_T) * BLOCK_T
+    first = begin + tl.program_id(2) * run
     return first, tl.minimum(first + run, length)
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, out_ptr, part_ptr, NKV, T, GROUP, scale,
-                             stride_qb, stride_qh, stride_ob, stride_oh,
+def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, start_ptr, out_ptr, part_ptr, NKV, T,
+                             GROUP, scale, stride_qb, stride_qh, stride_ob, stride_oh,
                              HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr,
-                             PDL: tl.constexpr = False):
+                             HAS_START: tl.constexpr, PDL: tl.constexpr = False):
     # SPLITS > 1 (flash-decoding): program s of a head takes the s-th of SPLITS equal runs of the
     # cached positions (whole blocks; programs past the end have none) and leaves its softmax
     # state in part [B, NQ, SPLITS, HD_PAD + 2] for _attention_combine_kernel. The runs follow the
@@ -810,7 +814,7 @@ def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, out_ptr,
     nq = tl.num_programs(0)
     head = tl.load(heads_ptr + j)
     kvh = head // GROUP
-    first, last = _attention_run(pos_ptr, SPLITS, BLOCK_T)
+    first, last = _attention_run(pos_ptr, start_ptr, b, HAS_START, SPLITS, BLOCK_T)
     offs_d = tl.arange(0, HD_PAD)
     mask_d = offs_d < HD
     q = tl.load(q_ptr + b * stride_qb + j * stride_qh + offs_d, mask=mask_d, other=0.0).to(tl.float32) * scale
@@ -845,11 +849,11 @@ def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, out_ptr,
 
 
 @triton.jit
-def _decode_attention_grouped_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, out_ptr, part_ptr, NKV, T, NSEL,
-                                     scale, stride_qb, stride_qh, stride_ob, stride_oh, GROUP: tl.constexpr,
+def _decode_attention_grouped_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, start_ptr, out_ptr, part_ptr, NKV,
+                                     T, NSEL, scale, stride_qb, stride_qh, stride_ob, stride_oh, GROUP: tl.constexpr,
                                      ROWS_PAD: tl.constexpr, HD: tl.constexpr, HD_PAD: tl.constexpr,
                                      BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-                                     PDL: tl.constexpr = False):
+                                     HAS_START: tl.constexpr, PDL: tl.constexpr = False):
     # GQA: one program a KV head takes every selected q head that reads it (q rows j with
     # heads[j] // GROUP == kvh, in any order), so each k/v block is read once for them all, not once
     # per q head. The scores and the weighted sum are tensor-core dots over ROWS_PAD rows (those of
@@ -864,7 +868,7 @@ def _decode_attention_grouped_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, 
     mine = selected & (head // GROUP == kvh)
     # blocks are read even for a KV head that no selected q head reads (their results are not stored):
     # a loop bound waiting on the heads would hold every k/v load back by one more round trip
-    first, last = _attention_run(pos_ptr, SPLITS, BLOCK_T)
+    first, last = _attention_run(pos_ptr, start_ptr, b, HAS_START, SPLITS, BLOCK_T)
     offs_d = tl.arange(0, HD_PAD)
     mask_d = offs_d < HD
     q = tl.load(q_ptr + b * stride_qb + offs_j[:, None] * stride_qh + offs_d[None, :],
@@ -910,7 +914,8 @@ def _attention_combine_kernel(part_ptr, out_ptr, stride_ob, stride_oh, HD: tl.co
     rows = part_ptr + ((b * tl.num_programs(0) + j) * SPLITS + offs_s) * (HD_PAD + 2)
     m = tl.load(rows + HD_PAD, mask=mask_s, other=float("-inf"))
     denom = tl.load(rows + HD_PAD + 1, mask=mask_s, other=0.0)
-    # run 0 always holds position 0, so the largest m is finite; empty runs weigh exp(-inf) = 0
+    # run 0 always holds the sequence's first position, so the largest m is finite; empty runs weigh
+    # exp(-inf) = 0
     weight = tl.exp(m - tl.max(m, axis=0))
     acc = tl.load(rows[:, None] + offs_d[None, :], mask=mask_s[:, None], other=0.0)
     out = tl.sum(weight[:, None] * acc, axis=0) / tl.sum(weight * denom, axis=0)
@@ -936,9 +941,10 @@ ATTENTION_MAX_SPLITS = 32
 
 def decode_attention(q, kc, vc, heads, group: int, pos, scale: float, splits: int | None = None,
                      block_t: int | None = None, per_sm: int | None = None,
-                     grouped: bool | None = None) -> torch.Tensor:
-    """Attention of q [B, NSEL, hd] (q heads `heads`) over cache positions [0, pos]. With GQA (group > 1)
-    one program a KV head serves all its selected q heads (grouped; False forces one program a q head)."""
+                     grouped: bool | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of q [B, NSEL, hd] (q heads `heads`) over cache positions [start[b], pos] (start [B]
+    int64, None = 0). With GQA (group > 1) one program a KV head serves all its selected q heads
+    (grouped; False forces one program a q head)."""
     batch, nq, hd = q.shape
     nkv = kc.shape[1]
     assert q.stride(2) == 1 and kc.is_contiguous() and vc.is_contiguous() and heads.numel() == nq
@@ -948,16 +954,21 @@ def decode_attention(q, kc, vc, heads, group: int, pos, scale: float, splits: in
     splits = splits or attention_splits(nkv if grouped else nq, batch, kc.shape[2], block_t, _sms(q), per_sm)
     hd_pad = max(16, triton.next_power_of_2(hd))  # tl.dot's smallest tile
     part = torch.empty(batch, nq, splits, hd_pad + 2, device=q.device, dtype=torch.float32) if splits > 1 else out
+    has_start = start is not None
+    if has_start:
+        assert start.shape == (batch,) and start.dtype == torch.long and start.device == q.device
+    start_arg = start if has_start else pos  # never read without a start
     if grouped:
         _decode_attention_grouped_kernel[(nkv, batch, splits)](
-            q, kc, vc, heads, pos, out, part, nkv, kc.shape[2], nq, scale, q.stride(0), q.stride(1), out.stride(0),
-            out.stride(1), GROUP=group, ROWS_PAD=max(16, triton.next_power_of_2(nq)), HD=hd, HD_PAD=hd_pad,
-            BLOCK_T=block_t, SPLITS=splits, PRECISION=_precision(q), num_warps=4, **_pdl(q))
+            q, kc, vc, heads, pos, start_arg, out, part, nkv, kc.shape[2], nq, scale, q.stride(0), q.stride(1),
+            out.stride(0), out.stride(1), GROUP=group, ROWS_PAD=max(16, triton.next_power_of_2(nq)), HD=hd,
+            HD_PAD=hd_pad, BLOCK_T=block_t, SPLITS=splits, PRECISION=_precision(q), HAS_START=has_start,
+            num_warps=4, **_pdl(q))
     else:
-        _decode_attention_kernel[(nq, batch, splits)](q, kc, vc, heads, pos, out, part, nkv, kc.shape[2], group,
-                                                      scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-                                                      HD=hd, HD_PAD=hd_pad, BLOCK_T=block_t, SPLITS=splits,
-                                                      num_warps=4, **_pdl(q))
+        _decode_attention_kernel[(nq, batch, splits)](q, kc, vc, heads, pos, start_arg, out, part, nkv, kc.shape[2],
+                                                      group, scale, q.stride(0), q.stride(1), out.stride(0),
+                                                      out.stride(1), HD=hd, HD_PAD=hd_pad, BLOCK_T=block_t,
+                                                      SPLITS=splits, HAS_START=has_start, num_warps=4, **_pdl(q))
     if splits > 1:
         _attention_combine_kernel[(nq, batch)](part, out, out.stride(0), out.stride(1), HD=hd, HD_PAD=hd_pad,
                                                SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),

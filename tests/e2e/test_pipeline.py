@@ -60,6 +60,17 @@ def test_pipeline_through_the_cli(tmp_path, tiny_llama, tiny_tokenizer):
     assert all(1 <= len(r["sparse"]["token_ids"]) <= 8 and r["sparse"]["sparse"] and not r["dense"]["sparse"]
                for r in g["generations"])
     assert out.count("sparse (") == 2 and out.count("dense (") == 2
+    # the same two prompts as one batch: dense greedy tokens as one at a time
+    batched = tmp_path / "generate-batch.json"
+    out = ok("generate", "--config", "tiny", "--bundle", bundle, "--prompt", "The city of", "-p", "In 1999",
+             "-n", 8, "--compare-dense", "--device", "cpu", "--batch-size", 2, "--json", batched)
+    gb = json.loads(batched.read_text())
+    assert gb["batch_size"] == 2 and all(r["sparse"]["batch_size"] == 2 for r in gb["generations"])
+    assert [r["dense"]["token_ids"] for r in gb["generations"]] == [r["dense"]["token_ids"] for r in g["generations"]]
+    assert "ms/step of 2" in out and out.count("prompt: ") == 2
+    refused = runner.invoke(app, ["generate", "--config", "tiny", "--bundle", str(bundle), "-p", "x", "--stream",
+                                  "--batch-size", "2"])
+    assert refused.exit_code == 1 and "error: --stream prints one generation" in refused.output
     streamed = ok("generate", "--config", "tiny", "--bundle", bundle, "-p", "The city of", "-n", 8, "--stream",
                   "--device", "cpu")
     assert "\nsparse: " in streamed and "tokens, " in streamed

@@ -57,12 +57,27 @@ def test_graphed_sparse_generation_equals_the_cpu_loop(tiny_llama):
 def test_graphed_generation_reuses_its_graph_and_samples_with_its_seed(tiny_llama):
     sm = _sparse_model(tiny_llama, "cuda")
     first = sm.generate(PROMPT, 10, stop_at_eos=False)
-    graph = sm._loop_states[True][1]
+    graph = sm._loop_states[(True, 1)][1]
     assert sm.generate(PROMPT, 10, stop_at_eos=False).token_ids == first.token_ids
-    assert sm._loop_states[True][1] is graph  # one capture serves every call that fits its cache
+    assert sm._loop_states[(True, 1)][1] is graph  # one capture serves every call that fits its cache
     a = sm.generate(PROMPT, 20, temperature=1.2, seed=5, stop_at_eos=False)
     assert a.token_ids == sm.generate(PROMPT, 20, temperature=1.2, seed=5, stop_at_eos=False).token_ids
     full = sm.generate(PROMPT, 40, stop_at_eos=False).token_ids
     sm.eos_ids = {full[20]}
     g = sm.generate(PROMPT, 40)  # found at the check after 32 tokens: the later ones are dropped
     assert g.stopped_at_eos and g.token_ids == full[:full.index(full[20]) + 1]
+
+
+PROMPTS = [PROMPT, "A", "The history of the city 12 begins with a prompt, longer than the first one. The"]
+
+
+def test_graphed_batch_of_unequal_prompts_equals_each_alone_and_the_cpu_loop(tiny_llama):
+    sm = _sparse_model(tiny_llama, "cuda")
+    dense = sm.generate_batch(PROMPTS, 12, sparse=False, stop_at_eos=False)
+    assert [g.token_ids for g in dense] == [sm.generate(p, 12, sparse=False, stop_at_eos=False).token_ids
+                                            for p in PROMPTS]
+    assert dense[0].engine == "decode-loop (CUDA graph)" and dense[0].batch_size == 3
+    sparse = sm.generate_batch(PROMPTS, 12, stop_at_eos=False)
+    cpu = _sparse_model(tiny_llama, "cpu").generate_batch(PROMPTS, 12, stop_at_eos=False)
+    assert [g.token_ids for g in sparse] == [g.token_ids for g in cpu]
+    assert [g.token_ids for g in sparse] != [g.token_ids for g in dense]

@@ -135,6 +135,31 @@ def test_norm_rope_attention_match_reference(dtype):
     assert _rel(T.act_mul(gu, 1), ref) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_attention_from_each_sequences_start_matches_reference(dtype, kv_heads):
+    # left-padded batches: sequence b attends from its own first position; the padding before it holds
+    # k/v large enough to take all the weight if it were read
+    from dejavu.runtime.kernels import triton_kernels as T
+
+    torch.manual_seed(0)
+    dev, B, H, hd, Tm = "cuda", 4, 8, 128, 600
+    kc = torch.randn(B, kv_heads, Tm, hd, device=dev, dtype=dtype)
+    vc = torch.randn_like(kc)
+    start = torch.tensor([0, 1, 130, 511], device=dev)
+    for b, first in enumerate(start.tolist()):
+        kc[b, :, :first], vc[b, :, :first] = 30.0, 30.0
+    for at in (511, 520, Tm - 1):
+        where = torch.tensor([at], device=dev)
+        for sel in (torch.arange(H, device=dev), torch.tensor([6, 1, 2], device=dev)):
+            q = torch.randn(B, sel.numel(), hd, device=dev, dtype=dtype)
+            ref = R.decode_attention(q, kc, vc, sel, H // kv_heads, where, hd ** -0.5, start)
+            for splits, grouped in ((None, None), (1, None), (7, True), (None, False), (32, False)):
+                got = T.decode_attention(q, kc, vc, sel, H // kv_heads, where, hd ** -0.5, splits=splits,
+                                         grouped=grouped, start=start)
+                assert _rel(got, ref) < 1e-2, (at, sel.tolist(), splits, grouped)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("batch,n,k", [(1, 11008, 5504), (1, 11008, 1100), (8, 14336, 7168), (3, 32, 16), (1, 9, 9)])
 def test_select_topk_matches_reference(dtype, batch, n, k):

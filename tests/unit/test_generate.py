@@ -142,3 +142,50 @@ def test_auto_falls_back_to_the_hooks_for_a_layout_the_loop_does_not_take(tiny_m
     g = sm.generate(PROMPT, 6, stop_at_eos=False)
     assert sm.engine == "hooks" and g.engine == "hooks (gather)" and "hooks instead" in capsys.readouterr().out
     assert g.token_ids == _hf_greedy(sm, PROMPT, 6)
+
+
+PROMPTS = [PROMPT, "A", "In the early years of the nineteenth century, the river"]
+
+
+@pytest.mark.parametrize("engine", ["decode-loop", "hooks"])
+def test_a_batch_of_unequal_prompts_generates_what_each_prompt_does_alone(tiny_llama, engine):
+    # left padding must change nothing: dense, each sequence of the batch equals its prompt run alone (and
+    # Hugging Face's greedy decode); sparse with the hooks too, since each token keeps its own selection
+    sm = _sparse_model(tiny_llama, engine=engine)
+    for sparse in (False, True):
+        batch = sm.generate_batch(PROMPTS, 10, sparse=sparse, stop_at_eos=False)
+        alone = [sm.generate(p, 10, sparse=sparse, stop_at_eos=False) for p in PROMPTS]
+        assert [g.prompt_tokens for g in batch] == [g.prompt_tokens for g in alone]
+        assert all(g.batch_size == 3 and g.sparse == sparse for g in batch)
+        if not sparse:
+            assert [g.token_ids for g in batch] == [_hf_greedy(sm, p, 10) for p in PROMPTS]
+        if not sparse or engine == "hooks":
+            assert [g.token_ids for g in batch] == [g.token_ids for g in alone]
+
+
+def test_the_decode_loops_sparse_batch_ignores_the_padding(tiny_llama):
+    # the loop computes the union of the batch's selections, so a batch's sparse tokens are its own; what
+    # the padding holds must not reach them
+    sm = _sparse_model(tiny_llama, engine="decode-loop")
+    first = sm.generate_batch(PROMPTS, 12, stop_at_eos=False)
+    sm._pad_id = lambda: 7
+    again = sm.generate_batch(PROMPTS, 12, stop_at_eos=False)
+    assert [g.token_ids for g in first] == [g.token_ids for g in again]
+    assert [g.token_ids for g in first] != [g.token_ids for g in sm.generate_batch(PROMPTS, 12, sparse=False,
+                                                                                   stop_at_eos=False)]
+
+
+@pytest.mark.parametrize("engine", ["decode-loop", "hooks"])
+def test_each_sequence_of_a_batch_stops_at_its_own_end_of_sequence_token(tiny_llama, engine):
+    sm = _sparse_model(tiny_llama, engine=engine)
+    full = [g.token_ids for g in sm.generate_batch(PROMPTS, 40, stop_at_eos=False)]
+    stop = full[0][3]
+    sm.eos_ids = {stop}
+    cut = sm.generate_batch(PROMPTS, 40)
+    for g, ids in zip(cut, full, strict=True):
+        if stop in ids:
+            assert g.stopped_at_eos and g.token_ids == ids[:ids.index(stop) + 1]
+        else:
+            assert not g.stopped_at_eos and g.token_ids == ids
+    with pytest.raises(DejavuError, match="no prompts"):
+        sm.generate_batch([], 4)

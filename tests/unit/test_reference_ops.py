@@ -115,6 +115,24 @@ def test_residual_norm_rope_attention():
         torch.testing.assert_close(every[0, head], F.softmax(q4[0, head] @ k.T * 0.5, -1) @ v)
 
 
+def test_attention_from_each_sequences_start_equals_attention_over_its_own_positions():
+    # left padding: sequence b's positions before start[b] hold the padding's k/v (here large enough to take
+    # all the weight if read), which must weigh nothing; the result equals attention over the sequence's
+    # positions alone
+    torch.manual_seed(0)
+    B, KV, T, hd, group = 3, 2, 12, 4, 2
+    kc, vc = torch.randn(B, KV, T, hd), torch.randn(B, KV, T, hd)
+    start, pos = torch.tensor([0, 3, 8]), torch.tensor([9])
+    for b, s in enumerate(start.tolist()):
+        kc[b, :, :s], vc[b, :, :s] = 1e4, 1e4
+    for heads in (torch.arange(4), torch.tensor([3, 0])):
+        q = torch.randn(B, heads.numel(), hd)
+        att = R.decode_attention(q, kc, vc, heads, group, pos, 0.5, start)
+        for b, s in enumerate(start.tolist()):
+            own = R.decode_attention(q[b:b + 1], kc[b:b + 1, :, s:], vc[b:b + 1, :, s:], heads, group, pos - s, 0.5)
+            torch.testing.assert_close(att[b], own[0])
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (interpreter mode)")
 def test_triton_kernels_in_interpreter_match_reference():
     run_interpreted('''
@@ -207,6 +225,17 @@ def test_triton_kernels_in_interpreter_match_reference():
                 for splits in (1, 3):
                     got = T.decode_attention(qs, kc, vc, sel, 2, where, 0.25, splits=splits, block_t=16, grouped=True)
                     assert rel(got, ref) < 1e-5, (at, sel, splits)
+        # each sequence from its own first position (left padding), every run layout, both kernels
+        where = torch.tensor([33])
+        for first in ((0, 5), (9, 33), (17, 1)):
+            start = torch.tensor(first)
+            for sel, grouped in ((heads, False), (torch.arange(H), True), (heads, True)):
+                qs = qkv[:, :H * hd].view(B, H, hd)[:, sel].contiguous()
+                ref = R.decode_attention(qs, kc, vc, sel, 2, where, 0.25, start)
+                for splits, block in ((1, 16), (3, 8), (7, 16)):
+                    got = T.decode_attention(qs, kc, vc, sel, 2, where, 0.25, splits=splits, block_t=block,
+                                             grouped=grouped, start=start)
+                    assert rel(got, ref) < 1e-5, (first, sel, grouped, splits, block)
         print("ok")
     ''')
 

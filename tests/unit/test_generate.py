@@ -189,3 +189,14 @@ def test_each_sequence_of_a_batch_stops_at_its_own_end_of_sequence_token(tiny_ll
             assert not g.stopped_at_eos and g.token_ids == ids
     with pytest.raises(DejavuError, match="no prompts"):
         sm.generate_batch([], 4)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt", "qwen2", "gemma", "mistral"])
+def test_batches_of_other_families_generate_what_each_prompt_does_alone(tiny_model_factory, model_type):
+    # every family through the hooks (and the decode loop where it runs): padding and positions handled
+    sm = _sparse_model(tiny_model_factory(model_type))
+    for sparse in (False, True):
+        batch = sm.generate_batch(PROMPTS, 8, sparse=sparse, stop_at_eos=False)
+        alone = [sm.generate(p, 8, sparse=sparse, stop_at_eos=False).token_ids for p in PROMPTS]
+        if not sparse or sm.engine == "hooks":
+            assert [g.token_ids for g in batch] == alone, (model_type, sparse, sm.engine)

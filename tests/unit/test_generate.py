@@ -200,3 +200,11 @@ def test_batches_of_other_families_generate_what_each_prompt_does_alone(tiny_mod
         alone = [sm.generate(p, 8, sparse=sparse, stop_at_eos=False).token_ids for p in PROMPTS]
         if not sparse or sm.engine == "hooks":
             assert [g.token_ids for g in batch] == alone, (model_type, sparse, sm.engine)
+
+
+def test_a_padded_batch_with_skipped_kv_groups_gives_the_same_tokens(tiny_llama):
+    # skip_kv fills a KV group's skipped positions later from stored inputs: exact, padding or not
+    plain = _sparse_model(tiny_llama, engine="decode-loop").generate_batch(PROMPTS, 12, stop_at_eos=False)
+    lazy = _sparse_model(tiny_llama, engine="decode-loop", skip_kv=True)
+    assert lazy.plan.skip_kv
+    assert [g.token_ids for g in lazy.generate_batch(PROMPTS, 12, stop_at_eos=False)] == [g.token_ids for g in plain]

@@ -38,6 +38,8 @@ demo:
 		--mlp-keep-input 0.8 --mlp-density 0.5 --attn-keep-input 0.8
 	dejavu bench --model smollm2-135m --bundle $(DEMO_RUN)/bundle-thresholds --dataset $(EVAL) \
 		--max-eval-tokens $(EVAL_TOKENS) --json $(DEMO_RUN)/bench-thresholds.json
+	# The summary: the three rules above side by side.
+	dejavu compare $(DEMO_RUN)/bench.json $(DEMO_RUN)/bench-exact-up.json $(DEMO_RUN)/bench-thresholds.json
 
 test:
 	$(PYTHON) -m pytest -q tests

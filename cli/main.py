@@ -396,6 +396,24 @@ def generate(
     )
 
 
+@app.command()
+@handle_errors
+def compare(
+    reports: list[Path] = typer.Argument(..., help="Bench reports: the JSON files `dejavu bench --json` writes."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the table as JSON here."),
+    config: str | None = typer.Option(
+        None, "--config", "-c", help="Accepted as by every command; compare has no settings of its own, so the "
+        "file is only checked."),
+    debug: bool = DebugOpt,
+):
+    """Several bench reports side by side: one line per sparse rule, its bytes, quality and speed."""
+    from dejavu.runtime.compare import run_compare
+
+    if config is not None:
+        build_config(config, {})
+    run_compare(reports, json_out=json_out)
+
+
 def _usage_errors():
     try:  # typer vendors click from 0.2x on; older releases use the click package
         from typer._click.exceptions import NoArgsIsHelpError, UsageError

@@ -51,6 +51,11 @@ def test_pipeline_through_the_cli(tmp_path, tiny_llama, tiny_tokenizer):
     assert first(up)["sparse_bytes_per_step"] > first(data)["sparse_bytes_per_step"]
     assert up["quality"]["computed"]["mlp_weight_share"] == pytest.approx(
         1 / 3 + 2 / 3 * up["quality"]["computed"]["mlp_kept"])
+    # The two reports side by side, as `make demo` ends.
+    table = ok("compare", report, up_report, "--json", tmp_path / "compare.json")
+    assert "predictor, MLP 0.5" in table and "exact-up 0.4, MLP 0.5" in table and "note:" not in table
+    rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
+    assert [r["sparse_ppl"] for r in rows] == [data["sparse.ppl"], up["sparse.ppl"]]
     # The bundle drives generation: decode loop, sparse and dense side by side, JSON beside.
     gen = tmp_path / "generate.json"
     out = ok("generate", "--config", "tiny", "--bundle", bundle, "--prompt", "The city of", "-p", "In 1999",

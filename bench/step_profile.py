@@ -3,6 +3,9 @@
 "busy" is the time some kernel ran (the union of their intervals); the rest of the step is the GPU idle
 between kernels (launch gaps, waits on the side stream). Speed only, synthetic weights.
 
+With programmatic dependent launch a kernel starts before its predecessor ends and waits inside, so
+its recorded time includes that wait: run with DEJAVU_PDL=0 for each kernel's own time.
+
     python bench/step_profile.py --synthetic llama-2-7b --mlp 0.25 --heads 0.5 --out DIR
     python bench/step_profile.py --synthetic llama-2-7b --thresholds 0.5:0.5:0.5 --out DIR
 """
@@ -85,7 +88,9 @@ def main() -> None:
                   key=lambda r: -r["us_per_step"])
     kernel_us = sum(r["us_per_step"] for r in rows)
     busy_us = _union_us(intervals) / steps
-    result = {"synthetic": args.synthetic, "layers": layers, "batch": args.batch, "mlp": args.mlp, "heads": args.heads,
+    from dejavu.runtime.kernels.triton_kernels import USE_PDL
+
+    result = {"pdl": USE_PDL, "synthetic": args.synthetic, "layers": layers, "batch": args.batch, "mlp": args.mlp, "heads": args.heads,
               "thresholds": args.thresholds, "sparse": sparse, "device_name": torch.cuda.get_device_name(),
               "step_ms": step_ms, "kernel_us_per_step": kernel_us, "busy_us_per_step": busy_us, "kernels": rows}
     print(f"step {step_ms * 1e3:.0f} us ({step_ms * 1e3 / layers:.1f} a layer); kernels summed {kernel_us:.0f} us, "
@@ -94,7 +99,7 @@ def main() -> None:
         print(f"  {r['us_per_step']:8.1f} us/step  {r['calls_per_step']:6.1f} calls  {r['us_per_call']:7.2f} us/call  "
               f"{r['kernel'][:90]}")
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "dense" if args.dense else (f"thresholds-{args.thresholds}" if args.thresholds else f"mlp{args.mlp}-heads{args.heads}")
+    name = "dense" if args.dense else (f"thresholds-{args.thresholds.replace(':', '_')}" if args.thresholds else f"mlp{args.mlp}-heads{args.heads}")
     (args.out / f"step_profile-{name}-b{args.batch}.json").write_text(json.dumps(result, indent=1))
 
 

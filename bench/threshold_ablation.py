@@ -64,7 +64,7 @@ def main() -> None:
     dm = DecodeModel(model, adapter, None, device, dtype, speed.cache_length(speed.PROMPT_LEN, args.warmup, args.tokens),
                      thresholds=thresholds)
 
-    def timed(sparse: bool, patch: str | None = None) -> float:
+    def timed(sparse: bool, patch: str | tuple | None = None) -> float:
         best = float("inf")
         for seed in range(args.repeats):
             st = dm.new_state(args.batch, dense_only=not sparse)
@@ -80,18 +80,17 @@ def main() -> None:
                     dm.step(st, sparse)
             finally:
                 ops.decode_attention = original
-            if patch is not None:
+            patches = (patch,) if isinstance(patch, str) else patch or ()
+            saved = {name: getattr(ops, name) for name in patches}
+            for name in patches:
                 # attention's stand-in returns the last real output of that layer
-                stand_in = (_replaying(recorded[-len(dm.layers):]) if patch == "decode_attention"
-                            else _no_op)
-                saved = getattr(ops, patch)
-                setattr(ops, patch, stand_in)
+                setattr(ops, name, _replaying(recorded[-len(dm.layers):]) if name == "decode_attention" else _no_op)
             try:
                 step = GraphedStep(dm, st, sparse)
                 best = min(best, speed.timed_loop(step, dm.device, args.warmup, args.tokens))
             finally:
-                if patch is not None:
-                    setattr(ops, patch, saved)
+                for name, op in saved.items():
+                    setattr(ops, name, op)
             del step, st
         return best
 
@@ -105,6 +104,13 @@ def main() -> None:
         saved_us = (result["sparse_ms"] - ms) * 1e3 / calls
         result["without"][name] = {"ms": ms, "saved_us_per_call": saved_us, "what": what}
         print(f"  without {name}: {ms:.3f} ms ({saved_us:.2f} us a call; {what})", flush=True)
+    # all the small kernels at once: what a step of the projections and attention alone would take
+    small = ("act_mul_acc", "rope_cache_write_acc", "residual_rmsnorm")
+    ms = timed(True, small)
+    result["without"]["all small kernels"] = {"ms": ms, "saved_us_per_layer": (result["sparse_ms"] - ms) * 1e3
+                                              / len(dm.layers), "what": " + ".join(small)}
+    print(f"  without {' + '.join(small)}: {ms:.3f} ms "
+          f"({(result['sparse_ms'] - ms) * 1e3 / len(dm.layers):.2f} us a layer)", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "threshold_ablation.json").write_text(json.dumps(result, indent=1))

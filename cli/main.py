@@ -342,8 +342,11 @@ def bench(
 @handle_errors
 def generate(
     prompts: list[str] = typer.Option(
-        ..., "--prompt", "-p", help="Text to continue; repeat the flag for several prompts (run one after another, "
+        [], "--prompt", "-p", help="Text to continue; repeat the flag for several prompts (run one after another, "
         "or --batch-size at a time)."),
+    prompt_file: Path | None = typer.Option(
+        None, "--prompt-file", help="A text file of prompts, one per line (blank lines skipped), after any --prompt; "
+        "'-' reads standard input."),
     model: str | None = ModelOpt,
     bundle: Path | None = BundleOpt,
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate per prompt."),
@@ -384,8 +387,11 @@ def generate(
     debug: bool = DebugOpt,
 ):
     """Generate text with a bundle applied: the prompt runs dense, every new token sparse."""
-    from dejavu.runtime.generate import run_generate
+    from dejavu.runtime.generate import read_prompt_file, run_generate
 
+    prompts = list(prompts) + (read_prompt_file(prompt_file) if prompt_file is not None else [])
+    if not prompts:
+        _fail("give a prompt: --prompt TEXT (repeatable) or --prompt-file FILE")
     run_generate(
         prompts, model=model, bundle=bundle, config_file=config, json_out=json_out, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, chat=chat, compare_dense=compare_dense, engine=engine, stream=stream,

@@ -470,6 +470,26 @@ def _speed(g: Generation) -> str:
     return f"{n} token{'s' if n != 1 else ''}{per}{', stopped at end of sequence' if g.stopped_at_eos else ''}"
 
 
+def read_prompt_file(path: Path) -> list[str]:
+    """Prompts, one per line of a text file ('-': standard input); blank lines are skipped."""
+    import sys
+
+    if str(path) == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise DejavuError(f"no prompt file at {path}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise DejavuError(f"{path} is not UTF-8 text ({exc})") from exc
+    prompts = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+    if not prompts:
+        raise DejavuError(f"{path} holds no prompts (one per line)")
+    return prompts
+
+
 def run_generate(prompts: list[str], *, model: str | None = None, bundle: Path | None = None, config_file=None,
                  json_out: Path | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, chat: bool = False, compare_dense: bool = False,

@@ -67,7 +67,8 @@ def test_pipeline_through_the_cli(tmp_path, tiny_llama, tiny_tokenizer):
     assert out.count("sparse (") == 2 and out.count("dense (") == 2
     # the same two prompts as one batch: dense greedy tokens as one at a time
     batched = tmp_path / "generate-batch.json"
-    out = ok("generate", "--config", "tiny", "--bundle", bundle, "--prompt", "The city of", "-p", "In 1999",
+    (tmp_path / "prompts.txt").write_text("The city of\nIn 1999\n")
+    out = ok("generate", "--config", "tiny", "--bundle", bundle, "--prompt-file", tmp_path / "prompts.txt",
              "-n", 8, "--compare-dense", "--device", "cpu", "--batch-size", 2, "--json", batched)
     gb = json.loads(batched.read_text())
     assert gb["batch_size"] == 2 and all(r["sparse"]["batch_size"] == 2 for r in gb["generations"])

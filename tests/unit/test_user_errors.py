@@ -198,7 +198,7 @@ def test_bench_reads_an_evaluation_field_and_split(tmp_path, tiny_llama):
 
 
 @pytest.mark.parametrize("argv,says", [
-    (["generate"], "error: Missing option '--prompt'"),
+    (["compare"], "error: Missing argument 'reports'"),
     (["bench", "--max-eval-tokens", "abc"], "error: Invalid value for '--max-eval-tokens'"),
     (["bench", "--frobnicate"], "error: No such option: --frobnicate (see `dejavu bench --help`)"),
     (["nope"], "error: No such command 'nope'"),
@@ -209,6 +209,21 @@ def test_usage_errors_are_one_line_too(capsys, argv, says):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(says) and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_generate_needs_a_prompt_and_reads_prompt_files(capsys, tmp_path):
+    from dejavu.cli.main import main
+    from dejavu.runtime.generate import read_prompt_file
+
+    assert main(["generate"]) == 1
+    assert capsys.readouterr().err == "error: give a prompt: --prompt TEXT (repeatable) or --prompt-file FILE\n"
+    assert main(["generate", "--prompt-file", str(tmp_path / "missing.txt")]) == 1
+    assert "error: no prompt file at" in capsys.readouterr().err
+    (tmp_path / "prompts.txt").write_text("The city of\n\n  \nIn 1999,\r\n")
+    assert read_prompt_file(tmp_path / "prompts.txt") == ["The city of", "In 1999,"]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(DejavuError, match="holds no prompts"):
+        read_prompt_file(tmp_path / "empty.txt")
 
 
 def test_help_shows_flags_without_a_value_placeholder(capsys):

@@ -534,9 +534,11 @@ def run_generate(prompts: list[str], *, model: str | None = None, bundle: Path |
         for first in range(0, len(prompts), batch_size):
             group = prompts[first:first + batch_size]
             runs: dict[bool, list[Generation]] = {}
+            if stream:
+                print(f"\nprompt: {group[0]}")
             for name, sparse_run in ((label, True), ("dense", False))[:2 if compare_dense else 1]:
                 if stream:
-                    print(f"\nprompt: {group[0]}\n{name}: ", end="", flush=True)
+                    print(f"{name}: ", end="", flush=True)
                     g = sm.generate(group[0], sparse=sparse_run, on_tokens=_TextStream(sm.tokenizer), **kwargs)
                     print(f"\n  ({_speed(g)})")
                     runs[sparse_run] = [g]

@@ -78,8 +78,9 @@ def test_pipeline_through_the_cli(tmp_path, tiny_llama, tiny_tokenizer):
                                   "--batch-size", "2"])
     assert refused.exit_code == 1 and "error: --stream prints one generation" in refused.output
     streamed = ok("generate", "--config", "tiny", "--bundle", bundle, "-p", "The city of", "-n", 8, "--stream",
-                  "--device", "cpu")
-    assert "\nsparse: " in streamed and "tokens, " in streamed
+                  "--compare-dense", "--device", "cpu")
+    assert "\nsparse: " in streamed and "\ndense: " in streamed and "tokens, " in streamed
+    assert streamed.count("prompt: The city of") == 1
     refused = runner.invoke(app, ["generate", "--config", "tiny", "--model", str(tiny_llama), "-p", "x"])
     assert refused.exit_code == 1 and "error: generate needs --bundle" in refused.output
     # The bundle refuses another model of the same shape, with a one-line error.

@@ -61,7 +61,7 @@ def main() -> None:
     sm = SparseModel(model, tokenizer, adapter, plan, device=device, dtype=dtype, name=args.synthetic,
                      engine="decode-loop")
     prompt = "The history of the city begins in the early middle ages, when a small settlement grew"
-    # unequal lengths in a batch: the prompt cut after 4, 8, ... words
+    # unequal lengths in a batch: the prompt, then 3 words shorter each time (2 words at least)
     words = prompt.split()
     prompts = [" ".join(words[:max(2, len(words) - 3 * i)]) for i in range(args.batch)]
     results: dict = {"synthetic": args.synthetic, "layers": args.layers, "device": str(device),

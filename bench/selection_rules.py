@@ -5,6 +5,7 @@
 
 Rules (MLP only; attention stays dense unless --head-density):
 - oracle:D      true top-D of |down input| from the same forward (needs the dense activation: a bound);
+- oracle-out:D  the same weighted by the norm of each neuron's column of down (what it adds to the output);
 - predictor:D   the bundle's predictors pick D (the runtime's default);
 - gate:D        exact top-D of |act(gate(x))| (gated MLPs; every gate row is read to choose);
 - up:D          exact top-D of |up(x)| (every up row is read to choose);
@@ -65,7 +66,7 @@ from dejavu.runtime.quality import (
 )
 from dejavu.runtime.thresholds import calibrate_thresholds
 
-KINDS = {"oracle": 1, "predictor": 1, "gate": 1, "up": 1, "two-stage": 2, "up-pred": 2, "input": 2, "threshold": (2, 3),
+KINDS = {"oracle": 1, "oracle-out": 1, "predictor": 1, "gate": 1, "up": 1, "two-stage": 2, "up-pred": 2, "input": 2, "threshold": (2, 3),
          "greedy": 1,
          "quant": 2, "quant-clip": 2, "upq-pred": 3}
 
@@ -73,7 +74,7 @@ KINDS = {"oracle": 1, "predictor": 1, "gate": 1, "up": 1, "two-stage": 2, "up-pr
 def parse_rule(text: str) -> tuple[str, tuple[float, ...]]:
     kind, *values = text.split(":")
     if kind not in KINDS or len(values) not in ((KINDS[kind],) if isinstance(KINDS[kind], int) else KINDS[kind]):
-        raise DejavuError(f"rule {text!r}: expected oracle:D, predictor:D, gate:D, up:D, two-stage:C:D, up-pred:D:A, "
+        raise DejavuError(f"rule {text!r}: expected oracle:D, oracle-out:D, predictor:D, gate:D, up:D, two-stage:C:D, up-pred:D:A, "
                           "input:X:D, threshold:X:D[:A], quant:B:D, quant-clip:B:D or upq-pred:B:D:A")
     try:
         numbers = tuple(float(v) for v in values)
@@ -125,6 +126,24 @@ class ExactRule(NeuronMaskRule):
     def _score(self, l: int, act, density: float):  # noqa: E741
         def hook(module: nn.Module, args, out: torch.Tensor):
             self._masks[l] = topk_mask((act(out) if act is not None else out).abs(), density)
+
+        return hook
+
+
+class OutputOracleRule(NeuronMaskRule):
+    """The oracle by what each neuron adds to the MLP's output: top-D of |down input_j| x ||down[:, j]||
+    (the plain oracle ranks by |down input_j| alone, as if every column of down had the same norm)."""
+
+    def __init__(self, adapter, density: float):
+        super().__init__()
+        for l, layer in enumerate(adapter.decoder_layers()):  # noqa: E741
+            norms = adapter.mlp_weights(layer).down.detach().float().norm(dim=0)  # [n]: down is [out, n]
+            self._handles.append(adapter.down_proj(layer).register_forward_pre_hook(self._score(l, norms, density)))
+            self._handles.append(adapter.down_proj(layer).register_forward_pre_hook(self._apply(l)))
+
+    def _score(self, l, norms, density):  # noqa: E741
+        def hook(module, args):
+            self._masks[l] = topk_mask(args[0].float().abs() * norms, density)
 
         return hook
 
@@ -248,8 +267,9 @@ def run_rule(model, adapter, predictors, ref, kind, numbers, head_density,
                                               keep_attn=numbers[2] if len(numbers) > 2 else None)
         with SparseRuntime(model, adapter, None, selection="dense", thresholds=thresholds) as runtime:
             return score_against(model, runtime, ref, desc=kind), runtime.stats.summary()
-    if kind in ("gate", "up", "input", "quant", "quant-clip"):
+    if kind in ("gate", "up", "input", "quant", "quant-clip", "oracle-out"):
         rule = (InputRule(adapter, *numbers) if kind == "input"
+                else OutputOracleRule(adapter, numbers[0]) if kind == "oracle-out"
                 else QuantRule(adapter, *numbers, clipped=kind == "quant-clip") if kind.startswith("quant")
                 else ExactRule(adapter, kind, numbers[0]))
         try:

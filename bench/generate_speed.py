@@ -89,14 +89,14 @@ def main() -> None:
         results[f"bench_{key}_ms_per_token"] = decode_ms_per_token(
             sm._loop, args.batch, sparse, args.new_tokens, 5, prompt_len=longest)
     ids, lengths = sm.encode_batch(prompts) if args.batch > 1 else (sm.encode(prompt), None)
-    mask = None if lengths is None else (torch.arange(ids.shape[1])[None] >= (ids.shape[1] - lengths)[:, None])
+    mask = None if lengths is None else sm.padding_mask(ids.shape[1], lengths)
     ids = ids.to(device)
     times = []
     with torch.no_grad():
         for _ in range(2):
             sync_device(device)
             t0 = time.perf_counter()
-            model.generate(ids, attention_mask=mask.long().to(device) if mask is not None else None,
+            model.generate(ids, attention_mask=mask.to(device) if mask is not None else None,
                            max_new_tokens=args.hf_tokens, min_new_tokens=args.hf_tokens, do_sample=False,
                            pad_token_id=0)
             sync_device(device)

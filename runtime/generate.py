@@ -263,6 +263,11 @@ class SparseModel:
                 return int(candidate)
         return 0  # nothing attends to padding: any id in the vocabulary will do
 
+    @staticmethod
+    def padding_mask(width: int, lengths: torch.Tensor) -> torch.Tensor:
+        """[B, width] attention mask of left-padded prompts: 1 for their tokens, 0 for the padding."""
+        return (torch.arange(width)[None] >= (width - lengths)[:, None]).long()
+
     def encode_batch(self, prompts: list[str], chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, P] ids of the prompts, left-padded to the longest, and [B] their lengths."""
         rows = [self.encode(p, chat)[0] for p in prompts]
@@ -390,10 +395,7 @@ class SparseModel:
         if self._hooks is None:
             self._hooks = self.plan.hooks(self.model, self.adapter, mode=self.hooks_mode)
             self._hooks.enabled = False  # between calls the model is the user's, and dense
-        mask = None
-        if lengths is not None:
-            at = torch.arange(ids.shape[1])
-            mask = (at[None] >= (ids.shape[1] - lengths)[:, None]).long()
+        mask = self.padding_mask(ids.shape[1], lengths) if lengths is not None else None
         return hooks_decode(self.model, ids.to(self.device), max_new, attention_mask=mask, runtime=self._hooks,
                             sparse=sparse, sparse_prefill=self.sparse_prefill, sampler=sampler, eos=eos, report=report)
 
@@ -530,13 +532,14 @@ def run_generate(prompts: list[str], *, model: str | None = None, bundle: Path |
     stream = sys.stdout.isatty() and batch_size == 1 if stream is None else stream
     label = "sparse" if sm.plan.sparse else "dense (the rule computes everything)"
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat)
+    modes = ((label, True), ("dense", False))[:2 if compare_dense else 1]
     with sm:
         for first in range(0, len(prompts), batch_size):
             group = prompts[first:first + batch_size]
             runs: dict[bool, list[Generation]] = {}
             if stream:
                 print(f"\nprompt: {group[0]}")
-            for name, sparse_run in ((label, True), ("dense", False))[:2 if compare_dense else 1]:
+            for name, sparse_run in modes:
                 if stream:
                     print(f"{name}: ", end="", flush=True)
                     g = sm.generate(group[0], sparse=sparse_run, on_tokens=_TextStream(sm.tokenizer), **kwargs)
@@ -549,7 +552,7 @@ def run_generate(prompts: list[str], *, model: str | None = None, bundle: Path |
             if not stream:
                 for i, prompt in enumerate(group):
                     print(f"\nprompt: {prompt}")
-                    for name, sparse_run in ((label, True), ("dense", False))[:2 if compare_dense else 1]:
+                    for name, sparse_run in modes:
                         g = runs[sparse_run][i]
                         print(f"{name} ({_speed(g)}): {g.text}")
             for i in range(len(group)):

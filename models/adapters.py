@@ -103,6 +103,15 @@ class Adapter:
     def activation(self, layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return self.mlp_module(layer).act_fn
 
+    def head_norms(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The weights of the RMSNorms that q and k pass through before rope (Qwen3, OLMo2, Gemma3), or
+        None. Only the runtimes that rebuild attention from weights need them; hooks see HF's own."""
+        attn = self.attention_module(layer)
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        if q_norm is None or k_norm is None:
+            return None
+        return q_norm.weight, k_norm.weight
+
     def activation_name(self) -> str:
         cfg = self.config
         for key in ("hidden_activation", "hidden_act", "activation_function"):
@@ -172,10 +181,10 @@ class Adapter:
 
 
 class LlamaAdapter(Adapter):
-    """Llama, Mistral, Qwen2/3, SmolLM, Phi-3-style split projections: SwiGLU + GQA."""
+    """Llama, Mistral, Qwen2/3, SmolLM, OLMo 1/2, Granite: SwiGLU in split gate/up/down projections, GQA."""
 
     family = "llama"
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "mixtral_dense", "olmo", "olmo2", "granite")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite")
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.model.layers

@@ -42,7 +42,7 @@ from dejavu.runtime import reference
 from dejavu.runtime.kernels import ops
 from dejavu.runtime.thresholds import Thresholds
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 SELECT_IMPLS = ("fused", "fused-cublas", "classic", "static", "static-sync")
 JOIN_ORDERS = ("consumption", "heads-first")
 
@@ -223,6 +223,9 @@ class LayerWeights:
     up_workspace: tuple | None = None  # set only with exact-up MLP selection: its top-k buffers (fp16 keys)
     gate_up_t: torch.Tensor | None = None  # [d, 2n] = [gate^T | up^T], set only with MLP thresholds
     wqkv_t: torch.Tensor | None = None  # [d, (H + 2KV) * hd], set only with attention thresholds
+    # [hd] each: Qwen3 RMS-normalises every q and k head before rope (else None)
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
 
 
 @dataclass
@@ -324,6 +327,10 @@ class DecodeModel:
                 raise DejavuError(f"MLP thresholds cover {len(thresholds.x)} layers, the model has "
                                   f"{len(adapter.decoder_layers())}")
         self.layers = [self._layer(adapter, layer, cast) for layer in adapter.decoder_layers()]
+        # the lazy k/v kernel splits a head's dimensions over programs, so it cannot normalise a head
+        if skip_kv and self.layers[0].q_norm is not None:
+            raise DejavuError(f"skip_kv is not supported for {model_type} models (q/k normalised per head); "
+                              "compute k/v for every head instead")
         self.predictors = None
         # None: one-stage; else the predictors' candidate density (attach_predictors reads it)
         self.mlp_candidate_density = mlp_candidate_density
@@ -347,6 +354,11 @@ class DecodeModel:
         gate, up = m.gate.detach().to(**cast), m.up.detach().to(**cast)
         transposed = self.thresholds is not None  # one layout only: rows of gate^T/up^T are x's columns
         wqkv = torch.cat([a.q, a.k, a.v], 0).detach().to(**cast)
+        norms = adapter.head_norms(layer)
+        if norms is not None and any(w.shape != (self.hd,) for w in norms):
+            raise DejavuError(f"the decode runtime normalises q and k per head ({self.hd} dims); this model's "
+                              f"q/k norms have shapes {[tuple(w.shape) for w in norms]}")
+        q_norm, k_norm = (w.detach().to(**cast).contiguous() for w in norms) if norms is not None else (None, None)
         return LayerWeights(
             ln1=layer.input_layernorm.weight.detach().to(**cast),
             ln2=layer.post_attention_layernorm.weight.detach().to(**cast),
@@ -357,6 +369,8 @@ class DecodeModel:
             gate_up=None if transposed else torch.stack([gate, up]).contiguous(),
             gate_up_t=torch.cat([gate.t(), up.t()], 1).contiguous() if transposed else None,
             down_t=m.down.detach().t().to(**cast).contiguous(),
+            q_norm=q_norm,
+            k_norm=k_norm,
         )
 
     def _dense_gate_up(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
@@ -485,8 +499,10 @@ class DecodeModel:
             xn = reference.rms_norm(x, lw.ln1, self.eps, self.norm_offset)
             qkv = F.linear(xn, lw.wqkv, lw.bqkv)
             q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
-            q = reference._rotate(q.view(batch, plen, H, hd), cos, sin)
-            k = reference._rotate(k.view(batch, plen, KV, hd), cos, sin)
+            q, k = q.view(batch, plen, H, hd), k.view(batch, plen, KV, hd)
+            if lw.q_norm is not None:
+                q, k = reference.rms_norm(q, lw.q_norm, self.eps), reference.rms_norm(k, lw.k_norm, self.eps)
+            q, k = reference._rotate(q, cos, sin), reference._rotate(k, cos, sin)
             v = v.view(batch, plen, KV, hd)
             kc[:, :, :plen] = k.transpose(1, 2)
             vc[:, :, :plen] = v.transpose(1, 2)
@@ -594,7 +610,7 @@ class DecodeModel:
             q3 = qkv[:, :heads.numel() * hd].view(batch, -1, hd)
             kv = qkv[:, heads.numel() * hd:]
             k, v = kv[:, :KV * hd].view(batch, KV, hd), kv[:, KV * hd:].view(batch, KV, hd)
-        ops.rope_cache_write(q3, k, v, kc, vc, self.cos, self.sin, st.pos)
+        ops.rope_cache_write(q3, k, v, kc, vc, self.cos, self.sin, st.pos, lw.q_norm, lw.k_norm, self.eps)
         att = ops.decode_attention(q3, kc, vc, heads, self.group, st.pos, self.scale, st.start).view(batch, -1)
         if hidx is not None or triton_dense or st.xcache is not None:
             ops.gather_vecmat_acc(att, lw.wo_t, heads, hd, acc)
@@ -610,14 +626,15 @@ class DecodeModel:
         ops.threshold_vecmat_acc(st.xn, lw.wqkv_t, t.attn_x[i], st.acc_qkv)
         q3 = st.qkv[:, :self.H * hd].view(batch, self.H, hd)
         if lw.bqkv is None:  # one launch: q/k/v out of the accumulator, rotated, cached, acc zeroed
-            ops.rope_cache_write_acc(st.acc_qkv, q3, kc, vc, self.cos, self.sin, st.pos)
+            ops.rope_cache_write_acc(st.acc_qkv, q3, kc, vc, self.cos, self.sin, st.pos, lw.q_norm, lw.k_norm,
+                                     self.eps)
         else:
             ops.drain_acc(st.acc_qkv, st.qkv)
             qkv = st.qkv + lw.bqkv
             q3 = qkv[:, :self.H * hd].view(batch, self.H, hd)
             k = qkv[:, self.H * hd:(self.H + KV) * hd].view(batch, KV, hd)
             v = qkv[:, (self.H + KV) * hd:].view(batch, KV, hd)
-            ops.rope_cache_write(q3, k, v, kc, vc, self.cos, self.sin, st.pos)
+            ops.rope_cache_write(q3, k, v, kc, vc, self.cos, self.sin, st.pos, lw.q_norm, lw.k_norm, self.eps)
         att = ops.decode_attention(q3, kc, vc, self.all_heads, self.group, st.pos, self.scale,
                                    st.start).view(batch, -1)
         ops.threshold_vecmat_acc(att, lw.wo_t, t.attn_o[i], st.acc)

@@ -204,10 +204,17 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-                     cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> None:
-    """q [B,Hs,hd] rotated in place; k, v [B,KV,hd] written (k rotated) at cache position pos [1]."""
+                     cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, q_norm: torch.Tensor | None = None,
+                     k_norm: torch.Tensor | None = None, eps: float = 1e-6) -> None:
+    """q [B,Hs,hd] rotated in place; k, v [B,KV,hd] written (k rotated) at cache position pos [1].
+
+    q_norm, k_norm [hd]: families that RMS-normalise each head's q and k before rope (Qwen3) pass
+    their weights; both or neither."""
     c = cos.index_select(0, pos)  # [1, hd]
     s = sin.index_select(0, pos)
+    if q_norm is not None:
+        q.copy_(rms_norm(q, q_norm, eps))
+        k = rms_norm(k, k_norm, eps)
     q.copy_(_rotate(q, c, s))
     if k.shape[1]:  # none: the caller writes k/v itself (lazy_kv_fill)
         kc.index_copy_(2, pos, _rotate(k, c, s).unsqueeze(2))

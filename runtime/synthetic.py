@@ -28,6 +28,10 @@ PRESETS: dict[str, dict] = {
     "qwen2-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
                      num_key_value_heads=4, num_hidden_layers=28, vocab_size=152064,
                      max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_act="silu"),
+    # Qwen3 sets head_dim on its own (Qwen3-32B: 64 heads of 128 over a hidden size of 5120)
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, num_hidden_layers=36, vocab_size=151936,
+                     max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu"),
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                          num_key_value_heads=3, num_hidden_layers=30, vocab_size=49152,
                          max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,

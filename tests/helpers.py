@@ -26,6 +26,16 @@ TINY_CONFIGS = {
                     num_hidden_layers=2, max_position_embeddings=256),
     "qwen2": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                   num_hidden_layers=2, max_position_embeddings=256),
+    # q and k RMS-normalised per head before rope; head_dim set apart from hidden / heads, as in Qwen3-8B
+    "qwen3": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  num_hidden_layers=2, max_position_embeddings=256),
+    # q and k normalised over all heads at once, and norms after attention and the MLP, not before
+    "olmo2": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=2, max_position_embeddings=256),
+    # scalar multipliers on the embeddings, the residual branches, attention scores and logits
+    "granite": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                    num_hidden_layers=2, max_position_embeddings=256, embedding_multiplier=4.0,
+                    residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.0),
     "opt": dict(hidden_size=64, ffn_dim=128, num_attention_heads=4, num_hidden_layers=2, word_embed_proj_dim=64,
                 max_position_embeddings=256),
     "gpt2": dict(n_embd=64, n_head=4, n_layer=2, n_positions=256),

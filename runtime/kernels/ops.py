@@ -130,25 +130,28 @@ def _(h, wt, threshold, acc):
 
 @_custom_op("dejavu::rope_cache_write_acc", mutates_args=("acc", "q_out", "kc", "vc"))
 def rope_cache_write_acc(acc: Tensor, q_out: Tensor, kc: Tensor, vc: Tensor, cos: Tensor, sin: Tensor,
-                         pos: Tensor) -> None:
+                         pos: Tensor, q_norm: Tensor | None = None, k_norm: Tensor | None = None,
+                         eps: float = 1e-6) -> None:
     """drain_acc then rope_cache_write, in one launch on CUDA: q/k/v from an fp32 accumulator [B, (NQ +
-    2 NKV) * hd] (left zeroed), rotated q into q_out [B, NQ, hd], k/v into the cache at pos."""
+    2 NKV) * hd] (left zeroed), rotated q into q_out [B, NQ, hd], k/v into the cache at pos (q and k
+    RMS-normalised per head first when q_norm / k_norm are given)."""
     batch, nq, hd = q_out.shape
     nkv = kc.shape[1]
     qkv = acc.to(q_out.dtype, copy=True)  # a copy even in fp32: acc is zeroed next
     acc.zero_()
     q_out.copy_(qkv[:, :nq * hd].view(batch, nq, hd))
     reference.rope_cache_write(q_out, qkv[:, nq * hd:(nq + nkv) * hd].view(batch, nkv, hd),
-                               qkv[:, (nq + nkv) * hd:].view(batch, nkv, hd), kc, vc, cos, sin, pos)
+                               qkv[:, (nq + nkv) * hd:].view(batch, nkv, hd), kc, vc, cos, sin, pos, q_norm,
+                               k_norm, eps)
 
 
 @rope_cache_write_acc.register_kernel("cuda")
-def _(acc, q_out, kc, vc, cos, sin, pos):
-    _triton().rope_cache_write_acc(acc, q_out, kc, vc, cos, sin, pos)
+def _(acc, q_out, kc, vc, cos, sin, pos, q_norm=None, k_norm=None, eps=1e-6):
+    _triton().rope_cache_write_acc(acc, q_out, kc, vc, cos, sin, pos, q_norm, k_norm, eps)
 
 
 @rope_cache_write_acc.register_fake
-def _(acc, q_out, kc, vc, cos, sin, pos):
+def _(acc, q_out, kc, vc, cos, sin, pos, q_norm=None, k_norm=None, eps=1e-6):
     return None
 
 
@@ -280,17 +283,18 @@ def _(up, logits, weight, out, keys, hist, meta):
 
 @_custom_op("dejavu::rope_cache_write", mutates_args=("q", "kc", "vc"))
 def rope_cache_write(q: Tensor, k: Tensor, v: Tensor, kc: Tensor, vc: Tensor, cos: Tensor, sin: Tensor,
-                     pos: Tensor) -> None:
-    reference.rope_cache_write(q, k, v, kc, vc, cos, sin, pos)
+                     pos: Tensor, q_norm: Tensor | None = None, k_norm: Tensor | None = None,
+                     eps: float = 1e-6) -> None:
+    reference.rope_cache_write(q, k, v, kc, vc, cos, sin, pos, q_norm, k_norm, eps)
 
 
 @rope_cache_write.register_kernel("cuda")
-def _(q, k, v, kc, vc, cos, sin, pos):
-    _triton().rope_cache_write(q, k, v, kc, vc, cos, sin, pos)
+def _(q, k, v, kc, vc, cos, sin, pos, q_norm=None, k_norm=None, eps=1e-6):
+    _triton().rope_cache_write(q, k, v, kc, vc, cos, sin, pos, q_norm, k_norm, eps)
 
 
 @rope_cache_write.register_fake
-def _(q, k, v, kc, vc, cos, sin, pos):
+def _(q, k, v, kc, vc, cos, sin, pos, q_norm=None, k_norm=None, eps=1e-6):
     return None
 
 

@@ -619,13 +619,27 @@ def _halves(base, offs, half, mask, FROM_ACC: tl.constexpr, dtype: tl.constexpr)
 
 
 @triton.jit
+def _head_rmsnorm(x1, x2, w_ptr, offs, half, mask, eps, HD: tl.constexpr, dtype: tl.constexpr):
+    """A head's halves RMS-normalised over the whole head and scaled by w, rounded as HF rounds them
+    (normalised in fp32, cast to the model's dtype, then times the weight in that dtype)."""
+    r = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HD + eps)
+    w1 = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + half + offs, mask=mask, other=0.0).to(tl.float32)
+    y1 = (w1 * (x1 * r).to(dtype).to(tl.float32)).to(dtype)
+    y2 = (w2 * (x2 * r).to(dtype).to(tl.float32)).to(dtype)
+    return y1.to(tl.float32), y2.to(tl.float32)
+
+
+@triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, NQ, NKV, T,
                        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, qout_ptr, stride_ob,
-                       stride_oh, HD: tl.constexpr, HALF_PAD: tl.constexpr, FROM_ACC: tl.constexpr = False,
-                       PDL: tl.constexpr = False):
+                       stride_oh, qn_ptr, kn_ptr, eps, HD: tl.constexpr, HALF_PAD: tl.constexpr,
+                       FROM_ACC: tl.constexpr = False, QK_NORM: tl.constexpr = False, PDL: tl.constexpr = False):
     # FROM_ACC: q/k/v are read from an fp32 accumulator (rounded to the model's dtype first, as a separate
     # drain would store them), rotated q goes to qout, and each program zeroes the entries it read (no
-    # other program reads them), so the accumulator is ready for the next layer without another launch
+    # other program reads them), so the accumulator is ready for the next layer without another launch.
+    # QK_NORM: each q and k head is RMS-normalised (weights qn / kn) before rope (Qwen3); a program holds
+    # a whole head, so the norm costs no extra launch
     _grid_dependency(PDL)
     b = tl.program_id(0)
     j = tl.program_id(1)
@@ -638,12 +652,16 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, po
     dtype = qout_ptr.dtype.element_ty
     if j < NQ:
         x1, x2 = _halves(q_ptr + b * stride_qb + j * stride_qh, offs, half, mask, FROM_ACC, dtype)
+        if QK_NORM:
+            x1, x2 = _head_rmsnorm(x1, x2, qn_ptr, offs, half, mask, eps, HD, dtype)
         base = qout_ptr + b * stride_ob + j * stride_oh  # q itself unless FROM_ACC
         tl.store(base + offs, (x1 * c - x2 * s).to(dtype), mask=mask)
         tl.store(base + half + offs, (x2 * c + x1 * s).to(dtype), mask=mask)
     else:
         kvh = j - NQ
         x1, x2 = _halves(k_ptr + b * stride_kb + kvh * stride_kh, offs, half, mask, FROM_ACC, dtype)
+        if QK_NORM:
+            x1, x2 = _head_rmsnorm(x1, x2, kn_ptr, offs, half, mask, eps, HD, dtype)
         cbase = (b * NKV + kvh).to(tl.int64) * T * HD + pos * HD
         tl.store(kc_ptr + cbase + offs, (x1 * c - x2 * s).to(kc_ptr.dtype.element_ty), mask=mask)
         tl.store(kc_ptr + cbase + half + offs, (x2 * c + x1 * s).to(kc_ptr.dtype.element_ty), mask=mask)
@@ -652,7 +670,16 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, po
         tl.store(vc_ptr + cbase + half + offs, v2.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
-def rope_cache_write(q, k, v, kc, vc, cos, sin, pos) -> None:
+def _qk_norm_args(q_norm, k_norm, eps: float, hd: int, like: torch.Tensor) -> dict:
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("q_norm and k_norm go together")
+    if q_norm is None:
+        return dict(qn_ptr=like, kn_ptr=like, eps=0.0, QK_NORM=False)
+    assert q_norm.shape == (hd,) and k_norm.shape == (hd,) and q_norm.is_contiguous() and k_norm.is_contiguous()
+    return dict(qn_ptr=q_norm, kn_ptr=k_norm, eps=float(eps), QK_NORM=True)
+
+
+def rope_cache_write(q, k, v, kc, vc, cos, sin, pos, q_norm=None, k_norm=None, eps: float = 1e-6) -> None:
     batch, nq, hd = q.shape
     nkv = k.shape[1]
     assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1 and kc.is_contiguous() and vc.is_contiguous()
@@ -660,10 +687,12 @@ def rope_cache_write(q, k, v, kc, vc, cos, sin, pos) -> None:
     _rope_cache_kernel[(batch, nq + nkv)](q, k, v, kc, vc, cos, sin, pos, nq, nkv, kc.shape[2], q.stride(0),
                                           q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q,
                                           q.stride(0), q.stride(1), HD=hd,
-                                          HALF_PAD=triton.next_power_of_2(hd // 2), num_warps=1, **_pdl(q))
+                                          HALF_PAD=triton.next_power_of_2(hd // 2), num_warps=1,
+                                          **_qk_norm_args(q_norm, k_norm, eps, hd, q), **_pdl(q))
 
 
-def rope_cache_write_acc(acc: torch.Tensor, q_out: torch.Tensor, kc, vc, cos, sin, pos) -> None:
+def rope_cache_write_acc(acc: torch.Tensor, q_out: torch.Tensor, kc, vc, cos, sin, pos, q_norm=None, k_norm=None,
+                         eps: float = 1e-6) -> None:
     """rope_cache_write from an fp32 [B, (NQ + 2 NKV) * hd] q/k/v accumulator: rotated q into q_out
     [B, NQ, hd] (model dtype), k/v into the cache; acc is left zeroed. One launch for drain_acc + rope."""
     batch, nq, hd = q_out.shape
@@ -677,7 +706,7 @@ def rope_cache_write_acc(acc: torch.Tensor, q_out: torch.Tensor, kc, vc, cos, si
                                           q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q_out,
                                           q_out.stride(0), q_out.stride(1), HD=hd,
                                           HALF_PAD=triton.next_power_of_2(hd // 2), FROM_ACC=True, num_warps=1,
-                                          **_pdl(q_out))
+                                          **_qk_norm_args(q_norm, k_norm, eps, hd, q_out), **_pdl(q_out))
 
 
 # ------------------------------------------------------------------------------------------------

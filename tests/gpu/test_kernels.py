@@ -108,6 +108,12 @@ def test_norm_rope_attention_match_reference(dtype):
     q2 = q1.clone()
     k = qkv[:, H * hd:(H + KV) * hd].view(B, KV, hd)
     v = qkv[:, (H + KV) * hd:].view(B, KV, hd)
+    # q and k RMS-normalised per head first (Qwen3), rounded as HF rounds them
+    qn, kn = (torch.rand(hd, device=dev, dtype=dtype) + 0.5 for _ in range(2))
+    q3, q4, kc3, vc3, kc4, vc4 = q1.clone(), q1.clone(), kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    R.rope_cache_write(q3, k, v, kc3, vc3, cos, sin, pos, qn, kn, 1e-6)
+    T.rope_cache_write(q4, k, v, kc4, vc4, cos, sin, pos, qn, kn, 1e-6)
+    assert _rel(q4, q3) < 1e-2 and _rel(kc4, kc3) < 1e-2 and _rel(vc4, vc3) < 1e-2 and _rel(q3, q1) > 0.1
     R.rope_cache_write(q1, k, v, kc, vc, cos, sin, pos)
     T.rope_cache_write(q2, k, v, kc2, vc2, cos, sin, pos)
     assert _rel(q2, q1) < 1e-2 and _rel(kc2, kc) < 1e-2 and _rel(vc2, vc) < 1e-2
@@ -271,7 +277,7 @@ def _three_steps(dm, prompt: torch.Tensor, sparse: bool, steps: int = 3) -> torc
 
 @pytest.mark.parametrize("select_impl", ["fused", "classic"])
 @pytest.mark.parametrize("dense_impl", ["cublas", "triton"])
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "gemma"])
 def test_graphed_decode_matches_cpu_reference(model_type, dense_impl, select_impl):
     from dejavu.runtime.decode import DecodeModel
 
@@ -536,7 +542,7 @@ def test_threshold_kernels_match_reference(dtype, batch, rows, n):
 
 
 @pytest.mark.parametrize("model_type,batch,keep_attn", [("llama", 1, None), ("llama", 3, None), ("llama", 1, 0.6),
-                                                      ("llama", 3, 0.5), ("qwen2", 1, 0.6)])
+                                                      ("llama", 3, 0.5), ("qwen2", 1, 0.6), ("qwen3", 3, 0.6)])
 def test_graphed_threshold_decode_matches_cpu_reference(model_type, batch, keep_attn):
     from dejavu.runtime.decode import DecodeModel
     from dejavu.runtime.thresholds import calibrate_thresholds

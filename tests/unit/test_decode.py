@@ -25,7 +25,7 @@ def _greedy_hf(model, prompt, steps):
     return ids, logits
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gemma"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma"])
 def test_dense_prefill_and_steps_match_hf(tiny_model_factory, model_type):
     model, adapter = _load(tiny_model_factory(model_type))
     torch.manual_seed(0)

@@ -120,3 +120,10 @@ def test_dense_only_state_refuses_a_sparse_step(tiny_llama):
     dm.step(st, sparse=False)
     with pytest.raises(DejavuError, match="dense_only"):
         dm.step(st, sparse=True)
+
+
+def test_models_that_normalise_q_and_k_per_head_refuse_skip_kv(tiny_model_factory):
+    # the lazy fill splits a head's dimensions over programs and cannot normalise it: refused, not wrong
+    model, adapter = load_tiny(tiny_model_factory("qwen3"))
+    with pytest.raises(DejavuError, match="skip_kv is not supported for qwen3"):
+        DecodeModel(model, adapter, random_predictors(adapter), "cpu", torch.float32, max_len=8, skip_kv=True)

@@ -208,6 +208,20 @@ def test_triton_kernels_in_interpreter_match_reference():
         R.rope_cache_write(q1, k, v, kc, vc, cos, sin, pos)
         T.rope_cache_write(q2, k, v, kc2, vc2, cos, sin, pos)
         assert rel(q2, q1) < 1e-5 and rel(kc2, kc) < 1e-5 and rel(vc2, vc) < 1e-5
+        # q and k RMS-normalised per head before rope (Qwen3), straight and from the fp32 accumulator
+        qn, kn = torch.rand(hd) + 0.5, torch.rand(hd) + 0.5
+        q3, q4, kc3, vc3, kc4, vc4 = q1.clone(), q1.clone(), kc.clone(), vc.clone(), kc.clone(), vc.clone()
+        R.rope_cache_write(q3, k, v, kc3, vc3, cos, sin, pos, qn, kn, 1e-6)
+        T.rope_cache_write(q4, k, v, kc4, vc4, cos, sin, pos, qn, kn, 1e-6)
+        assert rel(q4, q3) < 1e-5 and rel(kc4, kc3) < 1e-5 and rel(vc4, vc3) < 1e-5 and rel(q3, q1) > 1e-2
+        acc = qkv.clone()
+        qa, qb = torch.empty(B, H, hd), torch.empty(B, H, hd)
+        kc5, vc5 = kc.clone(), vc.clone()
+        qa.copy_(acc[:, :H * hd].view(B, H, hd))
+        R.rope_cache_write(qa, k, v, kc5, vc5, cos, sin, pos, qn, kn, 1e-6)
+        kc6, vc6 = kc.clone(), vc.clone()
+        T.rope_cache_write_acc(acc, qb, kc6, vc6, cos, sin, pos, qn, kn, 1e-6)
+        assert rel(qb, qa) < 1e-5 and rel(kc6, kc5) < 1e-5 and rel(vc6, vc5) < 1e-5 and acc.abs().max() == 0
         assert rel(T.decode_attention(q1, kc, vc, heads, 2, pos, 0.25), R.decode_attention(q1, kc, vc, heads, 2, pos, 0.25)) < 1e-5
         # split over the positions (flash-decoding): runs past the end, one position, one run a block
         for at in (0, 7, 39):

@@ -33,7 +33,7 @@ def _ids(model, seq=24, batch=2, seed=0):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("model_type", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("model_type", ["llama", "opt", "gpt2", "qwen3", "olmo2", "granite"])
 def test_density_one_equals_dense(tiny_model_factory, model_type):
     model, adapter = _load(tiny_model_factory(model_type))
     ids = _ids(model)

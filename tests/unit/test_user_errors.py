@@ -162,6 +162,11 @@ def test_help_shows_the_shipped_defaults():
     assert f"(default: {shipped.collect.max_tokens})" in out
     out = CliRunner().invoke(app, ["train-predictors", "--help"], env={"COLUMNS": "200"}).output
     assert f"(default: {shipped.train.rank})" in out and "run's config" in out
+    # bench's help lists every synthetic preset (kept by hand: --help must not import torch)
+    from dejavu.runtime.synthetic import PRESETS
+
+    out = " ".join(CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert all(name in out for name in PRESETS)
 
 
 def test_bad_yaml_is_one_line_with_its_position(tmp_path):

@@ -72,6 +72,8 @@ class Adapter:
 
     family: str = "base"
     gated: bool = True
+    # one projection computes [gate | up] side by side (Phi-3); up_proj and gate_proj then both return it
+    fused_gate_up: bool = False
     model_types: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module):
@@ -102,6 +104,16 @@ class Adapter:
 
     def activation(self, layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return self.mlp_module(layer).act_fn
+
+    def mlp_input_projections(self, layer: nn.Module) -> list[nn.Module]:
+        """The modules that read the MLP's input, each once: [gate, up], [up] or the fused [gate_up]."""
+        if self.fused_gate_up:
+            return [self.up_proj(layer)]
+        return [m for m in (self.gate_proj(layer), self.up_proj(layer)) if m is not None]
+
+    def up_output(self, output: torch.Tensor) -> torch.Tensor:
+        """up(x) from the output of the module up_proj() returns ([gate | up] when fused)."""
+        return output[..., output.shape[-1] // 2:] if self.fused_gate_up else output
 
     def head_norms(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The weights of the RMSNorms that q and k pass through before rope (Qwen3, OLMo2, Gemma3), or
@@ -334,7 +346,35 @@ class GPTNeoXAdapter(Adapter):
         return AttentionWeights(q, k, v, o.weight, qb, kb, vb, o.bias)
 
 
-ADAPTERS: list[type[Adapter]] = [LlamaAdapter, GemmaAdapter, OPTAdapter, GPT2Adapter, GPTNeoXAdapter]
+class Phi3Adapter(LlamaAdapter):
+    """Phi-3 / Phi-3.5 / Phi-4: SwiGLU with gate and up in one projection ([gate | up]), q/k/v in one."""
+
+    family = "phi3"
+    fused_gate_up = True
+    model_types = ("phi3",)
+
+    def up_proj(self, layer):
+        return layer.mlp.gate_up_proj
+
+    def gate_proj(self, layer):
+        return layer.mlp.gate_up_proj
+
+    def activation(self, layer):
+        return layer.mlp.activation_fn
+
+    def mlp_weights(self, layer) -> MLPWeights:
+        gate, up = layer.mlp.gate_up_proj.weight.chunk(2, dim=0)
+        return MLPWeights(up=up, down=layer.mlp.down_proj.weight, gate=gate)
+
+    def attention_weights(self, layer) -> AttentionWeights:
+        s = self.shape()
+        attn = layer.self_attn
+        q, k, v = attn.qkv_proj.weight.split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim,
+                                              s.num_kv_heads * s.head_dim], dim=0)
+        return AttentionWeights(q, k, v, attn.o_proj.weight)
+
+
+ADAPTERS: list[type[Adapter]] = [LlamaAdapter, GemmaAdapter, Phi3Adapter, OPTAdapter, GPT2Adapter, GPTNeoXAdapter]
 
 
 def supported_model_types() -> list[str]:

@@ -36,9 +36,8 @@ def input_weights(adapter) -> dict[str, int]:
     """Weight elements each input gates: a dropped entry of it skips one row of these matrices."""
     s = adapter.shape()
     d, n, hd = s.hidden_size, s.intermediate_size, s.head_dim
-    gated = adapter.gate_proj(adapter.decoder_layers()[0]) is not None
     return {"attn_x": (s.num_heads + 2 * s.num_kv_heads) * hd * d, "attn_o": s.num_heads * hd * d,
-            "x": (2 if gated else 1) * n * d, "h": n * d}
+            "x": (2 if adapter.gated else 1) * n * d, "h": n * d}
 
 
 @dataclass
@@ -85,9 +84,8 @@ class _LayerMasks:
     threshold (while `thresholds` is set)."""
 
     def __init__(self, adapter, layer):
-        gate = adapter.gate_proj(layer)
         self.modules = {"attn_x": [adapter.attention_module(layer)], "attn_o": [adapter.o_proj(layer)],
-                        "x": [gate, adapter.up_proj(layer)] if gate is not None else [adapter.up_proj(layer)],
+                        "x": adapter.mlp_input_projections(layer),
                         "h": [adapter.down_proj(layer)]}
         self.thresholds: dict[str, float] | None = None
         self.handles = [module.register_forward_pre_hook(self._hook(name), with_kwargs=True)

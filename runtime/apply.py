@@ -182,7 +182,7 @@ class SparseRuntime:
         self.token_mask: torch.Tensor | None = None
         self.stats = SelectionStats()
         first = self.layers[0] if self.layers else None
-        if first is not None and adapter.gate_proj(first) is None:
+        if first is not None and not adapter.gated:
             self.stats.up_share = 1 / 2
         self.stats.up_in_full = self.exact_up
         self.masks: dict[tuple[str, int], torch.Tensor] = {}  # recorded selections (record=True)
@@ -232,7 +232,7 @@ class SparseRuntime:
             raise DejavuError("mlp_up_weight (exact-up MLP selection) runs in mask mode only")
         if not (weight >= 0.0 and weight < float("inf")):
             raise DejavuError(f"mlp_up_weight must be a finite number >= 0, got {weight}")
-        if self.layers and self.adapter.gate_proj(self.layers[0]) is None:
+        if self.layers and not self.adapter.gated:
             raise DejavuError("mlp_up_weight needs a gated MLP (gate and up projections); this model has none")
         return weight
 
@@ -268,12 +268,11 @@ class SparseRuntime:
             if self.head_density[l] < 1.0:
                 self._handles.append(self.adapter.o_proj(layer).register_forward_pre_hook(self._o_hook(l)))
             if self.thresholds is not None:
-                gate, up = self.adapter.gate_proj(layer), self.adapter.up_proj(layer)
                 t = self.thresholds
-                self._handles.append((gate or up).register_forward_pre_hook(
-                    self._threshold_hook(l, t.x[l], "mlp_input")))
-                if gate is not None:  # the same input as gate's: counted once
-                    self._handles.append(up.register_forward_pre_hook(self._threshold_hook(l, t.x[l], None)))
+                for j, proj in enumerate(self.adapter.mlp_input_projections(layer)):
+                    # one input read by gate and up: counted once
+                    self._handles.append(proj.register_forward_pre_hook(
+                        self._threshold_hook(l, t.x[l], "mlp_input" if j == 0 else None)))
                 self._handles.append(self.adapter.down_proj(layer).register_forward_pre_hook(
                     self._threshold_hook(l, t.h[l], "mlp")))
                 if t.attention:
@@ -385,8 +384,9 @@ class SparseRuntime:
         def hook(module, args, out):
             if not self.enabled:
                 return None
-            logits = self._mlp_logits.pop(l).reshape(out.shape)
-            self._mlp_sel[l] = topk_mask(exact_up_scores(out, logits, self.mlp_up_weight), self.mlp_density[l])
+            up = self.adapter.up_output(out)
+            logits = self._mlp_logits.pop(l).reshape(up.shape)
+            self._mlp_sel[l] = topk_mask(exact_up_scores(up, logits, self.mlp_up_weight), self.mlp_density[l])
             return None
 
         return hook
@@ -424,12 +424,16 @@ class SparseRuntime:
     def _patch_gather(self, l: int, layer: nn.Module) -> None:  # noqa: E741
         up, gate, down = self.adapter.up_proj(layer), self.adapter.gate_proj(layer), self.adapter.down_proj(layer)
 
+        fused = self.adapter.fused_gate_up
+
         def rows_of(module: nn.Module):
             def forward(x: torch.Tensor) -> torch.Tensor:
                 w, b = _linear_weight(module), getattr(module, "bias", None)
                 if not self.enabled:
                     return nn.functional.linear(x, w, b)
                 union = self._gather[l][1]
+                if fused:  # [gate | up]: the same neurons' rows in both halves
+                    union = torch.cat([union, union + w.shape[0] // 2])
                 y = nn.functional.linear(x, w[union], b[union] if b is not None else None)
                 # Full width keeps the model's own activation code working; unselected entries stay
                 # zero and are never read: down takes only the union's columns.
@@ -456,6 +460,8 @@ class SparseRuntime:
             h = (x * rows.to(x.dtype))[..., union]
             return nn.functional.linear(h, w[:, union], b)
 
+        if fused:
+            gate = None  # the same module as up: patched once
         for module, fn in ((up, rows_of(up)), (gate, rows_of(gate)), (down, down_forward)):
             if module is not None:
                 module.forward = fn

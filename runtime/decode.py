@@ -42,7 +42,7 @@ from dejavu.runtime import reference
 from dejavu.runtime.kernels import ops
 from dejavu.runtime.thresholds import Thresholds
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
 SELECT_IMPLS = ("fused", "fused-cublas", "classic", "static", "static-sync")
 JOIN_ORDERS = ("consumption", "heads-first")
 
@@ -276,6 +276,14 @@ class DecodeModel:
         s = adapter.shape()
         self.d, self.n, self.H, self.KV, self.hd = (s.hidden_size, s.intermediate_size, s.num_heads,
                                                     s.num_kv_heads, s.head_dim)
+        window = getattr(cfg, "sliding_window", None)
+        if model_type in ("qwen2", "qwen3") and not getattr(cfg, "use_sliding_window", False):
+            window = None  # Qwen configs carry a window they do not use
+        if window is not None and max_len > window:
+            # the loop attends to every cached position; beyond the window the model would not
+            raise DejavuError(f"this {model_type} model attends to a sliding window of {window} positions, and the "
+                              f"decode loop to all of them: keep prompt + new tokens within {window} "
+                              f"(asked: {max_len}), or use the hooks engine")
         self.group = self.H // self.KV
         self.device, self.dtype, self.max_len = torch.device(device), dtype, max_len
         self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
@@ -385,6 +393,9 @@ class DecodeModel:
         probe = torch.zeros(1, device=positions.device, dtype=torch.float32)
         with torch.no_grad():
             cos, sin = rotary(probe, positions)
+        if cos.shape[-1] != self.hd:
+            raise DejavuError(f"the decode runtime rotates whole heads ({self.hd} dims); this model rotates "
+                              f"{cos.shape[-1]} (partial rotary): use the hooks engine")
         return (cos[0].to(self.device, torch.float32).contiguous(), sin[0].to(self.device, torch.float32).contiguous())
 
     def attach_predictors(self, predictors: PredictorSet | None) -> None:

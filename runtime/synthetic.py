@@ -32,6 +32,10 @@ PRESETS: dict[str, dict] = {
     "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, num_hidden_layers=36, vocab_size=151936,
                      max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu"),
+    # Phi-3-mini-4k: MHA, gate/up and q/k/v each in one projection, a sliding window of 2,047 positions
+    "phi-3-mini": dict(model_type="phi3", hidden_size=3072, intermediate_size=8192, num_attention_heads=32,
+                       num_key_value_heads=32, num_hidden_layers=32, vocab_size=32064, max_position_embeddings=4096,
+                       sliding_window=2047, rms_norm_eps=1e-5, hidden_act="silu", pad_token_id=32000),
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                          num_key_value_heads=3, num_hidden_layers=30, vocab_size=49152,
                          max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,

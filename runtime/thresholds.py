@@ -72,7 +72,7 @@ def magnitude_quantiles(model, adapter, tokens: torch.Tensor, shares: dict[str, 
             seen.setdefault(key, []).append(x.detach().abs().float().flatten().cpu())
         return hook
 
-    modules = {"x": lambda layer: adapter.gate_proj(layer) or adapter.up_proj(layer),
+    modules = {"x": lambda layer: adapter.mlp_input_projections(layer)[0],
                "h": adapter.down_proj, "attn_x": adapter.attention_module, "attn_o": adapter.o_proj}
     handles = [modules[name](layer).register_forward_pre_hook(record((name, i)), with_kwargs=True)
                for i, layer in enumerate(layers) for name in shares]

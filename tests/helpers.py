@@ -32,6 +32,9 @@ TINY_CONFIGS = {
     # q and k normalised over all heads at once, and norms after attention and the MLP, not before
     "olmo2": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                   num_hidden_layers=2, max_position_embeddings=256),
+    # [gate | up] in one projection and q/k/v in another
+    "phi3": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                 num_hidden_layers=2, max_position_embeddings=256),
     # scalar multipliers on the embeddings, the residual branches, attention scores and logits
     "granite": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                     num_hidden_layers=2, max_position_embeddings=256, embedding_multiplier=4.0,

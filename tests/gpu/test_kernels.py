@@ -277,7 +277,7 @@ def _three_steps(dm, prompt: torch.Tensor, sparse: bool, steps: int = 3) -> torc
 
 @pytest.mark.parametrize("select_impl", ["fused", "classic"])
 @pytest.mark.parametrize("dense_impl", ["cublas", "triton"])
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "gemma"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "phi3", "gemma"])
 def test_graphed_decode_matches_cpu_reference(model_type, dense_impl, select_impl):
     from dejavu.runtime.decode import DecodeModel
 
@@ -542,7 +542,8 @@ def test_threshold_kernels_match_reference(dtype, batch, rows, n):
 
 
 @pytest.mark.parametrize("model_type,batch,keep_attn", [("llama", 1, None), ("llama", 3, None), ("llama", 1, 0.6),
-                                                      ("llama", 3, 0.5), ("qwen2", 1, 0.6), ("qwen3", 3, 0.6)])
+                                                      ("llama", 3, 0.5), ("qwen2", 1, 0.6), ("qwen3", 3, 0.6),
+                                                      ("phi3", 1, 0.6)])
 def test_graphed_threshold_decode_matches_cpu_reference(model_type, batch, keep_attn):
     from dejavu.runtime.decode import DecodeModel
     from dejavu.runtime.thresholds import calibrate_thresholds

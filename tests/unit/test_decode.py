@@ -25,7 +25,7 @@ def _greedy_hf(model, prompt, steps):
     return ids, logits
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"])
 def test_dense_prefill_and_steps_match_hf(tiny_model_factory, model_type):
     model, adapter = _load(tiny_model_factory(model_type))
     torch.manual_seed(0)
@@ -123,3 +123,16 @@ def test_step_bytes_sparse_less_than_dense(tiny_model_factory):
         + 2 * units_for_density(0.5, s.num_heads) * s.head_dim * s.hidden_size
         + 2 * s.num_kv_heads * s.head_dim * s.hidden_size for _ in [0])
     assert sparse["weights"] == expected
+
+
+def test_sliding_windows_the_loop_would_ignore_are_refused(tiny_model_factory):
+    # the loop attends to every cached position: past a model's window it would differ from the model
+    from dejavu.errors import DejavuError
+
+    model, adapter = _load(tiny_model_factory("mistral", sliding_window=8))
+    DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=8)
+    with pytest.raises(DejavuError, match="sliding window of 8 positions"):
+        DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=9)
+    # Qwen configs carry a window that only use_sliding_window turns on
+    model, adapter = _load(tiny_model_factory("qwen2", sliding_window=8, use_sliding_window=False))
+    DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16)

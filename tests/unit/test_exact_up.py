@@ -23,7 +23,7 @@ def _reference_masks(model, adapter, ids, rank_by):
             inputs[l] = args[0] if args else kwargs["hidden_states"]
 
         def up_hook(module, args, out, l=l):  # noqa: E741
-            masks[l] = topk_mask(rank_by(l, out, inputs[l]), 0.5)
+            masks[l] = topk_mask(rank_by(l, adapter.up_output(out), inputs[l]), 0.5)
 
         def down_pre(module, args, l=l):  # noqa: E741
             return (args[0] * masks[l].to(args[0].dtype),) + tuple(args[1:])
@@ -40,9 +40,10 @@ def _reference_masks(model, adapter, ids, rank_by):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("weight", [0.0, 0.4, 1e6])
-def test_exact_up_matches_a_hand_written_ranking(tiny_llama, weight):
-    model, adapter = load_tiny(tiny_llama)
+@pytest.mark.parametrize("weight,model_type", [(0.0, "llama"), (0.4, "llama"), (1e6, "llama"), (0.4, "phi3")])
+def test_exact_up_matches_a_hand_written_ranking(tiny_model_factory, weight, model_type):
+    # phi3: up is the second half of one [gate | up] projection's output
+    model, adapter = load_tiny(tiny_model_factory(model_type))
     preds = random_predictors(adapter)
     ids = random_ids(model)
 

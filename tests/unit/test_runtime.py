@@ -33,7 +33,7 @@ def _ids(model, seq=24, batch=2, seed=0):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("model_type", ["llama", "opt", "gpt2", "qwen3", "olmo2", "granite"])
+@pytest.mark.parametrize("model_type", ["llama", "opt", "gpt2", "qwen3", "olmo2", "granite", "phi3"])
 def test_density_one_equals_dense(tiny_model_factory, model_type):
     model, adapter = _load(tiny_model_factory(model_type))
     ids = _ids(model)
@@ -87,7 +87,7 @@ def test_oracle_equals_dense_with_the_same_units_masked_by_hand(tiny_model_facto
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("model_type", ["llama", "opt", "gpt2", "gemma2"])
+@pytest.mark.parametrize("model_type", ["llama", "opt", "gpt2", "gemma2", "phi3"])
 def test_gather_equals_mask(tiny_model_factory, model_type):
     model, adapter = _load(tiny_model_factory(model_type))
     ids = _ids(model)

@@ -44,7 +44,7 @@ def _masked_last_position(model, adapter, ids, thresholds):
 
     handles = []
     for i, layer in enumerate(adapter.decoder_layers()):
-        for proj in (adapter.gate_proj(layer), adapter.up_proj(layer)):
+        for proj in adapter.mlp_input_projections(layer):
             handles.append(proj.register_forward_pre_hook(keep_above(thresholds.x[i])))
         handles.append(adapter.down_proj(layer).register_forward_pre_hook(keep_above(thresholds.h[i])))
         if thresholds.attention:
@@ -108,7 +108,8 @@ def test_calibrated_attention_thresholds_keep_the_asked_share(tiny_model_factory
 
 
 @pytest.mark.parametrize("model_type,batch,keep_attn", [("llama", 1, None), ("llama", 2, None), ("llama", 1, 0.6),
-                                                      ("llama", 2, 0.5), ("qwen2", 2, 0.6)])
+                                                      ("llama", 2, 0.5), ("qwen2", 2, 0.6), ("phi3", 2, 0.6),
+                                                      ("qwen3", 1, 0.6)])
 def test_threshold_decode_step_matches_masked_hf(tiny_model_factory, model_type, batch, keep_attn):
     # qwen2: q/k/v biases, added after the thresholded projection (its own path in the decode loop)
     model, adapter = _load(tiny_model_factory(model_type))
@@ -207,7 +208,7 @@ def test_threshold_kernels_in_interpreter_match_reference():
     ''')
 
 
-@pytest.mark.parametrize("model_type", ["opt", "gpt2", "gpt_neox", "gemma", "mistral"])
+@pytest.mark.parametrize("model_type", ["opt", "gpt2", "gpt_neox", "gemma", "mistral", "phi3"])
 def test_attention_thresholds_in_every_family(tiny_model_factory, model_type):
     """Mask mode reaches each family's attention input and o input through the adapter (GPT-2 and OPT
     pass hidden_states positionally, Llama-style families by keyword)."""

@@ -323,6 +323,8 @@ def validate(cfg: RunConfig) -> None:
         if layer_bytes is not None and (keep_input is not None or keep_attn is not None):
             raise DejavuError(f"{section}.keep_layer_bytes (--keep-layer-bytes) sets every threshold itself: drop "
                               "--mlp-keep-input / --attn-keep-input")
+    if cfg.runtime.mlp_up_weight is not None and cfg.runtime.mlp_candidate_density is not None:
+        raise DejavuError("choose one MLP rule: --mlp-up-weight (exact up) or --mlp-candidate-density (two-stage)")
     if (cfg.runtime.attn_keep_input is not None or cfg.runtime.keep_layer_bytes is not None) \
             and (cfg.runtime.head_density or 1.0) < 1.0:
         raise DejavuError("attention thresholds (--attn-keep-input, --keep-layer-bytes) replace head selection: "
@@ -331,6 +333,11 @@ def validate(cfg: RunConfig) -> None:
         _check_density(d, f"export.mlp_density_per_layer[{layer}]")
     if cfg.collect.max_tokens <= 0:
         raise DejavuError(f"collect.max_tokens must be positive, got {cfg.collect.max_tokens}")
+    if not cfg.runtime.batch_sizes or any(b < 1 for b in cfg.runtime.batch_sizes):
+        raise DejavuError(f"runtime.batch_sizes (--batch-sizes) must be sizes of at least 1, got {cfg.runtime.batch_sizes}")
+    if cfg.train.cpu_threads < 0:
+        raise DejavuError(f"train.cpu_threads (--cpu-threads) must be 0 (this machine's cores) or more, "
+                          f"got {cfg.train.cpu_threads}")
     if cfg.runtime.prompt_len < 1:
         raise DejavuError(f"runtime.prompt_len (--prompt-len) must be at least 1, got {cfg.runtime.prompt_len}")
     for name, device in (("model.device", cfg.model.device), ("runtime.device", cfg.runtime.device)):

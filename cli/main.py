@@ -26,6 +26,25 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"dejavu {version('dejavu')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            typer.echo("dejavu (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit."),
+) -> None:
+    pass
+
+
 def _shipped_defaults() -> dict[str, Any]:
     """The values a run gets with no flags and no --config (the shipped default config over the built-in
     defaults), for the help texts; flags default to None so a --config file can set them."""
@@ -60,7 +79,8 @@ DebugOpt = typer.Option(False, "--debug", help="Show full tracebacks instead of 
 
 # Options `bench` and `generate` share: both apply a bundle to a model the same way (runtime/plan.py).
 ModelOpt = typer.Option(None, "--model", "-m", help="Hub id, local model dir, .gguf file, or alias (default: the bundle's model).")
-BundleOpt = typer.Option(None, "--bundle", "-b", help="Bundle from `dejavu export` (bench --synthetic needs none).")
+BundleOpt = typer.Option(
+    None, "--bundle", "-b", help="Bundle from `dejavu export` (none: dense, or thresholds / the oracle given by flags).")
 MlpDensityOpt = typer.Option(None, "--mlp-density", help="Override the bundle's MLP density, in (0, 1].")
 HeadDensityOpt = typer.Option(None, "--head-density", help="Override the bundle's head density, in (0, 1].")
 MlpCandidateDensityOpt = typer.Option(
@@ -118,6 +138,40 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=1)
 
 
+# The commands whose work survives an interruption (collect's shards, train-predictors' layers).
+RESUMABLE = ("collect", "train_predictors")
+
+
+def _is_artifact(directory: Path) -> bool:
+    import json
+
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("dejavu.")
+
+
+def _check_json_out(json_out: Path | None, inputs: list[Path], plot: bool = False) -> None:
+    """Refuse a --json path that would overwrite what the command reads, or land inside an artifact (a
+    bundle or a run stage: a directory with a dejavu manifest), before any work is done."""
+    if json_out is None:
+        return
+    from dejavu.errors import DejavuError
+
+    target = json_out.resolve()
+    for path in inputs:
+        path = path.resolve()
+        if target == path or (path.is_dir() and path in target.parents):
+            raise DejavuError(f"--json {json_out} would overwrite the command's own input {path}")
+    if _is_artifact(target.parent):
+        raise DejavuError(f"--json {json_out} would write into a dejavu artifact ({target.parent}); give a path "
+                          "outside bundles and run stages")
+    if plot and target.suffix.lower() == ".png":
+        raise DejavuError(f"--json {json_out}: the plot is written beside the report as a .png of the same name; "
+                          "give the report a .json name")
+
+
 def handle_errors(func):
     """One-line `error: ...` for problems the user can fix; tracebacks only with --debug."""
 
@@ -135,7 +189,11 @@ def handle_errors(func):
                 raise
             _fail(str(exc))
         except KeyboardInterrupt:
-            typer.echo("interrupted: finished shards/layers are kept; run the same command again to resume", err=True)
+            if func.__name__ in RESUMABLE:
+                typer.echo("interrupted: finished shards/layers are kept; run the same command again to resume",
+                           err=True)
+            else:
+                typer.echo("interrupted", err=True)
             raise typer.Exit(code=130) from None
         except (OSError, ValueError, RuntimeError) as exc:
             if debug:
@@ -315,7 +373,8 @@ def bench(
         None, "--prompt-len",
         help="Speed: tokens of context before the timed decode; attention reads a cache this long (default 16)."),
     synthetic: str | None = typer.Option(None, "--synthetic", help="Random weights at a real model's shapes: speed only. Presets: llama-2-7b, llama-3-8b, mistral-7b, qwen2-7b, qwen3-8b, phi-3-mini, smollm2-135m."),
-    layers: int | None = typer.Option(None, "--layers", help="Keep only the first N decoder layers (quick or CPU runs)."),
+    layers: int | None = typer.Option(
+        None, "--layers", help="With --synthetic: keep only the first N decoder layers (quick or CPU runs)."),
     quality: bool = typer.Option(True, "--quality/--no-quality", help="Measure perplexity, agreement and KL."),
     speed: bool = typer.Option(True, "--speed/--no-speed", help="Measure decode speed."),
     config: str | None = ConfigOpt,
@@ -325,6 +384,7 @@ def bench(
     from dejavu.runtime.bench import run_bench
 
     sizes = _numbers(batch_sizes, int, "--batch-sizes")
+    _check_json_out(json_out, [bundle] if bundle is not None else [], plot=True)
     run_bench(
         model=model, bundle=bundle, dataset=dataset, json_out=json_out, config_file=config,
         overrides={
@@ -389,6 +449,9 @@ def generate(
     """Generate text with a bundle applied: the prompt runs dense, every new token sparse."""
     from dejavu.runtime.generate import read_prompt_file, run_generate
 
+    _check_json_out(json_out, [p for p in (bundle, prompt_file) if p is not None and str(p) != "-"])
+    if temperature == 0 and top_p != 1.0:
+        typer.echo("note: --top-p applies only when sampling (--temperature above 0); decoding greedily", err=True)
     prompts = list(prompts) + (read_prompt_file(prompt_file) if prompt_file is not None else [])
     if not prompts:
         _fail("give a prompt: --prompt TEXT (repeatable) or --prompt-file FILE")
@@ -405,7 +468,8 @@ def generate(
 @app.command()
 @handle_errors
 def compare(
-    reports: list[Path] = typer.Argument(..., help="Bench reports: the JSON files `dejavu bench --json` writes."),
+    reports: list[Path] = typer.Argument(
+        ..., metavar="REPORT.json", help="Bench reports: the JSON files `dejavu bench --json` writes."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the table as JSON here."),
     config: str | None = typer.Option(
         None, "--config", "-c", help="Accepted as by every command; compare has no settings of its own, so the "
@@ -417,6 +481,7 @@ def compare(
 
     if config is not None:
         build_config(config, {})
+    _check_json_out(json_out, list(reports))
     run_compare(reports, json_out=json_out)
 
 

@@ -203,7 +203,7 @@ def test_bench_reads_an_evaluation_field_and_split(tmp_path, tiny_llama):
 
 
 @pytest.mark.parametrize("argv,says", [
-    (["compare"], "error: Missing argument 'reports'"),
+    (["compare"], "error: Missing argument 'REPORT.json'"),
     (["bench", "--max-eval-tokens", "abc"], "error: Invalid value for '--max-eval-tokens'"),
     (["bench", "--frobnicate"], "error: No such option: --frobnicate (see `dejavu bench --help`)"),
     (["nope"], "error: No such command 'nope'"),
@@ -237,3 +237,59 @@ def test_help_shows_flags_without_a_value_placeholder(capsys):
     assert main(["generate", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--compare-dense " in out and "<bool>" not in out and "--max-new-tokens <int>" in out
+
+
+def test_json_reports_never_overwrite_inputs_or_artifacts(capsys, tmp_path, tiny_llama):
+    """--json is checked before any work: not one of the command's inputs, not inside a bundle or a run
+    stage (a directory with a dejavu manifest), and for bench not a .png (its plot's name)."""
+    from dejavu.cli.main import main
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps({"format": "dejavu.bundle", "format_version": 1}))
+    (bundle / "predictors.safetensors").write_bytes(b"tensors")
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    for argv, says in (
+        (["compare", str(report), "--json", str(report)], "would overwrite the command's own input"),
+        (["compare", str(report), "--json", str(bundle / "table.json")], "would write into a dejavu artifact"),
+        (["generate", "-b", str(bundle), "-p", "hi", "--json", str(bundle / "predictors.safetensors")],
+         "would overwrite the command's own input"),
+        (["bench", "-b", str(bundle), "--json", str(bundle / "manifest.json")], "would overwrite"),
+        (["bench", "--model", str(tiny_llama), "--selection", "dense", "--json", str(tmp_path / "r.png")],
+         "give the report a .json name"),
+    ):
+        assert main(argv) == 1, argv
+        assert says in capsys.readouterr().err, argv
+    assert (bundle / "predictors.safetensors").read_bytes() == b"tensors" and report.read_text() == "{}"
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["bench", "--selection", "dense", "--no-speed", "--batch-sizes", "0"], "runtime.batch_sizes (--batch-sizes)"),
+    (["generate", "-p", "hi", "--mlp-candidate-density", "0.8", "--mlp-up-weight", "0.4"], "choose one MLP rule"),
+])
+def test_bad_numbers_and_rule_mixes_are_refused_before_loading(capsys, argv, says):
+    from dejavu.cli.main import main
+
+    assert main(argv) == 1
+    assert says in capsys.readouterr().err
+    with pytest.raises(DejavuError, match=r"train.cpu_threads \(--cpu-threads\) must be 0"):
+        load_config(None, {"train.cpu_threads": -2})
+
+
+def test_version_and_interruptions(capsys, monkeypatch):
+    from dejavu.cli import main as cli
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("dejavu ")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # only the stages that keep finished work promise a resume
+    monkeypatch.setattr("dejavu.runtime.compare.run_compare", interrupted)
+    assert cli.main(["compare", "x.json"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    monkeypatch.setattr("dejavu.collect.collect.run_collect", interrupted)
+    assert cli.main(["collect", "--out", "nowhere"]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err

@@ -239,7 +239,9 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     shipped = CONFIG_DIR / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped
-    raise DejavuError(f"config file not found: {name_or_path}")
+    if path.is_dir():
+        raise DejavuError(f"--config {name_or_path} is a directory; give a YAML file or a name from {CONFIG_DIR}")
+    raise DejavuError(f"config file not found: {name_or_path} (nor {shipped.name} in {CONFIG_DIR})")
 
 
 def _merge_file(cfg: RunConfig, config_file: str | Path) -> None:

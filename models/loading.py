@@ -127,6 +127,9 @@ def _converted_gguf_dir(source: ModelSource) -> Path:
         model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, dtype=torch.float32)
     except ImportError as exc:
         raise DejavuError(f"loading a .gguf file needs the `gguf` package: pip install gguf ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - the readers fail on a damaged or foreign file in many ways
+        raise DejavuError(f"{gguf_path} is not a GGUF model transformers can read ({type(exc).__name__}: "
+                          f"{exc})") from None
     # The dequantised weights are plain fp32 tensors; drop the quantiser so they can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -99,3 +99,21 @@ def test_gguf_cache_is_keyed_by_contents_not_mtime(tmp_path, monkeypatch):
     new_target = loading._converted_gguf_dir(other)
     assert new_target != target and converted and (new_target / "config.json").is_file()
     assert not old_key.exists() and fresh_old_key.exists() and target.exists()
+
+
+@pytest.mark.parametrize("content", [b"GGUFjunkjunk", b"not a gguf file at all, just text" * 4])
+def test_a_damaged_or_foreign_gguf_file_is_one_line(tmp_path, monkeypatch, content):
+    monkeypatch.setenv("DEJAVU_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(content)
+    with pytest.raises(DejavuError, match="is not a GGUF model transformers can read"):
+        load_model(str(fake), device="cpu", dtype="float32")
+
+
+def test_a_config_directory_or_unknown_name_says_so(tmp_path):
+    from dejavu.config import load_config
+
+    with pytest.raises(DejavuError, match="is a directory"):
+        load_config(str(tmp_path), {})
+    with pytest.raises(DejavuError, match="config file not found: nosuch"):
+        load_config("nosuch", {})

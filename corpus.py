@@ -6,6 +6,8 @@ Shared by collect (calibration) and bench (evaluation), so it lives outside both
 from __future__ import annotations
 
 import glob
+import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -13,6 +15,9 @@ import torch
 from dejavu.errors import DejavuError
 
 LOCAL_BUILDERS = {".txt": "text", ".raw": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# A directory's .json files are most often metadata (dataset_info.json, config.json), not documents;
+# a .json corpus is still read when named as a file or matched by a glob.
+DIRECTORY_SUFFIXES = set(LOCAL_BUILDERS) - {".json"}
 
 
 def _local_files(spec: str) -> list[str] | None:
@@ -26,7 +31,7 @@ def _local_files(spec: str) -> list[str] | None:
     if path.is_file():
         return [str(path)]
     if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*") if p.suffix in LOCAL_BUILDERS and p.is_file())
+        files = sorted(str(p) for p in path.rglob("*") if p.suffix in DIRECTORY_SUFFIXES and p.is_file())
         if not files:
             raise DejavuError(f"directory {path} holds no .txt/.jsonl/.parquet files")
         return files
@@ -52,9 +57,11 @@ def load_texts(spec: str, split: str = "train", text_field: str = "text") -> lis
 
         datasets.disable_progress_bars()
         try:
-            ds = datasets.load_dataset(builder, data_files=files, split="train")
+            with _datasets_errors_unlogged():
+                ds = datasets.load_dataset(builder, data_files=files, split="train")
         except Exception as exc:  # datasets raises many types for unreadable files
-            raise DejavuError(f"cannot read {spec}: {exc}") from None
+            _raise_bad_json_line(files)
+            raise DejavuError(f"cannot read {spec}: {_first_line(exc)}") from None
     else:
         import datasets
 
@@ -66,7 +73,59 @@ def load_texts(spec: str, split: str = "train", text_field: str = "text") -> lis
             raise DejavuError(f"cannot load dataset {spec!r} (split {split!r}): {str(exc).splitlines()[0]}") from None
     if text_field not in ds.column_names:
         raise DejavuError(f"dataset {spec} has no field {text_field!r} (fields: {', '.join(ds.column_names)})")
-    return [t for t in ds[text_field] if t and t.strip()]
+    return _nonblank_texts(ds[text_field], spec, text_field)
+
+
+@contextmanager
+def _datasets_errors_unlogged():
+    """`datasets` logs a failed read before raising it; the DejavuError raised for it says it once, on one line."""
+    from datasets.utils import logging as ds_logging
+
+    level = ds_logging.get_verbosity()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The most telling line of a `datasets` error: its generic wrapper hides the cause (bad JSON, bad parquet)."""
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if exc.__cause__ is not None and "error occurred while generating the dataset" in message:
+        return _first_line(exc.__cause__)
+    return message
+
+
+def _raise_bad_json_line(files: list[str]) -> None:
+    """Name the first line of a .jsonl file that is not one JSON object; `datasets` names neither file nor line."""
+    for name in files:
+        if Path(name).suffix != ".jsonl":
+            continue
+        with open(name, "rb") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line.rstrip(b"\r\n"))
+                except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+                    detail = f"{exc.msg}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+                    raise DejavuError(f"{name}:{lineno} is not valid JSON ({detail})") from None
+                if not isinstance(record, dict):
+                    raise DejavuError(f"{name}:{lineno} is not a JSON object (each line of a .jsonl file must be one)")
+
+
+def _nonblank_texts(values: list, spec: str, text_field: str) -> list[str]:
+    """The non-blank strings of a text column; missing values count as blank, any other type is refused."""
+    texts = []
+    for value in values:
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise DejavuError(f"{spec}: field {text_field!r} holds {type(value).__name__} values, not text")
+        if value.strip():
+            texts.append(value)
+    return texts
 
 
 def tokenize_stream(texts: list[str], tokenizer) -> torch.Tensor:

@@ -88,6 +88,21 @@ def split_eval(sequences: torch.Tensor, eval_tokens: int) -> tuple[torch.Tensor,
     return sequences[: n - n_eval], sequences[n - n_eval:], wanted
 
 
+def check_budget(max_tokens: int, seq_len: int, eval_tokens: int) -> int:
+    """The tokens a run collects (the budget in whole sequences, rounded up); refuses one without both splits."""
+    # train-predictors needs train shards to fit on and eval shards to measure on; without this check
+    # the gap shows only after the whole collection has run.
+    if eval_tokens <= 0:
+        raise DejavuError(f"collect.eval_tokens must be positive, got {eval_tokens}: train-predictors measures "
+                          "its predictors on the eval split")
+    n = -(-max_tokens // seq_len)
+    if n < 2:
+        raise DejavuError(f"--max-tokens {max_tokens} is {n} sequence of --seq-len {seq_len}; collect needs at least 2 "
+                          f"(one to train on, one for collect.eval_tokens): use --max-tokens {2 * seq_len} or more, "
+                          "or a shorter --seq-len")
+    return n * seq_len
+
+
 def make_plan(sequences: torch.Tensor, eval_tokens: int, shard_tokens: int, world_size: int) -> Plan:
     seq_len = sequences.shape[1]
     train, evals, _ = split_eval(sequences, eval_tokens)
@@ -403,6 +418,7 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
         raise DejavuError(f"collect.input_dtype must be one of {', '.join(DTYPES)}; got {cc.input_dtype!r}")
     if cc.shard_tokens <= 0 or cc.batch_size <= 0:
         raise DejavuError("collect.shard_tokens and collect.batch_size must be positive")
+    budget = check_budget(cc.max_tokens, cfg.data.seq_len, cc.eval_tokens)
     rank, world, barrier, dist = _distributed_state(resolve_device(cfg.model.device).type == "cpu")
     main = rank == 0
     say = print if main else (lambda *a, **k: None)
@@ -437,6 +453,9 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
         say(concentration_table(manifest["stats"]))
         return manifest
 
+    if budget != cc.max_tokens:
+        say(f"note: --max-tokens {cc.max_tokens} rounded up to {budget:,} tokens, {budget // cfg.data.seq_len} "
+            f"whole sequences of --seq-len {cfg.data.seq_len}")
     _, _, wanted_eval = split_eval(sequences, cc.eval_tokens)
     if plan.eval.shape[0] < wanted_eval:
         say(f"note: eval split cut to {plan.eval.numel():,} tokens (half the run) from collect.eval_tokens={cc.eval_tokens}")

@@ -8,6 +8,7 @@ Each bench run measures one rule against dense; choosing a rule means reading se
 from __future__ import annotations
 
 import json
+import numbers
 import sys
 from pathlib import Path
 
@@ -15,6 +16,11 @@ from dejavu.errors import DejavuError
 
 # what every bench report holds (CONTRACT.md's keys)
 REQUIRED_KEYS = ("model", "device", "mlp_density", "head_density", "dense", "sparse", "speedup")
+# the figures the table prints; null is shown as "-"
+NULLABLE_NUMBERS = ("dense.ppl", "dense.ms_per_token", "sparse.ppl", "sparse.ms_per_token", "speedup",
+                    "top1_agreement", "kl", "quality.computed.mlp_weight_share", "mlp_up_weight",
+                    "mlp_candidate_density", "thresholds.keep_attn_input", "thresholds.allocation.layer_bytes")
+OBJECTS = ("dense", "sparse", "quality", "quality.computed", "thresholds", "thresholds.allocation")
 
 
 def read_report(path: Path) -> dict:
@@ -28,7 +34,47 @@ def read_report(path: Path) -> dict:
     missing = [k for k in REQUIRED_KEYS if not isinstance(report, dict) or k not in report]
     if missing:
         raise DejavuError(f"{path} is not a `dejavu bench` report: it lacks {', '.join(missing)}")
+    check_values(path, report)
     return report
+
+
+def _lookup(report: dict, key: str):
+    value = report
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # JSON true is not a figure
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_values(path: Path, report: dict) -> None:
+    """Refuse a report whose figures are not numbers: printing would fail half-way through the table."""
+    for key in OBJECTS:
+        value = _lookup(report, key)
+        if value is not None and not isinstance(value, dict):
+            raise DejavuError(f"{path}: {key} is not an object (got {_shown(value)})")
+    thresholds = report.get("thresholds")
+    by_layer_bytes = bool(thresholds) and _lookup(report, "thresholds.allocation.layer_bytes") is not None
+    required = ["head_density"]
+    if not thresholds:
+        required.append("mlp_density")  # a threshold rule's label does not name an MLP density
+    elif not by_layer_bytes:
+        required += ["thresholds.keep_input", "thresholds.keep_down_input"]
+    for key in (*required, *NULLABLE_NUMBERS, *(("mlp_density",) if thresholds else ())):
+        value = _lookup(report, key)
+        if key in required and value is None:
+            raise DejavuError(f"{path}: {key} is missing or null; compare needs a number")
+        if value is not None and not _is_number(value):
+            raise DejavuError(f"{path}: {key} is not a number (got {_shown(value)})")
+    if report.get("selection") is not None and not isinstance(report["selection"], str):
+        raise DejavuError(f"{path}: selection is not a string (got {_shown(report['selection'])})")
 
 
 def rule_label(report: dict) -> str:

@@ -66,3 +66,46 @@ def test_what_is_not_a_bench_report_is_refused(tmp_path):
                                                          "head_density": 1.0})])
     with pytest.raises(DejavuError, match="one or more bench reports"):
         run_compare([])
+
+
+# --- wrong-typed figures: refused before any line of the table ---------------------------------------
+
+@pytest.mark.parametrize("changes, says", [
+    ({"sparse": {"ppl": "abc", "ms_per_token": 32.0}}, "sparse.ppl is not a number (got 'abc')"),
+    ({"mlp_density": "half"}, "mlp_density is not a number (got 'half')"),
+    ({"speedup": "fast"}, "speedup is not a number (got 'fast')"),
+    ({"kl": True}, "kl is not a number (got True)"),
+    ({"head_density": None}, "head_density is missing or null; compare needs a number"),
+    ({"dense": [10.0, 40.0]}, "dense is not an object (got [10.0, 40.0])"),
+    ({"quality": {"computed": {"mlp_weight_share": "0.5"}}},
+     "quality.computed.mlp_weight_share is not a number (got '0.5')"),
+    ({"thresholds": {"keep_input": 0.8, "keep_down_input": "x"}}, "thresholds.keep_down_input is not a number"),
+    ({"selection": 3}, "selection is not a string (got 3)"),
+])
+def test_wrong_typed_values_are_refused_before_printing(tmp_path, capsys, changes, says):
+    good = _write(tmp_path / "good.json", _report())
+    bad = _write(tmp_path / "bad.json", _report(**changes))
+    with pytest.raises(DejavuError) as caught:
+        run_compare([good, bad])
+    assert str(caught.value).startswith(f"{bad}: {says}")
+    assert capsys.readouterr().out == ""
+
+
+def test_nulls_still_print_as_dashes(tmp_path, capsys):
+    a = _write(tmp_path / "a.json", _report(speedup=None, kl=None, top1_agreement=None, quality=None,
+                                            dense={"ppl": None, "ms_per_token": None}))
+    b = _write(tmp_path / "b.json", _report(mlp_density=None, thresholds={
+        "keep_input": 0.8, "keep_down_input": 0.5, "keep_attn_input": None, "allocation": None}))
+    rows = run_compare([a, b])["rows"]
+    assert rows[0]["speedup"] is None and rows[1]["rule"] == "thresholds 0.8 / 0.5, heads 1"
+    assert capsys.readouterr().out.splitlines()[2].count(" - ") >= 4
+
+
+def test_the_cli_prints_one_error_line_and_no_table(tmp_path, capsys):
+    from dejavu.cli.main import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(_report(speedup="fast")))
+    assert main(["compare", str(bad)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {bad}: speedup is not a number (got 'fast')\n" and captured.out == ""

@@ -214,6 +214,46 @@ def hash_threads() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+def file_entries(directory: str | Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's `files`, each with a path, a size and a sha256: a malformed entry would otherwise
+    crash the check, and a missing list would skip it."""
+    where = Path(directory) / MANIFEST
+    if "files" not in manifest:
+        raise DejavuError(f"{where} lacks the field 'files' (written by another version?)")
+    files = manifest["files"]
+    if not isinstance(files, list):
+        raise DejavuError(f"{where}: files must be a list of path, bytes and sha256, got {type(files).__name__} "
+                          "(edited manifest?)")
+    for position, entry in enumerate(files):
+        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)
+                and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
+            raise DejavuError(f"{where}: files[{position}] lacks its path, bytes or sha256 (edited manifest?)")
+    return files
+
+
+def check_listed(directory: str | Path, manifest: dict[str, Any], paths: Iterable[str]) -> None:
+    """Refuse a manifest whose `files` omits one of `paths`: an unlisted file is never hashed, so deleting
+    its entry would turn the check off."""
+    listed = {entry["path"] for entry in file_entries(directory, manifest)}
+    missing = [p for p in paths if p not in listed]
+    if missing:
+        raise DejavuError(f"{Path(directory) / MANIFEST} does not list {', '.join(missing)} in its files, so its "
+                          "sha256 cannot be checked (edited manifest?)")
+
+
+def stage_around(path: str | Path) -> tuple[Path, str] | None:
+    """The nearest directory strictly above `path` that holds a dejavu manifest (a run stage or a bundle),
+    with its format; None when there is none."""
+    for parent in Path(path).resolve().parents:
+        try:
+            kind = json.loads((parent / MANIFEST).read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if kind in FORMAT_VERSIONS:
+            return parent, kind
+    return None
+
+
 def verify_files(directory: str | Path, manifest: dict[str, Any], hash_share: tuple[int, int] | None = (0, 1),
                  threads: int | None = None, stop: threading.Event | None = None) -> None:
     """Every listed file present with its size; the sha256 of this process's share of them (none when
@@ -225,7 +265,7 @@ def verify_files(directory: str | Path, manifest: dict[str, Any], hash_share: tu
     directory = Path(directory)
     index, count = hash_share or (0, 0)
     to_hash = []
-    for position, entry in enumerate(manifest.get("files", [])):
+    for position, entry in enumerate(file_entries(directory, manifest)):
         path = directory / entry["path"]
         if not path.is_file():
             raise DejavuError(f"{path} is listed in the manifest but missing")

@@ -142,16 +142,6 @@ def _fail(message: str) -> None:
 RESUMABLE = ("collect", "train_predictors")
 
 
-def _is_artifact(directory: Path) -> bool:
-    import json
-
-    try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("dejavu.")
-
-
 def _check_json_out(json_out: Path | None, inputs: list[Path], plot: bool = False) -> None:
     """Refuse a --json path that would overwrite what the command reads, or land inside an artifact (a
     bundle or a run stage: a directory with a dejavu manifest), before any work is done."""
@@ -164,9 +154,12 @@ def _check_json_out(json_out: Path | None, inputs: list[Path], plot: bool = Fals
         path = path.resolve()
         if target == path or (path.is_dir() and path in target.parents):
             raise DejavuError(f"--json {json_out} would overwrite the command's own input {path}")
-    if _is_artifact(target.parent):
-        raise DejavuError(f"--json {json_out} would write into a dejavu artifact ({target.parent}); give a path "
-                          "outside bundles and run stages")
+    from dejavu.artifacts import stage_around
+
+    around = stage_around(target)
+    if around is not None:
+        raise DejavuError(f"--json {json_out} would write into a dejavu artifact ({around[0]}, a {around[1]} "
+                          "directory); give a path outside bundles and run stages")
     if plot and target.suffix.lower() == ".png":
         raise DejavuError(f"--json {json_out}: the plot is written beside the report as a .png of the same name; "
                           "give the report a .json name")

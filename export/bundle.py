@@ -16,17 +16,22 @@ the runtime runs it dense.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dejavu.artifacts import (
+    check_listed,
     file_entry,
     load_tensors,
+    manifest_hash,
     parent_ref,
     read_manifest,
     save_tensors,
+    stage_around,
+    verify_files,
     write_manifest,
 )
 from dejavu.errors import DejavuError
@@ -36,6 +41,11 @@ BUNDLE_KIND = "dejavu.bundle"
 PREDICTORS_KIND = "dejavu.predictors"
 BUNDLE_FILE = "predictors.safetensors"
 KINDS = ("mlp", "attn")
+COLLECT_KIND = "dejavu.collect"
+# Read without a default by load_bundle and the runtime; export has written them all since version 1
+# (PREDICTOR_FIELDS only in bundles with predictors: thresholds alone have no pairing).
+REQUIRED_FIELDS = ("model", "mlp_density", "head_density", "mlp_density_per_layer", "head_density_per_layer")
+PREDICTOR_FIELDS = ("mlp_pairing", "head_pairing", "hidden_activation")
 
 
 def layer_file(l: int) -> str:  # noqa: E741 - l is the layer index everywhere in the formats doc
@@ -61,6 +71,31 @@ def _per_layer(default: float, overrides: dict, num_layers: int, present: list[b
     return values
 
 
+def _mean_density(values: list[float], present: list[bool]) -> float | None:
+    """The top-level density: the mean over the layers with predictors (the others run dense), exactly the
+    shared value when they agree, so that a uniform bundle states its density as given."""
+    kept = [float(v) for v, p in zip(values, present, strict=True) if p]
+    if not kept:
+        return None
+    return kept[0] if len(set(kept)) == 1 else math.fsum(kept) / len(kept)
+
+
+def _check_collect_unchanged(pm: dict, pred_dir: Path, collect_dir: Path) -> None:
+    """Refuse predictors trained on collect data the run no longer holds (collect ran again since), as a
+    training resume does. A run whose collect/ was deleted to free disk has nothing to compare: allowed."""
+    parent = pm.get("parent")
+    if not isinstance(parent, dict) or parent.get("format") != COLLECT_KIND or not collect_dir.is_dir():
+        return
+    try:
+        current = manifest_hash(read_manifest(collect_dir, COLLECT_KIND, verify=False))
+    except DejavuError:
+        current = None  # collecting again now, or interrupted
+    if current != parent.get("sha256"):
+        raise DejavuError(f"{pred_dir} was trained with other collect data than {collect_dir} holds now (collect ran "
+                          f"again since?); re-run `dejavu train-predictors --run {collect_dir.parent} --overwrite`, "
+                          "then export")
+
+
 def _calibrated_thresholds(cfg, model_name: str, identity: dict | None, keep_down: float):
     """Load the model, check it is the one the predictors were trained on, calibrate (runtime/thresholds.py)."""
     from dejavu.models.adapters import adapter_for
@@ -82,16 +117,15 @@ def _calibrated_thresholds(cfg, model_name: str, identity: dict | None, keep_dow
     return thresholds, description, identity or model_identity(adapter, source.display)
 
 
-def check_bundle_out(out: Path) -> bool:
-    """Refuse an --out that holds anything but a bundle, before any work; True when a bundle is there
-    (it is then replaced, and the caller says so)."""
+def check_bundle_out(out: Path, stages: tuple[Path, ...] = ()) -> bool:
+    """Refuse an --out that holds anything but a bundle, or lies in the run's `stages` or in any directory
+    holding a dejavu manifest (rewriting that stage would delete it), before any work; True when a bundle
+    is there (it is then replaced, and the caller says so)."""
     if out.exists() and not out.is_dir():
         raise DejavuError(f"--out {out} is a file; the bundle is a directory")
     from dejavu.artifacts import check_can_write
 
     check_can_write(out, "--out")
-    if not out.is_dir():
-        return False
     manifest = out / "manifest.json"
     if manifest.is_file():
         import json
@@ -103,6 +137,18 @@ def check_bundle_out(out: Path) -> bool:
         if kind != BUNDLE_KIND:
             raise DejavuError(f"--out {out} holds a {kind or 'unreadable'} manifest, not a bundle; writing there would "
                               "replace it. Choose a new directory")
+    target = out.resolve()
+    for stage in stages:  # checked by name too: an unfinished stage has no manifest yet
+        stage = stage.resolve()
+        if target == stage or stage in target.parents:
+            raise DejavuError(f"--out {out} is inside the run's stage {stage}, which export never writes into "
+                              "(rerunning the stage would delete it); choose a directory outside collect/ and predictors/")
+    around = stage_around(target)
+    if around is not None:
+        raise DejavuError(f"--out {out} is inside {around[0]} (a {around[1]} directory); choose a directory outside "
+                          "run stages and bundles")
+    if not out.is_dir():
+        return False
     others = sorted(p.name for p in out.iterdir()
                     if p.name not in ("manifest.json", BUNDLE_FILE) and not p.name.startswith("."))
     if others:
@@ -160,6 +206,8 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
     if not pred_dir.exists() and (run / "manifest.json").is_file():
         pred_dir = run  # accept the predictors directory itself
     pm = read_manifest(pred_dir, PREDICTORS_KIND)
+    collect_dir = pred_dir.parent / "collect"
+    _check_collect_unchanged(pm, pred_dir, collect_dir)
     cfg = _export_config(pm, config_file, overrides or {})
     identity = pm.get("model") or {}
     num_layers = int(pm.get("layers") or identity.get("num_layers") or 0)
@@ -167,7 +215,7 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         raise DejavuError(f"{pred_dir}/manifest.json names no layer count")
     if out.resolve() in (run.resolve(), pred_dir.resolve()):
         raise DejavuError(f"--out {out} would overwrite the run itself; choose a separate bundle directory")
-    replacing = check_bundle_out(out)
+    replacing = check_bundle_out(out, stages=(pred_dir, collect_dir))
 
     listed = {entry["path"] for entry in pm.get("files", [])}
     tensors: dict[str, torch.Tensor] = {}
@@ -209,6 +257,8 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
             raise DejavuError(f"the model has {len(thresholds.x)} layers, the predictors {num_layers}")
         tensors.update(thresholds_to_tensors(thresholds))
 
+    # per-layer overrides make the top-level density their mean (what bench reports), not the default
+    mlp_density, head_density = _mean_density(mlp_per_layer, present), _mean_density(head_per_layer, present)
     _writing_to(out, replacing)
     # An older manifest would describe the old file for a moment: remove it first (commit marker).
     (out / "manifest.json").unlink(missing_ok=True)
@@ -250,6 +300,45 @@ def _check_shapes(manifest: dict, l: int, kind: str, t: dict[str, torch.Tensor],
         raise DejavuError(f"{path}: layer {l} {kind} predictor scores {w2.shape[0]} units, the model has {n_out}")
 
 
+def _require(missing: list[str], where: Path) -> None:
+    if missing:
+        fields = ", ".join(repr(key) for key in missing)
+        raise DejavuError(f"{where} lacks the field{'s' if len(missing) > 1 else ''} {fields} "
+                          "(written by another version?)")
+
+
+def _check_manifest_fields(manifest: dict, where: Path) -> None:
+    """Every field read without a default, and the model identity's dimensions and fingerprint (without
+    them check_bundle_matches would pass any model): one refusal here instead of a KeyError later."""
+    from dejavu.models.identity import IDENTITY_KEYS
+
+    _require([key for key in REQUIRED_FIELDS if key not in manifest], where)
+    model = manifest["model"]
+    if not isinstance(model, dict):
+        raise DejavuError(f"{where}: model must be the model's identity, got {type(model).__name__} (edited manifest?)")
+    _require([f"model.{key}" for key in (*IDENTITY_KEYS, "fingerprint") if not model.get(key)], where)
+    layers = model["num_layers"]
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers <= 0:
+        raise DejavuError(f"{where}: model.num_layers must be a positive integer, got {layers!r} (edited manifest?)")
+
+
+def _check_top_level_densities(manifest: dict, layers: list[LayerPredictors], thresholds, where: Path) -> None:
+    """The top-level densities are what bench reports, the per-layer ones what runs: refuse a manifest where
+    they disagree. Export writes each as the mean over the layers with predictors (_mean_density); a bundle
+    of thresholds alone has none, and states the share of down's input its thresholds keep, heads dense."""
+    for key, kind in (("mlp_density", "mlp"), ("head_density", "attn")):
+        present = [getattr(layer, kind) is not None for layer in layers]
+        expected = _mean_density(manifest[f"{key}_per_layer"], present)
+        if expected is not None:
+            source = f"the mean of {key}_per_layer over the layers with predictors"
+        elif key == "mlp_density" and thresholds is not None:
+            expected, source = thresholds.keep_h, "the share of down's input its thresholds keep"
+        else:
+            expected, source = 1.0, "1 (no layer has predictors)"
+        if not math.isclose(manifest[key], expected, rel_tol=0.0, abs_tol=1e-9):
+            raise DejavuError(f"{where}: {key} is {manifest[key]:g}, but {source} is {expected:g} (edited manifest?)")
+
+
 def _check_manifest_densities(manifest: dict, where: Path) -> None:
     """The manifest's sha256 covers the tensors, not its own values: an edited density is caught here."""
     def density(value, key: str, optional: bool = False) -> None:
@@ -263,8 +352,6 @@ def _check_manifest_densities(manifest: dict, where: Path) -> None:
     density(manifest.get("mlp_candidate_density"), "mlp_candidate_density", optional=True)
     for key in ("mlp_density_per_layer", "head_density_per_layer"):
         values = manifest.get(key)
-        if values is None:
-            continue
         if not isinstance(values, list):
             raise DejavuError(f"{where}: {key} must be a list, got {type(values).__name__} (edited manifest?)")
         for l, value in enumerate(values):  # noqa: E741
@@ -279,12 +366,15 @@ def load_bundle(path: str | Path) -> tuple[dict, PredictorSet]:
     if not (path / "manifest.json").exists() and ((path / "predictors").is_dir() or (path / "collect").is_dir()):
         raise DejavuError(f"{path} is a training run, not a bundle: write one with "
                           f"`dejavu export --run {path} --out BUNDLE` and pass --bundle BUNDLE")
-    manifest = read_manifest(path, BUNDLE_KIND)
-    _check_manifest_densities(manifest, path / "manifest.json")
-    model = manifest.get("model") or {}
-    num_layers = int(model.get("num_layers") or len(manifest.get("mlp_density_per_layer", [])))
-    mlp_d = manifest.get("mlp_density_per_layer") or [manifest["mlp_density"]] * num_layers
-    head_d = manifest.get("head_density_per_layer") or [manifest["head_density"]] * num_layers
+    where = path / "manifest.json"
+    manifest = read_manifest(path, BUNDLE_KIND, verify=False)
+    _check_manifest_fields(manifest, where)
+    check_listed(path, manifest, [BUNDLE_FILE])  # every bundle, thresholds alone too, keeps its tensors there
+    verify_files(path, manifest)
+    _check_manifest_densities(manifest, where)
+    model = manifest["model"]
+    num_layers = model["num_layers"]
+    mlp_d, head_d = manifest["mlp_density_per_layer"], manifest["head_density_per_layer"]
     if len(mlp_d) != num_layers or len(head_d) != num_layers:
         raise DejavuError(f"{path}/manifest.json: per-layer densities list {len(mlp_d)}/{len(head_d)} layers, "
                           f"the model has {num_layers}")
@@ -294,7 +384,9 @@ def load_bundle(path: str | Path) -> tuple[dict, PredictorSet]:
         from dejavu.runtime.thresholds import thresholds_from_tensors
 
         thresholds = thresholds_from_tensors(all_tensors, manifest["thresholds"], num_layers, str(path / BUNDLE_FILE))
-    activation = manifest.get("hidden_activation", "none")
+    if any(key.startswith("layers.") for key in all_tensors):
+        _require([key for key in PREDICTOR_FIELDS if key not in manifest], where)
+    activation = manifest.get("hidden_activation")
     layers = []
     for l in range(num_layers):  # noqa: E741
         preds = {}
@@ -312,6 +404,7 @@ def load_bundle(path: str | Path) -> tuple[dict, PredictorSet]:
         layers.append(LayerPredictors(preds["mlp"], preds["attn"],
                                       float(mlp_d[l]) if preds["mlp"] is not None else 1.0,
                                       float(head_d[l]) if preds["attn"] is not None else 1.0))
+    _check_top_level_densities(manifest, layers, thresholds, where)
     pset = PredictorSet(layers, mlp_pairing=manifest.get("mlp_pairing", "current"),
                         head_pairing=manifest.get("head_pairing", "lookahead"),
                         meta={"bundle": str(path), "model": model}, thresholds=thresholds)

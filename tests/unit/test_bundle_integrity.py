@@ -1,0 +1,180 @@
+"""A bundle's manifest edited by hand, stale predictors and an --out inside a run's stages: each refused
+with one line naming the file, never a KeyError and never a check silently turned off."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from dejavu.artifacts import parent_ref, read_manifest, write_manifest
+from dejavu.errors import DejavuError
+from dejavu.export.bundle import BUNDLE_FILE, check_bundle_out, load_bundle, run_export
+
+from helpers import make_predictors_dir
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, tiny_llama):
+    run = tmp_path_factory.mktemp("run")
+    make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=0.75)
+    run_export(run, run / "bundle")
+    return run / "bundle"
+
+
+@pytest.fixture(scope="module")
+def thresholds_bundle(tmp_path_factory, tiny_llama):
+    from helpers import CALIB_TXT
+
+    out = tmp_path_factory.mktemp("thresholds") / "bundle"
+    run_export(None, out, config_file="tiny", model_name=str(tiny_llama),
+               overrides={"export.mlp_keep_input": 0.7, "data.dataset": str(CALIB_TXT),
+                          "export.calibration_tokens": 256})
+    return out
+
+
+def _edited(source, tmp_path, edit):
+    copy = tmp_path / "edited"
+    shutil.copytree(source, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def _dropping(*path):
+    def edit(manifest):
+        for key in path[:-1]:
+            manifest = manifest[key]
+        del manifest[path[-1]]
+    return edit
+
+
+# 1. required fields
+
+
+@pytest.mark.parametrize("path", [("model",), ("mlp_density",), ("head_density_per_layer",), ("mlp_pairing",),
+                                  ("hidden_activation",), ("model", "num_layers"), ("model", "fingerprint")])
+def test_a_missing_field_is_refused_by_name(bundle, tmp_path, path):
+    edited = _edited(bundle, tmp_path, _dropping(*path))
+    with pytest.raises(DejavuError, match=rf"manifest.json lacks the field '{'.'.join(path)}' \(written by another"):
+        load_bundle(edited)
+
+
+def test_bench_without_the_model_field_is_a_one_line_error(bundle, tmp_path, tiny_llama, capsys):
+    from dejavu.cli.main import main
+
+    edited = _edited(bundle, tmp_path, _dropping("model"))
+    assert main(["bench", "--bundle", str(edited), "--config", "tiny", "--json", str(tmp_path / "r.json")]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "lacks the field 'model'" in err and "Traceback" not in err
+
+
+def test_thresholds_alone_need_no_pairing(thresholds_bundle):
+    manifest, pset = load_bundle(thresholds_bundle)
+    assert "mlp_pairing" not in manifest and not pset.has_predictors and pset.thresholds is not None
+
+
+# 2. the file list
+
+
+@pytest.mark.parametrize("edit, says", [
+    (_dropping("files"), "lacks the field 'files'"),
+    (lambda m: m.update(files={}), "files must be a list"),
+    (lambda m: m.update(files=[]), f"does not list {BUNDLE_FILE}"),
+    (lambda m: m.update(files=[{**m["files"][0], "path": "other.safetensors"}]), f"does not list {BUNDLE_FILE}"),
+    (lambda m: m["files"][0].pop("sha256"), r"files\[0\] lacks its path, bytes or sha256"),
+])
+@pytest.mark.parametrize("which", ["predictors", "thresholds"])
+def test_the_tensor_file_must_stay_listed_with_its_sha256(bundle, thresholds_bundle, tmp_path, edit, says, which):
+    edited = _edited(bundle if which == "predictors" else thresholds_bundle, tmp_path, edit)
+    data = bytearray((edited / BUNDLE_FILE).read_bytes())
+    data[-5] ^= 0xFF  # what the unlisted file would have hidden
+    (edited / BUNDLE_FILE).write_bytes(bytes(data))
+    with pytest.raises(DejavuError, match=says):
+        load_bundle(edited)
+
+
+# 3. top-level densities against the per-layer lists
+
+
+@pytest.mark.parametrize("key, value", [("mlp_density", 0.6), ("head_density", 0.5)])
+def test_a_top_level_density_that_disagrees_with_the_layers_is_refused(bundle, tmp_path, key, value):
+    edited = _edited(bundle, tmp_path, lambda m: m.update({key: value}))
+    with pytest.raises(DejavuError, match=rf"{key} is {value:g}, but the mean of {key}_per_layer .*edited manifest"):
+        load_bundle(edited)
+
+
+def test_per_layer_overrides_make_the_top_level_their_mean(tmp_path, tiny_llama):
+    make_predictors_dir(tmp_path, tiny_llama, layers=[0, 2])
+    manifest = run_export(tmp_path, tmp_path / "b", overrides={"export.mlp_density": 0.5,
+                                                               "export.mlp_density_per_layer": {0: 0.2}})
+    assert manifest["mlp_density_per_layer"] == [0.2, 1.0, 0.5]  # layer 1 has no predictor: dense, not averaged
+    assert manifest["mlp_density"] == pytest.approx(0.35)
+    _, pset = load_bundle(tmp_path / "b")
+    assert [layer.mlp_density for layer in pset.layers] == [0.2, 1.0, 0.5]
+    edited = _edited(tmp_path / "b", tmp_path, lambda m: m.update(mlp_density=0.5))  # the default, not the mean
+    with pytest.raises(DejavuError, match="mlp_density is 0.5, but the mean"):
+        load_bundle(edited)
+
+
+def test_thresholds_alone_state_the_share_their_thresholds_keep(thresholds_bundle, tmp_path):
+    manifest, _ = load_bundle(thresholds_bundle)
+    assert manifest["mlp_density"] == manifest["thresholds"]["keep_down_input"]
+    edited = _edited(thresholds_bundle, tmp_path, lambda m: m.update(mlp_density=0.9))
+    with pytest.raises(DejavuError, match="mlp_density is 0.9, but the share of down's input its thresholds keep"):
+        load_bundle(edited)
+    (tmp_path / "edited").rename(tmp_path / "first")
+    edited = _edited(thresholds_bundle, tmp_path, lambda m: m.update(head_density=0.5))
+    with pytest.raises(DejavuError, match="head_density is 0.5, but 1"):
+        load_bundle(edited)
+
+
+# 4. predictors trained on collect data the run no longer holds
+
+
+def _trained_on_collect(run, tiny_llama):
+    make_predictors_dir(run, tiny_llama)
+    collect = write_manifest(run / "collect", "dejavu.collect", {}, [], model={}, tokens=100)
+    predictors = read_manifest(run / "predictors", "dejavu.predictors")
+    predictors["parent"] = parent_ref(run / "collect", collect)
+    (run / "predictors" / "manifest.json").write_text(json.dumps(predictors))
+
+
+def test_export_refuses_predictors_of_earlier_collect_data(tmp_path, tiny_llama):
+    _trained_on_collect(tmp_path, tiny_llama)
+    run_export(tmp_path, tmp_path / "bundle")  # the collect data they were trained on: fine
+    write_manifest(tmp_path / "collect", "dejavu.collect", {}, [], model={}, tokens=200)  # collect --overwrite
+    with pytest.raises(DejavuError, match=r"trained with other collect data .* re-run `dejavu train-predictors"):
+        run_export(tmp_path, tmp_path / "stale")
+    (tmp_path / "collect" / "manifest.json").unlink()  # collecting again, unfinished
+    with pytest.raises(DejavuError, match="trained with other collect data"):
+        run_export(tmp_path, tmp_path / "stale")
+    assert not (tmp_path / "stale").exists()
+    shutil.rmtree(tmp_path / "collect")  # deleted to free disk: nothing to compare with
+    run_export(tmp_path, tmp_path / "bundle")
+
+
+# 5. --out inside a run's stages
+
+
+def test_export_never_writes_inside_a_run_stage(tmp_path, tiny_llama):
+    run = tmp_path / "run"
+    make_predictors_dir(run, tiny_llama)
+    write_manifest(run / "collect", "dejavu.collect", {}, [], model={})
+    for out in (run / "collect" / "shards" / "b", run / "predictors" / "newb", run / "predictors" / "layers"):
+        with pytest.raises(DejavuError, match="is inside the run's stage"):
+            run_export(run, out)
+        assert not (out / BUNDLE_FILE).exists()
+    shutil.rmtree(run / "collect")
+    (run / "collect").mkdir()  # collect started, no manifest yet
+    with pytest.raises(DejavuError, match="is inside the run's stage"):
+        run_export(run, run / "collect")
+    run_export(run, run / "bundle")  # beside the stages: the usual place
+    other = tmp_path / "other-run"
+    write_manifest(other / "collect", "dejavu.collect", {}, [], model={})
+    with pytest.raises(DejavuError, match=r"is inside .*other-run/collect \(a dejavu.collect directory\)"):
+        check_bundle_out(other / "collect" / "deep" / "b")  # any run's stage, --run or not (thresholds alone)
+    with pytest.raises(DejavuError, match=r"\(a dejavu.bundle directory\)"):
+        run_export(run, run / "bundle" / "nested")

@@ -327,6 +327,10 @@ def validate(cfg: RunConfig) -> None:
                               "--mlp-keep-input / --attn-keep-input")
     if cfg.runtime.mlp_up_weight is not None and cfg.runtime.mlp_candidate_density is not None:
         raise DejavuError("choose one MLP rule: --mlp-up-weight (exact up) or --mlp-candidate-density (two-stage)")
+    rt = cfg.runtime
+    if rt.mlp_candidate_density is not None and rt.mlp_density is not None and rt.mlp_candidate_density < rt.mlp_density:
+        raise DejavuError(f"runtime.mlp_candidate_density (--mlp-candidate-density) {rt.mlp_candidate_density:g} is below "
+                          f"the MLP density {rt.mlp_density:g}: the candidates must include the final set")
     if (cfg.runtime.attn_keep_input is not None or cfg.runtime.keep_layer_bytes is not None) \
             and (cfg.runtime.head_density or 1.0) < 1.0:
         raise DejavuError("attention thresholds (--attn-keep-input, --keep-layer-bytes) replace head selection: "

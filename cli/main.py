@@ -165,6 +165,25 @@ def _check_json_out(json_out: Path | None, inputs: list[Path], plot: bool = Fals
                           "give the report a .json name")
 
 
+def _check_rule_flags(config: str | None, section: str, calibration: str | None, model: str | None = None,
+                      selection: str | None = None, densities: tuple = (), skip_kv: bool | None = None,
+                      engine: str | None = None) -> None:
+    """Flags that would change nothing are refused (--calibration, export's --model without thresholds to
+    calibrate) or noted (densities under --selection dense, --skip-kv with the hooks), before any work."""
+    from dejavu.errors import DejavuError
+
+    if calibration is not None or model is not None:
+        rules = getattr(build_config(config, {}), section)
+        if rules.mlp_keep_input is None and rules.keep_layer_bytes is None:
+            flag = "--calibration" if calibration is not None else "--model"
+            raise DejavuError(f"{flag} is used only to calibrate thresholds (--mlp-keep-input or --keep-layer-bytes); "
+                              "drop it or add one of them")
+    if selection == "dense" and any(d is not None for d in densities):
+        typer.echo("note: --selection dense computes every neuron and head; the densities given are not used", err=True)
+    if skip_kv and engine == "hooks":
+        typer.echo("note: --skip-kv applies to the decode loop only; the hooks compute k/v for every head", err=True)
+
+
 def handle_errors(func):
     """One-line `error: ...` for problems the user can fix; tracebacks only with --debug."""
 
@@ -323,6 +342,8 @@ def export(
     """Write a self-describing predictor bundle (safetensors + manifest; no pickle)."""
     from dejavu.export.bundle import run_export
 
+    if mlp_keep_input is None and keep_layer_bytes is None:
+        _check_rule_flags(config, "export", calibration, model if run is not None else None)
     run_export(Path(run) if run is not None else None, Path(out), config_file=config, model_name=model, overrides={
         "export.mlp_density": mlp_density, "export.head_density": head_density,
         "export.mlp_candidate_density": mlp_candidate_density, "export.mlp_keep_input": mlp_keep_input,
@@ -378,6 +399,8 @@ def bench(
 
     sizes = _numbers(batch_sizes, int, "--batch-sizes")
     _check_json_out(json_out, [bundle] if bundle is not None else [], plot=True)
+    if mlp_keep_input is None and keep_layer_bytes is None:
+        _check_rule_flags(config, "runtime", calibration, selection=selection, densities=(mlp_density, head_density))
     run_bench(
         model=model, bundle=bundle, dataset=dataset, json_out=json_out, config_file=config,
         overrides={
@@ -443,6 +466,9 @@ def generate(
     from dejavu.runtime.generate import read_prompt_file, run_generate
 
     _check_json_out(json_out, [p for p in (bundle, prompt_file) if p is not None and str(p) != "-"])
+    if mlp_keep_input is None and keep_layer_bytes is None:
+        _check_rule_flags(config, "runtime", calibration, selection=selection, densities=(mlp_density, head_density),
+                          skip_kv=skip_kv, engine=engine)
     if temperature == 0 and top_p != 1.0:
         typer.echo("note: --top-p applies only when sampling (--temperature above 0); decoding greedily", err=True)
     prompts = list(prompts) + (read_prompt_file(prompt_file) if prompt_file is not None else [])

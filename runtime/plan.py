@@ -139,8 +139,17 @@ def resolve_plan(cfg, manifest: dict | None, predictors: PredictorSet | None, mo
     bundled = _bundled_thresholds(cfg, predictors)
     if predictors is not None and not predictors.has_predictors:
         predictors = None  # a bundle of thresholds alone: nothing else to select with
-    mlp_d = rt.mlp_density if rt.mlp_density is not None else (manifest["mlp_density"] if manifest else 1.0)
-    head_d = rt.head_density if rt.head_density is not None else (manifest["head_density"] if manifest else 1.0)
+    # without a bundle the oracle keeps what a bundle would ask by default (export's densities, else the
+    # training ones); everything would be no comparison at all
+    oracle_alone = manifest is None and rt.selection == "oracle"
+
+    def alone(exported: float | None, trained: float) -> float:
+        return (exported if exported is not None else trained) if oracle_alone else 1.0
+
+    mlp_d = rt.mlp_density if rt.mlp_density is not None else (
+        manifest["mlp_density"] if manifest else alone(cfg.export.mlp_density, cfg.train.mlp_density))
+    head_d = rt.head_density if rt.head_density is not None else (
+        manifest["head_density"] if manifest else alone(cfg.export.head_density, cfg.train.head_density))
     use = predictors if rt.selection == "predictor" else None
     thresholds = bundled
     if bundled is not None:
@@ -161,6 +170,12 @@ def resolve_plan(cfg, manifest: dict | None, predictors: PredictorSet | None, mo
         cand_d = manifest.get("mlp_candidate_density")
     cand_d = cand_d if use is not None and thresholds is None else None
     up_w = rt.mlp_up_weight if use is not None and thresholds is None else None  # exact-up: predictor only
+    if cand_d is not None and up_w is not None:
+        raise DejavuError("choose one MLP rule: --mlp-up-weight (exact up) or the bundle's two-stage "
+                          f"--mlp-candidate-density {cand_d:g}")
+    if cand_d is not None and cand_d < mlp_d:
+        raise DejavuError(f"--mlp-candidate-density {cand_d:g} is below the MLP density {mlp_d:g}: the candidates "
+                          "must include the final set")
     description = {
         "mlp_density": mlp_d, "head_density": head_d, "selection": selection,
         "mlp_candidate_density": cand_d, "mlp_up_weight": up_w,

@@ -89,6 +89,13 @@ def test_bench_density_one_and_oracle(tmp_path, tiny_llama, tiny_bundle):
     assert dense["top1_agreement"] == 1.0 and dense["sparse.ppl"] == pytest.approx(dense["dense.ppl"], rel=1e-5)
     _, oracle = _bench(tmp_path, tiny_llama, None, **{"runtime.selection": "oracle", "runtime.mlp_density": 0.5})
     assert oracle["mlp_density"] == 0.5 and oracle["sparse.ppl"] != oracle["dense.ppl"]
+    # no bundle and no density: the oracle keeps what a bundle would ask by default, not everything
+    from dejavu.config import load_config
+
+    _, default = _bench(tmp_path, tiny_llama, None, **{"runtime.selection": "oracle"})
+    tiny = load_config("tiny", {})  # it sets no export densities: the training ones
+    assert (default["mlp_density"], default["head_density"]) == (tiny.train.mlp_density, tiny.train.head_density)
+    assert default["mlp_density"] < 1.0 and default["top1_agreement"] < 1.0
     with pytest.raises(DejavuError, match="bundle"):
         _bench(tmp_path, tiny_llama, None)
 

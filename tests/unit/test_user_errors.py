@@ -267,6 +267,10 @@ def test_json_reports_never_overwrite_inputs_or_artifacts(capsys, tmp_path, tiny
 @pytest.mark.parametrize("argv,says", [
     (["bench", "--selection", "dense", "--no-speed", "--batch-sizes", "0"], "runtime.batch_sizes (--batch-sizes)"),
     (["generate", "-p", "hi", "--mlp-candidate-density", "0.8", "--mlp-up-weight", "0.4"], "choose one MLP rule"),
+    (["bench", "--mlp-candidate-density", "0.3", "--mlp-density", "0.5"], "the candidates must include the final set"),
+    (["export", "--run", "nowhere", "--out", "b", "--calibration", "c.txt"], "--calibration is used only to calibrate"),
+    (["export", "--run", "nowhere", "--out", "b", "--model", "m"], "--model is used only to calibrate"),
+    (["generate", "-p", "hi", "--calibration", "c.txt"], "--calibration is used only to calibrate"),
 ])
 def test_bad_numbers_and_rule_mixes_are_refused_before_loading(capsys, argv, says):
     from dejavu.cli.main import main

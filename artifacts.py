@@ -32,6 +32,12 @@ FORMAT_VERSIONS = {
     "dejavu.predictors": 1,
     "dejavu.bundle": 1,
 }
+# what writes each kind, for the hint when one is missing or another kind stands in its place
+PRODUCERS = {
+    "dejavu.collect": "`dejavu collect --out RUN`",
+    "dejavu.predictors": "`dejavu train-predictors --run RUN`",
+    "dejavu.bundle": "`dejavu export --run RUN --out BUNDLE`",
+}
 
 
 class HashCancelled(Exception):
@@ -189,15 +195,20 @@ def read_manifest(directory: str | Path, kind: str, verify: bool = True,
     directory = Path(directory)
     path = directory / MANIFEST
     if not directory.exists():
-        raise DejavuError(f"{directory} does not exist")
+        raise DejavuError(f"{directory} does not exist: {PRODUCERS[kind]} writes it")
+    if not directory.is_dir():
+        raise DejavuError(f"{directory} is a file; a {kind.removeprefix('dejavu.')} stage is a directory that "
+                          f"{PRODUCERS[kind]} writes")
     if not path.is_file():
         raise DejavuError(f"{directory} has no {MANIFEST}: the stage that writes it did not finish (run it again)")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DejavuError(f"{path} is not valid JSON ({exc})") from None
-    if manifest.get("format") != kind:
-        raise DejavuError(f"{path} describes {manifest.get('format')!r}, expected {kind!r}")
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != kind:
+        hint = f" ({PRODUCERS[kind]} writes one from it)" if found in PRODUCERS else ""
+        raise DejavuError(f"{path} describes {found!r}, expected {kind!r}{hint}")
     version = manifest.get("format_version")
     if version != FORMAT_VERSIONS[kind]:
         raise DejavuError(

@@ -90,7 +90,8 @@ MlpCandidateDensityOpt = typer.Option(
 MlpUpWeightOpt = typer.Option(
     None, "--mlp-up-weight",
     help="Exact-up MLP selection: compute up for every neuron and keep the top --mlp-density by "
-         "log|up| + this weight x predictor logit for gate and down (0.4 measured best on SmolLM2).")
+         "log|up| + this weight x predictor logit for gate and down (0.4 measured best on SmolLM2). Not with "
+         "--mlp-candidate-density or thresholds.")
 SkipKvOpt = typer.Option(
     None, "--skip-kv/--all-kv",
     help="Decode loop: compute k/v only for the KV groups the selected heads read; a skipped group's "
@@ -311,8 +312,12 @@ def export(
         ..., "--out", "-o",
         help="Bundle directory to write (safetensors + manifest.json): a new or empty directory, or an earlier "
              "bundle, which is replaced."),
-    mlp_density: float | None = typer.Option(None, "--mlp-density", help="MLP density the runtime should compute, in (0, 1]."),
-    head_density: float | None = typer.Option(None, "--head-density", help="Head density the runtime should compute, in (0, 1]."),
+    mlp_density: float | None = typer.Option(
+        None, "--mlp-density", help="MLP density the runtime should compute, in (0, 1]; unset: the config's "
+        "export.mlp_density, else the density the predictors were trained for." + default("export.mlp_density")),
+    head_density: float | None = typer.Option(
+        None, "--head-density", help="Head density the runtime should compute, in (0, 1]; unset: the config's "
+        "export.head_density, else the trained one." + default("export.head_density")),
     mlp_candidate_density: float | None = typer.Option(
         None, "--mlp-candidate-density",
         help="Two-stage MLP selection default: predictor candidates at this density, final top-k by exact activation."),

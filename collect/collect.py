@@ -417,7 +417,8 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
     if cc.input_dtype not in DTYPES:
         raise DejavuError(f"collect.input_dtype must be one of {', '.join(DTYPES)}; got {cc.input_dtype!r}")
     if cc.shard_tokens <= 0 or cc.batch_size <= 0:
-        raise DejavuError("collect.shard_tokens and collect.batch_size must be positive")
+        raise DejavuError(f"collect.shard_tokens and collect.batch_size (--batch-size) must be positive, got "
+                          f"{cc.shard_tokens} and {cc.batch_size}")
     budget = check_budget(cc.max_tokens, cfg.data.seq_len, cc.eval_tokens)
     rank, world, barrier, dist = _distributed_state(resolve_device(cfg.model.device).type == "cpu")
     main = rank == 0
@@ -435,6 +436,12 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
     model, tokenizer, source = load_model(cfg.model.name, device, cfg.model.dtype, cfg.model.revision,
                                           cfg.model.trust_remote_code)
     adapter = adapter_for(model)
+    from dejavu.runtime.quality import model_context
+
+    if cfg.data.seq_len > model_context(model):
+        # positions past the trained range give activations no real input would: labels of little use
+        say(f"note: --seq-len {cfg.data.seq_len} is longer than {source.display}'s context of "
+            f"{model_context(model)} positions")
     stream = tokenize_stream(texts, tokenizer)
     sequences = fixed_length_sequences(stream, cfg.data.seq_len, cc.max_tokens, cfg.data.seed)
     plan = make_plan(sequences, cc.eval_tokens, cc.shard_tokens, world)

@@ -109,3 +109,21 @@ def test_bit_packing_round_trip(n):
     one = torch.zeros(1, 9, dtype=torch.bool)
     one[0, 0] = one[0, 8] = True
     assert pack_bits(one).tolist() == [[1, 1]]
+
+
+def test_a_missing_or_wrong_stage_says_which_command_writes_it(tmp_path):
+    from dejavu.artifacts import read_manifest
+
+    with pytest.raises(DejavuError, match="does not exist: `dejavu train-predictors --run RUN` writes it"):
+        read_manifest(tmp_path / "predictors", "dejavu.predictors")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DejavuError, match="is a file; a bundle stage is a directory"):
+        read_manifest(tmp_path / "file", "dejavu.bundle")
+    (tmp_path / "predictors").mkdir()
+    (tmp_path / "predictors" / "manifest.json").write_text(json.dumps({"format": "dejavu.predictors"}))
+    with pytest.raises(DejavuError, match=r"expected 'dejavu.bundle' \(`dejavu export"):
+        read_manifest(tmp_path / "predictors", "dejavu.bundle")
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(DejavuError, match="describes None"):
+        read_manifest(tmp_path / "listed", "dejavu.bundle")

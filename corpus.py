@@ -128,8 +128,9 @@ def _nonblank_texts(values: list, spec: str, text_field: str) -> list[str]:
     return texts
 
 
-def tokenize_stream(texts: list[str], tokenizer) -> torch.Tensor:
-    """One long token stream; documents are joined with the EOS token when the tokenizer has one."""
+def tokenize_stream(texts: list[str], tokenizer, name: str = "") -> torch.Tensor:
+    """One long token stream; documents are joined with the EOS token when the tokenizer has one. `name`
+    (a role and spec, e.g. "calibration corpus X") goes into the error when nothing is left."""
     ids: list[int] = []
     sep = tokenizer.eos_token_id
     for text in texts:
@@ -137,7 +138,7 @@ def tokenize_stream(texts: list[str], tokenizer) -> torch.Tensor:
         if sep is not None and len(texts) > 1:
             ids.append(sep)
     if not ids:
-        raise DejavuError("the corpus is empty after tokenisation")
+        raise DejavuError(f"the {name or 'corpus'} is empty after tokenisation")
     return torch.tensor(ids, dtype=torch.long)
 
 

@@ -520,6 +520,9 @@ def _usage_errors():
 def main(argv: list[str] | None = None) -> int:
     """The `dejavu` console entry point: click's usage errors (an unknown flag, a missing or malformed
     value) become one `error: ...` line too, with exit status 2 as click gives them."""
+    if not sys.stderr.isatty():
+        # in a log file every redraw of a progress bar is kept: one every 30 s instead of ten a second
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
     no_args, usage_error = _usage_errors()
     try:
         code = app(args=argv, prog_name="dejavu", standalone_mode=False)

@@ -442,7 +442,7 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
         # positions past the trained range give activations no real input would: labels of little use
         say(f"note: --seq-len {cfg.data.seq_len} is longer than {source.display}'s context of "
             f"{model_context(model)} positions")
-    stream = tokenize_stream(texts, tokenizer)
+    stream = tokenize_stream(texts, tokenizer, f"calibration corpus {cfg.data.dataset}")
     sequences = fixed_length_sequences(stream, cfg.data.seq_len, cc.max_tokens, cfg.data.seed)
     plan = make_plan(sequences, cc.eval_tokens, cc.shard_tokens, world)
     rule = L.resolve_label_rule(cc.mlp_label_rule, adapter.gated, adapter.activation_name())

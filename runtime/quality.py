@@ -73,7 +73,7 @@ def eval_tokens(tokenizer, dataset: str, max_tokens: int, text_field: str = "tex
         budget -= len(cut[-1])
         if budget <= 0:
             break
-    return tokenize_stream(cut, tokenizer)[:max_tokens]
+    return tokenize_stream(cut, tokenizer, f"evaluation corpus {dataset}")[:max_tokens]
 
 
 def model_context(model) -> int:

@@ -138,7 +138,11 @@ def calibrate_on_corpus(model, adapter, tokenizer, data, tokens: int, keep_x: fl
     from dejavu.corpus import load_texts, tokenize_stream
     from dejavu.runtime.quality import model_context
 
-    ids = tokenize_stream(load_texts(data.dataset, split=data.split, text_field=data.text_field), tokenizer)[:tokens]
+    try:
+        texts = load_texts(data.dataset, split=data.split, text_field=data.text_field)
+    except DejavuError as exc:  # the flag the user gave (or its default) is what to name
+        raise DejavuError(f"calibration corpus (--calibration, else data.dataset): {exc}") from None
+    ids = tokenize_stream(texts, tokenizer, f"calibration corpus {data.dataset}")[:tokens]
     if ids.numel() == 0:
         raise DejavuError(f"the calibration corpus {data.dataset} gave no tokens")
     print(f"  calibrating thresholds on {ids.numel()} tokens of {data.dataset}", flush=True)

@@ -66,11 +66,16 @@ def load_texts(spec: str, split: str = "train", text_field: str = "text") -> lis
         import datasets
 
         datasets.disable_progress_bars()
+        from dejavu.hub import hub_offline
+
+        offline = hub_offline()
         name, _, config = spec.partition(":")
         try:
             ds = datasets.load_dataset(name, config or None, split=split)
         except Exception as exc:
-            raise DejavuError(f"cannot load dataset {spec!r} (split {split!r}): {str(exc).splitlines()[0]}") from None
+            where = " (the hub cannot be reached and it is not in the local cache)" if offline else ""
+            raise DejavuError(f"cannot load dataset {spec!r} (split {split!r}){where}: "
+                              f"{str(exc).splitlines()[0]}") from None
     if text_field not in ds.column_names:
         raise DejavuError(f"dataset {spec} has no field {text_field!r} (fields: {', '.join(ds.column_names)})")
     return _nonblank_texts(ds[text_field], spec, text_field)

@@ -172,13 +172,21 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", revision: s
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     location = str(_converted_gguf_dir(source)) if source.kind == "gguf" else source.location
+    offline = False
+    if source.kind == "hub":
+        from dejavu.hub import hub_offline
+
+        offline = hub_offline()
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=torch_dtype, revision=revision, trust_remote_code=trust_remote_code
         )
     except OSError as exc:
-        hint = " (no network: use a local directory, a .gguf file or the smollm2-135m alias)" if source.kind == "hub" else ""
+        hint = ""
+        if source.kind == "hub":
+            hint = (" (the hub cannot be reached and it is not in the local cache" if offline else " (no network?")
+            hint += ": use a local directory, a .gguf file or the smollm2-135m alias)"
         raise DejavuError(f"cannot load model {source.display}: {str(exc).splitlines()[0]}{hint}") from None
     model.to(dev)
     model.eval()

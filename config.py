@@ -336,6 +336,10 @@ def validate(cfg: RunConfig) -> None:
         raise DejavuError("attention thresholds (--attn-keep-input, --keep-layer-bytes) replace head selection: "
                           "drop --head-density")
     for layer, d in cfg.export.mlp_density_per_layer.items():
+        if isinstance(layer, bool) or not str(layer).lstrip("-").isdigit():
+            raise DejavuError(f"export.mlp_density_per_layer: {layer!r} is not a layer index (an integer)")
+        if isinstance(d, bool) or not isinstance(d, int | float):
+            raise DejavuError(f"export.mlp_density_per_layer[{layer}] must be a density in (0, 1], got {d!r}")
         _check_density(d, f"export.mlp_density_per_layer[{layer}]")
     if cfg.collect.max_tokens <= 0:
         raise DejavuError(f"collect.max_tokens must be positive, got {cfg.collect.max_tokens}")

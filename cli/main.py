@@ -202,7 +202,9 @@ def handle_errors(func):
                 raise
             _fail(str(exc))
         except KeyboardInterrupt:
-            if func.__name__ in RESUMABLE:
+            if os.environ.get("RANK", "0") != "0":  # under torchrun every process is interrupted: say it once
+                pass
+            elif func.__name__ in RESUMABLE:
                 typer.echo("interrupted: finished shards/layers are kept; run the same command again to resume",
                            err=True)
             else:

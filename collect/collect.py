@@ -439,9 +439,10 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
     from dejavu.runtime.quality import model_context
 
     if cfg.data.seq_len > model_context(model):
-        # positions past the trained range give activations no real input would: labels of little use
-        say(f"note: --seq-len {cfg.data.seq_len} is longer than {source.display}'s context of "
-            f"{model_context(model)} positions")
+        # learned position tables (OPT, GPT-2) have no row past it, and rotary positions past the trained
+        # range give activations no real input would: refused before anything is written
+        raise DejavuError(f"--seq-len {cfg.data.seq_len} is longer than {source.display}'s context of "
+                          f"{model_context(model)} positions: use --seq-len {model_context(model)} or less")
     stream = tokenize_stream(texts, tokenizer, f"calibration corpus {cfg.data.dataset}")
     sequences = fixed_length_sequences(stream, cfg.data.seq_len, cc.max_tokens, cfg.data.seed)
     plan = make_plan(sequences, cc.eval_tokens, cc.shard_tokens, world)

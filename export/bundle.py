@@ -189,6 +189,16 @@ def _export_thresholds_only(out: Path, cfg, model_name: str) -> dict:
     return manifest
 
 
+def _check_thresholds_take_no_layer_densities(cfg) -> None:
+    """With thresholds the MLP runs by them in every layer, so per-layer top-k densities would change
+    nothing: refused rather than dropped."""
+    e = cfg.export
+    if (e.mlp_keep_input is not None or e.keep_layer_bytes is not None) and e.mlp_density_per_layer:
+        raise DejavuError("export.mlp_density_per_layer sets the predictors' top-k per layer, but with "
+                          "--mlp-keep-input / --keep-layer-bytes the MLP runs by thresholds that keep one share of "
+                          "down's input in every layer: drop one of them")
+
+
 def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[str, Any] | None = None,
                model_name: str | None = None) -> dict:
     """Read RUN/predictors/, write the bundle at `out`; returns the bundle manifest. With
@@ -200,6 +210,7 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         if cfg.export.mlp_keep_input is None and cfg.export.keep_layer_bytes is None:
             raise DejavuError("export needs --run (a training run), or --mlp-keep-input / --keep-layer-bytes for a "
                               "bundle of thresholds alone")
+        _check_thresholds_take_no_layer_densities(cfg)
         return _export_thresholds_only(Path(out), cfg, model_name or cfg.model.name)
     run, out = Path(run), Path(out)
     pred_dir = run / "predictors"
@@ -209,6 +220,7 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
     collect_dir = pred_dir.parent / "collect"
     _check_collect_unchanged(pm, pred_dir, collect_dir)
     cfg = _export_config(pm, config_file, overrides or {})
+    _check_thresholds_take_no_layer_densities(cfg)
     identity = pm.get("model") or {}
     num_layers = int(pm.get("layers") or identity.get("num_layers") or 0)
     if num_layers <= 0:

@@ -300,6 +300,8 @@ class SparseRuntime:
             hidden = args[0] if args else kwargs["hidden_states"]
             self._inputs[l] = hidden
             self._inputs.pop(l - 2, None)  # lookahead needs only the previous layer's input
+            if self.enabled:
+                self._note_full_layer(l, hidden)
             if not self.enabled or self.selection != "predictor":
                 return None
             lp = self.predictors.layers[l]
@@ -318,6 +320,21 @@ class SparseRuntime:
             return None
 
         return hook
+
+    def _note_full_layer(self, l: int, hidden: torch.Tensor) -> None:  # noqa: E741
+        """A layer left at density 1.0 installs no hook for that kind yet computes all of it: count it, or
+        the shares reported would describe the sparse layers only."""
+        tm = self.sparse_tokens(hidden)
+        n = hidden[..., 0].numel() if tm is None else int(tm.sum())
+        if n == 0:
+            return
+        # (thresholds count their own MLP inputs in every layer)
+        if self.thresholds is None and self.mlp_density[l] >= 1.0 and any(d < 1.0 for d in self.mlp_density):
+            self.stats.add("mlp", 1.0, n=n)
+            if self.two_stage:
+                self.stats.add("mlp_candidates", 1.0, n=n)
+        if self.head_density[l] >= 1.0 and any(d < 1.0 for d in self.head_density):
+            self.stats.add("attn", 1.0, 0.0, n=n)
 
     def _paired_input(self, l: int, pairing: str) -> torch.Tensor:  # noqa: E741
         if pairing == "lookahead" and l > 0:

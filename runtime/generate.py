@@ -286,6 +286,9 @@ class SparseModel:
 
         on_tokens: called with the ids generated so far (end-of-sequence token included) whenever more
         reach the host, every token with the hooks and every EOS_CHECK_EVERY tokens in the decode loop."""
+        if not isinstance(prompt, str):
+            raise DejavuError(f"generate() takes one prompt, a str, not {type(prompt).__name__}; "
+                              "generate_batch() takes a list of them")
         return self._generate([prompt], max_new_tokens, sparse, temperature, top_p, seed, chat, stop_at_eos,
                               on_tokens)[0]
 
@@ -301,6 +304,9 @@ class SparseModel:
         keep each token's own selection (so the same tokens again), while the decode loop's predictors pick
         one set of neurons and heads for the whole batch, the top-k of its scores, as `dejavu bench`
         times it at batch > 1. Sampled tokens come from one generator for the whole batch."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise DejavuError("generate_batch() takes a list of str prompts"
+                              + ("; for one prompt, use generate()" if isinstance(prompts, str) else ""))
         if not prompts:
             raise DejavuError("no prompts to generate from")
         return self._generate(list(prompts), max_new_tokens, sparse, temperature, top_p, seed, chat, stop_at_eos,
@@ -310,8 +316,8 @@ class SparseModel:
                   on_tokens) -> list[Generation]:
         from dejavu.runtime.quality import model_context
 
-        if max_new_tokens < 1:
-            raise DejavuError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise DejavuError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
         sampler = Sampler(temperature, top_p, seed)
         if len(prompts) == 1:
             ids, lengths = self.encode(prompts[0], chat), None
@@ -525,7 +531,7 @@ def run_generate(prompts: list[str], *, model: str | None = None, bundle: Path |
     print(f"dejavu generate: {report['model']} on {report['device']} ({report['dtype']}), engine {report['engine']}")
     for line in rule_lines(report):
         print(line)
-    if batch_size > 1:
+    if batch_size > 1 and len(prompts) > 1:
         shared = ("predicted neurons and heads: one set for the whole batch; thresholds: each prompt's own"
                   if sm.engine == "decode-loop" else "each prompt keeps its own selection")
         print(f"  batches of up to {batch_size} prompts ({shared})")

@@ -111,8 +111,14 @@ def check_flags(cfg, predictors: PredictorSet | None, command: str) -> None:
     bundled = _bundled_thresholds(cfg, predictors)
     selecting = predictors is not None and predictors.has_predictors
     if rt.selection == "predictor" and not (selecting or flagged or bundled is not None):
+        api = "" if command == "bench" else (
+            "; in Python, load_sparse(model, bundle=...) or load_sparse(model, selection='oracle') and so on")
         raise DejavuError(f"{command} needs --bundle (or --selection oracle|dense, --mlp-keep-input, "
-                          "--keep-layer-bytes" + (", or --synthetic NAME)" if command == "bench" else ")"))
+                          "--keep-layer-bytes" + (", or --synthetic NAME)" if command == "bench" else ")") + api)
+    if (rt.selection == "predictor" and predictors is not None and not selecting and rt.head_density is not None
+            and rt.head_density < 1.0):
+        raise DejavuError("this bundle holds thresholds and no head predictors, so --head-density would change "
+                          "nothing: drop it (or use --selection oracle for true top-k heads)")
     if (bundled is not None or flagged) and (rt.mlp_candidate_density is not None or rt.mlp_up_weight is not None):
         raise DejavuError("thresholds are their own MLP rule: drop --mlp-candidate-density / --mlp-up-weight")
     if bundled is not None:
@@ -135,6 +141,11 @@ def resolve_plan(cfg, manifest: dict | None, predictors: PredictorSet | None, mo
     check_flags(cfg, predictors, "this run")
     if manifest is not None:
         check_bundle_matches(manifest, adapter)
+        for flag, value, key in (("--mlp-density", rt.mlp_density, "mlp_density_per_layer"),
+                                 ("--head-density", rt.head_density, "head_density_per_layer")):
+            if value is not None and len(set(manifest[key])) > 1:
+                print(f"  note: {flag} {value:g} replaces the bundle's per-layer densities "
+                      f"({min(manifest[key]):g}-{max(manifest[key]):g}) in every layer", flush=True)
     thresholds_on = rt.mlp_keep_input is not None or rt.keep_layer_bytes is not None
     bundled = _bundled_thresholds(cfg, predictors)
     if predictors is not None and not predictors.has_predictors:
@@ -179,7 +190,7 @@ def resolve_plan(cfg, manifest: dict | None, predictors: PredictorSet | None, mo
     description = {
         "mlp_density": mlp_d, "head_density": head_d, "selection": selection,
         "mlp_candidate_density": cand_d, "mlp_up_weight": up_w,
-        "bundle": str(bundle) if bundle else None, "mlp_pairing": use.mlp_pairing if use else None,
+        "bundle": str(Path(bundle).resolve()) if bundle else None, "mlp_pairing": use.mlp_pairing if use else None,
         "head_pairing": use.head_pairing if use else None,
         "thresholds": None if thresholds is None else {
             **thresholds.describe(), "calibration": cfg.data.dataset, "calibration_tokens": rt.calibration_tokens}

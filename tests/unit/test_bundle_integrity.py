@@ -178,3 +178,20 @@ def test_export_never_writes_inside_a_run_stage(tmp_path, tiny_llama):
         check_bundle_out(other / "collect" / "deep" / "b")  # any run's stage, --run or not (thresholds alone)
     with pytest.raises(DejavuError, match=r"\(a dejavu.bundle directory\)"):
         run_export(run, run / "bundle" / "nested")
+
+
+def test_settings_that_a_thresholds_rule_would_ignore_are_refused(tmp_path, tiny_llama):
+    # per-layer top-k densities with thresholds, and --head-density on a bundle without head predictors
+    from dejavu.config import load_config
+    from dejavu.runtime.plan import check_flags
+
+    with pytest.raises(DejavuError, match="mlp_density_per_layer sets the predictors' top-k"):
+        run_export(None, tmp_path / "b", config_file="tiny", model_name=str(tiny_llama),
+                   overrides={"export.mlp_keep_input": 0.8, "export.mlp_density_per_layer": {0: 0.3}})
+    assert not (tmp_path / "b").exists()
+    run_export(None, tmp_path / "b", config_file="tiny", model_name=str(tiny_llama),
+               overrides={"export.mlp_keep_input": 0.8})
+    _, thresholds_only = load_bundle(tmp_path / "b")
+    check_flags(load_config("tiny", {}), thresholds_only, "bench")
+    with pytest.raises(DejavuError, match="no head predictors"):
+        check_flags(load_config("tiny", {"runtime.head_density": 0.5}), thresholds_only, "bench")

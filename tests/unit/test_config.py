@@ -55,3 +55,10 @@ def test_later_stages_start_from_the_earlier_config(tmp_path):
     assert (cfg.model.name, cfg.train.rank, cfg.train.epochs) == ("some/model", 16, 7)
     with pytest.raises(DejavuError, match="unknown key"):
         load_config(None, None, base={"train": {"rnak": 3}})
+
+
+@pytest.mark.parametrize("per_layer,says", [({2: None}, "must be a density"), ({"abc": 0.3}, "not a layer index"),
+                                            ({1: True}, "must be a density")])
+def test_per_layer_densities_name_the_bad_entry(per_layer, says):
+    with pytest.raises(DejavuError, match=says):
+        load_config(None, {"export.mlp_density_per_layer": per_layer})

@@ -138,3 +138,13 @@ def test_a_budget_rounded_up_to_whole_sequences_says_how_many_tokens(tmp_path, t
     assert "note: --max-tokens 300 rounded up to 320 tokens, 5 whole sequences of --seq-len 64" in out
     manifest = json.loads((tmp_path / "run" / "collect" / "manifest.json").read_text())
     assert manifest["tokens"] == 320 and manifest["train_tokens"] > 0 and manifest["eval_tokens"] > 0
+
+
+def test_sequences_longer_than_the_context_are_refused_before_anything_is_written(tmp_path, tiny_model_factory,
+                                                                                  capsys):
+    # OPT's learned position table has no row past its context: this used to end in an IndexError
+    assert _collect(tiny_model_factory("opt"), tmp_path / "run", "--max-tokens", "1024", "--seq-len", "512") == 1
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").split("\n")[-1]  # (the tiny model's own save may print above it)
+    assert last.startswith("error: --seq-len 512 is longer than") and "context of 256 positions" in last
+    assert not (tmp_path / "run" / "collect").exists()

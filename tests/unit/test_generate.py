@@ -100,6 +100,13 @@ def test_refusals(tiny_llama, tiny_model_factory):
         sm.generate(PROMPT, 300)
     with pytest.raises(DejavuError, match="no chat template"):
         sm.generate(PROMPT, 4, chat=True)
+    # wrong types from Python are named, not failed deep inside the loop (or, for a str, run letter by letter)
+    with pytest.raises(DejavuError, match="max_new_tokens must be an integer"):
+        sm.generate(PROMPT, 3.5)
+    with pytest.raises(DejavuError, match="generate_batch"):
+        sm.generate([PROMPT, PROMPT], 4)
+    with pytest.raises(DejavuError, match="for one prompt, use generate"):
+        sm.generate_batch(PROMPT, 4)
     for bad in (dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(DejavuError):
             Sampler(**bad)

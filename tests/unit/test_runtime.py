@@ -177,3 +177,19 @@ def test_runtime_rejects_bad_requests(tiny_llama):
         SparseRuntime(model, adapter, None, selection="predictor")
     with pytest.raises(DejavuError, match="oracle"):
         SparseRuntime(model, adapter, None, selection="oracle", mode="gather")
+
+
+@torch.no_grad()
+def test_layers_left_dense_count_in_the_shares_computed(tiny_llama):
+    # a layer at density 1.0 installs no hook, but it computes every neuron and head: the reported shares
+    # (and the bytes compare shows) are means over all layers
+    model, adapter = _load(tiny_llama)
+    preds = _random_predictors(adapter, 0.5, 0.5)
+    preds.layers[0].mlp_density = 1.0
+    preds.layers[1].head_density = 1.0
+    with SparseRuntime(model, adapter, preds) as rt:
+        model(_ids(model))
+        kept = rt.stats.summary()
+    layers = adapter.num_layers
+    assert kept["mlp_kept"] == pytest.approx((1.0 + 0.5 * (layers - 1)) / layers, abs=0.02)
+    assert kept["head_kept"] == pytest.approx((1.0 + 0.5 * (layers - 1)) / layers, abs=0.02)

@@ -148,6 +148,7 @@ def _check_json_out(json_out: Path | None, inputs: list[Path], plot: bool = Fals
     bundle or a run stage: a directory with a dejavu manifest), before any work is done."""
     if json_out is None:
         return
+    from dejavu.artifacts import stage_around
     from dejavu.errors import DejavuError
 
     target = json_out.resolve()
@@ -155,8 +156,6 @@ def _check_json_out(json_out: Path | None, inputs: list[Path], plot: bool = Fals
         path = path.resolve()
         if target == path or (path.is_dir() and path in target.parents):
             raise DejavuError(f"--json {json_out} would overwrite the command's own input {path}")
-    from dejavu.artifacts import stage_around
-
     around = stage_around(target)
     if around is not None:
         raise DejavuError(f"--json {json_out} would write into a dejavu artifact ({around[0]}, a {around[1]} "
@@ -202,13 +201,10 @@ def handle_errors(func):
                 raise
             _fail(str(exc))
         except KeyboardInterrupt:
-            if os.environ.get("RANK", "0") != "0":  # under torchrun every process is interrupted: say it once
-                pass
-            elif func.__name__ in RESUMABLE:
-                typer.echo("interrupted: finished shards/layers are kept; run the same command again to resume",
-                           err=True)
-            else:
-                typer.echo("interrupted", err=True)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every process is interrupted: say it once
+                resumable = func.__name__ in RESUMABLE
+                typer.echo("interrupted: finished shards/layers are kept; run the same command again to resume"
+                           if resumable else "interrupted", err=True)
             raise typer.Exit(code=130) from None
         except (OSError, ValueError, RuntimeError) as exc:
             if debug:

@@ -71,11 +71,25 @@ def existing_ancestor(path: str | Path) -> Path:
     return path
 
 
-def check_report_path(path: str | Path, flag: str = "--json") -> None:
-    """A report file about to be written after minutes of work: refused now if it cannot be."""
+def check_report_path(path: str | Path, flag: str = "--json", inputs: Iterable[str | Path] = (),
+                      beside: Path | None = None) -> None:
+    """A report file about to be written after minutes of work: refused now if it cannot be, or if it would
+    overwrite one of the command's `inputs` (a file, or anything in a directory), land inside a bundle or
+    run stage, or be the file written `beside` it (bench's plot)."""
     if Path(path).is_dir():
         raise DejavuError(f"{flag} {path} is a directory; give a file name")
     check_can_write(Path(path).parent, flag)
+    target = Path(path).resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if target == source or (source.is_dir() and source in target.parents):
+            raise DejavuError(f"{flag} {path} would overwrite the command's own input {source}")
+    around = stage_around(target)
+    if around is not None:
+        raise DejavuError(f"{flag} {path} would write into a dejavu artifact ({around[0]}, a {around[1]} "
+                          "directory); give a path outside bundles and run stages")
+    if beside is not None and Path(beside).resolve() == target:
+        raise DejavuError(f"{flag} {path}: {beside} is written beside the report; give the report a .json name")
 
 
 def check_can_write(path: str | Path, what: str) -> None:

@@ -143,28 +143,6 @@ def _fail(message: str) -> None:
 RESUMABLE = ("collect", "train_predictors")
 
 
-def _check_json_out(json_out: Path | None, inputs: list[Path], plot: bool = False) -> None:
-    """Refuse a --json path that would overwrite what the command reads, or land inside an artifact (a
-    bundle or a run stage: a directory with a dejavu manifest), before any work is done."""
-    if json_out is None:
-        return
-    from dejavu.artifacts import stage_around
-    from dejavu.errors import DejavuError
-
-    target = json_out.resolve()
-    for path in inputs:
-        path = path.resolve()
-        if target == path or (path.is_dir() and path in target.parents):
-            raise DejavuError(f"--json {json_out} would overwrite the command's own input {path}")
-    around = stage_around(target)
-    if around is not None:
-        raise DejavuError(f"--json {json_out} would write into a dejavu artifact ({around[0]}, a {around[1]} "
-                          "directory); give a path outside bundles and run stages")
-    if plot and target.suffix.lower() == ".png":
-        raise DejavuError(f"--json {json_out}: the plot is written beside the report as a .png of the same name; "
-                          "give the report a .json name")
-
-
 def _check_rule_flags(config: str | None, section: str, calibration: str | None, model: str | None = None,
                       selection: str | None = None, densities: tuple = (), skip_kv: bool | None = None,
                       engine: str | None = None) -> None:
@@ -401,7 +379,6 @@ def bench(
     from dejavu.runtime.bench import run_bench
 
     sizes = _numbers(batch_sizes, int, "--batch-sizes")
-    _check_json_out(json_out, [bundle] if bundle is not None else [], plot=True)
     if mlp_keep_input is None and keep_layer_bytes is None:
         _check_rule_flags(config, "runtime", calibration, selection=selection, densities=(mlp_density, head_density))
     run_bench(
@@ -466,19 +443,15 @@ def generate(
     debug: bool = DebugOpt,
 ):
     """Generate text with a bundle applied: the prompt runs dense, every new token sparse."""
-    from dejavu.runtime.generate import read_prompt_file, run_generate
+    from dejavu.runtime.generate import run_generate
 
-    _check_json_out(json_out, [p for p in (bundle, prompt_file) if p is not None and str(p) != "-"])
     if mlp_keep_input is None and keep_layer_bytes is None:
         _check_rule_flags(config, "runtime", calibration, selection=selection, densities=(mlp_density, head_density),
                           skip_kv=skip_kv, engine=engine)
     if temperature == 0 and top_p != 1.0:
         typer.echo("note: --top-p applies only when sampling (--temperature above 0); decoding greedily", err=True)
-    prompts = list(prompts) + (read_prompt_file(prompt_file) if prompt_file is not None else [])
-    if not prompts:
-        _fail("give a prompt: --prompt TEXT (repeatable) or --prompt-file FILE")
     run_generate(
-        prompts, model=model, bundle=bundle, config_file=config, json_out=json_out, max_new_tokens=max_new_tokens,
+        prompts, prompt_file=prompt_file, model=model, bundle=bundle, config_file=config, json_out=json_out, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, chat=chat, compare_dense=compare_dense, engine=engine, stream=stream,
         batch_size=batch_size,
         overrides=_rule_overrides(mlp_density, head_density, mlp_candidate_density, mlp_up_weight, skip_kv,
@@ -503,7 +476,6 @@ def compare(
 
     if config is not None:
         build_config(config, {})
-    _check_json_out(json_out, list(reports))
     run_compare(reports, json_out=json_out)
 
 

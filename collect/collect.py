@@ -410,6 +410,7 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
     from dejavu.models.adapters import adapter_for
     from dejavu.models.identity import model_identity
     from dejavu.models.loading import load_model, resolve_device, resolve_model
+    from dejavu.runtime.quality import model_context
 
     out = Path(out)
     stage = out / STAGE_DIR
@@ -436,8 +437,6 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
     model, tokenizer, source = load_model(cfg.model.name, device, cfg.model.dtype, cfg.model.revision,
                                           cfg.model.trust_remote_code)
     adapter = adapter_for(model)
-    from dejavu.runtime.quality import model_context
-
     if cfg.data.seq_len > model_context(model):
         # learned position tables (OPT, GPT-2) have no row past it, and rotary positions past the trained
         # range give activations no real input would: refused before anything is written

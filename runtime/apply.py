@@ -173,6 +173,12 @@ class SparseRuntime:
         self.mlp_density = [1.0 if thresholds is not None else self._density(l, "mlp", mlp_density)
                             for l in range(n)]  # noqa: E741
         self.head_density = [self._density(l, "attn", head_density) for l in range(n)]  # noqa: E741
+        # the layers left at 1.0 of a kind that is sparse elsewhere: _note_full_layer counts them computed
+        # in full (thresholds count their own MLP inputs in every layer)
+        self._full_mlp = {l for l, d in enumerate(self.mlp_density)  # noqa: E741
+                          if d >= 1.0 and thresholds is None and min(self.mlp_density, default=1.0) < 1.0}
+        self._full_heads = {l for l, d in enumerate(self.head_density)  # noqa: E741
+                            if d >= 1.0 and min(self.head_density, default=1.0) < 1.0}
         self.mlp_candidate_density = self._check_candidates(mlp_candidate_density)
         self.mlp_up_weight = self._check_up_weight(mlp_up_weight)
         if predictors is not None:
@@ -324,16 +330,17 @@ class SparseRuntime:
     def _note_full_layer(self, l: int, hidden: torch.Tensor) -> None:  # noqa: E741
         """A layer left at density 1.0 installs no hook for that kind yet computes all of it: count it, or
         the shares reported would describe the sparse layers only."""
+        if l not in self._full_mlp and l not in self._full_heads:
+            return
         tm = self.sparse_tokens(hidden)
         n = hidden[..., 0].numel() if tm is None else int(tm.sum())
         if n == 0:
             return
-        # (thresholds count their own MLP inputs in every layer)
-        if self.thresholds is None and self.mlp_density[l] >= 1.0 and any(d < 1.0 for d in self.mlp_density):
+        if l in self._full_mlp:
             self.stats.add("mlp", 1.0, n=n)
             if self.two_stage:
                 self.stats.add("mlp_candidates", 1.0, n=n)
-        if self.head_density[l] >= 1.0 and any(d < 1.0 for d in self.head_density):
+        if l in self._full_heads:
             self.stats.add("attn", 1.0, 0.0, n=n)
 
     def _paired_input(self, l: int, pairing: str) -> torch.Tensor:  # noqa: E741

@@ -213,8 +213,9 @@ def run_bench(model: str | None = None, bundle: Path | None = None, dataset: str
     cfg = load_config(config_file, overrides or {})
     if json_out is not None:  # before minutes of measuring, not after
         from dejavu.artifacts import check_report_path
+        from dejavu.runtime.plot import plot_path
 
-        check_report_path(json_out)
+        check_report_path(json_out, inputs=[bundle] if bundle is not None else [], beside=plot_path(json_out))
     rt = cfg.runtime
     if not quality and not speed:
         raise DejavuError("--no-quality and --no-speed leave nothing to measure")

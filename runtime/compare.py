@@ -153,7 +153,7 @@ def run_compare(paths: list[Path], json_out: Path | None = None) -> dict:
     if json_out is not None:
         from dejavu.artifacts import check_report_path
 
-        check_report_path(json_out)
+        check_report_path(json_out, inputs=paths)
     reports = [read_report(p) for p in paths]
     rows = [comparison_row(p, r) for p, r in zip(paths, reports, strict=True)]
     differences = _differences(reports)

@@ -498,13 +498,14 @@ def read_prompt_file(path: Path) -> list[str]:
     return prompts
 
 
-def run_generate(prompts: list[str], *, model: str | None = None, bundle: Path | None = None, config_file=None,
+def run_generate(prompts: list[str], *, prompt_file: Path | None = None, model: str | None = None,
+                 bundle: Path | None = None, config_file=None,
                  json_out: Path | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, chat: bool = False, compare_dense: bool = False,
                  engine: str = "auto", overrides: dict | None = None, stream: bool | None = None,
                  batch_size: int = 1) -> dict:
-    """`dejavu generate`: the prompts continued sparse (and dense with compare_dense), batch_size prompts
-    at a time, printed and returned.
+    """`dejavu generate`: the prompts (then prompt_file's lines, '-' for standard input) continued sparse
+    (and dense with compare_dense), batch_size prompts at a time, printed and returned.
 
     stream: print the text as it is generated (default: when stdout is a terminal; one prompt at a time)."""
     import sys
@@ -516,7 +517,11 @@ def run_generate(prompts: list[str], *, model: str | None = None, bundle: Path |
     if json_out is not None:  # checked before the model loads
         from dejavu.artifacts import check_report_path
 
-        check_report_path(json_out)
+        inputs = [p for p in (bundle, prompt_file) if p is not None and str(p) != "-"]
+        check_report_path(json_out, inputs=inputs)
+    prompts = list(prompts) + (read_prompt_file(prompt_file) if prompt_file is not None else [])
+    if not prompts:
+        raise DejavuError("give a prompt: --prompt TEXT (repeatable) or --prompt-file FILE")
     if max_new_tokens < 1:
         raise DejavuError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if batch_size < 1:

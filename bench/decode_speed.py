@@ -94,7 +94,7 @@ def main() -> None:
                     help="prompt tokens before the timed decode (the context attention reads grows from here)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rank", type=int, default=None)
-    ap.add_argument("--hf-tokens", type=int, default=16)
+    ap.add_argument("--hf-tokens", type=int, default=16, help="tokens of Hugging Face eager decode to time (0: skip)")
     ap.add_argument("--mlp-pairing", default="current", choices=["current", "lookahead"],
                     help="which block input the MLP predictor reads (lookahead lets it overlap a whole layer)")
     ap.add_argument("--select-impl", default="fused", choices=list(SELECT_IMPLS),
@@ -131,13 +131,16 @@ def main() -> None:
     dm = DecodeModel(model, adapter, None, device, dtype, max_len, select_impl=args.select_impl,
                      predictor_priority=args.priority, join_order=args.join_order)
     copy = speed.copy_bandwidth_gbps(device)
-    hf = speed.hf_eager_ms_per_token(model, 1, args.hf_tokens, device, prompt_len=args.prompt_len)
+    # --hf-tokens 0 skips the HF eager baseline (minutes a step on the CPU at 7B shapes)
+    hf = speed.hf_eager_ms_per_token(model, 1, args.hf_tokens, device, prompt_len=args.prompt_len) \
+        if args.hf_tokens > 0 else None
+    hf_text = "not timed" if hf is None else f"{hf:.2f} ms/token"
     pdl = False  # programmatic dependent launch of the Triton kernels (DEJAVU_PDL, Hopper+)
     if device.type == "cuda":
         from dejavu.runtime.kernels import triton_kernels
 
         pdl = triton_kernels.pdl_enabled(torch.empty(0, device=device))
-    print(f"copy {copy:.0f} GB/s; HF eager {hf:.2f} ms/token; PDL {pdl}", flush=True)
+    print(f"copy {copy:.0f} GB/s; HF eager {hf_text}; PDL {pdl}", flush=True)
     result = {"model": args.synthetic, "synthetic": True, "layers": adapter.num_layers, "device": str(device),
               "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "dtype": args.dtype, "copy_bandwidth_gbps": copy, "hf_eager_ms_per_token": hf,
@@ -205,7 +208,7 @@ def main() -> None:
               f"{r['sparse_gbps']:11.0f} {r['predictor_share']:4.0%}")
     for line in ablation_rows:
         print(line)
-    print(f"HF eager {hf:.2f} ms/token; copy {copy:.0f} GB/s; wrote {out}")
+    print(f"HF eager {hf_text}; copy {copy:.0f} GB/s; wrote {out}")
 
 
 def measured_row_shares(dm: DecodeModel, batch: int, steps: int, prompt_len: int) -> dict:

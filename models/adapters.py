@@ -12,6 +12,7 @@ Canonical weight accessors (PyTorch Linear layout, [out, in]) serve the gather k
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,6 +53,33 @@ class AttentionWeights:
     k_bias: torch.Tensor | None = None
     v_bias: torch.Tensor | None = None
     o_bias: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class BlockNorms:
+    """The RMSNorm weights around a decoder layer's attention and MLP blocks; None where the family has
+    none. Llama normalises each block's input; Gemma 2/3 also each block's output before the residual add;
+    OLMo 2 only the outputs."""
+
+    attention_input: torch.Tensor | None
+    attention_output: torch.Tensor | None
+    mlp_input: torch.Tensor | None
+    mlp_output: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class ForwardConstants:
+    """The scalars a family's forward pass applies besides its weights. Only the runtimes that rebuild the
+    forward pass from weights need them; hooks see Hugging Face's own."""
+
+    norm_eps: float = 1e-6
+    norm_offset: float = 0.0  # RMSNorm multiplies by offset + weight (Gemma: 1)
+    embed_scale: float = 1.0
+    attention_scale: float | None = None  # multiplies q.k; None: 1 / sqrt(head_dim)
+    residual_scale: float = 1.0  # multiplies each block's output before the residual add (Granite)
+    logit_scale: float = 1.0  # multiplies the logits (Granite: 1 / logits_scaling)
+    attention_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    logit_softcap: float | None = None  # the same on the logits
 
 
 def _linear_weight(module: nn.Module) -> torch.Tensor:
@@ -124,6 +152,53 @@ class Adapter:
             return None
         return q_norm.weight, k_norm.weight
 
+    def block_norms(self, layer: nn.Module) -> BlockNorms:
+        """Llama's layout: an RMSNorm before attention and one before the MLP."""
+        return BlockNorms(layer.input_layernorm.weight, None, layer.post_attention_layernorm.weight, None)
+
+    def final_norm(self) -> torch.Tensor:
+        return self.text_model().norm.weight
+
+    def text_model(self) -> nn.Module:
+        """The decoder stack (embeddings, layers, final norm, rotary embedding) under the LM head."""
+        return self.model.model
+
+    def forward_constants(self) -> ForwardConstants:
+        return ForwardConstants(norm_eps=float(getattr(self._text_config(), "rms_norm_eps", 1e-6)))
+
+    def attention_windows(self) -> list[int | None]:
+        """Per layer, how many positions (the newest included) a token attends to; None = all of them."""
+        cfg = self._text_config()
+        window = getattr(cfg, "sliding_window", None)
+        if not window:
+            return [None] * self.num_layers
+        types = getattr(cfg, "layer_types", None)
+        if types is not None:  # per layer (Gemma 2/3 alternate; Qwen2/3 turn it on with use_sliding_window)
+            return [window if t == "sliding_attention" else None for t in types[:self.num_layers]]
+        return [window] * self.num_layers  # Mistral, Phi-3: every layer
+
+    def rotary_tables(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the rotary (cos, sin) tables [T, rotary dims] at `positions` [T], in fp32, from the
+        model's own rotary module (its scaling variants included). Layers sharing a table share the tensors."""
+        rotary = getattr(self.text_model(), "rotary_emb", None)
+        if rotary is None:
+            raise DejavuError("model has no rotary embedding module (rotary_emb)")
+        probe = torch.zeros(1, device=positions.device, dtype=torch.float32)
+        with torch.no_grad():
+            if "layer_type" not in inspect.signature(rotary.forward).parameters:
+                cos, sin = rotary(probe, positions[None])
+                return [(cos[0].float(), sin[0].float())] * self.num_layers
+            # Gemma 3: local (sliding) layers rotate with another base than global ones
+            types = self._text_config().layer_types[:self.num_layers]
+            tables = {}
+            for t in dict.fromkeys(types):
+                cos, sin = rotary(probe, positions[None], t)
+                tables[t] = (cos[0].float(), sin[0].float())
+            return [tables[t] for t in types]
+
+    def _text_config(self):
+        return getattr(self.config, "text_config", None) or self.config
+
     def activation_name(self) -> str:
         cfg = self.config
         for key in ("hidden_activation", "hidden_act", "activation_function"):
@@ -193,10 +268,10 @@ class Adapter:
 
 
 class LlamaAdapter(Adapter):
-    """Llama, Mistral, Qwen2/3, SmolLM, OLMo 1/2, Granite: SwiGLU in split gate/up/down projections, GQA."""
+    """Llama, Mistral, Qwen2/3, SmolLM, OLMo 1: SwiGLU in split gate/up/down projections, GQA."""
 
     family = "llama"
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "olmo")
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.model.layers
@@ -211,6 +286,32 @@ class LlamaAdapter(Adapter):
         return layer.mlp.gate_proj
 
 
+class GraniteAdapter(LlamaAdapter):
+    """Granite 3: Llama's layers with scalar multipliers on the embeddings, attention scores, each block's
+    output and the logits."""
+
+    family = "granite"
+    model_types = ("granite",)
+
+    def forward_constants(self) -> ForwardConstants:
+        cfg = self.config
+        return ForwardConstants(norm_eps=float(cfg.rms_norm_eps), embed_scale=float(cfg.embedding_multiplier),
+                                attention_scale=float(cfg.attention_multiplier),
+                                residual_scale=float(cfg.residual_multiplier),
+                                logit_scale=1.0 / float(cfg.logits_scaling))
+
+
+class Olmo2Adapter(LlamaAdapter):
+    """OLMo 2: Llama's projections, with RMSNorms on each block's output (none on its input) and on the
+    whole q and k projections (all heads at once)."""
+
+    family = "olmo2"
+    model_types = ("olmo2",)
+
+    def block_norms(self, layer) -> BlockNorms:
+        return BlockNorms(None, layer.post_attention_layernorm.weight, None, layer.post_feedforward_layernorm.weight)
+
+
 class GemmaAdapter(LlamaAdapter):
     """Gemma, Gemma2, Gemma3 (text): GeGLU (tanh-approximate GELU gate), GQA."""
 
@@ -218,11 +319,33 @@ class GemmaAdapter(LlamaAdapter):
     model_types = ("gemma", "gemma2", "gemma3_text", "gemma3")
 
     def decoder_layers(self) -> nn.ModuleList:
+        return self.text_model().layers
+
+    def text_model(self) -> nn.Module:
         inner = self.model.model
         # Gemma3ForConditionalGeneration nests the text model one level deeper.
-        if hasattr(inner, "language_model"):
-            inner = inner.language_model
-        return inner.layers
+        return inner.language_model if hasattr(inner, "language_model") else inner
+
+    def block_norms(self, layer) -> BlockNorms:
+        if not hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 1: Llama's layout
+            return super().block_norms(layer)
+        # Gemma 2/3: post_attention_layernorm normalises attention's output, not the MLP's input
+        return BlockNorms(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                          layer.pre_feedforward_layernorm.weight, layer.post_feedforward_layernorm.weight)
+
+    def head_norms(self, layer):
+        norms = super().head_norms(layer)
+        # Gemma's RMSNorms scale by 1 + weight; the runtimes apply the weights they are given
+        return None if norms is None else tuple(1.0 + w.float() for w in norms)
+
+    def forward_constants(self) -> ForwardConstants:
+        cfg = self._text_config()
+        scalar = getattr(cfg, "query_pre_attn_scalar", None)  # Gemma 2/3 scale q.k by its inverse root
+        return ForwardConstants(norm_eps=float(cfg.rms_norm_eps), norm_offset=1.0,
+                                embed_scale=float(cfg.hidden_size) ** 0.5,
+                                attention_scale=None if scalar is None else float(scalar) ** -0.5,
+                                attention_softcap=getattr(cfg, "attn_logit_softcapping", None),
+                                logit_softcap=getattr(cfg, "final_logit_softcapping", None))
 
     def shape(self) -> LayerShape:
         cfg = getattr(self.config, "text_config", None) or self.config
@@ -374,7 +497,7 @@ class Phi3Adapter(LlamaAdapter):
         return AttentionWeights(q, k, v, attn.o_proj.weight)
 
 
-ADAPTERS: list[type[Adapter]] = [LlamaAdapter, GemmaAdapter, Phi3Adapter, OPTAdapter, GPT2Adapter, GPTNeoXAdapter]
+ADAPTERS: list[type[Adapter]] = [LlamaAdapter, GraniteAdapter, Olmo2Adapter, GemmaAdapter, Phi3Adapter, OPTAdapter, GPT2Adapter, GPTNeoXAdapter]
 
 
 def supported_model_types() -> list[str]:

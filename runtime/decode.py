@@ -1,4 +1,7 @@
-"""A gpt-fast-style decode loop for the Llama family (Llama, Mistral, Qwen2, SmolLM, Gemma 1).
+"""A gpt-fast-style decode loop for the Llama family (Llama, Mistral, Qwen2/3, Phi-3, SmolLM, Granite,
+OLMo 2, Gemma 1-3). What the families do differently comes from their adapters (models/adapters.py):
+norms before and/or after each block, per-head or whole q/k norms, sliding windows, rotary tables per
+layer, score and logit caps, and scalar multipliers (folded into the weights where they are constant).
 
 Weights are copied once from a loaded HF model into the layout the kernels read row by row:
 qkv fused as [(H+2KV)*hd, d] (q = its first H*hd rows), o and down transposed ([H*hd, d], [n, d]),
@@ -42,7 +45,8 @@ from dejavu.runtime import reference
 from dejavu.runtime.kernels import ops
 from dejavu.runtime.thresholds import Thresholds
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
+                         "granite", "olmo2")
 SELECT_IMPLS = ("fused", "fused-cublas", "classic", "static", "static-sync")
 JOIN_ORDERS = ("consumption", "heads-first")
 
@@ -210,8 +214,8 @@ class PendingSelection:
 
 @dataclass
 class LayerWeights:
-    ln1: torch.Tensor
-    ln2: torch.Tensor
+    ln1: torch.Tensor | None  # RMSNorm weights of attention's and the MLP's inputs (OLMo 2: None, no norm)
+    ln2: torch.Tensor | None
     wqkv: torch.Tensor  # [(H + 2KV) * hd, d]
     bqkv: torch.Tensor | None
     wo_t: torch.Tensor  # [H * hd, d]
@@ -223,9 +227,17 @@ class LayerWeights:
     up_workspace: tuple | None = None  # set only with exact-up MLP selection: its top-k buffers (fp16 keys)
     gate_up_t: torch.Tensor | None = None  # [d, 2n] = [gate^T | up^T], set only with MLP thresholds
     wqkv_t: torch.Tensor | None = None  # [d, (H + 2KV) * hd], set only with attention thresholds
-    # [hd] each: Qwen3 RMS-normalises every q and k head before rope (else None)
+    # [hd] each: Qwen3 and Gemma 3 RMS-normalise every q and k head before rope (else None)
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
+    # ([H * hd], [KV * hd]): OLMo 2 normalises q and k over all heads at once, so every q head is computed
+    qk_norm_whole: tuple[torch.Tensor, torch.Tensor] | None = None
+    # RMSNorm weights of attention's and the MLP's outputs before the residual add (Gemma 2/3, OLMo 2)
+    attn_out_norm: torch.Tensor | None = None
+    mlp_out_norm: torch.Tensor | None = None
+    cos: torch.Tensor | None = None  # [max_len, hd] rotary tables (Gemma 3's local and global layers differ)
+    sin: torch.Tensor | None = None
+    window: int = 0  # positions attended to, the newest included (0: all)
 
 
 @dataclass
@@ -276,27 +288,26 @@ class DecodeModel:
         s = adapter.shape()
         self.d, self.n, self.H, self.KV, self.hd = (s.hidden_size, s.intermediate_size, s.num_heads,
                                                     s.num_kv_heads, s.head_dim)
-        window = getattr(cfg, "sliding_window", None)
-        if model_type in ("qwen2", "qwen3") and not getattr(cfg, "use_sliding_window", False):
-            window = None  # Qwen configs carry a window they do not use
-        if window is not None and max_len > window:
-            # the loop attends to every cached position; beyond the window the model would not
-            raise DejavuError(f"this {model_type} model attends to a sliding window of {window} positions, and the "
-                              f"decode loop to all of them: keep prompt + new tokens within {window} "
-                              f"(asked: {max_len}), or use the hooks engine")
+        if getattr(cfg, "use_bidirectional_attention", False):
+            raise DejavuError(f"this {model_type} model attends in both directions; the decode loop is causal")
         self.group = self.H // self.KV
         self.device, self.dtype, self.max_len = torch.device(device), dtype, max_len
-        self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
-        gemma = model_type == "gemma"
-        self.norm_offset = 1.0 if gemma else 0.0
-        self.embed_scale = math.sqrt(self.d) if gemma else 1.0
+        fc = adapter.forward_constants()
+        self.eps, self.norm_offset, self.embed_scale = fc.norm_eps, fc.norm_offset, fc.embed_scale
+        self.residual_scale = fc.residual_scale
+        self.scale = fc.attention_scale if fc.attention_scale is not None else 1.0 / math.sqrt(self.hd)
+        self.attention_softcap, self.logit_softcap = fc.attention_softcap, fc.logit_softcap
+        # per layer: how many positions a token attends to (0 = all; Mistral, Phi-3, Gemma 2/3 windows)
+        self.windows = [w or 0 for w in adapter.attention_windows()]
         self.act = reference.activation_code(adapter.activation_name())
-        self.scale = 1.0 / math.sqrt(self.hd)
         cast = dict(device=self.device, dtype=dtype)
         self.embed = model.get_input_embeddings().weight.detach().to(**cast)
-        self.lm_head = model.get_output_embeddings().weight.detach().to(**cast)
-        self.final_norm = model.model.norm.weight.detach().to(**cast)
-        self.cos, self.sin = self._rope_tables(model, max_len)
+        lm_head = model.get_output_embeddings().weight.detach()
+        if fc.logit_scale != 1.0:  # folded into the weights: Granite divides its logits by a constant
+            lm_head = lm_head.to(self.device, torch.float32) * fc.logit_scale
+        self.lm_head = lm_head.to(**cast)
+        self.final_norm = adapter.final_norm().detach().to(**cast)
+        self.rope = self._rope_tables(adapter, max_len)
         self.all_heads = torch.arange(self.H, device=self.device)
         self.all_neurons = torch.arange(self.n, device=self.device)
         self.all_qkv_rows = torch.arange((self.H + 2 * self.KV) * self.hd, device=self.device)
@@ -334,9 +345,11 @@ class DecodeModel:
             if len(thresholds.x) != len(adapter.decoder_layers()):
                 raise DejavuError(f"MLP thresholds cover {len(thresholds.x)} layers, the model has "
                                   f"{len(adapter.decoder_layers())}")
+        self._built_layers: list[LayerWeights] = []
         self.layers = [self._layer(adapter, layer, cast) for layer in adapter.decoder_layers()]
+        del self._built_layers
         # the lazy k/v kernel splits a head's dimensions over programs, so it cannot normalise a head
-        if skip_kv and self.layers[0].q_norm is not None:
+        if skip_kv and (self.layers[0].q_norm is not None or self.layers[0].qk_norm_whole is not None):
             raise DejavuError(f"skip_kv is not supported for {model_type} models (q/k normalised per head); "
                               "compute k/v for every head instead")
         self.predictors = None
@@ -352,7 +365,7 @@ class DecodeModel:
 
     # --- construction ---------------------------------------------------------------------------
     def _layer(self, adapter, layer, cast) -> LayerWeights:
-        a, m = adapter.attention_weights(layer), adapter.mlp_weights(layer)
+        a, m, norms = adapter.attention_weights(layer), adapter.mlp_weights(layer), adapter.block_norms(layer)
         if m.gate is None or m.down_bias is not None or a.o_bias is not None:
             raise DejavuError("the decode runtime expects a gated MLP without biases and an o projection "
                               "without bias (Llama family)")
@@ -362,41 +375,71 @@ class DecodeModel:
         gate, up = m.gate.detach().to(**cast), m.up.detach().to(**cast)
         transposed = self.thresholds is not None  # one layout only: rows of gate^T/up^T are x's columns
         wqkv = torch.cat([a.q, a.k, a.v], 0).detach().to(**cast)
-        norms = adapter.head_norms(layer)
-        if norms is not None and any(w.shape != (self.hd,) for w in norms):
-            raise DejavuError(f"the decode runtime normalises q and k per head ({self.hd} dims); this model's "
-                              f"q/k norms have shapes {[tuple(w.shape) for w in norms]}")
-        q_norm, k_norm = (w.detach().to(**cast).contiguous() for w in norms) if norms is not None else (None, None)
-        return LayerWeights(
-            ln1=layer.input_layernorm.weight.detach().to(**cast),
-            ln2=layer.post_attention_layernorm.weight.detach().to(**cast),
+        head_norms = adapter.head_norms(layer)
+        per_head = whole = None
+        if head_norms is not None:
+            shapes = [tuple(w.shape) for w in head_norms]
+            weights = tuple(w.detach().to(**cast).contiguous() for w in head_norms)
+            if shapes == [(self.hd,), (self.hd,)]:
+                per_head = weights
+            elif shapes == [(self.H * self.hd,), (self.KV * self.hd,)]:
+                whole = weights
+            else:
+                raise DejavuError(f"the decode runtime normalises q and k per head ({self.hd} dims) or over all "
+                                  f"heads; this model's q/k norms have shapes {shapes}")
+
+        def block_output(w: torch.Tensor) -> torch.Tensor:
+            # Granite scales each block's output before the residual add: folded into o and down
+            w = w.detach().t()
+            if self.residual_scale != 1.0:
+                w = w.to(self.device, torch.float32) * self.residual_scale
+            return w.to(**cast).contiguous()
+
+        def norm(w: torch.Tensor | None) -> torch.Tensor | None:
+            return None if w is None else w.detach().to(**cast)
+
+        index = len(self._built_layers)
+        cos, sin = self.rope[index]
+        lw = LayerWeights(
+            ln1=norm(norms.attention_input),
+            ln2=norm(norms.mlp_input),
+            attn_out_norm=norm(norms.attention_output),
+            mlp_out_norm=norm(norms.mlp_output),
             wqkv=wqkv.contiguous(),  # the dense step's layout (both kept with attention thresholds)
             wqkv_t=wqkv.t().contiguous() if transposed and self.thresholds.attention else None,
             bqkv=bqkv,
-            wo_t=a.o.detach().t().to(**cast).contiguous(),
+            wo_t=block_output(a.o),
             gate_up=None if transposed else torch.stack([gate, up]).contiguous(),
             gate_up_t=torch.cat([gate.t(), up.t()], 1).contiguous() if transposed else None,
-            down_t=m.down.detach().t().to(**cast).contiguous(),
-            q_norm=q_norm,
-            k_norm=k_norm,
+            down_t=block_output(m.down),
+            q_norm=None if per_head is None else per_head[0],
+            k_norm=None if per_head is None else per_head[1],
+            qk_norm_whole=whole,
+            cos=cos,
+            sin=sin,
+            window=self.windows[index],
         )
+        self._built_layers.append(lw)
+        return lw
 
     def _dense_gate_up(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         """[..., 2n] = x @ [gate | up]^T, from whichever layout the layer keeps."""
         return x @ (lw.gate_up_t if lw.gate_up is None else lw.gate_up.view(2 * self.n, self.d).T)
 
-    def _rope_tables(self, model, max_len: int):
-        rotary = getattr(model.model, "rotary_emb", None)
-        if rotary is None:
-            raise DejavuError("model has no rotary embedding module (model.model.rotary_emb)")
-        positions = torch.arange(max_len, device=next(model.parameters()).device)[None]
-        probe = torch.zeros(1, device=positions.device, dtype=torch.float32)
-        with torch.no_grad():
-            cos, sin = rotary(probe, positions)
-        if cos.shape[-1] != self.hd:
-            raise DejavuError(f"the decode runtime rotates whole heads ({self.hd} dims); this model rotates "
-                              f"{cos.shape[-1]} (partial rotary): use the hooks engine")
-        return (cos[0].to(self.device, torch.float32).contiguous(), sin[0].to(self.device, torch.float32).contiguous())
+    def _rope_tables(self, adapter, max_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (cos, sin) [max_len, hd] on the device; layers with the same table share it."""
+        positions = torch.arange(max_len, device=next(adapter.model.parameters()).device)
+        on_device: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        tables = []
+        for cos, sin in adapter.rotary_tables(positions):
+            if cos.shape[-1] != self.hd:
+                raise DejavuError(f"the decode runtime rotates whole heads ({self.hd} dims); this model rotates "
+                                  f"{cos.shape[-1]} (partial rotary): use the hooks engine")
+            if id(cos) not in on_device:
+                on_device[id(cos)] = (cos.to(self.device, torch.float32).contiguous(),
+                                      sin.to(self.device, torch.float32).contiguous())
+            tables.append(on_device[id(cos)])
+        return tables
 
     def attach_predictors(self, predictors: PredictorSet | None) -> None:
         """(Re)fold predictors at their current densities and MLP rule (self.mlp_candidate_density or
@@ -487,6 +530,8 @@ class DecodeModel:
         batch, plen = prompt.shape
         if plen >= self.max_len:
             raise DejavuError(f"prompt of {plen} tokens does not fit the cache of {self.max_len}")
+        at = torch.arange(plen, device=self.device)
+        causal = at[:, None] >= at[None, :]
         mask = None
         if st.start is not None:
             lengths = torch.full((batch,), plen) if lengths is None else lengths.to("cpu", torch.long)
@@ -494,7 +539,6 @@ class DecodeModel:
                 raise DejavuError(f"prompt lengths {lengths.tolist()} do not fit a padded prompt of {plen} tokens")
             start = (plen - lengths).to(self.device)
             st.start.copy_(start)
-            at = torch.arange(plen, device=self.device)
             # causal, and never a key before the sequence's start; a padding query sees itself (no empty row)
             mask = ((at[None, :, None] >= at[None, None, :]) & (at[None, None, :] >= start[:, None, None])) | (
                 at[:, None] == at[None, :])
@@ -504,32 +548,62 @@ class DecodeModel:
         x = F.embedding(prompt.to(self.device), self.embed)
         if self.embed_scale != 1.0:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
-        cos, sin = self.cos[:plen][None, :, None], self.sin[:plen][None, :, None]
         H, KV, hd = self.H, self.KV, self.hd
         for lw, (kc, vc) in zip(self.layers, st.cache, strict=True):
-            xn = reference.rms_norm(x, lw.ln1, self.eps, self.norm_offset)
+            xn = self._norm(x, lw.ln1)
             qkv = F.linear(xn, lw.wqkv, lw.bqkv)
             q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
-            q, k = q.view(batch, plen, H, hd), k.view(batch, plen, KV, hd)
+            if lw.qk_norm_whole is not None:
+                q, k = (reference.rms_norm(t, w, self.eps) for t, w in zip((q, k), lw.qk_norm_whole))
+            q, k = q.reshape(batch, plen, H, hd), k.reshape(batch, plen, KV, hd)
             if lw.q_norm is not None:
                 q, k = reference.rms_norm(q, lw.q_norm, self.eps), reference.rms_norm(k, lw.k_norm, self.eps)
+            cos, sin = lw.cos[:plen][None, :, None], lw.sin[:plen][None, :, None]
             q, k = reference._rotate(q, cos, sin), reference._rotate(k, cos, sin)
             v = v.view(batch, plen, KV, hd)
             kc[:, :, :plen] = k.transpose(1, 2)
             vc[:, :, :plen] = v.transpose(1, 2)
-            att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 attn_mask=mask, is_causal=mask is None, scale=self.scale,
-                                                 enable_gqa=self.group > 1)
-            x = x + att.transpose(1, 2).reshape(batch, plen, H * hd) @ lw.wo_t
-            xn = reference.rms_norm(x, lw.ln2, self.eps, self.norm_offset)
+            layer_mask = mask
+            if lw.window:  # a key at most window - 1 positions back
+                near = causal & (at[:, None] - at[None, :] < lw.window)
+                layer_mask = near[None, None] if mask is None else mask & (near | (at[:, None] == at[None, :]))
+            att = self._prefill_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layer_mask)
+            x = x + self._norm(att.transpose(1, 2).reshape(batch, plen, H * hd) @ lw.wo_t, lw.attn_out_norm)
+            xn = self._norm(x, lw.ln2)
             gu = self._dense_gate_up(lw, xn)
             a = reference.apply_activation(gu[..., :self.n].float(), self.act) * gu[..., self.n:].float()
-            x = x + a.to(x.dtype) @ lw.down_t
-        logits = F.linear(reference.rms_norm(x[:, -1], self.final_norm, self.eps, self.norm_offset), self.lm_head)
+            x = x + self._norm(a.to(x.dtype) @ lw.down_t, lw.mlp_out_norm)
+        logits = self._logits(reference.rms_norm(x[:, -1], self.final_norm, self.eps, self.norm_offset))
         st.tokens.copy_(logits.argmax(-1))
         st.pos.fill_(plen)
         if st.kv_last is not None:
             st.kv_last.fill_(plen - 1)
+        return logits
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """The family's RMSNorm, or x itself where it has none (OLMo 2's block inputs, Llama's outputs)."""
+        return x if weight is None else reference.rms_norm(x, weight, self.eps, self.norm_offset)
+
+    def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None) -> torch.Tensor:
+        """[B, H, P, hd] causal attention (mask: which keys each query sees, else causal)."""
+        if self.attention_softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                                  enable_gqa=self.group > 1)
+        # Gemma 2 caps the scores, which SDPA cannot: the attention written out, as HF's eager one
+        k, v = k.repeat_interleave(self.group, 1), v.repeat_interleave(self.group, 1)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * self.scale
+        scores = torch.tanh(scores / self.attention_softcap) * self.attention_softcap
+        plen = q.shape[2]
+        if mask is None:
+            mask = torch.ones(plen, plen, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.lm_head)
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
 
     # --- one decode step (eager on CPU; captured in a CUDA graph on GPU) -------------------------------
@@ -583,7 +657,7 @@ class DecodeModel:
             else:
                 self._attention(st, i, lw, self._take(heads_sel, i))
             self._mlp(st, i, lw, mlp_sel, sparse)
-        logits = F.linear(xn, self.lm_head)
+        logits = self._logits(xn)
         st.tokens.copy_(logits.argmax(-1))
         st.pos.add_(1)
         return logits
@@ -602,9 +676,18 @@ class DecodeModel:
             if lw.bqkv is not None:
                 q = q + lw.bqkv[:H * hd].view(H, hd).index_select(0, heads).reshape(-1)
             ops.lazy_kv_fill(xn, st.xcache[i], lw.wqkv, lw.bqkv, heads, self.group, kc, vc, st.kv_last[i],
-                             self.cos, self.sin, st.pos)
+                             lw.cos, lw.sin, st.pos)
             q3 = q.view(batch, -1, hd)
             k = v = q3[:, :0]  # the cache holds this position's k/v already: rope rotates q only
+        elif lw.qk_norm_whole is not None:
+            # q normalised over all heads needs every head's q: computed, normalised, then the selected kept
+            qkv = F.linear(xn, lw.wqkv, lw.bqkv)
+            q, k = (reference.rms_norm(t, w, self.eps) for t, w in zip(
+                (qkv[:, :H * hd], qkv[:, H * hd:(H + KV) * hd]), lw.qk_norm_whole))
+            q3 = q.view(batch, H, hd)
+            if hidx is not None:
+                q3 = q3.index_select(1, hidx)
+            k, v = k.view(batch, KV, hd), qkv[:, (H + KV) * hd:].view(batch, KV, hd)
         else:
             if hidx is not None:
                 # one launch: the selected heads' q rows, then every k and v row
@@ -621,13 +704,21 @@ class DecodeModel:
             q3 = qkv[:, :heads.numel() * hd].view(batch, -1, hd)
             kv = qkv[:, heads.numel() * hd:]
             k, v = kv[:, :KV * hd].view(batch, KV, hd), kv[:, KV * hd:].view(batch, KV, hd)
-        ops.rope_cache_write(q3, k, v, kc, vc, self.cos, self.sin, st.pos, lw.q_norm, lw.k_norm, self.eps)
-        att = ops.decode_attention(q3, kc, vc, heads, self.group, st.pos, self.scale, st.start).view(batch, -1)
+        ops.rope_cache_write(q3, k, v, kc, vc, lw.cos, lw.sin, st.pos, lw.q_norm, lw.k_norm, self.eps)
+        att = self._cache_attention(q3, st, i, lw, heads).view(batch, -1)
         if hidx is not None or triton_dense or st.xcache is not None:
             ops.gather_vecmat_acc(att, lw.wo_t, heads, hd, acc)
-            ops.residual_rmsnorm(st.hs[i], acc, lw.ln2, xn, self.eps, self.norm_offset, True, st.hmid)
+            ops.residual_rmsnorm(st.hs[i], acc, lw.ln2, xn, self.eps, self.norm_offset, True, st.hmid,
+                                 lw.attn_out_norm)
         else:
-            ops.residual_rmsnorm(st.hs[i], att @ lw.wo_t, lw.ln2, xn, self.eps, self.norm_offset, False, st.hmid)
+            ops.residual_rmsnorm(st.hs[i], att @ lw.wo_t, lw.ln2, xn, self.eps, self.norm_offset, False, st.hmid,
+                                 lw.attn_out_norm)
+
+    def _cache_attention(self, q3: torch.Tensor, st: DecodeState, i: int, lw: LayerWeights,
+                         heads: torch.Tensor) -> torch.Tensor:
+        kc, vc = st.cache[i]
+        return ops.decode_attention(q3, kc, vc, heads, self.group, st.pos, self.scale, st.start, lw.window,
+                                    self.attention_softcap or 0.0)
 
     def _threshold_attention(self, st: DecodeState, i: int, lw: LayerWeights) -> None:
         """Every head, from the q/k/v input entries above the layer's threshold (the kernel reads only
@@ -636,20 +727,23 @@ class DecodeModel:
         kc, vc = st.cache[i]
         ops.threshold_vecmat_acc(st.xn, lw.wqkv_t, t.attn_x[i], st.acc_qkv)
         q3 = st.qkv[:, :self.H * hd].view(batch, self.H, hd)
-        if lw.bqkv is None:  # one launch: q/k/v out of the accumulator, rotated, cached, acc zeroed
-            ops.rope_cache_write_acc(st.acc_qkv, q3, kc, vc, self.cos, self.sin, st.pos, lw.q_norm, lw.k_norm,
+        if lw.bqkv is None and lw.qk_norm_whole is None:
+            # one launch: q/k/v out of the accumulator, rotated, cached, acc zeroed
+            ops.rope_cache_write_acc(st.acc_qkv, q3, kc, vc, lw.cos, lw.sin, st.pos, lw.q_norm, lw.k_norm,
                                      self.eps)
         else:
             ops.drain_acc(st.acc_qkv, st.qkv)
-            qkv = st.qkv + lw.bqkv
-            q3 = qkv[:, :self.H * hd].view(batch, self.H, hd)
-            k = qkv[:, self.H * hd:(self.H + KV) * hd].view(batch, KV, hd)
+            qkv = st.qkv if lw.bqkv is None else st.qkv + lw.bqkv
+            q, k = qkv[:, :self.H * hd], qkv[:, self.H * hd:(self.H + KV) * hd]
+            if lw.qk_norm_whole is not None:
+                q, k = (reference.rms_norm(x, w, self.eps) for x, w in zip((q, k), lw.qk_norm_whole))
+            q3, k = q.reshape(batch, self.H, hd), k.reshape(batch, KV, hd)
             v = qkv[:, (self.H + KV) * hd:].view(batch, KV, hd)
-            ops.rope_cache_write(q3, k, v, kc, vc, self.cos, self.sin, st.pos, lw.q_norm, lw.k_norm, self.eps)
-        att = ops.decode_attention(q3, kc, vc, self.all_heads, self.group, st.pos, self.scale,
-                                   st.start).view(batch, -1)
+            ops.rope_cache_write(q3, k, v, kc, vc, lw.cos, lw.sin, st.pos, lw.q_norm, lw.k_norm, self.eps)
+        att = self._cache_attention(q3, st, i, lw, self.all_heads).view(batch, -1)
         ops.threshold_vecmat_acc(att, lw.wo_t, t.attn_o[i], st.acc)
-        ops.residual_rmsnorm(st.hs[i], st.acc, lw.ln2, st.xn, self.eps, self.norm_offset, True, st.hmid)
+        ops.residual_rmsnorm(st.hs[i], st.acc, lw.ln2, st.xn, self.eps, self.norm_offset, True, st.hmid,
+                             lw.attn_out_norm)
 
     def _mlp(self, st: DecodeState, i: int, lw: LayerWeights, mlp_sel: dict, sparse: bool) -> None:
         """The selected neurons' rows of gate, up and down^T only (all rows without a selection)."""
@@ -662,7 +756,7 @@ class DecodeModel:
             ops.threshold_vecmat_acc(xn, lw.gate_up_t, t.x[i], st.acc_gate_up)
             ops.act_mul_acc(st.acc_gate_up, self.act, st.h_mlp)
             ops.threshold_vecmat_acc(st.h_mlp, lw.down_t, t.h[i], acc)
-            ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next)
+            ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next, lw.mlp_out_norm)
             return
         if sparse and lw.up_workspace is not None:
             up = F.linear(xn, lw.gate_up[1])  # every neuron's up, while the predictor may still run
@@ -671,7 +765,7 @@ class DecodeModel:
             ops.select_exact_up(up, pred.logits, self.mlp_up_weight, pred.out, *lw.up_workspace)
             a = ops.gather_matvec(xn, lw.gate_up[0], pred.out, 1, None, self.act)
             ops.gather_vecmat_acc(a, lw.down_t, pred.out, 1, acc, up)  # act(gate) x up, as down reads it
-            ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next)
+            ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next, lw.mlp_out_norm)
             return
         midx = self._take(mlp_sel, i)
         two_stage = lw.mlp_final if sparse else None
@@ -681,16 +775,16 @@ class DecodeModel:
             h, final = two_stage.select(ops.gather_matvec(xn, lw.gate_up[1], cand, 1, lw.gate_up[0], self.act),
                                         cand)
             ops.gather_vecmat_acc(h, lw.down_t, final, 1, acc)
-            ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next)
+            ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next, lw.mlp_out_norm)
             return
         if midx is None and self.dense_impl == "triton" and lw.gate_up is not None:  # (thresholds: transposed)
             midx = self.all_neurons
         if midx is not None:
             ops.sparse_mlp_acc(xn, lw.gate_up[0], lw.gate_up[1], lw.down_t, midx, self.act, acc)
-            ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next)
+            ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next, lw.mlp_out_norm)
         else:
             a = ops.act_mul(self._dense_gate_up(lw, xn), self.act)
-            ops.residual_rmsnorm(hmid, a @ lw.down_t, next_norm, xn, eps, off, False, h_next)
+            ops.residual_rmsnorm(hmid, a @ lw.down_t, next_norm, xn, eps, off, False, h_next, lw.mlp_out_norm)
 
     @torch.no_grad()
     def select_all(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -706,9 +800,11 @@ class DecodeModel:
         """Bytes one decode step reads from memory: weights (selected rows only when sparse; two-stage:
         gate/up rows of the candidates, down^T rows of the final set; exact-up: every up row, gate and
         down^T rows of the selection; skip_kv: k/v rows of the read KV groups only, plus the stored
-        attention input, while the rare lazy fills of skipped positions are not counted; MLP thresholds:
+        attention input, while the rare lazy fills of skipped positions are not counted; OLMo 2: every q
+        head's rows, since q is normalised over all heads; MLP thresholds:
         the shares they were calibrated to keep, per sequence, while at batch > 1 the union of the
-        sequences' rows is read), predictors, the KV cache over `context` positions, the lm_head and one
+        sequences' rows is read), predictors, the KV cache over `context` positions (a sliding window's at
+        most), the lm_head and one
         embedding row per sequence."""
         item = torch.empty((), dtype=self.dtype).element_size()
         d, hd = self.d, self.hd
@@ -724,12 +820,13 @@ class DecodeModel:
             # KV groups the selected heads read: exact for one head per group, at most this with GQA
             kv_heads = min(self.KV, heads) if heads < self.H else self.KV
             kv_rows = kv_heads if (self.skip_kv and heads < self.H) else self.KV
-            attention = (2 * heads * hd + 2 * kv_rows * hd) * d
+            q_heads = self.H if lw.qk_norm_whole is not None else heads  # OLMo 2 computes every q head
+            attention = ((q_heads + heads) * hd + 2 * kv_rows * hd) * d
             if sparse and lw.wqkv_t is not None:  # attention thresholds: shares of q/k/v's and o's input kept
                 keep, keep_o = self.thresholds.share("attn_x", i), self.thresholds.share("attn_o", i)
                 attention = round(keep * d) * (self.H + 2 * self.KV) * hd + round(keep_o * self.H * hd) * d
             weights += (gate_rows + up_rows + down_rows) * d * item + attention * item
-            cache += 2 * batch * kv_heads * context * hd * item
+            cache += 2 * batch * kv_heads * (min(context, lw.window) if lw.window else context) * hd * item
             if self.skip_kv and heads < self.H:
                 cache += batch * d * item  # the stored attention input (lazy fills are not counted)
             if sparse:

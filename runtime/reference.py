@@ -171,18 +171,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     return weight * xf.to(x.dtype)
 
 
-def residual_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor,
-                     eps: float, offset: float = 0.0, zero_delta: bool = False,
-                     h_out: torch.Tensor | None = None) -> None:
-    """h_out = h + delta (h itself when h_out is None); out = RMSNorm(h_out); delta zeroed if asked.
-    No delta: out = RMSNorm(h)."""
+def residual_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor | None,
+                     out: torch.Tensor, eps: float, offset: float = 0.0, zero_delta: bool = False,
+                     h_out: torch.Tensor | None = None, delta_norm: torch.Tensor | None = None) -> None:
+    """h_out = h + delta (h itself when h_out is None); out = RMSNorm(h_out) (h_out itself without a weight);
+    delta zeroed if asked. No delta: out = RMSNorm(h). delta_norm: delta is first rounded to h's dtype and
+    RMS-normalised with these weights (a block's output norm: Gemma 2/3, OLMo 2)."""
     if delta is not None:
         target = h if h_out is None else h_out
-        target.copy_((h.float() + delta.float()).to(h.dtype))
+        step = delta if delta_norm is None else rms_norm(delta.to(h.dtype), delta_norm, eps, offset)
+        target.copy_((h.float() + step.float()).to(h.dtype))
         h = target
         if zero_delta:
             delta.zero_()
-    out.copy_(rms_norm(h, weight, eps, offset))
+    out.copy_(h if weight is None else rms_norm(h, weight, eps, offset))
 
 
 def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -261,25 +263,33 @@ def lazy_kv_fill(x: torch.Tensor, xcache: torch.Tensor, w: torch.Tensor, bias: t
 
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, heads: torch.Tensor, group: int,
-                     pos: torch.Tensor, scale: float, start: torch.Tensor | None = None) -> torch.Tensor:
+                     pos: torch.Tensor, scale: float, start: torch.Tensor | None = None, window: int = 0,
+                     softcap: float = 0.0) -> torch.Tensor:
     """Attention of one new token per sequence over cache positions [start[b], pos] for the given q heads
-    (start: None = 0 for every sequence)."""
+    (start: None = 0 for every sequence); window > 0: only the last `window` of them (sliding window);
+    softcap > 0: scores -> softcap * tanh(scores / softcap) (Gemma 2)."""
     length = int(pos.item()) + 1
+    first = max(0, length - window) if window else 0
     # the positions first: gathering heads over the whole cache copied all of it every step
-    k, v = kc[:, :, :length], vc[:, :, :length]
+    k, v = kc[:, :, first:length], vc[:, :, first:length]
     batch, hs, hd = q.shape
-    # left padding: positions before a sequence's start weigh nothing (a mask over [B, length])
-    pad = None if start is None else torch.arange(length, device=q.device)[None] < start.to(q.device)[:, None]
+    # left padding: positions before a sequence's start weigh nothing (a mask over [B, length - first])
+    pad = None if start is None else (
+        torch.arange(first, length, device=q.device)[None] < start.to(q.device)[:, None])
+
+    def cap(scores: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(scores / softcap) * softcap if softcap else scores
+
     if hs == kc.shape[1] * group and torch.equal(heads, torch.arange(hs, device=heads.device)):
         # every head: each KV head's group of q heads reads it once, with no copy per q head
         qg = q.reshape(batch, kc.shape[1], group, hd).float()
-        scores = torch.einsum("bkgd,bkld->bkgl", qg, k.float()) * scale
+        scores = cap(torch.einsum("bkgd,bkld->bkgl", qg, k.float()) * scale)
         if pad is not None:
             scores = scores.masked_fill(pad[:, None, None], float("-inf"))
         return torch.einsum("bkgl,bkld->bkgd", scores.softmax(-1), v.float()).reshape(batch, hs, hd).to(q.dtype)
     kv = heads // group
     k, v = k.index_select(1, kv).float(), v.index_select(1, kv).float()  # [B, Hs, L, hd]
-    scores = torch.einsum("bhd,bhld->bhl", q.float(), k) * scale
+    scores = cap(torch.einsum("bhd,bhld->bhl", q.float(), k) * scale)
     if pad is not None:
         scores = scores.masked_fill(pad[:, None], float("-inf"))
     return torch.einsum("bhl,bhld->bhd", scores.softmax(-1), v).to(q.dtype)

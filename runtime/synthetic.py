@@ -36,6 +36,26 @@ PRESETS: dict[str, dict] = {
     "phi-3-mini": dict(model_type="phi3", hidden_size=3072, intermediate_size=8192, num_attention_heads=32,
                        num_key_value_heads=32, num_hidden_layers=32, vocab_size=32064, max_position_embeddings=4096,
                        sliding_window=2047, rms_norm_eps=1e-5, hidden_act="silu", pad_token_id=32000),
+    # Gemma 2: norms after each block too, scores and logits capped, every other layer in a 4,096 window
+    "gemma-2-9b": dict(model_type="gemma2", hidden_size=3584, intermediate_size=14336, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=256, num_hidden_layers=42, vocab_size=256000,
+                       max_position_embeddings=8192, sliding_window=4096, query_pre_attn_scalar=256,
+                       rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh"),
+    # Gemma 3: q/k normalised per head; five of six layers in a 1,024 window with their own rope base
+    "gemma-3-12b": dict(model_type="gemma3_text", hidden_size=3840, intermediate_size=15360, num_attention_heads=16,
+                        num_key_value_heads=8, head_dim=256, num_hidden_layers=48, vocab_size=262208,
+                        max_position_embeddings=131072, sliding_window=1024, query_pre_attn_scalar=256,
+                        rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh"),
+    # OLMo 2: norms after each block only, q and k normalised over all heads (every q head is computed)
+    "olmo-2-7b": dict(model_type="olmo2", hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                      num_key_value_heads=32, num_hidden_layers=32, vocab_size=100352, max_position_embeddings=4096,
+                      rms_norm_eps=1e-6, rope_theta=500000.0, hidden_act="silu"),
+    # Granite 3: Llama's layers with scalar multipliers (folded into the weights by the decode loop)
+    "granite-3-8b": dict(model_type="granite", hidden_size=4096, intermediate_size=12800, num_attention_heads=32,
+                         num_key_value_heads=8, num_hidden_layers=40, vocab_size=49155, max_position_embeddings=4096,
+                         rms_norm_eps=1e-5, rope_theta=10000000.0, embedding_multiplier=12.0,
+                         attention_multiplier=0.0078125, residual_multiplier=0.22, logits_scaling=16.0,
+                         hidden_act="silu"),
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                          num_key_value_heads=3, num_hidden_layers=30, vocab_size=49152,
                          max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,

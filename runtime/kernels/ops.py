@@ -191,18 +191,18 @@ def _(acc, act, out):
 
 
 @_custom_op("dejavu::residual_rmsnorm", mutates_args=("delta", "out", "h_out"))
-def residual_rmsnorm(h: Tensor, delta: Tensor | None, weight: Tensor, out: Tensor, eps: float, offset: float,
-                     zero_delta: bool, h_out: Tensor) -> None:
-    reference.residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta, h_out)
+def residual_rmsnorm(h: Tensor, delta: Tensor | None, weight: Tensor | None, out: Tensor, eps: float,
+                     offset: float, zero_delta: bool, h_out: Tensor, delta_norm: Tensor | None = None) -> None:
+    reference.residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta, h_out, delta_norm)
 
 
 @residual_rmsnorm.register_kernel("cuda")
-def _(h, delta, weight, out, eps, offset, zero_delta, h_out):
-    _triton().residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta, h_out)
+def _(h, delta, weight, out, eps, offset, zero_delta, h_out, delta_norm=None):
+    _triton().residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta, h_out, delta_norm)
 
 
 @residual_rmsnorm.register_fake
-def _(h, delta, weight, out, eps, offset, zero_delta, h_out):
+def _(h, delta, weight, out, eps, offset, zero_delta, h_out, delta_norm=None):
     return None
 
 
@@ -316,17 +316,18 @@ def _(x, xcache, w, bias, heads, group, kc, vc, last, cos, sin, pos):
 
 @_custom_op("dejavu::decode_attention", mutates_args=())
 def decode_attention(q: Tensor, kc: Tensor, vc: Tensor, heads: Tensor, group: int, pos: Tensor,
-                     scale: float, start: Tensor | None = None) -> Tensor:
-    return reference.decode_attention(q, kc, vc, heads, group, pos, scale, start)
+                     scale: float, start: Tensor | None = None, window: int = 0, softcap: float = 0.0) -> Tensor:
+    return reference.decode_attention(q, kc, vc, heads, group, pos, scale, start, window, softcap)
 
 
 @decode_attention.register_kernel("cuda")
-def _(q, kc, vc, heads, group, pos, scale, start=None):
-    return _triton().decode_attention(q, kc, vc, heads, group, pos, scale, start=start)
+def _(q, kc, vc, heads, group, pos, scale, start=None, window=0, softcap=0.0):
+    return _triton().decode_attention(q, kc, vc, heads, group, pos, scale, start=start, window=window,
+                                      softcap=softcap)
 
 
 @decode_attention.register_fake
-def _(q, kc, vc, heads, group, pos, scale, start=None):
+def _(q, kc, vc, heads, group, pos, scale, start=None, window=0, softcap=0.0):
     return q.new_empty(q.shape)
 
 

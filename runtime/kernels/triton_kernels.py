@@ -511,37 +511,46 @@ def threshold_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, threshold: float, ac
 # residual + RMSNorm: h += delta (then delta = 0); out = norm(h) * (w + offset)
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _residual_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, out_ptr, hout_ptr, D, stride_hb, stride_db, stride_ob,
+def _residual_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, dw_ptr, out_ptr, hout_ptr, D, stride_hb, stride_db, stride_ob,
                              stride_hob, eps, offset, HAS_DELTA: tl.constexpr, ZERO_DELTA: tl.constexpr,
-                             BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+                             NORM: tl.constexpr, DELTA_NORM: tl.constexpr, BLOCK: tl.constexpr,
+                             PDL: tl.constexpr = False):
     _grid_dependency(PDL)
     b = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
     h = tl.load(h_ptr + b * stride_hb + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DELTA:
-        delta = tl.load(delta_ptr + b * stride_db + offs, mask=mask, other=0.0).to(tl.float32)
-        h = (h + delta).to(hout_ptr.dtype.element_ty)
+        delta = tl.load(delta_ptr + b * stride_db + offs, mask=mask, other=0.0)
+        if DELTA_NORM:  # the block's output norm, on the output rounded as the model would hold it
+            delta = delta.to(hout_ptr.dtype.element_ty).to(tl.float32)
+            drstd = 1.0 / tl.sqrt(tl.sum(delta * delta, axis=0) / D + eps)
+            dw = tl.load(dw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            delta = ((delta * drstd) * (dw + offset)).to(hout_ptr.dtype.element_ty)
+        h = (h + delta.to(tl.float32)).to(hout_ptr.dtype.element_ty)
         tl.store(hout_ptr + b * stride_hob + offs, h, mask=mask)
         h = h.to(tl.float32)
         if ZERO_DELTA:
             tl.store(delta_ptr + b * stride_db + offs, tl.zeros((BLOCK,), dtype=tl.float32), mask=mask)
-    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + b * stride_ob + offs, ((h * rstd) * (w + offset)).to(out_ptr.dtype.element_ty), mask=mask)
+    if NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        h = (h * rstd) * (w + offset)
+    tl.store(out_ptr + b * stride_ob + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def residual_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor,
+def residual_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor | None, out: torch.Tensor,
                      eps: float, offset: float = 0.0, zero_delta: bool = False,
-                     h_out: torch.Tensor | None = None) -> None:
+                     h_out: torch.Tensor | None = None, delta_norm: torch.Tensor | None = None) -> None:
     batch, d = h.shape
     block = triton.next_power_of_2(d)
     dl = delta if delta is not None else h
     ho = h_out if h_out is not None else h
-    _residual_rmsnorm_kernel[(batch,)](h, dl, weight, out, ho, d, h.stride(0), dl.stride(0), out.stride(0),
-                                       ho.stride(0), eps, offset, HAS_DELTA=delta is not None,
-                                       ZERO_DELTA=zero_delta, BLOCK=block, num_warps=8 if block >= 4096 else 4,
-                                       **_pdl(h))
+    _residual_rmsnorm_kernel[(batch,)](h, dl, h if weight is None else weight, h if delta_norm is None else delta_norm,
+                                       out, ho, d, h.stride(0), dl.stride(0), out.stride(0), ho.stride(0), eps, offset,
+                                       HAS_DELTA=delta is not None, ZERO_DELTA=zero_delta, NORM=weight is not None,
+                                       DELTA_NORM=delta_norm is not None, BLOCK=block,
+                                       num_warps=8 if block >= 4096 else 4, **_pdl(h))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -814,24 +823,37 @@ def lazy_kv_fill(x, xcache, w, bias, heads, group: int, kc, vc, last, cos, sin, 
 # decode attention over the cache, selected q heads only (GQA: q head h reads kv head h // group)
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _attention_run(pos_ptr, start_ptr, b, HAS_START: tl.constexpr, SPLITS: tl.constexpr, BLOCK_T: tl.constexpr):
+def _attention_run(pos_ptr, start_ptr, b, window, HAS_START: tl.constexpr, SPLITS: tl.constexpr,
+                   BLOCK_T: tl.constexpr, WINDOWED: tl.constexpr):
     """[first, last): the positions this program's run covers, the program_id(2)-th of SPLITS equal runs
-    of whole blocks over sequence b's cache, from its start (left padding; 0 without) up to the
-    device-side position (runs past the end are empty)."""
+    of whole blocks over sequence b's cache, from its start (left padding; 0 without; with a sliding
+    window no earlier than the window's first position) up to the device-side position (runs past the
+    end are empty)."""
     length = tl.load(pos_ptr) + 1
     begin = 0
     if HAS_START:
         begin = tl.load(start_ptr + b)
+    if WINDOWED:
+        begin = tl.maximum(begin, length - window)
     run = tl.cdiv(tl.cdiv(length - begin, SPLITS), BLOCK_T) * BLOCK_T
     first = begin + tl.program_id(2) * run
     return first, tl.minimum(first + run, length)
 
 
 @triton.jit
+def _softcap(s, softcap, SOFTCAP: tl.constexpr):
+    """Gemma 2's score cap, softcap * tanh(s / softcap), with tanh(x) = 2 sigmoid(2x) - 1."""
+    if SOFTCAP:
+        s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+    return s
+
+
+@triton.jit
 def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, start_ptr, out_ptr, part_ptr, NKV, T,
-                             GROUP, scale, stride_qb, stride_qh, stride_ob, stride_oh,
+                             GROUP, scale, window, softcap, stride_qb, stride_qh, stride_ob, stride_oh,
                              HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr,
-                             HAS_START: tl.constexpr, PDL: tl.constexpr = False):
+                             HAS_START: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+                             PDL: tl.constexpr = False):
     # SPLITS > 1 (flash-decoding): program s of a head takes the s-th of SPLITS equal runs of the
     # cached positions (whole blocks; programs past the end have none) and leaves its softmax
     # state in part [B, NQ, SPLITS, HD_PAD + 2] for _attention_combine_kernel. The runs follow the
@@ -843,7 +865,7 @@ def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, start_pt
     nq = tl.num_programs(0)
     head = tl.load(heads_ptr + j)
     kvh = head // GROUP
-    first, last = _attention_run(pos_ptr, start_ptr, b, HAS_START, SPLITS, BLOCK_T)
+    first, last = _attention_run(pos_ptr, start_ptr, b, window, HAS_START, SPLITS, BLOCK_T, WINDOWED)
     offs_d = tl.arange(0, HD_PAD)
     mask_d = offs_d < HD
     q = tl.load(q_ptr + b * stride_qb + j * stride_qh + offs_d, mask=mask_d, other=0.0).to(tl.float32) * scale
@@ -858,7 +880,7 @@ def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, start_pt
         kv_mask = mask_t[:, None] & mask_d[None, :]
         kt = tl.load(kc_ptr + tile, mask=kv_mask, other=0.0).to(tl.float32)
         vt = tl.load(vc_ptr + tile, mask=kv_mask, other=0.0).to(tl.float32)
-        s = tl.sum(kt * q[None, :], axis=1)
+        s = _softcap(tl.sum(kt * q[None, :], axis=1), softcap, SOFTCAP)
         s = tl.where(mask_t, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))
         alpha = tl.exp(m - m_new)  # every block holds position `first`, so m_new is finite
@@ -879,10 +901,11 @@ def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, start_pt
 
 @triton.jit
 def _decode_attention_grouped_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, start_ptr, out_ptr, part_ptr, NKV,
-                                     T, NSEL, scale, stride_qb, stride_qh, stride_ob, stride_oh, GROUP: tl.constexpr,
-                                     ROWS_PAD: tl.constexpr, HD: tl.constexpr, HD_PAD: tl.constexpr,
-                                     BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-                                     HAS_START: tl.constexpr, PDL: tl.constexpr = False):
+                                     T, NSEL, scale, window, softcap, stride_qb, stride_qh, stride_ob, stride_oh,
+                                     GROUP: tl.constexpr, ROWS_PAD: tl.constexpr, HD: tl.constexpr,
+                                     HD_PAD: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr,
+                                     PRECISION: tl.constexpr, HAS_START: tl.constexpr, WINDOWED: tl.constexpr,
+                                     SOFTCAP: tl.constexpr, PDL: tl.constexpr = False):
     # GQA: one program a KV head takes every selected q head that reads it (q rows j with
     # heads[j] // GROUP == kvh, in any order), so each k/v block is read once for them all, not once
     # per q head. The scores and the weighted sum are tensor-core dots over ROWS_PAD rows (those of
@@ -897,7 +920,7 @@ def _decode_attention_grouped_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, 
     mine = selected & (head // GROUP == kvh)
     # blocks are read even for a KV head that no selected q head reads (their results are not stored):
     # a loop bound waiting on the heads would hold every k/v load back by one more round trip
-    first, last = _attention_run(pos_ptr, start_ptr, b, HAS_START, SPLITS, BLOCK_T)
+    first, last = _attention_run(pos_ptr, start_ptr, b, window, HAS_START, SPLITS, BLOCK_T, WINDOWED)
     offs_d = tl.arange(0, HD_PAD)
     mask_d = offs_d < HD
     q = tl.load(q_ptr + b * stride_qb + offs_j[:, None] * stride_qh + offs_d[None, :],
@@ -913,7 +936,7 @@ def _decode_attention_grouped_kernel(q_ptr, kc_ptr, vc_ptr, heads_ptr, pos_ptr, 
         kv_mask = mask_t[:, None] & mask_d[None, :]
         kt = tl.load(kc_ptr + tile, mask=kv_mask, other=0.0)
         vt = tl.load(vc_ptr + tile, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * scale
+        s = _softcap(tl.dot(q, tl.trans(kt), input_precision=PRECISION) * scale, softcap, SOFTCAP)
         s = tl.where(mask_t[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
@@ -970,17 +993,21 @@ ATTENTION_MAX_SPLITS = 32
 
 def decode_attention(q, kc, vc, heads, group: int, pos, scale: float, splits: int | None = None,
                      block_t: int | None = None, per_sm: int | None = None,
-                     grouped: bool | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
+                     grouped: bool | None = None, start: torch.Tensor | None = None, window: int = 0,
+                     softcap: float = 0.0) -> torch.Tensor:
     """Attention of q [B, NSEL, hd] (q heads `heads`) over cache positions [start[b], pos] (start [B]
-    int64, None = 0). With GQA (group > 1) one program a KV head serves all its selected q heads
-    (grouped; False forces one program a q head)."""
+    int64, None = 0), only the last `window` of them when window > 0, scores capped at softcap when > 0.
+    With GQA (group > 1) one program a KV head serves all its selected q heads (grouped; False forces one
+    program a q head)."""
     batch, nq, hd = q.shape
     nkv = kc.shape[1]
     assert q.stride(2) == 1 and kc.is_contiguous() and vc.is_contiguous() and heads.numel() == nq
     grouped = group > 1 if grouped is None else grouped
     out = torch.empty(batch, nq, hd, device=q.device, dtype=q.dtype)
     block_t = block_t or ATTENTION_BLOCK_T
-    splits = splits or attention_splits(nkv if grouped else nq, batch, kc.shape[2], block_t, _sms(q), per_sm)
+    # a window bounds what any step reads, so it bounds the split too
+    span = min(kc.shape[2], window) if window else kc.shape[2]
+    splits = splits or attention_splits(nkv if grouped else nq, batch, span, block_t, _sms(q), per_sm)
     hd_pad = max(16, triton.next_power_of_2(hd))  # tl.dot's smallest tile
     part = torch.empty(batch, nq, splits, hd_pad + 2, device=q.device, dtype=torch.float32) if splits > 1 else out
     has_start = start is not None
@@ -989,15 +1016,17 @@ def decode_attention(q, kc, vc, heads, group: int, pos, scale: float, splits: in
     start_arg = start if has_start else pos  # never read without a start
     if grouped:
         _decode_attention_grouped_kernel[(nkv, batch, splits)](
-            q, kc, vc, heads, pos, start_arg, out, part, nkv, kc.shape[2], nq, scale, q.stride(0), q.stride(1),
-            out.stride(0), out.stride(1), GROUP=group, ROWS_PAD=max(16, triton.next_power_of_2(nq)), HD=hd,
-            HD_PAD=hd_pad, BLOCK_T=block_t, SPLITS=splits, PRECISION=_precision(q), HAS_START=has_start,
-            num_warps=4, **_pdl(q))
+            q, kc, vc, heads, pos, start_arg, out, part, nkv, kc.shape[2], nq, scale, window, softcap, q.stride(0),
+            q.stride(1), out.stride(0), out.stride(1), GROUP=group, ROWS_PAD=max(16, triton.next_power_of_2(nq)),
+            HD=hd, HD_PAD=hd_pad, BLOCK_T=block_t, SPLITS=splits, PRECISION=_precision(q), HAS_START=has_start,
+            WINDOWED=window > 0, SOFTCAP=softcap > 0, num_warps=4, **_pdl(q))
     else:
         _decode_attention_kernel[(nq, batch, splits)](q, kc, vc, heads, pos, start_arg, out, part, nkv, kc.shape[2],
-                                                      group, scale, q.stride(0), q.stride(1), out.stride(0),
-                                                      out.stride(1), HD=hd, HD_PAD=hd_pad, BLOCK_T=block_t,
-                                                      SPLITS=splits, HAS_START=has_start, num_warps=4, **_pdl(q))
+                                                      group, scale, window, softcap, q.stride(0), q.stride(1),
+                                                      out.stride(0), out.stride(1), HD=hd, HD_PAD=hd_pad,
+                                                      BLOCK_T=block_t, SPLITS=splits, HAS_START=has_start,
+                                                      WINDOWED=window > 0, SOFTCAP=softcap > 0, num_warps=4,
+                                                      **_pdl(q))
     if splits > 1:
         _attention_combine_kernel[(nq, batch)](part, out, out.stride(0), out.stride(1), HD=hd, HD_PAD=hd_pad,
                                                SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),

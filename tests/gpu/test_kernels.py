@@ -142,6 +142,60 @@ def test_norm_rope_attention_match_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_block_output_norms_and_missing_input_norms_match_reference(dtype):
+    # Gemma 2/3 and OLMo 2 normalise a block's output before the residual add; OLMo 2 has no input norm
+    from dejavu.runtime.kernels import triton_kernels as T
+
+    torch.manual_seed(0)
+    dev, B, d = "cuda", 3, 2304
+    h = torch.randn(B, d, device=dev, dtype=dtype)
+    delta = torch.randn(B, d, device=dev) * 40
+    w, post = (torch.randn(d, device=dev, dtype=dtype) for _ in range(2))
+    for weight, delta_norm, offset in ((w, post, 1.0), (None, post, 0.0), (None, None, 0.0), (w, None, 0.0)):
+        h1, h2, d1, d2 = h.clone(), h.clone(), delta.clone(), delta.clone()
+        o1, o2, n1, n2 = (torch.empty_like(h) for _ in range(4))
+        R.residual_rmsnorm(h1, d1, weight, o1, 1e-6, offset, True, n1, delta_norm)
+        T.residual_rmsnorm(h2, d2, weight, o2, 1e-6, offset, True, n2, delta_norm)
+        assert _rel(o2, o1) < 1e-2 and _rel(n2, n1) < 1e-2 and d2.abs().max() == 0, (weight is None, delta_norm is None)
+        if weight is None:
+            assert torch.equal(o2, n2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_attention_in_a_sliding_window_with_capped_scores_matches_reference(dtype, kv_heads):
+    # positions before the window hold k/v large enough to take all the weight if they were read
+    from dejavu.runtime.kernels import triton_kernels as T
+
+    torch.manual_seed(0)
+    dev, B, H, hd, Tm = "cuda", 3, 8, 128, 700
+    kc = torch.randn(B, kv_heads, Tm, hd, device=dev, dtype=dtype)
+    vc = torch.randn_like(kc)
+    start = torch.tensor([0, 3, 400], device=dev)
+    for window in (1, 64, 100, 4096):
+        for at in (0, 63, 450, Tm - 1):
+            kw, vw = kc.clone(), vc.clone()
+            kw[:, :, :max(0, at + 1 - window)] = 30.0
+            vw[:, :, :max(0, at + 1 - window)] = 30.0
+            where = torch.tensor([at], device=dev)
+            for sel in (torch.arange(H, device=dev), torch.tensor([6, 1, 2], device=dev)):
+                q = torch.randn(B, sel.numel(), hd, device=dev, dtype=dtype) * 4
+                for softcap, st in ((0.0, None), (50.0, None), (0.0, start), (20.0, start)):
+                    if st is not None and at < 400:
+                        continue  # a sequence's position is never before its start
+                    ref = R.decode_attention(q, kw, vw, sel, H // kv_heads, where, hd ** -0.5, st, window, softcap)
+                    for splits, grouped in ((None, None), (1, None), (7, True), (None, False)):
+                        got = T.decode_attention(q, kw, vw, sel, H // kv_heads, where, hd ** -0.5, splits=splits,
+                                                 grouped=grouped, start=st, window=window, softcap=softcap)
+                        assert _rel(got, ref) < 1e-2, (window, at, sel.tolist(), softcap, splits, grouped)
+    # the cap changes the result (scores large enough to reach it)
+    q = torch.randn(B, H, hd, device=dev, dtype=dtype) * 8
+    sel, where = torch.arange(H, device=dev), torch.tensor([300], device=dev)
+    assert _rel(T.decode_attention(q, kc, vc, sel, H // kv_heads, where, hd ** -0.5, softcap=5.0),
+                T.decode_attention(q, kc, vc, sel, H // kv_heads, where, hd ** -0.5)) > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kv_heads", [8, 2])
 def test_attention_from_each_sequences_start_matches_reference(dtype, kv_heads):
     # left-padded batches: sequence b attends from its own first position; the padding before it holds
@@ -277,15 +331,18 @@ def _three_steps(dm, prompt: torch.Tensor, sparse: bool, steps: int = 3) -> torc
 
 @pytest.mark.parametrize("select_impl", ["fused", "classic"])
 @pytest.mark.parametrize("dense_impl", ["cublas", "triton"])
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "phi3", "gemma"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
+                                        "granite", "olmo2"])
 def test_graphed_decode_matches_cpu_reference(model_type, dense_impl, select_impl):
     from dejavu.runtime.decode import DecodeModel
 
     if select_impl == "classic" and dense_impl == "triton":
         pytest.skip("covered by the other three combinations")
-    # llama: a wide MLP (1200 neurons > one program of the wide top-k) so the multi-program path runs
-    extra = {"intermediate_size": 1200} if model_type == "llama" else {}
-    model, adapter, preds = _tiny_with_predictors(model_type, **extra)
+    # llama: a wide MLP (1200 neurons > one program of the wide top-k) so the multi-program path runs;
+    # Gemma 2/3: sliding windows shorter than the decode, so the kernels' windows are exercised
+    extra = {"llama": {"intermediate_size": 1200}, "gemma2": {"sliding_window": 4},
+             "gemma3_text": {"sliding_window": 4, "num_hidden_layers": 3, "sliding_window_pattern": 2}}
+    model, adapter, preds = _tiny_with_predictors(model_type, **extra.get(model_type, {}))
     prompt = torch.randint(1, 500, (2, 5))
     results = {}
     for dev in ("cpu", "cuda"):
@@ -293,7 +350,7 @@ def test_graphed_decode_matches_cpu_reference(model_type, dense_impl, select_imp
         dm = DecodeModel(model, adapter, preds, dev, torch.float32, max_len=16, dense_impl=dense_impl,
                          select_impl=select_impl)
         for sparse in (False, True):
-            results[dev, sparse] = _three_steps(dm, prompt, sparse)
+            results[dev, sparse] = _three_steps(dm, prompt, sparse, steps=5)
     for sparse in (False, True):
         # tf32 tl.dot for batch 2: loose tolerance; the same greedy tokens are the real check
         torch.testing.assert_close(results["cuda", sparse], results["cpu", sparse], atol=2e-2, rtol=2e-2)

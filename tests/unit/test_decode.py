@@ -25,7 +25,8 @@ def _greedy_hf(model, prompt, steps):
     return ids, logits
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
+                                        "granite", "olmo2"])
 def test_dense_prefill_and_steps_match_hf(tiny_model_factory, model_type):
     model, adapter = _load(tiny_model_factory(model_type))
     torch.manual_seed(0)
@@ -78,9 +79,11 @@ def _masked_hf_logits(model, adapter, ids, keep_mlp, keep_heads):
     return out
 
 
-@pytest.mark.parametrize("pairing", ["current", "lookahead"])
-def test_sparse_step_matches_masked_hf(tiny_model_factory, pairing):
-    model, adapter = _load(tiny_model_factory("llama"))
+@pytest.mark.parametrize("model_type,pairing", [
+    ("llama", "current"), ("llama", "lookahead"), ("qwen3", "current"), ("phi3", "lookahead"),
+    ("gemma2", "current"), ("gemma3_text", "lookahead"), ("granite", "current"), ("olmo2", "lookahead")])
+def test_sparse_step_matches_masked_hf(tiny_model_factory, model_type, pairing):
+    model, adapter = _load(tiny_model_factory(model_type))
     s = adapter.shape()
     nl = adapter.num_layers
     preds = PredictorSet.random(nl, s.hidden_size, s.intermediate_size, s.num_heads, 8, 0.5, 0.5, seed=1)
@@ -125,14 +128,65 @@ def test_step_bytes_sparse_less_than_dense(tiny_model_factory):
     assert sparse["weights"] == expected
 
 
-def test_sliding_windows_the_loop_would_ignore_are_refused(tiny_model_factory):
-    # the loop attends to every cached position: past a model's window it would differ from the model
-    from dejavu.errors import DejavuError
+@pytest.mark.parametrize("model_type,window_config", [
+    ("mistral", dict(sliding_window=4)),  # every layer
+    ("phi3", dict(sliding_window=4)),
+    ("qwen2", dict(sliding_window=4, use_sliding_window=True, max_window_layers=1)),  # layers from 1 on
+    ("gemma2", dict(sliding_window=4)),  # every other layer
+    ("gemma3_text", dict(sliding_window=4, num_hidden_layers=3, sliding_window_pattern=2)),  # own rope base
+])
+def test_sliding_windows_match_hf_past_the_window(tiny_model_factory, model_type, window_config):
+    # prompt and decoded tokens run well past the window, in prefill and in the steps
+    model, adapter = _load(tiny_model_factory(model_type, **window_config))
+    windows = adapter.attention_windows()
+    assert 4 in windows and (model_type in ("mistral", "phi3") or None in windows or model_type == "gemma3_text")
+    torch.manual_seed(0)
+    prompt = torch.randint(1, 500, (2, 7))
+    dm = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16)
+    st = dm.new_state(2)
+    logits = dm.prefill(st, prompt)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(prompt).logits[:, -1], atol=1e-4, rtol=1e-4)
+    ids = [st.tokens.clone()]
+    for _ in range(5):
+        logits = dm.step(st, sparse=False)
+        ids.append(st.tokens.clone())
+    ref_ids, ref_logits = _greedy_hf(model, prompt, 6)
+    torch.testing.assert_close(torch.stack(ids, 1), ref_ids[:, 7:])
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    # and the window matters here: the same loop attending to every position gives other logits
+    unwindowed = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16)
+    for lw in unwindowed.layers:
+        lw.window = 0
+    full = unwindowed.prefill(unwindowed.new_state(2), prompt)
+    with torch.no_grad():
+        assert (full - model(prompt).logits[:, -1]).abs().max() > 1e-3
 
-    model, adapter = _load(tiny_model_factory("mistral", sliding_window=8))
-    DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=8)
-    with pytest.raises(DejavuError, match="sliding window of 8 positions"):
-        DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=9)
+
+def test_qwen_windows_apply_only_when_switched_on(tiny_model_factory):
     # Qwen configs carry a window that only use_sliding_window turns on
     model, adapter = _load(tiny_model_factory("qwen2", sliding_window=8, use_sliding_window=False))
-    DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16)
+    assert adapter.attention_windows() == [None, None]
+
+
+def test_left_padded_batch_with_windows_equals_each_prompt_alone(tiny_model_factory):
+    # a padded sequence's window starts at its own position minus the window, never before its start
+    model, adapter = _load(tiny_model_factory("gemma2", sliding_window=3))
+    torch.manual_seed(0)
+    prompts = [torch.randint(1, 500, (7,)), torch.randint(1, 500, (2,))]
+    dm = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16)
+    st = dm.new_state(2, padded=True)
+    padded = torch.stack([torch.cat([torch.zeros(7 - len(p), dtype=torch.long), p]) for p in prompts])
+    first = dm.prefill(st, padded, lengths=torch.tensor([len(p) for p in prompts]))
+    batch_logits, batch_ids = [first], [st.tokens.clone()]
+    for _ in range(4):
+        batch_logits.append(dm.step(st, sparse=False))
+        batch_ids.append(st.tokens.clone())
+    for b, prompt in enumerate(prompts):
+        alone = dm.new_state(1)
+        logits, ids = [dm.prefill(alone, prompt[None])], [alone.tokens.clone()]
+        for _ in range(4):
+            logits.append(dm.step(alone, sparse=False))
+            ids.append(alone.tokens.clone())
+        assert torch.cat(ids).tolist() == torch.stack(batch_ids)[:, b].tolist()
+        torch.testing.assert_close(torch.cat(logits), torch.stack(batch_logits)[:, b], atol=1e-4, rtol=1e-4)

@@ -198,7 +198,8 @@ def test_each_sequence_of_a_batch_stops_at_its_own_end_of_sequence_token(tiny_ll
         sm.generate_batch([], 4)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "opt", "qwen2", "qwen3", "phi3", "gemma", "mistral", "olmo2", "granite"])
+@pytest.mark.parametrize("model_type", ["gpt2", "opt", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
+                                        "mistral", "olmo2", "granite"])
 def test_batches_of_other_families_generate_what_each_prompt_does_alone(tiny_model_factory, model_type):
     # every family through the hooks (and the decode loop where it runs): padding and positions handled
     sm = _sparse_model(tiny_model_factory(model_type))

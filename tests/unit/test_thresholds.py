@@ -109,7 +109,8 @@ def test_calibrated_attention_thresholds_keep_the_asked_share(tiny_model_factory
 
 @pytest.mark.parametrize("model_type,batch,keep_attn", [("llama", 1, None), ("llama", 2, None), ("llama", 1, 0.6),
                                                       ("llama", 2, 0.5), ("qwen2", 2, 0.6), ("phi3", 2, 0.6),
-                                                      ("qwen3", 1, 0.6)])
+                                                      ("qwen3", 1, 0.6), ("gemma2", 2, 0.6), ("gemma3_text", 1, 0.6),
+                                                      ("granite", 2, 0.6), ("olmo2", 2, 0.6), ("olmo2", 1, None)])
 def test_threshold_decode_step_matches_masked_hf(tiny_model_factory, model_type, batch, keep_attn):
     # qwen2: q/k/v biases, added after the thresholded projection (its own path in the decode loop)
     model, adapter = _load(tiny_model_factory(model_type))
@@ -208,7 +209,7 @@ def test_threshold_kernels_in_interpreter_match_reference():
     ''')
 
 
-@pytest.mark.parametrize("model_type", ["opt", "gpt2", "gpt_neox", "gemma", "mistral", "phi3"])
+@pytest.mark.parametrize("model_type", ["opt", "gpt2", "gpt_neox", "gemma", "gemma2", "mistral", "phi3", "olmo2"])
 def test_attention_thresholds_in_every_family(tiny_model_factory, model_type):
     """Mask mode reaches each family's attention input and o input through the adapter (GPT-2 and OPT
     pass hidden_states positionally, Llama-style families by keyword)."""

@@ -600,7 +600,8 @@ def test_threshold_kernels_match_reference(dtype, batch, rows, n):
 
 @pytest.mark.parametrize("model_type,batch,keep_attn", [("llama", 1, None), ("llama", 3, None), ("llama", 1, 0.6),
                                                       ("llama", 3, 0.5), ("qwen2", 1, 0.6), ("qwen3", 3, 0.6),
-                                                      ("phi3", 1, 0.6)])
+                                                      ("phi3", 1, 0.6), ("olmo2", 3, 0.6), ("gemma2", 1, 0.6),
+                                                      ("granite", 3, None)])
 def test_graphed_threshold_decode_matches_cpu_reference(model_type, batch, keep_attn):
     from dejavu.runtime.decode import DecodeModel
     from dejavu.runtime.thresholds import calibrate_thresholds

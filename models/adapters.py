@@ -164,11 +164,11 @@ class Adapter:
         return self.model.model
 
     def forward_constants(self) -> ForwardConstants:
-        return ForwardConstants(norm_eps=float(getattr(self._text_config(), "rms_norm_eps", 1e-6)))
+        return ForwardConstants(norm_eps=float(getattr(self.text_config(), "rms_norm_eps", 1e-6)))
 
     def attention_windows(self) -> list[int | None]:
         """Per layer, how many positions (the newest included) a token attends to; None = all of them."""
-        cfg = self._text_config()
+        cfg = self.text_config()
         window = getattr(cfg, "sliding_window", None)
         if not window:
             return [None] * self.num_layers
@@ -189,18 +189,19 @@ class Adapter:
                 cos, sin = rotary(probe, positions[None])
                 return [(cos[0].float(), sin[0].float())] * self.num_layers
             # Gemma 3: local (sliding) layers rotate with another base than global ones
-            types = self._text_config().layer_types[:self.num_layers]
+            types = self.text_config().layer_types[:self.num_layers]
             tables = {}
             for t in dict.fromkeys(types):
                 cos, sin = rotary(probe, positions[None], t)
                 tables[t] = (cos[0].float(), sin[0].float())
             return [tables[t] for t in types]
 
-    def _text_config(self):
+    def text_config(self):
+        """The language model's config (a multimodal model nests it as text_config)."""
         return getattr(self.config, "text_config", None) or self.config
 
     def activation_name(self) -> str:
-        cfg = self.config
+        cfg = self.text_config()
         for key in ("hidden_activation", "hidden_act", "activation_function"):
             value = getattr(cfg, key, None)
             if value:
@@ -213,7 +214,7 @@ class Adapter:
         return len(self.decoder_layers())
 
     def shape(self) -> LayerShape:
-        cfg = self.config
+        cfg = self.text_config()
         heads = cfg.num_attention_heads
         kv = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -339,24 +340,13 @@ class GemmaAdapter(LlamaAdapter):
         return None if norms is None else tuple(1.0 + w.float() for w in norms)
 
     def forward_constants(self) -> ForwardConstants:
-        cfg = self._text_config()
+        cfg = self.text_config()
         scalar = getattr(cfg, "query_pre_attn_scalar", None)  # Gemma 2/3 scale q.k by its inverse root
         return ForwardConstants(norm_eps=float(cfg.rms_norm_eps), norm_offset=1.0,
                                 embed_scale=float(cfg.hidden_size) ** 0.5,
                                 attention_scale=None if scalar is None else float(scalar) ** -0.5,
                                 attention_softcap=getattr(cfg, "attn_logit_softcapping", None),
                                 logit_softcap=getattr(cfg, "final_logit_softcapping", None))
-
-    def shape(self) -> LayerShape:
-        cfg = getattr(self.config, "text_config", None) or self.config
-        heads = cfg.num_attention_heads
-        return LayerShape(
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_heads=heads,
-            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-        )
 
 
 class OPTAdapter(Adapter):

@@ -45,7 +45,8 @@ from dejavu.runtime import reference
 from dejavu.runtime.kernels import ops
 from dejavu.runtime.thresholds import Thresholds
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
+# gemma3: Gemma3ForConditionalGeneration (4B and up), decoded as text
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "gemma3",
                          "granite", "olmo2")
 SELECT_IMPLS = ("fused", "fused-cublas", "classic", "static", "static-sync")
 JOIN_ORDERS = ("consumption", "heads-first")
@@ -288,7 +289,7 @@ class DecodeModel:
         s = adapter.shape()
         self.d, self.n, self.H, self.KV, self.hd = (s.hidden_size, s.intermediate_size, s.num_heads,
                                                     s.num_kv_heads, s.head_dim)
-        if getattr(cfg, "use_bidirectional_attention", False):
+        if getattr(adapter.text_config(), "use_bidirectional_attention", False):
             raise DejavuError(f"this {model_type} model attends in both directions; the decode loop is causal")
         self.group = self.H // self.KV
         self.device, self.dtype, self.max_len = torch.device(device), dtype, max_len

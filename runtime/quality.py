@@ -77,7 +77,7 @@ def eval_tokens(tokenizer, dataset: str, max_tokens: int, text_field: str = "tex
 
 
 def model_context(model) -> int:
-    cfg = model.config
+    cfg = getattr(model.config, "text_config", None) or model.config  # multimodal models nest it (Gemma 3)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(cfg, key, None)
         if value:

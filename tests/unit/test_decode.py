@@ -190,3 +190,38 @@ def test_left_padded_batch_with_windows_equals_each_prompt_alone(tiny_model_fact
             ids.append(alone.tokens.clone())
         assert torch.cat(ids).tolist() == torch.stack(batch_ids)[:, b].tolist()
         torch.testing.assert_close(torch.cat(logits), torch.stack(batch_logits)[:, b], atol=1e-4, rtol=1e-4)
+
+
+def test_gemma3_with_a_vision_tower_decodes_text_as_hf():
+    # Gemma 3 from 4B up loads as Gemma3ForConditionalGeneration: its text config is nested, and so is
+    # the language model the loop reads its layers, norms and rotary tables from
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    text = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                num_hidden_layers=3, max_position_embeddings=256, vocab_size=600, sliding_window=4,
+                sliding_window_pattern=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=599,
+                       boi_token_index=598, eoi_token_index=597)
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    adapter = adapter_for(model)
+    assert model.config.model_type == "gemma3" and adapter.attention_windows() == [4, None, 4]
+    prompt = torch.randint(1, 500, (2, 7))
+    dm = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16)
+    st = dm.new_state(2)
+    logits = dm.prefill(st, prompt)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(prompt).logits[:, -1], atol=1e-4, rtol=1e-4)
+    ids = [st.tokens.clone()]
+    for _ in range(4):
+        logits = dm.step(st, sparse=False)
+        ids.append(st.tokens.clone())
+    ref_ids, ref_logits = _greedy_hf(model, prompt, 5)
+    torch.testing.assert_close(torch.stack(ids, 1), ref_ids[:, 7:])
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)

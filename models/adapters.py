@@ -12,6 +12,7 @@ Canonical weight accessors (PyTorch Linear layout, [out, in]) serve the gather k
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,6 +83,25 @@ class ForwardConstants:
     logit_softcap: float | None = None  # the same on the logits
 
 
+def _check_static_rope(rotary: nn.Module, cfg, length: int) -> None:
+    """Dynamic-NTK and longrope scaling switch a sequence's frequencies once it passes a length; a decode
+    loop with tables fixed up front matches them only below it."""
+    rope_types = getattr(rotary, "rope_type", "default")
+    types = rope_types if isinstance(rope_types, dict) else {None: rope_types}
+    for layer_type, rope_type in types.items():
+        if "dynamic" in rope_type:
+            limit = getattr(rotary, "original_max_seq_len", None) or cfg.max_position_embeddings
+        elif rope_type == "longrope":
+            params = cfg.rope_parameters if layer_type is None else cfg.rope_parameters[layer_type]
+            limit = params["original_max_position_embeddings"]
+        else:
+            continue
+        if length > limit:
+            raise DejavuError(f"this model's rotary embedding ({rope_type}) changes its frequencies once a sequence "
+                              f"passes {limit} positions, which fixed tables cannot follow: keep prompt + new tokens "
+                              f"within {limit} (asked: {length}), or use the hooks engine")
+
+
 def _linear_weight(module: nn.Module) -> torch.Tensor:
     """[out, in] for nn.Linear, and for GPT-2's Conv1D which stores [in, out]."""
     if isinstance(module, nn.Linear):
@@ -102,6 +122,9 @@ class Adapter:
     gated: bool = True
     # one projection computes [gate | up] side by side (Phi-3); up_proj and gate_proj then both return it
     fused_gate_up: bool = False
+    # the config's layer_types say which layers attend in a sliding window (Qwen2/3, Gemma 2/3); else a
+    # window, if any, covers every layer (Mistral, Phi-3)
+    windows_by_layer_type: bool = False
     model_types: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module):
@@ -168,21 +191,24 @@ class Adapter:
 
     def attention_windows(self) -> list[int | None]:
         """Per layer, how many positions (the newest included) a token attends to; None = all of them."""
-        cfg = self.text_config()
-        window = getattr(cfg, "sliding_window", None)
+        window = getattr(self.text_config(), "sliding_window", None)
         if not window:
             return [None] * self.num_layers
-        types = getattr(cfg, "layer_types", None)
-        if types is not None:  # per layer (Gemma 2/3 alternate; Qwen2/3 turn it on with use_sliding_window)
-            return [window if t == "sliding_attention" else None for t in types[:self.num_layers]]
-        return [window] * self.num_layers  # Mistral, Phi-3: every layer
+        if self.windows_by_layer_type:
+            types = self.text_config().layer_types[:self.num_layers]
+            return [window if t == "sliding_attention" else None for t in types]
+        return [window] * self.num_layers  # Mistral, Phi-3: every layer (HF ignores their layer_types)
 
     def rotary_tables(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, the rotary (cos, sin) tables [T, rotary dims] at `positions` [T], in fp32, from the
-        model's own rotary module (its scaling variants included). Layers sharing a table share the tensors."""
+        """Per layer, the rotary (cos, sin) tables [T, rotary dims] at `positions` [T], in fp32, from a copy
+        of the model's own rotary module (its scaling variants included). Layers sharing a table share the
+        tensors. Refused past the length at which dynamic-NTK or longrope scaling would change the
+        frequencies of a sequence (fixed tables cannot follow that)."""
         rotary = getattr(self.text_model(), "rotary_emb", None)
         if rotary is None:
             raise DejavuError("model has no rotary embedding module (rotary_emb)")
+        _check_static_rope(rotary, self.text_config(), int(positions.max()) + 1)
+        rotary = copy.deepcopy(rotary)  # HF's dynamic variants update the module they run on
         probe = torch.zeros(1, device=positions.device, dtype=torch.float32)
         with torch.no_grad():
             if "layer_type" not in inspect.signature(rotary.forward).parameters:
@@ -272,7 +298,7 @@ class LlamaAdapter(Adapter):
     """Llama, Mistral, Qwen2/3, SmolLM, OLMo 1: SwiGLU in split gate/up/down projections, GQA."""
 
     family = "llama"
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "olmo")
+    model_types = ("llama", "mistral", "olmo")
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.model.layers
@@ -287,12 +313,19 @@ class LlamaAdapter(Adapter):
         return layer.mlp.gate_proj
 
 
+class QwenAdapter(LlamaAdapter):
+    """Qwen2/3 and Ministral: Llama's layout (Qwen3 normalises q and k per head), with a sliding window on the
+    layers the config's layer_types list."""
+
+    model_types = ("qwen2", "qwen3", "ministral")
+    windows_by_layer_type = True
+
+
 class GraniteAdapter(LlamaAdapter):
     """Granite 3: Llama's layers with scalar multipliers on the embeddings, attention scores, each block's
     output and the logits."""
 
-    family = "granite"
-    model_types = ("granite",)
+    model_types = ("granite",)  # family "llama": bundles name the family, and its layers are Llama's
 
     def forward_constants(self) -> ForwardConstants:
         cfg = self.config
@@ -306,7 +339,6 @@ class Olmo2Adapter(LlamaAdapter):
     """OLMo 2: Llama's projections, with RMSNorms on each block's output (none on its input) and on the
     whole q and k projections (all heads at once)."""
 
-    family = "olmo2"
     model_types = ("olmo2",)
 
     def block_norms(self, layer) -> BlockNorms:
@@ -318,6 +350,7 @@ class GemmaAdapter(LlamaAdapter):
 
     family = "gemma"
     model_types = ("gemma", "gemma2", "gemma3_text", "gemma3")
+    windows_by_layer_type = True
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.text_model().layers
@@ -487,7 +520,7 @@ class Phi3Adapter(LlamaAdapter):
         return AttentionWeights(q, k, v, attn.o_proj.weight)
 
 
-ADAPTERS: list[type[Adapter]] = [LlamaAdapter, GraniteAdapter, Olmo2Adapter, GemmaAdapter, Phi3Adapter, OPTAdapter, GPT2Adapter, GPTNeoXAdapter]
+ADAPTERS: list[type[Adapter]] = [LlamaAdapter, QwenAdapter, GraniteAdapter, Olmo2Adapter, GemmaAdapter, Phi3Adapter, OPTAdapter, GPT2Adapter, GPTNeoXAdapter]
 
 
 def supported_model_types() -> list[str]:

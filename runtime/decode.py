@@ -46,7 +46,7 @@ from dejavu.runtime.kernels import ops
 from dejavu.runtime.thresholds import Thresholds
 
 # gemma3: Gemma3ForConditionalGeneration (4B and up), decoded as text
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "gemma3",
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "gemma3",
                          "granite", "olmo2")
 SELECT_IMPLS = ("fused", "fused-cublas", "classic", "static", "static-sync")
 JOIN_ORDERS = ("consumption", "heads-first")
@@ -641,6 +641,9 @@ class DecodeModel:
     @torch.no_grad()
     def step(self, st: DecodeState, sparse: bool) -> torch.Tensor:
         hs, xn, eps, off = st.hs, st.xn, self.eps, self.norm_offset
+        if st.tokens.device.type == "cpu" and int(st.pos) >= self.max_len:  # (a graph on CUDA: no host check)
+            raise DejavuError(f"the cache holds {self.max_len} positions and all are used: make the DecodeModel "
+                              "with a larger max_len")
         if sparse and self.skip_kv and st.xcache is None:
             raise DejavuError("this decode state was made dense_only: a sparse step with skip_kv needs one "
                               "made by new_state(batch)")

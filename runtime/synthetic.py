@@ -22,9 +22,14 @@ PRESETS: dict[str, dict] = {
     "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                        num_key_value_heads=8, num_hidden_layers=32, vocab_size=128256,
                        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0, hidden_act="silu"),
+    # Mistral 7B v0.2 on: no sliding window (MistralConfig's default is v0.1's 4,096)
     "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                        num_key_value_heads=8, num_hidden_layers=32, vocab_size=32000,
-                       max_position_embeddings=32768, rms_norm_eps=1e-5, hidden_act="silu"),
+                       max_position_embeddings=32768, sliding_window=None, rms_norm_eps=1e-5, hidden_act="silu"),
+    # Mistral 7B v0.1 attended to a sliding window of 4,096 positions (later versions to all)
+    "mistral-7b-v0.1": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                            num_key_value_heads=8, num_hidden_layers=32, vocab_size=32000,
+                            max_position_embeddings=32768, sliding_window=4096, rms_norm_eps=1e-5, hidden_act="silu"),
     "qwen2-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
                      num_key_value_heads=4, num_hidden_layers=28, vocab_size=152064,
                      max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_act="silu"),

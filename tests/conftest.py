@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ def tiny_model_factory(tmp_path_factory, tiny_tokenizer):
     cache: dict[tuple, Path] = {}
 
     def factory(model_type: str = "llama", **overrides) -> Path:
-        key = (model_type, tuple(sorted(overrides.items())))
+        key = (model_type, json.dumps(overrides, sort_keys=True))  # (overrides may hold lists and dicts)
         if key not in cache:
             d = tmp_path_factory.mktemp(f"tiny-{model_type}")
             cache[key] = make_tiny_model(d, model_type, tiny_tokenizer, **overrides)

@@ -130,6 +130,7 @@ def test_step_bytes_sparse_less_than_dense(tiny_model_factory):
 
 @pytest.mark.parametrize("model_type,window_config", [
     ("mistral", dict(sliding_window=4)),  # every layer
+    ("mistral", dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])),  # loads as Ministral
     ("phi3", dict(sliding_window=4)),
     ("qwen2", dict(sliding_window=4, use_sliding_window=True, max_window_layers=1)),  # layers from 1 on
     ("gemma2", dict(sliding_window=4)),  # every other layer
@@ -140,6 +141,8 @@ def test_sliding_windows_match_hf_past_the_window(tiny_model_factory, model_type
     model, adapter = _load(tiny_model_factory(model_type, **window_config))
     windows = adapter.attention_windows()
     assert 4 in windows and (model_type in ("mistral", "phi3") or None in windows or model_type == "gemma3_text")
+    if "layer_types" in window_config:
+        assert model.config.model_type == "ministral" and windows == [4, None]
     torch.manual_seed(0)
     prompt = torch.randint(1, 500, (2, 7))
     dm = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16)
@@ -225,3 +228,56 @@ def test_gemma3_with_a_vision_tower_decodes_text_as_hf():
     ref_ids, ref_logits = _greedy_hf(model, prompt, 5)
     torch.testing.assert_close(torch.stack(ids, 1), ref_ids[:, 7:])
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_mistral_windows_cover_every_layer_whatever_its_layer_types():
+    # HF's Mistral windows every layer and ignores layer_types (saved and reloaded, such a config becomes
+    # Ministral, which reads them: the windows test above covers it)
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from helpers import TINY_CONFIGS
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**TINY_CONFIGS["mistral"], vocab_size=600, sliding_window=3,
+                                             layer_types=["full_attention", "sliding_attention"])).eval()
+    adapter = adapter_for(model)
+    assert adapter.attention_windows() == [3, 3]
+    prompt = torch.randint(1, 500, (1, 7))
+    dm = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=12)
+    with torch.no_grad():
+        torch.testing.assert_close(dm.prefill(dm.new_state(1), prompt), model(prompt).logits[:, -1],
+                                   atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type,config", [
+    ("llama", dict(max_position_embeddings=16, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                "rope_theta": 10000.0})),
+    ("phi3", dict(max_position_embeddings=64, original_max_position_embeddings=16,
+                  rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                                   "long_factor": [4.0] * 8})),
+])
+def test_rope_that_rescales_with_length_is_matched_below_it_and_refused_past_it(tiny_model_factory, model_type,
+                                                                                config):
+    # dynamic NTK and longrope switch a sequence's frequencies past a length, which fixed tables cannot follow
+    from dejavu.errors import DejavuError
+
+    model, adapter = _load(tiny_model_factory(model_type, **config))
+    torch.manual_seed(0)
+    prompt = torch.randint(1, 500, (1, 7))
+    with pytest.raises(DejavuError, match="changes its frequencies once a sequence passes 16 positions"):
+        DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=17)
+    with torch.no_grad():
+        before = model(prompt).logits[:, -1]
+    dm = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16)
+    st = dm.new_state(1)
+    torch.testing.assert_close(dm.prefill(st, prompt), before, atol=1e-4, rtol=1e-4)
+    ids = [st.tokens.clone()]
+    for _ in range(9):  # the last step writes the cache's last position
+        logits = dm.step(st, sparse=False)
+        ids.append(st.tokens.clone())
+    ref_ids, ref_logits = _greedy_hf(model, prompt, 10)
+    torch.testing.assert_close(torch.stack(ids, 1), ref_ids[:, 7:])
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    # the cache is full: a clear error, not an index error
+    with pytest.raises(DejavuError, match="all are used"):
+        dm.step(st, sparse=False)

@@ -58,14 +58,17 @@ class AttentionWeights:
 
 @dataclass(frozen=True)
 class BlockNorms:
-    """The RMSNorm weights around a decoder layer's attention and MLP blocks; None where the family has
-    none. Llama normalises each block's input; Gemma 2/3 also each block's output before the residual add;
-    OLMo 2 only the outputs."""
+    """The norm weights around a decoder layer's attention and MLP blocks; None where the family has none.
+    Llama normalises each block's input; Gemma 2/3 also each block's output before the residual add;
+    OLMo 2 only the outputs; OPT each input, with LayerNorm."""
 
     attention_input: torch.Tensor | None
     attention_output: torch.Tensor | None
     mlp_input: torch.Tensor | None
     mlp_output: torch.Tensor | None
+    # LayerNorm biases of the input norms (OPT)
+    attention_input_bias: torch.Tensor | None = None
+    mlp_input_bias: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class ForwardConstants:
 
     norm_eps: float = 1e-6
     norm_offset: float = 0.0  # RMSNorm multiplies by offset + weight (Gemma: 1)
+    layer_norm: bool = False  # the input and final norms are LayerNorms (OPT), not RMSNorms
     embed_scale: float = 1.0
     attention_scale: float | None = None  # multiplies q.k; None: 1 / sqrt(head_dim)
     residual_scale: float = 1.0  # multiplies each block's output before the residual add (Granite)
@@ -181,6 +185,14 @@ class Adapter:
 
     def final_norm(self) -> torch.Tensor:
         return self.text_model().norm.weight
+
+    def final_norm_bias(self) -> torch.Tensor | None:
+        return None
+
+    def position_embeddings(self) -> torch.Tensor | None:
+        """A learned table [positions, d] added to the token embeddings (OPT), row p for position p; None
+        where positions enter through rotary embeddings."""
+        return None
 
     def text_model(self) -> nn.Module:
         """The decoder stack (embeddings, layers, final norm, rotary embedding) under the LM head."""
@@ -412,6 +424,40 @@ class OPTAdapter(Adapter):
         cfg = self.config
         return LayerShape(cfg.hidden_size, cfg.ffn_dim, cfg.num_attention_heads, cfg.num_attention_heads,
                           cfg.hidden_size // cfg.num_attention_heads)
+
+    def text_model(self):
+        return self.model.model.decoder
+
+    def block_norms(self, layer) -> BlockNorms:
+        if not self.config.do_layer_norm_before or self.text_model().project_in is not None:
+            # OPT-350m: norms after each block, and a projection in and out of a narrower embedding
+            raise DejavuError("this OPT model normalises after each block (OPT-350m); the decode loop supports "
+                              "the pre-norm OPTs: use the hooks engine")
+        return BlockNorms(layer.self_attn_layer_norm.weight, None, layer.final_layer_norm.weight, None,
+                          layer.self_attn_layer_norm.bias, layer.final_layer_norm.bias)
+
+    def final_norm(self):
+        return self.text_model().final_layer_norm.weight
+
+    def final_norm_bias(self):
+        return self.text_model().final_layer_norm.bias
+
+    def forward_constants(self) -> ForwardConstants:
+        return ForwardConstants(norm_eps=1e-5, layer_norm=True)  # nn.LayerNorm's default, which OPT keeps
+
+    def attention_windows(self):
+        return [None] * self.num_layers
+
+    def position_embeddings(self):
+        table = self.text_model().embed_positions
+        return table.weight[table.offset:]  # OPT's table starts with `offset` (2) unused rows
+
+    def rotary_tables(self, positions):
+        # no rotary embedding: tables that rotate by nothing, so the loop's rope + cache-write kernel only
+        # writes the cache
+        hd = self.shape().head_dim
+        ones = torch.ones(positions.numel(), hd, device=positions.device)
+        return [(ones, torch.zeros_like(ones))] * self.num_layers
 
 
 class GPT2Adapter(Adapter):

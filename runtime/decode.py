@@ -46,8 +46,8 @@ from dejavu.runtime.kernels import ops
 from dejavu.runtime.thresholds import Thresholds
 
 # gemma3: Gemma3ForConditionalGeneration (4B and up), decoded as text
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "gemma3",
-                         "granite", "olmo2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
+                         "gemma3", "granite", "olmo2", "opt")
 SELECT_IMPLS = ("fused", "fused-cublas", "classic", "static", "static-sync")
 JOIN_ORDERS = ("consumption", "heads-first")
 
@@ -239,6 +239,14 @@ class LayerWeights:
     cos: torch.Tensor | None = None  # [max_len, hd] rotary tables (Gemma 3's local and global layers differ)
     sin: torch.Tensor | None = None
     window: int = 0  # positions attended to, the newest included (0: all)
+    # OPT: LayerNorm biases, o's and down's biases (added to the block's output), and a plain MLP's up
+    # [n, d] with its bias (gate_up is then None)
+    ln1_b: torch.Tensor | None = None
+    ln2_b: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
 
 
 @dataclass
@@ -308,6 +316,14 @@ class DecodeModel:
             lm_head = lm_head.to(self.device, torch.float32) * fc.logit_scale
         self.lm_head = lm_head.to(**cast)
         self.final_norm = adapter.final_norm().detach().to(**cast)
+        final_bias = adapter.final_norm_bias()
+        self.final_norm_b = None if final_bias is None else final_bias.detach().to(**cast)
+        self.centered = fc.layer_norm  # LayerNorm (OPT) rather than RMSNorm
+        positions = adapter.position_embeddings()  # a learned table added to the embeddings (OPT)
+        if positions is not None and max_len > positions.shape[0]:
+            raise DejavuError(f"this {model_type} model has learned embeddings for {positions.shape[0]} positions; "
+                              f"the cache asked for {max_len}")
+        self.pos_embed = None if positions is None else positions.detach().to(**cast)
         self.rope = self._rope_tables(adapter, max_len)
         self.all_heads = torch.arange(self.H, device=self.device)
         self.all_neurons = torch.arange(self.n, device=self.device)
@@ -346,6 +362,10 @@ class DecodeModel:
             if len(thresholds.x) != len(adapter.decoder_layers()):
                 raise DejavuError(f"MLP thresholds cover {len(thresholds.x)} layers, the model has "
                                   f"{len(adapter.decoder_layers())}")
+        if not adapter.gated and (thresholds is not None or mlp_candidate_density is not None
+                                  or mlp_up_weight is not None):
+            raise DejavuError(f"thresholds, two-stage and exact-up selection in the decode loop need a gated MLP, "
+                              f"which {model_type} models do not have: use the hooks engine")
         self._built_layers: list[LayerWeights] = []
         self.layers = [self._layer(adapter, layer, cast) for layer in adapter.decoder_layers()]
         del self._built_layers
@@ -367,13 +387,12 @@ class DecodeModel:
     # --- construction ---------------------------------------------------------------------------
     def _layer(self, adapter, layer, cast) -> LayerWeights:
         a, m, norms = adapter.attention_weights(layer), adapter.mlp_weights(layer), adapter.block_norms(layer)
-        if m.gate is None or m.down_bias is not None or a.o_bias is not None:
-            raise DejavuError("the decode runtime expects a gated MLP without biases and an o projection "
-                              "without bias (Llama family)")
+        if m.gate is not None and (m.gate_bias is not None or m.up_bias is not None):
+            raise DejavuError("the decode runtime's gated MLP kernels take no gate/up biases; use the hooks engine")
         bqkv = None
         if a.q_bias is not None:
             bqkv = torch.cat([a.q_bias, a.k_bias, a.v_bias]).detach().to(**cast)
-        gate, up = m.gate.detach().to(**cast), m.up.detach().to(**cast)
+        gate, up = (None if m.gate is None else m.gate.detach().to(**cast)), m.up.detach().to(**cast)
         transposed = self.thresholds is not None  # one layout only: rows of gate^T/up^T are x's columns
         wqkv = torch.cat([a.q, a.k, a.v], 0).detach().to(**cast)
         head_norms = adapter.head_norms(layer)
@@ -410,8 +429,14 @@ class DecodeModel:
             wqkv_t=wqkv.t().contiguous() if transposed and self.thresholds.attention else None,
             bqkv=bqkv,
             wo_t=block_output(a.o),
-            gate_up=None if transposed else torch.stack([gate, up]).contiguous(),
+            gate_up=None if transposed or gate is None else torch.stack([gate, up]).contiguous(),
             gate_up_t=torch.cat([gate.t(), up.t()], 1).contiguous() if transposed else None,
+            up=up.contiguous() if gate is None else None,
+            up_bias=norm(m.up_bias) if gate is None else None,
+            o_bias=norm(a.o_bias),
+            down_bias=norm(m.down_bias),
+            ln1_b=norm(norms.attention_input_bias),
+            ln2_b=norm(norms.mlp_input_bias),
             down_t=block_output(m.down),
             q_norm=None if per_head is None else per_head[0],
             k_norm=None if per_head is None else per_head[1],
@@ -549,9 +574,12 @@ class DecodeModel:
         x = F.embedding(prompt.to(self.device), self.embed)
         if self.embed_scale != 1.0:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        if self.pos_embed is not None:
+            offsets = at[None] if st.start is None else (at[None] - st.start[:, None]).clamp_min(0)
+            x = x + F.embedding(offsets, self.pos_embed)
         H, KV, hd = self.H, self.KV, self.hd
         for lw, (kc, vc) in zip(self.layers, st.cache, strict=True):
-            xn = self._norm(x, lw.ln1)
+            xn = self._norm(x, lw.ln1, lw.ln1_b)
             qkv = F.linear(xn, lw.wqkv, lw.bqkv)
             q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
             if lw.qk_norm_whole is not None:
@@ -569,20 +597,33 @@ class DecodeModel:
                 near = causal & (at[:, None] - at[None, :] < lw.window)
                 layer_mask = near[None, None] if mask is None else mask & (near | (at[:, None] == at[None, :]))
             att = self._prefill_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layer_mask)
-            x = x + self._norm(att.transpose(1, 2).reshape(batch, plen, H * hd) @ lw.wo_t, lw.attn_out_norm)
-            xn = self._norm(x, lw.ln2)
-            gu = self._dense_gate_up(lw, xn)
-            a = reference.apply_activation(gu[..., :self.n].float(), self.act) * gu[..., self.n:].float()
-            x = x + self._norm(a.to(x.dtype) @ lw.down_t, lw.mlp_out_norm)
-        logits = self._logits(reference.rms_norm(x[:, -1], self.final_norm, self.eps, self.norm_offset))
+            out = att.transpose(1, 2).reshape(batch, plen, H * hd) @ lw.wo_t
+            x = x + self._post_norm(out if lw.o_bias is None else out + lw.o_bias, lw.attn_out_norm)
+            xn = self._norm(x, lw.ln2, lw.ln2_b)
+            if lw.up is not None:  # a plain MLP (OPT)
+                a = reference.apply_activation(F.linear(xn, lw.up, lw.up_bias).float(), self.act)
+            else:
+                gu = self._dense_gate_up(lw, xn)
+                a = reference.apply_activation(gu[..., :self.n].float(), self.act) * gu[..., self.n:].float()
+            out = a.to(x.dtype) @ lw.down_t
+            x = x + self._post_norm(out if lw.down_bias is None else out + lw.down_bias, lw.mlp_out_norm)
+        logits = self._logits(self._norm(x[:, -1], self.final_norm, self.final_norm_b))
         st.tokens.copy_(logits.argmax(-1))
         st.pos.fill_(plen)
         if st.kv_last is not None:
             st.kv_last.fill_(plen - 1)
         return logits
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        """The family's RMSNorm, or x itself where it has none (OLMo 2's block inputs, Llama's outputs)."""
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The family's input norm (RMSNorm, or LayerNorm for OPT), or x itself where it has none (OLMo 2)."""
+        if weight is None:
+            return x
+        if self.centered:
+            return reference.layer_norm(x, weight, bias, self.eps)
+        return reference.rms_norm(x, weight, self.eps, self.norm_offset)
+
+    def _post_norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """A block output's RMSNorm before the residual add (Gemma 2/3, OLMo 2), or x itself."""
         return x if weight is None else reference.rms_norm(x, weight, self.eps, self.norm_offset)
 
     def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -650,7 +691,10 @@ class DecodeModel:
         torch.index_select(self.embed, 0, st.tokens, out=hs[0])
         if self.embed_scale != 1.0:
             hs[0].mul_(torch.tensor(self.embed_scale, dtype=hs[0].dtype))
-        ops.residual_rmsnorm(hs[0], None, self.layers[0].ln1, xn, eps, off, False, st.hmid)
+        if self.pos_embed is not None:  # a left-padded sequence's positions count from its own start
+            hs[0].add_(self.pos_embed.index_select(0, st.pos if st.start is None else st.pos - st.start))
+        ops.residual_rmsnorm(hs[0], None, self.layers[0].ln1, xn, eps, off, False, st.hmid,
+                             norm_bias=self.layers[0].ln1_b, centered=self.centered)
         heads_sel: dict[int, tuple] = {}
         mlp_sel: dict[int, tuple] = {}
         for i, lw in enumerate(self.layers):
@@ -711,11 +755,22 @@ class DecodeModel:
         att = self._cache_attention(q3, st, i, lw, heads).view(batch, -1)
         if hidx is not None or triton_dense or st.xcache is not None:
             ops.gather_vecmat_acc(att, lw.wo_t, heads, hd, acc)
-            ops.residual_rmsnorm(st.hs[i], acc, lw.ln2, xn, self.eps, self.norm_offset, True, st.hmid,
-                                 lw.attn_out_norm)
+            self._after_attention(st, i, lw, acc, True)
         else:
-            ops.residual_rmsnorm(st.hs[i], att @ lw.wo_t, lw.ln2, xn, self.eps, self.norm_offset, False, st.hmid,
-                                 lw.attn_out_norm)
+            self._after_attention(st, i, lw, att @ lw.wo_t, False)
+
+    def _after_attention(self, st: DecodeState, i: int, lw: LayerWeights, out: torch.Tensor, zero: bool) -> None:
+        """hmid = block input + attention's output (its bias and norm applied); xn = the MLP's normalised input."""
+        ops.residual_rmsnorm(st.hs[i], out, lw.ln2, st.xn, self.eps, self.norm_offset, zero, st.hmid,
+                             lw.attn_out_norm, lw.o_bias, lw.ln2_b, self.centered)
+
+    def _after_mlp(self, st: DecodeState, i: int, lw: LayerWeights, out: torch.Tensor, zero: bool) -> None:
+        """The next block input = hmid + the MLP's output; xn = it normalised by the next layer's attention
+        norm (the final norm after the last layer)."""
+        last = i + 1 == len(self.layers)
+        norm, bias = (self.final_norm, self.final_norm_b) if last else (self.layers[i + 1].ln1, self.layers[i + 1].ln1_b)
+        ops.residual_rmsnorm(st.hmid, out, norm, st.xn, self.eps, self.norm_offset, zero, st.hs[i + 1],
+                             lw.mlp_out_norm, lw.down_bias, bias, self.centered)
 
     def _normalise_whole_qk(self, qkv: torch.Tensor, lw: LayerWeights) -> None:
         """OLMo 2: RMS-normalise q over all heads and k over all KV heads, in place in qkv [B, (H + 2KV) * hd]
@@ -752,21 +807,29 @@ class DecodeModel:
             ops.rope_cache_write(q3, k, v, kc, vc, lw.cos, lw.sin, st.pos, lw.q_norm, lw.k_norm, self.eps)
         att = self._cache_attention(q3, st, i, lw, self.all_heads).view(batch, -1)
         ops.threshold_vecmat_acc(att, lw.wo_t, t.attn_o[i], st.acc)
-        ops.residual_rmsnorm(st.hs[i], st.acc, lw.ln2, st.xn, self.eps, self.norm_offset, True, st.hmid,
-                             lw.attn_out_norm)
+        self._after_attention(st, i, lw, st.acc, True)
 
     def _mlp(self, st: DecodeState, i: int, lw: LayerWeights, mlp_sel: dict, sparse: bool) -> None:
         """The selected neurons' rows of gate, up and down^T only (all rows without a selection)."""
-        xn, acc, eps, off = st.xn, st.acc, self.eps, self.norm_offset
-        hmid, h_next = st.hmid, st.hs[i + 1]
-        next_norm = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.final_norm
+        xn, acc = st.xn, st.acc
+        if lw.up is not None:  # a plain MLP (OPT): act(up x + b) for the selected rows, then down^T over them
+            midx = self._take(mlp_sel, i)
+            if midx is None:
+                a = reference.apply_activation(F.linear(xn, lw.up, lw.up_bias).float(), self.act).to(xn.dtype)
+                self._after_mlp(st, i, lw, a @ lw.down_t, False)
+                return
+            bias = None if lw.up_bias is None else lw.up_bias.index_select(0, midx)
+            ops.gather_vecmat_acc(ops.gather_matvec(xn, lw.up, midx, 1, None, self.act, bias=bias), lw.down_t,
+                                  midx, 1, acc)
+            self._after_mlp(st, i, lw, acc, True)
+            return
         if sparse and self.thresholds is not None:
             # no selection: the kernels skip the rows whose input is at or below the layer's threshold
             t = self.thresholds
             ops.threshold_vecmat_acc(xn, lw.gate_up_t, t.x[i], st.acc_gate_up)
             ops.act_mul_acc(st.acc_gate_up, self.act, st.h_mlp)
             ops.threshold_vecmat_acc(st.h_mlp, lw.down_t, t.h[i], acc)
-            ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next, lw.mlp_out_norm)
+            self._after_mlp(st, i, lw, acc, True)
             return
         if sparse and lw.up_workspace is not None:
             up = F.linear(xn, lw.gate_up[1])  # every neuron's up, while the predictor may still run
@@ -775,7 +838,7 @@ class DecodeModel:
             ops.select_exact_up(up, pred.logits, self.mlp_up_weight, pred.out, *lw.up_workspace)
             a = ops.gather_matvec(xn, lw.gate_up[0], pred.out, 1, None, self.act)
             ops.gather_vecmat_acc(a, lw.down_t, pred.out, 1, acc, up)  # act(gate) x up, as down reads it
-            ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next, lw.mlp_out_norm)
+            self._after_mlp(st, i, lw, acc, True)
             return
         midx = self._take(mlp_sel, i)
         two_stage = lw.mlp_final if sparse else None
@@ -785,16 +848,16 @@ class DecodeModel:
             h, final = two_stage.select(ops.gather_matvec(xn, lw.gate_up[1], cand, 1, lw.gate_up[0], self.act),
                                         cand)
             ops.gather_vecmat_acc(h, lw.down_t, final, 1, acc)
-            ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next, lw.mlp_out_norm)
+            self._after_mlp(st, i, lw, acc, True)
             return
         if midx is None and self.dense_impl == "triton" and lw.gate_up is not None:  # (thresholds: transposed)
             midx = self.all_neurons
         if midx is not None:
             ops.sparse_mlp_acc(xn, lw.gate_up[0], lw.gate_up[1], lw.down_t, midx, self.act, acc)
-            ops.residual_rmsnorm(hmid, acc, next_norm, xn, eps, off, True, h_next, lw.mlp_out_norm)
+            self._after_mlp(st, i, lw, acc, True)
         else:
             a = ops.act_mul(self._dense_gate_up(lw, xn), self.act)
-            ops.residual_rmsnorm(hmid, a @ lw.down_t, next_norm, xn, eps, off, False, h_next, lw.mlp_out_norm)
+            self._after_mlp(st, i, lw, a @ lw.down_t, False)
 
     @torch.no_grad()
     def select_all(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -835,6 +898,8 @@ class DecodeModel:
             if sparse and lw.wqkv_t is not None:  # attention thresholds: shares of q/k/v's and o's input kept
                 keep, keep_o = self.thresholds.share("attn_x", i), self.thresholds.share("attn_o", i)
                 attention = round(keep * d) * (self.H + 2 * self.KV) * hd + round(keep_o * self.H * hd) * d
+            if lw.up is not None:  # a plain MLP (OPT) has no gate
+                gate_rows = 0
             weights += (gate_rows + up_rows + down_rows) * d * item + attention * item
             cache += 2 * batch * kv_heads * (min(context, lw.window) if lw.window else context) * hd * item
             if self.skip_kv and heads < self.H:

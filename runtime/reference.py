@@ -171,20 +171,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     return weight * xf.to(x.dtype)
 
 
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm (OPT) in fp32, rounded to x's dtype."""
+    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), None if bias is None else bias.float(),
+                        eps).to(x.dtype)
+
+
 def residual_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor | None,
                      out: torch.Tensor, eps: float, offset: float = 0.0, zero_delta: bool = False,
-                     h_out: torch.Tensor | None = None, delta_norm: torch.Tensor | None = None) -> None:
+                     h_out: torch.Tensor | None = None, delta_norm: torch.Tensor | None = None,
+                     delta_bias: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None,
+                     centered: bool = False) -> None:
     """h_out = h + delta (h itself when h_out is None); out = RMSNorm(h_out) (h_out itself without a weight);
-    delta zeroed if asked. No delta: out = RMSNorm(h). delta_norm: delta is first rounded to h's dtype and
-    RMS-normalised with these weights (a block's output norm: Gemma 2/3, OLMo 2)."""
+    delta zeroed if asked. No delta: out = RMSNorm(h). delta_bias: added to delta first (a block's output
+    bias: OPT). delta_norm: delta is then rounded to h's dtype and RMS-normalised with these weights (a
+    block's output norm: Gemma 2/3, OLMo 2). centered: the norm is a LayerNorm (OPT), plus norm_bias."""
     if delta is not None:
         target = h if h_out is None else h_out
-        step = delta if delta_norm is None else rms_norm(delta.to(h.dtype), delta_norm, eps, offset)
+        step = delta if delta_bias is None else delta.float() + delta_bias.float()
+        if delta_norm is not None:
+            step = rms_norm(step.to(h.dtype), delta_norm, eps, offset)
         target.copy_((h.float() + step.float()).to(h.dtype))
         h = target
         if zero_delta:
             delta.zero_()
-    out.copy_(h if weight is None else rms_norm(h, weight, eps, offset))
+    if weight is None:
+        out.copy_(h)
+    elif centered:
+        out.copy_(layer_norm(h, weight, norm_bias, eps))
+    else:
+        out.copy_(rms_norm(h, weight, eps, offset))
 
 
 def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:

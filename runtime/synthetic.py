@@ -61,6 +61,10 @@ PRESETS: dict[str, dict] = {
                          rms_norm_eps=1e-5, rope_theta=10000000.0, embedding_multiplier=12.0,
                          attention_multiplier=0.0078125, residual_multiplier=0.22, logits_scaling=16.0,
                          hidden_act="silu"),
+    # OPT, Deja Vu's own family: a plain ReLU MLP (two matrices, biases), LayerNorm, learned positions, MHA
+    "opt-6.7b": dict(model_type="opt", hidden_size=4096, ffn_dim=16384, num_attention_heads=32, num_hidden_layers=32,
+                     vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=4096,
+                     do_layer_norm_before=True, activation_function="relu"),
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                          num_key_value_heads=3, num_hidden_layers=30, vocab_size=49152,
                          max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
@@ -97,7 +101,7 @@ def build_synthetic(name: str, layers: int | None, device, dtype, mlp_density: f
         torch.set_default_dtype(previous)
     model = model.to(device=device, dtype=dtype).eval()
     # The rotary inverse frequencies are recomputed in fp32, as a loaded model has them.
-    rotary = model.model.rotary_emb
+    rotary = getattr(model.model, "rotary_emb", None)  # (OPT has learned positions instead)
     if hasattr(rotary, "rope_init_fn"):
         inv_freq, _ = rotary.rope_init_fn(rotary.config, device)
         rotary.inv_freq = inv_freq.float()

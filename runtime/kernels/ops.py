@@ -192,17 +192,23 @@ def _(acc, act, out):
 
 @_custom_op("dejavu::residual_rmsnorm", mutates_args=("delta", "out", "h_out"))
 def residual_rmsnorm(h: Tensor, delta: Tensor | None, weight: Tensor | None, out: Tensor, eps: float,
-                     offset: float, zero_delta: bool, h_out: Tensor, delta_norm: Tensor | None = None) -> None:
-    reference.residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta, h_out, delta_norm)
+                     offset: float, zero_delta: bool, h_out: Tensor, delta_norm: Tensor | None = None,
+                     delta_bias: Tensor | None = None, norm_bias: Tensor | None = None,
+                     centered: bool = False) -> None:
+    reference.residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta, h_out, delta_norm, delta_bias,
+                               norm_bias, centered)
 
 
 @residual_rmsnorm.register_kernel("cuda")
-def _(h, delta, weight, out, eps, offset, zero_delta, h_out, delta_norm=None):
-    _triton().residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta, h_out, delta_norm)
+def _(h, delta, weight, out, eps, offset, zero_delta, h_out, delta_norm=None, delta_bias=None, norm_bias=None,
+      centered=False):
+    _triton().residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta, h_out, delta_norm, delta_bias,
+                               norm_bias, centered)
 
 
 @residual_rmsnorm.register_fake
-def _(h, delta, weight, out, eps, offset, zero_delta, h_out, delta_norm=None):
+def _(h, delta, weight, out, eps, offset, zero_delta, h_out, delta_norm=None, delta_bias=None, norm_bias=None,
+      centered=False):
     return None
 
 

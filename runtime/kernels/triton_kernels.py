@@ -511,45 +511,59 @@ def threshold_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, threshold: float, ac
 # residual + RMSNorm: h += delta (then delta = 0); out = norm(h) * (w + offset)
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _residual_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, dw_ptr, out_ptr, hout_ptr, D, stride_hb, stride_db, stride_ob,
-                             stride_hob, eps, offset, HAS_DELTA: tl.constexpr, ZERO_DELTA: tl.constexpr,
-                             NORM: tl.constexpr, DELTA_NORM: tl.constexpr, BLOCK: tl.constexpr,
-                             PDL: tl.constexpr = False):
+def _residual_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, dw_ptr, db_ptr, nb_ptr, out_ptr, hout_ptr, D, stride_hb,
+                             stride_db, stride_ob, stride_hob, eps, offset, HAS_DELTA: tl.constexpr,
+                             ZERO_DELTA: tl.constexpr, NORM: tl.constexpr, DELTA_NORM: tl.constexpr,
+                             DELTA_BIAS: tl.constexpr, CENTERED: tl.constexpr, NORM_BIAS: tl.constexpr,
+                             BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     _grid_dependency(PDL)
     b = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
     h = tl.load(h_ptr + b * stride_hb + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DELTA:
-        delta = tl.load(delta_ptr + b * stride_db + offs, mask=mask, other=0.0)
+        delta = tl.load(delta_ptr + b * stride_db + offs, mask=mask, other=0.0).to(tl.float32)
+        if DELTA_BIAS:  # the block's output bias (OPT)
+            delta += tl.load(db_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if DELTA_NORM:  # the block's output norm, on the output rounded as the model would hold it
             delta = delta.to(hout_ptr.dtype.element_ty).to(tl.float32)
             drstd = 1.0 / tl.sqrt(tl.sum(delta * delta, axis=0) / D + eps)
             dw = tl.load(dw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            delta = ((delta * drstd) * (dw + offset)).to(hout_ptr.dtype.element_ty)
-        h = (h + delta.to(tl.float32)).to(hout_ptr.dtype.element_ty)
+            delta = ((delta * drstd) * (dw + offset)).to(hout_ptr.dtype.element_ty).to(tl.float32)
+        h = (h + delta).to(hout_ptr.dtype.element_ty)
         tl.store(hout_ptr + b * stride_hob + offs, h, mask=mask)
         h = h.to(tl.float32)
         if ZERO_DELTA:
             tl.store(delta_ptr + b * stride_db + offs, tl.zeros((BLOCK,), dtype=tl.float32), mask=mask)
     if NORM:
+        if CENTERED:  # LayerNorm (OPT)
+            h = tl.where(mask, h - tl.sum(h, axis=0) / D, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         h = (h * rstd) * (w + offset)
+        if NORM_BIAS:
+            h += tl.load(nb_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + b * stride_ob + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def residual_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor | None, out: torch.Tensor,
                      eps: float, offset: float = 0.0, zero_delta: bool = False,
-                     h_out: torch.Tensor | None = None, delta_norm: torch.Tensor | None = None) -> None:
+                     h_out: torch.Tensor | None = None, delta_norm: torch.Tensor | None = None,
+                     delta_bias: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None,
+                     centered: bool = False) -> None:
     batch, d = h.shape
     block = triton.next_power_of_2(d)
     dl = delta if delta is not None else h
     ho = h_out if h_out is not None else h
-    _residual_rmsnorm_kernel[(batch,)](h, dl, h if weight is None else weight, h if delta_norm is None else delta_norm,
-                                       out, ho, d, h.stride(0), dl.stride(0), out.stride(0), ho.stride(0), eps, offset,
+
+    def ptr(t):  # a pointer the kernel never reads when its switch is off
+        return h if t is None else t
+
+    _residual_rmsnorm_kernel[(batch,)](h, dl, ptr(weight), ptr(delta_norm), ptr(delta_bias), ptr(norm_bias), out, ho,
+                                       d, h.stride(0), dl.stride(0), out.stride(0), ho.stride(0), eps, offset,
                                        HAS_DELTA=delta is not None, ZERO_DELTA=zero_delta, NORM=weight is not None,
-                                       DELTA_NORM=delta_norm is not None, BLOCK=block,
+                                       DELTA_NORM=delta_norm is not None, DELTA_BIAS=delta_bias is not None,
+                                       CENTERED=centered, NORM_BIAS=norm_bias is not None, BLOCK=block,
                                        num_warps=8 if block >= 4096 else 4, **_pdl(h))
 
 

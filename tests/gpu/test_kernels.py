@@ -151,12 +151,18 @@ def test_block_output_norms_and_missing_input_norms_match_reference(dtype):
     h = torch.randn(B, d, device=dev, dtype=dtype)
     delta = torch.randn(B, d, device=dev) * 40
     w, post = (torch.randn(d, device=dev, dtype=dtype) for _ in range(2))
-    for weight, delta_norm, offset in ((w, post, 1.0), (None, post, 0.0), (None, None, 0.0), (w, None, 0.0)):
+    bias, norm_bias = (torch.randn(d, device=dev, dtype=dtype) for _ in range(2))
+    cases = [(w, post, 1.0, None, None, False), (None, post, 0.0, None, None, False), (None, None, 0.0, None, None, False),
+             (w, None, 0.0, None, None, False),
+             # OPT: LayerNorm with a bias, and the block's output bias
+             (w, None, 0.0, bias, norm_bias, True), (w, None, 0.0, None, None, True)]
+    for weight, delta_norm, offset, delta_bias, nb, centered in cases:
         h1, h2, d1, d2 = h.clone(), h.clone(), delta.clone(), delta.clone()
         o1, o2, n1, n2 = (torch.empty_like(h) for _ in range(4))
-        R.residual_rmsnorm(h1, d1, weight, o1, 1e-6, offset, True, n1, delta_norm)
-        T.residual_rmsnorm(h2, d2, weight, o2, 1e-6, offset, True, n2, delta_norm)
-        assert _rel(o2, o1) < 1e-2 and _rel(n2, n1) < 1e-2 and d2.abs().max() == 0, (weight is None, delta_norm is None)
+        R.residual_rmsnorm(h1, d1, weight, o1, 1e-6, offset, True, n1, delta_norm, delta_bias, nb, centered)
+        T.residual_rmsnorm(h2, d2, weight, o2, 1e-6, offset, True, n2, delta_norm, delta_bias, nb, centered)
+        assert _rel(o2, o1) < 1e-2 and _rel(n2, n1) < 1e-2 and d2.abs().max() == 0, (weight is None, delta_norm is None,
+                                                                                 centered)
         if weight is None:
             assert torch.equal(o2, n2)
 
@@ -332,7 +338,7 @@ def _three_steps(dm, prompt: torch.Tensor, sparse: bool, steps: int = 3) -> torc
 @pytest.mark.parametrize("select_impl", ["fused", "classic"])
 @pytest.mark.parametrize("dense_impl", ["cublas", "triton"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
-                                        "granite", "olmo2"])
+                                        "granite", "olmo2", "opt"])
 def test_graphed_decode_matches_cpu_reference(model_type, dense_impl, select_impl):
     from dejavu.runtime.decode import DecodeModel
 

@@ -26,7 +26,7 @@ def _greedy_hf(model, prompt, steps):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
-                                        "granite", "olmo2"])
+                                        "granite", "olmo2", "opt"])
 def test_dense_prefill_and_steps_match_hf(tiny_model_factory, model_type):
     model, adapter = _load(tiny_model_factory(model_type))
     torch.manual_seed(0)
@@ -56,7 +56,7 @@ def _masked_hf_logits(model, adapter, ids, keep_mlp, keep_heads):
             x = args[0].clone()
             m = torch.zeros(x.shape[-1], dtype=torch.bool)
             m[idx] = True
-            x[:, -1, ~m] = 0
+            x.view(ids.shape[0], -1, x.shape[-1])[:, -1, ~m] = 0  # (OPT flattens the tokens: [B * T, n])
             return (x,)
 
         def mask_heads(mod, args, idx=keep_heads[i]):
@@ -81,7 +81,8 @@ def _masked_hf_logits(model, adapter, ids, keep_mlp, keep_heads):
 
 @pytest.mark.parametrize("model_type,pairing", [
     ("llama", "current"), ("llama", "lookahead"), ("qwen3", "current"), ("phi3", "lookahead"),
-    ("gemma2", "current"), ("gemma3_text", "lookahead"), ("granite", "current"), ("olmo2", "lookahead")])
+    ("gemma2", "current"), ("gemma3_text", "lookahead"), ("granite", "current"), ("olmo2", "lookahead"),
+    ("opt", "current")])
 def test_sparse_step_matches_masked_hf(tiny_model_factory, model_type, pairing):
     model, adapter = _load(tiny_model_factory(model_type))
     s = adapter.shape()
@@ -172,9 +173,11 @@ def test_qwen_windows_apply_only_when_switched_on(tiny_model_factory):
     assert adapter.attention_windows() == [None, None]
 
 
-def test_left_padded_batch_with_windows_equals_each_prompt_alone(tiny_model_factory):
-    # a padded sequence's window starts at its own position minus the window, never before its start
-    model, adapter = _load(tiny_model_factory("gemma2", sliding_window=3))
+@pytest.mark.parametrize("model_type,config", [("gemma2", dict(sliding_window=3)), ("opt", {})])
+def test_left_padded_batch_equals_each_prompt_alone(tiny_model_factory, model_type, config):
+    # a padded sequence's window starts at its own position minus the window, never before its start; its
+    # learned position embeddings (OPT) count from its start
+    model, adapter = _load(tiny_model_factory(model_type, **config))
     torch.manual_seed(0)
     prompts = [torch.randint(1, 500, (7,)), torch.randint(1, 500, (2,))]
     dm = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16)
@@ -281,3 +284,25 @@ def test_rope_that_rescales_with_length_is_matched_below_it_and_refused_past_it(
     # the cache is full: a clear error, not an index error
     with pytest.raises(DejavuError, match="all are used"):
         dm.step(st, sparse=False)
+
+
+def test_llama_with_attention_biases_matches_hf_and_mlp_biases_are_refused(tiny_model_factory):
+    from dejavu.errors import DejavuError
+
+    model, adapter = _load(tiny_model_factory("llama", attention_bias=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    torch.manual_seed(0)
+    prompt = torch.randint(1, 500, (2, 7))
+    dm = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=12)
+    st = dm.new_state(2)
+    with torch.no_grad():
+        torch.testing.assert_close(dm.prefill(st, prompt), model(prompt).logits[:, -1], atol=1e-4, rtol=1e-4)
+    ref_ids, ref_logits = _greedy_hf(model, prompt, 3)
+    dm.step(st, sparse=False)
+    torch.testing.assert_close(dm.step(st, sparse=False), ref_logits, atol=1e-4, rtol=1e-4)
+    model, adapter = _load(tiny_model_factory("llama", mlp_bias=True))
+    with pytest.raises(DejavuError, match="no gate/up biases"):
+        DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=12)

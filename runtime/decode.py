@@ -720,9 +720,7 @@ class DecodeModel:
         triton_dense = self.dense_impl == "triton"
         heads = hidx if hidx is not None else self.all_heads
         if st.xcache is not None:
-            q = ops.gather_matvec(xn, lw.wqkv, heads, hd, None, 0)
-            if lw.bqkv is not None:
-                q = q + lw.bqkv[:H * hd].view(H, hd).index_select(0, heads).reshape(-1)
+            q = ops.gather_matvec(xn, lw.wqkv, heads, hd, None, 0, bias=lw.bqkv)
             ops.lazy_kv_fill(xn, st.xcache[i], lw.wqkv, lw.bqkv, heads, self.group, kc, vc, st.kv_last[i],
                              lw.cos, lw.sin, st.pos)
             q3 = q.view(batch, -1, hd)
@@ -738,14 +736,9 @@ class DecodeModel:
         else:
             if hidx is not None:
                 # one launch: the selected heads' q rows, then every k and v row
-                qkv = ops.gather_matvec(xn, lw.wqkv, hidx, hd, None, 0, 2 * KV * hd)
-                if lw.bqkv is not None:
-                    qkv = qkv + torch.cat([lw.bqkv[:H * hd].view(H, hd).index_select(0, hidx).reshape(-1),
-                                           lw.bqkv[H * hd:]])
+                qkv = ops.gather_matvec(xn, lw.wqkv, hidx, hd, None, 0, 2 * KV * hd, bias=lw.bqkv)
             elif triton_dense:
-                qkv = ops.gather_matvec(xn, lw.wqkv, self.all_qkv_rows, 1, None, 0)
-                if lw.bqkv is not None:
-                    qkv = qkv + lw.bqkv
+                qkv = ops.gather_matvec(xn, lw.wqkv, self.all_qkv_rows, 1, None, 0, bias=lw.bqkv)
             else:
                 qkv = F.linear(xn, lw.wqkv, lw.bqkv)
             q3 = qkv[:, :heads.numel() * hd].view(batch, -1, hd)
@@ -818,8 +811,7 @@ class DecodeModel:
                 a = reference.apply_activation(F.linear(xn, lw.up, lw.up_bias).float(), self.act).to(xn.dtype)
                 self._after_mlp(st, i, lw, a @ lw.down_t, False)
                 return
-            bias = None if lw.up_bias is None else lw.up_bias.index_select(0, midx)
-            ops.gather_vecmat_acc(ops.gather_matvec(xn, lw.up, midx, 1, None, self.act, bias=bias), lw.down_t,
+            ops.gather_vecmat_acc(ops.gather_matvec(xn, lw.up, midx, 1, None, self.act, bias=lw.up_bias), lw.down_t,
                                   midx, 1, acc)
             self._after_mlp(st, i, lw, acc, True)
             return

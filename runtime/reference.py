@@ -117,11 +117,13 @@ def _rows_dot(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> torch.Ten
 def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int = 1,
                   gate: torch.Tensor | None = None, act: int = 0, tail: int = 0,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """bias (no gate): one value per output column, added in fp32 before the activation and rounding."""
+    """bias (no gate): w's bias, one value per row of w; each read row's is added in fp32 before the
+    activation and rounding."""
     if bias is not None:
-        assert gate is None and bias.numel() == idx.numel() * unit + tail
-        return apply_activation(gather_matvec(x.float(), w.float(), idx, unit, None, 0, tail) + bias.float(),
-                                act).to(x.dtype)
+        assert gate is None and bias.numel() == w.shape[0]
+        rows = torch.cat([expand_rows(idx, unit), torch.arange(w.shape[0] - tail, w.shape[0], device=idx.device)])
+        return apply_activation(gather_matvec(x.float(), w.float(), idx, unit, None, 0, tail)
+                                + bias.float().index_select(0, rows), act).to(x.dtype)
     if tail:
         # the tail rows are contiguous: a plain matmul on their view, no gather
         head = gather_matvec(x, w[:w.shape[0] - tail], idx, unit, gate, act)

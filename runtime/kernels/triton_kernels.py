@@ -130,8 +130,8 @@ def _gather_gemv_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, bias_ptr, D, NROW
             else:
                 gv = tl.load(g_rows + d[None, :], mask=mask_r[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
             acc_g += tl.sum(gv * xv[None, :], axis=1)
-    if HAS_BIAS:  # (not with GATED) per output column
-        acc += tl.load(bias_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+    if HAS_BIAS:  # (not with GATED) the bias of each weight row read
+        acc += tl.load(bias_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)
     if GATED:
         y = _activation(acc_g, ACT) * acc
     else:
@@ -188,8 +188,8 @@ def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, part_ptr, count_p
             zero = tl.zeros((B_PAD, BLOCK_R), dtype=tl.float32)
             u = tl.atomic_add(part, zero, mask=mask_br, sem="relaxed")
             tl.store(part, zero, mask=mask_br)
-            if HAS_BIAS:  # (not with GATED) per output column
-                u += tl.load(bias_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+            if HAS_BIAS:  # (not with GATED) the bias of each weight row read
+                u += tl.load(bias_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)[None, :]
             if GATED:
                 g = tl.atomic_add(part + stride_pp, zero, mask=mask_br, sem="relaxed")
                 tl.store(part + stride_pp, zero, mask=mask_br)
@@ -200,8 +200,8 @@ def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, part_ptr, count_p
                      mask=mask_br)
             tl.store(count_ptr + pid, 0)
     else:
-        if HAS_BIAS:  # (not with GATED) per output column
-            acc += tl.load(bias_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:  # (not with GATED) the bias of each weight row read
+            acc += tl.load(bias_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)[None, :]
         if GATED:
             y = _activation(acc_g, ACT) * acc
         else:
@@ -254,8 +254,8 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int
                   config: tuple | None = None, bias: torch.Tensor | None = None,
                   workspace: torch.Tensor | None = None) -> torch.Tensor:
     """Rows idx (x unit) of w, then its last `tail` rows (q of the selected heads + all of k, v); bias
-    (not with gate): one value per output column, added in fp32 before the activation; workspace: the
-    caller's split_workspace (default: one shared per device, for the main stream)."""
+    (not with gate): w's bias, one value per row of w, each read row's added in fp32 before the activation;
+    workspace: the caller's split_workspace (default: one shared per device, for the main stream)."""
     batch, d = x.shape
     nsel = idx.numel() * unit
     nrows = nsel + tail
@@ -264,7 +264,7 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int
     if gate is not None:
         assert gate.stride() == w.stride() and gate.dtype == w.dtype and bias is None
     if bias is not None:
-        assert bias.is_contiguous() and bias.numel() == nrows
+        assert bias.is_contiguous() and bias.numel() == w.shape[0]
     out = torch.empty(batch, nrows, device=x.device, dtype=x.dtype)
     g = gate if gate is not None else w
     if batch == 1 and x.dtype == torch.float32 and config is None:  # exact fp32 products for tiny models

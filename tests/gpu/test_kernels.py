@@ -41,7 +41,7 @@ def test_gather_kernels_match_reference(dtype, batch, d, n, unit, act, gated):
             out = T.gather_matvec(x, w, head, unit, None, act, tail)
             ref = R.gather_matvec(x.double(), w.double(), head, unit, None, act, tail)
             assert out.shape == (batch, head.numel() * unit + tail) and _rel(out, ref) < 1e-2
-            bias = torch.randn(out.shape[1], device=dev, dtype=dtype)
+            bias = torch.randn(w.shape[0], device=dev, dtype=dtype)  # w's: each read row's is added
             out = T.gather_matvec(x, w, head, unit, None, act, tail, bias=bias)
             ref = R.gather_matvec(x.double(), w.double(), head, unit, None, act, tail, bias.double())
             assert _rel(out, ref) < 1e-2

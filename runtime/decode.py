@@ -1,7 +1,8 @@
 """A gpt-fast-style decode loop for the Llama family (Llama, Mistral, Qwen2/3, Phi-3, SmolLM, Granite,
-OLMo 2, Gemma 1-3). What the families do differently comes from their adapters (models/adapters.py):
-norms before and/or after each block, per-head or whole q/k norms, sliding windows, rotary tables per
-layer, score and logit caps, and scalar multipliers (folded into the weights where they are constant).
+OLMo 2, Gemma 1-3) and OPT. What the families do differently comes from their adapters
+(models/adapters.py): RMSNorm or LayerNorm, norms before and/or after each block, per-head or whole q/k
+norms, sliding windows, rotary tables per layer (or learned positions), score and logit caps, biases,
+gated or plain MLPs, and scalar multipliers (folded into the weights where they are constant).
 
 Weights are copied once from a loaded HF model into the layout the kernels read row by row:
 qkv fused as [(H+2KV)*hd, d] (q = its first H*hd rows), o and down transposed ([H*hd, d], [n, d]),

@@ -25,25 +25,30 @@ def _greedy_hf(model, prompt, steps):
     return ids, logits
 
 
+def _assert_decodes_as_hf(model, dm, prompt, steps):
+    """Dense prefill then `steps` greedy steps of the loop equal HF's own forward (logits and tokens);
+    returns the state."""
+    st = dm.new_state(prompt.shape[0])
+    logits = dm.prefill(st, prompt)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(prompt).logits[:, -1], atol=1e-4, rtol=1e-4)
+    ids = [st.tokens.clone()]
+    for _ in range(steps):
+        logits = dm.step(st, sparse=False)
+        ids.append(st.tokens.clone())
+    ref_ids, ref_logits = _greedy_hf(model, prompt, steps + 1)
+    torch.testing.assert_close(torch.stack(ids, 1), ref_ids[:, prompt.shape[1]:])
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    return st
+
+
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
                                         "granite", "olmo2", "opt"])
 def test_dense_prefill_and_steps_match_hf(tiny_model_factory, model_type):
     model, adapter = _load(tiny_model_factory(model_type))
     torch.manual_seed(0)
     prompt = torch.randint(1, 500, (2, 7))
-    dm = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16)
-    st = dm.new_state(2)
-    logits = dm.prefill(st, prompt)
-    with torch.no_grad():
-        ref = model(prompt).logits[:, -1]
-    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
-    ids = [st.tokens.clone()]
-    for _ in range(3):
-        logits = dm.step(st, sparse=False)
-        ids.append(st.tokens.clone())
-    ref_ids, ref_logits = _greedy_hf(model, prompt, 4)
-    torch.testing.assert_close(torch.stack(ids, 1), ref_ids[:, 7:])
-    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    st = _assert_decodes_as_hf(model, DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16), prompt, 3)
     assert int(st.pos) == 10
 
 
@@ -146,18 +151,7 @@ def test_sliding_windows_match_hf_past_the_window(tiny_model_factory, model_type
         assert model.config.model_type == "ministral" and windows == [4, None]
     torch.manual_seed(0)
     prompt = torch.randint(1, 500, (2, 7))
-    dm = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16)
-    st = dm.new_state(2)
-    logits = dm.prefill(st, prompt)
-    with torch.no_grad():
-        torch.testing.assert_close(logits, model(prompt).logits[:, -1], atol=1e-4, rtol=1e-4)
-    ids = [st.tokens.clone()]
-    for _ in range(5):
-        logits = dm.step(st, sparse=False)
-        ids.append(st.tokens.clone())
-    ref_ids, ref_logits = _greedy_hf(model, prompt, 6)
-    torch.testing.assert_close(torch.stack(ids, 1), ref_ids[:, 7:])
-    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    _assert_decodes_as_hf(model, DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16), prompt, 5)
     # and the window matters here: the same loop attending to every position gives other logits
     unwindowed = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16)
     for lw in unwindowed.layers:
@@ -219,18 +213,7 @@ def test_gemma3_with_a_vision_tower_decodes_text_as_hf():
     adapter = adapter_for(model)
     assert model.config.model_type == "gemma3" and adapter.attention_windows() == [4, None, 4]
     prompt = torch.randint(1, 500, (2, 7))
-    dm = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16)
-    st = dm.new_state(2)
-    logits = dm.prefill(st, prompt)
-    with torch.no_grad():
-        torch.testing.assert_close(logits, model(prompt).logits[:, -1], atol=1e-4, rtol=1e-4)
-    ids = [st.tokens.clone()]
-    for _ in range(4):
-        logits = dm.step(st, sparse=False)
-        ids.append(st.tokens.clone())
-    ref_ids, ref_logits = _greedy_hf(model, prompt, 5)
-    torch.testing.assert_close(torch.stack(ids, 1), ref_ids[:, 7:])
-    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    _assert_decodes_as_hf(model, DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16), prompt, 4)
 
 
 def test_mistral_windows_cover_every_layer_whatever_its_layer_types():
@@ -269,18 +252,8 @@ def test_rope_that_rescales_with_length_is_matched_below_it_and_refused_past_it(
     prompt = torch.randint(1, 500, (1, 7))
     with pytest.raises(DejavuError, match="changes its frequencies once a sequence passes 16 positions"):
         DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=17)
-    with torch.no_grad():
-        before = model(prompt).logits[:, -1]
     dm = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16)
-    st = dm.new_state(1)
-    torch.testing.assert_close(dm.prefill(st, prompt), before, atol=1e-4, rtol=1e-4)
-    ids = [st.tokens.clone()]
-    for _ in range(9):  # the last step writes the cache's last position
-        logits = dm.step(st, sparse=False)
-        ids.append(st.tokens.clone())
-    ref_ids, ref_logits = _greedy_hf(model, prompt, 10)
-    torch.testing.assert_close(torch.stack(ids, 1), ref_ids[:, 7:])
-    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    st = _assert_decodes_as_hf(model, dm, prompt, 9)  # the last step writes the cache's last position
     # the cache is full: a clear error, not an index error
     with pytest.raises(DejavuError, match="all are used"):
         dm.step(st, sparse=False)

@@ -216,6 +216,11 @@ class Adapter:
         of the model's own rotary module (its scaling variants included). Layers sharing a table share the
         tensors. Refused past the length at which dynamic-NTK or longrope scaling would change the
         frequencies of a sequence (fixed tables cannot follow that)."""
+        if self.position_embeddings() is not None:
+            # learned positions (OPT, GPT-2), no rotation: tables that rotate by nothing, so the loop's rope
+            # + cache-write kernel only writes the cache
+            ones = torch.ones(positions.numel(), self.shape().head_dim, device=positions.device)
+            return [(ones, torch.zeros_like(ones))] * self.num_layers
         rotary = getattr(self.text_model(), "rotary_emb", None)
         if rotary is None:
             raise DejavuError("model has no rotary embedding module (rotary_emb)")
@@ -445,19 +450,9 @@ class OPTAdapter(Adapter):
     def forward_constants(self) -> ForwardConstants:
         return ForwardConstants(norm_eps=1e-5, layer_norm=True)  # nn.LayerNorm's default, which OPT keeps
 
-    def attention_windows(self):
-        return [None] * self.num_layers
-
     def position_embeddings(self):
         table = self.text_model().embed_positions
         return table.weight[table.offset:]  # OPT's table starts with `offset` (2) unused rows
-
-    def rotary_tables(self, positions):
-        # no rotary embedding: tables that rotate by nothing, so the loop's rope + cache-write kernel only
-        # writes the cache
-        hd = self.shape().head_dim
-        ones = torch.ones(positions.numel(), hd, device=positions.device)
-        return [(ones, torch.zeros_like(ones))] * self.num_layers
 
 
 class GPT2Adapter(Adapter):
@@ -489,6 +484,29 @@ class GPT2Adapter(Adapter):
         cfg = self.config
         inner = cfg.n_inner or 4 * cfg.n_embd
         return LayerShape(cfg.n_embd, inner, cfg.n_head, cfg.n_head, cfg.n_embd // cfg.n_head)
+
+    def text_model(self):
+        return self.model.transformer
+
+    def block_norms(self, layer) -> BlockNorms:
+        cfg = self.config
+        if cfg.scale_attn_by_inverse_layer_idx or cfg.reorder_and_upcast_attn or not cfg.scale_attn_weights:
+            raise DejavuError("this GPT-2 model scales its attention scores in a way the decode loop does not "
+                              "(scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn or no scaling): use the "
+                              "hooks engine")
+        return BlockNorms(layer.ln_1.weight, None, layer.ln_2.weight, None, layer.ln_1.bias, layer.ln_2.bias)
+
+    def final_norm(self):
+        return self.text_model().ln_f.weight
+
+    def final_norm_bias(self):
+        return self.text_model().ln_f.bias
+
+    def forward_constants(self) -> ForwardConstants:
+        return ForwardConstants(norm_eps=float(self.config.layer_norm_epsilon), layer_norm=True)
+
+    def position_embeddings(self):
+        return self.text_model().wpe.weight
 
     def attention_weights(self, layer):
         # c_attn output columns are [q | k | v], each of size hidden.

@@ -1,5 +1,5 @@
 """A gpt-fast-style decode loop for the Llama family (Llama, Mistral, Qwen2/3, Phi-3, SmolLM, Granite,
-OLMo 2, Gemma 1-3) and OPT. What the families do differently comes from their adapters
+OLMo 2, Gemma 1-3), OPT and GPT-2. What the families do differently comes from their adapters
 (models/adapters.py): RMSNorm or LayerNorm, norms before and/or after each block, per-head or whole q/k
 norms, sliding windows, rotary tables per layer (or learned positions), score and logit caps, biases,
 gated or plain MLPs, and scalar multipliers (folded into the weights where they are constant).
@@ -48,7 +48,7 @@ from dejavu.runtime.thresholds import Thresholds
 
 # gemma3: Gemma3ForConditionalGeneration (4B and up), decoded as text
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
-                         "gemma3", "granite", "olmo2", "opt")
+                         "gemma3", "granite", "olmo2", "opt", "gpt2")
 SELECT_IMPLS = ("fused", "fused-cublas", "classic", "static", "static-sync")
 JOIN_ORDERS = ("consumption", "heads-first")
 

@@ -43,7 +43,7 @@ def _assert_decodes_as_hf(model, dm, prompt, steps):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
-                                        "granite", "olmo2", "opt"])
+                                        "granite", "olmo2", "opt", "gpt2"])
 def test_dense_prefill_and_steps_match_hf(tiny_model_factory, model_type):
     model, adapter = _load(tiny_model_factory(model_type))
     torch.manual_seed(0)
@@ -87,7 +87,7 @@ def _masked_hf_logits(model, adapter, ids, keep_mlp, keep_heads):
 @pytest.mark.parametrize("model_type,pairing", [
     ("llama", "current"), ("llama", "lookahead"), ("qwen3", "current"), ("phi3", "lookahead"),
     ("gemma2", "current"), ("gemma3_text", "lookahead"), ("granite", "current"), ("olmo2", "lookahead"),
-    ("opt", "current")])
+    ("opt", "current"), ("gpt2", "lookahead")])
 def test_sparse_step_matches_masked_hf(tiny_model_factory, model_type, pairing):
     model, adapter = _load(tiny_model_factory(model_type))
     s = adapter.shape()
@@ -167,7 +167,7 @@ def test_qwen_windows_apply_only_when_switched_on(tiny_model_factory):
     assert adapter.attention_windows() == [None, None]
 
 
-@pytest.mark.parametrize("model_type,config", [("gemma2", dict(sliding_window=3)), ("opt", {})])
+@pytest.mark.parametrize("model_type,config", [("gemma2", dict(sliding_window=3)), ("opt", {}), ("gpt2", {})])
 def test_left_padded_batch_equals_each_prompt_alone(tiny_model_factory, model_type, config):
     # a padded sequence's window starts at its own position minus the window, never before its start; its
     # learned position embeddings (OPT) count from its start

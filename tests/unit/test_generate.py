@@ -56,10 +56,11 @@ def test_both_engines_generate_the_same_sparse_tokens(tiny_llama):
 
 
 def test_density_one_generates_dense_tokens(tiny_model_factory):
-    path = tiny_model_factory("gpt2")  # no decode loop for GPT-2: auto picks the hooks
-    sm = _sparse_model(path, mlp_density=1.0, head_density=1.0)
-    assert sm.engine == "hooks"
-    assert sm.generate(PROMPT, 10, stop_at_eos=False).token_ids == _hf_greedy(sm, PROMPT, 10)
+    # GPT-NeoX has no decode loop: auto picks the hooks; GPT-2 runs in the loop
+    for model_type, engine in (("gpt_neox", "hooks"), ("gpt2", "decode-loop")):
+        sm = _sparse_model(tiny_model_factory(model_type), mlp_density=1.0, head_density=1.0)
+        assert sm.engine == engine
+        assert sm.generate(PROMPT, 10, stop_at_eos=False).token_ids == _hf_greedy(sm, PROMPT, 10)
 
 
 def test_sampling_repeats_with_its_seed_and_top_p_near_zero_is_greedy(tiny_llama):
@@ -90,8 +91,8 @@ def test_a_longer_request_after_a_shorter_one_rebuilds_the_cache(tiny_llama):
 
 
 def test_refusals(tiny_llama, tiny_model_factory):
-    with pytest.raises(DejavuError, match="decode loop does not run 'gpt2'"):
-        _sparse_model(tiny_model_factory("gpt2"), engine="decode-loop")
+    with pytest.raises(DejavuError, match="decode loop does not run 'gpt_neox'"):
+        _sparse_model(tiny_model_factory("gpt_neox"), engine="decode-loop")
     with pytest.raises(DejavuError, match="oracle selection"):
         _sparse_model(tiny_llama, selection="oracle", engine="decode-loop")
     assert _sparse_model(tiny_llama, selection="oracle").engine == "hooks"

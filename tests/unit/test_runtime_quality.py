@@ -199,16 +199,16 @@ def test_perplexity_matches_the_hf_strided_recipe(tiny_llama):
 
 
 def test_family_without_decode_loop_is_timed_with_hf_eager(tmp_path, tiny_model_factory):
-    """GPT-2 has no fast decode loop: bench still reports speed, from HF eager decode, and says so."""
+    """GPT-NeoX has no fast decode loop: bench still reports speed, from HF eager decode, and says so."""
     from dejavu.export.bundle import run_export
 
-    gpt2 = tiny_model_factory("gpt2")
-    run = tmp_path / "gpt2-run"
-    make_predictors_dir(run, gpt2)
+    neox = tiny_model_factory("gpt_neox")
+    run = tmp_path / "neox-run"
+    make_predictors_dir(run, neox)
     run_export(run, run / "bundle")
-    out = tmp_path / "gpt2.json"
-    with pytest.warns(UserWarning, match="no fast decode loop for 'gpt2'"):
-        run_bench(model=str(gpt2), bundle=run / "bundle", dataset=str(EVAL_RAW), json_out=out, config_file="tiny",
+    out = tmp_path / "neox.json"
+    with pytest.warns(UserWarning, match="no fast decode loop for 'gpt_neox'"):
+        run_bench(model=str(neox), bundle=run / "bundle", dataset=str(EVAL_RAW), json_out=out, config_file="tiny",
                   overrides={"runtime.device": "cpu", "runtime.batch_sizes": [1, 2]}, quality=False, speed=True)
     data = json.loads(out.read_text())
     assert "HF eager" in data["speed"]["method"]

@@ -433,15 +433,26 @@ class OPTAdapter(Adapter):
     def text_model(self):
         return self.model.model.decoder
 
+    def _check_loop_layout(self) -> None:
+        """The decode loop rebuilds the pre-norm OPTs with affine LayerNorms (125m, 1.3b and up)."""
+        cfg, decoder = self.config, self.text_model()
+        why = ("it normalises after each block (do_layer_norm_before=False, as OPT-350m)"
+               if not cfg.do_layer_norm_before else
+               "its embeddings are projected in and out (word_embed_proj_dim != hidden_size)"
+               if decoder.project_in is not None else
+               "it has no final LayerNorm" if decoder.final_layer_norm is None else
+               "its LayerNorms have no weights (layer_norm_elementwise_affine=False)"
+               if decoder.final_layer_norm.weight is None else None)
+        if why:
+            raise DejavuError(f"the decode loop does not run this OPT model: {why}; use the hooks engine")
+
     def block_norms(self, layer) -> BlockNorms:
-        if not self.config.do_layer_norm_before or self.text_model().project_in is not None:
-            # OPT-350m: norms after each block, and a projection in and out of a narrower embedding
-            raise DejavuError("this OPT model normalises after each block (OPT-350m); the decode loop supports "
-                              "the pre-norm OPTs: use the hooks engine")
+        self._check_loop_layout()
         return BlockNorms(layer.self_attn_layer_norm.weight, None, layer.final_layer_norm.weight, None,
                           layer.self_attn_layer_norm.bias, layer.final_layer_norm.bias)
 
     def final_norm(self):
+        self._check_loop_layout()
         return self.text_model().final_layer_norm.weight
 
     def final_norm_bias(self):

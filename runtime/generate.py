@@ -180,9 +180,10 @@ def hooks_decode(model, ids: torch.Tensor, max_new: int, *, attention_mask: torc
 
 
 def loop_length(prompt_len: int, max_new: int) -> int:
-    """Cache positions the decode loop needs: the prompt, the new tokens, and room for the two warm-up
-    steps a CUDA graph's capture runs past the prompt."""
-    return prompt_len + max_new + 4
+    """Cache positions the decode loop needs: the prompt and the new tokens (the last one is sampled, never
+    cached), and at least the two positions the warm-up steps of a CUDA graph's capture write past the
+    prompt. No more: a model with learned positions (GPT-2, OPT) has no embedding past its context."""
+    return prompt_len + max(max_new, 3)
 
 
 def check_engine(engine: str) -> None:

@@ -13,6 +13,11 @@ from dejavu.runtime.decode import DecodeModel
 
 def _load(path):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # tiny models leave biases at 0 and norm weights at 1, which would hide a bias or norm the loop skipped
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
     return model, adapter_for(model)
 
 
@@ -278,4 +283,17 @@ def test_llama_with_attention_biases_matches_hf_and_mlp_biases_are_refused(tiny_
     torch.testing.assert_close(dm.step(st, sparse=False), ref_logits, atol=1e-4, rtol=1e-4)
     model, adapter = _load(tiny_model_factory("llama", mlp_bias=True))
     with pytest.raises(DejavuError, match="no gate/up biases"):
+        DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=12)
+
+
+@pytest.mark.parametrize("config,why", [
+    (dict(do_layer_norm_before=False), "normalises after each block"),
+    (dict(word_embed_proj_dim=32), "projected in and out"),
+    (dict(layer_norm_elementwise_affine=False), "no weights"),
+])
+def test_opt_layouts_the_loop_does_not_take_are_refused_by_name(tiny_model_factory, config, why):
+    from dejavu.errors import DejavuError
+
+    model, adapter = _load(tiny_model_factory("opt", **config))
+    with pytest.raises(DejavuError, match=why):
         DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=12)

@@ -217,3 +217,14 @@ def test_a_padded_batch_with_skipped_kv_groups_gives_the_same_tokens(tiny_llama)
     lazy = _sparse_model(tiny_llama, engine="decode-loop", skip_kv=True)
     assert lazy.plan.skip_kv
     assert [g.token_ids for g in lazy.generate_batch(PROMPTS, 12, stop_at_eos=False)] == [g.token_ids for g in plain]
+
+
+def test_the_loop_reaches_the_last_position_of_a_learned_position_table(tmp_path):
+    # GPT-2 has no embedding past its context: the loop's cache must not ask for spare positions there
+    from helpers import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "gpt2-32", "gpt2", n_positions=32)
+    sm = _sparse_model(path, engine="decode-loop", mlp_density=1.0, head_density=1.0)
+    prompt_len = len(sm.tokenizer(PROMPT)["input_ids"])
+    new = 32 - prompt_len
+    assert sm.generate(PROMPT, new, stop_at_eos=False).token_ids == _hf_greedy(sm, PROMPT, new)

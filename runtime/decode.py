@@ -307,8 +307,6 @@ class DecodeModel:
         self.residual_scale = fc.residual_scale
         self.scale = fc.attention_scale if fc.attention_scale is not None else 1.0 / math.sqrt(self.hd)
         self.attention_softcap, self.logit_softcap = fc.attention_softcap, fc.logit_softcap
-        # per layer: how many positions a token attends to (0 = all; Mistral, Phi-3, Gemma 2/3 windows)
-        self.windows = [w or 0 for w in adapter.attention_windows()]
         self.act = reference.activation_code(adapter.activation_name())
         cast = dict(device=self.device, dtype=dtype)
         self.embed = model.get_input_embeddings().weight.detach().to(**cast)
@@ -325,7 +323,7 @@ class DecodeModel:
             raise DejavuError(f"this {model_type} model has learned embeddings for {positions.shape[0]} positions; "
                               f"the cache asked for {max_len}")
         self.pos_embed = None if positions is None else positions.detach().to(**cast)
-        self.rope = self._rope_tables(adapter, max_len)
+        rope = self._rope_tables(adapter, max_len)
         self.all_heads = torch.arange(self.H, device=self.device)
         self.all_neurons = torch.arange(self.n, device=self.device)
         self.all_qkv_rows = torch.arange((self.H + 2 * self.KV) * self.hd, device=self.device)
@@ -367,9 +365,10 @@ class DecodeModel:
                                   or mlp_up_weight is not None):
             raise DejavuError(f"thresholds, two-stage and exact-up selection in the decode loop need a gated MLP, "
                               f"which {model_type} models do not have: use the hooks engine")
-        self._built_layers: list[LayerWeights] = []
-        self.layers = [self._layer(adapter, layer, cast) for layer in adapter.decoder_layers()]
-        del self._built_layers
+        # per layer: how many positions a token attends to (None = all; Mistral, Phi-3, Gemma 2/3 windows)
+        windows = adapter.attention_windows()
+        self.layers = [self._layer(adapter, layer, cast, rope[i], windows[i] or 0)
+                       for i, layer in enumerate(adapter.decoder_layers())]
         # the lazy k/v kernel splits a head's dimensions over programs, so it cannot normalise a head
         if skip_kv and (self.layers[0].q_norm is not None or self.layers[0].qk_norm_whole is not None):
             raise DejavuError(f"skip_kv is not supported for {model_type} models (q/k normalised per head); "
@@ -386,7 +385,7 @@ class DecodeModel:
             self.attach_predictors(predictors)
 
     # --- construction ---------------------------------------------------------------------------
-    def _layer(self, adapter, layer, cast) -> LayerWeights:
+    def _layer(self, adapter, layer, cast, rope: tuple[torch.Tensor, torch.Tensor], window: int) -> LayerWeights:
         a, m, norms = adapter.attention_weights(layer), adapter.mlp_weights(layer), adapter.block_norms(layer)
         if m.gate is not None and (m.gate_bias is not None or m.up_bias is not None):
             raise DejavuError("the decode runtime's gated MLP kernels take no gate/up biases; use the hooks engine")
@@ -419,9 +418,7 @@ class DecodeModel:
         def norm(w: torch.Tensor | None) -> torch.Tensor | None:
             return None if w is None else w.detach().to(**cast)
 
-        index = len(self._built_layers)
-        cos, sin = self.rope[index]
-        lw = LayerWeights(
+        return LayerWeights(
             ln1=norm(norms.attention_input),
             ln2=norm(norms.mlp_input),
             attn_out_norm=norm(norms.attention_output),
@@ -442,12 +439,10 @@ class DecodeModel:
             q_norm=None if per_head is None else per_head[0],
             k_norm=None if per_head is None else per_head[1],
             qk_norm_whole=whole,
-            cos=cos,
-            sin=sin,
-            window=self.windows[index],
+            cos=rope[0],
+            sin=rope[1],
+            window=window,
         )
-        self._built_layers.append(lw)
-        return lw
 
     def _dense_gate_up(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         """[..., 2n] = x @ [gate | up]^T, from whichever layout the layer keeps."""

@@ -803,6 +803,8 @@ class DecodeModel:
         xn, acc = st.xn, st.acc
         if lw.up is not None:  # a plain MLP (OPT): act(up x + b) for the selected rows, then down^T over them
             midx = self._take(mlp_sel, i)
+            if midx is None and self.dense_impl == "triton":  # dense through the sparse kernels, all rows
+                midx = self.all_neurons
             if midx is None:
                 a = reference.apply_activation(F.linear(xn, lw.up, lw.up_bias).float(), self.act).to(xn.dtype)
                 self._after_mlp(st, i, lw, a @ lw.down_t, False)

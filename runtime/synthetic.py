@@ -65,6 +65,9 @@ PRESETS: dict[str, dict] = {
     "opt-6.7b": dict(model_type="opt", hidden_size=4096, ffn_dim=16384, num_attention_heads=32, num_hidden_layers=32,
                      vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=4096,
                      do_layer_norm_before=True, activation_function="relu"),
+    # GPT-2 XL: OPT's layout (LayerNorm with biases, learned positions, plain MLP) with tanh-GELU, 25 heads
+    "gpt2-xl": dict(model_type="gpt2", hidden_size=1600, num_attention_heads=25, num_hidden_layers=48,
+                    vocab_size=50257, max_position_embeddings=1024, activation_function="gelu_new"),
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                          num_key_value_heads=3, num_hidden_layers=30, vocab_size=49152,
                          max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
@@ -101,7 +104,8 @@ def build_synthetic(name: str, layers: int | None, device, dtype, mlp_density: f
         torch.set_default_dtype(previous)
     model = model.to(device=device, dtype=dtype).eval()
     # The rotary inverse frequencies are recomputed in fp32, as a loaded model has them.
-    rotary = getattr(model.model, "rotary_emb", None)  # (OPT has learned positions instead)
+    # (OPT and GPT-2 have learned positions instead; GPT-2's body is `transformer`, not `model`)
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
     if hasattr(rotary, "rope_init_fn"):
         inv_freq, _ = rotary.rope_init_fn(rotary.config, device)
         rotary.inv_freq = inv_freq.float()

@@ -534,6 +534,10 @@ def _residual_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, dw_ptr, db_ptr, nb_ptr, ou
         tl.store(hout_ptr + b * stride_hob + offs, h, mask=mask)
         h = h.to(tl.float32)
         if ZERO_DELTA:
+            # Every warp's delta loads must land before any warp's zeros: the compiler may give the
+            # zero store a different thread-to-element layout from the load (seen on the H100 as a
+            # row's tail read back as zeros, about one process in three).
+            tl.debug_barrier()
             tl.store(delta_ptr + b * stride_db + offs, tl.zeros((BLOCK,), dtype=tl.float32), mask=mask)
     if NORM:
         if CENTERED:  # LayerNorm (OPT)
@@ -1064,6 +1068,7 @@ def _act_mul_kernel(gu_ptr, out_ptr, N, stride_gb, stride_ob, ACT: tl.constexpr,
     u = tl.load(row + N + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + b * stride_ob + offs, (_activation(g, ACT) * u).to(out_ptr.dtype.element_ty), mask=mask)
     if ZERO_INPUT:
+        tl.debug_barrier()  # as in the residual kernel: loads of every warp before zeros of any
         zero = tl.zeros((BLOCK,), dtype=gu_ptr.dtype.element_ty)
         tl.store(row + offs, zero, mask=mask)
         tl.store(row + N + offs, zero, mask=mask)
@@ -1096,6 +1101,7 @@ def _drain_acc_kernel(acc_ptr, out_ptr, N, stride_ab, stride_ob, BLOCK: tl.const
     mask = offs < N
     a = tl.load(acc_ptr + b * stride_ab + offs, mask=mask, other=0.0)
     tl.store(out_ptr + b * stride_ob + offs, a.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.debug_barrier()  # as in the residual kernel: loads of every warp before zeros of any
     tl.store(acc_ptr + b * stride_ab + offs, tl.zeros((BLOCK,), dtype=tl.float32), mask=mask)
 
 

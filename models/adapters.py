@@ -186,6 +186,11 @@ class Adapter:
     def final_norm(self) -> torch.Tensor:
         return self.text_model().norm.weight
 
+    def parallel_residual(self) -> bool:
+        """True where a layer's MLP reads the block input, as attention does, and both outputs join the
+        residual together (GPT-NeoX / Pythia): x + attn(norm1(x)) + mlp(norm2(x))."""
+        return False
+
     def final_norm_bias(self) -> torch.Tensor | None:
         return None
 
@@ -312,10 +317,10 @@ class Adapter:
 
 
 class LlamaAdapter(Adapter):
-    """Llama, Mistral, Qwen2/3, SmolLM, OLMo 1: SwiGLU in split gate/up/down projections, GQA."""
+    """Llama, Mistral, Qwen2/3, SmolLM: SwiGLU in split gate/up/down projections, GQA."""
 
     family = "llama"
-    model_types = ("llama", "mistral", "olmo")
+    model_types = ("llama", "mistral")
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.model.layers
@@ -350,6 +355,29 @@ class GraniteAdapter(LlamaAdapter):
                                 attention_scale=float(cfg.attention_multiplier),
                                 residual_scale=float(cfg.residual_multiplier),
                                 logit_scale=1.0 / float(cfg.logits_scaling))
+
+
+class OlmoAdapter(LlamaAdapter):
+    """OLMo 1: Llama's projections with LayerNorms that have no weights or biases."""
+
+    model_types = ("olmo",)  # family "llama", as before this class: bundles name the family
+
+    def _unit_norm(self) -> torch.Tensor:
+        # the loop reads a missing norm weight as "no norm", so the weightless LayerNorm gets weights of 1
+        ref = self.text_model().embed_tokens.weight
+        return torch.ones(self.shape().hidden_size, device=ref.device, dtype=ref.dtype)
+
+    def block_norms(self, layer) -> BlockNorms:
+        if self.config.clip_qkv is not None:
+            raise DejavuError(f"this OLMo model clamps q, k and v to +-{self.config.clip_qkv} (clip_qkv), which the "
+                              "decode loop does not: use the hooks engine")
+        return BlockNorms(self._unit_norm(), None, self._unit_norm(), None)
+
+    def final_norm(self) -> torch.Tensor:
+        return self._unit_norm()
+
+    def forward_constants(self) -> ForwardConstants:
+        return ForwardConstants(norm_eps=1e-5, layer_norm=True)  # (HF's OlmoLayerNorm fixes its eps)
 
 
 class Olmo2Adapter(LlamaAdapter):
@@ -531,7 +559,8 @@ class GPT2Adapter(Adapter):
 
 
 class GPTNeoXAdapter(Adapter):
-    """GPT-NeoX / Pythia: GELU MLP, fused qkv interleaved per head."""
+    """GPT-NeoX / Pythia: GELU MLP, fused qkv interleaved per head, LayerNorms with biases, rotary over the
+    first part of each head only, and (by default) attention and MLP side by side on the block input."""
 
     family = "gpt_neox"
     gated = False
@@ -554,6 +583,25 @@ class GPTNeoXAdapter(Adapter):
 
     def activation(self, layer):
         return layer.mlp.act
+
+    def text_model(self):
+        return self.model.gpt_neox
+
+    def block_norms(self, layer) -> BlockNorms:
+        a, m = layer.input_layernorm, layer.post_attention_layernorm
+        return BlockNorms(a.weight, None, m.weight, None, a.bias, m.bias)
+
+    def final_norm(self):
+        return self.text_model().final_layer_norm.weight
+
+    def final_norm_bias(self):
+        return self.text_model().final_layer_norm.bias
+
+    def forward_constants(self) -> ForwardConstants:
+        return ForwardConstants(norm_eps=float(self.config.layer_norm_eps), layer_norm=True)
+
+    def parallel_residual(self) -> bool:
+        return bool(self.config.use_parallel_residual)
 
     def attention_weights(self, layer):
         # NeoX packs rows per head as [q_h | k_h | v_h]; regroup into q, k, v.
@@ -595,7 +643,8 @@ class Phi3Adapter(LlamaAdapter):
         return AttentionWeights(q, k, v, attn.o_proj.weight)
 
 
-ADAPTERS: list[type[Adapter]] = [LlamaAdapter, QwenAdapter, GraniteAdapter, Olmo2Adapter, GemmaAdapter, Phi3Adapter, OPTAdapter, GPT2Adapter, GPTNeoXAdapter]
+ADAPTERS: list[type[Adapter]] = [LlamaAdapter, QwenAdapter, GraniteAdapter, OlmoAdapter, Olmo2Adapter, GemmaAdapter,
+                                  Phi3Adapter, OPTAdapter, GPT2Adapter, GPTNeoXAdapter]
 
 
 def supported_model_types() -> list[str]:

@@ -1,8 +1,9 @@
 """A gpt-fast-style decode loop for the Llama family (Llama, Mistral, Qwen2/3, Phi-3, SmolLM, Granite,
-OLMo 2, Gemma 1-3), OPT and GPT-2. What the families do differently comes from their adapters
-(models/adapters.py): RMSNorm or LayerNorm, norms before and/or after each block, per-head or whole q/k
-norms, sliding windows, rotary tables per layer (or learned positions), score and logit caps, biases,
-gated or plain MLPs, and scalar multipliers (folded into the weights where they are constant).
+OLMo 1-2, Gemma 1-3), OPT, GPT-2 and GPT-NeoX (Pythia). What the families do differently comes from their
+adapters (models/adapters.py): RMSNorm or LayerNorm, norms before and/or after each block, per-head or
+whole q/k norms, sliding windows, rotary tables per layer (or learned positions; or rotary over part of
+each head), score and logit caps, biases, gated or plain MLPs, attention and MLP in sequence or side by
+side, and scalar multipliers (folded into the weights where they are constant).
 
 Weights are copied once from a loaded HF model into the layout the kernels read row by row:
 qkv fused as [(H+2KV)*hd, d] (q = its first H*hd rows), o and down transposed ([H*hd, d], [n, d]),
@@ -48,9 +49,31 @@ from dejavu.runtime.thresholds import Thresholds
 
 # gemma3: Gemma3ForConditionalGeneration (4B and up), decoded as text
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
-                         "gemma3", "granite", "olmo2", "opt", "gpt2")
+                         "gemma3", "granite", "olmo2", "opt", "gpt2", "gpt_neox", "olmo")
 SELECT_IMPLS = ("fused", "fused-cublas", "classic", "static", "static-sync")
 JOIN_ORDERS = ("consumption", "heads-first")
+
+
+def _rotary_order(hd: int, r: int) -> torch.Tensor:
+    """New slot -> old dim of a head whose first r dims rotate in pairs (i, i + r/2), as HF's partial rotary
+    does: the pairs move to (j, j + hd/2), which the loop's whole-head rope kernel rotates, and the dims
+    that do not rotate fill the slots between. q and k get the same order, so q.k is unchanged."""
+    rh, keep = r // 2, (hd - r) // 2
+    first = list(range(rh)) + list(range(r, r + keep))
+    second = list(range(rh, r)) + list(range(r + keep, hd))
+    return torch.tensor(first + second)
+
+
+def _spread_rotary(table: torch.Tensor, hd: int, fill: float) -> torch.Tensor:
+    """[T, r] partial cos or sin table -> [T, hd] for dims in _rotary_order (fill: 1 for cos, 0 for sin, a
+    rotation by nothing); a whole-head table is returned as it is."""
+    r = table.shape[-1]
+    if r == hd:
+        return table
+    out = torch.full((table.shape[0], hd), fill, dtype=table.dtype, device=table.device)
+    out[:, :r // 2] = table[:, :r // 2]
+    out[:, hd // 2:hd // 2 + r // 2] = table[:, r // 2:]
+    return out
 
 
 def _topk_workspace(n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -323,6 +346,12 @@ class DecodeModel:
             raise DejavuError(f"this {model_type} model has learned embeddings for {positions.shape[0]} positions; "
                               f"the cache asked for {max_len}")
         self.pos_embed = None if positions is None else positions.detach().to(**cast)
+        # MLP beside attention on the block input (GPT-NeoX): the residual kernel after attention then
+        # normalises the block input, not the sum
+        self.parallel = adapter.parallel_residual()
+        # partial rotary: each head's q/k dims reordered so the rotating pairs sit where the whole-head rope
+        # kernel pairs dims (set by _rope_tables; None when whole heads rotate)
+        self.rotary_order: torch.Tensor | None = None
         rope = self._rope_tables(adapter, max_len)
         self.all_heads = torch.arange(self.H, device=self.device)
         self.all_neurons = torch.arange(self.n, device=self.device)
@@ -395,7 +424,14 @@ class DecodeModel:
         gate, up = (None if m.gate is None else m.gate.detach().to(**cast)), m.up.detach().to(**cast)
         transposed = self.thresholds is not None  # one layout only: rows of gate^T/up^T are x's columns
         wqkv = torch.cat([a.q, a.k, a.v], 0).detach().to(**cast)
+        if self.rotary_order is not None:
+            rows = self._qkv_row_order()
+            wqkv = wqkv[rows]
+            bqkv = None if bqkv is None else bqkv[rows]
         head_norms = adapter.head_norms(layer)
+        if head_norms is not None and self.rotary_order is not None:
+            head_norms = tuple(w.detach().view(-1, self.hd)[:, self.rotary_order.to(w.device)].reshape(-1)
+                               for w in head_norms)
         per_head = whole = None
         if head_norms is not None:
             shapes = [tuple(w.shape) for w in head_norms]
@@ -449,19 +485,37 @@ class DecodeModel:
         return x @ (lw.gate_up_t if lw.gate_up is None else lw.gate_up.view(2 * self.n, self.d).T)
 
     def _rope_tables(self, adapter, max_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (cos, sin) [max_len, hd] on the device; layers with the same table share it."""
+        """Per layer (cos, sin) [max_len, hd] on the device; layers with the same table share it. A model
+        rotating only the first r dims of each head (GPT-NeoX) gets tables over whole heads that rotate
+        nothing outside its pairs, and self.rotary_order, the dim order that puts those pairs where the
+        kernels pair dims."""
         positions = torch.arange(max_len, device=next(adapter.model.parameters()).device)
         on_device: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         tables = []
         for cos, sin in adapter.rotary_tables(positions):
-            if cos.shape[-1] != self.hd:
-                raise DejavuError(f"the decode runtime rotates whole heads ({self.hd} dims); this model rotates "
-                                  f"{cos.shape[-1]} (partial rotary): use the hooks engine")
+            r = cos.shape[-1]
+            if r != self.hd:
+                if r > self.hd or r % 2 or self.hd % 2:
+                    raise DejavuError(f"this model rotates {r} dims of {self.hd}-dim heads, which the decode loop "
+                                      "cannot pair: use the hooks engine")
+                order = _rotary_order(self.hd, r)
+                if self.rotary_order is not None and not torch.equal(order, self.rotary_order):
+                    raise DejavuError("this model's layers rotate different parts of their heads: use the hooks "
+                                      "engine")
+                self.rotary_order = order
             if id(cos) not in on_device:
-                on_device[id(cos)] = (cos.to(self.device, torch.float32).contiguous(),
-                                      sin.to(self.device, torch.float32).contiguous())
+                on_device[id(cos)] = tuple(_spread_rotary(t.to(self.device, torch.float32), self.hd, fill).contiguous()
+                                           for t, fill in ((cos, 1.0), (sin, 0.0)))
             tables.append(on_device[id(cos)])
         return tables
+
+    def _qkv_row_order(self) -> torch.Tensor:
+        """Rows of [q | k | v] with each q and k head's dims in self.rotary_order (v as it is)."""
+        hd, order = self.hd, self.rotary_order
+        heads = torch.arange(self.H + self.KV)[:, None] * hd
+        qk = (heads + order[None]).reshape(-1)
+        v = torch.arange((self.H + self.KV) * hd, (self.H + 2 * self.KV) * hd)
+        return torch.cat([qk, v]).to(self.device)
 
     def attach_predictors(self, predictors: PredictorSet | None) -> None:
         """(Re)fold predictors at their current densities and MLP rule (self.mlp_candidate_density or
@@ -594,8 +648,9 @@ class DecodeModel:
                 layer_mask = near[None, None] if mask is None else mask & (near | (at[:, None] == at[None, :]))
             att = self._prefill_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layer_mask)
             out = att.transpose(1, 2).reshape(batch, plen, H * hd) @ lw.wo_t
+            block_input = x
             x = x + self._post_norm(out if lw.o_bias is None else out + lw.o_bias, lw.attn_out_norm)
-            xn = self._norm(x, lw.ln2, lw.ln2_b)
+            xn = self._norm(block_input if self.parallel else x, lw.ln2, lw.ln2_b)
             if lw.up is not None:  # a plain MLP (OPT)
                 a = reference.apply_activation(F.linear(xn, lw.up, lw.up_bias).float(), self.act)
             else:
@@ -749,9 +804,10 @@ class DecodeModel:
             self._after_attention(st, i, lw, att @ lw.wo_t, False)
 
     def _after_attention(self, st: DecodeState, i: int, lw: LayerWeights, out: torch.Tensor, zero: bool) -> None:
-        """hmid = block input + attention's output (its bias and norm applied); xn = the MLP's normalised input."""
+        """hmid = block input + attention's output (its bias and norm applied); xn = the MLP's normalised input:
+        hmid normalised, or with a parallel residual the block input normalised."""
         ops.residual_rmsnorm(st.hs[i], out, lw.ln2, st.xn, self.eps, self.norm_offset, zero, st.hmid,
-                             lw.attn_out_norm, lw.o_bias, lw.ln2_b, self.centered)
+                             lw.attn_out_norm, lw.o_bias, lw.ln2_b, self.centered, self.parallel)
 
     def _after_mlp(self, st: DecodeState, i: int, lw: LayerWeights, out: torch.Tensor, zero: bool) -> None:
         """The next block input = hmid + the MLP's output; xn = it normalised by the next layer's attention

@@ -183,11 +183,14 @@ def residual_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.
                      out: torch.Tensor, eps: float, offset: float = 0.0, zero_delta: bool = False,
                      h_out: torch.Tensor | None = None, delta_norm: torch.Tensor | None = None,
                      delta_bias: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None,
-                     centered: bool = False) -> None:
+                     centered: bool = False, norm_input: bool = False) -> None:
     """h_out = h + delta (h itself when h_out is None); out = RMSNorm(h_out) (h_out itself without a weight);
     delta zeroed if asked. No delta: out = RMSNorm(h). delta_bias: added to delta first (a block's output
     bias: OPT). delta_norm: delta is then rounded to h's dtype and RMS-normalised with these weights (a
-    block's output norm: Gemma 2/3, OLMo 2). centered: the norm is a LayerNorm (OPT), plus norm_bias."""
+    block's output norm: Gemma 2/3, OLMo 2). centered: the norm is a LayerNorm (OPT), plus norm_bias.
+    norm_input: out normalises h as it was before the add (a parallel block's MLP reads the block input:
+    GPT-NeoX), while h_out still gets the sum."""
+    source = h.clone() if norm_input else None
     if delta is not None:
         target = h if h_out is None else h_out
         step = delta if delta_bias is None else delta.float() + delta_bias.float()
@@ -197,6 +200,8 @@ def residual_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.
         h = target
         if zero_delta:
             delta.zero_()
+    if source is not None:
+        h = source
     if weight is None:
         out.copy_(h)
     elif centered:

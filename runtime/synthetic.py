@@ -68,6 +68,11 @@ PRESETS: dict[str, dict] = {
     # GPT-2 XL: OPT's layout (LayerNorm with biases, learned positions, plain MLP) with tanh-GELU, 25 heads
     "gpt2-xl": dict(model_type="gpt2", hidden_size=1600, num_attention_heads=25, num_hidden_layers=48,
                     vocab_size=50257, max_position_embeddings=1024, activation_function="gelu_new"),
+    # Pythia 6.9B (GPT-NeoX): attention and MLP side by side, rotary over a quarter of each head
+    "pythia-6.9b": dict(model_type="gpt_neox", hidden_size=4096, intermediate_size=16384, num_attention_heads=32,
+                        num_hidden_layers=32, vocab_size=50432, max_position_embeddings=2048,
+                        use_parallel_residual=True, hidden_act="gelu",
+                        rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0.25, "rope_type": "default"}),
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                          num_key_value_heads=3, num_hidden_layers=30, vocab_size=49152,
                          max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
@@ -103,14 +108,15 @@ def build_synthetic(name: str, layers: int | None, device, dtype, mlp_density: f
     finally:
         torch.set_default_dtype(previous)
     model = model.to(device=device, dtype=dtype).eval()
-    # The rotary inverse frequencies are recomputed in fp32, as a loaded model has them.
-    # (OPT and GPT-2 have learned positions instead; GPT-2's body is `transformer`, not `model`)
-    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-    if hasattr(rotary, "rope_init_fn"):
-        inv_freq, _ = rotary.rope_init_fn(rotary.config, device)
-        rotary.inv_freq = inv_freq.float()
-        rotary.original_inv_freq = rotary.inv_freq
     adapter = adapter_for(model)
+    # The rotary inverse frequencies are recomputed in fp32, as a loaded model has them: a rotary module
+    # built outside the low-precision default dtype (OPT and GPT-2 have learned positions instead)
+    rotary = getattr(adapter.text_model(), "rotary_emb", None)
+    if rotary is not None:
+        with device:
+            fresh = type(rotary)(rotary.config)
+        for name, buffer in fresh.named_buffers():
+            setattr(rotary, name, buffer.float())
     s = adapter.shape()
     preds = PredictorSet.random(adapter.num_layers, s.hidden_size, s.intermediate_size, s.num_heads,
                                 rank or default_rank(s.hidden_size), mlp_density, head_density, seed=seed)

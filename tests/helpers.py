@@ -29,6 +29,9 @@ TINY_CONFIGS = {
     # q and k RMS-normalised per head before rope; head_dim set apart from hidden / heads, as in Qwen3-8B
     "qwen3": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                   num_hidden_layers=2, max_position_embeddings=256),
+    # OLMo 1: LayerNorms without weights or biases
+    "olmo": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                 num_hidden_layers=2, max_position_embeddings=256),
     # q and k normalised over all heads at once, and norms after attention and the MLP, not before
     "olmo2": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                   num_hidden_layers=2, max_position_embeddings=256),

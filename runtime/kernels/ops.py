@@ -194,21 +194,21 @@ def _(acc, act, out):
 def residual_rmsnorm(h: Tensor, delta: Tensor | None, weight: Tensor | None, out: Tensor, eps: float,
                      offset: float, zero_delta: bool, h_out: Tensor, delta_norm: Tensor | None = None,
                      delta_bias: Tensor | None = None, norm_bias: Tensor | None = None,
-                     centered: bool = False) -> None:
+                     centered: bool = False, norm_input: bool = False) -> None:
     reference.residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta, h_out, delta_norm, delta_bias,
-                               norm_bias, centered)
+                               norm_bias, centered, norm_input)
 
 
 @residual_rmsnorm.register_kernel("cuda")
 def _(h, delta, weight, out, eps, offset, zero_delta, h_out, delta_norm=None, delta_bias=None, norm_bias=None,
-      centered=False):
+      centered=False, norm_input=False):
     _triton().residual_rmsnorm(h, delta, weight, out, eps, offset, zero_delta, h_out, delta_norm, delta_bias,
-                               norm_bias, centered)
+                               norm_bias, centered, norm_input)
 
 
 @residual_rmsnorm.register_fake
 def _(h, delta, weight, out, eps, offset, zero_delta, h_out, delta_norm=None, delta_bias=None, norm_bias=None,
-      centered=False):
+      centered=False, norm_input=False):
     return None
 
 

@@ -515,7 +515,7 @@ def _residual_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, dw_ptr, db_ptr, nb_ptr, ou
                              stride_db, stride_ob, stride_hob, eps, offset, HAS_DELTA: tl.constexpr,
                              ZERO_DELTA: tl.constexpr, NORM: tl.constexpr, DELTA_NORM: tl.constexpr,
                              DELTA_BIAS: tl.constexpr, CENTERED: tl.constexpr, NORM_BIAS: tl.constexpr,
-                             BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+                             BLOCK: tl.constexpr, NORM_INPUT: tl.constexpr = False, PDL: tl.constexpr = False):
     _grid_dependency(PDL)
     b = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -530,9 +530,10 @@ def _residual_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, dw_ptr, db_ptr, nb_ptr, ou
             drstd = 1.0 / tl.sqrt(tl.sum(delta * delta, axis=0) / D + eps)
             dw = tl.load(dw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             delta = ((delta * drstd) * (dw + offset)).to(hout_ptr.dtype.element_ty).to(tl.float32)
-        h = (h + delta).to(hout_ptr.dtype.element_ty)
-        tl.store(hout_ptr + b * stride_hob + offs, h, mask=mask)
-        h = h.to(tl.float32)
+        total = (h + delta).to(hout_ptr.dtype.element_ty)
+        tl.store(hout_ptr + b * stride_hob + offs, total, mask=mask)
+        if not NORM_INPUT:  # (NORM_INPUT: the norm below reads the block input, GPT-NeoX's parallel MLP)
+            h = total.to(tl.float32)
         if ZERO_DELTA:
             # Every warp's delta loads must land before any warp's zeros: the compiler may give the
             # zero store a different thread-to-element layout from the load (seen on the H100 as a
@@ -554,7 +555,7 @@ def residual_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.
                      eps: float, offset: float = 0.0, zero_delta: bool = False,
                      h_out: torch.Tensor | None = None, delta_norm: torch.Tensor | None = None,
                      delta_bias: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None,
-                     centered: bool = False) -> None:
+                     centered: bool = False, norm_input: bool = False) -> None:
     batch, d = h.shape
     block = triton.next_power_of_2(d)
     dl = delta if delta is not None else h
@@ -568,6 +569,7 @@ def residual_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.
                                        HAS_DELTA=delta is not None, ZERO_DELTA=zero_delta, NORM=weight is not None,
                                        DELTA_NORM=delta_norm is not None, DELTA_BIAS=delta_bias is not None,
                                        CENTERED=centered, NORM_BIAS=norm_bias is not None, BLOCK=block,
+                                       NORM_INPUT=norm_input,
                                        num_warps=8 if block >= 4096 else 4, **_pdl(h))
 
 

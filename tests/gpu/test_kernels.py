@@ -152,17 +152,21 @@ def test_block_output_norms_and_missing_input_norms_match_reference(dtype):
     delta = torch.randn(B, d, device=dev) * 40
     w, post = (torch.randn(d, device=dev, dtype=dtype) for _ in range(2))
     bias, norm_bias = (torch.randn(d, device=dev, dtype=dtype) for _ in range(2))
-    cases = [(w, post, 1.0, None, None, False), (None, post, 0.0, None, None, False), (None, None, 0.0, None, None, False),
-             (w, None, 0.0, None, None, False),
+    cases = [(w, post, 1.0, None, None, False, False), (None, post, 0.0, None, None, False, False),
+             (None, None, 0.0, None, None, False, False), (w, None, 0.0, None, None, False, False),
              # OPT: LayerNorm with a bias, and the block's output bias
-             (w, None, 0.0, bias, norm_bias, True), (w, None, 0.0, None, None, True)]
+             (w, None, 0.0, bias, norm_bias, True, False), (w, None, 0.0, None, None, True, False),
+             # GPT-NeoX's parallel block: the norm reads the block input, the residual gets the sum
+             (w, None, 0.0, bias, norm_bias, True, True)]
     # three rounds: without a barrier before the kernel zeroes delta, a warp's zeros could overtake another
     # warp's load of the same elements; it showed in the second round in about one process in three
-    for weight, delta_norm, offset, delta_bias, nb, centered in cases * 3:
+    for weight, delta_norm, offset, delta_bias, nb, centered, norm_input in cases * 3:
         h1, h2, d1, d2 = h.clone(), h.clone(), delta.clone(), delta.clone()
         o1, o2, n1, n2 = (torch.empty_like(h) for _ in range(4))
-        R.residual_rmsnorm(h1, d1, weight, o1, 1e-6, offset, True, n1, delta_norm, delta_bias, nb, centered)
-        T.residual_rmsnorm(h2, d2, weight, o2, 1e-6, offset, True, n2, delta_norm, delta_bias, nb, centered)
+        R.residual_rmsnorm(h1, d1, weight, o1, 1e-6, offset, True, n1, delta_norm, delta_bias, nb, centered,
+                           norm_input)
+        T.residual_rmsnorm(h2, d2, weight, o2, 1e-6, offset, True, n2, delta_norm, delta_bias, nb, centered,
+                           norm_input)
         assert _rel(o2, o1) < 1e-2 and _rel(n2, n1) < 1e-2 and d2.abs().max() == 0, (weight is None, delta_norm is None,
                                                                                  centered)
         if weight is None:
@@ -340,7 +344,7 @@ def _three_steps(dm, prompt: torch.Tensor, sparse: bool, steps: int = 3) -> torc
 @pytest.mark.parametrize("select_impl", ["fused", "classic"])
 @pytest.mark.parametrize("dense_impl", ["cublas", "triton"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
-                                        "granite", "olmo2", "opt", "gpt2"])
+                                        "granite", "olmo", "olmo2", "opt", "gpt2", "gpt_neox"])
 def test_graphed_decode_matches_cpu_reference(model_type, dense_impl, select_impl):
     from dejavu.runtime.decode import DecodeModel
 

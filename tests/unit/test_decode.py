@@ -48,7 +48,7 @@ def _assert_decodes_as_hf(model, dm, prompt, steps):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
-                                        "granite", "olmo2", "opt", "gpt2"])
+                                        "granite", "olmo2", "opt", "gpt2", "gpt_neox", "olmo"])
 def test_dense_prefill_and_steps_match_hf(tiny_model_factory, model_type):
     model, adapter = _load(tiny_model_factory(model_type))
     torch.manual_seed(0)
@@ -92,7 +92,7 @@ def _masked_hf_logits(model, adapter, ids, keep_mlp, keep_heads):
 @pytest.mark.parametrize("model_type,pairing", [
     ("llama", "current"), ("llama", "lookahead"), ("qwen3", "current"), ("phi3", "lookahead"),
     ("gemma2", "current"), ("gemma3_text", "lookahead"), ("granite", "current"), ("olmo2", "lookahead"),
-    ("opt", "current"), ("gpt2", "lookahead")])
+    ("opt", "current"), ("gpt2", "lookahead"), ("gpt_neox", "current")])
 def test_sparse_step_matches_masked_hf(tiny_model_factory, model_type, pairing):
     model, adapter = _load(tiny_model_factory(model_type))
     s = adapter.shape()
@@ -172,7 +172,28 @@ def test_qwen_windows_apply_only_when_switched_on(tiny_model_factory):
     assert adapter.attention_windows() == [None, None]
 
 
-@pytest.mark.parametrize("model_type,config", [("gemma2", dict(sliding_window=3)), ("opt", {}), ("gpt2", {})])
+def _neox_rope(factor: float) -> dict:
+    return dict(rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": factor, "rope_type": "default"})
+
+
+@pytest.mark.parametrize("config", [
+    dict(use_parallel_residual=False),  # attention then MLP, as Llama
+    _neox_rope(1.0),  # whole heads rotate: no reordering
+    _neox_rope(0.5),  # (the default rotates a quarter of each head)
+    dict(attention_bias=False, use_parallel_residual=False, **_neox_rope(0.75))])
+def test_gpt_neox_layouts_decode_as_hf(tiny_model_factory, config):
+    # rotary over the first part of each head reaches the whole-head kernels through a reordering of q/k
+    # dims, and a parallel block's MLP normalises the block input, not the sum after attention
+    model, adapter = _load(tiny_model_factory("gpt_neox", **config))
+    torch.manual_seed(0)
+    prompt = torch.randint(1, 500, (2, 7))
+    dm = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16)
+    assert (dm.rotary_order is None) == (config.get("rope_parameters", {}).get("partial_rotary_factor") == 1.0)
+    _assert_decodes_as_hf(model, dm, prompt, 3)
+
+
+@pytest.mark.parametrize("model_type,config", [("gemma2", dict(sliding_window=3)), ("opt", {}), ("gpt2", {}),
+                                               ("gpt_neox", {})])
 def test_left_padded_batch_equals_each_prompt_alone(tiny_model_factory, model_type, config):
     # a padded sequence's window starts at its own position minus the window, never before its start; its
     # learned position embeddings (OPT) count from its start
@@ -292,4 +313,12 @@ def test_opt_layouts_the_loop_does_not_take_are_refused_by_name(tiny_model_facto
 
     model, adapter = _load(tiny_model_factory("opt", **config))
     with pytest.raises(DejavuError, match=why):
+        DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=12)
+
+
+def test_olmo_with_clipped_qkv_is_refused_by_name(tiny_model_factory):
+    from dejavu.errors import DejavuError
+
+    model, adapter = _load(tiny_model_factory("olmo", clip_qkv=8.0))
+    with pytest.raises(DejavuError, match="clip_qkv"):
         DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=12)

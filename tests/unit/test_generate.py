@@ -55,9 +55,21 @@ def test_both_engines_generate_the_same_sparse_tokens(tiny_llama):
     assert g.token_ids != hooks.generate(PROMPT, max_new_tokens=12, sparse=False, stop_at_eos=False).token_ids
 
 
-def test_density_one_generates_dense_tokens(tiny_model_factory):
-    # GPT-NeoX has no decode loop: auto picks the hooks; GPT-2 runs in the loop
-    for model_type, engine in (("gpt_neox", "hooks"), ("gpt2", "decode-loop")):
+def _without_loop(monkeypatch, model_type: str) -> None:
+    """As if `model_type` were a family an adapter added without teaching the decode loop (every family the
+    adapters ship runs in the loop)."""
+    from dejavu.runtime import decode
+
+    monkeypatch.setattr(decode, "SUPPORTED_MODEL_TYPES",
+                        tuple(t for t in decode.SUPPORTED_MODEL_TYPES if t != model_type))
+
+
+def test_density_one_generates_dense_tokens(tiny_model_factory, monkeypatch):
+    # auto picks the loop where it runs the family, else the hooks; both give HF's greedy tokens
+    for model_type, engine in (("gpt_neox", "decode-loop"), ("gpt2", "decode-loop"), ("olmo", "decode-loop"),
+                               ("gpt_neox", "hooks")):
+        if engine == "hooks":
+            _without_loop(monkeypatch, model_type)
         sm = _sparse_model(tiny_model_factory(model_type), mlp_density=1.0, head_density=1.0)
         assert sm.engine == engine
         assert sm.generate(PROMPT, 10, stop_at_eos=False).token_ids == _hf_greedy(sm, PROMPT, 10)
@@ -90,7 +102,8 @@ def test_a_longer_request_after_a_shorter_one_rebuilds_the_cache(tiny_llama):
     assert longer[:4] == short and len(longer) == 30
 
 
-def test_refusals(tiny_llama, tiny_model_factory):
+def test_refusals(tiny_llama, tiny_model_factory, monkeypatch):
+    _without_loop(monkeypatch, "gpt_neox")
     with pytest.raises(DejavuError, match="decode loop does not run 'gpt_neox'"):
         _sparse_model(tiny_model_factory("gpt_neox"), engine="decode-loop")
     with pytest.raises(DejavuError, match="oracle selection"):

@@ -198,9 +198,14 @@ def test_perplexity_matches_the_hf_strided_recipe(tiny_llama):
     assert ours["dense_ppl"] == pytest.approx(math.exp(nll_sum / n_tokens), rel=1e-5)
 
 
-def test_family_without_decode_loop_is_timed_with_hf_eager(tmp_path, tiny_model_factory):
-    """GPT-NeoX has no fast decode loop: bench still reports speed, from HF eager decode, and says so."""
+def test_family_without_decode_loop_is_timed_with_hf_eager(tmp_path, tiny_model_factory, monkeypatch):
+    """A family an adapter adds without teaching the fast decode loop (here GPT-NeoX, as if it had not):
+    bench still reports speed, from HF eager decode, and says so."""
     from dejavu.export.bundle import run_export
+    from dejavu.runtime import decode
+
+    monkeypatch.setattr(decode, "SUPPORTED_MODEL_TYPES",
+                        tuple(t for t in decode.SUPPORTED_MODEL_TYPES if t != "gpt_neox"))
 
     neox = tiny_model_factory("gpt_neox")
     run = tmp_path / "neox-run"

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -259,10 +260,15 @@ def _merge_file(cfg: RunConfig, config_file: str | Path) -> None:
 def load_config(
     config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
     base: dict[str, Any] | None = None, base_source: str = "earlier stage's manifest",
+    fixed: tuple[str, ...] = (),
 ) -> RunConfig:
     """Defaults, then `base` (the config an earlier stage ran with) or else the shipped default
     file, then the YAML file given, then flag overrides: flag > file > earlier stage > default.
+    A file given without a base lands on the shipped default file, not on the bare defaults, so
+    setting one key leaves every other where `--help` and the README say it is.
 
+    `fixed`: sections that stay as `base` has them whatever the file says (the settings an earlier
+    stage ran with: its data must be described as it was made); a file that differs there is noted.
     `overrides` maps dotted keys (`collect.max_tokens`) to values; None values are skipped so
     unset CLI flags leave the file's value alone.
     """
@@ -270,9 +276,12 @@ def load_config(
         cfg = RunConfig.from_dict(base, source=base_source)
         if config_file is not None:
             _merge_file(cfg, config_file)
+            _restore_sections(cfg, RunConfig.from_dict(base, source=base_source), fixed, config_file, base_source)
     else:
         cfg = RunConfig()
-        _merge_file(cfg, config_file or DEFAULT_CONFIG)
+        _merge_file(cfg, DEFAULT_CONFIG)
+        if config_file is not None:
+            _merge_file(cfg, config_file)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -281,6 +290,17 @@ def load_config(
     cfg.data.dataset = _beside_repository(cfg.data.dataset)
     validate(cfg)
     return cfg
+
+
+def _restore_sections(cfg: RunConfig, ran: RunConfig, sections: tuple[str, ...], config_file, source: str) -> None:
+    changed = []
+    for section in sections:
+        was, now = getattr(ran, section), getattr(cfg, section)
+        changed += [f"{section}.{f.name}" for f in fields(was) if getattr(was, f.name) != getattr(now, f.name)]
+        setattr(cfg, section, was)
+    if changed:
+        print(f"note: {config_file} sets {', '.join(changed)}, which an earlier stage already ran with other values; "
+              f"kept as the {source} has them", file=sys.stderr)
 
 
 def beside_repository(relative: str) -> Path:

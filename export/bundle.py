@@ -57,7 +57,7 @@ def _export_config(run_manifest: dict, config_file, overrides: dict[str, Any]):
     from dejavu.config import load_config
 
     return load_config(config_file, overrides, base=run_manifest.get("config") or {},
-                       base_source="predictors manifest")
+                       base_source="predictors manifest", fixed=("model", "data", "collect", "train"))
 
 
 def _per_layer(default: float, overrides: dict, num_layers: int, present: list[bool], what: str) -> list[float]:

@@ -57,7 +57,8 @@ CHECK_FAILED = "collect-check-failed"  # progress/ marker: a process's share of 
 
 def resolve_config(base: dict, config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
     """The collect run's config, then the --config file, then flags (None: unset)."""
-    cfg = load_config(config_file, overrides, base=base, base_source="collect manifest's config")
+    cfg = load_config(config_file, overrides, base=base, base_source="collect manifest's config",
+                      fixed=("model", "data", "collect"))
     t = cfg.train
     if t.loss not in LOSSES:
         raise DejavuError(f"train.loss must be one of {', '.join(LOSSES)}; got {t.loss!r}")

@@ -20,6 +20,18 @@ def test_shipped_default_and_precedence(tmp_path):
     assert cfg.train.epochs == RunConfig().train.epochs  # default
 
 
+def test_a_file_setting_one_key_leaves_the_others_at_the_shipped_defaults(tmp_path):
+    # the shipped file's values (what --help and the README give) stay under a user's file, not the
+    # bare dataclass defaults: before, any --config silently moved rank 40 -> 128, lr and export densities
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  seq_len: 128\n")
+    shipped, mine = load_config(), load_config(f)
+    assert mine.data.seq_len == 128
+    for section in ("model", "collect", "train", "export", "runtime"):
+        assert getattr(mine, section) == getattr(shipped, section), section
+    assert (mine.train.rank, mine.export.head_density) == (40, 1.0)
+
+
 def test_unknown_keys_and_bad_values_are_named(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("collect:\n  max_tokenz: 10\n")
@@ -55,6 +67,18 @@ def test_later_stages_start_from_the_earlier_config(tmp_path):
     assert (cfg.model.name, cfg.train.rank, cfg.train.epochs) == ("some/model", 16, 7)
     with pytest.raises(DejavuError, match="unknown key"):
         load_config(None, None, base={"train": {"rnak": 3}})
+
+
+def test_sections_an_earlier_stage_ran_with_stay_as_they_ran(tmp_path, capsys):
+    # train-predictors -c FILE must not describe the collected data with the file's seq_len
+    earlier = load_config(None, {"data.seq_len": 256, "collect.max_tokens": 2048}).to_dict()
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  seq_len: 512\ncollect:\n  max_tokens: 65536\ntrain:\n  rank: 8\n")
+    cfg = load_config(f, {}, base=earlier, base_source="collect manifest's config",
+                      fixed=("model", "data", "collect"))
+    assert (cfg.data.seq_len, cfg.collect.max_tokens, cfg.train.rank) == (256, 2048, 8)
+    err = capsys.readouterr().err
+    assert "data.seq_len, collect.max_tokens" in err and "kept as the collect manifest's config has them" in err
 
 
 @pytest.mark.parametrize("per_layer,says", [({2: None}, "must be a density"), ({"abc": 0.3}, "not a layer index"),

@@ -93,8 +93,9 @@ def test_bench_density_one_and_oracle(tmp_path, tiny_llama, tiny_bundle):
     from dejavu.config import load_config
 
     _, default = _bench(tmp_path, tiny_llama, None, **{"runtime.selection": "oracle"})
-    tiny = load_config("tiny", {})  # it sets no export densities: the training ones
-    assert (default["mlp_density"], default["head_density"]) == (tiny.train.mlp_density, tiny.train.head_density)
+    tiny = load_config("tiny", {})  # export densities from the shipped defaults under it (MLP 0.5, heads 1.0)
+    want = (tiny.export.mlp_density or tiny.train.mlp_density, tiny.export.head_density or tiny.train.head_density)
+    assert (default["mlp_density"], default["head_density"]) == want == (0.5, 1.0)
     assert default["mlp_density"] < 1.0 and default["top1_agreement"] < 1.0
     with pytest.raises(DejavuError, match="bundle"):
         _bench(tmp_path, tiny_llama, None)

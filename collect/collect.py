@@ -38,6 +38,7 @@ FORMAT = "dejavu.collect"
 STAGE_DIR = "collect"
 SHARD_DIR = "shards"
 RUN_STATE = "run.json"  # the config a started collection runs with; resume refuses any other
+SHARD_HASHES = "shard-hashes-r{rank:02d}.json"  # sha256 of each shard as written, checked on resume
 # Concentration statistics use every STATS_EVERY-th position of each sequence: a sort per token is
 # as costly as the MLP itself, and a mean over thousands of sampled tokens is just as informative.
 STATS_EVERY = 16
@@ -219,6 +220,16 @@ def read_shard_info(path: Path) -> dict[str, Any] | None:
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     return save_tensors(path, tensors, metadata=metadata)
+
+
+def _read_hashes(path: Path) -> dict[str, str]:
+    """The sha256 of each shard this rank wrote ({} before the first, or if the record is unreadable: the
+    shards are then kept on their headers alone, as before the record existed)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
 
 
 # --- sizes and the disk check ---------------------------------------------------------------------
@@ -491,7 +502,14 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
     mine = plan.for_rank(rank)
     for tmp in (stage / SHARD_DIR).glob(f".*-r{rank:02d}-*.tmp"):
         tmp.unlink(missing_ok=True)  # leftovers of a killed write
-    todo = [s for s in mine if (read_shard_info(stage / s.path) or {}).get("tokens") != s.tokens]
+    hashes_path = stage / SHARD_HASHES.format(rank=rank)
+    hashes = _read_hashes(hashes_path)
+    missing = {s.path for s in mine if (read_shard_info(stage / s.path) or {}).get("tokens") != s.tokens}
+    changed = [s.path for s in mine if s.path not in missing and s.path in hashes
+               and sha256_file(stage / s.path) != hashes[s.path]]
+    for path in changed:  # a kept shard whose bytes differ from those written would enter the manifest trusted
+        say(f"note: {stage / path} changed on disk since it was written; collecting it again", flush=True)
+    todo = [s for s in mine if s.path in missing or s.path in changed]
     from tqdm.auto import tqdm
 
     if mode == "resume" and len(todo) < len(mine):  # before the bar, so it gets its own line
@@ -503,7 +521,8 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
         for spec in todo:
             tensors, stats = record_shard(model, adapter, spec, cc.batch_size, rule, cc.mlp_label_densities,
                                           input_dtype, on_batch=bar.update)
-            write_shard(stage / spec.path, tensors, shard_info(spec, stats))
+            hashes[spec.path] = write_shard(stage / spec.path, tensors, shard_info(spec, stats))
+            atomic_write_json(hashes_path, hashes)
     finally:
         bar.close()
 

@@ -130,3 +130,21 @@ def test_gpt2_conv1d_model_collects(tiny_model_factory, tmp_path):
     assert m["mlp_label_rule"] == "topk" and m["tokens"] == 256
     head = json.loads((tmp_path / "collect" / "run.json").read_text())
     assert head["config"]["model"]["name"] == cfg.model.name
+
+
+def test_resume_recollects_a_kept_shard_whose_bytes_changed(tiny_model_factory, tmp_path, capsys):
+    # a shard edited after it was written keeps a readable header, so only its recorded hash gives it away
+    cfg = tiny_cfg(tiny_model_factory("llama"))
+    run_collect(cfg, tmp_path)
+    stage = tmp_path / "collect"
+    first = {f["path"]: f["sha256"] for f in read_manifest(stage, "dejavu.collect")["files"]}
+    (stage / "manifest.json").unlink()  # as if killed before the manifest
+    victim = stage / sorted(first)[1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    run_collect(cfg, tmp_path)
+    out = capsys.readouterr()
+    assert f"{victim} changed on disk" in out.out + out.err
+    assert {f["path"]: f["sha256"] for f in read_manifest(stage, "dejavu.collect")["files"]} == first  # redone, as collected before

@@ -117,6 +117,9 @@ CalibrationOpt = typer.Option(
     None, "--calibration",
     help="Corpus the --mlp-keep-input / --keep-layer-bytes thresholds are calibrated on (default: the config's "
          "data.dataset).")
+CalibrationTokensOpt = typer.Option(
+    None, "--calibration-tokens",
+    help="Tokens of the calibration corpus the thresholds are set on (fewer: a faster, noisier calibration).")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or auto (default: auto: cuda when there is a GPU).")
 DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto (default: auto).")
 SelectionOpt = typer.Option(None, "--selection", help="predictor (the bundle), oracle (true top-k) or dense." + default("runtime.selection"))
@@ -145,15 +148,16 @@ RESUMABLE = ("collect", "train_predictors")
 
 def _check_rule_flags(config: str | None, section: str, calibration: str | None, model: str | None = None,
                       selection: str | None = None, densities: tuple = (), skip_kv: bool | None = None,
-                      engine: str | None = None) -> None:
+                      engine: str | None = None, calibration_tokens: int | None = None) -> None:
     """Flags that would change nothing are refused (--calibration, export's --model without thresholds to
     calibrate) or noted (densities under --selection dense, --skip-kv with the hooks), before any work."""
     from dejavu.errors import DejavuError
 
-    if calibration is not None or model is not None:
+    if calibration is not None or model is not None or calibration_tokens is not None:
         rules = getattr(build_config(config, {}), section)
         if rules.mlp_keep_input is None and rules.keep_layer_bytes is None:
-            flag = "--calibration" if calibration is not None else "--model"
+            flag = ("--calibration" if calibration is not None else "--model" if model is not None
+                    else "--calibration-tokens")
             raise DejavuError(f"{flag} is used only to calibrate thresholds (--mlp-keep-input or --keep-layer-bytes); "
                               "drop it or add one of them")
     if selection == "dense" and any(d is not None for d in densities):
@@ -314,6 +318,10 @@ def export(
              "--mlp-keep-input / --attn-keep-input and head selection."),
     calibration: str | None = typer.Option(
         None, "--calibration", help="Corpus the thresholds are calibrated on (default: the config's data.dataset)."),
+    calibration_tokens: int | None = typer.Option(
+        None, "--calibration-tokens",
+        help="Tokens of the calibration corpus the thresholds are set on (fewer: a faster, noisier calibration)."
+             + default("export.calibration_tokens")),
     model: str | None = typer.Option(
         None, "--model", "-m",
         help="Model to calibrate thresholds on (default: the training run's model; without --run, the config's)."),
@@ -324,12 +332,13 @@ def export(
     from dejavu.export.bundle import run_export
 
     if mlp_keep_input is None and keep_layer_bytes is None:
-        _check_rule_flags(config, "export", calibration, model if run is not None else None)
+        _check_rule_flags(config, "export", calibration, model if run is not None else None,
+                          calibration_tokens=calibration_tokens)
     run_export(Path(run) if run is not None else None, Path(out), config_file=config, model_name=model, overrides={
         "export.mlp_density": mlp_density, "export.head_density": head_density,
         "export.mlp_candidate_density": mlp_candidate_density, "export.mlp_keep_input": mlp_keep_input,
         "export.attn_keep_input": attn_keep_input, "export.keep_layer_bytes": keep_layer_bytes,
-        "data.dataset": calibration,
+        "data.dataset": calibration, "export.calibration_tokens": calibration_tokens,
     })
 
 
@@ -359,6 +368,7 @@ def bench(
     attn_keep_input: float | None = AttnKeepInputOpt,
     keep_layer_bytes: float | None = KeepLayerBytesOpt,
     calibration: str | None = CalibrationOpt,
+    calibration_tokens: int | None = CalibrationTokensOpt,
     max_eval_tokens: int | None = typer.Option(None, "--max-eval-tokens", help="Bound on evaluated tokens." + default("runtime.max_eval_tokens")),
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
@@ -380,7 +390,12 @@ def bench(
 
     sizes = _numbers(batch_sizes, int, "--batch-sizes")
     if mlp_keep_input is None and keep_layer_bytes is None:
-        _check_rule_flags(config, "runtime", calibration, selection=selection, densities=(mlp_density, head_density))
+        _check_rule_flags(config, "runtime", calibration, selection=selection, densities=(mlp_density, head_density),
+                          calibration_tokens=calibration_tokens)
+    ignored = [flag for flag, value, used in (("--prompt-len", prompt_len, speed), ("--batch-sizes", batch_sizes, speed),
+                                              ("--max-eval-tokens", max_eval_tokens, quality)) if value is not None and not used]
+    if ignored:
+        typer.echo(f"note: {', '.join(ignored)} set what a measurement switched off here would use; not used", err=True)
     run_bench(
         model=model, bundle=bundle, dataset=dataset, json_out=json_out, config_file=config,
         overrides={
@@ -389,6 +404,7 @@ def bench(
                               selection),
             "runtime.max_eval_tokens": max_eval_tokens, "runtime.eval_split": eval_split,
             "runtime.eval_text_field": eval_text_field, "runtime.batch_sizes": sizes, "runtime.prompt_len": prompt_len,
+            "runtime.calibration_tokens": calibration_tokens,
         },
         synthetic=synthetic, layers=layers, quality=quality, speed=speed,
     )

@@ -60,6 +60,15 @@ def _export_config(run_manifest: dict, config_file, overrides: dict[str, Any]):
                        base_source="predictors manifest", fixed=("model", "data", "collect", "train"))
 
 
+def _check_predictor_fields(manifest: dict, where: Path) -> None:
+    """An edited pairing or activation would otherwise run as some default, with no error."""
+    for key, allowed in (("mlp_pairing", ("current", "lookahead")), ("head_pairing", ("current", "lookahead")),
+                         ("hidden_activation", ("none", "relu"))):
+        if manifest[key] not in allowed:
+            raise DejavuError(f"{where}: {key} must be {' or '.join(allowed)}, not {manifest[key]!r} "
+                              "(an edited manifest?)")
+
+
 def _per_layer(default: float, overrides: dict, num_layers: int, present: list[bool], what: str) -> list[float]:
     values = []
     for l in range(num_layers):  # noqa: E741
@@ -398,6 +407,7 @@ def load_bundle(path: str | Path) -> tuple[dict, PredictorSet]:
         thresholds = thresholds_from_tensors(all_tensors, manifest["thresholds"], num_layers, str(path / BUNDLE_FILE))
     if any(key.startswith("layers.") for key in all_tensors):
         _require([key for key in PREDICTOR_FIELDS if key not in manifest], where)
+        _check_predictor_fields(manifest, where)
     activation = manifest.get("hidden_activation")
     layers = []
     for l in range(num_layers):  # noqa: E741

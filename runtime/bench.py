@@ -222,6 +222,8 @@ def run_bench(model: str | None = None, bundle: Path | None = None, dataset: str
     if synthetic and (bundle is not None or dataset is not None):
         raise DejavuError("--synthetic builds random weights and random predictors and measures speed only: "
                           "drop --bundle / --dataset")
+    if synthetic and not speed:
+        raise DejavuError("--synthetic builds random weights and measures speed only: drop --no-speed")
     from dejavu.runtime.plan import check_selection_flags
 
     check_selection_flags(cfg)

@@ -114,7 +114,9 @@ class CollectRun:
             return "positive"
         raise DejavuError(
             f"{self.dir} has MLP labels for densities {', '.join(tags) or 'none'}, not {tag}: "
-            f"train for one of those (--mlp-density) or collect again with --mlp-label-densities {tag}"
+            f"train for one of those (--mlp-density), or collect again into a new --out with "
+            f"--mlp-label-densities {tag} (with --overwrite in place, which discards the collected data and so "
+            "every predictor trained on it)"
         )
 
     def load_layer(self, layer: int, split: str, mlp_pairing: str, head_pairing: str, tag: str,

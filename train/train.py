@@ -52,6 +52,7 @@ FINITE_CHECK_STEPS = 64
 # "1" / "0": read each layer while the previous one trains, or when it is reached. Unset: read ahead
 # when training on an accelerator; on the CPU the reading would compete with training for the cores.
 PREFETCH_ENV = "DEJAVU_TRAIN_PREFETCH"
+CHANCE_MARGIN = 0.02  # mean recall within this of a random choice's (its density) is warned about
 CHECK_FAILED = "collect-check-failed"  # progress/ marker: a process's share of the collect hashes failed
 
 
@@ -604,6 +605,14 @@ def _read_layer(collect: CollectRun, layer: int, cfg: RunConfig, tag: str, devic
     return (train.pinned() if pin else train, collect.load_layer(layer, "eval", *pairing, tag))
 
 
+def chance_warnings(means: dict) -> list[str]:
+    """A random choice of the same size has recall equal to its density; a diverged run lands there."""
+    return [f"warning: the {kind} predictors barely beat a random choice (mean recall {m['recall']:.3f} at "
+            f"predicted density {m['predicted_density']:.3f}); training may have diverged (a lower --lr?) or had "
+            "too little data"
+            for kind, m in means.items() if m and m["recall"] < m["predicted_density"] + CHANCE_MARGIN]
+
+
 def _finish(out: Path, cfg: RunConfig, collect: CollectRun, layers: list[int], key: str,
             processes: int = 1) -> dict:
     records = {}
@@ -641,5 +650,7 @@ def _finish(out: Path, cfg: RunConfig, collect: CollectRun, layers: list[int], k
         head_density=cfg.train.head_density, metrics=means, predictor_cost=cost,
     )
     tqdm.write(format_table(per_layer, means))
+    for warning in chance_warnings(means):
+        tqdm.write(warning)
     tqdm.write(f"predictors: {out} (rank {cfg.train.rank}, {cost['total_fraction']:.1%} of a layer's weight bytes)")
     return manifest

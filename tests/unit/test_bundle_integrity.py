@@ -99,6 +99,14 @@ def test_the_tensor_file_must_stay_listed_with_its_sha256(bundle, thresholds_bun
 # 3. top-level densities against the per-layer lists
 
 
+@pytest.mark.parametrize("key, value", [("mlp_pairing", "foo"), ("head_pairing", ["x"]), ("hidden_activation", "foo")])
+def test_an_edited_pairing_or_activation_is_refused_by_name(bundle, tmp_path, key, value):
+    # before, anything but "lookahead" ran as "current" without a word
+    edited = _edited(bundle, tmp_path, lambda m: m.update({key: value}))
+    with pytest.raises(DejavuError, match=rf"manifest.json: {key} must be .* \(an edited manifest\?\)"):
+        load_bundle(edited)
+
+
 @pytest.mark.parametrize("key, value", [("mlp_density", 0.6), ("head_density", 0.5)])
 def test_a_top_level_density_that_disagrees_with_the_layers_is_refused(bundle, tmp_path, key, value):
     edited = _edited(bundle, tmp_path, lambda m: m.update({key: value}))

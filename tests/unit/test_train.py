@@ -70,6 +70,15 @@ def test_planted_rule_is_learned(tmp_path):
     assert manifest["metrics"]["mlp"]["recall"] > 0.95
 
 
+def test_predictors_at_chance_are_warned_about():
+    # lr 1e12 on SmolLM2 kept 0.52 of the mass at density 0.5 with no word (a review's find)
+    good = {"recall": 0.8, "predicted_density": 0.5}
+    at_chance = {"recall": 0.51, "predicted_density": 0.5}
+    assert train_mod.chance_warnings({"mlp": good, "attn": good}) == []
+    (warning,) = train_mod.chance_warnings({"mlp": at_chance, "attn": good})
+    assert warning.startswith("warning: the mlp predictors barely beat a random choice (mean recall 0.510")
+
+
 def test_outputs_follow_the_format(synthetic_run):
     manifest = run_train(synthetic_run, None, {})
     out = synthetic_run / "predictors"

@@ -129,6 +129,7 @@ def test_written_files_follow_the_umask(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["bench", "--no-quality", "--no-speed"], "nothing to measure"),
     (["bench", "--synthetic", "llama-2-7b", "--bundle", "b", "--no-speed"], "drop --bundle"),
+    (["bench", "--synthetic", "smollm2-135m", "--layers", "2", "--no-speed"], "measures speed only: drop --no-speed"),
     (["bench", "--selection", "oracle", "--mlp-up-weight", "0.4"], "does not use them"),
     (["bench", "--batch-sizes", "abc"], "--batch-sizes: expected comma-separated integers"),
     (["collect", "-o", "x", "--mlp-label-densities", "0.5,abc"], "--mlp-label-densities: expected comma-separated"),
@@ -270,6 +271,9 @@ def test_json_reports_never_overwrite_inputs_or_artifacts(capsys, tmp_path, tiny
     (["bench", "--mlp-candidate-density", "0.3", "--mlp-density", "0.5"], "the candidates must include the final set"),
     (["export", "--run", "nowhere", "--out", "b", "--calibration", "c.txt"], "--calibration is used only to calibrate"),
     (["export", "--run", "nowhere", "--out", "b", "--model", "m"], "--model is used only to calibrate"),
+    (["export", "--run", "nowhere", "--out", "b", "--calibration-tokens", "256"],
+     "--calibration-tokens is used only to calibrate"),
+    (["bench", "--calibration-tokens", "256"], "--calibration-tokens is used only to calibrate"),
     (["generate", "-p", "hi", "--calibration", "c.txt"], "--calibration is used only to calibrate"),
 ])
 def test_bad_numbers_and_rule_mixes_are_refused_before_loading(capsys, argv, says):
@@ -297,3 +301,13 @@ def test_version_and_interruptions(capsys, monkeypatch):
     monkeypatch.setattr("dejavu.collect.collect.run_collect", interrupted)
     assert cli.main(["collect", "--out", "nowhere"]) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
+
+
+def test_flags_of_a_measurement_switched_off_are_noted(monkeypatch, capsys):
+    from dejavu.cli.main import main
+
+    monkeypatch.setattr("dejavu.runtime.bench.run_bench", lambda **kwargs: None)
+    assert main(["bench", "--no-speed", "--prompt-len", "32", "--max-eval-tokens", "64"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --prompt-len set what a measurement switched off here would use" in err
+    assert "--max-eval-tokens" not in err  # quality still runs

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 import threading
 import time
@@ -127,6 +128,25 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def _sort_header_metadata(path: str | Path) -> None:
+    """safetensors writes the header's metadata from a hash map, in an order that changes from file to
+    file, so two identical runs wrote different bytes (and hashes). Rewritten in place with the keys
+    sorted: the same characters in another order, so the header keeps its length and every offset."""
+    with open(path, "r+b") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        raw = fh.read(size)
+        header = json.loads(raw)
+        metadata = header.get("__metadata__")
+        if not metadata or len(metadata) < 2:
+            return
+        header["__metadata__"] = dict(sorted(metadata.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) != len(raw.rstrip(b" ")):  # a serialisation this does not reproduce: left as written
+            return
+        fh.seek(8)
+        fh.write(text.ljust(size, b" "))
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
     """Write a safetensors file atomically; returns its sha256 for the manifest."""
     path = Path(path)
@@ -135,6 +155,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        _sort_header_metadata(tmp)
         os.chmod(tmp, FILE_MODE)  # save_file creates the file anew, owner-only
         digest = sha256_file(tmp)
         os.replace(tmp, path)

@@ -127,3 +127,15 @@ def test_a_missing_or_wrong_stage_says_which_command_writes_it(tmp_path):
     (tmp_path / "listed" / "manifest.json").write_text("[1, 2]")
     with pytest.raises(DejavuError, match="describes None"):
         read_manifest(tmp_path / "listed", "dejavu.bundle")
+
+
+def test_identical_writes_are_identical_bytes(tmp_path):
+    # safetensors orders the header's metadata by a hash map: without sorting, two identical runs wrote
+    # predictor and bundle files that differed at byte 33 (and so in their hashes)
+    tensors = {"b": torch.arange(3.0), "a": torch.ones(2, dtype=torch.float16)}
+    metadata = {"format": "dejavu.bundle", "format_version": "1", "zeta": "z", "alpha": "ü"}
+    digests = {save_tensors(tmp_path / f"{i}.safetensors", tensors, metadata=metadata) for i in range(8)}
+    assert len(digests) == 1
+    assert load_tensors(tmp_path / "0.safetensors")["b"].tolist() == [0.0, 1.0, 2.0]
+    head = (tmp_path / "0.safetensors").read_bytes()[8:120]
+    assert head.startswith('{"__metadata__":{"alpha":"ü","format":"dejavu.bundle"'.encode())

@@ -98,10 +98,20 @@ class CollectRun:
         except (KeyError, TypeError, ValueError) as exc:
             raise DejavuError(f"{self.dir}/manifest.json lacks the field {exc} (written by another version?)") from None
         self.shards = {split: [s for s in shards if s.get("split") == split] for split in ("train", "eval")}
+        self._check_counts()
         if not self.shards["train"]:
             raise DejavuError(f"{self.dir} has no train shards: collect more tokens")
         if not self.shards["eval"]:
             raise DejavuError(f"{self.dir} has no eval shards (collect.eval_tokens = 0?): held-out metrics need them")
+
+    def _check_counts(self) -> None:
+        """The manifest's token counts against its own shard list (the hashes cover the shards, not it)."""
+        held = {split: sum(int(s.get("tokens", 0)) for s in self.shards[split]) for split in ("train", "eval")}
+        for field, want in (("tokens", held["train"] + held["eval"]), ("train_tokens", held["train"]),
+                            ("eval_tokens", held["eval"])):
+            if field in self.manifest and self.manifest[field] != want:
+                raise DejavuError(f"{self.dir}/manifest.json says {field} = {self.manifest[field]}, but its shards hold "
+                                  f"{want} (an edited manifest?): collect again")
 
     def label_tag(self, density: float) -> str:
         """The stored MLP label set to train on for `density`."""

@@ -172,6 +172,15 @@ def test_resume_skips_finished_layers(synthetic_run, monkeypatch, prefetch):
     assert (out / "manifest.json").exists() and sha256_file(out / "layers" / "layer-000.safetensors") == done
 
 
+def test_an_edited_collect_token_count_is_refused(synthetic_run):
+    manifest_path = synthetic_run / "collect" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["tokens"] = 999999
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(DejavuError, match=r"says tokens = 999999, but its shards hold 1280 \(an edited manifest\?\)"):
+        run_train(synthetic_run, None, {})
+
+
 def test_missing_or_corrupt_collect_data(synthetic_run, tmp_path):
     with pytest.raises(DejavuError, match="does not exist"):
         run_train(tmp_path / "nowhere", None, {})

@@ -223,7 +223,8 @@ def collect(
     model: str | None = typer.Option(None, "--model", "-m", help="Hub id, local model dir, .gguf file, or alias (smollm2-135m)." + default("model.name")),
     dataset: str | None = typer.Option(None, "--dataset", "-d", help="Calibration corpus: datasets hub id (name or name:config) or local .txt/.jsonl/.parquet file, dir or glob." + default("data.dataset")),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory; collected data goes to RUN/collect/."),
-    max_tokens: int | None = typer.Option(None, "--max-tokens", "-n", help="Token budget for calibration." + default("collect.max_tokens")),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", "-n", help="Token budget for calibration, in whole --seq-len sequences (rounded up); the held-out split "
+         "(collect.eval_tokens, at most half) comes out of it." + default("collect.max_tokens")),
     seq_len: int | None = typer.Option(None, "--seq-len", help="Tokens per calibration sequence." + default("data.seq_len")),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Sequences per forward pass." + default("collect.batch_size")),
     split: str | None = typer.Option(None, "--split", help="Dataset split for hub datasets." + default("data.split")),

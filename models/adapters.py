@@ -587,6 +587,11 @@ class GPTNeoXAdapter(Adapter):
     def text_model(self):
         return self.model.gpt_neox
 
+    def shape(self) -> LayerShape:
+        cfg = self.config  # (HF's NeoX attention sizes heads as hidden / heads, whatever head_dim says)
+        return LayerShape(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_attention_heads,
+                          cfg.hidden_size // cfg.num_attention_heads)
+
     def block_norms(self, layer) -> BlockNorms:
         a, m = layer.input_layernorm, layer.post_attention_layernorm
         return BlockNorms(a.weight, None, m.weight, None, a.bias, m.bias)

@@ -330,7 +330,10 @@ class DecodeModel:
         self.residual_scale = fc.residual_scale
         self.scale = fc.attention_scale if fc.attention_scale is not None else 1.0 / math.sqrt(self.hd)
         self.attention_softcap, self.logit_softcap = fc.attention_softcap, fc.logit_softcap
-        self.act = reference.activation_code(adapter.activation_name())
+        try:
+            self.act = reference.activation_code(adapter.activation_name())
+        except ValueError as exc:  # a DejavuError, so `auto` engines fall back to the hooks
+            raise DejavuError(f"{exc}: the decode loop's kernels lack it; use the hooks engine") from None
         cast = dict(device=self.device, dtype=dtype)
         self.embed = model.get_input_embeddings().weight.detach().to(**cast)
         lm_head = model.get_output_embeddings().weight.detach()

@@ -322,3 +322,11 @@ def test_olmo_with_clipped_qkv_is_refused_by_name(tiny_model_factory):
     model, adapter = _load(tiny_model_factory("olmo", clip_qkv=8.0))
     with pytest.raises(DejavuError, match="clip_qkv"):
         DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=12)
+
+
+def test_an_activation_the_kernels_lack_is_refused_so_auto_falls_back(tiny_model_factory):
+    from dejavu.errors import DejavuError
+
+    model, adapter = _load(tiny_model_factory("gpt_neox", hidden_act="quick_gelu"))
+    with pytest.raises(DejavuError, match="unsupported activation 'quick_gelu'.*use the hooks engine"):
+        DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=12)

@@ -241,3 +241,9 @@ def test_the_loop_reaches_the_last_position_of_a_learned_position_table(tmp_path
     prompt_len = len(sm.tokenizer(PROMPT)["input_ids"])
     new = 32 - prompt_len
     assert sm.generate(PROMPT, new, stop_at_eos=False).token_ids == _hf_greedy(sm, PROMPT, new)
+
+
+def test_auto_falls_back_to_the_hooks_for_an_activation_the_loop_lacks(tiny_model_factory, capsys):
+    sm = _sparse_model(tiny_model_factory("gpt_neox", hidden_act="quick_gelu"), mlp_density=1.0, head_density=1.0)
+    assert sm.generate(PROMPT, 6, stop_at_eos=False).token_ids == _hf_greedy(sm, PROMPT, 6)
+    assert sm.engine == "hooks" and "generating with the hooks instead" in capsys.readouterr().out

@@ -378,7 +378,7 @@ def bench(
     prompt_len: int | None = typer.Option(
         None, "--prompt-len",
         help="Speed: tokens of context before the timed decode; attention reads a cache this long (default 16)."),
-    synthetic: str | None = typer.Option(None, "--synthetic", help="Random weights at a real model's shapes: speed only. Presets: llama-2-7b, llama-3-8b, mistral-7b, mistral-7b-v0.1, qwen2-7b, qwen3-8b, phi-3-mini, gemma-2-9b, gemma-3-12b, olmo-2-7b, granite-3-8b, opt-6.7b, gpt2-xl, pythia-6.9b, smollm2-135m."),
+    synthetic: str | None = typer.Option(None, "--synthetic", help="Random weights at a real model's shapes: speed only. Presets: llama-2-7b, llama-3-8b, mistral-7b, mistral-7b-v0.1, qwen2-7b, qwen3-8b, phi-3-mini, gemma-2-9b, gemma-3-12b, olmo-2-7b, granite-3-8b, opt-6.7b, gpt2-xl, pythia-6.9b, pythia-2.8b, smollm2-135m."),
     layers: int | None = typer.Option(
         None, "--layers", help="With --synthetic: keep only the first N decoder layers (quick or CPU runs)."),
     quality: bool = typer.Option(True, "--quality/--no-quality", help="Measure perplexity, agreement and KL."),

@@ -73,6 +73,11 @@ PRESETS: dict[str, dict] = {
                         num_hidden_layers=32, vocab_size=50432, max_position_embeddings=2048,
                         use_parallel_residual=True, hidden_act="gelu",
                         rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0.25, "rope_type": "default"}),
+    # Pythia 2.8B: 80-dim heads (not a power of two), 20 of them rotating
+    "pythia-2.8b": dict(model_type="gpt_neox", hidden_size=2560, intermediate_size=10240, num_attention_heads=32,
+                        num_hidden_layers=32, vocab_size=50304, max_position_embeddings=2048,
+                        use_parallel_residual=True, hidden_act="gelu",
+                        rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0.25, "rope_type": "default"}),
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                          num_key_value_heads=3, num_hidden_layers=30, vocab_size=49152,
                          max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,

@@ -352,7 +352,8 @@ def test_graphed_decode_matches_cpu_reference(model_type, dense_impl, select_imp
         pytest.skip("covered by the other three combinations")
     # llama: a wide MLP (1200 neurons > one program of the wide top-k) so the multi-program path runs;
     # Gemma 2/3: sliding windows shorter than the decode, so the kernels' windows are exercised
-    extra = {"llama": {"intermediate_size": 1200}, "gemma2": {"sliding_window": 4},
+    # GPT-NeoX: 24-dim heads rotating 6 (Pythia-2.8B's heads are 80 wide): padded head dims, reordered q/k
+    extra = {"llama": {"intermediate_size": 1200}, "gemma2": {"sliding_window": 4}, "gpt_neox": {"hidden_size": 96},
              "gemma3_text": {"sliding_window": 4, "num_hidden_layers": 3, "sliding_window_pattern": 2}}
     model, adapter, preds = _tiny_with_predictors(model_type, **extra.get(model_type, {}))
     prompt = torch.randint(1, 500, (2, 5))

@@ -192,6 +192,15 @@ def test_gpt_neox_layouts_decode_as_hf(tiny_model_factory, config):
     _assert_decodes_as_hf(model, dm, prompt, 3)
 
 
+def test_phi3_with_partial_rotary_decodes_as_hf(tiny_model_factory):
+    # Phi-4-mini is a phi3 model rotating 3/4 of each head: the NeoX reordering serves it unchanged
+    model, adapter = _load(tiny_model_factory("phi3", **_neox_rope(0.75)))
+    dm = DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16)
+    assert dm.rotary_order is not None
+    torch.manual_seed(0)
+    _assert_decodes_as_hf(model, dm, torch.randint(1, 500, (2, 7)), 3)
+
+
 @pytest.mark.parametrize("model_type,config", [("gemma2", dict(sliding_window=3)), ("opt", {}), ("gpt2", {}),
                                                ("gpt_neox", {})])
 def test_left_padded_batch_equals_each_prompt_alone(tiny_model_factory, model_type, config):

@@ -106,7 +106,11 @@ class CollectRun:
 
     def _check_counts(self) -> None:
         """The manifest's token counts against its own shard list (the hashes cover the shards, not it)."""
-        held = {split: sum(int(s.get("tokens", 0)) for s in self.shards[split]) for split in ("train", "eval")}
+        try:
+            held = {split: sum(int(s.get("tokens", 0)) for s in self.shards[split]) for split in ("train", "eval")}
+        except (TypeError, ValueError):
+            raise DejavuError(f"{self.dir}/manifest.json: a shard's token count is not a number (an edited "
+                              "manifest?): collect again") from None
         for field, want in (("tokens", held["train"] + held["eval"]), ("train_tokens", held["train"]),
                             ("eval_tokens", held["eval"])):
             if field in self.manifest and self.manifest[field] != want:

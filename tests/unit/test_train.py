@@ -179,6 +179,11 @@ def test_an_edited_collect_token_count_is_refused(synthetic_run):
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(DejavuError, match=r"says tokens = 999999, but its shards hold 1280 \(an edited manifest\?\)"):
         run_train(synthetic_run, None, {})
+    manifest["tokens"] = 1280
+    manifest["shards"][0]["tokens"] = "many"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(DejavuError, match="a shard's token count is not a number"):
+        run_train(synthetic_run, None, {})
 
 
 def test_missing_or_corrupt_collect_data(synthetic_run, tmp_path):

@@ -296,11 +296,22 @@ def _restore_sections(cfg: RunConfig, ran: RunConfig, sections: tuple[str, ...],
     changed = []
     for section in sections:
         was, now = getattr(ran, section), getattr(cfg, section)
-        changed += [f"{section}.{f.name}" for f in fields(was) if getattr(was, f.name) != getattr(now, f.name)]
+        changed += [f"{section}.{f.name}" for f in fields(was)
+                    if not _same_setting(f"{section}.{f.name}", getattr(was, f.name), getattr(now, f.name))]
         setattr(cfg, section, was)
     if changed:
         print(f"note: {config_file} sets {', '.join(changed)}, which an earlier stage already ran with other values; "
               f"kept as the {source} has them", file=sys.stderr)
+
+
+def _same_setting(key: str, a: Any, b: Any) -> bool:
+    """Equal, or (the corpus) the same file named two ways: the shipped relative path, resolved."""
+    if a == b:
+        return True
+    if key == "data.dataset" and isinstance(a, str) and isinstance(b, str):
+        paths = [Path(_beside_repository(v)) for v in (a, b)]
+        return all(p.exists() for p in paths) and paths[0].resolve() == paths[1].resolve()
+    return False
 
 
 def beside_repository(relative: str) -> Path:

@@ -510,6 +510,10 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
     for path in changed:  # a kept shard whose bytes differ from those written would enter the manifest trusted
         say(f"note: {stage / path} changed on disk since it was written; collecting it again", flush=True)
     todo = [s for s in mine if s.path in missing or s.path in changed]
+    for spec in todo:  # a kill after a redone shard lands but before its record must not look like a change
+        hashes.pop(spec.path, None)
+    if todo:
+        atomic_write_json(hashes_path, hashes)
     from tqdm.auto import tqdm
 
     if mode == "resume" and len(todo) < len(mine):  # before the bar, so it gets its own line

@@ -53,11 +53,13 @@ def layer_file(l: int) -> str:  # noqa: E741 - l is the layer index everywhere i
 
 
 def _export_config(run_manifest: dict, config_file, overrides: dict[str, Any]):
-    """Start from the config the predictors were trained with (flag > --config file > that config)."""
+    """Start from the config the predictors were trained with (flag > --config file > that config). The
+    model, collect and train sections stay as they ran; `data` may change: it is the corpus thresholds
+    are calibrated on."""
     from dejavu.config import load_config
 
     return load_config(config_file, overrides, base=run_manifest.get("config") or {},
-                       base_source="predictors manifest", fixed=("model", "data", "collect", "train"))
+                       base_source="predictors manifest", fixed=("model", "collect", "train"))
 
 
 def _check_predictor_fields(manifest: dict, where: Path) -> None:

@@ -610,7 +610,8 @@ def chance_warnings(means: dict) -> list[str]:
     return [f"warning: the {kind} predictors barely beat a random choice (mean recall {m['recall']:.3f} at "
             f"predicted density {m['predicted_density']:.3f}); training may have diverged (a lower --lr?) or had "
             "too little data"
-            for kind, m in means.items() if m and m["recall"] < m["predicted_density"] + CHANCE_MARGIN]
+            for kind, m in means.items()
+            if m and m["predicted_density"] < 1 - CHANCE_MARGIN and m["recall"] < m["predicted_density"] + CHANCE_MARGIN]
 
 
 def _finish(out: Path, cfg: RunConfig, collect: CollectRun, layers: list[int], key: str,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dejavu.config import RunConfig, load_config
+from dejavu.config import DataConfig, RunConfig, beside_repository, load_config
 from dejavu.errors import DejavuError
 
 
@@ -79,6 +79,23 @@ def test_sections_an_earlier_stage_ran_with_stay_as_they_ran(tmp_path, capsys):
     assert (cfg.data.seq_len, cfg.collect.max_tokens, cfg.train.rank) == (256, 2048, 8)
     err = capsys.readouterr().err
     assert "data.seq_len, collect.max_tokens" in err and "kept as the collect manifest's config has them" in err
+    # the shipped corpus saved as an absolute path is the same setting as the file's relative one: no note
+    ran = load_config().to_dict()
+    ran["data"]["dataset"] = str(beside_repository(DataConfig.dataset))
+    load_config("smollm2-135m", {}, base=ran, fixed=("model", "data", "collect"))
+    assert "kept as" not in capsys.readouterr().err
+
+
+def test_export_may_name_another_calibration_corpus_in_its_file(tmp_path):
+    # export keeps the run's model/collect/train, but `data` is the corpus thresholds calibrate on
+    from dejavu.export.bundle import _export_config
+
+    ran = load_config(None, {"data.dataset": "train.txt"}).to_dict()
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  dataset: calib.jsonl\n  text_field: content\n  split: validation\ntrain:\n  rank: 8\n")
+    cfg = _export_config({"config": ran}, f, {})
+    assert (cfg.data.dataset, cfg.data.text_field, cfg.data.split) == ("calib.jsonl", "content", "validation")
+    assert cfg.train.rank == ran["train"]["rank"]
 
 
 @pytest.mark.parametrize("per_layer,says", [({2: None}, "must be a density"), ({"abc": 0.3}, "not a layer index"),

@@ -77,6 +77,8 @@ def test_predictors_at_chance_are_warned_about():
     assert train_mod.chance_warnings({"mlp": good, "attn": good}) == []
     (warning,) = train_mod.chance_warnings({"mlp": at_chance, "attn": good})
     assert warning.startswith("warning: the mlp predictors barely beat a random choice (mean recall 0.510")
+    # at density 1 every choice is perfect and at chance at once: nothing to warn about
+    assert train_mod.chance_warnings({"attn": {"recall": 1.0, "predicted_density": 1.0}}) == []
 
 
 def test_outputs_follow_the_format(synthetic_run):

@@ -381,6 +381,9 @@ def validate(cfg: RunConfig) -> None:
                           f"got {cfg.train.cpu_threads}")
     if cfg.runtime.prompt_len < 1:
         raise DejavuError(f"runtime.prompt_len (--prompt-len) must be at least 1, got {cfg.runtime.prompt_len}")
+    if cfg.runtime.decode_tokens < 1 or cfg.runtime.warmup < 0:
+        raise DejavuError(f"runtime.decode_tokens (--decode-tokens) must be at least 1 and runtime.warmup (--warmup) "
+                          f"at least 0, got {cfg.runtime.decode_tokens} and {cfg.runtime.warmup}")
     for name, device in (("model.device", cfg.model.device), ("runtime.device", cfg.runtime.device)):
         if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", device):
             raise DejavuError(f"{name} (--device) must be auto, cpu, cuda or cuda:N; got {device!r}")

@@ -378,6 +378,11 @@ def bench(
     prompt_len: int | None = typer.Option(
         None, "--prompt-len",
         help="Speed: tokens of context before the timed decode; attention reads a cache this long (default 16)."),
+    decode_tokens: int | None = typer.Option(
+        None, "--decode-tokens",
+        help="Speed: decode steps timed per rule and batch size (more: steadier figures)." + default("runtime.decode_tokens")),
+    warmup: int | None = typer.Option(
+        None, "--warmup", help="Speed: untimed steps before timing." + default("runtime.warmup")),
     synthetic: str | None = typer.Option(None, "--synthetic", help="Random weights at a real model's shapes: speed only. Presets: llama-2-7b, llama-3-8b, mistral-7b, mistral-7b-v0.1, qwen2-7b, qwen3-8b, phi-3-mini, gemma-2-9b, gemma-3-12b, olmo-2-7b, granite-3-8b, opt-6.7b, gpt2-xl, pythia-6.9b, pythia-2.8b, smollm2-135m."),
     layers: int | None = typer.Option(
         None, "--layers", help="With --synthetic: keep only the first N decoder layers (quick or CPU runs)."),
@@ -394,6 +399,7 @@ def bench(
         _check_rule_flags(config, "runtime", calibration, selection=selection, densities=(mlp_density, head_density),
                           calibration_tokens=calibration_tokens)
     ignored = [flag for flag, value, used in (("--prompt-len", prompt_len, speed), ("--batch-sizes", batch_sizes, speed),
+                                              ("--decode-tokens", decode_tokens, speed), ("--warmup", warmup, speed),
                                               ("--max-eval-tokens", max_eval_tokens, quality)) if value is not None and not used]
     if ignored:
         typer.echo(f"note: {', '.join(ignored)} set what a measurement switched off here would use; not used", err=True)
@@ -405,7 +411,8 @@ def bench(
                               selection),
             "runtime.max_eval_tokens": max_eval_tokens, "runtime.eval_split": eval_split,
             "runtime.eval_text_field": eval_text_field, "runtime.batch_sizes": sizes, "runtime.prompt_len": prompt_len,
-            "runtime.calibration_tokens": calibration_tokens,
+            "runtime.calibration_tokens": calibration_tokens, "runtime.decode_tokens": decode_tokens,
+            "runtime.warmup": warmup,
         },
         synthetic=synthetic, layers=layers, quality=quality, speed=speed,
     )

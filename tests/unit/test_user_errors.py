@@ -274,6 +274,7 @@ def test_json_reports_never_overwrite_inputs_or_artifacts(capsys, tmp_path, tiny
     (["export", "--run", "nowhere", "--out", "b", "--calibration-tokens", "256"],
      "--calibration-tokens is used only to calibrate"),
     (["bench", "--calibration-tokens", "256"], "--calibration-tokens is used only to calibrate"),
+    (["bench", "--decode-tokens", "0"], "runtime.decode_tokens (--decode-tokens) must be at least 1"),
     (["generate", "-p", "hi", "--calibration", "c.txt"], "--calibration is used only to calibrate"),
 ])
 def test_bad_numbers_and_rule_mixes_are_refused_before_loading(capsys, argv, says):
@@ -307,7 +308,7 @@ def test_flags_of_a_measurement_switched_off_are_noted(monkeypatch, capsys):
     from dejavu.cli.main import main
 
     monkeypatch.setattr("dejavu.runtime.bench.run_bench", lambda **kwargs: None)
-    assert main(["bench", "--no-speed", "--prompt-len", "32", "--max-eval-tokens", "64"]) == 0
+    assert main(["bench", "--no-speed", "--prompt-len", "32", "--warmup", "2", "--max-eval-tokens", "64"]) == 0
     err = capsys.readouterr().err
-    assert "note: --prompt-len set what a measurement switched off here would use" in err
+    assert "note: --prompt-len, --warmup set what a measurement switched off here would use" in err
     assert "--max-eval-tokens" not in err  # quality still runs

@@ -375,14 +375,20 @@ def concentration_table(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_manifest(stage: Path, plan: Plan, cfg: RunConfig, identity: dict, rule: str, tags: list[str]) -> dict:
+def build_manifest(stage: Path, plan: Plan, cfg: RunConfig, identity: dict, rule: str, tags: list[str],
+                   world: int) -> dict:
     shards, files, infos = [], [], []
+    # each shard's hash as its rank wrote it (kept shards were checked against it on resume), so the
+    # shards are not read a second time; hashed here only where no record exists
+    recorded: dict[str, str] = {}
+    for r in range(world):
+        recorded.update(_read_hashes(stage / SHARD_HASHES.format(rank=r)))
     for spec in plan.shards:
         path = stage / spec.path
         info = read_shard_info(path)
         if info is None or info["tokens"] != spec.tokens:
             raise DejavuError(f"shard {path} is missing or damaged; run the same command again to redo it")
-        digest = sha256_file(path)
+        digest = recorded.get(spec.path) or sha256_file(path)
         size = path.stat().st_size
         files.append({"path": spec.path, "bytes": size, "sha256": digest})
         shards.append({"path": spec.path, "split": spec.split, "rank": spec.rank, "index": spec.index,
@@ -533,7 +539,7 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
     barrier()
     manifest = None
     if main:
-        manifest = build_manifest(stage, plan, cfg, identity, rule, tags)
+        manifest = build_manifest(stage, plan, cfg, identity, rule, tags, world)
         size = sum(f["bytes"] for f in manifest["files"])
         say(f"wrote {stage}: {manifest['tokens']:,} tokens, {len(manifest['shards'])} shards, {human_bytes(size)}")
         say(concentration_table(manifest["stats"]))

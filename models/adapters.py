@@ -106,6 +106,11 @@ def _check_static_rope(rotary: nn.Module, cfg, length: int) -> None:
                               f"within {limit} (asked: {length}), or use the hooks engine")
 
 
+def _pre_layer_norms(attention: nn.Module, mlp: nn.Module) -> BlockNorms:
+    """LayerNorms (weights and biases) before attention and before the MLP: OPT, GPT-2, GPT-NeoX."""
+    return BlockNorms(attention.weight, None, mlp.weight, None, attention.bias, mlp.bias)
+
+
 def _linear_weight(module: nn.Module) -> torch.Tensor:
     """[out, in] for nn.Linear, and for GPT-2's Conv1D which stores [in, out]."""
     if isinstance(module, nn.Linear):
@@ -183,16 +188,20 @@ class Adapter:
         """Llama's layout: an RMSNorm before attention and one before the MLP."""
         return BlockNorms(layer.input_layernorm.weight, None, layer.post_attention_layernorm.weight, None)
 
+    def final_norm_module(self) -> nn.Module:
+        """The norm after the last decoder layer."""
+        return self.text_model().norm
+
     def final_norm(self) -> torch.Tensor:
-        return self.text_model().norm.weight
+        return self.final_norm_module().weight
+
+    def final_norm_bias(self) -> torch.Tensor | None:
+        return getattr(self.final_norm_module(), "bias", None)  # (LayerNorm families; RMSNorms have none)
 
     def parallel_residual(self) -> bool:
         """True where a layer's MLP reads the block input, as attention does, and both outputs join the
         residual together (GPT-NeoX / Pythia): x + attn(norm1(x)) + mlp(norm2(x))."""
         return False
-
-    def final_norm_bias(self) -> torch.Tensor | None:
-        return None
 
     def position_embeddings(self) -> torch.Tensor | None:
         """A learned table [positions, d] added to the token embeddings (OPT), row p for position p; None
@@ -476,15 +485,11 @@ class OPTAdapter(Adapter):
 
     def block_norms(self, layer) -> BlockNorms:
         self._check_loop_layout()
-        return BlockNorms(layer.self_attn_layer_norm.weight, None, layer.final_layer_norm.weight, None,
-                          layer.self_attn_layer_norm.bias, layer.final_layer_norm.bias)
+        return _pre_layer_norms(layer.self_attn_layer_norm, layer.final_layer_norm)
 
-    def final_norm(self):
+    def final_norm_module(self):
         self._check_loop_layout()
-        return self.text_model().final_layer_norm.weight
-
-    def final_norm_bias(self):
-        return self.text_model().final_layer_norm.bias
+        return self.text_model().final_layer_norm
 
     def forward_constants(self) -> ForwardConstants:
         return ForwardConstants(norm_eps=1e-5, layer_norm=True)  # nn.LayerNorm's default, which OPT keeps
@@ -533,13 +538,10 @@ class GPT2Adapter(Adapter):
             raise DejavuError("this GPT-2 model scales its attention scores in a way the decode loop does not "
                               "(scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn or no scaling): use the "
                               "hooks engine")
-        return BlockNorms(layer.ln_1.weight, None, layer.ln_2.weight, None, layer.ln_1.bias, layer.ln_2.bias)
+        return _pre_layer_norms(layer.ln_1, layer.ln_2)
 
-    def final_norm(self):
-        return self.text_model().ln_f.weight
-
-    def final_norm_bias(self):
-        return self.text_model().ln_f.bias
+    def final_norm_module(self):
+        return self.text_model().ln_f
 
     def forward_constants(self) -> ForwardConstants:
         return ForwardConstants(norm_eps=float(self.config.layer_norm_epsilon), layer_norm=True)
@@ -593,14 +595,10 @@ class GPTNeoXAdapter(Adapter):
                           cfg.hidden_size // cfg.num_attention_heads)
 
     def block_norms(self, layer) -> BlockNorms:
-        a, m = layer.input_layernorm, layer.post_attention_layernorm
-        return BlockNorms(a.weight, None, m.weight, None, a.bias, m.bias)
+        return _pre_layer_norms(layer.input_layernorm, layer.post_attention_layernorm)
 
-    def final_norm(self):
-        return self.text_model().final_layer_norm.weight
-
-    def final_norm_bias(self):
-        return self.text_model().final_layer_norm.bias
+    def final_norm_module(self):
+        return self.text_model().final_layer_norm
 
     def forward_constants(self) -> ForwardConstants:
         return ForwardConstants(norm_eps=float(self.config.layer_norm_eps), layer_norm=True)

@@ -356,6 +356,7 @@ class DecodeModel:
         # kernel pairs dims (set by _rope_tables; None when whole heads rotate)
         self.rotary_order: torch.Tensor | None = None
         rope = self._rope_tables(adapter, max_len)
+        self.qkv_rows = None if self.rotary_order is None else self._qkv_row_order()
         self.all_heads = torch.arange(self.H, device=self.device)
         self.all_neurons = torch.arange(self.n, device=self.device)
         self.all_qkv_rows = torch.arange((self.H + 2 * self.KV) * self.hd, device=self.device)
@@ -428,7 +429,7 @@ class DecodeModel:
         transposed = self.thresholds is not None  # one layout only: rows of gate^T/up^T are x's columns
         wqkv = torch.cat([a.q, a.k, a.v], 0).detach().to(**cast)
         if self.rotary_order is not None:
-            rows = self._qkv_row_order()
+            rows = self.qkv_rows
             wqkv = wqkv[rows]
             bqkv = None if bqkv is None else bqkv[rows]
         head_norms = adapter.head_norms(layer)

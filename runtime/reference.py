@@ -192,7 +192,9 @@ def residual_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.
     block's output norm: Gemma 2/3, OLMo 2). centered: the norm is a LayerNorm (OPT), plus norm_bias.
     norm_input: out normalises h as it was before the add (a parallel block's MLP reads the block input:
     GPT-NeoX), while h_out still gets the sum."""
-    source = h.clone() if norm_input else None
+    # (a copy only where the sum overwrites h itself)
+    overwritten = h_out is None or h_out.data_ptr() == h.data_ptr()
+    source = (h.clone() if overwritten else h) if norm_input else None
     if delta is not None:
         target = h if h_out is None else h_out
         step = delta if delta_bias is None else delta.float() + delta_bias.float()

@@ -62,6 +62,10 @@ class CollectConfig:
     input_dtype: str = "float16"
     # the last tokens of the run also keep |activation| in fp16, so "mass kept" can be measured
     eval_tokens: int = 4096
+    # also keep, per token, the MLP's down-projection input (row-scaled fp8: intermediate_size bytes a token
+    # and layer) and a copy of each down projection, which train-predictors' "bce+output" loss (the MLP output
+    # error a selection leaves) and its held-out output-error metric need; false: the smaller run of before
+    record_down_input: bool = True
 
 
 @dataclass
@@ -74,8 +78,12 @@ class TrainConfig:
     head_pairing: str = "lookahead"
     mlp_density: float = 0.5
     head_density: float = 0.5
-    # "bce" (class-weighted BCE) or "bce+rank" (adds a top-k margin term)
-    loss: str = "bce"
+    # "bce" (class-weighted BCE on the top-k labels), "bce+rank" (adds a top-k margin term), "bce+output"
+    # (adds the share of the MLP's output the predicted set leaves out; needs collect.record_down_input) or
+    # "auto" (bce+output where the collect run has the down inputs, bce otherwise)
+    loss: str = "auto"
+    # bce+output: the weight of the output-error term next to BCE
+    output_weight: float = 1.0
     epochs: int = 4
     batch_size: int = 1024
     lr: float = 3e-3
@@ -211,8 +219,12 @@ def _coerce(value: Any, current: Any, where: str, hint: str = "") -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise DejavuError(f"{where}: expected a number, got {value!r}") from None
-    if isinstance(current, list) and not isinstance(value, list):
-        raise DejavuError(f"{where}: expected a list, got {value!r}")
+    if isinstance(current, list):
+        if not isinstance(value, list):
+            raise DejavuError(f"{where}: expected a list, got {value!r}")
+        # each entry as the annotation's kind ("list[float]", "list[int]"), so a wrong entry is named here
+        kind = {"list[float]": 0.0, "list[int]": 0}.get(hint.replace(" ", "").removesuffix("|None"))
+        return value if kind is None else [_coerce(v, kind, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(current, dict) and not isinstance(value, dict):
         raise DejavuError(f"{where}: expected a mapping, got {value!r}")
     return value

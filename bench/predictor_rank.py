@@ -2,7 +2,10 @@
 (and loss), with the predictor's bytes as a share of the layer's weight bytes. Picks the default rank.
 
     python bench/predictor_rank.py --run runs/smol65k --layers 1,15,29 --ranks 16,32,64,128 \
-        --losses bce,bce+rank --json rank.json
+        --losses bce,bce+rank,bce+output --json rank.json
+
+Where the collect run kept the MLP's down inputs it also reports the output error (the share of the
+MLP's output the predicted set leaves out) and can train with bce+output; `--set train.output_weight=W`.
 
 Reads RUN/collect/ like `dejavu train-predictors` and trains only the MLP predictor (the one that
 matters at the default head density 1.0); `--heads` adds the head predictor.
@@ -18,8 +21,15 @@ from pathlib import Path
 import torch
 
 from dejavu.train.data import CollectRun
-from dejavu.train.metrics import selection_metrics
-from dejavu.train.train import fit_predictor, head_targets, predict, predictor_cost, resolve_config
+from dejavu.train.metrics import output_metrics, selection_metrics
+from dejavu.train.train import (
+    fit_predictor,
+    head_targets,
+    predict,
+    predictor_cost,
+    resolve_config,
+    resolve_loss,
+)
 
 
 def _ints(text: str) -> list[int]:
@@ -47,18 +57,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for layer in args.layers:
-        train = collect.load_layer(layer, "train", args.pairing, args.pairing, tag)
-        held_out = collect.load_layer(layer, "eval", args.pairing, args.pairing, tag)
+        down = collect.down_inputs  # the output-error loss and metric, where the run kept the down inputs
+        train = collect.load_layer(layer, "train", args.pairing, args.pairing, tag, down=down)
+        held_out = collect.load_layer(layer, "eval", args.pairing, args.pairing, tag, down=down)
+        w_down = collect.down_weight(layer) if down else None
         for loss in args.losses.split(","):
+            loss, _ = resolve_loss(loss, collect)
             for rank in args.ranks:
                 cfg = resolve_config(base.to_dict(), None, {"train.rank": rank, "train.loss": loss})
                 started = time.perf_counter()
                 pred = fit_predictor(train.x_mlp, train.mlp_labels, cfg=cfg, density=cfg.train.mlp_density,
                                      seed=cfg.train.seed + layer, device=device, desc=f"l{layer} r{rank} {loss}",
-                                     show=False)
+                                     show=False, down=(train.down_input, train.down_scale, w_down) if down else None)
                 seconds = time.perf_counter() - started
-                m = selection_metrics(predict(pred, held_out.x_mlp, device), held_out.mlp_labels,
-                                      held_out.mlp_act, cfg.train.mlp_density)
+                scores = predict(pred, held_out.x_mlp, device)
+                m = selection_metrics(scores, held_out.mlp_labels, held_out.mlp_act, cfg.train.mlp_density)
+                if down:
+                    m.update(output_metrics(scores, held_out.down_input.to(device), held_out.down_scale.to(device),
+                                            w_down.to(device), cfg.train.mlp_density))
                 row = {"layer": layer, "rank": rank, "loss": loss, "pairing": args.pairing,
                        "train_tokens": train.tokens, "seconds": round(seconds, 2),
                        **{f"mlp_{k}": v for k, v in m.items()}, **predictor_cost(collect.model, rank, cfg.train.hidden_activation)}
@@ -72,7 +88,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     row.update({f"attn_{k}": v for k, v in h.items()})
                 rows.append(row)
                 print(f"layer {layer:2d} rank {rank:4d} {loss:9s} recall {m['recall']:.3f} "
-                      f"mass kept {m['mass_kept']:.3f}  mlp predictor {row['mlp_fraction']:.2%} "
+                      f"mass kept {m['mass_kept']:.3f} output error {m.get('output_error', float('nan')):.4f}  "
+                      f"mlp predictor {row['mlp_fraction']:.2%} "
                       f"(+attn {row['total_fraction']:.2%}) of layer bytes  {seconds:.1f}s", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -231,6 +231,10 @@ def collect(
     text_field: str | None = typer.Option(None, "--text-field", help="Field holding the text (jsonl, parquet, hub)." + default("data.text_field")),
     mlp_label_densities: str | None = typer.Option(None, "--mlp-label-densities", help="Comma-separated top-k fractions to label MLP neurons at, e.g. 0.3,0.5."
                                                   + default("collect.mlp_label_densities")),
+    down_inputs: bool | None = typer.Option(None, "--down-inputs/--no-down-inputs", help="Also keep each token's MLP "
+                                            "down-projection input (fp8, one byte a neuron) and a copy of the down "
+                                            "projections, for train-predictors' bce+output loss and its output-error "
+                                            "metric; --no-down-inputs roughly halves the run." + default("collect.record_down_input")),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto (default: auto: cuda when there is a GPU)."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto (default: auto)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing RUN/collect/ instead of resuming it."),
@@ -243,7 +247,7 @@ def collect(
         "model.name": model, "model.device": device, "model.dtype": dtype,
         "data.dataset": dataset, "data.seq_len": seq_len, "data.split": split, "data.text_field": text_field,
         "collect.max_tokens": max_tokens, "collect.batch_size": batch_size,
-        "collect.mlp_label_densities": densities,
+        "collect.mlp_label_densities": densities, "collect.record_down_input": down_inputs,
     })
     from dejavu.collect.collect import run_collect
 
@@ -261,7 +265,9 @@ def train_predictors(
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (AdamW)." + default("train.lr")),
     mlp_pairing: str | None = typer.Option(None, "--mlp-pairing", help="current (layer l's own block input) or lookahead (layer l-1's)." + default("train.mlp_pairing")),
     head_pairing: str | None = typer.Option(None, "--head-pairing", help="current or lookahead (Deja Vu predicts heads one layer ahead)." + default("train.head_pairing")),
-    loss: str | None = typer.Option(None, "--loss", help="bce or bce+rank." + default("train.loss")),
+    loss: str | None = typer.Option(None, "--loss", help="bce, bce+rank, bce+output (BCE plus the share of the MLP's "
+                                    "output the predicted set leaves out; needs a collect run with down inputs) or "
+                                    "auto (bce+output where the run has them, else bce)." + default("train.loss")),
     overwrite: bool = typer.Option(False, "--overwrite", help="Retrain every layer instead of resuming finished ones."),
     cpu_threads: int | None = typer.Option(
         None, "--cpu-threads", help="CPU threads per process for shard loading (and CPU training); 0 (default): "

@@ -32,6 +32,7 @@ from dejavu.collect import labels as L
 from dejavu.collect.hooks import BLOCK_INPUT, HEAD_OUT, MLP_ACT, ActivationRecorder
 from dejavu.config import RunConfig
 from dejavu.errors import DejavuError
+from dejavu.fp8 import quantize_rows
 from dejavu.models.identity import identity_difference
 
 FORMAT = "dejavu.collect"
@@ -39,6 +40,8 @@ STAGE_DIR = "collect"
 SHARD_DIR = "shards"
 RUN_STATE = "run.json"  # the config a started collection runs with; resume refuses any other
 SHARD_HASHES = "shard-hashes-r{rank:02d}.json"  # sha256 of each shard as written, checked on resume
+DOWN_WEIGHTS = "down_proj.safetensors"  # with collect.record_down_input: every layer's down projection
+DOWN_WEIGHTS_FORMAT = "dejavu.collect.down_proj"
 # Concentration statistics use every STATS_EVERY-th position of each sequence: a sort per token is
 # as costly as the MLP itself, and a mean over thousands of sampled tokens is just as informative.
 STATS_EVERY = 16
@@ -122,17 +125,19 @@ class BatchRecord:
     """Hook sink for one forward pass: keeps only compact per-layer results, on the CPU."""
 
     def __init__(self, num_layers: int, num_heads: int, rule: str, densities: list[float],
-                 input_dtype: torch.dtype, keep_act: bool, stats_rows: torch.Tensor):
+                 input_dtype: torch.dtype, keep_act: bool, stats_rows: torch.Tensor, keep_down: bool = False):
         self.num_heads = num_heads
         self.rule = rule
         self.densities = densities
         self.input_dtype = input_dtype
         self.keep_act = keep_act
+        self.keep_down = keep_down
         self.stats_rows = stats_rows
         self.inputs: list[torch.Tensor | None] = [None] * num_layers
         self.labels: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
         self.norms: list[torch.Tensor | None] = [None] * num_layers
         self.acts: list[torch.Tensor | None] = [None] * num_layers
+        self.downs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         # per layer: sum over sampled tokens of the fraction needed for each mass level
         self.mlp_mass = torch.zeros(num_layers, len(L.MASS_LEVELS), dtype=torch.float64)
         self.attn_mass = torch.zeros(num_layers, len(L.MASS_LEVELS), dtype=torch.float64)
@@ -145,6 +150,9 @@ class BatchRecord:
             magnitude = x.abs()
             if self.keep_act:
                 self.acts[layer] = magnitude.to(device="cpu", dtype=torch.float16)
+            if self.keep_down:
+                q, scale = quantize_rows(x)
+                self.downs[layer] = (q.cpu(), scale.cpu())
             rows = self.stats_rows.to(x.device)
             self.mlp_mass[layer] += L.frac_for_mass(magnitude[rows]).sum(0).double().cpu()
         elif point == HEAD_OUT:
@@ -162,7 +170,8 @@ def stats_rows(batch: int, seq_len: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def record_shard(model, adapter, spec: ShardSpec, batch_size: int, rule: str, densities: list[float],
-                 input_dtype: torch.dtype, on_batch=None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                 input_dtype: torch.dtype, on_batch=None, keep_down: bool = False
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Forward a shard's sequences batch by batch; returns its tensors and its statistics."""
     num_layers = adapter.num_layers
     num_heads = adapter.shape().num_heads
@@ -174,7 +183,7 @@ def record_shard(model, adapter, spec: ShardSpec, batch_size: int, rule: str, de
     for start in range(0, spec.sequences.shape[0], batch_size):
         batch = spec.sequences[start:start + batch_size]
         record = BatchRecord(num_layers, num_heads, rule, densities, input_dtype, keep_act,
-                             stats_rows(batch.shape[0], batch.shape[1]))
+                             stats_rows(batch.shape[0], batch.shape[1]), keep_down)
         with ActivationRecorder(adapter, record):
             body(input_ids=batch.to(device), use_cache=False)
         records.append(record)
@@ -188,6 +197,9 @@ def record_shard(model, adapter, spec: ShardSpec, batch_size: int, rule: str, de
         tensors[f"head_norms.{layer}"] = torch.cat([r.norms[layer] for r in records])
         if keep_act:
             tensors[f"mlp_act.{layer}"] = torch.cat([r.acts[layer] for r in records])
+        if keep_down:
+            tensors[f"mlp_down_input.{layer}"] = torch.cat([r.downs[layer][0] for r in records])
+            tensors[f"mlp_down_scale.{layer}"] = torch.cat([r.downs[layer][1] for r in records])
     count = sum(int(r.stats_rows.numel()) for r in records)
     stats = {
         "count": count,
@@ -233,18 +245,32 @@ def _read_hashes(path: Path) -> dict[str, str]:
 
 
 # --- sizes and the disk check ---------------------------------------------------------------------
-def bytes_per_token(shape, num_layers: int, n_tags: int, input_dtype: torch.dtype, eval_split: bool) -> int:
+def bytes_per_token(shape, num_layers: int, n_tags: int, input_dtype: torch.dtype, eval_split: bool,
+                    keep_down: bool = False) -> int:
     per_layer = (shape.hidden_size * input_dtype.itemsize + n_tags * math.ceil(shape.intermediate_size / 8)
-                 + shape.num_heads * 2 + (shape.intermediate_size * 2 if eval_split else 0))
+                 + shape.num_heads * 2 + (shape.intermediate_size * 2 if eval_split else 0)
+                 + (shape.intermediate_size + 4 if keep_down else 0))
     return per_layer * num_layers
 
 
-def estimate_bytes(plan: Plan, shape, num_layers: int, n_tags: int, input_dtype: torch.dtype) -> int:
-    header = 4096 + 160 * num_layers * (3 + n_tags)  # safetensors JSON header per shard, generous
+def estimate_bytes(plan: Plan, shape, num_layers: int, n_tags: int, input_dtype: torch.dtype,
+                   keep_down: bool = False) -> int:
+    header = 4096 + 160 * num_layers * (5 + n_tags)  # safetensors JSON header per shard, generous
     total = 0
     for spec in plan.shards:
-        total += spec.tokens * bytes_per_token(shape, num_layers, n_tags, input_dtype, spec.split == "eval") + header
+        total += spec.tokens * bytes_per_token(shape, num_layers, n_tags, input_dtype, spec.split == "eval",
+                                               keep_down) + header
+    if keep_down:  # the copy of every down projection
+        total += num_layers * shape.hidden_size * shape.intermediate_size * input_dtype.itemsize
     return total
+
+
+def write_down_weights(path: Path, adapter, dtype: torch.dtype) -> str:
+    """Each layer's down projection [hidden, intermediate] (`down.{layer}`), in the stored inputs' dtype:
+    what the output-error loss maps a dropped neuron's activation through. Returns the file's sha256."""
+    tensors = {f"down.{i}": adapter.mlp_weights(layer).down.detach().to(device="cpu", dtype=dtype)
+               for i, layer in enumerate(adapter.decoder_layers())}
+    return save_tensors(path, tensors, metadata={"format": DOWN_WEIGHTS_FORMAT})
 
 
 def human_bytes(n: float) -> str:
@@ -376,7 +402,8 @@ def concentration_table(stats: dict[str, Any]) -> str:
 
 
 def build_manifest(stage: Path, plan: Plan, cfg: RunConfig, identity: dict, rule: str, tags: list[str],
-                   world: int) -> dict:
+                   world: int, down_weights: str | None = None) -> dict:
+    """down_weights: the sha256 of DOWN_WEIGHTS, written when down inputs were kept."""
     shards, files, infos = [], [], []
     # each shard's hash as its rank wrote it (kept shards were checked against it on resume), so the
     # shards are not read a second time; hashed here only where no record exists
@@ -394,6 +421,9 @@ def build_manifest(stage: Path, plan: Plan, cfg: RunConfig, identity: dict, rule
         shards.append({"path": spec.path, "split": spec.split, "rank": spec.rank, "index": spec.index,
                        "tokens": spec.tokens, "bytes": size, "sha256": digest})
         infos.append(info)
+    if down_weights is not None:
+        path = stage / DOWN_WEIGHTS
+        files.append({"path": DOWN_WEIGHTS, "bytes": path.stat().st_size, "sha256": down_weights})
     stats, count = merge_stats(infos, identity["num_layers"])
     train_tokens = plan.train.numel()
     eval_tokens = plan.eval.numel()
@@ -403,6 +433,7 @@ def build_manifest(stage: Path, plan: Plan, cfg: RunConfig, identity: dict, rule
         tokens=train_tokens + eval_tokens, train_tokens=train_tokens, eval_tokens=eval_tokens,
         seq_len=plan.seq_len, world_size=plan.world_size,
         mlp_label_rule=rule, mlp_label_tags=tags, input_dtype=cfg.collect.input_dtype,
+        down_inputs=down_weights is not None, down_weights=DOWN_WEIGHTS if down_weights is not None else None,
         shards=shards, stats=stats, stats_tokens=count, stats_every=STATS_EVERY,
     )
 
@@ -483,7 +514,8 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
     _, _, wanted_eval = split_eval(sequences, cc.eval_tokens)
     if plan.eval.shape[0] < wanted_eval:
         say(f"note: eval split cut to {plan.eval.numel():,} tokens (half the run) from collect.eval_tokens={cc.eval_tokens}")
-    estimate = estimate_bytes(plan, shape, adapter.num_layers, len(tags), input_dtype)
+    keep_down = cc.record_down_input
+    estimate = estimate_bytes(plan, shape, adapter.num_layers, len(tags), input_dtype, keep_down)
     done_bytes = 0
     if mode == "resume":
         done_bytes = sum((stage / s.path).stat().st_size for s in plan.shards if (stage / s.path).is_file())
@@ -530,7 +562,7 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
     try:
         for spec in todo:
             tensors, stats = record_shard(model, adapter, spec, cc.batch_size, rule, cc.mlp_label_densities,
-                                          input_dtype, on_batch=bar.update)
+                                          input_dtype, on_batch=bar.update, keep_down=keep_down)
             hashes[spec.path] = write_shard(stage / spec.path, tensors, shard_info(spec, stats))
             atomic_write_json(hashes_path, hashes)
     finally:
@@ -539,7 +571,8 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
     barrier()
     manifest = None
     if main:
-        manifest = build_manifest(stage, plan, cfg, identity, rule, tags, world)
+        down = write_down_weights(stage / DOWN_WEIGHTS, adapter, input_dtype) if keep_down else None
+        manifest = build_manifest(stage, plan, cfg, identity, rule, tags, world, down)
         size = sum(f["bytes"] for f in manifest["files"])
         say(f"wrote {stage}: {manifest['tokens']:,} tokens, {len(manifest['shards'])} shards, {human_bytes(size)}")
         say(concentration_table(manifest["stats"]))

@@ -2,7 +2,8 @@
 
 Three points per decoder layer, found through the architecture adapter:
 - the decoder layer's input (the block input, before its first norm): predictor input;
-- the down projection's input: the per-neuron MLP activation;
+- the down projection's input: the per-neuron MLP activation (labels; with collect.record_down_input also
+  kept itself, for the output-error loss);
 - the attention output projection's input: the heads' outputs side by side.
 Hooks only hand the tensors, flattened to [tokens, features], to a callback; what to keep is
 decided by the caller (collect.py with labels.py), so the recorder stays free of tensor math.

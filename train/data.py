@@ -35,6 +35,9 @@ class LayerData:
     mlp_labels: torch.Tensor  # [T, neurons] bool
     head_norms: torch.Tensor  # [T, heads]
     mlp_act: torch.Tensor | None  # [T, neurons] |act|, eval shards only
+    # the MLP's down-projection input, row-scaled fp8 ([T, neurons], [T]; dejavu.fp8), when read
+    down_input: torch.Tensor | None = None
+    down_scale: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -42,9 +45,10 @@ class LayerData:
 
     def to(self, device: torch.device | str) -> LayerData:
         x_mlp = self.x_mlp.to(device)
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return LayerData(x_mlp=x_mlp, x_attn=x_mlp if self.x_attn is self.x_mlp else self.x_attn.to(device),
                          mlp_labels=self.mlp_labels.to(device), head_norms=self.head_norms.to(device),
-                         mlp_act=None if self.mlp_act is None else self.mlp_act.to(device))
+                         mlp_act=move(self.mlp_act), down_input=move(self.down_input), down_scale=move(self.down_scale))
 
 
 @dataclass
@@ -58,6 +62,8 @@ class StoredLayer:
     neurons: int
     head_norms: torch.Tensor
     mlp_act: torch.Tensor | None
+    down_input: torch.Tensor | None = None
+    down_scale: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> StoredLayer:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -69,14 +75,17 @@ class StoredLayer:
 
     def _map(self, fn) -> StoredLayer:
         x_mlp = fn(self.x_mlp)
+        optional = lambda t: None if t is None else fn(t)  # noqa: E731
         return StoredLayer(
             x_mlp=x_mlp, x_attn=x_mlp if self.x_attn is self.x_mlp else fn(self.x_attn),
             packed_labels=fn(self.packed_labels), neurons=self.neurons,
-            head_norms=fn(self.head_norms), mlp_act=None if self.mlp_act is None else fn(self.mlp_act))
+            head_norms=fn(self.head_norms), mlp_act=optional(self.mlp_act), down_input=optional(self.down_input),
+            down_scale=optional(self.down_scale))
 
     def unpacked(self) -> LayerData:
         return LayerData(x_mlp=self.x_mlp, x_attn=self.x_attn, mlp_labels=unpack_bits(self.packed_labels, self.neurons),
-                         head_norms=self.head_norms, mlp_act=self.mlp_act)
+                         head_norms=self.head_norms, mlp_act=self.mlp_act, down_input=self.down_input,
+                         down_scale=self.down_scale)
 
 
 class CollectRun:
@@ -97,6 +106,9 @@ class CollectRun:
             shards = self.manifest["shards"]
         except (KeyError, TypeError, ValueError) as exc:
             raise DejavuError(f"{self.dir}/manifest.json lacks the field {exc} (written by another version?)") from None
+        # collected with collect.record_down_input: the MLP's down inputs and a copy of each down projection
+        self.down_inputs = bool(self.manifest.get("down_inputs"))
+        self.down_weights = self.manifest.get("down_weights")
         self.shards = {split: [s for s in shards if s.get("split") == split] for split in ("train", "eval")}
         self._check_counts()
         if not self.shards["train"]:
@@ -134,14 +146,15 @@ class CollectRun:
         )
 
     def load_layer(self, layer: int, split: str, mlp_pairing: str, head_pairing: str, tag: str,
-                   device: torch.device | str = "cpu") -> LayerData:
+                   device: torch.device | str = "cpu", down: bool = False) -> LayerData:
         """One layer's tensors of one split, on `device`. The checks and the label unpacking run there:
         on a GPU host they are what otherwise keeps each process's CPU busy between layers."""
-        return self.read_layer(layer, split, mlp_pairing, head_pairing, tag, device).unpacked()
+        return self.read_layer(layer, split, mlp_pairing, head_pairing, tag, device, down).unpacked()
 
     def read_layer(self, layer: int, split: str, mlp_pairing: str, head_pairing: str, tag: str,
-                   device: torch.device | str = "cpu") -> StoredLayer:
-        """One layer's tensors of one split as stored (labels still bit-packed), on `device` and checked."""
+                   device: torch.device | str = "cpu", down: bool = False) -> StoredLayer:
+        """One layer's tensors of one split as stored (labels still bit-packed), on `device` and checked;
+        down: with the MLP's down inputs (the run must have them)."""
         if not 0 <= layer < self.num_layers:
             raise DejavuError(f"layer {layer} does not exist (the model has {self.num_layers})")
         src_mlp, src_attn = source_layer(layer, mlp_pairing), source_layer(layer, head_pairing)
@@ -150,22 +163,49 @@ class CollectRun:
             names["x_attn"] = f"input.{src_attn}"
         if split == "eval":
             names["act"] = f"mlp_act.{layer}"
+        if down:
+            if not self.down_inputs:
+                raise DejavuError(f"{self.dir} has no MLP down inputs (collected with collect.record_down_input "
+                                  "false, or by an older version): collect again, or train with --loss bce")
+            names["down"], names["down_scale"] = f"mlp_down_input.{layer}", f"mlp_down_scale.{layer}"
         parts: dict[str, list[torch.Tensor]] = {key: [] for key in names}
         key_of = {name: key for key, name in names.items()}
         for shard in self.shards[split]:
             for name, tensor in self._read(shard, sorted(names.values())).items():
                 parts[key_of[name]].append(tensor)
         cat = {key: torch.cat(chunks).to(device) for key, chunks in parts.items()}
-        for key in ("x_mlp", "x_attn", "heads", "act"):
+        for key in ("x_mlp", "x_attn", "heads", "act", "down_scale"):
             if key in cat and not torch.isfinite(cat[key]).all():
                 raise DejavuError(f"layer {layer}: {names[key]} in the {split} shards contains NaN or infinite values")
         return StoredLayer(x_mlp=cat["x_mlp"], x_attn=cat.get("x_attn", cat["x_mlp"]), packed_labels=cat["labels"],
-                           neurons=self.neurons, head_norms=cat["heads"], mlp_act=cat.get("act"))
+                           neurons=self.neurons, head_norms=cat["heads"], mlp_act=cat.get("act"),
+                           down_input=cat.get("down"), down_scale=cat.get("down_scale"))
+
+    def down_weight(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s down projection [hidden, neurons] as collect copied it."""
+        if not self.down_weights:
+            raise DejavuError(f"{self.dir} has no copy of the down projections (collect.record_down_input false, "
+                              "or collected by an older version): collect again, or train with --loss bce")
+        path = self.dir / self.down_weights
+        name = f"down.{layer}"
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                if name not in set(fh.keys()):
+                    raise DejavuError(f"{path} lacks {name}: the collect data is incomplete")
+                weight = fh.get_tensor(name)
+        except SafetensorError as exc:
+            raise DejavuError(f"{path} is not a readable safetensors file ({exc}): collect again") from None
+        except FileNotFoundError:
+            raise DejavuError(f"{path} is missing: collect again") from None
+        if tuple(weight.shape) != (self.hidden, self.neurons) or not torch.isfinite(weight).all():
+            raise DejavuError(f"{path}: {name} has shape {tuple(weight.shape)} or non-finite values, expected a finite "
+                              f"{(self.hidden, self.neurons)}")
+        return weight
 
     def _read(self, shard: dict, names: list[str]) -> dict[str, torch.Tensor]:
         path = self.dir / shard["path"]
         widths = {"input": self.hidden, "mlp_labels": (self.neurons + 7) // 8, "head_norms": self.heads,
-                  "mlp_act": self.neurons}
+                  "mlp_act": self.neurons, "mlp_down_input": self.neurons, "mlp_down_scale": None}
         try:
             with safe_open(str(path), framework="pt") as fh:
                 keys = set(fh.keys())
@@ -178,7 +218,8 @@ class CollectRun:
         except FileNotFoundError:
             raise DejavuError(f"{path} is missing: collect again") from None
         for name, tensor in out.items():
-            want = (int(shard["tokens"]), widths[name.split(".")[0]])
+            width = widths[name.split(".")[0]]
+            want = (int(shard["tokens"]),) if width is None else (int(shard["tokens"]), width)
             if tuple(tensor.shape) != want:
                 raise DejavuError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected {want}")
         return out

@@ -9,9 +9,45 @@ from __future__ import annotations
 
 import torch
 
+from dejavu.fp8 import dequantize_rows
 from dejavu.predictor import topk_mask, units_for_density
 
 METRIC_KEYS = ("recall", "precision", "predicted_density", "true_density", "density", "mass_kept")
+# where the collect run kept the MLP's down inputs: the share of the MLP's output (squared norm) the chosen
+# set leaves out, and the oracle top-k's share
+OUTPUT_KEYS = ("output_error", "oracle_output_error")
+# bce+output: how sharply a score above / below the k-th largest keeps / drops its neuron (per logit unit)
+OUTPUT_SHARPNESS = 2.0
+CHUNK = 4096
+
+
+def output_error(scores: torch.Tensor, act: torch.Tensor, w_down: torch.Tensor, k: int,
+                 sharpness: float | None = OUTPUT_SHARPNESS) -> torch.Tensor:
+    """Per token, ||W_down (drop * act)||^2 / ||W_down act||^2: the share of the MLP's output a selection
+    of k neurons by `scores` leaves out. sharpness None: the hard top-k (a metric); a number: each neuron
+    kept with probability sigmoid(sharpness * (score - k-th largest score)), so the loss has a gradient."""
+    if sharpness is None:
+        keep = torch.zeros_like(act).scatter_(-1, scores.topk(k, dim=-1).indices, 1.0)
+    else:
+        threshold = scores.detach().kthvalue(scores.shape[-1] - k + 1, dim=-1, keepdim=True).values
+        keep = torch.sigmoid((scores - threshold) * sharpness)
+    whole = (act @ w_down.T).pow(2).sum(-1)
+    dropped = ((act * (1 - keep)) @ w_down.T).pow(2).sum(-1)
+    return dropped / whole.clamp_min(1e-30)
+
+
+@torch.no_grad()
+def output_metrics(scores: torch.Tensor, down_q: torch.Tensor, down_scale: torch.Tensor, w_down: torch.Tensor,
+                   density: float) -> dict:
+    """Mean over tokens of output_error for the top-k by scores and for the oracle top-k by |act|."""
+    k = units_for_density(density, scores.shape[-1])
+    w = w_down.float()
+    chosen, oracle = [], []
+    for s in range(0, scores.shape[0], CHUNK):
+        act = dequantize_rows(down_q[s:s + CHUNK], down_scale[s:s + CHUNK])
+        chosen.append(output_error(scores[s:s + CHUNK].float(), act, w, k, None))
+        oracle.append(output_error(act.abs(), act, w, k, None))
+    return {"output_error": torch.cat(chosen).mean().item(), "oracle_output_error": torch.cat(oracle).mean().item()}
 
 
 def selection_metrics(scores: torch.Tensor, truth: torch.Tensor, magnitude: torch.Tensor, density: float) -> dict:
@@ -37,7 +73,8 @@ def selection_metrics(scores: torch.Tensor, truth: torch.Tensor, magnitude: torc
 def mean_metrics(per_layer: list[dict]) -> dict:
     if not per_layer:
         return {}
-    return {key: sum(m[key] for m in per_layer) / len(per_layer) for key in METRIC_KEYS}
+    keys = METRIC_KEYS + tuple(k for k in OUTPUT_KEYS if all(k in m for m in per_layer))
+    return {key: sum(m[key] for m in per_layer) / len(per_layer) for key in keys}
 
 
 def format_table(layers: dict[str, dict], means: dict) -> str:

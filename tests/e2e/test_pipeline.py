@@ -28,6 +28,11 @@ def test_pipeline_through_the_cli(tmp_path, tiny_llama, tiny_tokenizer):
     ok("collect", "--config", "tiny", "--model", tiny_llama, "--dataset", CALIB_TXT, "--out", run,
        "--max-tokens", 1024, "--device", "cpu")
     ok("train-predictors", "--run", run)
+    # collect kept the MLP's down inputs, so "auto" trained with the output-error term and reports it
+    metrics = json.loads((run / "predictors" / "metrics.json").read_text())
+    assert metrics["loss"] == "bce+output" and metrics["output_weight"] == 1.0
+    for layer in metrics["layers"].values():
+        assert 0 <= layer["mlp"]["oracle_output_error"] <= layer["mlp"]["output_error"] <= 1
     ok("export", "--run", run, "--out", bundle)
     out = ok("bench", "--config", "tiny", "--bundle", bundle, "--dataset", EVAL_RAW, "--json", report,
              "--max-eval-tokens", 256, "--device", "cpu")

@@ -45,7 +45,8 @@ def test_manifest_follows_formats(llama_run):
     assert m["mlp_label_rule"] == "topk" and m["mlp_label_tags"] == ["0.5", "0.25"]
     assert m["input_dtype"] == "float16"
     assert m["model"]["family"] == "llama" and m["model"]["num_layers"] == 3 and m["model"]["fingerprint"]
-    assert [s["path"] for s in m["shards"]] == [f["path"] for f in m["files"]]
+    assert [s["path"] for s in m["shards"]] + ["down_proj.safetensors"] == [f["path"] for f in m["files"]]
+    assert m["down_inputs"] is True and m["down_weights"] == "down_proj.safetensors"
     assert [(s["split"], s["index"]) for s in m["shards"]] == [("train", 0), ("train", 1), ("train", 2), ("eval", 0)]
     assert sum(s["tokens"] for s in m["shards"]) == m["tokens"]
     assert set(m["stats"]) == {"0", "1", "2"}
@@ -69,6 +70,7 @@ def test_shard_keys_shapes_and_dtypes(llama_run):
                          f"head_norms.{layer}"}
             if shard["split"] == "eval":
                 expected.add(f"mlp_act.{layer}")
+            expected |= {f"mlp_down_input.{layer}", f"mlp_down_scale.{layer}"}
         assert set(t) == expected
         T = shard["tokens"]
         assert t["input.0"].shape == (T, d) and t["input.0"].dtype == torch.float16
@@ -76,6 +78,8 @@ def test_shard_keys_shapes_and_dtypes(llama_run):
         assert t["head_norms.2"].shape == (T, h) and t["head_norms.2"].dtype == torch.float16
         if shard["split"] == "eval":
             assert t["mlp_act.0"].shape == (T, n) and t["mlp_act.0"].dtype == torch.float16
+        assert t["mlp_down_input.1"].shape == (T, n) and t["mlp_down_input.1"].dtype == torch.float8_e4m3fn
+        assert t["mlp_down_scale.1"].shape == (T,) and t["mlp_down_scale.1"].dtype == torch.float32
         labels = unpack_bits(t["mlp_labels.0@0.25"], n)
         assert labels.sum(dim=1).eq(24).all()  # ceil(0.25 * 96) neurons per token
 
@@ -94,6 +98,34 @@ def test_labels_are_topk_of_the_stored_activation(llama_run):
             kept_min = torch.where(mask, act, torch.inf).amin(dim=1)
             dropped_max = torch.where(mask, -torch.inf, act).amax(dim=1)
             assert (kept_min >= dropped_max).all()  # fp16 rounding may tie, never invert
+
+
+def test_down_inputs_are_the_stored_activation_in_fp8_and_down_is_the_models(llama_run, tiny_model_factory):
+    from dejavu.fp8 import dequantize_rows
+
+    cfg, stage = llama_run
+    m = read_manifest(stage, "dejavu.collect")
+    shard = next(s for s in m["shards"] if s["split"] == "eval")
+    t = load_tensors(stage / shard["path"])
+    for layer in range(3):
+        act = t[f"mlp_act.{layer}"].float()  # |down input| in fp16
+        down = dequantize_rows(t[f"mlp_down_input.{layer}"], t[f"mlp_down_scale.{layer}"]).abs()
+        # e4m3 keeps 3 mantissa bits: within 1/16 of each value, or of 2^-9 of the row's largest below its normals
+        bound = act / 16 + act.amax(dim=1, keepdim=True) / 512 + 1e-3 * act
+        assert ((down - act).abs() <= bound).all()
+    model, _, _ = load_model(str(tiny_model_factory("llama")), "cpu", "float32")
+    weights = load_tensors(stage / "down_proj.safetensors")
+    assert set(weights) == {"down.0", "down.1", "down.2"}
+    for layer, block in enumerate(model.model.layers):
+        assert torch.equal(weights[f"down.{layer}"], block.mlp.down_proj.weight.detach().half())
+
+
+def test_without_down_inputs_the_run_is_as_before(tiny_model_factory, tmp_path):
+    run_collect(tiny_cfg(tiny_model_factory("llama"), **{"collect.record_down_input": False}), tmp_path)
+    m = read_manifest(tmp_path / "collect", "dejavu.collect")
+    assert m["down_inputs"] is False and m["down_weights"] is None
+    assert not (tmp_path / "collect" / "down_proj.safetensors").exists()
+    assert not any(k.startswith("mlp_down") for k in load_tensors(tmp_path / "collect" / m["shards"][0]["path"]))
 
 
 def test_block_inputs_equal_the_models_hidden_states(llama_run, tiny_model_factory):

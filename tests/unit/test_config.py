@@ -46,6 +46,16 @@ def test_unknown_keys_and_bad_values_are_named(tmp_path):
         load_config(None, {"collect.max_tokens": "many"})
     with pytest.raises(DejavuError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+    # a list's entries are checked as its kind, with the entry named (these raised TypeError deep inside)
+    for text, message in (("collect: {mlp_label_densities: [abc]}", r"collect.mlp_label_densities\[0\]: expected a number"),
+                          ("runtime: {batch_sizes: [1, a]}", r"runtime.batch_sizes\[1\]: expected an integer"),
+                          ("train: {layers: [x]}", r"train.layers\[0\]: expected an integer")):
+        f.write_text(text + "\n")
+        with pytest.raises(DejavuError, match=message):
+            load_config(f)
+    f.write_text("collect: {mlp_label_densities: ['0.3', 0.5]}\nruntime: {batch_sizes: [1.0, '4']}\n")
+    cfg = load_config(f)
+    assert cfg.collect.mlp_label_densities == [0.3, 0.5] and cfg.runtime.batch_sizes == [1, 4]
 
 
 def test_round_trip_and_hash():

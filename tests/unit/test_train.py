@@ -346,6 +346,45 @@ def test_ranking_loss_learns_too(tmp_path):
         run_train(tmp_path, None, {"train.loss": "mse"})
 
 
+def test_output_loss_keeps_the_neurons_that_carry_the_output():
+    """The labels rank neurons by |activation| alone, but half of them write to the output through down
+    columns 100x smaller: the bce+output loss learns to leave those out, BCE cannot."""
+    from torch.nn import functional as F
+
+    from dejavu.fp8 import quantize_rows
+    from dejavu.predictor import topk_mask
+    from dejavu.train.metrics import output_metrics
+
+    torch.manual_seed(0)
+    tokens, d, n = 4096, 16, 32
+    x = torch.randn(tokens, d)
+    act = F.softplus(x @ torch.randn(n, d).T)
+    w_down = torch.randn(8, n)
+    w_down[:, n // 2:] *= 0.01
+    labels = topk_mask(act, 0.5)
+    q, scale = quantize_rows(act)
+    errors = {}
+    for loss in ("bce", "bce+output"):
+        cfg = small_config()
+        cfg.train.epochs, cfg.train.loss = 10, loss
+        pred = train_mod.fit_predictor(x, labels, cfg=cfg, density=0.5, seed=0, device=torch.device("cpu"), desc="l",
+                                       show=False, down=(q, scale, w_down) if loss == "bce+output" else None)
+        errors[loss] = output_metrics(train_mod.predict(pred, x, torch.device("cpu")), q, scale, w_down, 0.5)
+    assert errors["bce+output"]["output_error"] < 0.6 * errors["bce"]["output_error"]
+    assert errors["bce"]["oracle_output_error"] == errors["bce+output"]["oracle_output_error"] < 0.03
+
+
+def test_auto_loss_falls_back_to_bce_without_down_inputs(synthetic_run, capsys):
+    run_train(synthetic_run, None, {})
+    metrics = json.loads((synthetic_run / "predictors" / "metrics.json").read_text())
+    assert metrics["loss"] == "bce" and "output_error" not in metrics["mean"]["mlp"]
+    assert "has no MLP down inputs" in capsys.readouterr().out
+    with pytest.raises(DejavuError, match="--loss bce\\+output needs the MLP down inputs"):
+        run_train(synthetic_run, None, {"train.loss": "bce+output"}, overwrite=True)
+    with pytest.raises(DejavuError, match="train.output_weight must be 0 or more"):
+        run_train(synthetic_run, None, {"train.output_weight": -1.0})
+
+
 def test_predictor_cost_at_smollm2_shapes():
     smol = {"hidden_size": 576, "intermediate_size": 1536, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64,
             "gated_mlp": True}

@@ -195,3 +195,15 @@ def run_interpreted(body: str, timeout: int = 240) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def run_ok(runner, app):
+    """`ok(*args)`: run `dejavu ARGS` in-process through `runner`, fail the test (showing the command and
+    its output) on a non-zero exit, and return the output."""
+
+    def ok(*args):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, f"dejavu {' '.join(map(str, args))}:\n{result.output}"
+        return result.output
+
+    return ok

@@ -8,7 +8,7 @@ import pytest
 
 from dejavu.runtime.bench import CONTRACT_KEYS
 
-from helpers import CALIB_TXT, EVAL_RAW, make_tiny_model
+from helpers import CALIB_TXT, EVAL_RAW, make_tiny_model, run_ok
 
 
 @pytest.mark.slow
@@ -20,10 +20,7 @@ def test_pipeline_through_the_cli(tmp_path, tiny_llama, tiny_tokenizer):
     runner = CliRunner()
     run, bundle, report = tmp_path / "run", tmp_path / "bundle", tmp_path / "bench.json"
 
-    def ok(*args):
-        result = runner.invoke(app, [str(a) for a in args])
-        assert result.exit_code == 0, f"dejavu {' '.join(map(str, args))}:\n{result.output}"
-        return result.output
+    ok = run_ok(runner, app)
 
     ok("collect", "--config", "tiny", "--model", tiny_llama, "--dataset", CALIB_TXT, "--out", run,
        "--max-tokens", 1024, "--device", "cpu")

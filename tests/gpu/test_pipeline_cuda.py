@@ -11,7 +11,7 @@ import torch
 
 from dejavu.runtime.bench import CONTRACT_KEYS
 
-from helpers import CALIB_TXT, EVAL_RAW
+from helpers import CALIB_TXT, EVAL_RAW, run_ok
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -25,10 +25,7 @@ def test_pipeline_through_the_cli_on_the_gpu(tmp_path, tiny_llama):
     runner = CliRunner()
     run, bundle = tmp_path / "run", tmp_path / "bundle"
 
-    def ok(*args):
-        result = runner.invoke(app, [str(a) for a in args])
-        assert result.exit_code == 0, f"dejavu {' '.join(map(str, args))}:\n{result.output}"
-        return result.output
+    ok = run_ok(runner, app)
 
     ok("collect", "--config", "tiny", "--model", tiny_llama, "--dataset", CALIB_TXT, "--out", run,
        "--max-tokens", 2048, "--device", "cuda")

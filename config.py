@@ -224,7 +224,13 @@ def _coerce(value: Any, current: Any, where: str, hint: str = "") -> Any:
             raise DejavuError(f"{where}: expected a list, got {value!r}")
         # each entry as the annotation's kind ("list[float]", "list[int]"), so a wrong entry is named here
         kind = {"list[float]": 0.0, "list[int]": 0}.get(hint.replace(" ", "").removesuffix("|None"))
-        return value if kind is None else [_coerce(v, kind, f"{where}[{i}]") for i, v in enumerate(value)]
+        if kind is None:
+            return value
+        for i, v in enumerate(value):
+            if v is None:
+                raise DejavuError(f"{where}[{i}]: expected {'a number' if isinstance(kind, float) else 'an integer'}, "
+                                  "got null")
+        return [_coerce(v, kind, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(current, dict) and not isinstance(value, dict):
         raise DejavuError(f"{where}: expected a mapping, got {value!r}")
     return value

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if args.heads:
                     attn = fit_predictor(train.x_attn, head_targets(train.head_norms, cfg.train.head_density),
                                          cfg=cfg, density=cfg.train.head_density, seed=cfg.train.seed + layer,
-                                         device=device, desc="attn", show=False)
+                                         device=device, desc="attn", show=False,
+                                         loss_kind="bce" if loss == "bce+output" else None)
                     h = selection_metrics(predict(attn, held_out.x_attn, device),
                                           head_targets(held_out.head_norms, cfg.train.head_density),
                                           held_out.head_norms, cfg.train.head_density)

@@ -342,7 +342,11 @@ def inspect_stage(stage: Path, state: dict[str, Any], overwrite: bool) -> str:
         old = json.loads(state_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DejavuError(f"{state_path} is unreadable; add --overwrite to start the collection again") from None
-    diffs = state_differences({k: old.get(k) for k in ("config", "world_size")},
+    old_config = json.loads(json.dumps(old.get("config") or {}))
+    if isinstance(old_config.get("collect"), dict):
+        # started before collect could keep the MLP's down inputs: it kept none
+        old_config["collect"].setdefault("record_down_input", False)
+    diffs = state_differences({"config": old_config, "world_size": old.get("world_size")},
                               {k: state[k] for k in ("config", "world_size")})
     # the same local corpus named from another directory (../x.txt vs /abs/x.txt) is the same corpus
     diffs = [d for d in diffs if not (d.startswith("config.data.dataset:")
@@ -356,10 +360,15 @@ def inspect_stage(stage: Path, state: dict[str, Any], overwrite: bool) -> str:
         shown = "; ".join(d.replace("config.", "", 1) for d in diffs[:6])
         more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""
         finished = (stage / MANIFEST).is_file()
+        hint = ""
+        if "config.collect.record_down_input: False -> True" in diffs:
+            hint = (" It kept no MLP down inputs: --no-down-inputs " + ("uses it as it is" if finished else "resumes it")
+                    + " (train-predictors then trains with BCE alone).")
         raise DejavuError(
             f"{stage} holds a {'finished' if finished else 'partial'} collection made with other settings "
             f"({shown}{more}); " + ("add --overwrite to discard it, or use another --out" if finished else
                                     "rerun with the same settings to resume it, or add --overwrite to discard it")
+            + hint
         )
     return "complete" if (stage / MANIFEST).is_file() else "resume"
 
@@ -571,6 +580,8 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
     barrier()
     manifest = None
     if main:
+        for tmp in stage.glob(f".{DOWN_WEIGHTS}.*.tmp"):
+            tmp.unlink(missing_ok=True)  # left by a killed write
         down = write_down_weights(stage / DOWN_WEIGHTS, adapter, input_dtype) if keep_down else None
         manifest = build_manifest(stage, plan, cfg, identity, rule, tags, world, down)
         size = sum(f["bytes"] for f in manifest["files"])

@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from dejavu.artifacts import parent_ref, read_manifest
 from dejavu.bits import unpack_bits
 from dejavu.errors import DejavuError
+from dejavu.fp8 import non_finite_rows
 
 PAIRINGS = ("current", "lookahead")
 
@@ -177,6 +178,8 @@ class CollectRun:
         for key in ("x_mlp", "x_attn", "heads", "act", "down_scale"):
             if key in cat and not torch.isfinite(cat[key]).all():
                 raise DejavuError(f"layer {layer}: {names[key]} in the {split} shards contains NaN or infinite values")
+        if "down" in cat and non_finite_rows(cat["down"]).any():
+            raise DejavuError(f"layer {layer}: {names['down']} in the {split} shards contains NaN values")
         return StoredLayer(x_mlp=cat["x_mlp"], x_attn=cat.get("x_attn", cat["x_mlp"]), packed_labels=cat["labels"],
                            neurons=self.neurons, head_norms=cat["heads"], mlp_act=cat.get("act"),
                            down_input=cat.get("down"), down_scale=cat.get("down_scale"))

@@ -13,8 +13,9 @@ from dejavu.fp8 import dequantize_rows
 from dejavu.predictor import topk_mask, units_for_density
 
 METRIC_KEYS = ("recall", "precision", "predicted_density", "true_density", "density", "mass_kept")
-# where the collect run kept the MLP's down inputs: the share of the MLP's output (squared norm) the chosen
-# set leaves out, and the oracle top-k's share
+# where the collect run kept the MLP's down inputs: the squared norm of the MLP output part the chosen set
+# leaves out, over the whole output's (above 1 when the kept and dropped parts partly cancel), and the
+# same for the oracle top-k
 OUTPUT_KEYS = ("output_error", "oracle_output_error")
 # bce+output: how sharply a score above / below the k-th largest keeps / drops its neuron (per logit unit)
 OUTPUT_SHARPNESS = 2.0
@@ -23,8 +24,8 @@ CHUNK = 4096
 
 def output_error(scores: torch.Tensor, act: torch.Tensor, w_down: torch.Tensor, k: int,
                  sharpness: float | None = OUTPUT_SHARPNESS) -> torch.Tensor:
-    """Per token, ||W_down (drop * act)||^2 / ||W_down act||^2: the share of the MLP's output a selection
-    of k neurons by `scores` leaves out. sharpness None: the hard top-k (a metric); a number: each neuron
+    """Per token, ||W_down (drop * act)||^2 / ||W_down act||^2: the output part a selection of k neurons
+    by `scores` leaves out, relative to the whole output (not bounded by 1: the parts may cancel). sharpness None: the hard top-k (a metric); a number: each neuron
     kept with probability sigmoid(sharpness * (score - k-th largest score)), so the loss has a gradient."""
     if sharpness is None:
         keep = torch.zeros_like(act).scatter_(-1, scores.topk(k, dim=-1).indices, 1.0)
@@ -78,18 +79,24 @@ def mean_metrics(per_layer: list[dict]) -> dict:
 
 
 def format_table(layers: dict[str, dict], means: dict) -> str:
-    """The per-layer table printed at the end of training."""
-    head = (f"{'layer':>5} | {'mlp recall':>10} {'precision':>9} {'mass kept':>9} | "
+    """The per-layer table printed at the end of training (with the MLP's output error where measured)."""
+    show_output = all("output_error" in m.get("mlp", {}) for m in layers.values()) and bool(layers)
+    out_head = f" {'out err':>7}" if show_output else ""
+    head = (f"{'layer':>5} | {'mlp recall':>10} {'precision':>9} {'mass kept':>9}{out_head} | "
             f"{'attn recall':>11} {'precision':>9} {'mass kept':>9}")
     lines = [head, "-" * len(head)]
 
     def row(name: str, m: dict) -> str:
         mlp, attn = m.get("mlp", {}), m.get("attn", {})
-        return (f"{name:>5} | {mlp.get('recall', 0):10.3f} {mlp.get('precision', 0):9.3f} {mlp.get('mass_kept', 0):9.3f} | "
-                f"{attn.get('recall', 0):11.3f} {attn.get('precision', 0):9.3f} {attn.get('mass_kept', 0):9.3f}")
+        out = f" {mlp.get('output_error', 0):7.3f}" if show_output else ""
+        return (f"{name:>5} | {mlp.get('recall', 0):10.3f} {mlp.get('precision', 0):9.3f} {mlp.get('mass_kept', 0):9.3f}"
+                f"{out} | {attn.get('recall', 0):11.3f} {attn.get('precision', 0):9.3f} {attn.get('mass_kept', 0):9.3f}")
 
     for name in sorted(layers, key=int):
         lines.append(row(name, layers[name]))
     lines.append("-" * len(head))
     lines.append(row("mean", means))
+    if show_output:
+        lines.append("out err: the MLP output's squared norm left out by the predicted set, over the whole "
+                     f"output's (oracle top-k: {means.get('mlp', {}).get('oracle_output_error', 0):.3f})")
     return "\n".join(lines)

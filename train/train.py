@@ -46,6 +46,7 @@ from dejavu.train.data import CollectRun, LayerData, StoredLayer
 from dejavu.train.metrics import format_table, mean_metrics, output_error, output_metrics, selection_metrics
 
 LOSSES = ("auto", "bce", "bce+rank", "bce+output")
+TRAINED_LOSSES = LOSSES[1:]  # what "auto" resolves to
 # bce+output: tokens of each batch the output term is computed on. It costs three [rows, n] x [n, d]
 # products a step; on every token of a 1,024 batch that made a CPU step ~5x slower than BCE alone.
 OUTPUT_ROWS = 256
@@ -91,6 +92,8 @@ def share_cpu_threads(requested: int, local_processes: int) -> int:
 def training_inputs(cfg: RunConfig, parent: dict) -> dict:
     """What a finished layer depends on: the train settings (bar the layer list) and the collect data."""
     settings = {k: v for k, v in cfg.to_dict()["train"].items() if k not in EXECUTION_ONLY}
+    if settings.get("loss") != "bce+output":  # a weight of a term not trained with changes nothing
+        settings.pop("output_weight", None)
     return {"train": settings, "collect": parent["sha256"]}
 
 
@@ -145,7 +148,7 @@ def _loss(scores: torch.Tensor, target: torch.Tensor, kind: str, pos_weight: tor
         neg = torch.multinomial(weights_neg.cpu(), pairs, replacement=True, generator=gen).to(scores.device)
         margin = scores.gather(1, pos) - scores.gather(1, neg)
         loss = loss + F.softplus(-margin).mean()
-    if kind == "bce+output":  # act: the down inputs of the batch's first rows
+    if kind == "bce+output" and act is not None:  # act: the down inputs of the batch's first rows
         # The labels rank neurons by |activation| alone; what a dropped neuron costs is its share of the
         # MLP's output, through down and together with the other dropped ones. Measured on SmolLM2 (every
         # layer, MLP 0.5, rank 128, 37K tokens): perplexity 50.0 with BCE alone, 32.0 with this term.
@@ -178,6 +181,17 @@ class Replicas:
             p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
         return flat[-1]
+
+
+def split_batch(batch: torch.Tensor, replicas: Replicas | None) -> tuple[torch.Tensor, int]:
+    """(this process's rows of the batch, how many of them lead into the bce+output term). The term runs
+    on the batch's first OUTPUT_ROWS rows (a random subset: the order is shuffled); replicas each take
+    their slice of those, which are the first rows of their slice of the batch, so the averaged gradient
+    is the one-process run's."""
+    if replicas is None:
+        return batch, min(OUTPUT_ROWS, batch.numel())
+    mine = replicas.batch_slice(batch)
+    return mine, min(mine.numel(), replicas.batch_slice(batch[:OUTPUT_ROWS]).numel())
 
 
 def plan_layers(layers: list[int], rank: int, world: int) -> tuple[list[int], Replicas | None]:
@@ -226,6 +240,10 @@ def fit_predictor(x: torch.Tensor, target: torch.Tensor, *, cfg: RunConfig, dens
     # One layer's data fits on any accelerator; moving it once beats a host copy per batch.
     x, target = x.to(device), target.to(device)
     kind = loss_kind or t.loss
+    if kind not in TRAINED_LOSSES:
+        raise DejavuError(f"{desc}: cannot train with loss {kind!r} (one of {', '.join(TRAINED_LOSSES)}; "
+                          "resolve_loss turns auto into one)")
+    use_output = kind == "bce+output" and t.output_weight > 0
     if kind == "bce+output":
         if down is None:
             raise DejavuError(f"{desc}: the bce+output loss needs the MLP's down inputs")
@@ -238,14 +256,10 @@ def fit_predictor(x: torch.Tensor, target: torch.Tensor, *, cfg: RunConfig, dens
     for _ in range(t.epochs):
         order = torch.randperm(tokens, generator=gen).to(device)
         for start in range(0, tokens, t.batch_size):
-            idx = order[start:start + t.batch_size]
-            if replicas is not None:
-                idx = replicas.batch_slice(idx)
+            idx, output_rows = split_batch(order[start:start + t.batch_size], replicas)
             xb = x[idx].to(device, torch.float32, non_blocking=True)
             yb = target[idx].to(device, torch.float32, non_blocking=True)
-            # the output term on the batch's first OUTPUT_ROWS tokens (a random subset: the order is shuffled)
-            act = dequantize_rows(down_q[idx[:OUTPUT_ROWS]], down_scale[idx[:OUTPUT_ROWS]]) \
-                if kind == "bce+output" else None
+            act = dequantize_rows(down_q[idx[:output_rows]], down_scale[idx[:output_rows]]) if use_output else None
             loss = _loss(pred(xb), yb, kind, pos_weight, k, gen, act, w_down if act is not None else None,
                          t.output_weight)
             opt.zero_grad(set_to_none=True)

@@ -128,19 +128,49 @@ def test_without_down_inputs_the_run_is_as_before(tiny_model_factory, tmp_path):
     assert not any(k.startswith("mlp_down") for k in load_tensors(tmp_path / "collect" / m["shards"][0]["path"]))
 
 
-def test_block_inputs_equal_the_models_hidden_states(llama_run, tiny_model_factory):
+def test_block_inputs_and_down_inputs_equal_the_models(llama_run, tiny_model_factory):
+    from dejavu.fp8 import dequantize_rows
+
     cfg, stage = llama_run
     model, tok, _ = load_model(str(tiny_model_factory("llama")), "cpu", "float32")
     stream = tokenize_stream(load_texts(str(CALIB_TXT)), tok)
     seqs = fixed_length_sequences(stream, cfg.data.seq_len, cfg.collect.max_tokens, cfg.data.seed)
     plan = make_plan(seqs, cfg.collect.eval_tokens, cfg.collect.shard_tokens, 1)
     spec = plan.shards[1]
+    downs = {}
+    hooks = [block.mlp.down_proj.register_forward_pre_hook(
+        lambda module, args, layer=layer: downs.__setitem__(layer, args[0].reshape(-1, args[0].shape[-1])))
+        for layer, block in enumerate(model.model.layers)]
     with torch.no_grad():
         hidden = model(spec.sequences, output_hidden_states=True).hidden_states
+    for hook in hooks:
+        hook.remove()
     t = load_tensors(stage / spec.path)
     for layer in range(3):
         want = hidden[layer].reshape(-1, hidden[layer].shape[-1])
         torch.testing.assert_close(t[f"input.{layer}"].float(), want, atol=2e-3, rtol=2e-3)
+        # the down input with its sign, within e4m3's precision (1/16 of a value, 2^-9 of the row's largest)
+        down = dequantize_rows(t[f"mlp_down_input.{layer}"], t[f"mlp_down_scale.{layer}"])
+        bound = downs[layer].abs() / 16 + downs[layer].abs().amax(dim=1, keepdim=True) / 512 + 1e-4
+        assert ((down - downs[layer]).abs() <= bound).all() and (down * downs[layer] >= 0).all()
+        assert (down < 0).float().mean() > 0.2  # SiLU-gated: a good share of them are negative
+
+
+def test_an_old_run_without_down_inputs_resumes_with_no_down_inputs(tiny_model_factory, tmp_path):
+    """A run.json written before collect could keep down inputs lacks the key: it kept none."""
+    import json
+
+    from dejavu.errors import DejavuError
+
+    model_dir = tiny_model_factory("llama")
+    run_collect(tiny_cfg(model_dir, **{"collect.record_down_input": False}), tmp_path)
+    state = tmp_path / "collect" / "run.json"
+    old = json.loads(state.read_text())
+    del old["config"]["collect"]["record_down_input"]
+    state.write_text(json.dumps(old))
+    assert run_collect(tiny_cfg(model_dir, **{"collect.record_down_input": False}), tmp_path)["down_inputs"] is False
+    with pytest.raises(DejavuError, match="record_down_input: False -> True.*--no-down-inputs uses it as it is"):
+        run_collect(tiny_cfg(model_dir), tmp_path)
 
 
 def test_relu_model_gets_positive_labels(tiny_model_factory, tmp_path):

@@ -49,7 +49,8 @@ def test_unknown_keys_and_bad_values_are_named(tmp_path):
     # a list's entries are checked as its kind, with the entry named (these raised TypeError deep inside)
     for text, message in (("collect: {mlp_label_densities: [abc]}", r"collect.mlp_label_densities\[0\]: expected a number"),
                           ("runtime: {batch_sizes: [1, a]}", r"runtime.batch_sizes\[1\]: expected an integer"),
-                          ("train: {layers: [x]}", r"train.layers\[0\]: expected an integer")):
+                          ("train: {layers: [x]}", r"train.layers\[0\]: expected an integer"),
+                          ("train: {layers: [1, null]}", r"train.layers\[1\]: expected an integer, got null")):
         f.write_text(text + "\n")
         with pytest.raises(DejavuError, match=message):
             load_config(f)

@@ -19,3 +19,15 @@ def test_rows_round_trip_within_e4m3_precision():
     bound = x.abs() / 16 + x.abs().amax(dim=1, keepdim=True) / 512
     assert ((back - x).abs() <= bound).all()
     torch.testing.assert_close(back.abs().amax(dim=1), x.abs().amax(dim=1), rtol=1e-6, atol=0)  # the largest: exact but for rounding
+
+
+def test_nan_rows_are_found_and_tiny_rows_stay_finite():
+    from dejavu.fp8 import non_finite_rows
+
+    x = torch.randn(4, 10)
+    x[1, 3] = float("nan")
+    x[2] = 1e-44  # its scale would underflow to 0
+    q, scale = quantize_rows(x)
+    assert non_finite_rows(q).tolist() == [False, True, False, False]
+    back = dequantize_rows(q, scale)
+    assert torch.isfinite(back[2]).all() and torch.isfinite(back[[0, 3]]).all()

@@ -308,7 +308,7 @@ def _tiny_fit(monkeypatch, bad_step: int | None):
     monkeypatch.setattr(train_mod, "_loss", loss)
     monkeypatch.setattr(train_mod, "_check_finite", counting)
     cfg = small_config()
-    cfg.train.epochs, cfg.train.batch_size = 3, 8
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.loss = 3, 8, "bce"
     gen = torch.Generator().manual_seed(0)
     x, target = torch.randn(640, 16, generator=gen), torch.rand(640, 12, generator=gen) > 0.5
     train_mod.fit_predictor(x, target, cfg=cfg, density=0.5, seed=0, device=torch.device("cpu"),
@@ -358,7 +358,8 @@ def test_output_loss_keeps_the_neurons_that_carry_the_output():
     torch.manual_seed(0)
     tokens, d, n = 4096, 16, 32
     x = torch.randn(tokens, d)
-    act = F.softplus(x @ torch.randn(n, d).T)
+    act = F.silu(x @ torch.randn(n, d).T) * (1 + 0.1 * torch.randn(tokens, n))  # signed, as gated MLPs give
+    assert (act < 0).float().mean() > 0.2
     w_down = torch.randn(8, n)
     w_down[:, n // 2:] *= 0.01
     labels = topk_mask(act, 0.5)
@@ -372,6 +373,42 @@ def test_output_loss_keeps_the_neurons_that_carry_the_output():
         errors[loss] = output_metrics(train_mod.predict(pred, x, torch.device("cpu")), q, scale, w_down, 0.5)
     assert errors["bce+output"]["output_error"] < 0.6 * errors["bce"]["output_error"]
     assert errors["bce"]["oracle_output_error"] == errors["bce+output"]["oracle_output_error"] < 0.03
+
+
+def test_replicas_split_the_output_rows_as_the_batch():
+    """Each replica's output-term rows are the first of its own rows, and together they are the batch's
+    first OUTPUT_ROWS, so the averaged gradient is the one-process run's."""
+    batch = torch.randperm(1000)
+    mine, rows = train_mod.split_batch(batch, None)
+    assert torch.equal(mine, batch) and rows == train_mod.OUTPUT_ROWS
+    for size in (2, 3):
+        parts = []
+        for member in range(size):
+            mine, rows = train_mod.split_batch(batch, train_mod.Replicas(None, size, member))
+            assert torch.equal(mine, batch[member::size])
+            parts.append(mine[:rows])
+        assert sorted(torch.cat(parts).tolist()) == sorted(batch[:train_mod.OUTPUT_ROWS].tolist())
+    small = torch.arange(100)  # a last batch shorter than OUTPUT_ROWS
+    assert train_mod.split_batch(small, train_mod.Replicas(None, 2, 1))[1] == 50
+
+
+def test_output_weight_is_part_of_the_key_only_for_the_output_loss():
+    """Layers trained before output_weight existed (loss bce) keep their key; under bce its value is moot."""
+    parent = {"sha256": "c" * 64}
+    cfg = RunConfig()
+    cfg.train.loss = "bce"
+    before = train_mod.training_key(cfg, parent)
+    cfg.train.output_weight = 3.0
+    assert train_mod.training_key(cfg, parent) == before and "output_weight" not in train_mod.training_inputs(
+        cfg, parent)["train"]
+    cfg.train.loss = "bce+output"
+    keyed = train_mod.training_key(cfg, parent)
+    cfg.train.output_weight = 1.0
+    assert train_mod.training_key(cfg, parent) != keyed
+    with pytest.raises(DejavuError, match="cannot train with loss 'auto'"):
+        cfg.train.loss = "auto"
+        train_mod.fit_predictor(torch.randn(64, 4), torch.rand(64, 6) > 0.5, cfg=cfg, density=0.5, seed=0,
+                                device=torch.device("cpu"), desc="l", show=False)
 
 
 def test_auto_loss_falls_back_to_bce_without_down_inputs(synthetic_run, capsys):

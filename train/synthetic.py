@@ -13,7 +13,9 @@ import torch
 
 from dejavu.artifacts import file_entry, save_tensors, write_manifest
 from dejavu.bits import pack_bits
+from dejavu.collect.collect import DOWN_WEIGHTS
 from dejavu.config import RunConfig
+from dejavu.fp8 import quantize_rows
 from dejavu.predictor import topk_mask
 
 
@@ -39,8 +41,11 @@ def write_synthetic_collect(
     densities: tuple[float, ...] = (0.5,),
     seed: int = 0,
     config: RunConfig | None = None,
+    down_inputs: bool = False,
 ) -> dict:
-    """Write RUN/collect/ (shards + manifest) and return the manifest."""
+    """Write RUN/collect/ (shards + manifest) and return the manifest. down_inputs: also the MLP's down
+    inputs (signed: each neuron's sign fixed at random) and a random down projection, as collect's
+    record_down_input writes them."""
     gen = torch.Generator().manual_seed(seed)
     out = Path(run) / "collect"
     (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -54,6 +59,9 @@ def write_synthetic_collect(
             / (rule_rank * hidden) ** 0.5 for _ in range(num_layers)]
     mlp_rules = [torch.cat([w, -w]) for w in half]
     head_rules = [torch.randn(heads, hidden, generator=gen) / hidden**0.5 for _ in range(num_layers)]
+    signs = torch.randint(0, 2, (neurons,), generator=gen).float() * 2 - 1
+    downs = {f"down.{layer}": (torch.randn(hidden, neurons, generator=gen) / neurons**0.5).to(torch.float16)
+             for layer in range(num_layers)}
 
     shards, files = [], []
     for split, total in (("train", train_tokens), ("eval", eval_tokens)):
@@ -72,19 +80,26 @@ def write_synthetic_collect(
                 tensors[f"head_norms.{layer}"] = torch.exp(z @ head_rules[layer].T).to(torch.float16)
                 if split == "eval":
                     tensors[f"mlp_act.{layer}"] = act.to(torch.float16)
+                if down_inputs:
+                    q, row_scale = quantize_rows(act * signs)
+                    tensors[f"mlp_down_input.{layer}"], tensors[f"mlp_down_scale.{layer}"] = q, row_scale
             path = out / "shards" / f"{split}-r00-{index:05d}.safetensors"
             digest = save_tensors(path, tensors)
             entry = file_entry(path, out, digest)
             files.append(entry)
             shards.append({**entry, "split": split, "rank": 0, "index": index, "tokens": t})
 
+    if down_inputs:
+        files.append(file_entry(out / DOWN_WEIGHTS, out, save_tensors(out / DOWN_WEIGHTS, downs)))
     cfg = config or RunConfig()
     cfg.collect.mlp_label_densities = list(densities)
+    cfg.collect.record_down_input = down_inputs
     return write_manifest(
         out, "dejavu.collect", cfg.to_dict(), files,
         model=synthetic_identity(num_layers, hidden, neurons, heads),
         tokens=train_tokens + eval_tokens, train_tokens=train_tokens, eval_tokens=eval_tokens,
         seq_len=cfg.data.seq_len, world_size=1, mlp_label_rule="topk",
         mlp_label_tags=[format(d, "g") for d in densities], input_dtype="float16", shards=shards,
+        down_inputs=down_inputs, down_weights=DOWN_WEIGHTS if down_inputs else None,
         stats={str(layer): {} for layer in range(num_layers)},
     )

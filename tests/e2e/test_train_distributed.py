@@ -104,12 +104,17 @@ def test_two_processes_share_the_hash_check_and_fail_together(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
-def test_more_processes_than_layers_share_a_layer(tmp_path):
+@pytest.mark.parametrize("down_inputs", [False, True], ids=["bce", "bce+output"])
+def test_more_processes_than_layers_share_a_layer(tmp_path, down_inputs):
+    """With the down inputs, the loss is bce+output: each replica takes its share of the output term's rows."""
     cfg = _config()
     cfg.train.layers = [1]
+    if down_inputs:  # batches larger than the output term's 256 rows, which the replicas must then split
+        cfg.train.batch_size = 512
     single, double = tmp_path / "single", tmp_path / "double"
     for run in (single, double):
-        write_synthetic_collect(run, num_layers=2, train_tokens=1024, eval_tokens=256, config=cfg)
+        write_synthetic_collect(run, num_layers=2, train_tokens=1024, eval_tokens=256, config=cfg,
+                                down_inputs=down_inputs)
     run_train(single, None, {})
     result = _torchrun_train(double)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -120,8 +125,10 @@ def test_more_processes_than_layers_share_a_layer(tmp_path):
     b = load_file(str(double / "predictors" / "layers" / "layer-001.safetensors"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=2e-3, rtol=2e-2)
+    metrics = json.loads((double / "predictors" / "metrics.json").read_text())
+    assert metrics["loss"] == ("bce+output" if down_inputs else "bce")
     one = json.loads((single / "predictors" / "metrics.json").read_text())["layers"]["1"]
-    two = json.loads((double / "predictors" / "metrics.json").read_text())["layers"]["1"]
+    two = metrics["layers"]["1"]
     for kind in ("mlp", "attn"):
         for key, value in one[kind].items():
             assert two[kind][key] == pytest.approx(value, abs=0.02), (kind, key)

@@ -361,9 +361,9 @@ def inspect_stage(stage: Path, state: dict[str, Any], overwrite: bool) -> str:
         more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""
         finished = (stage / MANIFEST).is_file()
         hint = ""
-        if "config.collect.record_down_input: False -> True" in diffs:
-            hint = (" It kept no MLP down inputs: --no-down-inputs " + ("uses it as it is" if finished else "resumes it")
-                    + " (train-predictors then trains with BCE alone).")
+        if diffs == ["config.collect.record_down_input: False -> True"]:
+            hint = ("; it kept no MLP down inputs: --no-down-inputs " + ("uses it as it is" if finished else "resumes it")
+                    + " (train-predictors then trains with BCE alone)")
         raise DejavuError(
             f"{stage} holds a {'finished' if finished else 'partial'} collection made with other settings "
             f"({shown}{more}); " + ("add --overwrite to discard it, or use another --out" if finished else

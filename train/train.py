@@ -187,7 +187,8 @@ def split_batch(batch: torch.Tensor, replicas: Replicas | None) -> tuple[torch.T
     """(this process's rows of the batch, how many of them lead into the bce+output term). The term runs
     on the batch's first OUTPUT_ROWS rows (a random subset: the order is shuffled); replicas each take
     their slice of those, which are the first rows of their slice of the batch, so the averaged gradient
-    is the one-process run's."""
+    is the one-process run's (exactly when the replica count divides the batch and those rows, as for BCE:
+    each replica's loss is the mean of its own rows)."""
     if replicas is None:
         return batch, min(OUTPUT_ROWS, batch.numel())
     mine = replicas.batch_slice(batch)

@@ -169,8 +169,12 @@ def test_an_old_run_without_down_inputs_resumes_with_no_down_inputs(tiny_model_f
     del old["config"]["collect"]["record_down_input"]
     state.write_text(json.dumps(old))
     assert run_collect(tiny_cfg(model_dir, **{"collect.record_down_input": False}), tmp_path)["down_inputs"] is False
-    with pytest.raises(DejavuError, match="record_down_input: False -> True.*--no-down-inputs uses it as it is"):
+    with pytest.raises(DejavuError, match=r"record_down_input: False -> True\); add --overwrite to discard it, or use "
+                                          r"another --out; it kept no MLP down inputs: --no-down-inputs uses it as it is"):
         run_collect(tiny_cfg(model_dir), tmp_path)
+    with pytest.raises(DejavuError) as refused:  # with another difference too, the hint would mislead
+        run_collect(tiny_cfg(model_dir, **{"collect.eval_tokens": 128}), tmp_path)
+    assert "eval_tokens" in str(refused.value) and "--no-down-inputs" not in str(refused.value)
 
 
 def test_relu_model_gets_positive_labels(tiny_model_factory, tmp_path):

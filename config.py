@@ -226,11 +226,13 @@ def _coerce(value: Any, current: Any, where: str, hint: str = "") -> Any:
         kind = {"list[float]": 0.0, "list[int]": 0}.get(hint.replace(" ", "").removesuffix("|None"))
         if kind is None:
             return value
+        entries = []
         for i, v in enumerate(value):
-            if v is None:
+            if v is None:  # (_coerce lets None through: it means "unset" for optional keys)
                 raise DejavuError(f"{where}[{i}]: expected {'a number' if isinstance(kind, float) else 'an integer'}, "
                                   "got null")
-        return [_coerce(v, kind, f"{where}[{i}]") for i, v in enumerate(value)]
+            entries.append(_coerce(v, kind, f"{where}[{i}]"))
+        return entries
     if isinstance(current, dict) and not isinstance(value, dict):
         raise DejavuError(f"{where}: expected a mapping, got {value!r}")
     return value

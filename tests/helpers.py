@@ -207,3 +207,10 @@ def run_ok(runner, app):
         return result.output
 
     return ok
+
+
+def e4m3_bound(x: torch.Tensor) -> torch.Tensor:
+    """How far dejavu.fp8's row-scaled e4m3 may move each value of x [T, n]: 1/16 of the value (3 mantissa
+    bits), or 2^-9 of its row's largest |value| below e4m3's normal range."""
+    return x.abs() / 16 + x.abs().amax(dim=1, keepdim=True) / 512
+

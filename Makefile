@@ -7,6 +7,8 @@ DEMO_TOKENS ?= 16384
 EVAL_TOKENS ?= 2048
 # Two passes at a higher rate: one pass at the default rate leaves near-random predictors on 12K tokens.
 DEMO_TRAIN_FLAGS ?= --epochs 2 --lr 0.02
+# All layers tuned together against the dense model: 40 steps of one 512-token sequence (~4 min here).
+DEMO_TUNE_FLAGS ?= --steps 40 --sequences 1 --eval-sequences 4
 CALIB ?= ../shared/data/wikitext-2/valid.txt
 EVAL ?= ../shared/data/wikitext-2-raw/wiki.test.raw
 
@@ -22,11 +24,16 @@ setup:
 demo:
 	dejavu collect --model smollm2-135m --dataset $(CALIB) --out $(DEMO_RUN) --max-tokens $(DEMO_TOKENS)
 	dejavu train-predictors --run $(DEMO_RUN) $(DEMO_TRAIN_FLAGS)
-	dejavu export --run $(DEMO_RUN) --out $(DEMO_RUN)/bundle
+	dejavu export --run $(DEMO_RUN) --out $(DEMO_RUN)/bundle --untuned
 	dejavu bench --model smollm2-135m --bundle $(DEMO_RUN)/bundle --dataset $(EVAL) \
 		--max-eval-tokens $(EVAL_TOKENS) --json $(DEMO_RUN)/bench.json
-	# The bundle in use: text generated sparse, beside dense.
-	dejavu generate --bundle $(DEMO_RUN)/bundle --prompt "The capital of France is" --max-new-tokens 24 \
+	# The same predictors tuned end to end (optional stage), exported and measured again.
+	dejavu tune-predictors --run $(DEMO_RUN) $(DEMO_TUNE_FLAGS)
+	dejavu export --run $(DEMO_RUN) --out $(DEMO_RUN)/bundle-tuned
+	dejavu bench --model smollm2-135m --bundle $(DEMO_RUN)/bundle-tuned --dataset $(EVAL) \
+		--max-eval-tokens $(EVAL_TOKENS) --json $(DEMO_RUN)/bench-tuned.json
+	# The tuned bundle in use: text generated sparse, beside dense.
+	dejavu generate --bundle $(DEMO_RUN)/bundle-tuned --prompt "The capital of France is" --max-new-tokens 24 \
 		--compare-dense --json $(DEMO_RUN)/generate.json
 	# The same bundle with exact-up selection (up for every neuron + the predictor's score).
 	dejavu bench --model smollm2-135m --bundle $(DEMO_RUN)/bundle --dataset $(EVAL) \
@@ -38,8 +45,9 @@ demo:
 		--mlp-keep-input 0.8 --mlp-density 0.5 --attn-keep-input 0.8
 	dejavu bench --model smollm2-135m --bundle $(DEMO_RUN)/bundle-thresholds --dataset $(EVAL) \
 		--max-eval-tokens $(EVAL_TOKENS) --json $(DEMO_RUN)/bench-thresholds.json
-	# The summary: the three rules above side by side.
-	dejavu compare $(DEMO_RUN)/bench.json $(DEMO_RUN)/bench-exact-up.json $(DEMO_RUN)/bench-thresholds.json
+	# The summary: the four rules above side by side.
+	dejavu compare $(DEMO_RUN)/bench.json $(DEMO_RUN)/bench-tuned.json $(DEMO_RUN)/bench-exact-up.json \
+		$(DEMO_RUN)/bench-thresholds.json
 
 test:
 	$(PYTHON) -m pytest -q tests

@@ -1,7 +1,7 @@
 """The run's typed configuration: one object per run, saved into every manifest.
 
 Precedence is flag > file > default. A YAML file has one mapping per section (`model`, `data`,
-`collect`, `train`, `export`, `runtime`); unknown sections or keys are rejected so a typo never
+`collect`, `train`, `export`, `tune`, `runtime`); unknown sections or keys are rejected so a typo never
 silently falls back to a default.
 """
 
@@ -118,6 +118,25 @@ class ExportConfig:
 
 
 @dataclass
+class TuneConfig:
+    # `dejavu tune-predictors` (train/tune.py): all layers' predictors trained together on KL(dense || sparse)
+    # of the next-token distribution. Optimizer steps, each over `sequences` sequences of data.seq_len tokens
+    steps: int = 150
+    sequences: int = 2
+    lr: float = 2e-3
+    # straight-through top-k: the gradient of sigmoid(sharpness * (score - the token's k-th largest score))
+    sharpness: float = 2.0
+    # sequences at the end of the shuffled corpus, never trained on, measured before and after
+    eval_sequences: int = 8
+    # steps between checkpoints a killed run resumes from
+    checkpoint_every: int = 25
+    # densities to tune at; None: what `export` gives the bundle by default (export.*, else the trained ones)
+    mlp_density: float | None = None
+    head_density: float | None = None
+    seed: int = 0
+
+
+@dataclass
 class RuntimeConfig:
     device: str = "auto"
     dtype: str = "auto"
@@ -165,6 +184,7 @@ class RunConfig:
     collect: CollectConfig = field(default_factory=CollectConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -360,6 +380,8 @@ def validate(cfg: RunConfig) -> None:
     _check_density(cfg.train.head_density, "train.head_density")
     _check_density(cfg.export.mlp_density, "export.mlp_density")
     _check_density(cfg.export.head_density, "export.head_density")
+    _check_density(cfg.tune.mlp_density, "tune.mlp_density")
+    _check_density(cfg.tune.head_density, "tune.head_density")
     _check_density(cfg.runtime.mlp_density, "runtime.mlp_density")
     _check_density(cfg.runtime.head_density, "runtime.head_density")
     _check_density(cfg.export.mlp_candidate_density, "export.mlp_candidate_density")

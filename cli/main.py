@@ -288,6 +288,43 @@ def train_predictors(
     }, overwrite=overwrite)
 
 
+@app.command("tune-predictors")
+@handle_errors
+def tune_predictors(
+    run: Path = typer.Option(..., "--run", "-r", help="Run directory holding predictors/ from `dejavu train-predictors`."),
+    steps: int | None = typer.Option(None, "--steps", help="Optimizer steps." + default("tune.steps")),
+    sequences: int | None = typer.Option(None, "--sequences", help="Sequences of data.seq_len tokens per step." + default("tune.sequences")),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (Adam, cosine decay)." + default("tune.lr")),
+    mlp_density: float | None = typer.Option(
+        None, "--mlp-density", help="MLP density to tune at, in (0, 1]; unset: what export gives the bundle by default "
+        "(the config's export.mlp_density, else the trained density)."),
+    head_density: float | None = typer.Option(
+        None, "--head-density", help="Head density to tune at; unset: export.head_density, else the trained one. At 1.0 "
+        "the head predictors are left as trained."),
+    dataset: str | None = typer.Option(
+        None, "--dataset", "-d", help="Calibration corpus (default: the one collect read). Its last --eval-sequences "
+        "sequences are held out and measured before and after."),
+    eval_sequences: int | None = typer.Option(None, "--eval-sequences", help="Held-out sequences." + default("tune.eval_sequences")),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model to tune against (default: the one the predictors were trained for)."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto (default: the run's model.device)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start again instead of resuming from RUN/tuned's checkpoint."),
+    config: str | None = ConfigOpt,
+    debug: bool = DebugOpt,
+):
+    """Tune every layer's predictors together against the dense model (KL of the next-token distribution).
+
+    Writes RUN/tuned/ (the predictors' format); `dejavu export --run RUN` then uses it. Optional: it loads the
+    model and runs it forward and backward, so it costs far more than train-predictors per token.
+    """
+    from dejavu.train.tune import run_tune
+
+    run_tune(Path(run), config_file=config, model_name=model, overwrite=overwrite, overrides={
+        "tune.steps": steps, "tune.sequences": sequences, "tune.lr": lr, "tune.mlp_density": mlp_density,
+        "tune.head_density": head_density, "data.dataset": dataset, "tune.eval_sequences": eval_sequences,
+        "model.device": device,
+    })
+
+
 @app.command()
 @handle_errors
 def export(
@@ -332,16 +369,21 @@ def export(
     model: str | None = typer.Option(
         None, "--model", "-m",
         help="Model to calibrate thresholds on (default: the training run's model; without --run, the config's)."),
+    untuned: bool = typer.Option(
+        False, "--untuned", help="Export RUN/predictors even where `dejavu tune-predictors` has written RUN/tuned."),
     config: str | None = ConfigOpt,
     debug: bool = DebugOpt,
 ):
-    """Write a self-describing predictor bundle (safetensors + manifest; no pickle)."""
+    """Write a self-describing predictor bundle (safetensors + manifest; no pickle).
+
+    From RUN/tuned/ when `dejavu tune-predictors` tuned the run's current predictors, else RUN/predictors/."""
     from dejavu.export.bundle import run_export
 
     if mlp_keep_input is None and keep_layer_bytes is None:
         _check_rule_flags(config, "export", calibration, model if run is not None else None,
                           calibration_tokens=calibration_tokens)
-    run_export(Path(run) if run is not None else None, Path(out), config_file=config, model_name=model, overrides={
+    run_export(Path(run) if run is not None else None, Path(out), config_file=config, model_name=model,
+               untuned=untuned, overrides={
         "export.mlp_density": mlp_density, "export.head_density": head_density,
         "export.mlp_candidate_density": mlp_candidate_density, "export.mlp_keep_input": mlp_keep_input,
         "export.attn_keep_input": attn_keep_input, "export.keep_layer_bytes": keep_layer_bytes,

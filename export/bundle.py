@@ -153,7 +153,7 @@ def check_bundle_out(out: Path, stages: tuple[Path, ...] = ()) -> bool:
         stage = stage.resolve()
         if target == stage or stage in target.parents:
             raise DejavuError(f"--out {out} is inside the run's stage {stage}, which export never writes into "
-                              "(rerunning the stage would delete it); choose a directory outside collect/ and predictors/")
+                              "(rerunning the stage would delete it); choose a directory outside collect/, predictors/ and tuned/")
     around = stage_around(target)
     if around is not None:
         raise DejavuError(f"--out {out} is inside {around[0]} (a {around[1]} directory); choose a directory outside "
@@ -210,9 +210,29 @@ def _check_thresholds_take_no_layer_densities(cfg) -> None:
                           "down's input in every layer: drop one of them")
 
 
+def _predictors_dir(run: Path, untuned: bool) -> Path:
+    """RUN/tuned when it was tuned from the predictors RUN/predictors holds now (and not `untuned`), else
+    RUN/predictors; a predictors directory given itself (either) as it is."""
+    from dejavu.train.tune import current_tuned
+
+    pred_dir = run / "predictors"
+    if not pred_dir.exists() and (run / "manifest.json").is_file():
+        return run
+    if untuned:
+        return pred_dir
+    tuned = current_tuned(run)
+    if tuned is not None:
+        print(f"exporting the tuned predictors of {tuned} (--untuned: those of {pred_dir})", flush=True)
+        return tuned
+    if (run / "tuned" / "manifest.json").is_file():
+        print(f"note: {run / 'tuned'} was tuned from other predictors than {pred_dir} holds now: exporting "
+              f"{pred_dir} (run `dejavu tune-predictors --run {run} --overwrite` to tune these)", flush=True)
+    return pred_dir
+
+
 def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[str, Any] | None = None,
-               model_name: str | None = None) -> dict:
-    """Read RUN/predictors/, write the bundle at `out`; returns the bundle manifest. With
+               model_name: str | None = None, untuned: bool = False) -> dict:
+    """Read RUN/predictors/ (RUN/tuned/ where current), write the bundle at `out`; returns the bundle manifest. With
     export.mlp_keep_input the bundle also holds calibrated thresholds; with no run, only them."""
     if run is None:
         from dejavu.config import load_config
@@ -224,9 +244,7 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         _check_thresholds_take_no_layer_densities(cfg)
         return _export_thresholds_only(Path(out), cfg, model_name or cfg.model.name)
     run, out = Path(run), Path(out)
-    pred_dir = run / "predictors"
-    if not pred_dir.exists() and (run / "manifest.json").is_file():
-        pred_dir = run  # accept the predictors directory itself
+    pred_dir = _predictors_dir(run, untuned)
     pm = read_manifest(pred_dir, PREDICTORS_KIND)
     collect_dir = pred_dir.parent / "collect"
     _check_collect_unchanged(pm, pred_dir, collect_dir)
@@ -238,7 +256,8 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         raise DejavuError(f"{pred_dir}/manifest.json names no layer count")
     if out.resolve() in (run.resolve(), pred_dir.resolve()):
         raise DejavuError(f"--out {out} would overwrite the run itself; choose a separate bundle directory")
-    replacing = check_bundle_out(out, stages=(pred_dir, collect_dir))
+    replacing = check_bundle_out(out, stages=(pred_dir, collect_dir, pred_dir.parent / "predictors",
+                                              pred_dir.parent / "tuned"))
 
     listed = {entry["path"] for entry in pm.get("files", [])}
     tensors: dict[str, torch.Tensor] = {}
@@ -299,6 +318,8 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         rank=pm.get("rank", cfg.train.rank),
         hidden_activation=pm.get("hidden_activation", cfg.train.hidden_activation),
         metrics=pm.get("metrics", {}),
+        # optional: how `dejavu tune-predictors` tuned them (held-out KL before and after; null: as trained)
+        tuned=pm.get("tuned"),
         predictor_bytes=predictor_bytes,
         # optional: two-stage MLP selection default for the runtime (null: one-stage)
         mlp_candidate_density=cfg.export.mlp_candidate_density,

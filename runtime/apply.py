@@ -36,6 +36,10 @@ columns) and its down-input entries at or below a second threshold (down reads o
 MLP weight bytes read: up_share * input kept + (1 - up_share) * down input kept. Heads follow the
 selection as usual.
 
+Straight-through selection (`straight_through` S, predictor selection in mask mode, for tuning the
+predictors end to end, train/tune.py): the forward keeps the hard top-k, and the gradient reaches the
+scores through sigmoid(S * (score - the token's k-th largest score)), as the bce+output loss does.
+
 Selection "oracle" takes the true top-k of the same forward (|down input| per neuron, L2 norm per
 head output) to separate predictor error from sparsity error; "dense" computes everything.
 """
@@ -144,7 +148,8 @@ class SparseRuntime:
     def __init__(self, model: nn.Module, adapter: Adapter, predictors: PredictorSet | None = None, *,
                  selection: str = "predictor", mlp_density: float | None = None, head_density: float | None = None,
                  mode: str = "mask", record: bool = False, mlp_candidate_density: float | None = None,
-                 mlp_up_weight: float | None = None, thresholds: Thresholds | None = None):
+                 mlp_up_weight: float | None = None, thresholds: Thresholds | None = None,
+                 straight_through: float | None = None):
         if selection not in SELECTIONS:
             raise DejavuError(f"selection must be one of {', '.join(SELECTIONS)}; got {selection!r}")
         if mode not in MODES:
@@ -181,6 +186,11 @@ class SparseRuntime:
                             if d >= 1.0 and min(self.head_density, default=1.0) < 1.0}
         self.mlp_candidate_density = self._check_candidates(mlp_candidate_density)
         self.mlp_up_weight = self._check_up_weight(mlp_up_weight)
+        if straight_through is not None and (selection != "predictor" or mode != "mask" or self.two_stage
+                                             or self.exact_up or thresholds is not None):
+            raise DejavuError("straight-through selection tunes the predictors: selection 'predictor', mask mode, "
+                              "one-stage top-k")
+        self.straight_through = straight_through
         if predictors is not None:
             device = next(model.parameters()).device
             predictors.to(device=device)
@@ -317,15 +327,26 @@ class SparseRuntime:
                 if self.exact_up:  # chosen once up's output is known (_up_hook)
                     self._mlp_logits[l] = lp.mlp(x)
                 else:
-                    self._mlp_sel[l] = topk_mask(lp.mlp(x), first)
+                    self._mlp_sel[l] = self._select(lp.mlp(x), first)
                 if self.mode == "gather":
                     self._prepare_gather(l)
             if self.head_density[l] < 1.0:
                 x = self._paired_input(l, self.predictors.head_pairing)
-                self._head_sel[l] = topk_mask(lp.attn(x), self.head_density[l])
+                self._head_sel[l] = self._select(lp.attn(x), self.head_density[l])
             return None
 
         return hook
+
+    def _select(self, scores: torch.Tensor, density: float) -> torch.Tensor:
+        """The predictor's top-k as a bool mask; straight-through: a float mask equal to it whose gradient
+        is the sigmoid's (a mask the hooks multiply in like the bool one)."""
+        hard = topk_mask(scores, density)
+        if self.straight_through is None or not torch.is_grad_enabled():
+            return hard
+        n = scores.shape[-1]
+        threshold = scores.detach().kthvalue(n - units_for_density(density, n) + 1, dim=-1, keepdim=True).values
+        soft = torch.sigmoid((scores - threshold) * self.straight_through)
+        return hard.to(soft.dtype) + (soft - soft.detach())
 
     def _note_full_layer(self, l: int, hidden: torch.Tensor) -> None:  # noqa: E741
         """A layer left at density 1.0 installs no hook for that kind yet computes all of it: count it, or
@@ -359,9 +380,13 @@ class SparseRuntime:
 
     def _apply_token_mask(self, mask: torch.Tensor) -> torch.Tensor:
         tm = self.sparse_tokens(mask)
-        return mask if tm is None else mask | ~tm
+        if tm is None:
+            return mask
+        return mask | ~tm if mask.dtype == torch.bool else torch.where(tm, mask, torch.ones_like(mask))
 
     def _note(self, kind: str, l: int, mask: torch.Tensor) -> None:  # noqa: E741
+        if mask.dtype != torch.bool:  # a straight-through mask: its values are the hard selection's
+            mask = mask.detach() > 0.5
         tm = self.sparse_tokens(mask)
         rows = mask.reshape(-1, mask.shape[-1]) if tm is None else mask[tm.squeeze(-1)]
         if rows.numel() == 0:

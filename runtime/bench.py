@@ -136,7 +136,7 @@ def _fmt(value, spec: str = ".3f") -> str:
 def rule_lines(report: dict) -> list[str]:
     """The sparse rule a report (or a generation's settings) describes, as indented lines."""
     two = report.get("mlp_candidate_density")
-    lines = [f"  selection {report.get('selection')}, MLP density {_fmt(report['mlp_density'], 'g')}, "
+    lines = [f"  selection {report.get('selection')}{' (tuned predictors)' if report.get('tuned') else ''}, MLP density {_fmt(report['mlp_density'], 'g')}, "
              f"head density {_fmt(report['head_density'], 'g')}"
              + (f", two-stage MLP (predictor candidates {two:g}, final top-k by exact activation)" if two else "")
              + (f", exact-up MLP (log|up| + {report['mlp_up_weight']:g} x predictor logit)"

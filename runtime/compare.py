@@ -87,11 +87,12 @@ def rule_label(report: dict) -> str:
         attn = f" / attention {t['keep_attn_input']:g}" if t.get("keep_attn_input") is not None else f", {heads}"
         return f"thresholds {t['keep_input']:g} / {t['keep_down_input']:g}{attn}"
     mlp = f"MLP {report['mlp_density']:g}"
+    tuned = " (tuned)" if report.get("tuned") else ""
     if report.get("mlp_up_weight") is not None:
-        return f"exact-up {report['mlp_up_weight']:g}, {mlp}, {heads}"
+        return f"exact-up {report['mlp_up_weight']:g}{tuned}, {mlp}, {heads}"
     if report.get("mlp_candidate_density"):
-        return f"two-stage {report['mlp_candidate_density']:g} -> {report['mlp_density']:g}, {heads}"
-    return f"{report.get('selection', 'predictor')}, {mlp}, {heads}"
+        return f"two-stage {report['mlp_candidate_density']:g} -> {report['mlp_density']:g}{tuned}, {heads}"
+    return f"{report.get('selection', 'predictor')}{tuned}, {mlp}, {heads}"
 
 
 def comparison_row(path: Path, report: dict) -> dict:

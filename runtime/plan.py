@@ -192,6 +192,8 @@ def resolve_plan(cfg, manifest: dict | None, predictors: PredictorSet | None, mo
         "mlp_candidate_density": cand_d, "mlp_up_weight": up_w,
         "bundle": str(Path(bundle).resolve()) if bundle else None, "mlp_pairing": use.mlp_pairing if use else None,
         "head_pairing": use.head_pairing if use else None,
+        # the bundle's predictors were tuned end to end (`dejavu tune-predictors`)
+        "tuned": bool(use is not None and manifest is not None and manifest.get("tuned")),
         "thresholds": None if thresholds is None else {
             **thresholds.describe(), "calibration": cfg.data.dataset, "calibration_tokens": rt.calibration_tokens}
         if bundled is None else {**manifest["thresholds"], "from_bundle": True},

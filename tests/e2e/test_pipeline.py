@@ -30,11 +30,15 @@ def test_pipeline_through_the_cli(tmp_path, tiny_llama, tiny_tokenizer):
     assert metrics["loss"] == "bce+output" and metrics["output_weight"] == 1.0
     for layer in metrics["layers"].values():
         assert 0 <= layer["mlp"]["oracle_output_error"] <= layer["mlp"]["output_error"]
-    ok("export", "--run", run, "--out", bundle)
+    # optional end-to-end tuning; export then takes RUN/tuned
+    out = ok("tune-predictors", "--config", "tiny", "--run", run)
+    assert "held-out calibration text" in out and (run / "tuned" / "manifest.json").is_file()
+    assert "exporting the tuned predictors" in ok("export", "--run", run, "--out", bundle)
     out = ok("bench", "--config", "tiny", "--bundle", bundle, "--dataset", EVAL_RAW, "--json", report,
              "--max-eval-tokens", 256, "--device", "cpu")
     assert "perplexity" in out
     data = json.loads(report.read_text())
+    assert data["tuned"] is True and "selection predictor (tuned predictors)" in out
     for key in CONTRACT_KEYS:
         assert key in data, key
     assert data["model"] == str(tiny_llama)  # the bundle's model, since --model was not given
@@ -55,7 +59,7 @@ def test_pipeline_through_the_cli(tmp_path, tiny_llama, tiny_tokenizer):
         1 / 3 + 2 / 3 * up["quality"]["computed"]["mlp_kept"])
     # The two reports side by side, as `make demo` ends.
     table = ok("compare", report, up_report, "--json", tmp_path / "compare.json")
-    assert "predictor, MLP 0.5" in table and "exact-up 0.4, MLP 0.5" in table and "note:" not in table
+    assert "predictor (tuned), MLP 0.5" in table and "exact-up 0.4 (tuned), MLP 0.5" in table and "note:" not in table
     rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
     assert [r["sparse_ppl"] for r in rows] == [data["sparse.ppl"], up["sparse.ppl"]]
     # The bundle drives generation: decode loop, sparse and dense side by side, JSON beside.

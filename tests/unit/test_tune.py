@@ -1,0 +1,158 @@
+"""`dejavu tune-predictors`: straight-through selection, tuning end to end, resume, and export's choice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dejavu.artifacts import load_tensors
+from dejavu.errors import DejavuError
+from dejavu.export.bundle import BUNDLE_FILE, run_export
+from dejavu.runtime.apply import SparseRuntime
+
+from helpers import CALIB_TXT, load_tiny, make_predictors_dir, random_ids, random_predictors
+
+# a few short sequences of the calibration text: each step reads two, four are held out
+TUNE = {"data.seq_len": 32, "tune.steps": 60, "tune.sequences": 2, "tune.eval_sequences": 4, "tune.lr": 0.05,
+        "tune.checkpoint_every": 4, "model.device": "cpu", "model.dtype": "float32"}
+
+
+def test_straight_through_forward_is_the_hard_selection_and_reaches_the_predictors(tiny_llama):
+    model, adapter = load_tiny(tiny_llama)
+    ids = random_ids(model)
+    plain = random_predictors(adapter, mlp_density=0.5, head_density=0.5)
+    with SparseRuntime(model, adapter, plain), torch.no_grad():
+        expected = model(input_ids=ids).logits
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with SparseRuntime(model, adapter, plain, straight_through=2.0) as rt:
+        logits = model(input_ids=ids).logits
+        assert rt.stats.mlp_kept == pytest.approx(0.5, abs=0.02)  # the hard selection is what is counted
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    logits.float().logsumexp(-1).sum().backward()
+    for lp in plain.layers:
+        for pred in (lp.mlp, lp.attn):
+            assert pred.w1.grad is not None and pred.w1.grad.abs().sum() > 0
+    with pytest.raises(DejavuError, match="straight-through"):
+        SparseRuntime(model, adapter, plain, straight_through=2.0, mode="gather")
+
+
+@pytest.fixture(autouse=True)
+def small_corpus(tmp_path, monkeypatch):
+    """The calibration text's first lines: tokenising all of it for a few short sequences wastes seconds."""
+    path = tmp_path / "calib.txt"
+    path.write_text("".join(CALIB_TXT.read_text().splitlines(keepends=True)[:400]))
+    monkeypatch.setitem(TUNE, "data.dataset", str(path))
+
+
+def _tune(run, **overrides):
+    from dejavu.train.tune import run_tune
+
+    return run_tune(run, overrides={**TUNE, **overrides})
+
+
+def test_tuning_lowers_held_out_kl_and_export_uses_the_tuned_predictors(tmp_path, tiny_llama, capsys):
+    run = tmp_path / "run"
+    make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=1.0)
+    manifest = _tune(run)
+    tuned = manifest["tuned"]
+    assert tuned["before"]["scored_tokens"] == 4 * 31 and tuned["mlp_density"] == 0.5 and tuned["head_density"] == 1.0
+    # random predictors on a random model: 0.089 -> 0.068 at seed 0 (-24 %)
+    assert tuned["after"]["kl"] < 0.9 * tuned["before"]["kl"]
+    assert tuned["after"]["dense_ppl"] == pytest.approx(tuned["before"]["dense_ppl"])
+    assert not (run / "tuned" / "progress" / "checkpoint.safetensors").exists()  # finished: checkpoint removed
+    metrics = json.loads((run / "tuned" / "metrics.json").read_text())
+    assert metrics["tuned"]["after"] == tuned["after"] and "mlp" in metrics["trained"]
+    # the same command again keeps the finished tuning; other settings need --overwrite, and keep it meanwhile
+    assert _tune(run) == manifest and "already tuned" in capsys.readouterr().out
+    with pytest.raises(DejavuError, match="--overwrite"):
+        _tune(run, **{"tune.lr": 0.01})
+    assert (run / "tuned" / "manifest.json").is_file()
+
+    # export takes the tuned predictors, --untuned the trained ones
+    layer0 = load_tensors(run / "tuned" / "layers" / "layer-000.safetensors")
+    trained0 = load_tensors(run / "predictors" / "layers" / "layer-000.safetensors")
+    assert not torch.equal(layer0["mlp.w1"], trained0["mlp.w1"])
+    bundle = run_export(run, tmp_path / "bundle")
+    assert "exporting the tuned predictors" in capsys.readouterr().out and bundle["tuned"]["after"] == tuned["after"]
+    exported = load_tensors(tmp_path / "bundle" / BUNDLE_FILE, ["layers.0.mlp.w1"])["layers.0.mlp.w1"]
+    torch.testing.assert_close(exported, layer0["mlp.w1"])
+    run_export(run, tmp_path / "bundle-untuned", untuned=True)
+    exported = load_tensors(tmp_path / "bundle-untuned" / BUNDLE_FILE, ["layers.0.mlp.w1"])["layers.0.mlp.w1"]
+    torch.testing.assert_close(exported, trained0["mlp.w1"])
+
+    # predictors trained again: the tuned ones are stale, export says so and takes the new ones
+    make_predictors_dir(run, tiny_llama, seed=1)
+    run_export(run, tmp_path / "bundle-new")
+    assert "was tuned from other predictors" in capsys.readouterr().out
+
+
+def test_a_killed_tuning_resumes_from_its_checkpoint_to_the_same_predictors(tmp_path, tiny_llama, monkeypatch):
+    import dejavu.train.tune as tune
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    for run in (whole, resumed):
+        make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=1.0)
+    _tune(whole)
+
+    real, calls = tune._kl_and_logits, {"n": 0}
+
+    def killed_at_step_7(model, runtime, ids):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 7:
+                raise KeyboardInterrupt
+        return real(model, runtime, ids)
+
+    monkeypatch.setattr(tune, "_kl_and_logits", killed_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        _tune(resumed)
+    assert json.loads((resumed / "tuned" / "progress" / "checkpoint.json").read_text())["step"] == 4
+    assert not (resumed / "tuned" / "manifest.json").exists()
+    monkeypatch.setattr(tune, "_kl_and_logits", real)
+    manifest = _tune(resumed)
+    for name in ("layer-000.safetensors", "layer-001.safetensors"):
+        a = load_tensors(whole / "tuned" / "layers" / name)
+        b = load_tensors(resumed / "tuned" / "layers" / name)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert manifest["tuned"]["after"]["kl"] == pytest.approx(
+        json.loads((whole / "tuned" / "manifest.json").read_text())["tuned"]["after"]["kl"], rel=1e-4)
+    # the head predictors were not tuned (heads dense): left as trained
+    a = load_tensors(resumed / "tuned" / "layers" / "layer-000.safetensors")
+    b = load_tensors(resumed / "predictors" / "layers" / "layer-000.safetensors")
+    assert torch.equal(a["attn.w1"], b["attn.w1"]) and not torch.equal(a["mlp.w1"], b["mlp.w1"])
+    # other settings than the checkpoint's: refused, nothing lost
+    (resumed / "tuned" / "manifest.json").unlink()
+    tune._save_checkpoint(resumed / "tuned", 4, "other-key", [], torch.optim.Adam([torch.zeros(1)]), {})
+    with pytest.raises(DejavuError, match="--overwrite"):
+        _tune(resumed)
+
+
+def test_bad_inputs_are_refused_by_name(tmp_path, tiny_llama, tiny_model_factory):
+    run = tmp_path / "run"
+    make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=1.0)
+    with pytest.raises(DejavuError, match="nothing to tune"):
+        _tune(run, **{"tune.mlp_density": 1.0})
+    with pytest.raises(DejavuError, match="tune.steps must be positive"):
+        _tune(run, **{"tune.steps": 0})
+    other = tiny_model_factory("llama", seed=3)
+    from dejavu.train.tune import run_tune
+
+    with pytest.raises(DejavuError, match="trained for"):
+        run_tune(run, overrides=dict(TUNE), model_name=str(other))
+    # a NaN in a trained layer file is named before the model is even loaded
+    path = run / "predictors" / "layers" / "layer-001.safetensors"
+    tensors = load_tensors(path)
+    tensors["mlp.w2"][0, 0] = float("nan")
+    from dejavu.artifacts import file_entry, save_tensors
+
+    sha = save_tensors(path, tensors)
+    manifest = json.loads((run / "predictors" / "manifest.json").read_text())
+    manifest["files"] = [file_entry(path, run / "predictors", sha) if f["path"].endswith("layer-001.safetensors")
+                         else f for f in manifest["files"]]
+    (run / "predictors" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DejavuError, match="layer-001.safetensors: mlp.w2 contains NaN"):
+        _tune(run)

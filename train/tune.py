@@ -1,0 +1,350 @@
+"""`dejavu tune-predictors`: tune every layer's trained predictors together, end to end.
+
+`train-predictors` fits each layer alone, on the dense model's block inputs. At inference the layers
+run sparse one after another: each predictor reads inputs that earlier layers' selections have already
+changed, and what a miss costs depends on the layers after it. Here the loaded model runs sparse with
+all predictors at once (runtime/apply.py, straight-through top-k: hard selections forward, sigmoid
+gradients back) and the predictors are trained on KL(dense || sparse) of the next-token distribution,
+over sequences of the calibration corpus. The model's own weights stay frozen.
+
+Reads RUN/predictors/; writes RUN/tuned/ in the same format (layer files, metrics.json, a manifest of
+kind dejavu.predictors naming the predictors it started from), so `dejavu export` reads either. A
+checkpoint every `tune.checkpoint_every` steps lets a killed run resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from dejavu.artifacts import (
+    MANIFEST,
+    atomic_write_json,
+    check_finite,
+    file_entry,
+    load_tensors,
+    manifest_hash,
+    parent_ref,
+    read_manifest,
+    save_tensors,
+    write_manifest,
+)
+from dejavu.config import RunConfig, load_config
+from dejavu.errors import DejavuError
+from dejavu.predictor import KINDS, PREDICTOR_TENSORS, LayerPredictors, LowRankPredictor, PredictorSet
+from dejavu.train.train import layer_file
+
+PREDICTORS_KIND = "dejavu.predictors"
+CHECKPOINT = "progress/checkpoint.safetensors"
+CHECKPOINT_RECORD = "progress/checkpoint.json"
+
+
+def resolve_tune_config(base: dict, config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
+    """The training run's config, then the --config file, then flags; what earlier stages ran with stays."""
+    cfg = load_config(config_file, overrides, base=base, base_source="predictors manifest's config",
+                      fixed=("model", "collect", "train"))
+    t = cfg.tune
+    for name in ("steps", "sequences", "eval_sequences", "checkpoint_every"):
+        if getattr(t, name) <= 0:
+            raise DejavuError(f"tune.{name} must be positive, got {getattr(t, name)}")
+    if not (t.lr > 0 and math.isfinite(t.lr)):
+        raise DejavuError(f"tune.lr must be a positive number, got {t.lr}")
+    if not (t.sharpness > 0 and math.isfinite(t.sharpness)):
+        raise DejavuError(f"tune.sharpness must be a positive number, got {t.sharpness}")
+    return cfg
+
+
+def tune_densities(cfg: RunConfig, pm: dict) -> tuple[float, float]:
+    """The densities to tune at: tune.*, else what `export` would give the bundle by default."""
+    t = cfg.tune
+    mlp = t.mlp_density or cfg.export.mlp_density or pm.get("mlp_density") or cfg.train.mlp_density
+    heads = t.head_density or cfg.export.head_density or pm.get("head_density") or cfg.train.head_density
+    return float(mlp), float(heads)
+
+
+def tuning_inputs(cfg: RunConfig, pm: dict, densities: tuple[float, float]) -> dict:
+    """What a checkpoint depends on: the tune settings, the corpus and the predictors it started from."""
+    settings = {k: v for k, v in cfg.to_dict()["tune"].items() if k not in ("checkpoint_every",)}
+    return {"tune": settings, "densities": list(densities), "dataset": cfg.data.dataset, "seq_len": cfg.data.seq_len,
+            "data_seed": cfg.data.seed, "predictors": manifest_hash(pm)}
+
+
+def read_predictors(pred_dir: Path, pm: dict) -> tuple[PredictorSet, list[int]]:
+    """The trained predictors of every layer listed in the manifest (float32, CPU)."""
+    num_layers = int((pm.get("model") or {}).get("num_layers") or 0)
+    listed = {entry["path"] for entry in pm.get("files", [])}
+    layers, present = [], []
+    for l in range(num_layers):  # noqa: E741
+        if layer_file(l) not in listed:
+            layers.append(LayerPredictors(None, None))
+            continue
+        tensors = load_tensors(pred_dir / layer_file(l))
+        by_kind = {}
+        for kind in KINDS:
+            part = {name: tensors.get(f"{kind}.{name}") for name in PREDICTOR_TENSORS}
+            missing = [name for name, value in part.items() if value is None]
+            if missing:
+                raise DejavuError(f"{pred_dir / layer_file(l)} lacks {kind}.{missing[0]}: train the predictors again")
+            for name, value in part.items():
+                check_finite(f"{pred_dir / layer_file(l)}: {kind}.{name}", value)
+            by_kind[kind] = LowRankPredictor.from_tensors({k: v.float() for k, v in part.items()},
+                                                          pm.get("hidden_activation", "none"))
+        layers.append(LayerPredictors(by_kind["mlp"], by_kind["attn"]))
+        present.append(l)
+    if not present:
+        raise DejavuError(f"{pred_dir} lists no trained layer files ({layer_file(0)}, ...)")
+    return PredictorSet(layers, pm.get("mlp_pairing", "current"), pm.get("head_pairing", "lookahead")), present
+
+
+def trainable(predictors: PredictorSet, densities: tuple[float, float]) -> list[torch.nn.Parameter]:
+    """The parameters tuned: every MLP predictor when the MLP is sparse, every head predictor when heads are."""
+    params = []
+    for lp in predictors.layers:
+        for pred, density in ((lp.mlp, densities[0]), (lp.attn, densities[1])):
+            if pred is not None and density < 1.0:
+                params.extend(pred.parameters())
+    return params
+
+
+def calibration_sequences(cfg: RunConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training sequences, held-out sequences) of data.seq_len tokens from data.dataset, seeded-shuffled;
+    the held-out ones are the last `tune.eval_sequences` and never trained on."""
+    from dejavu.corpus import fixed_length_sequences, load_texts, tokenize_stream
+
+    texts = load_texts(cfg.data.dataset, split=cfg.data.split, text_field=cfg.data.text_field)
+    stream = tokenize_stream(texts, tokenizer, f"calibration corpus {cfg.data.dataset}")
+    seqs = fixed_length_sequences(stream, cfg.data.seq_len, None, cfg.data.seed)
+    held = cfg.tune.eval_sequences
+    if seqs.shape[0] <= held:
+        raise DejavuError(f"{cfg.data.dataset} holds {seqs.shape[0]} sequences of {cfg.data.seq_len} tokens; tuning needs "
+                          f"more than tune.eval_sequences ({held}) so some are left to train on")
+    return seqs[:-held], seqs[-held:]
+
+
+def _batch(train: torch.Tensor, step: int, per_step: int) -> torch.Tensor:
+    """The sequences of one step: consecutive in the shuffled order, wrapping around (a pure function of
+    the step, so a resumed run reads what an uninterrupted one would)."""
+    n = train.shape[0]
+    return train[[(step * per_step + i) % n for i in range(per_step)]]
+
+
+def _kl_and_logits(model, runtime, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        runtime.enabled = False
+        dense = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
+        runtime.enabled = True
+    sparse = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
+    kl = (dense.exp() * (dense - sparse)).sum(-1).mean()
+    return kl, dense, sparse
+
+
+@torch.no_grad()
+def held_out_quality(model, runtime, held: torch.Tensor, device, desc: str) -> dict:
+    """Perplexity (dense and sparse), top-1 agreement and KL over the held-out calibration sequences."""
+    from dejavu.runtime.quality import Totals
+
+    totals = Totals()
+    for seq in tqdm(held, desc=desc, unit="seq", leave=False):
+        ids = seq[None].to(device)
+        _, dense, sparse = _kl_and_logits(model, runtime, ids)
+        totals.add(dense[0, :-1], sparse[0, :-1], ids[0, 1:])
+    report = totals.report()
+    return {key: report[key] for key in ("dense_ppl", "sparse_ppl", "top1_agreement", "kl", "scored_tokens")}
+
+
+def _save_checkpoint(out: Path, step: int, key: str, params: list[torch.nn.Parameter], opt: torch.optim.Adam,
+                     before: dict) -> None:
+    tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
+    for i, p in enumerate(params):
+        state = opt.state.get(p, {})
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            if name in state:
+                tensors[f"adam.{i}.{name}"] = torch.as_tensor(state[name]).detach().cpu().float().reshape(-1).contiguous() \
+                    if name == "step" else state[name].detach().cpu().contiguous()
+    save_tensors(out / CHECKPOINT, tensors, metadata={"format": "dejavu.tune-checkpoint", "step": str(step)})
+    atomic_write_json(out / CHECKPOINT_RECORD, {"step": step, "key": key, "before": before})
+
+
+def _load_checkpoint(out: Path, key: str, params: list[torch.nn.Parameter], opt: torch.optim.Adam) -> tuple[int, dict | None]:
+    """The step a matching checkpoint reached (and the held-out quality measured before tuning), else 0."""
+    record_path = out / CHECKPOINT_RECORD
+    if not record_path.is_file() or not (out / CHECKPOINT).is_file():
+        return 0, None
+    try:
+        record = json.loads(record_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return 0, None
+    if record.get("key") != key:
+        raise DejavuError(f"{out} holds a tuning checkpoint made with other settings, corpus or predictors; pass "
+                          "--overwrite to start again")
+    tensors = load_tensors(out / CHECKPOINT)
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            saved = tensors.get(f"param.{i}")
+            if saved is None or saved.shape != p.shape or not torch.isfinite(saved).all():
+                raise DejavuError(f"{out / CHECKPOINT} does not match these predictors; pass --overwrite to start again")
+            p.copy_(saved)
+            if f"adam.{i}.exp_avg" in tensors:
+                opt.state[p] = {"step": tensors[f"adam.{i}.step"].reshape(()).clone(),
+                                "exp_avg": tensors[f"adam.{i}.exp_avg"].to(p.device),
+                                "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].to(p.device)}
+    return int(record["step"]), record.get("before")
+
+
+def _finished(out: Path) -> dict | None:
+    """RUN/tuned's manifest when a run finished there (files unchecked: `export` checks them), else None."""
+    if not (out / MANIFEST).is_file():
+        return None
+    try:
+        return read_manifest(out, PREDICTORS_KIND, verify=False)
+    except DejavuError:
+        return None
+
+
+def _tuned_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def current_tuned(run: Path) -> Path | None:
+    """RUN/tuned when it is finished and was tuned from the predictors RUN/predictors holds now, else None."""
+    tuned, pred_dir = run / "tuned", run / "predictors"
+    if not (tuned / MANIFEST).is_file() or not (pred_dir / MANIFEST).is_file():
+        return None
+    try:
+        tm = read_manifest(tuned, PREDICTORS_KIND, verify=False)
+        pm = read_manifest(pred_dir, PREDICTORS_KIND, verify=False)
+    except DejavuError:
+        return None
+    source = (tm.get("tuned") or {}).get("from") or {}
+    return tuned if source.get("sha256") == manifest_hash(pm) else None
+
+
+def run_tune(run: Path, config_file: str | None = None, overrides: dict | None = None, overwrite: bool = False,
+             model_name: str | None = None) -> dict:
+    """Tune RUN/predictors/ end to end into RUN/tuned/; returns the new manifest."""
+    from dejavu.models.adapters import adapter_for
+    from dejavu.models.identity import check_identity
+    from dejavu.models.loading import load_model
+    from dejavu.runtime.apply import SparseRuntime
+
+    run = Path(run)
+    pred_dir = run / "predictors"
+    pm = read_manifest(pred_dir, PREDICTORS_KIND)
+    if (pm.get("tuned") or {}).get("from"):
+        raise DejavuError(f"{pred_dir} holds tuned predictors; pass the run directory that holds predictors/")
+    cfg = resolve_tune_config(pm.get("config") or {}, config_file, overrides or {})
+    densities = tune_densities(cfg, pm)
+    if min(densities) >= 1.0:
+        raise DejavuError(f"nothing to tune at MLP density {densities[0]:g} and head density {densities[1]:g}: "
+                          "set --mlp-density or --head-density below 1")
+    inputs = tuning_inputs(cfg, pm, densities)
+    key = _tuned_key(inputs)
+    identity = pm.get("model") or {}
+    predictors, present = read_predictors(pred_dir, pm)
+
+    out = run / "tuned"
+    finished = None if overwrite else _finished(out)
+    if finished is not None:
+        if (finished.get("tuned") or {}).get("key") == key:
+            print(f"{out} is already tuned with these settings from these predictors: kept (--overwrite tunes again)",
+                  flush=True)
+            return finished
+        raise DejavuError(f"{out} holds predictors tuned with other settings, corpus or predictors; pass --overwrite "
+                          "to replace them")
+    model, tokenizer, source = load_model(model_name or identity.get("name") or cfg.model.name, device=cfg.model.device,
+                                          dtype=cfg.model.dtype, revision=cfg.model.revision,
+                                          trust_remote_code=cfg.model.trust_remote_code)
+    adapter = adapter_for(model)
+    check_identity(identity, adapter, what=f"{pred_dir} (trained for {identity.get('name', '?')})")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    device = next(model.parameters()).device
+    train_seqs, held = calibration_sequences(cfg, tokenizer)
+    # only now, with the model and corpus known good, is anything of an earlier tuning removed
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    (out / MANIFEST).unlink(missing_ok=True)  # an unreadable one: unfinished until this run writes it again
+    (out / "progress").mkdir(parents=True, exist_ok=True)
+
+    t = cfg.tune
+    torch.manual_seed(t.seed)
+    predictors.with_densities(*densities)
+    params = trainable(predictors, densities)
+    runtime = SparseRuntime(model, adapter, predictors, straight_through=t.sharpness)
+    opt = torch.optim.Adam(params, lr=t.lr)
+    start, before = _load_checkpoint(out, key, params, opt)
+    started = time.perf_counter()
+    try:
+        if before is None:
+            before = held_out_quality(model, runtime, held, device, "held out, before")
+        if start:
+            print(f"resuming from the checkpoint at step {start} of {t.steps}", flush=True)
+        bar = tqdm(total=t.steps, initial=start, desc="tune", unit="step")
+        for step in range(start, t.steps):
+            for group in opt.param_groups:  # cosine decay to 5 %, a pure function of the step (resumable)
+                group["lr"] = t.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / t.steps)))
+            ids = _batch(train_seqs, step, t.sequences).to(device)
+            with torch.enable_grad():
+                kl, _, _ = _kl_and_logits(model, runtime, ids)
+                if not torch.isfinite(kl):
+                    raise DejavuError(f"tuning diverged at step {step + 1} (KL {kl.item()}); the checkpoint of step "
+                                      f"{step - step % t.checkpoint_every} is kept: lower --lr and run again")
+                opt.zero_grad(set_to_none=True)
+                kl.backward()
+            opt.step()
+            bar.update()
+            bar.set_postfix(kl=f"{kl.item():.3f}")
+            if (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
+                _save_checkpoint(out, step + 1, key, params, opt, before)
+        bar.close()
+        after = held_out_quality(model, runtime, held, device, "held out, after")
+    finally:
+        runtime.remove()
+    return _write_tuned(out, pred_dir, pm, cfg, predictors, present, densities, {
+        "key": key, "steps": t.steps, "tokens": t.steps * t.sequences * cfg.data.seq_len, "lr": t.lr, "sharpness": t.sharpness,
+        "held_out_sequences": t.eval_sequences, "seconds_this_process": round(time.perf_counter() - started, 1),
+        "model": source.display, "device": str(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "before": before, "after": after,
+    })
+
+
+def _write_tuned(out: Path, pred_dir: Path, pm: dict, cfg: RunConfig, predictors: PredictorSet, present: list[int],
+                 densities: tuple[float, float], report: dict) -> dict:
+    files = []
+    (out / "layers").mkdir(parents=True, exist_ok=True)
+    for l in present:  # noqa: E741
+        lp = predictors.layers[l]
+        tensors = {f"{kind}.{name}": value.detach().float().cpu().contiguous()
+                   for kind, pred in (("mlp", lp.mlp), ("attn", lp.attn)) for name, value in pred.tensors().items()}
+        for name, value in tensors.items():
+            check_finite(f"tuned layer {l} {name}", value)
+        path = out / layer_file(l)
+        files.append(file_entry(path, out, save_tensors(path, tensors, metadata={"format": "dejavu.predictors",
+                                                                                  "layer": str(l), "tuned": "1"})))
+    tuned = {"from": parent_ref(pred_dir, pm), "mlp_density": densities[0], "head_density": densities[1], **report}
+    atomic_write_json(out / "metrics.json", {"trained": pm.get("metrics", {}), "tuned": tuned})
+    files.append(file_entry(out / "metrics.json", out))
+    # the trained manifest's fields (export reads them), its collect parent (so export's check that the
+    # collect data is unchanged still applies), and what tuning did; densities: the ones tuned at
+    fields = {k: v for k, v in pm.items() if k not in ("format", "format_version", "dejavu_version", "created",
+                                                       "config", "parent", "files")}
+    fields.update(mlp_density=densities[0], head_density=densities[1], tuned=tuned)
+    manifest = write_manifest(out, PREDICTORS_KIND, cfg.to_dict(), files, parent=pm.get("parent"), **fields)
+    for name in (CHECKPOINT, CHECKPOINT_RECORD):
+        (out / name).unlink(missing_ok=True)
+    b, a = report["before"], report["after"]
+    tqdm.write(f"held-out calibration text ({b['scored_tokens']} tokens), MLP density {densities[0]:g}, head density "
+               f"{densities[1]:g}: sparse perplexity {b['sparse_ppl']:.3f} -> {a['sparse_ppl']:.3f} (dense "
+               f"{a['dense_ppl']:.3f}), KL {b['kl']:.4f} -> {a['kl']:.4f}, top-1 agreement {b['top1_agreement']:.3f} -> "
+               f"{a['top1_agreement']:.3f}")
+    tqdm.write(f"tuned predictors: {out} (`dejavu export --run {out.parent}` uses them)")
+    return manifest

@@ -24,12 +24,12 @@ setup:
 demo:
 	dejavu collect --model smollm2-135m --dataset $(CALIB) --out $(DEMO_RUN) --max-tokens $(DEMO_TOKENS)
 	dejavu train-predictors --run $(DEMO_RUN) $(DEMO_TRAIN_FLAGS)
-	dejavu export --run $(DEMO_RUN) --out $(DEMO_RUN)/bundle --untuned
+	dejavu export --run $(DEMO_RUN) --out $(DEMO_RUN)/bundle
 	dejavu bench --model smollm2-135m --bundle $(DEMO_RUN)/bundle --dataset $(EVAL) \
 		--max-eval-tokens $(EVAL_TOKENS) --json $(DEMO_RUN)/bench.json
 	# The same predictors tuned end to end (optional stage), exported and measured again.
 	dejavu tune-predictors --run $(DEMO_RUN) $(DEMO_TUNE_FLAGS)
-	dejavu export --run $(DEMO_RUN) --out $(DEMO_RUN)/bundle-tuned
+	dejavu export --run $(DEMO_RUN)/tuned --out $(DEMO_RUN)/bundle-tuned
 	dejavu bench --model smollm2-135m --bundle $(DEMO_RUN)/bundle-tuned --dataset $(EVAL) \
 		--max-eval-tokens $(EVAL_TOKENS) --json $(DEMO_RUN)/bench-tuned.json
 	# The tuned bundle in use: text generated sparse, beside dense.

@@ -133,7 +133,6 @@ class TuneConfig:
     # densities to tune at; None: what `export` gives the bundle by default (export.*, else the trained ones)
     mlp_density: float | None = None
     head_density: float | None = None
-    seed: int = 0
 
 
 @dataclass

@@ -143,7 +143,7 @@ def _fail(message: str) -> None:
 
 
 # The commands whose work survives an interruption (collect's shards, train-predictors' layers).
-RESUMABLE = ("collect", "train_predictors")
+RESUMABLE = ("collect", "train_predictors", "tune_predictors")
 
 
 def _check_rule_flags(config: str | None, section: str, calibration: str | None, model: str | None = None,
@@ -185,7 +185,8 @@ def handle_errors(func):
         except KeyboardInterrupt:
             if os.environ.get("RANK", "0") == "0":  # under torchrun every process is interrupted: say it once
                 resumable = func.__name__ in RESUMABLE
-                typer.echo("interrupted: finished shards/layers are kept; run the same command again to resume"
+                typer.echo("interrupted: finished shards/layers (tuning: the last checkpoint) are kept; run the same "
+                           "command again to resume"
                            if resumable else "interrupted", err=True)
             raise typer.Exit(code=130) from None
         except (OSError, ValueError, RuntimeError) as exc:
@@ -307,14 +308,16 @@ def tune_predictors(
     eval_sequences: int | None = typer.Option(None, "--eval-sequences", help="Held-out sequences." + default("tune.eval_sequences")),
     model: str | None = typer.Option(None, "--model", "-m", help="Model to tune against (default: the one the predictors were trained for)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto (default: the run's model.device)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start again instead of resuming from RUN/tuned's checkpoint."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start again: replace a finished RUN/tuned, or a checkpoint of other settings, "
+        "instead of keeping it (a rerun with the same settings keeps a finished tuning and resumes an unfinished one)."),
     config: str | None = ConfigOpt,
     debug: bool = DebugOpt,
 ):
     """Tune every layer's predictors together against the dense model (KL of the next-token distribution).
 
-    Writes RUN/tuned/ (the predictors' format); `dejavu export --run RUN` then uses it. Optional: it loads the
-    model and runs it forward and backward, so it costs far more than train-predictors per token.
+    Writes RUN/tuned/ (the predictors' format); export it with `dejavu export --run RUN/tuned`. Optional: it
+    loads the model and runs it forward and backward, so it costs far more than train-predictors per token.
     """
     from dejavu.train.tune import run_tune
 
@@ -330,7 +333,8 @@ def tune_predictors(
 def export(
     run: Path | None = typer.Option(
         None, "--run", "-r",
-        help="Run directory holding predictors/ from `dejavu train-predictors` (may be left out with "
+        help="Run directory holding predictors/ from `dejavu train-predictors`, or its tuned/ from `dejavu "
+             "tune-predictors` (may be left out with "
              "--mlp-keep-input or --keep-layer-bytes: a bundle of thresholds alone)."),
     out: Path = typer.Option(
         ..., "--out", "-o",
@@ -369,21 +373,18 @@ def export(
     model: str | None = typer.Option(
         None, "--model", "-m",
         help="Model to calibrate thresholds on (default: the training run's model; without --run, the config's)."),
-    untuned: bool = typer.Option(
-        False, "--untuned", help="Export RUN/predictors even where `dejavu tune-predictors` has written RUN/tuned."),
     config: str | None = ConfigOpt,
     debug: bool = DebugOpt,
 ):
     """Write a self-describing predictor bundle (safetensors + manifest; no pickle).
 
-    From RUN/tuned/ when `dejavu tune-predictors` tuned the run's current predictors, else RUN/predictors/."""
+    --run RUN reads RUN/predictors/; --run RUN/tuned the predictors `dejavu tune-predictors` tuned."""
     from dejavu.export.bundle import run_export
 
     if mlp_keep_input is None and keep_layer_bytes is None:
         _check_rule_flags(config, "export", calibration, model if run is not None else None,
                           calibration_tokens=calibration_tokens)
-    run_export(Path(run) if run is not None else None, Path(out), config_file=config, model_name=model,
-               untuned=untuned, overrides={
+    run_export(Path(run) if run is not None else None, Path(out), config_file=config, model_name=model, overrides={
         "export.mlp_density": mlp_density, "export.head_density": head_density,
         "export.mlp_candidate_density": mlp_candidate_density, "export.mlp_keep_input": mlp_keep_input,
         "export.attn_keep_input": attn_keep_input, "export.keep_layer_bytes": keep_layer_bytes,

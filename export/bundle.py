@@ -210,29 +210,28 @@ def _check_thresholds_take_no_layer_densities(cfg) -> None:
                           "down's input in every layer: drop one of them")
 
 
-def _predictors_dir(run: Path, untuned: bool) -> Path:
-    """RUN/tuned when it was tuned from the predictors RUN/predictors holds now (and not `untuned`), else
-    RUN/predictors; a predictors directory given itself (either) as it is."""
+def _predictors_dir(run: Path) -> Path:
+    """RUN/predictors, or a predictors directory given itself (RUN/predictors or RUN/tuned). A note says when
+    RUN/tuned holds these predictors tuned (export that directory to use them), or when a tuned directory
+    given was tuned from other predictors than its run holds now."""
     from dejavu.train.tune import current_tuned
 
-    pred_dir = run / "predictors"
-    if not pred_dir.exists() and (run / "manifest.json").is_file():
+    if not (run / "predictors").exists() and (run / "manifest.json").is_file():
+        if run.name == "tuned" and (run.parent / "predictors" / "manifest.json").is_file() \
+                and current_tuned(run.parent) is None:
+            print(f"note: {run} was tuned from other predictors than {run.parent / 'predictors'} holds now; exporting "
+                  "it as it is", flush=True)
         return run
-    if untuned:
-        return pred_dir
-    tuned = current_tuned(run)
-    if tuned is not None:
-        print(f"exporting the tuned predictors of {tuned} (--untuned: those of {pred_dir})", flush=True)
-        return tuned
-    if (run / "tuned" / "manifest.json").is_file():
-        print(f"note: {run / 'tuned'} was tuned from other predictors than {pred_dir} holds now: exporting "
-              f"{pred_dir} (run `dejavu tune-predictors --run {run} --overwrite` to tune these)", flush=True)
-    return pred_dir
+    if current_tuned(run) is not None:
+        print(f"note: {run / 'tuned'} holds these predictors tuned end to end; `--run {run / 'tuned'}` exports "
+              "those", flush=True)
+    return run / "predictors"
 
 
 def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[str, Any] | None = None,
-               model_name: str | None = None, untuned: bool = False) -> dict:
-    """Read RUN/predictors/ (RUN/tuned/ where current), write the bundle at `out`; returns the bundle manifest. With
+               model_name: str | None = None) -> dict:
+    """Read RUN/predictors/ (or a predictors directory given itself: RUN/tuned/), write the bundle at `out`;
+    returns the bundle manifest. With
     export.mlp_keep_input the bundle also holds calibrated thresholds; with no run, only them."""
     if run is None:
         from dejavu.config import load_config
@@ -244,7 +243,7 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         _check_thresholds_take_no_layer_densities(cfg)
         return _export_thresholds_only(Path(out), cfg, model_name or cfg.model.name)
     run, out = Path(run), Path(out)
-    pred_dir = _predictors_dir(run, untuned)
+    pred_dir = _predictors_dir(run)
     pm = read_manifest(pred_dir, PREDICTORS_KIND)
     collect_dir = pred_dir.parent / "collect"
     _check_collect_unchanged(pm, pred_dir, collect_dir)
@@ -299,6 +298,11 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
             raise DejavuError(f"the model has {len(thresholds.x)} layers, the predictors {num_layers}")
         tensors.update(thresholds_to_tensors(thresholds))
 
+    tuned = pm.get("tuned") or {}
+    if tuned and (any(d != tuned.get("mlp_density") for d, p in zip(mlp_per_layer, present, strict=True) if p)
+                  or any(d != tuned.get("head_density") for d, p in zip(head_per_layer, present, strict=True) if p)):
+        print(f"note: these predictors were tuned at MLP density {tuned.get('mlp_density')} and head density "
+              f"{tuned.get('head_density')}; the bundle asks for others, where tuning was not measured", flush=True)
     # per-layer overrides make the top-level density their mean (what bench reports), not the default
     mlp_density, head_density = _mean_density(mlp_per_layer, present), _mean_density(head_per_layer, present)
     _writing_to(out, replacing)

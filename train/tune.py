@@ -8,8 +8,9 @@ gradients back) and the predictors are trained on KL(dense || sparse) of the nex
 over sequences of the calibration corpus. The model's own weights stay frozen.
 
 Reads RUN/predictors/; writes RUN/tuned/ in the same format (layer files, metrics.json, a manifest of
-kind dejavu.predictors naming the predictors it started from), so `dejavu export` reads either. A
-checkpoint every `tune.checkpoint_every` steps lets a killed run resume where it stopped.
+kind dejavu.predictors naming the predictors it started from), so `dejavu export --run RUN/tuned` reads it
+as it reads RUN/predictors. A checkpoint every `tune.checkpoint_every` steps (and after the last) lets a
+killed run resume where it stopped and end where an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from tqdm import tqdm
 from dejavu.artifacts import (
     MANIFEST,
     atomic_write_json,
+    check_can_write,
     check_finite,
     file_entry,
     load_tensors,
-    manifest_hash,
     parent_ref,
     read_manifest,
     save_tensors,
@@ -44,7 +45,6 @@ from dejavu.train.train import layer_file
 
 PREDICTORS_KIND = "dejavu.predictors"
 CHECKPOINT = "progress/checkpoint.safetensors"
-CHECKPOINT_RECORD = "progress/checkpoint.json"
 
 
 def resolve_tune_config(base: dict, config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
@@ -70,11 +70,42 @@ def tune_densities(cfg: RunConfig, pm: dict) -> tuple[float, float]:
     return float(mlp), float(heads)
 
 
-def tuning_inputs(cfg: RunConfig, pm: dict, densities: tuple[float, float]) -> dict:
-    """What a checkpoint depends on: the tune settings, the corpus and the predictors it started from."""
-    settings = {k: v for k, v in cfg.to_dict()["tune"].items() if k not in ("checkpoint_every",)}
-    return {"tune": settings, "densities": list(densities), "dataset": cfg.data.dataset, "seq_len": cfg.data.seq_len,
-            "data_seed": cfg.data.seed, "predictors": manifest_hash(pm)}
+def predictors_identity(pm: dict) -> str:
+    """What defines a set of trained predictors: their layer files' hashes, shapes and pairings, and the collect
+    data they came from. Not the manifest's own hash: rerunning train-predictors on a finished run rewrites the
+    manifest (its date, its timings) and leaves the predictors as they were."""
+    layers = sorted((entry["path"], entry.get("sha256")) for entry in pm.get("files", [])
+                    if str(entry.get("path", "")).startswith("layers/"))
+    what = {"layers": layers, "parent": (pm.get("parent") or {}).get("sha256"),
+            **{k: pm.get(k) for k in ("rank", "attn_rank", "hidden_activation", "mlp_pairing", "head_pairing")}}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tuning_inputs(cfg: RunConfig, pm: dict, densities: tuple[float, float], dtype: str) -> dict:
+    """What a tuning depends on: the tune settings, the densities, corpus and model dtype, and the predictors
+    it started from. (The densities as resolved: restating a default changes nothing.)"""
+    settings = {k: v for k, v in cfg.to_dict()["tune"].items()
+                if k not in ("checkpoint_every", "mlp_density", "head_density")}
+    return {"tune": settings, "mlp_density": densities[0], "head_density": densities[1],
+            "dataset": cfg.data.dataset, "seq_len": cfg.data.seq_len, "data_seed": cfg.data.seed, "dtype": dtype,
+            "predictors": predictors_identity(pm)}
+
+
+def inputs_difference(old: dict | None, new: dict) -> str:
+    """The settings a refused rerun differs in, named (`tune.lr: 0.002 -> 0.01`)."""
+    if not old:
+        return "other settings"
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(old), flat(new)
+    parts = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(part if not part.startswith("predictors:") else "other trained predictors" for part in parts) \
+        or "other settings"
 
 
 def read_predictors(pred_dir: Path, pm: dict) -> tuple[PredictorSet, list[int]]:
@@ -160,8 +191,10 @@ def held_out_quality(model, runtime, held: torch.Tensor, device, desc: str) -> d
     return {key: report[key] for key in ("dense_ppl", "sparse_ppl", "top1_agreement", "kl", "scored_tokens")}
 
 
-def _save_checkpoint(out: Path, step: int, key: str, params: list[torch.nn.Parameter], opt: torch.optim.Adam,
+def _save_checkpoint(out: Path, step: int, inputs: dict, params: list[torch.nn.Parameter], opt: torch.optim.Adam,
                      before: dict) -> None:
+    """Parameters, Adam's state and the step in one file (renamed into place): a kill leaves the old
+    checkpoint or the new one, never parts of both."""
     tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
     for i, p in enumerate(params):
         state = opt.state.get(p, {})
@@ -169,22 +202,38 @@ def _save_checkpoint(out: Path, step: int, key: str, params: list[torch.nn.Param
             if name in state:
                 tensors[f"adam.{i}.{name}"] = torch.as_tensor(state[name]).detach().cpu().float().reshape(-1).contiguous() \
                     if name == "step" else state[name].detach().cpu().contiguous()
-    save_tensors(out / CHECKPOINT, tensors, metadata={"format": "dejavu.tune-checkpoint", "step": str(step)})
-    atomic_write_json(out / CHECKPOINT_RECORD, {"step": step, "key": key, "before": before})
+    save_tensors(out / CHECKPOINT, tensors, metadata={
+        "format": "dejavu.tune-checkpoint", "step": str(step), "key": _tuned_key(inputs),
+        "inputs": json.dumps(inputs, sort_keys=True), "before": json.dumps(before)})
+
+
+def _checkpoint_header(out: Path) -> dict | None:
+    """A checkpoint's metadata (step, key, inputs, before), or None where there is none or it is unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    if not (out / CHECKPOINT).is_file():
+        return None
+    try:
+        with safe_open(str(out / CHECKPOINT), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        return {"step": int(meta["step"]), "key": meta["key"], "inputs": json.loads(meta["inputs"]),
+                "before": json.loads(meta["before"])}
+    except (SafetensorError, OSError, KeyError, ValueError):
+        return None
+
+
+def _check_checkpoint(out: Path, key: str, inputs: dict) -> None:
+    header = _checkpoint_header(out)
+    if header is not None and header["key"] != key:
+        raise DejavuError(f"{out} holds an unfinished tuning (step {header['step']}) with "
+                          f"{inputs_difference(header['inputs'], inputs)}; pass --overwrite to start again")
 
 
 def _load_checkpoint(out: Path, key: str, params: list[torch.nn.Parameter], opt: torch.optim.Adam) -> tuple[int, dict | None]:
     """The step a matching checkpoint reached (and the held-out quality measured before tuning), else 0."""
-    record_path = out / CHECKPOINT_RECORD
-    if not record_path.is_file() or not (out / CHECKPOINT).is_file():
+    header = _checkpoint_header(out)
+    if header is None or header["key"] != key:
         return 0, None
-    try:
-        record = json.loads(record_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return 0, None
-    if record.get("key") != key:
-        raise DejavuError(f"{out} holds a tuning checkpoint made with other settings, corpus or predictors; pass "
-                          "--overwrite to start again")
     tensors = load_tensors(out / CHECKPOINT)
     with torch.no_grad():
         for i, p in enumerate(params):
@@ -196,7 +245,7 @@ def _load_checkpoint(out: Path, key: str, params: list[torch.nn.Parameter], opt:
                 opt.state[p] = {"step": tensors[f"adam.{i}.step"].reshape(()).clone(),
                                 "exp_avg": tensors[f"adam.{i}.exp_avg"].to(p.device),
                                 "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].to(p.device)}
-    return int(record["step"]), record.get("before")
+    return header["step"], header["before"]
 
 
 def _finished(out: Path) -> dict | None:
@@ -207,6 +256,10 @@ def _finished(out: Path) -> dict | None:
         return read_manifest(out, PREDICTORS_KIND, verify=False)
     except DejavuError:
         return None
+
+
+def _diverged(step: int, what: str) -> None:
+    raise DejavuError(f"tuning diverged at step {step + 1} ({what}); run again with a lower --lr and --overwrite")
 
 
 def _tuned_key(inputs: dict) -> str:
@@ -224,7 +277,7 @@ def current_tuned(run: Path) -> Path | None:
     except DejavuError:
         return None
     source = (tm.get("tuned") or {}).get("from") or {}
-    return tuned if source.get("sha256") == manifest_hash(pm) else None
+    return tuned if source.get("predictors") == predictors_identity(pm) else None
 
 
 def run_tune(run: Path, config_file: str | None = None, overrides: dict | None = None, overwrite: bool = False,
@@ -232,7 +285,7 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
     """Tune RUN/predictors/ end to end into RUN/tuned/; returns the new manifest."""
     from dejavu.models.adapters import adapter_for
     from dejavu.models.identity import check_identity
-    from dejavu.models.loading import load_model
+    from dejavu.models.loading import dtype_name, load_model, resolve_device, resolve_dtype
     from dejavu.runtime.apply import SparseRuntime
 
     run = Path(run)
@@ -245,20 +298,26 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
     if min(densities) >= 1.0:
         raise DejavuError(f"nothing to tune at MLP density {densities[0]:g} and head density {densities[1]:g}: "
                           "set --mlp-density or --head-density below 1")
-    inputs = tuning_inputs(cfg, pm, densities)
+    dtype = dtype_name(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device)))
+    inputs = tuning_inputs(cfg, pm, densities, dtype)
     key = _tuned_key(inputs)
     identity = pm.get("model") or {}
     predictors, present = read_predictors(pred_dir, pm)
 
+    # before the model loads: a finished tuning kept or refused, an unfinished one of other settings refused
     out = run / "tuned"
-    finished = None if overwrite else _finished(out)
-    if finished is not None:
-        if (finished.get("tuned") or {}).get("key") == key:
-            print(f"{out} is already tuned with these settings from these predictors: kept (--overwrite tunes again)",
-                  flush=True)
-            return finished
-        raise DejavuError(f"{out} holds predictors tuned with other settings, corpus or predictors; pass --overwrite "
-                          "to replace them")
+    check_can_write(out, "RUN/tuned")
+    if not overwrite:
+        finished = _finished(out)
+        if finished is not None:
+            done = finished.get("tuned") or {}
+            if done.get("key") == key:
+                print(f"{out} is already tuned with these settings from these predictors: kept (--overwrite tunes "
+                      "again)", flush=True)
+                return finished
+            raise DejavuError(f"{out} holds predictors tuned with {inputs_difference(done.get('inputs'), inputs)}; "
+                              "pass --overwrite to replace them")
+        _check_checkpoint(out, key, inputs)
     model, tokenizer, source = load_model(model_name or identity.get("name") or cfg.model.name, device=cfg.model.device,
                                           dtype=cfg.model.dtype, revision=cfg.model.revision,
                                           trust_remote_code=cfg.model.trust_remote_code)
@@ -276,7 +335,6 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
     (out / "progress").mkdir(parents=True, exist_ok=True)
 
     t = cfg.tune
-    torch.manual_seed(t.seed)
     predictors.with_densities(*densities)
     params = trainable(predictors, densities)
     runtime = SparseRuntime(model, adapter, predictors, straight_through=t.sharpness)
@@ -296,21 +354,23 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
             with torch.enable_grad():
                 kl, _, _ = _kl_and_logits(model, runtime, ids)
                 if not torch.isfinite(kl):
-                    raise DejavuError(f"tuning diverged at step {step + 1} (KL {kl.item()}); the checkpoint of step "
-                                      f"{step - step % t.checkpoint_every} is kept: lower --lr and run again")
+                    _diverged(step, f"KL {kl.item()}")
                 opt.zero_grad(set_to_none=True)
                 kl.backward()
             opt.step()
             bar.update()
             bar.set_postfix(kl=f"{kl.item():.3f}")
-            if (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
-                _save_checkpoint(out, step + 1, key, params, opt, before)
+            # the last step too: a failure in the final measurement or the writing loses no tuning
+            if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
+                if not all(torch.isfinite(p).all() for p in params):
+                    _diverged(step, "non-finite predictor weights")
+                _save_checkpoint(out, step + 1, inputs, params, opt, before)
         bar.close()
         after = held_out_quality(model, runtime, held, device, "held out, after")
     finally:
         runtime.remove()
     return _write_tuned(out, pred_dir, pm, cfg, predictors, present, densities, {
-        "key": key, "steps": t.steps, "tokens": t.steps * t.sequences * cfg.data.seq_len, "lr": t.lr, "sharpness": t.sharpness,
+        "key": key, "inputs": inputs, "dataset": cfg.data.dataset, "steps": t.steps, "tokens": t.steps * t.sequences * cfg.data.seq_len, "lr": t.lr, "sharpness": t.sharpness,
         "held_out_sequences": t.eval_sequences, "seconds_this_process": round(time.perf_counter() - started, 1),
         "model": source.display, "device": str(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "before": before, "after": after,
@@ -330,7 +390,7 @@ def _write_tuned(out: Path, pred_dir: Path, pm: dict, cfg: RunConfig, predictors
         path = out / layer_file(l)
         files.append(file_entry(path, out, save_tensors(path, tensors, metadata={"format": "dejavu.predictors",
                                                                                   "layer": str(l), "tuned": "1"})))
-    tuned = {"from": parent_ref(pred_dir, pm), "mlp_density": densities[0], "head_density": densities[1], **report}
+    tuned = {"from": {**parent_ref(pred_dir, pm), "predictors": predictors_identity(pm)}, "mlp_density": densities[0], "head_density": densities[1], **report}
     atomic_write_json(out / "metrics.json", {"trained": pm.get("metrics", {}), "tuned": tuned})
     files.append(file_entry(out / "metrics.json", out))
     # the trained manifest's fields (export reads them), its collect parent (so export's check that the
@@ -338,13 +398,14 @@ def _write_tuned(out: Path, pred_dir: Path, pm: dict, cfg: RunConfig, predictors
     fields = {k: v for k, v in pm.items() if k not in ("format", "format_version", "dejavu_version", "created",
                                                        "config", "parent", "files")}
     fields.update(mlp_density=densities[0], head_density=densities[1], tuned=tuned)
-    manifest = write_manifest(out, PREDICTORS_KIND, cfg.to_dict(), files, parent=pm.get("parent"), **fields)
-    for name in (CHECKPOINT, CHECKPOINT_RECORD):
-        (out / name).unlink(missing_ok=True)
+    # the trained predictors' config (export's defaults stay as they were), with the tune section that ran
+    config = {**(pm.get("config") or {}), "tune": cfg.to_dict()["tune"]}
+    manifest = write_manifest(out, PREDICTORS_KIND, config, files, parent=pm.get("parent"), **fields)
+    (out / CHECKPOINT).unlink(missing_ok=True)
     b, a = report["before"], report["after"]
     tqdm.write(f"held-out calibration text ({b['scored_tokens']} tokens), MLP density {densities[0]:g}, head density "
                f"{densities[1]:g}: sparse perplexity {b['sparse_ppl']:.3f} -> {a['sparse_ppl']:.3f} (dense "
                f"{a['dense_ppl']:.3f}), KL {b['kl']:.4f} -> {a['kl']:.4f}, top-1 agreement {b['top1_agreement']:.3f} -> "
                f"{a['top1_agreement']:.3f}")
-    tqdm.write(f"tuned predictors: {out} (`dejavu export --run {out.parent}` uses them)")
+    tqdm.write(f"tuned predictors: {out} (export them with `dejavu export --run {out} --out BUNDLE`)")
     return manifest

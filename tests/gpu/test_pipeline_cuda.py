@@ -34,13 +34,14 @@ def test_pipeline_through_the_cli_on_the_gpu(tmp_path, tiny_llama):
     assert len(metrics["layers"]) == 3 and 0 < metrics["mean"]["mlp"]["recall"] <= 1
     # collect kept the down inputs (fp8, quantised on the GPU): the output-error loss and metric ran there
     assert metrics["loss"] == "bce+output" and 0 <= metrics["mean"]["mlp"]["oracle_output_error"] < metrics["mean"]["mlp"]["output_error"]
-    # all layers tuned together against the dense model on the GPU (bf16, the model dtype there); export
-    # then takes the tuned predictors
+    # all layers tuned together against the dense model on the GPU (bf16, the model dtype there), then
+    # exported from RUN/tuned
     ok("tune-predictors", "--config", "tiny", "--run", run, "--device", "cuda")
     tuned = json.loads((run / "tuned" / "manifest.json").read_text())["tuned"]
     assert tuned["device"].startswith("cuda") and tuned["dtype"] == "bfloat16" and tuned["steps"] == 10
     assert 0 <= tuned["after"]["kl"] < 10 and tuned["after"]["dense_ppl"] == pytest.approx(tuned["before"]["dense_ppl"])
-    assert "exporting the tuned predictors" in ok("export", "--run", run, "--out", bundle)
+    ok("export", "--run", run / "tuned", "--out", bundle)
+    assert json.loads((bundle / "manifest.json").read_text())["tuned"]["steps"] == 10
     for dtype in ("float32", "bfloat16"):
         report = tmp_path / f"bench-{dtype}.json"
         out = ok("bench", "--config", "tiny", "--bundle", bundle, "--dataset", EVAL_RAW, "--json", report,

@@ -11,6 +11,8 @@ from dejavu.artifacts import load_tensors
 from dejavu.errors import DejavuError
 from dejavu.export.bundle import BUNDLE_FILE, run_export
 from dejavu.runtime.apply import SparseRuntime
+from dejavu.runtime.compare import rule_label
+from dejavu.train.tune import current_tuned
 
 from helpers import CALIB_TXT, load_tiny, make_predictors_dir, random_ids, random_predictors
 
@@ -31,6 +33,15 @@ def test_straight_through_forward_is_the_hard_selection_and_reaches_the_predicto
         logits = model(input_ids=ids).logits
         assert rt.stats.mlp_kept == pytest.approx(0.5, abs=0.02)  # the hard selection is what is counted
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    # with some tokens dense (a float mask then meets the token mask) it is still the hard selection's forward
+    dense_first = torch.zeros(ids.shape, dtype=torch.bool)
+    dense_first[:, 5:] = True
+    with SparseRuntime(model, adapter, plain) as rt, torch.no_grad():
+        rt.token_mask = dense_first
+        expected_masked = model(input_ids=ids).logits
+    with SparseRuntime(model, adapter, plain, straight_through=2.0) as rt:
+        rt.token_mask = dense_first
+        torch.testing.assert_close(model(input_ids=ids).logits, expected_masked, rtol=1e-5, atol=1e-5)
     logits.float().logsumexp(-1).sum().backward()
     for lp in plain.layers:
         for pred in (lp.mlp, lp.attn):
@@ -67,26 +78,43 @@ def test_tuning_lowers_held_out_kl_and_export_uses_the_tuned_predictors(tmp_path
     assert metrics["tuned"]["after"] == tuned["after"] and "mlp" in metrics["trained"]
     # the same command again keeps the finished tuning; other settings need --overwrite, and keep it meanwhile
     assert _tune(run) == manifest and "already tuned" in capsys.readouterr().out
-    with pytest.raises(DejavuError, match="--overwrite"):
+    with pytest.raises(DejavuError, match=r"tune.lr: 0.05 -> 0.01; pass --overwrite"):
         _tune(run, **{"tune.lr": 0.01})
     assert (run / "tuned" / "manifest.json").is_file()
+    assert _tune(run, **{"tune.mlp_density": 0.5}) == manifest  # the default restated is the same tuning
 
-    # export takes the tuned predictors, --untuned the trained ones
+    # `--run RUN` exports the trained predictors (as the contract says), naming RUN/tuned; `--run RUN/tuned`
+    # the tuned ones
     layer0 = load_tensors(run / "tuned" / "layers" / "layer-000.safetensors")
     trained0 = load_tensors(run / "predictors" / "layers" / "layer-000.safetensors")
     assert not torch.equal(layer0["mlp.w1"], trained0["mlp.w1"])
-    bundle = run_export(run, tmp_path / "bundle")
-    assert "exporting the tuned predictors" in capsys.readouterr().out and bundle["tuned"]["after"] == tuned["after"]
+    bundle = run_export(run, tmp_path / "bundle-trained")
+    assert "--run " + str(run / "tuned") in capsys.readouterr().out and bundle["tuned"] is None
+    exported = load_tensors(tmp_path / "bundle-trained" / BUNDLE_FILE, ["layers.0.mlp.w1"])["layers.0.mlp.w1"]
+    torch.testing.assert_close(exported, trained0["mlp.w1"])
+    bundle = run_export(run / "tuned", tmp_path / "bundle")
+    assert bundle["tuned"]["after"] == tuned["after"] and bundle["mlp_density"] == 0.5
     exported = load_tensors(tmp_path / "bundle" / BUNDLE_FILE, ["layers.0.mlp.w1"])["layers.0.mlp.w1"]
     torch.testing.assert_close(exported, layer0["mlp.w1"])
-    run_export(run, tmp_path / "bundle-untuned", untuned=True)
-    exported = load_tensors(tmp_path / "bundle-untuned" / BUNDLE_FILE, ["layers.0.mlp.w1"])["layers.0.mlp.w1"]
-    torch.testing.assert_close(exported, trained0["mlp.w1"])
+    capsys.readouterr()
+    run_export(run / "tuned", tmp_path / "bundle-0.3", overrides={"export.mlp_density": 0.3})
+    assert "tuned at MLP density 0.5" in capsys.readouterr().out
 
-    # predictors trained again: the tuned ones are stale, export says so and takes the new ones
+    # train-predictors rerun on the finished run rewrites its manifest (date, timings), not the predictors:
+    # the tuning still belongs to them
+    pm = json.loads((run / "predictors" / "manifest.json").read_text())
+    (run / "predictors" / "manifest.json").write_text(json.dumps({**pm, "created": "later"}))
+    assert current_tuned(run) == run / "tuned"
+    assert _tune(run) == manifest and "already tuned" in capsys.readouterr().out
+    # predictors trained again: the tuning is stale; export of the run no longer names it, of it says so
     make_predictors_dir(run, tiny_llama, seed=1)
+    assert current_tuned(run) is None
     run_export(run, tmp_path / "bundle-new")
+    assert "tuned" not in capsys.readouterr().out
+    run_export(run / "tuned", tmp_path / "bundle")
     assert "was tuned from other predictors" in capsys.readouterr().out
+    with pytest.raises(DejavuError, match="other trained predictors; pass --overwrite"):
+        _tune(run)
 
 
 def test_a_killed_tuning_resumes_from_its_checkpoint_to_the_same_predictors(tmp_path, tiny_llama, monkeypatch):
@@ -109,8 +137,10 @@ def test_a_killed_tuning_resumes_from_its_checkpoint_to_the_same_predictors(tmp_
     monkeypatch.setattr(tune, "_kl_and_logits", killed_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         _tune(resumed)
-    assert json.loads((resumed / "tuned" / "progress" / "checkpoint.json").read_text())["step"] == 4
+    assert tune._checkpoint_header(resumed / "tuned")["step"] == 4
     assert not (resumed / "tuned" / "manifest.json").exists()
+    with pytest.raises(DejavuError, match=r"unfinished tuning \(step 4\) with tune.steps: 60 -> 80"):
+        _tune(resumed, **{"tune.steps": 80})
     monkeypatch.setattr(tune, "_kl_and_logits", real)
     manifest = _tune(resumed)
     for name in ("layer-000.safetensors", "layer-001.safetensors"):
@@ -124,11 +154,7 @@ def test_a_killed_tuning_resumes_from_its_checkpoint_to_the_same_predictors(tmp_
     a = load_tensors(resumed / "tuned" / "layers" / "layer-000.safetensors")
     b = load_tensors(resumed / "predictors" / "layers" / "layer-000.safetensors")
     assert torch.equal(a["attn.w1"], b["attn.w1"]) and not torch.equal(a["mlp.w1"], b["mlp.w1"])
-    # other settings than the checkpoint's: refused, nothing lost
-    (resumed / "tuned" / "manifest.json").unlink()
-    tune._save_checkpoint(resumed / "tuned", 4, "other-key", [], torch.optim.Adam([torch.zeros(1)]), {})
-    with pytest.raises(DejavuError, match="--overwrite"):
-        _tune(resumed)
+    assert not (resumed / "tuned" / "progress" / "checkpoint.safetensors").exists()
 
 
 def test_bad_inputs_are_refused_by_name(tmp_path, tiny_llama, tiny_model_factory):
@@ -156,3 +182,10 @@ def test_bad_inputs_are_refused_by_name(tmp_path, tiny_llama, tiny_model_factory
     (run / "predictors" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DejavuError, match="layer-001.safetensors: mlp.w2 contains NaN"):
         _tune(run)
+
+
+def test_reports_of_tuned_bundles_say_so():
+    report = {"selection": "predictor", "mlp_density": 0.5, "head_density": 1.0}
+    assert rule_label(report) == "predictor, MLP 0.5, heads 1"
+    assert rule_label({**report, "tuned": True}) == "predictor (tuned), MLP 0.5, heads 1"
+    assert rule_label({**report, "tuned": True, "mlp_up_weight": 0.4}) == "exact-up 0.4 (tuned), MLP 0.5, heads 1"

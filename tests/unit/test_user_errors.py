@@ -22,6 +22,7 @@ from helpers import make_predictors_dir
     ({"train.lr": -1}, "train.lr"),
     ({"train.lr": float("nan")}, "train.lr"),
     ({"train.weight_decay": -0.1}, "weight_decay"),
+    ({"tune.mlp_density": 1.5}, "tune.mlp_density"),
 ])
 def test_bad_config_values_are_one_line_errors(override, message):
     with pytest.raises(DejavuError, match=message):
@@ -163,6 +164,10 @@ def test_help_shows_the_shipped_defaults():
     assert f"(default: {shipped.collect.max_tokens})" in out
     out = CliRunner().invoke(app, ["train-predictors", "--help"], env={"COLUMNS": "200"}).output
     assert f"(default: {shipped.train.rank})" in out and "run's config" in out
+    out = CliRunner().invoke(app, ["tune-predictors", "--help"], env={"COLUMNS": "200"}).output
+    assert f"(default: {shipped.tune.steps})" in out and "RUN/tuned" in out
+    out = " ".join(CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "--run RUN/tuned" in out
     # bench's help lists every synthetic preset (kept by hand: --help must not import torch)
     from dejavu.runtime.synthetic import PRESETS
 

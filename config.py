@@ -196,8 +196,23 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
         cfg = cls()
-        merge_into(cfg, data, source)
+        merge_into(cfg, _without_retired(data), source)
         return cfg
+
+
+# keys earlier versions wrote into manifests and that no longer exist: dropped when a manifest's config is
+# read, so runs made by those versions stay usable (a YAML file naming them is still refused)
+RETIRED_KEYS = {"tune": ("seed",)}
+
+
+def _without_retired(data: Any) -> Any:
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for section, keys in RETIRED_KEYS.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    return out
 
 
 def _coerce(value: Any, current: Any, where: str, hint: str = "") -> Any:

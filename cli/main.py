@@ -142,7 +142,8 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=1)
 
 
-# The commands whose work survives an interruption (collect's shards, train-predictors' layers).
+# The commands whose work survives an interruption (collect's shards, train-predictors' layers,
+# tune-predictors' checkpoint).
 RESUMABLE = ("collect", "train_predictors", "tune_predictors")
 
 
@@ -185,8 +186,8 @@ def handle_errors(func):
         except KeyboardInterrupt:
             if os.environ.get("RANK", "0") == "0":  # under torchrun every process is interrupted: say it once
                 resumable = func.__name__ in RESUMABLE
-                typer.echo("interrupted: finished shards/layers (tuning: the last checkpoint) are kept; run the same "
-                           "command again to resume"
+                kept = "the last checkpoint is" if func.__name__ == "tune_predictors" else "finished shards/layers are"
+                typer.echo(f"interrupted: {kept} kept; run the same command again to resume"
                            if resumable else "interrupted", err=True)
             raise typer.Exit(code=130) from None
         except (OSError, ValueError, RuntimeError) as exc:

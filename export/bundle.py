@@ -102,9 +102,10 @@ def _check_collect_unchanged(pm: dict, pred_dir: Path, collect_dir: Path) -> Non
     except DejavuError:
         current = None  # collecting again now, or interrupted
     if current != parent.get("sha256"):
+        tuned = " (then `dejavu tune-predictors --overwrite` to tune them)" if pred_dir.name == "tuned" else ""
         raise DejavuError(f"{pred_dir} was trained with other collect data than {collect_dir} holds now (collect ran "
-                          f"again since?); re-run `dejavu train-predictors --run {collect_dir.parent} --overwrite`, "
-                          "then export")
+                          f"again since?); re-run `dejavu train-predictors --run {collect_dir.parent} --overwrite`"
+                          f"{tuned}, then export")
 
 
 def _calibrated_thresholds(cfg, model_name: str, identity: dict | None, keep_down: float):
@@ -214,11 +215,10 @@ def _predictors_dir(run: Path) -> Path:
     """RUN/predictors, or a predictors directory given itself (RUN/predictors or RUN/tuned). A note says when
     RUN/tuned holds these predictors tuned (export that directory to use them), or when a tuned directory
     given was tuned from other predictors than its run holds now."""
-    from dejavu.train.tune import current_tuned
+    from dejavu.train.tune import current_tuned, tuned_status
 
     if not (run / "predictors").exists() and (run / "manifest.json").is_file():
-        if run.name == "tuned" and (run.parent / "predictors" / "manifest.json").is_file() \
-                and current_tuned(run.parent) is None:
+        if run.name == "tuned" and tuned_status(run.parent) == "stale":
             print(f"note: {run} was tuned from other predictors than {run.parent / 'predictors'} holds now; exporting "
                   "it as it is", flush=True)
         return run

@@ -33,6 +33,7 @@ from dejavu.artifacts import (
     check_finite,
     file_entry,
     load_tensors,
+    manifest_hash,
     parent_ref,
     read_manifest,
     save_tensors,
@@ -86,13 +87,16 @@ def tuning_inputs(cfg: RunConfig, pm: dict, densities: tuple[float, float], dtyp
     it started from. (The densities as resolved: restating a default changes nothing.)"""
     settings = {k: v for k, v in cfg.to_dict()["tune"].items()
                 if k not in ("checkpoint_every", "mlp_density", "head_density")}
+    d = cfg.data
+    # a local corpus by its absolute path: the same file named from another directory is the same corpus
+    dataset = str(Path(d.dataset).resolve()) if Path(d.dataset).exists() else d.dataset
     return {"tune": settings, "mlp_density": densities[0], "head_density": densities[1],
-            "dataset": cfg.data.dataset, "seq_len": cfg.data.seq_len, "data_seed": cfg.data.seed, "dtype": dtype,
-            "predictors": predictors_identity(pm)}
+            "dataset": dataset, "split": d.split, "text_field": d.text_field, "seq_len": d.seq_len,
+            "data_seed": d.seed, "dtype": dtype, "predictors": predictors_identity(pm)}
 
 
 def inputs_difference(old: dict | None, new: dict) -> str:
-    """The settings a refused rerun differs in, named (`tune.lr: 0.002 -> 0.01`)."""
+    """The settings a refused rerun differs in, stored value first: `other settings (tune.lr: 0.002 -> 0.01)`."""
     if not old:
         return "other settings"
 
@@ -103,9 +107,9 @@ def inputs_difference(old: dict | None, new: dict) -> str:
         return out
 
     a, b = flat(old), flat(new)
-    parts = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return "; ".join(part if not part.startswith("predictors:") else "other trained predictors" for part in parts) \
-        or "other settings"
+    parts = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" if k != "predictors" else "other trained predictors"
+             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return f"other settings ({', '.join(parts)})" if parts else "other settings"
 
 
 def read_predictors(pred_dir: Path, pm: dict) -> tuple[PredictorSet, list[int]]:
@@ -224,9 +228,11 @@ def _checkpoint_header(out: Path) -> dict | None:
 
 def _check_checkpoint(out: Path, key: str, inputs: dict) -> None:
     header = _checkpoint_header(out)
+    if header is None and (out / CHECKPOINT).is_file():
+        print(f"note: {out / CHECKPOINT} is unreadable (cut short?); tuning starts from step 0", flush=True)
     if header is not None and header["key"] != key:
         raise DejavuError(f"{out} holds an unfinished tuning (step {header['step']}) with "
-                          f"{inputs_difference(header['inputs'], inputs)}; pass --overwrite to start again")
+                          f"{inputs_difference(header['inputs'], inputs)}: pass --overwrite to start again")
 
 
 def _load_checkpoint(out: Path, key: str, params: list[torch.nn.Parameter], opt: torch.optim.Adam) -> tuple[int, dict | None]:
@@ -266,8 +272,9 @@ def _tuned_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def current_tuned(run: Path) -> Path | None:
-    """RUN/tuned when it is finished and was tuned from the predictors RUN/predictors holds now, else None."""
+def tuned_status(run: Path) -> str | None:
+    """"current" when RUN/tuned is finished and was tuned from the predictors RUN/predictors holds now, "stale"
+    when from others, None when either is missing or unreadable (nothing can be told)."""
     tuned, pred_dir = run / "tuned", run / "predictors"
     if not (tuned / MANIFEST).is_file() or not (pred_dir / MANIFEST).is_file():
         return None
@@ -277,7 +284,16 @@ def current_tuned(run: Path) -> Path | None:
     except DejavuError:
         return None
     source = (tm.get("tuned") or {}).get("from") or {}
-    return tuned if source.get("predictors") == predictors_identity(pm) else None
+    if "predictors" in source:
+        same = source["predictors"] == predictors_identity(pm)
+    else:  # written before the identity was stored: the manifest it started from
+        same = source.get("sha256") == manifest_hash(pm)
+    return "current" if same else "stale"
+
+
+def current_tuned(run: Path) -> Path | None:
+    """RUN/tuned when it was tuned from the predictors RUN/predictors holds now, else None."""
+    return run / "tuned" if tuned_status(run) == "current" else None
 
 
 def run_tune(run: Path, config_file: str | None = None, overrides: dict | None = None, overwrite: bool = False,
@@ -290,6 +306,9 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
 
     run = Path(run)
     pred_dir = run / "predictors"
+    if not pred_dir.exists() and (run / MANIFEST).is_file():
+        raise DejavuError(f"{run} is a stage directory; pass the run directory that holds predictors/ "
+                          f"(--run {run.parent})")
     pm = read_manifest(pred_dir, PREDICTORS_KIND)
     if (pm.get("tuned") or {}).get("from"):
         raise DejavuError(f"{pred_dir} holds tuned predictors; pass the run directory that holds predictors/")
@@ -312,10 +331,11 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
         if finished is not None:
             done = finished.get("tuned") or {}
             if done.get("key") == key:
+                (out / CHECKPOINT).unlink(missing_ok=True)  # left by a kill between the manifest and its removal
                 print(f"{out} is already tuned with these settings from these predictors: kept (--overwrite tunes "
                       "again)", flush=True)
                 return finished
-            raise DejavuError(f"{out} holds predictors tuned with {inputs_difference(done.get('inputs'), inputs)}; "
+            raise DejavuError(f"{out} holds predictors tuned with {inputs_difference(done.get('inputs'), inputs)}: "
                               "pass --overwrite to replace them")
         _check_checkpoint(out, key, inputs)
     model, tokenizer, source = load_model(model_name or identity.get("name") or cfg.model.name, device=cfg.model.device,
@@ -398,8 +418,11 @@ def _write_tuned(out: Path, pred_dir: Path, pm: dict, cfg: RunConfig, predictors
     fields = {k: v for k, v in pm.items() if k not in ("format", "format_version", "dejavu_version", "created",
                                                        "config", "parent", "files")}
     fields.update(mlp_density=densities[0], head_density=densities[1], tuned=tuned)
-    # the trained predictors' config (export's defaults stay as they were), with the tune section that ran
+    # the trained predictors' config (export's other defaults stay as they were), with the tune section that
+    # ran and the densities tuned at as export's defaults
     config = {**(pm.get("config") or {}), "tune": cfg.to_dict()["tune"]}
+    config["export"] = {**(config.get("export") or {}), "mlp_density": densities[0], "head_density": densities[1],
+                        "mlp_density_per_layer": {}}
     manifest = write_manifest(out, PREDICTORS_KIND, config, files, parent=pm.get("parent"), **fields)
     (out / CHECKPOINT).unlink(missing_ok=True)
     b, a = report["before"], report["after"]

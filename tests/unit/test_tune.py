@@ -78,7 +78,7 @@ def test_tuning_lowers_held_out_kl_and_export_uses_the_tuned_predictors(tmp_path
     assert metrics["tuned"]["after"] == tuned["after"] and "mlp" in metrics["trained"]
     # the same command again keeps the finished tuning; other settings need --overwrite, and keep it meanwhile
     assert _tune(run) == manifest and "already tuned" in capsys.readouterr().out
-    with pytest.raises(DejavuError, match=r"tune.lr: 0.05 -> 0.01; pass --overwrite"):
+    with pytest.raises(DejavuError, match=r"other settings \(tune.lr: 0.05 -> 0.01\): pass --overwrite"):
         _tune(run, **{"tune.lr": 0.01})
     assert (run / "tuned" / "manifest.json").is_file()
     assert _tune(run, **{"tune.mlp_density": 0.5}) == manifest  # the default restated is the same tuning
@@ -113,7 +113,7 @@ def test_tuning_lowers_held_out_kl_and_export_uses_the_tuned_predictors(tmp_path
     assert "tuned" not in capsys.readouterr().out
     run_export(run / "tuned", tmp_path / "bundle")
     assert "was tuned from other predictors" in capsys.readouterr().out
-    with pytest.raises(DejavuError, match="other trained predictors; pass --overwrite"):
+    with pytest.raises(DejavuError, match=r"head_density: 1.0 -> 0.5, other trained predictors\): pass --overwrite"):
         _tune(run)
 
 
@@ -139,7 +139,7 @@ def test_a_killed_tuning_resumes_from_its_checkpoint_to_the_same_predictors(tmp_
         _tune(resumed)
     assert tune._checkpoint_header(resumed / "tuned")["step"] == 4
     assert not (resumed / "tuned" / "manifest.json").exists()
-    with pytest.raises(DejavuError, match=r"unfinished tuning \(step 4\) with tune.steps: 60 -> 80"):
+    with pytest.raises(DejavuError, match=r"unfinished tuning \(step 4\) with other settings \(tune.steps: 60 -> 80\)"):
         _tune(resumed, **{"tune.steps": 80})
     monkeypatch.setattr(tune, "_kl_and_logits", real)
     manifest = _tune(resumed)
@@ -189,3 +189,37 @@ def test_reports_of_tuned_bundles_say_so():
     assert rule_label(report) == "predictor, MLP 0.5, heads 1"
     assert rule_label({**report, "tuned": True}) == "predictor (tuned), MLP 0.5, heads 1"
     assert rule_label({**report, "tuned": True, "mlp_up_weight": 0.4}) == "exact-up 0.4 (tuned), MLP 0.5, heads 1"
+
+
+def test_export_of_a_tuning_takes_its_densities_and_the_corpus_is_keyed_by_its_file(tmp_path, tiny_llama, capsys,
+                                                                                   monkeypatch):
+    from dejavu.config import load_config
+    from dejavu.train.tune import tuning_inputs
+
+    run = tmp_path / "run"
+    make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=1.0)
+    _tune(run, **{"tune.mlp_density": 0.3, "tune.steps": 4})
+    capsys.readouterr()
+    bundle = run_export(run / "tuned", tmp_path / "bundle")
+    assert bundle["mlp_density"] == 0.3 and "note" not in capsys.readouterr().out
+    with pytest.raises(DejavuError, match=f"stage directory; pass the run directory .*--run {run}"):
+        _tune(run / "tuned")
+    # the same corpus named relatively from its directory and absolutely from elsewhere: one tuning
+    pm = json.loads((run / "predictors" / "manifest.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    relative = tuning_inputs(load_config(None, {"data.dataset": "calib.txt"}), pm, (0.5, 1.0), "float32")
+    monkeypatch.chdir(run)
+    absolute = tuning_inputs(load_config(None, {"data.dataset": str(tmp_path / "calib.txt")}), pm, (0.5, 1.0),
+                             "float32")
+    assert relative == absolute and relative["split"] == "train"
+
+
+def test_configs_written_by_earlier_versions_still_load(tmp_path):
+    from dejavu.config import RunConfig, load_config
+
+    # session 18's first commit wrote tune.seed into every manifest; the key is gone since
+    assert RunConfig.from_dict({"tune": {"seed": 0, "steps": 7}}).tune.steps == 7
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("tune:\n  seed: 1\n")
+    with pytest.raises(DejavuError, match="unknown key 'seed'"):
+        load_config(yaml, {})

@@ -390,10 +390,10 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
     finally:
         runtime.remove()
     return _write_tuned(out, pred_dir, pm, cfg, predictors, present, densities, {
-        "key": key, "inputs": inputs, "dataset": cfg.data.dataset, "steps": t.steps, "tokens": t.steps * t.sequences * cfg.data.seq_len, "lr": t.lr, "sharpness": t.sharpness,
+        "key": key, "inputs": inputs, "dataset": cfg.data.dataset, "steps": t.steps,
+        "tokens": t.steps * t.sequences * cfg.data.seq_len, "lr": t.lr, "sharpness": t.sharpness,
         "held_out_sequences": t.eval_sequences, "seconds_this_process": round(time.perf_counter() - started, 1),
-        "model": source.display, "device": str(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "before": before, "after": after,
+        "model": source.display, "device": str(device), "dtype": dtype, "before": before, "after": after,
     })
 
 

@@ -430,5 +430,9 @@ def _write_tuned(out: Path, pred_dir: Path, pm: dict, cfg: RunConfig, predictors
                f"{densities[1]:g}: sparse perplexity {b['sparse_ppl']:.3f} -> {a['sparse_ppl']:.3f} (dense "
                f"{a['dense_ppl']:.3f}), KL {b['kl']:.4f} -> {a['kl']:.4f}, top-1 agreement {b['top1_agreement']:.3f} -> "
                f"{a['top1_agreement']:.3f}")
+    if a["kl"] >= b["kl"]:  # measured on SmolLM2 at rank 128: held-out perplexity better, KL and bench worse
+        tqdm.write(f"warning: tuning did not lower the held-out KL ({b['kl']:.4f} -> {a['kl']:.4f}); the trained "
+                   f"predictors ({pred_dir}) may be the better ones: compare both bundles with `dejavu bench`, or tune "
+                   "again with a lower --lr and --overwrite")
     tqdm.write(f"tuned predictors: {out} (export them with `dejavu export --run {out} --out BUNDLE`)")
     return manifest

@@ -223,3 +223,15 @@ def test_configs_written_by_earlier_versions_still_load(tmp_path):
     yaml.write_text("tune:\n  seed: 1\n")
     with pytest.raises(DejavuError, match="unknown key 'seed'"):
         load_config(yaml, {})
+
+
+def test_a_tuning_that_raises_the_held_out_kl_is_flagged(tmp_path, tiny_llama, monkeypatch, capsys):
+    import dejavu.train.tune as tune
+
+    run = tmp_path / "run"
+    make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=1.0)
+    kls = iter([0.30, 0.35])
+    real = tune.held_out_quality
+    monkeypatch.setattr(tune, "held_out_quality", lambda *a: {**real(*a), "kl": next(kls)})
+    _tune(run, **{"tune.steps": 2})
+    assert "warning: tuning did not lower the held-out KL (0.3000 -> 0.3500)" in capsys.readouterr().out

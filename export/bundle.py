@@ -215,14 +215,14 @@ def _predictors_dir(run: Path) -> Path:
     """RUN/predictors, or a predictors directory given itself (RUN/predictors or RUN/tuned). A note says when
     RUN/tuned holds these predictors tuned (export that directory to use them), or when a tuned directory
     given was tuned from other predictors than its run holds now."""
-    from dejavu.train.tune import current_tuned, tuned_status
+    from dejavu.train.tune import tuned_status
 
     if not (run / "predictors").exists() and (run / "manifest.json").is_file():
         if run.name == "tuned" and tuned_status(run.parent) == "stale":
             print(f"note: {run} was tuned from other predictors than {run.parent / 'predictors'} holds now; exporting "
                   "it as it is", flush=True)
         return run
-    if current_tuned(run) is not None:
+    if tuned_status(run) == "current":
         print(f"note: {run / 'tuned'} holds these predictors tuned end to end; `--run {run / 'tuned'}` exports "
               "those", flush=True)
     return run / "predictors"

@@ -291,10 +291,6 @@ def tuned_status(run: Path) -> str | None:
     return "current" if same else "stale"
 
 
-def current_tuned(run: Path) -> Path | None:
-    """RUN/tuned when it was tuned from the predictors RUN/predictors holds now, else None."""
-    return run / "tuned" if tuned_status(run) == "current" else None
-
 
 def run_tune(run: Path, config_file: str | None = None, overrides: dict | None = None, overwrite: bool = False,
              model_name: str | None = None) -> dict:
@@ -310,8 +306,6 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
         raise DejavuError(f"{run} is a stage directory; pass the run directory that holds predictors/ "
                           f"(--run {run.parent})")
     pm = read_manifest(pred_dir, PREDICTORS_KIND)
-    if (pm.get("tuned") or {}).get("from"):
-        raise DejavuError(f"{pred_dir} holds tuned predictors; pass the run directory that holds predictors/")
     cfg = resolve_tune_config(pm.get("config") or {}, config_file, overrides or {})
     densities = tune_densities(cfg, pm)
     if min(densities) >= 1.0:

@@ -12,7 +12,7 @@ from dejavu.errors import DejavuError
 from dejavu.export.bundle import BUNDLE_FILE, run_export
 from dejavu.runtime.apply import SparseRuntime
 from dejavu.runtime.compare import rule_label
-from dejavu.train.tune import current_tuned
+from dejavu.train.tune import tuned_status
 
 from helpers import CALIB_TXT, load_tiny, make_predictors_dir, random_ids, random_predictors
 
@@ -104,11 +104,11 @@ def test_tuning_lowers_held_out_kl_and_export_uses_the_tuned_predictors(tmp_path
     # the tuning still belongs to them
     pm = json.loads((run / "predictors" / "manifest.json").read_text())
     (run / "predictors" / "manifest.json").write_text(json.dumps({**pm, "created": "later"}))
-    assert current_tuned(run) == run / "tuned"
+    assert tuned_status(run) == "current"
     assert _tune(run) == manifest and "already tuned" in capsys.readouterr().out
     # predictors trained again: the tuning is stale; export of the run no longer names it, of it says so
     make_predictors_dir(run, tiny_llama, seed=1)
-    assert current_tuned(run) is None
+    assert tuned_status(run) == "stale"
     run_export(run, tmp_path / "bundle-new")
     assert "tuned" not in capsys.readouterr().out
     run_export(run / "tuned", tmp_path / "bundle")

@@ -7,8 +7,9 @@ DEMO_TOKENS ?= 16384
 EVAL_TOKENS ?= 2048
 # Two passes at a higher rate: one pass at the default rate leaves near-random predictors on 12K tokens.
 DEMO_TRAIN_FLAGS ?= --epochs 2 --lr 0.02
-# All layers tuned together against the dense model: 40 steps of one 512-token sequence (~4 min here).
-DEMO_TUNE_FLAGS ?= --steps 40 --sequences 1 --eval-sequences 4
+# All layers tuned together against the dense model: 40 steps of one 512-token sequence (~4 min here), at
+# the higher rate that measured best for these weak predictors (demo: 74.4 -> 44.8; default lr: larger runs).
+DEMO_TUNE_FLAGS ?= --steps 40 --sequences 1 --eval-sequences 4 --lr 0.002
 CALIB ?= ../shared/data/wikitext-2/valid.txt
 EVAL ?= ../shared/data/wikitext-2-raw/wiki.test.raw
 

@@ -77,6 +77,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps-short", type=int, default=5)
     parser.add_argument("--steps-long", type=int, default=105)
+    parser.add_argument("--work", default="/tmp/tune-speed", help="where the model and the run are built")
+    parser.add_argument("--build-only", action="store_true",
+                        help="build WORK/model and WORK/run (predictors) and stop (bench/tune_scaling.sh)")
     args = parser.parse_args()
 
     from dejavu.train.tune import run_tune
@@ -84,8 +87,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    run = build_run(args, Path("/tmp/tune-speed"))
+    run = build_run(args, Path(args.work))
     built = time.perf_counter() - t0
+    if args.build_only:
+        print(f"built {run} in {built:.1f} s")
+        return
     runs = {}
     for steps in (args.steps_short, args.steps_long):
         torch.cuda.reset_peak_memory_stats()
@@ -93,7 +99,8 @@ def main() -> None:
         manifest = run_tune(run, overwrite=True, overrides={
             "model.device": "cuda", "model.dtype": "bfloat16", "data.dataset": args.dataset,
             "data.seq_len": args.seq_len, "tune.steps": steps, "tune.sequences": args.sequences,
-            "tune.eval_sequences": 2, "tune.checkpoint_every": 10_000})
+            "tune.eval_sequences": 2, "tune.checkpoint_every": 10_000,
+            "tune.eval_every": 0})
         runs[steps] = {"wall_seconds": time.perf_counter() - t0,
                        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
                        "kl_before": manifest["tuned"]["before"]["kl"], "kl_after": manifest["tuned"]["after"]["kl"]}

@@ -307,8 +307,15 @@ def tune_predictors(
         None, "--dataset", "-d", help="Calibration corpus (default: the one collect read). Its last --eval-sequences "
         "sequences are held out and measured before and after."),
     eval_sequences: int | None = typer.Option(None, "--eval-sequences", help="Held-out sequences." + default("tune.eval_sequences")),
+    eval_every: int | None = typer.Option(
+        None, "--eval-every", help="Steps between held-out measurements; the predictors with the lowest held-out KL "
+        "are written, the trained ones if nothing beats them (0: measure before and after only)."
+        + default("tune.eval_every")),
     model: str | None = typer.Option(None, "--model", "-m", help="Model to tune against (default: the one the predictors were trained for)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto (default: the run's model.device)."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="Model dtype while tuning: float32, bfloat16, float16 or auto (default: the run's "
+        "model.dtype; auto is bfloat16 on cuda). The predictors stay float32."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Start again: replace a finished RUN/tuned, or a checkpoint of other settings, "
         "instead of keeping it (a rerun with the same settings keeps a finished tuning and resumes an unfinished one)."),
@@ -325,7 +332,7 @@ def tune_predictors(
     run_tune(Path(run), config_file=config, model_name=model, overwrite=overwrite, overrides={
         "tune.steps": steps, "tune.sequences": sequences, "tune.lr": lr, "tune.mlp_density": mlp_density,
         "tune.head_density": head_density, "data.dataset": dataset, "tune.eval_sequences": eval_sequences,
-        "model.device": device,
+        "tune.eval_every": eval_every, "model.device": device, "model.dtype": dtype,
     })
 
 

@@ -10,7 +10,12 @@ over sequences of the calibration corpus. The model's own weights stay frozen.
 Reads RUN/predictors/; writes RUN/tuned/ in the same format (layer files, metrics.json, a manifest of
 kind dejavu.predictors naming the predictors it started from), so `dejavu export --run RUN/tuned` reads it
 as it reads RUN/predictors. A checkpoint every `tune.checkpoint_every` steps (and after the last) lets a
-killed run resume where it stopped and end where an uninterrupted one would.
+killed run resume where it stopped and end where an uninterrupted one would. Every `tune.eval_every` steps
+the held-out sequences are measured again and the predictors with the lowest held-out KL are the ones
+written: a run too long or too fast for its predictors drifts (measured: BENCHMARKS.md, session 19), and
+the trained predictors themselves come back when nothing beats them. The held-out figures reported are
+those of the predictors written, so they are chosen on the sequences they are measured on; `dejavu bench`
+on other text is the independent check.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +63,8 @@ def resolve_tune_config(base: dict, config_file: str | None, overrides: dict[str
     for name in ("steps", "sequences", "eval_sequences", "checkpoint_every"):
         if getattr(t, name) <= 0:
             raise DejavuError(f"tune.{name} must be positive, got {getattr(t, name)}")
+    if t.eval_every < 0:
+        raise DejavuError(f"tune.eval_every must be 0 (measure before and after only) or positive, got {t.eval_every}")
     if not (t.lr > 0 and math.isfinite(t.lr)):
         raise DejavuError(f"tune.lr must be a positive number, got {t.lr}")
     if not (t.sharpness > 0 and math.isfinite(t.sharpness)):
@@ -182,23 +191,34 @@ def _kl_and_logits(model, runtime, ids: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def held_out_quality(model, runtime, held: torch.Tensor, device, desc: str) -> dict:
-    """Perplexity (dense and sparse), top-1 agreement and KL over the held-out calibration sequences."""
+def held_out_quality(model, runtime, held: torch.Tensor, device, desc: str, world: tuple[int, int] = (0, 1)) -> dict:
+    """Perplexity (dense and sparse), top-1 agreement and KL over the held-out calibration sequences; with
+    several processes (world: this one's index, their number) each measures its share and the sums are
+    combined, so every process gets the same figures."""
     from dejavu.runtime.quality import Totals
 
+    index, processes = world
     totals = Totals()
-    for seq in tqdm(held, desc=desc, unit="seq", leave=False):
+    for seq in tqdm(held[index::processes], desc=desc, unit="seq", leave=False, disable=index != 0):
         ids = seq[None].to(device)
         _, dense, sparse = _kl_and_logits(model, runtime, ids)
         totals.add(dense[0, :-1], sparse[0, :-1], ids[0, 1:])
+    if processes > 1:
+        import torch.distributed as dist
+
+        names = ("tokens", "dense_nll", "sparse_nll", "agree", "kl")
+        sums = torch.tensor([float(getattr(totals, n)) for n in names], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        for name, value in zip(names, sums.tolist(), strict=True):
+            setattr(totals, name, int(round(value)) if name in ("tokens", "agree") else value)
     report = totals.report()
     return {key: report[key] for key in ("dense_ppl", "sparse_ppl", "top1_agreement", "kl", "scored_tokens")}
 
 
 def _save_checkpoint(out: Path, step: int, inputs: dict, params: list[torch.nn.Parameter], opt: torch.optim.Adam,
-                     before: dict) -> None:
-    """Parameters, Adam's state and the step in one file (renamed into place): a kill leaves the old
-    checkpoint or the new one, never parts of both."""
+                     before: dict, best: _Best, history: list[dict]) -> None:
+    """Parameters, Adam's state, the best held-out state so far and the step in one file (renamed into place):
+    a kill leaves the old checkpoint or the new one, never parts of both."""
     tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
     for i, p in enumerate(params):
         state = opt.state.get(p, {})
@@ -206,9 +226,12 @@ def _save_checkpoint(out: Path, step: int, inputs: dict, params: list[torch.nn.P
             if name in state:
                 tensors[f"adam.{i}.{name}"] = torch.as_tensor(state[name]).detach().cpu().float().reshape(-1).contiguous() \
                     if name == "step" else state[name].detach().cpu().contiguous()
+    if best.step != step:  # else the parameters above are the best ones
+        tensors.update({f"best.{i}": value.contiguous() for i, value in enumerate(best.params)})
     save_tensors(out / CHECKPOINT, tensors, metadata={
         "format": "dejavu.tune-checkpoint", "step": str(step), "key": _tuned_key(inputs),
-        "inputs": json.dumps(inputs, sort_keys=True), "before": json.dumps(before)})
+        "inputs": json.dumps(inputs, sort_keys=True), "before": json.dumps(before),
+        "best": json.dumps({"step": best.step, "quality": best.quality}), "history": json.dumps(history)})
 
 
 def _checkpoint_header(out: Path) -> dict | None:
@@ -221,7 +244,9 @@ def _checkpoint_header(out: Path) -> dict | None:
         with safe_open(str(out / CHECKPOINT), framework="pt") as fh:
             meta = fh.metadata() or {}
         return {"step": int(meta["step"]), "key": meta["key"], "inputs": json.loads(meta["inputs"]),
-                "before": json.loads(meta["before"])}
+                "before": json.loads(meta["before"]),
+                # checkpoints of session 18 kept no best state; their key differs (no eval_every), so never resumed
+                "best": json.loads(meta.get("best", "null")), "history": json.loads(meta.get("history", "[]"))}
     except (SafetensorError, OSError, KeyError, ValueError):
         return None
 
@@ -235,23 +260,65 @@ def _check_checkpoint(out: Path, key: str, inputs: dict) -> None:
                           f"{inputs_difference(header['inputs'], inputs)}: pass --overwrite to start again")
 
 
-def _load_checkpoint(out: Path, key: str, params: list[torch.nn.Parameter], opt: torch.optim.Adam) -> tuple[int, dict | None]:
-    """The step a matching checkpoint reached (and the held-out quality measured before tuning), else 0."""
+class _Best:
+    """The predictors with the lowest held-out KL measured so far (a CPU copy), the step they are from and their
+    held-out quality. Step 0 is the trained predictors: a tuning that never beats them gives them back."""
+
+    def __init__(self, step: int, quality: dict, params: list[torch.Tensor]):
+        self.step, self.quality = step, quality
+        self.params = [p.detach().cpu().clone() for p in params]
+
+    def offer(self, step: int, quality: dict, params: list[torch.nn.Parameter]) -> None:
+        if quality["kl"] < self.quality["kl"]:
+            self.__init__(step, quality, params)
+
+
+def _load_checkpoint(out: Path, key: str, params: list[torch.nn.Parameter],
+                     opt: torch.optim.Adam) -> tuple[int, dict | None, _Best | None, list[dict]]:
+    """A matching checkpoint's step, the held-out quality measured before tuning, the best state and the
+    held-out history; (0, None, None, []) where there is none."""
     header = _checkpoint_header(out)
     if header is None or header["key"] != key:
-        return 0, None
+        return 0, None, None, []
     tensors = load_tensors(out / CHECKPOINT)
+
+    def saved(name: str, like: torch.Tensor) -> torch.Tensor:
+        value = tensors.get(name)
+        if value is None or value.shape != like.shape or not torch.isfinite(value).all():
+            raise DejavuError(f"{out / CHECKPOINT} does not match these predictors; pass --overwrite to start again")
+        return value
+
     with torch.no_grad():
         for i, p in enumerate(params):
-            saved = tensors.get(f"param.{i}")
-            if saved is None or saved.shape != p.shape or not torch.isfinite(saved).all():
-                raise DejavuError(f"{out / CHECKPOINT} does not match these predictors; pass --overwrite to start again")
-            p.copy_(saved)
+            p.copy_(saved(f"param.{i}", p))
             if f"adam.{i}.exp_avg" in tensors:
                 opt.state[p] = {"step": tensors[f"adam.{i}.step"].reshape(()).clone(),
                                 "exp_avg": tensors[f"adam.{i}.exp_avg"].to(p.device),
                                 "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].to(p.device)}
-    return header["step"], header["before"]
+    mark = header["best"]
+    best_params = params if mark["step"] == header["step"] else [saved(f"best.{i}", p) for i, p in enumerate(params)]
+    return header["step"], header["before"], _Best(mark["step"], mark["quality"], best_params), header["history"]
+
+
+def _average_gradients(params: list[torch.nn.Parameter], kl: torch.Tensor, processes: int) -> torch.Tensor:
+    """Every process's gradients (and its KL) averaged over the processes, in one all-reduce: each took an equal
+    share of the step's sequences, so this is the gradient of the whole step's mean KL. Returns the mean KL,
+    the same in every process (so a divergence stops all of them, not one that leaves the others waiting)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [kl.detach().reshape(1).to(grads[0].dtype)])
+    dist.all_reduce(flat)
+    flat /= processes
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+    return flat[-1]
+
+
+def _point(step: int, quality: dict) -> dict:
+    return {"step": step, **{k: quality[k] for k in ("sparse_ppl", "kl", "top1_agreement")}}
 
 
 def _finished(out: Path) -> dict | None:
@@ -293,12 +360,19 @@ def tuned_status(run: Path) -> str | None:
 
 
 def run_tune(run: Path, config_file: str | None = None, overrides: dict | None = None, overwrite: bool = False,
-             model_name: str | None = None) -> dict:
-    """Tune RUN/predictors/ end to end into RUN/tuned/; returns the new manifest."""
+             model_name: str | None = None) -> dict | None:
+    """Tune RUN/predictors/ end to end into RUN/tuned/; returns the new manifest (in the first process).
+
+    Under torchrun or `accelerate launch` each process loads the model (one GPU each, or CPU over gloo),
+    takes an equal share of every step's sequences and of the held-out ones, and the gradients are averaged:
+    the same tuning as one process, in less time. Only the first process writes."""
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
     from dejavu.models.adapters import adapter_for
     from dejavu.models.identity import check_identity
     from dejavu.models.loading import dtype_name, load_model, resolve_device, resolve_dtype
     from dejavu.runtime.apply import SparseRuntime
+    from dejavu.train.train import share_cpu_threads
 
     run = Path(run)
     pred_dir = run / "predictors"
@@ -311,11 +385,24 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
     if min(densities) >= 1.0:
         raise DejavuError(f"nothing to tune at MLP density {densities[0]:g} and head density {densities[1]:g}: "
                           "set --mlp-density or --head-density below 1")
-    dtype = dtype_name(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device)))
+    target = resolve_device(cfg.model.device)
+    dtype = dtype_name(resolve_dtype(cfg.model.dtype, target))
     inputs = tuning_inputs(cfg, pm, densities, dtype)
     key = _tuned_key(inputs)
     identity = pm.get("model") or {}
     predictors, present = read_predictors(pred_dir, pm)
+    t = cfg.tune
+
+    # cpu=True joins a torchrun group over gloo; one process alone is a group of one
+    acc = Accelerator(cpu=target.type == "cpu", kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])
+    index, processes = acc.process_index, acc.num_processes
+    main = acc.is_main_process
+    if t.sequences % processes:
+        raise DejavuError(f"tune.sequences ({t.sequences}) must be a multiple of the number of processes "
+                          f"({processes}): each takes an equal share of every step")
+    device_name = str(acc.device) if processes > 1 and target.type == "cuda" else cfg.model.device
+    if processes > 1 and target.type == "cpu":
+        share_cpu_threads(0, int(os.environ.get("LOCAL_WORLD_SIZE", processes)))
 
     # before the model loads: a finished tuning kept or refused, an unfinished one of other settings refused
     out = run / "tuned"
@@ -325,14 +412,15 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
         if finished is not None:
             done = finished.get("tuned") or {}
             if done.get("key") == key:
-                (out / CHECKPOINT).unlink(missing_ok=True)  # left by a kill between the manifest and its removal
-                print(f"{out} is already tuned with these settings from these predictors: kept (--overwrite tunes "
-                      "again)", flush=True)
+                if main:
+                    (out / CHECKPOINT).unlink(missing_ok=True)  # left by a kill between the manifest and its removal
+                    print(f"{out} is already tuned with these settings from these predictors: kept (--overwrite tunes "
+                          "again)", flush=True)
                 return finished
             raise DejavuError(f"{out} holds predictors tuned with {inputs_difference(done.get('inputs'), inputs)}: "
                               "pass --overwrite to replace them")
         _check_checkpoint(out, key, inputs)
-    model, tokenizer, source = load_model(model_name or identity.get("name") or cfg.model.name, device=cfg.model.device,
+    model, tokenizer, source = load_model(model_name or identity.get("name") or cfg.model.name, device=device_name,
                                           dtype=cfg.model.dtype, revision=cfg.model.revision,
                                           trust_remote_code=cfg.model.trust_remote_code)
     adapter = adapter_for(model)
@@ -343,52 +431,74 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
     device = next(model.parameters()).device
     train_seqs, held = calibration_sequences(cfg, tokenizer)
     # only now, with the model and corpus known good, is anything of an earlier tuning removed
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    (out / MANIFEST).unlink(missing_ok=True)  # an unreadable one: unfinished until this run writes it again
-    (out / "progress").mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()  # every process has read the checkpoint it resumes from
+    if main:
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        (out / MANIFEST).unlink(missing_ok=True)  # an unreadable one: unfinished until this run writes it again
+        (out / "progress").mkdir(parents=True, exist_ok=True)
 
-    t = cfg.tune
     predictors.with_densities(*densities)
     params = trainable(predictors, densities)
     runtime = SparseRuntime(model, adapter, predictors, straight_through=t.sharpness)
     opt = torch.optim.Adam(params, lr=t.lr)
-    start, before = _load_checkpoint(out, key, params, opt)
+    # overwrite: what an earlier tuning left is gone (or being removed by the first process) and not read
+    start, before, best, history = (0, None, None, []) if overwrite else _load_checkpoint(out, key, params, opt)
+    acc.wait_for_everyone()
     started = time.perf_counter()
+    world = (index, processes)
     try:
         if before is None:
-            before = held_out_quality(model, runtime, held, device, "held out, before")
-        if start:
+            before = held_out_quality(model, runtime, held, device, "held out, before", world)
+            best, history = _Best(0, before, params), [_point(0, before)]
+        if start and main:
             print(f"resuming from the checkpoint at step {start} of {t.steps}", flush=True)
-        bar = tqdm(total=t.steps, initial=start, desc="tune", unit="step")
+        bar = tqdm(total=t.steps, initial=start, desc="tune", unit="step", disable=not main)
         for step in range(start, t.steps):
             for group in opt.param_groups:  # cosine decay to 5 %, a pure function of the step (resumable)
                 group["lr"] = t.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / t.steps)))
-            ids = _batch(train_seqs, step, t.sequences).to(device)
+            ids = _batch(train_seqs, step, t.sequences)[index::processes].to(device)
             with torch.enable_grad():
                 kl, _, _ = _kl_and_logits(model, runtime, ids)
-                if not torch.isfinite(kl):
-                    _diverged(step, f"KL {kl.item()}")
                 opt.zero_grad(set_to_none=True)
                 kl.backward()
+            if processes > 1:
+                kl = _average_gradients(params, kl, processes)
+            if not torch.isfinite(kl):
+                _diverged(step, f"KL {kl.item()}")
             opt.step()
             bar.update()
-            bar.set_postfix(kl=f"{kl.item():.3f}")
+            bar.set_postfix(kl=f"{kl.item():.3f}", best=f"{best.quality['kl']:.3f}@{best.step}")
+            done = step + 1
+            measure = done == t.steps or (t.eval_every > 0 and done % t.eval_every == 0)
+            if measure:
+                quality = held_out_quality(model, runtime, held, device, f"held out, step {done}", world)
+                history.append(_point(done, quality))
+                best.offer(done, quality, params)
             # the last step too: a failure in the final measurement or the writing loses no tuning
-            if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
+            if measure or done % t.checkpoint_every == 0:
                 if not all(torch.isfinite(p).all() for p in params):
                     _diverged(step, "non-finite predictor weights")
-                _save_checkpoint(out, step + 1, inputs, params, opt, before)
+                if main:
+                    _save_checkpoint(out, done, inputs, params, opt, before, best, history)
         bar.close()
-        after = held_out_quality(model, runtime, held, device, "held out, after")
+        if best.step != t.steps:  # longer tuning overfits or drifts (BENCHMARKS.md, session 19): the best kept
+            with torch.no_grad():
+                for p, value in zip(params, best.params, strict=True):
+                    p.copy_(value)
     finally:
         runtime.remove()
-    return _write_tuned(out, pred_dir, pm, cfg, predictors, present, densities, {
-        "key": key, "inputs": inputs, "dataset": cfg.data.dataset, "steps": t.steps,
-        "tokens": t.steps * t.sequences * cfg.data.seq_len, "lr": t.lr, "sharpness": t.sharpness,
-        "held_out_sequences": t.eval_sequences, "seconds_this_process": round(time.perf_counter() - started, 1),
-        "model": source.display, "device": str(device), "dtype": dtype, "before": before, "after": after,
-    })
+    manifest = None
+    if main:
+        manifest = _write_tuned(out, pred_dir, pm, cfg, predictors, present, densities, {
+            "key": key, "inputs": inputs, "dataset": cfg.data.dataset, "steps": t.steps,
+            "tokens": t.steps * t.sequences * cfg.data.seq_len, "lr": t.lr, "sharpness": t.sharpness,
+            "held_out_sequences": t.eval_sequences, "seconds_this_process": round(time.perf_counter() - started, 1),
+            "processes": processes, "model": source.display, "device": str(device), "dtype": dtype,
+            "before": before, "after": best.quality, "best_step": best.step, "final": history[-1], "history": history,
+        })
+    acc.wait_for_everyone()  # the others end once the tuning is written
+    return manifest
 
 
 def _write_tuned(out: Path, pred_dir: Path, pm: dict, cfg: RunConfig, predictors: PredictorSet, present: list[int],
@@ -424,9 +534,12 @@ def _write_tuned(out: Path, pred_dir: Path, pm: dict, cfg: RunConfig, predictors
                f"{densities[1]:g}: sparse perplexity {b['sparse_ppl']:.3f} -> {a['sparse_ppl']:.3f} (dense "
                f"{a['dense_ppl']:.3f}), KL {b['kl']:.4f} -> {a['kl']:.4f}, top-1 agreement {b['top1_agreement']:.3f} -> "
                f"{a['top1_agreement']:.3f}")
-    if a["kl"] >= b["kl"]:  # measured on SmolLM2 at rank 128: held-out perplexity better, KL and bench worse
-        tqdm.write(f"warning: tuning did not lower the held-out KL ({b['kl']:.4f} -> {a['kl']:.4f}); the trained "
-                   f"predictors ({pred_dir}) may be the better ones: compare both bundles with `dejavu bench`, or tune "
-                   "again with a lower --lr and --overwrite")
+    best, steps, final = report["best_step"], report["steps"], report["final"]
+    if best == 0:
+        tqdm.write(f"warning: no held-out measurement beat the trained predictors (KL {b['kl']:.4f}; at step {steps} "
+                   f"{final['kl']:.4f}), so {out} holds them unchanged: tune again with a lower --lr and --overwrite")
+    elif best != steps:
+        tqdm.write(f"kept the predictors of step {best}, the lowest held-out KL of the run (at step {steps}: "
+                   f"{final['kl']:.4f}); fewer --steps or a lower --lr would likely do as well")
     tqdm.write(f"tuned predictors: {out} (export them with `dejavu export --run {out} --out BUNDLE`)")
     return manifest

@@ -18,7 +18,7 @@ from helpers import CALIB_TXT, load_tiny, make_predictors_dir, random_ids, rando
 
 # a few short sequences of the calibration text: each step reads two, four are held out
 TUNE = {"data.seq_len": 32, "tune.steps": 60, "tune.sequences": 2, "tune.eval_sequences": 4, "tune.lr": 0.05,
-        "tune.checkpoint_every": 4, "model.device": "cpu", "model.dtype": "float32"}
+        "tune.checkpoint_every": 4, "tune.eval_every": 5, "model.device": "cpu", "model.dtype": "float32"}
 
 
 def test_straight_through_forward_is_the_hard_selection_and_reaches_the_predictors(tiny_llama):
@@ -127,19 +127,21 @@ def test_a_killed_tuning_resumes_from_its_checkpoint_to_the_same_predictors(tmp_
 
     real, calls = tune._kl_and_logits, {"n": 0}
 
-    def killed_at_step_7(model, runtime, ids):
+    def killed_at_step_9(model, runtime, ids):
         if torch.is_grad_enabled():
             calls["n"] += 1
-            if calls["n"] == 7:
+            if calls["n"] == 9:
                 raise KeyboardInterrupt
         return real(model, runtime, ids)
 
-    monkeypatch.setattr(tune, "_kl_and_logits", killed_at_step_7)
+    monkeypatch.setattr(tune, "_kl_and_logits", killed_at_step_9)
     with pytest.raises(KeyboardInterrupt):
         _tune(resumed)
-    assert tune._checkpoint_header(resumed / "tuned")["step"] == 4
+    # checkpoints at 4, 5 (a measurement) and 8; the best so far is step 5's, kept in the checkpoint beside step 8's
+    header = tune._checkpoint_header(resumed / "tuned")
+    assert header["step"] == 8 and header["best"]["step"] == 5 and [p["step"] for p in header["history"]] == [0, 5]
     assert not (resumed / "tuned" / "manifest.json").exists()
-    with pytest.raises(DejavuError, match=r"unfinished tuning \(step 4\) with other settings \(tune.steps: 60 -> 80\)"):
+    with pytest.raises(DejavuError, match=r"unfinished tuning \(step 8\) with other settings \(tune.steps: 60 -> 80\)"):
         _tune(resumed, **{"tune.steps": 80})
     monkeypatch.setattr(tune, "_kl_and_logits", real)
     manifest = _tune(resumed)
@@ -148,8 +150,11 @@ def test_a_killed_tuning_resumes_from_its_checkpoint_to_the_same_predictors(tmp_
         b = load_tensors(resumed / "tuned" / "layers" / name)
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-    assert manifest["tuned"]["after"]["kl"] == pytest.approx(
-        json.loads((whole / "tuned" / "manifest.json").read_text())["tuned"]["after"]["kl"], rel=1e-4)
+    whole_tuned = json.loads((whole / "tuned" / "manifest.json").read_text())["tuned"]
+    assert manifest["tuned"]["after"]["kl"] == pytest.approx(whole_tuned["after"]["kl"], rel=1e-4)
+    assert manifest["tuned"]["best_step"] == whole_tuned["best_step"]
+    assert [p["kl"] for p in manifest["tuned"]["history"]] == pytest.approx([p["kl"] for p in whole_tuned["history"]],
+                                                                           rel=1e-4)
     # the head predictors were not tuned (heads dense): left as trained
     a = load_tensors(resumed / "tuned" / "layers" / "layer-000.safetensors")
     b = load_tensors(resumed / "predictors" / "layers" / "layer-000.safetensors")
@@ -225,13 +230,45 @@ def test_configs_written_by_earlier_versions_still_load(tmp_path):
         load_config(yaml, {})
 
 
-def test_a_tuning_that_raises_the_held_out_kl_is_flagged(tmp_path, tiny_llama, monkeypatch, capsys):
+def _held_out_script(monkeypatch, kls):
+    """held_out_quality reporting the given KLs in turn; returns the layer-0 MLP predictor's w1 at each call."""
     import dejavu.train.tune as tune
 
+    kls, real, seen = iter(kls), tune.held_out_quality, []
+
+    def scripted(model, runtime, *rest):
+        seen.append(runtime.predictors.layers[0].mlp.w1.detach().clone())
+        return {**real(model, runtime, *rest), "kl": next(kls)}
+
+    monkeypatch.setattr(tune, "held_out_quality", scripted)
+    return seen
+
+
+def test_the_predictors_of_the_lowest_held_out_kl_are_written(tmp_path, tiny_llama, monkeypatch, capsys):
     run = tmp_path / "run"
     make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=1.0)
-    kls = iter([0.30, 0.35])
-    real = tune.held_out_quality
-    monkeypatch.setattr(tune, "held_out_quality", lambda *a: {**real(*a), "kl": next(kls)})
-    _tune(run, **{"tune.steps": 2})
-    assert "warning: tuning did not lower the held-out KL (0.3000 -> 0.3500)" in capsys.readouterr().out
+    # before, steps 3 and 6, and the last (7): the best is step 3's
+    seen = _held_out_script(monkeypatch, [0.30, 0.20, 0.25, 0.28])
+    tuned = _tune(run, **{"tune.steps": 7, "tune.eval_every": 3})["tuned"]
+    assert tuned["best_step"] == 3 and tuned["after"]["kl"] == 0.20 and tuned["final"]["kl"] == 0.28
+    assert [p["step"] for p in tuned["history"]] == [0, 3, 6, 7]
+    written = load_tensors(run / "tuned" / "layers" / "layer-000.safetensors")["mlp.w1"]
+    torch.testing.assert_close(written, seen[1])
+    assert not torch.equal(written, seen[3])
+    assert "kept the predictors of step 3" in capsys.readouterr().out
+
+
+def test_a_tuning_that_never_beats_the_trained_predictors_gives_them_back(tmp_path, tiny_llama, monkeypatch, capsys):
+    run = tmp_path / "run"
+    make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=1.0)
+    _held_out_script(monkeypatch, [0.30, 0.35])
+    tuned = _tune(run, **{"tune.steps": 2})["tuned"]
+    assert tuned["best_step"] == 0 and tuned["after"]["kl"] == 0.30
+    assert "warning: no held-out measurement beat the trained predictors (KL 0.3000; at step 2 0.3500)" in \
+        capsys.readouterr().out
+    for name in ("layer-000.safetensors", "layer-001.safetensors"):
+        a = load_tensors(run / "tuned" / "layers" / name)
+        b = load_tensors(run / "predictors" / "layers" / name)
+        assert all(torch.equal(a[k], b[k]) for k in b)
+    with pytest.raises(DejavuError, match="tune.eval_every must be 0"):
+        _tune(tmp_path / "run", **{"tune.eval_every": -1})

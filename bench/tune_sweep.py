@@ -8,8 +8,9 @@ Each variant gets its own run directory (WORK/NAME, predictors/ linked to the tr
         --device cuda --dtype float32 trained lr5e-4:lr=0.0005,steps=600 heads05:head-density=0.5,lr=0.0005
 
 A variant is NAME or NAME:flag=value,... where each flag is a tune-predictors option without its dashes
-(steps, sequences, lr, mlp-density, head-density, eval-sequences). Bench densities follow the tuned bundle;
-`bench-head-density=X` overrides the head density at bench time.
+(steps, sequences, lr, mlp-density, head-density, eval-sequences); a flag named bench-FLAG goes to
+`dejavu bench` instead (bench-mlp-density=0.3, bench-head-density=0.5, bench-selection=oracle). Bench
+densities otherwise follow the bundle (a tuned one's are those it was tuned at).
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def main() -> None:
         if not link.exists():
             link.symlink_to(args.predictors.resolve())
         log = args.out / f"{name}.log"
-        bench_heads = flags.pop("bench-head-density", None)
+        bench_flags = {k[len("bench-"):]: flags.pop(k) for k in list(flags) if k.startswith("bench-")}
         started = time.time()
         row: dict = {"variant": text}
         if flags:
@@ -76,6 +77,7 @@ def main() -> None:
             tuned = json.loads((run / "tuned" / "manifest.json").read_text())["tuned"]
             row["held_out_before"] = tuned["before"]
             row["held_out_after"] = tuned["after"]
+            row["best_step"] = tuned.get("best_step")
             source = run / "tuned"
         else:
             source = run
@@ -86,8 +88,7 @@ def main() -> None:
         bench = ["bench", "--model", args.model, "--bundle", str(bundle), "--dataset", args.dataset,
                  "--max-eval-tokens", args.max_eval_tokens, "--device", args.device, "--dtype", args.dtype,
                  "--no-speed", "--json", str(report)]
-        if bench_heads:
-            bench += ["--head-density", bench_heads]
+        bench += [f"--{k}={v}" for k, v in bench_flags.items()]
         dejavu(*bench, log=log)
         quality = json.loads(report.read_text())["quality"]
         row.update({k: quality[k] for k in ("dense_ppl", "sparse_ppl", "top1_agreement", "kl")})

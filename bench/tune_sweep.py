@@ -8,7 +8,7 @@ Each variant gets its own run directory (WORK/NAME, predictors/ linked to the tr
         --device cuda --dtype float32 trained lr5e-4:lr=0.0005,steps=600 heads05:head-density=0.5,lr=0.0005
 
 A variant is NAME or NAME:flag=value,... where each flag is a tune-predictors option without its dashes
-(steps, sequences, lr, mlp-density, head-density, eval-sequences); a flag named bench-FLAG goes to
+(steps, sequences, lr, mlp-density, head-density, eval-sequences, eval-every); a flag named bench-FLAG goes to
 `dejavu bench` instead (bench-mlp-density=0.3, bench-head-density=0.5, bench-selection=oracle). Bench
 densities otherwise follow the bundle (a tuned one's are those it was tuned at).
 """

@@ -305,7 +305,7 @@ def tune_predictors(
         "the head predictors are left as trained."),
     dataset: str | None = typer.Option(
         None, "--dataset", "-d", help="Calibration corpus (default: the one collect read). Its last --eval-sequences "
-        "sequences are held out and measured before and after."),
+        "sequences are held out and measured before, every --eval-every steps and after."),
     eval_sequences: int | None = typer.Option(None, "--eval-sequences", help="Held-out sequences." + default("tune.eval_sequences")),
     eval_every: int | None = typer.Option(
         None, "--eval-every", help="Steps between held-out measurements; the predictors with the lowest held-out KL "
@@ -326,6 +326,9 @@ def tune_predictors(
 
     Writes RUN/tuned/ (the predictors' format); export it with `dejavu export --run RUN/tuned`. Optional: it
     loads the model and runs it forward and backward, so it costs far more than train-predictors per token.
+    The model, corpus and densities come from the run; the tune settings from flags, then --config, then the
+    built-in defaults (not from the run's stored config). Under torchrun or `accelerate launch` the
+    processes share every step's sequences (--sequences a multiple of their number).
     """
     from dejavu.train.tune import run_tune
 

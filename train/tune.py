@@ -56,7 +56,10 @@ CHECKPOINT = "progress/checkpoint.safetensors"
 
 
 def resolve_tune_config(base: dict, config_file: str | None, overrides: dict[str, Any]) -> RunConfig:
-    """The training run's config, then the --config file, then flags; what earlier stages ran with stays."""
+    """The training run's config, then the --config file, then flags; what earlier stages ran with stays.
+    The tune section itself is not the run's: collect and train store every section as it stood then, and
+    a default changed since (lr 0.002 -> 0.0005 in session 19) would otherwise stay behind without a word."""
+    base = {section: value for section, value in base.items() if section != "tune"}
     cfg = load_config(config_file, overrides, base=base, base_source="predictors manifest's config",
                       fixed=("model", "collect", "train"))
     t = cfg.tune
@@ -365,7 +368,7 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
 
     Under torchrun or `accelerate launch` each process loads the model (one GPU each, or CPU over gloo),
     takes an equal share of every step's sequences and of the held-out ones, and the gradients are averaged:
-    the same tuning as one process, in less time. Only the first process writes."""
+    the same tuning as one process, its work shared. Only the first process writes; the others return None."""
     from accelerate import Accelerator, InitProcessGroupKwargs
 
     from dejavu.models.adapters import adapter_for
@@ -393,14 +396,19 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
     predictors, present = read_predictors(pred_dir, pm)
     t = cfg.tune
 
-    # cpu=True joins a torchrun group over gloo; one process alone is a group of one
-    acc = Accelerator(cpu=target.type == "cpu", kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])
-    index, processes = acc.process_index, acc.num_processes
-    main = acc.is_main_process
+    # Accelerate only under a launcher: it fixes one device setting per Python process, so an Accelerator made
+    # here on the CPU would refuse (or bend) a later train-predictors on the GPU in the same process.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # cpu=True joins a torchrun group over gloo
+        acc = Accelerator(cpu=target.type == "cpu",
+                          kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])
+        index, processes, main, barrier = acc.process_index, acc.num_processes, acc.is_main_process, acc.wait_for_everyone
+    else:
+        acc, index, processes, main, barrier = None, 0, 1, True, lambda: None
     if t.sequences % processes:
         raise DejavuError(f"tune.sequences ({t.sequences}) must be a multiple of the number of processes "
                           f"({processes}): each takes an equal share of every step")
-    device_name = str(acc.device) if processes > 1 and target.type == "cuda" else cfg.model.device
+    device_name = str(acc.device) if acc is not None and target.type == "cuda" else cfg.model.device
     if processes > 1 and target.type == "cpu":
         share_cpu_threads(0, int(os.environ.get("LOCAL_WORLD_SIZE", processes)))
 
@@ -416,7 +424,7 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
                     (out / CHECKPOINT).unlink(missing_ok=True)  # left by a kill between the manifest and its removal
                     print(f"{out} is already tuned with these settings from these predictors: kept (--overwrite tunes "
                           "again)", flush=True)
-                return finished
+                return finished if main else None
             raise DejavuError(f"{out} holds predictors tuned with {inputs_difference(done.get('inputs'), inputs)}: "
                               "pass --overwrite to replace them")
         _check_checkpoint(out, key, inputs)
@@ -431,7 +439,7 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
     device = next(model.parameters()).device
     train_seqs, held = calibration_sequences(cfg, tokenizer)
     # only now, with the model and corpus known good, is anything of an earlier tuning removed
-    acc.wait_for_everyone()  # every process has read the checkpoint it resumes from
+    barrier()  # every process has read the checkpoint it resumes from
     if main:
         if overwrite and out.exists():
             shutil.rmtree(out)
@@ -444,7 +452,13 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
     opt = torch.optim.Adam(params, lr=t.lr)
     # overwrite: what an earlier tuning left is gone (or being removed by the first process) and not read
     start, before, best, history = (0, None, None, []) if overwrite else _load_checkpoint(out, key, params, opt)
-    acc.wait_for_everyone()
+    barrier()
+    if main:
+        every = f"every {t.eval_every} steps and " if 0 < t.eval_every < t.steps else ""
+        print(f"tuning {t.steps} steps of {t.sequences} x {cfg.data.seq_len} tokens at lr {t.lr:g}, MLP density "
+              f"{densities[0]:g}, head density {densities[1]:g}, {dtype} on {device}"
+              f"{f' over {processes} processes' if processes > 1 else ''}; {t.eval_sequences} held-out sequences "
+              f"measured before, {every}after", flush=True)
     started = time.perf_counter()
     world = (index, processes)
     try:
@@ -497,7 +511,7 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
             "processes": processes, "model": source.display, "device": str(device), "dtype": dtype,
             "before": before, "after": best.quality, "best_step": best.step, "final": history[-1], "history": history,
         })
-    acc.wait_for_everyone()  # the others end once the tuning is written
+    barrier()  # the others end once the tuning is written
     return manifest
 
 

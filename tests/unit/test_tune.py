@@ -123,6 +123,16 @@ def test_a_killed_tuning_resumes_from_its_checkpoint_to_the_same_predictors(tmp_
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     for run in (whole, resumed):
         make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=1.0)
+    # held-out KL by step: step 5's is the lowest of the run, so what is written is the best state that the
+    # step-8 checkpoint below carries beside its own
+    measured = tune.held_out_quality
+
+    def kl_by_step(model, runtime, held, device, desc, *rest):
+        step = 0 if desc.endswith("before") else int(desc.rsplit(" ", 1)[1])
+        kl = 0.3 if step == 0 else 0.1 if step == 5 else 0.2 + step / 1000
+        return {**measured(model, runtime, held, device, desc, *rest), "kl": kl}
+
+    monkeypatch.setattr(tune, "held_out_quality", kl_by_step)
     _tune(whole)
 
     real, calls = tune._kl_and_logits, {"n": 0}
@@ -151,15 +161,35 @@ def test_a_killed_tuning_resumes_from_its_checkpoint_to_the_same_predictors(tmp_
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     whole_tuned = json.loads((whole / "tuned" / "manifest.json").read_text())["tuned"]
-    assert manifest["tuned"]["after"]["kl"] == pytest.approx(whole_tuned["after"]["kl"], rel=1e-4)
-    assert manifest["tuned"]["best_step"] == whole_tuned["best_step"]
-    assert [p["kl"] for p in manifest["tuned"]["history"]] == pytest.approx([p["kl"] for p in whole_tuned["history"]],
-                                                                           rel=1e-4)
+    assert manifest["tuned"]["best_step"] == whole_tuned["best_step"] == 5
+    assert manifest["tuned"]["after"] == pytest.approx(whole_tuned["after"], rel=1e-5)
+    for key in ("step", "kl", "sparse_ppl"):
+        assert [p[key] for p in manifest["tuned"]["history"]] == pytest.approx([p[key] for p in whole_tuned["history"]],
+                                                                               rel=1e-5)
     # the head predictors were not tuned (heads dense): left as trained
     a = load_tensors(resumed / "tuned" / "layers" / "layer-000.safetensors")
     b = load_tensors(resumed / "predictors" / "layers" / "layer-000.safetensors")
     assert torch.equal(a["attn.w1"], b["attn.w1"]) and not torch.equal(a["mlp.w1"], b["mlp.w1"])
     assert not (resumed / "tuned" / "progress" / "checkpoint.safetensors").exists()
+
+    # killed while writing, after the last step: the rerun writes the best state from the last checkpoint
+    cut = tmp_path / "cut"
+    make_predictors_dir(cut, tiny_llama, mlp_density=0.5, head_density=1.0)
+    write = tune._write_tuned
+
+    def killed_while_writing(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune, "_write_tuned", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        _tune(cut)
+    assert tune._checkpoint_header(cut / "tuned")["step"] == 60
+    monkeypatch.setattr(tune, "_write_tuned", write)
+    assert _tune(cut)["tuned"]["best_step"] == 5
+    for name in ("layer-000.safetensors", "layer-001.safetensors"):
+        a, b = load_tensors(whole / "tuned" / "layers" / name), load_tensors(cut / "tuned" / "layers" / name)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
 def test_bad_inputs_are_refused_by_name(tmp_path, tiny_llama, tiny_model_factory):
@@ -217,6 +247,23 @@ def test_export_of_a_tuning_takes_its_densities_and_the_corpus_is_keyed_by_its_f
     absolute = tuning_inputs(load_config(None, {"data.dataset": str(tmp_path / "calib.txt")}), pm, (0.5, 1.0),
                              "float32")
     assert relative == absolute and relative["split"] == "train"
+
+
+def test_tune_settings_come_from_the_defaults_not_the_runs_stored_config(tmp_path):
+    from dejavu.config import RunConfig
+    from dejavu.train.tune import resolve_tune_config
+
+    # a run trained by session 18's code stored its tune section, lr 0.002 (then the default), in its config
+    stored = RunConfig().to_dict()
+    stored["tune"] = {**stored["tune"], "lr": 0.002, "steps": 7}
+    stored["data"] = {**stored["data"], "seq_len": 64}
+    cfg = resolve_tune_config(stored, None, {})
+    assert cfg.tune.lr == RunConfig().tune.lr == 0.0005 and cfg.tune.steps == 150
+    assert cfg.data.seq_len == 64  # what the run was made with stays
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("tune:\n  lr: 0.001\n")
+    assert resolve_tune_config(stored, str(yaml), {}).tune.lr == 0.001
+    assert resolve_tune_config(stored, str(yaml), {"tune.lr": 0.003}).tune.lr == 0.003
 
 
 def test_configs_written_by_earlier_versions_still_load(tmp_path):

@@ -402,7 +402,15 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
         # cpu=True joins a torchrun group over gloo
         acc = Accelerator(cpu=target.type == "cpu",
                           kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])
-        index, processes, main, barrier = acc.process_index, acc.num_processes, acc.is_main_process, acc.wait_for_everyone
+        index, processes, main = acc.process_index, acc.num_processes, acc.is_main_process
+        # not acc.wait_for_everyone: over gloo on a machine with GPUs its barrier picks cuda:<local rank>
+        # ("invalid device ordinal" on one GPU); a collective on the tuning's own device works everywhere
+        on = torch.device("cpu") if target.type == "cpu" else acc.device
+
+        def barrier() -> None:
+            import torch.distributed as dist
+
+            dist.all_reduce(torch.zeros(1, device=on))
     else:
         acc, index, processes, main, barrier = None, 0, 1, True, lambda: None
     if t.sequences % processes:

@@ -99,6 +99,8 @@ def tuning_inputs(cfg: RunConfig, pm: dict, densities: tuple[float, float], dtyp
     it started from. (The densities as resolved: restating a default changes nothing.)"""
     settings = {k: v for k, v in cfg.to_dict()["tune"].items()
                 if k not in ("checkpoint_every", "mlp_density", "head_density")}
+    if not 0 < settings["eval_every"] < settings["steps"]:  # no measurement between before and after either way
+        settings["eval_every"] = 0
     d = cfg.data
     # a local corpus by its absolute path: the same file named from another directory is the same corpus
     dataset = str(Path(d.dataset).resolve()) if Path(d.dataset).exists() else d.dataset

@@ -305,6 +305,15 @@ def test_the_predictors_of_the_lowest_held_out_kl_are_written(tmp_path, tiny_lla
     assert "kept the predictors of step 3" in capsys.readouterr().out
 
 
+def test_measuring_only_before_and_after_is_one_setting_however_it_is_said(tmp_path, tiny_llama, capsys):
+    run = tmp_path / "run"
+    make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=1.0)
+    manifest = _tune(run, **{"tune.steps": 2, "tune.eval_every": 0})
+    assert [p["step"] for p in manifest["tuned"]["history"]] == [0, 2]
+    assert _tune(run, **{"tune.steps": 2, "tune.eval_every": 2}) == manifest
+    assert "already tuned" in capsys.readouterr().out
+
+
 def test_a_tuning_that_never_beats_the_trained_predictors_gives_them_back(tmp_path, tiny_llama, monkeypatch, capsys):
     run = tmp_path / "run"
     make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=1.0)

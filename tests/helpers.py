@@ -214,3 +214,22 @@ def e4m3_bound(x: torch.Tensor) -> torch.Tensor:
     bits), or 2^-9 of its row's largest |value| below e4m3's normal range."""
     return x.abs() / 16 + x.abs().amax(dim=1, keepdim=True) / 512
 
+
+
+def torchrun_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`dejavu ARGS` under torchrun with 2 CPU processes (gloo). Pass `-r RUN`, not `--run`: torchrun's own
+    parser rejects `--run` as an ambiguous prefix of `--run-path`."""
+    import signal
+
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "dejavu.cli.main", *map(str, args)]
+    # Its own session, so a timeout ends torchrun's workers too (a process left waiting for the other
+    # would end here), not just torchrun.
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -18,29 +16,13 @@ from dejavu.config import RunConfig
 from dejavu.train.synthetic import write_synthetic_collect
 from dejavu.train.train import run_train
 
+from helpers import torchrun_cli
+
 
 def _config() -> RunConfig:
     cfg = RunConfig()
     cfg.train.rank, cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = 8, 3, 256, 0.03
     return cfg
-
-
-def _torchrun_train(run) -> subprocess.CompletedProcess:
-    """`train-predictors -r RUN` under torchrun with 2 CPU processes (gloo)."""
-    # `-r`, not `--run`: torchrun's own parser rejects `--run` as an ambiguous prefix of `--run-path`.
-    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "dejavu.cli.main",
-           "train-predictors", "-r", str(run)]
-    # Its own session, so a timeout ends torchrun's workers too (a process left waiting for the other
-    # would end here), not just torchrun.
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
@@ -50,7 +32,7 @@ def test_two_processes_match_one(tmp_path):
         write_synthetic_collect(run, num_layers=3, train_tokens=1024, eval_tokens=256, config=_config())
 
     run_train(single, None, {})
-    result = _torchrun_train(double)
+    result = torchrun_cli("train-predictors", "-r", double)
     assert result.returncode == 0, result.stderr[-3000:]
 
     one = json.loads((single / "predictors" / "metrics.json").read_text())
@@ -93,7 +75,7 @@ def test_two_processes_share_the_hash_check_and_fail_together(tmp_path):
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    result = _torchrun_train(tmp_path)
+    result = torchrun_cli("train-predictors", "-r", tmp_path)
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "does not match its sha256" in output and "another process" in output
@@ -116,7 +98,7 @@ def test_more_processes_than_layers_share_a_layer(tmp_path, down_inputs):
         write_synthetic_collect(run, num_layers=2, train_tokens=1024, eval_tokens=256, config=cfg,
                                 down_inputs=down_inputs)
     run_train(single, None, {})
-    result = _torchrun_train(double)
+    result = torchrun_cli("train-predictors", "-r", double)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((double / "predictors" / "progress" / "layer-001.json").read_text())
     assert record["replicas"] == 2 and record["process"] == 0

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ import torch
 from dejavu.artifacts import load_tensors
 from dejavu.train.tune import run_tune
 
-from helpers import CALIB_TXT, make_predictors_dir
+from helpers import CALIB_TXT, make_predictors_dir, torchrun_cli
 
 SETTINGS = """\
 data:
@@ -29,22 +26,6 @@ tune:
 """
 
 
-def _torchrun_tune(run, config) -> subprocess.CompletedProcess:
-    # `-r`, not `--run`: torchrun's own parser takes `--run` for a prefix of its `--run-path`
-    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "dejavu.cli.main", "tune-predictors",
-           "-r", str(run), "--config", str(config), "--device", "cpu", "--dtype", "float32"]
-    # its own session, so a timeout ends torchrun's workers too
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
 def test_two_processes_tune_what_one_tunes(tmp_path, tiny_llama):
     corpus = tmp_path / "calib.txt"
@@ -56,7 +37,8 @@ def test_two_processes_tune_what_one_tunes(tmp_path, tiny_llama):
         make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=0.5)
 
     one = run_tune(single, config_file=str(config), overrides={"model.device": "cpu", "model.dtype": "float32"})
-    result = _torchrun_tune(double, config)
+    result = torchrun_cli("tune-predictors", "-r", double, "--config", config, "--device", "cpu",
+                          "--dtype", "float32", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     two = json.loads((double / "tuned" / "manifest.json").read_text())
 

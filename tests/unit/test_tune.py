@@ -302,7 +302,16 @@ def test_the_predictors_of_the_lowest_held_out_kl_are_written(tmp_path, tiny_lla
     written = load_tensors(run / "tuned" / "layers" / "layer-000.safetensors")["mlp.w1"]
     torch.testing.assert_close(written, seen[1])
     assert not torch.equal(written, seen[3])
-    assert "kept the predictors of step 3" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "kept the predictors of step 3" in out and "fell by only" not in out  # 0.30 -> 0.20: a third
+
+
+def test_a_tuning_that_barely_lowers_the_held_out_kl_says_to_compare(tmp_path, tiny_llama, monkeypatch, capsys):
+    run = tmp_path / "run"
+    make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=1.0)
+    _held_out_script(monkeypatch, [0.30, 0.29])
+    assert _tune(run, **{"tune.steps": 2})["tuned"]["best_step"] == 2
+    assert "note: the held-out KL fell by only 3.3 %" in capsys.readouterr().out
 
 
 def test_measuring_only_before_and_after_is_one_setting_however_it_is_said(tmp_path, tiny_llama, capsys):

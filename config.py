@@ -115,6 +115,10 @@ class ExportConfig:
     # per layer by a greedy search on data.dataset. None: off. Replaces mlp_keep_input/attn_keep_input.
     keep_layer_bytes: float | None = None
     calibration_tokens: int = 8192
+    # how the runtime picks each token's MLP neurons from the predictor's scores: "topk" (the same count for
+    # every token) or "threshold" (neurons scored above a per-layer threshold, calibrated here on
+    # `calibration_tokens` tokens of data.dataset to keep the MLP density on average; runtime/score_thresholds.py)
+    mlp_selection: str = "topk"
 
 
 @dataclass
@@ -137,6 +141,9 @@ class TuneConfig:
     # densities to tune at; None: what `export` gives the bundle by default (export.*, else the trained ones)
     mlp_density: float | None = None
     head_density: float | None = None
+    # the MLP selection tuned for: "topk", or "threshold" (each forward keeps the neurons scored above the
+    # quantile of its own scores that keeps the MLP density: export.mlp_selection threshold then applies it)
+    mlp_selection: str = "topk"
 
 
 @dataclass
@@ -162,6 +169,9 @@ class RuntimeConfig:
     # layer's weight bytes, the split searched per layer (greedy); None: off
     keep_layer_bytes: float | None = None
     calibration_tokens: int = 8192
+    # MLP neurons from the predictor's scores: "topk" or "threshold" (as export.mlp_selection; a bundle's own
+    # thresholds apply at its densities, other densities calibrate at start-up); None: the bundle's
+    mlp_selection: str | None = None
     # "predictor" (the bundle), "oracle" (true top-k from dense activations), "dense"
     selection: str = "predictor"
     # dense prefill by default: only decoded tokens are sparse
@@ -418,6 +428,15 @@ def validate(cfg: RunConfig) -> None:
                               "--mlp-keep-input / --attn-keep-input")
     if cfg.runtime.mlp_up_weight is not None and cfg.runtime.mlp_candidate_density is not None:
         raise DejavuError("choose one MLP rule: --mlp-up-weight (exact up) or --mlp-candidate-density (two-stage)")
+    for section in ("export", "runtime"):
+        sec = getattr(cfg, section)
+        others = [flag for flag, value in (("--mlp-candidate-density", sec.mlp_candidate_density),
+                                           ("--mlp-up-weight", getattr(sec, "mlp_up_weight", None)),
+                                           ("--mlp-keep-input", sec.mlp_keep_input),
+                                           ("--keep-layer-bytes", sec.keep_layer_bytes)) if value is not None]
+        if sec.mlp_selection == "threshold" and others:
+            raise DejavuError(f"{section}.mlp_selection threshold (--mlp-selection threshold) is its own MLP rule: "
+                              f"drop {', '.join(others)}")
     rt = cfg.runtime
     if rt.mlp_candidate_density is not None and rt.mlp_density is not None and rt.mlp_candidate_density < rt.mlp_density:
         raise DejavuError(f"runtime.mlp_candidate_density (--mlp-candidate-density) {rt.mlp_candidate_density:g} is below "
@@ -458,6 +477,10 @@ def validate(cfg: RunConfig) -> None:
         ("train.head_pairing", cfg.train.head_pairing, ("current", "lookahead")),
         ("collect.mlp_label_rule", cfg.collect.mlp_label_rule, ("auto", "topk", "positive")),
         ("runtime.selection", cfg.runtime.selection, ("predictor", "oracle", "dense")),
+        ("export.mlp_selection", cfg.export.mlp_selection, ("topk", "threshold")),
+        ("tune.mlp_selection", cfg.tune.mlp_selection, ("topk", "threshold")),
+        ("runtime.mlp_selection", cfg.runtime.mlp_selection, (None, "topk", "threshold")),
     ):
         if value not in allowed:
-            raise DejavuError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+            raise DejavuError(f"{name} must be one of {', '.join(str(a) for a in allowed if a is not None)}; "
+                              f"got {value!r}")

@@ -126,6 +126,9 @@ class PredictorSet:
     meta: dict = field(default_factory=dict)
     # TEAL-style thresholds the bundle carries (runtime.thresholds.Thresholds), or None
     thresholds: Any = None
+    # per-layer thresholds on the MLP predictors' scores (runtime/score_thresholds.py), set at these
+    # predictors' MLP densities (None for layers that run dense), or None: each token's top-k
+    mlp_score_thresholds: list | None = None
 
     @property
     def has_predictors(self) -> bool:
@@ -139,6 +142,12 @@ class PredictorSet:
         return self
 
     def with_densities(self, mlp: float | None = None, heads: float | None = None) -> PredictorSet:
+        """Run every layer at these densities (None keeps a kind's own). Score thresholds were set for the
+        densities they came with, so other densities drop them (or their layers would keep another share)."""
+        if self.mlp_score_thresholds is not None and (
+                (mlp is not None and any(lp.mlp is not None and lp.mlp_density != mlp for lp in self.layers))
+                or (heads is not None and any(lp.attn is not None and lp.head_density != heads for lp in self.layers))):
+            self.mlp_score_thresholds = None
         for lp in self.layers:
             if mlp is not None:
                 lp.mlp_density = mlp

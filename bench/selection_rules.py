@@ -34,6 +34,10 @@ Rules (MLP only; attention stays dense unless --head-density):
                 (absmax round-to-nearest leaves 2 bits only 3 levels).
 - upq-pred:B:D:A up-pred with |up| from a B-bit copy of up (quant-clip's quantiser) instead of the exact up:
                 MLP bytes (1/3 * B/16) + D on a gated MLP, predictor weights not counted as for up-pred.
+- score-threshold:D the bundle's predictors with one threshold on their MLP scores per layer instead of a
+                per-token top-k (runtime/score_thresholds.py): each token keeps the neurons scored above
+                its layer's threshold, set on --calibration-tokens of the calibration corpus run sparse to
+                keep D on average; the report gives the share kept on the evaluation text.
 
 Every evaluated token is sparse, windows/stride as in runtime/quality.py; dense log-probs are computed
 once and reused. "MLP bytes" is the share of the dense MLP's weight bytes a real kernel must read per
@@ -68,7 +72,7 @@ from dejavu.runtime.thresholds import calibrate_thresholds
 
 KINDS = {"oracle": 1, "oracle-out": 1, "predictor": 1, "gate": 1, "up": 1, "two-stage": 2, "up-pred": 2, "input": 2, "threshold": (2, 3),
          "greedy": 1,
-         "quant": 2, "quant-clip": 2, "upq-pred": 3}
+         "quant": 2, "quant-clip": 2, "upq-pred": 3, "score-threshold": 1}
 
 
 def parse_rule(text: str) -> tuple[str, tuple[float, ...]]:
@@ -278,6 +282,8 @@ def run_rule(model, adapter, predictors, ref, kind, numbers, head_density,
             rule.remove()
     if kind != "oracle" and predictors is None:
         raise DejavuError(f"rule {kind} needs --bundle")
+    if kind == "score-threshold":
+        return _score_threshold(model, adapter, predictors, ref, numbers[0], head_density, calibration)
     kw = {"mlp_density": numbers[-1], "head_density": head_density}
     if kind == "two-stage":
         kw["mlp_candidate_density"] = numbers[0]
@@ -290,6 +296,16 @@ def run_rule(model, adapter, predictors, ref, kind, numbers, head_density,
                        selection="oracle" if kind == "oracle" else "predictor", **kw) as runtime:
         metrics = score_against(model, runtime, ref, desc=kind)
         return metrics, runtime.stats.summary()
+
+
+def _score_threshold(model, adapter, predictors, ref, density, head_density, calibration) -> tuple[dict, dict]:
+    from dejavu.runtime.score_thresholds import calibrate_score_thresholds
+
+    tokens, window = calibration
+    predictors.with_densities(density, head_density)
+    thresholds = calibrate_score_thresholds(model, adapter, predictors, tokens, window)
+    with SparseRuntime(model, adapter, predictors, selection="predictor", mlp_score_thresholds=thresholds) as runtime:
+        return score_against(model, runtime, ref, desc="score-threshold"), runtime.stats.summary()
 
 
 def _with_quantized_up(model, adapter, predictors, ref, bits: int, kw: dict) -> tuple[dict, dict]:
@@ -391,7 +407,7 @@ def main() -> None:
               "stride": stride, "head_density": args.head_density, "dtype": args.dtype, "device": args.device,
               "dense_ppl": dense["dense_ppl"], "rules": []}
     calibration = None
-    if any(kind in ("threshold", "greedy") for kind, _ in rules):
+    if any(kind in ("threshold", "greedy", "score-threshold") for kind, _ in rules):
         corpus = args.calibration or str(Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt")
         from dejavu.corpus import load_texts, tokenize_stream
 

@@ -8,8 +8,9 @@ Each variant gets its own run directory (WORK/NAME, predictors/ linked to the tr
         --device cuda --dtype float32 trained lr5e-4:lr=0.0005,steps=600 heads05:head-density=0.5,lr=0.0005
 
 A variant is NAME or NAME:flag=value,... where each flag is a tune-predictors option without its dashes
-(steps, sequences, lr, mlp-density, head-density, eval-sequences, eval-every); a flag named bench-FLAG goes to
-`dejavu bench` instead (bench-mlp-density=0.3, bench-head-density=0.5, bench-selection=oracle). Bench
+(steps, sequences, lr, mlp-density, head-density, eval-sequences, eval-every, mlp-selection); a flag named
+bench-FLAG goes to `dejavu bench` instead (bench-mlp-density=0.3, bench-head-density=0.5, bench-selection=oracle),
+one named export-FLAG to `dejavu export` (export-mlp-selection=threshold, export-mlp-density=0.46). Bench
 densities otherwise follow the bundle (a tuned one's are those it was tuned at).
 """
 from __future__ import annotations
@@ -67,6 +68,7 @@ def main() -> None:
             link.symlink_to(args.predictors.resolve())
         log = args.out / f"{name}.log"
         bench_flags = {k[len("bench-"):]: flags.pop(k) for k in list(flags) if k.startswith("bench-")}
+        export_flags = {k[len("export-"):]: flags.pop(k) for k in list(flags) if k.startswith("export-")}
         started = time.time()
         row: dict = {"variant": text}
         if flags:
@@ -82,7 +84,7 @@ def main() -> None:
         else:
             source = run
         bundle = args.work / f"{name}-bundle"
-        export = ["export", "--run", str(source), "--out", str(bundle)]
+        export = ["export", "--run", str(source), "--out", str(bundle)] + [f"--{k}={v}" for k, v in export_flags.items()]
         dejavu(*export, log=log)
         report = args.out / f"bench-{name}.json"
         bench = ["bench", "--model", args.model, "--bundle", str(bundle), "--dataset", args.dataset,

@@ -92,6 +92,12 @@ MlpUpWeightOpt = typer.Option(
     help="Exact-up MLP selection: compute up for every neuron and keep the top --mlp-density by "
          "log|up| + this weight x predictor logit for gate and down (0.4 measured best on SmolLM2). Not with "
          "--mlp-candidate-density or thresholds.")
+MlpSelectionOpt = typer.Option(
+    None, "--mlp-selection",
+    help="How MLP neurons are picked from the predictor's scores: topk (the same count for every token) or "
+         "threshold (those scored above per-layer thresholds that keep --mlp-density on average: confident tokens "
+         "keep fewer, uncertain ones more; the bundle's thresholds, else calibrated now on --calibration). "
+         "Threshold runs in the hooks only: bench skips speed. Default: the bundle's.")
 SkipKvOpt = typer.Option(
     None, "--skip-kv/--all-kv",
     help="Decode loop: compute k/v only for the KV groups the selected heads read; a skipped group's "
@@ -126,9 +132,11 @@ SelectionOpt = typer.Option(None, "--selection", help="predictor (the bundle), o
 
 
 def _rule_overrides(mlp_density, head_density, mlp_candidate_density, mlp_up_weight, skip_kv, mlp_keep_input,
-                    attn_keep_input, keep_layer_bytes, calibration, device, dtype, selection) -> dict[str, Any]:
+                    attn_keep_input, keep_layer_bytes, calibration, device, dtype, selection,
+                    mlp_selection=None) -> dict[str, Any]:
     """The config keys of the options bench and generate share (None: not given)."""
     return {
+        "runtime.mlp_selection": mlp_selection,
         "runtime.mlp_density": mlp_density, "runtime.head_density": head_density,
         "runtime.mlp_candidate_density": mlp_candidate_density, "runtime.mlp_up_weight": mlp_up_weight,
         "runtime.skip_kv": skip_kv, "runtime.mlp_keep_input": mlp_keep_input,
@@ -149,18 +157,20 @@ RESUMABLE = ("collect", "train_predictors", "tune_predictors")
 
 def _check_rule_flags(config: str | None, section: str, calibration: str | None, model: str | None = None,
                       selection: str | None = None, densities: tuple = (), skip_kv: bool | None = None,
-                      engine: str | None = None, calibration_tokens: int | None = None) -> None:
+                      engine: str | None = None, calibration_tokens: int | None = None,
+                      mlp_selection: str | None = None) -> None:
     """Flags that would change nothing are refused (--calibration, export's --model without thresholds to
     calibrate) or noted (densities under --selection dense, --skip-kv with the hooks), before any work."""
     from dejavu.errors import DejavuError
 
     if calibration is not None or model is not None or calibration_tokens is not None:
         rules = getattr(build_config(config, {}), section)
-        if rules.mlp_keep_input is None and rules.keep_layer_bytes is None:
+        scored = (mlp_selection or rules.mlp_selection) == "threshold"
+        if rules.mlp_keep_input is None and rules.keep_layer_bytes is None and not scored:
             flag = ("--calibration" if calibration is not None else "--model" if model is not None
                     else "--calibration-tokens")
-            raise DejavuError(f"{flag} is used only to calibrate thresholds (--mlp-keep-input or --keep-layer-bytes); "
-                              "drop it or add one of them")
+            raise DejavuError(f"{flag} is used only to calibrate thresholds (--mlp-keep-input, --keep-layer-bytes or "
+                              "--mlp-selection threshold); drop it or add one of them")
     if selection == "dense" and any(d is not None for d in densities):
         typer.echo("note: --selection dense computes every neuron and head; the densities given are not used", err=True)
     if skip_kv and engine == "hooks":
@@ -316,6 +326,10 @@ def tune_predictors(
     dtype: str | None = typer.Option(
         None, "--dtype", help="Model dtype while tuning: float32, bfloat16, float16 or auto (default: the run's "
         "model.dtype; auto is bfloat16 on cuda). The predictors stay float32."),
+    mlp_selection: str | None = typer.Option(
+        None, "--mlp-selection", help="The MLP selection to tune for: topk, or threshold (each step keeps the "
+        "neurons scored above the quantile that keeps --mlp-density of that step's scores; export the result with "
+        "--mlp-selection threshold)." + default("tune.mlp_selection")),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Start again: replace a finished RUN/tuned, or a checkpoint of other settings, "
         "instead of keeping it (a rerun with the same settings keeps a finished tuning and resumes an unfinished one)."),
@@ -336,6 +350,7 @@ def tune_predictors(
         "tune.steps": steps, "tune.sequences": sequences, "tune.lr": lr, "tune.mlp_density": mlp_density,
         "tune.head_density": head_density, "data.dataset": dataset, "tune.eval_sequences": eval_sequences,
         "tune.eval_every": eval_every, "model.device": device, "model.dtype": dtype,
+        "tune.mlp_selection": mlp_selection,
     })
 
 
@@ -375,6 +390,12 @@ def export(
              "that keep this share of each layer's weight bytes; how the share splits over the four inputs is "
              "searched per layer (greedy, least output error per byte) on the calibration corpus. Replaces "
              "--mlp-keep-input / --attn-keep-input and head selection."),
+    mlp_selection: str | None = typer.Option(
+        None, "--mlp-selection",
+        help="topk: the runtime keeps each token's top --mlp-density neurons by predictor score; threshold: it keeps "
+             "those scored above per-layer thresholds, calibrated now (model loaded, predictors run sparse on "
+             "--calibration) to keep --mlp-density on average; confident tokens keep fewer neurons, uncertain ones "
+             "more. Threshold runs in the hooks only, not the decode loop." + default("export.mlp_selection")),
     calibration: str | None = typer.Option(
         None, "--calibration", help="Corpus the thresholds are calibrated on (default: the config's data.dataset)."),
     calibration_tokens: int | None = typer.Option(
@@ -394,12 +415,13 @@ def export(
 
     if mlp_keep_input is None and keep_layer_bytes is None:
         _check_rule_flags(config, "export", calibration, model if run is not None else None,
-                          calibration_tokens=calibration_tokens)
+                          calibration_tokens=calibration_tokens, mlp_selection=mlp_selection)
     run_export(Path(run) if run is not None else None, Path(out), config_file=config, model_name=model, overrides={
         "export.mlp_density": mlp_density, "export.head_density": head_density,
         "export.mlp_candidate_density": mlp_candidate_density, "export.mlp_keep_input": mlp_keep_input,
         "export.attn_keep_input": attn_keep_input, "export.keep_layer_bytes": keep_layer_bytes,
         "data.dataset": calibration, "export.calibration_tokens": calibration_tokens,
+        "export.mlp_selection": mlp_selection,
     })
 
 
@@ -424,6 +446,7 @@ def bench(
     head_density: float | None = HeadDensityOpt,
     mlp_candidate_density: float | None = MlpCandidateDensityOpt,
     mlp_up_weight: float | None = MlpUpWeightOpt,
+    mlp_selection: str | None = MlpSelectionOpt,
     skip_kv: bool | None = SkipKvOpt,
     mlp_keep_input: float | None = MlpKeepInputOpt,
     attn_keep_input: float | None = AttnKeepInputOpt,
@@ -457,7 +480,7 @@ def bench(
     sizes = _numbers(batch_sizes, int, "--batch-sizes")
     if mlp_keep_input is None and keep_layer_bytes is None:
         _check_rule_flags(config, "runtime", calibration, selection=selection, densities=(mlp_density, head_density),
-                          calibration_tokens=calibration_tokens)
+                          calibration_tokens=calibration_tokens, mlp_selection=mlp_selection)
     ignored = [flag for flag, value, used in (("--prompt-len", prompt_len, speed), ("--batch-sizes", batch_sizes, speed),
                                               ("--decode-tokens", decode_tokens, speed), ("--warmup", warmup, speed),
                                               ("--max-eval-tokens", max_eval_tokens, quality)) if value is not None and not used]
@@ -468,7 +491,7 @@ def bench(
         overrides={
             **_rule_overrides(mlp_density, head_density, mlp_candidate_density, mlp_up_weight, skip_kv,
                               mlp_keep_input, attn_keep_input, keep_layer_bytes, calibration, device, dtype,
-                              selection),
+                              selection, mlp_selection),
             "runtime.max_eval_tokens": max_eval_tokens, "runtime.eval_split": eval_split,
             "runtime.eval_text_field": eval_text_field, "runtime.batch_sizes": sizes, "runtime.prompt_len": prompt_len,
             "runtime.calibration_tokens": calibration_tokens, "runtime.decode_tokens": decode_tokens,
@@ -515,6 +538,7 @@ def generate(
     head_density: float | None = HeadDensityOpt,
     mlp_candidate_density: float | None = MlpCandidateDensityOpt,
     mlp_up_weight: float | None = MlpUpWeightOpt,
+    mlp_selection: str | None = MlpSelectionOpt,
     skip_kv: bool | None = SkipKvOpt,
     mlp_keep_input: float | None = MlpKeepInputOpt,
     attn_keep_input: float | None = AttnKeepInputOpt,
@@ -531,7 +555,7 @@ def generate(
 
     if mlp_keep_input is None and keep_layer_bytes is None:
         _check_rule_flags(config, "runtime", calibration, selection=selection, densities=(mlp_density, head_density),
-                          skip_kv=skip_kv, engine=engine)
+                          skip_kv=skip_kv, engine=engine, mlp_selection=mlp_selection)
     if temperature == 0 and top_p != 1.0:
         typer.echo("note: --top-p applies only when sampling (--temperature above 0); decoding greedily", err=True)
     run_generate(
@@ -540,7 +564,7 @@ def generate(
         batch_size=batch_size,
         overrides=_rule_overrides(mlp_density, head_density, mlp_candidate_density, mlp_up_weight, skip_kv,
                                   mlp_keep_input, attn_keep_input, keep_layer_bytes, calibration, device, dtype,
-                                  selection),
+                                  selection, mlp_selection),
     )
 
 

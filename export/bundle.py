@@ -9,6 +9,9 @@ Layout (docs/FORMATS.md, `dejavu.bundle` version 1):
   layer (runtime/thresholds.py), described by the manifest's `thresholds`; the runtime then runs the MLP
   (and with `attn_keep_input` attention) by them instead of predictors. A bundle may hold thresholds
   alone (`dejavu export --model M --mlp-keep-input X`, no training run).
+- Optional MLP score thresholds (`export.mlp_selection: threshold`): `score_thresholds.mlp`, one fp32 value
+  per layer (NaN where the MLP runs dense; runtime/score_thresholds.py), described by the manifest's
+  `mlp_score_thresholds`; the runtime then keeps each token's neurons scored above them instead of a top-k.
 
 A layer the predictors stage did not train (train.layers restricted) has no tensors and density 1.0:
 the runtime runs it dense.
@@ -127,6 +130,39 @@ def _calibrated_thresholds(cfg, model_name: str, identity: dict | None, keep_dow
     description = {**thresholds.describe(), "calibration": cfg.data.dataset,
                    "calibration_tokens": e.calibration_tokens}
     return thresholds, description, identity or model_identity(adapter, source.display)
+
+
+def _calibrated_score_thresholds(cfg, model_name: str, identity: dict, tensors: dict[str, torch.Tensor],
+                                 mlp_per_layer: list[float], head_per_layer: list[float], pairings: dict,
+                                 activation: str) -> tuple[list[float | None], dict]:
+    """Load the model, check it is the one the predictors were trained on, and set each layer's MLP score
+    threshold with these predictors at the bundle's densities (runtime/score_thresholds.py)."""
+    from dejavu.models.adapters import adapter_for
+    from dejavu.models.identity import check_identity
+    from dejavu.models.loading import load_model
+    from dejavu.runtime.score_thresholds import calibrate_on_corpus
+
+    layers = []
+    for l, (mlp_d, head_d) in enumerate(zip(mlp_per_layer, head_per_layer, strict=True)):  # noqa: E741
+        preds = {}
+        for kind in KINDS:
+            found = {t: tensors.get(f"layers.{l}.{kind}.{t}") for t in PREDICTOR_TENSORS}
+            preds[kind] = (LowRankPredictor.from_tensors(found, activation)
+                           if all(v is not None for v in found.values()) else None)
+        layers.append(LayerPredictors(preds["mlp"], preds["attn"], mlp_d if preds["mlp"] else 1.0,
+                                      head_d if preds["attn"] else 1.0))
+    if not any(lp.mlp is not None and lp.mlp_density < 1.0 for lp in layers):
+        raise DejavuError("--mlp-selection threshold needs MLP predictors at a density below 1: this bundle's MLPs "
+                          "all run dense")
+    predictors = PredictorSet(layers, **pairings)
+    model, tokenizer, _ = load_model(model_name, device="cpu", dtype="float32")
+    adapter = adapter_for(model)
+    if identity:
+        check_identity(identity, adapter, what=f"predictors (for {identity.get('name', '?')})")
+    e = cfg.export
+    values = calibrate_on_corpus(model, adapter, tokenizer, predictors, cfg.data, e.calibration_tokens,
+                                 max_window=cfg.runtime.eval_window)
+    return values, {"calibration": cfg.data.dataset, "calibration_tokens": e.calibration_tokens}
 
 
 def check_bundle_out(out: Path, stages: tuple[Path, ...] = ()) -> bool:
@@ -298,11 +334,26 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
             raise DejavuError(f"the model has {len(thresholds.x)} layers, the predictors {num_layers}")
         tensors.update(thresholds_to_tensors(thresholds))
 
+    score_description = None
+    if cfg.export.mlp_selection == "threshold":  # before anything is written: a bad model loses nothing
+        from dejavu.runtime.score_thresholds import TENSOR_NAME, to_tensor
+
+        pairings = {"mlp_pairing": pm.get("mlp_pairing", cfg.train.mlp_pairing),
+                    "head_pairing": pm.get("head_pairing", cfg.train.head_pairing)}
+        values, score_description = _calibrated_score_thresholds(
+            cfg, model_name or identity.get("name") or cfg.model.name, identity, tensors, mlp_per_layer,
+            head_per_layer, pairings, pm.get("hidden_activation", cfg.train.hidden_activation))
+        tensors[TENSOR_NAME] = to_tensor(values)
+
     tuned = pm.get("tuned") or {}
     if tuned and (any(d != tuned.get("mlp_density") for d, p in zip(mlp_per_layer, present, strict=True) if p)
                   or any(d != tuned.get("head_density") for d, p in zip(head_per_layer, present, strict=True) if p)):
         print(f"note: these predictors were tuned at MLP density {tuned.get('mlp_density')} and head density "
               f"{tuned.get('head_density')}; the bundle asks for others, where tuning was not measured", flush=True)
+    if tuned and tuned.get("mlp_selection", "topk") != cfg.export.mlp_selection:
+        print(f"note: these predictors were tuned for MLP selection {tuned.get('mlp_selection', 'topk')}; the bundle "
+              f"selects by {cfg.export.mlp_selection} (--mlp-selection {tuned.get('mlp_selection', 'topk')} matches the "
+              "tuning)", flush=True)
     # per-layer overrides make the top-level density their mean (what bench reports), not the default
     mlp_density, head_density = _mean_density(mlp_per_layer, present), _mean_density(head_per_layer, present)
     _writing_to(out, replacing)
@@ -329,10 +380,15 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         mlp_candidate_density=cfg.export.mlp_candidate_density,
         # optional: TEAL-style thresholds (tensors thresholds.*), which the runtime then applies
         thresholds=threshold_description,
+        # "threshold": the MLP keeps the neurons scored above `score_thresholds.mlp` (described by
+        # mlp_score_thresholds); "topk": each token's top-k
+        mlp_selection=cfg.export.mlp_selection,
+        mlp_score_thresholds=score_description,
     )
     trained = sum(present)
     print(f"bundle written to {out}: {trained}/{num_layers} layers with predictors, "
-          f"MLP density {mlp_density:g}, head density {head_density:g}, "
+          f"MLP density {mlp_density:g}"
+          f"{' (score thresholds)' if score_description else ''}, head density {head_density:g}, "
           f"{predictor_bytes / 2**20:.1f} MiB of predictors (fp32)")
     return manifest
 
@@ -406,6 +462,23 @@ def _check_manifest_densities(manifest: dict, where: Path) -> None:
             density(value, f"{key}[{l}]")
 
 
+def _bundled_score_thresholds(manifest: dict, tensors: dict, layers: list[LayerPredictors], path: Path,
+                              where: Path) -> list[float | None] | None:
+    """The bundle's MLP score thresholds when its manifest selects by them (bundles before them: top-k)."""
+    selection = manifest.get("mlp_selection", "topk")
+    if selection not in ("topk", "threshold"):
+        raise DejavuError(f"{where}: mlp_selection must be topk or threshold, not {selection!r} (an edited manifest?)")
+    if selection == "topk":
+        return None
+    from dejavu.runtime.score_thresholds import from_tensor
+
+    if not isinstance(manifest.get("mlp_score_thresholds"), dict):
+        raise DejavuError(f"{where}: mlp_selection is threshold but mlp_score_thresholds does not describe them "
+                          "(an edited manifest?)")
+    sparse = [lp.mlp is not None and lp.mlp_density < 1.0 for lp in layers]
+    return from_tensor(tensors, len(layers), sparse, str(path / BUNDLE_FILE))
+
+
 def load_bundle(path: str | Path) -> tuple[dict, PredictorSet]:
     """Verify (sha256, version) and read a bundle; returns (manifest, PredictorSet on CPU, fp32)."""
     path = Path(path)
@@ -454,9 +527,11 @@ def load_bundle(path: str | Path) -> tuple[dict, PredictorSet]:
                                       float(mlp_d[l]) if preds["mlp"] is not None else 1.0,
                                       float(head_d[l]) if preds["attn"] is not None else 1.0))
     _check_top_level_densities(manifest, layers, thresholds, where)
+    score_thresholds = _bundled_score_thresholds(manifest, all_tensors, layers, path, where)
     pset = PredictorSet(layers, mlp_pairing=manifest.get("mlp_pairing", "current"),
                         head_pairing=manifest.get("head_pairing", "lookahead"),
-                        meta={"bundle": str(path), "model": model}, thresholds=thresholds)
+                        meta={"bundle": str(path), "model": model}, thresholds=thresholds,
+                        mlp_score_thresholds=score_thresholds)
     return manifest, pset
 
 

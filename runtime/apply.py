@@ -36,6 +36,15 @@ columns) and its down-input entries at or below a second threshold (down reads o
 MLP weight bytes read: up_share * input kept + (1 - up_share) * down input kept. Heads follow the
 selection as usual.
 
+Score thresholds (opt-in, `mlp_score_thresholds`, predictor selection): instead of each token's top-k of
+the MLP predictor's scores, each token keeps the neurons scored above its layer's threshold. The
+thresholds are set (runtime/score_thresholds.py) so that a layer keeps its density on average over
+calibration text, run sparse: a token whose scores are confident keeps fewer neurons, an uncertain one
+more. On SmolLM2 this gave lower perplexity than top-k at the same mean MLP bytes (BENCHMARKS.md). With
+`mlp_score_thresholds="batch"` each forward sets every layer's threshold from its own scores (the
+quantile that keeps the layer's density over the forward's sparse tokens), recorded in
+`batch_score_thresholds`: calibration and tuning use that.
+
 Straight-through selection (`straight_through` S, predictor selection in mask mode, for tuning the
 predictors end to end, train/tune.py): the forward keeps the hard top-k, and the gradient reaches the
 scores through sigmoid(S * (score - the token's k-th largest score)), as the bce+output loss does.
@@ -149,7 +158,8 @@ class SparseRuntime:
                  selection: str = "predictor", mlp_density: float | None = None, head_density: float | None = None,
                  mode: str = "mask", record: bool = False, mlp_candidate_density: float | None = None,
                  mlp_up_weight: float | None = None, thresholds: Thresholds | None = None,
-                 straight_through: float | None = None):
+                 straight_through: float | None = None,
+                 mlp_score_thresholds: list[float | None] | str | None = None):
         if selection not in SELECTIONS:
             raise DejavuError(f"selection must be one of {', '.join(SELECTIONS)}; got {selection!r}")
         if mode not in MODES:
@@ -186,10 +196,12 @@ class SparseRuntime:
                             if d >= 1.0 and min(self.head_density, default=1.0) < 1.0}
         self.mlp_candidate_density = self._check_candidates(mlp_candidate_density)
         self.mlp_up_weight = self._check_up_weight(mlp_up_weight)
+        self.mlp_score_thresholds = self._check_score_thresholds(mlp_score_thresholds, n)
+        self.batch_score_thresholds: dict[int, float] = {}
         if straight_through is not None and (selection != "predictor" or mode != "mask" or self.two_stage
                                              or self.exact_up or thresholds is not None):
             raise DejavuError("straight-through selection tunes the predictors: selection 'predictor', mask mode, "
-                              "one-stage top-k")
+                              "one-stage top-k or score thresholds")
         self.straight_through = straight_through
         if predictors is not None:
             device = next(model.parameters()).device
@@ -251,6 +263,26 @@ class SparseRuntime:
         if self.layers and not self.adapter.gated:
             raise DejavuError("mlp_up_weight needs a gated MLP (gate and up projections); this model has none")
         return weight
+
+    def _check_score_thresholds(self, given, n: int):
+        if given is None:
+            return None
+        if self.selection != "predictor":
+            raise DejavuError("MLP score thresholds apply to the predictors' scores: selection 'predictor'")
+        if self.two_stage or self.exact_up or self.thresholds is not None:
+            raise DejavuError("MLP score thresholds are their own MLP rule: not with two-stage, exact-up or "
+                              "magnitude thresholds")
+        if isinstance(given, str):
+            if given != "batch":
+                raise DejavuError(f"mlp_score_thresholds must be a list of per-layer values or 'batch', got {given!r}")
+            return given
+        values = list(given)
+        if len(values) != n:
+            raise DejavuError(f"MLP score thresholds cover {len(values)} layers, the model has {n}")
+        for l, value in enumerate(values):  # noqa: E741
+            if self.mlp_density[l] < 1.0 and (value is None or value != value):
+                raise DejavuError(f"layer {l} runs a sparse MLP but has no score threshold (NaN or missing)")
+        return values
 
     @property
     def exact_up(self) -> bool:
@@ -326,6 +358,8 @@ class SparseRuntime:
                 first = self.mlp_candidate_density if self.two_stage else self.mlp_density[l]
                 if self.exact_up:  # chosen once up's output is known (_up_hook)
                     self._mlp_logits[l] = lp.mlp(x)
+                elif self.mlp_score_thresholds is not None:
+                    self._mlp_sel[l] = self._select_above(l, lp.mlp(x))
                 else:
                     self._mlp_sel[l] = self._select(lp.mlp(x), first)
                 if self.mode == "gather":
@@ -347,6 +381,31 @@ class SparseRuntime:
         threshold = scores.detach().kthvalue(n - units_for_density(density, n) + 1, dim=-1, keepdim=True).values
         soft = torch.sigmoid((scores - threshold) * self.straight_through)
         return hard.to(soft.dtype) + (soft - soft.detach())
+
+    def _select_above(self, l: int, scores: torch.Tensor) -> torch.Tensor:  # noqa: E741
+        """The units scored above layer l's threshold (fixed, or this forward's quantile); straight-through
+        as `_select`, around that threshold."""
+        if self.mlp_score_thresholds == "batch":
+            threshold = self._batch_threshold(scores, self.mlp_density[l])
+            self.batch_score_thresholds[l] = threshold
+        else:
+            threshold = float(self.mlp_score_thresholds[l])
+        hard = scores > threshold
+        if self.straight_through is None or not torch.is_grad_enabled():
+            return hard
+        soft = torch.sigmoid((scores - threshold) * self.straight_through)
+        return hard.to(soft.dtype) + (soft - soft.detach())
+
+    def _batch_threshold(self, scores: torch.Tensor, density: float) -> float:
+        """The score above which `density` of the forward's sparse tokens' scores lie."""
+        flat = scores.detach().float()
+        tm = self.sparse_tokens(flat)
+        flat = flat.reshape(-1) if tm is None else flat[tm.squeeze(-1)].reshape(-1)
+        keep = int(round(density * flat.numel()))
+        if flat.numel() == 0 or keep >= flat.numel():
+            return float("-inf")
+        # kthvalue's k is 1-based: the value with numel - keep values at or below it
+        return flat.kthvalue(max(1, flat.numel() - keep)).values.item()
 
     def _note_full_layer(self, l: int, hidden: torch.Tensor) -> None:  # noqa: E741
         """A layer left at density 1.0 installs no hook for that kind yet computes all of it: count it, or

@@ -141,6 +141,12 @@ def rule_lines(report: dict) -> list[str]:
              + (f", two-stage MLP (predictor candidates {two:g}, final top-k by exact activation)" if two else "")
              + (f", exact-up MLP (log|up| + {report['mlp_up_weight']:g} x predictor logit)"
                 if report.get("mlp_up_weight") is not None else "")]
+    st = report.get("mlp_score_thresholds")
+    if st:
+        lines.append(f"  MLP neurons: those scored above per-layer thresholds ("
+                     + ("the bundle's, " if st.get("from_bundle") else "")
+                     + f"calibrated on {st.get('calibration_tokens')} tokens of {st.get('calibration')} to keep the "
+                       "MLP density on average), not a top-k")
     t = report.get("thresholds")
     allocation = (t or {}).get("allocation")
     if allocation:
@@ -334,6 +340,9 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
                                                "the generated tokens (prompt dense)"),
         })
     speed_data = None
+    if speed and plan.mlp_score_thresholds is not None:
+        print(f"  note: speed not measured: {plan.decode_loop_note}", flush=True)
+        speed = False
     if speed:
         speed_data = measure_speed(model, adapter, plan.decode_predictors(), device=device, dtype=dtype,
                                    batch_sizes=batch_sizes, decode_tokens=rt.decode_tokens, warmup=rt.warmup,

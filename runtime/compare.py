@@ -92,7 +92,8 @@ def rule_label(report: dict) -> str:
         return f"exact-up {report['mlp_up_weight']:g}{tuned}, {mlp}, {heads}"
     if report.get("mlp_candidate_density"):
         return f"two-stage {report['mlp_candidate_density']:g} -> {report['mlp_density']:g}{tuned}, {heads}"
-    return f"{report.get('selection', 'predictor')}{tuned}, {mlp}, {heads}"
+    scored = " (score thresholds)" if report.get("mlp_selection") == "threshold" else ""
+    return f"{report.get('selection', 'predictor')}{tuned}, {mlp}{scored}, {heads}"
 
 
 def comparison_row(path: Path, report: dict) -> dict:

@@ -388,6 +388,10 @@ class DecodeModel:
         # per-layer magnitude thresholds; MLP predictors are then not used (heads' still are, unless the
         # thresholds cover attention too: q/k/v's and o's inputs, every head computed)
         self.thresholds = thresholds
+        if predictors is not None and predictors.mlp_score_thresholds is not None and thresholds is None:
+            raise DejavuError("these predictors select MLP neurons by score thresholds, a count that varies per token; "
+                              "the decode loop needs a fixed k (CUDA graphs): use the hooks engine, or "
+                              "predictors.with_densities(...) for their top-k")
         if thresholds is not None:
             if mlp_candidate_density is not None or mlp_up_weight is not None:
                 raise DejavuError("choose one MLP rule: thresholds, exact up or two-stage")

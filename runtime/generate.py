@@ -203,10 +203,12 @@ class SparseModel:
         self.device, self.dtype, self.name = torch.device(device), dtype, name
         self.sparse_prefill = sparse_prefill
         model_type = getattr(model.config, "model_type", "")
-        loop_ok = model_type in SUPPORTED_MODEL_TYPES and plan.selection != "oracle" and not sparse_prefill
+        loop_ok = model_type in SUPPORTED_MODEL_TYPES and plan.decode_loop_note is None and not sparse_prefill
         if engine == "decode-loop" and not loop_ok:
             why = (f"{model_type!r} models" if model_type not in SUPPORTED_MODEL_TYPES else
-                   "oracle selection" if plan.selection == "oracle" else "sparse prefill")
+                   "oracle selection" if plan.selection == "oracle" else
+                   "MLP score thresholds (it selects a fixed number of neurons)"
+                   if plan.mlp_score_thresholds is not None else "sparse prefill")
             raise DejavuError(f"the decode loop does not run {why}; use engine 'hooks' (or 'auto')")
         self.engine = engine if engine != "auto" else ("decode-loop" if loop_ok else "hooks")
         self._auto = engine == "auto"

@@ -29,6 +29,20 @@ class SparsePlan:
     mlp_up_weight: float | None  # exact-up MLP selection (predictor only)
     skip_kv: bool
     description: dict  # what the reports record about the rule
+    # per-layer thresholds on the MLP predictors' scores (runtime/score_thresholds.py); None: top-k
+    mlp_score_thresholds: list | None = None
+
+    @property
+    def decode_loop_note(self) -> str | None:
+        """Why the decode loop cannot run this plan, or None."""
+        if self.selection == "oracle":
+            return ("the decode loop has no oracle selection (it needs the dense activations first); the reference "
+                    "runtime computes it")
+        if self.mlp_score_thresholds is not None:
+            return ("the decode loop selects a fixed number of MLP neurons per layer (CUDA graphs need fixed shapes); "
+                    "MLP score thresholds run in the reference runtime only (--mlp-selection topk times the bundle's "
+                    "top-k)")
+        return None
 
     @property
     def sparse(self) -> bool:
@@ -43,7 +57,7 @@ class SparsePlan:
                              mlp_density=self.mlp_density_flag if use else self.mlp_density,
                              head_density=self.head_density_flag if use else self.head_density,
                              mlp_candidate_density=self.mlp_candidate_density, mlp_up_weight=self.mlp_up_weight,
-                             thresholds=self.thresholds, mode=mode)
+                             thresholds=self.thresholds, mode=mode, mlp_score_thresholds=self.mlp_score_thresholds)
 
     def decode_predictors(self) -> PredictorSet | None:
         """The predictors at the densities the decode loop should run (flags applied to every layer)."""
@@ -55,9 +69,8 @@ class SparsePlan:
         """The graph-capturable decode loop (runtime/decode.py) for this plan."""
         from dejavu.runtime.decode import DecodeModel
 
-        if self.selection == "oracle":
-            raise DejavuError("the decode loop has no oracle selection (it needs the dense activations first); "
-                              "the reference runtime computes it")
+        if self.decode_loop_note is not None:
+            raise DejavuError(self.decode_loop_note)
         return DecodeModel(model, adapter, self.decode_predictors(), device, dtype, max_len,
                            mlp_candidate_density=self.mlp_candidate_density, mlp_up_weight=self.mlp_up_weight,
                            skip_kv=self.skip_kv, thresholds=self.thresholds)
@@ -98,9 +111,10 @@ def _bundled_thresholds(cfg, predictors: PredictorSet | None) -> Thresholds | No
 
 def check_selection_flags(cfg) -> None:
     rt = cfg.runtime
-    if rt.selection != "predictor" and (rt.mlp_up_weight is not None or rt.mlp_candidate_density is not None):
-        raise DejavuError(f"--mlp-up-weight and --mlp-candidate-density refine the predictors' choice; "
-                          f"--selection {rt.selection} does not use them")
+    if rt.selection != "predictor" and (rt.mlp_up_weight is not None or rt.mlp_candidate_density is not None
+                                        or rt.mlp_selection == "threshold"):
+        raise DejavuError(f"--mlp-up-weight, --mlp-candidate-density and --mlp-selection threshold refine the "
+                          f"predictors' choice; --selection {rt.selection} does not use them")
 
 
 def check_flags(cfg, predictors: PredictorSet | None, command: str) -> None:
@@ -121,6 +135,13 @@ def check_flags(cfg, predictors: PredictorSet | None, command: str) -> None:
                           "nothing: drop it (or use --selection oracle for true top-k heads)")
     if (bundled is not None or flagged) and (rt.mlp_candidate_density is not None or rt.mlp_up_weight is not None):
         raise DejavuError("thresholds are their own MLP rule: drop --mlp-candidate-density / --mlp-up-weight")
+    if rt.mlp_selection == "threshold" and (bundled is not None or flagged):
+        raise DejavuError("MLP magnitude thresholds (--mlp-keep-input, --keep-layer-bytes, or the bundle's) replace the "
+                          "MLP predictors: drop --mlp-selection threshold")
+    if rt.mlp_selection == "threshold" and not (predictors is not None and any(
+            lp.mlp is not None for lp in predictors.layers)):
+        raise DejavuError("--mlp-selection threshold sets thresholds on the MLP predictors' scores: it needs a "
+                          "bundle with MLP predictors")
     if bundled is not None:
         if bundled.attention and rt.head_density is not None and rt.head_density < 1.0:
             raise DejavuError("the bundle's attention thresholds replace head selection: drop --head-density")
@@ -187,8 +208,12 @@ def resolve_plan(cfg, manifest: dict | None, predictors: PredictorSet | None, mo
     if cand_d is not None and cand_d < mlp_d:
         raise DejavuError(f"--mlp-candidate-density {cand_d:g} is below the MLP density {mlp_d:g}: the candidates "
                           "must include the final set")
+    score_thresholds, score_description = _score_thresholds(cfg, manifest, use, model, adapter, tokenizer,
+                                                            thresholds is None and cand_d is None and up_w is None)
     description = {
         "mlp_density": mlp_d, "head_density": head_d, "selection": selection,
+        "mlp_selection": "threshold" if score_thresholds is not None else "topk" if use is not None else None,
+        "mlp_score_thresholds": score_description,
         "mlp_candidate_density": cand_d, "mlp_up_weight": up_w,
         "bundle": str(Path(bundle).resolve()) if bundle else None, "mlp_pairing": use.mlp_pairing if use else None,
         "head_pairing": use.head_pairing if use else None,
@@ -200,4 +225,30 @@ def resolve_plan(cfg, manifest: dict | None, predictors: PredictorSet | None, mo
     }
     return SparsePlan(selection=selection, predictors=use, thresholds=thresholds, mlp_density=mlp_d,
                       head_density=head_d, mlp_density_flag=rt.mlp_density, head_density_flag=rt.head_density,
-                      mlp_candidate_density=cand_d, mlp_up_weight=up_w, skip_kv=rt.skip_kv, description=description)
+                      mlp_candidate_density=cand_d, mlp_up_weight=up_w, skip_kv=rt.skip_kv, description=description,
+                      mlp_score_thresholds=score_thresholds)
+
+
+def _score_thresholds(cfg, manifest: dict | None, use: PredictorSet | None, model, adapter, tokenizer,
+                      applicable: bool) -> tuple[list | None, dict | None]:
+    """The MLP score thresholds to run with: the bundle's when it selects by them at the densities it was
+    exported for, else calibrated here when --mlp-selection threshold asks; (None, None) for top-k."""
+    rt = cfg.runtime
+    wanted = rt.mlp_selection or (manifest or {}).get("mlp_selection", "topk")
+    if wanted != "threshold" or use is None or not applicable:
+        return None, None
+    bundled = use.mlp_score_thresholds
+    same = (rt.mlp_density is None or all(lp.mlp is None or lp.mlp_density == rt.mlp_density for lp in use.layers)) \
+        and (rt.head_density is None or all(lp.attn is None or lp.head_density == rt.head_density for lp in use.layers))
+    if bundled is not None and same:
+        print(f"  MLP score thresholds from the bundle (calibrated on "
+              f"{manifest['mlp_score_thresholds'].get('calibration')})", flush=True)
+        return bundled, {**manifest["mlp_score_thresholds"], "from_bundle": True}
+    from dejavu.runtime.score_thresholds import calibrate_on_corpus
+
+    if bundled is not None:
+        print("  note: the bundle's MLP score thresholds were set for its own densities; calibrating for these",
+              flush=True)
+    values = calibrate_on_corpus(model, adapter, tokenizer, use, cfg.data, rt.calibration_tokens, rt.eval_window,
+                                 mlp_density=rt.mlp_density, head_density=rt.head_density)
+    return values, {"calibration": cfg.data.dataset, "calibration_tokens": rt.calibration_tokens}

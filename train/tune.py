@@ -101,6 +101,8 @@ def tuning_inputs(cfg: RunConfig, pm: dict, densities: tuple[float, float], dtyp
                 if k not in ("checkpoint_every", "mlp_density", "head_density")}
     if not 0 < settings["eval_every"] < settings["steps"]:  # no measurement between before and after either way
         settings["eval_every"] = 0
+    if settings.get("mlp_selection") == "topk":  # as before the setting existed: earlier tunings stay current
+        del settings["mlp_selection"]
     d = cfg.data
     # a local corpus by its absolute path: the same file named from another directory is the same corpus
     dataset = str(Path(d.dataset).resolve()) if Path(d.dataset).exists() else d.dataset
@@ -458,7 +460,8 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
 
     predictors.with_densities(*densities)
     params = trainable(predictors, densities)
-    runtime = SparseRuntime(model, adapter, predictors, straight_through=t.sharpness)
+    runtime = SparseRuntime(model, adapter, predictors, straight_through=t.sharpness,
+                            mlp_score_thresholds="batch" if t.mlp_selection == "threshold" else None)
     opt = torch.optim.Adam(params, lr=t.lr)
     # overwrite: what an earlier tuning left is gone (or being removed by the first process) and not read
     start, before, best, history = (0, None, None, []) if overwrite else _load_checkpoint(out, key, params, opt)
@@ -466,7 +469,8 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
     if main:
         every = f"every {t.eval_every} steps and " if 0 < t.eval_every < t.steps else ""
         print(f"tuning {t.steps} steps of {t.sequences} x {cfg.data.seq_len} tokens at lr {t.lr:g}, MLP density "
-              f"{densities[0]:g}, head density {densities[1]:g}, {dtype} on {device}"
+              f"{densities[0]:g}{' (score thresholds)' if t.mlp_selection == 'threshold' else ''}, head density "
+              f"{densities[1]:g}, {dtype} on {device}"
               f"{f' over {processes} processes' if processes > 1 else ''}; {t.eval_sequences} held-out sequences "
               f"measured before, {every}after", flush=True)
     started = time.perf_counter()
@@ -517,6 +521,7 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
         manifest = _write_tuned(out, pred_dir, pm, cfg, predictors, present, densities, {
             "key": key, "inputs": inputs, "dataset": cfg.data.dataset, "steps": t.steps,
             "tokens": t.steps * t.sequences * cfg.data.seq_len, "lr": t.lr, "sharpness": t.sharpness,
+            "mlp_selection": t.mlp_selection,
             "held_out_sequences": t.eval_sequences, "seconds_this_process": round(time.perf_counter() - started, 1),
             "processes": processes, "model": source.display, "device": str(device), "dtype": dtype,
             "before": before, "after": best.quality, "best_step": best.step, "final": history[-1], "history": history,

@@ -41,6 +41,8 @@ def test_rules_are_named_and_compared(tmp_path, capsys):
 def test_labels_of_every_rule():
     assert rule_label(_report(mlp_up_weight=0.4)) == "exact-up 0.4, MLP 0.5, heads 1"
     assert rule_label(_report(mlp_candidate_density=0.85)) == "two-stage 0.85 -> 0.5, heads 1"
+    assert rule_label(_report(mlp_selection="threshold", tuned=True)) == \
+        "predictor (tuned), MLP 0.5 (score thresholds), heads 1"
     assert rule_label(_report(thresholds={"keep_input": 0.8, "keep_down_input": 0.5})) == "thresholds 0.8 / 0.5, heads 1"
     assert rule_label(_report(thresholds={"allocation": {"layer_bytes": 0.5}})).startswith("thresholds, 0.5 of each")
 

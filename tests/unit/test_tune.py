@@ -337,3 +337,23 @@ def test_a_tuning_that_never_beats_the_trained_predictors_gives_them_back(tmp_pa
         assert all(torch.equal(a[k], b[k]) for k in b)
     with pytest.raises(DejavuError, match="tune.eval_every must be 0"):
         _tune(tmp_path / "run", **{"tune.eval_every": -1})
+
+
+def test_tuning_for_score_thresholds_and_exporting_them(tmp_path, tiny_llama, capsys):
+    """--mlp-selection threshold: each step keeps the neurons above its own scores' quantile; the tuning records
+    it, export says when its selection differs, and a threshold bundle of the tuned predictors keeps the density."""
+    from dejavu.export.bundle import load_bundle
+
+    run = tmp_path / "run"
+    make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=1.0)
+    manifest = _tune(run, **{"tune.mlp_selection": "threshold", "tune.steps": 20})
+    tuned = manifest["tuned"]
+    assert tuned["mlp_selection"] == "threshold" and tuned["after"]["kl"] <= tuned["before"]["kl"]
+    assert "(score thresholds)" in capsys.readouterr().out
+    run_export(run / "tuned", tmp_path / "topk")
+    assert "tuned for MLP selection threshold" in capsys.readouterr().out
+    bundle = run_export(run / "tuned", tmp_path / "scored", overrides={
+        "export.mlp_selection": "threshold", "data.dataset": TUNE["data.dataset"], "export.calibration_tokens": 256})
+    assert bundle["mlp_selection"] == "threshold" and "tuned for" not in capsys.readouterr().out
+    _, pset = load_bundle(tmp_path / "scored")
+    assert pset.mlp_score_thresholds is not None

@@ -143,7 +143,7 @@ def rule_lines(report: dict) -> list[str]:
                 if report.get("mlp_up_weight") is not None else "")]
     st = report.get("mlp_score_thresholds")
     if st:
-        lines.append(f"  MLP neurons: those scored above per-layer thresholds ("
+        lines.append("  MLP neurons: those scored above per-layer thresholds ("
                      + ("the bundle's, " if st.get("from_bundle") else "")
                      + f"calibrated on {st.get('calibration_tokens')} tokens of {st.get('calibration')} to keep the "
                        "MLP density on average), not a top-k")

@@ -96,8 +96,9 @@ MlpSelectionOpt = typer.Option(
     None, "--mlp-selection",
     help="How MLP neurons are picked from the predictor's scores: topk (the same count for every token) or "
          "threshold (those scored above per-layer thresholds that keep --mlp-density on average: confident tokens "
-         "keep fewer, uncertain ones more; the bundle's thresholds, else calibrated now on --calibration). "
-         "Threshold runs in the hooks only: bench skips speed. Default: the bundle's.")
+         "keep fewer, uncertain ones more), calibrated now on --calibration. Unset: the bundle's rule; a threshold "
+         "bundle's own thresholds apply at its densities, other densities calibrate anew. Threshold runs in the "
+         "hooks only: bench skips speed.")
 SkipKvOpt = typer.Option(
     None, "--skip-kv/--all-kv",
     help="Decode loop: compute k/v only for the KV groups the selected heads read; a skipped group's "

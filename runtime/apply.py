@@ -41,8 +41,8 @@ the MLP predictor's scores, each token keeps the neurons scored above its layer'
 thresholds are set (runtime/score_thresholds.py) so that a layer keeps its density on average over
 calibration text, run sparse: a token whose scores are confident keeps fewer neurons, an uncertain one
 more. On SmolLM2 this gave lower perplexity than top-k at the same mean MLP bytes (BENCHMARKS.md). With
-`mlp_score_thresholds="batch"` each forward sets every layer's threshold from its own scores (the
-quantile that keeps the layer's density over the forward's sparse tokens), recorded in
+`mlp_score_thresholds="batch"` each sequence sets every layer's threshold from its own scores (the
+quantile that keeps the layer's density over its sparse tokens), their mean recorded in
 `batch_score_thresholds`: calibration and tuning use that.
 
 Straight-through selection (`straight_through` S, predictor selection in mask mode, for tuning the
@@ -198,6 +198,7 @@ class SparseRuntime:
         self.mlp_up_weight = self._check_up_weight(mlp_up_weight)
         self.mlp_score_thresholds = self._check_score_thresholds(mlp_score_thresholds, n)
         self.batch_score_thresholds: dict[int, float] = {}
+        self.batch_score_tokens: dict[int, int] = {}
         if straight_through is not None and (selection != "predictor" or mode != "mask" or self.two_stage
                                              or self.exact_up or thresholds is not None):
             raise DejavuError("straight-through selection tunes the predictors: selection 'predictor', mask mode, "
@@ -383,11 +384,10 @@ class SparseRuntime:
         return hard.to(soft.dtype) + (soft - soft.detach())
 
     def _select_above(self, l: int, scores: torch.Tensor) -> torch.Tensor:  # noqa: E741
-        """The units scored above layer l's threshold (fixed, or this forward's quantile); straight-through
+        """The units scored above layer l's threshold (fixed, or each sequence's own quantile); straight-through
         as `_select`, around that threshold."""
         if self.mlp_score_thresholds == "batch":
-            threshold = self._batch_threshold(scores, self.mlp_density[l])
-            self.batch_score_thresholds[l] = threshold
+            threshold = self._sequence_thresholds(l, scores, self.mlp_density[l])
         else:
             threshold = float(self.mlp_score_thresholds[l])
         hard = scores > threshold
@@ -396,16 +396,30 @@ class SparseRuntime:
         soft = torch.sigmoid((scores - threshold) * self.straight_through)
         return hard.to(soft.dtype) + (soft - soft.detach())
 
-    def _batch_threshold(self, scores: torch.Tensor, density: float) -> float:
-        """The score above which `density` of the forward's sparse tokens' scores lie."""
-        flat = scores.detach().float()
-        tm = self.sparse_tokens(flat)
-        flat = flat.reshape(-1) if tm is None else flat[tm.squeeze(-1)].reshape(-1)
-        keep = int(round(density * flat.numel()))
-        if flat.numel() == 0 or keep >= flat.numel():
-            return float("-inf")
-        # kthvalue's k is 1-based: the value with numel - keep values at or below it
-        return flat.kthvalue(max(1, flat.numel() - keep)).values.item()
+    def _sequence_thresholds(self, l: int, scores: torch.Tensor, density: float) -> torch.Tensor:  # noqa: E741
+        """Per sequence, the score above which `density` of its sparse tokens' scores lie ([B, 1, ..., 1]).
+        Per sequence, not per forward, so that how a batch is split (processes under torchrun) changes
+        nothing. Records the mean over the sequences, weighted by their sparse tokens, in
+        batch_score_thresholds[l] and those tokens in batch_score_tokens[l]."""
+        detached = scores.detach().float()
+        rows = detached.reshape(detached.shape[0], -1, detached.shape[-1]) if detached.dim() > 2 else detached[None]
+        tm = self.sparse_tokens(detached)
+        sparse = None if tm is None else tm.reshape(rows.shape[0], -1)
+        values, counts = [], []
+        for b in range(rows.shape[0]):
+            flat = (rows[b] if sparse is None else rows[b][sparse[b]]).reshape(-1)
+            keep = int(round(density * flat.numel()))
+            if flat.numel() == 0 or keep >= flat.numel():
+                values.append(float("-inf"))
+            else:  # kthvalue's k is 1-based: the value with numel - keep values at or below it
+                values.append(flat.kthvalue(max(1, flat.numel() - keep)).values.item())
+            counts.append(flat.numel() // rows.shape[-1])
+        used = [(v, c) for v, c in zip(values, counts, strict=True) if c > 0]
+        tokens = sum(c for _, c in used)
+        self.batch_score_thresholds[l] = sum(v * c for v, c in used) / tokens if tokens else float("-inf")
+        self.batch_score_tokens[l] = tokens
+        shape = (rows.shape[0],) + (1,) * (scores.dim() - 1) if scores.dim() > 2 else (1, 1)
+        return torch.tensor(values, dtype=scores.dtype, device=scores.device).reshape(shape)
 
     def _note_full_layer(self, l: int, hidden: torch.Tensor) -> None:  # noqa: E741
         """A layer left at density 1.0 installs no hook for that kind yet computes all of it: count it, or

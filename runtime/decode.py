@@ -388,10 +388,6 @@ class DecodeModel:
         # per-layer magnitude thresholds; MLP predictors are then not used (heads' still are, unless the
         # thresholds cover attention too: q/k/v's and o's inputs, every head computed)
         self.thresholds = thresholds
-        if predictors is not None and predictors.mlp_score_thresholds is not None and thresholds is None:
-            raise DejavuError("these predictors select MLP neurons by score thresholds, a count that varies per token; "
-                              "the decode loop needs a fixed k (CUDA graphs): use the hooks engine, or "
-                              "predictors.with_densities(...) for their top-k")
         if thresholds is not None:
             if mlp_candidate_density is not None or mlp_up_weight is not None:
                 raise DejavuError("choose one MLP rule: thresholds, exact up or two-stage")
@@ -536,6 +532,10 @@ class DecodeModel:
             return
         if len(predictors.layers) != len(self.layers):
             raise DejavuError(f"predictors cover {len(predictors.layers)} layers, the model has {len(self.layers)}")
+        if predictors.mlp_score_thresholds is not None and self.thresholds is None:
+            raise DejavuError("these predictors select MLP neurons by score thresholds, a count that varies per token; "
+                              "the decode loop needs a fixed k (CUDA graphs): use the hooks engine, or set "
+                              "predictors.mlp_score_thresholds = None for their top-k")
         cand, up_weight = self.mlp_candidate_density, self.mlp_up_weight
         if cand is not None and not 0.0 < cand <= 1.0:
             raise DejavuError(f"mlp_candidate_density must be in (0, 1], got {cand}")

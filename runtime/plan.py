@@ -209,7 +209,9 @@ def resolve_plan(cfg, manifest: dict | None, predictors: PredictorSet | None, mo
         raise DejavuError(f"--mlp-candidate-density {cand_d:g} is below the MLP density {mlp_d:g}: the candidates "
                           "must include the final set")
     score_thresholds, score_description = _score_thresholds(cfg, manifest, use, model, adapter, tokenizer,
-                                                            thresholds is None and cand_d is None and up_w is None)
+                                                            thresholds, cand_d, up_w)
+    if use is not None and score_thresholds is None:
+        use.mlp_score_thresholds = None  # a threshold bundle run by another rule: the decode loop takes its top-k
     description = {
         "mlp_density": mlp_d, "head_density": head_d, "selection": selection,
         "mlp_selection": "threshold" if score_thresholds is not None else "topk" if use is not None else None,
@@ -230,25 +232,36 @@ def resolve_plan(cfg, manifest: dict | None, predictors: PredictorSet | None, mo
 
 
 def _score_thresholds(cfg, manifest: dict | None, use: PredictorSet | None, model, adapter, tokenizer,
-                      applicable: bool) -> tuple[list | None, dict | None]:
-    """The MLP score thresholds to run with: the bundle's when it selects by them at the densities it was
-    exported for, else calibrated here when --mlp-selection threshold asks; (None, None) for top-k."""
+                      thresholds, cand_d, up_w) -> tuple[list | None, dict | None]:
+    """The MLP score thresholds to run with: the bundle's (a threshold bundle at the densities it was exported
+    for), or calibrated here when --mlp-selection threshold asks (always: the flag asks to calibrate now) or
+    the densities differ; (None, None) for top-k."""
     rt = cfg.runtime
     wanted = rt.mlp_selection or (manifest or {}).get("mlp_selection", "topk")
-    if wanted != "threshold" or use is None or not applicable:
+    if wanted != "threshold" or use is None:
         return None, None
+    other = ("magnitude thresholds" if thresholds is not None else f"two-stage selection (candidates {cand_d:g})"
+             if cand_d is not None else "exact-up selection" if up_w is not None else None)
+    if other is not None:
+        if rt.mlp_selection == "threshold":  # asked for explicitly: say why it cannot apply
+            raise DejavuError(f"--mlp-selection threshold cannot apply: the MLP runs by {other} here")
+        return None, None
+    densities = [rt.mlp_density if rt.mlp_density is not None else lp.mlp_density
+                 for lp in use.layers if lp.mlp is not None]
+    if all(d >= 1.0 for d in densities):
+        return None, None  # every MLP dense: nothing to select
     bundled = use.mlp_score_thresholds
     same = (rt.mlp_density is None or all(lp.mlp is None or lp.mlp_density == rt.mlp_density for lp in use.layers)) \
         and (rt.head_density is None or all(lp.attn is None or lp.head_density == rt.head_density for lp in use.layers))
-    if bundled is not None and same:
+    if bundled is not None and same and rt.mlp_selection is None:
         print(f"  MLP score thresholds from the bundle (calibrated on "
               f"{manifest['mlp_score_thresholds'].get('calibration')})", flush=True)
         return bundled, {**manifest["mlp_score_thresholds"], "from_bundle": True}
     from dejavu.runtime.score_thresholds import calibrate_on_corpus
 
     if bundled is not None:
-        print("  note: the bundle's MLP score thresholds were set for its own densities; calibrating for these",
-              flush=True)
+        why = "for these densities" if not same else "as --mlp-selection threshold asks"
+        print(f"  note: not the bundle's MLP score thresholds: calibrating {why}", flush=True)
     values = calibrate_on_corpus(model, adapter, tokenizer, use, cfg.data, rt.calibration_tokens, rt.eval_window,
                                  mlp_density=rt.mlp_density, head_density=rt.head_density)
     return values, {"calibration": cfg.data.dataset, "calibration_tokens": rt.calibration_tokens}

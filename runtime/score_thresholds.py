@@ -28,8 +28,7 @@ def calibrate_score_thresholds(model, adapter, predictors: PredictorSet, ids: to
                                mlp_density: float | None = None, head_density: float | None = None,
                                windows_per_forward: int = 4) -> list[float | None]:
     """Each layer's MLP score threshold from sparse forwards over `ids` (1-D token ids) in windows of
-    `window`; a forward's thresholds are the quantiles of its own scores, averaged over forwards by their
-    token counts. Layers without an MLP predictor (density 1.0) get None. The MLP and heads run at
+    `window`; each window's thresholds are the quantiles of its own scores, averaged over the windows. Layers without an MLP predictor (density 1.0) get None. The MLP and heads run at
     `mlp_density` / `head_density` (None: the bundle's per-layer ones), as they will at inference."""
     from dejavu.runtime.apply import SparseRuntime
 
@@ -52,8 +51,9 @@ def calibrate_score_thresholds(model, adapter, predictors: PredictorSet, ids: to
                 if not math.isfinite(value):
                     raise DejavuError(f"layer {l}: the MLP predictor's scores on the calibration text are not finite "
                                       "(a damaged bundle, or a model in a dtype that overflows?)")
-                sums[l] = sums.get(l, 0.0) + value * batch.numel()
-                counts[l] = counts.get(l, 0) + batch.numel()
+                tokens = runtime.batch_score_tokens[l]
+                sums[l] = sums.get(l, 0.0) + value * tokens
+                counts[l] = counts.get(l, 0) + tokens
         sparse = [d < 1.0 for d in runtime.mlp_density]
     return [sums[l] / counts[l] if sparse[l] else None for l in range(len(sparse))]  # noqa: E741
 

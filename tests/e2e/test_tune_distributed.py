@@ -27,11 +27,14 @@ tune:
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
-def test_two_processes_tune_what_one_tunes(tmp_path, tiny_llama):
+@pytest.mark.parametrize("selection", ["topk", "threshold"])
+def test_two_processes_tune_what_one_tunes(tmp_path, tiny_llama, selection):
+    # score thresholds: each sequence's own quantile, so splitting a step's sequences changes nothing
     corpus = tmp_path / "calib.txt"
     corpus.write_text("".join(CALIB_TXT.read_text().splitlines(keepends=True)[:400]))
     config = tmp_path / "tune.yaml"
-    config.write_text(SETTINGS.replace("data:\n", f"data:\n  dataset: {corpus}\n"))
+    config.write_text(SETTINGS.replace("data:\n", f"data:\n  dataset: {corpus}\n")
+                      + f"  mlp_selection: {selection}\n")
     single, double = tmp_path / "single", tmp_path / "double"
     for run in (single, double):
         make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=0.5)

@@ -30,11 +30,11 @@ def test_thresholds_below_every_score_equal_dense(tiny_llama):
 
 @torch.no_grad()
 def test_fixed_thresholds_reproduce_the_forward_they_were_set_on(tiny_llama):
-    """A forward in batch mode keeps exactly the density per layer; the same thresholds fixed give the
+    """A sequence in batch mode keeps exactly the density per layer; the same thresholds fixed give the
     same forward, and tokens keep different counts (what a top-k cannot)."""
     model, adapter = load_tiny(tiny_llama)
     preds = random_predictors(adapter, mlp_density=0.5)
-    ids = random_ids(model, seq=32, batch=2)
+    ids = random_ids(model, seq=32, batch=1)
     with SparseRuntime(model, adapter, preds, head_density=1.0, mlp_score_thresholds="batch", record=True) as rt:
         batch_logits = model(ids).logits
         values = [rt.batch_score_thresholds[l] for l in range(adapter.num_layers)]  # noqa: E741
@@ -46,6 +46,25 @@ def test_fixed_thresholds_reproduce_the_forward_they_were_set_on(tiny_llama):
     # top-k at the same density is another selection
     with SparseRuntime(model, adapter, preds, head_density=1.0):
         assert not torch.allclose(model(ids).logits, batch_logits)
+
+
+@torch.no_grad()
+def test_each_sequence_sets_its_own_thresholds(tiny_llama):
+    """Batch mode takes each sequence's quantile, so a batch gives what its sequences give alone (and a tuning
+    split over processes what one process gives); dense tokens are left out of the quantile."""
+    model, adapter = load_tiny(tiny_llama)
+    preds = random_predictors(adapter, mlp_density=0.5)
+    ids = random_ids(model, seq=24, batch=2, seed=1)
+    with SparseRuntime(model, adapter, preds, head_density=1.0, mlp_score_thresholds="batch") as rt:
+        together = model(ids).logits
+        alone = torch.cat([model(ids[i:i + 1]).logits for i in range(2)])
+        torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
+        first_dense = torch.ones(ids.shape, dtype=torch.bool)
+        first_dense[0] = False  # sequence 0 all dense: it neither counts nor shifts sequence 1's threshold
+        rt.token_mask = first_dense
+        masked = model(ids).logits
+        assert rt.batch_score_tokens[0] == 24
+    torch.testing.assert_close(masked[1], alone[1], rtol=1e-4, atol=1e-4)
 
 
 def test_calibration_keeps_the_density_on_its_own_text(tiny_llama):
@@ -127,6 +146,15 @@ def test_bundle_round_trip_and_bench_from_it(threshold_bundle, tiny_llama, tmp_p
         "data.dataset": str(CALIB_TXT)})
     assert flagged["mlp_selection"] == "threshold" and not flagged["mlp_score_thresholds"].get("from_bundle")
     assert from_bundle["sparse"]["ppl"] == pytest.approx(flagged["sparse"]["ppl"], rel=1e-6)
+    # the flag on a threshold bundle asks to calibrate now, on the corpus given
+    again = run_bench(bundle=bundle, json_out=tmp_path / "f.json", speed=False, **common, overrides={
+        **settings, "runtime.mlp_selection": "threshold", "runtime.calibration_tokens": 256,
+        "data.dataset": str(CALIB_TXT)})
+    assert again["mlp_score_thresholds"] == {"calibration": str(CALIB_TXT), "calibration_tokens": 256}
+    # another head density than the bundle's: its thresholds were set with other inputs, so new ones
+    heads = run_bench(bundle=bundle, json_out=tmp_path / "g.json", speed=False, **common, overrides={
+        **settings, "runtime.head_density": 0.5, "runtime.calibration_tokens": 512, "data.dataset": str(CALIB_TXT)})
+    assert heads["mlp_selection"] == "threshold" and not heads["mlp_score_thresholds"].get("from_bundle")
     # other densities than the bundle's: its thresholds no longer apply, new ones are calibrated
     other = run_bench(bundle=bundle, json_out=tmp_path / "e.json", speed=False, **common, overrides={
         **settings, "runtime.mlp_density": 0.3, "runtime.calibration_tokens": 512, "data.dataset": str(CALIB_TXT)})
@@ -141,6 +169,10 @@ def test_bundle_round_trip_and_bench_from_it(threshold_bundle, tiny_llama, tmp_p
     timed = run_bench(bundle=bundle, json_out=tmp_path / "d.json", speed=True, quality=False, **common,
                       overrides=settings)
     assert timed["speed"] is None
+    # the bundle's top-k asked for: the decode loop times it
+    timed = run_bench(bundle=bundle, json_out=tmp_path / "h.json", speed=True, quality=False, **common,
+                      overrides={**settings, "runtime.mlp_selection": "topk"})
+    assert timed["speed"]["batches"]["1"]["sparse_ms_per_token"] > 0
 
 
 def test_bundle_refuses_a_damaged_threshold(threshold_bundle, tmp_path):
@@ -185,6 +217,19 @@ def test_decode_loop_refuses_and_generate_uses_the_hooks(threshold_bundle, tiny_
     out = run_generate(["Hello"], model=str(tiny_llama), bundle=bundle, config_file="tiny", max_new_tokens=2,
                        engine="auto", overrides={"runtime.device": "cpu"})
     assert out["engine"].startswith("hooks") and out["mlp_selection"] == "threshold"
+
+
+def test_a_two_stage_bundle_refuses_thresholds_asked_for(tmp_path, tiny_llama):
+    from dejavu.export.bundle import run_export
+    from dejavu.runtime.bench import run_bench
+
+    run = tmp_path / "run"
+    make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=1.0)
+    run_export(run, tmp_path / "two", config_file="tiny", overrides={"export.mlp_candidate_density": 0.8})
+    with pytest.raises(DejavuError, match="cannot apply: the MLP runs by two-stage selection"):
+        run_bench(model=str(tiny_llama), bundle=tmp_path / "two", dataset=str(EVAL_RAW), config_file="tiny",
+                  speed=False, overrides={"runtime.max_eval_tokens": 300, "runtime.device": "cpu",
+                                          "runtime.mlp_selection": "threshold"})
 
 
 def test_flags_that_cannot_go_with_it_are_refused(threshold_bundle, tiny_llama):

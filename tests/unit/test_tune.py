@@ -339,14 +339,23 @@ def test_a_tuning_that_never_beats_the_trained_predictors_gives_them_back(tmp_pa
         _tune(tmp_path / "run", **{"tune.eval_every": -1})
 
 
-def test_tuning_for_score_thresholds_and_exporting_them(tmp_path, tiny_llama, capsys):
+def test_tuning_for_score_thresholds_and_exporting_them(tmp_path, tiny_llama, capsys, monkeypatch):
     """--mlp-selection threshold: each step keeps the neurons above its own scores' quantile; the tuning records
     it, export says when its selection differs, and a threshold bundle of the tuned predictors keeps the density."""
     from dejavu.export.bundle import load_bundle
 
+    calls = []
+    above = SparseRuntime._select_above
+
+    def counted(self, l, scores):  # noqa: E741
+        calls.append(l)
+        return above(self, l, scores)
+
+    monkeypatch.setattr(SparseRuntime, "_select_above", counted)
     run = tmp_path / "run"
     make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=1.0)
     manifest = _tune(run, **{"tune.mlp_selection": "threshold", "tune.steps": 20})
+    assert len(calls) >= 20 * 2  # every step's forward went through the thresholds (two layers at least)
     tuned = manifest["tuned"]
     assert tuned["mlp_selection"] == "threshold" and tuned["after"]["kl"] <= tuned["before"]["kl"]
     assert "(score thresholds)" in capsys.readouterr().out

@@ -141,7 +141,7 @@ class TuneConfig:
     # densities to tune at; None: what `export` gives the bundle by default (export.*, else the trained ones)
     mlp_density: float | None = None
     head_density: float | None = None
-    # the MLP selection tuned for: "topk", or "threshold" (each forward keeps the neurons scored above the
+    # the MLP selection tuned for: "topk", or "threshold" (each sequence keeps the neurons scored above the
     # quantile of its own scores that keeps the MLP density: export.mlp_selection threshold then applies it)
     mlp_selection: str = "topk"
 
@@ -169,8 +169,9 @@ class RuntimeConfig:
     # layer's weight bytes, the split searched per layer (greedy); None: off
     keep_layer_bytes: float | None = None
     calibration_tokens: int = 8192
-    # MLP neurons from the predictor's scores: "topk" or "threshold" (as export.mlp_selection; a bundle's own
-    # thresholds apply at its densities, other densities calibrate at start-up); None: the bundle's
+    # MLP neurons from the predictor's scores: "topk", or "threshold" (as export.mlp_selection, calibrated at
+    # start-up on data.dataset); None: the bundle's rule (a threshold bundle's own thresholds at its densities,
+    # calibrated anew at others)
     mlp_selection: str | None = None
     # "predictor" (the bundle), "oracle" (true top-k from dense activations), "dense"
     selection: str = "predictor"

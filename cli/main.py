@@ -329,7 +329,7 @@ def tune_predictors(
         "model.dtype; auto is bfloat16 on cuda). The predictors stay float32."),
     mlp_selection: str | None = typer.Option(
         None, "--mlp-selection", help="The MLP selection to tune for: topk, or threshold (each step keeps the "
-        "neurons scored above the quantile that keeps --mlp-density of that step's scores; export the result with "
+        "neurons scored above the quantile that keeps --mlp-density of each sequence's scores; export the result with "
         "--mlp-selection threshold)." + default("tune.mlp_selection")),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Start again: replace a finished RUN/tuned, or a checkpoint of other settings, "

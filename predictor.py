@@ -141,12 +141,15 @@ class PredictorSet:
                     p.to(device=device, dtype=dtype)
         return self
 
+    def at_densities(self, mlp: float | None = None, heads: float | None = None) -> bool:
+        """Whether every layer with a predictor of a kind runs at that density already (None: any)."""
+        return ((mlp is None or all(lp.mlp is None or lp.mlp_density == mlp for lp in self.layers))
+                and (heads is None or all(lp.attn is None or lp.head_density == heads for lp in self.layers)))
+
     def with_densities(self, mlp: float | None = None, heads: float | None = None) -> PredictorSet:
         """Run every layer at these densities (None keeps a kind's own). Score thresholds were set for the
         densities they came with, so other densities drop them (or their layers would keep another share)."""
-        if self.mlp_score_thresholds is not None and (
-                (mlp is not None and any(lp.mlp is not None and lp.mlp_density != mlp for lp in self.layers))
-                or (heads is not None and any(lp.attn is not None and lp.head_density != heads for lp in self.layers))):
+        if not self.at_densities(mlp, heads):
             self.mlp_score_thresholds = None
         for lp in self.layers:
             if mlp is not None:

@@ -302,9 +302,10 @@ def _score_threshold(model, adapter, predictors, ref, density, head_density, cal
     from dejavu.runtime.score_thresholds import calibrate_score_thresholds
 
     tokens, window = calibration
-    predictors.with_densities(density, head_density)
-    thresholds = calibrate_score_thresholds(model, adapter, predictors, tokens, window)
-    with SparseRuntime(model, adapter, predictors, selection="predictor", mlp_score_thresholds=thresholds) as runtime:
+    thresholds = calibrate_score_thresholds(model, adapter, predictors, tokens, window, mlp_density=density,
+                                            head_density=head_density)
+    with SparseRuntime(model, adapter, predictors, selection="predictor", mlp_density=density,
+                       head_density=head_density, mlp_score_thresholds=thresholds) as runtime:
         return score_against(model, runtime, ref, desc="score-threshold"), runtime.stats.summary()
 
 

@@ -111,18 +111,26 @@ def _check_collect_unchanged(pm: dict, pred_dir: Path, collect_dir: Path) -> Non
                           f"{tuned}, then export")
 
 
-def _calibrated_thresholds(cfg, model_name: str, identity: dict | None, keep_down: float):
-    """Load the model, check it is the one the predictors were trained on, calibrate (runtime/thresholds.py)."""
+def _calibration_model(model_name: str, identity: dict | None):
+    """The model to calibrate on (CPU, fp32), checked to be the one the predictors were trained on."""
     from dejavu.models.adapters import adapter_for
-    from dejavu.models.identity import check_identity, model_identity
+    from dejavu.models.identity import check_identity
     from dejavu.models.loading import load_model
-    from dejavu.runtime.thresholds import calibrate_on_corpus
 
-    e = cfg.export
     model, tokenizer, source = load_model(model_name, device="cpu", dtype="float32")
     adapter = adapter_for(model)
     if identity:
         check_identity(identity, adapter, what=f"predictors (for {identity.get('name', '?')})")
+    return model, tokenizer, source, adapter
+
+
+def _calibrated_thresholds(cfg, model_name: str, identity: dict | None, keep_down: float):
+    """Load the model, check it is the one the predictors were trained on, calibrate (runtime/thresholds.py)."""
+    from dejavu.models.identity import model_identity
+    from dejavu.runtime.thresholds import calibrate_on_corpus
+
+    e = cfg.export
+    model, tokenizer, source, adapter = _calibration_model(model_name, identity)
     with torch.no_grad():
         thresholds = calibrate_on_corpus(model, adapter, tokenizer, cfg.data, e.calibration_tokens, e.mlp_keep_input,
                                          keep_down, e.attn_keep_input,
@@ -137,28 +145,14 @@ def _calibrated_score_thresholds(cfg, model_name: str, identity: dict, tensors: 
                                  activation: str) -> tuple[list[float | None], dict]:
     """Load the model, check it is the one the predictors were trained on, and set each layer's MLP score
     threshold with these predictors at the bundle's densities (runtime/score_thresholds.py)."""
-    from dejavu.models.adapters import adapter_for
-    from dejavu.models.identity import check_identity
-    from dejavu.models.loading import load_model
     from dejavu.runtime.score_thresholds import calibrate_on_corpus
 
-    layers = []
-    for l, (mlp_d, head_d) in enumerate(zip(mlp_per_layer, head_per_layer, strict=True)):  # noqa: E741
-        preds = {}
-        for kind in KINDS:
-            found = {t: tensors.get(f"layers.{l}.{kind}.{t}") for t in PREDICTOR_TENSORS}
-            preds[kind] = (LowRankPredictor.from_tensors(found, activation)
-                           if all(v is not None for v in found.values()) else None)
-        layers.append(LayerPredictors(preds["mlp"], preds["attn"], mlp_d if preds["mlp"] else 1.0,
-                                      head_d if preds["attn"] else 1.0))
+    layers = _predictor_layers(tensors, mlp_per_layer, head_per_layer, activation, "the predictors")
     if not any(lp.mlp is not None and lp.mlp_density < 1.0 for lp in layers):
         raise DejavuError("--mlp-selection threshold needs MLP predictors at a density below 1: this bundle's MLPs "
                           "all run dense")
     predictors = PredictorSet(layers, **pairings)
-    model, tokenizer, _ = load_model(model_name, device="cpu", dtype="float32")
-    adapter = adapter_for(model)
-    if identity:
-        check_identity(identity, adapter, what=f"predictors (for {identity.get('name', '?')})")
+    model, tokenizer, _, adapter = _calibration_model(model_name, identity)
     e = cfg.export
     values = calibrate_on_corpus(model, adapter, tokenizer, predictors, cfg.data, e.calibration_tokens,
                                  max_window=cfg.runtime.eval_window)
@@ -479,6 +473,31 @@ def _bundled_score_thresholds(manifest: dict, tensors: dict, layers: list[LayerP
     return from_tensor(tensors, len(layers), sparse, str(path / BUNDLE_FILE))
 
 
+def _predictor_layers(tensors: dict[str, torch.Tensor], mlp_d: list[float], head_d: list[float],
+                      activation: str | None, where, manifest: dict | None = None) -> list[LayerPredictors]:
+    """Per layer, the predictors `layers.{l}.{kind}.*` of `tensors` at these densities (a kind without tensors:
+    None, density 1.0); with a bundle's manifest, their shapes are checked against its model."""
+    layers = []
+    for l in range(len(mlp_d)):  # noqa: E741
+        preds = {}
+        for kind in KINDS:
+            keys = {t: f"layers.{l}.{kind}.{t}" for t in PREDICTOR_TENSORS}
+            if not any(k in tensors for k in keys.values()):
+                preds[kind] = None
+                continue
+            missing = [k for k in keys.values() if k not in tensors]
+            if missing:
+                raise DejavuError(f"{where} lacks {missing[:3]}")
+            t = {name: tensors[key] for name, key in keys.items()}
+            if manifest is not None:
+                _check_shapes(manifest, l, kind, t, where)
+            preds[kind] = LowRankPredictor.from_tensors(t, activation)
+        layers.append(LayerPredictors(preds["mlp"], preds["attn"],
+                                      float(mlp_d[l]) if preds["mlp"] is not None else 1.0,
+                                      float(head_d[l]) if preds["attn"] is not None else 1.0))
+    return layers
+
+
 def load_bundle(path: str | Path) -> tuple[dict, PredictorSet]:
     """Verify (sha256, version) and read a bundle; returns (manifest, PredictorSet on CPU, fp32)."""
     path = Path(path)
@@ -508,24 +527,8 @@ def load_bundle(path: str | Path) -> tuple[dict, PredictorSet]:
     if any(key.startswith("layers.") for key in all_tensors):
         _require([key for key in PREDICTOR_FIELDS if key not in manifest], where)
         _check_predictor_fields(manifest, where)
-    activation = manifest.get("hidden_activation")
-    layers = []
-    for l in range(num_layers):  # noqa: E741
-        preds = {}
-        for kind in KINDS:
-            keys = {t: f"layers.{l}.{kind}.{t}" for t in PREDICTOR_TENSORS}
-            if not any(k in all_tensors for k in keys.values()):
-                preds[kind] = None
-                continue
-            missing = [k for k in keys.values() if k not in all_tensors]
-            if missing:
-                raise DejavuError(f"{path / BUNDLE_FILE} lacks {missing[:3]}")
-            t = {name: all_tensors[key] for name, key in keys.items()}
-            _check_shapes(manifest, l, kind, t, path / BUNDLE_FILE)
-            preds[kind] = LowRankPredictor.from_tensors(t, activation)
-        layers.append(LayerPredictors(preds["mlp"], preds["attn"],
-                                      float(mlp_d[l]) if preds["mlp"] is not None else 1.0,
-                                      float(head_d[l]) if preds["attn"] is not None else 1.0))
+    layers = _predictor_layers(all_tensors, mlp_d, head_d, manifest.get("hidden_activation"), path / BUNDLE_FILE,
+                               manifest)
     _check_top_level_densities(manifest, layers, thresholds, where)
     score_thresholds = _bundled_score_thresholds(manifest, all_tensors, layers, path, where)
     pset = PredictorSet(layers, mlp_pairing=manifest.get("mlp_pairing", "current"),

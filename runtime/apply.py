@@ -197,8 +197,9 @@ class SparseRuntime:
         self.mlp_candidate_density = self._check_candidates(mlp_candidate_density)
         self.mlp_up_weight = self._check_up_weight(mlp_up_weight)
         self.mlp_score_thresholds = self._check_score_thresholds(mlp_score_thresholds, n)
-        self.batch_score_thresholds: dict[int, float] = {}
-        self.batch_score_tokens: dict[int, int] = {}
+        # "batch" mode: per layer, 0-d tensors (read them with float()/int(): no host sync while tuning)
+        self.batch_score_thresholds: dict[int, torch.Tensor] = {}
+        self.batch_score_tokens: dict[int, torch.Tensor] = {}
         if straight_through is not None and (selection != "predictor" or mode != "mask" or self.two_stage
                                              or self.exact_up or thresholds is not None):
             raise DejavuError("straight-through selection tunes the predictors: selection 'predictor', mask mode, "
@@ -376,10 +377,18 @@ class SparseRuntime:
         """The predictor's top-k as a bool mask; straight-through: a float mask equal to it whose gradient
         is the sigmoid's (a mask the hooks multiply in like the bool one)."""
         hard = topk_mask(scores, density)
-        if self.straight_through is None or not torch.is_grad_enabled():
+        if not self._tuning:
             return hard
         n = scores.shape[-1]
         threshold = scores.detach().kthvalue(n - units_for_density(density, n) + 1, dim=-1, keepdim=True).values
+        return self._straight_through(hard, scores, threshold)
+
+    @property
+    def _tuning(self) -> bool:
+        return self.straight_through is not None and torch.is_grad_enabled()
+
+    def _straight_through(self, hard: torch.Tensor, scores: torch.Tensor, threshold) -> torch.Tensor:
+        """A float mask equal to `hard` whose gradient is that of sigmoid(S * (score - threshold))."""
         soft = torch.sigmoid((scores - threshold) * self.straight_through)
         return hard.to(soft.dtype) + (soft - soft.detach())
 
@@ -391,10 +400,7 @@ class SparseRuntime:
         else:
             threshold = float(self.mlp_score_thresholds[l])
         hard = scores > threshold
-        if self.straight_through is None or not torch.is_grad_enabled():
-            return hard
-        soft = torch.sigmoid((scores - threshold) * self.straight_through)
-        return hard.to(soft.dtype) + (soft - soft.detach())
+        return self._straight_through(hard, scores, threshold) if self._tuning else hard
 
     def _sequence_thresholds(self, l: int, scores: torch.Tensor, density: float) -> torch.Tensor:  # noqa: E741
         """Per sequence, the score above which `density` of its sparse tokens' scores lie ([B, 1, ..., 1]).
@@ -404,22 +410,20 @@ class SparseRuntime:
         detached = scores.detach().float()
         rows = detached.reshape(detached.shape[0], -1, detached.shape[-1]) if detached.dim() > 2 else detached[None]
         tm = self.sparse_tokens(detached)
-        sparse = None if tm is None else tm.reshape(rows.shape[0], -1)
-        values, counts = [], []
-        for b in range(rows.shape[0]):
-            flat = (rows[b] if sparse is None else rows[b][sparse[b]]).reshape(-1)
-            keep = int(round(density * flat.numel()))
-            if flat.numel() == 0 or keep >= flat.numel():
-                values.append(float("-inf"))
-            else:  # kthvalue's k is 1-based: the value with numel - keep values at or below it
-                values.append(flat.kthvalue(max(1, flat.numel() - keep)).values.item())
-            counts.append(flat.numel() // rows.shape[-1])
-        used = [(v, c) for v, c in zip(values, counts, strict=True) if c > 0]
-        tokens = sum(c for _, c in used)
-        self.batch_score_thresholds[l] = sum(v * c for v, c in used) / tokens if tokens else float("-inf")
+        if tm is None:  # every token sparse (tuning, calibration): all sequences in one call, no host sync
+            counts = torch.full((rows.shape[0],), rows.shape[1], device=rows.device)
+            values = _score_quantile(rows.reshape(rows.shape[0], -1), density)
+        else:
+            sparse = tm.reshape(rows.shape[0], -1)
+            counts = sparse.sum(-1)
+            values = torch.stack([_score_quantile(rows[b][sparse[b]].reshape(-1), density)
+                                  for b in range(rows.shape[0])])
+        tokens = counts.sum()
+        weighted = torch.where(counts > 0, values, 0.0).double() * counts  # double: sums of many sequences
+        self.batch_score_thresholds[l] = torch.where(tokens > 0, weighted.sum() / tokens.clamp_min(1), float("-inf"))
         self.batch_score_tokens[l] = tokens
         shape = (rows.shape[0],) + (1,) * (scores.dim() - 1) if scores.dim() > 2 else (1, 1)
-        return torch.tensor(values, dtype=scores.dtype, device=scores.device).reshape(shape)
+        return values.to(scores.dtype).reshape(shape)
 
     def _note_full_layer(self, l: int, hidden: torch.Tensor) -> None:  # noqa: E741
         """A layer left at density 1.0 installs no hook for that kind yet computes all of it: count it, or
@@ -588,6 +592,16 @@ class SparseRuntime:
             if module is not None:
                 module.forward = fn
                 self._patched.append(module)
+
+
+def _score_quantile(scores: torch.Tensor, density: float) -> torch.Tensor:
+    """Along the last dimension, the score above which `density` of the scores lie (-inf keeps all)."""
+    m = scores.shape[-1]
+    keep = int(round(density * m))
+    if m == 0 or keep >= m:
+        return torch.full(scores.shape[:-1], float("-inf"), device=scores.device)
+    # kthvalue's k is 1-based: the value with m - keep values at or below it
+    return scores.kthvalue(max(1, m - keep), dim=-1).values
 
 
 def apply_sparsity(model: nn.Module, adapter: Adapter, predictors: PredictorSet | None = None, **kwargs) -> SparseRuntime:

@@ -251,8 +251,7 @@ def _score_thresholds(cfg, manifest: dict | None, use: PredictorSet | None, mode
     if all(d >= 1.0 for d in densities):
         return None, None  # every MLP dense: nothing to select
     bundled = use.mlp_score_thresholds
-    same = (rt.mlp_density is None or all(lp.mlp is None or lp.mlp_density == rt.mlp_density for lp in use.layers)) \
-        and (rt.head_density is None or all(lp.attn is None or lp.head_density == rt.head_density for lp in use.layers))
+    same = use.at_densities(rt.mlp_density, rt.head_density)
     if bundled is not None and same and rt.mlp_selection is None:
         print(f"  MLP score thresholds from the bundle (calibrated on "
               f"{manifest['mlp_score_thresholds'].get('calibration')})", flush=True)

@@ -48,10 +48,11 @@ def calibrate_score_thresholds(model, adapter, predictors: PredictorSet, ids: to
             runtime.batch_score_thresholds.clear()
             model(input_ids=batch.to(device), use_cache=False)
             for l, value in runtime.batch_score_thresholds.items():  # noqa: E741
+                value = float(value)
                 if not math.isfinite(value):
                     raise DejavuError(f"layer {l}: the MLP predictor's scores on the calibration text are not finite "
                                       "(a damaged bundle, or a model in a dtype that overflows?)")
-                tokens = runtime.batch_score_tokens[l]
+                tokens = int(runtime.batch_score_tokens[l])
                 sums[l] = sums.get(l, 0.0) + value * tokens
                 counts[l] = counts.get(l, 0) + tokens
         sparse = [d < 1.0 for d in runtime.mlp_density]
@@ -62,16 +63,10 @@ def calibrate_on_corpus(model, adapter, tokenizer, predictors: PredictorSet, dat
                         mlp_density: float | None = None, head_density: float | None = None) -> list[float | None]:
     """calibrate_score_thresholds over the first `tokens` tokens of `data.dataset` (a DataConfig), in
     windows of the model's context or `max_window`, whichever is shorter: how export and bench set them."""
-    from dejavu.corpus import load_texts, tokenize_stream
     from dejavu.runtime.quality import model_context
+    from dejavu.runtime.thresholds import calibration_ids
 
-    try:
-        texts = load_texts(data.dataset, split=data.split, text_field=data.text_field)
-    except DejavuError as exc:
-        raise DejavuError(f"calibration corpus (--calibration, else data.dataset): {exc}") from None
-    ids = tokenize_stream(texts, tokenizer, f"calibration corpus {data.dataset}")[:tokens]
-    if ids.numel() == 0:
-        raise DejavuError(f"the calibration corpus {data.dataset} gave no tokens")
+    ids = calibration_ids(tokenizer, data, tokens)
     print(f"  calibrating MLP score thresholds on {ids.numel()} tokens of {data.dataset}", flush=True)
     return calibrate_score_thresholds(model, adapter, predictors, ids, min(model_context(model), max_window),
                                       mlp_density=mlp_density, head_density=head_density)

@@ -130,13 +130,10 @@ def calibrate_on_random_tokens(model, adapter, keep_x: float | None, keep_h: flo
     return calibrate(model, adapter, ids, keep_x, keep_h, keep_attn, layer_bytes, window=tokens)
 
 
-def calibrate_on_corpus(model, adapter, tokenizer, data, tokens: int, keep_x: float | None, keep_h: float,
-                        keep_attn: float | None, max_window: int, layer_bytes: float | None = None) -> Thresholds:
-    """Thresholds from a dense forward over the first `tokens` tokens of `data.dataset` (a DataConfig:
-    dataset, split, text_field) in windows of the model's context or `max_window`, whichever is
-    shorter, as `dejavu export` and `dejavu bench` calibrate them."""
+def calibration_ids(tokenizer, data, tokens: int) -> torch.Tensor:
+    """The first `tokens` token ids of the calibration corpus `data.dataset` (a DataConfig: dataset, split,
+    text_field), with errors that name the flag setting it."""
     from dejavu.corpus import load_texts, tokenize_stream
-    from dejavu.runtime.quality import model_context
 
     try:
         texts = load_texts(data.dataset, split=data.split, text_field=data.text_field)
@@ -145,6 +142,17 @@ def calibrate_on_corpus(model, adapter, tokenizer, data, tokens: int, keep_x: fl
     ids = tokenize_stream(texts, tokenizer, f"calibration corpus {data.dataset}")[:tokens]
     if ids.numel() == 0:
         raise DejavuError(f"the calibration corpus {data.dataset} gave no tokens")
+    return ids
+
+
+def calibrate_on_corpus(model, adapter, tokenizer, data, tokens: int, keep_x: float | None, keep_h: float,
+                        keep_attn: float | None, max_window: int, layer_bytes: float | None = None) -> Thresholds:
+    """Thresholds from a dense forward over the first `tokens` tokens of `data.dataset` (a DataConfig:
+    dataset, split, text_field) in windows of the model's context or `max_window`, whichever is
+    shorter, as `dejavu export` and `dejavu bench` calibrate them."""
+    from dejavu.runtime.quality import model_context
+
+    ids = calibration_ids(tokenizer, data, tokens)
     print(f"  calibrating thresholds on {ids.numel()} tokens of {data.dataset}", flush=True)
     return calibrate(model, adapter, ids, keep_x, keep_h, keep_attn, layer_bytes,
                      window=min(model_context(model), max_window))

@@ -97,8 +97,9 @@ MlpSelectionOpt = typer.Option(
     help="How MLP neurons are picked from the predictor's scores: topk (the same count for every token) or "
          "threshold (those scored above per-layer thresholds that keep --mlp-density on average: confident tokens "
          "keep fewer, uncertain ones more), calibrated now on --calibration. Unset: the bundle's rule; a threshold "
-         "bundle's own thresholds apply at its densities, other densities calibrate anew. Threshold runs in the "
-         "hooks only: bench skips speed.")
+         "bundle's own thresholds apply at its densities, other densities calibrate anew. In the decode loop the "
+         "kernels read each step's count on the GPU; at batch > 1 a neuron any sequence keeps is computed. With "
+         "--synthetic: calibrated on random tokens.")
 SkipKvOpt = typer.Option(
     None, "--skip-kv/--all-kv",
     help="Decode loop: compute k/v only for the KV groups the selected heads read; a skipped group's "
@@ -396,7 +397,7 @@ def export(
         help="topk: the runtime keeps each token's top --mlp-density neurons by predictor score; threshold: it keeps "
              "those scored above per-layer thresholds, calibrated now (model loaded, predictors run sparse on "
              "--calibration) to keep --mlp-density on average; confident tokens keep fewer neurons, uncertain ones "
-             "more. Threshold runs in the hooks only, not the decode loop." + default("export.mlp_selection")),
+             "more." + default("export.mlp_selection")),
     calibration: str | None = typer.Option(
         None, "--calibration", help="Corpus the thresholds are calibrated on (default: the config's data.dataset)."),
     calibration_tokens: int | None = typer.Option(

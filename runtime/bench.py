@@ -206,7 +206,9 @@ def print_report(report: dict, out=None) -> None:
         p(f"  speed ({s.get('method', 'runtime.speed')}{kv}):")
         for b, row in (s.get("batches") or {}).items():
             p(f"    batch {b}: dense {_fmt(row.get('dense_ms_per_token'), '.2f')} ms/token, sparse "
-              f"{_fmt(row.get('sparse_ms_per_token'), '.2f')} ms/token, speedup {_fmt(row.get('speedup'), '.2f')}x")
+              f"{_fmt(row.get('sparse_ms_per_token'), '.2f')} ms/token, speedup {_fmt(row.get('speedup'), '.2f')}x"
+              + (f" (MLP neurons computed: {row['sparse_mlp_share_read']:.3f} of them, the mean over the timed steps)"
+                 if row.get("sparse_mlp_share_read") is not None else ""))
 
 
 def run_bench(model: str | None = None, bundle: Path | None = None, dataset: str | None = None,
@@ -277,6 +279,19 @@ def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> di
         if thresholds.attention:
             head_d = 1.0
             predictors = predictors.with_densities(None, 1.0)
+    score_calibration = None
+    if cfg.runtime.mlp_selection == "threshold":
+        if thresholds is not None or cfg.runtime.mlp_candidate_density is not None or cfg.runtime.mlp_up_weight:
+            raise DejavuError("--mlp-selection threshold is an MLP rule of its own: drop the magnitude thresholds, "
+                              "--mlp-candidate-density and --mlp-up-weight")
+        from dejavu.runtime.score_thresholds import calibrate_score_thresholds
+
+        # the random predictors' scores through the random model, over random tokens: thresholds that keep
+        # the MLP density on those (no corpus fits random weights)
+        tokens = 256
+        ids = torch.randint(1, model.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
+        predictors.mlp_score_thresholds = calibrate_score_thresholds(model, adapter, predictors, ids, tokens)
+        score_calibration = {"calibration": "random text through the synthetic model", "calibration_tokens": tokens}
     speed_data = None
     if speed:
         speed_data = measure_speed(model, adapter, predictors, device=device, dtype=dtype, batch_sizes=batch_sizes,
@@ -287,6 +302,8 @@ def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> di
                                    thresholds=thresholds)
     base = {"model": name, "device": str(device), "dtype": dtype_name(dtype), "mlp_density": mlp_d,
             "head_density": head_d, "synthetic": True,
+            "mlp_selection": "threshold" if score_calibration is not None else None,
+            "mlp_score_thresholds": score_calibration,
             "selection": "predictor (random weights)" if thresholds is None else
             "thresholds, no predictor" if thresholds.attention else "MLP thresholds, heads by predictor (random weights)",
             "mlp_candidate_density": cfg.runtime.mlp_candidate_density, "mlp_up_weight": cfg.runtime.mlp_up_weight,
@@ -340,9 +357,6 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
                                                "the generated tokens (prompt dense)"),
         })
     speed_data = None
-    if speed and plan.mlp_score_thresholds is not None:
-        print(f"  note: speed not measured: {plan.decode_loop_note}", flush=True)
-        speed = False
     if speed:
         speed_data = measure_speed(model, adapter, plan.decode_predictors(), device=device, dtype=dtype,
                                    batch_sizes=batch_sizes, decode_tokens=rt.decode_tokens, warmup=rt.warmup,

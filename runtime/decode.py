@@ -101,18 +101,31 @@ class FoldedPredictor:
     # exact-up MLP: the predictor only scores; the layer selects once up is known (logits [B, n])
     scores_only: bool = False
     logits: torch.Tensor | None = None
+    # score thresholds (runtime/score_thresholds.py): the units scored above this threshold, however many;
+    # then out has room for every unit, count [1] int32 says how many lead it (the kernels read it on the
+    # device) and tally [2] int64 sums (count, calls) so a timing knows the rows it really read
+    score_threshold: float | None = None
+    count: torch.Tensor | None = None
+    tally: torch.Tensor | None = None
 
     @classmethod
-    def fold(cls, pred: LowRankPredictor, k: int, source_layer: int, device, dtype) -> FoldedPredictor:
+    def fold(cls, pred: LowRankPredictor, k: int, source_layer: int, device, dtype,
+             score_threshold: float | None = None, tally: torch.Tensor | None = None) -> FoldedPredictor:
         w1 = pred.w1.detach().double() * pred.input_scale.detach().double()[None, :]
         b1 = pred.b1.detach().double() - w1 @ pred.input_mean.detach().double()
         cast = dict(device=device, dtype=dtype)
+        n = pred.w2.shape[0]
+        # a valid selection from the start (random units, ascending): the "static" mode reads it
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(k))
+        out = order[:k].sort().values
+        count = None
+        if score_threshold is not None:  # room for every unit; the first k hold the starting selection
+            out = torch.cat([out, order[k:].sort().values])
+            count = torch.tensor([k], dtype=torch.int32, device=device)
+            tally = tally if tally is not None else torch.zeros(2, dtype=torch.int64, device=device)
         return cls(w1.to(**cast).contiguous(), b1.to(**cast), pred.w2.detach().to(**cast).contiguous(),
-                   pred.b2.detach().to(**cast), pred.activation == "relu", k, source_layer,
-                   # a valid selection from the start (random units, ascending): the "static" mode reads it
-                   torch.randperm(pred.w2.shape[0], generator=torch.Generator().manual_seed(k))[:k].sort().values
-                   .to(device),
-                   _topk_workspace(pred.w2.shape[0], dtype, device))
+                   pred.b2.detach().to(**cast), pred.activation == "relu", k, source_layer, out.to(device),
+                   _topk_workspace(n, dtype, device), score_threshold=score_threshold, count=count, tally=tally)
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """The unfused path: two matmuls (scores in memory), then the single-program top-k."""
@@ -121,7 +134,11 @@ class FoldedPredictor:
             return self.select_from_hidden(h)
         if self.relu:
             h = torch.relu(h)
-        ops.select_topk(torch.addmm(self.b2, h, self.w2.T), self.out)
+        scores = torch.addmm(self.b2, h, self.w2.T)
+        if self.score_threshold is not None:
+            ops.select_above(scores, self.score_threshold, self.out, self.count, self.tally, self.workspace[0])
+        else:
+            ops.select_topk(scores, self.out)
         return self.out
 
     def select_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
@@ -130,8 +147,20 @@ class FoldedPredictor:
         if self.scores_only:
             self.logits = torch.addmm(self.b2, torch.relu(h) if self.relu else h, self.w2.T)
             return self.out
+        if self.score_threshold is not None:
+            ops.predict_above(h, self.w2, self.b2, self.relu, self.score_threshold, self.out, self.count, self.tally,
+                              self.workspace[0])
+            return self.out
         ops.predict_select(h, self.w2, self.b2, self.relu, self.out, *self.workspace)
         return self.out
+
+    def rows_read(self) -> float:
+        """Units a step computes: k, or with score thresholds the mean count since the tally was last zeroed
+        (k before any call). Reads the tally on the host."""
+        if self.score_threshold is None:
+            return self.k
+        kept, calls = self.tally.tolist()
+        return kept / calls if calls else self.k
 
     @property
     def nbytes(self) -> int:
@@ -228,6 +257,7 @@ class PendingSelection:
     chain: list  # the group's PendingSelections, in side-stream order
     position: int
     joined: bool = False
+    count: torch.Tensor | None = None  # score thresholds: how many entries of idx are the selection
 
     def join(self) -> None:
         if self.event is None or self.joined:
@@ -407,6 +437,7 @@ class DecodeModel:
             raise DejavuError(f"skip_kv is not supported for {model_type} models (q/k normalised per head); "
                               "compute k/v for every head instead")
         self.predictors = None
+        self.mlp_tally = None  # [layers, 2]: score thresholds' (rows kept, calls), set by attach_predictors
         # None: one-stage; else the predictors' candidate density (attach_predictors reads it)
         self.mlp_candidate_density = mlp_candidate_density
         # None: the predictor selects; else exact-up selection with this weight (attach_predictors reads it)
@@ -532,11 +563,16 @@ class DecodeModel:
             return
         if len(predictors.layers) != len(self.layers):
             raise DejavuError(f"predictors cover {len(predictors.layers)} layers, the model has {len(self.layers)}")
-        if predictors.mlp_score_thresholds is not None and self.thresholds is None:
-            raise DejavuError("these predictors select MLP neurons by score thresholds, a count that varies per token; "
-                              "the decode loop needs a fixed k (CUDA graphs): use the hooks engine, or set "
-                              "predictors.mlp_score_thresholds = None for their top-k")
         cand, up_weight = self.mlp_candidate_density, self.mlp_up_weight
+        # magnitude thresholds run the MLP without predictors: score thresholds then do not apply
+        score_thresholds = predictors.mlp_score_thresholds if self.thresholds is None else None
+        if score_thresholds is not None:
+            if cand is not None or up_weight is not None:
+                raise DejavuError("MLP score thresholds are an MLP rule of their own: not with mlp_candidate_density "
+                                  "(two-stage) or mlp_up_weight (exact up)")
+            if len(score_thresholds) != len(self.layers):
+                raise DejavuError(f"{len(score_thresholds)} MLP score thresholds for {len(self.layers)} layers")
+        self.mlp_tally = torch.zeros(len(self.layers), 2, dtype=torch.int64, device=self.device)
         if cand is not None and not 0.0 < cand <= 1.0:
             raise DejavuError(f"mlp_candidate_density must be in (0, 1], got {cand}")
         if up_weight is not None:
@@ -557,7 +593,14 @@ class DecodeModel:
                     lw.mlp_final = TwoStageMLP.build(k_mlp, k_first, self.device, self.dtype)
                 if k_first < self.n:  # all candidates (density 1): no predictor, exact top-k of all
                     src = i if predictors.mlp_pairing == "current" else max(i - 1, 0)
-                    lw.mlp_pred = FoldedPredictor.fold(lp.mlp, k_first, src, self.device, self.dtype)
+                    threshold = None
+                    if score_thresholds is not None:
+                        threshold = score_thresholds[i]
+                        if threshold is None or not math.isfinite(threshold):
+                            raise DejavuError(f"layer {i} runs a sparse MLP (density {lp.mlp_density:g}) but its "
+                                              f"score threshold is {threshold}: calibrate at these densities")
+                    lw.mlp_pred = FoldedPredictor.fold(lp.mlp, k_first, src, self.device, self.dtype,
+                                                       score_threshold=threshold, tally=self.mlp_tally[i])
                     if up_weight is not None:
                         lw.mlp_pred.scores_only = True
                         # fp16 keys: two fewer top-k passes between up and gate (the critical path)
@@ -727,7 +770,7 @@ class DecodeModel:
                 if side:
                     done = torch.cuda.Event()
                     done.record(self.pred_stream)
-                chain.append(PendingSelection(pred.out, done, chain, len(chain)))
+                chain.append(PendingSelection(pred.out, done, chain, len(chain), count=pred.count))
                 (mlp if kind == "mlp" else heads)[j] = chain[-1]
 
     @staticmethod
@@ -737,6 +780,12 @@ class DecodeModel:
             return None
         entry.join()
         return entry.idx
+
+    @staticmethod
+    def _count(table: dict, layer: int) -> torch.Tensor | None:
+        """The count of a taken selection (score thresholds), or None for a fixed k."""
+        entry = table.get(layer)
+        return None if entry is None else entry.count
 
     @torch.no_grad()
     def step(self, st: DecodeState, sparse: bool) -> torch.Tensor:
@@ -865,6 +914,7 @@ class DecodeModel:
     def _mlp(self, st: DecodeState, i: int, lw: LayerWeights, mlp_sel: dict, sparse: bool) -> None:
         """The selected neurons' rows of gate, up and down^T only (all rows without a selection)."""
         xn, acc = st.xn, st.acc
+        count = self._count(mlp_sel, i) if sparse else None  # score thresholds: idx[:count] selected
         if lw.up is not None:  # a plain MLP (OPT): act(up x + b) for the selected rows, then down^T over them
             midx = self._take(mlp_sel, i)
             if midx is None and self.dense_impl == "triton":  # dense through the sparse kernels, all rows
@@ -873,8 +923,8 @@ class DecodeModel:
                 a = reference.apply_activation(F.linear(xn, lw.up, lw.up_bias).float(), self.act).to(xn.dtype)
                 self._after_mlp(st, i, lw, a @ lw.down_t, False)
                 return
-            ops.gather_vecmat_acc(ops.gather_matvec(xn, lw.up, midx, 1, None, self.act, bias=lw.up_bias), lw.down_t,
-                                  midx, 1, acc)
+            ops.gather_vecmat_acc(ops.gather_matvec(xn, lw.up, midx, 1, None, self.act, bias=lw.up_bias, count=count),
+                                  lw.down_t, midx, 1, acc, count=count)
             self._after_mlp(st, i, lw, acc, True)
             return
         if sparse and self.thresholds is not None:
@@ -907,7 +957,7 @@ class DecodeModel:
         if midx is None and self.dense_impl == "triton" and lw.gate_up is not None:  # (thresholds: transposed)
             midx = self.all_neurons
         if midx is not None:
-            ops.sparse_mlp_acc(xn, lw.gate_up[0], lw.gate_up[1], lw.down_t, midx, self.act, acc)
+            ops.sparse_mlp_acc(xn, lw.gate_up[0], lw.gate_up[1], lw.down_t, midx, self.act, acc, count)
             self._after_mlp(st, i, lw, acc, True)
         else:
             a = ops.act_mul(self._dense_gate_up(lw, xn), self.act)
@@ -923,12 +973,26 @@ class DecodeModel:
         return out
 
     # --- byte accounting -------------------------------------------------------------------------------
+    def reset_mlp_tally(self) -> None:
+        """Start counting the MLP rows score-threshold selections keep (see rows_read)."""
+        if self.mlp_tally is not None:
+            self.mlp_tally.zero_()
+
+    def mlp_share_read(self) -> float | None:
+        """With score thresholds: the share of MLP neurons the selections since reset_mlp_tally kept, averaged
+        over the layers (dense layers count 1); None for a fixed k."""
+        if not any(lw.mlp_pred is not None and lw.mlp_pred.score_threshold is not None for lw in self.layers):
+            return None
+        shares = [lw.mlp_pred.rows_read() / self.n if lw.mlp_pred is not None else 1.0 for lw in self.layers]
+        return sum(shares) / len(shares)
+
     def step_bytes(self, batch: int, context: int, sparse: bool) -> dict:
         """Bytes one decode step reads from memory: weights (selected rows only when sparse; two-stage:
         gate/up rows of the candidates, down^T rows of the final set; exact-up: every up row, gate and
         down^T rows of the selection; skip_kv: k/v rows of the read KV groups only, plus the stored
         attention input, while the rare lazy fills of skipped positions are not counted; OLMo 2: every q
-        head's rows, since q is normalised over all heads; MLP thresholds:
+        head's rows, since q is normalised over all heads; MLP score thresholds: the mean count of the steps
+        since reset_mlp_tally, rounded up to whole rows by nothing (a mean); MLP thresholds:
         the shares they were calibrated to keep, per sequence, while at batch > 1 the union of the
         sequences' rows is read), predictors, the KV cache over `context` positions (a sliding window's at
         most), the lm_head and one
@@ -937,7 +1001,7 @@ class DecodeModel:
         d, hd = self.d, self.hd
         weights = preds = cache = 0
         for i, lw in enumerate(self.layers):
-            gate_rows = lw.mlp_pred.k if (sparse and lw.mlp_pred is not None) else self.n
+            gate_rows = lw.mlp_pred.rows_read() if (sparse and lw.mlp_pred is not None) else self.n
             up_rows = self.n if (sparse and lw.up_workspace is not None) else gate_rows
             down_rows = lw.mlp_final.k if (sparse and lw.mlp_final is not None) else gate_rows
             if sparse and self.thresholds is not None:  # the shares the thresholds were set to keep

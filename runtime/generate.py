@@ -206,9 +206,7 @@ class SparseModel:
         loop_ok = model_type in SUPPORTED_MODEL_TYPES and plan.decode_loop_note is None and not sparse_prefill
         if engine == "decode-loop" and not loop_ok:
             why = (f"{model_type!r} models" if model_type not in SUPPORTED_MODEL_TYPES else
-                   "oracle selection" if plan.selection == "oracle" else
-                   "MLP score thresholds (it selects a fixed number of neurons)"
-                   if plan.mlp_score_thresholds is not None else "sparse prefill")
+                   "oracle selection" if plan.selection == "oracle" else "sparse prefill")
             raise DejavuError(f"the decode loop does not run {why}; use engine 'hooks' (or 'auto')")
         self.engine = engine if engine != "auto" else ("decode-loop" if loop_ok else "hooks")
         self._auto = engine == "auto"

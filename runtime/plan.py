@@ -38,10 +38,6 @@ class SparsePlan:
         if self.selection == "oracle":
             return ("the decode loop has no oracle selection (it needs the dense activations first); the reference "
                     "runtime computes it")
-        if self.mlp_score_thresholds is not None:
-            return ("the decode loop selects a fixed number of MLP neurons per layer (CUDA graphs need fixed shapes); "
-                    "MLP score thresholds run in the reference runtime only (--mlp-selection topk times the bundle's "
-                    "top-k)")
         return None
 
     @property
@@ -63,7 +59,9 @@ class SparsePlan:
         """The predictors at the densities the decode loop should run (flags applied to every layer)."""
         if self.predictors is None:
             return None
-        return self.predictors.with_densities(self.mlp_density_flag, self.head_density_flag)
+        use = self.predictors.with_densities(self.mlp_density_flag, self.head_density_flag)
+        use.mlp_score_thresholds = self.mlp_score_thresholds  # set for these densities (or None: top-k)
+        return use
 
     def decode_model(self, model, adapter, device, dtype, max_len: int):
         """The graph-capturable decode loop (runtime/decode.py) for this plan."""

@@ -149,6 +149,8 @@ MIN_BAG_BYTES = 1 << 18
 def gather_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor, unit: int,
                       acc: torch.Tensor) -> None:
     rows = expand_rows(idx, unit)
+    if rows.numel() == 0:  # nothing selected (score thresholds above every score): nothing to add
+        return
     if h.device.type == "cpu" and wt.dtype == h.dtype:
         # A weighted sum of selected rows without copying them: each batch row's rows split into
         # bags (enough to occupy every thread), whose partial sums are then added.
@@ -218,6 +220,13 @@ def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest per-unit maxima over the batch, ascending (rows then stream in order)."""
     s = scores.amax(0) if scores.shape[0] > 1 else scores[0]
     return torch.topk(s.float(), k, sorted=False).indices.sort().values
+
+
+def select_above(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Indices of the units whose per-unit max over the batch is above threshold, ascending (score
+    thresholds: a unit any sequence keeps). Compared in the scores' dtype, as runtime.apply compares."""
+    s = scores.amax(0) if scores.shape[0] > 1 else scores[0]
+    return (s > threshold).nonzero().flatten()
 
 
 def exact_up_scores(up: torch.Tensor, logits: torch.Tensor | None, weight: float) -> torch.Tensor:

@@ -138,8 +138,12 @@ def batch_figures(dm: DecodeModel, batch: int, decode_tokens: int, warmup: int, 
     }
     row["dense_over_floor"] = dense_ms / row["dense_floor_ms"]
     if with_sparse and (dm.predictors is not None or dm.thresholds is not None):
+        dm.reset_mlp_tally()  # score thresholds: the bytes below count the rows these steps really kept
         sparse_ms = decode_ms_per_token(dm, batch, True, decode_tokens, warmup, prompt_len=prompt_len)
         sb = dm.step_bytes(batch, context, sparse=True)
+        share = dm.mlp_share_read()
+        if share is not None:
+            row["sparse_mlp_share_read"] = share
         pred = predictor_ms(dm, batch)
         row.update({
             "sparse_ms_per_token": sparse_ms,
@@ -229,6 +233,9 @@ def _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode
         "prompt_len": prompt_len,
         "decode_tokens": decode_tokens,
         "warmup": warmup,
-        "batch_selection": "top-k of the per-unit max score over the batch (fixed k per layer)",
+        "batch_selection": "top-k of the per-unit max score over the batch (fixed k per layer)"
+        if predictors is None or predictors.mlp_score_thresholds is None else
+        "MLP: the units any sequence of the batch scores above the layer's threshold (the count varies per step: "
+        "sparse_mlp_share_read is its mean over the timed decode); heads: top-k of the per-unit max score",
         "kv_for_all_heads": not skip_kv,
     }

@@ -48,19 +48,33 @@ def _triton():
     return triton_kernels
 
 
+def _counted(idx: Tensor, count: Tensor | None) -> Tensor:
+    """The selection a count-carrying index buffer holds (score thresholds): its first `count` entries.
+    Reads the count on the host: the eager CPU path only (CUDA kernels read it on the device)."""
+    return idx if count is None else idx[:int(count)]
+
+
 @_custom_op("dejavu::gather_matvec", mutates_args=())
 def gather_matvec(x: Tensor, w: Tensor, idx: Tensor, unit: int, gate: Tensor | None, act: int,
-                  tail: int = 0, bias: Tensor | None = None, workspace: Tensor | None = None) -> Tensor:
-    return reference.gather_matvec(x, w, idx, unit, gate, act, tail, bias)
+                  tail: int = 0, bias: Tensor | None = None, workspace: Tensor | None = None,
+                  count: Tensor | None = None) -> Tensor:
+    """act(x @ w[rows].T) (times x @ gate[rows].T when gated); count (unit 1, no tail): only idx[:count] is
+    selected, and the output's later columns are zero here, unwritten on CUDA (no consumer reads them)."""
+    if count is None:
+        return reference.gather_matvec(x, w, idx, unit, gate, act, tail, bias)
+    out = x.new_zeros(x.shape[0], idx.shape[0])
+    kept = _counted(idx, count)
+    out[:, :kept.numel()] = reference.gather_matvec(x, w, kept, unit, gate, act, tail, bias)
+    return out
 
 
 @gather_matvec.register_kernel("cuda")
-def _(x, w, idx, unit, gate, act, tail=0, bias=None, workspace=None):
-    return _triton().gather_matvec(x, w, idx, unit, gate, act, tail, bias=bias, workspace=workspace)
+def _(x, w, idx, unit, gate, act, tail=0, bias=None, workspace=None, count=None):
+    return _triton().gather_matvec(x, w, idx, unit, gate, act, tail, bias=bias, workspace=workspace, count=count)
 
 
 @gather_matvec.register_fake
-def _(x, w, idx, unit, gate, act, tail=0, bias=None, workspace=None):
+def _(x, w, idx, unit, gate, act, tail=0, bias=None, workspace=None, count=None):
     return x.new_empty(x.shape[0], idx.shape[0] * unit + tail)
 
 
@@ -73,41 +87,92 @@ def split_workspace(device, rows: int) -> Tensor | None:
 
 
 @_custom_op("dejavu::gather_vecmat_acc", mutates_args=("acc",))
-def gather_vecmat_acc(h: Tensor, wt: Tensor, idx: Tensor, unit: int, acc: Tensor, scale: Tensor | None = None) -> None:
-    """acc += h @ wt[rows of idx]; scale [B, n] (unit 1): h[:, j] is first multiplied by scale[:, idx[j]]."""
+def gather_vecmat_acc(h: Tensor, wt: Tensor, idx: Tensor, unit: int, acc: Tensor, scale: Tensor | None = None,
+                      count: Tensor | None = None) -> None:
+    """acc += h @ wt[rows of idx]; scale [B, n] (unit 1): h[:, j] is first multiplied by scale[:, idx[j]];
+    count (unit 1): only idx[:count] and h's first count columns."""
+    if count is not None:
+        idx = _counted(idx, count)
+        h = h[:, :idx.numel()]
     if scale is not None:
         h = (h.float() * scale.index_select(1, idx).float()).to(h.dtype)
     reference.gather_vecmat_acc(h, wt, idx, unit, acc)
 
 
 @gather_vecmat_acc.register_kernel("cuda")
-def _(h, wt, idx, unit, acc, scale=None):
-    _triton().gather_vecmat_acc(h, wt, idx, unit, acc, scale=scale)
+def _(h, wt, idx, unit, acc, scale=None, count=None):
+    _triton().gather_vecmat_acc(h, wt, idx, unit, acc, scale=scale, count=count)
 
 
 @gather_vecmat_acc.register_fake
-def _(h, wt, idx, unit, acc, scale=None):
+def _(h, wt, idx, unit, acc, scale=None, count=None):
     return None
 
 
 @_custom_op("dejavu::sparse_mlp_acc", mutates_args=("acc",))
-def sparse_mlp_acc(x: Tensor, gate: Tensor, up: Tensor, down_t: Tensor, idx: Tensor, act: int, acc: Tensor) -> None:
-    """acc += (act(x @ gate[idx].T) * (x @ up[idx].T)) @ down_t[idx]: the MLP of the selected neurons.
-    On CUDA one launch at batch 1 (sparse_mlp_gemv), the two gather kernels at larger batches."""
+def sparse_mlp_acc(x: Tensor, gate: Tensor, up: Tensor, down_t: Tensor, idx: Tensor, act: int, acc: Tensor,
+                   count: Tensor | None = None) -> None:
+    """acc += (act(x @ gate[idx].T) * (x @ up[idx].T)) @ down_t[idx]: the MLP of the selected neurons
+    (count: of idx[:count]). On CUDA one launch at batch 1 (sparse_mlp_gemv), the two gather kernels at
+    larger batches."""
+    idx = _counted(idx, count)
     reference.gather_vecmat_acc(reference.gather_matvec(x, up, idx, 1, gate, act), down_t, idx, 1, acc)
 
 
 @sparse_mlp_acc.register_kernel("cuda")
-def _(x, gate, up, down_t, idx, act, acc):
+def _(x, gate, up, down_t, idx, act, acc, count=None):
     t = _triton()
     if x.shape[0] == 1 and t.FUSED_MLP and t.fused_mlp_fits(x.shape[1]):
-        t.sparse_mlp_gemv(x, gate, up, down_t, idx, act, acc)
+        t.sparse_mlp_gemv(x, gate, up, down_t, idx, act, acc, count=count)
     else:
-        t.gather_vecmat_acc(t.gather_matvec(x, up, idx, 1, gate, act), down_t, idx, 1, acc)
+        t.gather_vecmat_acc(t.gather_matvec(x, up, idx, 1, gate, act, count=count), down_t, idx, 1, acc,
+                            count=count)
 
 
 @sparse_mlp_acc.register_fake
-def _(x, gate, up, down_t, idx, act, acc):
+def _(x, gate, up, down_t, idx, act, acc, count=None):
+    return None
+
+
+def _write_above(scores: Tensor, threshold: float, out: Tensor, count: Tensor, tally: Tensor) -> None:
+    kept = reference.select_above(scores, threshold)
+    out[:kept.numel()] = kept
+    count.fill_(kept.numel())
+    tally += torch.tensor([kept.numel(), 1], dtype=tally.dtype, device=tally.device)
+
+
+@_custom_op("dejavu::select_above", mutates_args=("out", "count", "tally", "keys"))
+def select_above(scores: Tensor, threshold: float, out: Tensor, count: Tensor, tally: Tensor, keys: Tensor) -> None:
+    """Score thresholds: out[:count] = ascending units whose batch-max score is above threshold (compared in
+    the scores' dtype), count [1] int32 their number, tally [2] int64 += (count, 1); keys: int32 scratch [n]
+    of the CUDA kernels. out has room for every unit; entries past count are stale."""
+    _write_above(scores, threshold, out, count, tally)
+
+
+@select_above.register_kernel("cuda")
+def _(scores, threshold, out, count, tally, keys):
+    _triton().select_above(scores, threshold, out, count, tally, keys)
+
+
+@select_above.register_fake
+def _(scores, threshold, out, count, tally, keys):
+    return None
+
+
+@_custom_op("dejavu::predict_above", mutates_args=("out", "count", "tally", "keys"))
+def predict_above(h: Tensor, w2: Tensor, b2: Tensor, relu: bool, threshold: float, out: Tensor, count: Tensor,
+                  tally: Tensor, keys: Tensor) -> None:
+    """A predictor's second layer and select_above of its scores (in h's dtype), the scores never written on CUDA."""
+    _write_above(torch.nn.functional.linear(torch.relu(h) if relu else h, w2, b2), threshold, out, count, tally)
+
+
+@predict_above.register_kernel("cuda")
+def _(h, w2, b2, relu, threshold, out, count, tally, keys):
+    _triton().predict_above(h, w2, b2, relu, threshold, out, count, tally, keys)
+
+
+@predict_above.register_fake
+def _(h, w2, b2, relu, threshold, out, count, tally, keys):
     return None
 
 

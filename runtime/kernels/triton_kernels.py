@@ -99,12 +99,17 @@ def _activation(x, ACT: tl.constexpr):
 # gather_matvec: y[b, j] = act(x[b] . gate[r_j]) * (x[b] . w[r_j])   (or act(x[b] . w[r_j]) ungated)
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _gather_gemv_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, bias_ptr, D, NROWS, NSEL, TAIL_START, stride_w,
-                        UNIT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+def _gather_gemv_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, bias_ptr, nsel_ptr, D, NROWS, NSEL, TAIL_START,
+                        stride_w, UNIT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                        HAS_BIAS: tl.constexpr = False, PDL: tl.constexpr = False):
+                        HAS_BIAS: tl.constexpr = False, HAS_COUNT: tl.constexpr = False, PDL: tl.constexpr = False):
     _grid_dependency(PDL)
     pid = tl.program_id(0)
+    if HAS_COUNT:  # the first *nsel_ptr entries of idx are the selection (no tail); the grid covers all of idx
+        NSEL = tl.load(nsel_ptr)
+        NROWS = NSEL
+        if pid * BLOCK_R >= NSEL:
+            return
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < NROWS
     sel = offs_r < NSEL
@@ -140,14 +145,19 @@ def _gather_gemv_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, bias_ptr, D, NROW
 
 
 @triton.jit
-def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, part_ptr, count_ptr, bias_ptr, B, D, D_PER_SPLIT,
-                        NROWS, NSEL, TAIL_START, stride_xb, stride_w, stride_ob, stride_pb, stride_pp,
+def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, part_ptr, count_ptr, bias_ptr, nsel_ptr, B, D,
+                        D_PER_SPLIT, NROWS, NSEL, TAIL_START, stride_xb, stride_w, stride_ob, stride_pb, stride_pp,
                         UNIT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                         B_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                         PRECISION: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr = False,
-                        PDL: tl.constexpr = False):
+                        HAS_COUNT: tl.constexpr = False, PDL: tl.constexpr = False):
     _grid_dependency(PDL)
     pid = tl.program_id(0)
+    if HAS_COUNT:  # as in _gather_gemv_kernel; a row block wholly past the count is skipped by all its splits
+        NSEL = tl.load(nsel_ptr)
+        NROWS = NSEL
+        if pid * BLOCK_R >= NSEL:
+            return
     d_start = tl.program_id(1) * D_PER_SPLIT
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < NROWS
@@ -252,10 +262,12 @@ def gemv_config(nrows: int, sms: int) -> tuple[int, int, int]:
 def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int = 1,
                   gate: torch.Tensor | None = None, act: int = 0, tail: int = 0,
                   config: tuple | None = None, bias: torch.Tensor | None = None,
-                  workspace: torch.Tensor | None = None) -> torch.Tensor:
+                  workspace: torch.Tensor | None = None, count: torch.Tensor | None = None) -> torch.Tensor:
     """Rows idx (x unit) of w, then its last `tail` rows (q of the selected heads + all of k, v); bias
     (not with gate): w's bias, one value per row of w, each read row's added in fp32 before the activation;
-    workspace: the caller's split_workspace (default: one shared per device, for the main stream)."""
+    workspace: the caller's split_workspace (default: one shared per device, for the main stream);
+    count (int32 [1], unit 1, no tail): only idx[:count] is selected, output columns past it are not written."""
+    assert count is None or (unit == 1 and tail == 0 and count.dtype == torch.int32)
     batch, d = x.shape
     nsel = idx.numel() * unit
     nrows = nsel + tail
@@ -271,9 +283,10 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int
         block_r, block_d, warps = gemv_config(nrows, _sms(x))
         block_d = min(block_d, triton.next_power_of_2(d))
         grid = (triton.cdiv(nrows, block_r),)
-        _gather_gemv_kernel[grid](x, w, g, idx, out, out if bias is None else bias, d, nrows, nsel, tail_start, w.stride(0), UNIT=unit, GATED=gate is not None,
+        _gather_gemv_kernel[grid](x, w, g, idx, out, out if bias is None else bias, idx if count is None else count,
+                                  d, nrows, nsel, tail_start, w.stride(0), UNIT=unit, GATED=gate is not None,
                                   ACT=act, BLOCK_R=block_r, BLOCK_D=block_d, EVEN_D=d % block_d == 0,
-                                  HAS_BIAS=bias is not None, num_warps=warps, **_pdl(x))
+                                  HAS_BIAS=bias is not None, HAS_COUNT=count is not None, num_warps=warps, **_pdl(x))
         return out
     assert batch <= DOT_BATCH, f"batch {batch} > {DOT_BATCH}"
     # measured (bench/mlp_kernel.py, H100): 32x128 tiles, with d split over programs when few rows are
@@ -290,11 +303,13 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int
     else:
         part, counts = out, idx
     grid = (triton.cdiv(nrows, block_r), splits)
-    _gather_gemm_kernel[grid](x, w, g, idx, out, part, counts, out if bias is None else bias, batch, d, d_per_split, nrows, nsel, tail_start, x.stride(0),
-                              w.stride(0), out.stride(0), part.stride(-2), part.stride(0) if splits > 1 else 0,
+    _gather_gemm_kernel[grid](x, w, g, idx, out, part, counts, out if bias is None else bias,
+                              idx if count is None else count, batch, d, d_per_split, nrows, nsel, tail_start,
+                              x.stride(0), w.stride(0), out.stride(0), part.stride(-2),
+                              part.stride(0) if splits > 1 else 0,
                               UNIT=unit, GATED=gate is not None, ACT=act, B_PAD=DOT_BATCH, BLOCK_R=block_r,
                               BLOCK_D=block_d, PRECISION=_precision(x), SPLIT=splits > 1, HAS_BIAS=bias is not None,
-                              num_warps=warps, num_stages=3, **_pdl(x))
+                              HAS_COUNT=count is not None, num_warps=warps, num_stages=3, **_pdl(x))
     return out
 
 
@@ -302,11 +317,15 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int
 # gather_vecmat_acc: acc[b, :] += sum_j h[b, j] * wt[r_j, :]
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _gather_vecmat_kernel(h_ptr, wt_ptr, idx_ptr, acc_ptr, scale_ptr, B, D, NROWS, ROWS_PER_SPLIT, stride_hb,
-                          stride_w, stride_ab, stride_sb, UNIT: tl.constexpr, B_PAD: tl.constexpr,
+def _gather_vecmat_kernel(h_ptr, wt_ptr, idx_ptr, acc_ptr, scale_ptr, nsel_ptr, B, D, NROWS, ROWS_PER_SPLIT,
+                          stride_hb, stride_w, stride_ab, stride_sb, UNIT: tl.constexpr, B_PAD: tl.constexpr,
                           USE_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PRECISION: tl.constexpr, SCALE: tl.constexpr = False, PDL: tl.constexpr = False):
+                          PRECISION: tl.constexpr, SCALE: tl.constexpr = False, HAS_COUNT: tl.constexpr = False,
+                          PDL: tl.constexpr = False):
     _grid_dependency(PDL)
+    if HAS_COUNT:  # only the first *nsel_ptr rows of idx: shared equally by the splits the grid has
+        NROWS = tl.load(nsel_ptr)
+        ROWS_PER_SPLIT = tl.cdiv(tl.cdiv(NROWS, tl.num_programs(1)), BLOCK_R) * BLOCK_R
     # SCALE (UNIT 1): h[b, j] is first multiplied by scale[b, idx[j]] (rounded to h's dtype, as a
     # separate multiply would); exact-up passes up's full output so its gathered copy is never written
     pid_d = tl.program_id(0)
@@ -357,7 +376,10 @@ def vecmat_config(batch: int, nrows: int, d: int, sms: int) -> tuple[int, int, i
 
 
 def gather_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor, unit: int, acc: torch.Tensor,
-                      config: tuple | None = None, scale: torch.Tensor | None = None) -> None:
+                      config: tuple | None = None, scale: torch.Tensor | None = None,
+                      count: torch.Tensor | None = None) -> None:
+    """acc += h @ wt[rows of idx]; count (int32 [1], unit 1): only the first count rows of idx and columns of h."""
+    assert count is None or (unit == 1 and count.dtype == torch.int32)
     batch, nrows = h.shape
     d = wt.shape[1]
     assert nrows == idx.numel() * unit and acc.dtype == torch.float32 and acc.stride(1) == 1
@@ -372,21 +394,25 @@ def gather_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor, unit
     rows_per_split = triton.cdiv(triton.cdiv(nrows, splits), block_r) * block_r
     splits = triton.cdiv(nrows, rows_per_split)
     grid = (triton.cdiv(d, block_d), splits)
-    _gather_vecmat_kernel[grid](h, wt, idx, acc, h if scale is None else scale, batch, d, nrows, rows_per_split,
+    _gather_vecmat_kernel[grid](h, wt, idx, acc, h if scale is None else scale, idx if count is None else count,
+                                batch, d, nrows, rows_per_split,
                                 h.stride(0), wt.stride(0), acc.stride(0), 0 if scale is None else scale.stride(0),
                                 UNIT=unit, B_PAD=DOT_BATCH if use_dot else 1, USE_DOT=use_dot, BLOCK_R=block_r,
-                                BLOCK_D=block_d, PRECISION=_precision(h), SCALE=scale is not None, num_warps=warps,
-                                **_pdl(h))
+                                BLOCK_D=block_d, PRECISION=_precision(h), SCALE=scale is not None,
+                                HAS_COUNT=count is not None, num_warps=warps, **_pdl(h))
 
 
 # ------------------------------------------------------------------------------------------------
 # sparse_mlp_gemv: acc[0, :] += sum_j (act(x . gate[r_j]) * (x . up[r_j])) * down_t[r_j, :]   (batch 1)
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _sparse_mlp_gemv_kernel(x_ptr, gate_ptr, up_ptr, down_t_ptr, idx_ptr, acc_ptr, D, NSEL, ROWS_PER_PROGRAM,
-                            stride_w, stride_dw, ACT: tl.constexpr, BLOCK_R: tl.constexpr, D_PAD: tl.constexpr,
-                            PDL: tl.constexpr = False):
+def _sparse_mlp_gemv_kernel(x_ptr, gate_ptr, up_ptr, down_t_ptr, idx_ptr, acc_ptr, nsel_ptr, D, NSEL,
+                            ROWS_PER_PROGRAM, stride_w, stride_dw, ACT: tl.constexpr, BLOCK_R: tl.constexpr,
+                            D_PAD: tl.constexpr, HAS_COUNT: tl.constexpr = False, PDL: tl.constexpr = False):
     _grid_dependency(PDL)
+    if HAS_COUNT:  # a count known only on the device (score thresholds): equal shares of it per program
+        NSEL = tl.load(nsel_ptr)
+        ROWS_PER_PROGRAM = tl.cdiv(NSEL, tl.num_programs(0))
     # A program owns whole neurons: it reads their gate, up and down^T rows in one go (all three
     # addresses are known from idx, so the loads overlap), keeps the output row in registers, and adds
     # it into acc once. One launch and no intermediate, where the two-kernel path pays two ramps and
@@ -435,10 +461,12 @@ def fused_mlp_fits(d: int) -> bool:
 
 
 def sparse_mlp_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down_t: torch.Tensor, idx: torch.Tensor,
-                    act: int, acc: torch.Tensor, config: tuple | None = None) -> None:
-    """acc += (act(x @ gate[idx].T) * (x @ up[idx].T)) @ down_t[idx], for one sequence (x: [1, d])."""
+                    act: int, acc: torch.Tensor, config: tuple | None = None, count: torch.Tensor | None = None) -> None:
+    """acc += (act(x @ gate[idx].T) * (x @ up[idx].T)) @ down_t[idx], for one sequence (x: [1, d]);
+    count (int32 [1]): only idx[:count], the programs sized for all of idx and sharing the count equally."""
     batch, d = x.shape
     nsel = idx.numel()
+    assert count is None or count.dtype == torch.int32
     assert batch == 1 and acc.shape == (1, d) and acc.dtype == torch.float32 and acc.stride(1) == 1
     assert x.stride(1) == 1 and gate.stride() == up.stride() and gate.stride(1) == 1 and down_t.stride(1) == 1
     assert gate.dtype == up.dtype == down_t.dtype == x.dtype and down_t.shape[1] == d and fused_mlp_fits(d)
@@ -447,9 +475,12 @@ def sparse_mlp_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down_
     block_r, warps, programs = config or sparse_mlp_config(nsel, d, _sms(x))
     rows_per_program = triton.cdiv(nsel, programs)
     grid = (triton.cdiv(nsel, rows_per_program),)
-    _sparse_mlp_gemv_kernel[grid](x, gate, up, down_t, idx, acc, d, nsel, rows_per_program, gate.stride(0),
-                                  down_t.stride(0), ACT=act, BLOCK_R=block_r, D_PAD=triton.next_power_of_2(d),
-                                  num_warps=warps, **_pdl(x))
+    if count is not None:
+        grid = (programs,)
+    _sparse_mlp_gemv_kernel[grid](x, gate, up, down_t, idx, acc, idx if count is None else count, d, nsel,
+                                  rows_per_program, gate.stride(0), down_t.stride(0), ACT=act, BLOCK_R=block_r,
+                                  D_PAD=triton.next_power_of_2(d), HAS_COUNT=count is not None, num_warps=warps,
+                                  **_pdl(x))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1191,7 +1222,7 @@ def _topk_keys_kernel(src_ptr, w2_ptr, b2_ptr, keys_ptr, hist_ptr, out_ptr, B, N
                       B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, KEY_BITS: tl.constexpr,
                       LEVELS: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
                       UPCAST: tl.constexpr, EXACT_UP: tl.constexpr = False, HAS_LOGITS: tl.constexpr = False,
-                      PDL: tl.constexpr = False):
+                      HIST: tl.constexpr = True, PDL: tl.constexpr = False):
     _grid_dependency(PDL)
     # EXACT_UP: src is up's output [B, N] and w2_ptr the predictor's logits (row stride stride_w); the
     # score log|up| + up_weight * logit is formed in fp32 and keyed in fp32 or, KEY_BITS 16, in fp16
@@ -1264,6 +1295,8 @@ def _topk_keys_kernel(src_ptr, w2_ptr, b2_ptr, keys_ptr, hist_ptr, out_ptr, B, N
             prefix = prefix * 256 + d
         thr = (prefix - (1 << (KEY_BITS - 1))).to(tl.int32)
         _emit_slice(key, offs_n, mask_n, thr, above, K, 0, 0, out_ptr)
+    elif not HIST:  # score thresholds: keys only, compared with a known threshold (_above_emit_kernel)
+        tl.store(keys_ptr + offs_n, key, mask=mask_n)
     else:
         tl.store(keys_ptr + offs_n, key, mask=mask_n)
         _, digit = _key_digit(key, 0, KEY_BITS)
@@ -1417,3 +1450,84 @@ def predict_select(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, relu: bo
                    out: torch.Tensor | None = None, ws: TopkWorkspace | None = None) -> torch.Tensor:
     """Top-k of relu?(h) @ w2.T + b2 (rounded to h's dtype; batch max per unit) without writing scores."""
     return _wide_topk(h, w2, b2, relu, w2.shape[0], k, out, ws)
+
+
+# ------------------------------------------------------------------------------------------------
+# score thresholds: the units whose batch-max score is above a fixed threshold, ascending, and their
+# count, both on the device. P1 is the wide top-k's keys pass (scores computed in place, never written);
+# the emit pass compacts each slice at the count of kept keys before it (re-read from L2), and the last
+# program writes the count, which the MLP kernels read (HAS_COUNT) so a CUDA graph replays any count.
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _above_emit_kernel(keys_ptr, out_ptr, count_ptr, tally_ptr, N, THR, BLOCK: tl.constexpr, SCAN: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    _grid_dependency(PDL)
+    pid = tl.program_id(0)
+    start = pid * BLOCK
+    kept = tl.zeros((SCAN,), dtype=tl.int32)
+    for c0 in range(0, start, SCAN):
+        o = c0 + tl.arange(0, SCAN)
+        before = o < start
+        kk = tl.load(keys_ptr + o, mask=before, other=0)
+        kept += ((kk > THR) & before).to(tl.int32)
+    k0 = tl.sum(kept, axis=0)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < N
+    key = tl.load(keys_ptr + offs, mask=mask, other=0)
+    take = (key > THR) & mask
+    running = tl.cumsum(take.to(tl.int32), axis=0)
+    tl.store(out_ptr + k0 + running - 1, offs.to(tl.int64), mask=take)
+    if pid == tl.num_programs(0) - 1:
+        total = k0 + tl.sum(take.to(tl.int32), axis=0)
+        tl.store(count_ptr, total)
+        # (units kept, calls) summed over calls: the mean count a timed decode really read
+        tl.atomic_add(tally_ptr, total.to(tl.int64), sem="relaxed")
+        tl.atomic_add(tally_ptr + 1, 1, sem="relaxed")
+
+
+def threshold_key(threshold: float, dtype: torch.dtype) -> int:
+    """_ordered_key of the threshold in the scores' dtype, rounded to nearest as PyTorch rounds a Python float
+    compared with a tensor of that dtype: key > this key <=> score > threshold, as runtime.apply compares."""
+    bits_dtype = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[dtype]
+    bits = int(torch.tensor(float(threshold), dtype=torch.float64).to(dtype).view(bits_dtype).item())
+    mag = bits & (0x7FFF if bits_dtype == torch.int16 else 0x7FFFFFFF)
+    return bits if bits >= 0 else -1 - mag + (mag == 0)
+
+
+def _select_above(src: torch.Tensor, w2: torch.Tensor | None, b2: torch.Tensor | None, relu: bool, threshold: float,
+                  out: torch.Tensor, count: torch.Tensor, tally: torch.Tensor, keys: torch.Tensor) -> None:
+    batch, n = src.shape[0], out.numel()
+    fused = w2 is not None
+    assert src.stride(1) == 1 and batch <= DOT_BATCH and out.dtype == torch.long and out.is_contiguous()
+    assert count.dtype == torch.int32 and tally.dtype == torch.int64 and keys.dtype == torch.int32 and keys.numel() >= n
+    if fused:
+        assert w2.stride(1) == 1 and w2.shape[0] == n and b2.is_contiguous() and w2.dtype == src.dtype
+    else:
+        assert src.shape[1] == n
+    key_bits = _key_bits(src.dtype)
+    use_dot = fused and src.dtype != torch.float32
+    block_n = 64 if fused else WIDE_SLICE
+    rank = w2.shape[1] if fused else 0
+    block_r = min(64, max(16, triton.next_power_of_2(rank))) if fused else 16
+    _topk_keys_kernel[(triton.cdiv(n, block_n),)](
+        src, w2 if fused else src, b2 if fused else src, keys, keys, out, batch, n, rank, 0, src.stride(0),
+        w2.stride(0) if fused else 0, 0.0, FUSED=fused, RELU=relu, USE_DOT=use_dot,
+        B_PAD=DOT_BATCH if use_dot else 1, BLOCK_N=block_n, BLOCK_R=block_r, KEY_BITS=key_bits, LEVELS=key_bits // 8,
+        SINGLE=False, PRECISION="tf32" if _INTERPRETED else _precision(src), UPCAST=_INTERPRETED, HIST=False,
+        num_warps=4, **_pdl(src))
+    _above_emit_kernel[(triton.cdiv(n, WIDE_SLICE),)](keys, out, count, tally, n, threshold_key(threshold, src.dtype),
+                                                      BLOCK=WIDE_SLICE, SCAN=4 * WIDE_SLICE, num_warps=4,
+                                                      **_pdl(keys))
+
+
+def select_above(scores: torch.Tensor, threshold: float, out: torch.Tensor, count: torch.Tensor, tally: torch.Tensor,
+                 keys: torch.Tensor) -> None:
+    """out[:count] = ascending units whose batch-max score is above threshold; count [1] int32 = how many;
+    tally [2] int64 += (count, 1); keys: int32 scratch [n]."""
+    _select_above(scores, None, None, False, threshold, out, count, tally, keys)
+
+
+def predict_above(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, relu: bool, threshold: float,
+                  out: torch.Tensor, count: torch.Tensor, tally: torch.Tensor, keys: torch.Tensor) -> None:
+    """select_above of relu?(h) @ w2.T + b2 (rounded to h's dtype) without writing the scores."""
+    _select_above(h, w2, b2, relu, threshold, out, count, tally, keys)

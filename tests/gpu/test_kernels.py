@@ -633,3 +633,90 @@ def test_graphed_threshold_decode_matches_cpu_reference(model_type, batch, keep_
     for sparse in (False, True):
         torch.testing.assert_close(results["cuda", sparse], results["cpu", sparse], atol=2e-2, rtol=2e-2)
     assert (results["cpu", True] - results["cpu", False]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("batch,n,rank,relu", [(1, 11008, 256, False), (8, 14336, 256, True), (3, 1000, 40, False),
+                                               (1, 32, 16, True)])
+def test_selection_above_thresholds_matches_reference(dtype, batch, n, rank, relu):
+    """Score thresholds: the units whose batch-max score is above the threshold, ascending, and their count,
+    written on the device (from given scores: exactly the reference's; fused: on the kernel's own rounding)."""
+    from dejavu.runtime.kernels import triton_kernels as T
+
+    torch.manual_seed(n + batch)
+    dev = "cuda"
+    h = torch.randn(batch, 2 * rank + 3, device=dev).to(dtype)[:, 3:3 + rank]
+    w2 = (torch.randn(n, rank, device=dev) * rank ** -0.5).to(dtype)
+    b2 = (torch.randn(n, device=dev) * 0.1).to(dtype)
+    scores = torch.nn.functional.linear(torch.relu(h) if relu else h, w2, b2)
+    out = torch.empty(n, dtype=torch.long, device=dev)
+    count = torch.zeros(1, dtype=torch.int32, device=dev)
+    tally = torch.zeros(2, dtype=torch.int64, device=dev)
+    keys = torch.empty(n, dtype=torch.int32, device=dev)
+    best = scores.double().amax(0)
+    for i, thr in enumerate((0.0, float(best.median()), float(best[5]), 1e9, -1e9)):
+        expect = R.select_above(scores, thr)
+        T.select_above(scores, thr, out, count, tally, keys)
+        assert int(count) == expect.numel() and torch.equal(out[:int(count)], expect), thr
+        assert int(tally[1]) == 2 * i + 1  # a call each: this one and the fused one before it
+        T.predict_above(h, w2, b2, relu, thr, out, count, tally, keys)
+        got = out[:int(count)]
+        assert torch.equal(got, got.sort().values) and got.unique().numel() == got.numel()
+        # the fused scores differ from F.linear's only in rounding: the sets differ only near the threshold
+        differ = set(got.tolist()) ^ set(expect.tolist())
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        assert all(abs(float(best[u]) - thr) <= tol * (1 + abs(thr)) for u in differ)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d,n,act", [(4096, 11008, 1), (576, 1536, 2)])
+def test_mlp_kernels_read_the_count_from_the_device(dtype, d, n, act):
+    """With a count the kernels compute idx[:count] only (the grid sized for all of idx), in a graph that
+    replays correctly whatever count a later selection writes."""
+    from dejavu.runtime.kernels import ops
+
+    torch.manual_seed(d)
+    dev = "cuda"
+    gate, up = (torch.randn(n, d, device=dev, dtype=dtype) * d ** -0.5 for _ in range(2))
+    down_t = torch.randn(n, d, device=dev, dtype=dtype) * n ** -0.5
+    idx = torch.randperm(n, device=dev)
+    count = torch.zeros(1, dtype=torch.int32, device=dev)
+    for batch in (1, 3):
+        x = torch.randn(batch, d, device=dev, dtype=dtype)
+        acc = torch.full((batch, d), 0.5, device=dev)
+        ops.sparse_mlp_acc(x, gate, up, down_t, idx, act, acc, count)  # compiles outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ops.sparse_mlp_acc(x, gate, up, down_t, idx, act, acc, count)
+        for c in (0, 1, n // 10, n // 2, n):
+            count.fill_(c)
+            acc.fill_(0.5)
+            graph.replay()
+            want = 0.5 + (R.sparse_mlp(x.double(), gate.double(), up.double(), down_t.double(), idx[:c], act)
+                          if c else 0.0)
+            assert torch.isfinite(acc).all() and _rel(acc, want + torch.zeros_like(acc, dtype=torch.float64)) < 1e-2
+
+
+@pytest.mark.parametrize("model_type,batch,select_impl", [("llama", 1, "fused"), ("llama", 3, "fused"),
+                                                          ("llama", 1, "classic"), ("opt", 1, "fused"),
+                                                          ("qwen2", 3, "fused")])
+def test_graphed_score_threshold_decode_matches_cpu_reference(model_type, batch, select_impl):
+    from dejavu.runtime.decode import DecodeModel
+
+    model, adapter, preds = _tiny_with_predictors(model_type, **({"ffn_dim": 1200} if model_type == "opt" else
+                                                                 {"intermediate_size": 1200}))
+    torch.manual_seed(1)
+    x = torch.randn(64, adapter.shape().hidden_size)
+    with torch.no_grad():  # thresholds near each layer's median score on random inputs
+        preds.mlp_score_thresholds = [float(lp.mlp(x).median()) for lp in preds.layers]
+    prompt = torch.randint(1, 500, (batch, 5))
+    results, shares = {}, {}
+    for dev in ("cpu", "cuda"):
+        model.to(dev)
+        dm = DecodeModel(model, adapter, preds, dev, torch.float32, max_len=16, select_impl=select_impl)
+        dm.reset_mlp_tally()
+        results[dev] = _three_steps(dm, prompt, True, steps=5)
+        shares[dev] = dm.mlp_share_read()
+    torch.testing.assert_close(results["cuda"], results["cpu"], atol=2e-2, rtol=2e-2)
+    assert 0.0 < shares["cpu"] < 1.0 and 0.0 < shares["cuda"] < 1.0

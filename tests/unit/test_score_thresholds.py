@@ -1,6 +1,6 @@
 """MLP score thresholds (runtime/score_thresholds.py, `--mlp-selection threshold`): each token keeps the
 neurons its predictor scores above a per-layer threshold instead of a top-k. Exactness at the limits, the
-calibrated share, the bundle round trip and the places that refuse it (the decode loop)."""
+calibrated share, the bundle round trip, the decode loop and generate running them, and what refuses them."""
 
 from __future__ import annotations
 
@@ -165,10 +165,12 @@ def test_bundle_round_trip_and_bench_from_it(threshold_bundle, tiny_llama, tmp_p
                      overrides={**settings, "runtime.mlp_selection": "topk"})
     assert topk["mlp_selection"] == "topk" and topk["mlp_score_thresholds"] is None
     assert topk["sparse"]["ppl"] != from_bundle["sparse"]["ppl"]
-    # speed asked for: not measured, and said why, rather than timing the top-k under this rule's name
+    # speed: the decode loop runs the thresholds, and reports the share of the MLP its steps really read
     timed = run_bench(bundle=bundle, json_out=tmp_path / "d.json", speed=True, quality=False, **common,
                       overrides=settings)
-    assert timed["speed"] is None
+    row = timed["speed"]["batches"]["1"]
+    assert timed["mlp_selection"] == "threshold" and "above the layer's threshold" in timed["speed"]["batch_selection"]
+    assert 0.0 < row["sparse_mlp_share_read"] < 1.0 and row["sparse_ms_per_token"] > 0
     # the bundle's top-k asked for: the decode loop times it
     timed = run_bench(bundle=bundle, json_out=tmp_path / "h.json", speed=True, quality=False, **common,
                       overrides={**settings, "runtime.mlp_selection": "topk"})
@@ -201,22 +203,20 @@ def test_bundle_refuses_a_damaged_threshold(threshold_bundle, tmp_path):
         load_bundle(copy)
 
 
-def test_decode_loop_refuses_and_generate_uses_the_hooks(threshold_bundle, tiny_llama):
-    from dejavu.export.bundle import load_bundle
-    from dejavu.runtime.decode import DecodeModel
+def test_generate_runs_them_in_the_decode_loop_as_the_hooks_do(threshold_bundle, tiny_llama):
     from dejavu.runtime.generate import run_generate
 
     _, bundle, _ = threshold_bundle
-    model, adapter = load_tiny(tiny_llama)
-    _, pset = load_bundle(bundle)
-    with pytest.raises(DejavuError, match="fixed k"):
-        DecodeModel(model, adapter, pset, "cpu", torch.float32, 64)
-    with pytest.raises(DejavuError, match="does not run MLP score thresholds"):
-        run_generate(["Hello"], model=str(tiny_llama), bundle=bundle, config_file="tiny", max_new_tokens=2,
-                     engine="decode-loop", overrides={"runtime.device": "cpu"})
-    out = run_generate(["Hello"], model=str(tiny_llama), bundle=bundle, config_file="tiny", max_new_tokens=2,
-                       engine="auto", overrides={"runtime.device": "cpu"})
-    assert out["engine"].startswith("hooks") and out["mlp_selection"] == "threshold"
+    out = {}
+    for engine in ("decode-loop", "hooks"):
+        out[engine] = run_generate(["The history of the city"], model=str(tiny_llama), bundle=bundle,
+                                   config_file="tiny", max_new_tokens=8, engine=engine, overrides={"runtime.device": "cpu"})
+        assert out[engine]["engine"].startswith(engine) and out[engine]["mlp_selection"] == "threshold"
+    auto = run_generate(["Hello"], model=str(tiny_llama), bundle=bundle, config_file="tiny", max_new_tokens=2,
+                        engine="auto", overrides={"runtime.device": "cpu"})
+    assert auto["engine"].startswith("decode-loop")
+    loop, hooks = (out[e]["generations"][0]["sparse"]["token_ids"] for e in ("decode-loop", "hooks"))
+    assert loop == hooks and len(loop) >= 1
 
 
 def test_a_two_stage_bundle_refuses_thresholds_asked_for(tmp_path, tiny_llama):

@@ -170,8 +170,8 @@ class RuntimeConfig:
     keep_layer_bytes: float | None = None
     calibration_tokens: int = 8192
     # MLP neurons from the predictor's scores: "topk", or "threshold" (as export.mlp_selection, calibrated at
-    # start-up on data.dataset); None: the bundle's rule (a threshold bundle's own thresholds at its densities,
-    # calibrated anew at others)
+    # start-up on data.dataset; `bench --synthetic` on 256 random tokens); None: the bundle's rule (a threshold
+    # bundle's own thresholds at its densities, calibrated anew at others)
     mlp_selection: str | None = None
     # "predictor" (the bundle), "oracle" (true top-k from dense activations), "dense"
     selection: str = "predictor"

@@ -97,9 +97,8 @@ MlpSelectionOpt = typer.Option(
     help="How MLP neurons are picked from the predictor's scores: topk (the same count for every token) or "
          "threshold (those scored above per-layer thresholds that keep --mlp-density on average: confident tokens "
          "keep fewer, uncertain ones more), calibrated now on --calibration. Unset: the bundle's rule; a threshold "
-         "bundle's own thresholds apply at its densities, other densities calibrate anew. In the decode loop the "
-         "kernels read each step's count on the GPU; at batch > 1 a neuron any sequence keeps is computed. With "
-         "--synthetic: calibrated on random tokens.")
+         "bundle's own thresholds apply at its densities, other densities calibrate anew. The decode loop runs "
+         "either; with thresholds a neuron any sequence of a batch keeps is computed, so they pay at batch 1.")
 SkipKvOpt = typer.Option(
     None, "--skip-kv/--all-kv",
     help="Decode loop: compute k/v only for the KV groups the selected heads read; a skipped group's "
@@ -480,6 +479,11 @@ def bench(
     from dejavu.runtime.bench import run_bench
 
     sizes = _numbers(batch_sizes, int, "--batch-sizes")
+    if synthetic and (calibration is not None or calibration_tokens is not None):
+        from dejavu.errors import DejavuError
+
+        raise DejavuError("--synthetic calibrates any thresholds on 256 random tokens through its random model (no "
+                          "corpus fits random weights): drop --calibration / --calibration-tokens")
     if mlp_keep_input is None and keep_layer_bytes is None:
         _check_rule_flags(config, "runtime", calibration, selection=selection, densities=(mlp_density, head_density),
                           calibration_tokens=calibration_tokens, mlp_selection=mlp_selection)
@@ -535,7 +539,8 @@ def generate(
     batch_size: int = typer.Option(
         1, "--batch-size", help="Generate this many prompts together: shorter ones are left-padded and each step "
         "computes one token of every prompt. The decode loop's predictors then pick one set of neurons and heads "
-        "for the whole batch (the top-k of its scores); the hooks keep each prompt's own."),
+        "for the whole batch (the top-k of its scores; with MLP score thresholds, every neuron a prompt keeps); "
+        "the hooks keep each prompt's own."),
     mlp_density: float | None = MlpDensityOpt,
     head_density: float | None = HeadDensityOpt,
     mlp_candidate_density: float | None = MlpCandidateDensityOpt,

@@ -52,7 +52,8 @@ def _fallback_speed(model, adapter, predictors, *, device, dtype, batch_sizes, d
         dense_ms = timed(None, b)
         sparse_ms = None
         if predictors is not None:
-            with SparseRuntime(model, adapter, predictors, mode="gather") as runtime:
+            with SparseRuntime(model, adapter, predictors, mode="gather",
+                               mlp_score_thresholds=predictors.mlp_score_thresholds) as runtime:
                 sparse_ms = timed(runtime, b)
         batches[str(b)] = {"dense_ms_per_token": dense_ms, "sparse_ms_per_token": sparse_ms,
                            "speedup": dense_ms / sparse_ms if sparse_ms else None}

@@ -564,12 +564,11 @@ class DecodeModel:
         if len(predictors.layers) != len(self.layers):
             raise DejavuError(f"predictors cover {len(predictors.layers)} layers, the model has {len(self.layers)}")
         cand, up_weight = self.mlp_candidate_density, self.mlp_up_weight
-        # magnitude thresholds run the MLP without predictors: score thresholds then do not apply
-        score_thresholds = predictors.mlp_score_thresholds if self.thresholds is None else None
+        score_thresholds = predictors.mlp_score_thresholds
         if score_thresholds is not None:
-            if cand is not None or up_weight is not None:
+            if cand is not None or up_weight is not None or self.thresholds is not None:
                 raise DejavuError("MLP score thresholds are an MLP rule of their own: not with mlp_candidate_density "
-                                  "(two-stage) or mlp_up_weight (exact up)")
+                                  "(two-stage), mlp_up_weight (exact up) or magnitude thresholds")
             if len(score_thresholds) != len(self.layers):
                 raise DejavuError(f"{len(score_thresholds)} MLP score thresholds for {len(self.layers)} layers")
         self.mlp_tally = torch.zeros(len(self.layers), 2, dtype=torch.int64, device=self.device)
@@ -583,7 +582,10 @@ class DecodeModel:
         for i, (lw, lp) in enumerate(zip(self.layers, predictors.layers, strict=True)):
             k_mlp = units_for_density(lp.mlp_density, self.n)
             k_heads = units_for_density(lp.head_density, self.H)
-            if lp.mlp is not None and k_mlp < self.n and self.thresholds is None:
+            # with score thresholds any density below 1 selects (the count follows the scores, not k), as the
+            # reference runtime decides
+            scored = score_thresholds is not None and lp.mlp_density < 1.0
+            if lp.mlp is not None and (k_mlp < self.n or scored) and self.thresholds is None:
                 k_first = k_mlp
                 if cand is not None:
                     if cand < lp.mlp_density:
@@ -591,7 +593,7 @@ class DecodeModel:
                                           f"{lp.mlp_density}; candidates must cover the final set")
                     k_first = units_for_density(cand, self.n)
                     lw.mlp_final = TwoStageMLP.build(k_mlp, k_first, self.device, self.dtype)
-                if k_first < self.n:  # all candidates (density 1): no predictor, exact top-k of all
+                if k_first < self.n or scored:  # all candidates (density 1): no predictor, exact top-k of all
                     src = i if predictors.mlp_pairing == "current" else max(i - 1, 0)
                     threshold = None
                     if score_thresholds is not None:
@@ -978,10 +980,15 @@ class DecodeModel:
         if self.mlp_tally is not None:
             self.mlp_tally.zero_()
 
+    @property
+    def score_thresholds_on(self) -> bool:
+        """Whether some layer's MLP keeps the neurons scored above a threshold (a count that varies per step)."""
+        return any(lw.mlp_pred is not None and lw.mlp_pred.score_threshold is not None for lw in self.layers)
+
     def mlp_share_read(self) -> float | None:
         """With score thresholds: the share of MLP neurons the selections since reset_mlp_tally kept, averaged
         over the layers (dense layers count 1); None for a fixed k."""
-        if not any(lw.mlp_pred is not None and lw.mlp_pred.score_threshold is not None for lw in self.layers):
+        if not self.score_thresholds_on:
             return None
         shares = [lw.mlp_pred.rows_read() / self.n if lw.mlp_pred is not None else 1.0 for lw in self.layers]
         return sum(shares) / len(shares)

@@ -45,10 +45,12 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None, repeats
     return 2 * nbytes / statistics.median(times[2:]) / 1e9
 
 
-def timed_loop(fn, device: torch.device, warmup: int, steps: int) -> float:
-    """Milliseconds per call of fn over `steps` calls after `warmup` calls."""
+def timed_loop(fn, device: torch.device, warmup: int, steps: int, before_timing=None) -> float:
+    """Milliseconds per call of fn over `steps` calls after `warmup` calls (then before_timing(), if given)."""
     for _ in range(warmup):
         fn()
+    if before_timing is not None:
+        before_timing()
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
@@ -75,7 +77,8 @@ def decode_ms_per_token(dm: DecodeModel, batch: int, sparse: bool, steps: int, w
     else:
         def step():
             return dm.step(st, sparse)
-    return timed_loop(step, dm.device, warmup, steps)
+    # score thresholds: count the MLP rows the timed steps keep, not the warm-up's
+    return timed_loop(step, dm.device, warmup, steps, before_timing=dm.reset_mlp_tally if sparse else None)
 
 
 def predictor_ms(dm: DecodeModel, batch: int, steps: int = 20) -> float:
@@ -138,10 +141,9 @@ def batch_figures(dm: DecodeModel, batch: int, decode_tokens: int, warmup: int, 
     }
     row["dense_over_floor"] = dense_ms / row["dense_floor_ms"]
     if with_sparse and (dm.predictors is not None or dm.thresholds is not None):
-        dm.reset_mlp_tally()  # score thresholds: the bytes below count the rows these steps really kept
         sparse_ms = decode_ms_per_token(dm, batch, True, decode_tokens, warmup, prompt_len=prompt_len)
         sb = dm.step_bytes(batch, context, sparse=True)
-        share = dm.mlp_share_read()
+        share = dm.mlp_share_read()  # (score thresholds) the timed steps' mean, which the bytes above count
         if share is not None:
             row["sparse_mlp_share_read"] = share
         pred = predictor_ms(dm, batch)
@@ -234,7 +236,7 @@ def _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode
         "decode_tokens": decode_tokens,
         "warmup": warmup,
         "batch_selection": "top-k of the per-unit max score over the batch (fixed k per layer)"
-        if predictors is None or predictors.mlp_score_thresholds is None else
+        if not dm.score_thresholds_on else
         "MLP: the units any sequence of the batch scores above the layer's threshold (the count varies per step: "
         "sparse_mlp_share_read is its mean over the timed decode); heads: top-k of the per-unit max score",
         "kv_for_all_heads": not skip_kv,

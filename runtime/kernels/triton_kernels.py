@@ -1487,7 +1487,9 @@ def _above_emit_kernel(keys_ptr, out_ptr, count_ptr, tally_ptr, N, THR, BLOCK: t
 
 def threshold_key(threshold: float, dtype: torch.dtype) -> int:
     """_ordered_key of the threshold in the scores' dtype, rounded to nearest as PyTorch rounds a Python float
-    compared with a tensor of that dtype: key > this key <=> score > threshold, as runtime.apply compares."""
+    compared with a tensor of that dtype: key > this key <=> score > threshold, as runtime.apply compares
+    scores of the same dtype (the hooks score in the predictors' dtype, the decode loop in the model's: in
+    bf16 the two can differ for scores within rounding of the threshold, as a top-k's can at its k-th)."""
     bits_dtype = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[dtype]
     bits = int(torch.tensor(float(threshold), dtype=torch.float64).to(dtype).view(bits_dtype).item())
     mag = bits & (0x7FFF if bits_dtype == torch.int16 else 0x7FFFFFFF)

@@ -124,6 +124,41 @@ def test_thresholds_above_every_score_or_below_it(tiny_model_factory):
     assert torch.isfinite(results["high"]).all()
 
 
+def test_a_density_that_rounds_to_every_neuron_still_applies_its_threshold(tiny_model_factory):
+    """k rounds to n at density 0.999 of 96 neurons, but the reference runtime still applies the threshold:
+    so does the loop (a count, not k)."""
+    model, adapter = _model(tiny_model_factory, "llama")
+    preds = _predictors(adapter, head_density=1.0)
+    prompt = torch.randint(1, 500, (1, 5), generator=torch.Generator().manual_seed(5))
+    medians = _median_thresholds(model, adapter, preds, prompt)
+    preds.with_densities(0.999)
+    preds.mlp_score_thresholds = medians
+    dm = DecodeModel(model, adapter, preds, "cpu", torch.float32, max_len=10)
+    assert all(lw.mlp_pred is not None for lw in dm.layers)
+    st = dm.new_state(1)
+    dm.prefill(st, prompt)
+    ids = torch.cat([prompt, st.tokens[:, None]], 1)  # the token the step computes
+    logits = dm.step(st, sparse=True)
+    with SparseRuntime(model, adapter, preds, selection="predictor",
+                       mlp_score_thresholds=preds.mlp_score_thresholds) as rt:
+        rt.token_mask = torch.arange(ids.shape[1])[None] >= prompt.shape[1]
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits[:, -1]
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+    assert all(int(lw.mlp_pred.count) < adapter.shape().intermediate_size for lw in dm.layers)
+
+
+def test_the_tally_counts_the_timed_steps_only(tiny_model_factory):
+    from dejavu.runtime.speed import decode_ms_per_token
+
+    model, adapter = _model(tiny_model_factory, "llama")
+    preds = _predictors(adapter)
+    preds.mlp_score_thresholds = [0.0] * adapter.num_layers
+    dm = DecodeModel(model, adapter, preds, "cpu", torch.float32, max_len=40)
+    decode_ms_per_token(dm, 1, True, steps=4, warmup=3, prompt_len=5)
+    assert dm.mlp_tally[:, 1].tolist() == [4] * adapter.num_layers
+
+
 def test_refusals(tiny_model_factory):
     model, adapter = _model(tiny_model_factory, "llama")
     preds = _predictors(adapter)
@@ -132,6 +167,11 @@ def test_refusals(tiny_model_factory):
         DecodeModel(model, adapter, preds, "cpu", torch.float32, 16, mlp_candidate_density=0.8)
     with pytest.raises(DejavuError, match="an MLP rule of their own"):
         DecodeModel(model, adapter, preds, "cpu", torch.float32, 16, mlp_up_weight=0.4)
+    from dejavu.runtime.thresholds import Thresholds
+
+    with pytest.raises(DejavuError, match="an MLP rule of their own"):
+        DecodeModel(model, adapter, preds, "cpu", torch.float32, 16,
+                    thresholds=Thresholds(x=[0.1] * 3, h=[0.1] * 3, keep_x=0.5, keep_h=0.5))
     preds.mlp_score_thresholds = [0.0, None, 0.0]
     with pytest.raises(DejavuError, match="layer 1 runs a sparse MLP .* score threshold is None"):
         DecodeModel(model, adapter, preds, "cpu", torch.float32, 16)

@@ -246,3 +246,8 @@ def test_flags_that_cannot_go_with_it_are_refused(threshold_bundle, tiny_llama):
                            (["--mlp-selection", "sometimes"], "runtime.mlp_selection must be one of")):
         result = runner.invoke(app, base + extra)
         assert result.exit_code != 0 and message in result.output, result.output
+    # random weights have no corpus: a synthetic run refuses calibration flags rather than ignore them
+    for extra in (["--calibration", str(CALIB_TXT)], ["--calibration-tokens", "64"]):
+        result = runner.invoke(app, ["bench", "--synthetic", "smollm2-135m", "--layers", "1", "--device", "cpu",
+                                     "--mlp-selection", "threshold", *extra])
+        assert result.exit_code != 0 and "random tokens" in result.output, result.output

@@ -98,7 +98,8 @@ MlpSelectionOpt = typer.Option(
          "threshold (those scored above per-layer thresholds that keep --mlp-density on average: confident tokens "
          "keep fewer, uncertain ones more), calibrated now on --calibration. Unset: the bundle's rule; a threshold "
          "bundle's own thresholds apply at its densities, other densities calibrate anew. The decode loop runs "
-         "either; with thresholds a neuron any sequence of a batch keeps is computed, so they pay at batch 1.")
+         "either; thresholds at batch 1, and in a batch the top-k of its scores (the union of the sequences' sets "
+         "would be nearly every neuron).")
 SkipKvOpt = typer.Option(
     None, "--skip-kv/--all-kv",
     help="Decode loop: compute k/v only for the KV groups the selected heads read; a skipped group's "
@@ -539,7 +540,7 @@ def generate(
     batch_size: int = typer.Option(
         1, "--batch-size", help="Generate this many prompts together: shorter ones are left-padded and each step "
         "computes one token of every prompt. The decode loop's predictors then pick one set of neurons and heads "
-        "for the whole batch (the top-k of its scores; with MLP score thresholds, every neuron a prompt keeps); "
+        "for the whole batch (the top-k of its scores; MLP score thresholds apply at batch 1 only); "
         "the hooks keep each prompt's own."),
     mlp_density: float | None = MlpDensityOpt,
     head_density: float | None = HeadDensityOpt,

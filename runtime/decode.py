@@ -101,9 +101,11 @@ class FoldedPredictor:
     # exact-up MLP: the predictor only scores; the layer selects once up is known (logits [B, n])
     scores_only: bool = False
     logits: torch.Tensor | None = None
-    # score thresholds (runtime/score_thresholds.py): the units scored above this threshold, however many;
-    # then out has room for every unit, count [1] int32 says how many lead it (the kernels read it on the
-    # device) and tally [2] int64 sums (count, calls) so a timing knows the rows it really read
+    # score thresholds (runtime/score_thresholds.py): at batch 1 the units scored above this threshold, however
+    # many; then out has room for every unit, count [1] int32 says how many lead it (the kernels read it on
+    # the device) and tally [2] int64 sums (count, calls) so a timing knows the rows it really read. In a
+    # batch the union of the sequences' sets is nearly every unit (0.97 of SmolLM2's MLP at batch 8), so
+    # there the batch's top-k of its max scores runs into out[:k], as for top-k predictors
     score_threshold: float | None = None
     count: torch.Tensor | None = None
     tally: torch.Tensor | None = None
@@ -127,6 +129,22 @@ class FoldedPredictor:
                    pred.b2.detach().to(**cast), pred.activation == "relu", k, source_layer, out.to(device),
                    _topk_workspace(n, dtype, device), score_threshold=score_threshold, count=count, tally=tally)
 
+    @property
+    def topk_out(self) -> torch.Tensor:
+        """Where a top-k selection writes: out, or with score thresholds its first k entries."""
+        return self.out if self.score_threshold is None else self.out[:self.k]
+
+    def thresholds_apply(self, batch: int) -> bool:
+        """Whether a step of `batch` sequences selects by score threshold (batch 1) rather than top-k."""
+        return self.score_threshold is not None and batch == 1
+
+    def selection_for(self, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(indices, count) the layer reads after a selection for `batch` sequences: the count buffer with score
+        thresholds at batch 1, else None and the k indices of the top-k (the fixed-k kernels' launch)."""
+        if self.thresholds_apply(batch):
+            return self.out, self.count
+        return self.topk_out, None
+
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """The unfused path: two matmuls (scores in memory), then the single-program top-k."""
         h = torch.addmm(self.b1, x, self.w1.T)
@@ -135,10 +153,10 @@ class FoldedPredictor:
         if self.relu:
             h = torch.relu(h)
         scores = torch.addmm(self.b2, h, self.w2.T)
-        if self.score_threshold is not None:
+        if self.thresholds_apply(x.shape[0]):
             ops.select_above(scores, self.score_threshold, self.out, self.count, self.tally, self.workspace[0])
         else:
-            ops.select_topk(scores, self.out)
+            ops.select_topk(scores, self.topk_out)
         return self.out
 
     def select_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
@@ -147,11 +165,11 @@ class FoldedPredictor:
         if self.scores_only:
             self.logits = torch.addmm(self.b2, torch.relu(h) if self.relu else h, self.w2.T)
             return self.out
-        if self.score_threshold is not None:
+        if self.thresholds_apply(h.shape[0]):
             ops.predict_above(h, self.w2, self.b2, self.relu, self.score_threshold, self.out, self.count, self.tally,
                               self.workspace[0])
             return self.out
-        ops.predict_select(h, self.w2, self.b2, self.relu, self.out, *self.workspace)
+        ops.predict_select(h, self.w2, self.b2, self.relu, self.topk_out, *self.workspace)
         return self.out
 
     def rows_read(self) -> float:
@@ -772,7 +790,8 @@ class DecodeModel:
                 if side:
                     done = torch.cuda.Event()
                     done.record(self.pred_stream)
-                chain.append(PendingSelection(pred.out, done, chain, len(chain), count=pred.count))
+                idx, count = pred.selection_for(x.shape[0])
+                chain.append(PendingSelection(idx, done, chain, len(chain), count=count))
                 (mlp if kind == "mlp" else heads)[j] = chain[-1]
 
     @staticmethod
@@ -998,8 +1017,8 @@ class DecodeModel:
         gate/up rows of the candidates, down^T rows of the final set; exact-up: every up row, gate and
         down^T rows of the selection; skip_kv: k/v rows of the read KV groups only, plus the stored
         attention input, while the rare lazy fills of skipped positions are not counted; OLMo 2: every q
-        head's rows, since q is normalised over all heads; MLP score thresholds: the mean count of the steps
-        since reset_mlp_tally, rounded up to whole rows by nothing (a mean); MLP thresholds:
+        head's rows, since q is normalised over all heads; MLP score thresholds: the mean count the threshold
+        selections kept since reset_mlp_tally (k before any, and in batches, where the top-k runs); MLP thresholds:
         the shares they were calibrated to keep, per sequence, while at batch > 1 the union of the
         sequences' rows is read), predictors, the KV cache over `context` positions (a sliding window's at
         most), the lm_head and one

@@ -303,8 +303,9 @@ class SparseModel:
 
         Dense, the greedy tokens equal generate()'s one prompt at a time (to rounding). Sparse, the hooks
         keep each token's own selection (so the same tokens again), while the decode loop's predictors pick
-        one set of neurons and heads for the whole batch, the top-k of its scores (with MLP score thresholds,
-        the neurons any sequence keeps), as `dejavu bench` times it at batch > 1. Sampled tokens come from one generator for the whole batch."""
+        one set of neurons and heads for the whole batch, the top-k of its scores (MLP score thresholds apply
+        at batch 1 only), as `dejavu bench` times it at batch > 1. Sampled tokens come from one generator
+        for the whole batch."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise DejavuError("generate_batch() takes a list of str prompts"
                               + ("; for one prompt, use generate()" if isinstance(prompts, str) else ""))

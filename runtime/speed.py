@@ -237,7 +237,8 @@ def _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode
         "warmup": warmup,
         "batch_selection": "top-k of the per-unit max score over the batch (fixed k per layer)"
         if not dm.score_thresholds_on else
-        "MLP: the units any sequence of the batch scores above the layer's threshold (the count varies per step: "
-        "sparse_mlp_share_read is its mean over the timed decode); heads: top-k of the per-unit max score",
+        "MLP at batch 1: the units scored above the layer's threshold (the count varies per step: "
+        "sparse_mlp_share_read is its mean over the timed steps); MLP at batch > 1 and heads: top-k of the "
+        "per-unit max score over the batch",
         "kv_for_all_heads": not skip_kv,
     }

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from dejavu.errors import DejavuError
 from dejavu.models.adapters import adapter_for
-from dejavu.predictor import PredictorSet
+from dejavu.predictor import PredictorSet, units_for_density
 from dejavu.runtime.apply import SparseRuntime
 from dejavu.runtime.decode import DecodeModel
 
@@ -76,30 +76,33 @@ def test_decode_steps_equal_the_reference_runtime(tiny_model_factory, model_type
     assert dm.step_bytes(1, 8, sparse=True)["weights"] < dense_bytes
 
 
-def test_batch_keeps_the_union_and_fused_equals_classic(tiny_model_factory):
+def test_a_batch_runs_the_top_k_and_fused_equals_classic(tiny_model_factory):
+    """In a batch the union of the sequences' sets would be nearly every neuron: the batch's top-k of its max
+    scores runs instead, as for top-k predictors, and the timing's tally is left alone."""
     model, adapter = _model(tiny_model_factory, "llama")
     preds = _predictors(adapter)
     prompt = torch.randint(1, 500, (2, 6), generator=torch.Generator().manual_seed(1))
-    preds.mlp_score_thresholds = _median_thresholds(model, adapter, preds, prompt)
+    thresholds = _median_thresholds(model, adapter, preds, prompt)
     out = {}
     for impl in ("fused", "classic"):
-        dm = DecodeModel(model, adapter, preds, "cpu", torch.float32, max_len=12, select_impl=impl)
-        st = dm.new_state(2)
-        dm.prefill(st, prompt)
-        out[impl] = torch.stack([dm.step(st, sparse=True) for _ in range(2)])
-        x = torch.randn(2, adapter.shape().hidden_size, generator=torch.Generator().manual_seed(2))
-        dm.select_all(x)
-        lw = dm.layers[1]
-        pred = lw.mlp_pred
-        kept = pred.out[:int(pred.count)]
-        # the union: a unit is kept when either sequence scores it above the threshold
-        with torch.no_grad():
-            scores = preds.layers[1].mlp(x)
-        expect = (scores > pred.score_threshold).any(0).nonzero().flatten()
-        assert torch.equal(kept, expect)
-        out[impl, "kept"] = kept.clone()
-    torch.testing.assert_close(out["fused"], out["classic"], atol=1e-5, rtol=1e-5)
-    assert torch.equal(out["fused", "kept"], out["classic", "kept"])
+        for rule in ("threshold", "topk"):
+            preds.mlp_score_thresholds = thresholds if rule == "threshold" else None
+            dm = DecodeModel(model, adapter, preds, "cpu", torch.float32, max_len=12, select_impl=impl)
+            st = dm.new_state(2)
+            dm.prefill(st, prompt)
+            out[impl, rule] = torch.stack([dm.step(st, sparse=True) for _ in range(2)])
+            if rule == "threshold":
+                assert dm.mlp_tally[:, 1].tolist() == [0] * adapter.num_layers
+                assert dm.mlp_share_read() == pytest.approx(units_for_density(0.5, 96) / 96)
+                # one sequence alone keeps what its scores put above the thresholds
+                x = torch.randn(1, adapter.shape().hidden_size, generator=torch.Generator().manual_seed(2))
+                dm.select_all(x)
+                pred = dm.layers[1].mlp_pred
+                with torch.no_grad():
+                    expect = (preds.layers[1].mlp(x)[0] > pred.score_threshold).nonzero().flatten()
+                assert torch.equal(pred.out[:int(pred.count)], expect)
+        torch.testing.assert_close(out[impl, "threshold"], out[impl, "topk"], atol=0, rtol=0)
+    torch.testing.assert_close(out["fused", "threshold"], out["classic", "threshold"], atol=1e-5, rtol=1e-5)
 
 
 def test_thresholds_above_every_score_or_below_it(tiny_model_factory):

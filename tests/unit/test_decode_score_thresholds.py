@@ -40,6 +40,16 @@ def _median_thresholds(model, adapter, preds, ids) -> list[float]:
     return [captured[l] for l in range(adapter.num_layers)]  # noqa: E741
 
 
+def _reference_last_logits(model, adapter, preds, ids, prompt_len: int) -> torch.Tensor:
+    """The reference runtime's logits at the last position, with the prompt's positions dense and every later
+    one sparse: what the loop computes after a dense prefill and sparse steps."""
+    with SparseRuntime(model, adapter, preds, selection="predictor",
+                       mlp_score_thresholds=preds.mlp_score_thresholds) as rt:
+        rt.token_mask = torch.arange(ids.shape[1])[None] >= prompt_len
+        with torch.no_grad():
+            return model(input_ids=ids).logits[:, -1]
+
+
 @pytest.mark.parametrize("model_type", ["llama", "opt", "gpt_neox"])
 def test_decode_steps_equal_the_reference_runtime(tiny_model_factory, model_type):
     """Greedy decode steps of the loop (prefill dense, steps sparse) give the logits of the reference runtime's
@@ -57,13 +67,7 @@ def test_decode_steps_equal_the_reference_runtime(tiny_model_factory, model_type
     for _ in range(3):
         logits = dm.step(st, sparse=True)
         counts.append([int(lw.mlp_pred.count) for lw in dm.layers])
-        # the loop's prefill is dense and each step sparse: the reference forward with the prompt's positions
-        # dense and every later one sparse
-        with SparseRuntime(model, adapter, preds, selection="predictor",
-                           mlp_score_thresholds=preds.mlp_score_thresholds) as rt:
-            rt.token_mask = torch.arange(ids.shape[1])[None] >= prompt.shape[1]
-            with torch.no_grad():
-                ref = model(input_ids=ids).logits[:, -1]
+        ref = _reference_last_logits(model, adapter, preds, ids, prompt.shape[1])
         torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
         ids = torch.cat([ids, st.tokens[:, None]], 1)
     flat = [c for step in counts for c in step]
@@ -142,11 +146,7 @@ def test_a_density_that_rounds_to_every_neuron_still_applies_its_threshold(tiny_
     dm.prefill(st, prompt)
     ids = torch.cat([prompt, st.tokens[:, None]], 1)  # the token the step computes
     logits = dm.step(st, sparse=True)
-    with SparseRuntime(model, adapter, preds, selection="predictor",
-                       mlp_score_thresholds=preds.mlp_score_thresholds) as rt:
-        rt.token_mask = torch.arange(ids.shape[1])[None] >= prompt.shape[1]
-        with torch.no_grad():
-            ref = model(input_ids=ids).logits[:, -1]
+    ref = _reference_last_logits(model, adapter, preds, ids, prompt.shape[1])
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
     assert all(int(lw.mlp_pred.count) < adapter.shape().intermediate_size for lw in dm.layers)
 

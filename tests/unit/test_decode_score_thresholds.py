@@ -53,7 +53,8 @@ def _reference_last_logits(model, adapter, preds, ids, prompt_len: int) -> torch
 @pytest.mark.parametrize("model_type", ["llama", "opt", "gpt_neox"])
 def test_decode_steps_equal_the_reference_runtime(tiny_model_factory, model_type):
     """Greedy decode steps of the loop (prefill dense, steps sparse) give the logits of the reference runtime's
-    hooks over the whole sequence, the last token sparse, at each step; tokens keep different counts."""
+    hooks over the whole sequence (the prompt dense, every later token sparse) at each step; tokens keep
+    different counts."""
     model, adapter = _model(tiny_model_factory, model_type)
     preds = _predictors(adapter)
     prompt = torch.randint(1, 500, (1, 6), generator=torch.Generator().manual_seed(0))

@@ -210,7 +210,8 @@ def print_report(report: dict, out=None) -> None:
               f"{_fmt(row.get('sparse_ms_per_token'), '.2f')} ms/token, speedup {_fmt(row.get('speedup'), '.2f')}x"
               + (f" (MLP neurons computed: {row['sparse_mlp_share_read']:.3f} of them, the mean over the timed steps)"
                  if row.get("sparse_mlp_share_read") is not None else ""))
-        if report.get("mlp_selection") == "threshold" and any(int(b) > 1 for b in (s.get("batches") or {})):
+        if (report.get("mlp_selection") == "threshold" and "method" not in s  # (the eager fallback keeps each's own)
+                and any(int(b) > 1 for b in (s.get("batches") or {}))):
             p("    (at batch > 1 the decode loop runs the batch's top-k of its scores: score thresholds are a "
               "batch-1 rule)")
 

@@ -105,10 +105,11 @@ class FoldedPredictor:
     # many; then out has room for every unit, count [1] int32 says how many lead it (the kernels read it on
     # the device) and tally [2] int64 sums (count, calls) so a timing knows the rows it really read. In a
     # batch the union of the sequences' sets is nearly every unit (0.97 of SmolLM2's MLP at batch 8), so
-    # there the batch's top-k of its max scores runs into out[:k], as for top-k predictors
+    # there the batch's top-k of its max scores runs into out_k [k], as for top-k predictors
     score_threshold: float | None = None
     count: torch.Tensor | None = None
     tally: torch.Tensor | None = None
+    out_k: torch.Tensor | None = None
 
     @classmethod
     def fold(cls, pred: LowRankPredictor, k: int, source_layer: int, device, dtype,
@@ -120,19 +121,21 @@ class FoldedPredictor:
         # a valid selection from the start (random units, ascending): the "static" mode reads it
         order = torch.randperm(n, generator=torch.Generator().manual_seed(k))
         out = order[:k].sort().values
-        count = None
+        count = out_k = None
         if score_threshold is not None:  # room for every unit; the first k hold the starting selection
+            out_k = out.clone().to(device)  # the batch top-k's own buffer, so it never reads a threshold's leftovers
             out = torch.cat([out, order[k:].sort().values])
             count = torch.tensor([k], dtype=torch.int32, device=device)
             tally = tally if tally is not None else torch.zeros(2, dtype=torch.int64, device=device)
         return cls(w1.to(**cast).contiguous(), b1.to(**cast), pred.w2.detach().to(**cast).contiguous(),
                    pred.b2.detach().to(**cast), pred.activation == "relu", k, source_layer, out.to(device),
-                   _topk_workspace(n, dtype, device), score_threshold=score_threshold, count=count, tally=tally)
+                   _topk_workspace(n, dtype, device), score_threshold=score_threshold, count=count, tally=tally,
+                   out_k=out_k)
 
     @property
     def topk_out(self) -> torch.Tensor:
-        """Where a top-k selection writes: out, or with score thresholds its first k entries."""
-        return self.out if self.score_threshold is None else self.out[:self.k]
+        """Where a top-k selection writes: out, or with score thresholds the [k] buffer of batches."""
+        return self.out if self.out_k is None else self.out_k
 
     def thresholds_apply(self, batch: int) -> bool:
         """Whether a step of `batch` sequences selects by score threshold (batch 1) rather than top-k."""
@@ -155,9 +158,9 @@ class FoldedPredictor:
         scores = torch.addmm(self.b2, h, self.w2.T)
         if self.thresholds_apply(x.shape[0]):
             ops.select_above(scores, self.score_threshold, self.out, self.count, self.tally, self.workspace[0])
-        else:
-            ops.select_topk(scores, self.topk_out)
-        return self.out
+            return self.out
+        ops.select_topk(scores, self.topk_out)
+        return self.topk_out
 
     def select_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """Second layer + top-k in the wide kernels (scores never written); h = x @ w1.T + b1, pre-relu.
@@ -170,7 +173,7 @@ class FoldedPredictor:
                               self.workspace[0])
             return self.out
         ops.predict_select(h, self.w2, self.b2, self.relu, self.topk_out, *self.workspace)
-        return self.out
+        return self.topk_out
 
     def rows_read(self) -> float:
         """Units a step computes: k, or with score thresholds the mean count since the tally was last zeroed
@@ -990,7 +993,7 @@ class DecodeModel:
         out = []
         for group in self.pred_groups.values():
             group.run(x, self.select_impl)
-            out.extend(pred.out for _, _, pred, _, _ in group.members)
+            out.extend(pred.selection_for(x.shape[0])[0] for _, _, pred, _, _ in group.members)
         return out
 
     # --- byte accounting -------------------------------------------------------------------------------
@@ -1018,7 +1021,8 @@ class DecodeModel:
         down^T rows of the selection; skip_kv: k/v rows of the read KV groups only, plus the stored
         attention input, while the rare lazy fills of skipped positions are not counted; OLMo 2: every q
         head's rows, since q is normalised over all heads; MLP score thresholds: the mean count the threshold
-        selections kept since reset_mlp_tally (k before any, and in batches, where the top-k runs); MLP thresholds:
+        selections kept since reset_mlp_tally (k when none ran since, as in batches, where the top-k runs); MLP
+        thresholds:
         the shares they were calibrated to keep, per sequence, while at batch > 1 the union of the
         sequences' rows is read), predictors, the KV cache over `context` positions (a sliding window's at
         most), the lm_head and one

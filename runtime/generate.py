@@ -539,7 +539,10 @@ def run_generate(prompts: list[str], *, prompt_file: Path | None = None, model: 
     for line in rule_lines(report):
         print(line)
     if batch_size > 1 and len(prompts) > 1:
-        shared = ("predicted neurons and heads: one set for the whole batch; thresholds: each prompt's own"
+        scored = sm.plan.mlp_score_thresholds is not None
+        shared = ("predicted neurons and heads: one set for the whole batch"
+                  + (" (MLP score thresholds apply at batch 1: here the batch's top-k of its scores)" if scored else
+                     "; magnitude thresholds: each prompt's own")
                   if sm.engine == "decode-loop" else "each prompt keeps its own selection")
         print(f"  batches of up to {batch_size} prompts ({shared})")
     stream = sys.stdout.isatty() and batch_size == 1 if stream is None else stream

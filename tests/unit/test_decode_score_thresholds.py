@@ -110,6 +110,23 @@ def test_a_batch_runs_the_top_k_and_fused_equals_classic(tiny_model_factory):
     torch.testing.assert_close(out["fused", "threshold"], out["classic", "threshold"], atol=1e-5, rtol=1e-5)
 
 
+def test_the_batch_top_k_has_its_own_buffer(tiny_model_factory):
+    """A batch-1 threshold step that keeps fewer than k units leaves the batch top-k's k indices valid (the
+    'static' mode, which runs no predictor, reads them as they are)."""
+    model, adapter = _model(tiny_model_factory, "llama")
+    preds = _predictors(adapter)
+    preds.mlp_score_thresholds = [1e9] * adapter.num_layers  # keeps nothing
+    dm = DecodeModel(model, adapter, preds, "cpu", torch.float32, max_len=12)
+    before = [lw.mlp_pred.topk_out.clone() for lw in dm.layers]
+    st = dm.new_state(1)
+    dm.prefill(st, torch.randint(1, 500, (1, 4), generator=torch.Generator().manual_seed(6)))
+    dm.step(st, sparse=True)
+    assert all(int(lw.mlp_pred.count) == 0 for lw in dm.layers)
+    for lw, k_before in zip(dm.layers, before, strict=True):
+        idx, count = lw.mlp_pred.selection_for(2)
+        assert count is None and torch.equal(idx, k_before) and idx.unique().numel() == lw.mlp_pred.k
+
+
 def test_thresholds_above_every_score_or_below_it(tiny_model_factory):
     """Below every score: the MLP is dense (the step equals a dense one with the same head selection); above
     every score: no neuron at all, and the step still runs."""

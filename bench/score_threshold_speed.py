@@ -21,8 +21,8 @@ import torch
 from dejavu.runtime import speed
 from dejavu.runtime.score_thresholds import calibrate_score_thresholds
 from dejavu.runtime.synthetic import build_synthetic
-
-CALIBRATION_TOKENS = 256
+from dejavu.runtime.thresholds import RANDOM_CALIBRATION_TOKENS as CALIBRATION_TOKENS
+from dejavu.runtime.thresholds import random_calibration_ids
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     densities = [float(d) for d in args.mlp.split(",")]
     model, adapter, preds = build_synthetic(args.synthetic, args.layers, args.device, dtype, densities[0], args.heads)
-    ids = torch.randint(1, model.config.vocab_size, (CALIBRATION_TOKENS,), generator=torch.Generator().manual_seed(0))
+    ids = random_calibration_ids(model)
     rows = []
     for density in densities:
         preds.with_densities(density, args.heads)

@@ -482,9 +482,10 @@ def bench(
     sizes = _numbers(batch_sizes, int, "--batch-sizes")
     if synthetic and (calibration is not None or calibration_tokens is not None):
         from dejavu.errors import DejavuError
+        from dejavu.runtime.thresholds import RANDOM_CALIBRATION_TOKENS
 
-        raise DejavuError("--synthetic calibrates any thresholds on 256 random tokens through its random model (no "
-                          "corpus fits random weights): drop --calibration / --calibration-tokens")
+        raise DejavuError(f"--synthetic calibrates any thresholds on {RANDOM_CALIBRATION_TOKENS} random tokens through "
+                          "its random model (no corpus fits random weights): drop --calibration / --calibration-tokens")
     if mlp_keep_input is None and keep_layer_bytes is None:
         _check_rule_flags(config, "runtime", calibration, selection=selection, densities=(mlp_density, head_density),
                           calibration_tokens=calibration_tokens, mlp_selection=mlp_selection)

@@ -272,6 +272,12 @@ def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> di
     model, adapter, predictors = build_synthetic(name, layers, device, dtype, mlp_d, head_d)
     if speed:
         check_speed_context(model, cfg.runtime)
+    from dejavu.runtime.thresholds import RANDOM_CALIBRATION_TOKENS
+
+    # thresholds of either kind come from the random model's own activations over random tokens (no corpus fits
+    # random weights)
+    random_calibration = {"calibration": "random text through the synthetic model",
+                          "calibration_tokens": RANDOM_CALIBRATION_TOKENS}
     thresholds = None
     if cfg.runtime.mlp_keep_input is not None or cfg.runtime.keep_layer_bytes is not None:
         from dejavu.runtime.thresholds import calibrate_on_random_tokens
@@ -290,13 +296,12 @@ def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> di
             raise DejavuError("--mlp-selection threshold is an MLP rule of its own: drop the magnitude thresholds, "
                               "--mlp-candidate-density and --mlp-up-weight")
         from dejavu.runtime.score_thresholds import calibrate_score_thresholds
+        from dejavu.runtime.thresholds import random_calibration_ids
 
-        # the random predictors' scores through the random model, over random tokens: thresholds that keep
-        # the MLP density on those (no corpus fits random weights)
-        tokens = 256
-        ids = torch.randint(1, model.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
-        predictors.mlp_score_thresholds = calibrate_score_thresholds(model, adapter, predictors, ids, tokens)
-        score_calibration = {"calibration": "random text through the synthetic model", "calibration_tokens": tokens}
+        predictors.mlp_score_thresholds = calibrate_score_thresholds(model, adapter, predictors,
+                                                                     random_calibration_ids(model),
+                                                                     RANDOM_CALIBRATION_TOKENS)
+        score_calibration = random_calibration
     speed_data = None
     if speed:
         speed_data = measure_speed(model, adapter, predictors, device=device, dtype=dtype, batch_sizes=batch_sizes,
@@ -315,7 +320,7 @@ def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> di
             "layers": layers,
             "thresholds": None if thresholds is None else {
                 **thresholds.describe(),
-                "calibration": "random text through the synthetic model", "calibration_tokens": 256}}
+                **random_calibration}}
     return build_report(base, None, speed_data, batch_sizes[0])
 
 

@@ -218,15 +218,18 @@ def residual_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.
 
 def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest per-unit maxima over the batch, ascending (rows then stream in order)."""
-    s = scores.amax(0) if scores.shape[0] > 1 else scores[0]
-    return torch.topk(s.float(), k, sorted=False).indices.sort().values
+    return torch.topk(_batch_max(scores).float(), k, sorted=False).indices.sort().values
+
+
+def _batch_max(scores: torch.Tensor) -> torch.Tensor:
+    """Each unit's highest score over the batch [n]: a unit any sequence selects is selected for the batch."""
+    return scores.amax(0) if scores.shape[0] > 1 else scores[0]
 
 
 def select_above(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """Indices of the units whose per-unit max over the batch is above threshold, ascending (score
     thresholds: a unit any sequence keeps). Compared in the scores' dtype, as runtime.apply compares."""
-    s = scores.amax(0) if scores.shape[0] > 1 else scores[0]
-    return (s > threshold).nonzero().flatten()
+    return (_batch_max(scores) > threshold).nonzero().flatten()
 
 
 def exact_up_scores(up: torch.Tensor, logits: torch.Tensor | None, weight: float) -> torch.Tensor:

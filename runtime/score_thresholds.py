@@ -28,7 +28,8 @@ def calibrate_score_thresholds(model, adapter, predictors: PredictorSet, ids: to
                                mlp_density: float | None = None, head_density: float | None = None,
                                windows_per_forward: int = 4) -> list[float | None]:
     """Each layer's MLP score threshold from sparse forwards over `ids` (1-D token ids) in windows of
-    `window`; each window's thresholds are the quantiles of its own scores, averaged over the windows. Layers without an MLP predictor (density 1.0) get None. The MLP and heads run at
+    `window`; each window's thresholds are the quantiles of its own scores, averaged over the windows.
+    Layers without an MLP predictor (density 1.0) get None. The MLP and heads run at
     `mlp_density` / `head_density` (None: the bundle's per-layer ones), as they will at inference."""
     from dejavu.runtime.apply import SparseRuntime
 

@@ -123,11 +123,21 @@ def calibrate(model, adapter, ids: torch.Tensor, keep_x: float | None, keep_h: f
     return calibrate_thresholds(model, adapter, ids, keep_x, keep_h, window=window, keep_attn=keep_attn)
 
 
-def calibrate_on_random_tokens(model, adapter, keep_x: float | None, keep_h: float, tokens: int = 256,
-                               keep_attn: float | None = None, layer_bytes: float | None = None) -> Thresholds:
+RANDOM_CALIBRATION_TOKENS = 256  # what synthetic (random-weight) models calibrate any thresholds on
+
+
+def random_calibration_ids(model, tokens: int = RANDOM_CALIBRATION_TOKENS) -> torch.Tensor:
+    """Random token ids (seeded) for random-weight (synthetic) models, which no corpus fits: thresholds then
+    come from their own activations over these."""
+    return torch.randint(1, model.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
+
+
+def calibrate_on_random_tokens(model, adapter, keep_x: float | None, keep_h: float,
+                               tokens: int = RANDOM_CALIBRATION_TOKENS, keep_attn: float | None = None,
+                               layer_bytes: float | None = None) -> Thresholds:
     """For random-weight (synthetic) models, which have no corpus: their own activations over random tokens."""
-    ids = torch.randint(1, model.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
-    return calibrate(model, adapter, ids, keep_x, keep_h, keep_attn, layer_bytes, window=tokens)
+    return calibrate(model, adapter, random_calibration_ids(model, tokens), keep_x, keep_h, keep_attn, layer_bytes,
+                     window=tokens)
 
 
 def calibration_ids(tokenizer, data, tokens: int) -> torch.Tensor:

@@ -1390,6 +1390,16 @@ class TopkWorkspace:
         return ws
 
 
+def _keys_tiles(src: torch.Tensor, w2: torch.Tensor | None, n: int, single: bool) -> tuple[bool, int, int, int]:
+    """(USE_DOT, BLOCK_N, rank, BLOCK_R) of the keys pass: fused (w2 given) scores go through tl.dot in 16-bit
+    dtypes, 64 units a program; given scores are read WIDE_SLICE at a time; `single`: one program for all n."""
+    fused = w2 is not None
+    rank = w2.shape[1] if fused else 0
+    block_n = max(16, triton.next_power_of_2(n)) if single else 64 if fused else WIDE_SLICE
+    block_r = min(64, max(16, triton.next_power_of_2(rank))) if fused else 16
+    return fused and src.dtype != torch.float32, block_n, rank, block_r
+
+
 def _wide_topk(src: torch.Tensor, w2: torch.Tensor | None, b2: torch.Tensor | None, relu: bool, n: int, k: int,
                out: torch.Tensor | None, ws: TopkWorkspace | None, exact_up: tuple | None = None) -> torch.Tensor:
     """exact_up: (logits or None, weight): src is up's output and the scores are select_exact_up's."""
@@ -1404,14 +1414,8 @@ def _wide_topk(src: torch.Tensor, w2: torch.Tensor | None, b2: torch.Tensor | No
     if logits is not None:
         assert logits.shape == src.shape and logits.stride(1) == 1
     fused = w2 is not None
-    use_dot = fused and src.dtype != torch.float32
     single = n <= WIDE_SINGLE_MAX
-    if single:
-        block_n = max(16, triton.next_power_of_2(n))
-    else:
-        block_n = 64 if fused else WIDE_SLICE
-    rank = w2.shape[1] if fused else 0
-    block_r = min(64, max(16, triton.next_power_of_2(rank))) if fused else 16
+    use_dot, block_n, rank, block_r = _keys_tiles(src, w2, n, single)
     if fused:
         assert w2.stride(1) == 1 and w2.shape[0] == n and b2.is_contiguous() and w2.dtype == src.dtype
     warps = 8 if single and block_n >= 256 else 4
@@ -1507,10 +1511,7 @@ def _select_above(src: torch.Tensor, w2: torch.Tensor | None, b2: torch.Tensor |
     else:
         assert src.shape[1] == n
     key_bits = _key_bits(src.dtype)
-    use_dot = fused and src.dtype != torch.float32
-    block_n = 64 if fused else WIDE_SLICE
-    rank = w2.shape[1] if fused else 0
-    block_r = min(64, max(16, triton.next_power_of_2(rank))) if fused else 16
+    use_dot, block_n, rank, block_r = _keys_tiles(src, w2, n, single=False)
     _topk_keys_kernel[(triton.cdiv(n, block_n),)](
         src, w2 if fused else src, b2 if fused else src, keys, keys, out, batch, n, rank, 0, src.stride(0),
         w2.stride(0) if fused else 0, 0.0, FUSED=fused, RELU=relu, USE_DOT=use_dot,

@@ -144,6 +144,10 @@ class TuneConfig:
     # the MLP selection tuned for: "topk", or "threshold" (each sequence keeps the neurons scored above the
     # quantile of its own scores that keeps the MLP density: export.mlp_selection threshold then applies it)
     mlp_selection: str = "topk"
+    # with mlp_selection "threshold": tune two-stage score thresholds, the scores keeping this candidate density
+    # and each sequence's |down input| quantile the MLP density (export.mlp_candidate_density then applies it);
+    # None: one stage
+    mlp_candidate_density: float | None = None
 
 
 @dataclass
@@ -415,6 +419,14 @@ def validate(cfg: RunConfig) -> None:
     _check_density(cfg.runtime.head_density, "runtime.head_density")
     _check_density(cfg.export.mlp_candidate_density, "export.mlp_candidate_density")
     _check_density(cfg.runtime.mlp_candidate_density, "runtime.mlp_candidate_density")
+    _check_density(cfg.tune.mlp_candidate_density, "tune.mlp_candidate_density")
+    t = cfg.tune
+    if t.mlp_candidate_density is not None and t.mlp_selection != "threshold":
+        raise DejavuError("tune.mlp_candidate_density (--mlp-candidate-density) tunes two-stage score thresholds: "
+                          "it needs --mlp-selection threshold")
+    if t.mlp_candidate_density is not None and t.mlp_density is not None and t.mlp_candidate_density < t.mlp_density:
+        raise DejavuError(f"tune.mlp_candidate_density {t.mlp_candidate_density:g} is below the MLP density "
+                          f"{t.mlp_density:g}: the candidates must include the final set")
     for section in ("export", "runtime"):  # TEAL-style thresholds (runtime/thresholds.py)
         keep_input, keep_attn = getattr(cfg, section).mlp_keep_input, getattr(cfg, section).attn_keep_input
         _check_density(keep_input, f"{section}.mlp_keep_input")
@@ -431,8 +443,8 @@ def validate(cfg: RunConfig) -> None:
         raise DejavuError("choose one MLP rule: --mlp-up-weight (exact up) or --mlp-candidate-density (two-stage)")
     for section in ("export", "runtime"):
         sec = getattr(cfg, section)
-        others = [flag for flag, value in (("--mlp-candidate-density", sec.mlp_candidate_density),
-                                           ("--mlp-up-weight", getattr(sec, "mlp_up_weight", None)),
+        # with --mlp-candidate-density the score thresholds keep the candidates, down thresholds the rest
+        others = [flag for flag, value in (("--mlp-up-weight", getattr(sec, "mlp_up_weight", None)),
                                            ("--mlp-keep-input", sec.mlp_keep_input),
                                            ("--keep-layer-bytes", sec.keep_layer_bytes)) if value is not None]
         if sec.mlp_selection == "threshold" and others:

@@ -129,6 +129,9 @@ class PredictorSet:
     # per-layer thresholds on the MLP predictors' scores (runtime/score_thresholds.py), set at these
     # predictors' MLP densities (None for layers that run dense), or None: each token's top-k
     mlp_score_thresholds: list | None = None
+    # two-stage score thresholds (runtime/apply.py): the score thresholds keep the candidates, and these per-layer
+    # |down input| thresholds keep the MLP density; None: one stage
+    mlp_down_thresholds: list | None = None
 
     @property
     def has_predictors(self) -> bool:
@@ -150,7 +153,7 @@ class PredictorSet:
         """Run every layer at these densities (None keeps a kind's own). Score thresholds were set for the
         densities they came with, so other densities drop them (or their layers would keep another share)."""
         if not self.at_densities(mlp, heads):
-            self.mlp_score_thresholds = None
+            self.mlp_score_thresholds = self.mlp_down_thresholds = None
         for lp in self.layers:
             if mlp is not None:
                 lp.mlp_density = mlp

@@ -8,9 +8,9 @@ Each variant gets its own run directory (WORK/NAME, predictors/ linked to the tr
         --device cuda --dtype float32 trained lr5e-4:lr=0.0005,steps=600 heads05:head-density=0.5,lr=0.0005
 
 A variant is NAME or NAME:flag=value,... where each flag is a tune-predictors option without its dashes
-(steps, sequences, lr, mlp-density, head-density, eval-sequences, eval-every, mlp-selection); a flag named
-bench-FLAG goes to `dejavu bench` instead (bench-mlp-density=0.3, bench-head-density=0.5, bench-selection=oracle),
-one named export-FLAG to `dejavu export` (export-mlp-selection=threshold, export-mlp-density=0.46). Bench
+(steps, sequences, lr, mlp-density, head-density, eval-sequences, eval-every, mlp-selection,
+mlp-candidate-density); a flag named bench-FLAG goes to `dejavu bench` instead (bench-mlp-density=0.3,
+bench-head-density=0.5, bench-selection=oracle), one named export-FLAG to `dejavu export` (export-mlp-selection=threshold, export-mlp-density=0.46). Bench
 densities otherwise follow the bundle (a tuned one's are those it was tuned at).
 """
 from __future__ import annotations

@@ -85,8 +85,10 @@ MlpDensityOpt = typer.Option(None, "--mlp-density", help="Override the bundle's 
 HeadDensityOpt = typer.Option(None, "--head-density", help="Override the bundle's head density, in (0, 1].")
 MlpCandidateDensityOpt = typer.Option(
     None, "--mlp-candidate-density",
-    help="Two-stage MLP selection: predictor candidates at this density, then the top --mlp-density by exact "
-         "activation (default: the bundle's; unset: one-stage).")
+    help="Two-stage MLP selection: predictor candidates at this density (gate/up run for them), then the top "
+         "--mlp-density by exact activation; with --mlp-selection threshold, score thresholds keep the candidates "
+         "and a per-layer threshold on the activation keeps --mlp-density for down, both calibrated on "
+         "--calibration (default: the bundle's; unset: one-stage).")
 MlpUpWeightOpt = typer.Option(
     None, "--mlp-up-weight",
     help="Exact-up MLP selection: compute up for every neuron and keep the top --mlp-density by "
@@ -332,6 +334,10 @@ def tune_predictors(
         None, "--mlp-selection", help="The MLP selection to tune for: topk, or threshold (each step keeps the "
         "neurons scored above the quantile that keeps --mlp-density of each sequence's scores; export the result with "
         "--mlp-selection threshold)." + default("tune.mlp_selection")),
+    mlp_candidate_density: float | None = typer.Option(
+        None, "--mlp-candidate-density", help="With --mlp-selection threshold: tune two-stage score thresholds, "
+        "the scores keeping this share of neurons for gate/up and each sequence's activation quantile --mlp-density "
+        "for down (export with --mlp-selection threshold --mlp-candidate-density C). Unset: one stage."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Start again: replace a finished RUN/tuned, or a checkpoint of other settings, "
         "instead of keeping it (a rerun with the same settings keeps a finished tuning and resumes an unfinished one)."),
@@ -352,7 +358,7 @@ def tune_predictors(
         "tune.steps": steps, "tune.sequences": sequences, "tune.lr": lr, "tune.mlp_density": mlp_density,
         "tune.head_density": head_density, "data.dataset": dataset, "tune.eval_sequences": eval_sequences,
         "tune.eval_every": eval_every, "model.device": device, "model.dtype": dtype,
-        "tune.mlp_selection": mlp_selection,
+        "tune.mlp_selection": mlp_selection, "tune.mlp_candidate_density": mlp_candidate_density,
     })
 
 
@@ -376,7 +382,9 @@ def export(
         "export.head_density, else the trained one." + default("export.head_density")),
     mlp_candidate_density: float | None = typer.Option(
         None, "--mlp-candidate-density",
-        help="Two-stage MLP selection default: predictor candidates at this density, final top-k by exact activation."),
+        help="Two-stage MLP selection default: predictor candidates at this density, final top-k by exact activation; "
+             "with --mlp-selection threshold, score thresholds keep the candidates and per-layer thresholds on the "
+             "activation keep --mlp-density for down (both calibrated now)."),
     mlp_keep_input: float | None = typer.Option(
         None, "--mlp-keep-input",
         help="Also store TEAL-style MLP thresholds, calibrated now on the config's data.dataset: keep this share "

@@ -12,6 +12,8 @@ Layout (docs/FORMATS.md, `dejavu.bundle` version 1):
 - Optional MLP score thresholds (`export.mlp_selection: threshold`): `score_thresholds.mlp`, one fp32 value
   per layer (NaN where the MLP runs dense; runtime/score_thresholds.py), described by the manifest's
   `mlp_score_thresholds`; the runtime then keeps each token's neurons scored above them instead of a top-k.
+  With `export.mlp_candidate_density` too (two-stage), they keep that candidate density and
+  `score_thresholds.mlp_down` (the same layout) cuts the candidates' down rows to the MLP density.
 
 A layer the predictors stage did not train (train.layers restricted) has no tensors and density 1.0:
 the runtime runs it dense.
@@ -142,9 +144,10 @@ def _calibrated_thresholds(cfg, model_name: str, identity: dict | None, keep_dow
 
 def _calibrated_score_thresholds(cfg, model_name: str, identity: dict, tensors: dict[str, torch.Tensor],
                                  mlp_per_layer: list[float], head_per_layer: list[float], pairings: dict,
-                                 activation: str) -> tuple[list[float | None], dict]:
+                                 activation: str) -> tuple[list[float | None], list[float | None] | None, dict]:
     """Load the model, check it is the one the predictors were trained on, and set each layer's MLP score
-    threshold with these predictors at the bundle's densities (runtime/score_thresholds.py)."""
+    threshold (and with a candidate density, its down threshold) with these predictors at the bundle's
+    densities (runtime/score_thresholds.py)."""
     from dejavu.runtime.score_thresholds import calibrate_on_corpus
 
     layers = _predictor_layers(tensors, mlp_per_layer, head_per_layer, activation, "the predictors")
@@ -154,9 +157,9 @@ def _calibrated_score_thresholds(cfg, model_name: str, identity: dict, tensors: 
     predictors = PredictorSet(layers, **pairings)
     model, tokenizer, _, adapter = _calibration_model(model_name, identity)
     e = cfg.export
-    values = calibrate_on_corpus(model, adapter, tokenizer, predictors, cfg.data, e.calibration_tokens,
-                                 max_window=cfg.runtime.eval_window)
-    return values, {"calibration": cfg.data.dataset, "calibration_tokens": e.calibration_tokens}
+    values, down = calibrate_on_corpus(model, adapter, tokenizer, predictors, cfg.data, e.calibration_tokens,
+                                       max_window=cfg.runtime.eval_window, candidate_density=e.mlp_candidate_density)
+    return values, down, {"calibration": cfg.data.dataset, "calibration_tokens": e.calibration_tokens}
 
 
 def check_bundle_out(out: Path, stages: tuple[Path, ...] = ()) -> bool:
@@ -330,24 +333,35 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
 
     score_description = None
     if cfg.export.mlp_selection == "threshold":  # before anything is written: a bad model loses nothing
-        from dejavu.runtime.score_thresholds import TENSOR_NAME, to_tensor
+        from dejavu.runtime.score_thresholds import DOWN_TENSOR_NAME, TENSOR_NAME, to_tensor
 
         pairings = {"mlp_pairing": pm.get("mlp_pairing", cfg.train.mlp_pairing),
                     "head_pairing": pm.get("head_pairing", cfg.train.head_pairing)}
-        values, score_description = _calibrated_score_thresholds(
+        values, down, score_description = _calibrated_score_thresholds(
             cfg, model_name or identity.get("name") or cfg.model.name, identity, tensors, mlp_per_layer,
             head_per_layer, pairings, pm.get("hidden_activation", cfg.train.hidden_activation))
         tensors[TENSOR_NAME] = to_tensor(values)
+        if down is not None:
+            tensors[DOWN_TENSOR_NAME] = to_tensor(down)
 
     tuned = pm.get("tuned") or {}
     if tuned and (any(d != tuned.get("mlp_density") for d, p in zip(mlp_per_layer, present, strict=True) if p)
                   or any(d != tuned.get("head_density") for d, p in zip(head_per_layer, present, strict=True) if p)):
         print(f"note: these predictors were tuned at MLP density {tuned.get('mlp_density')} and head density "
               f"{tuned.get('head_density')}; the bundle asks for others, where tuning was not measured", flush=True)
-    if tuned and tuned.get("mlp_selection", "topk") != cfg.export.mlp_selection:
-        print(f"note: these predictors were tuned for MLP selection {tuned.get('mlp_selection', 'topk')}; the bundle "
-              f"selects by {cfg.export.mlp_selection} (--mlp-selection {tuned.get('mlp_selection', 'topk')} matches the "
-              "tuning)", flush=True)
+    # (a candidate density belongs to the rule tuned for with score thresholds only: a two-stage top-k is never tuned)
+    tuned_rule = (tuned.get("mlp_selection", "topk"), tuned.get("mlp_candidate_density"))
+    exported_rule = (cfg.export.mlp_selection, candidates if cfg.export.mlp_selection == "threshold" else None)
+    if tuned and tuned_rule != exported_rule:
+        def rule(selection, cand):
+            return selection + (f" among candidates at {cand:g}" if cand is not None else "")
+
+        flags = f"--mlp-selection {tuned_rule[0]}" + (
+            f" --mlp-candidate-density {tuned_rule[1]:g}" if tuned_rule[1] is not None
+            else " without --mlp-candidate-density" if exported_rule[1] is not None and tuned_rule[0] == "threshold"
+            else "")
+        print(f"note: these predictors were tuned for MLP selection {rule(*tuned_rule)}; the bundle selects by "
+              f"{rule(*exported_rule)} ({flags} matches the tuning)", flush=True)
     # per-layer overrides make the top-level density their mean (what bench reports), not the default
     mlp_density, head_density = _mean_density(mlp_per_layer, present), _mean_density(head_per_layer, present)
     _writing_to(out, replacing)
@@ -370,7 +384,8 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         # optional: how `dejavu tune-predictors` tuned them (held-out KL before and after; null: as trained)
         tuned=pm.get("tuned"),
         predictor_bytes=predictor_bytes,
-        # optional: two-stage MLP selection default for the runtime (null: one-stage)
+        # optional: two-stage MLP selection default for the runtime (null: one-stage); with mlp_selection
+        # "threshold", the density the score thresholds keep (score_thresholds.mlp_down cuts the rest)
         mlp_candidate_density=cfg.export.mlp_candidate_density,
         # optional: TEAL-style thresholds (tensors thresholds.*), which the runtime then applies
         thresholds=threshold_description,
@@ -382,7 +397,8 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
     trained = sum(present)
     print(f"bundle written to {out}: {trained}/{num_layers} layers with predictors, "
           f"MLP density {mlp_density:g}"
-          f"{' (score thresholds)' if score_description else ''}, head density {head_density:g}, "
+          f"{' (score thresholds)' if score_description else ''}"
+          f"{f' among candidates at {candidates:g}' if candidates is not None else ''}, head density {head_density:g}, "
           f"{predictor_bytes / 2**20:.1f} MiB of predictors (fp32)")
     return manifest
 
@@ -457,20 +473,24 @@ def _check_manifest_densities(manifest: dict, where: Path) -> None:
 
 
 def _bundled_score_thresholds(manifest: dict, tensors: dict, layers: list[LayerPredictors], path: Path,
-                              where: Path) -> list[float | None] | None:
-    """The bundle's MLP score thresholds when its manifest selects by them (bundles before them: top-k)."""
+                              where: Path) -> tuple[list[float | None] | None, list[float | None] | None]:
+    """The bundle's MLP score thresholds when its manifest selects by them (bundles before them: top-k), and
+    its down thresholds when they keep candidates (two-stage), else None."""
     selection = manifest.get("mlp_selection", "topk")
     if selection not in ("topk", "threshold"):
         raise DejavuError(f"{where}: mlp_selection must be topk or threshold, not {selection!r} (an edited manifest?)")
     if selection == "topk":
-        return None
-    from dejavu.runtime.score_thresholds import from_tensor
+        return None, None
+    from dejavu.runtime.score_thresholds import DOWN_TENSOR_NAME, from_tensor
 
     if not isinstance(manifest.get("mlp_score_thresholds"), dict):
         raise DejavuError(f"{where}: mlp_selection is threshold but mlp_score_thresholds does not describe them "
                           "(an edited manifest?)")
     sparse = [lp.mlp is not None and lp.mlp_density < 1.0 for lp in layers]
-    return from_tensor(tensors, len(layers), sparse, str(path / BUNDLE_FILE))
+    scores = from_tensor(tensors, len(layers), sparse, str(path / BUNDLE_FILE))
+    if manifest.get("mlp_candidate_density") is None:
+        return scores, None
+    return scores, from_tensor(tensors, len(layers), sparse, str(path / BUNDLE_FILE), DOWN_TENSOR_NAME)
 
 
 def _predictor_layers(tensors: dict[str, torch.Tensor], mlp_d: list[float], head_d: list[float],
@@ -530,11 +550,11 @@ def load_bundle(path: str | Path) -> tuple[dict, PredictorSet]:
     layers = _predictor_layers(all_tensors, mlp_d, head_d, manifest.get("hidden_activation"), path / BUNDLE_FILE,
                                manifest)
     _check_top_level_densities(manifest, layers, thresholds, where)
-    score_thresholds = _bundled_score_thresholds(manifest, all_tensors, layers, path, where)
+    score_thresholds, down_thresholds = _bundled_score_thresholds(manifest, all_tensors, layers, path, where)
     pset = PredictorSet(layers, mlp_pairing=manifest.get("mlp_pairing", "current"),
                         head_pairing=manifest.get("head_pairing", "lookahead"),
                         meta={"bundle": str(path), "model": model}, thresholds=thresholds,
-                        mlp_score_thresholds=score_thresholds)
+                        mlp_score_thresholds=score_thresholds, mlp_down_thresholds=down_thresholds)
     return manifest, pset
 
 

@@ -45,6 +45,14 @@ more. On SmolLM2 this gave lower perplexity than top-k at the same mean MLP byte
 quantile that keeps the layer's density over its sparse tokens), their mean recorded in
 `batch_score_thresholds`: calibration and tuning use that.
 
+Score-threshold candidates, then down thresholds (opt-in: `mlp_score_thresholds` with
+`mlp_candidate_density` C and `mlp_down_thresholds`): the score thresholds, set to keep C, choose which
+neurons' gate/up run; of those, down reads the rows whose |down input| is above a second per-layer
+threshold, set to keep the MLP density of all neurons (runtime/score_thresholds.py sets both in one sparse
+pass). Two-stage selection with no selection step on the critical path: the down kernel skips a row as it
+reads (BENCHMARKS.md: better per byte than both plain score thresholds and the exact top-k among the
+candidates). MLP weight bytes read: as two-stage.
+
 Straight-through selection (`straight_through` S, predictor selection in mask mode, for tuning the
 predictors end to end, train/tune.py): the forward keeps the hard top-k, and the gradient reaches the
 scores through sigmoid(S * (score - the token's k-th largest score)), as the bce+output loss does.
@@ -159,7 +167,8 @@ class SparseRuntime:
                  mode: str = "mask", record: bool = False, mlp_candidate_density: float | None = None,
                  mlp_up_weight: float | None = None, thresholds: Thresholds | None = None,
                  straight_through: float | None = None,
-                 mlp_score_thresholds: list[float | None] | str | None = None):
+                 mlp_score_thresholds: list[float | None] | str | None = None,
+                 mlp_down_thresholds: list[float | None] | str | None = None):
         if selection not in SELECTIONS:
             raise DejavuError(f"selection must be one of {', '.join(SELECTIONS)}; got {selection!r}")
         if mode not in MODES:
@@ -196,14 +205,20 @@ class SparseRuntime:
                             if d >= 1.0 and min(self.head_density, default=1.0) < 1.0}
         self.mlp_candidate_density = self._check_candidates(mlp_candidate_density)
         self.mlp_up_weight = self._check_up_weight(mlp_up_weight)
+        self.mlp_down_thresholds = self._check_thresholds(mlp_down_thresholds, n, "down")
         self.mlp_score_thresholds = self._check_score_thresholds(mlp_score_thresholds, n)
+        if self.mlp_down_thresholds is not None and self.mlp_score_thresholds is None:
+            raise DejavuError("down thresholds (mlp_down_thresholds) are the second stage of score-threshold "
+                              "candidates: they take mlp_score_thresholds and mlp_candidate_density")
         # "batch" mode: per layer, 0-d tensors (read them with float()/int(): no host sync while tuning)
         self.batch_score_thresholds: dict[int, torch.Tensor] = {}
         self.batch_score_tokens: dict[int, torch.Tensor] = {}
-        if straight_through is not None and (selection != "predictor" or mode != "mask" or self.two_stage
+        self.batch_down_thresholds: dict[int, torch.Tensor] = {}
+        if straight_through is not None and (selection != "predictor" or mode != "mask"
+                                             or (self.two_stage and self.mlp_down_thresholds is None)
                                              or self.exact_up or thresholds is not None):
             raise DejavuError("straight-through selection tunes the predictors: selection 'predictor', mask mode, "
-                              "one-stage top-k or score thresholds")
+                              "one-stage top-k or score thresholds (with or without down thresholds)")
         self.straight_through = straight_through
         if predictors is not None:
             device = next(model.parameters()).device
@@ -271,19 +286,27 @@ class SparseRuntime:
             return None
         if self.selection != "predictor":
             raise DejavuError("MLP score thresholds apply to the predictors' scores: selection 'predictor'")
-        if self.two_stage or self.exact_up or self.thresholds is not None:
-            raise DejavuError("MLP score thresholds are their own MLP rule: not with two-stage, exact-up or "
-                              "magnitude thresholds")
+        if self.exact_up or self.thresholds is not None:
+            raise DejavuError("MLP score thresholds are their own MLP rule: not with exact-up or magnitude thresholds")
+        if self.two_stage != (self.mlp_down_thresholds is not None):
+            raise DejavuError("score-threshold candidates (mlp_candidate_density with score thresholds) take down "
+                              "thresholds (mlp_down_thresholds) as their second stage, and down thresholds need them")
+        return self._check_thresholds(given, n, "score")
+
+    def _check_thresholds(self, given, n: int, kind: str):
+        """Per-layer values (finite wherever the MLP runs sparse) or "batch"; None stays None."""
+        if given is None:
+            return None
         if isinstance(given, str):
             if given != "batch":
-                raise DejavuError(f"mlp_score_thresholds must be a list of per-layer values or 'batch', got {given!r}")
+                raise DejavuError(f"mlp_{kind}_thresholds must be a list of per-layer values or 'batch', got {given!r}")
             return given
         values = list(given)
         if len(values) != n:
-            raise DejavuError(f"MLP score thresholds cover {len(values)} layers, the model has {n}")
+            raise DejavuError(f"MLP {kind} thresholds cover {len(values)} layers, the model has {n}")
         for l, value in enumerate(values):  # noqa: E741
             if self.mlp_density[l] < 1.0 and (value is None or value != value):
-                raise DejavuError(f"layer {l} runs a sparse MLP but has no score threshold (NaN or missing)")
+                raise DejavuError(f"layer {l} runs a sparse MLP but has no {kind} threshold (NaN or missing)")
         return values
 
     @property
@@ -396,17 +419,19 @@ class SparseRuntime:
         """The units scored above layer l's threshold (fixed, or each sequence's own quantile); straight-through
         as `_select`, around that threshold."""
         if self.mlp_score_thresholds == "batch":
-            threshold = self._sequence_thresholds(l, scores, self.mlp_density[l])
+            density = self.mlp_candidate_density if self.two_stage else self.mlp_density[l]
+            threshold = self._sequence_thresholds(l, scores, density, self.batch_score_thresholds)
         else:
             threshold = float(self.mlp_score_thresholds[l])
         hard = scores > threshold
         return self._straight_through(hard, scores, threshold) if self._tuning else hard
 
-    def _sequence_thresholds(self, l: int, scores: torch.Tensor, density: float) -> torch.Tensor:  # noqa: E741
+    def _sequence_thresholds(self, l: int, scores: torch.Tensor, density: float,  # noqa: E741
+                             record: dict[int, torch.Tensor]) -> torch.Tensor:
         """Per sequence, the score above which `density` of its sparse tokens' scores lie ([B, 1, ..., 1]).
         Per sequence, not per forward, so that how a batch is split (processes under torchrun) changes
         nothing. Records the mean over the sequences, weighted by their sparse tokens, in
-        batch_score_thresholds[l] and those tokens in batch_score_tokens[l]."""
+        record[l] and those tokens in batch_score_tokens[l]."""
         detached = scores.detach().float()
         rows = detached.reshape(detached.shape[0], -1, detached.shape[-1]) if detached.dim() > 2 else detached[None]
         tm = self.sparse_tokens(detached)
@@ -420,7 +445,7 @@ class SparseRuntime:
                                   for b in range(rows.shape[0])])
         tokens = counts.sum()
         weighted = torch.where(counts > 0, values, 0.0).double() * counts  # double: sums of many sequences
-        self.batch_score_thresholds[l] = torch.where(tokens > 0, weighted.sum() / tokens.clamp_min(1), float("-inf"))
+        record[l] = torch.where(tokens > 0, weighted.sum() / tokens.clamp_min(1), float("-inf"))
         self.batch_score_tokens[l] = tokens
         shape = (rows.shape[0],) + (1,) * (scores.dim() - 1) if scores.dim() > 2 else (1, 1)
         return values.to(scores.dtype).reshape(shape)
@@ -452,8 +477,24 @@ class SparseRuntime:
         if self.two_stage:
             candidates = self._mlp_sel[l].reshape(act.shape)
             self._note("mlp_candidates", l, candidates)
-            return topk_among(act.abs(), candidates, self.mlp_density[l])
+            return self._final_among(l, act, candidates)
         return self._mlp_sel[l]
+
+    def _final_among(self, l: int, act: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:  # noqa: E741
+        """Two-stage: the neurons of `candidates` (whose gate/up ran) that down reads. The top `mlp_density` of all
+        by |act|, or with down thresholds those whose |act| is above layer l's (fixed, or each sequence's quantile
+        keeping the MLP density of all its neurons, the non-candidates counted as 0)."""
+        if self.mlp_down_thresholds is None:
+            return topk_among(act.abs(), candidates, self.mlp_density[l])
+        magnitude = act.detach().abs()
+        if self.mlp_down_thresholds == "batch":
+            kept = magnitude * (candidates.detach() > 0)
+            threshold = self._sequence_thresholds(l, kept, self.mlp_density[l], self.batch_down_thresholds)
+            # a quantile that falls among the zeros keeps every candidate (0 is not above 0)
+            threshold = threshold.clamp_min(0.0)
+        else:
+            threshold = float(self.mlp_down_thresholds[l])
+        return candidates * (magnitude > threshold)
 
     def _apply_token_mask(self, mask: torch.Tensor) -> torch.Tensor:
         tm = self.sparse_tokens(mask)
@@ -576,9 +617,9 @@ class SparseRuntime:
             rows, union = self._gather[l]
             rows = rows.reshape(x.shape)
             if self.two_stage:
-                # x is zero outside the candidates' union; the final set is each token's top-k among
-                # its own candidates, and down reads only the union of the final sets.
-                final = topk_among(x.abs(), self._mlp_sel[l].reshape(x.shape), self.mlp_density[l])
+                # x is zero outside the candidates' union; the final set is each token's own among its
+                # candidates, and down reads only the union of the final sets.
+                final = self._final_among(l, x, self._mlp_sel[l].reshape(x.shape))
                 self._note("mlp", l, final)
                 rows = self._apply_token_mask(final)
                 union = rows.reshape(-1, rows.shape[-1]).any(dim=0).nonzero().squeeze(-1)

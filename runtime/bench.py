@@ -28,8 +28,9 @@ def _mean(values: list[float]) -> float:
 
 @torch.no_grad()
 def _fallback_speed(model, adapter, predictors, *, device, dtype, batch_sizes, decode_tokens, warmup,
-                    prompt_len) -> dict:
-    """HF eager greedy decode: dense vs the reference gather path (MLP rows only; heads masked)."""
+                    prompt_len, mlp_candidate_density: float | None = None) -> dict:
+    """HF eager greedy decode: dense vs the reference gather path (MLP rows only; heads masked). The
+    candidate density applies with the predictors' down thresholds (two-stage score thresholds) only."""
     from dejavu.runtime.apply import SparseRuntime
 
     def timed(runtime, batch: int) -> float:
@@ -52,8 +53,10 @@ def _fallback_speed(model, adapter, predictors, *, device, dtype, batch_sizes, d
         dense_ms = timed(None, b)
         sparse_ms = None
         if predictors is not None:
+            cut = predictors.mlp_down_thresholds
             with SparseRuntime(model, adapter, predictors, mode="gather",
-                               mlp_score_thresholds=predictors.mlp_score_thresholds) as runtime:
+                               mlp_score_thresholds=predictors.mlp_score_thresholds, mlp_down_thresholds=cut,
+                               mlp_candidate_density=mlp_candidate_density if cut is not None else None) as runtime:
                 sparse_ms = timed(runtime, b)
         batches[str(b)] = {"dense_ms_per_token": dense_ms, "sparse_ms_per_token": sparse_ms,
                            "speedup": dense_ms / sparse_ms if sparse_ms else None}
@@ -88,10 +91,11 @@ def measure_speed(model, adapter, predictors, *, device, dtype, batch_sizes, dec
         if thresholds is not None:
             raise DejavuError(f"MLP thresholds are timed only in the fast decode loop, which does not run "
                               f"{model_type!r} models; use --no-speed")
-        if mlp_candidate_density is not None or mlp_up_weight is not None or skip_kv:
-            warnings.warn("the HF eager timing runs the predictor's own selection with every k/v; two-stage, "
+        down_cut = predictors is not None and predictors.mlp_down_thresholds is not None
+        if (mlp_candidate_density is not None and not down_cut) or mlp_up_weight is not None or skip_kv:
+            warnings.warn("the HF eager timing runs the predictor's own selection with every k/v; two-stage top-k, "
                           "exact-up and skip_kv are timed only in the fast loop", stacklevel=2)
-        return _fallback_speed(model, adapter, predictors, **common)
+        return _fallback_speed(model, adapter, predictors, mlp_candidate_density=mlp_candidate_density, **common)
     return speed_report(model, adapter, predictors, mlp_candidate_density=mlp_candidate_density,
                         mlp_up_weight=mlp_up_weight, skip_kv=skip_kv, thresholds=thresholds, **common)
 
@@ -137,9 +141,11 @@ def _fmt(value, spec: str = ".3f") -> str:
 def rule_lines(report: dict) -> list[str]:
     """The sparse rule a report (or a generation's settings) describes, as indented lines."""
     two = report.get("mlp_candidate_density")
+    scored = report.get("mlp_selection") == "threshold"
+    second = "down rows by per-layer thresholds on the activation" if scored else "final top-k by exact activation"
     lines = [f"  selection {report.get('selection')}{' (tuned predictors)' if report.get('tuned') else ''}, MLP density {_fmt(report['mlp_density'], 'g')}, "
              f"head density {_fmt(report['head_density'], 'g')}"
-             + (f", two-stage MLP (predictor candidates {two:g}, final top-k by exact activation)" if two else "")
+             + (f", two-stage MLP (predictor candidates {two:g}, {second})" if two else "")
              + (f", exact-up MLP (log|up| + {report['mlp_up_weight']:g} x predictor logit)"
                 if report.get("mlp_up_weight") is not None else "")]
     st = report.get("mlp_score_thresholds")
@@ -147,7 +153,8 @@ def rule_lines(report: dict) -> list[str]:
         lines.append("  MLP neurons: those scored above per-layer thresholds ("
                      + ("the bundle's, " if st.get("from_bundle") else "")
                      + f"calibrated on {st.get('calibration_tokens')} tokens of {st.get('calibration')} to keep the "
-                       "MLP density on average), not a top-k")
+                     + ("candidate density on average; the down thresholds keep the MLP density), not a top-k" if two
+                        else "MLP density on average), not a top-k"))
     t = report.get("thresholds")
     allocation = (t or {}).get("allocation")
     if allocation:
@@ -208,12 +215,15 @@ def print_report(report: dict, out=None) -> None:
         for b, row in (s.get("batches") or {}).items():
             p(f"    batch {b}: dense {_fmt(row.get('dense_ms_per_token'), '.2f')} ms/token, sparse "
               f"{_fmt(row.get('sparse_ms_per_token'), '.2f')} ms/token, speedup {_fmt(row.get('speedup'), '.2f')}x"
-              + (f" (MLP neurons computed: {row['sparse_mlp_share_read']:.3f} of them, the mean over the timed steps)"
-                 if row.get("sparse_mlp_share_read") is not None else ""))
+              + (f" (MLP neurons computed: {row['sparse_mlp_share_read']:.3f} of them"
+                 + (f", down rows read for {row['sparse_mlp_down_share_read']:.3f}"
+                    if row.get("sparse_mlp_down_share_read") is not None else "")
+                 + ", the mean over the timed steps)" if row.get("sparse_mlp_share_read") is not None else ""))
         if (report.get("mlp_selection") == "threshold" and "method" not in s  # (the eager fallback keeps each's own)
                 and any(int(b) > 1 for b in (s.get("batches") or {}))):
             p("    (at batch > 1 the decode loop runs the batch's top-k of its scores: score thresholds are a "
-              "batch-1 rule)")
+              "batch-1 rule" + ("; down thresholds still cut each sequence's activations" if report.get(
+                  "mlp_candidate_density") else "") + ")")
 
 
 def run_bench(model: str | None = None, bundle: Path | None = None, dataset: str | None = None,
@@ -292,15 +302,19 @@ def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> di
             predictors = predictors.with_densities(None, 1.0)
     score_calibration = None
     if cfg.runtime.mlp_selection == "threshold":
-        if thresholds is not None or cfg.runtime.mlp_candidate_density is not None or cfg.runtime.mlp_up_weight:
-            raise DejavuError("--mlp-selection threshold is an MLP rule of its own: drop the magnitude thresholds, "
-                              "--mlp-candidate-density and --mlp-up-weight")
-        from dejavu.runtime.score_thresholds import calibrate_score_thresholds
+        if thresholds is not None or cfg.runtime.mlp_up_weight:
+            raise DejavuError("--mlp-selection threshold is an MLP rule of its own: drop the magnitude thresholds "
+                              "and --mlp-up-weight")
+        from dejavu.runtime.score_thresholds import calibrate_score_thresholds, calibrate_two_stage
         from dejavu.runtime.thresholds import random_calibration_ids
 
-        predictors.mlp_score_thresholds = calibrate_score_thresholds(model, adapter, predictors,
-                                                                     random_calibration_ids(model),
-                                                                     RANDOM_CALIBRATION_TOKENS)
+        ids, cand = random_calibration_ids(model), cfg.runtime.mlp_candidate_density
+        if cand is None:
+            predictors.mlp_score_thresholds = calibrate_score_thresholds(model, adapter, predictors, ids,
+                                                                         RANDOM_CALIBRATION_TOKENS)
+        else:
+            predictors.mlp_score_thresholds, predictors.mlp_down_thresholds = calibrate_two_stage(
+                model, adapter, predictors, ids, RANDOM_CALIBRATION_TOKENS, cand)
         score_calibration = random_calibration
     speed_data = None
     if speed:

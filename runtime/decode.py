@@ -24,6 +24,13 @@ k_c = units_for_density(candidate density, n) candidates; gate/up (and act*up) r
 the top k_f = units_for_density(mlp density, n) candidates by the batch's per-unit max |act*up| are
 kept and down^T reads only their rows. Both sizes are fixed, so the step stays graph-capturable.
 
+Two-stage score thresholds (mlp_candidate_density with the predictors' score and down thresholds, as
+runtime/apply.py): at batch 1 the predictor keeps the candidates scored above the layer's threshold (a
+count on the device), and the MLP kernel reads a candidate's down^T row only when |act*up| is above the
+layer's down threshold, as it reads: no selection step between gate/up and down. In a batch the predictor
+runs the top-k at the candidate density and the down kernel reads a row when any sequence keeps it. A tally
+on the device sums the down rows read, as the predictor's does the candidates.
+
 Exact-up MLP (opt-in, mlp_up_weight A, as runtime/apply.py): the MLP predictor writes its logits
 instead of a selection; the layer computes up for every neuron (one dense GEMV, issued before it waits
 for the predictor), one pass forms log|up| + A * logit in fp32 with the batch max and the top-k digits
@@ -299,7 +306,11 @@ class LayerWeights:
     down_t: torch.Tensor  # [n, d]
     mlp_pred: FoldedPredictor | None = None  # two-stage: it selects the candidates
     head_pred: FoldedPredictor | None = None
-    mlp_final: TwoStageMLP | None = None  # set only with two-stage MLP selection
+    mlp_final: TwoStageMLP | None = None  # set only with two-stage MLP selection (top-k)
+    # two-stage score thresholds: |act*up| at or below this skips the neuron's down^T row (rounded to the model
+    # dtype, as the reference runtime compares), and down_tally [2] int64 sums (rows read, calls)
+    down_cut: float | None = None
+    down_tally: torch.Tensor | None = None
     up_workspace: tuple | None = None  # set only with exact-up MLP selection: its top-k buffers (fp16 keys)
     gate_up_t: torch.Tensor | None = None  # [d, 2n] = [gate^T | up^T], set only with MLP thresholds
     wqkv_t: torch.Tensor | None = None  # [d, (H + 2KV) * hd], set only with attention thresholds
@@ -459,6 +470,7 @@ class DecodeModel:
                               "compute k/v for every head instead")
         self.predictors = None
         self.mlp_tally = None  # [layers, 2]: score thresholds' (rows kept, calls), set by attach_predictors
+        self.down_tally = None  # [layers, 2]: down thresholds' (rows read, calls), likewise
         # None: one-stage; else the predictors' candidate density (attach_predictors reads it)
         self.mlp_candidate_density = mlp_candidate_density
         # None: the predictor selects; else exact-up selection with this weight (attach_predictors reads it)
@@ -579,20 +591,31 @@ class DecodeModel:
         self.predictors = predictors
         self.pred_groups = {}
         for lw in self.layers:
-            lw.mlp_pred = lw.head_pred = lw.mlp_final = lw.up_workspace = None
+            lw.mlp_pred = lw.head_pred = lw.mlp_final = lw.up_workspace = lw.down_cut = lw.down_tally = None
         if predictors is None:
             return
         if len(predictors.layers) != len(self.layers):
             raise DejavuError(f"predictors cover {len(predictors.layers)} layers, the model has {len(self.layers)}")
         cand, up_weight = self.mlp_candidate_density, self.mlp_up_weight
-        score_thresholds = predictors.mlp_score_thresholds
+        score_thresholds, down_thresholds = predictors.mlp_score_thresholds, predictors.mlp_down_thresholds
         if score_thresholds is not None:
-            if cand is not None or up_weight is not None or self.thresholds is not None:
-                raise DejavuError("MLP score thresholds are an MLP rule of their own: not with mlp_candidate_density "
-                                  "(two-stage), mlp_up_weight (exact up) or magnitude thresholds")
-            if len(score_thresholds) != len(self.layers):
-                raise DejavuError(f"{len(score_thresholds)} MLP score thresholds for {len(self.layers)} layers")
+            if up_weight is not None or self.thresholds is not None:
+                raise DejavuError("MLP score thresholds are an MLP rule of their own: not with mlp_up_weight (exact up) "
+                                  "or magnitude thresholds")
+            if cand is not None and down_thresholds is None:
+                raise DejavuError("score-threshold candidates (mlp_candidate_density) take down thresholds as their "
+                                  "second stage: calibrate both (runtime/score_thresholds.py calibrate_two_stage)")
+            if cand is None and down_thresholds is not None:
+                raise DejavuError("these predictors carry down thresholds (two-stage score thresholds): pass the "
+                                  "mlp_candidate_density their score thresholds were calibrated at")
+            for what, values in (("score", score_thresholds), ("down", down_thresholds or score_thresholds)):
+                if len(values) != len(self.layers):
+                    raise DejavuError(f"{len(values)} MLP {what} thresholds for {len(self.layers)} layers")
+        elif down_thresholds is not None:
+            raise DejavuError("down thresholds are the second stage of score-threshold candidates: the predictors "
+                              "carry no score thresholds")
         self.mlp_tally = torch.zeros(len(self.layers), 2, dtype=torch.int64, device=self.device)
+        self.down_tally = torch.zeros(len(self.layers), 2, dtype=torch.int64, device=self.device)
         if cand is not None and not 0.0 < cand <= 1.0:
             raise DejavuError(f"mlp_candidate_density must be in (0, 1], got {cand}")
         if up_weight is not None:
@@ -613,7 +636,15 @@ class DecodeModel:
                         raise DejavuError(f"mlp_candidate_density {cand} is below layer {i}'s MLP density "
                                           f"{lp.mlp_density}; candidates must cover the final set")
                     k_first = units_for_density(cand, self.n)
-                    lw.mlp_final = TwoStageMLP.build(k_mlp, k_first, self.device, self.dtype)
+                    if down_thresholds is not None:
+                        cut = down_thresholds[i]
+                        if cut is None or not math.isfinite(cut):
+                            raise DejavuError(f"layer {i} runs a sparse MLP (density {lp.mlp_density:g}) but its "
+                                              f"down threshold is {cut}: calibrate at these densities")
+                        lw.down_cut = torch.tensor(float(cut)).to(self.dtype).item()
+                        lw.down_tally = self.down_tally[i]
+                    else:
+                        lw.mlp_final = TwoStageMLP.build(k_mlp, k_first, self.device, self.dtype)
                 if k_first < self.n or scored:  # all candidates (density 1): no predictor, exact top-k of all
                     src = i if predictors.mlp_pairing == "current" else max(i - 1, 0)
                     threshold = None
@@ -981,7 +1012,11 @@ class DecodeModel:
         if midx is None and self.dense_impl == "triton" and lw.gate_up is not None:  # (thresholds: transposed)
             midx = self.all_neurons
         if midx is not None:
-            ops.sparse_mlp_acc(xn, lw.gate_up[0], lw.gate_up[1], lw.down_t, midx, self.act, acc, count)
+            if sparse and lw.down_cut is not None:
+                ops.sparse_mlp_cut_acc(xn, lw.gate_up[0], lw.gate_up[1], lw.down_t, midx, self.act, acc, lw.down_cut,
+                                       lw.down_tally, count)
+            else:
+                ops.sparse_mlp_acc(xn, lw.gate_up[0], lw.gate_up[1], lw.down_t, midx, self.act, acc, count)
             self._after_mlp(st, i, lw, acc, True)
         else:
             a = ops.act_mul(self._dense_gate_up(lw, xn), self.act)
@@ -998,9 +1033,10 @@ class DecodeModel:
 
     # --- byte accounting -------------------------------------------------------------------------------
     def reset_mlp_tally(self) -> None:
-        """Start counting the MLP rows score-threshold selections keep (see rows_read)."""
-        if self.mlp_tally is not None:
-            self.mlp_tally.zero_()
+        """Start counting the MLP rows score-threshold selections keep (see rows_read) and down thresholds read."""
+        for tally in (self.mlp_tally, self.down_tally):
+            if tally is not None:
+                tally.zero_()
 
     @property
     def score_thresholds_on(self) -> bool:
@@ -1015,14 +1051,31 @@ class DecodeModel:
         shares = [lw.mlp_pred.rows_read() / self.n if lw.mlp_pred is not None else 1.0 for lw in self.layers]
         return sum(shares) / len(shares)
 
+    def _down_rows(self, lw: LayerWeights) -> float | None:
+        """Down^T rows a step read under down thresholds since reset_mlp_tally (the candidates' count before any
+        step); None without them. Reads the tally on the host."""
+        if lw.down_cut is None:
+            return None
+        kept, calls = lw.down_tally.tolist()
+        return kept / calls if calls else lw.mlp_pred.rows_read()
+
+    def mlp_down_share_read(self) -> float | None:
+        """With down thresholds: the share of MLP neurons whose down^T rows the steps since reset_mlp_tally read,
+        averaged over the layers (dense layers count 1); None without them."""
+        if not any(lw.down_cut is not None for lw in self.layers):
+            return None
+        shares = [(self._down_rows(lw) if lw.down_cut is not None else
+                   lw.mlp_pred.rows_read() if lw.mlp_pred is not None else self.n) / self.n for lw in self.layers]
+        return sum(shares) / len(shares)
+
     def step_bytes(self, batch: int, context: int, sparse: bool) -> dict:
         """Bytes one decode step reads from memory: weights (selected rows only when sparse; two-stage:
         gate/up rows of the candidates, down^T rows of the final set; exact-up: every up row, gate and
         down^T rows of the selection; skip_kv: k/v rows of the read KV groups only, plus the stored
         attention input, while the rare lazy fills of skipped positions are not counted; OLMo 2: every q
         head's rows, since q is normalised over all heads; MLP score thresholds: the mean count the threshold
-        selections kept since reset_mlp_tally (k when none ran since, as in batches, where the top-k runs); MLP
-        thresholds:
+        selections kept since reset_mlp_tally (k when none ran since, as in batches, where the top-k runs), and
+        with down thresholds the mean down^T rows read likewise; MLP thresholds:
         the shares they were calibrated to keep, per sequence, while at batch > 1 the union of the
         sequences' rows is read), predictors, the KV cache over `context` positions (a sliding window's at
         most), the lm_head and one
@@ -1034,6 +1087,8 @@ class DecodeModel:
             gate_rows = lw.mlp_pred.rows_read() if (sparse and lw.mlp_pred is not None) else self.n
             up_rows = self.n if (sparse and lw.up_workspace is not None) else gate_rows
             down_rows = lw.mlp_final.k if (sparse and lw.mlp_final is not None) else gate_rows
+            if sparse and lw.down_cut is not None:
+                down_rows = self._down_rows(lw)
             if sparse and self.thresholds is not None:  # the shares the thresholds were set to keep
                 gate_rows = up_rows = round(self.thresholds.share("x", i) * self.n)
                 down_rows = round(self.thresholds.share("h", i) * self.n)

@@ -304,7 +304,7 @@ class SparseModel:
         Dense, the greedy tokens equal generate()'s one prompt at a time (to rounding). Sparse, the hooks
         keep each token's own selection (so the same tokens again), while the decode loop's predictors pick
         one set of neurons and heads for the whole batch, the top-k of its scores (MLP score thresholds apply
-        at batch 1 only), as `dejavu bench` times it at batch > 1. Sampled tokens come from one generator
+        at batch 1 only; down thresholds per sequence), as `dejavu bench` times it at batch > 1. Sampled tokens come from one generator
         for the whole batch."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise DejavuError("generate_batch() takes a list of str prompts"
@@ -540,8 +540,10 @@ def run_generate(prompts: list[str], *, prompt_file: Path | None = None, model: 
         print(line)
     if batch_size > 1 and len(prompts) > 1:
         scored = sm.plan.mlp_score_thresholds is not None
+        cut = sm.plan.mlp_down_thresholds is not None
         shared = ("predicted neurons and heads: one set for the whole batch"
-                  + (" (MLP score thresholds apply at batch 1: here the batch's top-k of its scores)" if scored else
+                  + (" (MLP score thresholds apply at batch 1: here the batch's top-k of its scores"
+                     + ("; down thresholds: each prompt's own" if cut else "") + ")" if scored else
                      "; magnitude thresholds: each prompt's own")
                   if sm.engine == "decode-loop" else "each prompt keeps its own selection")
         print(f"  batches of up to {batch_size} prompts ({shared})")

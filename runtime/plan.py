@@ -31,6 +31,8 @@ class SparsePlan:
     description: dict  # what the reports record about the rule
     # per-layer thresholds on the MLP predictors' scores (runtime/score_thresholds.py); None: top-k
     mlp_score_thresholds: list | None = None
+    # with them and mlp_candidate_density: per-layer |down input| thresholds, the second stage
+    mlp_down_thresholds: list | None = None
 
     @property
     def decode_loop_note(self) -> str | None:
@@ -53,7 +55,8 @@ class SparsePlan:
                              mlp_density=self.mlp_density_flag if use else self.mlp_density,
                              head_density=self.head_density_flag if use else self.head_density,
                              mlp_candidate_density=self.mlp_candidate_density, mlp_up_weight=self.mlp_up_weight,
-                             thresholds=self.thresholds, mode=mode, mlp_score_thresholds=self.mlp_score_thresholds)
+                             thresholds=self.thresholds, mode=mode, mlp_score_thresholds=self.mlp_score_thresholds,
+                             mlp_down_thresholds=self.mlp_down_thresholds)
 
     def decode_predictors(self) -> PredictorSet | None:
         """The predictors at the densities the decode loop should run (flags applied to every layer)."""
@@ -61,6 +64,7 @@ class SparsePlan:
             return None
         use = self.predictors.with_densities(self.mlp_density_flag, self.head_density_flag)
         use.mlp_score_thresholds = self.mlp_score_thresholds  # set for these densities (or None: top-k)
+        use.mlp_down_thresholds = self.mlp_down_thresholds
         return use
 
     def decode_model(self, model, adapter, device, dtype, max_len: int):
@@ -206,10 +210,11 @@ def resolve_plan(cfg, manifest: dict | None, predictors: PredictorSet | None, mo
     if cand_d is not None and cand_d < mlp_d:
         raise DejavuError(f"--mlp-candidate-density {cand_d:g} is below the MLP density {mlp_d:g}: the candidates "
                           "must include the final set")
-    score_thresholds, score_description = _score_thresholds(cfg, manifest, use, model, adapter, tokenizer,
-                                                            thresholds, cand_d, up_w)
+    score_thresholds, down_thresholds, score_description = _score_thresholds(
+        cfg, manifest, use, model, adapter, tokenizer, thresholds, cand_d, up_w)
     if use is not None and score_thresholds is None:
-        use.mlp_score_thresholds = None  # a threshold bundle run by another rule: the decode loop takes its top-k
+        # a threshold bundle run by another rule: the decode loop takes its top-k
+        use.mlp_score_thresholds = use.mlp_down_thresholds = None
     description = {
         "mlp_density": mlp_d, "head_density": head_d, "selection": selection,
         "mlp_selection": "threshold" if score_thresholds is not None else "topk" if use is not None else None,
@@ -226,39 +231,41 @@ def resolve_plan(cfg, manifest: dict | None, predictors: PredictorSet | None, mo
     return SparsePlan(selection=selection, predictors=use, thresholds=thresholds, mlp_density=mlp_d,
                       head_density=head_d, mlp_density_flag=rt.mlp_density, head_density_flag=rt.head_density,
                       mlp_candidate_density=cand_d, mlp_up_weight=up_w, skip_kv=rt.skip_kv, description=description,
-                      mlp_score_thresholds=score_thresholds)
+                      mlp_score_thresholds=score_thresholds, mlp_down_thresholds=down_thresholds)
 
 
 def _score_thresholds(cfg, manifest: dict | None, use: PredictorSet | None, model, adapter, tokenizer,
-                      thresholds, cand_d, up_w) -> tuple[list | None, dict | None]:
-    """The MLP score thresholds to run with: the bundle's (a threshold bundle at the densities it was exported
-    for), or calibrated here when --mlp-selection threshold asks (always: the flag asks to calibrate now) or
-    the densities differ; (None, None) for top-k."""
+                      thresholds, cand_d, up_w) -> tuple[list | None, list | None, dict | None]:
+    """The MLP score thresholds to run with, and with a candidate density the down thresholds after them: the
+    bundle's (a threshold bundle at the densities and candidate density it was exported for), or calibrated
+    here when --mlp-selection threshold asks (always: the flag asks to calibrate now) or those differ;
+    (None, None, None) for top-k."""
     rt = cfg.runtime
     wanted = rt.mlp_selection or (manifest or {}).get("mlp_selection", "topk")
     if wanted != "threshold" or use is None:
-        return None, None
-    other = ("magnitude thresholds" if thresholds is not None else f"two-stage selection (candidates {cand_d:g})"
-             if cand_d is not None else "exact-up selection" if up_w is not None else None)
+        return None, None, None
+    other = ("magnitude thresholds" if thresholds is not None else "exact-up selection" if up_w is not None else None)
     if other is not None:
         if rt.mlp_selection == "threshold":  # asked for explicitly: say why it cannot apply
             raise DejavuError(f"--mlp-selection threshold cannot apply: the MLP runs by {other} here")
-        return None, None
+        return None, None, None
     densities = [rt.mlp_density if rt.mlp_density is not None else lp.mlp_density
                  for lp in use.layers if lp.mlp is not None]
     if all(d >= 1.0 for d in densities):
-        return None, None  # every MLP dense: nothing to select
-    bundled = use.mlp_score_thresholds
-    same = use.at_densities(rt.mlp_density, rt.head_density)
+        return None, None, None  # every MLP dense: nothing to select
+    bundled, bundled_down = use.mlp_score_thresholds, use.mlp_down_thresholds
+    same = (use.at_densities(rt.mlp_density, rt.head_density)
+            and cand_d == (manifest or {}).get("mlp_candidate_density"))
     if bundled is not None and same and rt.mlp_selection is None:
         print(f"  MLP score thresholds from the bundle (calibrated on "
               f"{manifest['mlp_score_thresholds'].get('calibration')})", flush=True)
-        return bundled, {**manifest["mlp_score_thresholds"], "from_bundle": True}
+        return bundled, bundled_down, {**manifest["mlp_score_thresholds"], "from_bundle": True}
     from dejavu.runtime.score_thresholds import calibrate_on_corpus
 
     if bundled is not None:
-        why = "for these densities" if not same else "as --mlp-selection threshold asks"
+        why = "for these densities (or candidate density)" if not same else "as --mlp-selection threshold asks"
         print(f"  note: not the bundle's MLP score thresholds: calibrating {why}", flush=True)
-    values = calibrate_on_corpus(model, adapter, tokenizer, use, cfg.data, rt.calibration_tokens, rt.eval_window,
-                                 mlp_density=rt.mlp_density, head_density=rt.head_density)
-    return values, {"calibration": cfg.data.dataset, "calibration_tokens": rt.calibration_tokens}
+    values, down = calibrate_on_corpus(model, adapter, tokenizer, use, cfg.data, rt.calibration_tokens, rt.eval_window,
+                                       mlp_density=rt.mlp_density, head_density=rt.head_density,
+                                       candidate_density=cand_d)
+    return values, down, {"calibration": cfg.data.dataset, "calibration_tokens": rt.calibration_tokens}

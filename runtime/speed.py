@@ -146,6 +146,9 @@ def batch_figures(dm: DecodeModel, batch: int, decode_tokens: int, warmup: int, 
         share = dm.mlp_share_read()  # (score thresholds) the timed steps' mean, which the bytes above count
         if share is not None:
             row["sparse_mlp_share_read"] = share
+        down = dm.mlp_down_share_read()  # (down thresholds) likewise, the down^T rows
+        if down is not None:
+            row["sparse_mlp_down_share_read"] = down
         pred = predictor_ms(dm, batch)
         row.update({
             "sparse_ms_per_token": sparse_ms,
@@ -239,6 +242,9 @@ def _speed_report(model, adapter, predictors, device, dtype, batch_sizes, decode
         if not dm.score_thresholds_on else
         "MLP at batch 1: the units scored above the layer's threshold (the count varies per step: "
         "sparse_mlp_share_read is its mean over the timed steps); MLP at batch > 1 and heads: top-k of the "
-        "per-unit max score over the batch",
+        "per-unit max score over the batch"
+        + ("; down^T rows only where |act*up| is above the layer's down threshold for some sequence "
+           "(sparse_mlp_down_share_read: their mean share)" if dm.down_tally is not None and any(
+               lw.down_cut is not None for lw in dm.layers) else ""),
         "kv_for_all_heads": not skip_kv,
     }

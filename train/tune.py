@@ -103,6 +103,8 @@ def tuning_inputs(cfg: RunConfig, pm: dict, densities: tuple[float, float], dtyp
         settings["eval_every"] = 0
     if settings.get("mlp_selection") == "topk":  # as before the setting existed: earlier tunings stay current
         del settings["mlp_selection"]
+    if settings.get("mlp_candidate_density") is None:
+        settings.pop("mlp_candidate_density", None)
     d = cfg.data
     # a local corpus by its absolute path: the same file named from another directory is the same corpus
     dataset = str(Path(d.dataset).resolve()) if Path(d.dataset).exists() else d.dataset
@@ -389,6 +391,10 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
     pm = read_manifest(pred_dir, PREDICTORS_KIND)
     cfg = resolve_tune_config(pm.get("config") or {}, config_file, overrides or {})
     densities = tune_densities(cfg, pm)
+    cand = cfg.tune.mlp_candidate_density
+    if cand is not None and cand < densities[0]:  # before anything (a finished tuning to replace) is touched
+        raise DejavuError(f"--mlp-candidate-density {cand:g} is below the MLP density {densities[0]:g}: the "
+                          "candidates must include the final set")
     if min(densities) >= 1.0:
         raise DejavuError(f"nothing to tune at MLP density {densities[0]:g} and head density {densities[1]:g}: "
                           "set --mlp-density or --head-density below 1")
@@ -460,8 +466,11 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
 
     predictors.with_densities(*densities)
     params = trainable(predictors, densities)
+    two_stage = t.mlp_candidate_density is not None
     runtime = SparseRuntime(model, adapter, predictors, straight_through=t.sharpness,
-                            mlp_score_thresholds="batch" if t.mlp_selection == "threshold" else None)
+                            mlp_score_thresholds="batch" if t.mlp_selection == "threshold" else None,
+                            mlp_candidate_density=t.mlp_candidate_density,
+                            mlp_down_thresholds="batch" if two_stage else None)
     opt = torch.optim.Adam(params, lr=t.lr)
     # overwrite: what an earlier tuning left is gone (or being removed by the first process) and not read
     start, before, best, history = (0, None, None, []) if overwrite else _load_checkpoint(out, key, params, opt)
@@ -469,7 +478,8 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
     if main:
         every = f"every {t.eval_every} steps and " if 0 < t.eval_every < t.steps else ""
         print(f"tuning {t.steps} steps of {t.sequences} x {cfg.data.seq_len} tokens at lr {t.lr:g}, MLP density "
-              f"{densities[0]:g}{' (score thresholds)' if t.mlp_selection == 'threshold' else ''}, head density "
+              f"{densities[0]:g}{' (score thresholds)' if t.mlp_selection == 'threshold' else ''}"
+              f"{f' among candidates at {t.mlp_candidate_density:g}' if two_stage else ''}, head density "
               f"{densities[1]:g}, {dtype} on {device}"
               f"{f' over {processes} processes' if processes > 1 else ''}; {t.eval_sequences} held-out sequences "
               f"measured before, {every}after", flush=True)
@@ -521,7 +531,7 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
         manifest = _write_tuned(out, pred_dir, pm, cfg, predictors, present, densities, {
             "key": key, "inputs": inputs, "dataset": cfg.data.dataset, "steps": t.steps,
             "tokens": t.steps * t.sequences * cfg.data.seq_len, "lr": t.lr, "sharpness": t.sharpness,
-            "mlp_selection": t.mlp_selection,
+            "mlp_selection": t.mlp_selection, "mlp_candidate_density": t.mlp_candidate_density,
             "held_out_sequences": t.eval_sequences, "seconds_this_process": round(time.perf_counter() - started, 1),
             "processes": processes, "model": source.display, "device": str(device), "dtype": dtype,
             "before": before, "after": best.quality, "best_step": best.step, "final": history[-1], "history": history,

@@ -134,6 +134,38 @@ def _(x, gate, up, down_t, idx, act, acc, count=None):
     return None
 
 
+# A separate op rather than optional arguments of sparse_mlp_acc: torch's in-place bookkeeping fails on a
+# mutated argument left to its default (None), and the tally is mutated.
+@_custom_op("dejavu::sparse_mlp_cut_acc", mutates_args=("acc", "tally"))
+def sparse_mlp_cut_acc(x: Tensor, gate: Tensor, up: Tensor, down_t: Tensor, idx: Tensor, act: int, acc: Tensor,
+                       cut: float, tally: Tensor, count: Tensor | None = None) -> None:
+    """sparse_mlp_acc with down thresholds: of the selected neurons, down reads the rows where some sequence's
+    |act * up| is above `cut` (each sequence's entries at or below it count as zero), and tally (int64 [2]) +=
+    (rows read, 1)."""
+    idx = _counted(idx, count)
+    h = reference.gather_matvec(x, up, idx, 1, gate, act)
+    above = h.abs() > cut
+    keep = above.any(0)
+    tally += torch.stack([keep.sum(), torch.ones((), dtype=torch.int64)]).to(tally)
+    h = torch.where(above, h, torch.zeros((), dtype=h.dtype))[:, keep]
+    reference.gather_vecmat_acc(h, down_t, idx[keep], 1, acc)
+
+
+@sparse_mlp_cut_acc.register_kernel("cuda")
+def _(x, gate, up, down_t, idx, act, acc, cut, tally, count=None):
+    t = _triton()
+    if x.shape[0] == 1 and t.FUSED_MLP and t.fused_mlp_fits(x.shape[1]):
+        t.sparse_mlp_gemv(x, gate, up, down_t, idx, act, acc, count=count, cut=cut, tally=tally)
+    else:
+        t.gather_vecmat_acc(t.gather_matvec(x, up, idx, 1, gate, act, count=count), down_t, idx, 1, acc,
+                            count=count, cut=cut, tally=tally)
+
+
+@sparse_mlp_cut_acc.register_fake
+def _(x, gate, up, down_t, idx, act, acc, cut, tally, count=None):
+    return None
+
+
 def _write_above(scores: Tensor, threshold: float, out: Tensor, count: Tensor, tally: Tensor) -> None:
     kept = reference.select_above(scores, threshold)
     out[:kept.numel()] = kept

@@ -321,11 +321,13 @@ def _gather_vecmat_kernel(h_ptr, wt_ptr, idx_ptr, acc_ptr, scale_ptr, nsel_ptr, 
                           stride_hb, stride_w, stride_ab, stride_sb, UNIT: tl.constexpr, B_PAD: tl.constexpr,
                           USE_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                           PRECISION: tl.constexpr, SCALE: tl.constexpr = False, HAS_COUNT: tl.constexpr = False,
-                          PDL: tl.constexpr = False):
+                          CUT: tl.constexpr = False, cut=0.0, tally_ptr=None, PDL: tl.constexpr = False):
     _grid_dependency(PDL)
     if HAS_COUNT:  # only the first *nsel_ptr rows of idx: shared equally by the splits the grid has
         NROWS = tl.load(nsel_ptr)
         ROWS_PER_SPLIT = tl.cdiv(tl.cdiv(NROWS, tl.num_programs(1)), BLOCK_R) * BLOCK_R
+    # CUT (down thresholds, UNIT 1, no SCALE): h[b, j] counts only when |h[b, j]| > cut, and a row's weights are
+    # read only when some sequence's does; tally_ptr [2] int64 sums (rows read, calls)
     # SCALE (UNIT 1): h[b, j] is first multiplied by scale[b, idx[j]] (rounded to h's dtype, as a
     # separate multiply would); exact-up passes up's full output so its gathered copy is never written
     pid_d = tl.program_id(0)
@@ -339,27 +341,51 @@ def _gather_vecmat_kernel(h_ptr, wt_ptr, idx_ptr, acc_ptr, scale_ptr, nsel_ptr, 
         acc = tl.zeros((B_PAD, BLOCK_D), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    kept = 0
     for r0 in range(start, start + ROWS_PER_SPLIT, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < NROWS
         unit = tl.load(idx_ptr + offs_r // UNIT, mask=mask_r, other=0).to(tl.int64)
         rows = unit * UNIT + (offs_r % UNIT)
-        wv = tl.load(wt_ptr + rows[:, None] * stride_w + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :],
-                     other=0.0)
-        if USE_DOT:
-            hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_r[None, :],
-                         mask=mask_b[:, None] & mask_r[None, :], other=0.0)
-            if SCALE:
-                sv = tl.load(scale_ptr + offs_b[:, None] * stride_sb + unit[None, :],
+        if CUT:  # h first: it decides which rows' weights are read
+            if USE_DOT:
+                hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_r[None, :],
                              mask=mask_b[:, None] & mask_r[None, :], other=0.0)
-                hv = (hv.to(tl.float32) * sv.to(tl.float32)).to(hv.dtype)
-            acc = tl.dot(hv, wv, acc, input_precision=PRECISION)
+                above = tl.abs(hv.to(tl.float32)) > cut
+                hv = tl.where(above, hv, 0.0).to(hv.dtype)
+                keep = mask_r & (tl.max(above.to(tl.int32), axis=0) > 0)
+            else:
+                hv = tl.load(h_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+                keep = mask_r & (tl.abs(hv) > cut)
+                hv = tl.where(keep, hv, 0.0)
+            kept += tl.sum(keep.to(tl.int32))
+            wv = tl.load(wt_ptr + rows[:, None] * stride_w + offs_d[None, :], mask=keep[:, None] & mask_d[None, :],
+                         other=0.0)
+            if USE_DOT:
+                acc = tl.dot(hv, wv, acc, input_precision=PRECISION)
+            else:
+                acc += tl.sum(wv.to(tl.float32) * hv[:, None], axis=0)
         else:
-            hv = tl.load(h_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-            if SCALE:
-                hv = (hv * tl.load(scale_ptr + unit, mask=mask_r, other=0.0).to(tl.float32)).to(
-                    h_ptr.dtype.element_ty).to(tl.float32)
-            acc += tl.sum(wv.to(tl.float32) * hv[:, None], axis=0)
+            wv = tl.load(wt_ptr + rows[:, None] * stride_w + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :],
+                         other=0.0)
+            if USE_DOT:
+                hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_r[None, :],
+                             mask=mask_b[:, None] & mask_r[None, :], other=0.0)
+                if SCALE:
+                    sv = tl.load(scale_ptr + offs_b[:, None] * stride_sb + unit[None, :],
+                                 mask=mask_b[:, None] & mask_r[None, :], other=0.0)
+                    hv = (hv.to(tl.float32) * sv.to(tl.float32)).to(hv.dtype)
+                acc = tl.dot(hv, wv, acc, input_precision=PRECISION)
+            else:
+                hv = tl.load(h_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+                if SCALE:
+                    hv = (hv * tl.load(scale_ptr + unit, mask=mask_r, other=0.0).to(tl.float32)).to(
+                        h_ptr.dtype.element_ty).to(tl.float32)
+                acc += tl.sum(wv.to(tl.float32) * hv[:, None], axis=0)
+    if CUT and pid_d == 0:  # each row once, whatever the column blocks
+        tl.atomic_add(tally_ptr, kept.to(tl.int64), sem="relaxed")
+        if pid_s == 0:
+            tl.atomic_add(tally_ptr + 1, 1, sem="relaxed")
     if USE_DOT:
         tl.atomic_add(acc_ptr + offs_b[:, None] * stride_ab + offs_d[None, :], acc,
                       mask=mask_b[:, None] & mask_d[None, :], sem="relaxed")
@@ -377,9 +403,13 @@ def vecmat_config(batch: int, nrows: int, d: int, sms: int) -> tuple[int, int, i
 
 def gather_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor, unit: int, acc: torch.Tensor,
                       config: tuple | None = None, scale: torch.Tensor | None = None,
-                      count: torch.Tensor | None = None) -> None:
-    """acc += h @ wt[rows of idx]; count (int32 [1], unit 1): only the first count rows of idx and columns of h."""
+                      count: torch.Tensor | None = None, cut: float | None = None,
+                      tally: torch.Tensor | None = None) -> None:
+    """acc += h @ wt[rows of idx]; count (int32 [1], unit 1): only the first count rows of idx and columns of h;
+    cut (unit 1, with tally int64 [2]): only the entries of h above it in magnitude, the rows no sequence keeps
+    never read, tally += (rows read, 1)."""
     assert count is None or (unit == 1 and count.dtype == torch.int32)
+    assert cut is None or (unit == 1 and scale is None and tally is not None and tally.dtype == torch.int64)
     batch, nrows = h.shape
     d = wt.shape[1]
     assert nrows == idx.numel() * unit and acc.dtype == torch.float32 and acc.stride(1) == 1
@@ -399,7 +429,9 @@ def gather_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor, unit
                                 h.stride(0), wt.stride(0), acc.stride(0), 0 if scale is None else scale.stride(0),
                                 UNIT=unit, B_PAD=DOT_BATCH if use_dot else 1, USE_DOT=use_dot, BLOCK_R=block_r,
                                 BLOCK_D=block_d, PRECISION=_precision(h), SCALE=scale is not None,
-                                HAS_COUNT=count is not None, num_warps=warps, **_pdl(h))
+                                HAS_COUNT=count is not None, CUT=cut is not None,
+                                cut=0.0 if cut is None else float(cut), tally_ptr=idx if tally is None else tally,
+                                num_warps=warps, **_pdl(h))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,7 +440,8 @@ def gather_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor, unit
 @triton.jit
 def _sparse_mlp_gemv_kernel(x_ptr, gate_ptr, up_ptr, down_t_ptr, idx_ptr, acc_ptr, nsel_ptr, D, NSEL,
                             ROWS_PER_PROGRAM, stride_w, stride_dw, ACT: tl.constexpr, BLOCK_R: tl.constexpr,
-                            D_PAD: tl.constexpr, HAS_COUNT: tl.constexpr = False, PDL: tl.constexpr = False):
+                            D_PAD: tl.constexpr, HAS_COUNT: tl.constexpr = False, CUT: tl.constexpr = False,
+                            cut=0.0, tally_ptr=None, PDL: tl.constexpr = False):
     _grid_dependency(PDL)
     if HAS_COUNT:  # a count known only on the device (score thresholds): equal shares of it per program
         NSEL = tl.load(nsel_ptr)
@@ -424,6 +457,7 @@ def _sparse_mlp_gemv_kernel(x_ptr, gate_ptr, up_ptr, down_t_ptr, idx_ptr, acc_pt
     out = tl.zeros((D_PAD,), dtype=tl.float32)
     start = pid * ROWS_PER_PROGRAM
     end = tl.minimum(start + ROWS_PER_PROGRAM, NSEL)
+    kept = 0
     for r0 in range(start, end, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < end
@@ -431,12 +465,26 @@ def _sparse_mlp_gemv_kernel(x_ptr, gate_ptr, up_ptr, down_t_ptr, idx_ptr, acc_pt
         mask = mask_r[:, None] & mask_d[None, :]
         g = tl.load(gate_ptr + rows[:, None] * stride_w + offs_d[None, :], mask=mask, other=0.0)
         u = tl.load(up_ptr + rows[:, None] * stride_w + offs_d[None, :], mask=mask, other=0.0)
-        wd = tl.load(down_t_ptr + rows[:, None] * stride_dw + offs_d[None, :], mask=mask, other=0.0)
+        if not CUT:
+            wd = tl.load(down_t_ptr + rows[:, None] * stride_dw + offs_d[None, :], mask=mask, other=0.0)
         gs = tl.sum(g.to(tl.float32) * xv[None, :], axis=1)
         us = tl.sum(u.to(tl.float32) * xv[None, :], axis=1)
         # rounded to the model dtype, as the two-kernel path stores it between its kernels
         h = (_activation(gs, ACT) * us).to(x_ptr.dtype.element_ty).to(tl.float32)
+        if CUT:
+            # Down thresholds: a row of down^T is read only when its activation is above the cut, so after gate
+            # and up. (Reading each block's down rows in the next iteration, beside its gate and up rows, was
+            # slower: 3.84 against 3.55 ms a Llama-2-7B step, BENCHMARKS.md.)
+            keep = mask_r & (tl.abs(h) > cut)
+            kept += tl.sum(keep.to(tl.int32))
+            wd = tl.load(down_t_ptr + rows[:, None] * stride_dw + offs_d[None, :], mask=keep[:, None] & mask_d[None, :],
+                         other=0.0)
+            h = tl.where(keep, h, 0.0)
         out += tl.sum(wd.to(tl.float32) * h[:, None], axis=0)
+    if CUT:
+        tl.atomic_add(tally_ptr, kept.to(tl.int64), sem="relaxed")
+        if pid == 0:
+            tl.atomic_add(tally_ptr + 1, 1, sem="relaxed")
     tl.atomic_add(acc_ptr + offs_d, out, mask=mask_d, sem="relaxed")
 
 
@@ -461,12 +509,16 @@ def fused_mlp_fits(d: int) -> bool:
 
 
 def sparse_mlp_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down_t: torch.Tensor, idx: torch.Tensor,
-                    act: int, acc: torch.Tensor, config: tuple | None = None, count: torch.Tensor | None = None) -> None:
+                    act: int, acc: torch.Tensor, config: tuple | None = None, count: torch.Tensor | None = None,
+                    cut: float | None = None, tally: torch.Tensor | None = None) -> None:
     """acc += (act(x @ gate[idx].T) * (x @ up[idx].T)) @ down_t[idx], for one sequence (x: [1, d]);
-    count (int32 [1]): only idx[:count], the programs sized for all of idx and sharing the count equally."""
+    count (int32 [1]): only idx[:count], the programs sized for all of idx and sharing the count equally;
+    cut (with tally int64 [2]): down^T's row of a neuron is read only when |its activation| > cut, and
+    tally += (rows read, 1)."""
     batch, d = x.shape
     nsel = idx.numel()
     assert count is None or count.dtype == torch.int32
+    assert cut is None or (tally is not None and tally.dtype == torch.int64)
     assert batch == 1 and acc.shape == (1, d) and acc.dtype == torch.float32 and acc.stride(1) == 1
     assert x.stride(1) == 1 and gate.stride() == up.stride() and gate.stride(1) == 1 and down_t.stride(1) == 1
     assert gate.dtype == up.dtype == down_t.dtype == x.dtype and down_t.shape[1] == d and fused_mlp_fits(d)
@@ -479,8 +531,9 @@ def sparse_mlp_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down_
         grid = (programs,)
     _sparse_mlp_gemv_kernel[grid](x, gate, up, down_t, idx, acc, idx if count is None else count, d, nsel,
                                   rows_per_program, gate.stride(0), down_t.stride(0), ACT=act, BLOCK_R=block_r,
-                                  D_PAD=triton.next_power_of_2(d), HAS_COUNT=count is not None, num_warps=warps,
-                                  **_pdl(x))
+                                  D_PAD=triton.next_power_of_2(d), HAS_COUNT=count is not None, CUT=cut is not None,
+                                  cut=0.0 if cut is None else float(cut), tally_ptr=idx if tally is None else tally,
+                                  num_warps=warps, **_pdl(x))
 
 
 # ------------------------------------------------------------------------------------------------

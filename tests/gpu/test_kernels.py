@@ -720,3 +720,73 @@ def test_graphed_score_threshold_decode_matches_cpu_reference(model_type, batch,
         shares[dev] = dm.mlp_share_read()
     torch.testing.assert_close(results["cuda"], results["cpu"], atol=2e-2, rtol=2e-2)
     assert 0.0 < shares["cpu"] < 1.0 and 0.0 < shares["cuda"] < 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("d,n,act", [(4096, 11008, 1), (576, 1536, 2)])
+def test_mlp_kernels_cut_down_rows(dtype, d, n, act):
+    """Down thresholds: the MLP kernels (batch 1: one launch; batch 3: the two gather kernels) read a neuron's
+    down^T row only when some sequence's |act*up| is above the cut, in one graph replayed at any count, and
+    tally the rows read; against the activations gather_matvec computes (the batch kernels' own; the one-launch
+    kernel sums in another order, so a row at the cut may fall either way there)."""
+    from dejavu.runtime.kernels import ops
+    from dejavu.runtime.kernels import triton_kernels as T
+
+    torch.manual_seed(d + 1)
+    dev = "cuda"
+    gate, up = (torch.randn(n, d, device=dev, dtype=dtype) * d ** -0.5 for _ in range(2))
+    down_t = torch.randn(n, d, device=dev, dtype=dtype) * n ** -0.5
+    idx = torch.randperm(n, device=dev)
+    count = torch.zeros(1, dtype=torch.int32, device=dev)
+    tally = torch.zeros(2, dtype=torch.int64, device=dev)
+    for batch in (1, 3):
+        x = torch.randn(batch, d, device=dev, dtype=dtype)
+        h_all = T.gather_matvec(x, up, idx, 1, gate, act)  # every neuron's activation, rounded as the kernels do
+        cut = float(h_all.float().abs().median())
+        acc = torch.full((batch, d), 0.5, device=dev)
+        ops.sparse_mlp_cut_acc(x, gate, up, down_t, idx, act, acc, cut, tally, count)  # compiles outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ops.sparse_mlp_cut_acc(x, gate, up, down_t, idx, act, acc, cut, tally, count)
+        for c in (0, 1, n // 10, n // 2, n):
+            count.fill_(c)
+            acc.fill_(0.5)
+            tally.zero_()
+            graph.replay()
+            h = h_all[:, :c].double()
+            above = h.abs() > cut
+            keep = above.any(0)
+            want = 0.5 + (torch.where(above, h, 0.0)[:, keep] @ down_t.double()[idx[:c][keep]] if c else 0.0)
+            slack = 0 if batch > 1 else int(((h.abs() - cut).abs() <= 2 ** -6 * cut).sum())  # within ~2 bf16 ulps
+            assert abs(tally[0].item() - int(keep.sum())) <= slack and tally[1].item() == 1, (batch, c)
+            assert torch.isfinite(acc).all() and _rel(acc, want + torch.zeros_like(acc, dtype=torch.float64)) < 1e-2
+
+
+@pytest.mark.parametrize("model_type,batch,select_impl", [("llama", 1, "fused"), ("llama", 3, "fused"),
+                                                          ("llama", 1, "classic"), ("qwen2", 3, "fused")])
+def test_graphed_two_stage_threshold_decode_matches_cpu_reference(model_type, batch, select_impl):
+    """Score-threshold candidates with down thresholds: the graphed loop against the CPU loop, and both read
+    fewer down rows than candidates."""
+    from dejavu.runtime.apply import SparseRuntime
+    from dejavu.runtime.decode import DecodeModel
+
+    model, adapter, preds = _tiny_with_predictors(model_type, intermediate_size=1200)
+    ids = torch.randint(1, 500, (1, 32), generator=torch.Generator().manual_seed(2))
+    with SparseRuntime(model, adapter, preds, mlp_candidate_density=0.7, mlp_score_thresholds="batch",
+                       mlp_down_thresholds="batch") as rt, torch.no_grad():
+        model(input_ids=ids)
+        preds.mlp_score_thresholds = [float(rt.batch_score_thresholds[i]) for i in range(adapter.num_layers)]
+        preds.mlp_down_thresholds = [float(rt.batch_down_thresholds[i]) for i in range(adapter.num_layers)]
+    prompt = torch.randint(1, 500, (batch, 5))
+    results, shares = {}, {}
+    for dev in ("cpu", "cuda"):
+        model.to(dev)
+        dm = DecodeModel(model, adapter, preds, dev, torch.float32, max_len=16, select_impl=select_impl,
+                         mlp_candidate_density=0.7)
+        dm.reset_mlp_tally()
+        results[dev] = _three_steps(dm, prompt, True, steps=5)
+        shares[dev] = (dm.mlp_share_read(), dm.mlp_down_share_read())
+    torch.testing.assert_close(results["cuda"], results["cpu"], atol=2e-2, rtol=2e-2)
+    for candidates, down in shares.values():
+        assert 0.0 < down < candidates <= 1.0

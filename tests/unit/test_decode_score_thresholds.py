@@ -184,7 +184,7 @@ def test_refusals(tiny_model_factory):
     model, adapter = _model(tiny_model_factory, "llama")
     preds = _predictors(adapter)
     preds.mlp_score_thresholds = [0.0] * adapter.num_layers
-    with pytest.raises(DejavuError, match="an MLP rule of their own"):
+    with pytest.raises(DejavuError, match="take down thresholds as their second stage"):
         DecodeModel(model, adapter, preds, "cpu", torch.float32, 16, mlp_candidate_density=0.8)
     with pytest.raises(DejavuError, match="an MLP rule of their own"):
         DecodeModel(model, adapter, preds, "cpu", torch.float32, 16, mlp_up_weight=0.4)

@@ -199,7 +199,7 @@ def test_bundle_refuses_a_damaged_threshold(threshold_bundle, tmp_path):
     manifest["files"][0]["sha256"] = sha
     manifest["files"][0]["bytes"] = (copy / BUNDLE_FILE).stat().st_size
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(DejavuError, match="layer 0 runs a sparse MLP but its score threshold is nan"):
+    with pytest.raises(DejavuError, match="layer 0 runs a sparse MLP but its score_thresholds.mlp value is nan"):
         load_bundle(copy)
 
 
@@ -217,19 +217,6 @@ def test_generate_runs_them_in_the_decode_loop_as_the_hooks_do(threshold_bundle,
     assert auto["engine"].startswith("decode-loop")
     loop, hooks = (out[e]["generations"][0]["sparse"]["token_ids"] for e in ("decode-loop", "hooks"))
     assert loop == hooks and len(loop) >= 1
-
-
-def test_a_two_stage_bundle_refuses_thresholds_asked_for(tmp_path, tiny_llama):
-    from dejavu.export.bundle import run_export
-    from dejavu.runtime.bench import run_bench
-
-    run = tmp_path / "run"
-    make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=1.0)
-    run_export(run, tmp_path / "two", config_file="tiny", overrides={"export.mlp_candidate_density": 0.8})
-    with pytest.raises(DejavuError, match="cannot apply: the MLP runs by two-stage selection"):
-        run_bench(model=str(tiny_llama), bundle=tmp_path / "two", dataset=str(EVAL_RAW), config_file="tiny",
-                  speed=False, overrides={"runtime.max_eval_tokens": 300, "runtime.device": "cpu",
-                                          "runtime.mlp_selection": "threshold"})
 
 
 def test_flags_that_cannot_go_with_it_are_refused(threshold_bundle, tiny_llama):

@@ -641,7 +641,8 @@ class DecodeModel:
                         if cut is None or not math.isfinite(cut):
                             raise DejavuError(f"layer {i} runs a sparse MLP (density {lp.mlp_density:g}) but its "
                                               f"down threshold is {cut}: calibrate at these densities")
-                        lw.down_cut = torch.tensor(float(cut)).to(self.dtype).item()
+                        # from float64 straight to the model dtype, as PyTorch rounds a Python float compared with a tensor
+                        lw.down_cut = torch.tensor(float(cut), dtype=torch.float64).to(self.dtype).item()
                         lw.down_tally = self.down_tally[i]
                     else:
                         lw.mlp_final = TwoStageMLP.build(k_mlp, k_first, self.device, self.dtype)

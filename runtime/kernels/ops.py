@@ -119,14 +119,19 @@ def sparse_mlp_acc(x: Tensor, gate: Tensor, up: Tensor, down_t: Tensor, idx: Ten
     reference.gather_vecmat_acc(reference.gather_matvec(x, up, idx, 1, gate, act), down_t, idx, 1, acc)
 
 
-@sparse_mlp_acc.register_kernel("cuda")
-def _(x, gate, up, down_t, idx, act, acc, count=None):
+def _sparse_mlp_cuda(x, gate, up, down_t, idx, act, acc, count, cut=None, tally=None) -> None:
+    """One launch at batch 1 (sparse_mlp_gemv), the two gather kernels at larger batches."""
     t = _triton()
     if x.shape[0] == 1 and t.FUSED_MLP and t.fused_mlp_fits(x.shape[1]):
-        t.sparse_mlp_gemv(x, gate, up, down_t, idx, act, acc, count=count)
+        t.sparse_mlp_gemv(x, gate, up, down_t, idx, act, acc, count=count, cut=cut, tally=tally)
     else:
         t.gather_vecmat_acc(t.gather_matvec(x, up, idx, 1, gate, act, count=count), down_t, idx, 1, acc,
-                            count=count)
+                            count=count, cut=cut, tally=tally)
+
+
+@sparse_mlp_acc.register_kernel("cuda")
+def _(x, gate, up, down_t, idx, act, acc, count=None):
+    _sparse_mlp_cuda(x, gate, up, down_t, idx, act, acc, count)
 
 
 @sparse_mlp_acc.register_fake
@@ -153,12 +158,7 @@ def sparse_mlp_cut_acc(x: Tensor, gate: Tensor, up: Tensor, down_t: Tensor, idx:
 
 @sparse_mlp_cut_acc.register_kernel("cuda")
 def _(x, gate, up, down_t, idx, act, acc, cut, tally, count=None):
-    t = _triton()
-    if x.shape[0] == 1 and t.FUSED_MLP and t.fused_mlp_fits(x.shape[1]):
-        t.sparse_mlp_gemv(x, gate, up, down_t, idx, act, acc, count=count, cut=cut, tally=tally)
-    else:
-        t.gather_vecmat_acc(t.gather_matvec(x, up, idx, 1, gate, act, count=count), down_t, idx, 1, acc,
-                            count=count, cut=cut, tally=tally)
+    _sparse_mlp_cuda(x, gate, up, down_t, idx, act, acc, count, cut, tally)
 
 
 @sparse_mlp_cut_acc.register_fake

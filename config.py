@@ -119,6 +119,9 @@ class ExportConfig:
     # every token) or "threshold" (neurons scored above a per-layer threshold, calibrated here on
     # `calibration_tokens` tokens of data.dataset to keep the MLP density on average; runtime/score_thresholds.py)
     mlp_selection: str = "topk"
+    # a low-rank linear term per layer for what the sparse MLP leaves out (runtime/compensation.py), fitted here
+    # by ridge regression on `calibration_tokens` tokens of data.dataset for the bundle's rule; 0: none
+    mlp_compensation_rank: int = 0
 
 
 @dataclass
@@ -148,6 +151,11 @@ class TuneConfig:
     # and each sequence's |down input| quantile the MLP density (export.mlp_candidate_density then applies it);
     # None: one stage
     mlp_candidate_density: float | None = None
+    # also learn an MLP compensation of this rank (runtime/compensation.py) with the predictors: per layer a
+    # low-rank linear term for what the sparse MLP leaves out, starting at zero; export stores it. 0: none
+    mlp_compensation_rank: int = 0
+    # its learning rate (None: lr), cosine-decayed alike
+    mlp_compensation_lr: float | None = None
 
 
 @dataclass
@@ -177,6 +185,9 @@ class RuntimeConfig:
     # start-up on data.dataset; `bench --synthetic` on 256 random tokens); None: the bundle's rule (a threshold
     # bundle's own thresholds at its densities, calibrated anew at others)
     mlp_selection: str | None = None
+    # the bundle's MLP compensation (export.mlp_compensation_rank), where the rule run is the one it was fitted
+    # for; False: left out (to measure what it adds)
+    mlp_compensation: bool = True
     # "predictor" (the bundle), "oracle" (true top-k from dense activations), "dense"
     selection: str = "predictor"
     # dense prefill by default: only decoded tokens are sparse
@@ -464,6 +475,14 @@ def validate(cfg: RunConfig) -> None:
         if isinstance(d, bool) or not isinstance(d, int | float):
             raise DejavuError(f"export.mlp_density_per_layer[{layer}] must be a density in (0, 1], got {d!r}")
         _check_density(d, f"export.mlp_density_per_layer[{layer}]")
+    lr = cfg.tune.mlp_compensation_lr
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < float("inf")):
+        raise DejavuError(f"tune.mlp_compensation_lr (--mlp-compensation-lr) must be a positive number, got {lr!r}")
+    for section in ("export", "tune"):
+        rank = getattr(cfg, section).mlp_compensation_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise DejavuError(f"{section}.mlp_compensation_rank (--mlp-compensation-rank) must be an integer >= 0, "
+                              f"got {rank!r}")
     if cfg.collect.max_tokens <= 0:
         raise DejavuError(f"collect.max_tokens must be positive, got {cfg.collect.max_tokens}")
     if not cfg.runtime.batch_sizes or any(b < 1 for b in cfg.runtime.batch_sizes):

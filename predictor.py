@@ -132,6 +132,15 @@ class PredictorSet:
     # two-stage score thresholds (runtime/apply.py): the score thresholds keep the candidates, and these per-layer
     # |down input| thresholds keep the MLP density; None: one stage
     mlp_down_thresholds: list | None = None
+    # the candidate density the down thresholds were calibrated at: a runtime asked for another refuses them
+    # (their candidates would keep another share than the score thresholds were set to leave)
+    mlp_candidate_density: float | None = None
+    # a low-rank term for what each sparse MLP leaves out (runtime/compensation.py Compensation), fitted for this
+    # MLP rule and these densities, or None
+    mlp_compensation: Any = None
+    # the rule it was fitted for (the bundle manifest's mlp_compensation["rule"]): a runtime running another
+    # drops it
+    mlp_compensation_rule: dict | None = None
 
     @property
     def has_predictors(self) -> bool:
@@ -153,7 +162,8 @@ class PredictorSet:
         """Run every layer at these densities (None keeps a kind's own). Score thresholds were set for the
         densities they came with, so other densities drop them (or their layers would keep another share)."""
         if not self.at_densities(mlp, heads):
-            self.mlp_score_thresholds = self.mlp_down_thresholds = None
+            self.mlp_score_thresholds = self.mlp_down_thresholds = self.mlp_candidate_density = None
+            self.mlp_compensation = self.mlp_compensation_rule = None
         for lp in self.layers:
             if mlp is not None:
                 lp.mlp_density = mlp

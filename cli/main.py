@@ -102,6 +102,11 @@ MlpSelectionOpt = typer.Option(
          "bundle's own thresholds apply at its densities, other densities calibrate anew. The decode loop runs "
          "either; thresholds at batch 1, and in a batch the top-k of its scores (the union of the sequences' sets "
          "would be nearly every neuron).")
+MlpCompensationOpt = typer.Option(
+    None, "--mlp-compensation/--no-mlp-compensation",
+    help="Add the bundle's MLP compensation (export --mlp-compensation-rank: a low-rank linear term per layer for "
+         "what the sparse MLP leaves out) where the rule run is the one it was fitted for; --no-mlp-compensation "
+         "leaves it out, to measure what it adds (default: the config's runtime.mlp_compensation, else on).")
 SkipKvOpt = typer.Option(
     None, "--skip-kv/--all-kv",
     help="Decode loop: compute k/v only for the KV groups the selected heads read; a skipped group's "
@@ -137,10 +142,10 @@ SelectionOpt = typer.Option(None, "--selection", help="predictor (the bundle), o
 
 def _rule_overrides(mlp_density, head_density, mlp_candidate_density, mlp_up_weight, skip_kv, mlp_keep_input,
                     attn_keep_input, keep_layer_bytes, calibration, device, dtype, selection,
-                    mlp_selection=None) -> dict[str, Any]:
+                    mlp_selection=None, mlp_compensation=None) -> dict[str, Any]:
     """The config keys of the options bench and generate share (None: not given)."""
     return {
-        "runtime.mlp_selection": mlp_selection,
+        "runtime.mlp_selection": mlp_selection, "runtime.mlp_compensation": mlp_compensation,
         "runtime.mlp_density": mlp_density, "runtime.head_density": head_density,
         "runtime.mlp_candidate_density": mlp_candidate_density, "runtime.mlp_up_weight": mlp_up_weight,
         "runtime.skip_kv": skip_kv, "runtime.mlp_keep_input": mlp_keep_input,
@@ -162,7 +167,7 @@ RESUMABLE = ("collect", "train_predictors", "tune_predictors")
 def _check_rule_flags(config: str | None, section: str, calibration: str | None, model: str | None = None,
                       selection: str | None = None, densities: tuple = (), skip_kv: bool | None = None,
                       engine: str | None = None, calibration_tokens: int | None = None,
-                      mlp_selection: str | None = None) -> None:
+                      mlp_selection: str | None = None, compensation_rank: int | None = None) -> None:
     """Flags that would change nothing are refused (--calibration, export's --model without thresholds to
     calibrate) or noted (densities under --selection dense, --skip-kv with the hooks), before any work."""
     from dejavu.errors import DejavuError
@@ -170,11 +175,14 @@ def _check_rule_flags(config: str | None, section: str, calibration: str | None,
     if calibration is not None or model is not None or calibration_tokens is not None:
         rules = getattr(build_config(config, {}), section)
         scored = (mlp_selection or rules.mlp_selection) == "threshold"
-        if rules.mlp_keep_input is None and rules.keep_layer_bytes is None and not scored:
+        compensated = bool(compensation_rank if compensation_rank is not None
+                           else getattr(rules, "mlp_compensation_rank", 0))
+        if rules.mlp_keep_input is None and rules.keep_layer_bytes is None and not (scored or compensated):
             flag = ("--calibration" if calibration is not None else "--model" if model is not None
                     else "--calibration-tokens")
             raise DejavuError(f"{flag} is used only to calibrate thresholds (--mlp-keep-input, --keep-layer-bytes or "
-                              "--mlp-selection threshold); drop it or add one of them")
+                              "--mlp-selection threshold) or, on export, to fit --mlp-compensation-rank; drop it or "
+                              "add one of them")
     if selection == "dense" and any(d is not None for d in densities):
         typer.echo("note: --selection dense computes every neuron and head; the densities given are not used", err=True)
     if skip_kv and engine == "hooks":
@@ -338,6 +346,13 @@ def tune_predictors(
         None, "--mlp-candidate-density", help="With --mlp-selection threshold: tune two-stage score thresholds, "
         "the scores keeping this share of neurons for gate/up and each sequence's activation quantile --mlp-density "
         "for down (export with --mlp-selection threshold --mlp-candidate-density C). Unset: one stage."),
+    mlp_compensation_rank: int | None = typer.Option(
+        None, "--mlp-compensation-rank", min=0,
+        help="Also learn an MLP compensation of this rank with the predictors: per layer, a low-rank linear map of "
+             "the MLP's input added to the sparse MLP's output, for what the skipped neurons leave out; it starts "
+             "at zero, and export carries it into the bundle. 0: none." + default("tune.mlp_compensation_rank")),
+    mlp_compensation_lr: float | None = typer.Option(
+        None, "--mlp-compensation-lr", help="Learning rate of the MLP compensation (unset: --lr), decayed alike."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Start again: replace a finished RUN/tuned, or a checkpoint of other settings, "
         "instead of keeping it (a rerun with the same settings keeps a finished tuning and resumes an unfinished one)."),
@@ -359,6 +374,7 @@ def tune_predictors(
         "tune.head_density": head_density, "data.dataset": dataset, "tune.eval_sequences": eval_sequences,
         "tune.eval_every": eval_every, "model.device": device, "model.dtype": dtype,
         "tune.mlp_selection": mlp_selection, "tune.mlp_candidate_density": mlp_candidate_density,
+        "tune.mlp_compensation_rank": mlp_compensation_rank, "tune.mlp_compensation_lr": mlp_compensation_lr,
     })
 
 
@@ -406,8 +422,15 @@ def export(
              "those scored above per-layer thresholds, calibrated now (model loaded, predictors run sparse on "
              "--calibration) to keep --mlp-density on average; confident tokens keep fewer neurons, uncertain ones "
              "more." + default("export.mlp_selection")),
+    mlp_compensation_rank: int | None = typer.Option(
+        None, "--mlp-compensation-rank", min=0,
+        help="Also fit and store an MLP compensation of this rank: per layer, a low-rank linear map of the MLP's "
+             "input for what the predicted neurons leave out, fitted now by ridge regression on --calibration with "
+             "the bundle's selection rule (model loaded). Its bytes are read every token: rank R costs 2 x R x hidden "
+             "values a layer. 0: none." + default("export.mlp_compensation_rank")),
     calibration: str | None = typer.Option(
-        None, "--calibration", help="Corpus the thresholds are calibrated on (default: the config's data.dataset)."),
+        None, "--calibration", help="Corpus the thresholds and the MLP compensation are calibrated on (default: the "
+        "config's data.dataset)."),
     calibration_tokens: int | None = typer.Option(
         None, "--calibration-tokens",
         help="Tokens of the calibration corpus the thresholds are set on (fewer: a faster, noisier calibration)."
@@ -425,13 +448,14 @@ def export(
 
     if mlp_keep_input is None and keep_layer_bytes is None:
         _check_rule_flags(config, "export", calibration, model if run is not None else None,
-                          calibration_tokens=calibration_tokens, mlp_selection=mlp_selection)
+                          calibration_tokens=calibration_tokens, mlp_selection=mlp_selection,
+                          compensation_rank=mlp_compensation_rank)
     run_export(Path(run) if run is not None else None, Path(out), config_file=config, model_name=model, overrides={
         "export.mlp_density": mlp_density, "export.head_density": head_density,
         "export.mlp_candidate_density": mlp_candidate_density, "export.mlp_keep_input": mlp_keep_input,
         "export.attn_keep_input": attn_keep_input, "export.keep_layer_bytes": keep_layer_bytes,
         "data.dataset": calibration, "export.calibration_tokens": calibration_tokens,
-        "export.mlp_selection": mlp_selection,
+        "export.mlp_selection": mlp_selection, "export.mlp_compensation_rank": mlp_compensation_rank,
     })
 
 
@@ -457,6 +481,7 @@ def bench(
     mlp_candidate_density: float | None = MlpCandidateDensityOpt,
     mlp_up_weight: float | None = MlpUpWeightOpt,
     mlp_selection: str | None = MlpSelectionOpt,
+    mlp_compensation: bool | None = MlpCompensationOpt,
     skip_kv: bool | None = SkipKvOpt,
     mlp_keep_input: float | None = MlpKeepInputOpt,
     attn_keep_input: float | None = AttnKeepInputOpt,
@@ -507,7 +532,7 @@ def bench(
         overrides={
             **_rule_overrides(mlp_density, head_density, mlp_candidate_density, mlp_up_weight, skip_kv,
                               mlp_keep_input, attn_keep_input, keep_layer_bytes, calibration, device, dtype,
-                              selection, mlp_selection),
+                              selection, mlp_selection, mlp_compensation),
             "runtime.max_eval_tokens": max_eval_tokens, "runtime.eval_split": eval_split,
             "runtime.eval_text_field": eval_text_field, "runtime.batch_sizes": sizes, "runtime.prompt_len": prompt_len,
             "runtime.calibration_tokens": calibration_tokens, "runtime.decode_tokens": decode_tokens,
@@ -556,6 +581,7 @@ def generate(
     mlp_candidate_density: float | None = MlpCandidateDensityOpt,
     mlp_up_weight: float | None = MlpUpWeightOpt,
     mlp_selection: str | None = MlpSelectionOpt,
+    mlp_compensation: bool | None = MlpCompensationOpt,
     skip_kv: bool | None = SkipKvOpt,
     mlp_keep_input: float | None = MlpKeepInputOpt,
     attn_keep_input: float | None = AttnKeepInputOpt,
@@ -581,7 +607,7 @@ def generate(
         batch_size=batch_size,
         overrides=_rule_overrides(mlp_density, head_density, mlp_candidate_density, mlp_up_weight, skip_kv,
                                   mlp_keep_input, attn_keep_input, keep_layer_bytes, calibration, device, dtype,
-                                  selection, mlp_selection),
+                                  selection, mlp_selection, mlp_compensation),
     )
 
 

@@ -41,6 +41,7 @@ from dejavu.artifacts import (
 )
 from dejavu.errors import DejavuError
 from dejavu.predictor import PREDICTOR_TENSORS, LayerPredictors, LowRankPredictor, PredictorSet
+from dejavu.runtime.compensation import TENSOR_PREFIX as COMPENSATION_PREFIX
 
 BUNDLE_KIND = "dejavu.bundle"
 PREDICTORS_KIND = "dejavu.predictors"
@@ -142,9 +143,21 @@ def _calibrated_thresholds(cfg, model_name: str, identity: dict | None, keep_dow
     return thresholds, description, identity or model_identity(adapter, source.display)
 
 
+def _compensation_in(tensors: dict[str, torch.Tensor], layers: list[LayerPredictors], rank: int | None):
+    """The MLP compensation among `tensors` (learned by tune-predictors or fitted here), or None."""
+    if not rank:
+        return None
+    from dejavu.runtime.compensation import Compensation
+
+    sparse = [lp.mlp is not None and lp.mlp_density < 1.0 for lp in layers]
+    hidden = next(lp.mlp.d_in for lp in layers if lp.mlp is not None)
+    return Compensation.from_tensors(tensors, len(layers), hidden, rank, sparse, "the MLP compensation")
+
+
 def _calibrated_score_thresholds(cfg, model_name: str, identity: dict, tensors: dict[str, torch.Tensor],
                                  mlp_per_layer: list[float], head_per_layer: list[float], pairings: dict,
-                                 activation: str) -> tuple[list[float | None], list[float | None] | None, dict]:
+                                 activation: str, compensation_rank: int | None = None
+                                 ) -> tuple[list[float | None], list[float | None] | None, dict]:
     """Load the model, check it is the one the predictors were trained on, and set each layer's MLP score
     threshold (and with a candidate density, its down threshold) with these predictors at the bundle's
     densities (runtime/score_thresholds.py)."""
@@ -158,8 +171,50 @@ def _calibrated_score_thresholds(cfg, model_name: str, identity: dict, tensors: 
     model, tokenizer, _, adapter = _calibration_model(model_name, identity)
     e = cfg.export
     values, down = calibrate_on_corpus(model, adapter, tokenizer, predictors, cfg.data, e.calibration_tokens,
-                                       max_window=cfg.runtime.eval_window, candidate_density=e.mlp_candidate_density)
-    return values, down, {"calibration": cfg.data.dataset, "calibration_tokens": e.calibration_tokens}
+                                       max_window=cfg.runtime.eval_window, candidate_density=e.mlp_candidate_density,
+                                       compensation=_compensation_in(tensors, layers, compensation_rank))
+    return values, down, {"calibration": cfg.data.dataset, "calibration_tokens": e.calibration_tokens,
+                          "with_mlp_compensation": bool(compensation_rank)}
+
+
+def _calibrated_compensation(cfg, model_name: str, identity: dict, tensors: dict[str, torch.Tensor],
+                             mlp_per_layer: list[float], head_per_layer: list[float], pairings: dict,
+                             activation: str) -> dict:
+    """Fit the MLP compensation (runtime/compensation.py) for the bundle's rule, with the score and down
+    thresholds already in `tensors`; adds its tensors there and returns the manifest's description."""
+    from dejavu.runtime.compensation import calibrate_compensation, compensation_rule
+    from dejavu.runtime.quality import model_context
+    from dejavu.runtime.score_thresholds import DOWN_TENSOR_NAME, TENSOR_NAME
+    from dejavu.runtime.thresholds import calibration_ids
+
+    e = cfg.export
+    if e.mlp_keep_input is not None or e.keep_layer_bytes is not None:
+        raise DejavuError("--mlp-compensation-rank corrects the predictors' MLP selection: not with magnitude "
+                          "thresholds (--mlp-keep-input, --keep-layer-bytes)")
+    layers = _predictor_layers(tensors, mlp_per_layer, head_per_layer, activation, "the predictors")
+    sparse = [lp.mlp is not None and lp.mlp_density < 1.0 for lp in layers]
+    if not any(sparse):
+        raise DejavuError("--mlp-compensation-rank needs MLP predictors at a density below 1: this bundle's MLPs "
+                          "all run dense")
+    predictors = PredictorSet(layers, **pairings)
+    rule = {"mlp_candidate_density": e.mlp_candidate_density}
+    if TENSOR_NAME in tensors:
+        from dejavu.runtime.score_thresholds import from_tensor
+
+        rule["mlp_score_thresholds"] = from_tensor(tensors, len(layers), sparse, "the score thresholds")
+        if DOWN_TENSOR_NAME in tensors:
+            rule["mlp_down_thresholds"] = from_tensor(tensors, len(layers), sparse, "the down thresholds",
+                                                      DOWN_TENSOR_NAME)
+    model, tokenizer, _, adapter = _calibration_model(model_name, identity)
+    ids = calibration_ids(tokenizer, cfg.data, e.calibration_tokens)
+    print(f"  fitting the MLP compensation (rank {e.mlp_compensation_rank}) on {ids.numel()} tokens of "
+          f"{cfg.data.dataset}", flush=True)
+    compensation = calibrate_compensation(model, adapter, predictors, ids,
+                                          min(model_context(model), cfg.runtime.eval_window),
+                                          e.mlp_compensation_rank, **rule)
+    tensors.update(compensation.to_tensors())
+    return {"bytes": sum(t.numel() * 4 for t in compensation.to_tensors().values()), "rank": e.mlp_compensation_rank, "calibration": cfg.data.dataset, "calibration_tokens": e.calibration_tokens,
+            "rule": compensation_rule(e.mlp_selection, e.mlp_candidate_density, mlp_per_layer, head_per_layer)}
 
 
 def check_bundle_out(out: Path, stages: tuple[Path, ...] = ()) -> bool:
@@ -295,17 +350,26 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
     tensors: dict[str, torch.Tensor] = {}
     present = []
     predictor_bytes = 0
+    tuned_compensation = pm.get("mlp_compensation")
+    if tuned_compensation and cfg.export.mlp_compensation_rank:
+        raise DejavuError(f"{pred_dir} carries an MLP compensation tuned with the predictors (rank "
+                          f"{tuned_compensation.get('rank')}): drop --mlp-compensation-rank, which would fit another")
     for l in range(num_layers):  # noqa: E741
         name = layer_file(l)
         if name not in listed:
             present.append(False)
             continue
         wanted = [f"{kind}.{t}" for kind in KINDS for t in PREDICTOR_TENSORS]
+        if tuned_compensation:  # learned by tune-predictors: into the bundle as mlp_compensation.{l}.*
+            wanted += [f"{COMPENSATION_PREFIX}.{t}" for t in ("a", "b", "bias")]
         layer = load_tensors(pred_dir / name, wanted)
         for key, value in layer.items():
             if not torch.isfinite(value).all():
                 raise DejavuError(f"{pred_dir / name}: {key} contains NaN or infinite values (training diverged?)")
-            tensors[f"layers.{l}.{key}"] = value.float().contiguous()
+            if key.startswith(COMPENSATION_PREFIX + "."):
+                tensors[f"{COMPENSATION_PREFIX}.{l}.{key.split('.', 1)[1]}"] = value.float().contiguous()
+            else:
+                tensors[f"layers.{l}.{key}"] = value.float().contiguous()
             predictor_bytes += value.numel() * 4
         present.append(True)
     if not any(present):
@@ -339,10 +403,37 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
                     "head_pairing": pm.get("head_pairing", cfg.train.head_pairing)}
         values, down, score_description = _calibrated_score_thresholds(
             cfg, model_name or identity.get("name") or cfg.model.name, identity, tensors, mlp_per_layer,
-            head_per_layer, pairings, pm.get("hidden_activation", cfg.train.hidden_activation))
+            head_per_layer, pairings, pm.get("hidden_activation", cfg.train.hidden_activation),
+            (tuned_compensation or {}).get("rank"))
         tensors[TENSOR_NAME] = to_tensor(values)
         if down is not None:
             tensors[DOWN_TENSOR_NAME] = to_tensor(down)
+
+    compensation_description = None
+    if tuned_compensation:
+        from dejavu.runtime.compensation import compensation_rule
+
+        compensation_description = {
+            "rank": tuned_compensation["rank"], "tuned": True,
+            "rule": compensation_rule(cfg.export.mlp_selection, cfg.export.mlp_candidate_density, mlp_per_layer,
+                                      head_per_layer)}
+    elif cfg.export.mlp_compensation_rank:  # before anything is written: a bad model loses nothing
+        compensation_description = _calibrated_compensation(
+            cfg, model_name or identity.get("name") or cfg.model.name, identity, tensors, mlp_per_layer,
+            head_per_layer, {"mlp_pairing": pm.get("mlp_pairing", cfg.train.mlp_pairing),
+                             "head_pairing": pm.get("head_pairing", cfg.train.head_pairing)},
+            pm.get("hidden_activation", cfg.train.hidden_activation))
+        predictor_bytes += compensation_description.pop("bytes")  # read every token, as the predictors are
+        if score_description is not None:
+            # fitted with thresholds set without it; set them again with it, so the bundle keeps its densities
+            values, down, score_description = _calibrated_score_thresholds(
+                cfg, model_name or identity.get("name") or cfg.model.name, identity, tensors, mlp_per_layer,
+                head_per_layer, {"mlp_pairing": pm.get("mlp_pairing", cfg.train.mlp_pairing),
+                                 "head_pairing": pm.get("head_pairing", cfg.train.head_pairing)},
+                pm.get("hidden_activation", cfg.train.hidden_activation), cfg.export.mlp_compensation_rank)
+            tensors[TENSOR_NAME] = to_tensor(values)
+            if down is not None:
+                tensors[DOWN_TENSOR_NAME] = to_tensor(down)
 
     tuned = pm.get("tuned") or {}
     if tuned and (any(d != tuned.get("mlp_density") for d, p in zip(mlp_per_layer, present, strict=True) if p)
@@ -393,12 +484,17 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         # mlp_score_thresholds); "topk": each token's top-k
         mlp_selection=cfg.export.mlp_selection,
         mlp_score_thresholds=score_description,
+        # optional: the low-rank MLP compensation (tensors mlp_compensation.*) and the rule it was fitted for
+        mlp_compensation=compensation_description,
     )
     trained = sum(present)
+    compensated = f", MLP compensation of rank {compensation_description['rank']}" if compensation_description else ""
     print(f"bundle written to {out}: {trained}/{num_layers} layers with predictors, "
           f"MLP density {mlp_density:g}"
           f"{' (score thresholds)' if score_description else ''}"
-          f"{f' among candidates at {candidates:g}' if candidates is not None else ''}, head density {head_density:g}, "
+          f"{f' among candidates at {candidates:g}' if candidates is not None else ''}"
+          f"{compensated}"
+          f", head density {head_density:g}, "
           f"{predictor_bytes / 2**20:.1f} MiB of predictors (fp32)")
     return manifest
 
@@ -493,6 +589,23 @@ def _bundled_score_thresholds(manifest: dict, tensors: dict, layers: list[LayerP
     return scores, from_tensor(tensors, len(layers), sparse, str(path / BUNDLE_FILE), DOWN_TENSOR_NAME)
 
 
+def _bundled_compensation(manifest: dict, tensors: dict, layers: list[LayerPredictors], path: Path, where: Path):
+    """(the bundle's MLP compensation, the rule it was fitted for), or (None, None) when it has none."""
+    described = manifest.get("mlp_compensation")
+    if described is None:
+        return None, None
+    from dejavu.runtime.compensation import Compensation
+
+    rank = described.get("rank") if isinstance(described, dict) else None
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1 or not isinstance(described.get("rule"), dict):
+        raise DejavuError(f"{where}: mlp_compensation must give a rank of at least 1 and the rule it was fitted for "
+                          "(an edited manifest?)")
+    sparse = [lp.mlp is not None and lp.mlp_density < 1.0 for lp in layers]
+    hidden = manifest["model"]["hidden_size"]
+    return (Compensation.from_tensors(tensors, len(layers), hidden, rank, sparse, str(path / BUNDLE_FILE)),
+            described["rule"])
+
+
 def _predictor_layers(tensors: dict[str, torch.Tensor], mlp_d: list[float], head_d: list[float],
                       activation: str | None, where, manifest: dict | None = None) -> list[LayerPredictors]:
     """Per layer, the predictors `layers.{l}.{kind}.*` of `tensors` at these densities (a kind without tensors:
@@ -551,10 +664,13 @@ def load_bundle(path: str | Path) -> tuple[dict, PredictorSet]:
                                manifest)
     _check_top_level_densities(manifest, layers, thresholds, where)
     score_thresholds, down_thresholds = _bundled_score_thresholds(manifest, all_tensors, layers, path, where)
+    compensation, compensation_rule = _bundled_compensation(manifest, all_tensors, layers, path, where)
     pset = PredictorSet(layers, mlp_pairing=manifest.get("mlp_pairing", "current"),
                         head_pairing=manifest.get("head_pairing", "lookahead"),
                         meta={"bundle": str(path), "model": model}, thresholds=thresholds,
-                        mlp_score_thresholds=score_thresholds, mlp_down_thresholds=down_thresholds)
+                        mlp_score_thresholds=score_thresholds, mlp_down_thresholds=down_thresholds,
+                        mlp_candidate_density=None if down_thresholds is None else manifest["mlp_candidate_density"],
+                        mlp_compensation=compensation, mlp_compensation_rule=compensation_rule)
     return manifest, pset
 
 

@@ -168,7 +168,8 @@ class SparseRuntime:
                  mlp_up_weight: float | None = None, thresholds: Thresholds | None = None,
                  straight_through: float | None = None,
                  mlp_score_thresholds: list[float | None] | str | None = None,
-                 mlp_down_thresholds: list[float | None] | str | None = None):
+                 mlp_down_thresholds: list[float | None] | str | None = None,
+                 mlp_compensation=None):
         if selection not in SELECTIONS:
             raise DejavuError(f"selection must be one of {', '.join(SELECTIONS)}; got {selection!r}")
         if mode not in MODES:
@@ -207,6 +208,12 @@ class SparseRuntime:
         self.mlp_up_weight = self._check_up_weight(mlp_up_weight)
         self.mlp_down_thresholds = self._check_thresholds(mlp_down_thresholds, n, "down")
         self.mlp_score_thresholds = self._check_score_thresholds(mlp_score_thresholds, n)
+        calibrated = None if predictors is None else predictors.mlp_candidate_density
+        if (calibrated is not None and mlp_down_thresholds is predictors.mlp_down_thresholds
+                and self.mlp_candidate_density != calibrated):
+            raise DejavuError(f"mlp_candidate_density {self.mlp_candidate_density} is not the {calibrated:g} these "
+                              "predictors' down thresholds were calibrated at: pass that, or calibrate again "
+                              "(runtime/score_thresholds.py calibrate_two_stage)")
         if self.mlp_down_thresholds is not None and self.mlp_score_thresholds is None:
             raise DejavuError("down thresholds (mlp_down_thresholds) are the second stage of score-threshold "
                               "candidates: they take mlp_score_thresholds and mlp_candidate_density")
@@ -220,6 +227,18 @@ class SparseRuntime:
             raise DejavuError("straight-through selection tunes the predictors: selection 'predictor', mask mode, "
                               "one-stage top-k or score thresholds (with or without down thresholds)")
         self.straight_through = straight_through
+        if mlp_compensation is not None:
+            if selection != "predictor" or thresholds is not None:
+                raise DejavuError("MLP compensation corrects the predictors' selection: selection 'predictor', "
+                                  "not magnitude thresholds")
+            if len(mlp_compensation.layers) != n:
+                raise DejavuError(f"the MLP compensation covers {len(mlp_compensation.layers)} layers, the model has {n}")
+            for l, d in enumerate(self.mlp_density):  # noqa: E741
+                if d < 1.0 and mlp_compensation.layers[l] is None:
+                    raise DejavuError(f"layer {l} runs a sparse MLP (density {d:g}) but the MLP compensation has "
+                                      "no term for it: fit it at these densities")
+        self.mlp_compensation = mlp_compensation
+        self._mlp_x: dict[int, torch.Tensor] = {}
         if predictors is not None:
             device = next(model.parameters()).device
             predictors.to(device=device)
@@ -332,6 +351,11 @@ class SparseRuntime:
         for l, layer in enumerate(self.layers):  # noqa: E741
             self._handles.append(layer.register_forward_pre_hook(self._layer_hook(l), with_kwargs=True))
             if self.mlp_density[l] < 1.0:
+                if self.mlp_compensation is not None:
+                    self._handles.append(self.adapter.mlp_input_projections(layer)[0].register_forward_pre_hook(
+                        self._mlp_input_hook(l)))
+                    self._handles.append(self.adapter.down_proj(layer).register_forward_hook(
+                        self._compensation_hook(l)))
                 if self.exact_up:
                     self._handles.append(self.adapter.up_proj(layer).register_forward_hook(self._up_hook(l)))
                 if self.mode == "mask":
@@ -361,6 +385,7 @@ class SparseRuntime:
             del module.forward  # back to the class's forward
         self._handles, self._patched = [], []
         self._inputs.clear()
+        self._mlp_x.clear()
 
     def __enter__(self) -> SparseRuntime:
         return self
@@ -526,6 +551,24 @@ class SparseRuntime:
             self._note("mlp", l, mask)
             mask = self._apply_token_mask(mask)
             return (act * mask.to(act.dtype),) + tuple(args[1:])
+
+        return hook
+
+    def _mlp_input_hook(self, l: int):  # noqa: E741
+        def hook(module, args):
+            self._mlp_x[l] = args[0]
+
+        return hook
+
+    def _compensation_hook(self, l: int):  # noqa: E741
+        """Adds layer l's compensation term to down's output, on the tokens whose MLP ran sparse."""
+        def hook(module, args, out):
+            x = self._mlp_x.pop(l, None)
+            if not self.enabled or x is None:
+                return None
+            term = self.mlp_compensation.term(l, x).reshape(out.shape)
+            tm = self.sparse_tokens(out)
+            return out + (term if tm is None else term * tm.to(term.dtype))
 
         return hook
 

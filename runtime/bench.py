@@ -315,6 +315,7 @@ def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> di
         else:
             predictors.mlp_score_thresholds, predictors.mlp_down_thresholds = calibrate_two_stage(
                 model, adapter, predictors, ids, RANDOM_CALIBRATION_TOKENS, cand)
+            predictors.mlp_candidate_density = cand
         score_calibration = random_calibration
     speed_data = None
     if speed:

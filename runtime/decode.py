@@ -311,6 +311,9 @@ class LayerWeights:
     # dtype, as the reference runtime compares), and down_tally [2] int64 sums (rows read, calls)
     down_cut: float | None = None
     down_tally: torch.Tensor | None = None
+    # MLP compensation (runtime/compensation.py): (a [R, d], b [d, R], bias [d]) in the model dtype, added to a
+    # sparse MLP's output
+    compensation: tuple | None = None
     up_workspace: tuple | None = None  # set only with exact-up MLP selection: its top-k buffers (fp16 keys)
     gate_up_t: torch.Tensor | None = None  # [d, 2n] = [gate^T | up^T], set only with MLP thresholds
     wqkv_t: torch.Tensor | None = None  # [d, (H + 2KV) * hd], set only with attention thresholds
@@ -592,6 +595,7 @@ class DecodeModel:
         self.pred_groups = {}
         for lw in self.layers:
             lw.mlp_pred = lw.head_pred = lw.mlp_final = lw.up_workspace = lw.down_cut = lw.down_tally = None
+            lw.compensation = None
         if predictors is None:
             return
         if len(predictors.layers) != len(self.layers):
@@ -605,9 +609,15 @@ class DecodeModel:
             if cand is not None and down_thresholds is None:
                 raise DejavuError("score-threshold candidates (mlp_candidate_density) take down thresholds as their "
                                   "second stage: calibrate both (runtime/score_thresholds.py calibrate_two_stage)")
+            calibrated = predictors.mlp_candidate_density
             if cand is None and down_thresholds is not None:
+                at = "" if calibrated is None else f" ({calibrated:g})"
                 raise DejavuError("these predictors carry down thresholds (two-stage score thresholds): pass the "
-                                  "mlp_candidate_density their score thresholds were calibrated at")
+                                  f"mlp_candidate_density their score thresholds were calibrated at{at}")
+            if down_thresholds is not None and calibrated is not None and cand != calibrated:
+                raise DejavuError(f"mlp_candidate_density {cand:g} is not the {calibrated:g} these predictors' score and "
+                                  "down thresholds were calibrated at: pass that, or calibrate again at "
+                                  f"{cand:g} (runtime/score_thresholds.py calibrate_two_stage)")
             for what, values in (("score", score_thresholds), ("down", down_thresholds or score_thresholds)):
                 if len(values) != len(self.layers):
                     raise DejavuError(f"{len(values)} MLP {what} thresholds for {len(self.layers)} layers")
@@ -663,6 +673,7 @@ class DecodeModel:
             if lp.attn is not None and k_heads < self.H and not (self.thresholds and self.thresholds.attention):
                 src = i if predictors.head_pairing == "current" else max(i - 1, 0)
                 lw.head_pred = FoldedPredictor.fold(lp.attn, k_heads, src, self.device, self.dtype)
+        self._attach_compensation(predictors.mlp_compensation)
         by_source: dict[int, list] = {}
         for j, lw in enumerate(self.layers):
             for kind, pred in (("mlp", lw.mlp_pred), ("heads", lw.head_pred)):
@@ -670,6 +681,32 @@ class DecodeModel:
                     by_source.setdefault(pred.source_layer, []).append((kind, j, pred))
         self.pred_groups = {src: PredictorGroup.build(members, self.join_order == "heads-first")
                             for src, members in by_source.items()}
+
+    def _attach_compensation(self, compensation) -> None:
+        if compensation is None:
+            return
+        if self.thresholds is not None or self.mlp_up_weight is not None:
+            raise DejavuError("MLP compensation corrects a predicted top-k or score-threshold selection: not with "
+                              "magnitude thresholds or exact-up selection")
+        if len(compensation.layers) != len(self.layers):
+            raise DejavuError(f"the MLP compensation covers {len(compensation.layers)} layers, the model has "
+                              f"{len(self.layers)}")
+        for i, (lw, parts) in enumerate(zip(self.layers, compensation.layers, strict=True)):
+            sparse_mlp = lw.mlp_pred is not None or lw.mlp_final is not None
+            if sparse_mlp and parts is None:
+                raise DejavuError(f"layer {i} runs a sparse MLP but the MLP compensation has no term for it: fit it "
+                                  "at these densities")
+            if sparse_mlp:
+                a, b, bias = parts  # b transposed once: the MLP kernel reads its columns as rows, like down^T's
+                lw.compensation = tuple(t.detach().to(device=self.device, dtype=self.dtype).contiguous()
+                                        for t in (a, b.T, bias))
+
+    def _compensate(self, st: DecodeState, lw: LayerWeights, acc: torch.Tensor, sparse: bool) -> torch.Tensor:
+        """acc plus the layer's compensation term when its MLP ran sparse (fp32, as acc)."""
+        if sparse and lw.compensation is not None:
+            a, bt, bias = lw.compensation
+            acc.add_(F.linear(F.linear(st.xn, a), bt.T, bias))
+        return acc
 
     # --- buffers ----------------------------------------------------------------------------------
     def new_state(self, batch: int, dense_only: bool = False, padded: bool = False) -> DecodeState:
@@ -981,7 +1018,7 @@ class DecodeModel:
                 return
             ops.gather_vecmat_acc(ops.gather_matvec(xn, lw.up, midx, 1, None, self.act, bias=lw.up_bias, count=count),
                                   lw.down_t, midx, 1, acc, count=count)
-            self._after_mlp(st, i, lw, acc, True)
+            self._after_mlp(st, i, lw, self._compensate(st, lw, acc, sparse), True)
             return
         if sparse and self.thresholds is not None:
             # no selection: the kernels skip the rows whose input is at or below the layer's threshold
@@ -989,7 +1026,7 @@ class DecodeModel:
             ops.threshold_vecmat_acc(xn, lw.gate_up_t, t.x[i], st.acc_gate_up)
             ops.act_mul_acc(st.acc_gate_up, self.act, st.h_mlp)
             ops.threshold_vecmat_acc(st.h_mlp, lw.down_t, t.h[i], acc)
-            self._after_mlp(st, i, lw, acc, True)
+            self._after_mlp(st, i, lw, self._compensate(st, lw, acc, sparse), True)
             return
         if sparse and lw.up_workspace is not None:
             up = F.linear(xn, lw.gate_up[1])  # every neuron's up, while the predictor may still run
@@ -998,7 +1035,7 @@ class DecodeModel:
             ops.select_exact_up(up, pred.logits, self.mlp_up_weight, pred.out, *lw.up_workspace)
             a = ops.gather_matvec(xn, lw.gate_up[0], pred.out, 1, None, self.act)
             ops.gather_vecmat_acc(a, lw.down_t, pred.out, 1, acc, up)  # act(gate) x up, as down reads it
-            self._after_mlp(st, i, lw, acc, True)
+            self._after_mlp(st, i, lw, self._compensate(st, lw, acc, sparse), True)
             return
         midx = self._take(mlp_sel, i)
         two_stage = lw.mlp_final if sparse else None
@@ -1008,17 +1045,18 @@ class DecodeModel:
             h, final = two_stage.select(ops.gather_matvec(xn, lw.gate_up[1], cand, 1, lw.gate_up[0], self.act),
                                         cand)
             ops.gather_vecmat_acc(h, lw.down_t, final, 1, acc)
-            self._after_mlp(st, i, lw, acc, True)
+            self._after_mlp(st, i, lw, self._compensate(st, lw, acc, sparse), True)
             return
         if midx is None and self.dense_impl == "triton" and lw.gate_up is not None:  # (thresholds: transposed)
             midx = self.all_neurons
         if midx is not None:
+            comp = lw.compensation if sparse and lw.compensation is not None else (None, None, None)
             if sparse and lw.down_cut is not None:
                 ops.sparse_mlp_cut_acc(xn, lw.gate_up[0], lw.gate_up[1], lw.down_t, midx, self.act, acc, lw.down_cut,
-                                       lw.down_tally, count)
+                                       lw.down_tally, count, *comp)
             else:
-                ops.sparse_mlp_acc(xn, lw.gate_up[0], lw.gate_up[1], lw.down_t, midx, self.act, acc, count)
-            self._after_mlp(st, i, lw, acc, True)
+                ops.sparse_mlp_acc(xn, lw.gate_up[0], lw.gate_up[1], lw.down_t, midx, self.act, acc, count, *comp)
+            self._after_mlp(st, i, lw, acc, True)  # the compensation went in with the MLP
         else:
             a = ops.act_mul(self._dense_gate_up(lw, xn), self.act)
             self._after_mlp(st, i, lw, a @ lw.down_t, False)
@@ -1110,6 +1148,8 @@ class DecodeModel:
                 cache += batch * d * item  # the stored attention input (lazy fills are not counted)
             if sparse:
                 preds += sum(p.nbytes for p in (lw.mlp_pred, lw.head_pred) if p is not None)
+                if lw.compensation is not None:  # read every step like the predictors: counted with them
+                    preds += sum(t.numel() for t in lw.compensation) * item
         head = (self.lm_head.numel() + batch * d) * item
         return {"weights": weights, "predictors": preds, "kv_cache": cache, "lm_head_embed": head,
                 "total": weights + preds + cache + head}

@@ -33,6 +33,8 @@ class SparsePlan:
     mlp_score_thresholds: list | None = None
     # with them and mlp_candidate_density: per-layer |down input| thresholds, the second stage
     mlp_down_thresholds: list | None = None
+    # the bundle's MLP compensation (runtime/compensation.py) when the rule run is the one it was fitted for
+    mlp_compensation: object | None = None
 
     @property
     def decode_loop_note(self) -> str | None:
@@ -56,7 +58,7 @@ class SparsePlan:
                              head_density=self.head_density_flag if use else self.head_density,
                              mlp_candidate_density=self.mlp_candidate_density, mlp_up_weight=self.mlp_up_weight,
                              thresholds=self.thresholds, mode=mode, mlp_score_thresholds=self.mlp_score_thresholds,
-                             mlp_down_thresholds=self.mlp_down_thresholds)
+                             mlp_down_thresholds=self.mlp_down_thresholds, mlp_compensation=self.mlp_compensation)
 
     def decode_predictors(self) -> PredictorSet | None:
         """The predictors at the densities the decode loop should run (flags applied to every layer)."""
@@ -65,6 +67,8 @@ class SparsePlan:
         use = self.predictors.with_densities(self.mlp_density_flag, self.head_density_flag)
         use.mlp_score_thresholds = self.mlp_score_thresholds  # set for these densities (or None: top-k)
         use.mlp_down_thresholds = self.mlp_down_thresholds
+        use.mlp_candidate_density = None if self.mlp_down_thresholds is None else self.mlp_candidate_density
+        use.mlp_compensation = self.mlp_compensation
         return use
 
     def decode_model(self, model, adapter, device, dtype, max_len: int):
@@ -210,16 +214,19 @@ def resolve_plan(cfg, manifest: dict | None, predictors: PredictorSet | None, mo
     if cand_d is not None and cand_d < mlp_d:
         raise DejavuError(f"--mlp-candidate-density {cand_d:g} is below the MLP density {mlp_d:g}: the candidates "
                           "must include the final set")
+    wanted = rt.mlp_selection or (manifest or {}).get("mlp_selection", "topk")
+    compensation = _compensation(cfg, use, thresholds, up_w, "threshold" if wanted == "threshold" else "topk", cand_d)
     score_thresholds, down_thresholds, score_description = _score_thresholds(
-        cfg, manifest, use, model, adapter, tokenizer, thresholds, cand_d, up_w)
+        cfg, manifest, use, model, adapter, tokenizer, thresholds, cand_d, up_w, compensation)
     if use is not None and score_thresholds is None:
         # a threshold bundle run by another rule: the decode loop takes its top-k
-        use.mlp_score_thresholds = use.mlp_down_thresholds = None
+        use.mlp_score_thresholds = use.mlp_down_thresholds = use.mlp_candidate_density = None
     description = {
         "mlp_density": mlp_d, "head_density": head_d, "selection": selection,
         "mlp_selection": "threshold" if score_thresholds is not None else "topk" if use is not None else None,
         "mlp_score_thresholds": score_description,
         "mlp_candidate_density": cand_d, "mlp_up_weight": up_w,
+        "mlp_compensation": None if compensation is None else {**manifest["mlp_compensation"], "from_bundle": True},
         "bundle": str(Path(bundle).resolve()) if bundle else None, "mlp_pairing": use.mlp_pairing if use else None,
         "head_pairing": use.head_pairing if use else None,
         # the bundle's predictors were tuned end to end (`dejavu tune-predictors`)
@@ -231,11 +238,37 @@ def resolve_plan(cfg, manifest: dict | None, predictors: PredictorSet | None, mo
     return SparsePlan(selection=selection, predictors=use, thresholds=thresholds, mlp_density=mlp_d,
                       head_density=head_d, mlp_density_flag=rt.mlp_density, head_density_flag=rt.head_density,
                       mlp_candidate_density=cand_d, mlp_up_weight=up_w, skip_kv=rt.skip_kv, description=description,
-                      mlp_score_thresholds=score_thresholds, mlp_down_thresholds=down_thresholds)
+                      mlp_score_thresholds=score_thresholds, mlp_down_thresholds=down_thresholds,
+                      mlp_compensation=compensation)
+
+
+def _compensation(cfg, use: PredictorSet | None, thresholds, up_w, mlp_selection: str, cand_d):
+    """The bundle's MLP compensation when this run's rule is the one it was fitted for (a note says why not
+    otherwise), or None."""
+    from dejavu.runtime.compensation import compensation_rule, rule_differences
+
+    if use is None or use.mlp_compensation is None:
+        return None
+    if not cfg.runtime.mlp_compensation:
+        print("  the bundle's MLP compensation is left out (--no-mlp-compensation)", flush=True)
+        return None
+    rt = cfg.runtime
+    running = compensation_rule(
+        mlp_selection, cand_d,
+        [lp.mlp_density if rt.mlp_density is None else rt.mlp_density for lp in use.layers],
+        [lp.head_density if rt.head_density is None else rt.head_density for lp in use.layers])
+    differences = rule_differences(use.mlp_compensation_rule or {}, running)
+    if thresholds is not None or up_w is not None:
+        differences.append("magnitude thresholds or exact-up selection")
+    if differences:
+        print(f"  note: the bundle's MLP compensation was fitted for another rule, so it is left out: "
+              f"{'; '.join(differences)}", flush=True)
+        return None
+    return use.mlp_compensation
 
 
 def _score_thresholds(cfg, manifest: dict | None, use: PredictorSet | None, model, adapter, tokenizer,
-                      thresholds, cand_d, up_w) -> tuple[list | None, list | None, dict | None]:
+                      thresholds, cand_d, up_w, compensation=None) -> tuple[list | None, list | None, dict | None]:
     """The MLP score thresholds to run with, and with a candidate density the down thresholds after them: the
     bundle's (a threshold bundle at the densities and candidate density it was exported for), or calibrated
     here when --mlp-selection threshold asks (always: the flag asks to calibrate now) or those differ;
@@ -267,5 +300,5 @@ def _score_thresholds(cfg, manifest: dict | None, use: PredictorSet | None, mode
         print(f"  note: not the bundle's MLP score thresholds: calibrating {why}", flush=True)
     values, down = calibrate_on_corpus(model, adapter, tokenizer, use, cfg.data, rt.calibration_tokens, rt.eval_window,
                                        mlp_density=rt.mlp_density, head_density=rt.head_density,
-                                       candidate_density=cand_d)
+                                       candidate_density=cand_d, compensation=compensation)
     return values, down, {"calibration": cfg.data.dataset, "calibration_tokens": rt.calibration_tokens}

@@ -53,7 +53,7 @@ def calibrate_two_stage(model, adapter, predictors: PredictorSet, ids: torch.Ten
 
 
 def _calibrate(model, adapter, predictors, ids, window, mlp_density, head_density, candidate_density,
-               windows_per_forward):
+               windows_per_forward, compensation=None):
     from dejavu.runtime.apply import SparseRuntime
 
     ids = ids.reshape(-1)
@@ -69,7 +69,7 @@ def _calibrate(model, adapter, predictors, ids, window, mlp_density, head_densit
     counts: dict[int, int] = {}
     with SparseRuntime(model, adapter, predictors, selection="predictor", mlp_density=mlp_density,
                        head_density=head_density, mlp_score_thresholds="batch", mlp_candidate_density=candidate_density,
-                       mlp_down_thresholds="batch" if two_stage else None) as runtime:
+                       mlp_down_thresholds="batch" if two_stage else None, mlp_compensation=compensation) as runtime:
         for batch in rows:
             runtime.batch_score_thresholds.clear()
             runtime.batch_down_thresholds.clear()
@@ -96,10 +96,13 @@ def _calibrate(model, adapter, predictors, ids, window, mlp_density, head_densit
 
 def calibrate_on_corpus(model, adapter, tokenizer, predictors: PredictorSet, data, tokens: int, max_window: int,
                         mlp_density: float | None = None, head_density: float | None = None,
-                        candidate_density: float | None = None) -> tuple[list[float | None], list[float | None] | None]:
+                        candidate_density: float | None = None,
+                        compensation=None) -> tuple[list[float | None], list[float | None] | None]:
     """(score thresholds, down thresholds or None) over the first `tokens` tokens of `data.dataset` (a
     DataConfig), in windows of the model's context or `max_window`, whichever is shorter: how export and bench
-    set them. With `candidate_density` the score thresholds keep it and down thresholds keep the MLP density."""
+    set them. With `candidate_density` the score thresholds keep it and down thresholds keep the MLP density.
+    With an MLP compensation (runtime/compensation.py) it runs as at inference: it shifts the later layers'
+    inputs, and so the shares the thresholds keep."""
     from dejavu.runtime.quality import model_context
     from dejavu.runtime.thresholds import calibration_ids
 
@@ -107,7 +110,7 @@ def calibrate_on_corpus(model, adapter, tokenizer, predictors: PredictorSet, dat
     what = "MLP score thresholds" + (" and down thresholds" if candidate_density is not None else "")
     print(f"  calibrating {what} on {ids.numel()} tokens of {data.dataset}", flush=True)
     return _calibrate(model, adapter, predictors, ids, min(model_context(model), max_window), mlp_density,
-                      head_density, candidate_density, 4)
+                      head_density, candidate_density, 4, compensation)
 
 
 def to_tensor(values: list[float | None]) -> torch.Tensor:

@@ -49,6 +49,7 @@ from dejavu.artifacts import (
 from dejavu.config import RunConfig, load_config
 from dejavu.errors import DejavuError
 from dejavu.predictor import KINDS, PREDICTOR_TENSORS, LayerPredictors, LowRankPredictor, PredictorSet
+from dejavu.runtime.compensation import TENSOR_PREFIX as COMPENSATION_KIND
 from dejavu.train.train import layer_file
 
 PREDICTORS_KIND = "dejavu.predictors"
@@ -105,6 +106,10 @@ def tuning_inputs(cfg: RunConfig, pm: dict, densities: tuple[float, float], dtyp
         del settings["mlp_selection"]
     if settings.get("mlp_candidate_density") is None:
         settings.pop("mlp_candidate_density", None)
+    if not settings.get("mlp_compensation_rank"):
+        settings.pop("mlp_compensation_rank", None)
+    if settings.get("mlp_compensation_lr") is None:
+        settings.pop("mlp_compensation_lr", None)
     d = cfg.data
     # a local corpus by its absolute path: the same file named from another directory is the same corpus
     dataset = str(Path(d.dataset).resolve()) if Path(d.dataset).exists() else d.dataset
@@ -165,6 +170,25 @@ def trainable(predictors: PredictorSet, densities: tuple[float, float]) -> list[
             if pred is not None and density < 1.0:
                 params.extend(pred.parameters())
     return params
+
+
+def learnable_compensation(predictors: PredictorSet, adapter, mlp_density: float, rank: int, device):
+    """An MLP compensation to tune (runtime/compensation.py), zero at the start: b and the bias are zero and a
+    small and random (a and b both zero would get no gradient), so tuning begins from the predictors alone."""
+    from dejavu.runtime.compensation import Compensation
+
+    if mlp_density >= 1.0:
+        raise DejavuError("--mlp-compensation-rank corrects a sparse MLP: the MLP density tuned at is 1")
+    d = adapter.shape().hidden_size
+    generator = torch.Generator().manual_seed(0)
+    layers = []
+    for lp in predictors.layers:
+        if lp.mlp is None:
+            layers.append(None)
+            continue
+        a = torch.randn(rank, d, generator=generator) / d**0.5  # a x of order 1, as LoRA starts its A
+        layers.append(tuple(torch.nn.Parameter(t.to(device)) for t in (a, torch.zeros(d, rank), torch.zeros(d))))
+    return Compensation(layers)
 
 
 def calibration_sequences(cfg: RunConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -466,12 +490,18 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
 
     predictors.with_densities(*densities)
     params = trainable(predictors, densities)
+    compensation, groups = None, [{"params": list(params), "base_lr": t.lr}]
+    if t.mlp_compensation_rank:
+        compensation = learnable_compensation(predictors, adapter, densities[0], t.mlp_compensation_rank, device)
+        terms = [p for parts in compensation.layers if parts is not None for p in parts]
+        params += terms
+        groups.append({"params": terms, "base_lr": t.lr if t.mlp_compensation_lr is None else t.mlp_compensation_lr})
     two_stage = t.mlp_candidate_density is not None
     runtime = SparseRuntime(model, adapter, predictors, straight_through=t.sharpness,
                             mlp_score_thresholds="batch" if t.mlp_selection == "threshold" else None,
                             mlp_candidate_density=t.mlp_candidate_density,
-                            mlp_down_thresholds="batch" if two_stage else None)
-    opt = torch.optim.Adam(params, lr=t.lr)
+                            mlp_down_thresholds="batch" if two_stage else None, mlp_compensation=compensation)
+    opt = torch.optim.Adam([{**g, "lr": g["base_lr"]} for g in groups])
     # overwrite: what an earlier tuning left is gone (or being removed by the first process) and not read
     start, before, best, history = (0, None, None, []) if overwrite else _load_checkpoint(out, key, params, opt)
     barrier()
@@ -494,7 +524,7 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
         bar = tqdm(total=t.steps, initial=start, desc="tune", unit="step", disable=not main)
         for step in range(start, t.steps):
             for group in opt.param_groups:  # cosine decay to 5 %, a pure function of the step (resumable)
-                group["lr"] = t.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / t.steps)))
+                group["lr"] = group["base_lr"] * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / t.steps)))
             ids = _batch(train_seqs, step, t.sequences)[index::processes].to(device)
             with torch.enable_grad():
                 kl, _, _ = _kl_and_logits(model, runtime, ids)
@@ -528,7 +558,7 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
         runtime.remove()
     manifest = None
     if main:
-        manifest = _write_tuned(out, pred_dir, pm, cfg, predictors, present, densities, {
+        manifest = _write_tuned(out, pred_dir, pm, cfg, predictors, present, densities, compensation, {
             "key": key, "inputs": inputs, "dataset": cfg.data.dataset, "steps": t.steps,
             "tokens": t.steps * t.sequences * cfg.data.seq_len, "lr": t.lr, "sharpness": t.sharpness,
             "mlp_selection": t.mlp_selection, "mlp_candidate_density": t.mlp_candidate_density,
@@ -541,13 +571,16 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
 
 
 def _write_tuned(out: Path, pred_dir: Path, pm: dict, cfg: RunConfig, predictors: PredictorSet, present: list[int],
-                 densities: tuple[float, float], report: dict) -> dict:
+                 densities: tuple[float, float], compensation, report: dict) -> dict:
     files = []
     (out / "layers").mkdir(parents=True, exist_ok=True)
     for l in present:  # noqa: E741
         lp = predictors.layers[l]
         tensors = {f"{kind}.{name}": value.detach().float().cpu().contiguous()
                    for kind, pred in (("mlp", lp.mlp), ("attn", lp.attn)) for name, value in pred.tensors().items()}
+        if compensation is not None and compensation.layers[l] is not None:
+            tensors.update({f"{COMPENSATION_KIND}.{name}": value.detach().float().cpu().contiguous()
+                            for name, value in zip(("a", "b", "bias"), compensation.layers[l], strict=True)})
         for name, value in tensors.items():
             check_finite(f"tuned layer {l} {name}", value)
         path = out / layer_file(l)
@@ -561,6 +594,8 @@ def _write_tuned(out: Path, pred_dir: Path, pm: dict, cfg: RunConfig, predictors
     fields = {k: v for k, v in pm.items() if k not in ("format", "format_version", "dejavu_version", "created",
                                                        "config", "parent", "files")}
     fields.update(mlp_density=densities[0], head_density=densities[1], tuned=tuned)
+    # the layer files' learned MLP compensation (`mlp_compensation.a/b/bias`), which export carries into the bundle
+    fields["mlp_compensation"] = {"rank": compensation.rank} if compensation is not None else None
     # the trained predictors' config (export's other defaults stay as they were), with the tune section that
     # ran and the densities tuned at as export's defaults
     config = {**(pm.get("config") or {}), "tune": cfg.to_dict()["tune"]}

@@ -111,31 +111,40 @@ def _(h, wt, idx, unit, acc, scale=None, count=None):
 
 @_custom_op("dejavu::sparse_mlp_acc", mutates_args=("acc",))
 def sparse_mlp_acc(x: Tensor, gate: Tensor, up: Tensor, down_t: Tensor, idx: Tensor, act: int, acc: Tensor,
-                   count: Tensor | None = None) -> None:
+                   count: Tensor | None = None, comp_a: Tensor | None = None, comp_bt: Tensor | None = None,
+                   comp_bias: Tensor | None = None) -> None:
     """acc += (act(x @ gate[idx].T) * (x @ up[idx].T)) @ down_t[idx]: the MLP of the selected neurons
-    (count: of idx[:count]). On CUDA one launch at batch 1 (sparse_mlp_gemv), the two gather kernels at
-    larger batches."""
+    (count: of idx[:count]), plus with comp_* the MLP compensation (x @ comp_a.T) @ comp_bt + comp_bias. On CUDA
+    one launch at batch 1 (sparse_mlp_gemv), the two gather kernels at larger batches."""
     idx = _counted(idx, count)
     reference.gather_vecmat_acc(reference.gather_matvec(x, up, idx, 1, gate, act), down_t, idx, 1, acc)
+    _compensation_acc(x, acc, comp_a, comp_bt, comp_bias)
 
 
-def _sparse_mlp_cuda(x, gate, up, down_t, idx, act, acc, count, cut=None, tally=None) -> None:
+def _compensation_acc(x, acc, a, bt, bias) -> None:
+    if a is not None:
+        acc += torch.nn.functional.linear(torch.nn.functional.linear(x, a), bt.T, bias)
+
+
+def _sparse_mlp_cuda(x, gate, up, down_t, idx, act, acc, count, cut=None, tally=None, comp=(None, None, None)) -> None:
     """One launch at batch 1 (sparse_mlp_gemv), the two gather kernels at larger batches."""
     t = _triton()
     if x.shape[0] == 1 and t.FUSED_MLP and t.fused_mlp_fits(x.shape[1]):
-        t.sparse_mlp_gemv(x, gate, up, down_t, idx, act, acc, count=count, cut=cut, tally=tally)
+        t.sparse_mlp_gemv(x, gate, up, down_t, idx, act, acc, count=count, cut=cut, tally=tally,
+                          compensation=None if comp[0] is None else comp)
     else:
         t.gather_vecmat_acc(t.gather_matvec(x, up, idx, 1, gate, act, count=count), down_t, idx, 1, acc,
                             count=count, cut=cut, tally=tally)
+        _compensation_acc(x, acc, *comp)
 
 
 @sparse_mlp_acc.register_kernel("cuda")
-def _(x, gate, up, down_t, idx, act, acc, count=None):
-    _sparse_mlp_cuda(x, gate, up, down_t, idx, act, acc, count)
+def _(x, gate, up, down_t, idx, act, acc, count=None, comp_a=None, comp_bt=None, comp_bias=None):
+    _sparse_mlp_cuda(x, gate, up, down_t, idx, act, acc, count, comp=(comp_a, comp_bt, comp_bias))
 
 
 @sparse_mlp_acc.register_fake
-def _(x, gate, up, down_t, idx, act, acc, count=None):
+def _(x, gate, up, down_t, idx, act, acc, count=None, comp_a=None, comp_bt=None, comp_bias=None):
     return None
 
 
@@ -143,7 +152,8 @@ def _(x, gate, up, down_t, idx, act, acc, count=None):
 # mutated argument left to its default (None), and the tally is mutated.
 @_custom_op("dejavu::sparse_mlp_cut_acc", mutates_args=("acc", "tally"))
 def sparse_mlp_cut_acc(x: Tensor, gate: Tensor, up: Tensor, down_t: Tensor, idx: Tensor, act: int, acc: Tensor,
-                       cut: float, tally: Tensor, count: Tensor | None = None) -> None:
+                       cut: float, tally: Tensor, count: Tensor | None = None, comp_a: Tensor | None = None,
+                       comp_bt: Tensor | None = None, comp_bias: Tensor | None = None) -> None:
     """sparse_mlp_acc with down thresholds: of the selected neurons, down reads the rows where some sequence's
     |act * up| is above `cut` (each sequence's entries at or below it count as zero), and tally (int64 [2]) +=
     (rows read, 1)."""
@@ -154,15 +164,16 @@ def sparse_mlp_cut_acc(x: Tensor, gate: Tensor, up: Tensor, down_t: Tensor, idx:
     tally += torch.stack([keep.sum(), torch.ones((), dtype=torch.int64)]).to(tally)
     h = torch.where(above, h, torch.zeros((), dtype=h.dtype))[:, keep]
     reference.gather_vecmat_acc(h, down_t, idx[keep], 1, acc)
+    _compensation_acc(x, acc, comp_a, comp_bt, comp_bias)
 
 
 @sparse_mlp_cut_acc.register_kernel("cuda")
-def _(x, gate, up, down_t, idx, act, acc, cut, tally, count=None):
-    _sparse_mlp_cuda(x, gate, up, down_t, idx, act, acc, count, cut, tally)
+def _(x, gate, up, down_t, idx, act, acc, cut, tally, count=None, comp_a=None, comp_bt=None, comp_bias=None):
+    _sparse_mlp_cuda(x, gate, up, down_t, idx, act, acc, count, cut, tally, (comp_a, comp_bt, comp_bias))
 
 
 @sparse_mlp_cut_acc.register_fake
-def _(x, gate, up, down_t, idx, act, acc, cut, tally, count=None):
+def _(x, gate, up, down_t, idx, act, acc, cut, tally, count=None, comp_a=None, comp_bt=None, comp_bias=None):
     return None
 
 

@@ -441,7 +441,8 @@ def gather_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor, unit
 def _sparse_mlp_gemv_kernel(x_ptr, gate_ptr, up_ptr, down_t_ptr, idx_ptr, acc_ptr, nsel_ptr, D, NSEL,
                             ROWS_PER_PROGRAM, stride_w, stride_dw, ACT: tl.constexpr, BLOCK_R: tl.constexpr,
                             D_PAD: tl.constexpr, HAS_COUNT: tl.constexpr = False, CUT: tl.constexpr = False,
-                            cut=0.0, tally_ptr=None, PDL: tl.constexpr = False):
+                            cut=0.0, tally_ptr=None, comp_a_ptr=None, comp_bt_ptr=None, comp_bias_ptr=None,
+                            COMP_R: tl.constexpr = 0, PDL: tl.constexpr = False):
     _grid_dependency(PDL)
     if HAS_COUNT:  # a count known only on the device (score thresholds): equal shares of it per program
         NSEL = tl.load(nsel_ptr)
@@ -481,6 +482,15 @@ def _sparse_mlp_gemv_kernel(x_ptr, gate_ptr, up_ptr, down_t_ptr, idx_ptr, acc_pt
                          other=0.0)
             h = tl.where(keep, h, 0.0)
         out += tl.sum(wd.to(tl.float32) * h[:, None], axis=0)
+    if COMP_R > 0:
+        # MLP compensation, b (a x) + bias: its R rows shared out like neurons with no activation, so the term
+        # costs two row reads in a few programs instead of launches of its own
+        for j in range(pid, COMP_R, tl.num_programs(0)):
+            a = tl.load(comp_a_ptr + j * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            z = tl.sum(a * xv, axis=0).to(x_ptr.dtype.element_ty).to(tl.float32)
+            out += z * tl.load(comp_bt_ptr + j * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        if pid == 0:
+            out += tl.load(comp_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if CUT:
         tl.atomic_add(tally_ptr, kept.to(tl.int64), sem="relaxed")
         if pid == 0:
@@ -510,11 +520,12 @@ def fused_mlp_fits(d: int) -> bool:
 
 def sparse_mlp_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down_t: torch.Tensor, idx: torch.Tensor,
                     act: int, acc: torch.Tensor, config: tuple | None = None, count: torch.Tensor | None = None,
-                    cut: float | None = None, tally: torch.Tensor | None = None) -> None:
+                    cut: float | None = None, tally: torch.Tensor | None = None,
+                    compensation: tuple | None = None) -> None:
     """acc += (act(x @ gate[idx].T) * (x @ up[idx].T)) @ down_t[idx], for one sequence (x: [1, d]);
     count (int32 [1]): only idx[:count], the programs sized for all of idx and sharing the count equally;
     cut (with tally int64 [2]): down^T's row of a neuron is read only when |its activation| > cut, and
-    tally += (rows read, 1)."""
+    tally += (rows read, 1); compensation (a [R, d], bt [R, d], bias [d], x's dtype): acc += (a x) @ bt + bias."""
     batch, d = x.shape
     nsel = idx.numel()
     assert count is None or count.dtype == torch.int32
@@ -522,18 +533,24 @@ def sparse_mlp_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down_
     assert batch == 1 and acc.shape == (1, d) and acc.dtype == torch.float32 and acc.stride(1) == 1
     assert x.stride(1) == 1 and gate.stride() == up.stride() and gate.stride(1) == 1 and down_t.stride(1) == 1
     assert gate.dtype == up.dtype == down_t.dtype == x.dtype and down_t.shape[1] == d and fused_mlp_fits(d)
-    if nsel == 0:
+    if compensation is not None:
+        a, bt, bias = compensation
+        assert a.shape == bt.shape and a.shape[1] == d and bias.shape == (d,) and a.dtype == bt.dtype == x.dtype
+        assert a.is_contiguous() and bt.is_contiguous() and bias.is_contiguous()
+    if nsel == 0 and compensation is None:
         return
-    block_r, warps, programs = config or sparse_mlp_config(nsel, d, _sms(x))
-    rows_per_program = triton.cdiv(nsel, programs)
-    grid = (triton.cdiv(nsel, rows_per_program),)
+    block_r, warps, programs = config or sparse_mlp_config(max(nsel, 1), d, _sms(x))
+    rows_per_program = max(1, triton.cdiv(nsel, programs))
+    grid = (max(1, triton.cdiv(nsel, rows_per_program)),)
     if count is not None:
         grid = (programs,)
+    comp = compensation or (x, x, x)  # unread placeholders: COMP_R 0
     _sparse_mlp_gemv_kernel[grid](x, gate, up, down_t, idx, acc, idx if count is None else count, d, nsel,
                                   rows_per_program, gate.stride(0), down_t.stride(0), ACT=act, BLOCK_R=block_r,
                                   D_PAD=triton.next_power_of_2(d), HAS_COUNT=count is not None, CUT=cut is not None,
                                   cut=0.0 if cut is None else float(cut), tally_ptr=idx if tally is None else tally,
-                                  num_warps=warps, **_pdl(x))
+                                  comp_a_ptr=comp[0], comp_bt_ptr=comp[1], comp_bias_ptr=comp[2],
+                                  COMP_R=0 if compensation is None else comp[0].shape[0], num_warps=warps, **_pdl(x))
 
 
 # ------------------------------------------------------------------------------------------------

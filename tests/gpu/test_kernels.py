@@ -790,3 +790,25 @@ def test_graphed_two_stage_threshold_decode_matches_cpu_reference(model_type, ba
     torch.testing.assert_close(results["cuda"], results["cpu"], atol=2e-2, rtol=2e-2)
     for candidates, down in shares.values():
         assert 0.0 < down < candidates <= 1.0
+
+
+@pytest.mark.parametrize("model_type,batch", [("llama", 1), ("llama", 3), ("opt", 1), ("gemma2", 2)])
+def test_graphed_decode_with_mlp_compensation_matches_cpu_reference(model_type, batch):
+    """The MLP compensation's low-rank term inside the captured step: the graphed loop against the CPU loop, and
+    the term changes the output."""
+    from dejavu.runtime.compensation import calibrate_compensation
+    from dejavu.runtime.decode import DecodeModel
+
+    model, adapter, preds = _tiny_with_predictors(model_type)
+    ids = torch.randint(1, 500, (2, 24), generator=torch.Generator().manual_seed(4))
+    comp = calibrate_compensation(model, adapter, preds, ids.reshape(-1), 24, rank=4)
+    prompt = torch.randint(1, 500, (batch, 5))
+    results = {}
+    for dev in ("cpu", "cuda"):
+        model.to(dev)
+        for name, term in (("on", comp), ("off", None)):
+            preds.mlp_compensation = term
+            dm = DecodeModel(model, adapter, preds, dev, torch.float32, max_len=16)
+            results[dev, name] = _three_steps(dm, prompt, True)
+    torch.testing.assert_close(results["cuda", "on"], results["cpu", "on"], atol=2e-2, rtol=2e-2)
+    assert (results["cpu", "on"] - results["cpu", "off"]).abs().max() > 1e-3

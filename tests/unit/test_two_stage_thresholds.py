@@ -185,6 +185,32 @@ def test_bundle_round_trip_and_bench(two_stage_bundle, tiny_llama, tmp_path):
     assert exact["mlp_selection"] == "topk" and exact["mlp_candidate_density"] == 0.6
 
 
+def test_the_python_api_refuses_another_candidate_density_than_calibrated(two_stage_bundle, tiny_llama):
+    from dejavu.export.bundle import load_bundle
+    from dejavu.models.adapters import adapter_for
+    from dejavu.models.loading import load_model
+    from dejavu.runtime.apply import SparseRuntime
+    from dejavu.runtime.decode import DecodeModel
+
+    _, bundle, _ = two_stage_bundle
+    _, pset = load_bundle(bundle)
+    assert pset.mlp_candidate_density == 0.6
+    model, _, _ = load_model(str(tiny_llama), device="cpu", dtype="float32")
+    adapter = adapter_for(model)
+    rule = dict(mlp_score_thresholds=pset.mlp_score_thresholds, mlp_down_thresholds=pset.mlp_down_thresholds)
+    with pytest.raises(DejavuError, match="not the 0.6 these predictors' down thresholds"):
+        SparseRuntime(model, adapter, pset, mlp_candidate_density=0.8, **rule)
+    with SparseRuntime(model, adapter, pset, mlp_candidate_density=0.6, **rule):
+        pass
+    with pytest.raises(DejavuError, match="mlp_candidate_density 0.8 is not the 0.6"):
+        DecodeModel(model, adapter, pset, "cpu", torch.float32, 16, mlp_candidate_density=0.8)
+    with pytest.raises(DejavuError, match=r"calibrated at \(0.6\)"):
+        DecodeModel(model, adapter, pset, "cpu", torch.float32, 16)
+    DecodeModel(model, adapter, pset, "cpu", torch.float32, 16, mlp_candidate_density=0.6)
+    # other densities drop the thresholds, and with them the candidate density they were set at
+    assert pset.with_densities(mlp=0.3).mlp_candidate_density is None
+
+
 def test_bundle_refuses_missing_down_thresholds(two_stage_bundle, tmp_path):
     from dejavu.artifacts import load_tensors, save_tensors
     from dejavu.export.bundle import BUNDLE_FILE, load_bundle

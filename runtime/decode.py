@@ -704,8 +704,7 @@ class DecodeModel:
     def _compensate(self, st: DecodeState, lw: LayerWeights, acc: torch.Tensor, sparse: bool) -> torch.Tensor:
         """acc plus the layer's compensation term when its MLP ran sparse (fp32, as acc)."""
         if sparse and lw.compensation is not None:
-            a, bt, bias = lw.compensation
-            acc.add_(F.linear(F.linear(st.xn, a), bt.T, bias))
+            ops.lowrank_acc(st.xn, *lw.compensation, acc)
         return acc
 
     # --- buffers ----------------------------------------------------------------------------------

@@ -126,6 +126,13 @@ def _compensation_acc(x, acc, a, bt, bias) -> None:
         acc += torch.nn.functional.linear(torch.nn.functional.linear(x, a), bt.T, bias)
 
 
+def lowrank_acc(x: Tensor, a: Tensor, bt: Tensor, bias: Tensor, acc: Tensor) -> None:
+    """acc += (x @ a.T) @ bt + bias: the MLP compensation where it is not inside batch 1's MLP kernel. Two
+    cuBLAS GEMVs: a Triton kernel doing both in one launch was slower at batch 8 (4.29 against 4.07 ms a
+    Llama-2-7B step, BENCHMARKS.md)."""
+    _compensation_acc(x, acc, a, bt, bias)
+
+
 def _sparse_mlp_cuda(x, gate, up, down_t, idx, act, acc, count, cut=None, tally=None, comp=(None, None, None)) -> None:
     """One launch at batch 1 (sparse_mlp_gemv), the two gather kernels at larger batches."""
     t = _triton()

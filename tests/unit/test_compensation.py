@@ -15,7 +15,15 @@ from dejavu.errors import DejavuError
 from dejavu.runtime.apply import SparseRuntime
 from dejavu.runtime.compensation import Compensation, calibrate_compensation
 
-from helpers import CALIB_TXT, EVAL_RAW, load_tiny, make_predictors_dir, random_ids, random_predictors, run_interpreted
+from helpers import (
+    CALIB_TXT,
+    EVAL_RAW,
+    load_tiny,
+    make_predictors_dir,
+    random_ids,
+    random_predictors,
+    run_interpreted,
+)
 
 
 def _first_mlp_error(model, adapter, preds, ids, compensation) -> float:

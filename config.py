@@ -478,6 +478,9 @@ def validate(cfg: RunConfig) -> None:
     lr = cfg.tune.mlp_compensation_lr
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < float("inf")):
         raise DejavuError(f"tune.mlp_compensation_lr (--mlp-compensation-lr) must be a positive number, got {lr!r}")
+    if lr is not None and not cfg.tune.mlp_compensation_rank:
+        raise DejavuError("tune.mlp_compensation_lr (--mlp-compensation-lr) is the MLP compensation's learning rate: "
+                          "it needs --mlp-compensation-rank")
     for section in ("export", "tune"):
         rank = getattr(cfg, section).mlp_compensation_rank
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:

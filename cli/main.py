@@ -433,11 +433,12 @@ def export(
         "config's data.dataset)."),
     calibration_tokens: int | None = typer.Option(
         None, "--calibration-tokens",
-        help="Tokens of the calibration corpus the thresholds are set on (fewer: a faster, noisier calibration)."
-             + default("export.calibration_tokens")),
+        help="Tokens of the calibration corpus the thresholds (and a fitted MLP compensation) are set on (fewer: a "
+             "faster, noisier calibration)." + default("export.calibration_tokens")),
     model: str | None = typer.Option(
         None, "--model", "-m",
-        help="Model to calibrate thresholds on (default: the training run's model; without --run, the config's)."),
+        help="Model to calibrate thresholds or fit the MLP compensation on (default: the training run's model; "
+             "without --run, the config's)."),
     config: str | None = ConfigOpt,
     debug: bool = DebugOpt,
 ):

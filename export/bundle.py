@@ -151,7 +151,7 @@ def _compensation_in(tensors: dict[str, torch.Tensor], layers: list[LayerPredict
 
     sparse = [lp.mlp is not None and lp.mlp_density < 1.0 for lp in layers]
     hidden = next(lp.mlp.d_in for lp in layers if lp.mlp is not None)
-    return Compensation.from_tensors(tensors, len(layers), hidden, rank, sparse, "the MLP compensation")
+    return Compensation.from_tensors(tensors, hidden, rank, sparse, "the MLP compensation")
 
 
 def _calibrated_score_thresholds(cfg, model_name: str, identity: dict, tensors: dict[str, torch.Tensor],
@@ -175,6 +175,26 @@ def _calibrated_score_thresholds(cfg, model_name: str, identity: dict, tensors: 
                                        compensation=_compensation_in(tensors, layers, compensation_rank))
     return values, down, {"calibration": cfg.data.dataset, "calibration_tokens": e.calibration_tokens,
                           "with_mlp_compensation": bool(compensation_rank)}
+
+
+def _tuned_compensation(pm: dict, cfg, present: list[bool], mlp_per_layer: list[float],
+                        head_per_layer: list[float]) -> tuple[dict, bool]:
+    """(The manifest's description of the MLP compensation tuned with these predictors, whether it runs with the
+    bundle's rule). It is described with the rule it was tuned for: a bundle of another rule carries it, and
+    runtimes leave it out."""
+    from dejavu.runtime.compensation import compensation_rule, rule_differences
+
+    t = pm.get("tuned") or {}
+    made_for = compensation_rule(t.get("mlp_selection", "topk"), t.get("mlp_candidate_density"),
+                                 [t.get("mlp_density", 1.0) if p else 1.0 for p in present],
+                                 [t.get("head_density", 1.0) if p else 1.0 for p in present])
+    exported = compensation_rule(cfg.export.mlp_selection, cfg.export.mlp_candidate_density, mlp_per_layer,
+                                 head_per_layer)
+    differences = rule_differences(made_for, exported)
+    if differences:
+        print(f"note: the MLP compensation was tuned with these predictors for another rule, so runtimes will leave it "
+              f"out of this bundle: {'; '.join(differences)}", flush=True)
+    return {"rank": pm["mlp_compensation"]["rank"], "tuned": True, "rule": made_for}, not differences
 
 
 def _calibrated_compensation(cfg, model_name: str, identity: dict, tensors: dict[str, torch.Tensor],
@@ -395,6 +415,10 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
             raise DejavuError(f"the model has {len(thresholds.x)} layers, the predictors {num_layers}")
         tensors.update(thresholds_to_tensors(thresholds))
 
+    compensation_description, compensation_runs = None, False
+    if tuned_compensation:
+        compensation_description, compensation_runs = _tuned_compensation(pm, cfg, present, mlp_per_layer,
+                                                                           head_per_layer)
     score_description = None
     if cfg.export.mlp_selection == "threshold":  # before anything is written: a bad model loses nothing
         from dejavu.runtime.score_thresholds import DOWN_TENSOR_NAME, TENSOR_NAME, to_tensor
@@ -404,20 +428,12 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         values, down, score_description = _calibrated_score_thresholds(
             cfg, model_name or identity.get("name") or cfg.model.name, identity, tensors, mlp_per_layer,
             head_per_layer, pairings, pm.get("hidden_activation", cfg.train.hidden_activation),
-            (tuned_compensation or {}).get("rank"))
+            tuned_compensation["rank"] if compensation_runs else None)
         tensors[TENSOR_NAME] = to_tensor(values)
         if down is not None:
             tensors[DOWN_TENSOR_NAME] = to_tensor(down)
 
-    compensation_description = None
-    if tuned_compensation:
-        from dejavu.runtime.compensation import compensation_rule
-
-        compensation_description = {
-            "rank": tuned_compensation["rank"], "tuned": True,
-            "rule": compensation_rule(cfg.export.mlp_selection, cfg.export.mlp_candidate_density, mlp_per_layer,
-                                      head_per_layer)}
-    elif cfg.export.mlp_compensation_rank:  # before anything is written: a bad model loses nothing
+    if cfg.export.mlp_compensation_rank:  # (a tuned one is described above, before the score thresholds)  # before anything is written: a bad model loses nothing
         compensation_description = _calibrated_compensation(
             cfg, model_name or identity.get("name") or cfg.model.name, identity, tensors, mlp_per_layer,
             head_per_layer, {"mlp_pairing": pm.get("mlp_pairing", cfg.train.mlp_pairing),
@@ -602,7 +618,7 @@ def _bundled_compensation(manifest: dict, tensors: dict, layers: list[LayerPredi
                           "(an edited manifest?)")
     sparse = [lp.mlp is not None and lp.mlp_density < 1.0 for lp in layers]
     hidden = manifest["model"]["hidden_size"]
-    return (Compensation.from_tensors(tensors, len(layers), hidden, rank, sparse, str(path / BUNDLE_FILE)),
+    return (Compensation.from_tensors(tensors, hidden, rank, sparse, str(path / BUNDLE_FILE)),
             described["rule"])
 
 

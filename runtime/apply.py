@@ -228,9 +228,9 @@ class SparseRuntime:
                               "one-stage top-k or score thresholds (with or without down thresholds)")
         self.straight_through = straight_through
         if mlp_compensation is not None:
-            if selection != "predictor" or thresholds is not None:
+            if selection != "predictor" or thresholds is not None or mlp_up_weight is not None:
                 raise DejavuError("MLP compensation corrects the predictors' selection: selection 'predictor', "
-                                  "not magnitude thresholds")
+                                  "not magnitude thresholds or exact-up selection")
             if len(mlp_compensation.layers) != n:
                 raise DejavuError(f"the MLP compensation covers {len(mlp_compensation.layers)} layers, the model has {n}")
             for l, d in enumerate(self.mlp_density):  # noqa: E741

@@ -56,7 +56,8 @@ def _fallback_speed(model, adapter, predictors, *, device, dtype, batch_sizes, d
             cut = predictors.mlp_down_thresholds
             with SparseRuntime(model, adapter, predictors, mode="gather",
                                mlp_score_thresholds=predictors.mlp_score_thresholds, mlp_down_thresholds=cut,
-                               mlp_candidate_density=mlp_candidate_density if cut is not None else None) as runtime:
+                               mlp_candidate_density=mlp_candidate_density if cut is not None else None,
+                               mlp_compensation=predictors.mlp_compensation) as runtime:
                 sparse_ms = timed(runtime, b)
         batches[str(b)] = {"dense_ms_per_token": dense_ms, "sparse_ms_per_token": sparse_ms,
                            "speedup": dense_ms / sparse_ms if sparse_ms else None}

@@ -53,8 +53,8 @@ class Compensation:
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], num_layers: int, hidden: int, rank: int,
-                     mlp_sparse: list[bool], where: str) -> Compensation:
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], hidden: int, rank: int, mlp_sparse: list[bool],
+                     where: str) -> Compensation:
         """The bundle's terms, checked: present for every sparse layer, at the manifest's rank, finite."""
         layers: list = []
         for l, sparse in enumerate(mlp_sparse):  # noqa: E741

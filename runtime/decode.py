@@ -697,9 +697,11 @@ class DecodeModel:
                 raise DejavuError(f"layer {i} runs a sparse MLP but the MLP compensation has no term for it: fit it "
                                   "at these densities")
             if sparse_mlp:
-                a, b, bias = parts  # b transposed once: the MLP kernel reads its columns as rows, like down^T's
-                lw.compensation = tuple(t.detach().to(device=self.device, dtype=self.dtype).contiguous()
-                                        for t in (a, b.T, bias))
+                a, b, bias = (t.detach().to(self.device, torch.float32) for t in parts)
+                # b transposed once: the MLP kernel reads its columns as rows, like down^T's; scaled as down is
+                # (Granite's residual multiplier is folded into down, and the hooks add the term before it)
+                lw.compensation = tuple(t.to(self.dtype).contiguous()
+                                        for t in (a, b.T * self.residual_scale, bias * self.residual_scale))
 
     def _compensate(self, st: DecodeState, lw: LayerWeights, acc: torch.Tensor, sparse: bool) -> torch.Tensor:
         """acc plus the layer's compensation term when its MLP ran sparse (fp32, as acc)."""
@@ -1025,7 +1027,7 @@ class DecodeModel:
             ops.threshold_vecmat_acc(xn, lw.gate_up_t, t.x[i], st.acc_gate_up)
             ops.act_mul_acc(st.acc_gate_up, self.act, st.h_mlp)
             ops.threshold_vecmat_acc(st.h_mlp, lw.down_t, t.h[i], acc)
-            self._after_mlp(st, i, lw, self._compensate(st, lw, acc, sparse), True)
+            self._after_mlp(st, i, lw, acc, True)  # (no compensation with thresholds)
             return
         if sparse and lw.up_workspace is not None:
             up = F.linear(xn, lw.gate_up[1])  # every neuron's up, while the predictor may still run
@@ -1034,7 +1036,7 @@ class DecodeModel:
             ops.select_exact_up(up, pred.logits, self.mlp_up_weight, pred.out, *lw.up_workspace)
             a = ops.gather_matvec(xn, lw.gate_up[0], pred.out, 1, None, self.act)
             ops.gather_vecmat_acc(a, lw.down_t, pred.out, 1, acc, up)  # act(gate) x up, as down reads it
-            self._after_mlp(st, i, lw, self._compensate(st, lw, acc, sparse), True)
+            self._after_mlp(st, i, lw, acc, True)  # (no compensation with exact-up)
             return
         midx = self._take(mlp_sel, i)
         two_stage = lw.mlp_final if sparse else None

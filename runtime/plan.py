@@ -255,8 +255,10 @@ def _compensation(cfg, use: PredictorSet | None, thresholds, up_w, mlp_selection
     rt = cfg.runtime
     running = compensation_rule(
         mlp_selection, cand_d,
-        [lp.mlp_density if rt.mlp_density is None else rt.mlp_density for lp in use.layers],
-        [lp.head_density if rt.head_density is None else rt.head_density for lp in use.layers])
+        # a layer without a predictor of a kind runs it dense whatever the flags say
+        [1.0 if lp.mlp is None else lp.mlp_density if rt.mlp_density is None else rt.mlp_density for lp in use.layers],
+        [1.0 if lp.attn is None else lp.head_density if rt.head_density is None else rt.head_density
+         for lp in use.layers])
     differences = rule_differences(use.mlp_compensation_rule or {}, running)
     if thresholds is not None or up_w is not None:
         differences.append("magnitude thresholds or exact-up selection")
@@ -287,8 +289,11 @@ def _score_thresholds(cfg, manifest: dict | None, use: PredictorSet | None, mode
     if all(d >= 1.0 for d in densities):
         return None, None, None  # every MLP dense: nothing to select
     bundled, bundled_down = use.mlp_score_thresholds, use.mlp_down_thresholds
+    # thresholds set with the MLP compensation running keep another share without it, and the other way round
+    calibrated_with = bool(((manifest or {}).get("mlp_score_thresholds") or {}).get("with_mlp_compensation"))
     same = (use.at_densities(rt.mlp_density, rt.head_density)
-            and cand_d == (manifest or {}).get("mlp_candidate_density"))
+            and cand_d == (manifest or {}).get("mlp_candidate_density")
+            and calibrated_with == (compensation is not None))
     if bundled is not None and same and rt.mlp_selection is None:
         print(f"  MLP score thresholds from the bundle (calibrated on "
               f"{manifest['mlp_score_thresholds'].get('calibration')})", flush=True)
@@ -296,9 +301,13 @@ def _score_thresholds(cfg, manifest: dict | None, use: PredictorSet | None, mode
     from dejavu.runtime.score_thresholds import calibrate_on_corpus
 
     if bundled is not None:
-        why = "for these densities (or candidate density)" if not same else "as --mlp-selection threshold asks"
+        why = ("as --mlp-selection threshold asks" if same
+               else "with the MLP compensation left out" if calibrated_with and compensation is None
+               else "with the MLP compensation running" if compensation is not None and not calibrated_with
+               else "for these densities (or candidate density)")
         print(f"  note: not the bundle's MLP score thresholds: calibrating {why}", flush=True)
     values, down = calibrate_on_corpus(model, adapter, tokenizer, use, cfg.data, rt.calibration_tokens, rt.eval_window,
                                        mlp_density=rt.mlp_density, head_density=rt.head_density,
                                        candidate_density=cand_d, compensation=compensation)
-    return values, down, {"calibration": cfg.data.dataset, "calibration_tokens": rt.calibration_tokens}
+    return values, down, {"calibration": cfg.data.dataset, "calibration_tokens": rt.calibration_tokens,
+                          "with_mlp_compensation": compensation is not None}

@@ -419,6 +419,8 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
     if cand is not None and cand < densities[0]:  # before anything (a finished tuning to replace) is touched
         raise DejavuError(f"--mlp-candidate-density {cand:g} is below the MLP density {densities[0]:g}: the "
                           "candidates must include the final set")
+    if cfg.tune.mlp_compensation_rank and densities[0] >= 1.0:
+        raise DejavuError("--mlp-compensation-rank corrects a sparse MLP: the MLP density tuned at is 1")
     if min(densities) >= 1.0:
         raise DejavuError(f"nothing to tune at MLP density {densities[0]:g} and head density {densities[1]:g}: "
                           "set --mlp-density or --head-density below 1")

@@ -5,6 +5,7 @@ refused."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -105,14 +106,15 @@ def test_gather_equals_mask_and_refusals(tiny_llama):
         calibrate_compensation(model, adapter, preds, ids.reshape(-1), 20, rank=0)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "granite"])  # granite: down's output scaled before the residual
 @torch.no_grad()
-def test_decode_steps_equal_the_hooks(tiny_model_factory):
+def test_decode_steps_equal_the_hooks(tiny_model_factory, model_type):
     from transformers import AutoModelForCausalLM
 
     from dejavu.models.adapters import adapter_for
     from dejavu.runtime.decode import DecodeModel
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama"), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_factory(model_type), dtype=torch.float32).eval()
     adapter = adapter_for(model)
     preds = random_predictors(adapter, mlp_density=0.4, head_density=0.5, seed=3)
     comp = calibrate_compensation(model, adapter, preds, random_ids(model, seq=32, batch=2).reshape(-1), 32, rank=4)
@@ -279,6 +281,7 @@ def test_score_thresholds_are_set_with_the_compensation_running(tmp_path, tiny_l
     assert with_it[0][1:] != pytest.approx(without[0][1:], rel=1e-4)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (interpreter mode)")
 def test_the_one_launch_mlp_kernel_adds_it_in_interpreter():
     """Batch 1's MLP kernel reads the compensation's rows beside the neurons' (more rows than programs too, and no
     neuron selected), against the reference op; the cut variant likewise."""
@@ -312,3 +315,53 @@ def test_the_one_launch_mlp_kernel_adds_it_in_interpreter():
         torch.testing.assert_close(plain, ref, atol=1e-4, rtol=1e-4)
         print("ok")
     ''', timeout=600)
+
+
+def test_the_rule_it_runs_with(tmp_path, tiny_llama, capsys):
+    """A layer without predictors runs dense whatever the flags say (restating the bundle's density keeps the term);
+    a term tuned for one rule, exported for another, is carried but left out; thresholds set with the term running
+    are set again when it is left out."""
+    from dejavu.export.bundle import run_export
+    from dejavu.runtime.bench import run_bench
+    from dejavu.train.tune import run_tune
+
+    common = dict(model=str(tiny_llama), dataset=str(EVAL_RAW), config_file="tiny", speed=False)
+    settings = {"runtime.max_eval_tokens": 200, "runtime.device": "cpu", "data.dataset": str(CALIB_TXT),
+                "runtime.calibration_tokens": 256}
+    run = tmp_path / "run"
+    make_predictors_dir(run, tiny_llama, mlp_density=0.4, head_density=1.0, layers=[0, 1])
+    run_export(run, tmp_path / "b", config_file="tiny", overrides={
+        "export.mlp_compensation_rank": 2, "data.dataset": str(CALIB_TXT), "export.calibration_tokens": 256})
+    capsys.readouterr()
+    restated = run_bench(bundle=tmp_path / "b", json_out=tmp_path / "a.json",
+                         overrides={**settings, "runtime.mlp_density": 0.4}, **common)
+    assert restated["mlp_compensation"] is not None and "another rule" not in capsys.readouterr().out
+
+    tuned_run = tmp_path / "tuned-run"
+    make_predictors_dir(tuned_run, tiny_llama, mlp_density=0.5, head_density=1.0)
+    run_tune(tuned_run, config_file="tiny", overrides={
+        "data.seq_len": 32, "tune.steps": 2, "tune.sequences": 2, "tune.eval_sequences": 2, "tune.eval_every": 0,
+        "model.device": "cpu", "model.dtype": "float32", "data.dataset": str(CALIB_TXT),
+        "tune.mlp_compensation_rank": 2})
+    capsys.readouterr()
+    manifest = run_export(tuned_run / "tuned", tmp_path / "t", config_file="tiny", overrides={"export.mlp_density": 0.3})
+    assert "runtimes will leave it out" in capsys.readouterr().out
+    assert manifest["mlp_compensation"]["rule"]["mlp_density_per_layer"][0] == 0.5
+    other = run_bench(bundle=tmp_path / "t", json_out=tmp_path / "c.json", overrides=settings, **common)
+    assert other["mlp_compensation"] is None and "another rule" in capsys.readouterr().out
+
+    run_export(tuned_run / "tuned", tmp_path / "s", config_file="tiny", overrides={
+        "export.mlp_selection": "threshold", "data.dataset": str(CALIB_TXT), "export.calibration_tokens": 256})
+    capsys.readouterr()
+    # tuned for a top-k, exported with score thresholds: another rule, so the thresholds are set without it
+    kept = run_bench(bundle=tmp_path / "s", json_out=tmp_path / "d.json", overrides=settings, **common)
+    assert kept["mlp_compensation"] is None and kept["mlp_score_thresholds"]["from_bundle"]
+    closed = run_export(run, tmp_path / "f", config_file="tiny", overrides={
+        "export.mlp_compensation_rank": 2, "export.mlp_selection": "threshold", "data.dataset": str(CALIB_TXT),
+        "export.calibration_tokens": 256})
+    assert closed["mlp_score_thresholds"]["with_mlp_compensation"]
+    capsys.readouterr()
+    off = run_bench(bundle=tmp_path / "f", json_out=tmp_path / "e.json",
+                    overrides={**settings, "runtime.mlp_compensation": False}, **common)
+    assert "with the MLP compensation left out" in capsys.readouterr().out
+    assert not off["mlp_score_thresholds"].get("from_bundle") and not off["mlp_score_thresholds"]["with_mlp_compensation"]

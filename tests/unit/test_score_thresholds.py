@@ -150,7 +150,8 @@ def test_bundle_round_trip_and_bench_from_it(threshold_bundle, tiny_llama, tmp_p
     again = run_bench(bundle=bundle, json_out=tmp_path / "f.json", speed=False, **common, overrides={
         **settings, "runtime.mlp_selection": "threshold", "runtime.calibration_tokens": 256,
         "data.dataset": str(CALIB_TXT)})
-    assert again["mlp_score_thresholds"] == {"calibration": str(CALIB_TXT), "calibration_tokens": 256}
+    assert again["mlp_score_thresholds"] == {"calibration": str(CALIB_TXT), "calibration_tokens": 256,
+                                             "with_mlp_compensation": False}
     # another head density than the bundle's: its thresholds were set with other inputs, so new ones
     heads = run_bench(bundle=bundle, json_out=tmp_path / "g.json", speed=False, **common, overrides={
         **settings, "runtime.head_density": 0.5, "runtime.calibration_tokens": 512, "data.dataset": str(CALIB_TXT)})

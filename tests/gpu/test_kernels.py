@@ -792,7 +792,7 @@ def test_graphed_two_stage_threshold_decode_matches_cpu_reference(model_type, ba
         assert 0.0 < down < candidates <= 1.0
 
 
-@pytest.mark.parametrize("model_type,batch", [("llama", 1), ("llama", 3), ("opt", 1), ("gemma2", 2)])
+@pytest.mark.parametrize("model_type,batch", [("llama", 1), ("llama", 3), ("opt", 1), ("gemma2", 2), ("granite", 1)])
 def test_graphed_decode_with_mlp_compensation_matches_cpu_reference(model_type, batch):
     """The MLP compensation's low-rank term inside the captured step: the graphed loop against the CPU loop, and
     the term changes the output."""

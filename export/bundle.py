@@ -404,6 +404,10 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
     mlp_per_layer = _per_layer(mlp_density, cfg.export.mlp_density_per_layer, num_layers, present,
                                "export.mlp_density_per_layer")
     head_per_layer = _per_layer(head_density, {}, num_layers, present, "head density")
+    for l, d in enumerate(mlp_per_layer):  # noqa: E741 - a tuned term of a layer exported dense is never read
+        for name in ("a", "b", "bias") if d >= 1.0 else ():
+            dropped = tensors.pop(f"{COMPENSATION_PREFIX}.{l}.{name}", None)
+            predictor_bytes -= 0 if dropped is None else dropped.numel() * 4
     threshold_description = None
     if cfg.export.mlp_keep_input is not None or cfg.export.keep_layer_bytes is not None:
         # before anything is written: a bad model loses nothing

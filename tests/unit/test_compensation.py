@@ -365,3 +365,21 @@ def test_the_rule_it_runs_with(tmp_path, tiny_llama, capsys):
                     overrides={**settings, "runtime.mlp_compensation": False}, **common)
     assert "with the MLP compensation left out" in capsys.readouterr().out
     assert not off["mlp_score_thresholds"].get("from_bundle") and not off["mlp_score_thresholds"]["with_mlp_compensation"]
+
+
+def test_a_tuned_term_of_a_layer_exported_dense_is_left_out(tmp_path, tiny_llama):
+    from dejavu.export.bundle import load_bundle, run_export
+    from dejavu.train.tune import run_tune
+
+    run = tmp_path / "run"
+    make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=1.0)
+    run_tune(run, config_file="tiny", overrides={
+        "data.seq_len": 32, "tune.steps": 2, "tune.sequences": 2, "tune.eval_sequences": 2, "tune.eval_every": 0,
+        "model.device": "cpu", "model.dtype": "float32", "data.dataset": str(CALIB_TXT), "tune.mlp_compensation_rank": 2})
+    full = run_export(run / "tuned", tmp_path / "a", config_file="tiny")
+    part = run_export(run / "tuned", tmp_path / "b", config_file="tiny",
+                      overrides={"export.mlp_density_per_layer": {0: 1.0}})
+    d = load_tiny(tiny_llama)[1].shape().hidden_size
+    assert full["predictor_bytes"] - part["predictor_bytes"] >= (2 * 2 * d + d) * 4
+    _, pset = load_bundle(tmp_path / "b")
+    assert pset.mlp_compensation.layers[0] is None and pset.mlp_compensation.layers[1] is not None

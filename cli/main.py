@@ -104,8 +104,9 @@ MlpSelectionOpt = typer.Option(
          "would be nearly every neuron).")
 MlpCompensationOpt = typer.Option(
     None, "--mlp-compensation/--no-mlp-compensation",
-    help="Add the bundle's MLP compensation (export --mlp-compensation-rank: a low-rank linear term per layer for "
-         "what the sparse MLP leaves out) where the rule run is the one it was fitted for; --no-mlp-compensation "
+    help="Add the bundle's MLP compensation (a low-rank linear term per layer for what the sparse MLP leaves out, "
+         "from tune-predictors or export --mlp-compensation-rank) where the rule run is the one it was made for; "
+         "--no-mlp-compensation "
          "leaves it out, to measure what it adds (default: the config's runtime.mlp_compensation, else on).")
 SkipKvOpt = typer.Option(
     None, "--skip-kv/--all-kv",

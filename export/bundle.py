@@ -21,6 +21,7 @@ the runtime runs it dense.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from dejavu.artifacts import (
 )
 from dejavu.errors import DejavuError
 from dejavu.predictor import PREDICTOR_TENSORS, LayerPredictors, LowRankPredictor, PredictorSet
+from dejavu.runtime.compensation import PARTS as COMPENSATION_PARTS
 from dejavu.runtime.compensation import TENSOR_PREFIX as COMPENSATION_PREFIX
 
 BUNDLE_KIND = "dejavu.bundle"
@@ -154,13 +156,13 @@ def _compensation_in(tensors: dict[str, torch.Tensor], layers: list[LayerPredict
     return Compensation.from_tensors(tensors, hidden, rank, sparse, "the MLP compensation")
 
 
-def _calibrated_score_thresholds(cfg, model_name: str, identity: dict, tensors: dict[str, torch.Tensor],
-                                 mlp_per_layer: list[float], head_per_layer: list[float], pairings: dict,
-                                 activation: str, compensation_rank: int | None = None
+def _calibrated_score_thresholds(cfg, load_model, tensors: dict[str, torch.Tensor], mlp_per_layer: list[float],
+                                 head_per_layer: list[float], pairings: dict, activation: str,
+                                 compensation_rank: int | None = None
                                  ) -> tuple[list[float | None], list[float | None] | None, dict]:
-    """Load the model, check it is the one the predictors were trained on, and set each layer's MLP score
-    threshold (and with a candidate density, its down threshold) with these predictors at the bundle's
-    densities (runtime/score_thresholds.py)."""
+    """Set each layer's MLP score threshold (and with a candidate density, its down threshold) with these
+    predictors at the bundle's densities (runtime/score_thresholds.py), on the model `load_model()` gives
+    (_calibration_model's tuple)."""
     from dejavu.runtime.score_thresholds import calibrate_on_corpus
 
     layers = _predictor_layers(tensors, mlp_per_layer, head_per_layer, activation, "the predictors")
@@ -168,7 +170,7 @@ def _calibrated_score_thresholds(cfg, model_name: str, identity: dict, tensors: 
         raise DejavuError("--mlp-selection threshold needs MLP predictors at a density below 1: this bundle's MLPs "
                           "all run dense")
     predictors = PredictorSet(layers, **pairings)
-    model, tokenizer, _, adapter = _calibration_model(model_name, identity)
+    model, tokenizer, _, adapter = load_model()
     e = cfg.export
     values, down = calibrate_on_corpus(model, adapter, tokenizer, predictors, cfg.data, e.calibration_tokens,
                                        max_window=cfg.runtime.eval_window, candidate_density=e.mlp_candidate_density,
@@ -197,9 +199,8 @@ def _tuned_compensation(pm: dict, cfg, present: list[bool], mlp_per_layer: list[
     return {"rank": pm["mlp_compensation"]["rank"], "tuned": True, "rule": made_for}, not differences
 
 
-def _calibrated_compensation(cfg, model_name: str, identity: dict, tensors: dict[str, torch.Tensor],
-                             mlp_per_layer: list[float], head_per_layer: list[float], pairings: dict,
-                             activation: str) -> dict:
+def _calibrated_compensation(cfg, load_model, tensors: dict[str, torch.Tensor], mlp_per_layer: list[float],
+                             head_per_layer: list[float], pairings: dict, activation: str) -> dict:
     """Fit the MLP compensation (runtime/compensation.py) for the bundle's rule, with the score and down
     thresholds already in `tensors`; adds its tensors there and returns the manifest's description."""
     from dejavu.runtime.compensation import calibrate_compensation, compensation_rule
@@ -225,15 +226,17 @@ def _calibrated_compensation(cfg, model_name: str, identity: dict, tensors: dict
         if DOWN_TENSOR_NAME in tensors:
             rule["mlp_down_thresholds"] = from_tensor(tensors, len(layers), sparse, "the down thresholds",
                                                       DOWN_TENSOR_NAME)
-    model, tokenizer, _, adapter = _calibration_model(model_name, identity)
+    model, tokenizer, _, adapter = load_model()
     ids = calibration_ids(tokenizer, cfg.data, e.calibration_tokens)
     print(f"  fitting the MLP compensation (rank {e.mlp_compensation_rank}) on {ids.numel()} tokens of "
           f"{cfg.data.dataset}", flush=True)
     compensation = calibrate_compensation(model, adapter, predictors, ids,
                                           min(model_context(model), cfg.runtime.eval_window),
                                           e.mlp_compensation_rank, **rule)
-    tensors.update(compensation.to_tensors())
-    return {"bytes": sum(t.numel() * 4 for t in compensation.to_tensors().values()), "rank": e.mlp_compensation_rank, "calibration": cfg.data.dataset, "calibration_tokens": e.calibration_tokens,
+    fitted = compensation.to_tensors()
+    tensors.update(fitted)
+    return {"bytes": sum(t.numel() * 4 for t in fitted.values()), "rank": e.mlp_compensation_rank,
+            "calibration": cfg.data.dataset, "calibration_tokens": e.calibration_tokens,
             "rule": compensation_rule(e.mlp_selection, e.mlp_candidate_density, mlp_per_layer, head_per_layer)}
 
 
@@ -381,7 +384,7 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
             continue
         wanted = [f"{kind}.{t}" for kind in KINDS for t in PREDICTOR_TENSORS]
         if tuned_compensation:  # learned by tune-predictors: into the bundle as mlp_compensation.{l}.*
-            wanted += [f"{COMPENSATION_PREFIX}.{t}" for t in ("a", "b", "bias")]
+            wanted += [f"{COMPENSATION_PREFIX}.{t}" for t in COMPENSATION_PARTS]
         layer = load_tensors(pred_dir / name, wanted)
         for key, value in layer.items():
             if not torch.isfinite(value).all():
@@ -405,7 +408,7 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
                                "export.mlp_density_per_layer")
     head_per_layer = _per_layer(head_density, {}, num_layers, present, "head density")
     for l, d in enumerate(mlp_per_layer):  # noqa: E741 - a tuned term of a layer exported dense is never read
-        for name in ("a", "b", "bias") if d >= 1.0 else ():
+        for name in COMPENSATION_PARTS if d >= 1.0 else ():
             dropped = tensors.pop(f"{COMPENSATION_PREFIX}.{l}.{name}", None)
             predictor_bytes -= 0 if dropped is None else dropped.numel() * 4
     threshold_description = None
@@ -419,41 +422,37 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
             raise DejavuError(f"the model has {len(thresholds.x)} layers, the predictors {num_layers}")
         tensors.update(thresholds_to_tensors(thresholds))
 
+    # score thresholds and a fitted compensation share one load of the model
+    calibration_model = functools.cache(
+        lambda: _calibration_model(model_name or identity.get("name") or cfg.model.name, identity))
+    pairings = {"mlp_pairing": pm.get("mlp_pairing", cfg.train.mlp_pairing),
+                "head_pairing": pm.get("head_pairing", cfg.train.head_pairing)}
+    activation = pm.get("hidden_activation", cfg.train.hidden_activation)
+
+    def set_score_thresholds(compensation_rank: int | None) -> dict:
+        from dejavu.runtime.score_thresholds import DOWN_TENSOR_NAME, TENSOR_NAME, to_tensor
+
+        values, down, description = _calibrated_score_thresholds(
+            cfg, calibration_model, tensors, mlp_per_layer, head_per_layer, pairings, activation, compensation_rank)
+        tensors[TENSOR_NAME] = to_tensor(values)
+        if down is not None:
+            tensors[DOWN_TENSOR_NAME] = to_tensor(down)
+        return description
+
     compensation_description, compensation_runs = None, False
     if tuned_compensation:
         compensation_description, compensation_runs = _tuned_compensation(pm, cfg, present, mlp_per_layer,
                                                                            head_per_layer)
     score_description = None
     if cfg.export.mlp_selection == "threshold":  # before anything is written: a bad model loses nothing
-        from dejavu.runtime.score_thresholds import DOWN_TENSOR_NAME, TENSOR_NAME, to_tensor
-
-        pairings = {"mlp_pairing": pm.get("mlp_pairing", cfg.train.mlp_pairing),
-                    "head_pairing": pm.get("head_pairing", cfg.train.head_pairing)}
-        values, down, score_description = _calibrated_score_thresholds(
-            cfg, model_name or identity.get("name") or cfg.model.name, identity, tensors, mlp_per_layer,
-            head_per_layer, pairings, pm.get("hidden_activation", cfg.train.hidden_activation),
-            tuned_compensation["rank"] if compensation_runs else None)
-        tensors[TENSOR_NAME] = to_tensor(values)
-        if down is not None:
-            tensors[DOWN_TENSOR_NAME] = to_tensor(down)
-
-    if cfg.export.mlp_compensation_rank:  # (a tuned one is described above, before the score thresholds)  # before anything is written: a bad model loses nothing
-        compensation_description = _calibrated_compensation(
-            cfg, model_name or identity.get("name") or cfg.model.name, identity, tensors, mlp_per_layer,
-            head_per_layer, {"mlp_pairing": pm.get("mlp_pairing", cfg.train.mlp_pairing),
-                             "head_pairing": pm.get("head_pairing", cfg.train.head_pairing)},
-            pm.get("hidden_activation", cfg.train.hidden_activation))
+        score_description = set_score_thresholds(tuned_compensation["rank"] if compensation_runs else None)
+    if cfg.export.mlp_compensation_rank:  # (a tuned one is described above); before anything is written
+        compensation_description = _calibrated_compensation(cfg, calibration_model, tensors, mlp_per_layer,
+                                                             head_per_layer, pairings, activation)
         predictor_bytes += compensation_description.pop("bytes")  # read every token, as the predictors are
         if score_description is not None:
             # fitted with thresholds set without it; set them again with it, so the bundle keeps its densities
-            values, down, score_description = _calibrated_score_thresholds(
-                cfg, model_name or identity.get("name") or cfg.model.name, identity, tensors, mlp_per_layer,
-                head_per_layer, {"mlp_pairing": pm.get("mlp_pairing", cfg.train.mlp_pairing),
-                                 "head_pairing": pm.get("head_pairing", cfg.train.head_pairing)},
-                pm.get("hidden_activation", cfg.train.hidden_activation), cfg.export.mlp_compensation_rank)
-            tensors[TENSOR_NAME] = to_tensor(values)
-            if down is not None:
-                tensors[DOWN_TENSOR_NAME] = to_tensor(down)
+            score_description = set_score_thresholds(cfg.export.mlp_compensation_rank)
 
     tuned = pm.get("tuned") or {}
     if tuned and (any(d != tuned.get("mlp_density") for d, p in zip(mlp_per_layer, present, strict=True) if p)

@@ -231,12 +231,7 @@ class SparseRuntime:
             if selection != "predictor" or thresholds is not None or mlp_up_weight is not None:
                 raise DejavuError("MLP compensation corrects the predictors' selection: selection 'predictor', "
                                   "not magnitude thresholds or exact-up selection")
-            if len(mlp_compensation.layers) != n:
-                raise DejavuError(f"the MLP compensation covers {len(mlp_compensation.layers)} layers, the model has {n}")
-            for l, d in enumerate(self.mlp_density):  # noqa: E741
-                if d < 1.0 and mlp_compensation.layers[l] is None:
-                    raise DejavuError(f"layer {l} runs a sparse MLP (density {d:g}) but the MLP compensation has "
-                                      "no term for it: fit it at these densities")
+            mlp_compensation.check([d < 1.0 for d in self.mlp_density])
         self.mlp_compensation = mlp_compensation
         self._mlp_x: dict[int, torch.Tensor] = {}
         if predictors is not None:

@@ -24,6 +24,7 @@ from torch import nn
 from dejavu.errors import DejavuError
 
 TENSOR_PREFIX = "mlp_compensation"
+PARTS = ("a", "b", "bias")  # a layer's tensors, `{TENSOR_PREFIX}.{l}.{part}` in bundles
 
 
 @dataclass
@@ -35,6 +36,16 @@ class Compensation:
     @property
     def rank(self) -> int:
         return max((a.shape[0] for a, _, _ in filter(None, self.layers)), default=0)
+
+    def check(self, mlp_sparse: list[bool]) -> None:
+        """Refuses a compensation that does not fit these layers: one entry per layer, a term wherever the MLP runs
+        sparse."""
+        if len(self.layers) != len(mlp_sparse):
+            raise DejavuError(f"the MLP compensation covers {len(self.layers)} layers, the model has {len(mlp_sparse)}")
+        for l, (sparse, parts) in enumerate(zip(mlp_sparse, self.layers, strict=True)):  # noqa: E741
+            if sparse and parts is None:
+                raise DejavuError(f"layer {l} runs a sparse MLP but the MLP compensation has no term for it: fit it at "
+                                  "these densities")
 
     def term(self, l: int, x: torch.Tensor) -> torch.Tensor | None:  # noqa: E741
         """c(x) for layer l in x's dtype, or None."""
@@ -48,7 +59,7 @@ class Compensation:
         out = {}
         for l, parts in enumerate(self.layers):  # noqa: E741
             if parts is not None:
-                for name, t in zip(("a", "b", "bias"), parts, strict=True):
+                for name, t in zip(PARTS, parts, strict=True):
                     out[f"{TENSOR_PREFIX}.{l}.{name}"] = t.detach().float().contiguous().cpu()
         return out
 
@@ -58,7 +69,7 @@ class Compensation:
         """The bundle's terms, checked: present for every sparse layer, at the manifest's rank, finite."""
         layers: list = []
         for l, sparse in enumerate(mlp_sparse):  # noqa: E741
-            names = [f"{TENSOR_PREFIX}.{l}.{n}" for n in ("a", "b", "bias")]
+            names = [f"{TENSOR_PREFIX}.{l}.{n}" for n in PARTS]
             if not sparse:
                 layers.append(None)
                 continue
@@ -133,7 +144,7 @@ def calibrate_compensation(model, adapter, predictors, ids: torch.Tensor, window
     layers = adapter.decoder_layers()
     moments: dict[int, _Moments] = {}
     handles = []
-    captured: dict[int, torch.Tensor] = {}
+    captured: dict[tuple[str, int], torch.Tensor] = {}  # ("x" | "h", layer): MLP input, dense down input
 
     def input_hook(l):  # noqa: E741
         def hook(module, args):
@@ -157,6 +168,8 @@ def calibrate_compensation(model, adapter, predictors, ids: torch.Tensor, window
 
     with SparseRuntime(model, adapter, predictors, selection="predictor", mode="mask", **rule) as runtime:
         sparse = [d < 1.0 for d in runtime.mlp_density]
+        if not any(sparse):
+            raise DejavuError("every MLP runs dense: there is nothing to compensate")
         for l, layer in enumerate(layers):  # noqa: E741
             if not sparse[l]:
                 continue
@@ -170,6 +183,4 @@ def calibrate_compensation(model, adapter, predictors, ids: torch.Tensor, window
         finally:
             for h in handles:
                 h.remove()
-    if not any(sparse):
-        raise DejavuError("every MLP runs dense: there is nothing to compensate")
     return Compensation([moments[l].fit(rank, ridge) if sparse[l] else None for l in range(len(layers))])  # noqa: E741

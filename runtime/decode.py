@@ -688,14 +688,9 @@ class DecodeModel:
         if self.thresholds is not None or self.mlp_up_weight is not None:
             raise DejavuError("MLP compensation corrects a predicted top-k or score-threshold selection: not with "
                               "magnitude thresholds or exact-up selection")
-        if len(compensation.layers) != len(self.layers):
-            raise DejavuError(f"the MLP compensation covers {len(compensation.layers)} layers, the model has "
-                              f"{len(self.layers)}")
-        for i, (lw, parts) in enumerate(zip(self.layers, compensation.layers, strict=True)):
-            sparse_mlp = lw.mlp_pred is not None or lw.mlp_final is not None
-            if sparse_mlp and parts is None:
-                raise DejavuError(f"layer {i} runs a sparse MLP but the MLP compensation has no term for it: fit it "
-                                  "at these densities")
+        sparse = [lw.mlp_pred is not None or lw.mlp_final is not None for lw in self.layers]
+        compensation.check(sparse)
+        for lw, parts, sparse_mlp in zip(self.layers, compensation.layers, sparse, strict=True):
             if sparse_mlp:
                 a, b, bias = (t.detach().to(self.device, torch.float32) for t in parts)
                 # b transposed once: the MLP kernel reads its columns as rows, like down^T's; scaled as down is

@@ -49,6 +49,7 @@ from dejavu.artifacts import (
 from dejavu.config import RunConfig, load_config
 from dejavu.errors import DejavuError
 from dejavu.predictor import KINDS, PREDICTOR_TENSORS, LayerPredictors, LowRankPredictor, PredictorSet
+from dejavu.runtime.compensation import PARTS as COMPENSATION_PARTS
 from dejavu.runtime.compensation import TENSOR_PREFIX as COMPENSATION_KIND
 from dejavu.train.train import layer_file
 
@@ -172,13 +173,11 @@ def trainable(predictors: PredictorSet, densities: tuple[float, float]) -> list[
     return params
 
 
-def learnable_compensation(predictors: PredictorSet, adapter, mlp_density: float, rank: int, device):
+def learnable_compensation(predictors: PredictorSet, adapter, rank: int, device):
     """An MLP compensation to tune (runtime/compensation.py), zero at the start: b and the bias are zero and a
-    small and random (a and b both zero would get no gradient), so tuning begins from the predictors alone."""
+    random (a and b both zero would get no gradient), so tuning begins from the predictors alone."""
     from dejavu.runtime.compensation import Compensation
 
-    if mlp_density >= 1.0:
-        raise DejavuError("--mlp-compensation-rank corrects a sparse MLP: the MLP density tuned at is 1")
     d = adapter.shape().hidden_size
     generator = torch.Generator().manual_seed(0)
     layers = []
@@ -494,7 +493,7 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
     params = trainable(predictors, densities)
     compensation, groups = None, [{"params": list(params), "base_lr": t.lr}]
     if t.mlp_compensation_rank:
-        compensation = learnable_compensation(predictors, adapter, densities[0], t.mlp_compensation_rank, device)
+        compensation = learnable_compensation(predictors, adapter, t.mlp_compensation_rank, device)
         terms = [p for parts in compensation.layers if parts is not None for p in parts]
         params += terms
         groups.append({"params": terms, "base_lr": t.lr if t.mlp_compensation_lr is None else t.mlp_compensation_lr})
@@ -582,7 +581,7 @@ def _write_tuned(out: Path, pred_dir: Path, pm: dict, cfg: RunConfig, predictors
                    for kind, pred in (("mlp", lp.mlp), ("attn", lp.attn)) for name, value in pred.tensors().items()}
         if compensation is not None and compensation.layers[l] is not None:
             tensors.update({f"{COMPENSATION_KIND}.{name}": value.detach().float().cpu().contiguous()
-                            for name, value in zip(("a", "b", "bias"), compensation.layers[l], strict=True)})
+                            for name, value in zip(COMPENSATION_PARTS, compensation.layers[l], strict=True)})
         for name, value in tensors.items():
             check_finite(f"tuned layer {l} {name}", value)
         path = out / layer_file(l)

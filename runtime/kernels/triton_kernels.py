@@ -150,20 +150,39 @@ def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, part_ptr, count_p
                         UNIT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                         B_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                         PRECISION: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr = False,
-                        HAS_COUNT: tl.constexpr = False, PDL: tl.constexpr = False):
+                        HAS_COUNT: tl.constexpr = False, comp_ptr=None, COMP_OUT=0, MAIN_BLOCKS=0,
+                        COMP_R: tl.constexpr = 0, PDL: tl.constexpr = False):
     _grid_dependency(PDL)
     pid = tl.program_id(0)
+    # COMP_R > 0: the MLP compensation's first half, z = x a^T, in the row blocks after the MAIN_BLOCKS of
+    # the selection: rows of comp_ptr (a, [COMP_R, D]) with no gate, bias or activation, written to out's
+    # columns COMP_OUT + j, where the down kernel reads them (no launches of their own: two cuBLAS GEMVs
+    # a layer cost 13 % of a batch-8 Llama-2-7B step, BENCHMARKS.md)
+    is_comp = pid >= MAIN_BLOCKS if COMP_R > 0 else False
     if HAS_COUNT:  # as in _gather_gemv_kernel; a row block wholly past the count is skipped by all its splits
         NSEL = tl.load(nsel_ptr)
         NROWS = NSEL
-        if pid * BLOCK_R >= NSEL:
+        if COMP_R > 0:
+            if (pid * BLOCK_R >= NSEL) & (pid < MAIN_BLOCKS):
+                return
+        elif pid * BLOCK_R >= NSEL:
             return
     d_start = tl.program_id(1) * D_PER_SPLIT
-    offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # also this block's columns of the split sums
     mask_r = offs_r < NROWS
     sel = offs_r < NSEL
     unit = tl.load(idx_ptr + offs_r // UNIT, mask=mask_r & sel, other=0).to(tl.int64)
     rows = tl.where(sel, unit * UNIT + (offs_r % UNIT), TAIL_START + offs_r - NSEL)
+    w_rows = w_ptr + rows[:, None] * stride_w
+    out_cols = offs_r
+    mask_g = mask_r
+    if COMP_R > 0:
+        if is_comp:
+            local = (pid - MAIN_BLOCKS) * BLOCK_R + tl.arange(0, BLOCK_R)
+            mask_r = local < COMP_R
+            w_rows = comp_ptr + local[:, None].to(tl.int64) * D
+            out_cols = COMP_OUT + local
+            mask_g = local < 0
     offs_b = tl.arange(0, B_PAD)
     mask_b = offs_b < B
     offs_d = tl.arange(0, BLOCK_D)
@@ -174,11 +193,10 @@ def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, part_ptr, count_p
         mask_d = d < D
         xv = tl.load(x_ptr + offs_b[:, None] * stride_xb + d[None, :], mask=mask_b[:, None] & mask_d[None, :],
                      other=0.0)
-        wv = tl.load(w_ptr + rows[:, None] * stride_w + d[None, :], mask=mask_r[:, None] & mask_d[None, :],
-                     other=0.0)
+        wv = tl.load(w_rows + d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
         acc = tl.dot(xv, tl.trans(wv), acc, input_precision=PRECISION)
         if GATED:
-            gv = tl.load(g_ptr + rows[:, None] * stride_w + d[None, :], mask=mask_r[:, None] & mask_d[None, :],
+            gv = tl.load(g_ptr + rows[:, None] * stride_w + d[None, :], mask=mask_g[:, None] & mask_d[None, :],
                          other=0.0)
             acc_g = tl.dot(xv, tl.trans(gv), acc_g, input_precision=PRECISION)
     mask_br = mask_b[:, None] & mask_r[None, :]
@@ -199,24 +217,28 @@ def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, part_ptr, count_p
             u = tl.atomic_add(part, zero, mask=mask_br, sem="relaxed")
             tl.store(part, zero, mask=mask_br)
             if HAS_BIAS:  # (not with GATED) the bias of each weight row read
-                u += tl.load(bias_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+                u += tl.load(bias_ptr + rows, mask=mask_g, other=0.0).to(tl.float32)[None, :]
             if GATED:
                 g = tl.atomic_add(part + stride_pp, zero, mask=mask_br, sem="relaxed")
                 tl.store(part + stride_pp, zero, mask=mask_br)
                 y = _activation(g, ACT) * u
             else:
                 y = _activation(u, ACT)
-            tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_r[None, :], y.to(out_ptr.dtype.element_ty),
+            if COMP_R > 0:
+                y = tl.where(is_comp, u, y)
+            tl.store(out_ptr + offs_b[:, None] * stride_ob + out_cols[None, :], y.to(out_ptr.dtype.element_ty),
                      mask=mask_br)
             tl.store(count_ptr + pid, 0)
     else:
         if HAS_BIAS:  # (not with GATED) the bias of each weight row read
-            acc += tl.load(bias_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + rows, mask=mask_g, other=0.0).to(tl.float32)[None, :]
         if GATED:
             y = _activation(acc_g, ACT) * acc
         else:
             y = _activation(acc, ACT)
-        tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_r[None, :], y.to(out_ptr.dtype.element_ty),
+        if COMP_R > 0:
+            y = tl.where(is_comp, acc, y)
+        tl.store(out_ptr + offs_b[:, None] * stride_ob + out_cols[None, :], y.to(out_ptr.dtype.element_ty),
                  mask=mask_br)
 
 
@@ -262,24 +284,30 @@ def gemv_config(nrows: int, sms: int) -> tuple[int, int, int]:
 def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int = 1,
                   gate: torch.Tensor | None = None, act: int = 0, tail: int = 0,
                   config: tuple | None = None, bias: torch.Tensor | None = None,
-                  workspace: torch.Tensor | None = None, count: torch.Tensor | None = None) -> torch.Tensor:
+                  workspace: torch.Tensor | None = None, count: torch.Tensor | None = None,
+                  compensation: torch.Tensor | None = None) -> torch.Tensor:
     """Rows idx (x unit) of w, then its last `tail` rows (q of the selected heads + all of k, v); bias
     (not with gate): w's bias, one value per row of w, each read row's added in fp32 before the activation;
     workspace: the caller's split_workspace (default: one shared per device, for the main stream);
-    count (int32 [1], unit 1, no tail): only idx[:count] is selected, output columns past it are not written."""
+    count (int32 [1], unit 1, no tail): only idx[:count] is selected, output columns past it are not written;
+    compensation (a [R, d], x's dtype): R more output columns after the selection's, x @ a.T (the MLP
+    compensation's first half, for gather_vecmat_acc's compensation)."""
     assert count is None or (unit == 1 and tail == 0 and count.dtype == torch.int32)
     batch, d = x.shape
     nsel = idx.numel() * unit
     nrows = nsel + tail
     tail_start = w.shape[0] - tail
+    comp_r = 0 if compensation is None else compensation.shape[0]
     assert x.stride(1) == 1 and w.stride(1) == 1 and x.dtype == w.dtype
     if gate is not None:
         assert gate.stride() == w.stride() and gate.dtype == w.dtype and bias is None
     if bias is not None:
         assert bias.is_contiguous() and bias.numel() == w.shape[0]
-    out = torch.empty(batch, nrows, device=x.device, dtype=x.dtype)
+    if compensation is not None:
+        assert compensation.is_contiguous() and compensation.shape[1] == d and compensation.dtype == x.dtype
+    out = torch.empty(batch, nrows + comp_r, device=x.device, dtype=x.dtype)
     g = gate if gate is not None else w
-    if batch == 1 and x.dtype == torch.float32 and config is None:  # exact fp32 products for tiny models
+    if batch == 1 and x.dtype == torch.float32 and config is None and compensation is None:  # exact fp32 products
         block_r, block_d, warps = gemv_config(nrows, _sms(x))
         block_d = min(block_d, triton.next_power_of_2(d))
         grid = (triton.cdiv(nrows, block_r),)
@@ -297,19 +325,24 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int
                                                                                     _sms(x))
     d_per_split = triton.cdiv(triton.cdiv(d, splits), block_d) * block_d
     splits = triton.cdiv(d, d_per_split)
+    main_blocks = triton.cdiv(nrows, block_r)
+    blocks = main_blocks + triton.cdiv(comp_r, block_r)
     if splits > 1:
-        part, counts = _split_views(workspace if workspace is not None else _shared_workspace(x.device, nrows))
-        assert part.shape[2] >= nrows and counts.numel() >= triton.cdiv(nrows, block_r)
+        part, counts = _split_views(workspace if workspace is not None
+                                    else _shared_workspace(x.device, blocks * block_r))
+        assert part.shape[2] >= blocks * block_r and counts.numel() >= blocks
     else:
         part, counts = out, idx
-    grid = (triton.cdiv(nrows, block_r), splits)
+    grid = (blocks, splits)
     _gather_gemm_kernel[grid](x, w, g, idx, out, part, counts, out if bias is None else bias,
                               idx if count is None else count, batch, d, d_per_split, nrows, nsel, tail_start,
                               x.stride(0), w.stride(0), out.stride(0), part.stride(-2),
                               part.stride(0) if splits > 1 else 0,
                               UNIT=unit, GATED=gate is not None, ACT=act, B_PAD=DOT_BATCH, BLOCK_R=block_r,
                               BLOCK_D=block_d, PRECISION=_precision(x), SPLIT=splits > 1, HAS_BIAS=bias is not None,
-                              HAS_COUNT=count is not None, num_warps=warps, num_stages=3, **_pdl(x))
+                              HAS_COUNT=count is not None, comp_ptr=x if compensation is None else compensation,
+                              COMP_OUT=nrows, MAIN_BLOCKS=main_blocks, COMP_R=comp_r, num_warps=warps, num_stages=3,
+                              **_pdl(x))
     return out
 
 
@@ -321,11 +354,15 @@ def _gather_vecmat_kernel(h_ptr, wt_ptr, idx_ptr, acc_ptr, scale_ptr, nsel_ptr, 
                           stride_hb, stride_w, stride_ab, stride_sb, UNIT: tl.constexpr, B_PAD: tl.constexpr,
                           USE_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                           PRECISION: tl.constexpr, SCALE: tl.constexpr = False, HAS_COUNT: tl.constexpr = False,
-                          CUT: tl.constexpr = False, cut=0.0, tally_ptr=None, PDL: tl.constexpr = False):
+                          CUT: tl.constexpr = False, cut=0.0, tally_ptr=None, comp_ptr=None, comp_bias_ptr=None,
+                          COMP_H=0, COMP_R: tl.constexpr = 0, PDL: tl.constexpr = False):
     _grid_dependency(PDL)
+    # COMP_R > 0: the last split adds the MLP compensation's second half, h[:, COMP_H + j] * comp[j, :] over
+    # its COMP_R rows (b^T, always read), and its bias; the selection's rows are shared by the splits before it
+    main_splits = tl.num_programs(1) - 1 if COMP_R > 0 else tl.num_programs(1)
     if HAS_COUNT:  # only the first *nsel_ptr rows of idx: shared equally by the splits the grid has
         NROWS = tl.load(nsel_ptr)
-        ROWS_PER_SPLIT = tl.cdiv(tl.cdiv(NROWS, tl.num_programs(1)), BLOCK_R) * BLOCK_R
+        ROWS_PER_SPLIT = tl.cdiv(tl.cdiv(NROWS, main_splits), BLOCK_R) * BLOCK_R
     # CUT (down thresholds, UNIT 1, no SCALE): h[b, j] counts only when |h[b, j]| > cut, and a row's weights are
     # read only when some sequence's does; tally_ptr [2] int64 sums (rows read, calls)
     # SCALE (UNIT 1): h[b, j] is first multiplied by scale[b, idx[j]] (rounded to h's dtype, as a
@@ -337,12 +374,16 @@ def _gather_vecmat_kernel(h_ptr, wt_ptr, idx_ptr, acc_ptr, scale_ptr, nsel_ptr, 
     offs_b = tl.arange(0, B_PAD)
     mask_b = offs_b < B
     start = pid_s * ROWS_PER_SPLIT
+    stop = start + ROWS_PER_SPLIT
+    if COMP_R > 0:
+        if pid_s == main_splits:
+            stop = start
     if USE_DOT:
         acc = tl.zeros((B_PAD, BLOCK_D), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     kept = 0
-    for r0 in range(start, start + ROWS_PER_SPLIT, BLOCK_R):
+    for r0 in range(start, stop, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < NROWS
         unit = tl.load(idx_ptr + offs_r // UNIT, mask=mask_r, other=0).to(tl.int64)
@@ -382,6 +423,25 @@ def _gather_vecmat_kernel(h_ptr, wt_ptr, idx_ptr, acc_ptr, scale_ptr, nsel_ptr, 
                     hv = (hv * tl.load(scale_ptr + unit, mask=mask_r, other=0.0).to(tl.float32)).to(
                         h_ptr.dtype.element_ty).to(tl.float32)
                 acc += tl.sum(wv.to(tl.float32) * hv[:, None], axis=0)
+    if COMP_R > 0:
+        if pid_s == main_splits:
+            for r0 in range(0, COMP_R, BLOCK_R):
+                offs_c = r0 + tl.arange(0, BLOCK_R)
+                mask_c = offs_c < COMP_R
+                wv = tl.load(comp_ptr + offs_c[:, None] * D + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :],
+                             other=0.0)
+                if USE_DOT:
+                    hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + COMP_H + offs_c[None, :],
+                                 mask=mask_b[:, None] & mask_c[None, :], other=0.0)
+                    acc = tl.dot(hv, wv, acc, input_precision=PRECISION)
+                else:
+                    hv = tl.load(h_ptr + COMP_H + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+                    acc += tl.sum(wv.to(tl.float32) * hv[:, None], axis=0)
+            bias = tl.load(comp_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            if USE_DOT:
+                acc += bias[None, :]
+            else:
+                acc += bias
     if CUT and pid_d == 0:  # each row once, whatever the column blocks
         tl.atomic_add(tally_ptr, kept.to(tl.int64), sem="relaxed")
         if pid_s == 0:
@@ -404,13 +464,21 @@ def vecmat_config(batch: int, nrows: int, d: int, sms: int) -> tuple[int, int, i
 def gather_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor, unit: int, acc: torch.Tensor,
                       config: tuple | None = None, scale: torch.Tensor | None = None,
                       count: torch.Tensor | None = None, cut: float | None = None,
-                      tally: torch.Tensor | None = None) -> None:
+                      tally: torch.Tensor | None = None, compensation: tuple | None = None) -> None:
     """acc += h @ wt[rows of idx]; count (int32 [1], unit 1): only the first count rows of idx and columns of h;
     cut (unit 1, with tally int64 [2]): only the entries of h above it in magnitude, the rows no sequence keeps
-    never read, tally += (rows read, 1)."""
+    never read, tally += (rows read, 1); compensation (bt [R, d], bias [d], h's dtype): h has R more columns
+    after idx's (gather_matvec's compensation), and acc += h[:, -R:] @ bt + bias, none of them cut."""
     assert count is None or (unit == 1 and count.dtype == torch.int32)
     assert cut is None or (unit == 1 and scale is None and tally is not None and tally.dtype == torch.int64)
     batch, nrows = h.shape
+    comp_r = 0
+    if compensation is not None:
+        comp_bt, comp_bias = compensation
+        comp_r = comp_bt.shape[0]
+        nrows -= comp_r
+        assert comp_bt.is_contiguous() and comp_bt.shape[1] == wt.shape[1] and comp_bias.shape == (wt.shape[1],)
+        assert comp_bt.dtype == comp_bias.dtype == h.dtype and comp_bias.is_contiguous() and scale is None
     d = wt.shape[1]
     assert nrows == idx.numel() * unit and acc.dtype == torch.float32 and acc.stride(1) == 1
     if scale is not None:
@@ -421,9 +489,10 @@ def gather_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor, unit
     use_dot = batch > 1 or h.dtype != torch.float32
     if use_dot:
         block_r = max(block_r, 16)
-    rows_per_split = triton.cdiv(triton.cdiv(nrows, splits), block_r) * block_r
-    splits = triton.cdiv(nrows, rows_per_split)
-    grid = (triton.cdiv(d, block_d), splits)
+    rows_per_split = triton.cdiv(triton.cdiv(max(nrows, 1), splits), block_r) * block_r
+    splits = triton.cdiv(max(nrows, 1), rows_per_split)
+    grid = (triton.cdiv(d, block_d), splits + (comp_r > 0))
+    comp = compensation or (h, h)  # unread placeholders: COMP_R 0
     _gather_vecmat_kernel[grid](h, wt, idx, acc, h if scale is None else scale, idx if count is None else count,
                                 batch, d, nrows, rows_per_split,
                                 h.stride(0), wt.stride(0), acc.stride(0), 0 if scale is None else scale.stride(0),
@@ -431,6 +500,7 @@ def gather_vecmat_acc(h: torch.Tensor, wt: torch.Tensor, idx: torch.Tensor, unit
                                 BLOCK_D=block_d, PRECISION=_precision(h), SCALE=scale is not None,
                                 HAS_COUNT=count is not None, CUT=cut is not None,
                                 cut=0.0 if cut is None else float(cut), tally_ptr=idx if tally is None else tally,
+                                comp_ptr=comp[0], comp_bias_ptr=comp[1], COMP_H=nrows, COMP_R=comp_r,
                                 num_warps=warps, **_pdl(h))
 
 

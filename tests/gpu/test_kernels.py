@@ -792,6 +792,55 @@ def test_graphed_two_stage_threshold_decode_matches_cpu_reference(model_type, ba
         assert 0.0 < down < candidates <= 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("d,n,rank", [(4096, 11008, 32), (576, 1536, 20)])
+def test_gather_kernels_add_the_mlp_compensation_in_batches(dtype, d, n, rank):
+    """Batches 2 and 8: the MLP compensation rides in the two gather kernels (z = x a^T as row blocks after the
+    selection's, z b^T + bias as a split of its own), in one graph replayed at any count, with and without the
+    down cut, against float64 sums over the kernels' own activations."""
+    from dejavu.runtime.kernels import ops
+    from dejavu.runtime.kernels import triton_kernels as T
+
+    torch.manual_seed(d + rank)
+    dev = "cuda"
+    gate, up = (torch.randn(n, d, device=dev, dtype=dtype) * d ** -0.5 for _ in range(2))
+    down_t = torch.randn(n, d, device=dev, dtype=dtype) * n ** -0.5
+    a = torch.randn(rank, d, device=dev, dtype=dtype) * d ** -0.5
+    bt = torch.randn(rank, d, device=dev, dtype=dtype) * rank ** -0.5
+    bias = torch.randn(d, device=dev, dtype=dtype) * 0.1
+    idx = torch.randperm(n, device=dev)[: n // 2]
+    count = torch.zeros(1, dtype=torch.int32, device=dev)
+    tally = torch.zeros(2, dtype=torch.int64, device=dev)
+    for batch in (2, 8):
+        x = torch.randn(batch, d, device=dev, dtype=dtype)
+        h_all = T.gather_matvec(x, up, idx, 1, gate, 1)
+        z = (x.double() @ a.double().T).to(dtype).double()  # rounded as the kernel stores it
+        cut = float(h_all.float().abs().median())
+        for with_cut in (False, True):
+            acc = torch.full((batch, d), 0.5, device=dev)
+
+            def run():
+                if with_cut:
+                    ops.sparse_mlp_cut_acc(x, gate, up, down_t, idx, 1, acc, cut, tally, count, a, bt, bias)
+                else:
+                    ops.sparse_mlp_acc(x, gate, up, down_t, idx, 1, acc, count, a, bt, bias)
+
+            run()  # compiles outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            for c in (0, 7, idx.numel()):
+                count.fill_(c)
+                acc.fill_(0.5)
+                graph.replay()
+                h = h_all[:, :c].double()
+                if with_cut:
+                    h = torch.where(h.abs() > cut, h, 0.0)
+                want = 0.5 + h @ down_t.double()[idx[:c]] + z @ bt.double() + bias.double()
+                assert torch.isfinite(acc).all() and _rel(acc, want) < 1e-2, (batch, with_cut, c)
+
+
 @pytest.mark.parametrize("model_type,batch", [("llama", 1), ("llama", 3), ("opt", 1), ("gemma2", 2), ("granite", 1)])
 def test_graphed_decode_with_mlp_compensation_matches_cpu_reference(model_type, batch):
     """The MLP compensation's low-rank term inside the captured step: the graphed loop against the CPU loop, and

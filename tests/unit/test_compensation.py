@@ -317,6 +317,44 @@ def test_the_one_launch_mlp_kernel_adds_it_in_interpreter():
     ''', timeout=600)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (interpreter mode)")
+def test_the_gather_kernels_add_it_in_batches_in_interpreter():
+    """Batches: the gate/up kernel computes x a^T in row blocks after the selection's, the down kernel adds its
+    rows of b^T and the bias in a split of its own; with and without d split, a device count (0 included) and a
+    down cut, against the reference op (fp32: the interpreter's bf16 products are wrong; the GPU tests cover bf16)."""
+    run_interpreted('''
+        from dejavu.runtime.kernels import triton_kernels as T, ops
+        torch.manual_seed(0)
+        d, n = 300, 200
+        gate, up, down_t = (torch.randn(n, d) * s for s in (0.3, 0.3, 0.1))
+        idx = torch.randperm(n)[:70]
+        x = torch.randn(3, d)
+        for rank, gemm_config in ((3, (16, 128, 4, 1)), (20, (16, 64, 4, 3))):
+            a, bt, bias = (torch.randn(*shape) * 0.1 for shape in ((rank, d), (rank, d), (d,)))
+            for batch in (1, 3):
+                for c in (None, 0, 37):
+                    count = None if c is None else torch.tensor([c], dtype=torch.int32)
+                    ref = torch.zeros(batch, d)
+                    ops.sparse_mlp_acc.eager(x[:batch], gate, up, down_t, idx, 1, ref, count, a, bt, bias)
+                    h = T.gather_matvec(x[:batch], up, idx, 1, gate, 1, config=gemm_config, count=count,
+                                        compensation=a)
+                    assert h.shape == (batch, idx.numel() + rank)
+                    acc = torch.zeros(batch, d)
+                    T.gather_vecmat_acc(h, down_t, idx, 1, acc, config=(16, 128, 4, 2), count=count,
+                                        compensation=(bt, bias))
+                    torch.testing.assert_close(acc, ref, atol=1e-4, rtol=1e-4)
+                    ref, ref_tally = torch.zeros(batch, d), torch.zeros(2, dtype=torch.int64)
+                    ops.sparse_mlp_cut_acc.eager(x[:batch], gate, up, down_t, idx, 1, ref, 0.05, ref_tally, count,
+                                                 a, bt, bias)
+                    acc, tally = torch.zeros(batch, d), torch.zeros(2, dtype=torch.int64)
+                    T.gather_vecmat_acc(h, down_t, idx, 1, acc, config=(16, 128, 4, 2), count=count, cut=0.05,
+                                        tally=tally, compensation=(bt, bias))
+                    torch.testing.assert_close(acc, ref, atol=1e-4, rtol=1e-4)
+                    assert tally.tolist() == ref_tally.tolist()
+        print("ok")
+    ''', timeout=900)
+
+
 def test_the_rule_it_runs_with(tmp_path, tiny_llama, capsys):
     """A layer without predictors runs dense whatever the flags say (restating the bundle's density keeps the term);
     a term tuned for one rule, exported for another, is carried but left out; thresholds set with the term running

@@ -798,6 +798,8 @@ def test_gather_kernels_add_the_mlp_compensation_in_batches(dtype, d, n, rank):
     """Batches 2 and 8: the MLP compensation rides in the two gather kernels (z = x a^T as row blocks after the
     selection's, z b^T + bias as a split of its own), in one graph replayed at any count, with and without the
     down cut, against float64 sums over the kernels' own activations."""
+    from functools import partial
+
     from dejavu.runtime.kernels import ops
     from dejavu.runtime.kernels import triton_kernels as T
 
@@ -818,13 +820,8 @@ def test_gather_kernels_add_the_mlp_compensation_in_batches(dtype, d, n, rank):
         cut = float(h_all.float().abs().median())
         for with_cut in (False, True):
             acc = torch.full((batch, d), 0.5, device=dev)
-
-            def run():
-                if with_cut:
-                    ops.sparse_mlp_cut_acc(x, gate, up, down_t, idx, 1, acc, cut, tally, count, a, bt, bias)
-                else:
-                    ops.sparse_mlp_acc(x, gate, up, down_t, idx, 1, acc, count, a, bt, bias)
-
+            run = (partial(ops.sparse_mlp_cut_acc, x, gate, up, down_t, idx, 1, acc, cut, tally, count, a, bt, bias)
+                   if with_cut else partial(ops.sparse_mlp_acc, x, gate, up, down_t, idx, 1, acc, count, a, bt, bias))
             run()  # compiles outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()

@@ -311,8 +311,8 @@ class LayerWeights:
     # dtype, as the reference runtime compares), and down_tally [2] int64 sums (rows read, calls)
     down_cut: float | None = None
     down_tally: torch.Tensor | None = None
-    # MLP compensation (runtime/compensation.py): (a [R, d], b [d, R], bias [d]) in the model dtype, added to a
-    # sparse MLP's output
+    # MLP compensation (runtime/compensation.py): (a [R, d], b^T [R, d], bias [d]) in the model dtype, b and the
+    # bias scaled as down is, added to a sparse MLP's output
     compensation: tuple | None = None
     up_workspace: tuple | None = None  # set only with exact-up MLP selection: its top-k buffers (fp16 keys)
     gate_up_t: torch.Tensor | None = None  # [d, 2n] = [gate^T | up^T], set only with MLP thresholds
@@ -1012,9 +1012,9 @@ class DecodeModel:
                 a = reference.apply_activation(F.linear(xn, lw.up, lw.up_bias).float(), self.act).to(xn.dtype)
                 self._after_mlp(st, i, lw, a @ lw.down_t, False)
                 return
-            ops.gather_vecmat_acc(ops.gather_matvec(xn, lw.up, midx, 1, None, self.act, bias=lw.up_bias, count=count),
-                                  lw.down_t, midx, 1, acc, count=count)
-            self._after_mlp(st, i, lw, self._compensate(st, lw, acc, sparse), True)
+            comp = lw.compensation if sparse and lw.compensation is not None else (None, None, None)
+            ops.plain_mlp_acc(xn, lw.up, lw.up_bias, lw.down_t, midx, self.act, acc, count, *comp)
+            self._after_mlp(st, i, lw, acc, True)  # the compensation went in with the MLP
             return
         if sparse and self.thresholds is not None:
             # no selection: the kernels skip the rows whose input is at or below the layer's threshold

@@ -127,9 +127,9 @@ def _compensation_acc(x, acc, a, bt, bias) -> None:
 
 
 def lowrank_acc(x: Tensor, a: Tensor, bt: Tensor, bias: Tensor, acc: Tensor) -> None:
-    """acc += (x @ a.T) @ bt + bias: the MLP compensation where it is not inside batch 1's MLP kernel. Two
-    cuBLAS GEMVs: a Triton kernel doing both in one launch was slower at batch 8 (4.29 against 4.07 ms a
-    Llama-2-7B step, BENCHMARKS.md)."""
+    """acc += (x @ a.T) @ bt + bias: the MLP compensation where it is not inside the MLP's kernels (the exact
+    two-stage top-k, whose wide selection sits between them). Two cuBLAS GEMVs: +13 % a batch-8 Llama-2-7B step,
+    where the gather kernels carry it for under 1 % (BENCHMARKS.md, session 24)."""
     _compensation_acc(x, acc, a, bt, bias)
 
 
@@ -154,6 +154,31 @@ def _(x, gate, up, down_t, idx, act, acc, count=None, comp_a=None, comp_bt=None,
 
 @sparse_mlp_acc.register_fake
 def _(x, gate, up, down_t, idx, act, acc, count=None, comp_a=None, comp_bt=None, comp_bias=None):
+    return None
+
+
+@_custom_op("dejavu::plain_mlp_acc", mutates_args=("acc",))
+def plain_mlp_acc(x: Tensor, up: Tensor, up_bias: Tensor | None, down_t: Tensor, idx: Tensor, act: int, acc: Tensor,
+                  count: Tensor | None = None, comp_a: Tensor | None = None, comp_bt: Tensor | None = None,
+                  comp_bias: Tensor | None = None) -> None:
+    """acc += act(x @ up[idx].T + up_bias[idx]) @ down_t[idx], a plain (ungated) MLP of the selected neurons
+    (count: of idx[:count]), plus with comp_* the MLP compensation. On CUDA the two gather kernels, the
+    compensation in them as in sparse_mlp_acc's batches."""
+    idx = _counted(idx, count)
+    reference.gather_vecmat_acc(reference.gather_matvec(x, up, idx, 1, None, act, bias=up_bias), down_t, idx, 1, acc)
+    _compensation_acc(x, acc, comp_a, comp_bt, comp_bias)
+
+
+@plain_mlp_acc.register_kernel("cuda")
+def _(x, up, up_bias, down_t, idx, act, acc, count=None, comp_a=None, comp_bt=None, comp_bias=None):
+    t = _triton()
+    h = t.gather_matvec(x, up, idx, 1, None, act, bias=up_bias, count=count, compensation=comp_a)
+    t.gather_vecmat_acc(h, down_t, idx, 1, acc, count=count,
+                        compensation=None if comp_a is None else (comp_bt, comp_bias))
+
+
+@plain_mlp_acc.register_fake
+def _(x, up, up_bias, down_t, idx, act, acc, count=None, comp_a=None, comp_bt=None, comp_bias=None):
     return None
 
 

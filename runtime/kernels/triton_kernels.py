@@ -162,19 +162,16 @@ def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, part_ptr, count_p
     if HAS_COUNT:  # as in _gather_gemv_kernel; a row block wholly past the count is skipped by all its splits
         NSEL = tl.load(nsel_ptr)
         NROWS = NSEL
-        if COMP_R > 0:
-            if (pid * BLOCK_R >= NSEL) & (pid < MAIN_BLOCKS):
-                return
-        elif pid * BLOCK_R >= NSEL:
+        if (pid * BLOCK_R >= NSEL) & (pid < MAIN_BLOCKS):
             return
     d_start = tl.program_id(1) * D_PER_SPLIT
-    offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # also this block's columns of the split sums
+    offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < NROWS
     sel = offs_r < NSEL
     unit = tl.load(idx_ptr + offs_r // UNIT, mask=mask_r & sel, other=0).to(tl.int64)
     rows = tl.where(sel, unit * UNIT + (offs_r % UNIT), TAIL_START + offs_r - NSEL)
     w_rows = w_ptr + rows[:, None] * stride_w
-    out_cols = offs_r
+    out_cols = offs_r  # also the columns of its split sums: the term's after the selection's, as in out
     mask_g = mask_r
     if COMP_R > 0:
         if is_comp:
@@ -201,7 +198,7 @@ def _gather_gemm_kernel(x_ptr, w_ptr, g_ptr, idx_ptr, out_ptr, part_ptr, count_p
             acc_g = tl.dot(xv, tl.trans(gv), acc_g, input_precision=PRECISION)
     mask_br = mask_b[:, None] & mask_r[None, :]
     if SPLIT:  # partial dot products, finished by the row block's last program
-        part = part_ptr + offs_b[:, None] * stride_pb + offs_r[None, :]
+        part = part_ptr + offs_b[:, None] * stride_pb + out_cols[None, :]
         tl.atomic_add(part, acc, mask=mask_br, sem="relaxed")
         if GATED:
             tl.atomic_add(part + stride_pp, acc_g, mask=mask_br, sem="relaxed")
@@ -321,16 +318,16 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, unit: int
     # selected, at or within 2 % of the best of seven tile shapes at every density and batch
     tiles = GEMM_TILES if GEMM_TILES != "by-rows" else ((32, 128, 4) if nrows >= 48 * _sms(x) else (16, 256, 4))
     block_r, block_d, warps = (config or tiles)[:3]
-    splits = config[3] if config is not None and len(config) > 3 else gemm_splits(nrows, d, block_r, block_d,
-                                                                                    _sms(x))
+    splits = config[3] if config is not None and len(config) > 3 else gemm_splits(nrows + comp_r, d, block_r,
+                                                                                    block_d, _sms(x))
     d_per_split = triton.cdiv(triton.cdiv(d, splits), block_d) * block_d
     splits = triton.cdiv(d, d_per_split)
     main_blocks = triton.cdiv(nrows, block_r)
     blocks = main_blocks + triton.cdiv(comp_r, block_r)
     if splits > 1:
         part, counts = _split_views(workspace if workspace is not None
-                                    else _shared_workspace(x.device, blocks * block_r))
-        assert part.shape[2] >= blocks * block_r and counts.numel() >= blocks
+                                    else _shared_workspace(x.device, nrows + comp_r))
+        assert part.shape[2] >= nrows + comp_r and counts.numel() >= blocks
     else:
         part, counts = out, idx
     grid = (blocks, splits)
@@ -360,7 +357,7 @@ def _gather_vecmat_kernel(h_ptr, wt_ptr, idx_ptr, acc_ptr, scale_ptr, nsel_ptr, 
     # COMP_R > 0: the last split adds the MLP compensation's second half, h[:, COMP_H + j] * comp[j, :] over
     # its COMP_R rows (b^T, always read), and its bias; the selection's rows are shared by the splits before it
     main_splits = tl.num_programs(1) - 1 if COMP_R > 0 else tl.num_programs(1)
-    if HAS_COUNT:  # only the first *nsel_ptr rows of idx: shared equally by the splits the grid has
+    if HAS_COUNT:  # only the first *nsel_ptr rows of idx: shared equally by the selection's splits
         NROWS = tl.load(nsel_ptr)
         ROWS_PER_SPLIT = tl.cdiv(tl.cdiv(NROWS, main_splits), BLOCK_R) * BLOCK_R
     # CUT (down thresholds, UNIT 1, no SCALE): h[b, j] counts only when |h[b, j]| > cut, and a row's weights are

@@ -320,15 +320,16 @@ def test_the_one_launch_mlp_kernel_adds_it_in_interpreter():
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (interpreter mode)")
 def test_the_gather_kernels_add_it_in_batches_in_interpreter():
     """Batches: the gate/up kernel computes x a^T in row blocks after the selection's, the down kernel adds its
-    rows of b^T and the bias in a split of its own; with and without d split, a device count (0 included) and a
+    rows of b^T and the bias in a split of its own (gated and plain MLPs); with and without d split, a device count (0 included) and a
     down cut, against the reference op (fp32: the interpreter's bf16 products are wrong; the GPU tests cover bf16)."""
     run_interpreted('''
+        from dejavu.runtime import reference as R
         from dejavu.runtime.kernels import triton_kernels as T, ops
         torch.manual_seed(0)
         d, n = 300, 200
         gate, up, down_t = (torch.randn(n, d) * s for s in (0.3, 0.3, 0.1))
         idx = torch.randperm(n)[:70]
-        x = torch.randn(3, d)
+        x, up_bias = torch.randn(3, d), torch.randn(n)
         for rank, gemm_config in ((3, (16, 128, 4, 1)), (20, (16, 64, 4, 3))):
             a, bt, bias = (torch.randn(*shape) * 0.1 for shape in ((rank, d), (rank, d), (d,)))
             for batch in (1, 3):
@@ -351,6 +352,32 @@ def test_the_gather_kernels_add_it_in_batches_in_interpreter():
                                         tally=tally, compensation=(bt, bias))
                     torch.testing.assert_close(acc, ref, atol=1e-4, rtol=1e-4)
                     assert tally.tolist() == ref_tally.tolist()
+                    # a plain MLP (OPT): the selection's rows get up's bias and the activation, the term's neither
+                    ref = torch.zeros(batch, d)
+                    ops.plain_mlp_acc.eager(x[:batch], up, up_bias, down_t, idx, 2, ref, count, a, bt, bias)
+                    h = T.gather_matvec(x[:batch], up, idx, 1, None, 2, config=gemm_config, bias=up_bias, count=count,
+                                        compensation=a)
+                    acc = torch.zeros(batch, d)
+                    T.gather_vecmat_acc(h, down_t, idx, 1, acc, config=(16, 128, 4, 2), count=count,
+                                        compensation=(bt, bias))
+                    torch.testing.assert_close(acc, ref, atol=1e-4, rtol=1e-4)
+        # a caller's split workspace sized to its outputs exactly (more than the 1,024 rows it holds at least, not a
+        # whole number of row blocks; the predictors' side stream sizes it so), with and without the term, left zeroed
+        big_gate, big_up = torch.randn(1200, 64) * 0.2, torch.randn(1200, 64) * 0.2
+        big_idx, a = torch.randperm(1200)[:1090], torch.randn(20, 64)
+        x = torch.randn(3, 64)
+        for comp in (None, a):
+            ws = T.split_workspace("cpu", 1090 + (0 if comp is None else 20))
+            for c in (None, 0, 500):
+                count = None if c is None else torch.tensor([c], dtype=torch.int32)
+                kept = big_idx if c is None else big_idx[:c]
+                h = T.gather_matvec(x, big_up, big_idx, 1, big_gate, 1, config=(32, 32, 4, 2), count=count,
+                                    compensation=comp, workspace=ws)
+                torch.testing.assert_close(h[:, :kept.numel()], R.gather_matvec(x, big_up, kept, 1, big_gate, 1),
+                                           atol=1e-4, rtol=1e-4)
+                if comp is not None:
+                    torch.testing.assert_close(h[:, 1090:], x @ a.T, atol=1e-4, rtol=1e-4)
+                assert not ws.any()
         print("ok")
     ''', timeout=900)
 

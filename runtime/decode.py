@@ -1004,6 +1004,8 @@ class DecodeModel:
         """The selected neurons' rows of gate, up and down^T only (all rows without a selection)."""
         xn, acc = st.xn, st.acc
         count = self._count(mlp_sel, i) if sparse else None  # score thresholds: idx[:count] selected
+        # the compensation's (a, b^T, bias), for the paths whose kernels add it
+        comp = lw.compensation if sparse and lw.compensation is not None else (None, None, None)
         if lw.up is not None:  # a plain MLP (OPT): act(up x + b) for the selected rows, then down^T over them
             midx = self._take(mlp_sel, i)
             if midx is None and self.dense_impl == "triton":  # dense through the sparse kernels, all rows
@@ -1012,7 +1014,6 @@ class DecodeModel:
                 a = reference.apply_activation(F.linear(xn, lw.up, lw.up_bias).float(), self.act).to(xn.dtype)
                 self._after_mlp(st, i, lw, a @ lw.down_t, False)
                 return
-            comp = lw.compensation if sparse and lw.compensation is not None else (None, None, None)
             ops.plain_mlp_acc(xn, lw.up, lw.up_bias, lw.down_t, midx, self.act, acc, count, *comp)
             self._after_mlp(st, i, lw, acc, True)  # the compensation went in with the MLP
             return
@@ -1046,7 +1047,6 @@ class DecodeModel:
         if midx is None and self.dense_impl == "triton" and lw.gate_up is not None:  # (thresholds: transposed)
             midx = self.all_neurons
         if midx is not None:
-            comp = lw.compensation if sparse and lw.compensation is not None else (None, None, None)
             if sparse and lw.down_cut is not None:
                 ops.sparse_mlp_cut_acc(xn, lw.gate_up[0], lw.gate_up[1], lw.down_t, midx, self.act, acc, lw.down_cut,
                                        lw.down_tally, count, *comp)

@@ -139,12 +139,10 @@ def _sparse_mlp_cuda(x, gate, up, down_t, idx, act, acc, count, cut=None, tally=
     if x.shape[0] == 1 and t.FUSED_MLP and t.fused_mlp_fits(x.shape[1]):
         t.sparse_mlp_gemv(x, gate, up, down_t, idx, act, acc, count=count, cut=cut, tally=tally,
                           compensation=None if comp[0] is None else comp)
-    elif comp[0] is None:
-        t.gather_vecmat_acc(t.gather_matvec(x, up, idx, 1, gate, act, count=count), down_t, idx, 1, acc,
-                            count=count, cut=cut, tally=tally)
     else:  # the compensation's two halves ride in the two kernels as rows of their own
         h = t.gather_matvec(x, up, idx, 1, gate, act, count=count, compensation=comp[0])
-        t.gather_vecmat_acc(h, down_t, idx, 1, acc, count=count, cut=cut, tally=tally, compensation=comp[1:])
+        t.gather_vecmat_acc(h, down_t, idx, 1, acc, count=count, cut=cut, tally=tally,
+                            compensation=None if comp[0] is None else comp[1:])
 
 
 @sparse_mlp_acc.register_kernel("cuda")

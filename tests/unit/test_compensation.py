@@ -361,6 +361,13 @@ def test_the_gather_kernels_add_it_in_batches_in_interpreter():
                     T.gather_vecmat_acc(h, down_t, idx, 1, acc, config=(16, 128, 4, 2), count=count,
                                         compensation=(bt, bias))
                     torch.testing.assert_close(acc, ref, atol=1e-4, rtol=1e-4)
+        # through the CUDA dispatch (batch 1: the one-launch kernel; 3: the gather kernels), with and without the term
+        for batch in (1, 3):
+            for comp in ((None, None, None), (a, bt, bias)):
+                ref, acc = torch.zeros(batch, d), torch.zeros(batch, d)
+                ops.sparse_mlp_acc.eager(x[:batch], gate, up, down_t, idx, 1, ref, None, *comp)
+                ops._sparse_mlp_cuda(x[:batch], gate, up, down_t, idx, 1, acc, None, comp=comp)
+                torch.testing.assert_close(acc, ref, atol=1e-4, rtol=1e-4)
         # a caller's split workspace sized to its outputs exactly (more than the 1,024 rows it holds at least, not a
         # whole number of row blocks; the predictors' side stream sizes it so), with and without the term, left zeroed
         big_gate, big_up = torch.randn(1200, 64) * 0.2, torch.randn(1200, 64) * 0.2

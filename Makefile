@@ -46,9 +46,14 @@ demo:
 		--mlp-keep-input 0.8 --mlp-density 0.5 --attn-keep-input 0.8
 	dejavu bench --model smollm2-135m --bundle $(DEMO_RUN)/bundle-thresholds --dataset $(EVAL) \
 		--max-eval-tokens $(EVAL_TOKENS) --json $(DEMO_RUN)/bench-thresholds.json
-	# The summary: the four rules above side by side.
+	# Predictors with no training: 4-bit copies of each layer's gate and up score every neuron on the MLP's
+	# own input, and each token keeps its top half (the best predicted quality per byte measured on SmolLM2).
+	dejavu export --model smollm2-135m --out $(DEMO_RUN)/bundle-quantized --mlp-predictor-bits 4 --mlp-density 0.5
+	dejavu bench --model smollm2-135m --bundle $(DEMO_RUN)/bundle-quantized --dataset $(EVAL) \
+		--max-eval-tokens $(EVAL_TOKENS) --json $(DEMO_RUN)/bench-quantized.json
+	# The summary: the five rules above side by side.
 	dejavu compare $(DEMO_RUN)/bench.json $(DEMO_RUN)/bench-tuned.json $(DEMO_RUN)/bench-exact-up.json \
-		$(DEMO_RUN)/bench-thresholds.json
+		$(DEMO_RUN)/bench-thresholds.json $(DEMO_RUN)/bench-quantized.json
 
 test:
 	$(PYTHON) -m pytest -q tests

@@ -122,6 +122,11 @@ class ExportConfig:
     # a low-rank linear term per layer for what the sparse MLP leaves out (runtime/compensation.py), fitted here
     # by ridge regression on `calibration_tokens` tokens of data.dataset for the bundle's rule; 0: none
     mlp_compensation_rank: int = 0
+    # MLP predictors made from the model's own gate and up weights at this many bits (4 or 8; quantized_predictor.py),
+    # with no collect or training: `dejavu export --model M --out B --mlp-predictor-bits 4`. None: off
+    mlp_predictor_bits: int | None = None
+    # inputs sharing one fp16 scale in those copies
+    mlp_predictor_group: int = 64
 
 
 @dataclass
@@ -507,6 +512,12 @@ def validate(cfg: RunConfig) -> None:
         raise DejavuError(f"train.weight_decay must be a number >= 0, got {cfg.train.weight_decay}")
     if cfg.data.seq_len < 2:
         raise DejavuError(f"data.seq_len must be at least 2, got {cfg.data.seq_len}")
+    if cfg.export.mlp_predictor_bits is not None and cfg.export.mlp_predictor_bits not in (4, 8):
+        raise DejavuError(f"export.mlp_predictor_bits (--mlp-predictor-bits) must be 4 or 8, got "
+                          f"{cfg.export.mlp_predictor_bits}")
+    if cfg.export.mlp_predictor_group < 2 or cfg.export.mlp_predictor_group % 2:
+        raise DejavuError(f"export.mlp_predictor_group (--mlp-predictor-group) must be an even number of at least 2, "
+                          f"got {cfg.export.mlp_predictor_group}")
     for name, value, allowed in (
         ("train.mlp_pairing", cfg.train.mlp_pairing, ("current", "lookahead")),
         ("train.head_pairing", cfg.train.head_pairing, ("current", "lookahead")),

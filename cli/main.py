@@ -386,7 +386,7 @@ def export(
         None, "--run", "-r",
         help="Run directory holding predictors/ from `dejavu train-predictors`, or its tuned/ from `dejavu "
              "tune-predictors` (may be left out with "
-             "--mlp-keep-input or --keep-layer-bytes: a bundle of thresholds alone)."),
+             "--mlp-keep-input or --keep-layer-bytes: a bundle of thresholds alone; or with --mlp-predictor-bits)."),
     out: Path = typer.Option(
         ..., "--out", "-o",
         help="Bundle directory to write (safetensors + manifest.json): a new or empty directory, or an earlier "
@@ -429,6 +429,17 @@ def export(
              "input for what the predicted neurons leave out, fitted now by ridge regression on --calibration with "
              "the bundle's selection rule (model loaded). Its bytes are read every token: rank R costs 2 x R x hidden "
              "values a layer. 0: none." + default("export.mlp_compensation_rank")),
+    mlp_predictor_bits: int | None = typer.Option(
+        None, "--mlp-predictor-bits",
+        help="Without --run: MLP predictors made from the model's own gate and up weights quantized to this many bits "
+             "(4 or 8), no collect or training. The runtime keeps each token's top --mlp-density (default 0.5) neurons "
+             "by |act(gate~) * up~| on the MLP's input; heads run dense. They cost bits/16 of gate and up's bytes every "
+             "token (4 bits: 0.18 of a gated MLP's bytes). Quality: the reference runtime (`bench --no-speed`, "
+             "`generate`); the GPU decode loop has no kernel for them yet."),
+    mlp_predictor_group: int | None = typer.Option(
+        None, "--mlp-predictor-group",
+        help="With --mlp-predictor-bits: inputs sharing one fp16 scale (must divide the hidden size)."
+             + default("export.mlp_predictor_group")),
     calibration: str | None = typer.Option(
         None, "--calibration", help="Corpus the thresholds and the MLP compensation are calibrated on (default: the "
         "config's data.dataset)."),
@@ -438,8 +449,8 @@ def export(
              "faster, noisier calibration)." + default("export.calibration_tokens")),
     model: str | None = typer.Option(
         None, "--model", "-m",
-        help="Model to calibrate thresholds or fit the MLP compensation on (default: the training run's model; "
-             "without --run, the config's)."),
+        help="Model to calibrate thresholds or fit the MLP compensation on, or to quantize with --mlp-predictor-bits "
+             "(default: the training run's model; without --run, the config's)."),
     config: str | None = ConfigOpt,
     debug: bool = DebugOpt,
 ):
@@ -458,6 +469,7 @@ def export(
         "export.attn_keep_input": attn_keep_input, "export.keep_layer_bytes": keep_layer_bytes,
         "data.dataset": calibration, "export.calibration_tokens": calibration_tokens,
         "export.mlp_selection": mlp_selection, "export.mlp_compensation_rank": mlp_compensation_rank,
+        "export.mlp_predictor_bits": mlp_predictor_bits, "export.mlp_predictor_group": mlp_predictor_group,
     })
 
 

@@ -14,6 +14,9 @@ Layout (docs/FORMATS.md, `dejavu.bundle` version 1):
   `mlp_score_thresholds`; the runtime then keeps each token's neurons scored above them instead of a top-k.
   With `export.mlp_candidate_density` too (two-stage), they keep that candidate density and
   `score_thresholds.mlp_down` (the same layout) cuts the candidates' down rows to the MLP density.
+- Optional quantized-weight MLP predictors (`export.mlp_predictor_bits`, `dejavu export --model M
+  --mlp-predictor-bits 4`, no training run): `layers.{l}.mlp.{up,gate}_{codes,scales}` (quantized_predictor.py),
+  described by the manifest's `mlp_predictor`; they read the MLP's own input (`mlp_pairing: mlp_input`).
 
 A layer the predictors stage did not train (train.layers restricted) has no tensors and density 1.0:
 the runtime runs it dense.
@@ -72,7 +75,10 @@ def _export_config(run_manifest: dict, config_file, overrides: dict[str, Any]):
 
 def _check_predictor_fields(manifest: dict, where: Path) -> None:
     """An edited pairing or activation would otherwise run as some default, with no error."""
-    for key, allowed in (("mlp_pairing", ("current", "lookahead")), ("head_pairing", ("current", "lookahead")),
+    from dejavu.quantized_predictor import MLP_INPUT
+
+    mlp_pairings = (MLP_INPUT,) if _quantized_mlp(manifest, where) else ("current", "lookahead")
+    for key, allowed in (("mlp_pairing", mlp_pairings), ("head_pairing", ("current", "lookahead")),
                          ("hidden_activation", ("none", "relu"))):
         if manifest[key] not in allowed:
             raise DejavuError(f"{where}: {key} must be {' or '.join(allowed)}, not {manifest[key]!r} "
@@ -312,6 +318,68 @@ def _export_thresholds_only(out: Path, cfg, model_name: str) -> dict:
     return manifest
 
 
+def _quantized_mlp(manifest: dict, where) -> dict | None:
+    """The manifest's quantized-weight MLP predictor description (bits, group, activation), checked, or None."""
+    from dejavu.quantized_predictor import BITS, KIND
+
+    described = manifest.get("mlp_predictor")
+    if described is None:
+        return None
+    if (not isinstance(described, dict) or described.get("kind") != KIND or described.get("bits") not in BITS
+            or not isinstance(described.get("group"), int) or not isinstance(described.get("activation"), str)):
+        raise DejavuError(f"{where}: mlp_predictor must describe {KIND} predictors (bits {' or '.join(map(str, BITS))}, "
+                          f"an integer group, the activation), got {described!r} (edited manifest?)")
+    return described
+
+
+def _export_quantized_predictors(out: Path, cfg, model_name: str) -> dict:
+    """A bundle whose MLP predictors are quantized copies of the model's gate and up (quantized_predictor.py):
+    no collect or training; heads run dense."""
+    from tqdm.auto import tqdm
+
+    from dejavu.models.identity import model_identity
+    from dejavu.quantized_predictor import KIND, MLP_INPUT, check_format, quantize_mlp
+
+    e = cfg.export
+    bits, group = e.mlp_predictor_bits, e.mlp_predictor_group
+    density = e.mlp_density if e.mlp_density is not None else 0.5
+    if e.head_density is not None and e.head_density < 1.0:
+        raise DejavuError("quantized-weight MLP predictors come without head predictors: drop --head-density "
+                          "(heads run dense)")
+    replacing = check_bundle_out(out)
+    model, _, source, adapter = _calibration_model(model_name, None)
+    shape = adapter.shape()
+    check_format(bits, group, shape.hidden_size, "the hidden size")
+    layers = adapter.decoder_layers()
+    num_layers = len(layers)
+    mlp_per_layer = _per_layer(density, e.mlp_density_per_layer, num_layers, [True] * num_layers, "mlp")
+    tensors: dict[str, torch.Tensor] = {}
+    for l, layer in enumerate(tqdm(layers, desc=f"quantizing gate/up to {bits} bits", unit="layer")):  # noqa: E741
+        for name, value in quantize_mlp(adapter.mlp_weights(layer), bits, group).items():
+            tensors[f"layers.{l}.mlp.{name}"] = value
+    predictor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    mlp_bytes = sum(w.numel() * 2 for layer in layers for w in (adapter.mlp_weights(layer).up,
+                                                                   adapter.mlp_weights(layer).down,
+                                                                   adapter.mlp_weights(layer).gate) if w is not None)
+    identity = model_identity(adapter, source.display)
+    _writing_to(out, replacing)
+    (out / "manifest.json").unlink(missing_ok=True)
+    sha = save_tensors(out / BUNDLE_FILE, tensors, metadata={"format": BUNDLE_KIND, "format_version": "1"})
+    described = {"kind": KIND, "bits": bits, "group": group, "activation": adapter.activation_name(),
+                 # what the predictors read every token against the MLP's weights at 16 bits
+                 "share_of_mlp_bytes": predictor_bytes / mlp_bytes}
+    manifest = write_manifest(
+        out, BUNDLE_KIND, cfg.to_dict(), [file_entry(out / BUNDLE_FILE, out, sha)], parent=None, model=identity,
+        mlp_density=float(_mean_density(mlp_per_layer, [True] * num_layers)), head_density=1.0,
+        mlp_density_per_layer=mlp_per_layer, head_density_per_layer=[1.0] * num_layers,
+        mlp_pairing=MLP_INPUT, head_pairing="lookahead", hidden_activation="none", metrics={},
+        predictor_bytes=predictor_bytes, mlp_candidate_density=None, mlp_selection="topk", mlp_predictor=described)
+    print(f"bundle written to {out}: {bits}-bit gate/up copies as MLP predictors ({num_layers} layers, MLP density "
+          f"{manifest['mlp_density']:g}, heads dense; {predictor_bytes / 2**20:.1f} MiB, "
+          f"{described['share_of_mlp_bytes']:.3f} of the MLP's 16-bit bytes read every token)")
+    return manifest
+
+
 def _check_thresholds_take_no_layer_densities(cfg) -> None:
     """With thresholds the MLP runs by them in every layer, so per-layer top-k densities would change
     nothing: refused rather than dropped."""
@@ -348,12 +416,22 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         from dejavu.config import load_config
 
         cfg = load_config(config_file, overrides or {})
-        if cfg.export.mlp_keep_input is None and cfg.export.keep_layer_bytes is None:
-            raise DejavuError("export needs --run (a training run), or --mlp-keep-input / --keep-layer-bytes for a "
-                              "bundle of thresholds alone")
+        thresholds = cfg.export.mlp_keep_input is not None or cfg.export.keep_layer_bytes is not None
+        if cfg.export.mlp_predictor_bits is not None:
+            if thresholds or cfg.export.mlp_selection != "topk" or cfg.export.mlp_compensation_rank \
+                    or cfg.export.mlp_candidate_density is not None:
+                raise DejavuError("--mlp-predictor-bits writes quantized-weight MLP predictors with a top-k: not with "
+                                  "thresholds, --mlp-selection threshold, --mlp-candidate-density or a compensation")
+            return _export_quantized_predictors(Path(out), cfg, model_name or cfg.model.name)
+        if not thresholds:
+            raise DejavuError("export needs --run (a training run), --mlp-keep-input / --keep-layer-bytes for a "
+                              "bundle of thresholds alone, or --mlp-predictor-bits for quantized-weight MLP predictors")
         _check_thresholds_take_no_layer_densities(cfg)
         return _export_thresholds_only(Path(out), cfg, model_name or cfg.model.name)
     run, out = Path(run), Path(out)
+    if (overrides or {}).get("export.mlp_predictor_bits") is not None:
+        raise DejavuError("--mlp-predictor-bits makes MLP predictors from the model's weights: drop --run "
+                          "(and name the model with --model)")
     pred_dir = _predictors_dir(run)
     pm = read_manifest(pred_dir, PREDICTORS_KIND)
     collect_dir = pred_dir.parent / "collect"
@@ -629,10 +707,15 @@ def _predictor_layers(tensors: dict[str, torch.Tensor], mlp_d: list[float], head
                       activation: str | None, where, manifest: dict | None = None) -> list[LayerPredictors]:
     """Per layer, the predictors `layers.{l}.{kind}.*` of `tensors` at these densities (a kind without tensors:
     None, density 1.0); with a bundle's manifest, their shapes are checked against its model."""
+    quantized = _quantized_mlp(manifest or {}, where)
     layers = []
     for l in range(len(mlp_d)):  # noqa: E741
         preds = {}
+        if quantized is not None:
+            preds["mlp"] = _quantized_layer(tensors, l, quantized, manifest, where)
         for kind in KINDS:
+            if kind in preds:
+                continue
             keys = {t: f"layers.{l}.{kind}.{t}" for t in PREDICTOR_TENSORS}
             if not any(k in tensors for k in keys.values()):
                 preds[kind] = None
@@ -648,6 +731,22 @@ def _predictor_layers(tensors: dict[str, torch.Tensor], mlp_d: list[float], head
                                       float(mlp_d[l]) if preds["mlp"] is not None else 1.0,
                                       float(head_d[l]) if preds["attn"] is not None else 1.0))
     return layers
+
+
+def _quantized_layer(tensors: dict[str, torch.Tensor], l: int, described: dict, manifest: dict, where):  # noqa: E741
+    """Layer l's quantized-weight MLP predictor, its shapes checked against the bundle's model."""
+    from dejavu.quantized_predictor import QuantizedMLPPredictor
+
+    prefix = f"layers.{l}.mlp."
+    mine = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+    predictor = QuantizedMLPPredictor(mine, described["bits"], described["group"], described["activation"],
+                                      where=f"{where}: layer {l}'s quantized MLP predictor")
+    model = manifest.get("model") or {}
+    for got, key in ((predictor.d_in, "hidden_size"), (predictor.n_out, "intermediate_size")):
+        if model.get(key) is not None and got != model[key]:
+            raise DejavuError(f"{where}: layer {l}'s quantized MLP predictor has {got} for the model's {key}="
+                              f"{model[key]}")
+    return predictor
 
 
 def load_bundle(path: str | Path) -> tuple[dict, PredictorSet]:

@@ -71,6 +71,7 @@ from torch import nn
 from dejavu.errors import DejavuError
 from dejavu.models.adapters import Adapter, _linear_weight
 from dejavu.predictor import PredictorSet, topk_mask, units_for_density
+from dejavu.quantized_predictor import MLP_INPUT
 from dejavu.runtime.reference import exact_up_scores
 from dejavu.runtime.thresholds import Thresholds
 
@@ -204,6 +205,10 @@ class SparseRuntime:
                           if d >= 1.0 and thresholds is None and min(self.mlp_density, default=1.0) < 1.0}
         self._full_heads = {l for l, d in enumerate(self.head_density)  # noqa: E741
                             if d >= 1.0 and min(self.head_density, default=1.0) < 1.0}
+        if predictors is not None and predictors.mlp_pairing == MLP_INPUT and (
+                mlp_candidate_density is not None or mlp_up_weight is not None or mlp_compensation is not None):
+            raise DejavuError("quantized-weight MLP predictors score every neuron from gate and up already: not with "
+                              "two-stage selection, exact-up selection or an MLP compensation")
         self.mlp_candidate_density = self._check_candidates(mlp_candidate_density)
         self.mlp_up_weight = self._check_up_weight(mlp_up_weight)
         self.mlp_down_thresholds = self._check_thresholds(mlp_down_thresholds, n, "down")
@@ -346,6 +351,9 @@ class SparseRuntime:
         for l, layer in enumerate(self.layers):  # noqa: E741
             self._handles.append(layer.register_forward_pre_hook(self._layer_hook(l), with_kwargs=True))
             if self.mlp_density[l] < 1.0:
+                if self._mlp_reads_its_input and self.selection == "predictor":
+                    self._handles.append(self.adapter.mlp_input_projections(layer)[0].register_forward_pre_hook(
+                        self._mlp_select_hook(l)))
                 if self.mlp_compensation is not None:
                     self._handles.append(self.adapter.mlp_input_projections(layer)[0].register_forward_pre_hook(
                         self._mlp_input_hook(l)))
@@ -397,22 +405,37 @@ class SparseRuntime:
                 self._note_full_layer(l, hidden)
             if not self.enabled or self.selection != "predictor":
                 return None
-            lp = self.predictors.layers[l]
-            if self.mlp_density[l] < 1.0:
-                x = self._paired_input(l, self.predictors.mlp_pairing)
-                first = self.mlp_candidate_density if self.two_stage else self.mlp_density[l]
-                if self.exact_up:  # chosen once up's output is known (_up_hook)
-                    self._mlp_logits[l] = lp.mlp(x)
-                elif self.mlp_score_thresholds is not None:
-                    self._mlp_sel[l] = self._select_above(l, lp.mlp(x))
-                else:
-                    self._mlp_sel[l] = self._select(lp.mlp(x), first)
-                if self.mode == "gather":
-                    self._prepare_gather(l)
+            if self.mlp_density[l] < 1.0 and not self._mlp_reads_its_input:
+                self._select_mlp(l, self._paired_input(l, self.predictors.mlp_pairing))
             if self.head_density[l] < 1.0:
                 x = self._paired_input(l, self.predictors.head_pairing)
-                self._head_sel[l] = self._select(lp.attn(x), self.head_density[l])
+                self._head_sel[l] = self._select(self.predictors.layers[l].attn(x), self.head_density[l])
             return None
+
+        return hook
+
+    @property
+    def _mlp_reads_its_input(self) -> bool:
+        """The MLP predictors read the MLP's own input (quantized_predictor.py): they select in a pre-hook on the
+        MLP's first input projection, after attention, not in the layer's."""
+        return self.predictors is not None and self.predictors.mlp_pairing == MLP_INPUT
+
+    def _select_mlp(self, l: int, x: torch.Tensor) -> None:  # noqa: E741
+        predictor = self.predictors.layers[l].mlp
+        first = self.mlp_candidate_density if self.two_stage else self.mlp_density[l]
+        if self.exact_up:  # chosen once up's output is known (_up_hook)
+            self._mlp_logits[l] = predictor(x)
+        elif self.mlp_score_thresholds is not None:
+            self._mlp_sel[l] = self._select_above(l, predictor(x))
+        else:
+            self._mlp_sel[l] = self._select(predictor(x), first)
+        if self.mode == "gather":
+            self._prepare_gather(l)
+
+    def _mlp_select_hook(self, l: int):  # noqa: E741
+        def hook(module, args):
+            if self.enabled and self.selection == "predictor":
+                self._select_mlp(l, args[0])
 
         return hook
 

@@ -202,6 +202,10 @@ def print_report(report: dict, out=None) -> None:
             elif "mlp_weight_share" in sel:
                 p(f"    MLP weight bytes read: {sel['mlp_weight_share']:.3f} of dense (gate/up for "
                   f"{sel['mlp_candidates_kept']:.3f} of neurons, down for {sel['mlp_kept']:.3f})")
+            quantized = report.get("mlp_predictor")
+            if quantized:
+                p(f"    MLP predictors: {quantized['bits']}-bit copies of gate and up, "
+                  f"{quantized['share_of_mlp_bytes']:.3f} of the MLP's bytes every token on top of the above")
             if "attn_input_kept" in sel:
                 p(f"    attention: {sel['attn_input_kept']:.3f} of q/k/v's input kept (columns read), "
                   f"{sel['attn_o_kept']:.3f} of o's input (rows read)")
@@ -355,6 +359,8 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
         check_speed_context(model, cfg.runtime)
     adapter = adapter_for(model)
     plan = resolve_plan(cfg, manifest, predictors, model, adapter, tokenizer, bundle)
+    if speed and plan.predictors is not None and plan.decode_loop_note is not None:  # before minutes of quality
+        raise DejavuError(f"cannot time this rule: {plan.decode_loop_note} (add --no-speed)")
     base = {"model": source.display, "device": str(device), "dtype": dtype_name(dtype), "synthetic": False,
             **plan.description}
     quality_data = None

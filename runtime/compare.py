@@ -93,6 +93,11 @@ def rule_label(report: dict) -> str:
     if report.get("mlp_candidate_density"):
         return f"two-stage {report['mlp_candidate_density']:g} -> {report['mlp_density']:g}{tuned}, {heads}"
     scored = " (score thresholds)" if report.get("mlp_selection") == "threshold" else ""
+    quantized = report.get("mlp_predictor")
+    if isinstance(quantized, dict) and report.get("selection") == "predictor":
+        # their bytes are read every token and are not in the table's MLP bytes: the label says how many
+        return (f"{quantized.get('bits')}-bit gate/up predictors (+{quantized.get('share_of_mlp_bytes', 0):.3f} "
+                f"MLP bytes), {mlp}, {heads}")
     return f"{report.get('selection', 'predictor')}{tuned}, {mlp}{scored}, {heads}"
 
 

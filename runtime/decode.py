@@ -37,6 +37,11 @@ for the predictor), one pass forms log|up| + A * logit in fp32 with the batch ma
 of its fp16 rounding (scores never written), then the gate rows of the top k with the activation, and
 down^T over the same rows with each activation multiplied by its up on the way in. Bytes: all of up,
 k rows of gate and down^T.
+
+Quantized-weight MLP predictors (quantized_predictor.py, pairing "mlp_input"): after attention, one kernel
+scores every neuron from the 4- or 8-bit copies of gate and up on the MLP's normalised input (written as
+fp32 [B, n]), the wide top-k keeps the batch's k largest (fp16 keys of their logs), then the one-launch MLP
+kernel runs as for any top-k. Bytes: the copies and their scales, then k rows of gate, up and down^T.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ import torch
 import torch.nn.functional as F
 
 from dejavu.errors import DejavuError
-from dejavu.predictor import LowRankPredictor, PredictorSet, units_for_density
+from dejavu.predictor import LayerPredictors, LowRankPredictor, PredictorSet, units_for_density
+from dejavu.quantized_predictor import MLP_INPUT
 from dejavu.runtime import reference
 from dejavu.runtime.kernels import ops
 from dejavu.runtime.thresholds import Thresholds
@@ -196,6 +202,95 @@ class FoldedPredictor:
 
 
 @dataclass
+class QuantizedSelector:
+    """A quantized-weight MLP predictor (quantized_predictor.py) in the loop: it scores every neuron from the
+    4- or 8-bit copies of gate and up on the MLP's own input, so it runs after attention on the main stream (not
+    on the predictors' side stream), then the batch's top-k (of the per-neuron max score) runs into `out`."""
+
+    tensors: tuple  # (up_codes, up_scales, up_bias, gate_codes, gate_scales) on the device; None where absent
+    bits: int
+    k: int
+    out: torch.Tensor  # [k] int64
+    workspace: tuple  # the wide top-k's buffers at fp16 key width: the selection is on the critical path
+    dense_copies: tuple | None  # CPU, 8 bits: fp32 (up, up_bias, gate) dequantized once; CUDA reads the codes
+    # 4 bits (CUDA: in bf16): the int4 matmul op, [gate; up] packed for it (tinygemm, as gpt-fast's int4 path), its
+    # scales and zeros [G, 2n, 2], the group, a plain MLP's bias: a 7B-shaped step ran 2.2x faster with it than with
+    # the Triton scores kernel (BENCHMARKS.md, session 25)
+    int4: tuple | None = None
+
+    @classmethod
+    def build(cls, pred, k: int, device, dtype: torch.dtype | None = None) -> QuantizedSelector:
+        from dejavu.quantized_predictor import dequantize_rows, tile_rows
+
+        t = {name: value.to(device) for name, value in pred.tensors().items()}
+        for part in pred.parts:
+            t[f"{part}_codes"], t[f"{part}_scales"] = tile_rows(t[f"{part}_codes"], t[f"{part}_scales"])
+        tensors = tuple(t.get(name) for name in ("up_codes", "up_scales", "up_bias", "gate_codes", "gate_scales"))
+        n = pred.n_out
+        out = torch.arange(k, device=device)  # a valid selection before the first step
+        copies = None
+        int4 = _int4_matmul(pred, device, dtype)
+        if torch.device(device).type != "cuda" and int4 is None:
+            weights = {part: dequantize_rows(*pred_rows, pred.bits) for part, pred_rows in
+                       ((p, (getattr(pred, f"{p}_codes"), getattr(pred, f"{p}_scales").half())) for p in pred.parts)}
+            copies = (weights["up"].to(device), t["up_bias"].float() if "up_bias" in t else None,
+                      weights["gate"].to(device) if pred.gated else None)
+        return cls(tensors, pred.bits, k, out, _topk_workspace(n, torch.float16, device), copies, int4)
+
+    def select(self, x: torch.Tensor, act: int) -> torch.Tensor:
+        if self.int4 is not None:
+            matmul, packed, scales_zeros, group, bias = self.int4
+            out = matmul(x.to(torch.bfloat16), packed, group, scales_zeros)
+            # log|act(g) * u| ranks as the score: act_mul's product goes to the top-k as it is
+            scored = ops.act_mul(out, act) if bias is None else reference.apply_activation(out.float() + bias, act)
+            ops.select_exact_up(scored, None, 0.0, self.out, *self.workspace)
+            return self.out
+        if self.dense_copies is None:
+            scores = torch.empty(x.shape[0], self.tensors[1].shape[1], dtype=torch.float32, device=x.device)
+            ops.quant_scores(x, *self.tensors, self.bits, act, scores)
+        else:
+            up, bias, gate = self.dense_copies
+            xf = x.float()
+            u = F.linear(xf, up, bias)
+            scores = (reference.apply_activation(F.linear(xf, gate), act) * u if gate is not None
+                      else reference.apply_activation(u, act)).abs()
+        # the top-k of log(score), keyed in fp16 (two fewer passes than fp32 keys), as exact-up's selection
+        ops.select_exact_up(scores, None, 0.0, self.out, *self.workspace)
+        return self.out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors if t is not None)
+
+
+def _int4_matmul(pred, device, dtype) -> tuple | None:
+    """QuantizedSelector.int4 for a 4-bit predictor where PyTorch's int4 matmul takes its shape: on CUDA in bf16
+    (else the Triton scores kernel runs), and on the CPU, where it reads an eighth of the dequantized fp32 copies'
+    bytes (8x faster at 7B shapes on 2 cores; x rounded to bf16 first). None elsewhere. The codes are the same
+    integers: tinygemm computes (q - 8) s + z, and the zero points z are 0 for these symmetric copies."""
+    cuda = torch.device(device).type == "cuda"
+    op = "_weight_int4pack_mm" if cuda else "_weight_int4pack_mm_for_cpu"
+    if (pred.bits != 4 or (cuda and dtype != torch.bfloat16) or pred.group not in (32, 64, 128, 256)
+            or not hasattr(torch.ops.aten, op)):
+        return None
+    tiles = next((t for t in (8, 4, 2) if pred.d_in % (16 * t) == 0), None)
+    if tiles is None or (len(pred.parts) * pred.n_out) % 8:
+        return None
+    parts = ("gate", "up") if pred.gated else ("up",)
+    codes = torch.cat([getattr(pred, f"{p}_codes") for p in parts]).to(device)
+    scales = torch.cat([getattr(pred, f"{p}_scales") for p in parts]).to(device)
+    if cuda:  # torch's CUDA packing takes the even input in the high nibble; the bundle keeps it in the low one
+        packed = torch.ops.aten._convert_weight_to_int4pack((((codes & 0xF) << 4) | (codes >> 4)).contiguous(), tiles)
+    else:  # the CPU's takes one integer a weight
+        unpacked = torch.stack([codes & 0xF, codes >> 4], -1).reshape(codes.shape[0], -1).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpacked, tiles)
+    scales_zeros = torch.stack([scales.t().to(torch.bfloat16), torch.zeros_like(scales.t(), dtype=torch.bfloat16)],
+                               -1).contiguous()
+    bias = None if pred.gated or pred.up_bias is None else pred.up_bias.to(device, torch.float32)
+    return getattr(torch.ops.aten, op), packed, scales_zeros, pred.group, bias
+
+
+@dataclass
 class TwoStageMLP:
     """The second MLP stage: of the candidates whose gate/up ran, keep the k with the largest batch
     max |act*up| (a neuron any sequence needs is kept, as for the predictors' batch selection)."""
@@ -307,6 +402,7 @@ class LayerWeights:
     mlp_pred: FoldedPredictor | None = None  # two-stage: it selects the candidates
     head_pred: FoldedPredictor | None = None
     mlp_final: TwoStageMLP | None = None  # set only with two-stage MLP selection (top-k)
+    mlp_quant: QuantizedSelector | None = None  # set only with quantized-weight MLP predictors
     # two-stage score thresholds: |act*up| at or below this skips the neuron's down^T row (rounded to the model
     # dtype, as the reference runtime compares), and down_tally [2] int64 sums (rows read, calls)
     down_cut: float | None = None
@@ -595,6 +691,7 @@ class DecodeModel:
         self.pred_groups = {}
         for lw in self.layers:
             lw.mlp_pred = lw.head_pred = lw.mlp_final = lw.up_workspace = lw.down_cut = lw.down_tally = None
+            lw.mlp_quant = None
             lw.compensation = None
         if predictors is None:
             return
@@ -633,9 +730,18 @@ class DecodeModel:
                 raise DejavuError("choose one MLP rule: mlp_up_weight (exact up) or mlp_candidate_density (two-stage)")
             if not (math.isfinite(up_weight) and up_weight >= 0):
                 raise DejavuError(f"mlp_up_weight must be a finite number >= 0, got {up_weight}")
+        quantized = predictors.mlp_pairing == MLP_INPUT
+        if quantized and (cand is not None or up_weight is not None or score_thresholds is not None
+                          or self.thresholds is not None or predictors.mlp_compensation is not None):
+            raise DejavuError("quantized-weight MLP predictors run with a top-k only: not with two-stage, exact-up, "
+                              "score thresholds, magnitude thresholds or an MLP compensation")
         for i, (lw, lp) in enumerate(zip(self.layers, predictors.layers, strict=True)):
             k_mlp = units_for_density(lp.mlp_density, self.n)
             k_heads = units_for_density(lp.head_density, self.H)
+            if quantized:
+                if lp.mlp is not None and k_mlp < self.n:
+                    lw.mlp_quant = QuantizedSelector.build(lp.mlp, k_mlp, self.device, self.dtype)
+                lp = LayerPredictors(None, lp.attn, 1.0, lp.head_density)  # the heads as usual below
             # with score thresholds any density below 1 selects (the count follows the scores, not k), as the
             # reference runtime decides
             scored = score_thresholds is not None and lp.mlp_density < 1.0
@@ -1006,6 +1112,14 @@ class DecodeModel:
         count = self._count(mlp_sel, i) if sparse else None  # score thresholds: idx[:count] selected
         # the compensation's (a, b^T, bias), for the paths whose kernels add it
         comp = lw.compensation if sparse and lw.compensation is not None else (None, None, None)
+        if sparse and lw.mlp_quant is not None:  # scored here, on the MLP's input: no selection waits elsewhere
+            midx = lw.mlp_quant.select(xn, self.act)
+            if lw.up is not None:
+                ops.plain_mlp_acc(xn, lw.up, lw.up_bias, lw.down_t, midx, self.act, acc, None)
+            else:
+                ops.sparse_mlp_acc(xn, lw.gate_up[0], lw.gate_up[1], lw.down_t, midx, self.act, acc, None)
+            self._after_mlp(st, i, lw, acc, True)
+            return
         if lw.up is not None:  # a plain MLP (OPT): act(up x + b) for the selected rows, then down^T over them
             midx = self._take(mlp_sel, i)
             if midx is None and self.dense_impl == "triton":  # dense through the sparse kernels, all rows
@@ -1064,6 +1178,7 @@ class DecodeModel:
         for group in self.pred_groups.values():
             group.run(x, self.select_impl)
             out.extend(pred.selection_for(x.shape[0])[0] for _, _, pred, _, _ in group.members)
+        out.extend(lw.mlp_quant.select(x, self.act) for lw in self.layers if lw.mlp_quant is not None)
         return out
 
     # --- byte accounting -------------------------------------------------------------------------------
@@ -1120,6 +1235,8 @@ class DecodeModel:
         weights = preds = cache = 0
         for i, lw in enumerate(self.layers):
             gate_rows = lw.mlp_pred.rows_read() if (sparse and lw.mlp_pred is not None) else self.n
+            if sparse and lw.mlp_quant is not None:
+                gate_rows = lw.mlp_quant.k
             up_rows = self.n if (sparse and lw.up_workspace is not None) else gate_rows
             down_rows = lw.mlp_final.k if (sparse and lw.mlp_final is not None) else gate_rows
             if sparse and lw.down_cut is not None:
@@ -1143,7 +1260,7 @@ class DecodeModel:
             if self.skip_kv and heads < self.H:
                 cache += batch * d * item  # the stored attention input (lazy fills are not counted)
             if sparse:
-                preds += sum(p.nbytes for p in (lw.mlp_pred, lw.head_pred) if p is not None)
+                preds += sum(p.nbytes for p in (lw.mlp_pred, lw.head_pred, lw.mlp_quant) if p is not None)
                 if lw.compensation is not None:  # read every step like the predictors: counted with them
                     preds += sum(t.numel() for t in lw.compensation) * item
         head = (self.lm_head.numel() + batch * d) * item

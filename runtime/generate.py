@@ -205,9 +205,12 @@ class SparseModel:
         model_type = getattr(model.config, "model_type", "")
         loop_ok = model_type in SUPPORTED_MODEL_TYPES and plan.decode_loop_note is None and not sparse_prefill
         if engine == "decode-loop" and not loop_ok:
-            why = (f"{model_type!r} models" if model_type not in SUPPORTED_MODEL_TYPES else
-                   "oracle selection" if plan.selection == "oracle" else "sparse prefill")
-            raise DejavuError(f"the decode loop does not run {why}; use engine 'hooks' (or 'auto')")
+            if model_type not in SUPPORTED_MODEL_TYPES or plan.decode_loop_note is None:
+                why = f"the decode loop does not run {model_type!r} models" if model_type not in \
+                    SUPPORTED_MODEL_TYPES else "the decode loop does not run sparse prefill"
+            else:
+                why = plan.decode_loop_note
+            raise DejavuError(f"{why}; use engine 'hooks' (or 'auto')")
         self.engine = engine if engine != "auto" else ("decode-loop" if loop_ok else "hooks")
         self._auto = engine == "auto"
         self._loop = None  # DecodeModel, built on first use, rebuilt when a longer cache is needed

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dejavu.errors import DejavuError
 from dejavu.predictor import PredictorSet
+from dejavu.quantized_predictor import MLP_INPUT
 from dejavu.runtime.thresholds import Thresholds
 
 
@@ -42,6 +43,10 @@ class SparsePlan:
         if self.selection == "oracle":
             return ("the decode loop has no oracle selection (it needs the dense activations first); the reference "
                     "runtime computes it")
+        if (self.predictors is not None and self.predictors.mlp_pairing == MLP_INPUT
+                and self.mlp_score_thresholds is not None):
+            return ("the decode loop runs quantized-weight MLP predictors with a top-k, not score thresholds; the "
+                    "reference runtime computes them")
         return None
 
     @property
@@ -231,6 +236,8 @@ def resolve_plan(cfg, manifest: dict | None, predictors: PredictorSet | None, mo
         "head_pairing": use.head_pairing if use else None,
         # the bundle's predictors were tuned end to end (`dejavu tune-predictors`)
         "tuned": bool(use is not None and manifest is not None and manifest.get("tuned")),
+        # quantized-weight MLP predictors (quantized_predictor.py): bits, group, their share of the MLP's bytes
+        "mlp_predictor": (manifest or {}).get("mlp_predictor") if use is not None else None,
         "thresholds": None if thresholds is None else {
             **thresholds.describe(), "calibration": cfg.data.dataset, "calibration_tokens": rt.calibration_tokens}
         if bundled is None else {**manifest["thresholds"], "from_bundle": True},

@@ -364,3 +364,25 @@ def sparse_mlp(x: torch.Tensor, gate: torch.Tensor | None, up: torch.Tensor, dow
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+def quant_scores(x: torch.Tensor, up_codes: torch.Tensor, up_scales: torch.Tensor, up_bias: torch.Tensor | None,
+                 gate_codes: torch.Tensor | None, gate_scales: torch.Tensor | None, bits: int,
+                 act: int) -> torch.Tensor:
+    """The quantized MLP predictor's scores (quantized_predictor.py) of x [B, d], fp32 [B, n]: |act(x g~^T) *
+    (x u~^T)|, or |act(x u~^T + bias)| without a gate; codes and scales in the kernel's group-major tiles
+    (quantized_predictor.tile_rows). Dequantizes every call: the CPU decode loop keeps dequantized copies
+    instead (runtime/decode.py QuantizedSelector)."""
+    from dejavu.quantized_predictor import dequantize_rows, untile_rows
+
+    def weight(codes, scales):
+        return dequantize_rows(*untile_rows(codes, scales), bits)
+
+    xf = x.float()
+    up = xf @ weight(up_codes, up_scales).T
+    if gate_codes is None:
+        if up_bias is not None:
+            up = up + up_bias.float()
+        return apply_activation(up, act).abs()
+    gate = xf @ weight(gate_codes, gate_scales).T
+    return (apply_activation(gate, act) * up).abs()

@@ -352,6 +352,23 @@ def _(h, delta, weight, out, eps, offset, zero_delta, h_out, delta_norm=None, de
     return None
 
 
+@_custom_op("dejavu::quant_scores", mutates_args=("out",))
+def quant_scores(x: Tensor, up_codes: Tensor, up_scales: Tensor, up_bias: Tensor | None, gate_codes: Tensor | None,
+                 gate_scales: Tensor | None, bits: int, act: int, out: Tensor) -> None:
+    """out [B, n] fp32 = the quantized-weight MLP predictor's scores of x (quantized_predictor.py)."""
+    out.copy_(reference.quant_scores(x, up_codes, up_scales, up_bias, gate_codes, gate_scales, bits, act))
+
+
+@quant_scores.register_kernel("cuda")
+def _(x, up_codes, up_scales, up_bias, gate_codes, gate_scales, bits, act, out):
+    _triton().quant_scores(x, up_codes, up_scales, up_bias, gate_codes, gate_scales, bits, act, out)
+
+
+@quant_scores.register_fake
+def _(x, up_codes, up_scales, up_bias, gate_codes, gate_scales, bits, act, out):
+    return None
+
+
 @_custom_op("dejavu::select_topk", mutates_args=("out",))
 def select_topk(scores: Tensor, out: Tensor) -> None:
     """out [k] = ascending indices of the top-k of the batch's per-unit max score (k = out.numel())."""

@@ -858,3 +858,98 @@ def test_graphed_decode_with_mlp_compensation_matches_cpu_reference(model_type, 
             results[dev, name] = _three_steps(dm, prompt, True)
     torch.testing.assert_close(results["cuda", "on"], results["cpu", "on"], atol=2e-2, rtol=2e-2)
     assert (results["cpu", "on"] - results["cpu", "off"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("d,n,act,gated", [(4096, 11008, 1, True), (576, 1536, 1, True), (1024, 4096, 3, False)])
+def test_quant_scores_match_reference(dtype, batch, bits, d, n, act, gated):
+    """The quantized-weight MLP predictor's scores (7B and SmolLM2 shapes, and a plain MLP with a bias) against
+    the dequantize-then-matmul reference, then its selection against the reference top-k."""
+    from dejavu.quantized_predictor import quantize_rows, tile_rows
+    from dejavu.runtime.decode import _topk_workspace
+    from dejavu.runtime.kernels import ops
+
+    torch.manual_seed(bits + d)
+    up_codes, up_scales = (t.cuda() for t in tile_rows(*quantize_rows(torch.randn(n, d) * d ** -0.5, bits, 64)))
+    gate_codes = gate_scales = bias = None
+    if gated:
+        gate_codes, gate_scales = (t.cuda() for t in tile_rows(*quantize_rows(torch.randn(n, d) * d ** -0.5, bits,
+                                                                               64)))
+    else:
+        bias = (torch.randn(n) * 0.1).half().cuda()
+    x = torch.randn(batch, d, device="cuda").to(dtype)
+    out = torch.empty(batch, n, device="cuda")
+    ops.quant_scores(x, up_codes, up_scales, bias, gate_codes, gate_scales, bits, act, out)
+    ref = R.quant_scores(x.float(), up_codes, up_scales, bias, gate_codes, gate_scales, bits, act)
+    # the kernel sums in fp32 from x in its dtype; the reference from x in fp32 (the same values)
+    assert _rel(out, ref) < 1e-5
+    k = n // 2
+    got = torch.empty(k, dtype=torch.long, device="cuda")
+    ops.select_exact_up(out, None, 0.0, got, *_topk_workspace(n, torch.float16, "cuda"))
+    expected = R.select_topk(ref, k)
+    assert len(set(got.tolist()) & set(expected.tolist())) > 0.98 * k
+
+
+@pytest.mark.parametrize("model_type", ["llama", "opt", "phi3"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graphed_quantized_predictor_decode_matches_cpu_reference(model_type, batch, tmp_path, monkeypatch):
+    """Quantized-weight MLP predictors in the captured step (the Triton scores kernel in fp32, the top-k, the
+    one-launch MLP) against the CPU loop ranking dequantized fp32 copies (not the CPU's int4 matmul, whose x is
+    rounded to bf16)."""
+    import dejavu.runtime.decode as decode
+
+    monkeypatch.setattr(decode, "_int4_matmul", lambda *args: None)
+    from dejavu.export.bundle import load_bundle, run_export
+    from dejavu.models.adapters import adapter_for
+    from dejavu.models.loading import load_model
+    from dejavu.runtime.decode import DecodeModel
+
+    from helpers import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "m", model_type, intermediate_size=1200) if model_type != "opt" else \
+        make_tiny_model(tmp_path / "m", model_type, ffn_dim=1200)
+    run_export(None, tmp_path / "b", config_file="tiny", model_name=str(path),
+               overrides={"export.mlp_predictor_bits": 4, "export.mlp_predictor_group": 32,
+                          "export.mlp_density": 0.3})
+    _, preds = load_bundle(tmp_path / "b")
+    model, _, _ = load_model(str(path), device="cpu", dtype="float32")
+    adapter = adapter_for(model)
+    from dejavu.runtime.decode import _topk_workspace
+
+    prompt = torch.randint(1, 500, (batch, 5))
+    results = {}
+    for dev in ("cpu", "cuda"):
+        model.to(dev)
+        dm = DecodeModel(model, adapter, preds, dev, torch.float32, max_len=16)
+        for lw in dm.layers:  # fp32 keys, as the CPU ranks: fp16 keys (the default) may break near-ties otherwise
+            lw.mlp_quant.workspace = _topk_workspace(lw.mlp_quant.tensors[1].shape[1], torch.float32, dev)
+        for sparse in (False, True):
+            results[dev, sparse] = _three_steps(dm, prompt, sparse)
+    torch.testing.assert_close(results["cuda", True], results["cpu", True], atol=2e-2, rtol=2e-2)
+    assert torch.equal(results["cuda", True].argmax(-1), results["cpu", True].argmax(-1))
+    assert not torch.allclose(results["cuda", True], results["cuda", False], atol=1e-3)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_int4_matmul_scores_match_reference(gated):
+    """The bf16 path through PyTorch's int4 matmul: its selection against the reference top-k of the same copies."""
+    from dejavu.models.adapters import MLPWeights
+    from dejavu.predictor import units_for_density
+    from dejavu.quantized_predictor import QuantizedMLPPredictor, quantize_mlp
+    from dejavu.runtime.decode import QuantizedSelector
+
+    torch.manual_seed(0)
+    n, d = 11008, 4096
+    weights = MLPWeights(up=torch.randn(n, d) * d ** -0.5, down=torch.empty(0),
+                         gate=torch.randn(n, d) * d ** -0.5 if gated else None,
+                         up_bias=None if gated else torch.randn(n) * 0.1)
+    pred = QuantizedMLPPredictor(quantize_mlp(weights, 4, 64), 4, 64, "silu" if gated else "relu")
+    k = units_for_density(0.5, n)
+    selector = QuantizedSelector.build(pred, k, "cuda", torch.bfloat16)
+    assert selector.int4 is not None
+    x = torch.randn(1, d, device="cuda").to(torch.bfloat16)
+    got = selector.select(x, 1 if gated else 3).tolist()
+    expected = R.select_topk(pred.to("cuda")(x.float()), k).tolist()
+    assert len(set(got) & set(expected)) > 0.98 * k

@@ -1,0 +1,291 @@
+"""Quantized-weight MLP predictors: the format, what they select, the bundle and the runtime around them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dejavu.errors import DejavuError
+from dejavu.export.bundle import load_bundle, run_export
+from dejavu.quantized_predictor import QuantizedMLPPredictor, dequantize_rows, quantize_mlp, quantize_rows
+from dejavu.runtime.apply import SparseRuntime
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_round_trip_is_close_and_codes_are_in_range(bits):
+    torch.manual_seed(0)
+    w = torch.randn(48, 128) * 0.05
+    codes, scales = quantize_rows(w, bits, 32)
+    assert codes.dtype == torch.uint8 and codes.shape == (48, 128 * bits // 8)
+    assert scales.dtype == torch.float16 and scales.shape == (48, 4)
+    back = dequantize_rows(codes, scales, bits)
+    # the error of a symmetric grid of 2^bits levels over each group's (clipped) range
+    rel = (back - w).norm() / w.norm()
+    assert rel < (0.12 if bits == 4 else 0.01)
+    if bits == 4:  # two codes a byte, the even input in the low nibble
+        unpacked = torch.stack([codes & 0xF, codes >> 4], -1).reshape(48, 128).float() - 8
+        assert torch.equal(unpacked[:, 0] * scales[:, 0].float(), back[:, 0])
+
+
+def test_clipping_search_never_does_worse_than_absmax():
+    torch.manual_seed(1)
+    w = torch.randn(16, 64)
+    w[:, 0] = 8.0  # one outlier a row: clipping it costs little, rounding everything else to a coarse grid costs more
+    codes, scales = quantize_rows(w, 4, 64)
+    err = (dequantize_rows(codes, scales, 4) - w).square().sum()
+    absmax_scale = (w.abs().amax(-1, keepdim=True) / 7).half().float()
+    absmax = torch.clamp(torch.round(w / absmax_scale), -8, 7) * absmax_scale
+    assert err <= (absmax - w).square().sum()
+
+
+def test_scores_follow_the_real_activations(tiny_llama):
+    """At 8 bits the predictor's top half is the oracle's top half for nearly every neuron; at 4 bits most."""
+    from helpers import load_tiny, random_ids
+
+    model, adapter = load_tiny(tiny_llama)
+    layer = adapter.decoder_layers()[1]
+    mlp = adapter.mlp_weights(layer)
+    captured = {}
+    handle = adapter.gate_proj(layer).register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
+    with torch.no_grad():
+        model(random_ids(model, seq=32, batch=2))
+    handle.remove()
+    x = captured["x"]
+    act = torch.nn.functional.silu(x @ mlp.gate.T) * (x @ mlp.up.T)
+    k = act.shape[-1] // 2
+    oracle = act.abs().topk(k, -1).indices
+    for bits, floor in ((8, 0.97), (4, 0.85)):
+        pred = QuantizedMLPPredictor(quantize_mlp(mlp, bits, 32), bits, 32, "silu")
+        chosen = pred(x).topk(k, -1).indices
+        hits = (chosen.unsqueeze(-1) == oracle.unsqueeze(-2)).any(-1).float().mean().item()
+        assert hits > floor, (bits, hits)
+
+
+@pytest.fixture(scope="module")
+def quantized_bundle(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quantized") / "bundle"
+    run_export(None, out, config_file="tiny", model_name=str(tiny_llama),
+               overrides={"export.mlp_predictor_bits": 8, "export.mlp_predictor_group": 32,
+                          "export.mlp_density": 0.4})
+    return out
+
+
+def test_bundle_round_trip_and_manifest(quantized_bundle, tiny_llama):
+    from dejavu.export.bundle import check_bundle_matches
+
+    from helpers import load_tiny
+
+    manifest, predictors = load_bundle(quantized_bundle)
+    assert manifest["mlp_predictor"]["kind"] == "quantized-weights" and manifest["mlp_predictor"]["bits"] == 8
+    assert manifest["mlp_pairing"] == "mlp_input" and manifest["head_density"] == 1.0
+    assert manifest["mlp_density"] == pytest.approx(0.4)
+    # 8 bits: one byte a weight of gate and up, and an fp16 scale per 32 of them
+    assert manifest["mlp_predictor"]["share_of_mlp_bytes"] == pytest.approx(2 / 3 * (1 + 2 / 32) / 2)
+    assert all(lp.attn is None and isinstance(lp.mlp, QuantizedMLPPredictor) for lp in predictors.layers)
+    model, adapter = load_tiny(tiny_llama)
+    check_bundle_matches(manifest, adapter)
+    for l, layer in enumerate(adapter.decoder_layers()):  # noqa: E741
+        w = adapter.mlp_weights(layer)
+        got = predictors.layers[l].mlp._weights("up", torch.float32)[0]
+        assert (got - w.up).abs().max() < w.up.abs().max() / 100
+
+
+def test_runtime_selects_on_the_mlp_input_and_gather_equals_mask(quantized_bundle, tiny_llama):
+    """The selection is the predictor's top-k of the MLP's own input, and computing only those neurons (gather)
+    gives what masking the rest gives."""
+    from dejavu.predictor import topk_mask
+
+    from helpers import load_tiny, random_ids
+
+    model, adapter = load_tiny(tiny_llama)
+    _, predictors = load_bundle(quantized_bundle)
+    ids = random_ids(model, seq=16, batch=2)
+    inputs = {}
+    handles = [adapter.gate_proj(layer).register_forward_pre_hook(
+        lambda m, a, i=i: inputs.setdefault(i, a[0])) for i, layer in enumerate(adapter.decoder_layers())]
+    with torch.no_grad(), SparseRuntime(model, adapter, predictors, record=True) as rt:
+        masked = model(ids).logits
+    for h in handles:
+        h.remove()
+    for l in range(adapter.num_layers):  # noqa: E741
+        expected = topk_mask(predictors.layers[l].mlp(inputs[l]), 0.4)
+        assert torch.equal(rt.masks[("mlp", l)].reshape(expected.shape), expected)
+    with torch.no_grad(), SparseRuntime(model, adapter, predictors, mode="gather"):
+        gathered = model(ids).logits
+    torch.testing.assert_close(gathered, masked, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        dense = model(ids).logits
+    assert not torch.allclose(dense, masked)
+
+
+def test_plain_mlps_get_one_quantized_projection(tiny_model_factory, tmp_path):
+    """OPT: no gate; the score is |act(up~ x + b)|, and the bias travels with the codes."""
+    from helpers import load_tiny, random_ids
+
+    path = tiny_model_factory("opt")
+    run_export(None, tmp_path / "b", config_file="tiny", model_name=str(path),
+               overrides={"export.mlp_predictor_bits": 4, "export.mlp_predictor_group": 32})
+    _, predictors = load_bundle(tmp_path / "b")
+    mlp = predictors.layers[0].mlp
+    assert not mlp.gated and mlp.up_bias is not None
+    model, adapter = load_tiny(path)
+    with torch.no_grad(), SparseRuntime(model, adapter, predictors) as rt:
+        model(random_ids(model, seq=8, batch=1))
+    assert rt.stats.mlp_kept == pytest.approx(0.5)
+
+
+def _edited(source, tmp_path, edit):
+    import shutil
+
+    target = tmp_path / "edited"
+    shutil.copytree(source, target)
+    path = target / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    return target
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["mlp_predictor"].update(bits=3), "mlp_predictor must describe"),
+    (lambda m: m["mlp_predictor"].update(group=48), "group"),
+    (lambda m: m.update(mlp_pairing="current"), "mlp_pairing must be mlp_input"),
+    (lambda m: m["mlp_predictor"].update(activation="nope"), "unknown MLP activation"),
+])
+def test_an_edited_manifest_is_refused(quantized_bundle, tmp_path, edit, message):
+    with pytest.raises(DejavuError, match=message):
+        load_bundle(_edited(quantized_bundle, tmp_path, edit))
+
+
+def test_flags_that_cannot_go_with_it_are_refused(tiny_llama, tmp_path):
+    base = {"export.mlp_predictor_bits": 4, "export.mlp_predictor_group": 32}
+    with pytest.raises(DejavuError, match="drop --head-density"):
+        run_export(None, tmp_path / "a", config_file="tiny", model_name=str(tiny_llama),
+                   overrides={**base, "export.head_density": 0.5})
+    with pytest.raises(DejavuError, match="not with thresholds"):
+        run_export(None, tmp_path / "b", config_file="tiny", model_name=str(tiny_llama),
+                   overrides={**base, "export.mlp_keep_input": 0.5})
+    with pytest.raises(DejavuError, match="must be even and divide the hidden size"):
+        run_export(None, tmp_path / "c", config_file="tiny", model_name=str(tiny_llama),
+                   overrides={**base, "export.mlp_predictor_group": 48})
+    with pytest.raises(DejavuError, match="drop --run"):
+        run_export(tmp_path, tmp_path / "d", config_file="tiny", overrides=base)
+    with pytest.raises(DejavuError, match="must be 4 or 8"):
+        run_export(None, tmp_path / "e", config_file="tiny", model_name=str(tiny_llama),
+                   overrides={"export.mlp_predictor_bits": 3})
+    assert not any((tmp_path / name).exists() for name in "abcde")
+
+
+def test_generate_runs_it_in_the_decode_loop(quantized_bundle, tiny_llama):
+    from dejavu.runtime.generate import load_sparse
+
+    sparse = load_sparse(str(tiny_llama), bundle=quantized_bundle, config="tiny", device="cpu")
+    assert sparse.engine == "decode-loop"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "opt", "phi3"])
+def test_decode_loop_step_equals_the_hooks(tiny_model_factory, tmp_path, model_type):
+    """The decode loop's sparse step (CPU: reference ops; 8 bits: dequantized fp32 copies) gives the logits of the
+    hooks with only the new token sparse: same scores, same top-k, same neurons computed."""
+    from transformers import AutoModelForCausalLM
+
+    from dejavu.models.adapters import adapter_for
+    from dejavu.runtime.decode import DecodeModel
+
+    path = tiny_model_factory(model_type)
+    # 0.3: below the share of neurons a ReLU (OPT) leaves positive, where ties at 0 would pick arbitrary ones
+    run_export(None, tmp_path / "b", config_file="tiny", model_name=str(path),
+               overrides={"export.mlp_predictor_bits": 8, "export.mlp_predictor_group": 32,
+                          "export.mlp_density": 0.3})
+    _, predictors = load_bundle(tmp_path / "b")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    adapter = adapter_for(model)
+    torch.manual_seed(0)
+    prompt = torch.randint(1, 500, (1, 6))
+    dm = DecodeModel(model, adapter, predictors, "cpu", torch.float32, max_len=12)
+    st = dm.new_state(1)
+    dm.prefill(st, prompt)
+    ids = torch.cat([prompt, st.tokens[:, None]], 1)
+    logits = dm.step(st, sparse=True)
+    with torch.no_grad(), SparseRuntime(model, adapter, predictors) as rt:
+        rt.token_mask = torch.zeros(ids.shape, dtype=torch.bool)
+        rt.token_mask[:, -1] = True
+        expected = model(ids).logits[:, -1]
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        dense = model(ids).logits[:, -1]
+    assert (logits - dense).abs().max() > 1e-3
+    bytes_sparse = dm.step_bytes(1, 8, sparse=True)
+    assert bytes_sparse["predictors"] == sum(lp.mlp.num_bytes() for lp in predictors.layers)
+    assert bytes_sparse["weights"] < dm.step_bytes(1, 8, sparse=False)["weights"]
+
+
+def test_the_scores_kernel_in_interpreter():
+    """The Triton scores kernel (fp32, as the interpreter's products are exact only there) against the
+    reference: 4 and 8 bits, gated or plain with a bias, batches 1 and 3, row counts its programs do not divide."""
+    from helpers import run_interpreted
+
+    run_interpreted('''
+        from dejavu.quantized_predictor import quantize_rows, tile_rows
+        from dejavu.runtime import reference as R
+        from dejavu.runtime.kernels import triton_kernels as T
+        torch.manual_seed(0)
+        for bits in (4, 8):
+            for gated in (True, False):
+                for n, d, batch in ((96, 64, 1), (100, 192, 3)):
+                    uc, us = tile_rows(*quantize_rows(torch.randn(n, d), bits, 32))
+                    gc, gs = tile_rows(*quantize_rows(torch.randn(n, d), bits, 32)) if gated else (None, None)
+                    bias = None if gated else torch.randn(n).half()
+                    x = torch.randn(batch, d)
+                    ref = R.quant_scores(x, uc, us, bias, gc, gs, bits, 1 if gated else 3)
+                    out = torch.empty(batch, n)
+                    T.quant_scores(x, uc, us, bias, gc, gs, bits, 1 if gated else 3, out)
+                    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (bits, gated, n, d, batch)
+        print("ok")
+    ''')
+
+
+def test_rules_the_loop_cannot_run_are_refused_up_front(quantized_bundle, tiny_llama):
+    """Score thresholds on these predictors run in the hooks only: bench refuses to time them before measuring
+    anything, generate falls back to the hooks; rules that refine a low-rank predictor's choice are refused."""
+    from helpers import CALIB_TXT, load_tiny
+
+    from dejavu.runtime.bench import run_bench
+    from dejavu.runtime.generate import load_sparse
+
+    flags = {"runtime.device": "cpu", "runtime.mlp_selection": "threshold", "data.dataset": str(CALIB_TXT),
+             "runtime.calibration_tokens": 256}
+    with pytest.raises(DejavuError, match="top-k, not score thresholds.*--no-speed"):
+        run_bench(str(tiny_llama), quantized_bundle, config_file="tiny", overrides=flags)
+    sparse = load_sparse(str(tiny_llama), bundle=quantized_bundle, config="tiny", device="cpu",
+                         mlp_selection="threshold", calibration_tokens=256)
+    assert sparse.engine == "hooks"
+    model, adapter = load_tiny(tiny_llama)
+    _, predictors = load_bundle(quantized_bundle)
+    for rule in ({"mlp_up_weight": 0.4}, {"mlp_candidate_density": 0.6}):
+        with pytest.raises(DejavuError, match="score every neuron from gate and up already"):
+            SparseRuntime(model, adapter, predictors, **rule)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_the_cpu_loop_scores_4_bits_through_torchs_int4_matmul(gated):
+    """4-bit copies on the CPU go through PyTorch's int4 matmul (x in bf16): its top half is the reference's."""
+    from dejavu.models.adapters import MLPWeights
+    from dejavu.predictor import topk_mask, units_for_density
+    from dejavu.runtime.decode import QuantizedSelector
+
+    torch.manual_seed(0)
+    n, d = 1536, 576
+    weights = MLPWeights(up=torch.randn(n, d) * d ** -0.5, down=torch.empty(0),
+                         gate=torch.randn(n, d) * d ** -0.5 if gated else None,
+                         up_bias=None if gated else torch.randn(n) * 0.1)
+    pred = QuantizedMLPPredictor(quantize_mlp(weights, 4, 64), 4, 64, "silu" if gated else "relu")
+    k = units_for_density(0.3, n)
+    selector = QuantizedSelector.build(pred, k, "cpu", torch.float32)
+    assert selector.int4 is not None and selector.dense_copies is None
+    x = torch.randn(1, d)
+    got = set(selector.select(x, 1 if gated else 3).tolist())
+    expected = set(topk_mask(pred(x), 0.3)[0].nonzero().squeeze(-1).tolist())
+    assert len(got) == k and len(got & expected) > 0.97 * k

@@ -250,10 +250,10 @@ def test_the_scores_kernel_in_interpreter():
 def test_rules_the_loop_cannot_run_are_refused_up_front(quantized_bundle, tiny_llama):
     """Score thresholds on these predictors run in the hooks only: bench refuses to time them before measuring
     anything, generate falls back to the hooks; rules that refine a low-rank predictor's choice are refused."""
-    from helpers import CALIB_TXT, load_tiny
-
     from dejavu.runtime.bench import run_bench
     from dejavu.runtime.generate import load_sparse
+
+    from helpers import CALIB_TXT, load_tiny
 
     flags = {"runtime.device": "cpu", "runtime.mlp_selection": "threshold", "data.dataset": str(CALIB_TXT),
              "runtime.calibration_tokens": 256}

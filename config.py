@@ -515,9 +515,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.export.mlp_predictor_bits is not None and cfg.export.mlp_predictor_bits not in (4, 8):
         raise DejavuError(f"export.mlp_predictor_bits (--mlp-predictor-bits) must be 4 or 8, got "
                           f"{cfg.export.mlp_predictor_bits}")
-    if cfg.export.mlp_predictor_group < 2 or cfg.export.mlp_predictor_group % 2:
-        raise DejavuError(f"export.mlp_predictor_group (--mlp-predictor-group) must be an even number of at least 2, "
-                          f"got {cfg.export.mlp_predictor_group}")
+    group = cfg.export.mlp_predictor_group
+    if group < 2 or group & (group - 1):
+        raise DejavuError(f"export.mlp_predictor_group (--mlp-predictor-group) must be a power of two, got {group}")
     for name, value, allowed in (
         ("train.mlp_pairing", cfg.train.mlp_pairing, ("current", "lookahead")),
         ("train.head_pairing", cfg.train.head_pairing, ("current", "lookahead")),

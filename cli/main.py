@@ -434,11 +434,12 @@ def export(
         help="Without --run: MLP predictors made from the model's own gate and up weights quantized to this many bits "
              "(4 or 8), no collect or training. The runtime keeps each token's top --mlp-density (default 0.5) neurons "
              "by |act(gate~) * up~| on the MLP's input; heads run dense. They cost bits/16 of gate and up's bytes every "
-             "token (4 bits: 0.18 of a gated MLP's bytes). Quality: the reference runtime (`bench --no-speed`, "
-             "`generate`); the GPU decode loop has no kernel for them yet."),
+             "token (4 bits: 0.18 of a gated MLP's bytes); the decode loop scores them with PyTorch's int4 matmul "
+             "(CUDA in bf16, CPU) or a Triton kernel."),
     mlp_predictor_group: int | None = typer.Option(
         None, "--mlp-predictor-group",
-        help="With --mlp-predictor-bits: inputs sharing one fp16 scale (must divide the hidden size)."
+        help="With --mlp-predictor-bits: inputs sharing one fp16 scale (a power of two that divides the hidden "
+             "size; 32-256 for PyTorch's int4 matmul)."
              + default("export.mlp_predictor_group")),
     calibration: str | None = typer.Option(
         None, "--calibration", help="Corpus the thresholds and the MLP compensation are calibrated on (default: the "

@@ -361,13 +361,16 @@ def _export_quantized_predictors(out: Path, cfg, model_name: str) -> dict:
     mlp_bytes = sum(w.numel() * 2 for layer in layers for w in (adapter.mlp_weights(layer).up,
                                                                    adapter.mlp_weights(layer).down,
                                                                    adapter.mlp_weights(layer).gate) if w is not None)
+    # read every token only where the layer's MLP runs sparse
+    read_bytes = sum(t.numel() * t.element_size() for key, t in tensors.items()
+                     if mlp_per_layer[int(key.split(".")[1])] < 1.0)
     identity = model_identity(adapter, source.display)
     _writing_to(out, replacing)
     (out / "manifest.json").unlink(missing_ok=True)
     sha = save_tensors(out / BUNDLE_FILE, tensors, metadata={"format": BUNDLE_KIND, "format_version": "1"})
     described = {"kind": KIND, "bits": bits, "group": group, "activation": adapter.activation_name(),
                  # what the predictors read every token against the MLP's weights at 16 bits
-                 "share_of_mlp_bytes": predictor_bytes / mlp_bytes}
+                 "share_of_mlp_bytes": read_bytes / mlp_bytes}
     manifest = write_manifest(
         out, BUNDLE_KIND, cfg.to_dict(), [file_entry(out / BUNDLE_FILE, out, sha)], parent=None, model=identity,
         mlp_density=float(_mean_density(mlp_per_layer, [True] * num_layers)), head_density=1.0,
@@ -437,6 +440,9 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
     collect_dir = pred_dir.parent / "collect"
     _check_collect_unchanged(pm, pred_dir, collect_dir)
     cfg = _export_config(pm, config_file, overrides or {})
+    if cfg.export.mlp_predictor_bits is not None:  # set in a config file rather than by the flag
+        raise DejavuError("export.mlp_predictor_bits makes MLP predictors from the model's weights, not from a "
+                          "training run: drop --run, or the setting")
     _check_thresholds_take_no_layer_densities(cfg)
     identity = pm.get("model") or {}
     num_layers = int(pm.get("layers") or identity.get("num_layers") or 0)
@@ -800,3 +806,8 @@ def check_bundle_matches(manifest: dict, adapter) -> None:
     if not expected:
         raise DejavuError("bundle manifest has no model identity; re-export it with this dejavu")
     check_identity(expected, adapter, what=f"bundle (for {expected.get('name', '?')})")
+    quantized = manifest.get("mlp_predictor")
+    if quantized and quantized.get("activation") != adapter.activation_name():
+        raise DejavuError(f"the bundle's quantized MLP predictors score with activation "
+                          f"{quantized.get('activation')!r}, the model's MLP uses {adapter.activation_name()!r} "
+                          "(edited manifest?)")

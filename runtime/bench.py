@@ -17,6 +17,7 @@ import torch
 
 from dejavu.errors import DejavuError
 from dejavu.models.loading import dtype_name
+from dejavu.quantized_predictor import MLP_INPUT
 
 CONTRACT_KEYS = ("model", "device", "dtype", "batch_size", "mlp_density", "head_density", "dense.ppl", "sparse.ppl",
                  "dense.ms_per_token", "sparse.ms_per_token", "speedup", "top1_agreement", "synthetic")
@@ -353,6 +354,10 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
     rt = cfg.runtime
     manifest, predictors = read_bundle(bundle)
     check_flags(cfg, predictors, "bench")
+    if (speed and rt.selection == "predictor" and rt.mlp_selection == "threshold" and predictors is not None
+            and predictors.mlp_pairing == MLP_INPUT):  # before the model loads and the thresholds calibrate
+        raise DejavuError("the decode loop runs quantized-weight MLP predictors with a top-k, not score thresholds: "
+                          "add --no-speed to measure their quality")
     model, tokenizer, source = load_model(model_to_load(model_name, manifest, cfg), device=str(device),
                                           dtype=dtype_name(dtype))
     if speed:

@@ -97,7 +97,7 @@ def rule_label(report: dict) -> str:
     if isinstance(quantized, dict) and report.get("selection") == "predictor":
         # their bytes are read every token and are not in the table's MLP bytes: the label says how many
         return (f"{quantized.get('bits')}-bit gate/up predictors (+{quantized.get('share_of_mlp_bytes', 0):.3f} "
-                f"MLP bytes), {mlp}, {heads}")
+                f"MLP bytes), {mlp}{scored}, {heads}")
     return f"{report.get('selection', 'predictor')}{tuned}, {mlp}{scored}, {heads}"
 
 

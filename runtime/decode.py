@@ -242,7 +242,10 @@ class QuantizedSelector:
             matmul, packed, scales_zeros, group, bias = self.int4
             out = matmul(x.to(torch.bfloat16), packed, group, scales_zeros)
             # log|act(g) * u| ranks as the score: act_mul's product goes to the top-k as it is
-            scored = ops.act_mul(out, act) if bias is None else reference.apply_activation(out.float() + bias, act)
+            if self.dense_copies is None and self.tensors[3] is not None:  # gated: out is [gate | up]
+                scored = ops.act_mul(out, act)
+            else:
+                scored = reference.apply_activation(out.float() + (0.0 if bias is None else bias), act)
             ops.select_exact_up(scored, None, 0.0, self.out, *self.workspace)
             return self.out
         if self.dense_copies is None:
@@ -260,7 +263,15 @@ class QuantizedSelector:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors if t is not None)
+        """Bytes a selection reads: the int4 matmul's packed codes and its scales-and-zeros, else the CPU's
+        dequantized copies, else the codes and scales the Triton kernel reads (with a plain MLP's bias)."""
+        if self.int4 is not None:
+            read = self.int4[1:3] + (self.int4[4],)
+        elif self.dense_copies is not None:
+            read = self.dense_copies
+        else:
+            read = self.tensors
+        return sum(t.numel() * t.element_size() for t in read if t is not None)
 
 
 def _int4_matmul(pred, device, dtype) -> tuple | None:
@@ -279,11 +290,15 @@ def _int4_matmul(pred, device, dtype) -> tuple | None:
     parts = ("gate", "up") if pred.gated else ("up",)
     codes = torch.cat([getattr(pred, f"{p}_codes") for p in parts]).to(device)
     scales = torch.cat([getattr(pred, f"{p}_scales") for p in parts]).to(device)
-    if cuda:  # torch's CUDA packing takes the even input in the high nibble; the bundle keeps it in the low one
-        packed = torch.ops.aten._convert_weight_to_int4pack((((codes & 0xF) << 4) | (codes >> 4)).contiguous(), tiles)
-    else:  # the CPU's takes one integer a weight
-        unpacked = torch.stack([codes & 0xF, codes >> 4], -1).reshape(codes.shape[0], -1).to(torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpacked, tiles)
+    try:
+        if cuda:  # torch's CUDA packing takes the even input in the high nibble; the bundle keeps it in the low one
+            swapped = (((codes & 0xF) << 4) | (codes >> 4)).contiguous()
+            packed = torch.ops.aten._convert_weight_to_int4pack(swapped, tiles)
+        else:  # the CPU's takes one integer a weight
+            unpacked = torch.stack([codes & 0xF, codes >> 4], -1).reshape(codes.shape[0], -1).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpacked, tiles)
+    except (RuntimeError, TypeError):  # an older torch's packing takes another layout: the other paths run
+        return None
     scales_zeros = torch.stack([scales.t().to(torch.bfloat16), torch.zeros_like(scales.t(), dtype=torch.bfloat16)],
                                -1).contiguous()
     bias = None if pred.gated or pred.up_bias is None else pred.up_bias.to(device, torch.float32)
@@ -732,14 +747,14 @@ class DecodeModel:
                 raise DejavuError(f"mlp_up_weight must be a finite number >= 0, got {up_weight}")
         quantized = predictors.mlp_pairing == MLP_INPUT
         if quantized and (cand is not None or up_weight is not None or score_thresholds is not None
-                          or self.thresholds is not None or predictors.mlp_compensation is not None):
+                          or predictors.mlp_compensation is not None):
             raise DejavuError("quantized-weight MLP predictors run with a top-k only: not with two-stage, exact-up, "
-                              "score thresholds, magnitude thresholds or an MLP compensation")
+                              "score thresholds or an MLP compensation")
         for i, (lw, lp) in enumerate(zip(self.layers, predictors.layers, strict=True)):
             k_mlp = units_for_density(lp.mlp_density, self.n)
             k_heads = units_for_density(lp.head_density, self.H)
-            if quantized:
-                if lp.mlp is not None and k_mlp < self.n:
+            if quantized:  # (magnitude thresholds rule the MLP when given, as in the hooks)
+                if lp.mlp is not None and k_mlp < self.n and self.thresholds is None:
                     lw.mlp_quant = QuantizedSelector.build(lp.mlp, k_mlp, self.device, self.dtype)
                 lp = LayerPredictors(None, lp.attn, 1.0, lp.head_density)  # the heads as usual below
             # with score thresholds any density below 1 selects (the count follows the scores, not k), as the

@@ -140,9 +140,10 @@ def check_flags(cfg, predictors: PredictorSet | None, command: str) -> None:
             "; in Python, load_sparse(model, bundle=...) or load_sparse(model, selection='oracle') and so on")
         raise DejavuError(f"{command} needs --bundle (or --selection oracle|dense, --mlp-keep-input, "
                           "--keep-layer-bytes" + (", or --synthetic NAME)" if command == "bench" else ")") + api)
-    if (rt.selection == "predictor" and predictors is not None and not selecting and rt.head_density is not None
-            and rt.head_density < 1.0):
-        raise DejavuError("this bundle holds thresholds and no head predictors, so --head-density would change "
+    if (rt.selection == "predictor" and predictors is not None and rt.head_density is not None
+            and rt.head_density < 1.0 and not any(lp.attn is not None for lp in predictors.layers)):
+        what = "thresholds" if not selecting else "MLP predictors"
+        raise DejavuError(f"this bundle holds {what} and no head predictors, so --head-density would change "
                           "nothing: drop it (or use --selection oracle for true top-k heads)")
     if (bundled is not None or flagged) and (rt.mlp_candidate_density is not None or rt.mlp_up_weight is not None):
         raise DejavuError("thresholds are their own MLP rule: drop --mlp-candidate-density / --mlp-up-weight")
@@ -237,7 +238,7 @@ def resolve_plan(cfg, manifest: dict | None, predictors: PredictorSet | None, mo
         # the bundle's predictors were tuned end to end (`dejavu tune-predictors`)
         "tuned": bool(use is not None and manifest is not None and manifest.get("tuned")),
         # quantized-weight MLP predictors (quantized_predictor.py): bits, group, their share of the MLP's bytes
-        "mlp_predictor": (manifest or {}).get("mlp_predictor") if use is not None else None,
+        "mlp_predictor": (manifest or {}).get("mlp_predictor") if use is not None and thresholds is None else None,
         "thresholds": None if thresholds is None else {
             **thresholds.describe(), "calibration": cfg.data.dataset, "calibration_tokens": rt.calibration_tokens}
         if bundled is None else {**manifest["thresholds"], "from_bundle": True},

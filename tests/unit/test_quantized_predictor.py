@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -167,7 +168,10 @@ def test_flags_that_cannot_go_with_it_are_refused(tiny_llama, tmp_path):
     with pytest.raises(DejavuError, match="not with thresholds"):
         run_export(None, tmp_path / "b", config_file="tiny", model_name=str(tiny_llama),
                    overrides={**base, "export.mlp_keep_input": 0.5})
-    with pytest.raises(DejavuError, match="must be even and divide the hidden size"):
+    with pytest.raises(DejavuError, match="must be a power of two that divides the hidden size"):
+        run_export(None, tmp_path / "c", config_file="tiny", model_name=str(tiny_llama),
+                   overrides={**base, "export.mlp_predictor_group": 128})  # the tiny model's hidden size is 64
+    with pytest.raises(DejavuError, match="must be a power of two, got 48"):  # (the kernels' tiles)
         run_export(None, tmp_path / "c", config_file="tiny", model_name=str(tiny_llama),
                    overrides={**base, "export.mlp_predictor_group": 48})
     with pytest.raises(DejavuError, match="drop --run"):
@@ -218,10 +222,15 @@ def test_decode_loop_step_equals_the_hooks(tiny_model_factory, tmp_path, model_t
         dense = model(ids).logits[:, -1]
     assert (logits - dense).abs().max() > 1e-3
     bytes_sparse = dm.step_bytes(1, 8, sparse=True)
-    assert bytes_sparse["predictors"] == sum(lp.mlp.num_bytes() for lp in predictors.layers)
+    # what this path reads: on the CPU at 8 bits, the dequantized fp32 copies
+    assert bytes_sparse["predictors"] == sum(lw.mlp_quant.nbytes for lw in dm.layers)
+    assert bytes_sparse["predictors"] == sum(4 * lp.mlp.n_out * lp.mlp.d_in * len(lp.mlp.parts)
+                                             + (4 * lp.mlp.n_out if lp.mlp.up_bias is not None else 0)
+                                             for lp in predictors.layers)
     assert bytes_sparse["weights"] < dm.step_bytes(1, 8, sparse=False)["weights"]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (interpreter mode)")
 def test_the_scores_kernel_in_interpreter():
     """The Triton scores kernel (fp32, as the interpreter's products are exact only there) against the
     reference: 4 and 8 bits, gated or plain with a bias, batches 1 and 3, row counts its programs do not divide."""
@@ -269,8 +278,8 @@ def test_rules_the_loop_cannot_run_are_refused_up_front(quantized_bundle, tiny_l
             SparseRuntime(model, adapter, predictors, **rule)
 
 
-@pytest.mark.parametrize("gated", [True, False])
-def test_the_cpu_loop_scores_4_bits_through_torchs_int4_matmul(gated):
+@pytest.mark.parametrize("gated,bias", [(True, False), (False, True), (False, False)])
+def test_the_cpu_loop_scores_4_bits_through_torchs_int4_matmul(gated, bias):
     """4-bit copies on the CPU go through PyTorch's int4 matmul (x in bf16): its top half is the reference's."""
     from dejavu.models.adapters import MLPWeights
     from dejavu.predictor import topk_mask, units_for_density
@@ -280,7 +289,7 @@ def test_the_cpu_loop_scores_4_bits_through_torchs_int4_matmul(gated):
     n, d = 1536, 576
     weights = MLPWeights(up=torch.randn(n, d) * d ** -0.5, down=torch.empty(0),
                          gate=torch.randn(n, d) * d ** -0.5 if gated else None,
-                         up_bias=None if gated else torch.randn(n) * 0.1)
+                         up_bias=torch.randn(n) * 0.1 if bias else None)
     pred = QuantizedMLPPredictor(quantize_mlp(weights, 4, 64), 4, 64, "silu" if gated else "relu")
     k = units_for_density(0.3, n)
     selector = QuantizedSelector.build(pred, k, "cpu", torch.float32)
@@ -289,3 +298,28 @@ def test_the_cpu_loop_scores_4_bits_through_torchs_int4_matmul(gated):
     got = set(selector.select(x, 1 if gated else 3).tolist())
     expected = set(topk_mask(pred(x), 0.3)[0].nonzero().squeeze(-1).tolist())
     assert len(got) == k and len(got & expected) > 0.97 * k
+
+
+def test_review_cases_thresholds_heads_and_activation(quantized_bundle, tiny_llama, tmp_path):
+    """Magnitude thresholds rule the MLP in the loop as in the hooks (no quantized selection, no refusal); a head
+    density on a bundle without head predictors is refused; an activation edited in the manifest is refused
+    against the model."""
+    from helpers import load_tiny
+
+    from dejavu.config import load_config
+    from dejavu.export.bundle import check_bundle_matches
+    from dejavu.runtime.decode import DecodeModel
+    from dejavu.runtime.plan import check_flags
+    from dejavu.runtime.thresholds import calibrate_on_random_tokens
+
+    model, adapter = load_tiny(tiny_llama)
+    _, predictors = load_bundle(quantized_bundle)
+    thresholds = calibrate_on_random_tokens(model, adapter, 0.8, 0.5)
+    dm = DecodeModel(model, adapter, predictors, "cpu", torch.float32, max_len=8, thresholds=thresholds)
+    assert all(lw.mlp_quant is None for lw in dm.layers)
+    with pytest.raises(DejavuError, match="holds MLP predictors and no head predictors"):
+        check_flags(load_config("tiny", {"runtime.head_density": 0.5}), predictors, "bench")
+    manifest, _ = load_bundle(_edited(quantized_bundle, tmp_path, lambda m: m["mlp_predictor"].update(
+        activation="relu")))
+    with pytest.raises(DejavuError, match="score with activation 'relu', the model's MLP uses 'silu'"):
+        check_bundle_matches(manifest, adapter)

@@ -304,13 +304,13 @@ def test_review_cases_thresholds_heads_and_activation(quantized_bundle, tiny_lla
     """Magnitude thresholds rule the MLP in the loop as in the hooks (no quantized selection, no refusal); a head
     density on a bundle without head predictors is refused; an activation edited in the manifest is refused
     against the model."""
-    from helpers import load_tiny
-
     from dejavu.config import load_config
     from dejavu.export.bundle import check_bundle_matches
     from dejavu.runtime.decode import DecodeModel
     from dejavu.runtime.plan import check_flags
     from dejavu.runtime.thresholds import calibrate_on_random_tokens
+
+    from helpers import load_tiny
 
     model, adapter = load_tiny(tiny_llama)
     _, predictors = load_bundle(quantized_bundle)

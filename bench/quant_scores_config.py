@@ -1,6 +1,7 @@
-"""Launch settings (rows a program, warps, stages) of the quantized-weight MLP predictor's scores kernel: time per call and bandwidth against a copy measured
-in the same run, Llama-2-7B MLP shapes (d 4096, n 11008), gate and up quantized, four weight sets in rotation so
-the 48 MB of a 4-bit set never sits in the H100's 50 MB L2 between calls.
+"""Launch settings (rows a program, warps, stages) of the quantized-weight MLP predictor's scores kernel: time
+per call and bandwidth against a copy measured in the same run, at Llama-2-7B MLP shapes (d 4096, n 11008), gate
+and up quantized. ROT weight sets in rotation (bench/mlp_kernel.py's timer), so the 48 MB of a 4-bit set never
+sits in the H100's 50 MB L2 between calls.
 
 Usage: python bench/quant_scores_config.py [--bits 4] [--batches 1,8] [--out DIR]
 """
@@ -13,28 +14,11 @@ import json
 from pathlib import Path
 
 import torch
+from mlp_kernel import ROT, graph_ms
 
 from dejavu.quantized_predictor import quantize_rows, tile_rows
 from dejavu.runtime.kernels import triton_kernels as T
-
-
-def graph_us(fn, calls: int = 16, repeats: int = 20) -> float:
-    """Median microseconds a call of fn, `calls` calls captured in one CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return sorted(times)[len(times) // 2]
+from dejavu.runtime.speed import copy_bandwidth_gbps
 
 
 def main() -> None:
@@ -47,15 +31,12 @@ def main() -> None:
     args = ap.parse_args()
     d, n = args.d, args.n
     sets = []
-    for _ in range(4):
+    for _ in range(ROT):
         up = tile_rows(*quantize_rows(torch.randn(n, d, device="cuda") * d ** -0.5, args.bits, 64))
         gate = tile_rows(*quantize_rows(torch.randn(n, d, device="cuda") * d ** -0.5, args.bits, 64))
         sets.append((up, gate))
     nbytes = sum(t.numel() * t.element_size() for t in (*sets[0][0], *sets[0][1]))
-    big = torch.empty(2**28, dtype=torch.uint8, device="cuda")
-    copy = torch.empty_like(big)
-    copy_us = graph_us(lambda i=0: copy.copy_(big), calls=4)
-    copy_bw = 2 * big.numel() / copy_us / 1e3  # GB/s, read + write
+    copy_bw = copy_bandwidth_gbps(torch.device("cuda"))
     print(f"copy bandwidth {copy_bw:.0f} GB/s; {nbytes / 1e6:.1f} MB of codes and scales a call", flush=True)
     rows = []
     configs = list(itertools.product((16, 32, 64, 128, 256), (4, 8), (2, 3, 4)))
@@ -64,10 +45,10 @@ def main() -> None:
         out = torch.empty(batch, n, device="cuda")
         for cfg in configs:
             def call(i=0, cfg=cfg, x=x, out=out):
-                (uc, us), (gc, gs) = sets[i % 4]
+                (uc, us), (gc, gs) = sets[i % ROT]
                 T.quant_scores(x, uc, us, None, gc, gs, args.bits, 1, out, block=cfg)
             try:
-                us_call = graph_us(call)
+                us_call = graph_ms(call) * 1000
             except Exception as exc:  # a tile whose pipeline outgrows shared memory
                 print(f"batch {batch} {cfg}: failed ({str(exc).splitlines()[0][:80]})", flush=True)
                 continue

@@ -38,10 +38,11 @@ of its fp16 rounding (scores never written), then the gate rows of the top k wit
 down^T over the same rows with each activation multiplied by its up on the way in. Bytes: all of up,
 k rows of gate and down^T.
 
-Quantized-weight MLP predictors (quantized_predictor.py, pairing "mlp_input"): after attention, one kernel
-scores every neuron from the 4- or 8-bit copies of gate and up on the MLP's normalised input (written as
-fp32 [B, n]), the wide top-k keeps the batch's k largest (fp16 keys of their logs), then the one-launch MLP
-kernel runs as for any top-k. Bytes: the copies and their scales, then k rows of gate, up and down^T.
+Quantized-weight MLP predictors (quantized_predictor.py, pairing "mlp_input"): after attention, every neuron is
+scored from the 4- or 8-bit copies of gate and up on the MLP's normalised input (4 bits: PyTorch's int4 matmul
+on [gate; up], CUDA in bf16 and the CPU, then act(g) * u; otherwise a Triton kernel writing fp32 [B, n]), the
+wide top-k keeps the batch's k largest (fp16 keys of their logs), then the one-launch MLP kernel runs as for any
+top-k. Bytes: the copies and their scales, then k rows of gate, up and down^T.
 """
 
 from __future__ import annotations
@@ -207,8 +208,11 @@ class QuantizedSelector:
     4- or 8-bit copies of gate and up on the MLP's own input, so it runs after attention on the main stream (not
     on the predictors' side stream), then the batch's top-k (of the per-neuron max score) runs into `out`."""
 
-    tensors: tuple  # (up_codes, up_scales, up_bias, gate_codes, gate_scales) on the device; None where absent
+    # (up_codes, up_scales, up_bias, gate_codes, gate_scales) in the Triton kernel's tiles on the device, None where
+    # absent; all None when the int4 matmul reads its own packing instead
+    tensors: tuple
     bits: int
+    gated: bool
     k: int
     out: torch.Tensor  # [k] int64
     workspace: tuple  # the wide top-k's buffers at fp16 key width: the selection is on the critical path
@@ -235,14 +239,16 @@ class QuantizedSelector:
                        ((p, (getattr(pred, f"{p}_codes"), getattr(pred, f"{p}_scales").half())) for p in pred.parts)}
             copies = (weights["up"].to(device), t["up_bias"].float() if "up_bias" in t else None,
                       weights["gate"].to(device) if pred.gated else None)
-        return cls(tensors, pred.bits, k, out, _topk_workspace(n, torch.float16, device), copies, int4)
+        if int4 is not None:
+            tensors = (None,) * len(tensors)
+        return cls(tensors, pred.bits, pred.gated, k, out, _topk_workspace(n, torch.float16, device), copies, int4)
 
     def select(self, x: torch.Tensor, act: int) -> torch.Tensor:
         if self.int4 is not None:
             matmul, packed, scales_zeros, group, bias = self.int4
             out = matmul(x.to(torch.bfloat16), packed, group, scales_zeros)
             # log|act(g) * u| ranks as the score: act_mul's product goes to the top-k as it is
-            if self.dense_copies is None and self.tensors[3] is not None:  # gated: out is [gate | up]
+            if self.gated:  # out is [gate | up]
                 scored = ops.act_mul(out, act)
             else:
                 scored = reference.apply_activation(out.float() + (0.0 if bias is None else bias), act)

@@ -924,7 +924,7 @@ def test_graphed_quantized_predictor_decode_matches_cpu_reference(model_type, ba
         model.to(dev)
         dm = DecodeModel(model, adapter, preds, dev, torch.float32, max_len=16)
         for lw in dm.layers:  # fp32 keys, as the CPU ranks: fp16 keys (the default) may break near-ties otherwise
-            lw.mlp_quant.workspace = _topk_workspace(lw.mlp_quant.tensors[1].shape[1], torch.float32, dev)
+            lw.mlp_quant.workspace = _topk_workspace(adapter.shape().intermediate_size, torch.float32, dev)
         for sparse in (False, True):
             results[dev, sparse] = _three_steps(dm, prompt, sparse)
     torch.testing.assert_close(results["cuda", True], results["cpu", True], atol=2e-2, rtol=2e-2)

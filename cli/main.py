@@ -431,9 +431,10 @@ def export(
              "values a layer. 0: none." + default("export.mlp_compensation_rank")),
     mlp_predictor_bits: int | None = typer.Option(
         None, "--mlp-predictor-bits",
-        help="Without --run: MLP predictors made from the model's own gate and up weights quantized to this many bits "
-             "(4 or 8), no collect or training. The runtime keeps each token's top --mlp-density (default 0.5) neurons "
-             "by |act(gate~) * up~| on the MLP's input; heads run dense. They cost bits/16 of gate and up's bytes every "
+        help="MLP predictors made from the model's own gate and up weights quantized to this many bits (4 or 8), no "
+             "collect or training. The runtime keeps each token's top --mlp-density (default 0.5) neurons by "
+             "|act(gate~) * up~| on the MLP's input. Without --run heads run dense; with --run the run's head "
+             "predictors stay and its MLP predictors give way. They cost bits/16 of gate and up's bytes every "
              "token (4 bits: 0.18 of a gated MLP's bytes); the decode loop scores them with PyTorch's int4 matmul "
              "(CUDA in bf16, CPU) or a Triton kernel."),
     mlp_predictor_group: int | None = typer.Option(

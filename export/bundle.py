@@ -45,6 +45,7 @@ from dejavu.artifacts import (
 )
 from dejavu.errors import DejavuError
 from dejavu.predictor import PREDICTOR_TENSORS, LayerPredictors, LowRankPredictor, PredictorSet
+from dejavu.quantized_predictor import MLP_INPUT
 from dejavu.runtime.compensation import PARTS as COMPENSATION_PARTS
 from dejavu.runtime.compensation import TENSOR_PREFIX as COMPENSATION_PREFIX
 
@@ -75,8 +76,6 @@ def _export_config(run_manifest: dict, config_file, overrides: dict[str, Any]):
 
 def _check_predictor_fields(manifest: dict, where: Path) -> None:
     """An edited pairing or activation would otherwise run as some default, with no error."""
-    from dejavu.quantized_predictor import MLP_INPUT
-
     mlp_pairings = (MLP_INPUT,) if _quantized_mlp(manifest, where) else ("current", "lookahead")
     for key, allowed in (("mlp_pairing", mlp_pairings), ("head_pairing", ("current", "lookahead")),
                          ("hidden_activation", ("none", "relu"))):
@@ -332,53 +331,62 @@ def _quantized_mlp(manifest: dict, where) -> dict | None:
     return described
 
 
-def _export_quantized_predictors(out: Path, cfg, model_name: str) -> dict:
-    """A bundle whose MLP predictors are quantized copies of the model's gate and up (quantized_predictor.py):
-    no collect or training; heads run dense."""
+def _quantized_mlp_tensors(adapter, bits: int, group: int, mlp_per_layer: list[float],
+                           present: list[bool]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The quantized copies of gate and up (quantized_predictor.py) of the layers `present`, and the manifest's
+    `mlp_predictor` description."""
     from tqdm.auto import tqdm
 
-    from dejavu.models.identity import model_identity
-    from dejavu.quantized_predictor import KIND, MLP_INPUT, check_format, quantize_mlp
+    from dejavu.quantized_predictor import KIND, check_format, quantize_mlp
 
-    e = cfg.export
-    bits, group = e.mlp_predictor_bits, e.mlp_predictor_group
-    density = e.mlp_density if e.mlp_density is not None else 0.5
-    if e.head_density is not None and e.head_density < 1.0:
-        raise DejavuError("quantized-weight MLP predictors come without head predictors: drop --head-density "
-                          "(heads run dense)")
-    replacing = check_bundle_out(out)
-    model, _, source, adapter = _calibration_model(model_name, None)
-    shape = adapter.shape()
-    check_format(bits, group, shape.hidden_size, "the hidden size")
+    check_format(bits, group, adapter.shape().hidden_size, "the hidden size")
     layers = adapter.decoder_layers()
-    num_layers = len(layers)
-    mlp_per_layer = _per_layer(density, e.mlp_density_per_layer, num_layers, [True] * num_layers, "mlp")
     tensors: dict[str, torch.Tensor] = {}
     for l, layer in enumerate(tqdm(layers, desc=f"quantizing gate/up to {bits} bits", unit="layer")):  # noqa: E741
-        for name, value in quantize_mlp(adapter.mlp_weights(layer), bits, group).items():
-            tensors[f"layers.{l}.mlp.{name}"] = value
-    predictor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if present[l]:
+            for name, value in quantize_mlp(adapter.mlp_weights(layer), bits, group).items():
+                tensors[f"layers.{l}.mlp.{name}"] = value
     mlp_bytes = sum(w.numel() * 2 for layer in layers for w in (adapter.mlp_weights(layer).up,
                                                                    adapter.mlp_weights(layer).down,
                                                                    adapter.mlp_weights(layer).gate) if w is not None)
     # read every token only where the layer's MLP runs sparse
     read_bytes = sum(t.numel() * t.element_size() for key, t in tensors.items()
                      if mlp_per_layer[int(key.split(".")[1])] < 1.0)
+    return tensors, {"kind": KIND, "bits": bits, "group": group, "activation": adapter.activation_name(),
+                     # what the predictors read every token against the MLP's weights at 16 bits
+                     "share_of_mlp_bytes": read_bytes / mlp_bytes}
+
+
+def _export_quantized_predictors(out: Path, cfg, model_name: str) -> dict:
+    """A bundle whose MLP predictors are quantized copies of the model's gate and up (quantized_predictor.py):
+    no collect or training; heads run dense."""
+    from dejavu.models.identity import model_identity
+
+    e = cfg.export
+    density = e.mlp_density if e.mlp_density is not None else 0.5
+    if e.head_density is not None and e.head_density < 1.0:
+        raise DejavuError("quantized-weight MLP predictors made without a training run come without head "
+                          "predictors: drop --head-density (heads run dense), or add --run RUN for its head predictors")
+    replacing = check_bundle_out(out)
+    model, _, source, adapter = _calibration_model(model_name, None)
+    num_layers = adapter.num_layers
+    everywhere = [True] * num_layers
+    mlp_per_layer = _per_layer(density, e.mlp_density_per_layer, num_layers, everywhere, "mlp")
+    tensors, described = _quantized_mlp_tensors(adapter, e.mlp_predictor_bits, e.mlp_predictor_group, mlp_per_layer,
+                                                everywhere)
+    predictor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     identity = model_identity(adapter, source.display)
     _writing_to(out, replacing)
     (out / "manifest.json").unlink(missing_ok=True)
     sha = save_tensors(out / BUNDLE_FILE, tensors, metadata={"format": BUNDLE_KIND, "format_version": "1"})
-    described = {"kind": KIND, "bits": bits, "group": group, "activation": adapter.activation_name(),
-                 # what the predictors read every token against the MLP's weights at 16 bits
-                 "share_of_mlp_bytes": read_bytes / mlp_bytes}
     manifest = write_manifest(
         out, BUNDLE_KIND, cfg.to_dict(), [file_entry(out / BUNDLE_FILE, out, sha)], parent=None, model=identity,
-        mlp_density=float(_mean_density(mlp_per_layer, [True] * num_layers)), head_density=1.0,
+        mlp_density=float(_mean_density(mlp_per_layer, everywhere)), head_density=1.0,
         mlp_density_per_layer=mlp_per_layer, head_density_per_layer=[1.0] * num_layers,
         mlp_pairing=MLP_INPUT, head_pairing="lookahead", hidden_activation="none", metrics={},
         predictor_bytes=predictor_bytes, mlp_candidate_density=None, mlp_selection="topk", mlp_predictor=described)
-    print(f"bundle written to {out}: {bits}-bit gate/up copies as MLP predictors ({num_layers} layers, MLP density "
-          f"{manifest['mlp_density']:g}, heads dense; {predictor_bytes / 2**20:.1f} MiB, "
+    print(f"bundle written to {out}: {described['bits']}-bit gate/up copies as MLP predictors ({num_layers} layers, "
+          f"MLP density {manifest['mlp_density']:g}, heads dense; {predictor_bytes / 2**20:.1f} MiB, "
           f"{described['share_of_mlp_bytes']:.3f} of the MLP's 16-bit bytes read every token)")
     return manifest
 
@@ -432,17 +440,18 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         _check_thresholds_take_no_layer_densities(cfg)
         return _export_thresholds_only(Path(out), cfg, model_name or cfg.model.name)
     run, out = Path(run), Path(out)
-    if (overrides or {}).get("export.mlp_predictor_bits") is not None:
-        raise DejavuError("--mlp-predictor-bits makes MLP predictors from the model's weights: drop --run "
-                          "(and name the model with --model)")
     pred_dir = _predictors_dir(run)
     pm = read_manifest(pred_dir, PREDICTORS_KIND)
     collect_dir = pred_dir.parent / "collect"
     _check_collect_unchanged(pm, pred_dir, collect_dir)
     cfg = _export_config(pm, config_file, overrides or {})
-    if cfg.export.mlp_predictor_bits is not None:  # set in a config file rather than by the flag
-        raise DejavuError("export.mlp_predictor_bits makes MLP predictors from the model's weights, not from a "
-                          "training run: drop --run, or the setting")
+    quantized_mlp = cfg.export.mlp_predictor_bits is not None
+    if quantized_mlp and (cfg.export.mlp_keep_input is not None or cfg.export.keep_layer_bytes is not None
+                          or cfg.export.mlp_selection != "topk" or cfg.export.mlp_compensation_rank
+                          or cfg.export.mlp_candidate_density is not None or pm.get("mlp_compensation")):
+        raise DejavuError("--mlp-predictor-bits replaces the run's MLP predictors with quantized copies of gate and "
+                          "up, chosen by a top-k: not with thresholds, --mlp-selection threshold, "
+                          "--mlp-candidate-density or an MLP compensation")
     _check_thresholds_take_no_layer_densities(cfg)
     identity = pm.get("model") or {}
     num_layers = int(pm.get("layers") or identity.get("num_layers") or 0)
@@ -495,6 +504,17 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         for name in COMPENSATION_PARTS if d >= 1.0 else ():
             dropped = tensors.pop(f"{COMPENSATION_PREFIX}.{l}.{name}", None)
             predictor_bytes -= 0 if dropped is None else dropped.numel() * 4
+    quantized_description = None
+    if quantized_mlp:  # the run's head predictors stay; its MLP predictors give way to quantized copies
+        for key in [key for key in tensors if key.split(".")[2:3] == ["mlp"]]:
+            predictor_bytes -= tensors.pop(key).numel() * 4
+        _, _, _, adapter = _calibration_model(model_name or identity.get("name") or cfg.model.name, identity)
+        quantized, quantized_description = _quantized_mlp_tensors(
+            adapter, cfg.export.mlp_predictor_bits, cfg.export.mlp_predictor_group, mlp_per_layer, present)
+        tensors.update(quantized)
+        predictor_bytes += sum(t.numel() * t.element_size() for t in quantized.values())
+        # the trained MLP predictors' metrics no longer describe the bundle's
+        quantized_description["replaces"] = "the run's trained MLP predictors"
     threshold_description = None
     if cfg.export.mlp_keep_input is not None or cfg.export.keep_layer_bytes is not None:
         # before anything is written: a bad model loses nothing
@@ -570,7 +590,7 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         head_density=float(head_density),
         mlp_density_per_layer=mlp_per_layer,
         head_density_per_layer=head_per_layer,
-        mlp_pairing=pm.get("mlp_pairing", cfg.train.mlp_pairing),
+        mlp_pairing=MLP_INPUT if quantized_mlp else pm.get("mlp_pairing", cfg.train.mlp_pairing),
         head_pairing=pm.get("head_pairing", cfg.train.head_pairing),
         rank=pm.get("rank", cfg.train.rank),
         hidden_activation=pm.get("hidden_activation", cfg.train.hidden_activation),
@@ -589,8 +609,12 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         mlp_score_thresholds=score_description,
         # optional: the low-rank MLP compensation (tensors mlp_compensation.*) and the rule it was fitted for
         mlp_compensation=compensation_description,
+        # optional: quantized copies of gate and up as the MLP predictors (quantized_predictor.py)
+        mlp_predictor=quantized_description,
     )
     trained = sum(present)
+    kinds = (f"{cfg.export.mlp_predictor_bits}-bit gate/up copies for the MLP, fp32 heads" if quantized_mlp
+             else "fp32")
     compensated = f", MLP compensation of rank {compensation_description['rank']}" if compensation_description else ""
     print(f"bundle written to {out}: {trained}/{num_layers} layers with predictors, "
           f"MLP density {mlp_density:g}"
@@ -598,7 +622,7 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
           f"{f' among candidates at {candidates:g}' if candidates is not None else ''}"
           f"{compensated}"
           f", head density {head_density:g}, "
-          f"{predictor_bytes / 2**20:.1f} MiB of predictors (fp32)")
+          f"{predictor_bytes / 2**20:.1f} MiB of predictors ({kinds})")
     return manifest
 
 
@@ -745,6 +769,8 @@ def _quantized_layer(tensors: dict[str, torch.Tensor], l: int, described: dict, 
 
     prefix = f"layers.{l}.mlp."
     mine = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+    if not mine:  # a layer the run did not train: dense
+        return None
     predictor = QuantizedMLPPredictor(mine, described["bits"], described["group"], described["activation"],
                                       where=f"{where}: layer {l}'s quantized MLP predictor")
     model = manifest.get("model") or {}

@@ -174,12 +174,10 @@ def test_flags_that_cannot_go_with_it_are_refused(tiny_llama, tmp_path):
     with pytest.raises(DejavuError, match="must be a power of two, got 48"):  # (the kernels' tiles)
         run_export(None, tmp_path / "c", config_file="tiny", model_name=str(tiny_llama),
                    overrides={**base, "export.mlp_predictor_group": 48})
-    with pytest.raises(DejavuError, match="drop --run"):
-        run_export(tmp_path, tmp_path / "d", config_file="tiny", overrides=base)
     with pytest.raises(DejavuError, match="must be 4 or 8"):
         run_export(None, tmp_path / "e", config_file="tiny", model_name=str(tiny_llama),
                    overrides={"export.mlp_predictor_bits": 3})
-    assert not any((tmp_path / name).exists() for name in "abcde")
+    assert not any((tmp_path / name).exists() for name in "abce")
 
 
 def test_generate_runs_it_in_the_decode_loop(quantized_bundle, tiny_llama):
@@ -323,3 +321,29 @@ def test_review_cases_thresholds_heads_and_activation(quantized_bundle, tiny_lla
         activation="relu")))
     with pytest.raises(DejavuError, match="score with activation 'relu', the model's MLP uses 'silu'"):
         check_bundle_matches(manifest, adapter)
+
+
+def test_a_run_keeps_its_head_predictors_beside_quantized_mlp_predictors(tiny_llama, tmp_path):
+    """`export --run RUN --mlp-predictor-bits 4`: the run's trained head predictors, quantized copies for the MLP
+    (its trained MLP predictors dropped), and the runtime selects heads by the former and neurons by the latter."""
+    from helpers import load_tiny, make_predictors_dir, random_ids
+
+    from dejavu.predictor import LowRankPredictor
+
+    make_predictors_dir(tmp_path / "run", tiny_llama, mlp_density=0.5, head_density=0.5)
+    manifest = run_export(tmp_path / "run", tmp_path / "b", overrides={
+        "export.mlp_predictor_bits": 4, "export.mlp_predictor_group": 32})
+    assert manifest["mlp_pairing"] == "mlp_input" and manifest["head_pairing"] == "lookahead"
+    assert manifest["mlp_predictor"]["replaces"] and manifest["head_density"] == 0.5
+    _, predictors = load_bundle(tmp_path / "b")
+    assert all(isinstance(lp.mlp, QuantizedMLPPredictor) and isinstance(lp.attn, LowRankPredictor)
+               for lp in predictors.layers)
+    model, adapter = load_tiny(tiny_llama)
+    with torch.no_grad(), SparseRuntime(model, adapter, predictors) as rt:
+        model(random_ids(model, seq=8, batch=1))
+    assert rt.stats.mlp_kept == pytest.approx(0.5) and rt.stats.head_kept == pytest.approx(0.5)
+    with pytest.raises(DejavuError, match="not with thresholds"):
+        run_export(tmp_path / "run", tmp_path / "c", overrides={"export.mlp_predictor_bits": 4,
+                                                                "export.mlp_predictor_group": 32,
+                                                                "export.mlp_selection": "threshold"})
+    assert not (tmp_path / "c").exists()

@@ -326,9 +326,9 @@ def test_review_cases_thresholds_heads_and_activation(quantized_bundle, tiny_lla
 def test_a_run_keeps_its_head_predictors_beside_quantized_mlp_predictors(tiny_llama, tmp_path):
     """`export --run RUN --mlp-predictor-bits 4`: the run's trained head predictors, quantized copies for the MLP
     (its trained MLP predictors dropped), and the runtime selects heads by the former and neurons by the latter."""
-    from helpers import load_tiny, make_predictors_dir, random_ids
-
     from dejavu.predictor import LowRankPredictor
+
+    from helpers import load_tiny, make_predictors_dir, random_ids
 
     make_predictors_dir(tmp_path / "run", tiny_llama, mlp_density=0.5, head_density=0.5)
     manifest = run_export(tmp_path / "run", tmp_path / "b", overrides={

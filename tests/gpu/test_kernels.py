@@ -953,3 +953,35 @@ def test_int4_matmul_scores_match_reference(gated):
     got = selector.select(x, 1 if gated else 3).tolist()
     expected = R.select_topk(pred.to("cuda")(x.float()), k).tolist()
     assert len(set(got) & set(expected)) > 0.98 * k
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graphed_run_heads_beside_quantized_mlp_decode_matches_cpu_reference(batch, tmp_path, monkeypatch):
+    """The run's head predictors on the side stream and 4-bit MLP copies on the main one, captured in a graph,
+    against the CPU loop (dequantized fp32 copies, fp32 keys on both sides)."""
+    import dejavu.runtime.decode as decode
+    from dejavu.export.bundle import load_bundle, run_export
+    from dejavu.models.adapters import adapter_for
+    from dejavu.models.loading import load_model
+    from dejavu.runtime.decode import DecodeModel, _topk_workspace
+
+    from helpers import make_predictors_dir, make_tiny_model
+
+    monkeypatch.setattr(decode, "_int4_matmul", lambda *args: None)
+    path = make_tiny_model(tmp_path / "m", "llama", intermediate_size=1200)
+    make_predictors_dir(tmp_path / "run", path, mlp_density=0.3, head_density=0.5)
+    run_export(tmp_path / "run", tmp_path / "b", overrides={"export.mlp_predictor_bits": 4,
+                                                            "export.mlp_predictor_group": 32})
+    _, preds = load_bundle(tmp_path / "b")
+    model, _, _ = load_model(str(path), device="cpu", dtype="float32")
+    adapter = adapter_for(model)
+    prompt = torch.randint(1, 500, (batch, 5))
+    results = {}
+    for dev in ("cpu", "cuda"):
+        model.to(dev)
+        dm = DecodeModel(model, adapter, preds, dev, torch.float32, max_len=16)
+        for lw in dm.layers:
+            lw.mlp_quant.workspace = _topk_workspace(adapter.shape().intermediate_size, torch.float32, dev)
+        results[dev] = _three_steps(dm, prompt, True)
+    torch.testing.assert_close(results["cuda"], results["cpu"], atol=2e-2, rtol=2e-2)
+    assert torch.equal(results["cuda"].argmax(-1), results["cpu"].argmax(-1))

@@ -347,3 +347,34 @@ def test_a_run_keeps_its_head_predictors_beside_quantized_mlp_predictors(tiny_ll
                                                                 "export.mlp_predictor_group": 32,
                                                                 "export.mlp_selection": "threshold"})
     assert not (tmp_path / "c").exists()
+
+
+def test_decode_loop_runs_run_heads_beside_quantized_mlp(tiny_llama, tmp_path):
+    """A bundle of the run's head predictors and 8-bit MLP copies: the loop's sparse step equals the hooks with only
+    the new token sparse (heads chosen on the side as usual, neurons after attention)."""
+    from transformers import AutoModelForCausalLM
+
+    from dejavu.models.adapters import adapter_for
+    from dejavu.runtime.decode import DecodeModel
+
+    from helpers import make_predictors_dir
+
+    make_predictors_dir(tmp_path / "run", tiny_llama, mlp_density=0.3, head_density=0.5)
+    run_export(tmp_path / "run", tmp_path / "b", overrides={"export.mlp_predictor_bits": 8,
+                                                            "export.mlp_predictor_group": 32})
+    _, predictors = load_bundle(tmp_path / "b")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    adapter = adapter_for(model)
+    torch.manual_seed(0)
+    prompt = torch.randint(1, 500, (1, 6))
+    dm = DecodeModel(model, adapter, predictors, "cpu", torch.float32, max_len=12)
+    assert all(lw.mlp_quant is not None and lw.head_pred is not None for lw in dm.layers)
+    st = dm.new_state(1)
+    dm.prefill(st, prompt)
+    ids = torch.cat([prompt, st.tokens[:, None]], 1)
+    logits = dm.step(st, sparse=True)
+    with torch.no_grad(), SparseRuntime(model, adapter, predictors) as rt:
+        rt.token_mask = torch.zeros(ids.shape, dtype=torch.bool)
+        rt.token_mask[:, -1] = True
+        expected = model(ids).logits[:, -1]
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)

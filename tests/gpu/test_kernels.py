@@ -892,43 +892,51 @@ def test_quant_scores_match_reference(dtype, batch, bits, d, n, act, gated):
     assert len(set(got.tolist()) & set(expected.tolist())) > 0.98 * k
 
 
-@pytest.mark.parametrize("model_type", ["llama", "opt", "phi3"])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_graphed_quantized_predictor_decode_matches_cpu_reference(model_type, batch, tmp_path, monkeypatch):
-    """Quantized-weight MLP predictors in the captured step (the Triton scores kernel in fp32, the top-k, the
-    one-launch MLP) against the CPU loop ranking dequantized fp32 copies (not the CPU's int4 matmul, whose x is
-    rounded to bf16)."""
+def _quantized_steps_cpu_and_cuda(path, preds, batch: int, sparse_modes=(True,)) -> dict:
+    """Logits of the loop's steps on the CPU (dequantized fp32 copies) and graphed on CUDA (the Triton scores
+    kernel in fp32, not PyTorch's int4 matmul, whose x is rounded to bf16), fp32 top-k keys on both sides (fp16
+    keys, the default, may break near-ties otherwise): {(device, sparse): logits}."""
     import dejavu.runtime.decode as decode
-
-    monkeypatch.setattr(decode, "_int4_matmul", lambda *args: None)
-    from dejavu.export.bundle import load_bundle, run_export
     from dejavu.models.adapters import adapter_for
     from dejavu.models.loading import load_model
-    from dejavu.runtime.decode import DecodeModel
+
+    model, _, _ = load_model(str(path), device="cpu", dtype="float32")
+    adapter = adapter_for(model)
+    prompt = torch.randint(1, 500, (batch, 5))
+    results = {}
+    use = decode._int4_matmul
+    decode._int4_matmul = lambda *args: None
+    try:
+        for dev in ("cpu", "cuda"):
+            model.to(dev)
+            dm = decode.DecodeModel(model, adapter, preds, dev, torch.float32, max_len=16)
+            for lw in dm.layers:
+                lw.mlp_quant.workspace = decode._topk_workspace(adapter.shape().intermediate_size, torch.float32, dev)
+            for sparse in sparse_modes:
+                results[dev, sparse] = _three_steps(dm, prompt, sparse)
+    finally:
+        decode._int4_matmul = use
+    torch.testing.assert_close(results["cuda", True], results["cpu", True], atol=2e-2, rtol=2e-2)
+    assert torch.equal(results["cuda", True].argmax(-1), results["cpu", True].argmax(-1))
+    return results
+
+
+@pytest.mark.parametrize("model_type", ["llama", "opt", "phi3"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graphed_quantized_predictor_decode_matches_cpu_reference(model_type, batch, tmp_path):
+    """Quantized-weight MLP predictors in the captured step (scores kernel, top-k, one-launch MLP) against the CPU
+    loop."""
+    from dejavu.export.bundle import load_bundle, run_export
 
     from helpers import make_tiny_model
 
-    path = make_tiny_model(tmp_path / "m", model_type, intermediate_size=1200) if model_type != "opt" else \
-        make_tiny_model(tmp_path / "m", model_type, ffn_dim=1200)
+    width = {"ffn_dim": 1200} if model_type == "opt" else {"intermediate_size": 1200}
+    path = make_tiny_model(tmp_path / "m", model_type, **width)
     run_export(None, tmp_path / "b", config_file="tiny", model_name=str(path),
                overrides={"export.mlp_predictor_bits": 4, "export.mlp_predictor_group": 32,
                           "export.mlp_density": 0.3})
     _, preds = load_bundle(tmp_path / "b")
-    model, _, _ = load_model(str(path), device="cpu", dtype="float32")
-    adapter = adapter_for(model)
-    from dejavu.runtime.decode import _topk_workspace
-
-    prompt = torch.randint(1, 500, (batch, 5))
-    results = {}
-    for dev in ("cpu", "cuda"):
-        model.to(dev)
-        dm = DecodeModel(model, adapter, preds, dev, torch.float32, max_len=16)
-        for lw in dm.layers:  # fp32 keys, as the CPU ranks: fp16 keys (the default) may break near-ties otherwise
-            lw.mlp_quant.workspace = _topk_workspace(adapter.shape().intermediate_size, torch.float32, dev)
-        for sparse in (False, True):
-            results[dev, sparse] = _three_steps(dm, prompt, sparse)
-    torch.testing.assert_close(results["cuda", True], results["cpu", True], atol=2e-2, rtol=2e-2)
-    assert torch.equal(results["cuda", True].argmax(-1), results["cpu", True].argmax(-1))
+    results = _quantized_steps_cpu_and_cuda(path, preds, batch, sparse_modes=(False, True))
     assert not torch.allclose(results["cuda", True], results["cuda", False], atol=1e-3)
 
 
@@ -956,32 +964,16 @@ def test_int4_matmul_scores_match_reference(gated):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_graphed_run_heads_beside_quantized_mlp_decode_matches_cpu_reference(batch, tmp_path, monkeypatch):
+def test_graphed_run_heads_beside_quantized_mlp_decode_matches_cpu_reference(batch, tmp_path):
     """The run's head predictors on the side stream and 4-bit MLP copies on the main one, captured in a graph,
-    against the CPU loop (dequantized fp32 copies, fp32 keys on both sides)."""
-    import dejavu.runtime.decode as decode
+    against the CPU loop."""
     from dejavu.export.bundle import load_bundle, run_export
-    from dejavu.models.adapters import adapter_for
-    from dejavu.models.loading import load_model
-    from dejavu.runtime.decode import DecodeModel, _topk_workspace
 
     from helpers import make_predictors_dir, make_tiny_model
 
-    monkeypatch.setattr(decode, "_int4_matmul", lambda *args: None)
     path = make_tiny_model(tmp_path / "m", "llama", intermediate_size=1200)
     make_predictors_dir(tmp_path / "run", path, mlp_density=0.3, head_density=0.5)
     run_export(tmp_path / "run", tmp_path / "b", overrides={"export.mlp_predictor_bits": 4,
                                                             "export.mlp_predictor_group": 32})
     _, preds = load_bundle(tmp_path / "b")
-    model, _, _ = load_model(str(path), device="cpu", dtype="float32")
-    adapter = adapter_for(model)
-    prompt = torch.randint(1, 500, (batch, 5))
-    results = {}
-    for dev in ("cpu", "cuda"):
-        model.to(dev)
-        dm = DecodeModel(model, adapter, preds, dev, torch.float32, max_len=16)
-        for lw in dm.layers:
-            lw.mlp_quant.workspace = _topk_workspace(adapter.shape().intermediate_size, torch.float32, dev)
-        results[dev] = _three_steps(dm, prompt, True)
-    torch.testing.assert_close(results["cuda"], results["cpu"], atol=2e-2, rtol=2e-2)
-    assert torch.equal(results["cuda"].argmax(-1), results["cpu"].argmax(-1))
+    _quantized_steps_cpu_and_cuda(path, preds, batch)

@@ -191,33 +191,14 @@ def test_generate_runs_it_in_the_decode_loop(quantized_bundle, tiny_llama):
 def test_decode_loop_step_equals_the_hooks(tiny_model_factory, tmp_path, model_type):
     """The decode loop's sparse step (CPU: reference ops; 8 bits: dequantized fp32 copies) gives the logits of the
     hooks with only the new token sparse: same scores, same top-k, same neurons computed."""
-    from transformers import AutoModelForCausalLM
-
-    from dejavu.models.adapters import adapter_for
-    from dejavu.runtime.decode import DecodeModel
-
     path = tiny_model_factory(model_type)
     # 0.3: below the share of neurons a ReLU (OPT) leaves positive, where ties at 0 would pick arbitrary ones
     run_export(None, tmp_path / "b", config_file="tiny", model_name=str(path),
                overrides={"export.mlp_predictor_bits": 8, "export.mlp_predictor_group": 32,
                           "export.mlp_density": 0.3})
     _, predictors = load_bundle(tmp_path / "b")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    adapter = adapter_for(model)
-    torch.manual_seed(0)
-    prompt = torch.randint(1, 500, (1, 6))
-    dm = DecodeModel(model, adapter, predictors, "cpu", torch.float32, max_len=12)
-    st = dm.new_state(1)
-    dm.prefill(st, prompt)
-    ids = torch.cat([prompt, st.tokens[:, None]], 1)
-    logits = dm.step(st, sparse=True)
-    with torch.no_grad(), SparseRuntime(model, adapter, predictors) as rt:
-        rt.token_mask = torch.zeros(ids.shape, dtype=torch.bool)
-        rt.token_mask[:, -1] = True
-        expected = model(ids).logits[:, -1]
+    logits, expected, dense, dm = _loop_step_and_hooks(path, predictors)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
-    with torch.no_grad():
-        dense = model(ids).logits[:, -1]
     assert (logits - dense).abs().max() > 1e-3
     bytes_sparse = dm.step_bytes(1, 8, sparse=True)
     # what this path reads: on the CPU at 8 bits, the dequantized fp32 copies
@@ -352,23 +333,30 @@ def test_a_run_keeps_its_head_predictors_beside_quantized_mlp_predictors(tiny_ll
 def test_decode_loop_runs_run_heads_beside_quantized_mlp(tiny_llama, tmp_path):
     """A bundle of the run's head predictors and 8-bit MLP copies: the loop's sparse step equals the hooks with only
     the new token sparse (heads chosen on the side as usual, neurons after attention)."""
-    from transformers import AutoModelForCausalLM
-
-    from dejavu.models.adapters import adapter_for
-    from dejavu.runtime.decode import DecodeModel
-
     from helpers import make_predictors_dir
 
     make_predictors_dir(tmp_path / "run", tiny_llama, mlp_density=0.3, head_density=0.5)
     run_export(tmp_path / "run", tmp_path / "b", overrides={"export.mlp_predictor_bits": 8,
                                                             "export.mlp_predictor_group": 32})
     _, predictors = load_bundle(tmp_path / "b")
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    logits, expected, _, dm = _loop_step_and_hooks(tiny_llama, predictors)
+    assert all(lw.mlp_quant is not None and lw.head_pred is not None for lw in dm.layers)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def _loop_step_and_hooks(path, predictors):
+    """(the loop's sparse step after a dense prefill, the hooks' logits with only that token sparse, the dense
+    logits, the DecodeModel) on the CPU in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from dejavu.models.adapters import adapter_for
+    from dejavu.runtime.decode import DecodeModel
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     adapter = adapter_for(model)
     torch.manual_seed(0)
     prompt = torch.randint(1, 500, (1, 6))
     dm = DecodeModel(model, adapter, predictors, "cpu", torch.float32, max_len=12)
-    assert all(lw.mlp_quant is not None and lw.head_pred is not None for lw in dm.layers)
     st = dm.new_state(1)
     dm.prefill(st, prompt)
     ids = torch.cat([prompt, st.tokens[:, None]], 1)
@@ -377,4 +365,6 @@ def test_decode_loop_runs_run_heads_beside_quantized_mlp(tiny_llama, tmp_path):
         rt.token_mask = torch.zeros(ids.shape, dtype=torch.bool)
         rt.token_mask[:, -1] = True
         expected = model(ids).logits[:, -1]
-    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        dense = model(ids).logits[:, -1]
+    return logits, expected, dense, dm

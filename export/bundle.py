@@ -14,9 +14,10 @@ Layout (docs/FORMATS.md, `dejavu.bundle` version 1):
   `mlp_score_thresholds`; the runtime then keeps each token's neurons scored above them instead of a top-k.
   With `export.mlp_candidate_density` too (two-stage), they keep that candidate density and
   `score_thresholds.mlp_down` (the same layout) cuts the candidates' down rows to the MLP density.
-- Optional quantized-weight MLP predictors (`export.mlp_predictor_bits`, `dejavu export --model M
-  --mlp-predictor-bits 4`, no training run): `layers.{l}.mlp.{up,gate}_{codes,scales}` (quantized_predictor.py),
-  described by the manifest's `mlp_predictor`; they read the MLP's own input (`mlp_pairing: mlp_input`).
+- Optional quantized-weight MLP predictors (`export.mlp_predictor_bits`: `dejavu export --model M
+  --mlp-predictor-bits 4` with no training run, or `--run RUN`, whose head predictors stay and whose MLP ones give
+  way): `layers.{l}.mlp.{up,gate}_{codes,scales}` (quantized_predictor.py), described by the manifest's
+  `mlp_predictor`; they read the MLP's own input (`mlp_pairing: mlp_input`).
 
 A layer the predictors stage did not train (train.layers restricted) has no tensors and density 1.0:
 the runtime runs it dense.

@@ -123,7 +123,8 @@ class ExportConfig:
     # by ridge regression on `calibration_tokens` tokens of data.dataset for the bundle's rule; 0: none
     mlp_compensation_rank: int = 0
     # MLP predictors made from the model's own gate and up weights at this many bits (4 or 8; quantized_predictor.py),
-    # with no collect or training: `dejavu export --model M --out B --mlp-predictor-bits 4`. None: off
+    # with no collect or training (`dejavu export --model M --out B --mlp-predictor-bits 4`), or beside a run's head
+    # predictors (`--run RUN`). None: off
     mlp_predictor_bits: int | None = None
     # inputs sharing one fp16 scale in those copies
     mlp_predictor_group: int = 64

@@ -462,7 +462,8 @@ def export(
     from dejavu.export.bundle import run_export
 
     if mlp_keep_input is None and keep_layer_bytes is None:
-        _check_rule_flags(config, "export", calibration, model if run is not None else None,
+        # --model with --run names the model to quantize when --mlp-predictor-bits asks for copies
+        _check_rule_flags(config, "export", calibration, model if run is not None and mlp_predictor_bits is None else None,
                           calibration_tokens=calibration_tokens, mlp_selection=mlp_selection,
                           compensation_rank=mlp_compensation_rank)
     run_export(Path(run) if run is not None else None, Path(out), config_file=config, model_name=model, overrides={

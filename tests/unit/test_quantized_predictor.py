@@ -368,3 +368,19 @@ def _loop_step_and_hooks(path, predictors):
     with torch.no_grad():
         dense = model(ids).logits[:, -1]
     return logits, expected, dense, dm
+
+
+def test_export_cli_takes_the_model_beside_a_run(tmp_path, tiny_llama):
+    """`dejavu export --run RUN --model M --mlp-predictor-bits 4 --mlp-predictor-group 32`: --model names the model
+    to quantize (checked against the run's), not a calibration flag to refuse."""
+    from typer.testing import CliRunner
+
+    from dejavu.cli.main import app
+
+    from helpers import make_predictors_dir
+
+    make_predictors_dir(tmp_path / "run", tiny_llama)
+    result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "run"), "--model", str(tiny_llama), "--out",
+                                      str(tmp_path / "b"), "--mlp-predictor-bits", "4", "--mlp-predictor-group", "32"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["mlp_predictor"]["bits"] == 4

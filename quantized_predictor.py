@@ -3,7 +3,7 @@
 A neuron's activation is act(gate(x)) * up(x). A low-rank linear score of the block input can follow the
 gate but not |up|, which is symmetric in up's sign: on SmolLM2 the trained predictors keep 0.82-0.85 of the
 oracle's activation mass at MLP density 0.5 at every rank and training setting measured (BENCHMARKS.md). This
-computes both factors from 4-bit (or 8-bit) copies of gate and up on the MLP's own input and scores each
+predictor computes both factors from 4-bit (or 8-bit) copies of gate and up on the MLP's own input and scores each
 neuron by |act(g~) * u~|; the runtime keeps each token's top-k of those scores, then computes the chosen
 neurons from the model's real weights. It needs no collect or training (`dejavu export --model M --out B
 --mlp-predictor-bits 4`), and it costs bits/16 of gate and up's bytes plus the scales: at 4 bits with a

@@ -173,10 +173,6 @@ class QuantizedMLPPredictor(nn.Module):
         gate = nn.functional.linear(x, *self._weights("gate", dtype))
         return (self.act(gate) * up).abs().float()
 
-    def num_bytes(self, dtype: torch.dtype | None = None) -> int:
-        """Bytes a kernel reads every token: the codes, the fp16 scales and biases."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for p in self.parts:

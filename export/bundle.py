@@ -341,15 +341,15 @@ def _quantized_mlp_tensors(adapter, bits: int, group: int, mlp_per_layer: list[f
     from dejavu.quantized_predictor import KIND, check_format, quantize_mlp
 
     check_format(bits, group, adapter.shape().hidden_size, "the hidden size")
-    layers = adapter.decoder_layers()
     tensors: dict[str, torch.Tensor] = {}
-    for l, layer in enumerate(tqdm(layers, desc=f"quantizing gate/up to {bits} bits", unit="layer")):  # noqa: E741
+    mlp_bytes = 0
+    for l, layer in enumerate(tqdm(adapter.decoder_layers(), desc=f"quantizing gate/up to {bits} bits",  # noqa: E741
+                                   unit="layer")):
+        weights = adapter.mlp_weights(layer)
+        mlp_bytes += sum(w.numel() * 2 for w in (weights.up, weights.down, weights.gate) if w is not None)
         if present[l]:
-            for name, value in quantize_mlp(adapter.mlp_weights(layer), bits, group).items():
+            for name, value in quantize_mlp(weights, bits, group).items():
                 tensors[f"layers.{l}.mlp.{name}"] = value
-    mlp_bytes = sum(w.numel() * 2 for layer in layers for w in (adapter.mlp_weights(layer).up,
-                                                                   adapter.mlp_weights(layer).down,
-                                                                   adapter.mlp_weights(layer).gate) if w is not None)
     # read every token only where the layer's MLP runs sparse
     read_bytes = sum(t.numel() * t.element_size() for key, t in tensors.items()
                      if mlp_per_layer[int(key.split(".")[1])] < 1.0)

@@ -354,7 +354,8 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
     rt = cfg.runtime
     manifest, predictors = read_bundle(bundle)
     check_flags(cfg, predictors, "bench")
-    if (speed and rt.selection == "predictor" and rt.mlp_selection == "threshold" and predictors is not None
+    scored = (rt.mlp_selection or (manifest or {}).get("mlp_selection")) == "threshold"
+    if (speed and rt.selection == "predictor" and scored and predictors is not None
             and predictors.mlp_pairing == MLP_INPUT):  # before the model loads and the thresholds calibrate
         raise DejavuError("the decode loop runs quantized-weight MLP predictors with a top-k, not score thresholds: "
                           "add --no-speed to measure their quality")
@@ -364,8 +365,6 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
         check_speed_context(model, cfg.runtime)
     adapter = adapter_for(model)
     plan = resolve_plan(cfg, manifest, predictors, model, adapter, tokenizer, bundle)
-    if speed and plan.predictors is not None and plan.decode_loop_note is not None:  # before minutes of quality
-        raise DejavuError(f"cannot time this rule: {plan.decode_loop_note} (add --no-speed)")
     base = {"model": source.display, "device": str(device), "dtype": dtype_name(dtype), "synthetic": False,
             **plan.description}
     quality_data = None

@@ -208,75 +208,65 @@ class QuantizedSelector:
     4- or 8-bit copies of gate and up on the MLP's own input, so it runs after attention on the main stream (not
     on the predictors' side stream), then the batch's top-k (of the per-neuron max score) runs into `out`."""
 
-    # (up_codes, up_scales, up_bias, gate_codes, gate_scales) in the Triton kernel's tiles on the device, None where
-    # absent; all None when the int4 matmul reads its own packing instead
-    tensors: tuple
-    bits: int
-    gated: bool
+    predictor: object  # the QuantizedMLPPredictor (on the device when it scores itself)
     k: int
     out: torch.Tensor  # [k] int64
     workspace: tuple  # the wide top-k's buffers at fp16 key width: the selection is on the critical path
-    dense_copies: tuple | None  # CPU, 8 bits: fp32 (up, up_bias, gate) dequantized once; CUDA reads the codes
+    itemsize: int  # of the loop's dtype, which the CPU's dequantized copies take
     # 4 bits (CUDA: in bf16): the int4 matmul op, [gate; up] packed for it (tinygemm, as gpt-fast's int4 path), its
     # scales and zeros [G, 2n, 2], the group, a plain MLP's bias: a 7B-shaped step ran 2.2x faster with it than with
     # the Triton scores kernel (BENCHMARKS.md, session 25)
     int4: tuple | None = None
+    # CUDA without int4: (up_codes, up_scales, up_bias, gate_codes, gate_scales) in the Triton kernel's tiles, None
+    # where absent. Neither (the CPU, 8 bits): the predictor's own forward on its dequantized copies
+    tiles: tuple | None = None
 
     @classmethod
     def build(cls, pred, k: int, device, dtype: torch.dtype | None = None) -> QuantizedSelector:
-        from dejavu.quantized_predictor import dequantize_rows, tile_rows
+        from dejavu.quantized_predictor import tile_rows
 
-        t = {name: value.to(device) for name, value in pred.tensors().items()}
-        for part in pred.parts:
-            t[f"{part}_codes"], t[f"{part}_scales"] = tile_rows(t[f"{part}_codes"], t[f"{part}_scales"])
-        tensors = tuple(t.get(name) for name in ("up_codes", "up_scales", "up_bias", "gate_codes", "gate_scales"))
-        n = pred.n_out
-        out = torch.arange(k, device=device)  # a valid selection before the first step
-        copies = None
         int4 = _int4_matmul(pred, device, dtype)
-        if torch.device(device).type != "cuda" and int4 is None:
-            weights = {part: dequantize_rows(*pred_rows, pred.bits) for part, pred_rows in
-                       ((p, (getattr(pred, f"{p}_codes"), getattr(pred, f"{p}_scales").half())) for p in pred.parts)}
-            copies = (weights["up"].to(device), t["up_bias"].float() if "up_bias" in t else None,
-                      weights["gate"].to(device) if pred.gated else None)
-        if int4 is not None:
-            tensors = (None,) * len(tensors)
-        return cls(tensors, pred.bits, pred.gated, k, out, _topk_workspace(n, torch.float16, device), copies, int4)
+        tiles = None
+        if int4 is None and torch.device(device).type == "cuda":
+            t = {name: value.to(device) for name, value in pred.tensors().items()}
+            for part in pred.parts:
+                t[f"{part}_codes"], t[f"{part}_scales"] = tile_rows(t[f"{part}_codes"], t[f"{part}_scales"])
+            tiles = tuple(t.get(name) for name in ("up_codes", "up_scales", "up_bias", "gate_codes", "gate_scales"))
+        elif int4 is None:  # the CPU scores through the predictor itself (only the codes' metadata is read otherwise)
+            pred = pred.to(device)
+        out = torch.arange(k, device=device)  # a valid selection before the first step
+        itemsize = torch.empty((), dtype=dtype or torch.float32).element_size()
+        return cls(pred, k, out, _topk_workspace(pred.n_out, torch.float16, device), itemsize, int4, tiles)
 
     def select(self, x: torch.Tensor, act: int) -> torch.Tensor:
         if self.int4 is not None:
             matmul, packed, scales_zeros, group, bias = self.int4
             out = matmul(x.to(torch.bfloat16), packed, group, scales_zeros)
             # log|act(g) * u| ranks as the score: act_mul's product goes to the top-k as it is
-            if self.gated:  # out is [gate | up]
-                scored = ops.act_mul(out, act)
+            if self.predictor.gated:  # out is [gate | up]
+                scores = ops.act_mul(out, act)
             else:
-                scored = reference.apply_activation(out.float() + (0.0 if bias is None else bias), act)
-            ops.select_exact_up(scored, None, 0.0, self.out, *self.workspace)
-            return self.out
-        if self.dense_copies is None:
-            scores = torch.empty(x.shape[0], self.tensors[1].shape[1], dtype=torch.float32, device=x.device)
-            ops.quant_scores(x, *self.tensors, self.bits, act, scores)
+                scores = reference.apply_activation(out.float() + (0.0 if bias is None else bias), act)
+        elif self.tiles is not None:
+            scores = torch.empty(x.shape[0], self.predictor.n_out, dtype=torch.float32, device=x.device)
+            ops.quant_scores(x, *self.tiles, self.predictor.bits, act, scores)
         else:
-            up, bias, gate = self.dense_copies
-            xf = x.float()
-            u = F.linear(xf, up, bias)
-            scores = (reference.apply_activation(F.linear(xf, gate), act) * u if gate is not None
-                      else reference.apply_activation(u, act)).abs()
+            scores = self.predictor(x)
         # the top-k of log(score), keyed in fp16 (two fewer passes than fp32 keys), as exact-up's selection
         ops.select_exact_up(scores, None, 0.0, self.out, *self.workspace)
         return self.out
 
     @property
     def nbytes(self) -> int:
-        """Bytes a selection reads: the int4 matmul's packed codes and its scales-and-zeros, else the CPU's
-        dequantized copies, else the codes and scales the Triton kernel reads (with a plain MLP's bias)."""
+        """Bytes a selection reads: the int4 matmul's packed codes and its scales-and-zeros, else the codes and
+        scales the Triton kernel reads, else the CPU's dequantized copies (with a plain MLP's bias each time)."""
         if self.int4 is not None:
             read = self.int4[1:3] + (self.int4[4],)
-        elif self.dense_copies is not None:
-            read = self.dense_copies
+        elif self.tiles is not None:
+            read = self.tiles
         else:
-            read = self.tensors
+            p = self.predictor
+            return (len(p.parts) * p.n_out * p.d_in + (p.n_out if p.up_bias is not None else 0)) * self.itemsize
         return sum(t.numel() * t.element_size() for t in read if t is not None)
 
 

@@ -272,7 +272,7 @@ def test_the_cpu_loop_scores_4_bits_through_torchs_int4_matmul(gated, bias):
     pred = QuantizedMLPPredictor(quantize_mlp(weights, 4, 64), 4, 64, "silu" if gated else "relu")
     k = units_for_density(0.3, n)
     selector = QuantizedSelector.build(pred, k, "cpu", torch.float32)
-    assert selector.int4 is not None and selector.dense_copies is None
+    assert selector.int4 is not None and selector.tiles is None
     x = torch.randn(1, d)
     got = set(selector.select(x, 1 if gated else 3).tolist())
     expected = set(topk_mask(pred(x), 0.3)[0].nonzero().squeeze(-1).tolist())

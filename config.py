@@ -517,8 +517,9 @@ def validate(cfg: RunConfig) -> None:
         raise DejavuError(f"export.mlp_predictor_bits (--mlp-predictor-bits) must be 4 or 8, got "
                           f"{cfg.export.mlp_predictor_bits}")
     group = cfg.export.mlp_predictor_group
-    if group < 2 or group & (group - 1):
-        raise DejavuError(f"export.mlp_predictor_group (--mlp-predictor-group) must be a power of two, got {group}")
+    if group < 8 or group & (group - 1):
+        raise DejavuError(f"export.mlp_predictor_group (--mlp-predictor-group) must be a power of two of at least 8, "
+                          f"got {group}")
     for name, value, allowed in (
         ("train.mlp_pairing", cfg.train.mlp_pairing, ("current", "lookahead")),
         ("train.head_pairing", cfg.train.head_pairing, ("current", "lookahead")),

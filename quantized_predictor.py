@@ -35,9 +35,10 @@ MLP_INPUT = "mlp_input"
 def check_format(bits: int, group: int, d_in: int, what: str = "the MLP's input") -> None:
     if bits not in BITS:
         raise DejavuError(f"quantized MLP predictors have {' or '.join(map(str, BITS))} bits, not {bits}")
-    if group < 2 or group & (group - 1) or d_in % group:  # a power of two: the kernels' tiles are
-        raise DejavuError(f"the quantization group ({group}) must be a power of two that divides {what} "
-                          f"({d_in} values)")
+    # a power of two (the kernels' tiles are), of at least 8 inputs (the GPU kernel reads a group as whole 32-bit words)
+    if group < 8 or group & (group - 1) or d_in % group:
+        raise DejavuError(f"the quantization group ({group}) must be a power of two of at least 8 that divides "
+                          f"{what} ({d_in} values)")
 
 
 def quantize_rows(weight: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,15 +80,19 @@ def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> tor
 
 
 def tile_rows(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The GPU kernel's layout of (codes, scales): group-major, codes [G, n, bytes a group], scales [G, n], so one
-    step of a program reads a contiguous block of each (runtime/kernels/triton_kernels.py quant_scores)."""
-    n, groups = scales.shape
-    return codes.reshape(n, groups, -1).transpose(0, 1).contiguous(), scales.t().contiguous()
+    """The GPU kernel's layout of (codes, scales): codes as int32 words, input-major [d * bits / 32, n] (word m of
+    row r holds inputs 32/bits * m + j at bits j * bits, the lowest first), scales group-major [G, n]. A program
+    then reads contiguous words of many rows at once and unpacks each word in registers
+    (runtime/kernels/triton_kernels.py quant_scores)."""
+    n = codes.shape[0]
+    words = codes.contiguous().view(torch.uint8).view(torch.int32)  # little-endian: the lowest byte first
+    return words.reshape(n, -1).t().contiguous(), scales.t().contiguous()
 
 
-def untile_rows(codes_t: torch.Tensor, scales_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def untile_rows(words_t: torch.Tensor, scales_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """tile_rows undone."""
-    return codes_t.transpose(0, 1).reshape(codes_t.shape[1], -1), scales_t.t()
+    n = words_t.shape[1]
+    return words_t.t().contiguous().view(torch.uint8).reshape(n, -1), scales_t.t()
 
 
 def quantize_mlp(weights, bits: int, group: int) -> dict[str, torch.Tensor]:

@@ -28,6 +28,14 @@ from selection_rules import fake_quantize_clipped  # bench/ is on the path when 
 from dejavu.models.loading import load_model, load_tokenizer
 
 
+def keep_largest_inputs(h: torch.Tensor, keep: float) -> torch.Tensor:
+    """Each row with all but its largest-|x| share `keep` of channels zeroed: what a copy reads when it
+    skips the columns of small inputs."""
+    m = max(1, round(keep * h.shape[1]))
+    idx = h.abs().topk(m, dim=1).indices
+    return torch.zeros_like(h).scatter_(1, idx, h.gather(1, idx))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -42,6 +50,9 @@ def main() -> None:
                          "own input (after attention: exact at full rank, but only known once attention ran)")
     ap.add_argument("--quant-bits", default="",
                     help="comma-separated bit widths of a low-bit copy of gate/up scored on the MLP's input")
+    ap.add_argument("--input-keep", default="",
+                    help="comma list of shares of the MLP input's channels (largest |x| per token) the low-bit "
+                         "copies read, e.g. 0.25,0.5: the predictor's own input sparsity")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -102,6 +113,13 @@ def main() -> None:
         for bits in [int(b) for b in args.quant_bits.split(",") if b]:
             qg, qu = (fake_quantize_clipped(w.weight.double(), bits) for w in (mlp.gate_proj, mlp.up_proj))
             row[f"quant_{bits}bit"] = mass((F.silu(h[ev] @ qg.T) * (h[ev] @ qu.T)).abs())
+            for keep in [float(v) for v in args.input_keep.split(",") if v]:
+                hs = keep_largest_inputs(h[ev], keep)
+                row[f"quant_{bits}bit_in{keep:g}"] = mass((F.silu(hs @ qg.T) * (hs @ qu.T)).abs())
+        for keep in [float(v) for v in args.input_keep.split(",") if v]:
+            hs = keep_largest_inputs(h[ev], keep)
+            row[f"exact_in{keep:g}"] = mass((F.silu(hs @ mlp.gate_proj.weight.double().T)
+                                             * (hs @ mlp.up_proj.weight.double().T)).abs())
         results[str(layer)] = row
         print(f"layer {layer}: " + " ".join(f"{key} {value:.3f}" for key, value in row.items()), flush=True)
     if args.json:

@@ -439,7 +439,7 @@ def export(
              "(CUDA in bf16, CPU) or a Triton kernel."),
     mlp_predictor_group: int | None = typer.Option(
         None, "--mlp-predictor-group",
-        help="With --mlp-predictor-bits: inputs sharing one fp16 scale (a power of two that divides the hidden "
+        help="With --mlp-predictor-bits: inputs sharing one fp16 scale (a power of two of at least 8 that divides the hidden "
              "size; 32-256 for PyTorch's int4 matmul)."
              + default("export.mlp_predictor_group")),
     calibration: str | None = typer.Option(

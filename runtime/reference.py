@@ -370,7 +370,7 @@ def quant_scores(x: torch.Tensor, up_codes: torch.Tensor, up_scales: torch.Tenso
                  gate_codes: torch.Tensor | None, gate_scales: torch.Tensor | None, bits: int,
                  act: int) -> torch.Tensor:
     """The quantized MLP predictor's scores (quantized_predictor.py) of x [B, d], fp32 [B, n]: |act(x g~^T) *
-    (x u~^T)|, or |act(x u~^T + bias)| without a gate; codes and scales in the kernel's group-major tiles
+    (x u~^T)|, or |act(x u~^T + bias)| without a gate; codes and scales in the kernel's layout
     (quantized_predictor.tile_rows). Dequantizes every call: the CPU decode loop keeps dequantized copies
     instead (runtime/decode.py QuantizedSelector)."""
     from dejavu.quantized_predictor import dequantize_rows, untile_rows

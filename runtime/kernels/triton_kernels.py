@@ -1675,82 +1675,106 @@ def predict_above(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, relu: boo
 
 # ------------------------------------------------------------------------------------------------
 # quantized MLP scores: out[b, r] = |act(x[b] . gate~[r]) * (x[b] . up~[r])| (|act(x[b] . up~[r] + bias)| plain)
-# from the 4- or 8-bit copies of quantized_predictor.py, laid out group-major (quantized_predictor.tile_rows:
-# codes [G, n, bytes a group], scales [G, n]), so a program's step reads one contiguous block of codes and of
-# scales. Per group: the integer codes times x summed in fp32, the offset taken out once through the group's sum
-# of x, then the one scale: three ALU operations a weight, not a dequantized weight each.
+# from the 4- or 8-bit copies of quantized_predictor.py in its tile_rows layout: codes as int32 words [d * bits / 32,
+# n] (one word: 32 / bits consecutive inputs of one row) and scales [G, n]. A program owns BLOCK_N rows; a step
+# reads one group's words of all of them (contiguous along the rows: coalesced) and unpacks each word in the
+# thread that loaded it, so the sum over a group's inputs stays in registers (no shuffles). A code becomes a float
+# by bit arithmetic, not a conversion instruction: (code | 0x4B000000) read as fp32 is 2^23 + code.
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _quant_group(x_ptr, codes_ptr, scales_ptr, g, rows, mask_r, offs_b, mask_b, N, stride_xb,
-                 BITS: tl.constexpr, GROUP: tl.constexpr):
-    offset: tl.constexpr = 2 ** (BITS - 1)
-    x_row = x_ptr + offs_b[:, None] * stride_xb + g * GROUP
-    if BITS == 4:
-        GB: tl.constexpr = GROUP // 2
-        jj = tl.arange(0, GB)  # byte jj holds inputs 2 jj (low nibble) and 2 jj + 1
-        byte = tl.load(codes_ptr + (g * N + rows[:, None]) * GB + jj[None, :], mask=mask_r[:, None], other=0)
-        byte = byte.to(tl.int32)
-        x_even = tl.load(x_row + 2 * jj[None, :], mask=mask_b[:, None], other=0.0).to(tl.float32)
-        x_odd = tl.load(x_row + 2 * jj[None, :] + 1, mask=mask_b[:, None], other=0.0).to(tl.float32)
-        part = tl.sum((byte & 15).to(tl.float32)[None, :, :] * x_even[:, None, :]
-                      + (byte >> 4).to(tl.float32)[None, :, :] * x_odd[:, None, :], axis=2)
-        x_sum = tl.sum(x_even + x_odd, axis=1)
+def _quant_group(x_ptr, words_ptr, scales_ptr, g, offs_n, mask_n, offs_b, mask_b, N, stride_xb,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One group's contribution, [WORDS, BLOCK_N] at batch 1 and [B_PAD, WORDS, BLOCK_N] otherwise: the caller
+    sums over the words once at the end (a sum over them at every step cost ~3x the time)."""
+    WORDS: tl.constexpr = GROUP * BITS // 32
+    PER_WORD: tl.constexpr = 32 // BITS
+    LEVELS: tl.constexpr = 2 ** BITS - 1
+    offs_k = tl.arange(0, WORDS)
+    words = tl.load(words_ptr + (g * WORDS + offs_k[:, None]).to(tl.int64) * N + offs_n[None, :],
+                    mask=mask_n[None, :], other=0)
+    scale = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if B_PAD == 1:
+        part = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
     else:
-        jj = tl.arange(0, GROUP)
-        code = tl.load(codes_ptr + (g * N + rows[:, None]) * GROUP + jj[None, :], mask=mask_r[:, None], other=0)
-        xv = tl.load(x_row + jj[None, :], mask=mask_b[:, None], other=0.0).to(tl.float32)
-        part = tl.sum(code.to(tl.float32)[None, :, :] * xv[:, None, :], axis=2)
-        x_sum = tl.sum(xv, axis=1)
-    scale = tl.load(scales_ptr + g * N + rows, mask=mask_r, other=0.0).to(tl.float32)
-    return (part - offset * x_sum[:, None]) * scale[None, :]
+        part = tl.zeros((B_PAD, WORDS, BLOCK_N), dtype=tl.float32)
+    for j in tl.static_range(PER_WORD):
+        code = ((words >> (BITS * j)) & LEVELS) | 0x4B000000
+        # 2^23 + code - (2^23 + the offset) is exact in fp32: the signed integer the code stands for
+        q = code.to(tl.float32, bitcast=True) - (8388608.0 + 2 ** (BITS - 1))
+        if B_PAD == 1:
+            xj = tl.load(x_ptr + g * GROUP + PER_WORD * offs_k + j).to(tl.float32)
+            part += q * xj[:, None]
+        else:
+            xj = tl.load(x_ptr + offs_b[:, None] * stride_xb + g * GROUP + PER_WORD * offs_k[None, :] + j,
+                         mask=mask_b[:, None], other=0.0).to(tl.float32)
+            part += q[None, :, :] * xj[:, :, None]
+    if B_PAD == 1:  # one return: Triton refuses one inside a branch
+        scaled = part * scale[None, :]
+    else:
+        scaled = part * scale[None, None, :]
+    return scaled
 
 
 @triton.jit
-def _quant_scores_kernel(x_ptr, uc_ptr, us_ptr, ub_ptr, gc_ptr, gs_ptr, out_ptr, B, N, G, stride_xb, stride_ob,
+def _quant_scores_kernel(x_ptr, uw_ptr, us_ptr, ub_ptr, gw_ptr, gs_ptr, out_ptr, B, N, G, stride_xb, stride_ob,
                          BITS: tl.constexpr, GROUP: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         ACT: tl.constexpr, B_PAD: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr = False):
+                         ACT: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
     _grid_dependency(PDL)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = rows < N
-    rows = tl.where(mask_r, rows, 0).to(tl.int64)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
     offs_b = tl.arange(0, B_PAD)
     mask_b = offs_b < B
-    acc_u = tl.zeros((B_PAD, BLOCK_R), dtype=tl.float32)
-    acc_g = tl.zeros((B_PAD, BLOCK_R), dtype=tl.float32)
+    WORDS: tl.constexpr = GROUP * BITS // 32
+    if B_PAD == 1:
+        acc_u = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+        acc_g = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+    else:
+        acc_u = tl.zeros((B_PAD, WORDS, BLOCK_N), dtype=tl.float32)
+        acc_g = tl.zeros((B_PAD, WORDS, BLOCK_N), dtype=tl.float32)
     for g in range(0, G):
-        acc_u += _quant_group(x_ptr, uc_ptr, us_ptr, g, rows, mask_r, offs_b, mask_b, N, stride_xb, BITS, GROUP)
+        acc_u += _quant_group(x_ptr, uw_ptr, us_ptr, g, offs_n, mask_n, offs_b, mask_b, N, stride_xb, BITS, GROUP,
+                              B_PAD, BLOCK_N)
         if GATED:
-            acc_g += _quant_group(x_ptr, gc_ptr, gs_ptr, g, rows, mask_r, offs_b, mask_b, N, stride_xb, BITS, GROUP)
+            acc_g += _quant_group(x_ptr, gw_ptr, gs_ptr, g, offs_n, mask_n, offs_b, mask_b, N, stride_xb, BITS,
+                                  GROUP, B_PAD, BLOCK_N)
+    if B_PAD == 1:
+        acc_u = tl.sum(acc_u, axis=0, keep_dims=True)
+        acc_g = tl.sum(acc_g, axis=0, keep_dims=True)
+    else:
+        acc_u = tl.sum(acc_u, axis=1)
+        acc_g = tl.sum(acc_g, axis=1)
     if HAS_BIAS:
-        acc_u += tl.load(ub_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(ub_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if GATED:
         y = _activation(acc_g, ACT) * acc_u
     else:
         y = _activation(acc_u, ACT)
-    tl.store(out_ptr + offs_b[:, None] * stride_ob + rows[None, :], tl.abs(y), mask=mask_b[:, None] & mask_r[None, :])
+    tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :], tl.abs(y),
+             mask=mask_b[:, None] & mask_n[None, :])
 
 
-QUANT_SCORES_ROWS = 128  # rows a program at batch 1, halved as the padded batch doubles; (warps, stages) below
-QUANT_SCORES_LAUNCH = (4, 3)
+# (rows a program, warps, stages) at batch 1 and at batches 2-16: the best of bench/quant_scores_config.py's 32
+# shapes on the H100 at 7B shapes (BENCHMARKS.md, session 26)
+QUANT_SCORES_LAUNCH = {1: (32, 8, 4), "batch": (16, 4, 4)}
 
 
 def quant_scores(x: torch.Tensor, up_codes: torch.Tensor, up_scales: torch.Tensor, up_bias: torch.Tensor | None,
                  gate_codes: torch.Tensor | None, gate_scales: torch.Tensor | None, bits: int, act: int,
                  out: torch.Tensor, block: tuple | None = None) -> torch.Tensor:
-    """out [B, n] fp32 = the quantized predictor's scores of x [B, d], its codes and scales tiled group-major
+    """out [B, n] fp32 = the quantized predictor's scores of x [B, d], its codes and scales in tile_rows' layout
     (quantized_predictor.tile_rows); the bias only without a gate, as the plain MLPs that have one.
-    block: (rows a program, warps, stages), else the defaults above."""
+    block: (rows a program, warps, stages), else QUANT_SCORES_LAUNCH's for the batch."""
     batch, d = x.shape
     g, n = up_scales.shape
     group = d // g
     assert batch <= DOT_BATCH and x.stride(1) == 1 and out.dtype == torch.float32 and out.shape == (batch, n)
-    assert up_codes.is_contiguous() and up_scales.is_contiguous() and up_codes.shape == (g, n, group * bits // 8)
+    assert up_codes.is_contiguous() and up_scales.is_contiguous() and up_codes.dtype == torch.int32
+    assert up_codes.shape == (d * bits // 32, n) and group * bits >= 32
     assert (gate_codes is None) == (gate_scales is None) and (gate_codes is None or up_bias is None)
-    b_pad = triton.next_power_of_2(batch)
-    block_r, warps, stages = block or (max(16, QUANT_SCORES_ROWS // b_pad), *QUANT_SCORES_LAUNCH)
+    block_n, warps, stages = block or QUANT_SCORES_LAUNCH[1 if batch == 1 else "batch"]
     gc, gs = (gate_codes, gate_scales) if gate_codes is not None else (up_codes, up_scales)
-    _quant_scores_kernel[(triton.cdiv(n, block_r),)](
+    _quant_scores_kernel[(triton.cdiv(n, block_n),)](
         x, up_codes, up_scales, up_bias if up_bias is not None else up_scales, gc, gs, out, batch, n, g,
         x.stride(0), out.stride(0), BITS=bits, GROUP=group, GATED=gate_codes is not None, HAS_BIAS=up_bias is not None,
-        ACT=act, B_PAD=b_pad, BLOCK_R=block_r, num_warps=warps, num_stages=stages, **_pdl(x))
+        ACT=act, B_PAD=triton.next_power_of_2(batch), BLOCK_N=block_n, num_warps=warps, num_stages=stages, **_pdl(x))
     return out

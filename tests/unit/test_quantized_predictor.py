@@ -168,12 +168,15 @@ def test_flags_that_cannot_go_with_it_are_refused(tiny_llama, tmp_path):
     with pytest.raises(DejavuError, match="not with thresholds"):
         run_export(None, tmp_path / "b", config_file="tiny", model_name=str(tiny_llama),
                    overrides={**base, "export.mlp_keep_input": 0.5})
-    with pytest.raises(DejavuError, match="must be a power of two that divides the hidden size"):
+    with pytest.raises(DejavuError, match="must be a power of two of at least 8 that divides the hidden size"):
         run_export(None, tmp_path / "c", config_file="tiny", model_name=str(tiny_llama),
                    overrides={**base, "export.mlp_predictor_group": 128})  # the tiny model's hidden size is 64
-    with pytest.raises(DejavuError, match="must be a power of two, got 48"):  # (the kernels' tiles)
+    with pytest.raises(DejavuError, match="must be a power of two of at least 8, got 48"):  # (the kernels' tiles)
         run_export(None, tmp_path / "c", config_file="tiny", model_name=str(tiny_llama),
                    overrides={**base, "export.mlp_predictor_group": 48})
+    with pytest.raises(DejavuError, match="must be a power of two of at least 8, got 4"):  # (whole 32-bit words)
+        run_export(None, tmp_path / "c", config_file="tiny", model_name=str(tiny_llama),
+                   overrides={**base, "export.mlp_predictor_group": 4})
     with pytest.raises(DejavuError, match="must be 4 or 8"):
         run_export(None, tmp_path / "e", config_file="tiny", model_name=str(tiny_llama),
                    overrides={"export.mlp_predictor_bits": 3})

@@ -91,6 +91,22 @@ def check_report_path(path: str | Path, flag: str = "--json", inputs: Iterable[s
                           "directory); give a path outside bundles and run stages")
     if beside is not None and Path(beside).resolve() == target:
         raise DejavuError(f"{flag} {path}: {beside} is written beside the report; give the report a .json name")
+    if target.is_file() and not _is_json_object(target):
+        # whatever the inputs listed, a file that is not an earlier report (a corpus, a config, a model file) is
+        # never replaced by one
+        raise DejavuError(f"{flag} {path} exists and is not a JSON report; refusing to overwrite it (give a new "
+                          "file name)")
+
+
+def _is_json_object(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            if not fh.read(4096).lstrip().startswith(b"{"):  # a corpus or a model file, without reading it all
+                return False
+            fh.seek(0)
+            return isinstance(json.loads(fh.read()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def check_can_write(path: str | Path, what: str) -> None:

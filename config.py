@@ -437,6 +437,10 @@ def validate(cfg: RunConfig) -> None:
     _check_density(cfg.export.mlp_candidate_density, "export.mlp_candidate_density")
     _check_density(cfg.runtime.mlp_candidate_density, "runtime.mlp_candidate_density")
     _check_density(cfg.tune.mlp_candidate_density, "tune.mlp_candidate_density")
+    for section in ("export", "runtime"):
+        tokens = getattr(cfg, section).calibration_tokens
+        if tokens is not None and tokens < 1:
+            raise DejavuError(f"{section}.calibration_tokens (--calibration-tokens) must be at least 1, got {tokens}")
     t = cfg.tune
     if t.mlp_candidate_density is not None and t.mlp_selection != "threshold":
         raise DejavuError("tune.mlp_candidate_density (--mlp-candidate-density) tunes two-stage score thresholds: "
@@ -456,6 +460,9 @@ def validate(cfg: RunConfig) -> None:
         if layer_bytes is not None and (keep_input is not None or keep_attn is not None):
             raise DejavuError(f"{section}.keep_layer_bytes (--keep-layer-bytes) sets every threshold itself: drop "
                               "--mlp-keep-input / --attn-keep-input")
+    up_weight = cfg.runtime.mlp_up_weight
+    if up_weight is not None and not (math.isfinite(up_weight) and up_weight >= 0):
+        raise DejavuError(f"runtime.mlp_up_weight (--mlp-up-weight) must be a finite number >= 0, got {up_weight}")
     if cfg.runtime.mlp_up_weight is not None and cfg.runtime.mlp_candidate_density is not None:
         raise DejavuError("choose one MLP rule: --mlp-up-weight (exact up) or --mlp-candidate-density (two-stage)")
     for section in ("export", "runtime"):

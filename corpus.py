@@ -40,6 +40,15 @@ def _local_files(spec: str) -> list[str] | None:
     return None
 
 
+def _check_looks_like_text(path, text: str) -> None:
+    """A binary file given as text (a model or tensor file named .txt) would tokenize into noise and train on it
+    without a word: refused when NUL bytes or undecodable bytes make up more than 1 % of it."""
+    bad = text.count("\x00") + text.count("\ufffd")
+    if text and bad > 0.01 * len(text):
+        raise DejavuError(f"{path} does not look like text: {bad} of its {len(text)} characters are NUL bytes or "
+                          "not UTF-8 (a binary file?)")
+
+
 def load_texts(spec: str, split: str = "train", text_field: str = "text") -> list[str]:
     """All documents of a corpus as strings (raw text files come back whole, as one document)."""
     files = _local_files(spec)
@@ -52,6 +61,8 @@ def load_texts(spec: str, split: str = "train", text_field: str = "text") -> lis
         if builder == "text":
             # Read text whole: line-per-row loading loses the newlines that the model saw in training.
             texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
+            for f, t in zip(files, texts, strict=True):
+                _check_looks_like_text(f, t)
             return [t for t in texts if t.strip()]
         import datasets  # imported late: plain-text corpora need no `datasets` (e.g. on the GPU image)
 
@@ -78,7 +89,12 @@ def load_texts(spec: str, split: str = "train", text_field: str = "text") -> lis
                               f"{str(exc).splitlines()[0]}") from None
     if text_field not in ds.column_names:
         raise DejavuError(f"dataset {spec} has no field {text_field!r} (fields: {', '.join(ds.column_names)})")
-    return _nonblank_texts(ds[text_field], spec, text_field)
+    try:
+        return _nonblank_texts(ds[text_field], spec, text_field)
+    except DejavuError:
+        if files is not None:  # a .jsonl line that is an array, not an object, loads as a column of its items: name that line
+            _raise_bad_json_line(files)
+        raise
 
 
 @contextmanager

@@ -459,8 +459,13 @@ def export(
     """Write a self-describing predictor bundle (safetensors + manifest; no pickle).
 
     --run RUN reads RUN/predictors/; --run RUN/tuned the predictors `dejavu tune-predictors` tuned."""
+    from dejavu.errors import DejavuError
     from dejavu.export.bundle import run_export
 
+    if mlp_predictor_group is not None and mlp_predictor_bits is None and \
+            build_config(config, {}).export.mlp_predictor_bits is None:
+        raise DejavuError("--mlp-predictor-group sets the quantized predictors' group: it comes with "
+                          "--mlp-predictor-bits 4|8")
     if mlp_keep_input is None and keep_layer_bytes is None:
         # --model with --run names the model to quantize when --mlp-predictor-bits asks for copies
         _check_rule_flags(config, "export", calibration, model if run is not None and mlp_predictor_bits is None else None,
@@ -616,7 +621,7 @@ def generate(
     if mlp_keep_input is None and keep_layer_bytes is None:
         _check_rule_flags(config, "runtime", calibration, selection=selection, densities=(mlp_density, head_density),
                           skip_kv=skip_kv, engine=engine, mlp_selection=mlp_selection)
-    if temperature == 0 and top_p != 1.0:
+    if temperature == 0 and top_p != 1.0 and 0.0 < top_p <= 1.0:  # an invalid one is refused below instead
         typer.echo("note: --top-p applies only when sampling (--temperature above 0); decoding greedily", err=True)
     run_generate(
         prompts, prompt_file=prompt_file, model=model, bundle=bundle, config_file=config, json_out=json_out, max_new_tokens=max_new_tokens,

@@ -26,6 +26,7 @@ from dejavu.artifacts import (
     existing_ancestor,
     save_tensors,
     sha256_file,
+    stage_around,
     write_manifest,
 )
 from dejavu.collect import labels as L
@@ -285,6 +286,10 @@ def check_writable(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise DejavuError(f"--out {out} exists and is not a directory")
     stage = out / STAGE_DIR
+    around = stage_around(stage)  # out itself or a folder above it
+    if around is not None:
+        raise DejavuError(f"--out {out} is inside a dejavu artifact ({around[0]}, a {around[1]} directory): give "
+                          "a run directory of its own (collect writes RUN/collect/)")
     check_can_write(stage if stage.is_dir() else out, "--out")
 
 

@@ -633,9 +633,11 @@ def _check_shapes(manifest: dict, l: int, kind: str, t: dict[str, torch.Tensor],
     d = model.get("hidden_size")
     w1, w2 = t["w1"], t["w2"]
     if d is not None and w1.shape[1] != d:
-        raise DejavuError(f"{path}: layer {l} {kind} predictor reads {w1.shape[1]} inputs, the model has hidden_size={d}")
+        raise DejavuError(f"{path}: layer {l} {kind} predictor reads {w1.shape[1]} inputs, but the bundle's manifest "
+                          f"describes its model with hidden_size={d} (the bundle is inconsistent)")
     if n_out is not None and w2.shape[0] != n_out:
-        raise DejavuError(f"{path}: layer {l} {kind} predictor scores {w2.shape[0]} units, the model has {n_out}")
+        raise DejavuError(f"{path}: layer {l} {kind} predictor scores {w2.shape[0]} units, but the bundle's manifest "
+                          f"describes its model with {n_out} (the bundle is inconsistent)")
 
 
 def _require(missing: list[str], where: Path) -> None:
@@ -755,6 +757,9 @@ def _predictor_layers(tensors: dict[str, torch.Tensor], mlp_d: list[float], head
             if missing:
                 raise DejavuError(f"{where} lacks {missing[:3]}")
             t = {name: tensors[key] for name, key in keys.items()}
+            bad = [keys[name] for name, value in t.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+            if bad:  # a bundle edited or written by hand: its scores would be NaN and choose at random
+                raise DejavuError(f"{where}: {bad[0]} contains NaN or infinite values")
             if manifest is not None:
                 _check_shapes(manifest, l, kind, t, where)
             preds[kind] = LowRankPredictor.from_tensors(t, activation)

@@ -243,8 +243,11 @@ def run_bench(model: str | None = None, bundle: Path | None = None, dataset: str
     if json_out is not None:  # before minutes of measuring, not after
         from dejavu.artifacts import check_report_path
         from dejavu.runtime.plot import plot_path
+        from dejavu.runtime.quality import default_eval_dataset
 
-        check_report_path(json_out, inputs=[bundle] if bundle is not None else [], beside=plot_path(json_out))
+        inputs = [p for p in (bundle, dataset or (None if synthetic else default_eval_dataset()), cfg.data.dataset,
+                              config_file) if p is not None and Path(str(p)).exists()]
+        check_report_path(json_out, inputs=inputs, beside=plot_path(json_out))
     rt = cfg.runtime
     if not quality and not speed:
         raise DejavuError("--no-quality and --no-speed leave nothing to measure")

@@ -522,7 +522,8 @@ def run_generate(prompts: list[str], *, prompt_file: Path | None = None, model: 
     if json_out is not None:  # checked before the model loads
         from dejavu.artifacts import check_report_path
 
-        inputs = [p for p in (bundle, prompt_file) if p is not None and str(p) != "-"]
+        inputs = [p for p in (bundle, prompt_file, cfg.data.dataset, config_file)
+                  if p is not None and str(p) != "-" and Path(str(p)).exists()]
         check_report_path(json_out, inputs=inputs)
     prompts = list(prompts) + (read_prompt_file(prompt_file) if prompt_file is not None else [])
     if not prompts:

@@ -95,6 +95,12 @@ class CollectRun:
     def __init__(self, run: str | Path, verify: bool = True, hash_share: tuple[int, int] | None = (0, 1)):
         self.dir = Path(run) / "collect"
         if not self.dir.is_dir():
+            from dejavu.artifacts import stage_around
+
+            around = stage_around(self.dir)  # run itself or a folder above it: a bundle or a stage, not a run
+            if around is not None:
+                raise DejavuError(f"{run} is inside a dejavu artifact ({around[0]}, a {around[1]} directory), not a "
+                                  "run: pass the run directory that `dejavu collect --out RUN` wrote")
             raise DejavuError(f"{self.dir} does not exist: run `dejavu collect --out {run}` first")
         self.manifest = read_manifest(self.dir, "dejavu.collect", verify=verify, hash_share=hash_share)
         self.parent = parent_ref(self.dir, self.manifest)

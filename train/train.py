@@ -587,6 +587,7 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
     data = LayerPrefetch(lambda layer: _read_layer(collect, layer, cfg, tag, read_device, pin), todo, ahead)
     overall = tqdm(total=len(mine), desc="layers", disable=not main, unit="layer")
     written: list[int] = []
+    skipped = 0
     try:
         for layer in mine:
             # A process stops at the first layer after its own check failed, leaving a marker in the
@@ -599,7 +600,8 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
                 if acc.num_processes > 1 and any((out / "progress").glob(f"{CHECK_FAILED}-*")):
                     break
             if layer not in todo:
-                overall.set_postfix(skipped=layer)
+                skipped += 1
+                overall.set_postfix(skipped=skipped)  # a count: the layer's index read as one on a rerun
                 overall.update()
                 continue
             started = time.perf_counter()

@@ -203,3 +203,21 @@ def test_settings_that_a_thresholds_rule_would_ignore_are_refused(tmp_path, tiny
     check_flags(load_config("tiny", {}), thresholds_only, "bench")
     with pytest.raises(DejavuError, match="no head predictors"):
         check_flags(load_config("tiny", {"runtime.head_density": 0.5}), thresholds_only, "bench")
+
+
+def test_a_nan_in_a_predictor_is_refused_even_with_matching_hashes(bundle, tmp_path):
+    """A bundle whose predictor holds a NaN (hand-edited, its hashes updated to match) would score at random."""
+    from dejavu.artifacts import file_entry, load_tensors, save_tensors
+
+    copy = tmp_path / "nan"
+    shutil.copytree(bundle, copy)
+    tensors = load_tensors(copy / BUNDLE_FILE)
+    key = next(k for k in tensors if k.endswith(".mlp.w1"))
+    tensors[key][0, 0] = float("nan")
+    save_tensors(copy / BUNDLE_FILE, tensors, {"format": "dejavu.bundle", "format_version": "1"})
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"] = [file_entry(copy / BUNDLE_FILE, copy) if entry["path"] == BUNDLE_FILE else entry
+                         for entry in manifest["files"]]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DejavuError, match=rf"{key} contains NaN or infinite values"):
+        load_bundle(copy)

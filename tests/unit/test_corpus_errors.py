@@ -63,6 +63,7 @@ def test_a_directory_without_corpus_files_says_so(tmp_path):
 @pytest.mark.parametrize("lines, says", [
     (['{"text": "ok"}', '', '{"text": "x"', '{"text": "y"}'], r":3 is not valid JSON \(Expecting ',' delimiter"),
     (['{"text": "ok"}', '5'], r":2 is not a JSON object"),
+    (['[1, 2]'], r":1 is not a JSON object"),  # alone it loads as a column of ints
 ])
 def test_bad_json_lines_are_named_by_file_and_line(tmp_path, lines, says):
     path = tmp_path / "bad.jsonl"
@@ -148,3 +149,13 @@ def test_sequences_longer_than_the_context_are_refused_before_anything_is_writte
     last = err.rstrip("\n").split("\n")[-1]  # (the tiny model's own save may print above it)
     assert last.startswith("error: --seq-len 512 is longer than") and "context of 256 positions" in last
     assert not (tmp_path / "run" / "collect").exists()
+
+
+def test_a_binary_file_named_as_text_is_refused(tmp_path):
+    path = tmp_path / "weights.txt"
+    path.write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(DejavuError, match="does not look like text: .* NUL bytes or not UTF-8"):
+        load_texts(str(path))
+    ok = tmp_path / "mostly.txt"  # a stray bad byte in real text still reads
+    ok.write_bytes(b"plain text " * 200 + b"\xff")
+    assert load_texts(str(ok))[0].startswith("plain text")

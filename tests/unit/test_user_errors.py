@@ -317,3 +317,50 @@ def test_flags_of_a_measurement_switched_off_are_noted(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "note: --prompt-len, --warmup set what a measurement switched off here would use" in err
     assert "--max-eval-tokens" not in err  # quality still runs
+
+
+def test_review26_inputs_and_numbers_are_refused_before_work(capsys, tmp_path, tiny_llama):
+    """Found by session 26's audit: --json over a corpus or a config, a calibration budget below 1, a negative
+    exact-up weight, --mlp-predictor-group alone, collect into a bundle, and train-predictors on one."""
+    from dejavu.cli.main import main
+
+    corpus = tmp_path / "eval.txt"
+    corpus.write_text("Some evaluation text. " * 50)
+    config = tmp_path / "mine.yaml"
+    config.write_text("model:\n  device: cpu\n")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps({"format": "dejavu.bundle", "format_version": 1}))
+    for argv, says in (
+        (["bench", "--model", str(tiny_llama), "--selection", "dense", "-d", str(corpus), "--json", str(corpus)],
+         "would overwrite the command's own input"),
+        (["bench", "--model", str(tiny_llama), "--selection", "dense", "-c", str(config), "--json", str(config)],
+         "would overwrite the command's own input"),
+        (["bench", "--model", str(tiny_llama), "--selection", "dense", "--json", str(tmp_path / "mine.yaml")],
+         "exists and is not a JSON report"),
+        (["export", "--model", "m", "--out", str(tmp_path / "b"), "--mlp-keep-input", "0.8",
+          "--calibration-tokens", "-5"], "export.calibration_tokens (--calibration-tokens) must be at least 1"),
+        (["bench", "--mlp-keep-input", "0.8", "--calibration-tokens", "0"],
+         "runtime.calibration_tokens (--calibration-tokens) must be at least 1"),
+        (["generate", "-p", "hi", "--mlp-up-weight", "-1"], "must be a finite number >= 0, got -1"),
+        (["export", "--run", "nowhere", "--out", str(tmp_path / "b"), "--mlp-predictor-group", "32"],
+         "--mlp-predictor-group sets the quantized predictors' group"),
+        (["collect", "--out", str(bundle), "-c", "tiny", "-m", str(tiny_llama)], "is inside a dejavu artifact"),
+        (["train-predictors", "--run", str(bundle), "-c", "tiny"], "is inside a dejavu artifact"),
+    ):
+        assert main(argv) == 1, argv
+        assert says in capsys.readouterr().err, argv
+    assert corpus.read_text().startswith("Some evaluation text.") and config.read_text().startswith("model:")
+    assert not (bundle / "collect").exists()
+
+
+def test_an_earlier_report_may_be_overwritten_but_not_other_files(tmp_path):
+    from dejavu.artifacts import check_report_path
+
+    report = tmp_path / "r.json"
+    report.write_text('{"dense_ppl": 1}')
+    check_report_path(report)  # an earlier report: rewritten
+    for name, content in (("list.json", "[1, 2]"), ("corpus.txt", "text"), ("model.bin", "\x00\x01")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(DejavuError, match="exists and is not a JSON report"):
+            check_report_path(tmp_path / name)

@@ -335,6 +335,16 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise DejavuError(f"config file not found: {name_or_path} (nor {shipped.name} in {CONFIG_DIR})")
 
 
+def report_inputs(config_file, cfg: RunConfig, *paths) -> list[Path]:
+    """What a command's --json report must never replace: the given paths, the model and the corpus the config
+    names, and the config file itself, where they are local files or folders."""
+    found = [Path(str(p)) for p in (*paths, cfg.model.name, cfg.data.dataset)
+             if p is not None and Path(str(p)).exists()]
+    if config_file is not None:
+        found.append(resolve_config_path(config_file))
+    return found
+
+
 def _merge_file(cfg: RunConfig, config_file: str | Path) -> None:
     path = resolve_config_path(config_file)
     try:

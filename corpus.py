@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import json
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,11 +43,27 @@ def _local_files(spec: str) -> list[str] | None:
 
 def _check_looks_like_text(path, text: str) -> None:
     """A binary file given as text (a model or tensor file named .txt) would tokenize into noise and train on it
-    without a word: refused when NUL bytes or undecodable bytes make up more than 1 % of it."""
-    bad = text.count("\x00") + text.count("\ufffd")
-    if text and bad > 0.01 * len(text):
-        raise DejavuError(f"{path} does not look like text: {bad} of its {len(text)} characters are NUL bytes or "
-                          "not UTF-8 (a binary file?)")
+    without a word: refused when NUL bytes make up more than 0.1 % of it. Text in another encoding (Latin-1)
+    still reads, with a note, as its undecodable bytes become U+FFFD."""
+    nul = text.count("\x00")
+    if text and nul > 0.001 * len(text):
+        raise DejavuError(f"{path} does not look like text: {nul} of its {len(text)} characters are NUL bytes "
+                          "(a binary file?)")
+    undecodable = text.count("\ufffd")
+    if text and undecodable > 0.01 * len(text):
+        print(f"note: {path}: {undecodable} of its {len(text)} characters are not UTF-8 and read as U+FFFD; "
+              "re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8)", file=sys.stderr)
+
+
+def _jsonl_lines_are_objects(files: list[str]) -> None:
+    """A .jsonl line that is an array, not an object, loads as a column of its items (strings as documents,
+    numbers as a wrong field type): named by file and line. Only the first byte of each line is read here."""
+    for name in files:
+        if Path(name).suffix != ".jsonl":
+            continue
+        with open(name, "rb") as fh:
+            if any(line.strip() and not line.lstrip().startswith(b"{") for line in fh):
+                _raise_bad_json_line([name])
 
 
 def load_texts(spec: str, split: str = "train", text_field: str = "text") -> list[str]:
@@ -87,14 +104,11 @@ def load_texts(spec: str, split: str = "train", text_field: str = "text") -> lis
             where = " (the hub cannot be reached and it is not in the local cache)" if offline else ""
             raise DejavuError(f"cannot load dataset {spec!r} (split {split!r}){where}: "
                               f"{str(exc).splitlines()[0]}") from None
+    if files is not None:
+        _jsonl_lines_are_objects(files)
     if text_field not in ds.column_names:
         raise DejavuError(f"dataset {spec} has no field {text_field!r} (fields: {', '.join(ds.column_names)})")
-    try:
-        return _nonblank_texts(ds[text_field], spec, text_field)
-    except DejavuError:
-        if files is not None:  # a .jsonl line that is an array, not an object, loads as a column of its items: name that line
-            _raise_bad_json_line(files)
-        raise
+    return _nonblank_texts(ds[text_field], spec, text_field)
 
 
 @contextmanager

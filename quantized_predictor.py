@@ -32,19 +32,20 @@ KIND = "quantized-weights"
 MLP_INPUT = "mlp_input"
 
 
-def check_format(bits: int, group: int, d_in: int, what: str = "the MLP's input") -> None:
+def check_format(bits: int, group: int, d_in: int, what: str = "the MLP's input", smallest: int = 8) -> None:
+    """smallest: 8 for new copies (the GPU kernel reads a group as whole 32-bit words); bundles written with
+    smaller groups still load (smallest=2) and score through their dequantized copies."""
     if bits not in BITS:
         raise DejavuError(f"quantized MLP predictors have {' or '.join(map(str, BITS))} bits, not {bits}")
-    # a power of two (the kernels' tiles are), of at least 8 inputs (the GPU kernel reads a group as whole 32-bit words)
-    if group < 8 or group & (group - 1) or d_in % group:
-        raise DejavuError(f"the quantization group ({group}) must be a power of two of at least 8 that divides "
-                          f"{what} ({d_in} values)")
+    if group < smallest or group & (group - 1) or d_in % group:  # a power of two: the kernels' tiles are
+        raise DejavuError(f"the quantization group ({group}) must be a power of two of at least {smallest} that "
+                          f"divides {what} ({d_in} values)")
 
 
 def quantize_rows(weight: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8, scales fp16 [n, d / group]) of a [n, d] weight; see the module docstring."""
     n, d = weight.shape
-    check_format(bits, group, d)
+    check_format(bits, group, d, smallest=2)  # export asks for groups of at least 8 (check_format's default)
     w = weight.detach().float().reshape(n, d // group, group)
     qmax = 2 ** (bits - 1) - 1
     absmax = w.abs().amax(-1, keepdim=True)
@@ -127,7 +128,7 @@ class QuantizedMLPPredictor(nn.Module):
             raise DejavuError(f"{where} lacks {missing}")
         n, packed = tensors["up_codes"].shape
         d = packed * 8 // bits
-        check_format(bits, group, d)
+        check_format(bits, group, d, smallest=2)
         for p in self.parts:
             codes, scales = tensors[f"{p}_codes"], tensors[f"{p}_scales"]
             if codes.dtype != torch.uint8 or tuple(codes.shape) != (n, packed):

@@ -459,13 +459,8 @@ def export(
     """Write a self-describing predictor bundle (safetensors + manifest; no pickle).
 
     --run RUN reads RUN/predictors/; --run RUN/tuned the predictors `dejavu tune-predictors` tuned."""
-    from dejavu.errors import DejavuError
     from dejavu.export.bundle import run_export
 
-    if mlp_predictor_group is not None and mlp_predictor_bits is None and \
-            build_config(config, {}).export.mlp_predictor_bits is None:
-        raise DejavuError("--mlp-predictor-group sets the quantized predictors' group: it comes with "
-                          "--mlp-predictor-bits 4|8")
     if mlp_keep_input is None and keep_layer_bytes is None:
         # --model with --run names the model to quantize when --mlp-predictor-bits asks for copies
         _check_rule_flags(config, "export", calibration, model if run is not None and mlp_predictor_bits is None else None,

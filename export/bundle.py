@@ -419,6 +419,14 @@ def _predictors_dir(run: Path) -> Path:
     return run / "predictors"
 
 
+def _check_group_comes_with_bits(cfg, overrides: dict[str, Any] | None) -> None:
+    """--mlp-predictor-group alone would change nothing: refused, once the bits are known from every source (the
+    flag, the config file, the run's recorded config)."""
+    if (overrides or {}).get("export.mlp_predictor_group") is not None and cfg.export.mlp_predictor_bits is None:
+        raise DejavuError("--mlp-predictor-group sets the quantized predictors' group: it comes with "
+                          "--mlp-predictor-bits 4|8")
+
+
 def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[str, Any] | None = None,
                model_name: str | None = None) -> dict:
     """Read RUN/predictors/ (or a predictors directory given itself: RUN/tuned/), write the bundle at `out`;
@@ -428,6 +436,7 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         from dejavu.config import load_config
 
         cfg = load_config(config_file, overrides or {})
+        _check_group_comes_with_bits(cfg, overrides)
         thresholds = cfg.export.mlp_keep_input is not None or cfg.export.keep_layer_bytes is not None
         if cfg.export.mlp_predictor_bits is not None:
             if thresholds or cfg.export.mlp_selection != "topk" or cfg.export.mlp_compensation_rank \
@@ -446,6 +455,7 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
     collect_dir = pred_dir.parent / "collect"
     _check_collect_unchanged(pm, pred_dir, collect_dir)
     cfg = _export_config(pm, config_file, overrides or {})
+    _check_group_comes_with_bits(cfg, overrides)
     quantized_mlp = cfg.export.mlp_predictor_bits is not None
     if quantized_mlp and (cfg.export.mlp_keep_input is not None or cfg.export.keep_layer_bytes is not None
                           or cfg.export.mlp_selection != "topk" or cfg.export.mlp_compensation_rank

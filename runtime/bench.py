@@ -242,11 +242,12 @@ def run_bench(model: str | None = None, bundle: Path | None = None, dataset: str
     cfg = load_config(config_file, overrides or {})
     if json_out is not None:  # before minutes of measuring, not after
         from dejavu.artifacts import check_report_path
+        from dejavu.config import report_inputs
         from dejavu.runtime.plot import plot_path
         from dejavu.runtime.quality import default_eval_dataset
 
-        inputs = [p for p in (bundle, dataset or (None if synthetic else default_eval_dataset()), cfg.data.dataset,
-                              config_file) if p is not None and Path(str(p)).exists()]
+        inputs = report_inputs(config_file, cfg, bundle, model,
+                               dataset or (None if synthetic else default_eval_dataset()))
         check_report_path(json_out, inputs=inputs, beside=plot_path(json_out))
     rt = cfg.runtime
     if not quality and not speed:

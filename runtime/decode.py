@@ -227,7 +227,8 @@ class QuantizedSelector:
 
         int4 = _int4_matmul(pred, device, dtype)
         tiles = None
-        if int4 is None and torch.device(device).type == "cuda":
+        # groups under 32 bits (bundles written before groups of at least 8) score through the dequantized copies
+        if int4 is None and torch.device(device).type == "cuda" and pred.group * pred.bits >= 32:
             t = {name: value.to(device) for name, value in pred.tensors().items()}
             for part in pred.parts:
                 t[f"{part}_codes"], t[f"{part}_scales"] = tile_rows(t[f"{part}_codes"], t[f"{part}_scales"])

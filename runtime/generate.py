@@ -521,9 +521,9 @@ def run_generate(prompts: list[str], *, prompt_file: Path | None = None, model: 
     cfg = load_config(config_file, overrides or {})
     if json_out is not None:  # checked before the model loads
         from dejavu.artifacts import check_report_path
+        from dejavu.config import report_inputs
 
-        inputs = [p for p in (bundle, prompt_file, cfg.data.dataset, config_file)
-                  if p is not None and str(p) != "-" and Path(str(p)).exists()]
+        inputs = report_inputs(config_file, cfg, bundle, model, prompt_file if str(prompt_file) != "-" else None)
         check_report_path(json_out, inputs=inputs)
     prompts = list(prompts) + (read_prompt_file(prompt_file) if prompt_file is not None else [])
     if not prompts:

@@ -154,8 +154,24 @@ def test_sequences_longer_than_the_context_are_refused_before_anything_is_writte
 def test_a_binary_file_named_as_text_is_refused(tmp_path):
     path = tmp_path / "weights.txt"
     path.write_bytes(bytes(range(256)) * 40)
-    with pytest.raises(DejavuError, match="does not look like text: .* NUL bytes or not UTF-8"):
+    with pytest.raises(DejavuError, match=r"does not look like text: .* NUL bytes \(a binary file\?\)"):
         load_texts(str(path))
     ok = tmp_path / "mostly.txt"  # a stray bad byte in real text still reads
     ok.write_bytes(b"plain text " * 200 + b"\xff")
     assert load_texts(str(ok))[0].startswith("plain text")
+
+
+def test_latin1_text_reads_with_a_note(tmp_path, capsys):
+    path = tmp_path / "french.txt"
+    path.write_bytes("Les élèves étaient à l'école. ".encode("latin-1") * 50)
+    assert load_texts(str(path))[0].startswith("Les ")
+    assert "are not UTF-8 and read as U+FFFD; re-encode it as UTF-8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line", ['["hello world"]', '[1, 2]'])
+def test_an_array_line_is_named_whatever_it_holds(tmp_path, line):
+    path = tmp_path / "arr.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    for field in ("text", "content"):
+        with pytest.raises(DejavuError, match=r"arr.jsonl:2 is not a JSON object"):
+            load_texts(str(path), text_field=field)

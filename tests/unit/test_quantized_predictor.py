@@ -387,3 +387,23 @@ def test_export_cli_takes_the_model_beside_a_run(tmp_path, tiny_llama):
                                       str(tmp_path / "b"), "--mlp-predictor-bits", "4", "--mlp-predictor-group", "32"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["mlp_predictor"]["bits"] == 4
+
+
+def test_copies_with_groups_under_a_word_still_load_and_select():
+    """Bundles written before groups of at least 8 (session 26) load; the loop scores them on the dequantized
+    copies, as the CPU does for 8 bits, since the GPU kernel reads whole 32-bit words a group."""
+    from dejavu.models.adapters import MLPWeights
+    from dejavu.predictor import topk_mask
+    from dejavu.quantized_predictor import check_format
+    from dejavu.runtime.decode import QuantizedSelector
+
+    with pytest.raises(DejavuError, match="power of two of at least 8"):
+        check_format(4, 4, 64)
+    torch.manual_seed(0)
+    n, d = 96, 64
+    weights = MLPWeights(up=torch.randn(n, d), down=torch.empty(0), gate=torch.randn(n, d))
+    pred = QuantizedMLPPredictor(quantize_mlp(weights, 4, 4), 4, 4, "silu")
+    selector = QuantizedSelector.build(pred, 48, "cpu", torch.float32)
+    assert selector.int4 is None and selector.tiles is None
+    x = torch.randn(1, d)
+    assert set(selector.select(x, 1).tolist()) == set(topk_mask(pred(x), 0.5)[0].nonzero().squeeze(-1).tolist())

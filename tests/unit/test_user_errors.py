@@ -343,8 +343,10 @@ def test_review26_inputs_and_numbers_are_refused_before_work(capsys, tmp_path, t
         (["bench", "--mlp-keep-input", "0.8", "--calibration-tokens", "0"],
          "runtime.calibration_tokens (--calibration-tokens) must be at least 1"),
         (["generate", "-p", "hi", "--mlp-up-weight", "-1"], "must be a finite number >= 0, got -1"),
-        (["export", "--run", "nowhere", "--out", str(tmp_path / "b"), "--mlp-predictor-group", "32"],
+        (["export", "--model", str(tiny_llama), "--out", str(tmp_path / "b"), "--mlp-predictor-group", "32"],
          "--mlp-predictor-group sets the quantized predictors' group"),
+        (["bench", "--model", str(tiny_llama), "--selection", "dense", "--json", str(tiny_llama / "config.json")],
+         "would overwrite the command's own input"),
         (["collect", "--out", str(bundle), "-c", "tiny", "-m", str(tiny_llama)], "is inside a dejavu artifact"),
         (["train-predictors", "--run", str(bundle), "-c", "tiny"], "is inside a dejavu artifact"),
     ):
@@ -360,7 +362,18 @@ def test_an_earlier_report_may_be_overwritten_but_not_other_files(tmp_path):
     report = tmp_path / "r.json"
     report.write_text('{"dense_ppl": 1}')
     check_report_path(report)  # an earlier report: rewritten
+    (tmp_path / "fresh.json").write_text("")
+    check_report_path(tmp_path / "fresh.json")  # an empty file (mktemp) too
     for name, content in (("list.json", "[1, 2]"), ("corpus.txt", "text"), ("model.bin", "\x00\x01")):
         (tmp_path / name).write_text(content)
         with pytest.raises(DejavuError, match="exists and is not a JSON report"):
             check_report_path(tmp_path / name)
+
+
+def test_a_preset_named_like_a_folder_does_not_block_a_report_there(tmp_path, monkeypatch):
+    from dejavu.config import load_config, report_inputs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    inputs = report_inputs("tiny", load_config("tiny", {}))
+    assert all(p.name != "tiny" or p.is_file() for p in inputs)  # the shipped tiny.yaml, not ./tiny/

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -91,11 +92,13 @@ def check_report_path(path: str | Path, flag: str = "--json", inputs: Iterable[s
                           "directory); give a path outside bundles and run stages")
     if beside is not None and Path(beside).resolve() == target:
         raise DejavuError(f"{flag} {path}: {beside} is written beside the report; give the report a .json name")
-    if target.is_file() and target.stat().st_size and not _is_json_object(target):  # empty: a fresh mktemp
-        # whatever the inputs listed, a file that is not an earlier report (a corpus, a config, a model file) is
-        # never replaced by one
-        raise DejavuError(f"{flag} {path} exists and is not a JSON report; refusing to overwrite it (give a new "
-                          "file name)")
+    if target.is_file() and target.stat().st_size:  # empty: a fresh mktemp
+        if not _is_json_object(target):
+            # whatever the inputs listed, a file that is not an earlier report (a corpus, a config, a model file)
+            # is never replaced by one
+            raise DejavuError(f"{flag} {path} exists and is not a JSON report; refusing to overwrite it (give a new "
+                              "file name)")
+        print(f"note: {flag} {path} exists and will be replaced by this run's report", file=sys.stderr)
 
 
 def _is_json_object(path: Path) -> bool:

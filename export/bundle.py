@@ -465,7 +465,9 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
                           "--mlp-candidate-density or an MLP compensation")
     _check_thresholds_take_no_layer_densities(cfg)
     identity = pm.get("model") or {}
-    num_layers = int(pm.get("layers") or identity.get("num_layers") or 0)
+    # the model's layer count: the manifest's `layers` counts the trained ones (train.layers may pick a subset, the
+    # others are exported dense)
+    num_layers = int(identity.get("num_layers") or 0)
     if num_layers <= 0:
         raise DejavuError(f"{pred_dir}/manifest.json names no layer count")
     if out.resolve() in (run.resolve(), pred_dir.resolve()):

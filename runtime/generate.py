@@ -19,6 +19,7 @@ samples, within a top-p nucleus, from a seeded generator, so a run can be repeat
 from __future__ import annotations
 
 import inspect
+import numbers
 import os
 import time
 from collections.abc import Callable
@@ -64,6 +65,8 @@ class Sampler:
             raise DejavuError(f"temperature must be a finite number >= 0, got {temperature}")
         if not 0.0 < top_p <= 1.0:
             raise DejavuError(f"top_p must be in (0, 1], got {top_p}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise DejavuError(f"seed must be an integer, got {seed!r}")
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self._generator: torch.Generator | None = None
 
@@ -309,9 +312,11 @@ class SparseModel:
         one set of neurons and heads for the whole batch, the top-k of its scores (MLP score thresholds apply
         at batch 1 only; down thresholds per sequence), as `dejavu bench` times it at batch > 1. Sampled tokens come from one generator
         for the whole batch."""
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise DejavuError("generate_batch() takes a list of str prompts"
-                              + ("; for one prompt, use generate()" if isinstance(prompts, str) else ""))
+        if isinstance(prompts, str):
+            raise DejavuError("generate_batch() takes a list of str prompts; for one prompt, use generate()")
+        prompts = list(prompts)  # once: a generator checked item by item would be used up
+        if not all(isinstance(p, str) for p in prompts):
+            raise DejavuError("generate_batch() takes a list of str prompts")
         if not prompts:
             raise DejavuError("no prompts to generate from")
         return self._generate(list(prompts), max_new_tokens, sparse, temperature, top_p, seed, chat, stop_at_eos,
@@ -469,7 +474,14 @@ class _TextStream:
     def __call__(self, ids: list[int]) -> None:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
-            return  # the ids end inside a character: print it once the rest arrives
+            return  # the ids end inside a character: print it once the rest arrives (or at finish)
+        self._print_beyond(text)
+
+    def finish(self, text: str) -> None:
+        """The generation's final text: whatever the last callbacks held back (a character cut at the end)."""
+        self._print_beyond(text)
+
+    def _print_beyond(self, text: str) -> None:
         # decoding more ids can change the last characters (merged pieces); printed text stays, so the rare
         # change shows as a repeated piece, never as lost text
         print(text[len(os.path.commonprefix([self.printed, text])):], end="", flush=True)
@@ -545,11 +557,15 @@ def run_generate(prompts: list[str], *, prompt_file: Path | None = None, model: 
     if batch_size > 1 and len(prompts) > 1:
         scored = sm.plan.mlp_score_thresholds is not None
         cut = sm.plan.mlp_down_thresholds is not None
-        shared = ("predicted neurons and heads: one set for the whole batch"
-                  + (" (MLP score thresholds apply at batch 1: here the batch's top-k of its scores"
-                     + ("; down thresholds: each prompt's own" if cut else "") + ")" if scored else
-                     "; magnitude thresholds: each prompt's own")
-                  if sm.engine == "decode-loop" else "each prompt keeps its own selection")
+        parts = []
+        if sm.plan.predictors is not None:
+            parts.append("predicted neurons and heads: one set for the whole batch"
+                         + (" (MLP score thresholds apply at batch 1: here the batch's top-k of its scores"
+                            + ("; down thresholds: each prompt's own" if cut else "") + ")" if scored else ""))
+        if sm.plan.thresholds is not None:
+            parts.append("magnitude thresholds: each prompt's own")
+        shared = ("; ".join(parts) or "no predictors or thresholds: every neuron and head") \
+            if sm.engine == "decode-loop" else "each prompt keeps its own selection"
         print(f"  batches of up to {batch_size} prompts ({shared})")
     stream = sys.stdout.isatty() and batch_size == 1 if stream is None else stream
     label = "sparse" if sm.plan.sparse else "dense (the rule computes everything)"
@@ -564,7 +580,9 @@ def run_generate(prompts: list[str], *, prompt_file: Path | None = None, model: 
             for name, sparse_run in modes:
                 if stream:
                     print(f"{name}: ", end="", flush=True)
-                    g = sm.generate(group[0], sparse=sparse_run, on_tokens=_TextStream(sm.tokenizer), **kwargs)
+                    streamed = _TextStream(sm.tokenizer)
+                    g = sm.generate(group[0], sparse=sparse_run, on_tokens=streamed, **kwargs)
+                    streamed.finish(g.text)
                     print(f"\n  ({_speed(g)})")
                     runs[sparse_run] = [g]
                 elif len(group) == 1:

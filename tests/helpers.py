@@ -127,7 +127,8 @@ def make_predictors_dir(run: Path, model_dir: Path, rank: int = 8, mlp_density: 
     out = Path(run) / "predictors"
     torch.manual_seed(seed)
     files = []
-    for layer in (range(adapter.num_layers) if layers is None else layers):
+    trained = list(range(adapter.num_layers) if layers is None else layers)
+    for layer in trained:
         tensors = {}
         for kind, n_out in (("mlp", s.intermediate_size), ("attn", s.num_heads)):
             pred = LowRankPredictor(s.hidden_size, n_out, rank)
@@ -140,7 +141,7 @@ def make_predictors_dir(run: Path, model_dir: Path, rank: int = 8, mlp_density: 
     cfg = RunConfig()
     cfg.model.name = str(model_dir)
     write_manifest(out, "dejavu.predictors", cfg.to_dict(), files, parent=None,
-                   model=model_identity(adapter, str(model_dir)), layers=adapter.num_layers, rank=rank,
+                   model=model_identity(adapter, str(model_dir)), layers=len(trained), layer_indices=trained, rank=rank,
                    hidden_activation="none", mlp_pairing=mlp_pairing, head_pairing=head_pairing,
                    mlp_density=mlp_density, head_density=head_density,
                    metrics={"mlp": {"recall": 0.5}, "attn": {"recall": 0.5}})

@@ -73,6 +73,15 @@ def test_density_overrides_and_untrained_layers(tmp_path, tiny_llama):
     assert manifest["mlp_density_per_layer"] == [0.3, 1.0, 0.3]  # layer 1 has no predictor: dense
     _, pset = load_bundle(tmp_path / "b")
     assert pset.layers[1].mlp is None and pset.layers[1].mlp_density == 1.0
+    assert pset.layers[2].mlp is not None  # the run's manifest counts 2 trained layers of the model's 3
+
+
+def test_a_run_of_one_middle_layer_exports(tmp_path, tiny_llama):
+    make_predictors_dir(tmp_path, tiny_llama, layers=[1])
+    manifest = run_export(tmp_path, tmp_path / "b")
+    assert manifest["mlp_density_per_layer"] == [1.0, 0.5, 1.0]
+    _, pset = load_bundle(tmp_path / "b")
+    assert [layer.mlp is not None for layer in pset.layers] == [False, True, False]
 
 
 def test_refuses_other_model_and_other_dims(exported, tmp_path, tiny_tokenizer, tiny_model_factory):

@@ -247,3 +247,30 @@ def test_auto_falls_back_to_the_hooks_for_an_activation_the_loop_lacks(tiny_mode
     sm = _sparse_model(tiny_model_factory("gpt_neox", hidden_act="quick_gelu"), mlp_density=1.0, head_density=1.0)
     assert sm.generate(PROMPT, 6, stop_at_eos=False).token_ids == _hf_greedy(sm, PROMPT, 6)
     assert sm.engine == "hooks" and "generating with the hooks instead" in capsys.readouterr().out
+
+
+def test_a_stream_ending_inside_a_character_prints_the_rest_at_finish(capsys):
+    """Ids that end inside a multi-byte character are held back; finish prints them with the final text."""
+    from dejavu.runtime.generate import _TextStream
+
+    class Bytes:  # a byte-level tokenizer: one id a UTF-8 byte
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    data = list("ab😀".encode())
+    stream = _TextStream(Bytes())
+    for n in range(1, len(data)):  # the emoji's last byte never arrives through the callback
+        stream(data[:n])
+    assert capsys.readouterr().out == "ab"
+    stream.finish("ab\ufffd")
+    assert capsys.readouterr().out == "\ufffd"
+
+
+def test_api_misuse_is_a_dejavu_error(tiny_llama):
+    from dejavu.errors import DejavuError
+
+    sm = _sparse_model(tiny_llama, engine="hooks")
+    with pytest.raises(DejavuError, match="seed must be an integer, got None"):
+        sm.generate(PROMPT, 2, temperature=1.0, seed=None)
+    got = sm.generate_batch((p for p in [PROMPT, "A"]), 2, sparse=False)  # a generator is read once
+    assert len(got) == 2

@@ -319,8 +319,7 @@ class SparseModel:
             raise DejavuError("generate_batch() takes a list of str prompts")
         if not prompts:
             raise DejavuError("no prompts to generate from")
-        return self._generate(list(prompts), max_new_tokens, sparse, temperature, top_p, seed, chat, stop_at_eos,
-                              None)
+        return self._generate(prompts, max_new_tokens, sparse, temperature, top_p, seed, chat, stop_at_eos, None)
 
     def _generate(self, prompts, max_new_tokens, sparse, temperature, top_p, seed, chat, stop_at_eos,
                   on_tokens) -> list[Generation]:

@@ -601,7 +601,7 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
                     break
             if layer not in todo:
                 skipped += 1
-                overall.set_postfix(skipped=skipped)  # a count: the layer's index read as one on a rerun
+                overall.set_postfix(skipped=skipped)  # how many were already finished, not a layer index
                 overall.update()
                 continue
             started = time.perf_counter()

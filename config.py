@@ -327,7 +327,8 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    name = str(name_or_path)
+    shipped = CONFIG_DIR / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
     if shipped.is_file():
         return shipped
     if path.is_dir():

@@ -220,7 +220,8 @@ def print_report(report: dict, out=None) -> None:
         p(f"  speed ({s.get('method', 'runtime.speed')}{kv}):")
         for b, row in (s.get("batches") or {}).items():
             p(f"    batch {b}: dense {_fmt(row.get('dense_ms_per_token'), '.2f')} ms/token, sparse "
-              f"{_fmt(row.get('sparse_ms_per_token'), '.2f')} ms/token, speedup {_fmt(row.get('speedup'), '.2f')}x"
+              f"{_fmt(row.get('sparse_ms_per_token'), '.2f')} ms/token, speedup "
+              f"{_fmt(row.get('speedup'), '.2f') + ('x' if row.get('speedup') is not None else '')}"
               + (f" (MLP neurons computed: {row['sparse_mlp_share_read']:.3f} of them"
                  + (f", down rows read for {row['sparse_mlp_down_share_read']:.3f}"
                     if row.get("sparse_mlp_down_share_read") is not None else "")
@@ -259,7 +260,7 @@ def run_bench(model: str | None = None, bundle: Path | None = None, dataset: str
         raise DejavuError("--synthetic builds random weights and measures speed only: drop --no-speed")
     from dejavu.runtime.plan import check_selection_flags
 
-    check_selection_flags(cfg)
+    check_selection_flags(cfg, synthetic=bool(synthetic))
     device = resolve_device(rt.device if rt.device != "auto" else cfg.model.device)
     dtype = resolve_dtype(rt.dtype if rt.dtype != "auto" else cfg.model.dtype, device)
     batch_sizes = rt.batch_sizes or [1]
@@ -279,8 +280,13 @@ def run_bench(model: str | None = None, bundle: Path | None = None, dataset: str
 
         if write_speed_plot(report, plot_path(json_out)) is not None:
             print(f"  plot: {plot_path(json_out)}")
-        elif report.get("speed"):
-            print("  no plot: matplotlib is not installed (pip install 'dejavu[plot]')")
+        else:
+            if plot_path(json_out).is_file():  # an earlier run's plot of this report would now describe nothing here
+                plot_path(json_out).unlink()
+                print(f"  removed the earlier plot {plot_path(json_out)} (this run measured no speed to plot)"
+                      if not report.get("speed") else f"  removed the earlier plot {plot_path(json_out)}")
+            if report.get("speed"):
+                print("  no plot: matplotlib is not installed (pip install 'dejavu[plot]')")
     return report
 
 

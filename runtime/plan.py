@@ -120,8 +120,11 @@ def _bundled_thresholds(cfg, predictors: PredictorSet | None) -> Thresholds | No
     return predictors.thresholds
 
 
-def check_selection_flags(cfg) -> None:
+def check_selection_flags(cfg, synthetic: bool = False) -> None:
     rt = cfg.runtime
+    if synthetic and rt.selection != "predictor":
+        raise DejavuError(f"--synthetic times random predictors (speed only): --selection {rt.selection} does not "
+                          "apply; drop it")
     if rt.selection != "predictor" and (rt.mlp_up_weight is not None or rt.mlp_candidate_density is not None
                                         or rt.mlp_selection == "threshold"):
         raise DejavuError(f"--mlp-up-weight, --mlp-candidate-density and --mlp-selection threshold refine the "
@@ -140,11 +143,12 @@ def check_flags(cfg, predictors: PredictorSet | None, command: str) -> None:
             "; in Python, load_sparse(model, bundle=...) or load_sparse(model, selection='oracle') and so on")
         raise DejavuError(f"{command} needs --bundle (or --selection oracle|dense, --mlp-keep-input, "
                           "--keep-layer-bytes" + (", or --synthetic NAME)" if command == "bench" else ")") + api)
-    if (rt.selection == "predictor" and predictors is not None and rt.head_density is not None
-            and rt.head_density < 1.0 and not any(lp.attn is not None for lp in predictors.layers)):
-        what = "thresholds" if not selecting else "MLP predictors"
-        raise DejavuError(f"this bundle holds {what} and no head predictors, so --head-density would change "
-                          "nothing: drop it (or use --selection oracle for true top-k heads)")
+    if (rt.selection == "predictor" and rt.head_density is not None and rt.head_density < 1.0
+            and (predictors is None or not any(lp.attn is not None for lp in predictors.layers))):
+        what = ("no bundle: magnitude thresholds compute every head" if predictors is None else
+                f"this bundle holds {'thresholds' if not selecting else 'MLP predictors'} and no head predictors")
+        raise DejavuError(f"{what}, so --head-density would change nothing: drop it (or use --selection oracle for "
+                          "true top-k heads, or --attn-keep-input for attention thresholds)")
     if (bundled is not None or flagged) and (rt.mlp_candidate_density is not None or rt.mlp_up_weight is not None):
         raise DejavuError("thresholds are their own MLP rule: drop --mlp-candidate-density / --mlp-up-weight")
     if rt.mlp_selection == "threshold" and (bundled is not None or flagged):

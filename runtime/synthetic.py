@@ -101,7 +101,9 @@ def build_synthetic(name: str, layers: int | None, device, dtype, mlp_density: f
     if layers is not None:
         if layers < 1:
             raise DejavuError(f"--layers must be at least 1, got {layers}")
-        spec["num_hidden_layers"] = min(layers, spec["num_hidden_layers"])
+        if layers > spec["num_hidden_layers"]:
+            raise DejavuError(f"--layers {layers}: {name} has {spec['num_hidden_layers']} layers")
+        spec["num_hidden_layers"] = layers
     cfg = AutoConfig.for_model(model_type, **spec)
     device = torch.device(device)
     torch.manual_seed(seed)

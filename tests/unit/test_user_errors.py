@@ -377,3 +377,31 @@ def test_a_preset_named_like_a_folder_does_not_block_a_report_there(tmp_path, mo
     (tmp_path / "tiny").mkdir()
     inputs = report_inputs("tiny", load_config("tiny", {}))
     assert all(p.name != "tiny" or p.is_file() for p in inputs)  # the shipped tiny.yaml, not ./tiny/
+
+
+def test_review26_bench_flags_that_would_change_nothing(capsys, tmp_path):
+    """Third audit: --selection with --synthetic, --head-density with thresholds and no bundle, --layers past the
+    preset's, and a shipped config named with its extension."""
+    from dejavu.cli.main import main
+    from dejavu.config import resolve_config_path
+
+    for argv, says in (
+        (["bench", "--synthetic", "smollm2-135m", "--layers", "1", "--device", "cpu", "--selection", "dense"],
+         "--selection dense does not apply"),
+        (["bench", "-c", "tiny", "--mlp-keep-input", "0.7", "--head-density", "0.5", "--no-speed"],
+         "no bundle: magnitude thresholds compute every head"),
+        (["bench", "--synthetic", "smollm2-135m", "--layers", "99", "--device", "cpu"], "smollm2-135m has 30 layers"),
+    ):
+        assert main(argv) == 1, argv
+        assert says in capsys.readouterr().err, argv
+    assert resolve_config_path("tiny.yaml") == resolve_config_path("tiny")
+
+
+def test_a_rerun_without_speed_removes_the_earlier_plot(tmp_path, tiny_llama, capsys):
+    from dejavu.cli.main import main
+    from helpers import CALIB_TXT
+
+    (tmp_path / "r.png").write_bytes(b"an earlier run's timings")
+    assert main(["bench", "--model", str(tiny_llama), "-c", "tiny", "--selection", "dense", "--no-speed",
+                 "--max-eval-tokens", "64", "-d", str(CALIB_TXT), "--json", str(tmp_path / "r.json")]) == 0
+    assert not (tmp_path / "r.png").exists() and "removed the earlier plot" in capsys.readouterr().out

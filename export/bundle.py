@@ -419,12 +419,21 @@ def _predictors_dir(run: Path) -> Path:
     return run / "predictors"
 
 
-def _check_group_comes_with_bits(cfg, overrides: dict[str, Any] | None) -> None:
-    """--mlp-predictor-group alone would change nothing: refused, once the bits are known from every source (the
-    flag, the config file, the run's recorded config)."""
-    if (overrides or {}).get("export.mlp_predictor_group") is not None and cfg.export.mlp_predictor_bits is None:
-        raise DejavuError("--mlp-predictor-group sets the quantized predictors' group: it comes with "
-                          "--mlp-predictor-bits 4|8")
+def _check_quantized_flags(cfg, overrides: dict[str, Any] | None, tuned_compensation: bool = False) -> None:
+    """Quantized-weight MLP predictors (--mlp-predictor-bits) choose by a top-k and replace every other MLP rule;
+    --mlp-predictor-group alone would change nothing. Checked once the bits are known from every source (the flag,
+    the config file, the run's recorded config)."""
+    e = cfg.export
+    if e.mlp_predictor_bits is None:
+        if (overrides or {}).get("export.mlp_predictor_group") is not None:
+            raise DejavuError("--mlp-predictor-group sets the quantized predictors' group: it comes with "
+                              "--mlp-predictor-bits 4|8")
+        return
+    if (e.mlp_keep_input is not None or e.keep_layer_bytes is not None or e.mlp_selection != "topk"
+            or e.mlp_compensation_rank or e.mlp_candidate_density is not None or tuned_compensation):
+        raise DejavuError("--mlp-predictor-bits makes the MLP predictors quantized copies of gate and up, chosen by a "
+                          "top-k: not with thresholds, --mlp-selection threshold, --mlp-candidate-density or an MLP "
+                          "compensation")
 
 
 def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[str, Any] | None = None,
@@ -436,13 +445,9 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         from dejavu.config import load_config
 
         cfg = load_config(config_file, overrides or {})
-        _check_group_comes_with_bits(cfg, overrides)
+        _check_quantized_flags(cfg, overrides)
         thresholds = cfg.export.mlp_keep_input is not None or cfg.export.keep_layer_bytes is not None
         if cfg.export.mlp_predictor_bits is not None:
-            if thresholds or cfg.export.mlp_selection != "topk" or cfg.export.mlp_compensation_rank \
-                    or cfg.export.mlp_candidate_density is not None:
-                raise DejavuError("--mlp-predictor-bits writes quantized-weight MLP predictors with a top-k: not with "
-                                  "thresholds, --mlp-selection threshold, --mlp-candidate-density or a compensation")
             return _export_quantized_predictors(Path(out), cfg, model_name or cfg.model.name)
         if not thresholds:
             raise DejavuError("export needs --run (a training run), --mlp-keep-input / --keep-layer-bytes for a "
@@ -455,14 +460,8 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
     collect_dir = pred_dir.parent / "collect"
     _check_collect_unchanged(pm, pred_dir, collect_dir)
     cfg = _export_config(pm, config_file, overrides or {})
-    _check_group_comes_with_bits(cfg, overrides)
+    _check_quantized_flags(cfg, overrides, tuned_compensation=bool(pm.get("mlp_compensation")))
     quantized_mlp = cfg.export.mlp_predictor_bits is not None
-    if quantized_mlp and (cfg.export.mlp_keep_input is not None or cfg.export.keep_layer_bytes is not None
-                          or cfg.export.mlp_selection != "topk" or cfg.export.mlp_compensation_rank
-                          or cfg.export.mlp_candidate_density is not None or pm.get("mlp_compensation")):
-        raise DejavuError("--mlp-predictor-bits replaces the run's MLP predictors with quantized copies of gate and "
-                          "up, chosen by a top-k: not with thresholds, --mlp-selection threshold, "
-                          "--mlp-candidate-density or an MLP compensation")
     _check_thresholds_take_no_layer_densities(cfg)
     identity = pm.get("model") or {}
     # the model's layer count: the manifest's `layers` counts the trained ones (train.layers may pick a subset, the

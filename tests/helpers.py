@@ -109,6 +109,20 @@ def default_model_available() -> bool:
 
 
 
+def decode_one_sparse_step(model, adapter, predictors, prompt_len: int = 6):
+    """The CPU fp32 decode loop's first sparse step after a dense prefill of a seeded random prompt: (the step's
+    logits, the prompt with the prefill's token appended, the DecodeModel), for comparing with the hooks or HF."""
+    from dejavu.runtime.decode import DecodeModel
+
+    torch.manual_seed(0)
+    prompt = torch.randint(1, 500, (1, prompt_len))
+    dm = DecodeModel(model, adapter, predictors, "cpu", torch.float32, max_len=12)
+    st = dm.new_state(1)
+    dm.prefill(st, prompt)
+    ids = torch.cat([prompt, st.tokens[:, None]], 1)
+    return dm.step(st, sparse=True), ids, dm
+
+
 def make_predictors_dir(run: Path, model_dir: Path, rank: int = 8, mlp_density: float = 0.5,
                         head_density: float = 0.5, mlp_pairing: str = "current", head_pairing: str = "lookahead",
                         layers: list[int] | None = None, seed: int = 0) -> Path:

@@ -10,6 +10,8 @@ from dejavu.models.adapters import adapter_for
 from dejavu.predictor import PredictorSet, units_for_density
 from dejavu.runtime.decode import DecodeModel
 
+from helpers import decode_one_sparse_step
+
 
 def _load(path):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -99,13 +101,7 @@ def test_sparse_step_matches_masked_hf(tiny_model_factory, model_type, pairing):
     nl = adapter.num_layers
     preds = PredictorSet.random(nl, s.hidden_size, s.intermediate_size, s.num_heads, 8, 0.5, 0.5, seed=1)
     preds.head_pairing = pairing
-    torch.manual_seed(0)
-    prompt = torch.randint(1, 500, (1, 6))
-    dm = DecodeModel(model, adapter, preds, "cpu", torch.float32, max_len=12)
-    st = dm.new_state(1)
-    dm.prefill(st, prompt)
-    ids = torch.cat([prompt, st.tokens[:, None]], 1)
-    logits = dm.step(st, sparse=True)
+    logits, ids, _ = decode_one_sparse_step(model, adapter, preds)
     # The selections, recomputed from HF's own block inputs of the new token (dense up to the
     # current layer's input would differ, so take them from the masked run's hidden states by fixpoint:
     # layer l's inputs depend only on layers < l, so run L times, fixing one more layer each time).

@@ -353,17 +353,12 @@ def _loop_step_and_hooks(path, predictors):
     from transformers import AutoModelForCausalLM
 
     from dejavu.models.adapters import adapter_for
-    from dejavu.runtime.decode import DecodeModel
+
+    from helpers import decode_one_sparse_step
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     adapter = adapter_for(model)
-    torch.manual_seed(0)
-    prompt = torch.randint(1, 500, (1, 6))
-    dm = DecodeModel(model, adapter, predictors, "cpu", torch.float32, max_len=12)
-    st = dm.new_state(1)
-    dm.prefill(st, prompt)
-    ids = torch.cat([prompt, st.tokens[:, None]], 1)
-    logits = dm.step(st, sparse=True)
+    logits, ids, dm = decode_one_sparse_step(model, adapter, predictors)
     with torch.no_grad(), SparseRuntime(model, adapter, predictors) as rt:
         rt.token_mask = torch.zeros(ids.shape, dtype=torch.bool)
         rt.token_mask[:, -1] = True

@@ -399,6 +399,7 @@ def test_review26_bench_flags_that_would_change_nothing(capsys, tmp_path):
 
 def test_a_rerun_without_speed_removes_the_earlier_plot(tmp_path, tiny_llama, capsys):
     from dejavu.cli.main import main
+
     from helpers import CALIB_TXT
 
     (tmp_path / "r.png").write_bytes(b"an earlier run's timings")

@@ -67,6 +67,8 @@ class Sampler:
             raise DejavuError(f"top_p must be in (0, 1], got {top_p}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise DejavuError(f"seed must be an integer, got {seed!r}")
+        if not -2 ** 63 <= seed < 2 ** 64:  # what torch.Generator.manual_seed takes
+            raise DejavuError(f"seed must be between -2**63 and 2**64 - 1, got {seed}")
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self._generator: torch.Generator | None = None
 
@@ -80,7 +82,9 @@ class Sampler:
             return logits.argmax(-1)
         if self._generator is None or self._generator.device != logits.device:
             self._generator = torch.Generator(device=logits.device).manual_seed(self.seed)
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        # the largest logit at 0 first: a tiny temperature then sends the others to -inf, not inf - inf = NaN
+        logits = logits.float()
+        probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / self.temperature, dim=-1)
         if self.top_p < 1.0:
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             # keep a token while the mass before it is below top_p (the first token always stays)
@@ -182,11 +186,12 @@ def hooks_decode(model, ids: torch.Tensor, max_new: int, *, attention_mask: torc
     return rows, prefill_ms, decode_ms
 
 
-def loop_length(prompt_len: int, max_new: int) -> int:
-    """Cache positions the decode loop needs: the prompt and the new tokens (the last one is sampled, never
-    cached), and at least the two positions the warm-up steps of a CUDA graph's capture write past the
-    prompt. No more: a model with learned positions (GPT-2, OPT) has no embedding past its context."""
-    return prompt_len + max(max_new, 3)
+def loop_length(prompt_len: int, max_new: int, graphed: bool) -> int:
+    """Cache positions the decode loop needs: the prompt and every new token but the last (sampled, never
+    cached), and with a CUDA graph at least the two positions its warm-up steps write past the prompt (no
+    graph is built for a single new token). No more: a model with learned positions (GPT-2, OPT) has no
+    embedding past its context, so a prompt and new tokens that fill the context exactly must fit."""
+    return prompt_len + max(max_new - 1, 2 if graphed and max_new > 1 else 1)
 
 
 def check_engine(engine: str) -> None:
@@ -338,9 +343,10 @@ class SparseModel:
                               f"{self.name}'s context of {context} tokens")
         eos = self.eos_ids if stop_at_eos else set()
         sparse = sparse and self.plan.sparse
-        if self.engine == "decode-loop" and self._auto and self._loop is None:
-            try:
-                self._loop_state(loop_length(ids.shape[1], max_new_tokens), sparse, ids.shape[0])
+        needed = loop_length(ids.shape[1], max_new_tokens, self.device.type == "cuda")
+        if self.engine == "decode-loop" and self._auto and (self._loop is None or needed > self._loop_len):
+            try:  # (a longer cache than before rebuilds the loop: the same check then)
+                self._loop_state(needed, sparse, ids.shape[0])
             except DejavuError as exc:  # a layout the loop does not take (biases, an ungated MLP)
                 print(f"  note: {exc}; generating with the hooks instead", flush=True)
                 self.engine = "hooks"
@@ -372,7 +378,7 @@ class SparseModel:
         from dejavu.runtime.decode import GraphedStep
 
         batch = ids.shape[0]
-        st, step = self._loop_state(loop_length(ids.shape[1], max_new), sparse, batch)
+        st, step = self._loop_state(loop_length(ids.shape[1], max_new, self.device.type == "cuda"), sparse, batch)
         dm = self._loop
         sync_device(self.device)
         t0 = time.perf_counter()
@@ -380,7 +386,7 @@ class SparseModel:
         st.tokens.copy_(sampler(logits))
         sync_device(self.device)
         prefill_ms = (time.perf_counter() - t0) * 1e3
-        if step is None:
+        if step is None and max_new > 1:  # (one new token comes from the prefill: no step, no graph)
             if self.device.type == "cuda":
                 step = GraphedStep(dm, st, sparse)  # restores the position and tokens it warmed up from
             else:

@@ -2,7 +2,10 @@
 
 Perplexity is the usual strided evaluation (as in the Hugging Face perplexity guide): windows of
 `window` tokens start every `stride` tokens; each window scores only the tokens beyond its overlap
-with the previous one, so every token is scored once with up to `window - stride` tokens of context.
+with the previous one, so every token is scored once with up to `window - stride` tokens of context,
+except where windows do not overlap (stride = window, as when a model's context is at most the stride): each
+window's first token then has no context and is not scored (the guide's handling; the reports count the
+tokens scored).
 
 Which tokens are sparse: every token of every window (the scored ones and their context), each with
 its own selection, so a scored token's own computation is sparse and the K/V it attends to come from

@@ -83,6 +83,15 @@ def test_sampling_repeats_with_its_seed_and_top_p_near_zero_is_greedy(tiny_llama
     greedy = sm.generate(PROMPT, 16, stop_at_eos=False)
     assert a.token_ids == b.token_ids and a.token_ids != c.token_ids and a.token_ids != greedy.token_ids
     assert sm.generate(PROMPT, 16, temperature=1.5, top_p=1e-6, stop_at_eos=False).token_ids == greedy.token_ids
+    # a temperature so small that logits / temperature overflow is still greedy, not NaN probabilities
+    assert sm.generate(PROMPT, 16, temperature=1e-40, stop_at_eos=False).token_ids == greedy.token_ids
+
+
+def test_a_seed_outside_what_torch_takes_is_refused_up_front():
+    Sampler(1.0, seed=-2 ** 63), Sampler(1.0, seed=2 ** 64 - 1)
+    for seed in (2 ** 64, -2 ** 63 - 1):
+        with pytest.raises(DejavuError, match=r"seed must be between -2\*\*63 and 2\*\*64 - 1"):
+            Sampler(1.0, seed=seed)
 
 
 @pytest.mark.parametrize("engine", ["decode-loop", "hooks"])
@@ -232,15 +241,22 @@ def test_a_padded_batch_with_skipped_kv_groups_gives_the_same_tokens(tiny_llama)
     assert [g.token_ids for g in lazy.generate_batch(PROMPTS, 12, stop_at_eos=False)] == [g.token_ids for g in plain]
 
 
-def test_the_loop_reaches_the_last_position_of_a_learned_position_table(tmp_path):
-    # GPT-2 has no embedding past its context: the loop's cache must not ask for spare positions there
-    from helpers import make_tiny_model
+@pytest.mark.parametrize("new", [1, 2, 3, None])
+def test_the_loop_reaches_the_last_position_of_a_learned_position_table(tmp_path, new):
+    # GPT-2 has no embedding past its context: a prompt and new tokens that fill it exactly must run in the loop
+    # (the cache once kept three spare positions for a CUDA graph's warm-up, also on the CPU, which has none)
+    from helpers import build_tokenizer, make_tiny_model
 
-    path = make_tiny_model(tmp_path / "gpt2-32", "gpt2", n_positions=32)
-    sm = _sparse_model(path, engine="decode-loop", mlp_density=1.0, head_density=1.0)
-    prompt_len = len(sm.tokenizer(PROMPT)["input_ids"])
-    new = 32 - prompt_len
+    prompt_len = len(build_tokenizer()(PROMPT)["input_ids"])
+    context = 32 if new is None else prompt_len + new
+    new = new or 32 - prompt_len
+    path = make_tiny_model(tmp_path / "gpt2", "gpt2", n_positions=context)
+    sm = _sparse_model(path, engine="auto", mlp_density=1.0, head_density=1.0)
+    assert len(sm.encode(PROMPT)[0]) == prompt_len
+    # a short request first builds a short cache; the longer one then rebuilds it, still in the loop
+    sm.generate("The", 1, stop_at_eos=False)
     assert sm.generate(PROMPT, new, stop_at_eos=False).token_ids == _hf_greedy(sm, PROMPT, new)
+    assert sm.engine == "decode-loop"
 
 
 def test_auto_falls_back_to_the_hooks_for_an_activation_the_loop_lacks(tiny_model_factory, capsys):

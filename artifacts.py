@@ -46,6 +46,15 @@ class HashCancelled(Exception):
     """A hash stopped early because its `stop` event was set (the run it checked for is ending)."""
 
 
+def tokens_sha256(*tokens: torch.Tensor) -> str:
+    """The sha256 of token ids (as int64, in order): what a stage read from its corpus through its tokenizer, so a
+    resume can tell when either changed under the same name."""
+    digest = hashlib.sha256()
+    for t in tokens:
+        digest.update(t.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22, stop: threading.Event | None = None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -141,6 +150,65 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class WriterLock:
+    """A lock file beside a stage while one process writes it: a second `collect`, `train-predictors` or
+    `tune-predictors` into the same directory is refused instead of interleaving its files with the first's
+    (both then reported success over a mixture). A lock whose process is gone (killed, or this very process
+    after an earlier call failed) is taken over, so a crash never blocks the next run."""
+
+    def __init__(self, path: str | Path, what: str):
+        import socket
+
+        self.path, self.what = Path(path), what
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._refuse_unless_stale()
+                continue
+            except OSError as exc:
+                raise DejavuError(f"cannot create {self.path}: {exc}") from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump({**self.owner, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, fh)
+            return
+        raise DejavuError(f"cannot take {self.path}: another process keeps creating it")
+
+    def _refuse_unless_stale(self) -> None:
+        try:
+            held = json.loads(self.path.read_text())
+            pid, host = int(held["pid"]), str(held["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            held, pid, host = {}, None, None  # cut short while written: its writer died at once
+        if pid is not None and pid != self.owner["pid"] and (host != self.owner["host"] or _process_alive(pid)):
+            where = "" if host == self.owner["host"] else f" on {host}"
+            raise DejavuError(f"{self.what} is being written by another dejavu process (pid {pid}{where}, since "
+                              f"{held.get('started', '?')}): wait for it to finish, or remove {self.path} if it no "
+                              "longer runs")
+        self.path.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        try:
+            if json.loads(self.path.read_text()).get("pid") == self.owner["pid"]:
+                self.path.unlink(missing_ok=True)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would end the process there: assume it runs
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -266,7 +334,7 @@ def read_manifest(directory: str | Path, kind: str, verify: bool = True,
     version = manifest.get("format_version")
     if version != FORMAT_VERSIONS[kind]:
         raise DejavuError(
-            f"{path} has format version {version}; this dejavu reads version {FORMAT_VERSIONS[kind]} of {kind}"
+            f"{path} has format version {version!r}; this dejavu reads version {FORMAT_VERSIONS[kind]!r} of {kind}"
         )
     if verify:
         verify_files(directory, manifest, hash_share)

@@ -21,12 +21,14 @@ import torch
 
 from dejavu.artifacts import (
     MANIFEST,
+    WriterLock,
     atomic_write_json,
     check_can_write,
     existing_ancestor,
     save_tensors,
     sha256_file,
     stage_around,
+    tokens_sha256,
     write_manifest,
 )
 from dejavu.collect import labels as L
@@ -304,12 +306,16 @@ def check_disk(stage: Path, needed: int) -> int:
 
 
 # --- resume state -------------------------------------------------------------------------------
-def run_state(cfg: RunConfig, world_size: int, identity: dict[str, Any]) -> dict[str, Any]:
-    # The model's identity, not only its name: a directory or hub id can hold other weights by the
-    # time a collection is resumed, and its shards would then mix two models.
+def run_state(cfg: RunConfig, world_size: int, identity: dict[str, Any], tokens: str | None = None) -> dict[str, Any]:
+    # The model's identity and the tokens' hash, not only their names: a directory or hub id can hold other
+    # weights, and a corpus file other text or the model another tokenizer, by the time a collection is
+    # resumed, and its shards would then mix two of them.
     full = cfg.to_dict()
-    return {"format": FORMAT, "config": {k: full[k] for k in STATE_SECTIONS}, "world_size": world_size,
-            "model": identity}
+    state = {"format": FORMAT, "config": {k: full[k] for k in STATE_SECTIONS}, "world_size": world_size,
+             "model": identity}
+    if tokens is not None:
+        state["tokens_sha256"] = tokens
+    return state
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -334,6 +340,14 @@ def _same_local_path(a: Any, b: Any) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
+def _reads_as_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def inspect_stage(stage: Path, state: dict[str, Any], overwrite: bool) -> str:
     """'fresh', 'resume' or 'complete'; raises when a different collection is in the way."""
     if overwrite or not stage.exists():
@@ -347,6 +361,10 @@ def inspect_stage(stage: Path, state: dict[str, Any], overwrite: bool) -> str:
         old = json.loads(state_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DejavuError(f"{state_path} is unreadable; add --overwrite to start the collection again") from None
+    if not isinstance(old, dict) or not isinstance(old.get("config") or {}, dict) \
+            or not isinstance(old.get("model") or {}, dict):
+        raise DejavuError(f"{state_path} is not a dejavu collection's state (edited?); add --overwrite to start the "
+                          "collection again")
     old_config = json.loads(json.dumps(old.get("config") or {}))
     if isinstance(old_config.get("collect"), dict):
         # started before collect could keep the MLP's down inputs: it kept none
@@ -375,6 +393,10 @@ def inspect_stage(stage: Path, state: dict[str, Any], overwrite: bool) -> str:
                                     "rerun with the same settings to resume it, or add --overwrite to discard it")
             + hint
         )
+    if old.get("tokens_sha256") and state.get("tokens_sha256") and old["tokens_sha256"] != state["tokens_sha256"]:
+        raise DejavuError(f"{stage} holds a collection of other tokens than these settings give now: the corpus "
+                          f"{state['config']['data']['dataset']} holds other text, or the model another tokenizer, than "
+                          "when it was started; add --overwrite to discard it, or use another --out")
     return "complete" if (stage / MANIFEST).is_file() else "resume"
 
 
@@ -512,15 +534,33 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
     input_dtype = DTYPES[cc.input_dtype]
     shape = adapter.shape()
     identity = model_identity(adapter, source.display)
-    state = run_state(cfg, world, identity)
+    state = run_state(cfg, world, identity, tokens_sha256(sequences))
     mode = inspect_stage(stage, state, overwrite)
+    repair = False
     if mode == "complete":
-        from dejavu.artifacts import read_manifest
+        from dejavu.artifacts import read_manifest, verify_files
 
-        manifest = read_manifest(stage, FORMAT)
-        say(f"{stage} is already complete ({manifest['tokens']:,} tokens); add --overwrite to collect again")
-        say(concentration_table(manifest["stats"]))
-        return manifest
+        damage = None
+        try:
+            manifest = read_manifest(stage, FORMAT, verify=False)
+        except DejavuError as exc:
+            if _reads_as_json(stage / MANIFEST):  # another kind's or version's manifest: not this run's to redo
+                raise
+            damage = exc
+        else:
+            try:
+                verify_files(stage, manifest)
+            except DejavuError as exc:
+                damage = exc
+        if damage is not None:
+            # a damaged or missing shard, or a damaged manifest: collected again below like a resumed run (each
+            # shard checked against its hash record), the intact ones kept
+            say(f"note: {damage}; collecting what is damaged again", flush=True)
+            mode, repair = "resume", True
+        else:
+            say(f"{stage} is already complete ({manifest['tokens']:,} tokens); add --overwrite to collect again")
+            say(concentration_table(manifest["stats"]))
+            return manifest
 
     if budget != cc.max_tokens:
         say(f"note: --max-tokens {cc.max_tokens} rounded up to {budget:,} tokens, {budget // cfg.data.seq_len} "
@@ -539,12 +579,18 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
         f"labels {rule} {tags}; {world} process(es)")
     say(f"disk: about {human_bytes(estimate)} for {stage} ({human_bytes(free)} free)")
 
+    lock = None
+    if main:  # (the run's other processes write their shards under rank 0's lock)
+        out.mkdir(parents=True, exist_ok=True)
+        lock = WriterLock(out / f".{STAGE_DIR}.lock", str(stage))
     barrier()  # every rank has inspected the stage before rank 0 changes it
     if main:
         try:
             if overwrite and stage.exists():
                 shutil.rmtree(stage)
             (stage / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+            if repair:  # unfinished until this run writes it again
+                (stage / MANIFEST).unlink(missing_ok=True)
             if mode == "fresh" or not (stage / RUN_STATE).is_file():
                 atomic_write_json(stage / RUN_STATE, state)
         except OSError as exc:
@@ -592,5 +638,6 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
         size = sum(f["bytes"] for f in manifest["files"])
         say(f"wrote {stage}: {manifest['tokens']:,} tokens, {len(manifest['shards'])} shards, {human_bytes(size)}")
         say(concentration_table(manifest["stats"]))
+        lock.release()
     barrier()
     return manifest

@@ -1,8 +1,12 @@
 """Model identity: what a bundle records so the runtime can refuse a model it was not made for.
 
-The fingerprint is a short list of weight-row norms from the first and last layers. Norms (not a
-byte hash) survive the dtype casts users make (a bundle trained on fp32 runs on bf16), yet two
-different checkpoints of the same architecture differ in them by far more than rounding.
+The fingerprint is a list of weight-row norms. Norms (not a byte hash) survive the dtype casts users
+make (a bundle trained on fp32 runs on bf16), yet two different checkpoints of the same architecture
+differ in them by far more than rounding. Its first values are the first rows of the first and last
+layers' up, down, q and o (all that identities recorded before November 2026 hold, and comparisons
+stop at the shorter list, so those still match); then rows from the middle of every projection of every
+layer and of the embeddings, so a model changed only in its middle layers, its gate, k, v or embeddings
+is told apart too.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ FINGERPRINT_ROWS = 4
 FINGERPRINT_RTOL = 2e-2
 
 
+def _row_norms(weight: torch.Tensor, rows) -> list[float]:
+    return [round(float(v), 6) for v in weight[rows].float().norm(dim=1)]
+
+
 @torch.no_grad()
 def fingerprint(adapter: Adapter) -> list[float]:
     layers = adapter.decoder_layers()
@@ -26,8 +34,17 @@ def fingerprint(adapter: Adapter) -> list[float]:
         mlp = adapter.mlp_weights(layer)
         attn = adapter.attention_weights(layer)
         for weight in (mlp.up, mlp.down, attn.q, attn.o):
-            rows = weight[:FINGERPRINT_ROWS].float()
-            values.extend(round(float(v), 6) for v in rows.norm(dim=1))
+            values.extend(_row_norms(weight, slice(0, FINGERPRINT_ROWS)))
+    for layer in layers:
+        mlp = adapter.mlp_weights(layer)
+        attn = adapter.attention_weights(layer)
+        for weight in (mlp.gate, mlp.up, mlp.down, attn.q, attn.k, attn.v, attn.o):
+            if weight is not None:  # (a plain MLP has no gate)
+                values.extend(_row_norms(weight, [weight.shape[0] // 3, 2 * weight.shape[0] // 3]))
+    embeddings = adapter.model.get_input_embeddings()
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        rows = embeddings.weight.shape[0]
+        values.extend(_row_norms(embeddings.weight, [rows // 3, 2 * rows // 3]))
     return values
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from dejavu.artifacts import (
     MANIFEST,
+    WriterLock,
     atomic_write_json,
     file_entry,
     save_tensors,
@@ -105,7 +106,7 @@ def training_key(cfg: RunConfig, parent: dict) -> str:
 def _inputs_difference(old: dict | None, new: dict) -> str:
     """Which train settings (or the collect data) a stale layer differs in, for the refusal message;
     records written before the inputs were stored name nothing."""
-    if not old:
+    if not isinstance(old, dict) or not isinstance(old.get("train", {}), dict) or not old:
         return "other settings or other collect data"
     parts = [f"train.{k}: {old.get('train', {}).get(k)!r} -> {v!r}" for k, v in new["train"].items()
              if old.get("train", {}).get(k) != v]
@@ -361,19 +362,23 @@ def _record_path(out: Path, layer: int) -> Path:
 
 
 def _read_json(path: Path) -> dict | None:
+    """A JSON object's contents; None where the file is missing, unreadable or holds another JSON value (an
+    edited record is then treated like a missing one: its layer is trained again)."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return value if isinstance(value, dict) else None
 
 
 def finished_record(out: Path, layer: int, key: str) -> dict | None:
     """The progress record of a layer already trained with these settings, if its file is intact."""
     record = _read_json(_record_path(out, layer))
-    if record is None or record.get("key") != key:
+    if record is None or record.get("key") != key or not isinstance(record.get("file"), str):
         return None
     weights = out / record["file"]
-    if not weights.is_file() or weights.stat().st_size != record["bytes"] or sha256_file(weights) != record["sha256"]:
+    if not weights.is_file() or weights.stat().st_size != record.get("bytes") \
+            or sha256_file(weights) != record.get("sha256"):
         return None
     return record
 
@@ -382,11 +387,8 @@ def _stale_layers(out: Path, key: str) -> list[dict]:
     """Progress records of layers trained with other inputs than `key`'s."""
     stale = []
     for path in sorted((out / "progress").glob("layer-*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if record.get("key") != key:
+        record = _read_json(path)
+        if record is not None and record.get("key") != key:
             stale.append(record)
     return stale
 
@@ -550,14 +552,16 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
     local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
     share_cpu_threads(cfg.train.cpu_threads, local)
     out = run / "predictors"
-    if main:
+    lock = None
+    if main:  # (the run's other processes write their layers under the main process's lock)
+        lock = WriterLock(run / ".predictors.lock", str(out))
         if overwrite and out.exists():
             for name in ("layers", "progress"):
                 shutil.rmtree(out / name, ignore_errors=True)
             (out / "metrics.json").unlink(missing_ok=True)
         stale = _stale_layers(out, key)
         if stale:
-            layers_stale = sorted(int(r.get("layer", -1)) for r in stale)
+            layers_stale = sorted(r["layer"] if isinstance(r.get("layer"), int) else -1 for r in stale)
             shown = ", ".join(map(str, layers_stale[:12])) + (f" and {len(stale) - 12} more" if len(stale) > 12 else "")
             raise DejavuError(
                 f"{out} holds {len(stale)} layer(s) ({shown}) trained with "
@@ -647,9 +651,12 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
     atomic_write_json(out / "progress" / f"phases-{acc.process_index}.json", clock.phases)
     acc.wait_for_everyone()
     try:
-        return _finish(out, cfg, collect, layers, key, acc.num_processes) if main else None
+        manifest = _finish(out, cfg, collect, layers, key, acc.num_processes) if main else None
     finally:
         acc.end_training()  # releases the process group (NCCL warns at exit otherwise)
+    if lock is not None:
+        lock.release()
+    return manifest
 
 
 def _save_layer(out: Path, layer: int, key: str, tensors: dict[str, torch.Tensor], details: dict,

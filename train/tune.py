@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from dejavu.artifacts import (
     MANIFEST,
+    WriterLock,
     atomic_write_json,
     check_can_write,
     check_finite,
@@ -44,6 +45,7 @@ from dejavu.artifacts import (
     parent_ref,
     read_manifest,
     save_tensors,
+    tokens_sha256,
     write_manifest,
 )
 from dejavu.config import RunConfig, load_config
@@ -248,7 +250,7 @@ def held_out_quality(model, runtime, held: torch.Tensor, device, desc: str, worl
 
 
 def _save_checkpoint(out: Path, step: int, inputs: dict, params: list[torch.nn.Parameter], opt: torch.optim.Adam,
-                     before: dict, best: _Best, history: list[dict]) -> None:
+                     before: dict, best: _Best, history: list[dict], tokens: str) -> None:
     """Parameters, Adam's state, the best held-out state so far and the step in one file (renamed into place):
     a kill leaves the old checkpoint or the new one, never parts of both."""
     tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
@@ -263,7 +265,8 @@ def _save_checkpoint(out: Path, step: int, inputs: dict, params: list[torch.nn.P
     save_tensors(out / CHECKPOINT, tensors, metadata={
         "format": "dejavu.tune-checkpoint", "step": str(step), "key": _tuned_key(inputs),
         "inputs": json.dumps(inputs, sort_keys=True), "before": json.dumps(before),
-        "best": json.dumps({"step": best.step, "quality": best.quality}), "history": json.dumps(history)})
+        "best": json.dumps({"step": best.step, "quality": best.quality}), "history": json.dumps(history),
+        "tokens": tokens})
 
 
 def _checkpoint_header(out: Path) -> dict | None:
@@ -278,7 +281,8 @@ def _checkpoint_header(out: Path) -> dict | None:
         return {"step": int(meta["step"]), "key": meta["key"], "inputs": json.loads(meta["inputs"]),
                 "before": json.loads(meta["before"]),
                 # checkpoints of session 18 kept no best state; their key differs (no eval_every), so never resumed
-                "best": json.loads(meta.get("best", "null")), "history": json.loads(meta.get("history", "[]"))}
+                "best": json.loads(meta.get("best", "null")), "history": json.loads(meta.get("history", "[]")),
+                "tokens": meta.get("tokens")}
     except (SafetensorError, OSError, KeyError, ValueError):
         return None
 
@@ -305,13 +309,18 @@ class _Best:
             self.__init__(step, quality, params)
 
 
-def _load_checkpoint(out: Path, key: str, params: list[torch.nn.Parameter],
-                     opt: torch.optim.Adam) -> tuple[int, dict | None, _Best | None, list[dict]]:
+def _load_checkpoint(out: Path, key: str, params: list[torch.nn.Parameter], opt: torch.optim.Adam,
+                     tokens: str, dataset: str) -> tuple[int, dict | None, _Best | None, list[dict]]:
     """A matching checkpoint's step, the held-out quality measured before tuning, the best state and the
     held-out history; (0, None, None, []) where there is none."""
     header = _checkpoint_header(out)
     if header is None or header["key"] != key:
         return 0, None, None, []
+    if header["tokens"] and header["tokens"] != tokens:
+        # the key names the corpus, not its text: resuming would mix two texts, and compare "before" on one with
+        # "after" on the other
+        raise DejavuError(f"{out / CHECKPOINT} was tuned on other tokens than {dataset} gives now (the file holds "
+                          "other text, or the model another tokenizer); pass --overwrite to start again")
     tensors = load_tensors(out / CHECKPOINT)
 
     def saved(name: str, like: torch.Tensor) -> torch.Tensor:
@@ -483,7 +492,9 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
     train_seqs, held = calibration_sequences(cfg, tokenizer)
     # only now, with the model and corpus known good, is anything of an earlier tuning removed
     barrier()  # every process has read the checkpoint it resumes from
-    if main:
+    lock = None
+    if main:  # (the other processes of a launch write nothing)
+        lock = WriterLock(run / ".tuned.lock", str(out))
         if overwrite and out.exists():
             shutil.rmtree(out)
         (out / MANIFEST).unlink(missing_ok=True)  # an unreadable one: unfinished until this run writes it again
@@ -504,7 +515,9 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
                             mlp_down_thresholds="batch" if two_stage else None, mlp_compensation=compensation)
     opt = torch.optim.Adam([{**g, "lr": g["base_lr"]} for g in groups])
     # overwrite: what an earlier tuning left is gone (or being removed by the first process) and not read
-    start, before, best, history = (0, None, None, []) if overwrite else _load_checkpoint(out, key, params, opt)
+    tokens = tokens_sha256(train_seqs, held)
+    start, before, best, history = (0, None, None, []) if overwrite else _load_checkpoint(out, key, params, opt, tokens,
+                                                                                        cfg.data.dataset)
     barrier()
     if main:
         every = f"every {t.eval_every} steps and " if 0 < t.eval_every < t.steps else ""
@@ -549,7 +562,7 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
                 if not all(torch.isfinite(p).all() for p in params):
                     _diverged(step, "non-finite predictor weights")
                 if main:
-                    _save_checkpoint(out, done, inputs, params, opt, before, best, history)
+                    _save_checkpoint(out, done, inputs, params, opt, before, best, history, tokens)
         bar.close()
         if best.step != t.steps:  # longer tuning overfits or drifts (BENCHMARKS.md, session 19): the best kept
             with torch.no_grad():
@@ -567,6 +580,7 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
             "processes": processes, "model": source.display, "device": str(device), "dtype": dtype,
             "before": before, "after": best.quality, "best_step": best.step, "final": history[-1], "history": history,
         })
+        lock.release()
     barrier()  # the others end once the tuning is written
     return manifest
 

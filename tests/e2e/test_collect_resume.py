@@ -95,6 +95,33 @@ def test_complete_run_is_kept_and_overwrite_discards(reference, tmp_path, monkey
     read_manifest(stage, "dejavu.collect")
 
 
+@pytest.mark.parametrize("damage", ["flipped byte", "deleted shard", "cut manifest"])
+def test_a_damaged_complete_collection_is_repaired_by_rerunning(reference, tmp_path, monkeypatch, capsys, damage):
+    """Rerunning the command over a finished collection with a damaged shard or manifest once named the damage
+    on every rerun, leaving only --overwrite (losing the intact shards): it now collects only what is damaged."""
+    model_dir, _ = reference
+    cfg = tiny_cfg(model_dir, **{"collect.max_tokens": 512})
+    C.run_collect(cfg, tmp_path)
+    stage = tmp_path / "collect"
+    good = shard_bytes(stage)
+    victim = sorted((stage / "shards").glob("train-*.safetensors"))[0]
+    if damage == "flipped byte":
+        data = bytearray(victim.read_bytes())
+        data[-100] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    elif damage == "deleted shard":
+        victim.unlink()
+    else:
+        (stage / "manifest.json").write_text((stage / "manifest.json").read_text()[:100])
+    redone = []
+    monkeypatch.setattr(C, "record_shard", lambda *a, **k: redone.append(a[2].name) or C_record(*a, **k))
+    C.run_collect(cfg, tmp_path)
+    assert "collecting what is damaged again" in capsys.readouterr().out
+    assert redone == ([] if damage == "cut manifest" else [victim.name])
+    assert shard_bytes(stage) == good
+    read_manifest(stage, "dejavu.collect")
+
+
 def test_other_weights_at_the_same_path_are_refused(reference, tmp_path, tiny_tokenizer):
     # The config names the model by path only: on resume the directory may hold other weights.
     model_dir = make_tiny_model(tmp_path / "model", tokenizer=tiny_tokenizer, seed=0)
@@ -200,3 +227,56 @@ def test_two_processes_add_up_to_one(reference, tmp_path):
             for q, v in row[kind]["frac_for_mass"].items():
                 assert abs(two["stats"][layer][kind]["frac_for_mass"][q] - v) < 1e-3
     assert json.loads((tmp_path / "collect" / "run.json").read_text())["world_size"] == 2
+
+
+def test_a_resume_over_other_text_under_the_same_corpus_path_is_refused(reference, tmp_path, monkeypatch):
+    """run.json named the corpus by its path only: a file rewritten between a kill and the rerun mixed two
+    texts in one collection. The tokens' hash (corpus through tokenizer) now tells them apart."""
+    model_dir, _ = reference
+    corpus = tmp_path / "corpus.txt"
+    text = CALIB_TXT.read_text()
+    corpus.write_text(text)
+    real_write, written = C.write_shard, []
+
+    def write_then_die(path, tensors, metadata):
+        if len(written) == 1:
+            raise KeyboardInterrupt
+        written.append(path)
+        return real_write(path, tensors, metadata)
+
+    monkeypatch.setattr(C, "write_shard", write_then_die)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        C.run_collect(tiny_cfg(model_dir, **{"data.dataset": str(corpus)}), out)
+    monkeypatch.setattr(C, "write_shard", real_write)
+    corpus.write_text(text[len(text) // 2:] + text[:len(text) // 2])  # the same words, in another order
+    with pytest.raises(DejavuError, match="collection of other tokens .* holds other text, or the model another "
+                                          "tokenizer"):
+        C.run_collect(tiny_cfg(model_dir, **{"data.dataset": str(corpus)}), out)
+    assert [p.name for p in (out / "collect" / "shards").glob("*.safetensors")] == [Path(written[0]).name]
+    corpus.write_text(text)  # the text it started on: resumed
+    assert C.run_collect(tiny_cfg(model_dir, **{"data.dataset": str(corpus)}), out)["tokens"] > 0
+
+
+@pytest.mark.parametrize("state", ["[]", '{"config": 5}', '{"model": "x"}'])
+def test_a_run_state_of_the_wrong_shape_is_a_one_line_error(reference, tmp_path, state):
+    model_dir, _ = reference
+    (tmp_path / "collect").mkdir()
+    (tmp_path / "collect" / "run.json").write_text(state)
+    with pytest.raises(DejavuError, match="is not a dejavu collection's state"):
+        C.run_collect(tiny_cfg(model_dir), tmp_path)
+
+
+def test_a_second_writer_of_the_same_run_is_refused_before_it_writes(reference, tmp_path):
+    """Two collects into one --out once both reported success over a mixture of their shards."""
+    import socket
+
+    model_dir, _ = reference
+    tmp_path.joinpath(".collect.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
+                                                                "started": "now"}))
+    with pytest.raises(DejavuError, match=r"collect is being written by another dejavu process"):
+        C.run_collect(tiny_cfg(model_dir, **{"collect.max_tokens": 512}), tmp_path)
+    assert not (tmp_path / "collect").exists()
+    tmp_path.joinpath(".collect.lock").unlink()
+    C.run_collect(tiny_cfg(model_dir, **{"collect.max_tokens": 512}), tmp_path)
+    assert not tmp_path.joinpath(".collect.lock").exists()  # released at the end

@@ -221,3 +221,30 @@ def test_a_nan_in_a_predictor_is_refused_even_with_matching_hashes(bundle, tmp_p
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DejavuError, match=rf"{key} contains NaN or infinite values"):
         load_bundle(copy)
+
+
+def test_a_model_changed_only_in_a_middle_layer_or_its_embeddings_is_told_apart(bundle, tiny_llama):
+    """The fingerprint once sampled only the first and last layers' up, down, q and o; a model differing
+    elsewhere passed a bundle's check. Identities recorded then (their first 32 values) must still match."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dejavu.models.adapters import adapter_for
+    from dejavu.models.identity import check_identity, fingerprint, identity_difference
+
+    expected = read_manifest(bundle, "dejavu.bundle")["model"]
+    for change in ("gate", "k", "v", "embed"):
+        adapter = adapter_for(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
+        check_identity(expected, adapter)  # unchanged: accepted
+        middle = adapter.decoder_layers()[1]
+        with torch.no_grad():
+            if change == "gate":
+                adapter.mlp_weights(middle).gate.mul_(1.5)
+            elif change == "embed":
+                adapter.model.get_input_embeddings().weight.mul_(1.5)
+            else:
+                getattr(adapter.attention_weights(middle), change).mul_(1.5)
+        with pytest.raises(DejavuError, match="other weights than the loaded model's"):
+            check_identity(expected, adapter)
+        assert identity_difference({**expected, "fingerprint": expected["fingerprint"][:32]},
+                                   {"fingerprint": fingerprint(adapter)}) is None

@@ -174,6 +174,40 @@ def test_resume_skips_finished_layers(synthetic_run, monkeypatch, prefetch):
     assert (out / "manifest.json").exists() and sha256_file(out / "layers" / "layer-000.safetensors") == done
 
 
+def test_progress_records_of_the_wrong_shape_retrain_their_layers(synthetic_run, monkeypatch):
+    """A record edited into another JSON value (a list, or an object without its file) is a missing record,
+    not a traceback: its layer is trained again, the others are kept."""
+    run_train(synthetic_run, None, {})
+    progress = synthetic_run / "predictors" / "progress"
+    (progress / "layer-001.json").write_text("[]")
+    record = json.loads((progress / "layer-002.json").read_text())
+    del record["file"]
+    (progress / "layer-002.json").write_text(json.dumps(record))
+    real, calls = train_mod.train_layer, []
+
+    def counting(train, held_out, layer, *args, **kwargs):
+        calls.append(layer)
+        return real(train, held_out, layer, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_layer", counting)
+    assert run_train(synthetic_run, None, {})["layers"] == 3
+    assert calls == [1, 2]
+
+
+def test_a_second_train_into_the_same_run_is_refused_while_the_first_runs(synthetic_run):
+    import os
+    import socket
+
+    lock = synthetic_run / ".predictors.lock"
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "now"}))
+    with pytest.raises(DejavuError, match=r"predictors is being written by another dejavu process"):
+        run_train(synthetic_run, None, {"train.rank": 4}, overwrite=True)
+    assert not (synthetic_run / "predictors").exists()
+    lock.unlink()
+    run_train(synthetic_run, None, {})
+    assert not lock.exists()
+
+
 def test_an_edited_collect_token_count_is_refused(synthetic_run):
     manifest_path = synthetic_run / "collect" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())

@@ -153,6 +153,13 @@ def test_a_killed_tuning_resumes_from_its_checkpoint_to_the_same_predictors(tmp_
     assert not (resumed / "tuned" / "manifest.json").exists()
     with pytest.raises(DejavuError, match=r"unfinished tuning \(step 8\) with other settings \(tune.steps: 60 -> 80\)"):
         _tune(resumed, **{"tune.steps": 80})
+    # the same corpus name with other text (the key names the file, not its words): refused, checkpoint kept
+    real_sequences = tune.calibration_sequences
+    monkeypatch.setattr(tune, "calibration_sequences", lambda cfg, tok: tuple(s.flip(0) for s in real_sequences(cfg, tok)))
+    with pytest.raises(DejavuError, match="was tuned on other tokens than .* holds other text, or the model another"):
+        _tune(resumed)
+    assert tune._checkpoint_header(resumed / "tuned")["step"] == 8
+    monkeypatch.setattr(tune, "calibration_sequences", real_sequences)
     monkeypatch.setattr(tune, "_kl_and_logits", real)
     manifest = _tune(resumed)
     for name in ("layer-000.safetensors", "layer-001.safetensors"):
@@ -366,3 +373,18 @@ def test_tuning_for_score_thresholds_and_exporting_them(tmp_path, tiny_llama, ca
     assert bundle["mlp_selection"] == "threshold" and "tuned for" not in capsys.readouterr().out
     _, pset = load_bundle(tmp_path / "scored")
     assert pset.mlp_score_thresholds is not None
+
+
+def test_a_second_tuning_of_the_same_run_is_refused_while_the_first_runs(tmp_path, tiny_llama):
+    import os
+    import socket
+
+    make_predictors_dir(tmp_path, tiny_llama, mlp_density=0.5, head_density=1.0)
+    lock = tmp_path / ".tuned.lock"
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "now"}))
+    with pytest.raises(DejavuError, match=r"tuned is being written by another dejavu process"):
+        _tune(tmp_path, **{"tune.steps": 4})
+    assert not (tmp_path / "tuned").exists()
+    lock.unlink()
+    _tune(tmp_path, **{"tune.steps": 4})
+    assert not lock.exists() and (tmp_path / "tuned" / "manifest.json").exists()

@@ -41,7 +41,10 @@ def fingerprint(adapter: Adapter) -> list[float]:
         for weight in (mlp.gate, mlp.up, mlp.down, attn.q, attn.k, attn.v, attn.o):
             if weight is not None:  # (a plain MLP has no gate)
                 values.extend(_row_norms(weight, [weight.shape[0] // 3, 2 * weight.shape[0] // 3]))
-    embeddings = adapter.model.get_input_embeddings()
+    try:
+        embeddings = adapter.model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # a model class without the accessor: its layers still count
+        embeddings = None
     if embeddings is not None and getattr(embeddings, "weight", None) is not None:
         rows = embeddings.weight.shape[0]
         values.extend(_row_norms(embeddings.weight, [rows // 3, 2 * rows // 3]))

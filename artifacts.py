@@ -153,62 +153,73 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 class WriterLock:
-    """A lock file beside a stage while one process writes it: a second `collect`, `train-predictors` or
-    `tune-predictors` into the same directory is refused instead of interleaving its files with the first's
-    (both then reported success over a mixture). A lock whose process is gone (killed, or this very process
-    after an earlier call failed) is taken over, so a crash never blocks the next run."""
+    """An exclusive lock on a file beside a stage while one process writes it: a second `collect`,
+    `train-predictors` or `tune-predictors` into the same directory is refused instead of interleaving its
+    files with the first's (both then reported success over a mixture). The lock is the operating system's
+    (flock), so it ends with its process however that ends: a killed run never blocks the next one, on this
+    host or another one sharing the directory. The file says who holds it, for the refusal's message.
+    Release it (also on errors): `with WriterLock(...)`, or `release()`."""
 
     def __init__(self, path: str | Path, what: str):
         import socket
 
         self.path, self.what = Path(path), what
-        self.owner = {"pid": os.getpid(), "host": socket.gethostname()}
-        for _ in range(2):
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self._fd: int | None = None
+        try:
+            import fcntl
+        except ImportError:  # (Windows) no advisory locks: the file alone, refused while it exists
+            fcntl = None
+        for _ in range(20):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(self.path, os.O_CREAT | os.O_RDWR | (0 if fcntl else os.O_EXCL), 0o644)
             except FileExistsError:
-                self._refuse_unless_stale()
-                continue
+                self._refuse()
             except OSError as exc:
                 raise DejavuError(f"cannot create {self.path}: {exc}") from None
-            with os.fdopen(fd, "w") as fh:
-                json.dump({**self.owner, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, fh)
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    os.close(fd)
+                    self._refuse()
+                # the holder before us may have removed the file after we opened it: then our lock is on a file
+                # nobody else will open, and the next writer would make another; try again on the current one
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:
+                    os.close(fd)
+                    continue
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(self.owner).encode())
+            self._fd = fd
             return
-        raise DejavuError(f"cannot take {self.path}: another process keeps creating it")
+        raise DejavuError(f"cannot take {self.path}: it keeps being replaced by other processes")
 
-    def _refuse_unless_stale(self) -> None:
+    def _refuse(self) -> None:
         try:
             held = json.loads(self.path.read_text())
-            pid, host = int(held["pid"]), str(held["host"])
-        except (OSError, ValueError, KeyError, TypeError):
-            held, pid, host = {}, None, None  # cut short while written: its writer died at once
-        if pid is not None and pid != self.owner["pid"] and (host != self.owner["host"] or _process_alive(pid)):
-            where = "" if host == self.owner["host"] else f" on {host}"
-            raise DejavuError(f"{self.what} is being written by another dejavu process (pid {pid}{where}, since "
-                              f"{held.get('started', '?')}): wait for it to finish, or remove {self.path} if it no "
-                              "longer runs")
-        self.path.unlink(missing_ok=True)
+        except (OSError, ValueError):
+            held = {}
+        held = held if isinstance(held, dict) else {}
+        where = f" on {held['host']}" if held.get("host") not in (None, self.owner["host"]) else ""
+        raise DejavuError(f"{self.what} is being written by another dejavu process (pid {held.get('pid', '?')}{where}, "
+                          f"since {held.get('started', '?')}): wait for it to finish, or stop it")
 
     def release(self) -> None:
-        try:
-            if json.loads(self.path.read_text()).get("pid") == self.owner["pid"]:
-                self.path.unlink(missing_ok=True)
-        except (OSError, ValueError, AttributeError):
-            pass
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # (before unlocking: a waiting opener then sees the file replaced)
+        os.close(self._fd)
+        self._fd = None
 
+    def __enter__(self) -> WriterLock:
+        return self
 
-def _process_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) would end the process there: assume it runs
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    except OSError:
-        return False
-    return True
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

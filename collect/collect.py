@@ -340,12 +340,13 @@ def _same_local_path(a: Any, b: Any) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
-def _reads_as_json(path: Path) -> bool:
+def _manifest_of_another_kind(path: Path) -> bool:
+    """Whether `path` reads as some manifest (a JSON object naming a format), not a damaged one of ours."""
     try:
-        json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    return True
+    return isinstance(value, dict) and "format" in value
 
 
 def inspect_stage(stage: Path, state: dict[str, Any], overwrite: bool) -> str:
@@ -393,11 +394,17 @@ def inspect_stage(stage: Path, state: dict[str, Any], overwrite: bool) -> str:
                                     "rerun with the same settings to resume it, or add --overwrite to discard it")
             + hint
         )
+    finished = (stage / MANIFEST).is_file()
     if old.get("tokens_sha256") and state.get("tokens_sha256") and old["tokens_sha256"] != state["tokens_sha256"]:
-        raise DejavuError(f"{stage} holds a collection of other tokens than these settings give now: the corpus "
-                          f"{state['config']['data']['dataset']} holds other text, or the model another tokenizer, than "
-                          "when it was started; add --overwrite to discard it, or use another --out")
-    return "complete" if (stage / MANIFEST).is_file() else "resume"
+        other = (f"the corpus {state['config']['data']['dataset']} holds other text, or the model another tokenizer, "
+                 "than when it was collected")
+        if finished:  # nothing would mix: kept, as a finished run is, with a word
+            print(f"note: {stage} was collected from other tokens than these settings give now ({other}); kept as it "
+                  "is (add --overwrite to collect again)", flush=True)
+        else:
+            raise DejavuError(f"{stage} holds a partial collection of other tokens than these settings give now: "
+                              f"{other}; add --overwrite to discard it, or use another --out")
+    return "complete" if finished else "resume"
 
 
 # --- manifest and report ----------------------------------------------------------------------
@@ -490,6 +497,15 @@ def _distributed_state(cpu: bool):
 
 def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str, Any]:
     """Collect block inputs, MLP labels and head norms into `out/collect/`; returns the manifest."""
+    locks: list[WriterLock] = []
+    try:
+        return _collect(cfg, out, overwrite, locks)
+    finally:  # an error or Ctrl-C too: the next run into `out` must not be told that this one still writes
+        for lock in locks:
+            lock.release()
+
+
+def _collect(cfg: RunConfig, out: Path, overwrite: bool, locks: list) -> dict[str, Any]:
     from dejavu.corpus import fixed_length_sequences, load_texts, tokenize_stream
     from dejavu.models.adapters import adapter_for
     from dejavu.models.identity import model_identity
@@ -536,7 +552,7 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
     identity = model_identity(adapter, source.display)
     state = run_state(cfg, world, identity, tokens_sha256(sequences))
     mode = inspect_stage(stage, state, overwrite)
-    repair = False
+    repair, manifest_hashes = False, {}
     if mode == "complete":
         from dejavu.artifacts import read_manifest, verify_files
 
@@ -544,7 +560,7 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
         try:
             manifest = read_manifest(stage, FORMAT, verify=False)
         except DejavuError as exc:
-            if _reads_as_json(stage / MANIFEST):  # another kind's or version's manifest: not this run's to redo
+            if _manifest_of_another_kind(stage / MANIFEST):  # another kind's or version's: not this run's to redo
                 raise
             damage = exc
         else:
@@ -552,6 +568,11 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
                 verify_files(stage, manifest)
             except DejavuError as exc:
                 damage = exc
+                # its hashes judge the shards below too: a run whose hash records are gone (or that predates
+                # them) would otherwise keep a shard whose data, not its header, is damaged
+                for entry in manifest.get("shards") or []:
+                    if isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry.get("sha256"):
+                        manifest_hashes[entry["path"]] = entry["sha256"]
         if damage is not None:
             # a damaged or missing shard, or a damaged manifest: collected again below like a resumed run (each
             # shard checked against its hash record), the intact ones kept
@@ -579,10 +600,9 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
         f"labels {rule} {tags}; {world} process(es)")
     say(f"disk: about {human_bytes(estimate)} for {stage} ({human_bytes(free)} free)")
 
-    lock = None
     if main:  # (the run's other processes write their shards under rank 0's lock)
         out.mkdir(parents=True, exist_ok=True)
-        lock = WriterLock(out / f".{STAGE_DIR}.lock", str(stage))
+        locks.append(WriterLock(out / f".{STAGE_DIR}.lock", str(stage)))
     barrier()  # every rank has inspected the stage before rank 0 changes it
     if main:
         try:
@@ -602,6 +622,9 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
         tmp.unlink(missing_ok=True)  # leftovers of a killed write
     hashes_path = stage / SHARD_HASHES.format(rank=rank)
     hashes = _read_hashes(hashes_path)
+    for path, digest in manifest_hashes.items():  # (a repair: the damaged manifest's hashes where no record is)
+        if path in {s.path for s in mine}:
+            hashes.setdefault(path, digest)
     missing = {s.path for s in mine if (read_shard_info(stage / s.path) or {}).get("tokens") != s.tokens}
     changed = [s.path for s in mine if s.path not in missing and s.path in hashes
                and sha256_file(stage / s.path) != hashes[s.path]]
@@ -638,6 +661,5 @@ def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str,
         size = sum(f["bytes"] for f in manifest["files"])
         say(f"wrote {stage}: {manifest['tokens']:,} tokens, {len(manifest['shards'])} shards, {human_bytes(size)}")
         say(concentration_table(manifest["stats"]))
-        lock.release()
     barrier()
     return manifest

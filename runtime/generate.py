@@ -74,7 +74,9 @@ class Sampler:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below the smallest normal float32 the division by the temperature is 0 / 0 for the top logit: greedy is
+        # what such a temperature means
+        return self.temperature < torch.finfo(torch.float32).tiny
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """[B, V] logits -> [B] token ids, without a host synchronisation."""
@@ -350,6 +352,7 @@ class SparseModel:
             except DejavuError as exc:  # a layout the loop does not take (biases, an ungated MLP)
                 print(f"  note: {exc}; generating with the hooks instead", flush=True)
                 self.engine = "hooks"
+                self._loop, self._loop_states = None, {}  # (a shorter cache built for an earlier call, unused now)
         run = self._loop_generate if self.engine == "decode-loop" else self._hooks_generate
         rows, prefill_ms, decode_ms = run(ids, lengths, max_new_tokens, sparse, sampler, eos,
                                           _Reporter(on_tokens, eos))

@@ -526,6 +526,15 @@ def _forget_layers(out: Path, layers: list[int]) -> None:
 def run_train(run: Path, config_file: str | None = None, overrides: dict | None = None,
               overwrite: bool = False) -> dict | None:
     """Train every layer's predictors from RUN/collect/ into RUN/predictors/; returns the manifest (rank 0)."""
+    locks: list[WriterLock] = []
+    try:
+        return _train(run, config_file, overrides, overwrite, locks)
+    finally:  # an error or Ctrl-C too: the next run must not be told that this one still writes
+        for lock in locks:
+            lock.release()
+
+
+def _train(run: Path, config_file: str | None, overrides: dict | None, overwrite: bool, locks: list) -> dict | None:
     from accelerate import Accelerator, InitProcessGroupKwargs
 
     run = Path(run)
@@ -552,9 +561,8 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
     local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
     share_cpu_threads(cfg.train.cpu_threads, local)
     out = run / "predictors"
-    lock = None
     if main:  # (the run's other processes write their layers under the main process's lock)
-        lock = WriterLock(run / ".predictors.lock", str(out))
+        locks.append(WriterLock(run / ".predictors.lock", str(out)))
         if overwrite and out.exists():
             for name in ("layers", "progress"):
                 shutil.rmtree(out / name, ignore_errors=True)
@@ -651,12 +659,9 @@ def run_train(run: Path, config_file: str | None = None, overrides: dict | None 
     atomic_write_json(out / "progress" / f"phases-{acc.process_index}.json", clock.phases)
     acc.wait_for_everyone()
     try:
-        manifest = _finish(out, cfg, collect, layers, key, acc.num_processes) if main else None
+        return _finish(out, cfg, collect, layers, key, acc.num_processes) if main else None
     finally:
         acc.end_training()  # releases the process group (NCCL warns at exit otherwise)
-    if lock is not None:
-        lock.release()
-    return manifest
 
 
 def _save_layer(out: Path, layer: int, key: str, tensors: dict[str, torch.Tensor], details: dict,

@@ -407,6 +407,16 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
     Under torchrun or `accelerate launch` each process loads the model (one GPU each, or CPU over gloo),
     takes an equal share of every step's sequences and of the held-out ones, and the gradients are averaged:
     the same tuning as one process, its work shared. Only the first process writes; the others return None."""
+    locks: list[WriterLock] = []
+    try:
+        return _tune(run, config_file, overrides, overwrite, model_name, locks)
+    finally:  # an error or Ctrl-C too: the next run must not be told that this one still writes
+        for lock in locks:
+            lock.release()
+
+
+def _tune(run: Path, config_file: str | None, overrides: dict | None, overwrite: bool, model_name: str | None,
+          locks: list) -> dict | None:
     from accelerate import Accelerator, InitProcessGroupKwargs
 
     from dejavu.models.adapters import adapter_for
@@ -492,9 +502,8 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
     train_seqs, held = calibration_sequences(cfg, tokenizer)
     # only now, with the model and corpus known good, is anything of an earlier tuning removed
     barrier()  # every process has read the checkpoint it resumes from
-    lock = None
     if main:  # (the other processes of a launch write nothing)
-        lock = WriterLock(run / ".tuned.lock", str(out))
+        locks.append(WriterLock(run / ".tuned.lock", str(out)))
         if overwrite and out.exists():
             shutil.rmtree(out)
         (out / MANIFEST).unlink(missing_ok=True)  # an unreadable one: unfinished until this run writes it again
@@ -580,7 +589,6 @@ def run_tune(run: Path, config_file: str | None = None, overrides: dict | None =
             "processes": processes, "model": source.display, "device": str(device), "dtype": dtype,
             "before": before, "after": best.quality, "best_step": best.step, "final": history[-1], "history": history,
         })
-        lock.release()
     barrier()  # the others end once the tuning is written
     return manifest
 

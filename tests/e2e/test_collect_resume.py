@@ -95,7 +95,7 @@ def test_complete_run_is_kept_and_overwrite_discards(reference, tmp_path, monkey
     read_manifest(stage, "dejavu.collect")
 
 
-@pytest.mark.parametrize("damage", ["flipped byte", "deleted shard", "cut manifest"])
+@pytest.mark.parametrize("damage", ["flipped byte", "flipped byte, no hash records", "deleted shard", "cut manifest"])
 def test_a_damaged_complete_collection_is_repaired_by_rerunning(reference, tmp_path, monkeypatch, capsys, damage):
     """Rerunning the command over a finished collection with a damaged shard or manifest once named the damage
     on every rerun, leaving only --overwrite (losing the intact shards): it now collects only what is damaged."""
@@ -105,7 +105,10 @@ def test_a_damaged_complete_collection_is_repaired_by_rerunning(reference, tmp_p
     stage = tmp_path / "collect"
     good = shard_bytes(stage)
     victim = sorted((stage / "shards").glob("train-*.safetensors"))[0]
-    if damage == "flipped byte":
+    if damage.startswith("flipped byte"):
+        if "no hash records" in damage:  # (lost, or a run from before them): the damaged manifest's hashes judge
+            for record in stage.glob("shard-hashes-*.json"):
+                record.unlink()
         data = bytearray(victim.read_bytes())
         data[-100] ^= 0xFF
         victim.write_bytes(bytes(data))
@@ -229,7 +232,7 @@ def test_two_processes_add_up_to_one(reference, tmp_path):
     assert json.loads((tmp_path / "collect" / "run.json").read_text())["world_size"] == 2
 
 
-def test_a_resume_over_other_text_under_the_same_corpus_path_is_refused(reference, tmp_path, monkeypatch):
+def test_a_resume_over_other_text_under_the_same_corpus_path_is_refused(reference, tmp_path, monkeypatch, capsys):
     """run.json named the corpus by its path only: a file rewritten between a kill and the rerun mixed two
     texts in one collection. The tokens' hash (corpus through tokenizer) now tells them apart."""
     model_dir, _ = reference
@@ -250,12 +253,16 @@ def test_a_resume_over_other_text_under_the_same_corpus_path_is_refused(referenc
         C.run_collect(tiny_cfg(model_dir, **{"data.dataset": str(corpus)}), out)
     monkeypatch.setattr(C, "write_shard", real_write)
     corpus.write_text(text[len(text) // 2:] + text[:len(text) // 2])  # the same words, in another order
-    with pytest.raises(DejavuError, match="collection of other tokens .* holds other text, or the model another "
-                                          "tokenizer"):
+    with pytest.raises(DejavuError, match="partial collection of other tokens .* holds other text, or the model "
+                                          "another tokenizer"):
         C.run_collect(tiny_cfg(model_dir, **{"data.dataset": str(corpus)}), out)
     assert [p.name for p in (out / "collect" / "shards").glob("*.safetensors")] == [Path(written[0]).name]
     corpus.write_text(text)  # the text it started on: resumed
-    assert C.run_collect(tiny_cfg(model_dir, **{"data.dataset": str(corpus)}), out)["tokens"] > 0
+    finished = C.run_collect(tiny_cfg(model_dir, **{"data.dataset": str(corpus)}), out)
+    # a finished collection over other text mixes nothing: kept, with a word
+    corpus.write_text(text[len(text) // 2:] + text[:len(text) // 2])
+    assert C.run_collect(tiny_cfg(model_dir, **{"data.dataset": str(corpus)}), out) == finished
+    assert "was collected from other tokens than these settings give now" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("state", ["[]", '{"config": 5}', '{"model": "x"}'])
@@ -269,14 +276,17 @@ def test_a_run_state_of_the_wrong_shape_is_a_one_line_error(reference, tmp_path,
 
 def test_a_second_writer_of_the_same_run_is_refused_before_it_writes(reference, tmp_path):
     """Two collects into one --out once both reported success over a mixture of their shards."""
-    import socket
+    from dejavu.artifacts import WriterLock
 
     model_dir, _ = reference
-    tmp_path.joinpath(".collect.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
-                                                                "started": "now"}))
+    other = WriterLock(tmp_path / ".collect.lock", "another run")
     with pytest.raises(DejavuError, match=r"collect is being written by another dejavu process"):
         C.run_collect(tiny_cfg(model_dir, **{"collect.max_tokens": 512}), tmp_path)
     assert not (tmp_path / "collect").exists()
-    tmp_path.joinpath(".collect.lock").unlink()
+    other.release()
     C.run_collect(tiny_cfg(model_dir, **{"collect.max_tokens": 512}), tmp_path)
     assert not tmp_path.joinpath(".collect.lock").exists()  # released at the end
+    # released on an error too: the next run is not refused
+    with pytest.raises(DejavuError, match="other settings"):
+        C.run_collect(tiny_cfg(model_dir, **{"collect.max_tokens": 1024}), tmp_path)
+    assert not tmp_path.joinpath(".collect.lock").exists()

@@ -195,16 +195,18 @@ def test_progress_records_of_the_wrong_shape_retrain_their_layers(synthetic_run,
 
 
 def test_a_second_train_into_the_same_run_is_refused_while_the_first_runs(synthetic_run):
-    import os
-    import socket
+    from dejavu.artifacts import WriterLock
 
     lock = synthetic_run / ".predictors.lock"
-    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "now"}))
+    other = WriterLock(lock, "another run")
     with pytest.raises(DejavuError, match=r"predictors is being written by another dejavu process"):
         run_train(synthetic_run, None, {"train.rank": 4}, overwrite=True)
     assert not (synthetic_run / "predictors").exists()
-    lock.unlink()
+    other.release()
     run_train(synthetic_run, None, {})
+    assert not lock.exists()
+    with pytest.raises(DejavuError, match="train.rank: 8 -> 4"):  # an error releases the lock as well
+        run_train(synthetic_run, None, {"train.rank": 4})
     assert not lock.exists()
 
 

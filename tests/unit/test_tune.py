@@ -376,15 +376,14 @@ def test_tuning_for_score_thresholds_and_exporting_them(tmp_path, tiny_llama, ca
 
 
 def test_a_second_tuning_of_the_same_run_is_refused_while_the_first_runs(tmp_path, tiny_llama):
-    import os
-    import socket
+    from dejavu.artifacts import WriterLock
 
     make_predictors_dir(tmp_path, tiny_llama, mlp_density=0.5, head_density=1.0)
     lock = tmp_path / ".tuned.lock"
-    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "now"}))
+    other = WriterLock(lock, "another run")
     with pytest.raises(DejavuError, match=r"tuned is being written by another dejavu process"):
         _tune(tmp_path, **{"tune.steps": 4})
     assert not (tmp_path / "tuned").exists()
-    lock.unlink()
+    other.release()
     _tune(tmp_path, **{"tune.steps": 4})
     assert not lock.exists() and (tmp_path / "tuned" / "manifest.json").exists()

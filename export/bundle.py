@@ -93,6 +93,9 @@ def _per_layer(default: float, overrides: dict, num_layers: int, present: list[b
     bad = [int(k) for k in overrides if not 0 <= int(k) < num_layers]
     if bad:
         raise DejavuError(f"{what}: layer indices {bad} are outside 0..{num_layers - 1}")
+    untrained = sorted(int(k) for k in overrides if not present[int(k)])
+    if untrained:  # they run dense whatever is asked: a value there would be recorded and never applied
+        raise DejavuError(f"{what}: layers {untrained} have no trained predictors (they run dense); drop them")
     return values
 
 
@@ -512,6 +515,11 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
     mlp_per_layer = _per_layer(mlp_density, cfg.export.mlp_density_per_layer, num_layers, present,
                                "export.mlp_density_per_layer")
     head_per_layer = _per_layer(head_density, {}, num_layers, present, "head density")
+    above = [l for l, d in enumerate(mlp_per_layer) if candidates is not None and d < 1.0 and candidates < d]  # noqa: E741
+    if above:
+        raise DejavuError(f"--mlp-candidate-density {candidates:g} is below export.mlp_density_per_layer's "
+                          f"{mlp_per_layer[above[0]]:g} (layers {above[:8]}): two-stage selection picks the final "
+                          "neurons among the candidates")
     for l, d in enumerate(mlp_per_layer):  # noqa: E741 - a tuned term of a layer exported dense is never read
         for name in COMPENSATION_PARTS if d >= 1.0 else ():
             dropped = tensors.pop(f"{COMPENSATION_PREFIX}.{l}.{name}", None)

@@ -164,7 +164,8 @@ class SparseRuntime:
     """Hooks a model for sparse inference; use as a context manager or call `remove()`."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, predictors: PredictorSet | None = None, *,
-                 selection: str = "predictor", mlp_density: float | None = None, head_density: float | None = None,
+                 selection: str = "predictor", mlp_density: float | list[float] | None = None,
+                 head_density: float | list[float] | None = None,
                  mode: str = "mask", record: bool = False, mlp_candidate_density: float | None = None,
                  mlp_up_weight: float | None = None, thresholds: Thresholds | None = None,
                  straight_through: float | None = None,
@@ -192,7 +193,8 @@ class SparseRuntime:
                 raise DejavuError("MLP thresholds run in mask mode, as the only MLP rule")
             if len(thresholds.x) != n:
                 raise DejavuError(f"MLP thresholds cover {len(thresholds.x)} layers, the model has {n}")
-            if thresholds.attention and head_density is not None and head_density < 1.0:
+            lowest_head = min(head_density, default=1.0) if isinstance(head_density, (list, tuple)) else head_density
+            if thresholds.attention and lowest_head is not None and lowest_head < 1.0:
                 raise DejavuError("attention thresholds and head selection are two rules for the same "
                                   "projections: use one (head density 1.0 with attention thresholds)")
         # with thresholds no top-k selects neurons: the MLP's own hooks do the work
@@ -260,9 +262,13 @@ class SparseRuntime:
         self._install()
 
     # --- configuration ------------------------------------------------------------------------
-    def _density(self, l: int, kind: str, override: float | None) -> float:  # noqa: E741
+    def _density(self, l: int, kind: str, override: float | list[float] | None) -> float:  # noqa: E741
         if self.selection == "dense":
             return 1.0
+        if isinstance(override, (list, tuple)):  # one per layer (the oracle at a bundle's densities)
+            if len(override) != len(self.layers):
+                raise DejavuError(f"{len(override)} per-layer {kind} densities for a model of {len(self.layers)} layers")
+            return float(override[l])
         if self.selection == "predictor":
             lp = self.predictors.layers[l]
             if (lp.mlp if kind == "mlp" else lp.attn) is None:

@@ -90,9 +90,9 @@ def rule_label(report: dict) -> str:
     tuned = " (tuned)" if report.get("tuned") else ""
     if report.get("mlp_up_weight") is not None:
         return f"exact-up {report['mlp_up_weight']:g}{tuned}, {mlp}, {heads}"
-    if report.get("mlp_candidate_density"):
-        return f"two-stage {report['mlp_candidate_density']:g} -> {report['mlp_density']:g}{tuned}, {heads}"
     scored = " (score thresholds)" if report.get("mlp_selection") == "threshold" else ""
+    if report.get("mlp_candidate_density"):
+        return f"two-stage {report['mlp_candidate_density']:g} -> {report['mlp_density']:g}{scored}{tuned}, {heads}"
     quantized = report.get("mlp_predictor")
     if isinstance(quantized, dict) and report.get("selection") == "predictor":
         # their bytes are read every token and are not in the table's MLP bytes: the label says how many
@@ -120,6 +120,9 @@ def _differences(reports: list[dict]) -> list[str]:
         return (q.get("dataset"), q.get("window"), q.get("stride"), q.get("scored_tokens")) if q else None
 
     checks = {"model": lambda r: r["model"], "device": lambda r: (r["device"], r.get("dtype")),
+              # a synthetic preset shares its name with the real model, and --layers keeps a part of it
+              "synthetic (random weights) or real": lambda r: bool(r.get("synthetic")),
+              "layers kept (--layers)": lambda r: r.get("layers") if r.get("synthetic") else None,
               "evaluation text or windows": evaluation, "batch size": lambda r: r.get("batch_size")}
     notes = []
     for name, key in checks.items():

@@ -36,6 +36,8 @@ class SparsePlan:
     mlp_down_thresholds: list | None = None
     # the bundle's MLP compensation (runtime/compensation.py) when the rule run is the one it was fitted for
     mlp_compensation: object | None = None
+    # the oracle with a bundle: the bundle's per-layer densities (its untrained layers at 1.0), unless a flag sets one
+    oracle_densities: tuple[list[float] | None, list[float] | None] = (None, None)
 
     @property
     def decode_loop_note(self) -> str | None:
@@ -58,9 +60,10 @@ class SparsePlan:
         from dejavu.runtime.apply import SparseRuntime
 
         use = self.predictors
+        per_layer_mlp, per_layer_heads = self.oracle_densities
         return SparseRuntime(model, adapter, use, selection=self.selection,
-                             mlp_density=self.mlp_density_flag if use else self.mlp_density,
-                             head_density=self.head_density_flag if use else self.head_density,
+                             mlp_density=self.mlp_density_flag if use else per_layer_mlp or self.mlp_density,
+                             head_density=self.head_density_flag if use else per_layer_heads or self.head_density,
                              mlp_candidate_density=self.mlp_candidate_density, mlp_up_weight=self.mlp_up_weight,
                              thresholds=self.thresholds, mode=mode, mlp_score_thresholds=self.mlp_score_thresholds,
                              mlp_down_thresholds=self.mlp_down_thresholds, mlp_compensation=self.mlp_compensation)
@@ -151,6 +154,10 @@ def check_flags(cfg, predictors: PredictorSet | None, command: str) -> None:
                           "true top-k heads, or --attn-keep-input for attention thresholds)")
     if (bundled is not None or flagged) and (rt.mlp_candidate_density is not None or rt.mlp_up_weight is not None):
         raise DejavuError("thresholds are their own MLP rule: drop --mlp-candidate-density / --mlp-up-weight")
+    if (selecting and predictors.mlp_pairing == MLP_INPUT and rt.selection == "predictor"
+            and (rt.mlp_candidate_density is not None or rt.mlp_up_weight is not None)):
+        raise DejavuError("this bundle's quantized-weight MLP predictors score every neuron from gate and up already: "
+                          "drop --mlp-candidate-density / --mlp-up-weight")
     if rt.mlp_selection == "threshold" and (bundled is not None or flagged):
         raise DejavuError("MLP magnitude thresholds (--mlp-keep-input, --keep-layer-bytes, or the bundle's) replace the "
                           "MLP predictors: drop --mlp-selection threshold")
@@ -233,11 +240,14 @@ def resolve_plan(cfg, manifest: dict | None, predictors: PredictorSet | None, mo
         use.mlp_score_thresholds = use.mlp_down_thresholds = use.mlp_candidate_density = None
     description = {
         "mlp_density": mlp_d, "head_density": head_d, "selection": selection,
-        "mlp_selection": "threshold" if score_thresholds is not None else "topk" if use is not None else None,
+        # (None where magnitude thresholds run the MLP, the heads perhaps by the bundle's predictors)
+        "mlp_selection": "threshold" if score_thresholds is not None else "topk" if use is not None and thresholds
+        is None else None,
         "mlp_score_thresholds": score_description,
         "mlp_candidate_density": cand_d, "mlp_up_weight": up_w,
         "mlp_compensation": None if compensation is None else {**manifest["mlp_compensation"], "from_bundle": True},
-        "bundle": str(Path(bundle).resolve()) if bundle else None, "mlp_pairing": use.mlp_pairing if use else None,
+        "bundle": str(Path(bundle).resolve()) if bundle else None,
+        "mlp_pairing": use.mlp_pairing if use is not None and thresholds is None else None,
         "head_pairing": use.head_pairing if use else None,
         # the bundle's predictors were tuned end to end (`dejavu tune-predictors`)
         "tuned": bool(use is not None and manifest is not None and manifest.get("tuned")),
@@ -247,11 +257,15 @@ def resolve_plan(cfg, manifest: dict | None, predictors: PredictorSet | None, mo
             **thresholds.describe(), "calibration": cfg.data.dataset, "calibration_tokens": rt.calibration_tokens}
         if bundled is None else {**manifest["thresholds"], "from_bundle": True},
     }
+    oracle_densities = (None, None)
+    if selection == "oracle" and manifest is not None:  # the ceiling of this bundle: its densities layer by layer
+        oracle_densities = (manifest["mlp_density_per_layer"] if rt.mlp_density is None else None,
+                            manifest["head_density_per_layer"] if rt.head_density is None else None)
     return SparsePlan(selection=selection, predictors=use, thresholds=thresholds, mlp_density=mlp_d,
                       head_density=head_d, mlp_density_flag=rt.mlp_density, head_density_flag=rt.head_density,
                       mlp_candidate_density=cand_d, mlp_up_weight=up_w, skip_kv=rt.skip_kv, description=description,
                       mlp_score_thresholds=score_thresholds, mlp_down_thresholds=down_thresholds,
-                      mlp_compensation=compensation)
+                      mlp_compensation=compensation, oracle_densities=oracle_densities)
 
 
 def _compensation(cfg, use: PredictorSet | None, thresholds, up_w, mlp_selection: str, cand_d):

@@ -561,26 +561,37 @@ def _train(run: Path, config_file: str | None, overrides: dict | None, overwrite
     local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
     share_cpu_threads(cfg.train.cpu_threads, local)
     out = run / "predictors"
+    problem = None
     if main:  # (the run's other processes write their layers under the main process's lock)
-        locks.append(WriterLock(run / ".predictors.lock", str(out)))
-        if overwrite and out.exists():
-            for name in ("layers", "progress"):
-                shutil.rmtree(out / name, ignore_errors=True)
-            (out / "metrics.json").unlink(missing_ok=True)
-        stale = _stale_layers(out, key)
-        if stale:
-            layers_stale = sorted(r["layer"] if isinstance(r.get("layer"), int) else -1 for r in stale)
-            shown = ", ".join(map(str, layers_stale[:12])) + (f" and {len(stale) - 12} more" if len(stale) > 12 else "")
-            raise DejavuError(
-                f"{out} holds {len(stale)} layer(s) ({shown}) trained with "
-                f"{_inputs_difference(stale[0].get('inputs'), inputs)}; "
-                "pass --overwrite to replace them (or use another --run directory)")
-        # The manifest marks a finished stage; drop it until this run has finished again.
-        (out / MANIFEST).unlink(missing_ok=True)
-        (out / "layers").mkdir(parents=True, exist_ok=True)
-        (out / "progress").mkdir(parents=True, exist_ok=True)
-        for marker in (out / "progress").glob(f"{CHECK_FAILED}-*"):
-            marker.unlink()  # left by an earlier run whose collect data has since been checked again
+        try:
+            locks.append(WriterLock(run / ".predictors.lock", str(out)))
+            if overwrite and out.exists():
+                for name in ("layers", "progress"):
+                    shutil.rmtree(out / name, ignore_errors=True)
+                (out / "metrics.json").unlink(missing_ok=True)
+            stale = _stale_layers(out, key)
+            if stale:
+                layers_stale = sorted(r["layer"] if isinstance(r.get("layer"), int) else -1 for r in stale)
+                shown = ", ".join(map(str, layers_stale[:12])) + (f" and {len(stale) - 12} more" if len(stale) > 12 else "")
+                raise DejavuError(
+                    f"{out} holds {len(stale)} layer(s) ({shown}) trained with "
+                    f"{_inputs_difference(stale[0].get('inputs'), inputs)}; "
+                    "pass --overwrite to replace them (or use another --run directory)")
+            # The manifest marks a finished stage; drop it until this run has finished again.
+            (out / MANIFEST).unlink(missing_ok=True)
+            (out / "layers").mkdir(parents=True, exist_ok=True)
+            (out / "progress").mkdir(parents=True, exist_ok=True)
+            for marker in (out / "progress").glob(f"{CHECK_FAILED}-*"):
+                marker.unlink()  # left by an earlier run whose collect data has since been checked again
+        except (DejavuError, OSError) as exc:
+            problem = exc if isinstance(exc, DejavuError) else DejavuError(f"cannot write to {out}: {exc}")
+    # every process stops with the main one: the others would wait for it at the next barrier, for the process
+    # group's 12 h timeout where no launcher ends them
+    failed = problem is not None
+    if acc.num_processes > 1:
+        failed = acc.reduce(torch.tensor([float(failed)], device=acc.device), reduction="sum").item() > 0
+    if failed:
+        raise problem or DejavuError(f"{out}: the main process stopped before training (its error names why)")
     acc.wait_for_everyone()
     clock.mark("prepare")
     check = CollectCheck(collect, (acc.process_index, acc.num_processes))

@@ -461,12 +461,18 @@ def _tune(run: Path, config_file: str | None, overrides: dict | None, overwrite:
         # ("invalid device ordinal" on one GPU); a collective on the tuning's own device works everywhere
         on = torch.device("cpu") if target.type == "cpu" else acc.device
 
-        def barrier() -> None:
+        def barrier(failed: bool = False) -> bool:
+            """Wait for every process; whether any of them failed (so all stop together)."""
             import torch.distributed as dist
 
-            dist.all_reduce(torch.zeros(1, device=on))
+            flag = torch.tensor([float(failed)], device=on)
+            dist.all_reduce(flag)
+            return flag.item() > 0
     else:
-        acc, index, processes, main, barrier = None, 0, 1, True, lambda: None
+        acc, index, processes, main = None, 0, 1, True
+
+        def barrier(failed: bool = False) -> bool:
+            return failed
     if t.sequences % processes:
         raise DejavuError(f"tune.sequences ({t.sequences}) must be a multiple of the number of processes "
                           f"({processes}): each takes an equal share of every step")
@@ -502,12 +508,18 @@ def _tune(run: Path, config_file: str | None, overrides: dict | None, overwrite:
     train_seqs, held = calibration_sequences(cfg, tokenizer)
     # only now, with the model and corpus known good, is anything of an earlier tuning removed
     barrier()  # every process has read the checkpoint it resumes from
+    problem = None
     if main:  # (the other processes of a launch write nothing)
-        locks.append(WriterLock(run / ".tuned.lock", str(out)))
-        if overwrite and out.exists():
-            shutil.rmtree(out)
-        (out / MANIFEST).unlink(missing_ok=True)  # an unreadable one: unfinished until this run writes it again
-        (out / "progress").mkdir(parents=True, exist_ok=True)
+        try:
+            locks.append(WriterLock(run / ".tuned.lock", str(out)))
+            if overwrite and out.exists():
+                shutil.rmtree(out)
+            (out / MANIFEST).unlink(missing_ok=True)  # an unreadable one: unfinished until this run writes it again
+            (out / "progress").mkdir(parents=True, exist_ok=True)
+        except (DejavuError, OSError) as exc:
+            problem = exc if isinstance(exc, DejavuError) else DejavuError(f"cannot write to {out}: {exc}")
+    if barrier(problem is not None):  # every process stops with the first (the others would wait for it)
+        raise problem or DejavuError(f"{out}: the first process stopped before tuning (its error names why)")
 
     predictors.with_densities(*densities)
     params = trainable(predictors, densities)

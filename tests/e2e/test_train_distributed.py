@@ -114,3 +114,18 @@ def test_more_processes_than_layers_share_a_layer(tmp_path, down_inputs):
     for kind in ("mlp", "attn"):
         for key, value in one[kind].items():
             assert two[kind][key] == pytest.approx(value, abs=0.02), (kind, key)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_two_processes_stop_together_when_another_run_holds_the_stage(tmp_path):
+    """Only the main process takes the stage's lock; the other learns of a refusal through a collective instead of
+    waiting at a barrier for it."""
+    from dejavu.artifacts import WriterLock
+
+    write_synthetic_collect(tmp_path, num_layers=2, train_tokens=1024, eval_tokens=256, config=_config())
+    with WriterLock(tmp_path / ".predictors.lock", "another run"):
+        result = torchrun_cli("train-predictors", "-r", tmp_path, timeout=180)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "is being written by another dejavu process" in output
+    assert not (tmp_path / "predictors").exists()

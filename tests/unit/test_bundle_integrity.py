@@ -251,6 +251,55 @@ def test_a_model_changed_only_in_a_middle_layer_or_its_embeddings_is_told_apart(
         old_scheme = [round(float(v), 6) for layer in (layers[0], layers[-1])
                       for w in (adapter.mlp_weights(layer).up, adapter.mlp_weights(layer).down,
                                 adapter.attention_weights(layer).q, adapter.attention_weights(layer).o)
-                      for v in w[:4].float().norm(dim=1)]
+                      for v in w[:4].detach().float().norm(dim=1)]
         assert identity_difference({**expected, "fingerprint": old_scheme}, {"fingerprint": fingerprint(adapter)}) is None
     assert "recorded fingerprint is unreadable" in identity_difference({"fingerprint": "abc"}, {"fingerprint": [1.0]})
+
+
+def test_the_oracle_runs_at_the_bundles_densities_layer_by_layer(tmp_path, tiny_llama):
+    """--selection oracle with a bundle is its ceiling: once it ran the bundle's mean density in every layer, so a
+    bundle with untrained (dense) layers or per-layer densities had a 'ceiling' below its own predictors."""
+    from dejavu.runtime.generate import load_sparse
+
+    run = tmp_path / "run"
+    make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=0.5, layers=[1, 2])
+    run_export(run, tmp_path / "b", overrides={"export.mlp_density_per_layer": {2: 0.75}})
+    with load_sparse(str(tiny_llama), bundle=tmp_path / "b", config="tiny", device="cpu", selection="oracle") as sm:
+        hooks = sm.plan.hooks(sm.model, sm.adapter)
+        assert hooks.mlp_density == [1.0, 0.5, 0.75] and hooks.head_density == [1.0, 0.5, 0.5]
+        hooks.remove()
+    with load_sparse(str(tiny_llama), bundle=tmp_path / "b", config="tiny", device="cpu", selection="oracle",
+                     mlp_density=0.25) as sm:  # a flag sets every layer, as for the predictors
+        hooks = sm.plan.hooks(sm.model, sm.adapter)
+        assert hooks.mlp_density == [0.25, 0.25, 0.25] and hooks.head_density == [1.0, 0.5, 0.5]
+        hooks.remove()
+
+
+def test_per_layer_densities_export_refuses_what_it_would_not_apply(tmp_path, tiny_llama):
+    run = tmp_path / "run"
+    make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=0.5, layers=[1, 2])
+    with pytest.raises(DejavuError, match=r"layers \[0\] have no trained predictors \(they run dense\)"):
+        run_export(run, tmp_path / "a", overrides={"export.mlp_density_per_layer": {0: 0.3}})
+    with pytest.raises(DejavuError, match=r"--mlp-candidate-density 0.6 is below export.mlp_density_per_layer's 0.75 "
+                                          r"\(layers \[2\]\)"):
+        run_export(run, tmp_path / "c", overrides={"export.mlp_density_per_layer": {2: 0.75},
+                                                   "export.mlp_candidate_density": 0.6})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_run_bundle_with_mlp_thresholds_reports_no_mlp_top_k(tmp_path, tiny_llama):
+    """Magnitude thresholds run the MLP while the run's head predictors select heads: the report once said
+    mlp_selection 'topk' with the predictors' pairing."""
+    from helpers import CALIB_TXT
+
+    from dejavu.runtime.generate import load_sparse
+
+    run = tmp_path / "run"
+    make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=0.5)
+    run_export(run, tmp_path / "b", overrides={"export.mlp_keep_input": 0.8, "data.dataset": str(CALIB_TXT),
+                                               "export.calibration_tokens": 256})
+    with load_sparse(str(tiny_llama), bundle=tmp_path / "b", config="tiny", device="cpu") as sm:
+        described = sm.plan.description
+    assert described["thresholds"] is not None and described["selection"] == "predictor"
+    assert described["mlp_selection"] is None and described["mlp_pairing"] is None
+    assert described["head_pairing"] == "lookahead"

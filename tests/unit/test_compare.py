@@ -41,6 +41,8 @@ def test_rules_are_named_and_compared(tmp_path, capsys):
 def test_labels_of_every_rule():
     assert rule_label(_report(mlp_up_weight=0.4)) == "exact-up 0.4, MLP 0.5, heads 1"
     assert rule_label(_report(mlp_candidate_density=0.85)) == "two-stage 0.85 -> 0.5, heads 1"
+    assert rule_label(_report(mlp_candidate_density=0.85, mlp_selection="threshold")) == \
+        "two-stage 0.85 -> 0.5 (score thresholds), heads 1"
     assert rule_label(_report(mlp_selection="threshold", tuned=True)) == \
         "predictor (tuned), MLP 0.5 (score thresholds), heads 1"
     assert rule_label(_report(thresholds={"keep_input": 0.8, "keep_down_input": 0.5})) == "thresholds 0.8 / 0.5, heads 1"
@@ -55,6 +57,13 @@ def test_reports_measured_differently_are_flagged(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "note: these reports differ in model, device" in out
     assert out.splitlines()[3].count(" - ") >= 3  # missing figures print as dashes
+    # a synthetic preset shares the real model's name; --layers keeps a part of it
+    real = _write(tmp_path / "real.json", _report(synthetic=False))
+    one, two = (_write(tmp_path / f"s{n}.json", _report(synthetic=True, layers=n, quality=None)) for n in (1, 2))
+    run_compare([real, one])
+    assert "differ in synthetic (random weights) or real" in capsys.readouterr().out
+    run_compare([one, two])
+    assert "differ in layers kept (--layers)" in capsys.readouterr().out
 
 
 def test_what_is_not_a_bench_report_is_refused(tmp_path):

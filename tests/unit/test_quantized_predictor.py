@@ -301,6 +301,10 @@ def test_review_cases_thresholds_heads_and_activation(quantized_bundle, tiny_lla
     assert all(lw.mlp_quant is None for lw in dm.layers)
     with pytest.raises(DejavuError, match="holds MLP predictors and no head predictors"):
         check_flags(load_config("tiny", {"runtime.head_density": 0.5}), predictors, "bench")
+    for flag in ({"runtime.mlp_up_weight": 0.4}, {"runtime.mlp_candidate_density": 0.8}):  # before the model loads
+        with pytest.raises(DejavuError, match="quantized-weight MLP predictors score every neuron .* drop "
+                                              "--mlp-candidate-density / --mlp-up-weight"):
+            check_flags(load_config("tiny", flag), predictors, "generate")
     manifest, _ = load_bundle(_edited(quantized_bundle, tmp_path, lambda m: m["mlp_predictor"].update(
         activation="relu")))
     with pytest.raises(DejavuError, match="score with activation 'relu', the model's MLP uses 'silu'"):

@@ -255,7 +255,10 @@ def _coerce(value: Any, current: Any, where: str, hint: str = "") -> Any:
     """Accept YAML/CLI values loosely but reject wrong kinds with a message naming the key. `hint` is the
     field's annotation, which says the kind of an optional key whose default is None."""
     if value is None:
-        return value
+        if current is None or "None" in hint:  # an optional key: null is its "not set"
+            return value
+        raise DejavuError(f"{where}: null is not a value for this key (it is {current!r} by default); give a "
+                          "value or leave the key out")
     if current is None:  # optional: coerce as the annotation's kind ("float | None", "str | None")
         kinds = {"float": 0.0, "int": 0, "str": ""}
         current = kinds.get(hint.replace(" ", "").removesuffix("|None"))  # list/dict kinds: left as given
@@ -346,10 +349,25 @@ def report_inputs(config_file, cfg: RunConfig, *paths) -> list[Path]:
     return found
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, refusing a key given twice in one mapping: YAML keeps the last, so a section repeated lower in
+    a file would silently drop every setting of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _merge_file(cfg: RunConfig, config_file: str | Path) -> None:
     path = resolve_config_path(config_file)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
@@ -435,6 +453,8 @@ def _check_density(value: float | None, name: str) -> None:
 
 
 def validate(cfg: RunConfig) -> None:
+    if not cfg.collect.mlp_label_densities:  # (training needs the labels of its MLP density)
+        raise DejavuError("collect.mlp_label_densities is empty: list at least one density, e.g. [0.5]")
     for d in cfg.collect.mlp_label_densities:
         _check_density(d, "collect.mlp_label_densities")
     _check_density(cfg.train.mlp_density, "train.mlp_density")

@@ -23,7 +23,7 @@ DIRECTORY_SUFFIXES = set(LOCAL_BUILDERS) - {".json"}
 
 def _local_files(spec: str) -> list[str] | None:
     """The files a local spec names, or None when the spec is not local."""
-    if any(ch in spec for ch in "*?["):
+    if any(ch in spec for ch in "*?[") and not Path(spec).expanduser().exists():  # (a file may have "[" in its name)
         files = sorted(glob.glob(spec, recursive=True))
         if not files:
             raise DejavuError(f"no files match {spec}")
@@ -77,7 +77,8 @@ def load_texts(spec: str, split: str = "train", text_field: str = "text") -> lis
         builder = builders.pop()
         if builder == "text":
             # Read text whole: line-per-row loading loses the newlines that the model saw in training.
-            texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
+            # utf-8-sig: a byte-order mark is not text (it would start the first document as U+FEFF)
+            texts = [Path(f).read_text(encoding="utf-8-sig", errors="replace") for f in files]
             for f, t in zip(files, texts, strict=True):
                 _check_looks_like_text(f, t)
             return [t for t in texts if t.strip()]
@@ -108,7 +109,12 @@ def load_texts(spec: str, split: str = "train", text_field: str = "text") -> lis
         _jsonl_lines_are_objects(files)
     if text_field not in ds.column_names:
         raise DejavuError(f"dataset {spec} has no field {text_field!r} (fields: {', '.join(ds.column_names)})")
-    return _nonblank_texts(ds[text_field], spec, text_field)
+    try:
+        return _nonblank_texts(ds[text_field], spec, text_field)
+    except UnicodeDecodeError:  # (decoded lazily, past the read above)
+        if files is not None:
+            _raise_bad_json_line(files)
+        raise DejavuError(f"{spec} is not UTF-8 text") from None
 
 
 @contextmanager
@@ -151,15 +157,20 @@ def _raise_bad_json_line(files: list[str]) -> None:
 
 
 def _nonblank_texts(values: list, spec: str, text_field: str) -> list[str]:
-    """The non-blank strings of a text column; missing values count as blank, any other type is refused."""
-    texts = []
+    """The non-blank strings of a text column; missing values are skipped with a note (records of another shape
+    would otherwise vanish unseen), any other type is refused."""
+    texts, missing = [], 0
     for value in values:
         if value is None:
+            missing += 1
             continue
         if not isinstance(value, str):
             raise DejavuError(f"{spec}: field {text_field!r} holds {type(value).__name__} values, not text")
         if value.strip():
             texts.append(value)
+    if missing:
+        print(f"note: {missing:,} of {len(values):,} records of {spec} have no {text_field!r} field (or null): skipped",
+              file=sys.stderr, flush=True)
     return texts
 
 

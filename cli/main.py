@@ -131,11 +131,12 @@ KeepLayerBytesOpt = typer.Option(
          "Replaces --mlp-keep-input / --attn-keep-input and head selection.")
 CalibrationOpt = typer.Option(
     None, "--calibration",
-    help="Corpus the --mlp-keep-input / --keep-layer-bytes thresholds are calibrated on (default: the config's "
-         "data.dataset).")
+    help="Corpus the thresholds (--mlp-keep-input / --keep-layer-bytes, or --mlp-selection threshold's score "
+         "thresholds) are calibrated on (default: the config's data.dataset).")
 CalibrationTokensOpt = typer.Option(
     None, "--calibration-tokens",
-    help="Tokens of the calibration corpus the thresholds are set on (fewer: a faster, noisier calibration).")
+    help="Tokens of the calibration corpus the thresholds are set on (fewer: a faster, noisier calibration)."
+         + default("runtime.calibration_tokens"))
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or auto (default: auto: cuda when there is a GPU).")
 DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16, float16 or auto (default: auto).")
 SelectionOpt = typer.Option(None, "--selection", help="predictor (the bundle), oracle (true top-k) or dense." + default("runtime.selection"))
@@ -168,13 +169,15 @@ RESUMABLE = ("collect", "train_predictors", "tune_predictors")
 def _check_rule_flags(config: str | None, section: str, calibration: str | None, model: str | None = None,
                       selection: str | None = None, densities: tuple = (), skip_kv: bool | None = None,
                       engine: str | None = None, calibration_tokens: int | None = None,
-                      mlp_selection: str | None = None, compensation_rank: int | None = None) -> None:
+                      mlp_selection: str | None = None, compensation_rank: int | None = None,
+                      run: str | None = None) -> None:
     """Flags that would change nothing are refused (--calibration, export's --model without thresholds to
-    calibrate) or noted (densities under --selection dense, --skip-kv with the hooks), before any work."""
+    calibrate) or noted (densities under --selection dense, --skip-kv with the hooks), before any work.
+    run: export's --run, whose stored config (the rule it asks for) is the base under the file."""
     from dejavu.errors import DejavuError
 
     if calibration is not None or model is not None or calibration_tokens is not None:
-        rules = getattr(build_config(config, {}), section)
+        rules = getattr(_export_base_config(run, config) if run is not None else build_config(config, {}), section)
         scored = (mlp_selection or rules.mlp_selection) == "threshold"
         compensated = bool(compensation_rank if compensation_rank is not None
                            else getattr(rules, "mlp_compensation_rank", 0))
@@ -188,6 +191,22 @@ def _check_rule_flags(config: str | None, section: str, calibration: str | None,
         typer.echo("note: --selection dense computes every neuron and head; the densities given are not used", err=True)
     if skip_kv and engine == "hooks":
         typer.echo("note: --skip-kv applies to the decode loop only; the hooks compute k/v for every head", err=True)
+
+
+def _export_base_config(run: str, config: str | None):
+    """The config export will run with for --run RUN (its predictors' stored config, then the file), for checks made
+    before it starts; where the run cannot be read yet, the file's (export names the problem itself)."""
+    from dejavu.artifacts import read_manifest
+    from dejavu.errors import DejavuError
+    from dejavu.export.bundle import _export_config
+
+    for directory in (Path(run) / "predictors", Path(run)):
+        try:
+            pm = read_manifest(directory, "dejavu.predictors", verify=False)
+        except DejavuError:
+            continue
+        return _export_config(pm, config, {})
+    return build_config(config, {})
 
 
 def handle_errors(func):
@@ -465,7 +484,7 @@ def export(
         # --model with --run names the model to quantize when --mlp-predictor-bits asks for copies
         _check_rule_flags(config, "export", calibration, model if run is not None and mlp_predictor_bits is None else None,
                           calibration_tokens=calibration_tokens, mlp_selection=mlp_selection,
-                          compensation_rank=mlp_compensation_rank)
+                          compensation_rank=mlp_compensation_rank, run=run)
     run_export(Path(run) if run is not None else None, Path(out), config_file=config, model_name=model, overrides={
         "export.mlp_density": mlp_density, "export.head_density": head_density,
         "export.mlp_candidate_density": mlp_candidate_density, "export.mlp_keep_input": mlp_keep_input,

@@ -10,6 +10,7 @@ ends with byte-identical files, and N processes each write their own shards of o
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -372,10 +373,11 @@ def inspect_stage(stage: Path, state: dict[str, Any], overwrite: bool) -> str:
         old_config["collect"].setdefault("record_down_input", False)
     diffs = state_differences({"config": old_config, "world_size": old.get("world_size")},
                               {k: state[k] for k in ("config", "world_size")})
-    # the same local corpus named from another directory (../x.txt vs /abs/x.txt) is the same corpus
-    diffs = [d for d in diffs if not (d.startswith("config.data.dataset:")
-                                      and _same_local_path((old.get("config") or {}).get("data", {}).get("dataset"),
-                                                           state["config"]["data"]["dataset"]))]
+    # the same local corpus or model named from another directory (../x.txt vs /abs/x.txt) is the same one
+    diffs = [d for d in diffs if not any(
+        d.startswith(f"config.{section}.{key}:")
+        and _same_local_path(((old.get("config") or {}).get(section) or {}).get(key), state["config"][section][key])
+        for section, key in (("data", "dataset"), ("model", "name")))]
     other_model = identity_difference(old["model"], state["model"]) if old.get("model") else None
     if other_model:
         raise DejavuError(f"{stage} holds a collection made for {other_model}; "
@@ -528,6 +530,13 @@ def _collect(cfg: RunConfig, out: Path, overwrite: bool, locks: list) -> dict[st
 
     out = Path(out)
     stage = out / STAGE_DIR
+    # a local corpus or model by its absolute path: later stages read them from the config stored here, from
+    # whatever directory they run in
+    cfg = copy.deepcopy(cfg)
+    for section, key in (("data", "dataset"), ("model", "name")):
+        value = getattr(getattr(cfg, section), key)
+        if isinstance(value, str) and Path(value).expanduser().exists():
+            setattr(getattr(cfg, section), key, str(Path(value).expanduser().resolve()))
     cc = cfg.collect
     if cc.input_dtype not in DTYPES:
         raise DejavuError(f"collect.input_dtype must be one of {', '.join(DTYPES)}; got {cc.input_dtype!r}")

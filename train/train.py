@@ -69,8 +69,8 @@ def resolve_config(base: dict, config_file: str | None, overrides: dict[str, Any
     t = cfg.train
     if t.loss not in LOSSES:
         raise DejavuError(f"train.loss must be one of {', '.join(LOSSES)}; got {t.loss!r}")
-    if t.output_weight < 0:
-        raise DejavuError(f"train.output_weight must be 0 or more, got {t.output_weight}")
+    if not (t.output_weight >= 0 and math.isfinite(t.output_weight)):  # (NaN compares false: it would turn the term off)
+        raise DejavuError(f"train.output_weight must be a finite number of 0 or more, got {t.output_weight}")
     if t.hidden_activation not in ("none", "relu"):
         raise DejavuError(f"train.hidden_activation must be none or relu; got {t.hidden_activation!r}")
     for name in ("rank", "epochs", "batch_size"):

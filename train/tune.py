@@ -20,11 +20,13 @@ on other text is the independent check.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import shutil
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -66,6 +68,15 @@ def resolve_tune_config(base: dict, config_file: str | None, overrides: dict[str
     base = {section: value for section, value in base.items() if section != "tune"}
     cfg = load_config(config_file, overrides, base=base, base_source="predictors manifest's config",
                       fixed=("model", "collect", "train"))
+    ran = load_config(None, None, base=base, base_source="predictors manifest's config").data
+    flagged = {key.partition(".")[2] for key, value in overrides.items() if key.startswith("data.") and value is not None}
+    # the file's corpus settings are taken (tuning text may differ from what collect read), but never unsaid: every
+    # shipped config names a corpus
+    changed = [f.name for f in dataclasses.fields(ran)
+               if f.name not in flagged and getattr(ran, f.name) != getattr(cfg.data, f.name)]
+    if config_file is not None and changed:
+        taken = ", ".join(f"data.{k} = {getattr(cfg.data, k)!r} (collect: {getattr(ran, k)!r})" for k in changed)
+        print(f"note: {config_file} sets the tuning's corpus settings: {taken}", file=sys.stderr, flush=True)
     t = cfg.tune
     for name in ("steps", "sequences", "eval_sequences", "checkpoint_every"):
         if getattr(t, name) <= 0:

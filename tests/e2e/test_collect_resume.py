@@ -290,3 +290,20 @@ def test_a_second_writer_of_the_same_run_is_refused_before_it_writes(reference, 
     with pytest.raises(DejavuError, match="other settings"):
         C.run_collect(tiny_cfg(model_dir, **{"collect.max_tokens": 1024}), tmp_path)
     assert not tmp_path.joinpath(".collect.lock").exists()
+
+
+def test_relative_names_are_stored_absolute_and_match_other_spellings(reference, tmp_path, monkeypatch):
+    """A corpus or model named relative to the working directory was stored as typed: tune and export, run from
+    elsewhere, then read another file or none; and `./tiny` against `tiny` was refused as other settings."""
+    model_dir, _ = reference
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CALIB_TXT.read_text())
+    monkeypatch.chdir(model_dir.parent)
+    relative_corpus = os.path.relpath(corpus)
+    cfg = tiny_cfg(model_dir.name, **{"data.dataset": relative_corpus, "collect.max_tokens": 512})
+    manifest = C.run_collect(cfg, tmp_path / "run")
+    assert manifest["config"]["data"]["dataset"] == str(corpus.resolve())
+    assert manifest["config"]["model"]["name"] == str(model_dir.resolve())
+    again = C.run_collect(tiny_cfg(f"./{model_dir.name}", **{"data.dataset": relative_corpus,
+                                                             "collect.max_tokens": 512}), tmp_path / "run")
+    assert again == manifest

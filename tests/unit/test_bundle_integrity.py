@@ -290,9 +290,9 @@ def test_per_layer_densities_export_refuses_what_it_would_not_apply(tmp_path, ti
 def test_a_run_bundle_with_mlp_thresholds_reports_no_mlp_top_k(tmp_path, tiny_llama):
     """Magnitude thresholds run the MLP while the run's head predictors select heads: the report once said
     mlp_selection 'topk' with the predictors' pairing."""
-    from helpers import CALIB_TXT
-
     from dejavu.runtime.generate import load_sparse
+
+    from helpers import CALIB_TXT
 
     run = tmp_path / "run"
     make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=0.5)
@@ -303,3 +303,19 @@ def test_a_run_bundle_with_mlp_thresholds_reports_no_mlp_top_k(tmp_path, tiny_ll
     assert described["thresholds"] is not None and described["selection"] == "predictor"
     assert described["mlp_selection"] is None and described["mlp_pairing"] is None
     assert described["head_pairing"] == "lookahead"
+
+
+def test_export_checks_its_calibration_flags_against_the_runs_own_rule(tmp_path, tiny_llama):
+    """--calibration was refused as useless when only the run's stored config (not the file or a flag) asked for
+    score thresholds, which export then calibrates."""
+    from dejavu.cli.main import _check_rule_flags
+
+    run = tmp_path / "run"
+    make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=0.5)
+    with pytest.raises(DejavuError, match="--calibration is used only to calibrate thresholds"):
+        _check_rule_flags(None, "export", "corpus.txt", run=str(run))
+    path = run / "predictors" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["config"]["export"]["mlp_selection"] = "threshold"
+    path.write_text(json.dumps(manifest))
+    _check_rule_flags(None, "export", "corpus.txt", run=str(run))  # accepted

@@ -114,3 +114,37 @@ def test_export_may_name_another_calibration_corpus_in_its_file(tmp_path):
 def test_per_layer_densities_name_the_bad_entry(per_layer, says):
     with pytest.raises(DejavuError, match=says):
         load_config(None, {"export.mlp_density_per_layer": per_layer})
+
+
+def test_null_a_repeated_key_and_an_empty_label_list_are_refused(tmp_path):
+    """YAML null once passed for keys that cannot be empty (tracebacks later, or a default silently off), a section
+    given twice kept only the last, and no label densities gave a collection no training could use."""
+    cases = {"train:\n  lr: null\n": r"train\.lr: null is not a value for this key",
+             "data:\n  dataset: null\n": r"data\.dataset: null is not a value",
+             "collect:\n  record_down_input: null\n": r"collect\.record_down_input: null is not a value",
+             "data:\n  seq_len: 64\ncollect:\n  max_tokens: 512\ndata:\n  seed: 3\n": r"the key 'data' is given twice",
+             "collect:\n  mlp_label_densities: []\n": r"collect\.mlp_label_densities is empty"}
+    for text, says in cases.items():
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(DejavuError, match=says):
+            load_config(str(path))
+    path.write_text("export:\n  mlp_density: null\n")  # an optional key: null is its "not set"
+    assert load_config(str(path)).export.mlp_density is None
+
+
+def test_a_config_file_that_moves_the_tuning_corpus_says_so(tmp_path, capsys):
+    """Every shipped config names a corpus: `tune-predictors -c FILE` took the file's without a word."""
+    from dejavu.train.tune import resolve_tune_config
+
+    base = RunConfig().to_dict()
+    base["data"]["dataset"] = str(tmp_path / "the-runs-corpus.txt")
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  dataset: other.txt\n  seq_len: 64\n")
+    cfg = resolve_tune_config(base, str(path), {})
+    assert cfg.data.seq_len == 64 and cfg.data.dataset.endswith("other.txt")
+    err = capsys.readouterr().err
+    assert "sets the tuning's corpus settings: data.dataset = " in err and "(collect: " in err
+    assert "data.seq_len = 64 (collect: 2048)" in err or "data.seq_len = 64" in err
+    resolve_tune_config(base, str(path), {"data.dataset": "flag.txt", "data.seq_len": 64})  # flags: nothing to say
+    assert "corpus settings" not in capsys.readouterr().err

@@ -175,3 +175,17 @@ def test_an_array_line_is_named_whatever_it_holds(tmp_path, line):
     for field in ("text", "content"):
         with pytest.raises(DejavuError, match=r"arr.jsonl:2 is not a JSON object"):
             load_texts(str(path), text_field=field)
+
+
+def test_a_path_with_brackets_a_bom_records_without_the_field_and_latin1_json(tmp_path, capsys):
+    odd = tmp_path / "data[1].txt"  # an existing file is itself, not a glob
+    odd.write_bytes("\ufeffhello world".encode())
+    assert load_texts(str(odd)) == ["hello world"]  # the byte-order mark is not text
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"text": "kept"}) + "\n" + json.dumps({"body": "skipped"}) + "\n")
+    assert load_texts(str(mixed)) == ["kept"]
+    assert "1 of 2 records of" in capsys.readouterr().err
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DejavuError, match=r"latin\.jsonl:1 is not valid JSON \(not UTF-8\)"):
+        load_texts(str(latin))

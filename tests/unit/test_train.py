@@ -454,7 +454,7 @@ def test_auto_loss_falls_back_to_bce_without_down_inputs(synthetic_run, capsys):
     assert "has no MLP down inputs" in capsys.readouterr().out
     with pytest.raises(DejavuError, match="--loss bce\\+output needs the MLP down inputs"):
         run_train(synthetic_run, None, {"train.loss": "bce+output"}, overwrite=True)
-    with pytest.raises(DejavuError, match="train.output_weight must be 0 or more"):
+    with pytest.raises(DejavuError, match="train.output_weight must be a finite number of 0 or more"):
         run_train(synthetic_run, None, {"train.output_weight": -1.0})
 
 
@@ -495,3 +495,9 @@ def test_cpu_threads_share_the_machine_and_stay_out_of_the_training_key(monkeypa
     other.train.cpu_threads = 7
     parent = {"sha256": "x"}
     assert training_key(cfg, parent) == training_key(other, parent)
+
+
+def test_a_nan_output_weight_is_refused(synthetic_run):
+    # NaN compares false with 0: the output-error term was silently off while the manifest said bce+output
+    with pytest.raises(DejavuError, match="train.output_weight must be a finite number of 0 or more, got nan"):
+        run_train(synthetic_run, None, {"train.output_weight": float("nan")})

@@ -222,6 +222,23 @@ class WriterLock:
         self.release()
 
 
+def stop_together(problem: BaseException | None, device, what: str) -> None:
+    """Raise `problem` (the main process's, while it prepares a stage) in every process of a launch: the others
+    would otherwise wait for it at the next barrier, for as long as the process group's timeout where no launcher
+    ends them. A collective, so it is also that barrier. An OSError becomes a DejavuError naming `what`."""
+    import torch.distributed as dist
+
+    if isinstance(problem, OSError):
+        problem = DejavuError(f"cannot write to {what}: {problem}")
+    failed = problem is not None
+    if dist.is_available() and dist.is_initialized():
+        flag = torch.tensor([float(failed)], device=device)
+        dist.all_reduce(flag)
+        failed = flag.item() > 0
+    if failed:
+        raise problem or DejavuError(f"{what}: the main process stopped before writing it (its error names why)")
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 

@@ -29,6 +29,7 @@ from dejavu.artifacts import (
     save_tensors,
     sha256_file,
     stage_around,
+    stop_together,
     tokens_sha256,
     write_manifest,
 )
@@ -497,20 +498,6 @@ def _distributed_state(cpu: bool):
     return state.process_index, state.num_processes, state.wait_for_everyone, state
 
 
-def _stop_together(problem: DejavuError | None, dist, stage: Path) -> None:
-    """Raise `problem` (the main process's) in every process: the others would otherwise wait at the next barrier
-    for one that stopped, for as long as the process group's timeout when no launcher ends them."""
-    failed = problem is not None
-    if dist is not None:
-        import torch.distributed as td
-
-        flag = torch.tensor([float(failed)], device=dist.device)
-        td.all_reduce(flag)
-        failed = flag.item() > 0
-    if failed:
-        raise problem or DejavuError(f"{stage}: the main process stopped before collecting (its error names why)")
-
-
 def run_collect(cfg: RunConfig, out: Path, overwrite: bool = False) -> dict[str, Any]:
     """Collect block inputs, MLP labels and head norms into `out/collect/`; returns the manifest."""
     locks: list[WriterLock] = []
@@ -623,15 +610,14 @@ def _collect(cfg: RunConfig, out: Path, overwrite: bool, locks: list) -> dict[st
         f"labels {rule} {tags}; {world} process(es)")
     say(f"disk: about {human_bytes(estimate)} for {stage} ({human_bytes(free)} free)")
 
-    problem = None
+    problem, on = None, dist.device if dist is not None else None
     if main:  # (the run's other processes write their shards under rank 0's lock)
         try:
             out.mkdir(parents=True, exist_ok=True)
             locks.append(WriterLock(out / f".{STAGE_DIR}.lock", str(stage)))
         except (DejavuError, OSError) as exc:
-            problem = exc if isinstance(exc, DejavuError) else DejavuError(f"cannot write to {out}: {exc}")
-    _stop_together(problem, dist, stage)
-    barrier()  # every rank has inspected the stage before rank 0 changes it
+            problem = exc
+    stop_together(problem, on, str(stage))  # (and every rank has inspected the stage before rank 0 changes it)
     if main:
         try:
             if overwrite and stage.exists():
@@ -642,17 +628,17 @@ def _collect(cfg: RunConfig, out: Path, overwrite: bool, locks: list) -> dict[st
             if mode == "fresh" or not (stage / RUN_STATE).is_file():
                 atomic_write_json(stage / RUN_STATE, state)
         except OSError as exc:
-            problem = DejavuError(f"cannot write to {stage}: {exc}")
-    _stop_together(problem, dist, stage)
+            problem = exc
+    stop_together(problem, on, str(stage))
 
     mine = plan.for_rank(rank)
     for tmp in (stage / SHARD_DIR).glob(f".*-r{rank:02d}-*.tmp"):
         tmp.unlink(missing_ok=True)  # leftovers of a killed write
     hashes_path = stage / SHARD_HASHES.format(rank=rank)
     hashes = _read_hashes(hashes_path)
-    for path, digest in manifest_hashes.items():  # (a repair: the damaged manifest's hashes where no record is)
-        if path in {s.path for s in mine}:
-            hashes.setdefault(path, digest)
+    for spec in mine:  # (a repair: the damaged manifest's hashes where no record is)
+        if spec.path in manifest_hashes:
+            hashes.setdefault(spec.path, manifest_hashes[spec.path])
     missing = {s.path for s in mine if (read_shard_info(stage / s.path) or {}).get("tokens") != s.tokens}
     changed = [s.path for s in mine if s.path not in missing and s.path in hashes
                and sha256_file(stage / s.path) != hashes[s.path]]

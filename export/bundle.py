@@ -509,17 +509,13 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
     mlp_density = cfg.export.mlp_density or pm.get("mlp_density") or cfg.train.mlp_density
     head_density = cfg.export.head_density or pm.get("head_density") or cfg.train.head_density
     candidates = cfg.export.mlp_candidate_density
-    if candidates is not None and candidates < float(mlp_density):
-        raise DejavuError(f"--mlp-candidate-density {candidates:g} is below the MLP density {float(mlp_density):g}: "
-                          "two-stage selection picks the final neurons among the candidates")
     mlp_per_layer = _per_layer(mlp_density, cfg.export.mlp_density_per_layer, num_layers, present,
                                "export.mlp_density_per_layer")
     head_per_layer = _per_layer(head_density, {}, num_layers, present, "head density")
-    above = [l for l, d in enumerate(mlp_per_layer) if candidates is not None and d < 1.0 and candidates < d]  # noqa: E741
+    above = [l for l, d in enumerate(mlp_per_layer) if present[l] and candidates is not None and candidates < d]  # noqa: E741
     if above:
-        raise DejavuError(f"--mlp-candidate-density {candidates:g} is below export.mlp_density_per_layer's "
-                          f"{mlp_per_layer[above[0]]:g} (layers {above[:8]}): two-stage selection picks the final "
-                          "neurons among the candidates")
+        raise DejavuError(f"--mlp-candidate-density {candidates:g} is below the MLP density {mlp_per_layer[above[0]]:g} "
+                          f"(layers {above[:8]}): two-stage selection picks the final neurons among the candidates")
     for l, d in enumerate(mlp_per_layer):  # noqa: E741 - a tuned term of a layer exported dense is never read
         for name in COMPENSATION_PARTS if d >= 1.0 else ():
             dropped = tensors.pop(f"{COMPENSATION_PREFIX}.{l}.{name}", None)

@@ -36,6 +36,7 @@ from dejavu.artifacts import (
     file_entry,
     save_tensors,
     sha256_file,
+    stop_together,
     verify_files,
     write_manifest,
 )
@@ -584,15 +585,8 @@ def _train(run: Path, config_file: str | None, overrides: dict | None, overwrite
             for marker in (out / "progress").glob(f"{CHECK_FAILED}-*"):
                 marker.unlink()  # left by an earlier run whose collect data has since been checked again
         except (DejavuError, OSError) as exc:
-            problem = exc if isinstance(exc, DejavuError) else DejavuError(f"cannot write to {out}: {exc}")
-    # every process stops with the main one: the others would wait for it at the next barrier, for the process
-    # group's 12 h timeout where no launcher ends them
-    failed = problem is not None
-    if acc.num_processes > 1:
-        failed = acc.reduce(torch.tensor([float(failed)], device=acc.device), reduction="sum").item() > 0
-    if failed:
-        raise problem or DejavuError(f"{out}: the main process stopped before training (its error names why)")
-    acc.wait_for_everyone()
+            problem = exc
+    stop_together(problem, acc.device, str(out))
     clock.mark("prepare")
     check = CollectCheck(collect, (acc.process_index, acc.num_processes))
 

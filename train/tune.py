@@ -47,6 +47,7 @@ from dejavu.artifacts import (
     parent_ref,
     read_manifest,
     save_tensors,
+    stop_together,
     tokens_sha256,
     write_manifest,
 )
@@ -472,18 +473,12 @@ def _tune(run: Path, config_file: str | None, overrides: dict | None, overwrite:
         # ("invalid device ordinal" on one GPU); a collective on the tuning's own device works everywhere
         on = torch.device("cpu") if target.type == "cpu" else acc.device
 
-        def barrier(failed: bool = False) -> bool:
-            """Wait for every process; whether any of them failed (so all stop together)."""
+        def barrier() -> None:
             import torch.distributed as dist
 
-            flag = torch.tensor([float(failed)], device=on)
-            dist.all_reduce(flag)
-            return flag.item() > 0
+            dist.all_reduce(torch.zeros(1, device=on))
     else:
-        acc, index, processes, main = None, 0, 1, True
-
-        def barrier(failed: bool = False) -> bool:
-            return failed
+        acc, index, processes, main, barrier, on = None, 0, 1, True, lambda: None, None
     if t.sequences % processes:
         raise DejavuError(f"tune.sequences ({t.sequences}) must be a multiple of the number of processes "
                           f"({processes}): each takes an equal share of every step")
@@ -528,9 +523,8 @@ def _tune(run: Path, config_file: str | None, overrides: dict | None, overwrite:
             (out / MANIFEST).unlink(missing_ok=True)  # an unreadable one: unfinished until this run writes it again
             (out / "progress").mkdir(parents=True, exist_ok=True)
         except (DejavuError, OSError) as exc:
-            problem = exc if isinstance(exc, DejavuError) else DejavuError(f"cannot write to {out}: {exc}")
-    if barrier(problem is not None):  # every process stops with the first (the others would wait for it)
-        raise problem or DejavuError(f"{out}: the first process stopped before tuning (its error names why)")
+            problem = exc
+    stop_together(problem, on, str(out))
 
     predictors.with_densities(*densities)
     params = trainable(predictors, densities)

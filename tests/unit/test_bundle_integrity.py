@@ -280,7 +280,7 @@ def test_per_layer_densities_export_refuses_what_it_would_not_apply(tmp_path, ti
     make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=0.5, layers=[1, 2])
     with pytest.raises(DejavuError, match=r"layers \[0\] have no trained predictors \(they run dense\)"):
         run_export(run, tmp_path / "a", overrides={"export.mlp_density_per_layer": {0: 0.3}})
-    with pytest.raises(DejavuError, match=r"--mlp-candidate-density 0.6 is below export.mlp_density_per_layer's 0.75 "
+    with pytest.raises(DejavuError, match=r"--mlp-candidate-density 0.6 is below the MLP density 0.75 "
                                           r"\(layers \[2\]\)"):
         run_export(run, tmp_path / "c", overrides={"export.mlp_density_per_layer": {2: 0.75},
                                                    "export.mlp_candidate_density": 0.6})

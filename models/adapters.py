@@ -432,7 +432,9 @@ class GemmaAdapter(LlamaAdapter):
         return ForwardConstants(norm_eps=float(cfg.rms_norm_eps), norm_offset=1.0,
                                 embed_scale=float(cfg.hidden_size) ** 0.5,
                                 attention_scale=None if scalar is None else float(scalar) ** -0.5,
-                                attention_softcap=getattr(cfg, "attn_logit_softcapping", None),
+                                # Gemma 3's config keeps the field, but its attention never caps the scores
+                                attention_softcap=(getattr(cfg, "attn_logit_softcapping", None)
+                                                   if cfg.model_type == "gemma2" else None),
                                 logit_softcap=getattr(cfg, "final_logit_softcapping", None))
 
 

@@ -633,6 +633,10 @@ class DecodeModel:
         def norm(w: torch.Tensor | None) -> torch.Tensor | None:
             return None if w is None else w.detach().to(**cast)
 
+        def block_bias(b: torch.Tensor | None) -> torch.Tensor | None:
+            # Granite's scale multiplies the projection's bias as well as its product
+            return norm(b if b is None or self.residual_scale == 1.0 else b.float() * self.residual_scale)
+
         return LayerWeights(
             ln1=norm(norms.attention_input),
             ln2=norm(norms.mlp_input),
@@ -646,8 +650,8 @@ class DecodeModel:
             gate_up_t=torch.cat([gate.t(), up.t()], 1).contiguous() if transposed else None,
             up=up.contiguous() if gate is None else None,
             up_bias=norm(m.up_bias) if gate is None else None,
-            o_bias=norm(a.o_bias),
-            down_bias=norm(m.down_bias),
+            o_bias=block_bias(a.o_bias),
+            down_bias=block_bias(m.down_bias),
             ln1_b=norm(norms.attention_input_bias),
             ln2_b=norm(norms.mlp_input_bias),
             down_t=block_output(m.down),

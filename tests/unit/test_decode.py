@@ -59,6 +59,18 @@ def test_dense_prefill_and_steps_match_hf(tiny_model_factory, model_type):
     assert int(st.pos) == 10
 
 
+@pytest.mark.parametrize("model_type,overrides", [
+    ("granite", dict(attention_bias=True)),  # o's bias is scaled with the block's output
+    ("gemma3_text", dict(attn_logit_softcapping=5.0)),  # kept in Gemma 3's config, never applied by its attention
+    ("gemma2", dict(attn_logit_softcapping=5.0)),  # applied by Gemma 2's
+])
+def test_dense_decode_matches_hf_for_config_variants(tiny_model_factory, model_type, overrides):
+    model, adapter = _load(tiny_model_factory(model_type, **overrides))
+    torch.manual_seed(0)
+    prompt = torch.randint(1, 500, (2, 7))
+    _assert_decodes_as_hf(model, DecodeModel(model, adapter, None, "cpu", torch.float32, max_len=16), prompt, 3)
+
+
 def _masked_hf_logits(model, adapter, ids, keep_mlp, keep_heads):
     """HF forward where, at the last position only, unselected neurons / heads are zeroed."""
     s = adapter.shape()

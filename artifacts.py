@@ -222,6 +222,16 @@ class WriterLock:
         self.release()
 
 
+def remove_stale_temps(directory: str | Path) -> None:
+    """Remove the temp files (`.NAME.XXXXXXXX.tmp`, see atomic_write_json and save_tensors) that a writer killed
+    mid-write left below `directory`. Only while holding the stage's WriterLock: no other writer is mid-write."""
+    directory = Path(directory)
+    if directory.is_dir():
+        for path in directory.rglob(".*.tmp"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+
+
 def stop_together(problem: BaseException | None, device, what: str) -> None:
     """Raise `problem` (the main process's, while it prepares a stage) in every process of a launch: the others
     would otherwise wait for it at the next barrier, for as long as the process group's timeout where no launcher

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,10 +22,25 @@ LOCAL_BUILDERS = {".txt": "text", ".raw": "text", ".jsonl": "json", ".json": "js
 DIRECTORY_SUFFIXES = set(LOCAL_BUILDERS) - {".json"}
 
 
+def _is_glob(spec: str) -> bool:
+    return any(ch in spec for ch in "*?[") and not Path(spec).expanduser().exists()  # (a file may have "[" in its name)
+
+
+def absolute_spec(spec: str) -> str:
+    """A local corpus (file, directory or glob) by its absolute path, so that a stage run from another directory
+    reads the same files; anything else (a hub id) as given."""
+    if _is_glob(spec):
+        pattern = os.path.expanduser(spec)
+        return pattern if os.path.isabs(pattern) or not glob.glob(pattern, recursive=True) else os.path.abspath(pattern)
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
 def _local_files(spec: str) -> list[str] | None:
     """The files a local spec names, or None when the spec is not local."""
-    if any(ch in spec for ch in "*?[") and not Path(spec).expanduser().exists():  # (a file may have "[" in its name)
-        files = sorted(glob.glob(spec, recursive=True))
+    if _is_glob(spec):
+        # (`DIR/**` matches DIR and its subdirectories too)
+        files = sorted(name for name in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(name))
         if not files:
             raise DejavuError(f"no files match {spec}")
         return files

@@ -87,9 +87,26 @@ class LowRankPredictor(nn.Module):
         return sum(p.numel() for p in (self.w1, self.b1, self.w2, self.b2, self.input_mean, self.input_scale)) * itemsize
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], activation: str = "none") -> LowRankPredictor:
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], activation: str = "none",
+                     where: str = "predictor") -> LowRankPredictor:
+        """The predictor these tensors describe; their dtypes and shapes checked against each other (`copy_` would
+        broadcast a wrong-sized bias or input statistic into place and score with it)."""
+        from dejavu.errors import DejavuError
+
+        not_float = [f"{name} ({t.dtype})" for name, t in tensors.items() if not t.is_floating_point()]
+        if not_float:
+            raise DejavuError(f"{where}: {', '.join(not_float)} must hold floating-point values")
         w1, w2 = tensors["w1"], tensors["w2"]
-        pred = cls(w1.shape[1], w2.shape[0], w1.shape[0], activation)
+        if w1.dim() != 2 or w2.dim() != 2:
+            raise DejavuError(f"{where}: w1 and w2 must be matrices, got shapes {list(w1.shape)} and {list(w2.shape)}")
+        (rank, d_in), n_out = w1.shape, w2.shape[0]
+        expected = {"input_mean": [d_in], "input_scale": [d_in], "w1": [rank, d_in], "b1": [rank],
+                    "w2": [n_out, rank], "b2": [n_out]}
+        wrong = [f"{name} {list(tensors[name].shape)} (expected {shape})" for name, shape in expected.items()
+                 if list(tensors[name].shape) != shape]
+        if wrong:
+            raise DejavuError(f"{where}: shapes do not fit a rank-{rank} predictor of {d_in} inputs: {'; '.join(wrong)}")
+        pred = cls(d_in, n_out, rank, activation)
         with torch.no_grad():
             for name in PREDICTOR_TENSORS:
                 getattr(pred, name).copy_(tensors[name])

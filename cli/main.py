@@ -170,15 +170,19 @@ def _check_rule_flags(config: str | None, section: str, calibration: str | None,
                       selection: str | None = None, densities: tuple = (), skip_kv: bool | None = None,
                       engine: str | None = None, calibration_tokens: int | None = None,
                       mlp_selection: str | None = None, compensation_rank: int | None = None,
-                      run: str | None = None) -> None:
+                      run: str | None = None, bundle: Path | None = None) -> None:
     """Flags that would change nothing are refused (--calibration, export's --model without thresholds to
     calibrate) or noted (densities under --selection dense, --skip-kv with the hooks), before any work.
-    run: export's --run, whose stored config (the rule it asks for) is the base under the file."""
+    run: export's --run, whose stored config (the rule it asks for) is the base under the file; bundle: bench's
+    or generate's, whose score thresholds are calibrated anew at other densities."""
     from dejavu.errors import DejavuError
 
     if calibration is not None or model is not None or calibration_tokens is not None:
         rules = getattr(_export_base_config(run, config) if run is not None else build_config(config, {}), section)
-        scored = (mlp_selection or rules.mlp_selection) == "threshold"
+        scored = (mlp_selection or rules.mlp_selection or _bundle_mlp_selection(bundle)) == "threshold"
+        if scored and mlp_selection is None and rules.mlp_selection is None and not any(
+                d is not None for d in densities):
+            scored = False  # the bundle's own thresholds run as they are: nothing to calibrate
         compensated = bool(compensation_rank if compensation_rank is not None
                            else getattr(rules, "mlp_compensation_rank", 0))
         if rules.mlp_keep_input is None and rules.keep_layer_bytes is None and not (scored or compensated):
@@ -191,6 +195,17 @@ def _check_rule_flags(config: str | None, section: str, calibration: str | None,
         typer.echo("note: --selection dense computes every neuron and head; the densities given are not used", err=True)
     if skip_kv and engine == "hooks":
         typer.echo("note: --skip-kv applies to the decode loop only; the hooks compute k/v for every head", err=True)
+
+
+def _bundle_mlp_selection(bundle: Path | None) -> str | None:
+    """The MLP rule a bundle's manifest names, or None (no bundle, or one loading will refuse by name later)."""
+    import json
+
+    try:
+        manifest = json.loads((Path(bundle) / "manifest.json").read_text()) if bundle is not None else None
+    except (OSError, ValueError):
+        return None
+    return manifest.get("mlp_selection") if isinstance(manifest, dict) else None
 
 
 def _export_base_config(run: str, config: str | None):
@@ -557,7 +572,7 @@ def bench(
                           "its random model (no corpus fits random weights): drop --calibration / --calibration-tokens")
     if mlp_keep_input is None and keep_layer_bytes is None:
         _check_rule_flags(config, "runtime", calibration, selection=selection, densities=(mlp_density, head_density),
-                          calibration_tokens=calibration_tokens, mlp_selection=mlp_selection)
+                          calibration_tokens=calibration_tokens, mlp_selection=mlp_selection, bundle=bundle)
     ignored = [flag for flag, value, used in (("--prompt-len", prompt_len, speed), ("--batch-sizes", batch_sizes, speed),
                                               ("--decode-tokens", decode_tokens, speed), ("--warmup", warmup, speed),
                                               ("--max-eval-tokens", max_eval_tokens, quality)) if value is not None and not used]
@@ -623,6 +638,7 @@ def generate(
     attn_keep_input: float | None = AttnKeepInputOpt,
     keep_layer_bytes: float | None = KeepLayerBytesOpt,
     calibration: str | None = CalibrationOpt,
+    calibration_tokens: int | None = CalibrationTokensOpt,
     device: str | None = DeviceOpt,
     dtype: str | None = DtypeOpt,
     selection: str | None = SelectionOpt,
@@ -634,16 +650,18 @@ def generate(
 
     if mlp_keep_input is None and keep_layer_bytes is None:
         _check_rule_flags(config, "runtime", calibration, selection=selection, densities=(mlp_density, head_density),
-                          skip_kv=skip_kv, engine=engine, mlp_selection=mlp_selection)
+                          skip_kv=skip_kv, engine=engine, mlp_selection=mlp_selection, bundle=bundle,
+                          calibration_tokens=calibration_tokens)
     if temperature == 0 and top_p != 1.0 and 0.0 < top_p <= 1.0:  # an invalid one is refused below instead
         typer.echo("note: --top-p applies only when sampling (--temperature above 0); decoding greedily", err=True)
     run_generate(
         prompts, prompt_file=prompt_file, model=model, bundle=bundle, config_file=config, json_out=json_out, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, chat=chat, compare_dense=compare_dense, engine=engine, stream=stream,
         batch_size=batch_size,
-        overrides=_rule_overrides(mlp_density, head_density, mlp_candidate_density, mlp_up_weight, skip_kv,
-                                  mlp_keep_input, attn_keep_input, keep_layer_bytes, calibration, device, dtype,
-                                  selection, mlp_selection, mlp_compensation),
+        overrides={**_rule_overrides(mlp_density, head_density, mlp_candidate_density, mlp_up_weight, skip_kv,
+                                     mlp_keep_input, attn_keep_input, keep_layer_bytes, calibration, device, dtype,
+                                     selection, mlp_selection, mlp_compensation),
+                   "runtime.calibration_tokens": calibration_tokens},
     )
 
 

@@ -26,6 +26,7 @@ from dejavu.artifacts import (
     atomic_write_json,
     check_can_write,
     existing_ancestor,
+    remove_stale_temps,
     save_tensors,
     sha256_file,
     stage_around,
@@ -36,6 +37,7 @@ from dejavu.artifacts import (
 from dejavu.collect import labels as L
 from dejavu.collect.hooks import BLOCK_INPUT, HEAD_OUT, MLP_ACT, ActivationRecorder
 from dejavu.config import RunConfig
+from dejavu.corpus import absolute_spec
 from dejavu.errors import DejavuError
 from dejavu.fp8 import quantize_rows
 from dejavu.models.identity import identity_difference
@@ -520,10 +522,10 @@ def _collect(cfg: RunConfig, out: Path, overwrite: bool, locks: list) -> dict[st
     # a local corpus or model by its absolute path: later stages read them from the config stored here, from
     # whatever directory they run in
     cfg = copy.deepcopy(cfg)
-    for section, key in (("data", "dataset"), ("model", "name")):
-        value = getattr(getattr(cfg, section), key)
-        if isinstance(value, str) and Path(value).expanduser().exists():
-            setattr(getattr(cfg, section), key, str(Path(value).expanduser().resolve()))
+    if isinstance(cfg.data.dataset, str):
+        cfg.data.dataset = absolute_spec(cfg.data.dataset)
+    if isinstance(cfg.model.name, str) and Path(cfg.model.name).expanduser().exists():
+        cfg.model.name = str(Path(cfg.model.name).expanduser().resolve())
     cc = cfg.collect
     if cc.input_dtype not in DTYPES:
         raise DejavuError(f"collect.input_dtype must be one of {', '.join(DTYPES)}; got {cc.input_dtype!r}")
@@ -615,6 +617,7 @@ def _collect(cfg: RunConfig, out: Path, overwrite: bool, locks: list) -> dict[st
         try:
             out.mkdir(parents=True, exist_ok=True)
             locks.append(WriterLock(out / f".{STAGE_DIR}.lock", str(stage)))
+            remove_stale_temps(stage)
         except (DejavuError, OSError) as exc:
             problem = exc
     stop_together(problem, on, str(stage))  # (and every rank has inspected the stage before rank 0 changes it)

@@ -26,6 +26,7 @@ the runtime runs it dense.
 from __future__ import annotations
 
 import functools
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -218,9 +219,6 @@ def _calibrated_compensation(cfg, load_model, tensors: dict[str, torch.Tensor], 
     from dejavu.runtime.thresholds import calibration_ids
 
     e = cfg.export
-    if e.mlp_keep_input is not None or e.keep_layer_bytes is not None:
-        raise DejavuError("--mlp-compensation-rank corrects the predictors' MLP selection: not with magnitude "
-                          "thresholds (--mlp-keep-input, --keep-layer-bytes)")
     layers = _predictor_layers(tensors, mlp_per_layer, head_per_layer, activation, "the predictors")
     sparse = [lp.mlp is not None and lp.mlp_density < 1.0 for lp in layers]
     if not any(sparse):
@@ -289,6 +287,58 @@ def check_bundle_out(out: Path, stages: tuple[Path, ...] = ()) -> bool:
     return manifest.is_file()
 
 
+# the header key of the bundle's tensors file that keeps a copy of the manifest's fields
+RECORDED_FIELDS_KEY = "manifest_fields"
+# manifest fields outside that copy: the files list holds the tensors file's own sha256; the others are checked apart
+UNRECORDED_FIELDS = ("format", "format_version", "dejavu_version", "created", "files")
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _write_bundle(out: Path, cfg, tensors: dict[str, torch.Tensor], parent: dict | None, **fields) -> dict:
+    """The tensors, then the manifest (its presence marks the bundle complete). The manifest's sha256 covers the
+    tensors file and not the manifest itself, so that file's header keeps a copy of the manifest's fields: a field
+    edited afterwards (a pairing, an activation, a rule) is refused on load instead of running as edited."""
+    config = cfg.to_dict()
+    recorded = json.loads(json.dumps({"config": config, "parent": parent, **fields}))  # as the manifest will read
+    sha = save_tensors(out / BUNDLE_FILE, tensors, metadata={"format": BUNDLE_KIND, "format_version": "1",
+                                                             RECORDED_FIELDS_KEY: _canonical(recorded)})
+    return write_manifest(out, BUNDLE_KIND, config, [file_entry(out / BUNDLE_FILE, out, sha)], parent=parent,
+                          **fields)
+
+
+def _check_recorded_fields(manifest: dict, path: Path, where: Path) -> None:
+    """Refuse a manifest whose fields differ from the copy export kept in the tensors file's header (bundles
+    written before that copy existed have none and are not checked)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / BUNDLE_FILE), framework="pt") as fh:
+        text = (fh.metadata() or {}).get(RECORDED_FIELDS_KEY)
+    if text is None:
+        return
+    try:
+        recorded = json.loads(text)
+    except json.JSONDecodeError:
+        raise DejavuError(f"{path / BUNDLE_FILE}: its header's copy of the manifest is not JSON") from None
+    keys = sorted((set(manifest) | set(recorded)) - set(UNRECORDED_FIELDS))
+    edited = [key for key in keys if _canonical(manifest.get(key)) != _canonical(recorded.get(key))]
+    if edited:
+        raise DejavuError(f"{where}: {', '.join(edited[:5])} differ{'s' if len(edited) == 1 else ''} from what export "
+                          f"wrote (kept in {BUNDLE_FILE}'s header): the manifest was edited; export the bundle again "
+                          "for other settings, or pass them to bench / generate as flags")
+
+
+def _check_layers_with_predictors(manifest: dict, layers: list[LayerPredictors], where: Path) -> None:
+    """A layer without predictors runs dense: a density below 1 listed for it would be reported and not run."""
+    for key, kind in (("mlp_density_per_layer", "mlp"), ("head_density_per_layer", "attn")):
+        missing = [l for l, layer in enumerate(layers) if getattr(layer, kind) is None and manifest[key][l] < 1.0]  # noqa: E741
+        if missing:
+            raise DejavuError(f"{where}: {key} lists densities below 1 for layers {missing[:8]}, which have no "
+                              f"{kind} predictor in {BUNDLE_FILE} (edited bundle?)")
+
+
 def _writing_to(out: Path, replacing: bool) -> None:
     if replacing:
         print(f"replacing the bundle at {out}")
@@ -305,10 +355,8 @@ def _export_thresholds_only(out: Path, cfg, model_name: str) -> dict:
     num_layers = len(thresholds.x)
     _writing_to(out, replacing)
     (out / "manifest.json").unlink(missing_ok=True)
-    sha = save_tensors(out / BUNDLE_FILE, thresholds_to_tensors(thresholds),
-                       metadata={"format": BUNDLE_KIND, "format_version": "1"})
-    manifest = write_manifest(
-        out, BUNDLE_KIND, cfg.to_dict(), [file_entry(out / BUNDLE_FILE, out, sha)], parent=None, model=identity,
+    manifest = _write_bundle(
+        out, cfg, thresholds_to_tensors(thresholds), parent=None, model=identity,
         mlp_density=float(thresholds.keep_h), head_density=1.0, mlp_density_per_layer=[1.0] * num_layers,
         head_density_per_layer=[1.0] * num_layers, metrics={}, predictor_bytes=0, mlp_candidate_density=None,
         thresholds=description)
@@ -382,9 +430,8 @@ def _export_quantized_predictors(out: Path, cfg, model_name: str) -> dict:
     identity = model_identity(adapter, source.display)
     _writing_to(out, replacing)
     (out / "manifest.json").unlink(missing_ok=True)
-    sha = save_tensors(out / BUNDLE_FILE, tensors, metadata={"format": BUNDLE_KIND, "format_version": "1"})
-    manifest = write_manifest(
-        out, BUNDLE_KIND, cfg.to_dict(), [file_entry(out / BUNDLE_FILE, out, sha)], parent=None, model=identity,
+    manifest = _write_bundle(
+        out, cfg, tensors, parent=None, model=identity,
         mlp_density=float(_mean_density(mlp_per_layer, everywhere)), head_density=1.0,
         mlp_density_per_layer=mlp_per_layer, head_density_per_layer=[1.0] * num_layers,
         mlp_pairing=MLP_INPUT, head_pairing="lookahead", hidden_activation="none", metrics={},
@@ -395,10 +442,18 @@ def _export_quantized_predictors(out: Path, cfg, model_name: str) -> dict:
     return manifest
 
 
-def _check_thresholds_take_no_layer_densities(cfg) -> None:
-    """With thresholds the MLP runs by them in every layer, so per-layer top-k densities would change
-    nothing: refused rather than dropped."""
+def _check_threshold_flags(cfg) -> None:
+    """With thresholds the MLP runs by them in every layer, so per-layer top-k densities or a compensation of the
+    predictors' selection would change nothing: refused rather than dropped, before any work. Attention thresholds
+    replace head selection the same way."""
     e = cfg.export
+    if (e.mlp_keep_input is not None or e.keep_layer_bytes is not None) and e.mlp_compensation_rank:
+        raise DejavuError("--mlp-compensation-rank corrects the predictors' MLP selection: not with magnitude "
+                          "thresholds (--mlp-keep-input, --keep-layer-bytes)")
+    if ((e.attn_keep_input is not None or e.keep_layer_bytes is not None) and e.head_density is not None
+            and e.head_density < 1.0):
+        raise DejavuError("attention thresholds (--attn-keep-input, or --keep-layer-bytes, which splits each layer's "
+                          "bytes over attention's inputs too) replace head selection: drop --head-density")
     if (e.mlp_keep_input is not None or e.keep_layer_bytes is not None) and e.mlp_density_per_layer:
         raise DejavuError("export.mlp_density_per_layer sets the predictors' top-k per layer, but with "
                           "--mlp-keep-input / --keep-layer-bytes the MLP runs by thresholds that keep one share of "
@@ -455,7 +510,7 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         if not thresholds:
             raise DejavuError("export needs --run (a training run), --mlp-keep-input / --keep-layer-bytes for a "
                               "bundle of thresholds alone, or --mlp-predictor-bits for quantized-weight MLP predictors")
-        _check_thresholds_take_no_layer_densities(cfg)
+        _check_threshold_flags(cfg)
         return _export_thresholds_only(Path(out), cfg, model_name or cfg.model.name)
     run, out = Path(run), Path(out)
     pred_dir = _predictors_dir(run)
@@ -465,7 +520,7 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
     cfg = _export_config(pm, config_file, overrides or {})
     _check_quantized_flags(cfg, overrides, tuned_compensation=bool(pm.get("mlp_compensation")))
     quantized_mlp = cfg.export.mlp_predictor_bits is not None
-    _check_thresholds_take_no_layer_densities(cfg)
+    _check_threshold_flags(cfg)
     identity = pm.get("model") or {}
     # the model's layer count: the manifest's `layers` counts the trained ones (train.layers may pick a subset, the
     # others are exported dense)
@@ -529,9 +584,11 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
             adapter, cfg.export.mlp_predictor_bits, cfg.export.mlp_predictor_group, mlp_per_layer, present)
         tensors.update(quantized)
         predictor_bytes += sum(t.numel() * t.element_size() for t in quantized.values())
-        # the trained MLP predictors' metrics no longer describe the bundle's
         quantized_description["replaces"] = "the run's trained MLP predictors"
     threshold_description = None
+    # the run's means describe only the predictors the bundle keeps
+    metrics = {kind: means for kind, means in (pm.get("metrics") or {}).items()
+               if not (kind == "mlp" and quantized_mlp)}
     if cfg.export.mlp_keep_input is not None or cfg.export.keep_layer_bytes is not None:
         # before anything is written: a bad model loses nothing
         from dejavu.runtime.thresholds import thresholds_to_tensors
@@ -541,6 +598,14 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         if len(thresholds.x) != num_layers:
             raise DejavuError(f"the model has {len(thresholds.x)} layers, the predictors {num_layers}")
         tensors.update(thresholds_to_tensors(thresholds))
+        if thresholds.attention:  # they replace head selection: the run's head predictors would never run
+            dropped = [key for key in tensors if key.split(".")[2:3] == ["attn"] and key.startswith("layers.")]
+            predictor_bytes -= sum(tensors.pop(key).numel() * 4 for key in dropped)
+            head_per_layer = [1.0] * num_layers
+            metrics.pop("attn", None)
+            if dropped:
+                print("note: attention thresholds replace head selection; the run's head predictors are left out",
+                      flush=True)
 
     # score thresholds and a fitted compensation share one load of the model
     calibration_model = functools.cache(
@@ -597,9 +662,8 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
     _writing_to(out, replacing)
     # An older manifest would describe the old file for a moment: remove it first (commit marker).
     (out / "manifest.json").unlink(missing_ok=True)
-    sha = save_tensors(out / BUNDLE_FILE, tensors, metadata={"format": BUNDLE_KIND, "format_version": "1"})
-    manifest = write_manifest(
-        out, BUNDLE_KIND, cfg.to_dict(), [file_entry(out / BUNDLE_FILE, out, sha)],
+    manifest = _write_bundle(
+        out, cfg, tensors,
         parent=parent_ref(pred_dir, pm),
         model=identity,
         mlp_density=float(mlp_density),
@@ -610,7 +674,7 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         head_pairing=pm.get("head_pairing", cfg.train.head_pairing),
         rank=pm.get("rank", cfg.train.rank),
         hidden_activation=pm.get("hidden_activation", cfg.train.hidden_activation),
-        metrics=pm.get("metrics", {}),
+        metrics=metrics,
         # optional: how `dejavu tune-predictors` tuned them (held-out KL before and after; null: as trained)
         tuned=pm.get("tuned"),
         predictor_bytes=predictor_bytes,
@@ -775,9 +839,9 @@ def _predictor_layers(tensors: dict[str, torch.Tensor], mlp_d: list[float], head
             bad = [keys[name] for name, value in t.items() if value.is_floating_point() and not torch.isfinite(value).all()]
             if bad:  # a bundle edited or written by hand: its scores would be NaN and choose at random
                 raise DejavuError(f"{where}: {bad[0]} contains NaN or infinite values")
+            preds[kind] = LowRankPredictor.from_tensors(t, activation, where=f"{where}: layer {l}'s {kind} predictor")
             if manifest is not None:
                 _check_shapes(manifest, l, kind, t, where)
-            preds[kind] = LowRankPredictor.from_tensors(t, activation)
         layers.append(LayerPredictors(preds["mlp"], preds["attn"],
                                       float(mlp_d[l]) if preds["mlp"] is not None else 1.0,
                                       float(head_d[l]) if preds["attn"] is not None else 1.0))
@@ -833,6 +897,7 @@ def load_bundle(path: str | Path) -> tuple[dict, PredictorSet]:
         _check_predictor_fields(manifest, where)
     layers = _predictor_layers(all_tensors, mlp_d, head_d, manifest.get("hidden_activation"), path / BUNDLE_FILE,
                                manifest)
+    _check_layers_with_predictors(manifest, layers, where)
     _check_top_level_densities(manifest, layers, thresholds, where)
     score_thresholds, down_thresholds = _bundled_score_thresholds(manifest, all_tensors, layers, path, where)
     compensation, compensation_rule = _bundled_compensation(manifest, all_tensors, layers, path, where)
@@ -842,6 +907,7 @@ def load_bundle(path: str | Path) -> tuple[dict, PredictorSet]:
                         mlp_score_thresholds=score_thresholds, mlp_down_thresholds=down_thresholds,
                         mlp_candidate_density=None if down_thresholds is None else manifest["mlp_candidate_density"],
                         mlp_compensation=compensation, mlp_compensation_rule=compensation_rule)
+    _check_recorded_fields(manifest, path, where)
     return manifest, pset
 
 

@@ -511,6 +511,8 @@ def read_prompt_file(path: Path) -> list[str]:
         text = sys.stdin.read()
     else:
         path = Path(path)
+        if path.is_dir():
+            raise DejavuError(f"--prompt-file {path} is a directory: give a text file of prompts, one per line")
         if not path.is_file():
             raise DejavuError(f"no prompt file at {path}")
         try:

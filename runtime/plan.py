@@ -229,7 +229,9 @@ def resolve_plan(cfg, manifest: dict | None, predictors: PredictorSet | None, mo
         raise DejavuError("choose one MLP rule: --mlp-up-weight (exact up) or the bundle's two-stage "
                           f"--mlp-candidate-density {cand_d:g}")
     if cand_d is not None and cand_d < mlp_d:
-        raise DejavuError(f"--mlp-candidate-density {cand_d:g} is below the MLP density {mlp_d:g}: the candidates "
+        cand_from = "--mlp-candidate-density" if rt.mlp_candidate_density is not None else "the bundle's candidate density"
+        mlp_from = " (--mlp-density)" if rt.mlp_density is not None else ""
+        raise DejavuError(f"{cand_from} {cand_d:g} is below the MLP density {mlp_d:g}{mlp_from}: the candidates "
                           "must include the final set")
     wanted = rt.mlp_selection or (manifest or {}).get("mlp_selection", "topk")
     compensation = _compensation(cfg, use, thresholds, up_w, "threshold" if wanted == "threshold" else "topk", cand_d)

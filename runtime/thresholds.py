@@ -185,6 +185,16 @@ def thresholds_to_tensors(t: Thresholds) -> dict[str, torch.Tensor]:
 def thresholds_from_tensors(tensors: dict[str, torch.Tensor], description: dict, num_layers: int,
                             where: str) -> Thresholds:
     """The inverse of thresholds_to_tensors, checked: every list is there, one finite value a layer."""
+    def share(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value <= 1.0
+
+    allocation = description.get("allocation") if isinstance(description, dict) else None
+    if (not isinstance(description, dict) or not share(description.get("keep_input"))
+            or not share(description.get("keep_down_input"))
+            or not (description.get("keep_attn_input") is None or share(description["keep_attn_input"]))
+            or not (allocation is None or (isinstance(allocation, dict) and share(allocation.get("layer_bytes"))))):
+        raise DejavuError(f"{where}: the manifest's thresholds must give keep_input and keep_down_input (shares in "
+                          f"(0, 1]), keep_attn_input and allocation or null, got {description!r} (edited manifest?)")
     attention = description.get("keep_attn_input") is not None
     values = {}
     for field_name, key in TENSOR_NAMES.items():
@@ -198,7 +208,6 @@ def thresholds_from_tensors(tensors: dict[str, torch.Tensor], description: dict,
             raise DejavuError(f"{where}: {key} must hold one finite value per layer ({num_layers}), "
                               f"got shape {tuple(v.shape)}")
         values[field_name] = [float(a) for a in v]
-    allocation = description.get("allocation")
     layer_shares = layer_bytes = None
     if allocation is not None:  # a greedy allocation: the shares each layer keeps
         layer_shares = allocation.get("layer_shares") or {}

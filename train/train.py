@@ -34,6 +34,7 @@ from dejavu.artifacts import (
     WriterLock,
     atomic_write_json,
     file_entry,
+    remove_stale_temps,
     save_tensors,
     sha256_file,
     stop_together,
@@ -566,6 +567,7 @@ def _train(run: Path, config_file: str | None, overrides: dict | None, overwrite
     if main:  # (the run's other processes write their layers under the main process's lock)
         try:
             locks.append(WriterLock(run / ".predictors.lock", str(out)))
+            remove_stale_temps(out)
             if overwrite and out.exists():
                 for name in ("layers", "progress"):
                     shutil.rmtree(out / name, ignore_errors=True)

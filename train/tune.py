@@ -46,12 +46,14 @@ from dejavu.artifacts import (
     manifest_hash,
     parent_ref,
     read_manifest,
+    remove_stale_temps,
     save_tensors,
     stop_together,
     tokens_sha256,
     write_manifest,
 )
 from dejavu.config import RunConfig, load_config
+from dejavu.corpus import absolute_spec
 from dejavu.errors import DejavuError
 from dejavu.predictor import KINDS, PREDICTOR_TENSORS, LayerPredictors, LowRankPredictor, PredictorSet
 from dejavu.runtime.compensation import PARTS as COMPENSATION_PARTS
@@ -127,7 +129,7 @@ def tuning_inputs(cfg: RunConfig, pm: dict, densities: tuple[float, float], dtyp
         settings.pop("mlp_compensation_lr", None)
     d = cfg.data
     # a local corpus by its absolute path: the same file named from another directory is the same corpus
-    dataset = str(Path(d.dataset).resolve()) if Path(d.dataset).exists() else d.dataset
+    dataset = absolute_spec(d.dataset)
     return {"tune": settings, "mlp_density": densities[0], "head_density": densities[1],
             "dataset": dataset, "split": d.split, "text_field": d.text_field, "seq_len": d.seq_len,
             "data_seed": d.seed, "dtype": dtype, "predictors": predictors_identity(pm)}
@@ -169,7 +171,8 @@ def read_predictors(pred_dir: Path, pm: dict) -> tuple[PredictorSet, list[int]]:
             for name, value in part.items():
                 check_finite(f"{pred_dir / layer_file(l)}: {kind}.{name}", value)
             by_kind[kind] = LowRankPredictor.from_tensors({k: v.float() for k, v in part.items()},
-                                                          pm.get("hidden_activation", "none"))
+                                                          pm.get("hidden_activation", "none"),
+                                                          where=f"{pred_dir / layer_file(l)}: {kind}")
         layers.append(LayerPredictors(by_kind["mlp"], by_kind["attn"]))
         present.append(l)
     if not present:
@@ -518,6 +521,7 @@ def _tune(run: Path, config_file: str | None, overrides: dict | None, overwrite:
     if main:  # (the other processes of a launch write nothing)
         try:
             locks.append(WriterLock(run / ".tuned.lock", str(out)))
+            remove_stale_temps(out)
             if overwrite and out.exists():
                 shutil.rmtree(out)
             (out / MANIFEST).unlink(missing_ok=True)  # an unreadable one: unfinished until this run writes it again
@@ -612,6 +616,8 @@ def _tune(run: Path, config_file: str | None, overrides: dict | None, overwrite:
 
 def _write_tuned(out: Path, pred_dir: Path, pm: dict, cfg: RunConfig, predictors: PredictorSet, present: list[int],
                  densities: tuple[float, float], compensation, report: dict) -> dict:
+    if report["best_step"] == 0:
+        compensation = None  # the trained predictors come back as they were, with no (zero-initialised) term
     files = []
     (out / "layers").mkdir(parents=True, exist_ok=True)
     for l in present:  # noqa: E741

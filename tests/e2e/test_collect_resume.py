@@ -307,3 +307,9 @@ def test_relative_names_are_stored_absolute_and_match_other_spellings(reference,
     again = C.run_collect(tiny_cfg(f"./{model_dir.name}", **{"data.dataset": relative_corpus,
                                                              "collect.max_tokens": 512}), tmp_path / "run")
     assert again == manifest
+    # a glob names no existing path: stored as an absolute pattern too (it was kept relative, and read other
+    # files, or none, from another directory)
+    pattern = os.path.join(os.path.dirname(relative_corpus), "corp*.txt")
+    globbed = C.run_collect(tiny_cfg(model_dir.name, **{"data.dataset": pattern, "collect.max_tokens": 512}),
+                            tmp_path / "glob-run")
+    assert globbed["config"]["data"]["dataset"] == str(tmp_path / "corp*.txt")

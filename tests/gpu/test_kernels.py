@@ -353,9 +353,15 @@ def test_graphed_decode_matches_cpu_reference(model_type, dense_impl, select_imp
     # llama: a wide MLP (1200 neurons > one program of the wide top-k) so the multi-program path runs;
     # Gemma 2/3: sliding windows shorter than the decode, so the kernels' windows are exercised
     # GPT-NeoX: 24-dim heads rotating 6 (Pythia-2.8B's heads are 80 wide): padded head dims, reordered q/k
+    # Granite: o's bias, which its residual multiplier scales with the block's output
     extra = {"llama": {"intermediate_size": 1200}, "gemma2": {"sliding_window": 4}, "gpt_neox": {"hidden_size": 96},
-             "gemma3_text": {"sliding_window": 4, "num_hidden_layers": 3, "sliding_window_pattern": 2}}
+             "gemma3_text": {"sliding_window": 4, "num_hidden_layers": 3, "sliding_window_pattern": 2},
+             "granite": {"attention_bias": True}}
     model, adapter, preds = _tiny_with_predictors(model_type, **extra.get(model_type, {}))
+    if model_type == "granite":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.bias.normal_(0, 0.5)
     prompt = torch.randint(1, 500, (2, 5))
     results = {}
     for dev in ("cpu", "cuda"):

@@ -71,6 +71,15 @@ def test_bench_without_the_model_field_is_a_one_line_error(bundle, tmp_path, tin
     assert "error:" in err and "lacks the field 'model'" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("value", ["x", [1], {"keep_input": 0.7}, {"keep_input": 0.7, "keep_down_input": 2.0}])
+def test_a_thresholds_field_of_the_wrong_shape_is_refused(thresholds_bundle, tmp_path, value):
+    # a string here once raised an AttributeError past the one-line error handling
+    edited = _edited(thresholds_bundle, tmp_path, lambda m: m.update(thresholds=value))
+    with pytest.raises(DejavuError, match=r"the manifest's thresholds must give keep_input and keep_down_input .*"
+                                          r"\(edited manifest\?\)"):
+        load_bundle(edited)
+
+
 def test_thresholds_alone_need_no_pairing(thresholds_bundle):
     manifest, pset = load_bundle(thresholds_bundle)
     assert "mlp_pairing" not in manifest and not pset.has_predictors and pset.thresholds is not None
@@ -203,6 +212,33 @@ def test_settings_that_a_thresholds_rule_would_ignore_are_refused(tmp_path, tiny
     check_flags(load_config("tiny", {}), thresholds_only, "bench")
     with pytest.raises(DejavuError, match="no head predictors"):
         check_flags(load_config("tiny", {"runtime.head_density": 0.5}), thresholds_only, "bench")
+    # refused before the model loads or anything is calibrated
+    for overrides, says in (({"export.mlp_keep_input": 0.8, "export.attn_keep_input": 0.7, "export.head_density": 0.5},
+                             "attention thresholds .* replace head selection: drop --head-density"),
+                            ({"export.keep_layer_bytes": 0.7, "export.head_density": 0.5}, "drop --head-density"),
+                            ({"export.mlp_keep_input": 0.8, "export.mlp_compensation_rank": 4},
+                             "--mlp-compensation-rank corrects the predictors' MLP selection: not with magnitude")):
+        with pytest.raises(DejavuError, match=says):
+            run_export(None, tmp_path / "c", config_file="tiny", model_name="/nonexistent/model", overrides=overrides)
+        make_predictors_dir(tmp_path / "run", tiny_llama, mlp_density=0.5, head_density=0.5)
+        with pytest.raises(DejavuError, match=says):
+            run_export(tmp_path / "run", tmp_path / "c", model_name="/nonexistent/model", overrides=overrides)
+    assert not (tmp_path / "c").exists()
+
+
+def test_attention_thresholds_leave_the_runs_head_predictors_out(tmp_path, tiny_llama, capsys):
+    """They replace head selection: a bundle keeping the head predictors said head density 0.5 and ran every head."""
+    from helpers import CALIB_TXT
+
+    make_predictors_dir(tmp_path / "run", tiny_llama, mlp_density=0.5, head_density=0.5)
+    manifest = run_export(tmp_path / "run", tmp_path / "b", overrides={
+        "export.mlp_keep_input": 0.8, "export.attn_keep_input": 0.7, "data.dataset": str(CALIB_TXT),
+        "export.calibration_tokens": 256})
+    assert "the run's head predictors are left out" in capsys.readouterr().out
+    assert manifest["head_density"] == 1.0 and set(manifest["head_density_per_layer"]) == {1.0}
+    assert "attn" not in manifest["metrics"]
+    _, pset = load_bundle(tmp_path / "b")
+    assert all(lp.attn is None and lp.mlp is not None for lp in pset.layers) and pset.thresholds.attention
 
 
 def test_a_nan_in_a_predictor_is_refused_even_with_matching_hashes(bundle, tmp_path):
@@ -221,6 +257,74 @@ def test_a_nan_in_a_predictor_is_refused_even_with_matching_hashes(bundle, tmp_p
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DejavuError, match=rf"{key} contains NaN or infinite values"):
         load_bundle(copy)
+
+
+def _resigned(source, tmp_path, edit_tensors):
+    """A copy of the bundle with its tensors edited and its sha256 updated to match, the header's copy of the
+    manifest kept (as a hand edit through safetensors' own API would keep it)."""
+    from safetensors import safe_open
+
+    from dejavu.artifacts import file_entry, load_tensors, save_tensors
+
+    copy = tmp_path / "resigned"
+    shutil.copytree(source, copy)
+    with safe_open(str(copy / BUNDLE_FILE), framework="pt") as fh:
+        metadata = fh.metadata()
+    tensors = load_tensors(copy / BUNDLE_FILE)
+    edit_tensors(tensors)
+    save_tensors(copy / BUNDLE_FILE, tensors, metadata)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"] = [file_entry(copy / BUNDLE_FILE, copy) if entry["path"] == BUNDLE_FILE else entry
+                         for entry in manifest["files"]]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda t: t.update({"layers.0.mlp.w1": t["layers.0.mlp.w1"].int()}), r"layer 0's mlp predictor: w1 \(torch.int32\) "
+                                                                         "must hold floating-point values"),
+    (lambda t: t.update({"layers.1.mlp.b1": t["layers.1.mlp.b1"][:1]}), r"layer 1's mlp predictor: shapes do not fit .*"
+                                                                       r"b1 \[1\] \(expected \[\d+\]\)"),
+    (lambda t: t.update({"layers.0.attn.input_mean": t["layers.0.attn.input_mean"][:1]}), "input_mean"),
+    (lambda t: t.update({"layers.2.mlp.w2": t["layers.2.mlp.w2"][:, :1]}), r"w2 \[\d+, 1\] \(expected"),
+])
+def test_predictor_tensors_of_the_wrong_dtype_or_shape_are_refused_by_name(bundle, tmp_path, edit, says):
+    # before, a [1]-shaped bias was broadcast into place and ran; an integer tensor raised a TypeError
+    with pytest.raises(DejavuError, match=says):
+        load_bundle(_resigned(bundle, tmp_path, edit))
+
+
+def test_a_layer_without_predictors_cannot_list_a_sparse_density(bundle, tmp_path):
+    def drop_layer_1_mlp(tensors):
+        for key in [k for k in tensors if k.startswith("layers.1.mlp.")]:
+            del tensors[key]
+
+    with pytest.raises(DejavuError, match=r"mlp_density_per_layer lists densities below 1 for layers \[1\], which "
+                                          "have no mlp predictor"):
+        load_bundle(_resigned(bundle, tmp_path, drop_layer_1_mlp))
+
+
+@pytest.mark.parametrize("key, value", [("mlp_pairing", "lookahead"), ("head_pairing", "current"),
+                                        ("hidden_activation", "relu"), ("rank", 3)])
+def test_a_field_edited_to_another_valid_value_is_refused(bundle, tmp_path, key, value):
+    # each value passes the checks of its own; the tensors file's header keeps what export wrote
+    assert load_bundle(bundle)[0][key] != value
+    edited = _edited(bundle, tmp_path, lambda m: m.update({key: value}))
+    with pytest.raises(DejavuError, match=rf"manifest.json: {key} differs from what export wrote .*the manifest was "
+                                          "edited"):
+        load_bundle(edited)
+
+
+def test_bundles_written_before_the_header_copy_still_load(bundle, tmp_path):
+    copy = _resigned(bundle, tmp_path, lambda tensors: None)
+    from dejavu.artifacts import file_entry, load_tensors, save_tensors
+
+    save_tensors(copy / BUNDLE_FILE, load_tensors(copy / BUNDLE_FILE), {"format": "dejavu.bundle",
+                                                                        "format_version": "1"})
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"] = [file_entry(copy / BUNDLE_FILE, copy)]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert load_bundle(copy)[0]["mlp_pairing"] == load_bundle(bundle)[0]["mlp_pairing"]
 
 
 def test_a_model_changed_only_in_a_middle_layer_or_its_embeddings_is_told_apart(bundle, tiny_llama):
@@ -319,3 +423,21 @@ def test_export_checks_its_calibration_flags_against_the_runs_own_rule(tmp_path,
     manifest["config"]["export"]["mlp_selection"] = "threshold"
     path.write_text(json.dumps(manifest))
     _check_rule_flags(None, "export", "corpus.txt", run=str(run))  # accepted
+
+
+def test_bench_checks_its_calibration_flags_against_the_bundles_own_rule(tmp_path):
+    """A score-threshold bundle asked for other densities calibrates its thresholds anew, so --calibration and
+    --calibration-tokens were wrongly refused as changing nothing; at its own densities they still change nothing."""
+    from dejavu.cli.main import _check_rule_flags
+
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps({"mlp_selection": "threshold"}))
+    for densities in ((0.3, None), (None, 0.5)):
+        _check_rule_flags(None, "runtime", "corpus.txt", densities=densities, bundle=bundle)  # accepted
+        _check_rule_flags(None, "runtime", None, densities=densities, calibration_tokens=256, bundle=bundle)
+    with pytest.raises(DejavuError, match="--calibration-tokens is used only to calibrate thresholds"):
+        _check_rule_flags(None, "runtime", None, densities=(None, None), calibration_tokens=256, bundle=bundle)
+    (bundle / "manifest.json").write_text(json.dumps({"mlp_selection": "topk"}))
+    with pytest.raises(DejavuError, match="--calibration is used only to calibrate thresholds"):
+        _check_rule_flags(None, "runtime", "corpus.txt", densities=(0.3, None), bundle=bundle)

@@ -189,3 +189,17 @@ def test_a_path_with_brackets_a_bom_records_without_the_field_and_latin1_json(tm
     latin.write_bytes(b'{"text": "caf\xe9"}\n')
     with pytest.raises(DejavuError, match=r"latin\.jsonl:1 is not valid JSON \(not UTF-8\)"):
         load_texts(str(latin))
+
+
+def test_a_recursive_glob_reads_the_files_below_it(tmp_path, monkeypatch):
+    # `DIR/**` also matches DIR and its subdirectories, which were read as files of no type
+    from dejavu.corpus import absolute_spec
+
+    (tmp_path / "corp" / "sub").mkdir(parents=True)
+    (tmp_path / "corp" / "a.txt").write_text("first document")
+    (tmp_path / "corp" / "sub" / "b.txt").write_text("second document")
+    monkeypatch.chdir(tmp_path)
+    assert sorted(load_texts("corp/**")) == ["first document", "second document"]
+    assert absolute_spec("corp/**") == str(tmp_path / "corp" / "**")
+    assert absolute_spec("corp") == str(tmp_path / "corp")
+    assert absolute_spec("HuggingFaceFW/fineweb") == "HuggingFaceFW/fineweb"  # a hub id, as given

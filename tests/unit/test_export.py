@@ -59,7 +59,13 @@ def test_bundle_is_plain_safetensors_without_pickle(exported):
     raw = (out / BUNDLE_FILE).read_bytes()
     header_len = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8:8 + header_len])
-    assert header["__metadata__"] == {"format": "dejavu.bundle", "format_version": "1"}
+    metadata = header["__metadata__"]
+    assert {k: metadata[k] for k in ("format", "format_version")} == {"format": "dejavu.bundle", "format_version": "1"}
+    # a copy of the manifest's fields, against which an edited manifest is refused
+    manifest = json.loads((out / "manifest.json").read_text())
+    recorded = json.loads(metadata["manifest_fields"])
+    assert recorded == {k: v for k, v in manifest.items()
+                        if k not in ("format", "format_version", "dejavu_version", "created", "files")}
     assert all(v["dtype"] == "F32" for k, v in header.items() if k != "__metadata__")
     assert "layers.0.mlp.w1" in header and "layers.2.attn.b2" in header
     assert not list(out.glob("*.pt")) and not list(out.glob("*.bin")) and not list(out.glob("*.pkl"))

@@ -305,8 +305,11 @@ def test_review_cases_thresholds_heads_and_activation(quantized_bundle, tiny_lla
         with pytest.raises(DejavuError, match="quantized-weight MLP predictors score every neuron .* drop "
                                               "--mlp-candidate-density / --mlp-up-weight"):
             check_flags(load_config("tiny", flag), predictors, "generate")
-    manifest, _ = load_bundle(_edited(quantized_bundle, tmp_path, lambda m: m["mlp_predictor"].update(
-        activation="relu")))
+    edited = _edited(quantized_bundle, tmp_path, lambda m: m["mlp_predictor"].update(activation="relu"))
+    with pytest.raises(DejavuError, match="mlp_predictor differs from what export wrote"):
+        load_bundle(edited)
+    # a bundle without the header's copy of its manifest (written before it) is checked against the model instead
+    manifest = json.loads((edited / "manifest.json").read_text())
     with pytest.raises(DejavuError, match="score with activation 'relu', the model's MLP uses 'silu'"):
         check_bundle_matches(manifest, adapter)
 
@@ -323,6 +326,7 @@ def test_a_run_keeps_its_head_predictors_beside_quantized_mlp_predictors(tiny_ll
         "export.mlp_predictor_bits": 4, "export.mlp_predictor_group": 32})
     assert manifest["mlp_pairing"] == "mlp_input" and manifest["head_pairing"] == "lookahead"
     assert manifest["mlp_predictor"]["replaces"] and manifest["head_density"] == 0.5
+    assert list(manifest["metrics"]) == ["attn"]  # the dropped MLP predictors' means no longer describe the bundle
     _, predictors = load_bundle(tmp_path / "b")
     assert all(isinstance(lp.mlp, QuantizedMLPPredictor) and isinstance(lp.attn, LowRankPredictor)
                for lp in predictors.layers)

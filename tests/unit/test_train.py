@@ -151,6 +151,10 @@ def test_resume_skips_finished_layers(synthetic_run, monkeypatch, prefetch):
 
     calls.clear()
     monkeypatch.setattr(train_mod, "train_layer", counting)
+    # what a writer killed mid-write leaves (a crash, not the KeyboardInterrupt above, which cleans up): removed
+    stale = [out / "layers" / ".layer-001.safetensors.k3x9q2.tmp", out / ".manifest.json.a8b2c1.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
     real_read, reads = CollectRun.read_layer, []
 
     def recording(self, layer, split, *args, **kwargs):
@@ -163,6 +167,7 @@ def test_resume_skips_finished_layers(synthetic_run, monkeypatch, prefetch):
     assert [layer for layer, split in reads if split == "train"] == [1, 2]  # the finished layer is not read
     assert manifest["layers"] == 3
     assert sha256_file(out / "layers" / "layer-000.safetensors") == done
+    assert not any(path.exists() for path in stale)
 
     # Different settings never silently overwrite finished layers.
     with pytest.raises(DejavuError, match=r"3 layer\(s\) \(0, 1, 2\) trained with train.rank: 8 -> 4.*--overwrite"):

@@ -254,6 +254,10 @@ def test_export_of_a_tuning_takes_its_densities_and_the_corpus_is_keyed_by_its_f
     absolute = tuning_inputs(load_config(None, {"data.dataset": str(tmp_path / "calib.txt")}), pm, (0.5, 1.0),
                              "float32")
     assert relative == absolute and relative["split"] == "train"
+    # and a glob, which names no existing path, by its absolute pattern
+    monkeypatch.chdir(tmp_path)
+    relative = tuning_inputs(load_config(None, {"data.dataset": "cal*.txt"}), pm, (0.5, 1.0), "float32")
+    assert relative["dataset"] == str(tmp_path / "cal*.txt")
 
 
 def test_tune_settings_come_from_the_defaults_not_the_runs_stored_config(tmp_path):
@@ -334,14 +338,16 @@ def test_a_tuning_that_never_beats_the_trained_predictors_gives_them_back(tmp_pa
     run = tmp_path / "run"
     make_predictors_dir(run, tiny_llama, mlp_density=0.5, head_density=1.0)
     _held_out_script(monkeypatch, [0.30, 0.35])
-    tuned = _tune(run, **{"tune.steps": 2})["tuned"]
+    manifest = _tune(run, **{"tune.steps": 2, "tune.mlp_compensation_rank": 2})
+    tuned = manifest["tuned"]
     assert tuned["best_step"] == 0 and tuned["after"]["kl"] == 0.30
+    assert manifest["mlp_compensation"] is None  # its zero-initialised term was shipped as "tuned"
     assert "warning: no held-out measurement beat the trained predictors (KL 0.3000; at step 2 0.3500)" in \
         capsys.readouterr().out
     for name in ("layer-000.safetensors", "layer-001.safetensors"):
         a = load_tensors(run / "tuned" / "layers" / name)
         b = load_tensors(run / "predictors" / "layers" / name)
-        assert all(torch.equal(a[k], b[k]) for k in b)
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
     with pytest.raises(DejavuError, match="tune.eval_every must be 0"):
         _tune(tmp_path / "run", **{"tune.eval_every": -1})
 

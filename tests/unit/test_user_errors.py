@@ -281,6 +281,8 @@ def test_json_reports_never_overwrite_inputs_or_artifacts(capsys, tmp_path, tiny
     (["bench", "--calibration-tokens", "256"], "--calibration-tokens is used only to calibrate"),
     (["bench", "--decode-tokens", "0"], "runtime.decode_tokens (--decode-tokens) must be at least 1"),
     (["generate", "-p", "hi", "--calibration", "c.txt"], "--calibration is used only to calibrate"),
+    (["generate", "-p", "hi", "--calibration-tokens", "256"], "--calibration-tokens is used only to calibrate"),
+    (["generate", "--prompt-file", "."], "--prompt-file . is a directory"),
 ])
 def test_bad_numbers_and_rule_mixes_are_refused_before_loading(capsys, argv, says):
     from dejavu.cli.main import main

@@ -145,7 +145,10 @@ def rule_lines(report: dict) -> list[str]:
     two = report.get("mlp_candidate_density")
     scored = report.get("mlp_selection") == "threshold"
     second = "down rows by per-layer thresholds on the activation" if scored else "final top-k by exact activation"
-    lines = [f"  selection {report.get('selection')}{' (tuned predictors)' if report.get('tuned') else ''}, MLP density {_fmt(report['mlp_density'], 'g')}, "
+    selection = report.get("selection")
+    if selection == "dense" and report.get("thresholds"):  # (the heads' selection: the thresholds rule the rest)
+        selection = "by magnitude thresholds, every head"
+    lines = [f"  selection {selection}{' (tuned predictors)' if report.get('tuned') else ''}, MLP density {_fmt(report['mlp_density'], 'g')}, "
              f"head density {_fmt(report['head_density'], 'g')}"
              + (f", two-stage MLP (predictor candidates {two:g}, {second})" if two else "")
              + (f", exact-up MLP (log|up| + {report['mlp_up_weight']:g} x predictor logit)"

@@ -122,7 +122,7 @@ def _differences(reports: list[dict]) -> list[str]:
     checks = {"model": lambda r: r["model"], "device": lambda r: (r["device"], r.get("dtype")),
               # a synthetic preset shares its name with the real model, and --layers keeps a part of it
               "synthetic (random weights) or real": lambda r: bool(r.get("synthetic")),
-              "layers kept (--layers)": lambda r: r.get("layers") if r.get("synthetic") else None,
+              "layers kept (--layers)": lambda r: (r.get("layers") or "all") if r.get("synthetic") else None,
               "evaluation text or windows": evaluation, "batch size": lambda r: r.get("batch_size")}
     notes = []
     for name, key in checks.items():

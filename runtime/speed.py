@@ -83,8 +83,8 @@ def decode_ms_per_token(dm: DecodeModel, batch: int, sparse: bool, steps: int, w
 
 def predictor_ms(dm: DecodeModel, batch: int, steps: int = 20) -> float:
     """Time of all predictors + top-k of one step (on the residual-stream shape of the batch)."""
-    if not dm.pred_groups:  # thresholds alone: nothing to time (and CUDA warns of an empty graph)
-        return 0.0
+    if not dm.pred_groups and not any(lw.mlp_quant is not None for lw in dm.layers):
+        return 0.0  # thresholds alone: nothing to time (and CUDA warns of an empty graph)
     x = torch.randn(batch, dm.d, device=dm.device, dtype=dm.dtype)
     if dm.device.type == "cuda":
         dm.select_all(x)

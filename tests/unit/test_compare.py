@@ -64,6 +64,9 @@ def test_reports_measured_differently_are_flagged(tmp_path, capsys):
     assert "differ in synthetic (random weights) or real" in capsys.readouterr().out
     run_compare([one, two])
     assert "differ in layers kept (--layers)" in capsys.readouterr().out
+    whole = _write(tmp_path / "whole.json", _report(synthetic=True, layers=None, quality=None))
+    run_compare([one, whole])  # a whole-model run records no layer count: it was left out of the comparison
+    assert "differ in layers kept (--layers)" in capsys.readouterr().out
 
 
 def test_what_is_not_a_bench_report_is_refused(tmp_path):
@@ -120,3 +123,14 @@ def test_the_cli_prints_one_error_line_and_no_table(tmp_path, capsys):
     assert main(["compare", str(bad)]) == 1
     captured = capsys.readouterr()
     assert captured.err == f"error: {bad}: speedup is not a number (got 'fast')\n" and captured.out == ""
+
+
+def test_a_thresholds_rule_is_not_printed_as_dense_selection():
+    from dejavu.runtime.bench import rule_lines
+
+    line = rule_lines({"selection": "dense", "mlp_density": 0.5, "head_density": 1.0,
+                       "thresholds": {"keep_input": 0.8, "keep_down_input": 0.5, "calibration": "c.txt",
+                                      "calibration_tokens": 256}})[0]
+    assert line.startswith("  selection by magnitude thresholds, every head, MLP density 0.5")
+    assert rule_lines({"selection": "dense", "mlp_density": 1.0, "head_density": 1.0})[0].startswith(
+        "  selection dense,")

@@ -73,6 +73,19 @@ def quantized_bundle(tiny_llama, tmp_path_factory):
     return out
 
 
+def test_the_speed_report_times_quantized_predictors(quantized_bundle, tiny_llama):
+    # they live beside the low-rank predictor groups, whose absence read as "no predictors": 0 ms, share 0
+    from dejavu.runtime.decode import DecodeModel
+    from dejavu.runtime.speed import predictor_ms
+
+    from helpers import load_tiny
+
+    model, adapter = load_tiny(tiny_llama)
+    _, predictors = load_bundle(quantized_bundle)
+    dm = DecodeModel(model, adapter, predictors, "cpu", torch.float32, max_len=8)
+    assert not dm.pred_groups and predictor_ms(dm, 1, steps=4) > 0.0
+
+
 def test_bundle_round_trip_and_manifest(quantized_bundle, tiny_llama):
     from dejavu.export.bundle import check_bundle_matches
 

@@ -170,7 +170,8 @@ def _check_rule_flags(config: str | None, section: str, calibration: str | None,
                       selection: str | None = None, densities: tuple = (), skip_kv: bool | None = None,
                       engine: str | None = None, calibration_tokens: int | None = None,
                       mlp_selection: str | None = None, compensation_rank: int | None = None,
-                      run: str | None = None, bundle: Path | None = None) -> None:
+                      run: str | None = None, bundle: Path | None = None,
+                      mlp_compensation: bool | None = None) -> None:
     """Flags that would change nothing are refused (--calibration, export's --model without thresholds to
     calibrate) or noted (densities under --selection dense, --skip-kv with the hooks), before any work.
     run: export's --run, whose stored config (the rule it asks for) is the base under the file; bundle: bench's
@@ -179,10 +180,15 @@ def _check_rule_flags(config: str | None, section: str, calibration: str | None,
 
     if calibration is not None or model is not None or calibration_tokens is not None:
         rules = getattr(_export_base_config(run, config) if run is not None else build_config(config, {}), section)
-        scored = (mlp_selection or rules.mlp_selection or _bundle_mlp_selection(bundle)) == "threshold"
-        if scored and mlp_selection is None and rules.mlp_selection is None and not any(
-                d is not None for d in densities):
-            scored = False  # the bundle's own thresholds run as they are: nothing to calibrate
+        chosen = mlp_selection or rules.mlp_selection
+        # a score-threshold bundle runs its own thresholds unless the densities, candidate density or compensation
+        # asked for (by flag or config file) differ: then they are calibrated anew, on the corpus these flags set
+        asks_other = (any(d is not None for d in densities) or mlp_compensation is not None
+                      or any(getattr(rules, key, None) is not None
+                             for key in ("mlp_density", "head_density", "mlp_candidate_density"))
+                      or getattr(rules, "mlp_compensation", True) is False)
+        scored = chosen == "threshold" or (chosen is None and asks_other
+                                            and _bundle_mlp_selection(bundle) == "threshold")
         compensated = bool(compensation_rank if compensation_rank is not None
                            else getattr(rules, "mlp_compensation_rank", 0))
         if rules.mlp_keep_input is None and rules.keep_layer_bytes is None and not (scored or compensated):
@@ -201,8 +207,13 @@ def _bundle_mlp_selection(bundle: Path | None) -> str | None:
     """The MLP rule a bundle's manifest names, or None (no bundle, or one loading will refuse by name later)."""
     import json
 
+    if bundle is None:
+        return None
+    path = Path(bundle)
+    if path.name in ("manifest.json", "predictors.safetensors"):  # as load_bundle takes it
+        path = path.parent
     try:
-        manifest = json.loads((Path(bundle) / "manifest.json").read_text()) if bundle is not None else None
+        manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
     return manifest.get("mlp_selection") if isinstance(manifest, dict) else None
@@ -571,8 +582,10 @@ def bench(
         raise DejavuError(f"--synthetic calibrates any thresholds on {RANDOM_CALIBRATION_TOKENS} random tokens through "
                           "its random model (no corpus fits random weights): drop --calibration / --calibration-tokens")
     if mlp_keep_input is None and keep_layer_bytes is None:
-        _check_rule_flags(config, "runtime", calibration, selection=selection, densities=(mlp_density, head_density),
-                          calibration_tokens=calibration_tokens, mlp_selection=mlp_selection, bundle=bundle)
+        _check_rule_flags(config, "runtime", calibration, selection=selection,
+                          densities=(mlp_density, head_density, mlp_candidate_density),
+                          calibration_tokens=calibration_tokens, mlp_selection=mlp_selection, bundle=bundle,
+                          mlp_compensation=mlp_compensation)
     ignored = [flag for flag, value, used in (("--prompt-len", prompt_len, speed), ("--batch-sizes", batch_sizes, speed),
                                               ("--decode-tokens", decode_tokens, speed), ("--warmup", warmup, speed),
                                               ("--max-eval-tokens", max_eval_tokens, quality)) if value is not None and not used]
@@ -649,9 +662,10 @@ def generate(
     from dejavu.runtime.generate import run_generate
 
     if mlp_keep_input is None and keep_layer_bytes is None:
-        _check_rule_flags(config, "runtime", calibration, selection=selection, densities=(mlp_density, head_density),
+        _check_rule_flags(config, "runtime", calibration, selection=selection,
+                          densities=(mlp_density, head_density, mlp_candidate_density),
                           skip_kv=skip_kv, engine=engine, mlp_selection=mlp_selection, bundle=bundle,
-                          calibration_tokens=calibration_tokens)
+                          calibration_tokens=calibration_tokens, mlp_compensation=mlp_compensation)
     if temperature == 0 and top_p != 1.0 and 0.0 < top_p <= 1.0:  # an invalid one is refused below instead
         typer.echo("note: --top-p applies only when sampling (--temperature above 0); decoding greedily", err=True)
     run_generate(

@@ -442,7 +442,7 @@ def _export_quantized_predictors(out: Path, cfg, model_name: str) -> dict:
     return manifest
 
 
-def _check_threshold_flags(cfg) -> None:
+def _check_threshold_flags(cfg, head_density_asked: float | None) -> None:
     """With thresholds the MLP runs by them in every layer, so per-layer top-k densities or a compensation of the
     predictors' selection would change nothing: refused rather than dropped, before any work. Attention thresholds
     replace head selection the same way."""
@@ -450,8 +450,8 @@ def _check_threshold_flags(cfg) -> None:
     if (e.mlp_keep_input is not None or e.keep_layer_bytes is not None) and e.mlp_compensation_rank:
         raise DejavuError("--mlp-compensation-rank corrects the predictors' MLP selection: not with magnitude "
                           "thresholds (--mlp-keep-input, --keep-layer-bytes)")
-    if ((e.attn_keep_input is not None or e.keep_layer_bytes is not None) and e.head_density is not None
-            and e.head_density < 1.0):
+    if ((e.attn_keep_input is not None or e.keep_layer_bytes is not None) and head_density_asked is not None
+            and head_density_asked < 1.0):
         raise DejavuError("attention thresholds (--attn-keep-input, or --keep-layer-bytes, which splits each layer's "
                           "bytes over attention's inputs too) replace head selection: drop --head-density")
     if (e.mlp_keep_input is not None or e.keep_layer_bytes is not None) and e.mlp_density_per_layer:
@@ -510,7 +510,7 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
         if not thresholds:
             raise DejavuError("export needs --run (a training run), --mlp-keep-input / --keep-layer-bytes for a "
                               "bundle of thresholds alone, or --mlp-predictor-bits for quantized-weight MLP predictors")
-        _check_threshold_flags(cfg)
+        _check_threshold_flags(cfg, cfg.export.head_density)
         return _export_thresholds_only(Path(out), cfg, model_name or cfg.model.name)
     run, out = Path(run), Path(out)
     pred_dir = _predictors_dir(run)
@@ -520,7 +520,13 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
     cfg = _export_config(pm, config_file, overrides or {})
     _check_quantized_flags(cfg, overrides, tuned_compensation=bool(pm.get("mlp_compensation")))
     quantized_mlp = cfg.export.mlp_predictor_bits is not None
-    _check_threshold_flags(cfg)
+    # (a head density the run's stored config carries, as a tuned run's does, is not asked for here)
+    asked = (overrides or {}).get("export.head_density")
+    if asked is None and config_file is not None:
+        from dejavu.config import load_config
+
+        asked = load_config(config_file, {}).export.head_density
+    _check_threshold_flags(cfg, asked)
     identity = pm.get("model") or {}
     # the model's layer count: the manifest's `layers` counts the trained ones (train.layers may pick a subset, the
     # others are exported dense)

@@ -170,9 +170,8 @@ def read_predictors(pred_dir: Path, pm: dict) -> tuple[PredictorSet, list[int]]:
                 raise DejavuError(f"{pred_dir / layer_file(l)} lacks {kind}.{missing[0]}: train the predictors again")
             for name, value in part.items():
                 check_finite(f"{pred_dir / layer_file(l)}: {kind}.{name}", value)
-            by_kind[kind] = LowRankPredictor.from_tensors({k: v.float() for k, v in part.items()},
-                                                          pm.get("hidden_activation", "none"),
-                                                          where=f"{pred_dir / layer_file(l)}: {kind}")
+            by_kind[kind] = LowRankPredictor.from_tensors(part, pm.get("hidden_activation", "none"),
+                                                          where=f"{pred_dir / layer_file(l)}: {kind}").float()
         layers.append(LayerPredictors(by_kind["mlp"], by_kind["attn"]))
         present.append(l)
     if not present:

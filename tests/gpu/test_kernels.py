@@ -946,6 +946,26 @@ def test_graphed_quantized_predictor_decode_matches_cpu_reference(model_type, ba
     assert not torch.allclose(results["cuda", True], results["cuda", False], atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # PyTorch's int4 matmul / the Triton kernel
+def test_the_speed_report_times_quantized_predictors_on_cuda(dtype, tmp_path):
+    """bench's predictor time once read 0 ms for bundles whose only predictors are quantized copies."""
+    from dejavu.export.bundle import load_bundle, run_export
+    from dejavu.models.adapters import adapter_for
+    from dejavu.models.loading import load_model
+    from dejavu.runtime.decode import DecodeModel
+    from dejavu.runtime.speed import predictor_ms
+
+    from helpers import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "m", "llama", intermediate_size=1200)
+    run_export(None, tmp_path / "b", config_file="tiny", model_name=str(path),
+               overrides={"export.mlp_predictor_bits": 4, "export.mlp_predictor_group": 32, "export.mlp_density": 0.3})
+    _, preds = load_bundle(tmp_path / "b")
+    model, _, _ = load_model(str(path), device="cuda", dtype=str(dtype).removeprefix("torch."))
+    dm = DecodeModel(model, adapter_for(model), preds, "cuda", dtype, max_len=16)
+    assert not dm.pred_groups and predictor_ms(dm, 1, steps=4) > 0.0
+
+
 @pytest.mark.parametrize("gated", [True, False])
 def test_int4_matmul_scores_match_reference(gated):
     """The bf16 path through PyTorch's int4 matmul: its selection against the reference top-k of the same copies."""

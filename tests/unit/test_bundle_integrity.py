@@ -231,6 +231,11 @@ def test_attention_thresholds_leave_the_runs_head_predictors_out(tmp_path, tiny_
     from helpers import CALIB_TXT
 
     make_predictors_dir(tmp_path / "run", tiny_llama, mlp_density=0.5, head_density=0.5)
+    # a tuned run's stored config carries its head density as export's default: not a --head-density asked for
+    path = tmp_path / "run" / "predictors" / "manifest.json"
+    stored = json.loads(path.read_text())
+    stored["config"]["export"]["head_density"] = 0.5
+    path.write_text(json.dumps(stored))
     manifest = run_export(tmp_path / "run", tmp_path / "b", overrides={
         "export.mlp_keep_input": 0.8, "export.attn_keep_input": 0.7, "data.dataset": str(CALIB_TXT),
         "export.calibration_tokens": 256})
@@ -426,18 +431,29 @@ def test_export_checks_its_calibration_flags_against_the_runs_own_rule(tmp_path,
 
 
 def test_bench_checks_its_calibration_flags_against_the_bundles_own_rule(tmp_path):
-    """A score-threshold bundle asked for other densities calibrates its thresholds anew, so --calibration and
-    --calibration-tokens were wrongly refused as changing nothing; at its own densities they still change nothing."""
+    """A score-threshold bundle asked for other densities, another candidate density or another compensation state
+    (by flag or config file) calibrates its thresholds anew, so --calibration and --calibration-tokens were wrongly
+    refused as changing nothing; with none of those asked, its own thresholds run and the flags are refused."""
     from dejavu.cli.main import _check_rule_flags
 
     bundle = tmp_path / "b"
     bundle.mkdir()
     (bundle / "manifest.json").write_text(json.dumps({"mlp_selection": "threshold"}))
-    for densities in ((0.3, None), (None, 0.5)):
-        _check_rule_flags(None, "runtime", "corpus.txt", densities=densities, bundle=bundle)  # accepted
-        _check_rule_flags(None, "runtime", None, densities=densities, calibration_tokens=256, bundle=bundle)
+    config = tmp_path / "c.yaml"
+    config.write_text("runtime:\n  mlp_density: 0.3\n")
+    accepted = [dict(densities=(0.3, None, None)), dict(densities=(None, 0.5, None)),
+                dict(densities=(None, None, 0.9)), dict(mlp_compensation=False), dict(config=str(config)),
+                dict(densities=(0.3, None, None), bundle=bundle / "manifest.json")]  # the bundle named by its file
+    for asked in accepted:
+        asked = {"bundle": bundle, **asked}
+        file = asked.pop("config", None)
+        _check_rule_flags(file, "runtime", "corpus.txt", **asked)
+        _check_rule_flags(file, "runtime", None, calibration_tokens=256, **asked)
     with pytest.raises(DejavuError, match="--calibration-tokens is used only to calibrate thresholds"):
-        _check_rule_flags(None, "runtime", None, densities=(None, None), calibration_tokens=256, bundle=bundle)
+        _check_rule_flags(None, "runtime", None, densities=(None, None, None), calibration_tokens=256, bundle=bundle)
+    with pytest.raises(DejavuError, match="--calibration is used only to calibrate thresholds"):
+        _check_rule_flags(None, "runtime", "corpus.txt", densities=(0.3, None, None), bundle=bundle,
+                          mlp_selection="topk")
     (bundle / "manifest.json").write_text(json.dumps({"mlp_selection": "topk"}))
     with pytest.raises(DejavuError, match="--calibration is used only to calibrate thresholds"):
-        _check_rule_flags(None, "runtime", "corpus.txt", densities=(0.3, None), bundle=bundle)
+        _check_rule_flags(None, "runtime", "corpus.txt", densities=(0.3, None, None), bundle=bundle)

@@ -321,7 +321,7 @@ def test_review_cases_thresholds_heads_and_activation(quantized_bundle, tiny_lla
     edited = _edited(quantized_bundle, tmp_path, lambda m: m["mlp_predictor"].update(activation="relu"))
     with pytest.raises(DejavuError, match="mlp_predictor differs from what export wrote"):
         load_bundle(edited)
-    # a bundle without the header's copy of its manifest (written before it) is checked against the model instead
+    # bundles written before the header's copy of the manifest existed rely on the check against the model
     manifest = json.loads((edited / "manifest.json").read_text())
     with pytest.raises(DejavuError, match="score with activation 'relu', the model's MLP uses 'silu'"):
         check_bundle_matches(manifest, adapter)

@@ -126,13 +126,15 @@ def _check_collect_unchanged(pm: dict, pred_dir: Path, collect_dir: Path) -> Non
                           f"{tuned}, then export")
 
 
-def _calibration_model(model_name: str, identity: dict | None):
-    """The model to calibrate on (CPU, fp32), checked to be the one the predictors were trained on."""
+def _calibration_model(model_name: str, identity: dict | None, cfg):
+    """The model to calibrate on (CPU, fp32), checked to be the one the predictors were trained on; at the config's
+    model revision, with its trust_remote_code."""
     from dejavu.models.adapters import adapter_for
     from dejavu.models.identity import check_identity
     from dejavu.models.loading import load_model
 
-    model, tokenizer, source = load_model(model_name, device="cpu", dtype="float32")
+    model, tokenizer, source = load_model(model_name, device="cpu", dtype="float32", revision=cfg.model.revision,
+                                          trust_remote_code=cfg.model.trust_remote_code)
     adapter = adapter_for(model)
     if identity:
         check_identity(identity, adapter, what=f"predictors (for {identity.get('name', '?')})")
@@ -145,7 +147,7 @@ def _calibrated_thresholds(cfg, model_name: str, identity: dict | None, keep_dow
     from dejavu.runtime.thresholds import calibrate_on_corpus
 
     e = cfg.export
-    model, tokenizer, source, adapter = _calibration_model(model_name, identity)
+    model, tokenizer, source, adapter = _calibration_model(model_name, identity, cfg)
     with torch.no_grad():
         thresholds = calibrate_on_corpus(model, adapter, tokenizer, cfg.data, e.calibration_tokens, e.mlp_keep_input,
                                          keep_down, e.attn_keep_input,
@@ -420,7 +422,7 @@ def _export_quantized_predictors(out: Path, cfg, model_name: str) -> dict:
         raise DejavuError("quantized-weight MLP predictors made without a training run come without head "
                           "predictors: drop --head-density (heads run dense), or add --run RUN for its head predictors")
     replacing = check_bundle_out(out)
-    model, _, source, adapter = _calibration_model(model_name, None)
+    model, _, source, adapter = _calibration_model(model_name, None, cfg)
     num_layers = adapter.num_layers
     everywhere = [True] * num_layers
     mlp_per_layer = _per_layer(density, e.mlp_density_per_layer, num_layers, everywhere, "mlp")
@@ -585,7 +587,7 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
     if quantized_mlp:  # the run's head predictors stay; its MLP predictors give way to quantized copies
         for key in [key for key in tensors if key.split(".")[2:3] == ["mlp"]]:
             predictor_bytes -= tensors.pop(key).numel() * 4
-        _, _, _, adapter = _calibration_model(model_name or identity.get("name") or cfg.model.name, identity)
+        _, _, _, adapter = _calibration_model(model_name or identity.get("name") or cfg.model.name, identity, cfg)
         quantized, quantized_description = _quantized_mlp_tensors(
             adapter, cfg.export.mlp_predictor_bits, cfg.export.mlp_predictor_group, mlp_per_layer, present)
         tensors.update(quantized)
@@ -615,7 +617,7 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
 
     # score thresholds and a fitted compensation share one load of the model
     calibration_model = functools.cache(
-        lambda: _calibration_model(model_name or identity.get("name") or cfg.model.name, identity))
+        lambda: _calibration_model(model_name or identity.get("name") or cfg.model.name, identity, cfg))
     pairings = {"mlp_pairing": pm.get("mlp_pairing", cfg.train.mlp_pairing),
                 "head_pairing": pm.get("head_pairing", cfg.train.head_pairing)}
     activation = pm.get("hidden_activation", cfg.train.hidden_activation)

@@ -11,6 +11,7 @@ import functools
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -110,6 +111,22 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(path)[:16]
 
 
+def _complete_conversion(target: Path) -> bool:
+    """Whether a cached conversion is whole: its config parses, its safetensors header covers the file (a truncated
+    or partly copied file fails here), and a tokenizer is there."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        json.loads((target / "config.json").read_text())
+        with safe_open(str(target / "model.safetensors"), framework="pt") as fh:
+            fh.keys()
+    except Exception:  # noqa: BLE001 - missing, unreadable or damaged: convert again
+        return False
+    return (target / "tokenizer.json").is_file() or (target / "tokenizer_config.json").is_file()
+
+
 def _converted_gguf_dir(source: ModelSource) -> Path:
     """Dequantise a GGUF once and keep it as a safetensors model directory, keyed by the file's contents:
     every fresh install of the same package gives the file a new mtime, and an mtime key left a new
@@ -118,8 +135,11 @@ def _converted_gguf_dir(source: ModelSource) -> Path:
     stat = gguf_path.stat()
     digest = _file_digest(str(gguf_path), stat.st_size, stat.st_mtime_ns)
     target = cache_root() / "gguf" / f"{gguf_path.stem}-{stat.st_size}-{digest}"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _complete_conversion(target):
         return target
+    if target.exists():
+        print(f"note: the cached conversion {target} is damaged or incomplete; converting {gguf_path} again",
+              file=sys.stderr)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -137,10 +157,19 @@ def _converted_gguf_dir(source: ModelSource) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
+        os.chmod(tmp, 0o755)  # (mkdtemp's 0700 would hide a shared $DEJAVU_CACHE from its other users)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        if _complete_conversion(target):  # another process converted it meanwhile, and may be reading it: keep it
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(target, ignore_errors=True)
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process's copy landed between the two calls
+                if not _complete_conversion(target):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -150,6 +179,10 @@ def _converted_gguf_dir(source: ModelSource) -> Path:
         if stale.name.rsplit("-", 1)[1].isdigit() and time.time() - stale.stat().st_mtime > 86400:
             shutil.rmtree(stale, ignore_errors=True)
     return target
+
+
+# any one of them lets AutoTokenizer build the model's tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 def load_tokenizer(name: str):
@@ -172,16 +205,23 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", revision: s
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     location = str(_converted_gguf_dir(source)) if source.kind == "gguf" else source.location
+    from safetensors import SafetensorError
+
     offline = False
     if source.kind == "hub":
         from dejavu.hub import hub_offline
 
         offline = hub_offline()
+    if source.kind == "dir" and not any((Path(location) / name).is_file() for name in TOKENIZER_FILES):
+        raise DejavuError(f"{location} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the model's "
+                          "tokenizer beside it (tokenizer.save_pretrained)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=torch_dtype, revision=revision, trust_remote_code=trust_remote_code
         )
+    except SafetensorError as exc:
+        raise DejavuError(f"cannot load model {source.display}: a weights file is damaged or incomplete ({exc})") from None
     except OSError as exc:
         hint = ""
         if source.kind == "hub":

@@ -361,7 +361,7 @@ def _synthetic_bench(name, layers, device, dtype, cfg, batch_sizes, speed) -> di
 def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, quality, speed) -> dict:
     from dejavu.models.adapters import adapter_for
     from dejavu.models.loading import load_model
-    from dejavu.runtime.plan import check_flags, model_to_load, read_bundle, resolve_plan
+    from dejavu.runtime.plan import check_flags, model_to_load, read_bundle, resolve_plan, revision_to_load
     from dejavu.runtime.quality import compare, default_eval_dataset, eval_tokens, generations, model_context
 
     rt = cfg.runtime
@@ -373,7 +373,8 @@ def _model_bench(model_name, bundle, dataset, cfg, device, dtype, batch_sizes, q
         raise DejavuError("the decode loop runs quantized-weight MLP predictors with a top-k, not score thresholds: "
                           "add --no-speed to measure their quality")
     model, tokenizer, source = load_model(model_to_load(model_name, manifest, cfg), device=str(device),
-                                          dtype=dtype_name(dtype))
+                                          dtype=dtype_name(dtype), revision=revision_to_load(model_name, manifest, cfg),
+                                          trust_remote_code=cfg.model.trust_remote_code)
     if speed:
         check_speed_context(model, cfg.runtime)
     adapter = adapter_for(model)

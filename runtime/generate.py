@@ -61,6 +61,9 @@ class Sampler:
     smallest set of tokens whose probability reaches top_p, drawn from a generator seeded once."""
 
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
+        for name, value in (("temperature", temperature), ("top_p", top_p)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise DejavuError(f"{name} must be a number, got {value!r}")
         if not temperature >= 0.0 or temperature == float("inf"):
             raise DejavuError(f"temperature must be a finite number >= 0, got {temperature}")
         if not 0.0 < top_p <= 1.0:
@@ -332,8 +335,9 @@ class SparseModel:
                   on_tokens) -> list[Generation]:
         from dejavu.runtime.quality import model_context
 
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
             raise DejavuError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
+        max_new_tokens = int(max_new_tokens)  # (a numpy integer too)
         sampler = Sampler(temperature, top_p, seed)
         if len(prompts) == 1:
             ids, lengths = self.encode(prompts[0], chat), None
@@ -457,7 +461,7 @@ def load_sparse(model: str | None = None, bundle: str | Path | None = None, *, c
 def load_with_config(model: str | None, bundle: Path | None, cfg, engine: str = "auto") -> SparseModel:
     from dejavu.models.adapters import adapter_for
     from dejavu.models.loading import load_model, resolve_device, resolve_dtype
-    from dejavu.runtime.plan import check_flags, model_to_load, read_bundle, resolve_plan
+    from dejavu.runtime.plan import check_flags, model_to_load, read_bundle, resolve_plan, revision_to_load
 
     rt = cfg.runtime
     check_engine(engine)  # before the model loads
@@ -466,7 +470,8 @@ def load_with_config(model: str | None, bundle: Path | None, cfg, engine: str = 
     device = resolve_device(rt.device if rt.device != "auto" else cfg.model.device)
     dtype = resolve_dtype(rt.dtype if rt.dtype != "auto" else cfg.model.dtype, device)
     hf_model, tokenizer, source = load_model(model_to_load(model, manifest, cfg), device=str(device),
-                                             dtype=dtype_name(dtype))
+                                             dtype=dtype_name(dtype), revision=revision_to_load(model, manifest, cfg),
+                                             trust_remote_code=cfg.model.trust_remote_code)
     adapter = adapter_for(hf_model)
     plan = resolve_plan(cfg, manifest, predictors, hf_model, adapter, tokenizer, bundle)
     return SparseModel(hf_model, tokenizer, adapter, plan, device=device, dtype=dtype, name=source.display,

@@ -104,6 +104,14 @@ def model_to_load(given: str | None, manifest: dict | None, cfg) -> str:
     return given or (manifest["model"].get("name") if manifest else None) or cfg.model.name
 
 
+def revision_to_load(given: str | None, manifest: dict | None, cfg) -> str | None:
+    """The hub revision to load: the config's, else (the bundle's own model) the one the bundle was made at."""
+    if cfg.model.revision is not None or given or not manifest:
+        return cfg.model.revision
+    stored = ((manifest.get("config") or {}).get("model") or {}).get("revision")
+    return stored if isinstance(stored, str) else None
+
+
 def _calibrate(model, adapter, tokenizer, cfg, keep_down: float) -> Thresholds:
     """Per-layer thresholds from a dense forward over the calibration corpus (data.dataset)."""
     from dejavu.runtime.thresholds import calibrate_on_corpus

@@ -131,9 +131,13 @@ def test_refusals(tiny_llama, tiny_model_factory, monkeypatch):
         sm.generate([PROMPT, PROMPT], 4)
     with pytest.raises(DejavuError, match="for one prompt, use generate"):
         sm.generate_batch(PROMPT, 4)
-    for bad in (dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_p=0.0), dict(top_p=1.5)):
+    for bad in (dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_p=0.0), dict(top_p=1.5),
+                dict(temperature="0.5"), dict(top_p="0.5")):  # (a string was a TypeError)
         with pytest.raises(DejavuError):
             Sampler(**bad)
+    import numpy as np
+
+    assert len(sm.generate(PROMPT, np.int64(2)).token_ids) <= 2  # a numpy integer is an integer
 
 
 def test_chat_template_wraps_the_prompt(tiny_llama):

@@ -47,6 +47,74 @@ def test_default_alias_loads_smollm2():
     assert len(tok("Hello world")["input_ids"]) >= 2
 
 
+def _fake_conversion(target: Path, tokenizer: bool = True) -> None:
+    """What a converted GGUF directory holds, in miniature: a config, one safetensors file, a tokenizer."""
+    import torch
+    from safetensors.torch import save_file
+
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(64)}, str(target / "model.safetensors"))
+    if tokenizer:
+        (target / "tokenizer_config.json").write_text("{}")
+
+
+def _fake_converter(monkeypatch, converted: list):
+    import transformers
+
+    class FakeModel:
+        config = type("C", (), {})()
+
+        def save_pretrained(self, path):
+            converted.append(path)
+            _fake_conversion(Path(path))
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: FakeModel())
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: type("T", (), {"save_pretrained": lambda self, path: None})())
+
+
+def test_a_damaged_cached_conversion_is_converted_again(tmp_path, monkeypatch, capsys):
+    """A truncated weights file or a missing tokenizer in the cache (a disk fault, a partly copied cache) was
+    loaded, and failed with a traceback; it is now converted again, and a whole one is reused as it is."""
+    from dejavu.models import loading
+
+    monkeypatch.setenv("DEJAVU_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(range(256)))
+    source = loading.ModelSource(kind="gguf", location=str(tmp_path), gguf_file="m.gguf")
+    converted: list = []
+    _fake_converter(monkeypatch, converted)
+    target = loading._converted_gguf_dir(source)
+    assert len(converted) == 1 and loading._complete_conversion(target)
+    assert oct(target.stat().st_mode & 0o777) == "0o755"  # readable by the other users of a shared cache
+    assert loading._converted_gguf_dir(source) == target and len(converted) == 1
+    for damage in (lambda: (target / "model.safetensors").write_bytes((target / "model.safetensors").read_bytes()[:100]),
+                   lambda: (target / "tokenizer_config.json").unlink()):
+        damage()
+        assert not loading._complete_conversion(target)
+        assert loading._converted_gguf_dir(source) == target and loading._complete_conversion(target)
+        assert "is damaged or incomplete; converting" in capsys.readouterr().err
+    assert len(converted) == 3
+
+
+def test_a_damaged_or_tokenizerless_model_directory_is_one_line(tmp_path, tiny_llama):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(DejavuError, match="a weights file is damaged or incomplete"):
+        load_model(str(broken), device="cpu")
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_llama, bare)
+    for name in bare.iterdir():
+        if "token" in name.name or name.name in ("vocab.json", "merges.txt"):
+            name.unlink()
+    with pytest.raises(DejavuError, match="holds no tokenizer"):
+        load_model(str(bare), device="cpu")
+
+
 def test_gguf_cache_is_keyed_by_contents_not_mtime(tmp_path, monkeypatch):
     """A fresh install gives the same GGUF a new mtime; it must reuse the converted copy, and copies
     keyed by mtime (the old key) that sat unused for a day are removed after a conversion."""
@@ -65,9 +133,7 @@ def test_gguf_cache_is_keyed_by_contents_not_mtime(tmp_path, monkeypatch):
     key = loading.cache_root() / "gguf"
     size = (first / "m.gguf").stat().st_size
     target = key / f"m-{size}-{loading._file_digest(str(first / 'm.gguf'), size, 0)}"
-    target.mkdir(parents=True)
-    (target / "config.json").write_text("{}")
-    (target / "model.safetensors").write_bytes(b"")
+    _fake_conversion(target)
     assert loading._converted_gguf_dir(source) == target
     assert loading._converted_gguf_dir(loading.ModelSource("gguf", str(second), "m.gguf")) == target
     # an edited file is another model
@@ -80,12 +146,11 @@ def test_gguf_cache_is_keyed_by_contents_not_mtime(tmp_path, monkeypatch):
 
         def save_pretrained(self, path):
             converted.append(path)
-            (Path(path) / "config.json").write_text("{}")
-            (Path(path) / "model.safetensors").write_bytes(b"")
+            _fake_conversion(Path(path), tokenizer=False)
 
     class FakeTokenizer:
         def save_pretrained(self, path):
-            pass
+            (Path(path) / "tokenizer_config.json").write_text("{}")
 
     import transformers
 
@@ -117,3 +182,16 @@ def test_a_config_directory_or_unknown_name_says_so(tmp_path):
         load_config(str(tmp_path), {})
     with pytest.raises(DejavuError, match="config file not found: nosuch"):
         load_config("nosuch", {})
+
+
+def test_bench_and_generate_load_the_revision_the_bundle_was_made_at():
+    """model.revision reached collect and tune only: bench and generate loaded the default branch and refused the
+    bundle as made for other weights."""
+    from dejavu.config import load_config
+    from dejavu.runtime.plan import revision_to_load
+
+    manifest = {"model": {"name": "org/model"}, "config": {"model": {"revision": "v2"}}}
+    assert revision_to_load(None, manifest, load_config(None, {})) == "v2"  # the bundle's own model
+    assert revision_to_load(None, manifest, load_config(None, {"model.revision": "v3"})) == "v3"  # config first
+    assert revision_to_load("other/model", manifest, load_config(None, {})) is None  # another model: its default
+    assert revision_to_load(None, None, load_config(None, {"model.revision": "v3"})) == "v3"

@@ -120,8 +120,12 @@ def _complete_conversion(target: Path) -> bool:
 
     try:
         json.loads((target / "config.json").read_text())
-        with safe_open(str(target / "model.safetensors"), framework="pt") as fh:
-            fh.keys()
+        index = target / "model.safetensors.index.json"  # a model over save_pretrained's shard size
+        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+                 else ["model.safetensors"])
+        for name in files:
+            with safe_open(str(target / name), framework="pt") as fh:
+                fh.keys()
     except Exception:  # noqa: BLE001 - missing, unreadable or damaged: convert again
         return False
     return (target / "tokenizer.json").is_file() or (target / "tokenizer_config.json").is_file()

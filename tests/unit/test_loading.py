@@ -95,6 +95,12 @@ def test_a_damaged_cached_conversion_is_converted_again(tmp_path, monkeypatch, c
         assert loading._converted_gguf_dir(source) == target and loading._complete_conversion(target)
         assert "is damaged or incomplete; converting" in capsys.readouterr().err
     assert len(converted) == 3
+    # a model over save_pretrained's shard size is saved in shards with an index
+    import json
+
+    (target / "model.safetensors").rename(target / "model-00001-of-00001.safetensors")
+    (target / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001-of-00001.safetensors"}}))
+    assert loading._complete_conversion(target)
 
 
 def test_a_damaged_or_tokenizerless_model_directory_is_one_line(tmp_path, tiny_llama):

@@ -131,6 +131,26 @@ def _complete_conversion(target: Path) -> bool:
     return (target / "tokenizer.json").is_file() or (target / "tokenizer_config.json").is_file()
 
 
+def _install_conversion(tmp: Path, target: Path) -> None:
+    """Move a finished conversion into place. A whole copy already there (another process's, maybe being read) is
+    kept; a damaged one is first renamed aside, in one step, so no whole copy is ever removed under a reader."""
+    for _ in range(3):
+        try:
+            os.replace(tmp, target)  # (fails while target is a non-empty directory)
+            return
+        except OSError:
+            if _complete_conversion(target):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            aside = target.with_name(f".{target.name}.damaged.{os.getpid()}")
+            try:
+                os.replace(target, aside)
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(aside, ignore_errors=True)
+    raise DejavuError(f"cannot install the converted model at {target}: other processes keep replacing it")
+
+
 def _converted_gguf_dir(source: ModelSource) -> Path:
     """Dequantise a GGUF once and keep it as a safetensors model directory, keyed by the file's contents:
     every fresh install of the same package gives the file a new mtime, and an mtime key left a new
@@ -161,19 +181,12 @@ def _converted_gguf_dir(source: ModelSource) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        os.chmod(tmp, 0o755)  # (mkdtemp's 0700 would hide a shared $DEJAVU_CACHE from its other users)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # (mkdtemp's 0700 would hide a shared $DEJAVU_CACHE from its other users)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if _complete_conversion(target):  # another process converted it meanwhile, and may be reading it: keep it
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            shutil.rmtree(target, ignore_errors=True)
-            try:
-                os.replace(tmp, target)
-            except OSError:  # another process's copy landed between the two calls
-                if not _complete_conversion(target):
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
+        _install_conversion(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -185,8 +198,9 @@ def _converted_gguf_dir(source: ModelSource) -> Path:
     return target
 
 
-# any one of them lets AutoTokenizer build the model's tokenizer
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+# the files a tokenizer is saved as (a directory with none of them holds no tokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
 
 
 def load_tokenizer(name: str):
@@ -203,24 +217,27 @@ def load_tokenizer(name: str):
 def load_model(name: str, device: str = "auto", dtype: str = "auto", revision: str | None = None,
                trust_remote_code: bool = False):
     """Returns (model in eval mode on `device`, tokenizer, ModelSource)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(name)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     location = str(_converted_gguf_dir(source)) if source.kind == "gguf" else source.location
-    from safetensors import SafetensorError
-
     offline = False
     if source.kind == "hub":
         from dejavu.hub import hub_offline
 
         offline = hub_offline()
-    if source.kind == "dir" and not any((Path(location) / name).is_file() for name in TOKENIZER_FILES):
-        raise DejavuError(f"{location} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the model's "
-                          "tokenizer beside it (tokenizer.save_pretrained)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
+        except (ValueError, OSError):
+            # transformers' own message blames missing sentencepiece / tiktoken packages
+            if source.kind == "dir" and not any((Path(location) / name).is_file() for name in TOKENIZER_FILES):
+                raise DejavuError(f"{location} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the "
+                                  "model's tokenizer beside it (tokenizer.save_pretrained)") from None
+            raise
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=torch_dtype, revision=revision, trust_remote_code=trust_remote_code
         )

@@ -106,7 +106,7 @@ def model_to_load(given: str | None, manifest: dict | None, cfg) -> str:
 
 def revision_to_load(given: str | None, manifest: dict | None, cfg) -> str | None:
     """The hub revision to load: the config's, else (the bundle's own model) the one the bundle was made at."""
-    if cfg.model.revision is not None or given or not manifest:
+    if cfg.model.revision is not None or not manifest or (given and given != manifest["model"].get("name")):
         return cfg.model.revision
     stored = ((manifest.get("config") or {}).get("model") or {}).get("revision")
     return stored if isinstance(stored, str) else None

@@ -121,6 +121,42 @@ def test_a_damaged_or_tokenizerless_model_directory_is_one_line(tmp_path, tiny_l
         load_model(str(bare), device="cpu")
 
 
+def test_a_finished_conversion_is_installed_without_removing_a_whole_copy(tmp_path):
+    """Two processes converting at once: the second keeps the first's whole copy (it may be reading it) rather than
+    replacing it; a damaged copy is replaced."""
+    from dejavu.models import loading
+
+    target, tmp = tmp_path / "entry", tmp_path / ".entry.tmp"
+    _fake_conversion(target)
+    first = (target / "model.safetensors").stat().st_ino
+    _fake_conversion(tmp)
+    loading._install_conversion(tmp, target)
+    assert (target / "model.safetensors").stat().st_ino == first and not tmp.exists()
+    (target / "tokenizer_config.json").unlink()  # damaged
+    _fake_conversion(tmp)
+    loading._install_conversion(tmp, target)
+    assert loading._complete_conversion(target) and not tmp.exists()
+    assert not list(tmp_path.glob(".entry.damaged.*"))
+
+
+def test_a_tokenizer_named_in_the_config_loads_from_its_own_files(tmp_path, tiny_llama):
+    """A directory whose tokenizer is a vocab.txt that config.json names (as some GPT-2 checkpoints ship) loads:
+    only a tokenizer that fails to load with none of the known files beside it is called missing."""
+    import json
+    import shutil
+
+    model_dir = tmp_path / "bert-vocab"
+    shutil.copytree(tiny_llama, model_dir)
+    for name in model_dir.iterdir():
+        if "token" in name.name or name.name in ("vocab.json", "merges.txt"):
+            name.unlink()
+    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a"]) + "\n")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "tokenizer_class": "BertTokenizer"}))
+    _, tokenizer, _ = load_model(str(model_dir), device="cpu")
+    assert type(tokenizer).__name__.startswith("Bert")
+
+
 def test_gguf_cache_is_keyed_by_contents_not_mtime(tmp_path, monkeypatch):
     """A fresh install gives the same GGUF a new mtime; it must reuse the converted copy, and copies
     keyed by mtime (the old key) that sat unused for a day are removed after a conversion."""
@@ -200,4 +236,5 @@ def test_bench_and_generate_load_the_revision_the_bundle_was_made_at():
     assert revision_to_load(None, manifest, load_config(None, {})) == "v2"  # the bundle's own model
     assert revision_to_load(None, manifest, load_config(None, {"model.revision": "v3"})) == "v3"  # config first
     assert revision_to_load("other/model", manifest, load_config(None, {})) is None  # another model: its default
+    assert revision_to_load("org/model", manifest, load_config(None, {})) == "v2"  # the bundle's, named
     assert revision_to_load(None, None, load_config(None, {"model.revision": "v3"})) == "v3"

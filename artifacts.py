@@ -139,7 +139,8 @@ def check_can_write(path: str | Path, what: str) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # (resolved: mkstemp collapses `link/..` by text, the kernel through the link, and the rename would miss)
+    fd, tmp = tempfile.mkstemp(dir=path.parent.resolve(), prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 would hide shared runs and bundles from other users
         with os.fdopen(fd, "wb") as fh:
@@ -276,10 +277,13 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     """Write a safetensors file atomically; returns its sha256 for the manifest."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent.resolve(), prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        except SafetensorError as exc:  # (a full disk among others)
+            raise DejavuError(f"cannot write {path}: {exc}") from None
         _sort_header_metadata(tmp)
         os.chmod(tmp, FILE_MODE)  # save_file creates the file anew, owner-only
         digest = sha256_file(tmp)

@@ -303,10 +303,17 @@ def _write_bundle(out: Path, cfg, tensors: dict[str, torch.Tensor], parent: dict
     """The tensors, then the manifest (its presence marks the bundle complete). The manifest's sha256 covers the
     tensors file and not the manifest itself, so that file's header keeps a copy of the manifest's fields: a field
     edited afterwards (a pairing, an activation, a rule) is refused on load instead of running as edited."""
+    import os
+
     config = cfg.to_dict()
     recorded = json.loads(json.dumps({"config": config, "parent": parent, **fields}))  # as the manifest will read
-    sha = save_tensors(out / BUNDLE_FILE, tensors, metadata={"format": BUNDLE_KIND, "format_version": "1",
-                                                             RECORDED_FIELDS_KEY: _canonical(recorded)})
+    # written whole beside the bundle first: a full disk or an interruption here leaves an earlier bundle as it was
+    staged = out / f".{BUNDLE_FILE}.staged"
+    sha = save_tensors(staged, tensors, metadata={"format": BUNDLE_KIND, "format_version": "1",
+                                                  RECORDED_FIELDS_KEY: _canonical(recorded)})
+    # the old manifest (the commit marker) goes before the old tensors: it never describes the new file
+    (out / "manifest.json").unlink(missing_ok=True)
+    os.replace(staged, out / BUNDLE_FILE)
     return write_manifest(out, BUNDLE_KIND, config, [file_entry(out / BUNDLE_FILE, out, sha)], parent=parent,
                           **fields)
 
@@ -356,7 +363,6 @@ def _export_thresholds_only(out: Path, cfg, model_name: str) -> dict:
     thresholds, description, identity = _calibrated_thresholds(cfg, model_name, None, keep_down)
     num_layers = len(thresholds.x)
     _writing_to(out, replacing)
-    (out / "manifest.json").unlink(missing_ok=True)
     manifest = _write_bundle(
         out, cfg, thresholds_to_tensors(thresholds), parent=None, model=identity,
         mlp_density=float(thresholds.keep_h), head_density=1.0, mlp_density_per_layer=[1.0] * num_layers,
@@ -431,7 +437,6 @@ def _export_quantized_predictors(out: Path, cfg, model_name: str) -> dict:
     predictor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     identity = model_identity(adapter, source.display)
     _writing_to(out, replacing)
-    (out / "manifest.json").unlink(missing_ok=True)
     manifest = _write_bundle(
         out, cfg, tensors, parent=None, model=identity,
         mlp_density=float(_mean_density(mlp_per_layer, everywhere)), head_density=1.0,
@@ -500,7 +505,29 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
                model_name: str | None = None) -> dict:
     """Read RUN/predictors/ (or a predictors directory given itself: RUN/tuned/), write the bundle at `out`;
     returns the bundle manifest. With
-    export.mlp_keep_input the bundle also holds calibrated thresholds; with no run, only them."""
+    export.mlp_keep_input the bundle also holds calibrated thresholds; with no run, only them. One export writes
+    a given --out at a time (a lock file beside it): two at once both said they had written it."""
+    from dejavu.artifacts import WriterLock, existing_ancestor
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DejavuError(f"--out {out} is a file; the bundle is a directory")
+    anchor = existing_ancestor(out)
+    if not anchor.is_dir():
+        raise DejavuError(f"--out {out} lies under a file, not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with WriterLock(out.parent / f".{out.name}.export.lock", f"the bundle {out}"):
+            return _run_export(run, out, config_file, overrides, model_name)
+    finally:  # directories made for this export and left empty by a failure go again
+        made = out.absolute()
+        while made != anchor and made.is_dir() and not any(made.iterdir()):
+            made.rmdir()
+            made = made.parent
+
+
+def _run_export(run: Path | None, out: Path, config_file=None, overrides: dict[str, Any] | None = None,
+                model_name: str | None = None) -> dict:
     if run is None:
         from dejavu.config import load_config
 
@@ -668,8 +695,6 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
     # per-layer overrides make the top-level density their mean (what bench reports), not the default
     mlp_density, head_density = _mean_density(mlp_per_layer, present), _mean_density(head_per_layer, present)
     _writing_to(out, replacing)
-    # An older manifest would describe the old file for a moment: remove it first (commit marker).
-    (out / "manifest.json").unlink(missing_ok=True)
     manifest = _write_bundle(
         out, cfg, tensors,
         parent=parent_ref(pred_dir, pm),

@@ -53,7 +53,7 @@ def write_speed_plot(report: dict[str, Any], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    fd, tmp = tempfile.mkstemp(dir=path.parent.resolve(), prefix=f".{path.name}.", suffix=".png")
     from dejavu.artifacts import FILE_MODE
 
     os.fchmod(fd, FILE_MODE)

@@ -457,3 +457,50 @@ def test_bench_checks_its_calibration_flags_against_the_bundles_own_rule(tmp_pat
     (bundle / "manifest.json").write_text(json.dumps({"mlp_selection": "topk"}))
     with pytest.raises(DejavuError, match="--calibration is used only to calibrate thresholds"):
         _check_rule_flags(None, "runtime", "corpus.txt", densities=(0.3, None, None), bundle=bundle)
+
+
+def test_an_export_that_fails_while_writing_keeps_the_earlier_bundle(tmp_path, tiny_llama, monkeypatch):
+    """A full disk while the new tensors were written left the old bundle without its manifest (the commit marker
+    went first) and printed a traceback."""
+    from safetensors import SafetensorError
+
+    import dejavu.artifacts as artifacts
+
+    make_predictors_dir(tmp_path / "run", tiny_llama, mlp_density=0.5, head_density=0.75)
+    out = tmp_path / "bundle"
+    run_export(tmp_path / "run", out)
+    before = load_bundle(out)[0]
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("No space left on device (os error 28)")
+
+    monkeypatch.setattr(artifacts, "save_file", full_disk)
+    with pytest.raises(DejavuError, match="cannot write .*No space left on device"):
+        run_export(tmp_path / "run", out, overrides={"export.mlp_density": 0.3})
+    assert load_bundle(out)[0] == before and not list(out.glob(".*.tmp"))
+    with pytest.raises(DejavuError, match="cannot write"):  # a new --out: nothing left behind, not even directories
+        run_export(tmp_path / "run", tmp_path / "new" / "deeper" / "bundle")
+    assert not (tmp_path / "new").exists()
+
+
+def test_one_export_writes_a_bundle_at_a_time(tmp_path, tiny_llama):
+    # two at once both reported success, and the second's manifest could describe the first's tensors
+    from dejavu.artifacts import WriterLock
+
+    make_predictors_dir(tmp_path / "run", tiny_llama)
+    with WriterLock(tmp_path / ".bundle.export.lock", "the bundle"):
+        with pytest.raises(DejavuError, match="is being written by another dejavu process"):
+            run_export(tmp_path / "run", tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+    run_export(tmp_path / "run", tmp_path / "bundle")
+    assert not (tmp_path / ".bundle.export.lock").exists()
+
+
+def test_paths_through_a_symlink_and_dotdot_are_written_where_the_kernel_puts_them(tmp_path, tiny_llama):
+    """`link/../x` is realpath(link)/../x to the kernel, but mkstemp collapsed it by text: temp files landed
+    elsewhere and the rename failed."""
+    (tmp_path / "real" / "inner").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "inner")
+    make_predictors_dir(tmp_path / "real" / "run", tiny_llama)
+    run_export(tmp_path / "link" / ".." / "run", tmp_path / "link" / ".." / "bundle")
+    assert load_bundle(tmp_path / "real" / "bundle")[1].has_predictors

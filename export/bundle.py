@@ -305,17 +305,22 @@ def _write_bundle(out: Path, cfg, tensors: dict[str, torch.Tensor], parent: dict
     edited afterwards (a pairing, an activation, a rule) is refused on load instead of running as edited."""
     import os
 
+    from dejavu.artifacts import WriterLock, remove_stale_temps
+
     config = cfg.to_dict()
     recorded = json.loads(json.dumps({"config": config, "parent": parent, **fields}))  # as the manifest will read
-    # written whole beside the bundle first: a full disk or an interruption here leaves an earlier bundle as it was
-    staged = out / f".{BUNDLE_FILE}.staged"
-    sha = save_tensors(staged, tensors, metadata={"format": BUNDLE_KIND, "format_version": "1",
-                                                  RECORDED_FIELDS_KEY: _canonical(recorded)})
-    # the old manifest (the commit marker) goes before the old tensors: it never describes the new file
-    (out / "manifest.json").unlink(missing_ok=True)
-    os.replace(staged, out / BUNDLE_FILE)
-    return write_manifest(out, BUNDLE_KIND, config, [file_entry(out / BUNDLE_FILE, out, sha)], parent=parent,
-                          **fields)
+    # one export writes a bundle at a time: two at once could leave one's manifest over the other's tensors
+    with WriterLock(out / ".export.lock", f"the bundle {out}"):
+        remove_stale_temps(out)  # (a killed export's)
+        # written whole first: a full disk or an interruption here leaves an earlier bundle as it was
+        staged = out / f".{BUNDLE_FILE}.staged"
+        sha = save_tensors(staged, tensors, metadata={"format": BUNDLE_KIND, "format_version": "1",
+                                                      RECORDED_FIELDS_KEY: _canonical(recorded)})
+        # the old manifest (the commit marker) goes before the old tensors: it never describes the new file
+        (out / "manifest.json").unlink(missing_ok=True)
+        os.replace(staged, out / BUNDLE_FILE)
+        return write_manifest(out, BUNDLE_KIND, config, [file_entry(out / BUNDLE_FILE, out, sha)], parent=parent,
+                              **fields)
 
 
 def _check_recorded_fields(manifest: dict, path: Path, where: Path) -> None:
@@ -505,24 +510,25 @@ def run_export(run: Path | None, out: Path, config_file=None, overrides: dict[st
                model_name: str | None = None) -> dict:
     """Read RUN/predictors/ (or a predictors directory given itself: RUN/tuned/), write the bundle at `out`;
     returns the bundle manifest. With
-    export.mlp_keep_input the bundle also holds calibrated thresholds; with no run, only them. One export writes
-    a given --out at a time (a lock file beside it): two at once both said they had written it."""
-    from dejavu.artifacts import WriterLock, existing_ancestor
+    export.mlp_keep_input the bundle also holds calibrated thresholds; with no run, only them."""
+    from dejavu.artifacts import existing_ancestor
 
-    out = Path(out)
+    # by its real path: `link/..`, a symlinked --out and `.` then name one directory to every check, lock and cleanup
+    out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise DejavuError(f"--out {out} is a file; the bundle is a directory")
     anchor = existing_ancestor(out)
     if not anchor.is_dir():
         raise DejavuError(f"--out {out} lies under a file, not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with WriterLock(out.parent / f".{out.name}.export.lock", f"the bundle {out}"):
-            return _run_export(run, out, config_file, overrides, model_name)
+        return _run_export(run, out, config_file, overrides, model_name)
     finally:  # directories made for this export and left empty by a failure go again
-        made = out.absolute()
-        while made != anchor and made.is_dir() and not any(made.iterdir()):
-            made.rmdir()
+        made = out
+        while made != anchor and made.is_dir():
+            try:
+                made.rmdir()  # (only an empty one; another export may have just written beside it)
+            except OSError:
+                break
             made = made.parent
 
 

@@ -142,10 +142,11 @@ def _install_conversion(tmp: Path, target: Path) -> None:
             if _complete_conversion(target):
                 shutil.rmtree(tmp, ignore_errors=True)
                 return
-            aside = target.with_name(f".{target.name}.damaged.{os.getpid()}")
+            aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.damaged."))
             try:
-                os.replace(target, aside)
+                os.replace(target, aside)  # (onto the empty directory just made: a name no one else uses)
             except FileNotFoundError:
+                aside.rmdir()
                 continue
             shutil.rmtree(aside, ignore_errors=True)
     raise DejavuError(f"cannot install the converted model at {target}: other processes keep replacing it")
@@ -179,11 +180,10 @@ def _converted_gguf_dir(source: ModelSource) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    # made with the umask's permissions (mkdtemp's 0700 would hide a shared $DEJAVU_CACHE from its other users)
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{time.time_ns()}"
+    os.mkdir(tmp, 0o777)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # (mkdtemp's 0700 would hide a shared $DEJAVU_CACHE from its other users)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _install_conversion(tmp, target)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -484,16 +485,39 @@ def test_an_export_that_fails_while_writing_keeps_the_earlier_bundle(tmp_path, t
 
 
 def test_one_export_writes_a_bundle_at_a_time(tmp_path, tiny_llama):
-    # two at once both reported success, and the second's manifest could describe the first's tensors
+    """Two at once both reported success, and one's manifest could describe the other's tensors. The lock is inside
+    the bundle, by its real path: a symlink to it or `.` is the same bundle, and its owner needs no other directory."""
     from dejavu.artifacts import WriterLock
 
     make_predictors_dir(tmp_path / "run", tiny_llama)
-    with WriterLock(tmp_path / ".bundle.export.lock", "the bundle"):
-        with pytest.raises(DejavuError, match="is being written by another dejavu process"):
-            run_export(tmp_path / "run", tmp_path / "bundle")
-    assert not (tmp_path / "bundle").exists()
-    run_export(tmp_path / "run", tmp_path / "bundle")
-    assert not (tmp_path / ".bundle.export.lock").exists()
+    out = tmp_path / "bundle"
+    before = run_export(tmp_path / "run", out)
+    (tmp_path / "alias").symlink_to(out)
+    with WriterLock(out / ".export.lock", "the bundle"):
+        for spelling in (out, tmp_path / "alias"):
+            with pytest.raises(DejavuError, match="is being written by another dejavu process"):
+                run_export(tmp_path / "run", spelling, overrides={"export.mlp_density": 0.3})
+    assert load_bundle(out)[0]["created"] == before["created"] and not (out / ".export.lock").exists()
+    assert run_export(tmp_path / "run", tmp_path / "alias", overrides={"export.mlp_density": 0.3})["mlp_density"] == 0.3
+
+
+def test_a_failed_export_removes_only_the_directories_it_made(tmp_path, tiny_llama, monkeypatch):
+    # `x/../y/z` with y there before: the walk up went by the text and removed y, keeping x
+    from safetensors import SafetensorError
+
+    import dejavu.artifacts as artifacts
+
+    make_predictors_dir(tmp_path / "run", tiny_llama)
+    (tmp_path / "y").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("No space left on device (os error 28)")
+
+    monkeypatch.setattr(artifacts, "save_file", full_disk)
+    with pytest.raises(DejavuError, match="cannot write"):
+        run_export(tmp_path / "run", Path("x/../y/z"))
+    assert (tmp_path / "y").is_dir() and not (tmp_path / "x").exists() and not (tmp_path / "y" / "z").exists()
 
 
 def test_paths_through_a_symlink_and_dotdot_are_written_where_the_kernel_puts_them(tmp_path, tiny_llama):

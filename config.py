@@ -457,6 +457,14 @@ def validate(cfg: RunConfig) -> None:
         raise DejavuError("collect.mlp_label_densities is empty: list at least one density, e.g. [0.5]")
     for d in cfg.collect.mlp_label_densities:
         _check_density(d, "collect.mlp_label_densities")
+    # once each, as the flag gives them: a repeated density is the same setting, not another one
+    cfg.collect.mlp_label_densities = list(dict.fromkeys(cfg.collect.mlp_label_densities))
+    for name, value in (("data.dataset (--dataset)", cfg.data.dataset), ("model.name (--model)", cfg.model.name)):
+        if not value.strip():  # ('' is the working directory to a path: its files would be read as the corpus)
+            raise DejavuError(f"{name} is empty: name a corpus / model")
+    for name, value in (("data.seed", cfg.data.seed), ("train.seed", cfg.train.seed)):
+        if not -2 ** 63 <= value < 2 ** 64:  # what torch.Generator.manual_seed takes
+            raise DejavuError(f"{name} must be between -2**63 and 2**64 - 1, got {value}")
     _check_density(cfg.train.mlp_density, "train.mlp_density")
     _check_density(cfg.train.head_density, "train.head_density")
     _check_density(cfg.export.mlp_density, "export.mlp_density")

@@ -148,3 +148,20 @@ def test_a_config_file_that_moves_the_tuning_corpus_says_so(tmp_path, capsys):
     assert "data.seq_len = 64 (collect: 2048)" in err or "data.seq_len = 64" in err
     resolve_tune_config(base, str(path), {"data.dataset": "flag.txt", "data.seq_len": 64})  # flags: nothing to say
     assert "corpus settings" not in capsys.readouterr().err
+
+
+def test_empty_names_out_of_range_seeds_and_repeated_label_densities(tmp_path):
+    # '' read the working directory as the corpus; a seed past 64 bits failed after the model loaded; [0.5, 0.5]
+    # from a file was another setting than the same flag, which drops repeats
+    from dejavu.config import load_config
+    from dejavu.errors import DejavuError
+
+    for key in ("data.dataset", "model.name"):
+        with pytest.raises(DejavuError, match=rf"{key} \(--.*\) is empty"):
+            load_config(None, {key: " "})
+    for key in ("data.seed", "train.seed"):
+        with pytest.raises(DejavuError, match=rf"{key} must be between -2\*\*63 and 2\*\*64 - 1"):
+            load_config(None, {key: 10 ** 20})
+    config = tmp_path / "c.yaml"
+    config.write_text("collect:\n  mlp_label_densities: [0.5, 0.3, 0.5]\n")
+    assert load_config(str(config), {}).collect.mlp_label_densities == [0.5, 0.3]

@@ -207,13 +207,12 @@ def _bundle_mlp_selection(bundle: Path | None) -> str | None:
     """The MLP rule a bundle's manifest names, or None (no bundle, or one loading will refuse by name later)."""
     import json
 
+    from dejavu.export.bundle import bundle_directory
+
     if bundle is None:
         return None
-    path = Path(bundle)
-    if path.name in ("manifest.json", "predictors.safetensors"):  # as load_bundle takes it
-        path = path.parent
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = json.loads((bundle_directory(bundle) / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
     return manifest.get("mlp_selection") if isinstance(manifest, dict) else None

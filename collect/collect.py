@@ -634,9 +634,7 @@ def _collect(cfg: RunConfig, out: Path, overwrite: bool, locks: list) -> dict[st
             problem = exc
     stop_together(problem, on, str(stage))
 
-    mine = plan.for_rank(rank)
-    for tmp in (stage / SHARD_DIR).glob(f".*-r{rank:02d}-*.tmp"):
-        tmp.unlink(missing_ok=True)  # leftovers of a killed write
+    mine = plan.for_rank(rank)  # (a killed write's temp files went with remove_stale_temps, under the lock)
     hashes_path = stage / SHARD_HASHES.format(rank=rank)
     hashes = _read_hashes(hashes_path)
     for spec in mine:  # (a repair: the damaged manifest's hashes where no record is)

@@ -905,11 +905,15 @@ def _quantized_layer(tensors: dict[str, torch.Tensor], l: int, described: dict, 
     return predictor
 
 
+def bundle_directory(path: str | Path) -> Path:
+    """The bundle a --bundle names: its directory, or one of its two files."""
+    path = Path(path)
+    return path.parent if path.is_file() and path.name in ("manifest.json", BUNDLE_FILE) else path
+
+
 def load_bundle(path: str | Path) -> tuple[dict, PredictorSet]:
     """Verify (sha256, version) and read a bundle; returns (manifest, PredictorSet on CPU, fp32)."""
-    path = Path(path)
-    if path.is_file() and path.name in ("manifest.json", BUNDLE_FILE):
-        path = path.parent
+    path = bundle_directory(path)
     if not (path / "manifest.json").exists() and ((path / "predictors").is_dir() or (path / "collect").is_dir()):
         raise DejavuError(f"{path} is a training run, not a bundle: write one with "
                           f"`dejavu export --run {path} --out BUNDLE` and pass --bundle BUNDLE")

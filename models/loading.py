@@ -128,7 +128,7 @@ def _complete_conversion(target: Path) -> bool:
                 fh.keys()
     except Exception:  # noqa: BLE001 - missing, unreadable or damaged: convert again
         return False
-    return (target / "tokenizer.json").is_file() or (target / "tokenizer_config.json").is_file()
+    return _has_tokenizer(target)
 
 
 def _install_conversion(tmp: Path, target: Path) -> None:
@@ -203,6 +203,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
 
 
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
@@ -234,7 +238,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", revision: s
             tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
         except (ValueError, OSError):
             # transformers' own message blames missing sentencepiece / tiktoken packages
-            if source.kind == "dir" and not any((Path(location) / name).is_file() for name in TOKENIZER_FILES):
+            if source.kind == "dir" and not _has_tokenizer(Path(location)):
                 raise DejavuError(f"{location} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the "
                                   "model's tokenizer beside it (tokenizer.save_pretrained)") from None
             raise
